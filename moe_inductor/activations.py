@@ -1,0 +1,147 @@
+"""Expert activations: forward and hand-written backward, shared by every implementation.
+
+An activation spec is a string so that the fused op's schema never changes when one is added:
+
+  gated (the first projection yields gate and up, 2n columns):
+    "swiglu"                silu(gate) * up
+    "geglu"                 gelu(gate) * up               (erf gelu)
+    "geglu_tanh"            gelu_tanh(gate) * up
+    "gptoss:<alpha>:<limit>" GPT-OSS: g = gate.clamp(max=limit), u = up.clamp(-limit, limit),
+                            g * sigmoid(alpha * g) * (u + 1)
+  non-gated (n columns):
+    "silu", "gelu", "gelu_tanh", "relu"
+
+Gate/up layout of the 2n columns: "concat" (gate = [:n], up = [n:]) or interleaved
+(gate = [0::2], up = [1::2]).
+"""
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+GATED = ("swiglu", "geglu", "geglu_tanh", "gptoss")
+NON_GATED = ("silu", "gelu", "gelu_tanh", "relu")
+
+
+@dataclass(frozen=True)
+class Activation:
+    kind: str
+    alpha: float = 1.702
+    limit: float = 7.0
+
+    @property
+    def gated(self) -> bool:
+        return self.kind in GATED
+
+    @property
+    def spec(self) -> str:
+        if self.kind == "gptoss":
+            return f"gptoss:{self.alpha!r}:{self.limit!r}"
+        return self.kind
+
+
+@functools.lru_cache(maxsize=None)
+def parse_activation(spec: str) -> Activation:
+    parts = spec.split(":")
+    kind = parts[0]
+    if kind not in GATED + NON_GATED:
+        raise ValueError(
+            f"unknown activation {spec!r}; valid: {', '.join(GATED + NON_GATED)} "
+            "(gptoss as 'gptoss:<alpha>:<limit>')"
+        )
+    if kind == "gptoss":
+        if len(parts) != 3:
+            raise ValueError(f"gptoss activation needs 'gptoss:<alpha>:<limit>', got {spec!r}")
+        return Activation(kind, float(parts[1]), float(parts[2]))
+    if len(parts) != 1:
+        raise ValueError(f"activation {kind!r} takes no parameters, got {spec!r}")
+    return Activation(kind)
+
+
+def split_gate_up(h: torch.Tensor, interleaved: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    if interleaved:
+        return h[..., 0::2], h[..., 1::2]
+    n = h.shape[-1] // 2
+    return h[..., :n], h[..., n:]
+
+
+def join_gate_up(dg: torch.Tensor, du: torch.Tensor, interleaved: bool) -> torch.Tensor:
+    if interleaved:
+        return torch.stack((dg, du), dim=-1).flatten(-2)
+    return torch.cat((dg, du), dim=-1)
+
+
+def _up(t: torch.Tensor) -> torch.Tensor:
+    """Upcast half precisions to fp32 for elementwise math; keep fp32/fp64 as they are."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
+def _gelu_tanh_grad(z: torch.Tensor) -> torch.Tensor:
+    c = math.sqrt(2.0 / math.pi)
+    inner = c * (z + 0.044715 * z**3)
+    t = torch.tanh(inner)
+    return 0.5 * (1 + t) + 0.5 * z * (1 - t * t) * c * (1 + 3 * 0.044715 * z * z)
+
+
+def _unary(kind: str, z: torch.Tensor) -> torch.Tensor:
+    if kind in ("silu", "swiglu"):
+        return F.silu(z)
+    if kind in ("gelu", "geglu"):
+        return F.gelu(z)
+    if kind in ("gelu_tanh", "geglu_tanh"):
+        return F.gelu(z, approximate="tanh")
+    if kind == "relu":
+        return F.relu(z)
+    raise AssertionError(kind)
+
+
+def _unary_grad(kind: str, z: torch.Tensor) -> torch.Tensor:
+    if kind in ("silu", "swiglu"):
+        s = torch.sigmoid(z)
+        return s * (1 + z * (1 - s))
+    if kind in ("gelu", "geglu"):
+        cdf = 0.5 * (1 + torch.erf(z * (1 / math.sqrt(2.0))))
+        pdf = torch.exp(-0.5 * z * z) * (1 / math.sqrt(2 * math.pi))
+        return cdf + z * pdf
+    if kind in ("gelu_tanh", "geglu_tanh"):
+        return _gelu_tanh_grad(z)
+    if kind == "relu":
+        return (z > 0).to(z.dtype)
+    raise AssertionError(kind)
+
+
+def act_forward(h: torch.Tensor, act: Activation, interleaved: bool) -> torch.Tensor:
+    """A = act(H). H: (..., 2n) gated or (..., n); computed in fp32, returned in H's dtype."""
+    hf = _up(h)
+    if not act.gated:
+        return _unary(act.kind, hf).to(h.dtype)
+    g, u = split_gate_up(hf, interleaved)
+    if act.kind == "gptoss":
+        g = g.clamp(max=act.limit)
+        u = u.clamp(-act.limit, act.limit)
+        return (g * torch.sigmoid(act.alpha * g) * (u + 1)).to(h.dtype)
+    return (_unary(act.kind, g) * u).to(h.dtype)
+
+
+def act_backward(h: torch.Tensor, da: torch.Tensor, act: Activation, interleaved: bool) -> torch.Tensor:
+    """dH from dA and H (fp32 math, result in H's dtype)."""
+    hf, daf = _up(h), _up(da)
+    if not act.gated:
+        return (daf * _unary_grad(act.kind, hf)).to(h.dtype)
+    g, u = split_gate_up(hf, interleaved)
+    if act.kind == "gptoss":
+        gc = g.clamp(max=act.limit)
+        uc = u.clamp(-act.limit, act.limit)
+        s = torch.sigmoid(act.alpha * gc)
+        glu = gc * s
+        dglu = s * (1 + act.alpha * gc * (1 - s))
+        dg = daf * (uc + 1) * dglu * (g <= act.limit)
+        du = daf * glu * ((u >= -act.limit) & (u <= act.limit))
+    else:
+        dg = daf * u * _unary_grad(act.kind, g)
+        du = daf * _unary(act.kind, g)
+    return join_gate_up(dg, du, interleaved).to(h.dtype)

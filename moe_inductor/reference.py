@@ -1,0 +1,181 @@
+"""Pure-PyTorch MoE expert computation: the CPU path of the fused op and the reference that
+the Triton kernels are tested against.
+
+Shape legend
+  T tokens, d hidden, n expert intermediate, E experts, A assignments (A = T*K for top-k routing)
+  x           (T, d)        tokens
+  token_ids   (A,) int      token of each assignment
+  expert_ids  (A,) int      expert of each assignment
+  scores      (A,)          routing weight of each assignment
+  w1          (E, 2n, d)    gate/up projection (E, n, d) for non-gated activations; any strides
+  w2          (E, d, n)     down projection; any strides
+  b1, b2      (E, 2n), (E, d) optional biases
+  h_sorted    (A, 2n)       pre-activation H, rows in expert-sorted assignment order
+  order       (A,) int32    expert-sorted order of the assignments (stable)
+
+The routing is a general list of (token, expert, score) assignments, so token rounding and
+capacity-style routing use the same code: a token may have any number of experts, including none.
+
+Two implementations live here:
+  * ``moe_forward`` / ``moe_backward``: the efficient path. One stable sort, then per expert a
+    contiguous slice of the sorted assignments; the gather of X happens per expert (no A x d
+    copy is ever alive), the combine accumulates in fp32 with index_add_. Backward follows
+    SonicMoE: it needs only X, H, the scores and the routing, recomputes A = act(H), and gets the
+    score gradient as sum(dA' * A) without Y.
+  * ``naive_moe``: an obviously-correct loop, differentiable by autograd, used by the tests.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .activations import Activation, act_backward, act_forward
+
+
+def sort_assignments(expert_ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stable expert-sorted order (int32) and per-expert counts (int64), on expert_ids' device."""
+    order = torch.argsort(expert_ids, stable=True).to(torch.int32)
+    counts = torch.bincount(expert_ids.to(torch.int64), minlength=num_experts)
+    return order, counts
+
+
+def _expert_slices(counts: torch.Tensor):
+    start = 0
+    for e, c in enumerate(counts.tolist()):
+        if c:
+            yield e, start, start + c
+        start += c
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def moe_forward(
+    x: torch.Tensor,
+    token_ids: torch.Tensor,
+    expert_ids: torch.Tensor,
+    scores: torch.Tensor,
+    w1: torch.Tensor,
+    w2: torch.Tensor,
+    b1: Optional[torch.Tensor],
+    b2: Optional[torch.Tensor],
+    act: Activation,
+    interleaved: bool,
+    keep_h: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns (out (T, d) in x.dtype, h_sorted (A, 2n) or (0, 2n) if not keep_h, order (A,) int32)."""
+    T, d = x.shape
+    A = token_ids.shape[0]
+    E, h_cols, _ = w1.shape
+    order, counts = sort_assignments(expert_ids, E)
+    order_l = order.long()
+    tok_sorted = token_ids.long()[order_l]
+    s_sorted = scores[order_l].to(_acc_dtype(x.dtype))
+    out_acc = torch.zeros(T, d, dtype=_acc_dtype(x.dtype), device=x.device)
+    h_sorted = x.new_empty((A if keep_h else 0, h_cols))
+    for e, lo, hi in _expert_slices(counts):
+        rows = tok_sorted[lo:hi]
+        h_e = torch.mm(x.index_select(0, rows), w1[e].t())
+        if b1 is not None:
+            h_e += b1[e]
+        if keep_h:
+            h_sorted[lo:hi] = h_e
+        y_e = torch.mm(act_forward(h_e, act, interleaved), w2[e].t())
+        if b2 is not None:
+            y_e += b2[e]
+        out_acc.index_add_(0, rows, y_e.to(out_acc.dtype) * s_sorted[lo:hi, None])
+    return out_acc.to(x.dtype), h_sorted, order
+
+
+def moe_backward(
+    grad_out: torch.Tensor,
+    x: torch.Tensor,
+    token_ids: torch.Tensor,
+    expert_ids: torch.Tensor,
+    scores: torch.Tensor,
+    w1: torch.Tensor,
+    w2: torch.Tensor,
+    b1: Optional[torch.Tensor],
+    b2: Optional[torch.Tensor],
+    h_sorted: Optional[torch.Tensor],
+    order: torch.Tensor,
+    act: Activation,
+    interleaved: bool,
+) -> tuple[torch.Tensor, ...]:
+    """Returns (dx, dscores, dw1, dw2, db1, db2); db1/db2 are None without biases.
+
+    h_sorted None means H is recomputed from X (the opt-in leaner mode)."""
+    T, d = x.shape
+    E = w1.shape[0]
+    acc = _acc_dtype(x.dtype)
+    counts = torch.bincount(expert_ids.to(torch.int64), minlength=E)
+    order_l = order.long()
+    tok_sorted = token_ids.long()[order_l]
+    s_sorted = scores[order_l]
+    grad_out = grad_out.contiguous()
+    dx_acc = torch.zeros(T, d, dtype=acc, device=x.device)
+    dw1 = torch.zeros(w1.shape, dtype=w1.dtype, device=w1.device)
+    dw2 = torch.zeros(w2.shape, dtype=w2.dtype, device=w2.device)
+    db1 = torch.zeros_like(b1) if b1 is not None else None
+    db2 = torch.zeros_like(b2) if b2 is not None else None
+    ds_sorted = torch.zeros(order.shape[0], dtype=acc, device=x.device)
+    for e, lo, hi in _expert_slices(counts):
+        rows = tok_sorted[lo:hi]
+        x_e = x.index_select(0, rows)
+        if h_sorted is None:
+            h_e = torch.mm(x_e, w1[e].t())
+            if b1 is not None:
+                h_e += b1[e]
+        else:
+            h_e = h_sorted[lo:hi]
+        a_e = act_forward(h_e, act, interleaved)
+        do_e = grad_out.index_select(0, rows)
+        s_e = s_sorted[lo:hi, None].to(acc)
+        da_e = torch.mm(do_e, w2[e])  # dA' = gather(dO) W2^T, before the score
+        ds_e = (da_e.to(acc) * a_e.to(acc)).sum(-1)
+        if b2 is not None:
+            ds_e += (do_e.to(acc) * b2[e].to(acc)).sum(-1)
+            db2[e] = (do_e.to(acc) * s_e).sum(0).to(db2.dtype)
+        ds_sorted[lo:hi] = ds_e
+        dh_e = act_backward(h_e, (da_e.to(acc) * s_e), act, interleaved).to(x.dtype)
+        dw2[e] = torch.mm(do_e.t(), (a_e.to(acc) * s_e).to(x.dtype))
+        dw1[e] = torch.mm(dh_e.t(), x_e)
+        if b1 is not None:
+            db1[e] = dh_e.to(acc).sum(0).to(db1.dtype)
+        dx_acc.index_add_(0, rows, torch.mm(dh_e, w1[e]).to(acc))
+    dscores = torch.empty(order.shape[0], dtype=scores.dtype, device=x.device)
+    dscores[order_l] = ds_sorted.to(scores.dtype)
+    return dx_acc.to(x.dtype), dscores, dw1, dw2, db1, db2
+
+
+def naive_moe(
+    x: torch.Tensor,
+    token_ids: torch.Tensor,
+    expert_ids: torch.Tensor,
+    scores: torch.Tensor,
+    w1: torch.Tensor,
+    w2: torch.Tensor,
+    b1: Optional[torch.Tensor] = None,
+    b2: Optional[torch.Tensor] = None,
+    act: Activation | str = "swiglu",
+    interleaved: bool = False,
+) -> torch.Tensor:
+    """Obviously-correct loop over experts; autograd gives its gradients. For tests only."""
+    from .activations import parse_activation
+
+    if isinstance(act, str):
+        act = parse_activation(act)
+    out = torch.zeros_like(x)
+    for e in range(w1.shape[0]):
+        sel = expert_ids == e
+        tok = token_ids[sel].long()
+        h = x[tok] @ w1[e].t()
+        if b1 is not None:
+            h = h + b1[e]
+        y = act_forward(h, act, interleaved) @ w2[e].t()
+        if b2 is not None:
+            y = y + b2[e]
+        out = out.index_add(0, tok, y * scores[sel, None].to(y.dtype))
+    return out
