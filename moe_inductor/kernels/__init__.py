@@ -1,6 +1,71 @@
-"""Triton kernels for the fused MoE op (filled in by the kernels issue)."""
+"""Triton kernels for the fused MoE op (SonicMoE-style), behind import-cheap entry points.
+
+Importing this package does not import triton: the launchers are imported on the first call, so
+``import moe_inductor`` stays cheap and works where triton is missing.
+
+Exports:
+  unsupported_reason(x, w1, w2, act) -> str | None
+  triton_moe_forward(x, token_ids, expert_ids, scores, w1, w2, b1, b2, act, interleaved, keep_h)
+      -> (out (T, d) x.dtype, h_sorted (A, H) or (0, H), order (A,) int32)
+  triton_moe_backward(grad_out, x, token_ids, expert_ids, scores, w1, w2, b1, b2, h_sorted|None,
+                      order, act, interleaved) -> (dx, dscores, dw1, dw2, db1|None, db2|None)
+Semantics: exactly ``moe_inductor.reference.moe_forward`` / ``moe_backward``.
+
+Layout: routing_meta (device-side routing tables and tile schedule) -> grouped_gemm (up-proj,
+grouped GEMM, dH, weight-grad kernels and launchers) + combine (gather-and-sum, per-expert column
+sums) + activation_jit (epilogue math) -> fused_moe_triton (sequencing) -> this module.
+"""
 from __future__ import annotations
 
+import functools
+import importlib.util
+import os
 
-def unsupported_reason(x, w1, w2, act):
-    return "Triton kernels not available yet"
+import torch
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+def unsupported_reason(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, act) -> str | None:
+    """None if the Triton kernels can serve this call, else a short reason (metadata only)."""
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed"
+    if x.dtype not in SUPPORTED_DTYPES:
+        return f"dtype {x.dtype} (the kernels serve float32, float16, bfloat16)"
+    if x.device.type == "cuda":
+        if x.dtype == torch.bfloat16 and _cuda_capability(x.device.index or 0) < (8, 0):
+            return "bfloat16 tl.dot needs compute capability 8.0+"
+    elif not (x.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"):
+        return f"tensors on {x.device.type} (the kernels need CUDA, or CPU under TRITON_INTERPRET=1)"
+    if w1.dim() != 3 or w2.dim() != 3:
+        return "expert weights must be 3-D"
+    E, h_cols, d = w1.shape
+    n = w2.shape[2]
+    if E == 0 or d == 0 or n == 0 or h_cols == 0:
+        return "empty expert weights"
+    if act.gated and h_cols != 2 * n:
+        return "gated activation needs w1 with 2n rows"
+    if x.shape[0] >= 2**31:
+        return "more than 2**31 tokens (int32 routing tables)"
+    return None
+
+
+def triton_moe_forward(x, token_ids, expert_ids, scores, w1, w2, b1, b2, act, interleaved, keep_h):
+    from .fused_moe_triton import forward
+
+    return forward(x, token_ids, expert_ids, scores, w1, w2, b1, b2, act, interleaved, keep_h)
+
+
+def triton_moe_backward(grad_out, x, token_ids, expert_ids, scores, w1, w2, b1, b2, h_sorted, order, act,
+                        interleaved):
+    from .fused_moe_triton import backward
+
+    return backward(grad_out, x, token_ids, expert_ids, scores, w1, w2, b1, b2, h_sorted, order, act, interleaved)
+
+
+__all__ = ["unsupported_reason", "triton_moe_forward", "triton_moe_backward", "SUPPORTED_DTYPES"]

@@ -1,0 +1,126 @@
+"""Deterministic reductions over assignment rows: per-token gather-and-sum and per-expert column sums.
+
+Shape legend: T tokens, D columns (d), E experts, A assignments (sorted rows).
+
+  gather_sum      out[t] = sum over sorted rows r of token t of (scale[r] *) src[r]    O, dX
+  segment_colsum  out[e] = sum over sorted rows r of expert e of (scale[r] *) src[g(r)]  db1, db2
+
+No atomics: each output element is owned by one program, which adds its inputs in a fixed order
+(a token's rows in expert order, an expert's rows in sorted order) in fp32, so results are
+bitwise reproducible run to run and need no zero-initialised output.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .launch_utils import INTERPRET, alloc
+from .routing_meta import RoutingMeta
+
+# The gather-and-sum is bandwidth bound (K rows of d elements per token, read once): 1024 bf16
+# columns per program gives 2 KB contiguous loads per row with 4 warps (8 elements per thread,
+# 16 B vectors). Not autotuned: one reasonable point, unmeasured (no GPU when written).
+_GATHER_BLOCK_D = 64 if INTERPRET else 1024
+_COLSUM_BLOCK_R = 16 if INTERPRET else 64
+_COLSUM_BLOCK_C = 64 if INTERPRET else 256
+
+
+@triton.jit
+def _gather_sum_kernel(
+    src_ptr, scale_ptr, token_offsets_ptr, token_rows_ptr, out_ptr,
+    D,
+    stride_sr, stride_sd,
+    stride_ot, stride_od,
+    HAS_SCALE: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    t = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    col_mask = cols < D
+    j_lo = tl.load(token_offsets_ptr + t)
+    j_hi = tl.load(token_offsets_ptr + t + 1)
+    acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    # a token with no assignments gets zeros (a dropped token under token rounding)
+    for j in range(j_lo, j_hi):
+        r = tl.load(token_rows_ptr + j).to(tl.int64)
+        v = tl.load(src_ptr + r * stride_sr + cols * stride_sd, mask=col_mask, other=0.0).to(tl.float32)
+        if HAS_SCALE:
+            v = v * tl.load(scale_ptr + r)
+        acc += v
+    tl.store(out_ptr + t.to(tl.int64) * stride_ot + cols * stride_od, acc.to(out_ptr.dtype.element_ty), mask=col_mask)
+
+
+def gather_sum(
+    src_sorted: torch.Tensor, scale_sorted: Optional[torch.Tensor], meta: RoutingMeta, num_tokens: int,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """src_sorted (A, D) rows in sorted order, scale_sorted (A,) fp32 or None -> (T, D) out_dtype."""
+    A, D = src_sorted.shape
+    out = alloc((num_tokens, D), out_dtype, src_sorted.device)
+    if num_tokens == 0 or D == 0:
+        return out
+    scale = scale_sorted if scale_sorted is not None else meta.scores_sorted
+    grid = (num_tokens, triton.cdiv(D, _GATHER_BLOCK_D))
+    _gather_sum_kernel[grid](
+        src_sorted, scale, meta.token_offsets, meta.token_rows, out,
+        D,
+        src_sorted.stride(0), src_sorted.stride(1),
+        out.stride(0), out.stride(1),
+        HAS_SCALE=scale_sorted is not None, BLOCK_D=_GATHER_BLOCK_D,
+        num_warps=4,
+    )
+    return out
+
+
+@triton.jit
+def _segment_colsum_kernel(
+    src_ptr, src_rows_ptr, scale_ptr, expert_offsets_ptr, out_ptr,
+    C,
+    stride_sr, stride_sc,
+    stride_oe, stride_oc,
+    GATHER: tl.constexpr, HAS_SCALE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    e = tl.program_id(1)
+    col_mask = cols < C
+    r_lo = tl.load(expert_offsets_ptr + e)
+    r_hi = tl.load(expert_offsets_ptr + e + 1)
+    acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    for r0 in range(r_lo, r_hi, BLOCK_R):
+        rr = r0 + tl.arange(0, BLOCK_R)
+        r_mask = rr < r_hi
+        if GATHER:
+            src_r = tl.load(src_rows_ptr + rr, mask=r_mask, other=0).to(tl.int64)
+        else:
+            src_r = rr.to(tl.int64)
+        v = tl.load(src_ptr + src_r[:, None] * stride_sr + cols[None, :] * stride_sc,
+                    mask=r_mask[:, None] & col_mask[None, :], other=0.0).to(tl.float32)
+        if HAS_SCALE:
+            v = v * tl.load(scale_ptr + rr, mask=r_mask, other=0.0)[:, None]
+        acc += tl.sum(v, axis=0)
+    tl.store(out_ptr + e.to(tl.int64) * stride_oe + cols * stride_oc, acc.to(out_ptr.dtype.element_ty), mask=col_mask)
+
+
+def segment_colsum(
+    src: torch.Tensor, src_rows: Optional[torch.Tensor], scale_sorted: Optional[torch.Tensor],
+    meta: RoutingMeta, num_experts: int, out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """out (E, C): out[e] = sum over sorted rows r of expert e of scale[r] * src[src_rows[r]]
+    (src_rows None: src is already in sorted order; scale None: 1)."""
+    C = src.shape[1]
+    out = alloc((num_experts, C), out_dtype, src.device)
+    grid = (triton.cdiv(C, _COLSUM_BLOCK_C), num_experts)
+    _segment_colsum_kernel[grid](
+        src, src_rows if src_rows is not None else meta.tok_sorted,
+        scale_sorted if scale_sorted is not None else meta.scores_sorted,
+        meta.expert_offsets, out,
+        C,
+        src.stride(0), src.stride(1),
+        out.stride(0), out.stride(1),
+        GATHER=src_rows is not None, HAS_SCALE=scale_sorted is not None,
+        BLOCK_R=_COLSUM_BLOCK_R, BLOCK_C=_COLSUM_BLOCK_C,
+        num_warps=4,
+    )
+    return out

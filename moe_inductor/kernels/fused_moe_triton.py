@@ -1,0 +1,73 @@
+"""Forward and backward of the fused MoE op on Triton kernels (SonicMoE's dataflow).
+
+Shape legend as in ``moe_inductor.reference`` (T, d, n, H = 2n or n, E, A). Semantics are exactly
+``reference.moe_forward`` / ``reference.moe_backward``; this module only sequences the launches:
+
+  forward   routing meta -> up_proj (gather X, write H if kept, A = act(H)) -> sorted_gemm
+            (Y = A W2^T + b2, transient) -> gather_sum (O[t] = sum s * Y, fp32, deterministic)
+  backward  routing meta (reusing the forward's order) -> [up_proj to recompute H] -> dh_backward
+            (dA' = gather(dO) W2, dS, dH, A' = s A) -> weight_grad (dW2 = gather(dO)^T A',
+            dW1 = dH^T gather(X)) -> segment_colsum (db1, db2) -> sorted_gemm (dX' = dH W1)
+            -> gather_sum (dX)
+
+Transients live only inside one call: A and Y (forward), A', dH, dX' (backward). Nothing here
+reads device data on the host.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ..activations import Activation
+from .combine import gather_sum, segment_colsum
+from .config import TILE_M
+from .grouped_gemm import dh_backward, sorted_gemm, up_proj, weight_grad
+from .launch_utils import alloc
+from .routing_meta import build_routing_meta
+
+
+def forward(x, token_ids, expert_ids, scores, w1, w2, b1, b2, act: Activation, interleaved: bool, keep_h: bool):
+    T, d = x.shape
+    E, h_cols, _ = w1.shape
+    n_act = w2.shape[2]
+    A = token_ids.shape[0]
+    if A == 0:
+        order = torch.empty(0, dtype=torch.int32, device=x.device)
+        return torch.zeros_like(x), x.new_empty((0, h_cols)), order
+    meta = build_routing_meta(token_ids, expert_ids, scores, T, E, TILE_M)
+    h_sorted = alloc((A, h_cols), x.dtype, x.device) if keep_h else x.new_empty((0, h_cols))
+    a_sorted = alloc((A, n_act), x.dtype, x.device)
+    up_proj(x, w1, b1, meta, act, interleaved, h_out=h_sorted if keep_h else None, a_out=a_sorted)
+    y_sorted = sorted_gemm(a_sorted, w2.transpose(1, 2), b2, meta)
+    del a_sorted
+    out = gather_sum(y_sorted, meta.scores_sorted, meta, T, x.dtype)
+    return out, h_sorted, meta.order
+
+
+def backward(grad_out, x, token_ids, expert_ids, scores, w1, w2, b1, b2, h_sorted: Optional[torch.Tensor],
+             order, act: Activation, interleaved: bool):
+    T, d = x.shape
+    E, h_cols, _ = w1.shape
+    A = token_ids.shape[0]
+    if A == 0:
+        return (
+            torch.zeros_like(x), torch.zeros_like(scores), torch.zeros_like(w1, memory_format=torch.contiguous_format),
+            torch.zeros_like(w2, memory_format=torch.contiguous_format),
+            torch.zeros_like(b1) if b1 is not None else None, torch.zeros_like(b2) if b2 is not None else None,
+        )
+    meta = build_routing_meta(token_ids, expert_ids, scores, T, E, TILE_M, order=order)
+    if h_sorted is None:
+        h_sorted = alloc((A, h_cols), x.dtype, x.device)
+        up_proj(x, w1, b1, meta, act, interleaved, h_out=h_sorted, a_out=None)
+    dh_sorted, a_scaled, ds_sorted = dh_backward(grad_out, w2, b2, h_sorted, meta, act, interleaved)
+    dw2 = weight_grad(grad_out, meta.tok_sorted, a_scaled, None, meta, alloc(tuple(w2.shape), w2.dtype, x.device))
+    del a_scaled
+    dw1 = weight_grad(dh_sorted, None, x, meta.tok_sorted, meta, alloc(tuple(w1.shape), w1.dtype, x.device))
+    db1 = segment_colsum(dh_sorted, None, None, meta, E, b1.dtype) if b1 is not None else None
+    db2 = segment_colsum(grad_out, meta.tok_sorted, meta.scores_sorted, meta, E, b2.dtype) if b2 is not None else None
+    dx_sorted = sorted_gemm(dh_sorted, w1, None, meta)
+    del dh_sorted
+    dx = gather_sum(dx_sorted, None, meta, T, x.dtype)
+    dscores = ds_sorted.index_select(0, meta.inv_order.long()).to(scores.dtype)
+    return dx, dscores, dw1, dw2, db1, db2

@@ -1,0 +1,495 @@
+"""Grouped GEMMs over expert-sorted assignment rows: @triton.jit kernels and their launchers.
+
+Shape legend: T tokens, d hidden, n expert intermediate, H = 2n (gated) or n columns of the first
+projection, E experts, A assignments, M = tile_m rows per tile, P row tiles (see routing_meta).
+
+  up_proj       H_sorted = gather(X) W1^T (+b1), A_sorted = act(H_sorted)   rows gathered in-kernel
+  sorted_gemm   Out_sorted = In_sorted W[e] (+bias)                         Y = A W2^T ; dX' = dH W1
+  dh            dA' = gather(dO) W2[e]; epilogue: dS partials, dH, A' = s*A  (SonicMoE dH kernel)
+  weight_grad   dW[e] = P_e^T Q_e over each expert's rows                   dW2, dW1
+
+Row tiles come from the device-side schedule (``RoutingMeta``): program (p, j) handles sorted rows
+[tile_row_start[p], +M) of expert tile_expert[p], masked at tile_row_end[p]; unused tiles return.
+The row tile is fixed at M = TILE_M (the schedule depends on it), so autotuning varies only the
+column/reduction tiles, warps and pipeline depth.
+
+Weights are read through their strides (transposed storage needs no copy). Pointer offsets of
+rows are computed in int64: A * H can exceed 2**31 at the benchmark shapes.
+
+Numerics follow ``reference.moe_forward/moe_backward``: fp32 accumulation, and the same roundings
+to the input dtype at the same places (H, A, dA', dH, A' are rounded before their next use), so
+the saved-H and recompute paths agree and half-precision results track the reference.
+
+Autotune configs are chosen by reasoning about an H100 (228 KB shared memory per SM, 64K
+registers), NOT by measurement: no GPU was available when they were written. Re-tune with
+examples/bench_kernels.py on the target GPU before trusting them.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from ..activations import Activation
+from .activation_jit import act_code, gated_bwd, gated_fwd, unary_fwd, unary_grad
+from .launch_utils import alloc, autotune_configs, dot_flags
+from .routing_meta import RoutingMeta
+
+
+@triton.jit
+def _mma(a, b, acc, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    if UPCAST:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    if IEEE:
+        acc = tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        acc = tl.dot(a, b, acc)
+    return acc
+
+
+def _cfg(bn, bk, warps, stages):
+    return triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps, num_stages=stages)
+
+
+# Up-projection (gated: two accumulators, gate and up, share the gathered X tile).
+# Per pipeline stage the gated kernel stages X (M x BK) and two W tiles (BK x BN):
+# (128*64 + 2*64*BN) * 2 B = 32 KB (BN=64) or 48 KB (BN=128); 3-4 stages fit in 228 KB.
+# Two 128 x BN fp32 accumulators: BN=128 needs 8 warps to stay under ~255 registers/thread.
+_UP_CONFIGS = autotune_configs(
+    [
+        _cfg(64, 64, 4, 4),   # small n (fine-grained experts), many tiles: keeps occupancy
+        _cfg(128, 64, 8, 3),  # large n: more reuse of the gathered X tile per load
+        _cfg(128, 32, 8, 4),  # same, shallower K step for deeper pipelining
+        _cfg(64, 128, 4, 3),  # long K (d = 7168): fewer loop iterations
+    ],
+    _cfg(32, 32, 1, 1),
+)
+
+# Plain grouped GEMM (Y = A W2^T, dX' = dH W1) and the dH kernel: one B tile per stage,
+# (128*BK + BK*BN) * 2 B = 32 KB at BN=BK=64, 48 KB at BN=128, 64 KB at BN=256/BK=64... so up to
+# 4 stages at BN=128. The standard Hopper-friendly 128x128x64 tile with 8 warps comes first.
+_GEMM_CONFIGS = autotune_configs(
+    [
+        _cfg(128, 64, 8, 4),
+        _cfg(64, 64, 4, 4),
+        _cfg(256, 64, 8, 3),   # wide output (d = 4096/7168): halves the re-reads of the A tile
+        _cfg(128, 128, 8, 3),
+    ],
+    _cfg(32, 32, 1, 1),
+)
+
+
+# ----------------------------------------------------------------------------------------------
+# up-projection
+# ----------------------------------------------------------------------------------------------
+@triton.autotune(configs=_UP_CONFIGS, key=["n_act", "d", "GATED"])
+@triton.jit
+def _up_proj_kernel(
+    x_ptr, w1_ptr, b1_ptr, h_ptr, a_ptr,
+    tok_sorted_ptr, tile_expert_ptr, tile_row_start_ptr, tile_row_end_ptr,
+    n_act, d,
+    stride_xt, stride_xd,
+    stride_we, stride_wh, stride_wd,
+    stride_be, stride_bh,
+    stride_hr, stride_hc,
+    stride_ar, stride_ac,
+    alpha, limit,
+    HAS_B1: tl.constexpr, KEEP_H: tl.constexpr, WRITE_A: tl.constexpr,
+    GATED: tl.constexpr, INTERLEAVED: tl.constexpr, ACT: tl.constexpr,
+    IEEE: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    e = tl.load(tile_expert_ptr + pid_m)
+    if e < 0:
+        return
+    row_start = tl.load(tile_row_start_ptr + pid_m)
+    row_end = tl.load(tile_row_end_ptr + pid_m)
+    rows = row_start + tl.arange(0, BLOCK_M)
+    row_mask = rows < row_end
+    rows64 = rows.to(tl.int64)
+    # the gather: A-operand rows come straight from X via the sorted token ids (no A x d copy)
+    tok = tl.load(tok_sorted_ptr + rows, mask=row_mask, other=0).to(tl.int64)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_mask = cols < n_act
+    if GATED:
+        if INTERLEAVED:
+            gate_cols = 2 * cols
+            up_cols = 2 * cols + 1
+        else:
+            gate_cols = cols
+            up_cols = cols + n_act
+    else:
+        gate_cols = cols
+    w_base = w1_ptr + e.to(tl.int64) * stride_we
+    acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if GATED:
+        acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, d, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_mask = ks < d
+        xb = tl.load(x_ptr + tok[:, None] * stride_xt + ks[None, :] * stride_xd,
+                     mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        wmask = k_mask[:, None] & col_mask[None, :]
+        wg = tl.load(w_base + gate_cols[None, :] * stride_wh + ks[:, None] * stride_wd, mask=wmask, other=0.0)
+        acc_g = _mma(xb, wg, acc_g, IEEE, UPCAST)
+        if GATED:
+            wu = tl.load(w_base + up_cols[None, :] * stride_wh + ks[:, None] * stride_wd, mask=wmask, other=0.0)
+            acc_u = _mma(xb, wu, acc_u, IEEE, UPCAST)
+
+    dt = x_ptr.dtype.element_ty
+    out_mask = row_mask[:, None] & col_mask[None, :]
+    if HAS_B1:
+        b_base = b1_ptr + e.to(tl.int64) * stride_be
+        acc_g += tl.load(b_base + gate_cols * stride_bh, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+        if GATED:
+            acc_u += tl.load(b_base + up_cols * stride_bh, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    # H is rounded to the input dtype first and A computed from the rounded H: the backward
+    # recomputes A from the stored H and must see the same values.
+    hg = acc_g.to(dt)
+    if KEEP_H:
+        tl.store(h_ptr + rows64[:, None] * stride_hr + gate_cols[None, :] * stride_hc, hg, mask=out_mask)
+    if GATED:
+        hu = acc_u.to(dt)
+        if KEEP_H:
+            tl.store(h_ptr + rows64[:, None] * stride_hr + up_cols[None, :] * stride_hc, hu, mask=out_mask)
+    if WRITE_A:
+        if GATED:
+            act = gated_fwd(hg.to(tl.float32), hu.to(tl.float32), alpha, limit, ACT)
+        else:
+            act = unary_fwd(hg.to(tl.float32), ACT)
+        tl.store(a_ptr + rows64[:, None] * stride_ar + cols[None, :] * stride_ac, act.to(dt), mask=out_mask)
+
+
+def up_proj(
+    x: torch.Tensor,
+    w1: torch.Tensor,
+    b1: Optional[torch.Tensor],
+    meta: RoutingMeta,
+    act: Activation,
+    interleaved: bool,
+    h_out: Optional[torch.Tensor],
+    a_out: Optional[torch.Tensor],
+) -> None:
+    """Writes H_sorted (A, H) into h_out and/or act(H_sorted) (A, n) into a_out."""
+    E, h_cols, d = w1.shape
+    n_act = h_cols // 2 if act.gated else h_cols
+    assert x.shape[1] == d and (h_out is not None or a_out is not None)
+    if h_out is not None:
+        assert h_out.shape == (meta.tok_sorted.shape[0], h_cols) and h_out.dtype == x.dtype
+    if a_out is not None:
+        assert a_out.shape == (meta.tok_sorted.shape[0], n_act) and a_out.dtype == x.dtype
+    dummy = x  # never dereferenced when the matching constexpr flag is off
+    h = h_out if h_out is not None else dummy
+    a = a_out if a_out is not None else dummy
+    b = b1 if b1 is not None else dummy
+    grid = lambda META: (meta.num_tiles, triton.cdiv(n_act, META["BLOCK_N"]))
+    _up_proj_kernel[grid](
+        x, w1, b, h, a,
+        meta.tok_sorted, meta.tile_expert, meta.tile_row_start, meta.tile_row_end,
+        n_act, d,
+        x.stride(0), x.stride(1),
+        w1.stride(0), w1.stride(1), w1.stride(2),
+        b.stride(0) if b1 is not None else 0, b.stride(1) if b1 is not None else 0,
+        h.stride(0) if h_out is not None else 0, h.stride(1) if h_out is not None else 0,
+        a.stride(0) if a_out is not None else 0, a.stride(1) if a_out is not None else 0,
+        float(act.alpha), float(act.limit),
+        HAS_B1=b1 is not None, KEEP_H=h_out is not None, WRITE_A=a_out is not None,
+        GATED=act.gated, INTERLEAVED=interleaved, ACT=act_code(act),
+        BLOCK_M=meta.tile_m, **dot_flags(x.dtype),
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# grouped GEMM over sorted rows: Out[r] = In[r] W[e] (+ bias[e])
+# ----------------------------------------------------------------------------------------------
+@triton.autotune(configs=_GEMM_CONFIGS, key=["N", "K"])
+@triton.jit
+def _sorted_gemm_kernel(
+    in_ptr, w_ptr, bias_ptr, out_ptr,
+    tile_expert_ptr, tile_row_start_ptr, tile_row_end_ptr,
+    N, K,
+    stride_ir, stride_ik,
+    stride_we, stride_wk, stride_wn,
+    stride_be, stride_bn,
+    stride_or, stride_on,
+    HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    e = tl.load(tile_expert_ptr + pid_m)
+    if e < 0:
+        return
+    row_start = tl.load(tile_row_start_ptr + pid_m)
+    row_end = tl.load(tile_row_end_ptr + pid_m)
+    rows = row_start + tl.arange(0, BLOCK_M)
+    row_mask = rows < row_end
+    rows64 = rows.to(tl.int64)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_mask = cols < N
+    w_base = w_ptr + e.to(tl.int64) * stride_we
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_mask = ks < K
+        ab = tl.load(in_ptr + rows64[:, None] * stride_ir + ks[None, :] * stride_ik,
+                     mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        wb = tl.load(w_base + ks[:, None] * stride_wk + cols[None, :] * stride_wn,
+                     mask=k_mask[:, None] & col_mask[None, :], other=0.0)
+        acc = _mma(ab, wb, acc, IEEE, UPCAST)
+    dt = out_ptr.dtype.element_ty
+    if HAS_BIAS:
+        # the reference rounds the product to the input dtype before adding the bias
+        acc = acc.to(dt).to(tl.float32)
+        acc += tl.load(bias_ptr + e.to(tl.int64) * stride_be + cols * stride_bn, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    tl.store(out_ptr + rows64[:, None] * stride_or + cols[None, :] * stride_on, acc.to(dt),
+             mask=row_mask[:, None] & col_mask[None, :])
+
+
+def sorted_gemm(
+    inp: torch.Tensor, w_ekn: torch.Tensor, bias: Optional[torch.Tensor], meta: RoutingMeta
+) -> torch.Tensor:
+    """inp (A, K) sorted rows, w_ekn (E, K, N) any strides (e.g. ``w2.transpose(1, 2)``),
+    bias (E, N) or None -> (A, N) in inp.dtype."""
+    A, K = inp.shape
+    E, K2, N = w_ekn.shape
+    if K2 != K:
+        raise ValueError(f"sorted_gemm: inner dims differ: inp {tuple(inp.shape)}, w {tuple(w_ekn.shape)}")
+    out = alloc((A, N), inp.dtype, inp.device)
+    b = bias if bias is not None else inp
+    grid = lambda META: (meta.num_tiles, triton.cdiv(N, META["BLOCK_N"]))
+    _sorted_gemm_kernel[grid](
+        inp, w_ekn, b, out,
+        meta.tile_expert, meta.tile_row_start, meta.tile_row_end,
+        N, K,
+        inp.stride(0), inp.stride(1),
+        w_ekn.stride(0), w_ekn.stride(1), w_ekn.stride(2),
+        b.stride(0) if bias is not None else 0, b.stride(1) if bias is not None else 0,
+        out.stride(0), out.stride(1),
+        HAS_BIAS=bias is not None, BLOCK_M=meta.tile_m, **dot_flags(inp.dtype),
+    )
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# dH kernel (backward of the down-projection and of the activation)
+# ----------------------------------------------------------------------------------------------
+@triton.autotune(configs=_GEMM_CONFIGS, key=["n_act", "d", "GATED"])
+@triton.jit
+def _dh_kernel(
+    dout_ptr, w2_ptr, h_ptr, b2_ptr, s_sorted_ptr,
+    dh_ptr, a_scaled_ptr, ds_part_ptr,
+    tok_sorted_ptr, tile_expert_ptr, tile_row_start_ptr, tile_row_end_ptr,
+    n_act, d,
+    stride_gt, stride_gd,
+    stride_we, stride_wd, stride_wn,
+    stride_hr, stride_hc,
+    stride_be, stride_bd,
+    stride_dhr, stride_dhc,
+    stride_ar, stride_ac,
+    stride_dsr,
+    alpha, limit,
+    HAS_B2: tl.constexpr, GATED: tl.constexpr, INTERLEAVED: tl.constexpr, ACT: tl.constexpr,
+    IEEE: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    e = tl.load(tile_expert_ptr + pid_m)
+    if e < 0:
+        return
+    row_start = tl.load(tile_row_start_ptr + pid_m)
+    row_end = tl.load(tile_row_end_ptr + pid_m)
+    rows = row_start + tl.arange(0, BLOCK_M)
+    row_mask = rows < row_end
+    rows64 = rows.to(tl.int64)
+    tok = tl.load(tok_sorted_ptr + rows, mask=row_mask, other=0).to(tl.int64)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_mask = cols < n_act
+    e64 = e.to(tl.int64)
+    w_base = w2_ptr + e64 * stride_we
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    bias_dot = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for k0 in range(0, d, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_mask = ks < d
+        gb = tl.load(dout_ptr + tok[:, None] * stride_gt + ks[None, :] * stride_gd,
+                     mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        wb = tl.load(w_base + ks[:, None] * stride_wd + cols[None, :] * stride_wn,
+                     mask=k_mask[:, None] & col_mask[None, :], other=0.0)
+        acc = _mma(gb, wb, acc, IEEE, UPCAST)
+        if HAS_B2:
+            # <dO, b2[e]>: the bias part of dS = <dO, Y>, on the dO tile already in registers
+            bb = tl.load(b2_ptr + e64 * stride_be + ks * stride_bd, mask=k_mask, other=0.0).to(tl.float32)
+            bias_dot += tl.sum(gb.to(tl.float32) * bb[None, :], axis=1)
+
+    dt = h_ptr.dtype.element_ty
+    mask2 = row_mask[:, None] & col_mask[None, :]
+    da = acc.to(dt).to(tl.float32)  # dA' rounded like the reference's mm output
+    s = tl.load(s_sorted_ptr + rows, mask=row_mask, other=0.0)
+    h_row = h_ptr + rows64[:, None] * stride_hr
+    if GATED:
+        if INTERLEAVED:
+            gate_cols = 2 * cols
+            up_cols = 2 * cols + 1
+        else:
+            gate_cols = cols
+            up_cols = cols + n_act
+        g = tl.load(h_row + gate_cols[None, :] * stride_hc, mask=mask2, other=0.0).to(tl.float32)
+        u = tl.load(h_row + up_cols[None, :] * stride_hc, mask=mask2, other=0.0).to(tl.float32)
+        a = gated_fwd(g, u, alpha, limit, ACT).to(dt).to(tl.float32)
+        dg, du = gated_bwd(g, u, da * s[:, None], alpha, limit, ACT)
+        dh_row = dh_ptr + rows64[:, None] * stride_dhr
+        tl.store(dh_row + gate_cols[None, :] * stride_dhc, dg.to(dt), mask=mask2)
+        tl.store(dh_row + up_cols[None, :] * stride_dhc, du.to(dt), mask=mask2)
+    else:
+        z = tl.load(h_row + cols[None, :] * stride_hc, mask=mask2, other=0.0).to(tl.float32)
+        a = unary_fwd(z, ACT).to(dt).to(tl.float32)
+        dz = da * s[:, None] * unary_grad(z, ACT)
+        tl.store(dh_ptr + rows64[:, None] * stride_dhr + cols[None, :] * stride_dhc, dz.to(dt), mask=mask2)
+    # dS partial over this column block (masked columns have da = 0); partials are summed on the
+    # host side of the launch in a fixed order, so dS is deterministic without atomics.
+    ds = tl.sum(da * a, axis=1)
+    if HAS_B2:
+        ds += tl.where(pid_n == 0, bias_dot, 0.0)
+    tl.store(ds_part_ptr + rows64 * stride_dsr + pid_n, ds, mask=row_mask)
+    tl.store(a_scaled_ptr + rows64[:, None] * stride_ar + cols[None, :] * stride_ac,
+             (a * s[:, None]).to(dt), mask=mask2)
+
+
+_DH_MIN_BLOCK_N = min(c.kwargs["BLOCK_N"] for c in _GEMM_CONFIGS)
+
+
+def dh_backward(
+    grad_out: torch.Tensor,
+    w2: torch.Tensor,
+    b2: Optional[torch.Tensor],
+    h_sorted: torch.Tensor,
+    meta: RoutingMeta,
+    act: Activation,
+    interleaved: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns dH_sorted (A, H), A' = s * act(H) (A, n) in the input dtype, dS_sorted (A,) fp32."""
+    A, h_cols = h_sorted.shape
+    E, d, n_act = w2.shape
+    dt = h_sorted.dtype
+    dh = alloc((A, h_cols), dt, h_sorted.device)
+    a_scaled = alloc((A, n_act), dt, h_sorted.device)
+    # One partial per (row, column block). The autotuner may pick any BLOCK_N, so the buffer is
+    # sized for the smallest and zero-filled: blocks a larger BLOCK_N does not reach add zero.
+    ds_part = torch.zeros((A, triton.cdiv(n_act, _DH_MIN_BLOCK_N)), dtype=torch.float32, device=h_sorted.device)
+    b = b2 if b2 is not None else h_sorted
+    grid = lambda META: (meta.num_tiles, triton.cdiv(n_act, META["BLOCK_N"]))
+    _dh_kernel[grid](
+        grad_out, w2, h_sorted, b, meta.scores_sorted,
+        dh, a_scaled, ds_part,
+        meta.tok_sorted, meta.tile_expert, meta.tile_row_start, meta.tile_row_end,
+        n_act, d,
+        grad_out.stride(0), grad_out.stride(1),
+        w2.stride(0), w2.stride(1), w2.stride(2),
+        h_sorted.stride(0), h_sorted.stride(1),
+        b.stride(0) if b2 is not None else 0, b.stride(1) if b2 is not None else 0,
+        dh.stride(0), dh.stride(1),
+        a_scaled.stride(0), a_scaled.stride(1),
+        ds_part.stride(0),
+        float(act.alpha), float(act.limit),
+        HAS_B2=b2 is not None, GATED=act.gated, INTERLEAVED=interleaved, ACT=act_code(act),
+        BLOCK_M=meta.tile_m, **dot_flags(dt),
+    )
+    return dh, a_scaled, ds_part.sum(dim=1)
+
+
+# ----------------------------------------------------------------------------------------------
+# per-expert weight gradients: dW[e] = P_e^T Q_e, rows of expert e only
+# ----------------------------------------------------------------------------------------------
+def _wcfg(bi, bj, br, warps, stages):
+    return triton.Config({"BLOCK_I": bi, "BLOCK_J": bj, "BLOCK_R": br}, num_warps=warps, num_stages=stages)
+
+
+# The reduction runs over an expert's rows (T*K/E: 256 to 4096 at the benchmark shapes); both
+# operands are loaded transposed-or-gathered, so tiles stay at 128x128 with a 32/64-row step.
+# Stage size (128*BR + BR*128) * 2 B = 16/32 KB: 3-4 stages fit easily.
+_WGRAD_CONFIGS = autotune_configs(
+    [
+        _wcfg(128, 128, 64, 8, 3),
+        _wcfg(128, 128, 32, 8, 4),
+        _wcfg(64, 128, 64, 4, 4),   # small I (n = 768/1024 for dW2's columns of A') keeps more CTAs
+        _wcfg(128, 64, 64, 4, 4),
+    ],
+    _wcfg(32, 32, 32, 1, 1),
+)
+
+
+@triton.autotune(configs=_WGRAD_CONFIGS, key=["I", "J"])
+@triton.jit
+def _weight_grad_kernel(
+    p_ptr, q_ptr, p_rows_ptr, q_rows_ptr, expert_offsets_ptr, out_ptr,
+    I, J,
+    stride_pr, stride_pi,
+    stride_qr, stride_qj,
+    stride_oe, stride_oi, stride_oj,
+    GATHER_P: tl.constexpr, GATHER_Q: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    e = tl.program_id(1)
+    num_j = tl.cdiv(J, BLOCK_J)
+    pid_i = pid // num_j
+    pid_j = pid % num_j
+    r_lo = tl.load(expert_offsets_ptr + e)
+    r_hi = tl.load(expert_offsets_ptr + e + 1)
+    ii = pid_i * BLOCK_I + tl.arange(0, BLOCK_I)
+    jj = pid_j * BLOCK_J + tl.arange(0, BLOCK_J)
+    i_mask = ii < I
+    j_mask = jj < J
+    acc = tl.zeros((BLOCK_I, BLOCK_J), dtype=tl.float32)
+    # an expert with no rows runs zero iterations and stores a zero gradient
+    for r0 in range(r_lo, r_hi, BLOCK_R):
+        rr = r0 + tl.arange(0, BLOCK_R)
+        r_mask = rr < r_hi
+        if GATHER_P:
+            prow = tl.load(p_rows_ptr + rr, mask=r_mask, other=0).to(tl.int64)
+        else:
+            prow = rr.to(tl.int64)
+        if GATHER_Q:
+            qrow = tl.load(q_rows_ptr + rr, mask=r_mask, other=0).to(tl.int64)
+        else:
+            qrow = rr.to(tl.int64)
+        pb = tl.load(p_ptr + prow[None, :] * stride_pr + ii[:, None] * stride_pi,
+                     mask=i_mask[:, None] & r_mask[None, :], other=0.0)
+        qb = tl.load(q_ptr + qrow[:, None] * stride_qr + jj[None, :] * stride_qj,
+                     mask=r_mask[:, None] & j_mask[None, :], other=0.0)
+        acc = _mma(pb, qb, acc, IEEE, UPCAST)
+    tl.store(out_ptr + e.to(tl.int64) * stride_oe + ii[:, None] * stride_oi + jj[None, :] * stride_oj,
+             acc.to(out_ptr.dtype.element_ty), mask=i_mask[:, None] & j_mask[None, :])
+
+
+def weight_grad(
+    p: torch.Tensor,
+    p_rows: Optional[torch.Tensor],
+    q: torch.Tensor,
+    q_rows: Optional[torch.Tensor],
+    meta: RoutingMeta,
+    out: torch.Tensor,
+) -> torch.Tensor:
+    """out[e] (I, J) = sum over sorted rows r of expert e of P[pr(r)]^T Q[qr(r)], where
+    pr(r) = p_rows[r] if p_rows is given (a gather, e.g. token ids into dO or X) else r."""
+    E, I, J = out.shape
+    assert p.shape[1] == I and q.shape[1] == J
+    dummy = meta.tok_sorted
+    grid = lambda META: (triton.cdiv(I, META["BLOCK_I"]) * triton.cdiv(J, META["BLOCK_J"]), E)
+    _weight_grad_kernel[grid](
+        p, q, p_rows if p_rows is not None else dummy, q_rows if q_rows is not None else dummy,
+        meta.expert_offsets, out,
+        I, J,
+        p.stride(0), p.stride(1),
+        q.stride(0), q.stride(1),
+        out.stride(0), out.stride(1), out.stride(2),
+        GATHER_P=p_rows is not None, GATHER_Q=q_rows is not None, **dot_flags(p.dtype),
+    )
+    return out

@@ -1,0 +1,42 @@
+"""Helpers shared by the kernel launchers: interpreter detection, output allocation, autotune configs.
+
+Imports triton; only the launcher modules import this one (``moe_inductor.kernels`` imports them
+lazily, so ``import moe_inductor`` never imports triton).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+
+# Set before triton is imported (tests/conftest.py does it on machines without CUDA).
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+# Debug aid for tests: fill every fresh output buffer with NaN (or -1 for integers) so a kernel
+# that forgets to write a row or column shows up as NaN in the comparison instead of passing on
+# whatever the allocator happened to return. Off by default: it costs a memset per buffer.
+DEBUG_FILL_NAN = os.environ.get("MOE_INDUCTOR_DEBUG_FILL_NAN") == "1"
+
+
+def alloc(shape, dtype: torch.dtype, device) -> torch.Tensor:
+    out = torch.empty(shape, dtype=dtype, device=device)
+    if DEBUG_FILL_NAN:
+        out.fill_(float("nan") if dtype.is_floating_point else -1)
+    return out
+
+
+def dot_flags(dtype: torch.dtype) -> dict:
+    """Constexpr flags of the tl.dot helper for operands of this dtype.
+
+    UPCAST: the interpreter runs tl.dot as a numpy matmul on the raw storage, which is garbage for
+    bf16 and accumulates fp16 in fp16; upcasting both operands to fp32 first gives the exact
+    products. IEEE: fp32 operands must not silently drop to tf32 (10-bit mantissa) on the default
+    path, or fp32 results would differ from the reference by ~1e-3.
+    """
+    return {"UPCAST": INTERPRET, "IEEE": dtype == torch.float32}
+
+
+def autotune_configs(gpu_configs: list, interpret_config: triton.Config) -> list:
+    """Under the interpreter autotuning would run every config ~1000x slower: one config only."""
+    return [interpret_config] if INTERPRET else gpu_configs
