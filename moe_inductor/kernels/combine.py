@@ -17,6 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .jit_utils import cast
 from .launch_utils import INTERPRET, alloc
 from .routing_meta import RoutingMeta
 
@@ -34,7 +35,7 @@ def _gather_sum_kernel(
     D,
     stride_sr, stride_sd,
     stride_ot, stride_od,
-    HAS_SCALE: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_SCALE: tl.constexpr, INTERPRET: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     t = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -49,7 +50,7 @@ def _gather_sum_kernel(
         if HAS_SCALE:
             v = v * tl.load(scale_ptr + r)
         acc += v
-    tl.store(out_ptr + t.to(tl.int64) * stride_ot + cols * stride_od, acc.to(out_ptr.dtype.element_ty), mask=col_mask)
+    tl.store(out_ptr + t.to(tl.int64) * stride_ot + cols * stride_od, cast(acc, out_ptr.dtype.element_ty, INTERPRET), mask=col_mask)
 
 
 def gather_sum(
@@ -68,7 +69,7 @@ def gather_sum(
         D,
         src_sorted.stride(0), src_sorted.stride(1),
         out.stride(0), out.stride(1),
-        HAS_SCALE=scale_sorted is not None, BLOCK_D=_GATHER_BLOCK_D,
+        HAS_SCALE=scale_sorted is not None, INTERPRET=INTERPRET, BLOCK_D=_GATHER_BLOCK_D,
         num_warps=4,
     )
     return out
@@ -80,7 +81,7 @@ def _segment_colsum_kernel(
     C,
     stride_sr, stride_sc,
     stride_oe, stride_oc,
-    GATHER: tl.constexpr, HAS_SCALE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    GATHER: tl.constexpr, HAS_SCALE: tl.constexpr, INTERPRET: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     e = tl.program_id(1)
@@ -100,7 +101,7 @@ def _segment_colsum_kernel(
         if HAS_SCALE:
             v = v * tl.load(scale_ptr + rr, mask=r_mask, other=0.0)[:, None]
         acc += tl.sum(v, axis=0)
-    tl.store(out_ptr + e.to(tl.int64) * stride_oe + cols * stride_oc, acc.to(out_ptr.dtype.element_ty), mask=col_mask)
+    tl.store(out_ptr + e.to(tl.int64) * stride_oe + cols * stride_oc, cast(acc, out_ptr.dtype.element_ty, INTERPRET), mask=col_mask)
 
 
 def segment_colsum(
@@ -119,7 +120,7 @@ def segment_colsum(
         C,
         src.stride(0), src.stride(1),
         out.stride(0), out.stride(1),
-        GATHER=src_rows is not None, HAS_SCALE=scale_sorted is not None,
+        GATHER=src_rows is not None, HAS_SCALE=scale_sorted is not None, INTERPRET=INTERPRET,
         BLOCK_R=_COLSUM_BLOCK_R, BLOCK_C=_COLSUM_BLOCK_C,
         num_warps=4,
     )

@@ -34,20 +34,9 @@ import triton.language as tl
 
 from ..activations import Activation
 from .activation_jit import act_code, gated_bwd, gated_fwd, unary_fwd, unary_grad
+from .jit_utils import cast, mma
 from .launch_utils import alloc, autotune_configs, dot_flags
 from .routing_meta import RoutingMeta
-
-
-@triton.jit
-def _mma(a, b, acc, IEEE: tl.constexpr, UPCAST: tl.constexpr):
-    if UPCAST:
-        a = a.to(tl.float32)
-        b = b.to(tl.float32)
-    if IEEE:
-        acc = tl.dot(a, b, acc, input_precision="ieee")
-    else:
-        acc = tl.dot(a, b, acc)
-    return acc
 
 
 def _cfg(bn, bk, warps, stages):
@@ -99,7 +88,7 @@ def _up_proj_kernel(
     alpha, limit,
     HAS_B1: tl.constexpr, KEEP_H: tl.constexpr, WRITE_A: tl.constexpr,
     GATED: tl.constexpr, INTERLEAVED: tl.constexpr, ACT: tl.constexpr,
-    IEEE: tl.constexpr, UPCAST: tl.constexpr,
+    IEEE: tl.constexpr, INTERPRET: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -136,10 +125,10 @@ def _up_proj_kernel(
                      mask=row_mask[:, None] & k_mask[None, :], other=0.0)
         wmask = k_mask[:, None] & col_mask[None, :]
         wg = tl.load(w_base + gate_cols[None, :] * stride_wh + ks[:, None] * stride_wd, mask=wmask, other=0.0)
-        acc_g = _mma(xb, wg, acc_g, IEEE, UPCAST)
+        acc_g = mma(xb, wg, acc_g, IEEE, INTERPRET)
         if GATED:
             wu = tl.load(w_base + up_cols[None, :] * stride_wh + ks[:, None] * stride_wd, mask=wmask, other=0.0)
-            acc_u = _mma(xb, wu, acc_u, IEEE, UPCAST)
+            acc_u = mma(xb, wu, acc_u, IEEE, INTERPRET)
 
     dt = x_ptr.dtype.element_ty
     out_mask = row_mask[:, None] & col_mask[None, :]
@@ -150,11 +139,11 @@ def _up_proj_kernel(
             acc_u += tl.load(b_base + up_cols * stride_bh, mask=col_mask, other=0.0).to(tl.float32)[None, :]
     # H is rounded to the input dtype first and A computed from the rounded H: the backward
     # recomputes A from the stored H and must see the same values.
-    hg = acc_g.to(dt)
+    hg = cast(acc_g, dt, INTERPRET)
     if KEEP_H:
         tl.store(h_ptr + rows64[:, None] * stride_hr + gate_cols[None, :] * stride_hc, hg, mask=out_mask)
     if GATED:
-        hu = acc_u.to(dt)
+        hu = cast(acc_u, dt, INTERPRET)
         if KEEP_H:
             tl.store(h_ptr + rows64[:, None] * stride_hr + up_cols[None, :] * stride_hc, hu, mask=out_mask)
     if WRITE_A:
@@ -162,7 +151,7 @@ def _up_proj_kernel(
             act = gated_fwd(hg.to(tl.float32), hu.to(tl.float32), alpha, limit, ACT)
         else:
             act = unary_fwd(hg.to(tl.float32), ACT)
-        tl.store(a_ptr + rows64[:, None] * stride_ar + cols[None, :] * stride_ac, act.to(dt), mask=out_mask)
+        tl.store(a_ptr + rows64[:, None] * stride_ar + cols[None, :] * stride_ac, cast(act, dt, INTERPRET), mask=out_mask)
 
 
 def up_proj(
@@ -217,7 +206,7 @@ def _sorted_gemm_kernel(
     stride_we, stride_wk, stride_wn,
     stride_be, stride_bn,
     stride_or, stride_on,
-    HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+    HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, INTERPRET: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -241,13 +230,11 @@ def _sorted_gemm_kernel(
                      mask=row_mask[:, None] & k_mask[None, :], other=0.0)
         wb = tl.load(w_base + ks[:, None] * stride_wk + cols[None, :] * stride_wn,
                      mask=k_mask[:, None] & col_mask[None, :], other=0.0)
-        acc = _mma(ab, wb, acc, IEEE, UPCAST)
+        acc = mma(ab, wb, acc, IEEE, INTERPRET)
     dt = out_ptr.dtype.element_ty
     if HAS_BIAS:
-        # the reference rounds the product to the input dtype before adding the bias
-        acc = acc.to(dt).to(tl.float32)
         acc += tl.load(bias_ptr + e.to(tl.int64) * stride_be + cols * stride_bn, mask=col_mask, other=0.0).to(tl.float32)[None, :]
-    tl.store(out_ptr + rows64[:, None] * stride_or + cols[None, :] * stride_on, acc.to(dt),
+    tl.store(out_ptr + rows64[:, None] * stride_or + cols[None, :] * stride_on, cast(acc, dt, INTERPRET),
              mask=row_mask[:, None] & col_mask[None, :])
 
 
@@ -295,7 +282,7 @@ def _dh_kernel(
     stride_dsr,
     alpha, limit,
     HAS_B2: tl.constexpr, GATED: tl.constexpr, INTERLEAVED: tl.constexpr, ACT: tl.constexpr,
-    IEEE: tl.constexpr, UPCAST: tl.constexpr,
+    IEEE: tl.constexpr, INTERPRET: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -322,7 +309,7 @@ def _dh_kernel(
                      mask=row_mask[:, None] & k_mask[None, :], other=0.0)
         wb = tl.load(w_base + ks[:, None] * stride_wd + cols[None, :] * stride_wn,
                      mask=k_mask[:, None] & col_mask[None, :], other=0.0)
-        acc = _mma(gb, wb, acc, IEEE, UPCAST)
+        acc = mma(gb, wb, acc, IEEE, INTERPRET)
         if HAS_B2:
             # <dO, b2[e]>: the bias part of dS = <dO, Y>, on the dO tile already in registers
             bb = tl.load(b2_ptr + e64 * stride_be + ks * stride_bd, mask=k_mask, other=0.0).to(tl.float32)
@@ -330,7 +317,7 @@ def _dh_kernel(
 
     dt = h_ptr.dtype.element_ty
     mask2 = row_mask[:, None] & col_mask[None, :]
-    da = acc.to(dt).to(tl.float32)  # dA' rounded like the reference's mm output
+    da = cast(acc, dt, INTERPRET).to(tl.float32)  # dA' rounded like the reference's mm output
     s = tl.load(s_sorted_ptr + rows, mask=row_mask, other=0.0)
     h_row = h_ptr + rows64[:, None] * stride_hr
     if GATED:
@@ -342,16 +329,16 @@ def _dh_kernel(
             up_cols = cols + n_act
         g = tl.load(h_row + gate_cols[None, :] * stride_hc, mask=mask2, other=0.0).to(tl.float32)
         u = tl.load(h_row + up_cols[None, :] * stride_hc, mask=mask2, other=0.0).to(tl.float32)
-        a = gated_fwd(g, u, alpha, limit, ACT).to(dt).to(tl.float32)
+        a = cast(gated_fwd(g, u, alpha, limit, ACT), dt, INTERPRET).to(tl.float32)
         dg, du = gated_bwd(g, u, da * s[:, None], alpha, limit, ACT)
         dh_row = dh_ptr + rows64[:, None] * stride_dhr
-        tl.store(dh_row + gate_cols[None, :] * stride_dhc, dg.to(dt), mask=mask2)
-        tl.store(dh_row + up_cols[None, :] * stride_dhc, du.to(dt), mask=mask2)
+        tl.store(dh_row + gate_cols[None, :] * stride_dhc, cast(dg, dt, INTERPRET), mask=mask2)
+        tl.store(dh_row + up_cols[None, :] * stride_dhc, cast(du, dt, INTERPRET), mask=mask2)
     else:
         z = tl.load(h_row + cols[None, :] * stride_hc, mask=mask2, other=0.0).to(tl.float32)
-        a = unary_fwd(z, ACT).to(dt).to(tl.float32)
+        a = cast(unary_fwd(z, ACT), dt, INTERPRET).to(tl.float32)
         dz = da * s[:, None] * unary_grad(z, ACT)
-        tl.store(dh_ptr + rows64[:, None] * stride_dhr + cols[None, :] * stride_dhc, dz.to(dt), mask=mask2)
+        tl.store(dh_ptr + rows64[:, None] * stride_dhr + cols[None, :] * stride_dhc, cast(dz, dt, INTERPRET), mask=mask2)
     # dS partial over this column block (masked columns have da = 0); partials are summed on the
     # host side of the launch in a fixed order, so dS is deterministic without atomics.
     ds = tl.sum(da * a, axis=1)
@@ -359,7 +346,7 @@ def _dh_kernel(
         ds += tl.where(pid_n == 0, bias_dot, 0.0)
     tl.store(ds_part_ptr + rows64 * stride_dsr + pid_n, ds, mask=row_mask)
     tl.store(a_scaled_ptr + rows64[:, None] * stride_ar + cols[None, :] * stride_ac,
-             (a * s[:, None]).to(dt), mask=mask2)
+             cast(a * s[:, None], dt, INTERPRET), mask=mask2)
 
 
 _DH_MIN_BLOCK_N = min(c.kwargs["BLOCK_N"] for c in _GEMM_CONFIGS)
@@ -433,7 +420,7 @@ def _weight_grad_kernel(
     stride_pr, stride_pi,
     stride_qr, stride_qj,
     stride_oe, stride_oi, stride_oj,
-    GATHER_P: tl.constexpr, GATHER_Q: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+    GATHER_P: tl.constexpr, GATHER_Q: tl.constexpr, IEEE: tl.constexpr, INTERPRET: tl.constexpr,
     BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -464,9 +451,9 @@ def _weight_grad_kernel(
                      mask=i_mask[:, None] & r_mask[None, :], other=0.0)
         qb = tl.load(q_ptr + qrow[:, None] * stride_qr + jj[None, :] * stride_qj,
                      mask=r_mask[:, None] & j_mask[None, :], other=0.0)
-        acc = _mma(pb, qb, acc, IEEE, UPCAST)
+        acc = mma(pb, qb, acc, IEEE, INTERPRET)
     tl.store(out_ptr + e.to(tl.int64) * stride_oe + ii[:, None] * stride_oi + jj[None, :] * stride_oj,
-             acc.to(out_ptr.dtype.element_ty), mask=i_mask[:, None] & j_mask[None, :])
+             cast(acc, out_ptr.dtype.element_ty, INTERPRET), mask=i_mask[:, None] & j_mask[None, :])
 
 
 def weight_grad(

@@ -27,14 +27,10 @@ def alloc(shape, dtype: torch.dtype, device) -> torch.Tensor:
 
 
 def dot_flags(dtype: torch.dtype) -> dict:
-    """Constexpr flags of the tl.dot helper for operands of this dtype.
+    """Constexpr flags of ``jit_utils.mma`` / ``cast`` for operands of this dtype (see there).
 
-    UPCAST: the interpreter runs tl.dot as a numpy matmul on the raw storage, which is garbage for
-    bf16 and accumulates fp16 in fp16; upcasting both operands to fp32 first gives the exact
-    products. IEEE: fp32 operands must not silently drop to tf32 (10-bit mantissa) on the default
-    path, or fp32 results would differ from the reference by ~1e-3.
-    """
-    return {"UPCAST": INTERPRET, "IEEE": dtype == torch.float32}
+    IEEE for fp32: tf32 would make fp32 results differ from the reference by ~1e-3."""
+    return {"INTERPRET": INTERPRET, "IEEE": dtype == torch.float32}
 
 
 def autotune_configs(gpu_configs: list, interpret_config: triton.Config) -> list:
