@@ -1,0 +1,301 @@
+"""Rewrite machinery shared by the idiom modules in ``patterns/``.
+
+An idiom module matches MoE code in Dynamo's torch-level FX graph with Inductor's pattern
+matcher (``torch._inductor.pattern_matcher``) and describes each block it recognises as a
+``MoEBlock``: where the tokens, the routing and the expert weights are in the graph, and which
+graph value the fused op replaces. ``emit_fused_moe`` then inserts one call of
+``torch.ops.moe_inductor.fused_moe`` and rewires the users. Anything an idiom cannot prove
+becomes a ``Declined`` with a reason; nothing here raises into the compiler.
+
+Shape legend: T tokens, d hidden, n expert intermediate, E experts, K experts per token.
+"""
+from __future__ import annotations
+
+import dataclasses
+import operator
+from typing import Any, Callable, Optional, Sequence
+
+import sympy
+import torch
+import torch.fx as fx
+from torch._inductor.pattern_matcher import (
+    MULTIPLE,
+    CallFunction,
+    CallMethod,
+    FailedMatch,
+    Match,
+    MatchContext,
+    PatternExpr,
+    is_match,
+)
+
+
+class AnyOf(PatternExpr):
+    """Matches if any alternative matches (first wins). The alternatives' captures join the
+    enclosing match, so a KeywordArg used elsewhere in the pattern must bind the same node."""
+
+    def __init__(self, *alternatives: PatternExpr) -> None:
+        super().__init__()
+        self.alternatives = alternatives
+
+    def __repr__(self) -> str:
+        return f"AnyOf({', '.join(map(repr, self.alternatives))})"
+
+    def _match(self, node, ctx: MatchContext):
+        failures = []
+        for alt in self.alternatives:
+            m = alt.match(node) if isinstance(node, fx.Node) else alt._match(node, ctx)
+            if is_match(m):
+                res = Match(ctx, self, kwargs=dict(m.kwargs))
+                res.nodes.extend(m.nodes)
+                return res
+            failures.append(str(m))
+        return FailedMatch("no alternative matched: {}", "; ".join(failures))
+
+
+def F(fn, *args, **kwargs) -> CallFunction:
+    """CallFunction that tolerates other users of the matched node: the rewrite adds a new
+    node and leaves dead code elimination to drop what nothing uses any more, so a shared
+    intermediate is never a correctness problem."""
+    return CallFunction(fn, *args, _users=MULTIPLE, **kwargs)
+
+
+def M(method: str, *args, **kwargs) -> CallMethod:
+    return CallMethod(method, *args, _users=MULTIPLE, **kwargs)
+
+
+def getitem(obj, index) -> CallFunction:
+    return F(operator.getitem, obj, index)
+
+
+# --------------------------------------------------------------------------- shapes (sympy)
+
+def example_value(node_or_value: Any) -> Any:
+    if isinstance(node_or_value, fx.Node):
+        return node_or_value.meta.get("example_value", node_or_value.meta.get("val"))
+    return node_or_value
+
+
+def to_sympy(v: Any) -> Optional[sympy.Expr]:
+    """An int, SymInt or a graph node holding one -> sympy expression (None if unknown)."""
+    v = example_value(v)
+    if isinstance(v, sympy.Expr):
+        return v
+    if isinstance(v, bool):
+        return None
+    if isinstance(v, int):
+        return sympy.Integer(v)
+    if isinstance(v, torch.SymInt):
+        return v.node.expr
+    return None
+
+
+def shape_of(node: Any) -> Optional[tuple[sympy.Expr, ...]]:
+    v = example_value(node)
+    if isinstance(v, torch.Tensor):
+        return tuple(to_sympy(s) for s in v.shape)
+    return None
+
+
+def same(a: Any, b: Any) -> bool:
+    """Provably equal sizes (no guards added): sympy difference simplifies to 0."""
+    ea = a if isinstance(a, sympy.Expr) else to_sympy(a)
+    eb = b if isinstance(b, sympy.Expr) else to_sympy(b)
+    if ea is None or eb is None:
+        return False
+    return sympy.simplify(ea - eb) == 0
+
+
+def int_value(v: Any) -> Optional[int]:
+    e = to_sympy(v)
+    if e is not None and e.is_Integer:
+        return int(e)
+    return None
+
+
+def dtype_of(node: Any) -> Optional[torch.dtype]:
+    v = example_value(node)
+    return v.dtype if isinstance(v, torch.Tensor) else None
+
+
+# --------------------------------------------------------------------------- mutation safety
+
+_INPLACE_FUNCTIONS = {operator.setitem, operator.iadd, operator.isub, operator.imul, operator.itruediv}
+
+
+def is_mutation(node: fx.Node, of: fx.Node) -> bool:
+    """Does ``node`` write into ``of`` (in-place method, setitem, augmented assignment)?"""
+    if not node.args or node.args[0] is not of:
+        return False
+    if node.op == "call_method":
+        return node.target.endswith("_") and not node.target.startswith("_")
+    if node.op == "call_function":
+        if node.target in _INPLACE_FUNCTIONS:
+            return True
+        schema = getattr(node.target, "_schema", None)
+        return bool(schema and schema.arguments and schema.arguments[0].alias_info and schema.arguments[0].alias_info.is_write)
+    return False
+
+
+def mutated_between(value: fx.Node, start: fx.Node, end: fx.Node) -> Optional[fx.Node]:
+    """A node strictly after ``start`` and before ``end`` (graph order) that mutates ``value``."""
+    order = {n: i for i, n in enumerate(value.graph.nodes)}
+    lo, hi = order[start], order[end]
+    for user in value.users:
+        if lo < order[user] < hi and is_mutation(user, value):
+            return user
+    return None
+
+
+# --------------------------------------------------------------------------- blocks and reports
+
+@dataclasses.dataclass
+class MoEBlock:
+    """A recognised MoE block, as the graph computes it.
+
+    token_ids/expert_ids/scores are graph nodes of shape (A,) (the rewrite casts the ids to
+    int32). ``build_weights`` emits nodes for (w1 (E, 2n|n, d), w2 (E, d, n), b1, b2) right
+    before the insertion point. ``replace`` rewires the graph to the fused output node (T, d)
+    and erases what the idiom must erase itself (in-place accumulations)."""
+
+    idiom: str
+    anchor: fx.Node
+    x: fx.Node
+    token_ids: Callable[[fx.Graph], fx.Node]
+    expert_ids: Callable[[fx.Graph], fx.Node]
+    scores: Callable[[fx.Graph], fx.Node]
+    build_weights: Callable[[fx.Graph], tuple[fx.Node, fx.Node, Optional[fx.Node], Optional[fx.Node]]]
+    replace: Callable[[fx.Node], None]
+    activation: str
+    interleaved: bool
+    num_experts: int
+    top_k: Optional[int]
+    hidden: Any
+    intermediate: Any
+    dtype: Optional[torch.dtype]
+    insert_before: Optional[fx.Node] = None
+    router: Optional[dict] = None  # router description, for token rounding (later issues)
+    # in-place writes (setitem, index_add_, ...) that belong to the block: erased once dead code
+    # elimination has removed every reader of the tensor they write
+    orphans: list = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass
+class Candidate:
+    """One MoE candidate seen by the pass: rewritten, or declined with a reason."""
+
+    idiom: str
+    where: str
+    status: str  # "rewritten" | "declined"
+    reason: str = ""
+    num_experts: Optional[int] = None
+    top_k: Optional[int] = None
+    hidden: Any = None
+    intermediate: Any = None
+    dtype: Optional[torch.dtype] = None
+
+
+def source_of(node: fx.Node) -> str:
+    """Module path of a node (from Dynamo's nn_module_stack), else its source line."""
+    stack = node.meta.get("nn_module_stack")
+    if stack:
+        path = list(stack.values())[-1][0]
+        return _clean_module_path(path)
+    trace = node.meta.get("stack_trace")
+    if trace:
+        lines = [l.strip() for l in trace.strip().splitlines() if l.strip().startswith("File")]
+        if lines:
+            return lines[-1]
+    return f"node {node.name}"
+
+
+def module_path_of(node: fx.Node, depth_from_leaf: int = 0) -> str:
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return source_of(node)
+    paths = [v[0] for v in stack.values()]
+    idx = max(0, len(paths) - 1 - depth_from_leaf)
+    return _clean_module_path(paths[idx])
+
+
+def _clean_module_path(path: str) -> str:
+    # Dynamo spells module paths like L['self'].model.layers[0].mlp; keep the attribute part.
+    for prefix in ("L['self'].", "L['self']", "L['mod'].", "L['model']."):
+        if path.startswith(prefix):
+            path = path[len(prefix):]
+            break
+    return path or "<root>"
+
+
+# --------------------------------------------------------------------------- emission
+
+def _graph_fake_mode(graph: fx.Graph):
+    # Dynamo's example values share one fake mode, which is not always the ambient one
+    # (detect_fake_mode() may return the backend's); new values must live in the graph's.
+    for n in graph.nodes:
+        v = n.meta.get("example_value")
+        if isinstance(v, torch.Tensor) and hasattr(v, "fake_mode"):
+            return v.fake_mode
+    return torch._guards.detect_fake_mode()
+
+
+def _fake_run(node: fx.Node) -> None:
+    """Fill meta['example_value'] of a new node by running it on the fake values of its inputs,
+    so later passes (Inductor's pre-grad passes read it) see a well-formed graph."""
+    args, kwargs = fx.node.map_arg((node.args, node.kwargs), example_value)
+    tensors = [a for a in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)]
+    fake_mode = next((t.fake_mode for t in tensors if hasattr(t, "fake_mode")), None)
+    fake_mode = fake_mode or _graph_fake_mode(node.graph)
+    if fake_mode is None:
+        return
+    with fake_mode:
+        if node.op == "call_function":
+            val = node.target(*args, **kwargs)
+        else:
+            val = getattr(args[0], node.target)(*args[1:], **kwargs)
+    node.meta["example_value"] = val
+
+
+def emit(graph: fx.Graph, op: str, target, args=(), kwargs=None, like: Optional[fx.Node] = None) -> fx.Node:
+    node = graph.create_node(op, target, tuple(args), dict(kwargs or {}))
+    if like is not None:
+        for key in ("stack_trace", "nn_module_stack", "source_fn_stack"):
+            if key in like.meta:
+                node.meta[key] = like.meta[key]
+    _fake_run(node)
+    return node
+
+
+def call(graph, target, *args, like=None, **kwargs) -> fx.Node:
+    return emit(graph, "call_function", target, args, kwargs, like)
+
+
+def method(graph, name, *args, like=None, **kwargs) -> fx.Node:
+    return emit(graph, "call_method", name, args, kwargs, like)
+
+
+def emit_fused_moe(gm: fx.GraphModule, block: MoEBlock, recompute_h: bool, impl: str) -> fx.Node:
+    """Insert the fused op for ``block`` and rewire the graph. Returns the op's output node."""
+    graph = gm.graph
+    where = block.insert_before or block.anchor
+    with graph.inserting_before(where):
+        like = block.anchor
+        x = block.x
+        w1, w2, b1, b2 = block.build_weights(graph)
+        wdtype = dtype_of(w1)
+        if wdtype is not None and dtype_of(x) != wdtype:
+            x = method(graph, "to", x, wdtype, like=like)
+        token_ids = method(graph, "to", block.token_ids(graph), torch.int32, like=like)
+        expert_ids = method(graph, "to", block.expert_ids(graph), torch.int32, like=like)
+        scores = block.scores(graph)
+        fused = call(
+            graph, torch.ops.moe_inductor.fused_moe.default,
+            x, token_ids, expert_ids, scores, w1, w2, b1, b2,
+            block.activation, block.interleaved, recompute_h, impl, like=like,
+        )
+        out = call(graph, operator.getitem, fused, 0, like=like)
+        want = dtype_of(block.anchor)
+        if want is not None and want != dtype_of(out):
+            out = method(graph, "to", out, want, like=like)
+    block.replace(out)
+    return out
