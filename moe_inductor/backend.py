@@ -72,32 +72,19 @@ def rewrite_moe(gm: fx.GraphModule, opts: SonicOptions) -> CompileReport:
     report = CompileReport()
     orphans: list = []
     for idiom in _idioms():
-        for node in list(gm.graph.nodes):
-            if node.graph is not gm.graph or node not in gm.graph.nodes:
-                continue
-            try:
-                candidate = idiom.is_candidate(node)
-            except Exception as e:  # a broken matcher must never break compilation
-                log.warning("sonic: %s matcher failed on %s: %s", idiom.IDIOM, node.format_node(), e)
-                continue
-            if not candidate:
-                continue
+        try:
+            found = list(idiom.find(gm))
+        except Exception as e:  # a broken matcher must never break compilation
+            log.warning("sonic: %s matcher failed: %s: %s", idiom.IDIOM, type(e).__name__, e)
+            continue
+        for node, block in found:
             where = module_path_of(node)
-            try:
-                block = idiom.analyse(node)
-            except idiom.Declined as e:
-                cand = Candidate(idiom=idiom.IDIOM, where=where, status="declined", reason=str(e))
-                report.candidates.append(cand)
+            if isinstance(block, str):
+                report.candidates.append(Candidate(idiom=idiom.IDIOM, where=where, status="declined", reason=block))
                 counters["sonic"]["moe_declined"] += 1
-                log.info("sonic: not rewriting %s block at %s: %s", idiom.IDIOM, where, e)
+                log.info("sonic: not rewriting %s block at %s: %s", idiom.IDIOM, where, block)
                 continue
-            except Exception as e:
-                cand = Candidate(idiom=idiom.IDIOM, where=where, status="declined",
-                                 reason=f"internal error while matching: {type(e).__name__}: {e}")
-                report.candidates.append(cand)
-                counters["sonic"]["moe_declined"] += 1
-                log.warning("sonic: not rewriting %s block at %s: %s", idiom.IDIOM, where, cand.reason)
-                continue
+            where = module_path_of(block.location or node)
             before = set(gm.graph.nodes)
             try:
                 emit_fused_moe(gm, block, recompute_h=opts.recompute_h, impl=opts.impl)

@@ -178,6 +178,8 @@ class MoEBlock:
     # in-place writes (setitem, index_add_, ...) that belong to the block: erased once dead code
     # elimination has removed every reader of the tensor they write
     orphans: list = dataclasses.field(default_factory=list)
+    #: node whose module path names the block in reports (default: the anchor)
+    location: Optional[fx.Node] = None
 
 
 @dataclasses.dataclass

@@ -1,12 +1,13 @@
 """MoE idioms, one module each. Every module exposes:
 
-  IDIOM            a short name
-  is_candidate(n)  cheap check whether node n ends (anchors) a block of this idiom
-  analyse(n)       -> moe_inductor.rewrite.MoEBlock, or raises Declined(reason)
-  Declined         the exception carrying the reason a candidate is left alone
+  IDIOM       a short name
+  find(gm)    yields (anchor node, MoEBlock) for each block it can rewrite, and
+              (anchor node, reason) for each MoE-looking candidate it declines
 
-Order matters only for speed: idioms are tried one after another over the graph.
+Each module holds what matches its idiom (Inductor pattern-matcher patterns), the checks that
+decide whether rewriting is safe (raising its Declined with a reason), and what the block is
+replaced with (a moe_inductor.rewrite.MoEBlock that emit_fused_moe turns into the fused op).
 """
-from . import sorted_grouped_mm
+from . import expert_loop, sorted_grouped_mm
 
-IDIOMS = [sorted_grouped_mm]
+IDIOMS = [sorted_grouped_mm, expert_loop]

@@ -176,10 +176,15 @@ def analyse(node: fx.Node) -> MoEBlock:
         ar = call(graph, torch.arange, t, device=hidden.meta["example_value"].device, like=node)
         return method(graph, "repeat_interleave", ar, int_value(K), like=node)
 
+    def untranspose(w):
+        # the GEMM operand is weight.transpose(-2, -1) (transformers' default layout): use the
+        # stored weight itself; otherwise (is_transposed storage) a transposed view of it
+        if w.op == "call_method" and w.target == "transpose" and tuple(w.args[1:]) in ((-2, -1), (1, 2), (-1, -2), (2, 1)):
+            return w.args[0]
+        return method(node.graph, "transpose", w, -2, -1, like=node)
+
     def build_weights(graph):
-        w1 = method(graph, "transpose", w_up, -2, -1, like=node)
-        w2 = method(graph, "transpose", w_down, -2, -1, like=node)
-        return w1, w2, None, None
+        return untranspose(w_up), untranspose(w_down), None, None
 
     def replace(out):
         node.replace_all_uses_with(out)
@@ -200,3 +205,13 @@ def getitem_of(node: fx.Node, index: int):
         if u.op == "call_function" and u.target is operator.getitem and u.args[1] == index:
             return u
     return None
+
+
+def find(gm: fx.GraphModule):
+    """Yield (anchor node, MoEBlock or decline reason) for every candidate in the graph."""
+    for node in list(gm.graph.nodes):
+        if is_candidate(node):
+            try:
+                yield node, analyse(node)
+            except Declined as e:
+                yield node, str(e)

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import importlib.util
 import inspect
 import os
 
@@ -71,7 +72,7 @@ _COMMON = dict(
     num_heads=4,
     encoder_attention_heads=4,
     decoder_attention_heads=4,
-    num_key_value_heads=2,
+    num_key_value_heads=4,  # MHA: MLA families (deepseek_v3 & co.) need kv heads == heads
     head_dim=16,
     d_kv=16,
     max_position_embeddings=256,
@@ -100,9 +101,12 @@ _COMMON = dict(
     n_shared_experts=1,
     kv_lora_rank=16,
     q_lora_rank=32,
-    qk_rope_head_dim=8,
-    qk_nope_head_dim=8,
+    qk_rope_head_dim=16,
+    qk_nope_head_dim=16,
     v_head_dim=16,
+    index_topk=16,
+    index_head_dim=16,
+    index_n_heads=4,
     # misc
     pad_token_id=0,
     bos_token_id=1,
@@ -121,8 +125,20 @@ _COMMON = dict(
 _SPEC: dict[str, tuple[str, str | None, dict]] = {}
 
 
-def _spec(family, model_type=None, cls=None, **extra):
+def _spec(family, model_type=None, cls=None, post=None, **extra):
+    """model_type: a transformers model_type, or "module:ConfigClass" for unregistered text configs."""
     _SPEC[family] = (model_type or family, cls, extra)
+    if post is not None:
+        _POST[family] = post
+
+
+_POST: dict = {}
+
+
+def _dbrx_post(cfg):
+    # DbrxAttention reads attn_config.rope_theta, which DbrxAttentionConfig does not define in 5.23
+    if not hasattr(cfg.attn_config, "rope_theta"):
+        cfg.attn_config.rope_theta = (cfg.rope_parameters or {}).get("rope_theta", 10000.0)
 
 
 # Families whose experts class uses @use_experts_implementation (transformers 5.23) plus the MoE
@@ -138,9 +154,10 @@ _spec("gpt_oss")
 _spec("llama4", "llama4_text", "Llama4ForCausalLM", interleave_moe_layer_step=1, intermediate_size_mlp=64,
       intermediate_size=32, no_rope_layers=[1, 1])
 _spec("switch_transformers", "switch_transformers", "SwitchTransformersEncoderModel", num_decoder_layers=2)
-_spec("dbrx")
+_spec("dbrx", post=_dbrx_post, attn_config=dict(kv_n_heads=2, clip_qkv=8.0), ffn_config=dict(
+    ffn_hidden_size=32, moe_num_experts=N_EXPERTS, moe_top_k=TOP_K))
 _spec("jetmoe", kv_channels=16)
-_spec("nllb_moe", "nllb_moe", "NllbMoeModel")
+_spec("nllb_moe", "nllb-moe", "NllbMoeModel")
 _spec("granitemoe")
 _spec("granitemoeshared")
 _spec("granitemoe_swa")
@@ -166,17 +183,17 @@ _spec("deepseek_v32")
 _spec("deepseek_v4")
 _spec("exaone_moe")
 _spec("flint")
-_spec("gemma4", "gemma4_text")
+_spec("gemma4", "gemma4_text", enable_moe_block=True, top_k_experts=TOP_K)
 _spec("glm_moe_dsa")
 _spec("hy_v3")
 _spec("hy_v4")
 _spec("inkling", "inkling_text")
 _spec("inkling2", "inkling2_text")
-_spec("jamba")
+_spec("jamba", expert_layer_period=1, expert_layer_offset=0, attn_layer_period=2, attn_layer_offset=1)
 _spec("kimi_linear")
 _spec("kolibri1")
 _spec("laguna")
-_spec("lfm2_moe")
+_spec("lfm2_moe", layer_types=["conv", "full_attention"])
 _spec("mellum")
 _spec("mimo_v2_flash")
 _spec("minimax_m3_vl", "minimax_m3_vl_text")
@@ -186,21 +203,23 @@ _spec("qwen3_5_moe", "qwen3_5_moe_text")
 _spec("qwen3_vl_moe", "qwen3_vl_moe_text")
 _spec("qwen4_exp", "qwen4_exp_text")
 _spec("solar_open")
-_spec("zaya")
-_spec("glm4v_moe", "glm4v_moe_text")
-_spec("glm5_next", "glm5_next_text")
+_spec("zaya", num_experts_per_tok=1)  # ZAYA validates top-1 routing
+_spec("glm4v_moe", "glm4v_moe_text",
+      rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[2, 1, 1], partial_rotary_factor=0.5))
+_spec("glm5_next", "glm5_next_text", qk_rope_head_dim=0)  # DSA layers validate NoPE
 _spec("dots3_note", "dots3_note_text")
 _spec("muse_spark", "muse_spark_text")
-_spec("ernie4_5_vl_moe", "ernie4_5_vl_moe_text")
+_spec("ernie4_5_vl_moe", "ernie4_5_vl_moe_text", moe_intermediate_size=[32, 32],
+      rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[2, 2, 4]))
 _spec("qwen3_omni_moe", "qwen3_omni_moe_text")
 _spec("deepseek_ocr2", "deepseek_ocr2_text")
 _spec("unlimited_ocr", "unlimited_ocr_text")
-_spec("diffusion_gemma", "diffusion_gemma_text")
+_spec("diffusion_gemma", "diffusion_gemma_text", enable_moe_block=True, top_k_experts=TOP_K)
 _spec("mistral4")
 _spec("openai_privacy_filter")
 _spec("doge", is_moe=True, num_experts=16, num_experts_per_tok=2)
 _spec("longcat_flash")
-_spec("step3p7")
+_spec("step3p7", "step3p7.configuration_step3p7:Step3p7TextConfig", "Step3p7TextModel")
 
 CANDIDATE_FAMILIES = tuple(_SPEC)
 
@@ -212,6 +231,9 @@ def _transformers():
 
 
 def _config_class(model_type):
+    if ":" in model_type:
+        mod, name = model_type.split(":")
+        return getattr(importlib.import_module(f"transformers.models.{mod}"), name)
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     return CONFIG_MAPPING[model_type]
@@ -253,8 +275,8 @@ def _make_config(family, dtype):
         cfg.mlp_layer_types = ["sparse"] * n
     if hasattr(cfg, "moe_layers") and isinstance(cfg.moe_layers, list):
         cfg.moe_layers = list(range(n))
-    if hasattr(cfg, "dtype"):
-        cfg.dtype = dtype
+    if family in _POST:
+        _POST[family](cfg)
     return cfg
 
 
@@ -262,7 +284,10 @@ def _model_class(family, cfg):
     transformers = _transformers()
     model_type, cls_name, _ = _SPEC[family]
     if cls_name is not None:
-        return getattr(transformers, cls_name)
+        if hasattr(transformers, cls_name):
+            return getattr(transformers, cls_name)
+        mod = importlib.import_module(f"transformers.models.{family}.modeling_{family}")
+        return getattr(mod, cls_name)
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_MAPPING_NAMES
 
     for mapping in (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_MAPPING_NAMES):
@@ -395,7 +420,13 @@ def _available():
         return ()
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
 
-    return tuple(f for f in CANDIDATE_FAMILIES if _SPEC[f][0] in CONFIG_MAPPING_NAMES)
+    def ok(f):
+        mt = _SPEC[f][0]
+        if ":" in mt:
+            return importlib.util.find_spec(f"transformers.models.{mt.split(':')[0]}") is not None
+        return mt in CONFIG_MAPPING_NAMES
+
+    return tuple(f for f in CANDIDATE_FAMILIES if ok(f))
 
 
 # Every MoE family of the installed transformers that this module knows how to build.
