@@ -1,0 +1,295 @@
+"""``moe_inductor.explain(model, *args, **kwargs)``: which MoE blocks the sonic backend rewrites.
+
+Compiles ``model`` with the sonic backend (``fullgraph=False``), runs it once on the arguments
+and returns an ``ExplainReport`` with one entry per MoE block:
+
+- every candidate an idiom module saw in a compiled graph: "rewritten", or the reason it was
+  declined (from ``moe_inductor.report.capture_reports``);
+- every MoE-looking module of ``model`` that no compiled graph contained, typically because a
+  Dynamo graph break or a skipped frame kept it out (transformers' eager experts loop over the
+  data-dependent ``expert_hit``, DBRX), with the graph break that explains it and a remedy.
+
+Side effects, said here because they are global: ``torch._dynamo.reset()`` is called first (a
+compiled function already in Dynamo's cache would otherwise never reach the backend), so other
+compiled functions recompile on their next call; the model runs once (forward only).
+"""
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import logging
+import os
+import re
+from typing import Any, Optional
+
+import torch
+from torch._dynamo.utils import counters
+
+log = logging.getLogger("moe_inductor")
+
+#: class-name fragments of modules that hold a mixture of experts
+_MOE_CLASS_HINTS = ("Experts", "MoE", "Moe", "SparseMoe", "MixtureOfExperts")
+
+
+@dataclasses.dataclass
+class GraphBreak:
+    """One Dynamo graph break or skipped frame seen while compiling."""
+
+    reason: str
+    where: str = ""  # innermost user frame "file:line in function"
+    frames: tuple = ()  # ((filename, lineno), ...) of the user stack, outermost first
+
+    @property
+    def summary(self) -> str:
+        first = next((l.strip() for l in self.reason.splitlines() if l.strip()), "")
+        return f"{first} at {self.where}" if self.where else first
+
+
+@dataclasses.dataclass
+class ExplainEntry:
+    """One MoE block: where it is, what it looks like, and what the backend did with it."""
+
+    where: str
+    idiom: str  # idiom module name, or "-" when no compiled graph contained the block
+    status: str  # "rewritten" | "declined" | "graph break" | "not recognised"
+    reason: str = ""
+    remedy: str = ""
+    num_experts: Optional[int] = None
+    top_k: Optional[int] = None
+    hidden: Any = None
+    intermediate: Any = None
+    dtype: Optional[torch.dtype] = None
+
+
+@dataclasses.dataclass
+class ExplainReport:
+    entries: list = dataclasses.field(default_factory=list)
+    graph_breaks: list = dataclasses.field(default_factory=list)
+    graph_count: int = 0
+
+    @property
+    def rewritten(self) -> list:
+        return [e for e in self.entries if e.status == "rewritten"]
+
+    @property
+    def declined(self) -> list:
+        return [e for e in self.entries if e.status == "declined"]
+
+    @property
+    def missed(self) -> list:
+        """MoE modules no idiom saw: kept out of every graph by a graph break, or not recognised."""
+        return [e for e in self.entries if e.status in ("graph break", "not recognised")]
+
+    def __str__(self) -> str:
+        head = ("where", "idiom", "E", "K", "d", "n", "dtype", "status")
+        rows = [head]
+        for e in self.entries:
+            dtype = str(e.dtype).replace("torch.", "") if e.dtype is not None else "-"
+            rows.append((e.where, e.idiom, *("-" if v is None else str(v) for v in
+                                            (e.num_experts, e.top_k, e.hidden, e.intermediate)), dtype, e.status))
+        widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+        lines = [f"sonic: {len(self.rewritten)} MoE block(s) rewritten, {len(self.declined)} declined, "
+                 f"{len(self.missed)} not seen by any idiom; {self.graph_count} graph(s), "
+                 f"{len(self.graph_breaks)} graph break(s)"]
+        for r in rows:
+            lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+        notes = [e for e in self.entries if e.reason or e.remedy]
+        if notes:
+            lines.append("")
+            for e in notes:
+                lines.append(f"{e.where}: {e.status}: {e.reason}")
+                if e.remedy:
+                    lines.append(f"    remedy: {e.remedy}")
+        if self.graph_breaks:
+            lines.append("")
+            lines.append("graph breaks:")
+            lines.extend(f"  {s}" for s in dict.fromkeys(b.summary for b in self.graph_breaks))
+        return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- MoE modules
+
+def moe_like_modules(model: torch.nn.Module) -> list:
+    """(qualified name, module) of the outermost modules that look like a mixture of experts:
+    a module with an ``experts`` child, or a class name with Experts/MoE in it (attention
+    "mixtures" excluded). A block nested in one already listed is left out."""
+    out = []
+    for name, m in model.named_modules():
+        cname = type(m).__name__
+        if "Attention" in cname:
+            continue
+        has_experts = isinstance(getattr(m, "experts", None), torch.nn.Module)
+        if not (has_experts or any(h in cname for h in _MOE_CLASS_HINTS)):
+            continue
+        if any(name.startswith(prev + ".") or prev == "" for prev, _ in out):
+            continue
+        out.append((name, m))
+    return out
+
+
+def _is_transformers_dispatched(m: torch.nn.Module) -> bool:
+    """Experts class decorated with transformers' ``use_experts_implementation``."""
+    for sub in m.modules():
+        if getattr(type(sub).forward, "__wrapped__", None) is not None and hasattr(sub, "has_gate") \
+                and hasattr(getattr(sub, "config", None), "_experts_implementation"):
+            return True
+    return False
+
+
+def _experts_impl(m: torch.nn.Module) -> Optional[str]:
+    for sub in m.modules():
+        cfg = getattr(sub, "config", None)
+        if cfg is not None and hasattr(cfg, "_experts_implementation"):
+            return cfg._experts_implementation
+    return None
+
+
+def _code_spans(m: torch.nn.Module) -> list:
+    """(file, first line, last line) of the forward methods of ``m`` and its submodules."""
+    spans = []
+    for sub in m.modules():
+        fn = inspect.unwrap(type(sub).forward)
+        try:
+            lines, start = inspect.getsourcelines(fn)
+            spans.append((os.path.realpath(inspect.getsourcefile(fn)), start, start + len(lines) - 1))
+        except (OSError, TypeError):
+            continue
+    return spans
+
+
+def _break_inside(b: GraphBreak, spans: list) -> bool:
+    for filename, lineno in b.frames:
+        f = os.path.realpath(filename)
+        if any(f == s and lo <= lineno <= hi for s, lo, hi in spans):
+            return True
+    return False
+
+
+def _covers(candidate_path: str, name: str, module: torch.nn.Module) -> bool:
+    """Is a candidate reported at ``candidate_path`` inside the MoE module ``name``? Paths of
+    graphs compiled from a resumed or nested frame are relative to that frame's ``self``, so a
+    relative path matches any module whose qualified name ends with it."""
+    if candidate_path in ("", "<root>") or candidate_path.startswith(("node ", "File ")):
+        return False
+    names = [name] + [f"{name}.{sub}" if name else sub for sub, _ in module.named_modules() if sub]
+    return any(s == candidate_path or s.endswith("." + candidate_path) for s in names)
+
+
+def _normalise_path(path: str) -> str:
+    # Dynamo spells list items layers[0] (and some versions _modules['x']): back to named_modules'
+    path = re.sub(r"_modules\['([^']+)'\]", r"\1", path)
+    path = re.sub(r"\[(\d+)\]", r".\1", path)
+    path = re.sub(r"\['([^']+)'\]", r".\1", path)
+    return path.replace("..", ".").strip(".")
+
+
+def _remedy(m: torch.nn.Module) -> str:
+    if _is_transformers_dispatched(m):
+        return ('model.set_experts_implementation("grouped_mm") (or config._experts_implementation = '
+                '"grouped_mm" before building the model): the default transformers experts code, one graph, '
+                'rewritten by idiom sorted_grouped_mm; "batched_mm" is rewritten too')
+    return ("the experts code has no graph-friendly variant in transformers: loop over range(num_experts) with "
+            "torch.where(expert_mask[e]) instead of over a data-dependent expert_hit/nonzero (idiom expert_loop), "
+            "or store the experts as stacked (E, ...) weights and use the sorted grouped-GEMM form")
+
+
+# --------------------------------------------------------------------------- driver
+
+def _frames_of(reason) -> tuple:
+    stack = getattr(reason, "user_stack", None) or []
+    return tuple((f.filename, f.lineno) for f in stack)
+
+
+def _where_of(frames: tuple, stack) -> str:
+    if not stack:
+        return ""
+    f = stack[-1]
+    return f"{os.path.basename(f.filename)}:{f.lineno} in {f.name}"
+
+
+def explain(model: torch.nn.Module, *args, options: Optional[dict] = None, inductor: bool = True,
+            **kwargs) -> ExplainReport:
+    """Compile ``model`` with the sonic backend, run ``model(*args, **kwargs)`` once and report
+    every MoE block: rewritten, declined (with the reason) or never in a compiled graph (with the
+    graph break and a remedy). ``options``: sonic backend options. ``inductor=False`` stops after
+    the rewrite and runs the graphs eagerly (same report, much faster: for tests and quick looks).
+    """
+    from .backend import rewrite_moe, sonic
+    from .options import SonicOptions
+    from .report import capture_reports, record_report
+
+    opts = SonicOptions.from_dict(options)
+    breaks: list[GraphBreak] = []
+    graph_count = 0
+
+    def backend(gm, example_inputs):
+        nonlocal graph_count
+        graph_count += 1
+        reason = getattr(gm, "compile_subgraph_reason", None)
+        if reason is not None and getattr(reason, "graph_break", False):
+            stack = getattr(reason, "user_stack", None) or []
+            breaks.append(GraphBreak(reason=str(reason.reason), where=_where_of((), stack), frames=_frames_of(reason)))
+        if inductor:
+            return sonic(gm, example_inputs, options=options)
+        if opts.rewrite:
+            record_report(rewrite_moe(gm, opts), gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    before = {k: dict(counters[k]) for k in ("graph_break", "unimplemented")}
+    with capture_reports() as reports:
+        torch.compile(model, backend=backend, fullgraph=False)(*args, **kwargs)
+    # graph breaks that skipped a whole frame leave no graph behind: only Dynamo's counters know
+    seen = {b.reason for b in breaks}
+    for key in ("graph_break", "unimplemented"):
+        for msg, count in counters[key].items():
+            if count > before[key].get(msg, 0) and msg not in seen:
+                seen.add(msg)
+                m = re.search(r"frame skipped: (\S+) \((\S+) line (\d+)\)", msg)
+                frames = ((m.group(2), int(m.group(3))),) if m else ()
+                where = f"{os.path.basename(m.group(2))}:{m.group(3)} in {m.group(1)}" if m else ""
+                breaks.append(GraphBreak(reason=msg, where=where, frames=frames))
+
+    rep = ExplainReport(graph_breaks=breaks, graph_count=graph_count)
+    candidates = [c for r in reports for c in r.candidates]
+    for c in candidates:
+        rep.entries.append(ExplainEntry(
+            where=_normalise_path(c.where), idiom=c.idiom, status=c.status, reason=c.reason,
+            num_experts=c.num_experts, top_k=c.top_k, hidden=c.hidden, intermediate=c.intermediate, dtype=c.dtype))
+
+    for name, m in moe_like_modules(model):
+        if any(_covers(e.where, name, m) for e in rep.entries if e.idiom != "-"):
+            continue
+        spans = _code_spans(m)
+        inside = [b for b in breaks if _break_inside(b, spans)]
+        impl = _experts_impl(m)
+        if inside:
+            status = "graph break"
+            reason = "not in any compiled graph: " + "; ".join(dict.fromkeys(b.summary for b in inside))
+        else:
+            status = "not recognised"
+            reason = "no idiom matched its code" + (" (or a graph break listed below kept it out)" if breaks else "")
+        if impl is not None:
+            reason += f" [experts implementation {impl!r}]"
+        remedy = "" if status == "not recognised" and impl in ("grouped_mm", "batched_mm") else _remedy(m)
+        rep.entries.append(ExplainEntry(where=name or "<root>", idiom="-", status=status, reason=reason,
+                                        remedy=remedy, num_experts=_num_experts(m), dtype=_param_dtype(m)))
+    log.info("%s", rep)
+    return rep
+
+
+def _num_experts(m: torch.nn.Module) -> Optional[int]:
+    for sub in m.modules():
+        for attr in ("num_experts", "moe_num_experts", "num_local_experts"):
+            v = getattr(sub, attr, None)
+            if isinstance(v, int) and not isinstance(v, bool):
+                return v
+        experts = getattr(sub, "experts", None)
+        if isinstance(experts, torch.nn.ModuleList):
+            return len(experts)
+    return None
+
+
+def _param_dtype(m: torch.nn.Module) -> Optional[torch.dtype]:
+    p = next(m.parameters(), None)
+    return p.dtype if p is not None else None
