@@ -24,7 +24,7 @@ from torch._dynamo.utils import counters
 from . import op as _op  # noqa: F401  (registers torch.ops.moe_inductor)
 from .options import SonicOptions
 from .report import CompileReport, record_report
-from .rewrite import Candidate, MoEBlock, emit_fused_moe, module_path_of
+from .rewrite import _INPLACE_FUNCTIONS, Candidate, MoEBlock, emit_fused_moe, module_path_of
 
 log = logging.getLogger("moe_inductor")
 
@@ -47,9 +47,30 @@ def _describe(block: MoEBlock, status: str, reason: str = "", where: Optional[st
     )
 
 
+def _removable(node: fx.Node) -> bool:
+    """Dead and provably free of side effects. fx's own eliminate_dead_code treats in-place
+    call_method nodes (index_add_, add_, ...) as pure and would drop them, so it is not used."""
+    if node.users or node.op not in ("call_function", "call_method") or "out" in node.kwargs:
+        return False
+    if node.op == "call_method":
+        return not (node.target.endswith("_") and not node.target.startswith("__"))
+    if node.target in _INPLACE_FUNCTIONS:
+        return False
+    schema = getattr(node.target, "_schema", None)
+    if schema is not None and schema.is_mutable:
+        return False
+    return not node.is_impure()
+
+
+def _remove_dead(graph: fx.Graph) -> None:
+    for node in reversed(list(graph.nodes)):
+        if _removable(node):
+            graph.erase_node(node)
+
+
 def _cleanup(gm: fx.GraphModule, orphans: list) -> None:
     graph = gm.graph
-    graph.eliminate_dead_code()
+    _remove_dead(graph)
     changed = True
     while changed:
         changed = False
@@ -64,7 +85,7 @@ def _cleanup(gm: fx.GraphModule, orphans: list) -> None:
                 orphans.remove(node)
                 changed = True
         if changed:
-            graph.eliminate_dead_code()
+            _remove_dead(graph)
 
 
 def rewrite_moe(gm: fx.GraphModule, opts: SonicOptions) -> CompileReport:
