@@ -279,11 +279,11 @@ def _dh_kernel(
     stride_be, stride_bd,
     stride_dhr, stride_dhc,
     stride_ar, stride_ac,
-    stride_dsr,
+    stride_dsr, num_parts,
     alpha, limit,
     HAS_B2: tl.constexpr, GATED: tl.constexpr, INTERLEAVED: tl.constexpr, ACT: tl.constexpr,
     IEEE: tl.constexpr, INTERPRET: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    PART_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -339,17 +339,29 @@ def _dh_kernel(
         a = cast(unary_fwd(z, ACT), dt, INTERPRET).to(tl.float32)
         dz = da * s[:, None] * unary_grad(z, ACT)
         tl.store(dh_ptr + rows64[:, None] * stride_dhr + cols[None, :] * stride_dhc, cast(dz, dt, INTERPRET), mask=mask2)
-    # dS partial over this column block (masked columns have da = 0); partials are summed on the
-    # host side of the launch in a fixed order, so dS is deterministic without atomics.
+    # dS partial over this column block (masked columns have da = 0); the partials are summed by
+    # torch in a fixed order after the launch, so dS is deterministic without atomics.
     ds = tl.sum(da * a, axis=1)
     if HAS_B2:
         ds += tl.where(pid_n == 0, bias_dot, 0.0)
-    tl.store(ds_part_ptr + rows64 * stride_dsr + pid_n, ds, mask=row_mask)
+    # The buffer has one column per PART_N columns of n, whatever BLOCK_N the autotuner picks: this
+    # program owns columns [pid_n * R, (pid_n + 1) * R), writes its partial to the first and zeros
+    # to the rest. Every column is written by every config, so autotuning (which runs several
+    # configs on the same buffer) cannot leave stale partials behind and no zero-fill is needed.
+    R: tl.constexpr = BLOCK_N // PART_N
+    for i in tl.static_range(R):
+        part_col = pid_n * R + i + tl.zeros_like(rows)  # as a (BLOCK_M,) tensor for the mask
+        if i == 0:
+            part = ds
+        else:
+            part = tl.zeros_like(ds)
+        tl.store(ds_part_ptr + rows64 * stride_dsr + part_col, part, mask=row_mask & (part_col < num_parts))
     tl.store(a_scaled_ptr + rows64[:, None] * stride_ar + cols[None, :] * stride_ac,
              cast(a * s[:, None], dt, INTERPRET), mask=mask2)
 
 
 _DH_MIN_BLOCK_N = min(c.kwargs["BLOCK_N"] for c in _GEMM_CONFIGS)
+assert all(c.kwargs["BLOCK_N"] % _DH_MIN_BLOCK_N == 0 for c in _GEMM_CONFIGS), "dS partial layout needs it"
 
 
 def dh_backward(
@@ -367,9 +379,8 @@ def dh_backward(
     dt = h_sorted.dtype
     dh = alloc((A, h_cols), dt, h_sorted.device)
     a_scaled = alloc((A, n_act), dt, h_sorted.device)
-    # One partial per (row, column block). The autotuner may pick any BLOCK_N, so the buffer is
-    # sized for the smallest and zero-filled: blocks a larger BLOCK_N does not reach add zero.
-    ds_part = torch.zeros((A, triton.cdiv(n_act, _DH_MIN_BLOCK_N)), dtype=torch.float32, device=h_sorted.device)
+    # One dS partial per (row, PART_N columns of n); see the kernel for why it is config-independent.
+    ds_part = alloc((A, triton.cdiv(n_act, _DH_MIN_BLOCK_N)), torch.float32, h_sorted.device)
     b = b2 if b2 is not None else h_sorted
     grid = lambda META: (meta.num_tiles, triton.cdiv(n_act, META["BLOCK_N"]))
     _dh_kernel[grid](
@@ -383,10 +394,10 @@ def dh_backward(
         b.stride(0) if b2 is not None else 0, b.stride(1) if b2 is not None else 0,
         dh.stride(0), dh.stride(1),
         a_scaled.stride(0), a_scaled.stride(1),
-        ds_part.stride(0),
+        ds_part.stride(0), ds_part.shape[1],
         float(act.alpha), float(act.limit),
         HAS_B2=b2 is not None, GATED=act.gated, INTERLEAVED=interleaved, ACT=act_code(act),
-        BLOCK_M=meta.tile_m, **dot_flags(dt),
+        PART_N=_DH_MIN_BLOCK_N, BLOCK_M=meta.tile_m, **dot_flags(dt),
     )
     return dh, a_scaled, ds_part.sum(dim=1)
 
