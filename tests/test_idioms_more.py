@@ -1,0 +1,271 @@
+"""Idioms batched_mm (and more): matched blocks, declined look-alikes, numerics vs eager.
+
+The rewrite runs in a light test backend (``rewrite_moe`` then the graph eagerly, no Inductor
+code generation) so the CPU suite stays fast; the fused op runs its PyTorch path and its own
+autograd, which is what these tests check against the model's eager code.
+"""
+import pytest
+import torch
+import torch.nn.functional as Fn
+from torch._dynamo.testing import normalize_gm
+from torch._dynamo.utils import counters
+from torch.testing._internal.common_utils import TestCase
+
+from moe_inductor.backend import rewrite_moe
+from moe_inductor.options import SonicOptions
+
+T, D, N, E, K = 6, 16, 8, 4, 2  # 6 tokens, hidden 16, expert width 8, 4 experts, top-2
+
+
+class RewriteOnly:
+    """Backend: the sonic rewrite, then the graph as it is (keeps the last graph and report)."""
+
+    def __init__(self):
+        self.graphs, self.reports = [], []
+
+    def __call__(self, gm, example_inputs):
+        self.reports.append(rewrite_moe(gm, SonicOptions()))
+        self.graphs.append(gm)
+        return gm.forward
+
+    @property
+    def candidates(self):
+        return [c for r in self.reports for c in r.candidates]
+
+
+def compile_and_run(mod, *args):
+    torch._dynamo.reset()
+    counters.clear()
+    be = RewriteOnly()
+    out = torch.compile(mod, backend=be, fullgraph=True)(*args)
+    return out, be
+
+
+def check_grads(mod, args, atol=1e-4, rtol=1e-4):
+    """Output and the gradients of every parameter and floating input match eager."""
+    def run(fn):
+        ins = [a.detach().clone().requires_grad_(a.is_floating_point()) for a in args]
+        mod.zero_grad(set_to_none=True)
+        out = fn(*ins)
+        out.float().pow(2).sum().backward()
+        return out.detach(), [p.grad.clone() for p in mod.parameters()], [a.grad for a in ins if a.is_floating_point()]
+
+    ref = run(mod)
+    torch._dynamo.reset()
+    counters.clear()
+    be = RewriteOnly()
+    got = run(torch.compile(mod, backend=be, fullgraph=True))
+    torch.testing.assert_close(got[0], ref[0], atol=atol, rtol=rtol)
+    for g, r in zip(got[1] + got[2], ref[1] + ref[2]):
+        torch.testing.assert_close(g, r, atol=atol, rtol=rtol)
+    return be
+
+
+# --------------------------------------------------------------------------- modules
+
+class BatchedExperts(torch.nn.Module):
+    """transformers' batched_mm experts code, with switches that break it in realistic ways."""
+
+    def __init__(self, transposed=False, clamp_ids=False, other_down_ids=False, gate=True, tile_tokens=False):
+        super().__init__()
+        self.transposed, self.clamp_ids, self.other_down_ids, self.gate = transposed, clamp_ids, other_down_ids, gate
+        self.tile_tokens = tile_tokens
+        up = 2 * N if gate else N
+        w1 = torch.randn(E, up, D) / D ** 0.5
+        w2 = torch.randn(E, D, N) / N ** 0.5
+        self.gate_up_proj = torch.nn.Parameter(w1.transpose(1, 2).contiguous() if transposed else w1)
+        self.down_proj = torch.nn.Parameter(w2.transpose(1, 2).contiguous() if transposed else w2)
+
+    def lin(self, x, w):
+        if self.transposed:
+            return torch.bmm(x.unsqueeze(1), w).squeeze(1)
+        return torch.bmm(w, x.unsqueeze(-1)).squeeze(-1)
+
+    def forward(self, hidden, top_k_index, top_k_weights):
+        k = top_k_index.size(-1)
+        if self.tile_tokens:  # k-major layout: assignment i is token i % T
+            x = hidden.repeat(k, 1)
+            top_k_index, top_k_weights = top_k_index.t(), top_k_weights.t()
+        else:
+            x = hidden.repeat_interleave(k, dim=0)
+        s = top_k_weights.reshape(-1)
+        ids = top_k_index.reshape(-1)
+        if self.clamp_ids:
+            ids = ids.clamp(0, E - 2)
+        h = self.lin(x, self.gate_up_proj[ids])
+        if self.gate:
+            g, u = h.chunk(2, dim=-1)
+            a = Fn.silu(g) * u
+        else:
+            a = Fn.gelu(h)
+        down_ids = top_k_index.flip(-1).reshape(-1) if self.other_down_ids else ids
+        y = self.lin(a, self.down_proj[down_ids])
+        if self.tile_tokens:
+            return (y * s.unsqueeze(-1)).view(k, hidden.size(0), hidden.size(1)).sum(dim=0)
+        return (y * s.unsqueeze(-1)).view(hidden.size(0), k, hidden.size(1)).sum(dim=1)
+
+
+class GptFastMoE(torch.nn.Module):
+    """gpt-fast Mixtral MOEFeedForward + ConditionalFeedForward (einsum over gathered weights)."""
+
+    def __init__(self, swap_combine=False):
+        super().__init__()
+        self.gate = torch.nn.Linear(D, E, bias=False)
+        self.w1 = torch.nn.Parameter(torch.randn(E, N, D) / D ** 0.5)
+        self.w2 = torch.nn.Parameter(torch.randn(E, D, N) / N ** 0.5)
+        self.w3 = torch.nn.Parameter(torch.randn(E, N, D) / D ** 0.5)
+        self.swap_combine = swap_combine
+
+    def forward(self, x):
+        scores = Fn.softmax(self.gate(x), dim=-1)
+        expert_weights, expert_indices = torch.topk(scores, K, dim=-1)
+        expert_weights = expert_weights / expert_weights.sum(dim=-1, keepdim=True)
+        x1 = Fn.silu(torch.einsum("ti,taoi -> tao", x, self.w1[expert_indices]))
+        x3 = torch.einsum("ti, taoi -> tao", x, self.w3[expert_indices])
+        expert_outs = torch.einsum("tao, taio -> tai", (x1 * x3), self.w2[expert_indices])
+        if self.swap_combine:  # sums over tokens instead of experts: not an MoE combine
+            return torch.einsum("tai,ta -> ai", expert_outs, expert_weights)
+        return torch.einsum("tai,ta -> ti", expert_outs, expert_weights)
+
+
+def routing(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(T, D, generator=g)
+    logits = torch.randn(T, E, generator=g)
+    w, idx = torch.topk(logits.softmax(-1), K, dim=-1)
+    return x, idx, w
+
+
+# --------------------------------------------------------------------------- batched_mm
+
+class TestBatchedMM(TestCase):
+    def test_snapshot_transformers_form(self):
+        torch.manual_seed(0)
+        _, be = compile_and_run(BatchedExperts(), *routing())
+        self.assertEqual(counters["sonic"]["moe_rewrites"], 1)
+        self.assertExpectedInline(normalize_gm(be.graphs[0].print_readable(print_output=False)), """\
+class GraphModule(torch.nn.Module):
+    def forward(self, L_top_k_index_: "i64[6, 2]", L_hidden_: "f32[6, 16]", L_top_k_weights_: "f32[6, 2]", L_self_parameters_gate_up_proj_: "f32[4, 16, 16]", L_self_parameters_down_proj_: "f32[4, 16, 8]"):
+        l_top_k_index_ = L_top_k_index_
+        l_hidden_ = L_hidden_
+        l_top_k_weights_ = L_top_k_weights_
+        l_self_parameters_gate_up_proj_ = L_self_parameters_gate_up_proj_
+        l_self_parameters_down_proj_ = L_self_parameters_down_proj_
+
+        s: "f32[12]" = l_top_k_weights_.reshape(-1);  l_top_k_weights_ = None
+
+        ids: "i64[12]" = l_top_k_index_.reshape(-1);  l_top_k_index_ = None
+
+        size = l_hidden_.size(0)
+        arange: "i64[6]" = torch.arange(size, device = device(type='cpu'));  size = None
+        repeat_interleave_1: "i64[12]" = arange.repeat_interleave(2);  arange = None
+        to: "i32[12]" = repeat_interleave_1.to(torch.int32);  repeat_interleave_1 = None
+        to_1: "i32[12]" = ids.to(torch.int32);  ids = None
+        fused_moe_default = torch.ops.moe_inductor.fused_moe.default(l_hidden_, to, to_1, s, l_self_parameters_gate_up_proj_, l_self_parameters_down_proj_, None, None, 'swiglu', False, False, 'auto');  l_hidden_ = to = to_1 = s = l_self_parameters_gate_up_proj_ = l_self_parameters_down_proj_ = None
+        getitem_4: "f32[6, 16]" = fused_moe_default[0];  fused_moe_default = None
+        return (getitem_4,)
+""")
+
+    def test_snapshot_gpt_fast_einsum(self):
+        torch.manual_seed(0)
+        _, be = compile_and_run(GptFastMoE(), routing()[0])
+        self.assertEqual(counters["sonic"]["moe_rewrites"], 1)
+        self.assertExpectedInline(normalize_gm(be.graphs[0].print_readable(print_output=False)), """\
+class GraphModule(torch.nn.Module):
+    def forward(self, L_self_modules_gate_parameters_weight_: "f32[4, 16]", L_x_: "f32[6, 16]", L_self_parameters_w1_: "f32[4, 8, 16]", L_self_parameters_w3_: "f32[4, 8, 16]", L_self_parameters_w2_: "f32[4, 16, 8]"):
+        l_self_modules_gate_parameters_weight_ = L_self_modules_gate_parameters_weight_
+        l_x_ = L_x_
+        l_self_parameters_w1_ = L_self_parameters_w1_
+        l_self_parameters_w3_ = L_self_parameters_w3_
+        l_self_parameters_w2_ = L_self_parameters_w2_
+
+        linear: "f32[6, 4]" = torch._C._nn.linear(l_x_, l_self_modules_gate_parameters_weight_, None);  l_self_modules_gate_parameters_weight_ = None
+        scores: "f32[6, 4]" = torch.nn.functional.softmax(linear, dim = -1);  linear = None
+
+        topk = torch.topk(scores, 2, dim = -1);  scores = None
+        expert_weights: "f32[6, 2]" = topk[0]
+        expert_indices: "i64[6, 2]" = topk[1];  topk = None
+
+        sum_1: "f32[6, 1]" = expert_weights.sum(dim = -1, keepdim = True)
+        expert_weights_1: "f32[6, 2]" = expert_weights / sum_1;  expert_weights = sum_1 = None
+
+        cat: "f32[4, 16, 16]" = torch.cat([l_self_parameters_w1_, l_self_parameters_w3_], 1);  l_self_parameters_w1_ = l_self_parameters_w3_ = None
+        size = l_x_.size(0)
+        arange: "i64[6]" = torch.arange(size, device = device(type='cpu'));  size = None
+        repeat_interleave: "i64[12]" = arange.repeat_interleave(2);  arange = None
+        to: "i32[12]" = repeat_interleave.to(torch.int32);  repeat_interleave = None
+        reshape: "i64[12]" = expert_indices.reshape(-1);  expert_indices = None
+        to_1: "i32[12]" = reshape.to(torch.int32);  reshape = None
+        reshape_1: "f32[12]" = expert_weights_1.reshape(-1);  expert_weights_1 = None
+        fused_moe_default = torch.ops.moe_inductor.fused_moe.default(l_x_, to, to_1, reshape_1, cat, l_self_parameters_w2_, None, None, 'swiglu', False, False, 'auto');  l_x_ = to = to_1 = reshape_1 = cat = l_self_parameters_w2_ = None
+        getitem_5: "f32[6, 16]" = fused_moe_default[0];  fused_moe_default = None
+        return (getitem_5,)
+""")
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(),                  # transformers default layout (E, 2n, d), silu-gated
+    dict(transposed=True),   # is_transposed storage (E, d, 2n): bmm(x.unsqueeze(1), W[ids])
+    dict(gate=False),        # has_gate=False: plain gelu MLP, up_proj (E, n, d)
+    dict(clamp_ids=True),    # expert-parallel clamp of the ids: the op gets the clamped ids, as the GEMMs do
+])
+def test_batched_mm_numerics(kwargs):
+    torch.manual_seed(0)
+    be = check_grads(BatchedExperts(**kwargs), routing())
+    assert [c.status for c in be.candidates] == ["rewritten"]
+    assert be.candidates[0].idiom == "batched_mm" and be.candidates[0].num_experts == E
+
+
+def test_gpt_fast_numerics():
+    torch.manual_seed(0)
+    be = check_grads(GptFastMoE(), (routing()[0],))
+    assert [(c.idiom, c.status, c.top_k, c.intermediate) for c in be.candidates] == [("batched_mm", "rewritten", K, N)]
+
+
+def test_batched_mm_different_ids_declined():
+    # the two GEMMs pick different experts per assignment: no single (token, expert) routing
+    torch.manual_seed(0)
+    be = check_grads(BatchedExperts(other_down_ids=True), routing())
+    assert counters["sonic"]["moe_rewrites"] == 0
+    assert [c.status for c in be.candidates] == ["declined"]
+    assert "different indices" in be.candidates[0].reason
+
+
+def test_batched_mm_k_major_layout_not_matched():
+    # tokens tiled (repeat) instead of interleaved and summed over dim 0: correct MoE, other layout;
+    # the idiom must not read it as token i // K
+    torch.manual_seed(0)
+    be = check_grads(BatchedExperts(tile_tokens=True), routing())
+    assert counters["sonic"]["moe_rewrites"] == 0 and be.candidates == []
+
+
+def test_gpt_fast_lookalike_not_rewritten():
+    torch.manual_seed(0)
+    mod = GptFastMoE(swap_combine=True)
+    x = routing()[0]
+    ref = mod(x)
+    out, be = compile_and_run(mod, x)
+    torch.testing.assert_close(out, ref)
+    assert counters["sonic"]["moe_rewrites"] == 0 and be.candidates == []
+
+
+# --------------------------------------------------------------------------- transformers families
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
+def test_hf_batched_mm_logits_and_grads(family):
+    pytest.importorskip("transformers")
+    import hf_models
+
+    model, ids = hf_models.build(family, experts_impl="batched_mm")
+    model.train()  # dropout is 0 in these configs; train mode keeps autograd paths realistic
+
+    class Logits(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, input_ids):
+            return self.m(input_ids).logits
+
+    be = check_grads(Logits(model), (ids,))
+    assert [(c.idiom, c.status) for c in be.candidates] == [("batched_mm", "rewritten")] * 2
