@@ -52,6 +52,8 @@ def unsupported_reason(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, act)
         return "gated activation needs w1 with 2n rows"
     if x.shape[0] >= 2**31:
         return "more than 2**31 tokens (int32 routing tables)"
+    if E > 65535:
+        return "more than 65535 experts (grid axis 1 of the per-expert kernels)"
     return None
 
 
