@@ -269,3 +269,66 @@ def test_hf_batched_mm_logits_and_grads(family):
 
     be = check_grads(Logits(model), (ids,))
     assert [(c.idiom, c.status) for c in be.candidates] == [("batched_mm", "rewritten")] * 2
+
+
+# --------------------------------------------------------------------------- dense_experts
+
+class DenseMoE(torch.nn.Module):
+    """Llama4TextMoe's routed part: every expert on every token, inputs pre-scaled by scores."""
+
+    def __init__(self, fill=float("-inf"), dense_scores=False):
+        super().__init__()
+        self.router = torch.nn.Linear(D, E, bias=False)
+        self.gate_up_proj = torch.nn.Parameter(torch.randn(E, D, 2 * N) / D ** 0.5)
+        self.down_proj = torch.nn.Parameter(torch.randn(E, N, D) / N ** 0.5)
+        self.fill, self.dense_scores = fill, dense_scores
+
+    def forward(self, x):
+        logits = self.router(x)
+        if self.dense_scores:  # every expert weighted: not a top-k MoE
+            scores = torch.sigmoid(logits)
+        else:
+            v, idx = torch.topk(logits, K, dim=1)
+            scores = torch.sigmoid(torch.full_like(logits, self.fill).scatter_(1, idx, v).float()).to(x.dtype)
+        xin = x.repeat(scores.shape[1], 1) * scores.transpose(0, 1).reshape(-1, 1)
+        h = torch.bmm(xin.view(E, -1, D), self.gate_up_proj)
+        gate, up = h.chunk(2, dim=-1)
+        y = torch.bmm(up * Fn.silu(gate), self.down_proj).view(-1, D)
+        return y.reshape(E, -1, D).sum(dim=0)
+
+
+def test_dense_experts_numerics():
+    torch.manual_seed(0)
+    be = check_grads(DenseMoE(), (routing()[0],))
+    assert [(c.idiom, c.status, c.top_k) for c in be.candidates] == [("dense_experts", "rewritten", K)]
+    # the rewritten graph runs K of the E experts per token: no (E*T, d) bmm is left
+    assert not any(n.target is torch.bmm for n in be.graphs[0].graph.nodes)
+
+
+@pytest.mark.parametrize("kwargs, reason", [
+    (dict(fill=0.0), "sigmoid(0.0), not exactly 0"),    # unselected experts get weight 0.5
+    (dict(dense_scores=True), "not a scatter"),          # no top-k at all
+])
+def test_dense_experts_lookalikes_declined(kwargs, reason):
+    torch.manual_seed(0)
+    be = check_grads(DenseMoE(**kwargs), (routing()[0],))
+    assert counters["sonic"]["moe_rewrites"] == 0
+    assert [c.status for c in be.candidates] == ["declined"] and reason in be.candidates[0].reason
+
+
+def test_hf_llama4_logits_and_grads():
+    pytest.importorskip("transformers")
+    import hf_models
+
+    model, ids = hf_models.build("llama4")
+
+    class Logits(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, input_ids):
+            return self.m(input_ids).logits
+
+    be = check_grads(Logits(model), (ids,))
+    assert [(c.idiom, c.status) for c in be.candidates] == [("dense_experts", "rewritten")] * 2
