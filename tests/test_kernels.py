@@ -292,6 +292,24 @@ def test_forward_backward_do_not_sync(monkeypatch):
         assert_close_scaled("recompute vs saved", a, b, 1e-5)
 
 
+def test_no_sync_ops_in_host_code():
+    """The CPU check above only sees Python-level reads; ops that sync inside ATen on CUDA
+    (bincount reads max() on the host, nonzero / masked_select / unique size their output from
+    data) would pass it. None of them may appear in the host code of the kernel path."""
+    import inspect
+    import re
+
+    from moe_inductor.kernels import combine, fused_moe_triton, grouped_gemm, routing_meta
+
+    forbidden = re.compile(r"\.item\(|\.tolist\(|\.cpu\(|bincount|nonzero|masked_select|torch\.unique|"
+                           r"\.numpy\(|repeat_interleave|torch\.where\([^,()]*\)|\bint\(")
+    for mod in (routing_meta, fused_moe_triton, grouped_gemm, combine):
+        code = "\n".join(line.split("#")[0] for line in inspect.getsource(mod).splitlines())
+        code = re.sub(r'"""[\s\S]*?"""', "", code)
+        hits = forbidden.findall(code)
+        assert not hits, f"{mod.__name__}: possible host sync {hits}"
+
+
 @pytest.mark.parametrize(
     "counts",
     [
@@ -344,6 +362,11 @@ def test_unsupported_reason(monkeypatch):
     if not HAS_CUDA:  # CPU tensors are served only through the interpreter
         monkeypatch.setenv("TRITON_INTERPRET", "0")
         assert "TRITON_INTERPRET" in unsupported_reason(c.x, c.w1, c.w2, c.act)
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    # a direct call the kernels cannot serve fails with the reason instead of a Triton error
+    with pytest.raises(ValueError, match="float64"):
+        triton_moe_forward(c.x.double(), c.token_ids, c.expert_ids, c.scores, c.w1.double(), c.w2.double(), None,
+                           None, c.act, False, True)
 
 
 def test_import_moe_inductor_does_not_import_triton():

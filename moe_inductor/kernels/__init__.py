@@ -57,7 +57,14 @@ def unsupported_reason(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, act)
     return None
 
 
+def _require_supported(x, w1, w2, act) -> None:
+    reason = unsupported_reason(x, w1, w2, act)
+    if reason is not None:
+        raise ValueError(f"fused_moe: the Triton kernels cannot serve this call: {reason} (use impl='torch')")
+
+
 def triton_moe_forward(x, token_ids, expert_ids, scores, w1, w2, b1, b2, act, interleaved, keep_h):
+    _require_supported(x, w1, w2, act)
     from .fused_moe_triton import forward
 
     return forward(x, token_ids, expert_ids, scores, w1, w2, b1, b2, act, interleaved, keep_h)
@@ -65,6 +72,7 @@ def triton_moe_forward(x, token_ids, expert_ids, scores, w1, w2, b1, b2, act, in
 
 def triton_moe_backward(grad_out, x, token_ids, expert_ids, scores, w1, w2, b1, b2, h_sorted, order, act,
                         interleaved):
+    _require_supported(x, w1, w2, act)
     from .fused_moe_triton import backward
 
     return backward(grad_out, x, token_ids, expert_ids, scores, w1, w2, b1, b2, h_sorted, order, act, interleaved)
