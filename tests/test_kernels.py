@@ -174,6 +174,7 @@ CASES = [
     pytest.param(dict(E=8, K=2, allowed=(1, 6)), id="fp32-empty-experts"),  # 6 of 8 experts get no token
     pytest.param(dict(T=1, E=8, K=4, bias=True), id="fp32-T1"),  # decode: one token
     pytest.param(dict(E=4, K=4, act="geglu"), id="fp32-K-equals-E"),  # every token uses every expert
+    pytest.param(dict(T=3, E=16, K=16, d=16, n=8), id="fp32-K16"),  # the largest K served, K = E = 16
     pytest.param(dict(routing="general", T=12, E=5, bias=True), id="fp32-general-routing"),  # 0/1/3 experts
     pytest.param(dict(routing="general", T=12, E=5, dtype=torch.bfloat16), id="bf16-general-routing"),
     pytest.param(dict(T=150, E=2, K=2, d=16, n=8), id="fp32-multi-tile-experts"),  # 150 rows > TILE_M
