@@ -136,6 +136,12 @@ def sonic(gm: fx.GraphModule, example_inputs, options: Optional[dict] = None, mo
     opts = SonicOptions.from_dict(options)
     if kwargs:
         raise ValueError(f"sonic backend: unexpected arguments {sorted(kwargs)}; use options={{...}}")
+    if opts.token_rounding != "off":
+        # The rewrite does not yet take the router into the fused computation, so rounding cannot
+        # be applied inside compiled graphs; say so loudly rather than ignore the option.
+        log.warning("sonic: token_rounding=%r is not applied by the graph rewrite yet; blocks use the "
+                    "model's plain top-k (moe_inductor.routing.token_rounding_routing applies it in eager code)",
+                    opts.token_rounding)
     if opts.rewrite:
         report = rewrite_moe(gm, opts)
         record_report(report, gm)
