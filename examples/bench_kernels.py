@@ -127,11 +127,18 @@ def saved_activation_bytes(run_forward: Callable[[], torch.Tensor], exclude: lis
 # ----------------------------------------------------------------------------------------------
 # implementations: each returns (forward_fn, params) where forward_fn() -> out (T, d)
 # ----------------------------------------------------------------------------------------------
+def leaves(*tensors: torch.Tensor) -> list[torch.Tensor]:
+    """Autograd leaves that share storage with the problem tensors: at (8192, 7168, 2048, 256, 8)
+    the bf16 weights are 22.5 GB, so every implementation must use the same copy (plus its own
+    22.5 GB of weight gradients, dropped before the next implementation runs)."""
+    return [t.detach().requires_grad_(True) for t in tensors]
+
+
 def impl_sonic(x, gate_up, down, top_i, top_w):
     T, K = top_i.shape
     token_ids = torch.arange(T, device=x.device, dtype=torch.int32).repeat_interleave(K)
     expert_ids = top_i.flatten().to(torch.int32)
-    params = [p.detach().clone().requires_grad_(True) for p in (x, gate_up, down, top_w)]
+    params = leaves(x, gate_up, down, top_w)
     xs, w1, w2, s = params
 
     def fwd():
@@ -149,20 +156,19 @@ def _hf_experts_module(x, gate_up, down, E, K):
                            hidden_act="silu", num_hidden_layers=1, num_attention_heads=1, num_key_value_heads=1,
                            vocab_size=8)
     config._experts_implementation = "grouped_mm"
-    mod = MixtralExperts(config).to(device=x.device, dtype=x.dtype)
+    with torch.device("meta"):  # no fp32 host allocation of the full weights
+        mod = MixtralExperts(config)
     if mod.config._experts_implementation != "grouped_mm":
         raise RuntimeError(f"transformers picked experts implementation {mod.config._experts_implementation!r}")
-    with torch.no_grad():
-        mod.gate_up_proj.copy_(gate_up)
-        mod.down_proj.copy_(down)
+    mod.gate_up_proj = torch.nn.Parameter(gate_up.detach())  # shares storage with the problem
+    mod.down_proj = torch.nn.Parameter(down.detach())
     return mod
 
 
 def impl_hf(x, gate_up, down, top_i, top_w, compiled=False):
     E, K = gate_up.shape[0], top_i.shape[1]
     mod = _hf_experts_module(x, gate_up, down, E, K)
-    xs = x.detach().clone().requires_grad_(True)
-    s = top_w.detach().clone().requires_grad_(True)
+    xs, s = leaves(x, top_w)
     run = torch.compile(mod) if compiled else mod
 
     def fwd():
@@ -175,7 +181,7 @@ def impl_hf(x, gate_up, down, top_i, top_w, compiled=False):
 def impl_liger(x, gate_up, down, top_i, top_w):
     from liger_kernel.ops.fused_moe import LigerFusedMoEFunction
 
-    params = [p.detach().clone().requires_grad_(True) for p in (x, gate_up, down, top_w)]
+    params = leaves(x, gate_up, down, top_w)
     xs, w1, w2, s = params
     idx = top_i.to(torch.int32)
 
@@ -254,6 +260,8 @@ def bench_one(cfg: BenchConfig, name: str, problem, sonic_out, smoke: bool) -> t
         bwd_ms = triton.testing.do_bench(run_bwd, grad_to_none=params)
         holder.clear()
         fb_ms = triton.testing.do_bench(run_fwd_bwd, grad_to_none=params)
+        for t in params:  # free this implementation's weight gradients before the next one
+            t.grad = None
         tf = lambda flops, ms: flops / (ms * 1e-3) / 1e12
         return BenchResult(
             cfg, name, "ok", fwd_ms, bwd_ms, fb_ms, tf(cfg.fwd_flops, fwd_ms), tf(cfg.bwd_flops, bwd_ms),
