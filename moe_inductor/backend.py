@@ -34,8 +34,22 @@ if not torch._dynamo.config.capture_dynamic_output_shape_ops:
 
 
 def _idioms():
-    from moe_inductor.patterns import IDIOMS
+    try:
+        from moe_inductor.patterns import IDIOMS
+    except ModuleNotFoundError:
+        # Running from a source checkout without an install: the patterns live in the top-level
+        # patterns/ folder that installs as moe_inductor.patterns; load it under that name.
+        import importlib.util
+        import sys
+        from pathlib import Path
 
+        folder = Path(__file__).resolve().parents[1] / "patterns"
+        spec = importlib.util.spec_from_file_location(
+            "moe_inductor.patterns", folder / "__init__.py", submodule_search_locations=[str(folder)])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["moe_inductor.patterns"] = module
+        spec.loader.exec_module(module)
+        IDIOMS = module.IDIOMS
     return IDIOMS
 
 

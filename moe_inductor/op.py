@@ -113,6 +113,12 @@ def _resolve_impl(impl: str, x: Tensor, w1: Tensor, w2: Tensor, act) -> str:
         return "torch"
     if impl == "triton" and not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         raise RuntimeError("fused_moe: impl='triton' on CPU tensors needs TRITON_INTERPRET=1 set before triton is imported")
+    if impl == "triton":
+        from .kernels import unsupported_reason
+
+        reason = unsupported_reason(x, w1, w2, act)
+        if reason is not None:
+            raise ValueError(f"fused_moe: impl='triton' cannot serve this call: {reason}")
     return impl
 
 
@@ -136,6 +142,11 @@ def _fused_moe(
     which = _resolve_impl(impl, x, w1, w2, act)
     if not x.is_cuda:
         _check_routing_values(token_ids, expert_ids, x.shape[0], w1.shape[0])
+    elif token_ids.numel():
+        # out-of-range ids would make the kernels read out of bounds: check on device, no sync
+        T, E = x.shape[0], w1.shape[0]
+        torch._assert_async(((token_ids >= 0) & (token_ids < T)).all(), "fused_moe: token_ids outside [0, T)")
+        torch._assert_async(((expert_ids >= 0) & (expert_ids < E)).all(), "fused_moe: expert_ids outside [0, E)")
     if which == "triton":
         from .kernels import triton_moe_forward
 
