@@ -76,15 +76,20 @@ def main():
                 rows.append(row)
                 print(f"{shape.name:36s} {row['dtype']:9s} {variant:15s} {ms:9.1f} ms  "
                       f"saved {saved / 2**20:7.1f} MiB ({row['saved_vs_minimum']:.2f}x min)", flush=True)
+                write(args.out, rows)  # after every row, so a stopped run keeps what it measured
+    write(args.out, rows)
+    print(f"wrote {args.out}")
+
+
+def write(out, rows):
     meta = dict(machine=platform.processor() or platform.machine(), cpu_threads=1, torch=torch.__version__,
-                python=platform.python_version(), reps=args.reps, statistic="median forward+backward")
+                python=platform.python_version(), statistic="median forward+backward")
     try:
         meta["cpu_model"] = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(dict(meta=meta, results=rows), indent=1))
-    print(f"wrote {args.out}")
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(dict(meta=meta, results=rows), indent=1))
 
 
 if __name__ == "__main__":
