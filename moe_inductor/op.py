@@ -93,8 +93,9 @@ def _check_routing_values(token_ids: Tensor, expert_ids: Tensor, T: int, E: int)
         return
     if int(token_ids.min()) < 0 or int(token_ids.max()) >= T:
         raise ValueError(f"fused_moe: inconsistent routing: token_ids outside [0, {T})")
-    if int(expert_ids.min()) < 0 or int(expert_ids.max()) >= E:
-        raise ValueError(f"fused_moe: inconsistent routing: expert_ids outside [0, {E})")
+    if int(expert_ids.min()) < -1 or int(expert_ids.max()) >= E:
+        raise ValueError(
+            f"fused_moe: inconsistent routing: expert_ids outside [0, {E}) (or -1 for a dropped assignment)")
 
 
 def _resolve_impl(impl: str, x: Tensor, w1: Tensor, w2: Tensor, act) -> str:
@@ -146,7 +147,7 @@ def _fused_moe(
         # out-of-range ids would make the kernels read out of bounds: check on device, no sync
         T, E = x.shape[0], w1.shape[0]
         torch._assert_async(((token_ids >= 0) & (token_ids < T)).all(), "fused_moe: token_ids outside [0, T)")
-        torch._assert_async(((expert_ids >= 0) & (expert_ids < E)).all(), "fused_moe: expert_ids outside [0, E)")
+        torch._assert_async(((expert_ids >= -1) & (expert_ids < E)).all(), "fused_moe: expert_ids outside [-1, E)")
     if which == "triton":
         from .kernels import triton_moe_forward
 
@@ -255,7 +256,10 @@ def fused_moe(
     out[t] = sum over assignments a with token_ids[a] == t of
              scores[a] * (act(x[t] @ w1[e].T + b1[e]) @ w2[e].T + b2[e]),  e = expert_ids[a]
 
-    x (T, d); token_ids, expert_ids (A,) int32/int64; scores (A,); w1 (E, 2n, d) for gated
+    x (T, d); token_ids, expert_ids (A,) int32/int64; scores (A,). An expert id of -1 marks a
+    dropped (padding) assignment: it adds nothing and its score gets gradient 0, so routings of
+    a static length (``moe_inductor.routing.token_rounding_routing(static_shape=True)``) cost no
+    GEMM rows for their padding. w1 (E, 2n, d) for gated
     activations (gate then up, or interleaved), (E, n, d) otherwise; w2 (E, d, n). Weights may be
     transposed views. Differentiable in x, scores, w1, w2, b1, b2.
     """

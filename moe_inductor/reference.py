@@ -5,7 +5,8 @@ Shape legend
   T tokens, d hidden, n expert intermediate, E experts, A assignments (A = T*K for top-k routing)
   x           (T, d)        tokens
   token_ids   (A,) int      token of each assignment
-  expert_ids  (A,) int      expert of each assignment
+  expert_ids  (A,) int      expert of each assignment; -1 marks a dropped (padding) assignment
+                            that contributes nothing and gets a zero score gradient
   scores      (A,)          routing weight of each assignment
   w1          (E, 2n, d)    gate/up projection (E, n, d) for non-gated activations; any strides
   w2          (E, d, n)     down projection; any strides
@@ -34,15 +35,18 @@ from .activations import Activation, act_backward, act_forward
 
 
 def sort_assignments(expert_ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stable expert-sorted order (int32) and per-expert counts (int64), on expert_ids' device."""
+    """Stable expert-sorted order (int32) and counts (E+1,) int64 on expert_ids' device:
+    counts[0] dropped assignments (expert -1, sorted first), counts[1 + e] expert e's."""
     order = torch.argsort(expert_ids, stable=True).to(torch.int32)
-    counts = torch.bincount(expert_ids.to(torch.int64), minlength=num_experts)
+    counts = torch.bincount(expert_ids.to(torch.int64) + 1, minlength=num_experts + 1)
     return order, counts
 
 
 def _expert_slices(counts: torch.Tensor):
-    start = 0
-    for e, c in enumerate(counts.tolist()):
+    """(e, lo, hi) for every expert with assignments; counts as from ``sort_assignments``."""
+    counts = counts.tolist()
+    start = counts[0]
+    for e, c in enumerate(counts[1:]):
         if c:
             yield e, start, start + c
         start += c
@@ -75,6 +79,8 @@ def moe_forward(
     s_sorted = scores[order_l].to(_acc_dtype(x.dtype))
     out_acc = torch.zeros(T, d, dtype=_acc_dtype(x.dtype), device=x.device)
     h_sorted = x.new_empty((A if keep_h else 0, h_cols))
+    if keep_h:
+        h_sorted[: int(counts[0])] = 0  # dropped assignments: defined values, never read
     for e, lo, hi in _expert_slices(counts):
         rows = tok_sorted[lo:hi]
         h_e = torch.mm(x.index_select(0, rows), w1[e].t())
@@ -110,7 +116,7 @@ def moe_backward(
     T, d = x.shape
     E = w1.shape[0]
     acc = _acc_dtype(x.dtype)
-    counts = torch.bincount(expert_ids.to(torch.int64), minlength=E)
+    counts = torch.bincount(expert_ids.to(torch.int64) + 1, minlength=E + 1)
     order_l = order.long()
     tok_sorted = token_ids.long()[order_l]
     s_sorted = scores[order_l]

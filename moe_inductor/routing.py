@@ -47,9 +47,10 @@ of exactly A entries needs its length on the host. Two modes:
 * ``static_shape=True``: no host sync at all (CUDA-graph and ``fullgraph`` friendly). The output
   has the static length ``max_token_rounding_assignments(T, E, K, M, mode)`` (T*K for "down", up
   to T*K + E*(M-1) for "up"). The first ``counts.sum()`` entries are the assignments, as in the
-  exact mode; the rest is padding: token 0, expert E-1, score exactly 0 (zero gradient). Padding
-  is correct for the fused op (it adds 0 * y) but costs GEMM rows, and it breaks the "every
-  count a multiple of M" property for expert E-1 as the kernels see it.
+  exact mode; the rest is padding: token 0, expert -1, score exactly 0. The fused op treats
+  expert -1 as a dropped assignment: no GEMM rows, nothing added, zero score gradient, so the
+  padding costs one sort position each and every expert's count stays a multiple of M. This is
+  the mode the ``sonic`` backend uses inside compiled graphs.
 
 ``expert_counts`` and ``padding_waste_tensor`` avoid the host too (``bincount`` sizes its
 output from ``max(input)``, a sync on CUDA, so counts use a scatter-add).
@@ -206,7 +207,7 @@ def token_rounding_routing(
 
     ``static_shape=False``: exactly sum_e f~_e assignments; one host sync (``Tensor.item``).
     ``static_shape=True``: ``max_token_rounding_assignments(...)`` entries, no host sync, the
-    tail is padding (token 0, expert E-1, score 0).
+    tail is padding (token 0, expert -1 = dropped, score 0).
     """
     fn = "token_rounding_routing"
     T, E = _check_probs(probs, top_k, fn)
@@ -252,6 +253,7 @@ def token_rounding_routing(
     if static_shape:
         valid = slots < total
         slot_token = torch.where(valid, slot_token, torch.zeros_like(slot_token))
+        slot_expert = torch.where(valid, slot_expert, torch.full_like(slot_expert, -1))
         scores = torch.where(valid, scores, torch.zeros_like(scores))
     return Routing(slot_token.to(torch.int32), slot_expert.to(torch.int32), scores, rounded_E)
 

@@ -245,20 +245,49 @@ def test_gradients_reach_probs(renormalize, mode):
     assert p.grad.abs().sum() > 0
 
 
-def test_fused_moe_accepts_routing_and_padding_is_harmless():
+@pytest.mark.parametrize("impl,dtype", [("torch", torch.float64), ("triton", torch.float32)])
+def test_fused_moe_accepts_routing_and_padding_is_dropped(impl, dtype):
+    # static-shape padding is (token 0, expert -1, score 0): the op must drop it in value and in
+    # every gradient, on the PyTorch path and in the (interpreted) Triton kernels
     T, d, n, E, K, M = 48, 16, 8, 5, 2, 8
     g = torch.Generator().manual_seed(7)
-    x = torch.randn(T, d, generator=g, dtype=torch.float64)
-    w1 = torch.randn(E, 2 * n, d, generator=g, dtype=torch.float64) * 0.2
-    w2 = torch.randn(E, d, n, generator=g, dtype=torch.float64) * 0.2
-    probs = random_probs(T, E, seed=8, dtype=torch.float64)
+    x = torch.randn(T, d, generator=g, dtype=dtype)
+    w1 = torch.randn(E, 2 * n, d, generator=g, dtype=dtype) * 0.2
+    w2 = torch.randn(E, d, n, generator=g, dtype=dtype) * 0.2
+    probs = random_probs(T, E, seed=8, dtype=dtype)
     exact = token_rounding_routing(probs, K, M, "up")
     static = token_rounding_routing(probs, K, M, "up", static_shape=True)
-    assert static.token_ids.numel() > exact.token_ids.numel()  # there is padding to test
-    out_exact = fused_moe(x, *exact[:3], w1, w2, impl="torch")
-    out_static = fused_moe(x, *static[:3], w1, w2, impl="torch")
-    torch.testing.assert_close(out_exact, naive_moe(x, *exact[:3], w1, w2))
-    torch.testing.assert_close(out_static, out_exact)
+    A = exact.token_ids.numel()
+    assert static.token_ids.numel() > A  # there is padding to test
+    assert torch.equal(static.expert_ids[A:], torch.full_like(static.expert_ids[A:], -1))
+    # every expert's count stays a multiple of M: padding is not counted as any expert's rows
+    assert torch.equal(torch.bincount(static.expert_ids[:A].long(), minlength=E), static.counts)
+
+    def run(routing):
+        leaves = [t.detach().clone().requires_grad_() for t in (x, routing.scores, w1, w2)]
+        xx, ss, ww1, ww2 = leaves
+        out = fused_moe(xx, routing.token_ids, routing.expert_ids, ss, ww1, ww2, impl=impl)
+        out.backward(torch.linspace(-1, 1, out.numel(), dtype=dtype).view_as(out))
+        return out, [t.grad for t in leaves]
+
+    out_exact, g_exact = run(exact)
+    out_static, g_static = run(static)
+    tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else {}
+    torch.testing.assert_close(out_exact, naive_moe(x, *exact[:3], w1, w2), **tol)
+    torch.testing.assert_close(out_static, out_exact, **tol)
+    for name, a, b in zip(("x", "scores", "w1", "w2"), g_static, g_exact):
+        if name == "scores":
+            torch.testing.assert_close(a[:A], b, **tol)
+            assert torch.equal(a[A:], torch.zeros_like(a[A:])), "padding must get a zero score gradient"
+        else:
+            torch.testing.assert_close(a, b, **tol, msg=lambda m: f"{name}: {m}")
+
+
+def test_fused_moe_rejects_expert_ids_below_minus_one():
+    x = torch.randn(4, 8)
+    w1, w2 = torch.randn(2, 8, 8), torch.randn(2, 8, 4)
+    with pytest.raises(ValueError, match="expert_ids outside"):
+        fused_moe(x, torch.tensor([0, 1]), torch.tensor([0, -2]), torch.ones(2), w1, w2, impl="torch")
 
 
 @pytest.fixture
@@ -301,7 +330,7 @@ def test_no_host_sync(mode, no_host_reads):
     assert torch.equal(static.expert_ids[:A], exact.expert_ids)
     assert torch.equal(static.scores[:A], exact.scores)
     assert torch.equal(static.scores[A:], torch.zeros_like(static.scores[A:]))
-    assert torch.equal(static.expert_ids[A:], torch.full_like(static.expert_ids[A:], 6))
+    assert torch.equal(static.expert_ids[A:], torch.full_like(static.expert_ids[A:], -1))
 
 
 def test_static_shape_traces_as_one_graph():

@@ -70,4 +70,6 @@ def backward(grad_out, x, token_ids, expert_ids, scores, w1, w2, b1, b2, h_sorte
     del dh_sorted
     dx = gather_sum(dx_sorted, None, meta, T, x.dtype)
     dscores = ds_sorted.index_select(0, meta.inv_order.long()).to(scores.dtype)
+    # dropped assignments (expert id -1) lie in no tile, so their ds rows were never written
+    dscores = torch.where(expert_ids < 0, torch.zeros_like(dscores), dscores)
     return dx, dscores, dw1, dw2, db1, db2

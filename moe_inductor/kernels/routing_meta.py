@@ -27,7 +27,8 @@ class RoutingMeta:
     inv_order: Tensor       # (A,) int32  sorted row of each assignment (inverse permutation of order)
     tok_sorted: Tensor      # (A,) int32  token of each sorted row
     scores_sorted: Tensor   # (A,) fp32   routing score of each sorted row
-    expert_offsets: Tensor  # (E+1,) int32 expert e owns sorted rows [offsets[e], offsets[e+1])
+    expert_offsets: Tensor  # (E+1,) int32 expert e owns sorted rows [offsets[e], offsets[e+1]);
+                            # rows before offsets[0] are dropped assignments (expert id -1)
     tile_expert: Tensor     # (P,) int32  expert of each row tile, -1 for unused tiles
     tile_row_start: Tensor  # (P,) int32  first sorted row of each tile
     tile_row_end: Tensor    # (P,) int32  end of the tile's expert segment (rows >= it are masked)
@@ -73,9 +74,12 @@ def build_routing_meta(
 
     # CSR by token: sorting the sorted rows by token (stably) keeps, inside one token, the expert
     # order, so the gather-and-sum adds a token's contributions in the same order as the reference.
-    token_rows_l = torch.argsort(tok_sorted, stable=True)
+    # Dropped assignments (expert -1, sorted first, before expert_offsets[0]) get the key T, which
+    # puts them after token T-1's entries, outside every token's range: the combine never reads them.
+    tok_key = torch.where(sorted_experts < 0, torch.full_like(tok_sorted, T), tok_sorted)
+    token_rows_l = torch.argsort(tok_key, stable=True)
     token_offsets = torch.searchsorted(
-        tok_sorted.index_select(0, token_rows_l), torch.arange(T + 1, device=device, dtype=i32), out_int32=True
+        tok_key.index_select(0, token_rows_l), torch.arange(T + 1, device=device, dtype=i32), out_int32=True
     )
 
     # Tile schedule: expert e gets cdiv(count_e, M) consecutive tiles.
