@@ -24,7 +24,8 @@ from torch._dynamo.utils import counters
 from . import op as _op  # noqa: F401  (registers torch.ops.moe_inductor)
 from .options import SonicOptions
 from .report import CompileReport, record_report
-from .rewrite import _INPLACE_FUNCTIONS, Candidate, MoEBlock, emit_fused_moe, module_path_of
+from .rewrite import _INPLACE_FUNCTIONS, Candidate, MoEBlock, call, emit_fused_moe, module_path_of, same, shape_of
+from .router import analyse_router, graph_token_rounding
 
 log = logging.getLogger("moe_inductor")
 
@@ -51,6 +52,84 @@ def _idioms():
         spec.loader.exec_module(module)
         IDIOMS = module.IDIOMS
     return IDIOMS
+
+
+def _module_of(path: str):
+    """(module, Dynamo source) of an nn_module_stack path like L['self'].model.layers.0.mlp,
+    resolved in the frame Dynamo is compiling; None if that is not possible."""
+    import re
+
+    from torch._dynamo.source import AttrSource, DictGetItemSource, LocalSource
+    from torch._dynamo.symbolic_convert import InstructionTranslator
+
+    m = re.match(r"L\['([^']+)'\]((?:\.[A-Za-z0-9_]+)*)$", re.sub(r"\[(\d+)\]", r".\1", path))
+    tx = InstructionTranslator.current_tx()
+    if m is None or tx is None or m.group(1) not in tx.f_locals:
+        return None
+    obj, src = tx.f_locals[m.group(1)], LocalSource(m.group(1))
+    for part in m.group(2).split(".")[1:]:
+        if not isinstance(obj, torch.nn.Module) or part not in obj._modules:
+            return None
+        obj, src = obj._modules[part], DictGetItemSource(AttrSource(src, "_modules"), part)
+    return (obj, src) if isinstance(obj, torch.nn.Module) else None
+
+
+def _training_mode(block: MoEBlock) -> tuple[bool, str]:
+    """Is the block's module in training mode? Read from the module itself (with a Dynamo guard on
+    its ``training`` flag, so model.eval() recompiles); where the module cannot be found, grad mode
+    at compile time stands in for it (Dynamo always guards on grad mode)."""
+    node = block.location or block.anchor
+    stack = node.meta.get("nn_module_stack") or {}
+    # the block's own module first; code directly in the compiled module's forward has no
+    # module stack, and then the frame's own module (L['self']) is the one
+    for path in [p for p, _ in reversed(list(stack.values()))] + ["L['self']"]:
+        try:
+            found = _module_of(path)
+            if found is None:
+                continue
+            module, src = found
+            from torch._dynamo.guards import GuardBuilder, install_guard
+            from torch._dynamo.source import AttrSource
+
+            install_guard(AttrSource(src, "training").make_guard(GuardBuilder.CONSTANT_MATCH))
+            return bool(module.training), f"{_clean(path)}.training"
+        except Exception as e:  # never fail compilation over this
+            log.debug("sonic: cannot read the training flag of %s: %s", path, e)
+    return torch.is_grad_enabled(), "grad mode (the module was not found)"
+
+
+def _clean(path: str) -> str:
+    from .rewrite import _clean_module_path
+
+    return _clean_module_path(path)
+
+
+def _rounding_hook(block: MoEBlock, opts: SonicOptions, notes: list):
+    """The routing hook of emit_fused_moe that applies token rounding, or None. Appends to
+    ``notes`` what happened (for the log and the report)."""
+    if opts.token_rounding == "off":
+        return None
+    if not opts.token_rounding_in_eval:
+        training, by = _training_mode(block)
+        if not training:
+            notes.append(f"token rounding not applied in eval mode (by {by}); plain top-k")
+            return None
+
+    def hook(graph, expert_ids, scores):
+        spec = analyse_router(expert_ids, scores, block.num_experts, block.top_k)
+        if isinstance(spec, str):
+            notes.append(f"token rounding refused: {spec}; plain top-k")
+            return None
+        probs_rows, x_rows = (shape_of(spec.probs) or (None,))[0], (shape_of(block.x) or (None,))[0]
+        if not same(probs_rows, x_rows):
+            notes.append("token rounding refused: router rows and tokens differ; plain top-k")
+            return None
+        r = call(graph, graph_token_rounding, spec.probs, spec.top_k, opts.tile_m, opts.token_rounding,
+                 spec.renormalize, spec.softmax_of_logits, spec.scale, spec.score_dtype, like=block.anchor)
+        notes.append(f"token rounding {opts.token_rounding!r} to multiples of {opts.tile_m} ({spec.form})")
+        return tuple(call(graph, operator.getitem, r, i, like=block.anchor) for i in range(3))
+
+    return hook
 
 
 def _describe(block: MoEBlock, status: str, reason: str = "", where: Optional[str] = None) -> Candidate:
@@ -121,8 +200,10 @@ def rewrite_moe(gm: fx.GraphModule, opts: SonicOptions) -> CompileReport:
                 continue
             where = module_path_of(block.location or node)
             before = set(gm.graph.nodes)
+            notes: list = []
             try:
-                emit_fused_moe(gm, block, recompute_h=opts.recompute_h, impl=opts.impl)
+                hook = _rounding_hook(block, opts, notes)
+                emit_fused_moe(gm, block, recompute_h=opts.recompute_h, impl=opts.impl, routing_hook=hook)
             except Exception as e:
                 # emission adds nodes before the anchor and rewires only at its very end: drop what
                 # it added and leave the block as it was
@@ -135,10 +216,16 @@ def rewrite_moe(gm: fx.GraphModule, opts: SonicOptions) -> CompileReport:
                 log.warning("sonic: not rewriting %s block at %s: %s", idiom.IDIOM, where, cand.reason)
                 continue
             orphans.extend(block.orphans)
-            report.candidates.append(_describe(block, "rewritten", where=where))
+            note = "; ".join(notes)
+            report.candidates.append(_describe(block, "rewritten", reason=note, where=where))
             counters["sonic"]["moe_rewrites"] += 1
-            log.info("sonic: rewrote %s block at %s (E=%s, K=%s, d=%s, n=%s, %s, %s)", block.idiom, where,
-                     block.num_experts, block.top_k, block.hidden, block.intermediate, block.activation, block.dtype)
+            if note.startswith("token rounding "):
+                counters["sonic"]["token_rounding" if "to multiples" in note else "token_rounding_skipped"] += 1
+            log.info("sonic: rewrote %s block at %s (E=%s, K=%s, d=%s, n=%s, %s, %s)%s", block.idiom, where,
+                     block.num_experts, block.top_k, block.hidden, block.intermediate, block.activation, block.dtype,
+                     f": {note}" if note else "")
+            if "refused" in note:
+                log.warning("sonic: %s block at %s: %s", block.idiom, where, note)
     _cleanup(gm, orphans)
     gm.graph.lint()
     gm.recompile()
@@ -150,12 +237,6 @@ def sonic(gm: fx.GraphModule, example_inputs, options: Optional[dict] = None, mo
     opts = SonicOptions.from_dict(options)
     if kwargs:
         raise ValueError(f"sonic backend: unexpected arguments {sorted(kwargs)}; use options={{...}}")
-    if opts.token_rounding != "off":
-        # The rewrite does not yet take the router into the fused computation, so rounding cannot
-        # be applied inside compiled graphs; say so loudly rather than ignore the option.
-        log.warning("sonic: token_rounding=%r is not applied by the graph rewrite yet; blocks use the "
-                    "model's plain top-k (moe_inductor.routing.token_rounding_routing applies it in eager code)",
-                    opts.token_rounding)
     if opts.rewrite:
         report = rewrite_moe(gm, opts)
         record_report(report, gm)

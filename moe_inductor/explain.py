@@ -169,7 +169,14 @@ def _covers(candidate_path: str, name: str, module: torch.nn.Module) -> bool:
     """Is a candidate reported at ``candidate_path`` inside the MoE module ``name``? Paths of
     graphs compiled from a resumed or nested frame are relative to that frame's ``self``, so a
     relative path matches any module whose qualified name ends with it."""
-    if candidate_path in ("", "<root>") or candidate_path.startswith(("node ", "File ")):
+    if candidate_path.startswith("File "):
+        # a block compiled from a forward with no module stack (the compiled module's own code):
+        # covered if the source line lies in this module's forward
+        m = re.match(r'File "([^"]+)", line (\d+)', candidate_path)
+        spans = _code_spans(module)[:1]  # the module's own forward, not its submodules'
+        return bool(m) and _break_inside(GraphBreak(reason="", where="", frames=((m.group(1), int(m.group(2))),)),
+                                         spans)
+    if candidate_path in ("", "<root>") or candidate_path.startswith("node "):
         return False
     names = [name] + [f"{name}.{sub}" if name else sub for sub, _ in module.named_modules() if sub]
     return any(s == candidate_path or s.endswith("." + candidate_path) for s in names)

@@ -60,8 +60,20 @@ def F(fn, *args, **kwargs) -> CallFunction:
     return CallFunction(fn, *args, _users=MULTIPLE, **kwargs)
 
 
+class MethodCall(CallMethod):
+    """CallMethod that fails to match, instead of raising, a call spelled with fewer keyword
+    arguments than the pattern: Inductor's matcher would normalise such a call through the
+    target's signature, which a method name does not have (AssertionError). Without this, one
+    ``h.sum()`` anywhere in a graph broke every idiom whose pattern has ``M("sum", ..., dim=1)``."""
+
+    def _match(self, node, ctx: MatchContext):
+        if len(node.kwargs) < len(self.kwargs):
+            return FailedMatch("{} has fewer keyword arguments than {}", node, self)
+        return super()._match(node, ctx)
+
+
 def M(method: str, *args, **kwargs) -> CallMethod:
-    return CallMethod(method, *args, _users=MULTIPLE, **kwargs)
+    return MethodCall(method, *args, _users=MULTIPLE, **kwargs)
 
 
 def getitem(obj, index) -> CallFunction:
@@ -276,8 +288,12 @@ def method(graph, name, *args, like=None, **kwargs) -> fx.Node:
     return emit(graph, "call_method", name, args, kwargs, like)
 
 
-def emit_fused_moe(gm: fx.GraphModule, block: MoEBlock, recompute_h: bool, impl: str) -> fx.Node:
-    """Insert the fused op for ``block`` and rewire the graph. Returns the op's output node."""
+def emit_fused_moe(gm: fx.GraphModule, block: MoEBlock, recompute_h: bool, impl: str,
+                   routing_hook: Optional[Callable] = None) -> fx.Node:
+    """Insert the fused op for ``block`` and rewire the graph. Returns the op's output node.
+
+    ``routing_hook(graph, expert_ids, scores)``, if given, sees the block's flat routing nodes and
+    may return replacement (token_ids, expert_ids, scores) nodes (token rounding), else None."""
     graph = gm.graph
     where = block.insert_before or block.anchor
     with graph.inserting_before(where):
@@ -287,9 +303,12 @@ def emit_fused_moe(gm: fx.GraphModule, block: MoEBlock, recompute_h: bool, impl:
         wdtype = dtype_of(w1)
         if wdtype is not None and dtype_of(x) != wdtype:
             x = method(graph, "to", x, wdtype, like=like)
-        token_ids = method(graph, "to", block.token_ids(graph), torch.int32, like=like)
-        expert_ids = method(graph, "to", block.expert_ids(graph), torch.int32, like=like)
-        scores = block.scores(graph)
+        token_ids, expert_ids, scores = block.token_ids(graph), block.expert_ids(graph), block.scores(graph)
+        replaced = routing_hook(graph, expert_ids, scores) if routing_hook is not None else None
+        if replaced is not None:
+            token_ids, expert_ids, scores = replaced
+        token_ids = method(graph, "to", token_ids, torch.int32, like=like)
+        expert_ids = method(graph, "to", expert_ids, torch.int32, like=like)
         fused = call(
             graph, torch.ops.moe_inductor.fused_moe.default,
             x, token_ids, expert_ids, scores, w1, w2, b1, b2,
@@ -301,3 +320,25 @@ def emit_fused_moe(gm: fx.GraphModule, block: MoEBlock, recompute_h: bool, impl:
             out = method(graph, "to", out, want, like=like)
     block.replace(out)
     return out
+
+
+# --------------------------------------------------------------------------- declining
+
+class Declined(Exception):
+    """Raised by an idiom's analysis when a candidate is not provably the MoE block it looks
+    like; the message is the reason reported to the user (``explain``, logs, counters)."""
+
+
+def need(cond: Any, reason: str) -> None:
+    """Decline with ``reason`` unless ``cond`` holds."""
+    if not cond:
+        raise Declined(reason)
+
+
+def match_or_decline(pattern: PatternExpr, node: Any, what: str, detail: bool = False) -> dict:
+    """Match ``pattern`` at ``node`` and return the captured KeywordArgs, or decline with
+    "<what> not recognised" (with the matcher's own failure text when ``detail``)."""
+    m = pattern.match(node) if isinstance(node, fx.Node) else None
+    if m is None or not is_match(m):
+        raise Declined(f"{what} not recognised" + (f" ({m})" if detail and m is not None else ""))
+    return m.kwargs

@@ -186,7 +186,8 @@ def max_token_rounding_assignments(num_tokens: int, num_experts: int, top_k: int
     _check_mode(mode, "max_token_rounding_assignments")
     picks = num_tokens * top_k
     extra = {"down": 0, "nearest": tile_m // 2, "up": tile_m - 1}[mode]
-    return min(num_tokens * num_experts, picks + min(num_experts, picks) * extra)
+    # sym_min: T may be a SymInt inside a compiled graph with dynamic shapes (no guard added)
+    return torch.sym_min(num_tokens * num_experts, picks + torch.sym_min(num_experts, picks) * extra)
 
 
 def token_rounding_routing(
@@ -242,7 +243,7 @@ def token_rounding_routing(
     # Slot j belongs to the expert whose [start, end) range contains it; padding slots (j >= total)
     # fall past the last end and get E, clamped to E-1 below.
     slot_expert = torch.searchsorted(ends_E, slots, right=True).clamp(max=E - 1)
-    slot_rank = (slots - starts_E[slot_expert]).clamp(min=0, max=max(T - 1, 0))
+    slot_rank = (slots - starts_E[slot_expert]).clamp(min=0, max=torch.sym_max(T - 1, 0))
     slot_token = ranked_tokens_TE[slot_rank, slot_expert]
 
     if renormalize:
