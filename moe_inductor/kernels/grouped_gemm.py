@@ -27,6 +27,9 @@ examples/bench_kernels.py on the target GPU before trusting them. What was check
 sm_90 and, with the alignment a real launch specialises, their main loops are software-pipelined
 (cp.async into num_stages-deep shared buffers, including the gathered X / dO rows) and use wgmma.
 Configs that do not fit in shared memory are dropped by the autotuner (OutOfResources).
+Under TRITON_INTERPRET=1 one small config runs instead (launch_utils.autotune_configs); the GPU
+configs (``_*_GPU_CONFIGS``) are checked for correctness, not speed, by
+tests/test_kernels.py::test_gpu_tile_configs_interpreted.
 No TMA / tensor descriptors: the gathered A operand cannot use a 2-D TMA box, and their API
 moved between triton 3.6 and 3.9.
 """
@@ -56,29 +59,49 @@ def _cfg(bn, bk, warps, stages):
 # the stage counts below keep every config at or under 192 KB of the 228 KB per SM (the sm_90
 # compile in the tests confirms 128 KB for the first). Two 128 x BN fp32 accumulators: BN=128
 # needs 8 warps to stay under ~255 registers/thread.
-_UP_CONFIGS = autotune_configs(
-    [
-        _cfg(64, 64, 4, 4),   # small n (fine-grained experts), many tiles: keeps occupancy
-        _cfg(128, 64, 8, 3),  # large n: more reuse of the gathered X tile per load
-        _cfg(128, 32, 8, 4),  # same, shallower K step for deeper pipelining
-        _cfg(64, 128, 4, 3),  # long K (d = 7168): fewer loop iterations
-    ],
-    _cfg(32, 32, 1, 1),
-)
+_UP_GPU_CONFIGS = [
+    _cfg(64, 64, 4, 4),   # small n (fine-grained experts), many tiles: keeps occupancy
+    _cfg(128, 64, 8, 3),  # large n: more reuse of the gathered X tile per load
+    _cfg(128, 32, 8, 4),  # same, shallower K step for deeper pipelining
+    _cfg(64, 128, 4, 3),  # long K (d = 7168): fewer loop iterations
+]
+_UP_CONFIGS = autotune_configs(_UP_GPU_CONFIGS, _cfg(32, 32, 1, 1))
 
 # Plain grouped GEMM (Y = A W2^T, dX' = dH W1) and the dH kernel: one B tile per stage,
 # (128*BK + BK*BN) * 2 B = 24 KB (BN=BK=64), 32 KB (BN=128, BK=64), 48 KB (BN=256, BK=64),
 # 64 KB (BN=BK=128): at most 4 / 4 / 3 / 3 stages. The usual Hopper 128x128x64 tile with 8 warps
 # comes first. BLOCK_N must stay a multiple of the smallest one (dH's dS partial layout).
-_GEMM_CONFIGS = autotune_configs(
-    [
-        _cfg(128, 64, 8, 4),
-        _cfg(64, 64, 4, 4),
-        _cfg(256, 64, 8, 3),   # wide output (d = 4096/7168): halves the re-reads of the A tile
-        _cfg(128, 128, 8, 3),
-    ],
-    _cfg(32, 32, 1, 1),
-)
+_GEMM_GPU_CONFIGS = [
+    _cfg(128, 64, 8, 4),
+    _cfg(64, 64, 4, 4),
+    _cfg(256, 64, 8, 3),   # wide output (d = 4096/7168): halves the re-reads of the A tile
+    _cfg(128, 128, 8, 3),
+]
+_GEMM_CONFIGS = autotune_configs(_GEMM_GPU_CONFIGS, _cfg(32, 32, 1, 1))
+
+
+# ----------------------------------------------------------------------------------------------
+# shared pieces of the row-tiled kernels (inlined by the compiler)
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _tile_rows(tile_row_start_ptr, tile_row_end_ptr, pid_m, BLOCK_M: tl.constexpr):
+    """Sorted rows of row tile pid_m of an active tile: (rows int32, row_mask, rows int64)."""
+    row_start = tl.load(tile_row_start_ptr + pid_m)
+    row_end = tl.load(tile_row_end_ptr + pid_m)
+    rows = row_start + tl.arange(0, BLOCK_M)
+    return rows, rows < row_end, rows.to(tl.int64)
+
+
+@triton.jit
+def _gate_up_cols(cols, n_act, INTERLEAVED: tl.constexpr):
+    """Columns of H holding gate and up for activation columns cols (interleaved or concatenated)."""
+    if INTERLEAVED:
+        gate_cols = 2 * cols
+        up_cols = 2 * cols + 1
+    else:
+        gate_cols = cols
+        up_cols = cols + n_act
+    return gate_cols, up_cols
 
 
 # ----------------------------------------------------------------------------------------------
@@ -106,22 +129,13 @@ def _up_proj_kernel(
     e = tl.load(tile_expert_ptr + pid_m)
     if e < 0:
         return
-    row_start = tl.load(tile_row_start_ptr + pid_m)
-    row_end = tl.load(tile_row_end_ptr + pid_m)
-    rows = row_start + tl.arange(0, BLOCK_M)
-    row_mask = rows < row_end
-    rows64 = rows.to(tl.int64)
+    rows, row_mask, rows64 = _tile_rows(tile_row_start_ptr, tile_row_end_ptr, pid_m, BLOCK_M)
     # the gather: A-operand rows come straight from X via the sorted token ids (no A x d copy)
     tok = tl.load(tok_sorted_ptr + rows, mask=row_mask, other=0).to(tl.int64)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cols < n_act
     if GATED:
-        if INTERLEAVED:
-            gate_cols = 2 * cols
-            up_cols = 2 * cols + 1
-        else:
-            gate_cols = cols
-            up_cols = cols + n_act
+        gate_cols, up_cols = _gate_up_cols(cols, n_act, INTERLEAVED)
     else:
         gate_cols = cols
     w_base = w1_ptr + e.to(tl.int64) * stride_we
@@ -224,11 +238,7 @@ def _sorted_gemm_kernel(
     e = tl.load(tile_expert_ptr + pid_m)
     if e < 0:
         return
-    row_start = tl.load(tile_row_start_ptr + pid_m)
-    row_end = tl.load(tile_row_end_ptr + pid_m)
-    rows = row_start + tl.arange(0, BLOCK_M)
-    row_mask = rows < row_end
-    rows64 = rows.to(tl.int64)
+    rows, row_mask, rows64 = _tile_rows(tile_row_start_ptr, tile_row_end_ptr, pid_m, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cols < N
     w_base = w_ptr + e.to(tl.int64) * stride_we
@@ -300,11 +310,7 @@ def _dh_kernel(
     e = tl.load(tile_expert_ptr + pid_m)
     if e < 0:
         return
-    row_start = tl.load(tile_row_start_ptr + pid_m)
-    row_end = tl.load(tile_row_end_ptr + pid_m)
-    rows = row_start + tl.arange(0, BLOCK_M)
-    row_mask = rows < row_end
-    rows64 = rows.to(tl.int64)
+    rows, row_mask, rows64 = _tile_rows(tile_row_start_ptr, tile_row_end_ptr, pid_m, BLOCK_M)
     tok = tl.load(tok_sorted_ptr + rows, mask=row_mask, other=0).to(tl.int64)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cols < n_act
@@ -331,12 +337,7 @@ def _dh_kernel(
     s = tl.load(s_sorted_ptr + rows, mask=row_mask, other=0.0)
     h_row = h_ptr + rows64[:, None] * stride_hr
     if GATED:
-        if INTERLEAVED:
-            gate_cols = 2 * cols
-            up_cols = 2 * cols + 1
-        else:
-            gate_cols = cols
-            up_cols = cols + n_act
+        gate_cols, up_cols = _gate_up_cols(cols, n_act, INTERLEAVED)
         g = tl.load(h_row + gate_cols[None, :] * stride_hc, mask=mask2, other=0.0).to(tl.float32)
         u = tl.load(h_row + up_cols[None, :] * stride_hc, mask=mask2, other=0.0).to(tl.float32)
         a = cast(gated_fwd(g, u, alpha, limit, ACT), dt, INTERPRET).to(tl.float32)
@@ -419,18 +420,17 @@ def _wcfg(bi, bj, br, warps, stages):
     return triton.Config({"BLOCK_I": bi, "BLOCK_J": bj, "BLOCK_R": br}, num_warps=warps, num_stages=stages)
 
 
+# Reasoned, not measured (no GPU when written), like the configs above.
 # The reduction runs over an expert's rows (T*K/E: 256 to 4096 at the benchmark shapes); both
 # operands are loaded transposed-or-gathered, so tiles stay at 128x128 with a 32/64-row step.
 # Stage size (128*BR + BR*128) * 2 B = 16/32 KB: 3-4 stages fit easily.
-_WGRAD_CONFIGS = autotune_configs(
-    [
-        _wcfg(128, 128, 64, 8, 3),
-        _wcfg(128, 128, 32, 8, 4),
-        _wcfg(64, 128, 64, 4, 4),   # small I (n = 768/1024 for dW2's columns of A') keeps more CTAs
-        _wcfg(128, 64, 64, 4, 4),
-    ],
-    _wcfg(32, 32, 32, 1, 1),
-)
+_WGRAD_GPU_CONFIGS = [
+    _wcfg(128, 128, 64, 8, 3),
+    _wcfg(128, 128, 32, 8, 4),
+    _wcfg(64, 128, 64, 4, 4),   # small I (n = 768/1024 for dW2's columns of A') keeps more CTAs
+    _wcfg(128, 64, 64, 4, 4),
+]
+_WGRAD_CONFIGS = autotune_configs(_WGRAD_GPU_CONFIGS, _wcfg(32, 32, 32, 1, 1))
 
 
 @triton.autotune(configs=_WGRAD_CONFIGS, key=["I", "J"])
