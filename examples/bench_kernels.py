@@ -380,10 +380,10 @@ def main(argv=None) -> int:
     chart = plot(results, out_prefix + ".png", f"{env['device']} | torch {env['torch']} triton {env['triton']} | bf16 SwiGLU")
     if chart:
         print(f"wrote {chart}")
-    if smoke:
-        bad = [r for r in results if r.impl == "sonic" and r.status != "ok"]
+    if smoke:  # the smoke run tests the script: any implementation that failed (not skipped) fails it
+        bad = [r for r in results if r.status.startswith("failed") or (r.impl == "sonic" and r.status != "ok")]
         if bad:
-            print(f"smoke run: sonic failed: {bad[0].status}", file=sys.stderr)
+            print(f"smoke run: {bad[0].impl} failed: {bad[0].status}", file=sys.stderr)
             return 1
     return 0
 
