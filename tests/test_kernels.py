@@ -2,8 +2,12 @@
 
 On machines without CUDA, tests/conftest.py sets TRITON_INTERPRET=1 before triton is imported, so
 every kernel runs on CPU tensors through the interpreter (~1000x slower than a GPU): shapes stay
-tiny (T <= 160, d <= 32, n <= 16, E <= 8), which still exercises masking, multi-tile experts,
-empty experts, gathers and every epilogue. GPU-scale checks are marked ``gpu``.
+tiny (T <= 150, d <= 136, n <= 264, E <= 512, K <= 16), which still exercises masking, multi-tile
+experts, several K steps and column blocks, empty experts, gathers and every epilogue, with the
+interpreter's small tile config and (test_gpu_tile_configs_interpreted) each GPU autotune config.
+Also here: no host sync at the ATen dispatch level, the impl='auto' fallback with its log line,
+the saved-activation set of the Triton path vs the PyTorch path, fp32 without tf32, the interpreter
+smoke run of examples/bench_kernels.py. GPU-scale checks are marked ``gpu`` and skip without CUDA.
 
 Every output and gradient (out, h_sorted, order, dx, dscores, dw1, dw2, db1, db2) is compared,
 with per-dtype tolerances relative to the reference's magnitude (SonicMoE's test tolerances for
@@ -14,10 +18,12 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Optional
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from moe_inductor import reference
 from moe_inductor.activations import parse_activation
@@ -178,12 +184,56 @@ CASES = [
     pytest.param(dict(routing="general", T=12, E=5, bias=True), id="fp32-general-routing"),  # 0/1/3 experts
     pytest.param(dict(routing="general", T=12, E=5, dtype=torch.bfloat16), id="bf16-general-routing"),
     pytest.param(dict(T=150, E=2, K=2, d=16, n=8), id="fp32-multi-tile-experts"),  # 150 rows > TILE_M
+    # T not a multiple of anything, every dtype with biases and transposed storage, each activation
+    pytest.param(dict(T=7, E=5, K=3, d=24, n=12, transposed=True), id="fp32-swiglu-concat-transposed-T7"),
+    pytest.param(dict(T=13, E=6, K=2, d=16, n=16, dtype=torch.float16, bias=True, transposed=True),
+                 id="fp16-swiglu-bias-transposed-T13"),
+    pytest.param(dict(T=7, E=4, K=2, d=16, n=8, dtype=torch.float16, act="gptoss:1.702:0.5", interleaved=True,
+                      bias=True), id="fp16-gptoss-clamped-bias-T7"),
+    pytest.param(dict(T=13, E=4, K=2, d=16, n=12, dtype=torch.float16, act="gelu", transposed=True),
+                 id="fp16-gelu-nongated-transposed-T13"),
+    pytest.param(dict(T=13, E=4, K=1, d=16, n=12, act="gelu_tanh", bias=True), id="fp32-gelu_tanh-nongated-bias"),
+    pytest.param(dict(T=7, E=4, K=2, d=16, n=12, dtype=torch.bfloat16, act="relu", bias=True, transposed=True),
+                 id="bf16-relu-bias-transposed"),
+    pytest.param(dict(T=7, E=4, K=2, d=16, n=16, dtype=torch.bfloat16, act="geglu", interleaved=True,
+                      transposed=True, bias=True), id="bf16-geglu-interleaved-transposed-bias"),
+    pytest.param(dict(T=1, E=8, K=3, d=16, n=8, dtype=torch.bfloat16, bias=True), id="bf16-T1"),
+    pytest.param(dict(T=13, E=8, K=2, d=16, n=8, dtype=torch.float16, allowed=(0, 3, 7)),
+                 id="fp16-empty-experts-T13"),
+    # d, n above the interpreter's 32 x 32 tiles: several K steps and column blocks, partial last
+    # blocks, dH's dS partials summed over column blocks (and b2's <dO, b2> added by block 0 only)
+    pytest.param(dict(T=9, E=3, K=2, d=72, n=40, dtype=torch.bfloat16, act="geglu", interleaved=True, bias=True),
+                 id="bf16-multi-block-d72-n40"),
+    pytest.param(dict(T=9, E=3, K=2, d=72, n=40, act="relu", bias=True, transposed=True),
+                 id="fp32-multi-block-nongated-d72-n40"),
+    # E = 512 (most experts empty) with K = 16: per-expert kernels run 512 programs. No bias: the
+    # bias column sums would add two more 512-program launches (~4 s interpreted) for no new path.
+    pytest.param(dict(T=2, E=512, K=16, d=16, n=8), id="fp32-E512-K16"),
 ]
 
 
 @pytest.mark.parametrize("kwargs", CASES)
 def test_forward_backward_match_reference(kwargs):
     run_and_compare(make_case(**kwargs))
+
+
+def test_cases_cover_every_activation_dtype_and_layout():
+    """The parametrization above keeps covering the whole matrix of the issue: every activation
+    (gated and not), every dtype, concat/interleaved, transposed/plain weights, biases, T = 1."""
+    from moe_inductor.activations import GATED, NON_GATED
+
+    kw = [p.values[0] for p in CASES]
+    acts = {parse_activation(k.get("act", "swiglu")).kind for k in kw}
+    assert acts == set(GATED + NON_GATED), f"activations without a kernel test: {set(GATED + NON_GATED) - acts}"
+    assert {k.get("dtype", torch.float32) for k in kw} == {torch.float32, torch.float16, torch.bfloat16}
+    for dt in (torch.float32, torch.float16, torch.bfloat16):
+        of_dt = [k for k in kw if k.get("dtype", torch.float32) == dt]
+        assert any(k.get("bias") for k in of_dt) and any(k.get("transposed") for k in of_dt), dt
+    gated = [k for k in kw if parse_activation(k.get("act", "swiglu")).gated]
+    assert {bool(k.get("interleaved")) for k in gated} == {False, True}
+    assert any(k.get("transposed") and not k.get("interleaved") for k in gated)
+    assert any(k.get("T") == 1 for k in kw) and max(k.get("E", 4) for k in kw) == 512
+    assert max(k.get("K", 2) for k in kw) == 16
 
 
 @pytest.mark.parametrize(
@@ -221,6 +271,22 @@ def test_no_assignments():
     dx, ds, dw1, dw2, db1, db2 = triton_moe_backward(c.grad_out, c.x, empty, empty, c.scores[:0], c.w1, c.w2,
                                                      None, None, h, order, c.act, False)
     assert not dx.any() and ds.numel() == 0 and not dw1.any() and not dw2.any() and db1 is None and db2 is None
+
+
+@pytest.mark.parametrize("recompute_h", [False, True])
+def test_fused_op_no_assignments_with_bias(recompute_h):
+    """A = 0 through the op and autograd with impl='triton': zero output, zero gradients for every
+    input including the biases (a layer whose tokens were all dropped still gets gradients)."""
+    c = make_case(bias=True, act="geglu", interleaved=True, index_dtype=torch.int32)
+    leaves = [t.detach().clone().requires_grad_(True) for t in (c.x, c.scores[:0], c.w1, c.w2, c.b1, c.b2)]
+    x, s, w1, w2, b1, b2 = leaves
+    empty = c.token_ids[:0]
+    out = fused_moe(x, empty, empty, s, w1, w2, b1=b1, b2=b2, activation="geglu", interleaved=True,
+                    recompute_h=recompute_h, impl="triton")
+    out.backward(c.grad_out)
+    assert torch.equal(out.detach(), torch.zeros_like(c.x))
+    for name, t in zip(("dx", "dscores", "dw1", "dw2", "db1", "db2"), leaves):
+        assert t.grad is not None and t.grad.shape == t.shape and not t.grad.any(), name
 
 
 @pytest.mark.parametrize("recompute_h", [False, True])  # saved-H and recompute backward through the op
@@ -311,6 +377,71 @@ def test_no_sync_ops_in_host_code():
         assert not hits, f"{mod.__name__}: possible host sync {hits}"
 
 
+class _NoHostSyncMode(TorchDispatchMode):
+    """Fails on every ATen op that synchronises a CUDA device with the host: reading a value
+    (_local_scalar_dense is what .item(), int(), bool() and .tolist() dispatch to; equal and
+    is_nonzero return Python bools), ops whose output size depends on the data (nonzero,
+    masked_select, unique, boolean-mask indexing, repeat_interleave without output_size) and CUDA
+    bincount (reads max() on the host), plus any copy to another device. On CPU these ops are
+    cheap, so only this mode can tell that the GPU path would stall."""
+
+    SYNC_OPS = {
+        "_local_scalar_dense", "item", "equal", "is_nonzero", "allclose", "nonzero", "argwhere",
+        "masked_select", "bincount", "histc", "unique", "_unique", "_unique2", "unique_dim",
+        "unique_consecutive", "unique_dim_consecutive",
+    }
+
+    def __init__(self):
+        super().__init__()
+        self.ops = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = func._schema.name.split("::")[-1]
+        self.ops.add(name)
+        why = None
+        if name in self.SYNC_OPS:
+            why = "reads device data on the host or sizes its output from it"
+        elif name == "repeat_interleave" and func._overloadname != "self_int" and kwargs.get("output_size") is None:
+            why = "without output_size sizes its output from the data"
+        elif name == "index" and any(
+            isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (args[1] if len(args) > 1 else ())
+        ):
+            why = "boolean-mask indexing is a nonzero"
+        elif name == "_to_copy" and kwargs.get("device") is not None and isinstance(args[0], torch.Tensor) \
+                and torch.device(kwargs["device"]) != args[0].device:
+            why = "copies to another device"
+        if why is not None:
+            raise AssertionError(f"host sync in the Triton path: aten.{name} ({why})")
+        return func(*args, **kwargs)
+
+
+@pytest.mark.parametrize("recompute_h", [False, True])
+def test_no_host_sync_at_dispatch_level(recompute_h):
+    """Forward (and backward) of the kernel path under a dispatch mode that rejects every op that
+    would sync on CUDA. Catches what the Python-level patch above cannot: ATen ops that sync
+    internally. Runs the kernel entry points directly: the op's CPU-only routing value check
+    (op._check_routing_values) reads min/max on the host on purpose and never runs on CUDA."""
+    c = make_case(routing="general", T=13, E=5, bias=True, act="gptoss:1.702:0.5", interleaved=True,
+                  index_dtype=torch.int32)
+    args = (c.x, c.token_ids, c.expert_ids, c.scores, c.w1, c.w2, c.b1, c.b2, c.act, c.interleaved)
+    # the mode does catch what it should
+    with pytest.raises(AssertionError, match="_local_scalar_dense"), _NoHostSyncMode():
+        int(c.token_ids.max())
+    with pytest.raises(AssertionError, match="bincount"), _NoHostSyncMode():
+        torch.bincount(c.expert_ids.long())
+    with _NoHostSyncMode() as mode:
+        out, h, order = triton_moe_forward(*args, not recompute_h)
+    assert "index_select" in mode.ops and "searchsorted" in mode.ops  # it saw the routing code
+    with _NoHostSyncMode():
+        grads = triton_moe_backward(c.grad_out, *args[:8], None if recompute_h else h, order, c.act, c.interleaved)
+    r_out, r_h, _ = reference.moe_forward(*args, True)
+    r_grads = reference.moe_backward(c.grad_out, *args[:8], r_h, order, c.act, c.interleaved)
+    assert_close_scaled("out", out, r_out, FWD_TOL[torch.float32])
+    for name, g, rg in zip(("dx", "dscores", "dw1", "dw2", "db1", "db2"), grads, r_grads):
+        assert_close_scaled(name, g, rg, GRAD_TOL[torch.float32])
+
+
 @pytest.mark.parametrize(
     "counts",
     [
@@ -370,6 +501,151 @@ def test_unsupported_reason(monkeypatch):
                            None, c.act, False, True)
 
 
+def _fake_cuda_tensor(t: torch.Tensor):
+    """Metadata of a CUDA tensor shaped like t: what op._resolve_impl and unsupported_reason read."""
+    return SimpleNamespace(is_cuda=True, device=torch.device("cuda", 0), dtype=t.dtype, shape=t.shape,
+                           dim=t.dim)
+
+
+@pytest.mark.parametrize("case", ["float64", "bf16-pre-ampere"])
+def test_auto_impl_falls_back_with_log(case, monkeypatch, caplog):
+    """impl='auto' on CUDA: a call the kernels cannot serve takes the PyTorch path with a log line
+    naming the reason, never an error. There is no CUDA here, so _resolve_impl sees CUDA-like
+    metadata (and, for bf16, a pre-Ampere capability)."""
+    import logging
+
+    from moe_inductor import kernels as kernels_pkg
+    from moe_inductor import op as op_mod
+
+    dtype = torch.float64 if case == "float64" else torch.bfloat16
+    c = make_case()
+    x, w1, w2 = (_fake_cuda_tensor(t.to(dtype)) for t in (c.x, c.w1, c.w2))
+    if case == "bf16-pre-ampere":
+        monkeypatch.setattr(kernels_pkg, "_cuda_capability", lambda index: (7, 5))
+    monkeypatch.delenv("MOE_INDUCTOR_IMPL", raising=False)
+    reason = unsupported_reason(x, w1, w2, c.act)
+    assert reason is not None and ("float64" if case == "float64" else "capability 8.0") in reason
+    with caplog.at_level(logging.INFO, logger=op_mod.log.name):
+        assert op_mod._resolve_impl("auto", x, w1, w2, c.act) == "torch"
+    assert any(r.name == op_mod.log.name and reason in r.getMessage() and "PyTorch path" in r.getMessage()
+               for r in caplog.records), caplog.text
+    # explicit impl='triton' on the same call is an error with the reason (not a Triton crash)
+    with pytest.raises(ValueError, match="cannot serve"):
+        op_mod._resolve_impl("triton", x, w1, w2, c.act)
+
+
+def test_auto_impl_fallback_end_to_end(monkeypatch, caplog):
+    """The whole op (forward and backward) with impl='auto' on a dtype the kernels reject, while
+    tensors report is_cuda: it runs, logs the fallback, and matches the PyTorch path."""
+    import logging
+
+    from moe_inductor import op as op_mod
+
+    c = make_case(bias=True)
+    leaves64 = [t.detach().double().requires_grad_(True) for t in (c.x, c.scores, c.w1, c.w2, c.b1, c.b2)]
+
+    def run(impl):
+        leaves = [t.detach().clone().requires_grad_(True) for t in leaves64]
+        x, s, w1, w2, b1, b2 = leaves
+        out = fused_moe(x, c.token_ids, c.expert_ids, s, w1, w2, b1=b1, b2=b2, impl=impl)
+        out.backward(c.grad_out.double())
+        return [out.detach()] + [t.grad for t in leaves]
+
+    want = run("torch")
+    monkeypatch.delenv("MOE_INDUCTOR_IMPL", raising=False)
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    with caplog.at_level(logging.INFO, logger=op_mod.log.name):
+        got = run("auto")
+    monkeypatch.undo()
+    msgs = [r.getMessage() for r in caplog.records if r.name == op_mod.log.name]
+    assert len([m for m in msgs if "float64" in m and "PyTorch path" in m]) == 2, msgs  # forward + backward
+    for name, g, w in zip(("out", "dx", "dscores", "dw1", "dw2", "db1", "db2"), got, want):
+        assert torch.equal(g, w), name
+
+
+@pytest.mark.parametrize("recompute_h", [False, True])
+def test_triton_path_saves_same_activations_as_torch_path(recompute_h):
+    """Activation memory: forward + autograd with impl='triton' keeps exactly what impl='torch'
+    keeps (X, H or nothing, scores, int routing, order), tensor by tensor and byte for byte."""
+    from moe_inductor.memory import saved_activation_bytes
+
+    c = make_case(T=13, E=5, K=3, bias=True, act="swiglu", dtype=torch.bfloat16, index_dtype=torch.int32)
+    x = c.x.detach().clone().requires_grad_(True)
+    s = c.scores.detach().clone().requires_grad_(True)
+    params = [t.detach().clone().requires_grad_(True) for t in (c.w1, c.w2, c.b1, c.b2)]
+
+    def saved_signature(impl):
+        sig = []
+
+        def pack(t):
+            sig.append((tuple(t.shape), t.dtype))
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            fused_moe(x, c.token_ids, c.expert_ids, s, *params[:2], b1=params[2], b2=params[3],
+                      recompute_h=recompute_h, impl=impl)
+        nbytes, _ = saved_activation_bytes(
+            fused_moe, x, c.token_ids, c.expert_ids, s, *params[:2], b1=params[2], b2=params[3],
+            recompute_h=recompute_h, impl=impl, exclude=params)
+        return sorted(sig, key=str), nbytes
+
+    sig_triton, bytes_triton = saved_signature("triton")
+    sig_torch, bytes_torch = saved_signature("torch")
+    assert sig_triton == sig_torch
+    assert bytes_triton == bytes_torch
+    A, H = c.token_ids.numel(), c.w1.shape[1]
+    h_bytes = 0 if recompute_h else A * H * 2
+    # X (bf16) + H + scores (fp32) + token ids, expert ids, order (int32)
+    assert bytes_triton == x.numel() * 2 + h_bytes + A * 4 + 3 * A * 4
+
+
+def test_fp32_dot_is_ieee_unless_tf32_allowed(monkeypatch):
+    """fp32 operands use tl.dot(input_precision="ieee") (no silent tf32); MOE_INDUCTOR_ALLOW_TF32=1
+    (launch_utils.ALLOW_TF32) opts in to tf32. Half precisions never pass IEEE. The interpreter
+    ignores input_precision: test_kernels_compile_for_hopper checks the sm_90 code has no tf32."""
+    from moe_inductor.kernels import launch_utils
+
+    assert launch_utils.ALLOW_TF32 == (os.environ.get("MOE_INDUCTOR_ALLOW_TF32") == "1")
+    monkeypatch.setattr(launch_utils, "ALLOW_TF32", False)
+    assert launch_utils.dot_flags(torch.float32)["IEEE"] is True
+    assert launch_utils.dot_flags(torch.bfloat16)["IEEE"] is False
+    assert launch_utils.dot_flags(torch.float16)["IEEE"] is False
+    monkeypatch.setattr(launch_utils, "ALLOW_TF32", True)
+    assert launch_utils.dot_flags(torch.float32)["IEEE"] is False
+
+
+@pytest.mark.parametrize("i", range(4))
+def test_gpu_tile_configs_interpreted(i, monkeypatch):
+    """The interpreter normally runs one small config (32 x 32 tiles, launch_utils.autotune_configs);
+    here the i-th GPU autotune config of every GEMM kernel runs instead, so the tile shapes the
+    GPU will pick (BLOCK_N up to 256, BLOCK_K up to 128, dS partials spread over BLOCK_N / PART_N
+    slots) are checked for correctness too. d and n leave partial blocks in every config."""
+    from moe_inductor.kernels import grouped_gemm as gg
+
+    for kernel, configs in ((gg._up_proj_kernel, gg._UP_GPU_CONFIGS), (gg._sorted_gemm_kernel, gg._GEMM_GPU_CONFIGS),
+                            (gg._dh_kernel, gg._GEMM_GPU_CONFIGS), (gg._weight_grad_kernel, gg._WGRAD_GPU_CONFIGS)):
+        monkeypatch.setattr(kernel, "configs", [configs[i]])
+    monkeypatch.setattr(gg, "_DH_MIN_BLOCK_N", min(c.kwargs["BLOCK_N"] for c in gg._GEMM_GPU_CONFIGS))
+    # n past the widest BLOCK_N of config i (two column blocks in dH / up_proj / Y), d past BLOCK_K
+    n = {0: 136, 1: 72, 2: 264, 3: 136}[i]
+    d = {0: 72, 1: 72, 2: 72, 3: 136}[i]
+    run_and_compare(make_case(T=5, E=3, K=2, d=d, n=n, dtype=(torch.float32, torch.bfloat16)[i % 2], bias=True,
+                              act="swiglu", interleaved=i % 2 == 1))
+    assert gg._dh_kernel.best_config is gg._GEMM_GPU_CONFIGS[i]  # the patched config really ran
+    assert gg._up_proj_kernel.best_config is gg._UP_GPU_CONFIGS[i]
+
+
+def test_tile_m_is_shared_with_token_rounding(monkeypatch):
+    """kernels.config.TILE_M is the row tile of the kernel schedule and the default tile token
+    rounding rounds to; the kernels serve any TILE_M (here 16: experts span several tiles at T=40)."""
+    from moe_inductor.kernels import config, fused_moe_triton
+    from moe_inductor.options import SonicOptions
+
+    assert SonicOptions().tile_m == config.TILE_M == fused_moe_triton.TILE_M
+    monkeypatch.setattr(fused_moe_triton, "TILE_M", 16)
+    run_and_compare(make_case(T=40, E=3, K=2, d=16, n=8, bias=True))
+
+
 def test_import_moe_inductor_does_not_import_triton():
     import subprocess
     import sys
@@ -377,6 +653,30 @@ def test_import_moe_inductor_does_not_import_triton():
     code = "import sys, moe_inductor, moe_inductor.op, moe_inductor.kernels; print('triton' in sys.modules)"
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert res.stdout.strip() == "False"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(HAS_CUDA, reason="the interpreter smoke run is the CPU stand-in for the GPU benchmark")
+def test_bench_kernels_interpret_smoke(tmp_path):
+    """examples/bench_kernels.py --interpret-smoke (the GPU benchmark's code paths at a tiny shape
+    on CPU) runs, every implementation it ran is ok, and sonic keeps less than transformers'
+    grouped_mm experts. hf_compiled and liger are left out to keep the test short."""
+    import json
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    res = subprocess.run(
+        [sys.executable, os.path.join(root, "examples", "bench_kernels.py"), "--interpret-smoke",
+         "--impls", "sonic,hf_grouped_mm,dense", "--out", str(tmp_path / "smoke")],
+        capture_output=True, text=True, timeout=600, cwd=root,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    results = {r["impl"]: r for r in json.loads((tmp_path / "smoke.json").read_text())["results"]}
+    assert set(results) == {"sonic", "hf_grouped_mm", "dense"}
+    assert all(r["status"] == "ok" for r in results.values()), {k: r["status"] for k, r in results.items()}
+    assert results["sonic"]["fwd_ms"] is None  # interpreter timings are never recorded
+    assert results["sonic"]["saved_activation_bytes"] < results["hf_grouped_mm"]["saved_activation_bytes"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -465,9 +765,9 @@ def compile_sm90(kernel, dt, consts, warps, stages):
              if nm not in consts and nm not in ("alpha", "limit")}
     src = ASTSource(fn=fn, signature=sig, constexprs={(names.index(k),): v for k, v in consts.items()}, attrs=attrs)
     k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
-    return k.asm["ttgir"].count("async_copy_global_to_local")
+    return k.asm
 
-pipelined = [
+asms = [
     compile_sm90(gg._up_proj_kernel, "bf16", dict(HAS_B1=True, KEEP_H=True, WRITE_A=True, GATED=True,
                  INTERLEAVED=True, ACT=4, IEEE=False, INTERPRET=False, BLOCK_M=128, BLOCK_N=64, BLOCK_K=64), 4, 4),
     compile_sm90(gg._dh_kernel, "bf16", dict(HAS_B2=True, GATED=True, INTERLEAVED=True, ACT=4, IEEE=False,
@@ -480,7 +780,9 @@ pipelined = [
 compile_sm90(cb._gather_sum_kernel, "bf16", dict(HAS_SCALE=True, INTERPRET=False, BLOCK_D=1024), 4, 1)
 compile_sm90(cb._segment_colsum_kernel, "bf16", dict(GATHER=True, HAS_SCALE=True, INTERPRET=False, BLOCK_R=64,
              BLOCK_C=256), 4, 1)
-print("PIPELINED", *pipelined)
+print("PIPELINED", *[a["ttgir"].count("async_copy_global_to_local") for a in asms])
+# the fp32 specialisation (IEEE=True, what dot_flags gives fp32 by default) must not use tf32
+print("FP32_TF32", int("tf32" in asms[2]["ptx"]))
 """
 
 
@@ -489,7 +791,8 @@ print("PIPELINED", *pipelined)
 def test_kernels_compile_for_hopper():
     """The interpreter never runs Triton's compiler: compile the GPU specialisations (bf16 wgmma,
     fp32 ieee, every epilogue flag) for sm_90 in a subprocess without TRITON_INTERPRET, and check
-    that the GEMM main loops are software-pipelined (cp.async copies into multi-stage buffers)."""
+    that the GEMM main loops are software-pipelined (cp.async copies into multi-stage buffers) and
+    that the fp32 specialisation has no tf32 instruction (input_precision="ieee" honoured)."""
     import subprocess
     import sys
 
@@ -503,5 +806,6 @@ def test_kernels_compile_for_hopper():
     if res.returncode != 0 and "TypeError" in res.stderr and "ASTSource" in res.stderr:
         pytest.skip("triton AOT API differs in this version")  # pragma: no cover
     assert res.returncode == 0, res.stderr[-3000:]
-    counts = [int(v) for v in res.stdout.split("PIPELINED")[1].split()]
+    counts = [int(v) for v in res.stdout.split("PIPELINED")[1].split("FP32_TF32")[0].split()]
     assert all(c > 0 for c in counts), f"GEMM loops not pipelined (cp.async counts {counts})"
+    assert res.stdout.split("FP32_TF32")[1].split()[0] == "0", "fp32 GEMM compiled to tf32 MMAs"
