@@ -66,6 +66,16 @@ class ExplainReport:
     entries: list = dataclasses.field(default_factory=list)
     graph_breaks: list = dataclasses.field(default_factory=list)
     graph_count: int = 0
+    #: moe_inductor.report.RoutingStats of every fused-op call of the explain run, in call order
+    routing: list = dataclasses.field(default_factory=list)
+    #: GEMM row tile the padding waste is computed for (the backend option tile_m)
+    tile_m: int = 128
+
+    @property
+    def padding_waste(self) -> Optional[float]:
+        """Padding waste over all fused-op calls of the run: GEMM rows that tiles of TILE_M rows
+        compute for no assignment, over the rows the assignments need (None if no call ran)."""
+        return _waste([c for r in self.routing for c in r.counts], self.tile_m) if self.routing else None
 
     @property
     def rewritten(self) -> list:
@@ -100,6 +110,12 @@ class ExplainReport:
                 lines.append(f"{e.where}: {e.status}: {e.reason}")
                 if e.remedy:
                     lines.append(f"    remedy: {e.remedy}")
+        if self.routing:
+            lines.append("")
+            lines.append(f"routing seen by the fused op: {len(self.routing)} call(s), "
+                         f"{sum(r.assignments for r in self.routing)} assignments, padding waste at "
+                         f"tile {self.tile_m} rows: {100 * self.padding_waste:.2f}% "
+                         f"(per call: {', '.join(f'{100 * _waste(r.counts, self.tile_m):.1f}%' for r in self.routing)})")
         if self.graph_breaks:
             lines.append("")
             lines.append("graph breaks:")
@@ -200,6 +216,11 @@ def _remedy(m: torch.nn.Module) -> str:
             "or store the experts as stacked (E, ...) weights and use the sorted grouped-GEMM form")
 
 
+def _waste(counts: list, tile_m: int) -> float:
+    need = sum(counts)
+    return (sum(-(-c // tile_m) * tile_m for c in counts) - need) / need if need else 0.0
+
+
 # --------------------------------------------------------------------------- driver
 
 def _frames_of(reason) -> tuple:
@@ -223,7 +244,7 @@ def explain(model: torch.nn.Module, *args, options: Optional[dict] = None, induc
     """
     from .backend import rewrite_moe, sonic
     from .options import SonicOptions
-    from .report import capture_reports, record_report
+    from .report import capture_reports, capture_routing_stats, record_report
 
     opts = SonicOptions.from_dict(options)
     breaks: list[GraphBreak] = []
@@ -244,7 +265,7 @@ def explain(model: torch.nn.Module, *args, options: Optional[dict] = None, induc
 
     torch._dynamo.reset()
     before = {k: dict(counters[k]) for k in ("graph_break", "unimplemented")}
-    with capture_reports() as reports:
+    with capture_reports() as reports, capture_routing_stats() as routing_stats:
         torch.compile(model, backend=backend, fullgraph=False)(*args, **kwargs)
     # graph breaks that skipped a whole frame leave no graph behind: only Dynamo's counters know
     seen = {b.reason for b in breaks}
@@ -257,7 +278,7 @@ def explain(model: torch.nn.Module, *args, options: Optional[dict] = None, induc
                 where = f"{os.path.basename(m.group(2))}:{m.group(3)} in {m.group(1)}" if m else ""
                 breaks.append(GraphBreak(reason=msg, where=where, frames=frames))
 
-    rep = ExplainReport(graph_breaks=breaks, graph_count=graph_count)
+    rep = ExplainReport(graph_breaks=breaks, graph_count=graph_count, routing=routing_stats, tile_m=opts.tile_m)
     candidates = [c for r in reports for c in r.candidates]
     for c in candidates:
         rep.entries.append(ExplainEntry(

@@ -191,3 +191,19 @@ def test_transformers_block_rounds():
     for a, b in zip(torch.autograd.grad(out.reshape(-1, 32), [h, blk.gate.weight], g),
                     torch.autograd.grad(ref, [h, blk.gate.weight], g)):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_explain_prints_padding_waste_of_the_routing_it_ran():
+    torch.manual_seed(0)
+    m = RoutedLoopMoE("renorm")
+    h = torch.randn(2, 19, 16)
+    plain = moe_inductor.explain(m, h, options={"tile_m": 8}, inductor=False)
+    (stats,) = plain.routing
+    x = h.reshape(-1, 16)
+    counts = torch.bincount(torch.topk(m.gate(x).softmax(-1), 2).indices.reshape(-1), minlength=6)
+    assert stats.counts == counts.tolist() and stats.assignments == 76
+    want = float(((counts + 7) // 8 * 8 - counts).sum()) / 76
+    assert plain.padding_waste == pytest.approx(want) and want > 0
+    assert f"padding waste at tile 8 rows: {100 * want:.2f}%" in str(plain)
+    rounded = moe_inductor.explain(m, h, options={"tile_m": 8, "token_rounding": "up"}, inductor=False)
+    assert rounded.padding_waste == 0.0 and rounded.routing[0].assignments > 76
