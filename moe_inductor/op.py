@@ -99,7 +99,7 @@ def _check_routing_values(token_ids: Tensor, expert_ids: Tensor, T: int, E: int)
             f"fused_moe: inconsistent routing: expert_ids outside [0, {E}) (or -1 for a dropped assignment)")
 
 
-def _resolve_impl(impl: str, x: Tensor, w1: Tensor, w2: Tensor, act) -> str:
+def _resolve_impl(impl: str, x: Tensor, w1: Tensor, w2: Tensor, act, num_assignments: int = 0) -> str:
     if impl == "auto":
         impl = os.environ.get("MOE_INDUCTOR_IMPL", "auto")
         if impl not in IMPLS:
@@ -108,7 +108,7 @@ def _resolve_impl(impl: str, x: Tensor, w1: Tensor, w2: Tensor, act) -> str:
         if x.is_cuda:
             from .kernels import unsupported_reason
 
-            reason = unsupported_reason(x, w1, w2, act)
+            reason = unsupported_reason(x, w1, w2, act, num_assignments)
             if reason is None:
                 return "triton"
             log.info("sonic: Triton kernels cannot serve this call (%s); using the PyTorch path", reason)
@@ -118,7 +118,7 @@ def _resolve_impl(impl: str, x: Tensor, w1: Tensor, w2: Tensor, act) -> str:
     if impl == "triton":
         from .kernels import unsupported_reason
 
-        reason = unsupported_reason(x, w1, w2, act)
+        reason = unsupported_reason(x, w1, w2, act, num_assignments)
         if reason is not None:
             raise ValueError(f"fused_moe: impl='triton' cannot serve this call: {reason}")
     return impl
@@ -141,7 +141,7 @@ def _fused_moe(
 ) -> tuple[Tensor, Tensor, Tensor]:
     check_inputs(x, token_ids, expert_ids, scores, w1, w2, b1, b2, activation, impl)
     act = parse_activation(activation)
-    which = _resolve_impl(impl, x, w1, w2, act)
+    which = _resolve_impl(impl, x, w1, w2, act, token_ids.shape[0])
     if not x.is_cuda:
         _check_routing_values(token_ids, expert_ids, x.shape[0], w1.shape[0])
     elif token_ids.numel():
@@ -187,7 +187,7 @@ def _fused_moe_backward(
     impl: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     act = parse_activation(activation)
-    which = _resolve_impl(impl, x, w1, w2, act)
+    which = _resolve_impl(impl, x, w1, w2, act, token_ids.shape[0])
     h = None if recompute_h else h_sorted
     if which == "triton":
         from .kernels import triton_moe_backward

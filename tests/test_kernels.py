@@ -809,3 +809,13 @@ def test_kernels_compile_for_hopper():
     counts = [int(v) for v in res.stdout.split("PIPELINED")[1].split("FP32_TF32")[0].split()]
     assert all(c > 0 for c in counts), f"GEMM loops not pipelined (cp.async counts {counts})"
     assert res.stdout.split("FP32_TF32")[1].split()[0] == "0", "fp32 GEMM compiled to tf32 MMAs"
+
+
+def test_unsupported_reason_counts_assignments_for_int32_tables():
+    from moe_inductor.activations import parse_activation
+    from moe_inductor.kernels import unsupported_reason
+
+    x, w1, w2 = torch.empty(4, 8), torch.empty(2, 16, 8), torch.empty(2, 8, 8)
+    act = parse_activation("swiglu")
+    assert unsupported_reason(x, w1, w2, act, 2**31 - 1) is None
+    assert "int32 routing tables" in unsupported_reason(x, w1, w2, act, 2**31)

@@ -31,7 +31,8 @@ def _cuda_capability(index: int) -> tuple[int, int]:
     return torch.cuda.get_device_capability(index)
 
 
-def unsupported_reason(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, act) -> str | None:
+def unsupported_reason(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, act,
+                       num_assignments: int = 0) -> str | None:
     """None if the Triton kernels can serve this call, else a short reason (metadata only)."""
     if importlib.util.find_spec("triton") is None:
         return "triton is not installed"
@@ -50,8 +51,10 @@ def unsupported_reason(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, act)
         return "empty expert weights"
     if act.gated and h_cols != 2 * n:
         return "gated activation needs w1 with 2n rows"
-    if x.shape[0] >= 2**31:
-        return "more than 2**31 tokens (int32 routing tables)"
+    if x.shape[0] >= 2**31 or num_assignments >= 2**31:
+        return "2**31 or more tokens or assignments (int32 routing tables)"
+    if num_assignments * max(h_cols, d) >= 2**62:
+        return "sorted activations too large to index"
     if E > 65535:
         return "more than 65535 experts (grid axis 1 of the per-expert kernels)"
     return None
