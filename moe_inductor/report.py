@@ -28,15 +28,19 @@ class RoutingStats:
 
 
 @contextlib.contextmanager
+def _listening(listeners: list):
+    found: list = []
+    listeners.append(found)
+    try:
+        yield found
+    finally:
+        listeners.remove(found)
+
+
 def capture_routing_stats():
     """Collect a RoutingStats for every fused-op call (eager or inside compiled graphs) run in
     this block. Costs one device-to-host read per call, so only while capturing."""
-    stats: list = []
-    _routing_listeners.append(stats)
-    try:
-        yield stats
-    finally:
-        _routing_listeners.remove(stats)
+    return _listening(_routing_listeners)
 
 
 def _record_routing(expert_ids, num_tokens: int, num_experts: int) -> None:
@@ -74,12 +78,6 @@ def record_report(report: CompileReport, gm) -> None:
         listener.append(report)
 
 
-@contextlib.contextmanager
 def capture_reports():
     """Collect the CompileReports of every graph the sonic backend compiles in this block."""
-    reports: list = []
-    _listeners.append(reports)
-    try:
-        yield reports
-    finally:
-        _listeners.remove(reports)
+    return _listening(_listeners)
