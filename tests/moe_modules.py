@@ -114,3 +114,139 @@ def mixtral_with_loop_moe(model):
                 new.experts[e].w2.weight.copy_(down[e])
         layer.mlp = new
     return model
+
+
+# --------------------------------------------------------------------------- boolean-mask dispatch
+
+class Switch4xSparseMLP(nn.Module):
+    """transformers 4.x ``SwitchTransformersSparseMLP.forward`` around a 5.x block's router and
+    experts (same weights): top-1 one-hot mask (capacity-masked), boolean-mask dispatch into a clone
+    of the input (tokens over capacity keep their input), then scaled by the router probability.
+    transformers 5.x rewrote it as a loop over the data-dependent ``expert_hit``, which Dynamo
+    cannot capture in one graph; this is the form users with 4.x-era model code have."""
+
+    def __init__(self, block):
+        super().__init__()
+        self.router = block.router
+        self.experts = block.experts  # ModuleDict expert_0 .. expert_{E-1}
+
+    def forward(self, hidden_states):
+        router_mask, router_probs, router_logits = self.router(hidden_states)
+        next_states = hidden_states.clone()
+        router_mask = router_mask.bool()
+        for idx, expert in enumerate(self.experts.values()):
+            token_indices = router_mask[:, :, idx]
+            next_states[token_indices] = expert(hidden_states[token_indices]).to(next_states.dtype)
+        return router_probs * next_states
+
+
+def switch_with_4x_sparse_mlp(model):
+    """Give a transformers 5.x Switch Transformers model 4.x-style sparse MLPs (same weights)."""
+    for name, m in list(model.named_modules()):
+        if type(m).__name__ == "SwitchTransformersSparseMLP":
+            parent = model.get_submodule(name.rsplit(".", 1)[0])
+            setattr(parent, name.rsplit(".", 1)[1], Switch4xSparseMLP(m))
+    return model
+
+
+class Nllb4xSparseMLP(nn.Module):
+    """transformers 4.x ``NllbMoeSparseMLP.forward`` around a 5.x block's router and experts: top-2
+    boolean masks, per-expert slices of an (E, T, d) buffer, expert outputs through
+    ``moe_token_dropout`` (dropout in training, a 1 - p scale in eval), sum over experts."""
+
+    def __init__(self, block):
+        super().__init__()
+        self.router = block.router
+        self.num_experts = block.num_experts
+        self.experts = nn.ModuleList([block.experts[f"expert_{i}"] for i in range(block.num_experts)])
+        self.moe_token_dropout = block.experts.moe_token_dropout
+        self.token_dropout = nn.Dropout(self.moe_token_dropout)
+
+    def forward(self, hidden_states, padding_mask=None):
+        batch_size, sequence_length, hidden_dim = hidden_states.shape
+        hidden_states = hidden_states.reshape(batch_size * sequence_length, hidden_dim)
+        top_1_mask, router_probs, _ = self.router(hidden_states, padding_mask)
+        router_mask = router_probs.bool()
+        masked_hidden_states = torch.einsum("bm,be->ebm", hidden_states, router_mask)
+        for idx, expert in enumerate(self.experts):
+            token_indices = router_mask[:, idx]
+            combining_weights = router_probs[token_indices, idx]
+            expert_output = expert(masked_hidden_states[idx, token_indices])
+            if self.moe_token_dropout > 0:
+                if self.training:
+                    expert_output = self.token_dropout(expert_output)
+                else:
+                    expert_output *= 1 - self.moe_token_dropout
+            masked_hidden_states[idx, token_indices] = torch.einsum("b,be->be", combining_weights, expert_output)
+        hidden_states = masked_hidden_states.sum(dim=0)
+        return hidden_states.reshape(batch_size, sequence_length, hidden_dim)
+
+
+def nllb_with_4x_sparse_mlp(model):
+    """Give a transformers 5.x NLLB-MoE model 4.x-style sparse MLPs (same weights)."""
+    for name, m in list(model.named_modules()):
+        if type(m).__name__ == "NllbMoeSparseMLP":
+            parent = model.get_submodule(name.rsplit(".", 1)[0])
+            setattr(parent, name.rsplit(".", 1)[1], Nllb4xSparseMLP(m))
+    return model
+
+
+class MaskDispatchMoE(nn.Module):
+    """Research-code top-1 boolean-mask dispatch over a ModuleList of experts:
+    ``out[idx == e] = w[idx == e, None] * experts[e](x[idx == e])``.
+
+    mask="eq" (``expert_index == e``) or "onehot" (``one_hot(expert_index, E).bool()[:, e]``);
+    init="zeros" or "clone" (unrouted tokens keep their input); weighted: multiply by the router
+    probability inside the loop; capacity (mask="onehot"): an expert takes only its first
+    ``capacity`` tokens, the others are routed nowhere (Switch Transformers' expert capacity). Look-alike switches: mask="threshold" (``probs[:, e] > 1/E``: a
+    token may pass several masks, later experts overwrite), inplace_expert (the expert output is
+    scaled in place), read_inside (the loop reads the buffer it writes)."""
+
+    def __init__(self, d=16, n=8, E=4, expert=GatedMLP, mask="eq", init="zeros", weighted=True,
+                 inplace_expert=False, read_inside=False, capacity=None, **kw):
+        super().__init__()
+        self.gate = nn.Linear(d, E, bias=False)
+        self.experts = nn.ModuleList([expert(d, n, **kw) for _ in range(E)])
+        self.E, self.mask, self.init, self.weighted = E, mask, init, weighted
+        self.inplace_expert, self.read_inside, self.capacity = inplace_expert, read_inside, capacity
+
+    def forward(self, x):
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        probs = F.softmax(self.gate(x), dim=-1)
+        w, idx = probs.max(dim=-1)
+        out = torch.zeros_like(x) if self.init == "zeros" else x.clone()
+        onehot = F.one_hot(idx, self.E)
+        if self.capacity is not None:
+            onehot = onehot * (torch.cumsum(onehot, dim=0) <= self.capacity)
+        onehot = onehot.bool()
+        for e, expert in enumerate(self.experts):
+            if self.mask == "eq":
+                m = idx == e
+            elif self.mask == "onehot":
+                m = onehot[:, e]
+            else:
+                m = probs[:, e] > 1.0 / self.E
+            y = expert(x[m])
+            if self.inplace_expert:
+                y.mul_(2.0)
+            if self.weighted:
+                y = w[m, None] * y
+            if self.read_inside:
+                y = y + out[m]
+            out[m] = y
+        return out.reshape(shape)
+
+
+class BiasedMLP(nn.Module):
+    """NLLB-MoE / T5-style expert: fc1 and fc2 with biases, ReLU, dropout between them."""
+
+    def __init__(self, d, n, act=F.relu, p=0.0):
+        super().__init__()
+        self.fc1 = nn.Linear(d, n)
+        self.fc2 = nn.Linear(n, d)
+        self.act = act
+        self.dropout = nn.Dropout(p)
+
+    def forward(self, x):
+        return self.fc2(self.dropout(self.act(self.fc1(x))))

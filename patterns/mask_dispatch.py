@@ -1,0 +1,473 @@
+"""Idiom: boolean-mask dispatch with top-1 ("switch") routing. transformers 4.x Switch
+Transformers and research code, unrolled by Dynamo into one ``setitem`` per expert::
+
+    buf = hidden.clone()                    # or torch.zeros_like(hidden)   (B.., d)
+    router_mask = one_hot(argmax(probs), E) * capacity_mask               # (B.., E)
+    for e, expert in enumerate(experts):    # ModuleList / ModuleDict.values()
+        m = router_mask.bool()[..., e]      # or (expert_index == e)         (B..,) bool
+        buf[m] = expert(hidden[m])          # optionally w[m, None] * ..., .to(dtype)  <- anchor
+
+expert(z) = down(act(up(z))) or down(act(gate(z)) * up(z)); linears with or without bias;
+dropout that is the identity (eval mode, or p == 0) is allowed between them.
+
+Semantics the rewrite must keep, and how it keeps them:
+
+- A token in no mask keeps ``buf``'s initial value (its input for ``clone``, Switch's tokens over
+  expert capacity; 0 for ``zeros``). The replacement is ``where(routed, fused, initial)`` with
+  ``routed`` the OR of the very masks the model uses, so capacity dropping is reproduced exactly
+  (and a non-finite expert output of an unrouted token cannot leak in through ``0 * y``).
+- Assignment overwrites; it does not sum. The rewrite is exact only if no token is in two masks,
+  which is proved from the graph: the masks are columns ``e`` of one tensor whose rows have at most
+  one nonzero (``one_hot(i, E)``, optionally multiplied elementwise by anything of its shape, then
+  ``.bool()``), or ``i == e`` for one index tensor and distinct constants. Otherwise: declined.
+- The fused op gets one assignment per token: expert = position of the token's mask (argmax over
+  the stacked masks; 0 for unrouted tokens, whose output the ``where`` discards), score = the
+  router weight the model multiplies by inside the loop, or 1.0 (unrouted tokens get score 0).
+
+Declined (with the reason), because the fused op would not compute the same thing:
+
+- anything random or in place between the gathered tokens and the assigned value (dropout with
+  p > 0 in training: NLLB-MoE's ``moe_token_dropout``, Switch's expert dropout; ``y *= 1 - p``);
+- masks not provably disjoint (thresholds, top-k masks: later experts overwrite earlier ones);
+- indexing other than ``buf[mask]`` (NLLB-MoE 4.x writes per-expert slices ``buf[e, mask]`` of an
+  (E, T, d) buffer and sums them; its top-2 masks come from ``router_probs.bool()``, whose row
+  count is not provable from the graph);
+- the loop reading the buffer it writes, the buffer written elsewhere, experts sharing weights,
+  experts of different shapes or activations, router weights that differ between experts.
+
+transformers 5.x Switch Transformers and NLLB-MoE loop over the data-dependent ``expert_hit``
+(``nonzero``): Dynamo cannot capture that loop in one graph, so no idiom sees those blocks
+(``moe_inductor.explain`` reports the graph break).
+
+Shape legend: T tokens (flattened leading dims), d hidden, n expert intermediate, E experts.
+"""
+from __future__ import annotations
+
+import operator
+from collections import defaultdict
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as Fn
+from torch._inductor.pattern_matcher import KeywordArg as KA, is_match
+
+from moe_inductor.rewrite import (
+    AnyOf, F, M, MoEBlock, call, dtype_of, getitem, int_value, is_mutation, method, mutated_between, same,
+    shape_of,
+)
+from .common import GATED_OF, unary_activation
+
+IDIOM = "mask_dispatch"
+
+
+class Declined(Exception):
+    pass
+
+
+def _need(cond, reason):
+    if not cond:
+        raise Declined(reason)
+
+
+def _match(pattern, node, what):
+    m = pattern.match(node) if isinstance(node, fx.Node) else None
+    if m is None or not is_match(m):
+        raise Declined(f"{what} not recognised")
+    return m.kwargs
+
+
+# --------------------------------------------------------------------------- patterns
+
+_LINEAR = (torch._C._nn.linear, Fn.linear)
+_ALL = slice(None, None, None)
+
+
+def _linear(name_in: str, name_w: str, name_b: str):
+    alts = []
+    for fn in _LINEAR:
+        alts += [F(fn, KA(name_in), KA(name_w)), F(fn, KA(name_in), KA(name_w), KA(name_b)),
+                 F(fn, KA(name_in), KA(name_w), bias=KA(name_b))]
+    return AnyOf(*alts)
+
+
+def _setitem_pattern():
+    return F(operator.setitem, KA("buf"), KA("mask"), KA("value"))
+
+
+def _column_pattern():
+    """m = R[..., e] for a rank-2 or rank-3 R."""
+    return AnyOf(getitem(KA("rows"), (_ALL, KA("e"))), getitem(KA("rows"), (_ALL, _ALL, KA("e"))),
+                 getitem(KA("rows"), (Ellipsis, KA("e"))))
+
+
+def _eq_pattern():
+    return AnyOf(F(operator.eq, KA("index"), KA("e")), F(torch.eq, KA("index"), KA("e")),
+                 M("eq", KA("index"), KA("e")))
+
+
+def _bool_cast_pattern():
+    return AnyOf(M("bool", KA("src")), M("to", KA("src"), torch.bool), M("to", KA("src"), dtype=torch.bool))
+
+
+def _one_hot_pattern():
+    return AnyOf(F(torch._C._nn.one_hot, KA("index"), num_classes=KA("E")),
+                 F(Fn.one_hot, KA("index"), num_classes=KA("E")),
+                 F(torch._C._nn.one_hot, KA("index"), KA("E")), F(Fn.one_hot, KA("index"), KA("E")))
+
+
+def _buffer_pattern():
+    return AnyOf(M("clone", KA("src")), F(torch.clone, KA("src")), F(torch.zeros_like, KA("zeros_of")))
+
+
+def _weighted_pattern():
+    w = AnyOf(getitem(KA("weights"), (KA("wmask"), None)), M("unsqueeze", getitem(KA("weights"), KA("wmask")), -1),
+              getitem(KA("weights"), KA("wmask")))
+    return AnyOf(F(operator.mul, w, KA("expert_out")), F(operator.mul, KA("expert_out"), w))
+
+
+def _gather_pattern():
+    return getitem(KA("x"), KA("gmask"))
+
+
+# --------------------------------------------------------------------------- one expert block
+
+def _is_identity_dropout(node: fx.Node) -> bool:
+    """F.dropout(h, p, training, inplace) that returns h unchanged: eval mode or p == 0."""
+    if node.op != "call_function" or node.target is not Fn.dropout:
+        return False
+    names = ("input", "p", "training", "inplace")
+    args = dict(zip(names, node.args))
+    args.update(node.kwargs)
+    p, training, inplace = args.get("p", 0.5), args.get("training", True), args.get("inplace", False)
+    return inplace is False and (training is False or p == 0 or p == 0.0)
+
+
+def _skip_identities(node):
+    """Follow identity dropout and dtype casts to the same dtype back to the producing node."""
+    while isinstance(node, fx.Node):
+        if _is_identity_dropout(node):
+            node = node.args[0] if node.args else node.kwargs["input"]
+        elif (node.op == "call_method" and node.target == "to" and len(node.args) == 2 and not node.kwargs
+              and isinstance(node.args[1], torch.dtype) and dtype_of(node.args[0]) == node.args[1]):
+            node = node.args[0]
+        else:
+            return node
+    return node
+
+
+def _find_gather(value: fx.Node, index):
+    """The ``x[index]`` (same index object) that ``value`` is computed from, or None."""
+    stack, seen = [value], set()
+    while stack:
+        n = stack.pop()
+        if n in seen or not isinstance(n, fx.Node):
+            continue
+        seen.add(n)
+        if n.op == "call_function" and n.target is operator.getitem and len(n.args) == 2:
+            idx = n.args[1]
+            if idx is index or (isinstance(idx, tuple) and isinstance(index, tuple) and len(idx) == len(index)
+                                and all(a is b for a, b in zip(idx, index))):
+                return n
+        if n.op in ("call_function", "call_method"):
+            stack.extend(n.all_input_nodes)
+    return None
+
+
+def _check_expert_path(value: fx.Node, gathered: fx.Node):
+    """Nothing random or in place on the path from the gathered tokens to the assigned value."""
+    order = {n: i for i, n in enumerate(value.graph.nodes)}
+    downstream, stack = {gathered}, [gathered]
+    while stack:  # nodes computed from the gathered tokens, up to the value
+        for u in stack.pop().users:
+            if u not in downstream and order[u] <= order[value]:
+                downstream.add(u)
+                stack.append(u)
+    for n in downstream:
+        if n.op == "call_function" and n.target is Fn.dropout and not _is_identity_dropout(n):
+            raise Declined("expert path applies dropout with p > 0 in training (random per element, e.g. "
+                           "NLLB-MoE moe_token_dropout or Switch expert dropout): the fused op cannot reproduce it")
+        if n.op == "call_function" and n.target in (torch.rand_like, torch.randn_like, torch.bernoulli):
+            raise Declined("expert path draws random numbers: the fused op cannot reproduce it")
+        for u in n.users:
+            if is_mutation(u, n):
+                raise Declined(f"expert path modifies {n.name} in place ({u.format_node()})")
+
+
+def _expert_mlp(out: fx.Node, gathered: fx.Node):
+    """(activation, w_gate|w1, b_gate|b1, w_up, b_up, w_down, b_down) of out = expert(gathered)."""
+    down = _match(_linear("mid", "w_down", "b_down"), _skip_identities(out), "expert down-projection (linear)")
+    mid = _skip_identities(down["mid"])
+    if mid.op == "call_function" and mid.target is operator.mul and len(mid.args) == 2:
+        for a, b in (mid.args, mid.args[::-1]):
+            if not isinstance(a, fx.Node) or not isinstance(b, fx.Node):
+                continue
+            name, inner = unary_activation(a)
+            if name is None:
+                continue
+            g = _linear("z", "w_gate", "b_gate").match(inner)
+            u = _linear("z", "w_up", "b_up").match(_skip_identities(b))
+            if is_match(g) and is_match(u) and g.kwargs["z"] is gathered and u.kwargs["z"] is gathered:
+                _need(name in GATED_OF, f"gated activation {name} unsupported")
+                return (GATED_OF[name], g.kwargs["w_gate"], g.kwargs.get("b_gate"), u.kwargs["w_up"],
+                        u.kwargs.get("b_up"), down["w_down"], down.get("b_down"))
+    name, inner = unary_activation(mid)
+    _need(name is not None, "expert body is not a supported MLP (linear -> activation [* linear] -> linear)")
+    one = _match(_linear("z", "w_in", "b_in"), inner, "expert up-projection (linear)")
+    _need(one["z"] is gathered, "expert MLP does not read the gathered tokens")
+    return name, one["w_in"], one.get("b_in"), None, None, down["w_down"], down.get("b_down")
+
+
+def _mask_source(mask: fx.Node):
+    """('rows', R, e) for m = R[..., e] with R's rows holding at most one nonzero,
+    ('eq', i, e) for m = (i == e); declines anything else."""
+    _need(dtype_of(mask) == torch.bool, "index is not a boolean mask")
+    col = _column_pattern().match(mask)
+    if is_match(col):
+        rows, e = col.kwargs["rows"], int_value(col.kwargs["e"])
+        _need(e is not None and e >= 0, "mask column is not a constant expert number")
+        src = rows
+        cast = _bool_cast_pattern().match(rows)
+        if is_match(cast):
+            src = cast.kwargs["src"]
+        _need(_at_most_one_per_row(src), "routing mask is not one-hot per token (masks may overlap: later "
+                                         "experts overwrite earlier ones, not expressible as a sum)")
+        return "rows", rows, e
+    eq = _eq_pattern().match(mask)
+    if is_match(eq) and isinstance(eq.kwargs["index"], fx.Node) and int_value(eq.kwargs["e"]) is not None:
+        return "eq", eq.kwargs["index"], int_value(eq.kwargs["e"])
+    raise Declined("mask is neither a column of a one-hot routing mask nor expert_index == e "
+                   "(masks not provably disjoint)")
+
+
+def _at_most_one_per_row(node: fx.Node) -> bool:
+    """one_hot(i, E), or that multiplied elementwise by a tensor that does not broadcast it."""
+    if is_match(_one_hot_pattern().match(node)):
+        return True
+    if node.op == "call_function" and node.target is operator.mul and len(node.args) == 2:
+        out = shape_of(node)
+        for a in node.args:
+            if isinstance(a, fx.Node) and is_match(_one_hot_pattern().match(a)):
+                sa = shape_of(a)
+                return (out is not None and sa is not None and len(sa) == len(out)
+                        and all(same(p, q) for p, q in zip(sa, out)))
+    return False
+
+
+def analyse_one(node: fx.Node) -> dict:
+    si = _match(_setitem_pattern(), node, "masked assignment")
+    buf, mask, value = si["buf"], si["mask"], si["value"]
+    _need(isinstance(mask, fx.Node), "index is not a tensor")
+    v = value
+    if v.op == "call_method" and v.target == "to" and len(v.args) == 2 and isinstance(v.args[1], torch.dtype):
+        v = v.args[0]  # setitem casts to the buffer's dtype anyway
+    weights, out = None, v
+    w = _weighted_pattern().match(v)
+    if is_match(w) and w.kwargs["wmask"] is mask:
+        weights, out = w.kwargs["weights"], w.kwargs["expert_out"]
+        # w[mask] is (n,) for w of the mask's shape, (n, 1) for w with a trailing 1: the first must be
+        # unsqueezed to scale rows (else it broadcasts against d)
+        ws, ms = shape_of(weights), shape_of(mask)
+        plain = any(a.target is operator.getitem and a.args[1] is mask for a in v.args if isinstance(a, fx.Node))
+        want = len(ms) + 1 if plain else len(ms)
+        _need(ws is not None and ms is not None and len(ws) == want and all(same(a, b) for a, b in zip(ws, ms))
+              and (not plain or int_value(ws[-1]) == 1), "router weights are not one per token, per row")
+    # the gathered tokens: the x[mask] that feeds the expert
+    gathered, x = None, None
+    stack, seen = [out], set()
+    while stack:
+        n = stack.pop()
+        if n in seen or not isinstance(n, fx.Node):
+            continue
+        seen.add(n)
+        g = _gather_pattern().match(n)
+        if is_match(g) and g.kwargs["gmask"] is mask:
+            _need(g.kwargs["x"] is not buf, "the loop reads the buffer it writes")
+            gathered, x = n, g.kwargs["x"]
+            break
+        if n.op in ("call_function", "call_method"):
+            stack.extend(n.all_input_nodes)
+    _need(gathered is not None, "assigned value is not computed from x[mask] with the same mask")
+    _check_expert_path(value, gathered)
+    kind, source, e = _mask_source(mask)
+    mlp = _expert_mlp(out, gathered)
+    return dict(node=node, buf=buf, mask=mask, x=x, gathered=gathered, weights=weights, kind=kind,
+                source=source, e=e, mlp=mlp)
+
+
+# --------------------------------------------------------------------------- grouping and checks
+
+def analyse_group(members: list, graph: fx.Graph) -> MoEBlock:
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    members = sorted(members, key=lambda m: order[m["node"]])
+    first, last = members[0], members[-1]
+    buf, x, source, kind = first["buf"], first["x"], first["source"], first["kind"]
+    _need(all(m["source"] is source and m["kind"] == kind for m in members),
+          "experts are selected by masks from different routing tensors")
+    experts = [m["e"] for m in members]
+    _need(len(set(experts)) == len(experts), f"an expert mask is used twice ({experts})")
+    _need(all(m["x"] is x for m in members), "experts read different token tensors")
+    _need(x is not buf, "experts read the buffer they write")
+    ws = {m["weights"] for m in members}
+    _need(len(ws) == 1, "experts are weighted by different router tensors (or only some are weighted)")
+    weights = ws.pop()
+    acts = {m["mlp"][0] for m in members}
+    _need(len(acts) == 1, f"experts use different activations {sorted(acts)}")
+    act = acts.pop()
+    gated = act in GATED_OF.values()
+    for i in range(1, 7):
+        present = {m["mlp"][i] is not None for m in members}
+        _need(len(present) == 1, "some experts have biases (or gates) and others not")
+        if members[0]["mlp"][i] is not None:
+            shapes = {tuple(map(str, shape_of(m["mlp"][i]) or ())) for m in members}
+            _need(len(shapes) == 1, "experts have weights of different shapes")
+    _need(len({m["mlp"][1] for m in members}) == len(members) and len({m["mlp"][5] for m in members}) == len(members),
+          "experts share weights: not an MoE (each iteration must use its own expert's weights)")
+    if kind == "rows":
+        rs = shape_of(source)
+        _need(rs is not None and all(0 <= e and (int_value(rs[-1]) is None or e < int_value(rs[-1])) for e in experts),
+              "expert numbers outside the routing mask")
+
+    # the buffer: a fresh clone / zeros of (T.., d), written only by this loop, not read inside it
+    bm = _match(_buffer_pattern(), buf, "buffer (clone or zeros_like of the tokens)")
+    init = bm.get("src")
+    bs, xs, ms = shape_of(buf), shape_of(x), shape_of(first["mask"])
+    _need(bs is not None and xs is not None and ms is not None and len(bs) == len(ms) + 1 and len(xs) == len(bs)
+          and all(same(a, b) for a, b in zip(bs, xs)) and all(same(a, b) for a, b in zip(bs, ms)),
+          "buffer, tokens and masks do not have shapes (T.., d), (T.., d), (T..)")
+    for m in members:
+        _need(all(same(a, b) for a, b in zip(shape_of(m["mask"]) or (), ms)), "masks of different shapes")
+    nodes = {m["node"] for m in members}
+    writes = {u for u in buf.users if is_mutation(u, buf)}
+    _need(writes == nodes, "buffer is modified by something other than the expert loop")
+    for u in buf.users:
+        _need(u in nodes or order[u] > order[last["node"]], "buffer is read or aliased inside the loop")
+    if init is not None:
+        _need(mutated_between(init, buf, last["node"]) is None, "cloned input is modified inside the loop")
+        _need(same_shape(init, buf) and dtype_of(init) == dtype_of(buf), "clone source is not the buffer's shape")
+    start = min((m["mask"] for m in members), key=order.__getitem__)
+    for tensor in (x, source, weights):
+        _need(tensor is None or mutated_between(tensor, start, last["node"]) is None,
+              "tokens or routing are modified in place inside the loop")
+
+    E = len(members)
+    wd_shape = shape_of(first["mlp"][5])
+    anchor = last["node"]
+    insert_point = anchor.next
+    with graph.inserting_before(insert_point):
+        d = method(graph, "size", x, -1, like=anchor)
+        x2 = method(graph, "reshape", x, -1, d, like=anchor)
+    state: dict = {}
+
+    def stacked(graph, i, j=None):
+        items = []
+        for m in members:
+            a = m["mlp"][i]
+            items.append(call(graph, torch.cat, [a, m["mlp"][j]], 0, like=anchor) if j is not None else a)
+        return call(graph, torch.stack, items, 0, like=anchor)
+
+    def build_weights(graph):
+        w1 = stacked(graph, 1, 3 if gated else None)
+        w2 = stacked(graph, 5)
+        b1 = stacked(graph, 2, 4 if gated else None) if first["mlp"][2] is not None else None
+        b2 = stacked(graph, 6) if first["mlp"][6] is not None else None
+        return w1, w2, b1, b2
+
+    def token_ids(graph):
+        t = method(graph, "size", x2, 0, like=anchor)
+        return call(graph, torch.arange, t, device=x.meta["example_value"].device, like=anchor)
+
+    def expert_ids(graph):
+        flat = [method(graph, "reshape", m["mask"], -1, like=anchor) for m in members]
+        masks = call(graph, torch.stack, flat, -1, like=anchor)                       # (T, E) bool
+        state["routed"] = method(graph, "any", masks, -1, like=anchor)               # (T,) bool
+        return method(graph, "argmax", method(graph, "to", masks, torch.int32, like=anchor), -1, like=anchor)
+
+    def scores(graph):
+        routed = state["routed"]
+        if weights is None:
+            return method(graph, "to", routed, dtype_of(x2), like=anchor)
+        wflat = method(graph, "reshape", weights, -1, like=anchor)
+        return call(graph, torch.where, routed, wflat, 0.0, like=anchor)
+
+    def replace(out):
+        graph = out.graph
+        with graph.inserting_before(out.next):
+            if dtype_of(out) != dtype_of(buf):
+                out = method(graph, "to", out, dtype_of(buf), like=anchor)
+            keep = method(graph, "unsqueeze", state["routed"], -1, like=anchor)
+            if init is None:
+                merged = call(graph, torch.where, keep, out, 0.0, like=anchor)
+            else:
+                merged = call(graph, torch.where, keep, out, method(graph, "reshape", init, -1, d, like=anchor),
+                              like=anchor)
+            result = method(graph, "reshape_as", merged, x, like=anchor)
+        for u in list(buf.users):
+            if u not in nodes and order.get(u, -1) > order[anchor]:
+                u.replace_input_with(buf, result)
+
+    # runtime asserts Dynamo added about the sizes of the x[mask] gathers die with the loop
+    orphans = list(nodes)
+    for m in members:
+        stack = [m["gathered"]]
+        while stack:
+            n = stack.pop()
+            for u in n.users:
+                if u.op == "call_function" and u.target is torch.ops.aten._assert_scalar.default:
+                    orphans.append(u)
+                elif u.op == "call_function" and (u.target in (operator.ge, operator.le, operator.lt, operator.gt)
+                                                  or u.target is torch.ops.aten.sym_size.int):
+                    stack.append(u)
+    xs2 = shape_of(x)
+    return MoEBlock(
+        idiom=IDIOM, anchor=anchor, x=x2, token_ids=token_ids, expert_ids=expert_ids, scores=scores,
+        build_weights=build_weights, replace=replace, activation=act, interleaved=False, num_experts=E, top_k=1,
+        hidden=int_value(xs2[-1]) if int_value(xs2[-1]) is not None else xs2[-1],
+        intermediate=int_value(wd_shape[1]) if wd_shape and int_value(wd_shape[1]) is not None else None,
+        dtype=dtype_of(x), insert_before=insert_point, orphans=orphans, location=buf,
+    )
+
+
+def same_shape(a, b) -> bool:
+    sa, sb = shape_of(a), shape_of(b)
+    return sa is not None and sb is not None and len(sa) == len(sb) and all(same(p, q) for p, q in zip(sa, sb))
+
+
+def is_candidate(node: fx.Node) -> bool:
+    """A setitem whose index is, or holds, a boolean tensor."""
+    if node.op != "call_function" or node.target is not operator.setitem or len(node.args) != 3:
+        return False
+    idx = node.args[1]
+    parts = idx if isinstance(idx, (tuple, list)) else (idx,)
+    return any(isinstance(p, fx.Node) and dtype_of(p) == torch.bool for p in parts)
+
+
+def find(gm: fx.GraphModule):
+    """Yield (anchor node, MoEBlock or decline reason) for every boolean-mask dispatch loop."""
+    groups, declined = defaultdict(list), {}
+    for node in gm.graph.nodes:
+        if not is_candidate(node):
+            continue
+        buf = node.args[0]
+        if buf in declined:
+            continue
+        try:
+            if isinstance(node.args[1], (tuple, list)):
+                value, gathered = node.args[2], _find_gather(node.args[2], node.args[1])
+                if isinstance(value, fx.Node) and gathered is not None:
+                    _check_expert_path(value, gathered)
+                raise Declined("index is not a single boolean mask (buf[e, mask]: per-expert output slices, "
+                               "the NLLB-MoE 4.x layout, whose top-2 masks come from router_probs.bool() and "
+                               "are not provably K per token)")
+            info = analyse_one(node)
+        except Declined as e:
+            declined[buf] = (node, str(e))
+            groups.pop(buf, None)
+            continue
+        groups[buf].append(info)
+    for buf, (node, reason) in declined.items():
+        yield (buf if isinstance(buf, fx.Node) else node), reason
+    for members in groups.values():
+        try:
+            yield members[-1]["node"], analyse_group(members, gm.graph)
+        except Declined as e:
+            yield members[-1]["node"], str(e)
