@@ -23,7 +23,9 @@ what that token_ids says, so the rewrite is exact whatever produced ids and s. S
 (``analyse_*``): both GEMMs gather their weights with the same index node (integer, one entry per
 assignment), the replicated tokens, the index, the scores and the final view agree on T and K
 symbolically, weights have the (E, 2n|n, d) / (E, d, n) shapes the activation implies, and no
-intermediate is written in place (transformers' bias ``add_`` is declined). The op receives the
+intermediate is written in place except one ``out.add_(bias[ids])`` per GEMM (GPT-OSS's biases,
+gathered with the very ids the weights are gathered with: b1/b2 of the fused op, the add_ erased
+with the block; activation and layout as in ``sorted_grouped_mm``). The op receives the
 very index node both GEMMs gather with, so a transformation of the ids (expert-parallel
 ``clamp``) is carried over as it is.
 """
@@ -36,27 +38,12 @@ import torch.fx as fx
 from torch._inductor.pattern_matcher import KeywordArg as KA, is_match
 
 from moe_inductor.rewrite import (
-    AnyOf, F, M, MoEBlock, call, method, dtype_of, getitem, int_value, is_mutation, same, shape_of, to_sympy,
+    AnyOf, Declined, F, M, MoEBlock, call, method, dtype_of, getitem, int_value, is_mutation,
+    match_or_decline as _match, need as _need, same, shape_of, to_sympy,
 )
-from .common import GATED_OF, unary_activation
+from .common import GATED_OF, expert_activation, expert_bias, unary_activation
 
 IDIOM = "batched_mm"
-
-
-class Declined(Exception):
-    pass
-
-
-def _need(cond, reason):
-    if not cond:
-        raise Declined(reason)
-
-
-def _match(pattern, node, what):
-    m = pattern.match(node) if isinstance(node, fx.Node) else None
-    if m is None or not is_match(m):
-        raise Declined(f"{what} not recognised")
-    return m.kwargs
 
 
 # --------------------------------------------------------------------------- transformers bmm form
@@ -84,29 +71,10 @@ def _is_transposed_form(node: fx.Node) -> bool:
     return node.args[1] == 1  # squeeze(1): the bmm(a.unsqueeze(1), W[ids]) spelling
 
 
-def _activation(act_out: fx.Node):
-    """(activation name, pre-activation node) for act(gate) * up with gate, up = h.chunk(2, -1),
-    or for act(h)."""
-    if act_out.op == "call_function" and act_out.target is operator.mul and len(act_out.args) == 2:
-        for g, u in (act_out.args, act_out.args[::-1]):
-            name, gate = unary_activation(g) if isinstance(g, fx.Node) else (None, None)
-            if name and gate.op == "call_function" and gate.target is operator.getitem and gate.args[1] == 0 \
-                    and isinstance(u, fx.Node) and u.target is operator.getitem and u.args[1] == 1 \
-                    and u.args[0] is gate.args[0]:
-                ch = gate.args[0]
-                if ch.op == "call_method" and ch.target == "chunk" and ch.args[1:] == (2,) \
-                        and ch.kwargs.get("dim", None) in (-1, 1):
-                    _need(name in GATED_OF, f"gated activation {name} unsupported")
-                    return GATED_OF[name], ch.args[0]
-    name, inner = unary_activation(act_out)
-    _need(name is not None, "expert activation is not a supported (gated) activation")
-    return name, inner
-
-
-def _no_writes(named):
+def _no_writes(named, allowed=()):
     for name, v in named:
         for user in v.users:
-            _need(not is_mutation(user, v), f"{name} is modified in place by {user.format_node()}")
+            _need(user in allowed or not is_mutation(user, v), f"{name} is modified in place by {user.format_node()}")
 
 
 def analyse_bmm(node: fx.Node) -> MoEBlock:
@@ -116,7 +84,7 @@ def analyse_bmm(node: fx.Node) -> MoEBlock:
     scores = w["scores"]
     down = _match(_batched_linear("act_out", "w_down", "ids"), w["expert_out"], "down-projection batched GEMM")
     ids = down["ids"]
-    activation, up_out = _activation(down["act_out"])
+    activation, interleaved, up_out = expert_activation(down["act_out"])
     up = _match(_batched_linear("x_rep", "w_up", "ids"), up_out, "up-projection batched GEMM")
     _need(up["ids"] is ids, "the two GEMMs gather expert weights with different indices")
     transposed = _is_transposed_form(up_out)
@@ -145,10 +113,20 @@ def analyse_bmm(node: fx.Node) -> MoEBlock:
     _need(E is not None and same(wd[0], E), "number of experts unknown or inconsistent")
     _need(same(hs[1], d) and same(wu[2], d) and same(wd[1], d), "hidden sizes disagree")
     n = wd[2]
-    gated = activation in GATED_OF.values()
+    gated = activation in GATED_OF.values() or activation.startswith("gptoss")
     _need(same(wu[1], 2 * n if gated else n), "up-projection width does not match the activation")
+    out_shape = shape_of(node)
+    _need(out_shape is not None and len(out_shape) == 2 and same(out_shape[0], Ti) and same(out_shape[1], d),
+          "per-token combine does not give (T, d)")
+    # per-expert biases gathered with the same ids as the weights, added in place (GPT-OSS)
+    b1, add_b1 = expert_bias(up_out, lambda i: i is ids, E, "up-projection output")
+    b2, add_b2 = expert_bias(w["expert_out"], lambda i: i is ids, E, "down-projection output")
+    for b in (b1, b2):
+        _need(b is None or dtype_of(b) == dtype_of(up["w_up"]), "expert biases and weights differ in dtype")
+    bias_adds = [a for a in (add_b1, add_b2) if a is not None]
     _no_writes((("up-projection output", up_out), ("down-projection output", w["expert_out"]),
-                ("expert ids", ids), ("routing scores", scores), ("replicated tokens", up["x_rep"])))
+                ("expert ids", ids), ("routing scores", scores), ("replicated tokens", up["x_rep"])),
+               allowed=bias_adds)
     w_up, w_down = up["w_up"], down["w_down"]
 
     def token_ids(graph):
@@ -159,8 +137,8 @@ def analyse_bmm(node: fx.Node) -> MoEBlock:
     def build_weights(graph):
         if transposed:
             return (method(graph, "transpose", w_up, -2, -1, like=node),
-                    method(graph, "transpose", w_down, -2, -1, like=node), None, None)
-        return w_up, w_down, None, None
+                    method(graph, "transpose", w_down, -2, -1, like=node), b1, b2)
+        return w_up, w_down, b1, b2
 
     def replace(out):
         node.replace_all_uses_with(out)
@@ -169,8 +147,9 @@ def analyse_bmm(node: fx.Node) -> MoEBlock:
     return MoEBlock(
         idiom=IDIOM, anchor=node, x=hidden, token_ids=token_ids, expert_ids=lambda graph: ids,
         scores=lambda graph: scores, build_weights=build_weights, replace=replace, activation=activation,
-        interleaved=False, num_experts=E, top_k=Ki, hidden=int_value(hs[1]) if int_value(hs[1]) is not None else hs[1],
+        interleaved=interleaved, num_experts=E, top_k=Ki, hidden=int_value(hs[1]) if int_value(hs[1]) is not None else hs[1],
         intermediate=int_value(n) if int_value(n) is not None else n, dtype=dtype_of(hidden),
+        orphans=bias_adds,
     )
 
 

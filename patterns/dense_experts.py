@@ -33,27 +33,12 @@ import torch.fx as fx
 from torch._inductor.pattern_matcher import KeywordArg as KA, is_match
 
 from moe_inductor.rewrite import (
-    AnyOf, F, M, MoEBlock, call, method, dtype_of, getitem, int_value, is_mutation, same, shape_of,
+    AnyOf, Declined, F, M, MoEBlock, call, method, dtype_of, getitem, int_value, is_mutation,
+    match_or_decline as _match, need as _need, same, shape_of,
 )
 from .common import GATED_OF, unary_activation
 
 IDIOM = "dense_experts"
-
-
-class Declined(Exception):
-    pass
-
-
-def _need(cond, reason):
-    if not cond:
-        raise Declined(reason)
-
-
-def _match(pattern, node, what):
-    m = pattern.match(node) if isinstance(node, fx.Node) else None
-    if m is None or not is_match(m):
-        raise Declined(f"{what} not recognised")
-    return m.kwargs
 
 
 def _combine_pattern():

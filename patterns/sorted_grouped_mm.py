@@ -17,7 +17,13 @@ top_k_weights.reshape(-1), W1, W2) where W1/W2 are the GEMM weight operands tran
 (views, no copies). Safety (``can_rewrite``): every structural link is checked to be the same
 node (one sort, one perm, one offsets), the counts are a full histogram over exactly E bins, the
 sizes agree symbolically (A == T*K, rows of hidden == T, weight shapes), and no intermediate is
-modified in place (transformers' bias ``add_`` and expert-parallel ``clamp_`` are declined).
+modified in place (expert-parallel ``clamp_`` is declined) except, after each grouped GEMM, one
+``out.add_(bias[expert_ids_g])`` with the sort's own expert ids: that is the per-expert bias
+b1/b2 of the fused op (``common.expert_bias``), and the add_ is erased with the block.
+
+GPT-OSS (transformers ``GptOssExperts``): weights stored transposed (E, d, 2n) / (E, n, d) and
+used directly as GEMM operands, the biases above, and its clamped gate on interleaved columns
+(``common.gptoss_activation``) -> activation "gptoss:<alpha>:<limit>", interleaved=True.
 """
 from __future__ import annotations
 
@@ -28,9 +34,10 @@ import torch.fx as fx
 from torch._inductor.pattern_matcher import KeywordArg as KA, is_match
 
 from moe_inductor.rewrite import (
-    AnyOf, F, M, MoEBlock, getitem, call, method, is_mutation, same, shape_of, int_value, dtype_of,
+    AnyOf, Declined, F, M, MoEBlock, getitem, call, method, is_mutation, match_or_decline, need as _need, same,
+    shape_of, int_value, dtype_of, to_sympy,
 )
-from .common import GATED_OF, grouped_mm, unary_activation
+from .common import GATED_OF, expert_activation, expert_bias, grouped_mm
 
 IDIOM = "sorted_grouped_mm"
 
@@ -57,20 +64,8 @@ def _offsets_pattern():
     return AnyOf(F(torch.cumsum, counts, dim=0, dtype=torch.int32), F(torch.cumsum, counts, 0, dtype=torch.int32))
 
 
-class Declined(Exception):
-    pass
-
-
-def _need(cond, reason):
-    if not cond:
-        raise Declined(reason)
-
-
 def _match(pattern, node, what):
-    m = pattern.match(node) if isinstance(node, fx.Node) else None
-    if m is None or not is_match(m):
-        raise Declined(f"{what} not recognised" + (f" ({m})" if m is not None else ""))
-    return m.kwargs
+    return match_or_decline(pattern, node, what, detail=True)
 
 
 def is_candidate(node: fx.Node) -> bool:
@@ -102,23 +97,8 @@ def analyse(node: fx.Node) -> MoEBlock:
     offsets = down["offsets"]
     act_out = down["act_out"]
 
-    # activation: gated (chunk(2) then act(gate) * up) or plain act(h)
-    activation, up_out = None, None
-    if act_out.op == "call_function" and act_out.target is operator.mul and len(act_out.args) == 2:
-        for g, u in (act_out.args, act_out.args[::-1]):
-            name, gate = unary_activation(g) if isinstance(g, fx.Node) else (None, None)
-            if name and gate.op == "call_function" and gate.target is operator.getitem and gate.args[1] == 0 \
-                    and isinstance(u, fx.Node) and u.target is operator.getitem and u.args[1] == 1 \
-                    and u.args[0] is gate.args[0]:
-                ch = gate.args[0]
-                if ch.op == "call_method" and ch.target == "chunk" and ch.args[1:] == (2,) \
-                        and ch.kwargs.get("dim", None) in (-1, 1):
-                    activation, up_out = GATED_OF.get(name), ch.args[0]
-                    break
-    if activation is None:
-        name, inner = unary_activation(act_out)
-        _need(name is not None, "expert activation is not a supported (gated) activation")
-        activation, up_out = name, inner
+    # activation: GPT-OSS clamped gate (interleaved), act(gate) * up over chunk(2), or act(h)
+    activation, interleaved, up_out = expert_activation(act_out)
 
     up = _match(grouped_mm("gathered", "w_up", "offsets", "cast1"), up_out, "up-projection grouped GEMM")
     _need(up["offsets"] is offsets, "the two grouped GEMMs use different expert offsets")
@@ -149,24 +129,35 @@ def analyse(node: fx.Node) -> MoEBlock:
     if "lo" in o:
         _need(o["lo"] == 0 and o["hi"] == E - 1, "offsets histogram range is not [0, E-1]")
     A = es[0]
-    Tn = T if not isinstance(T, fx.Node) else T
     _need(same(A, ss[0]) and same(A, (shape_of(perm) or [None])[0]), "routing lengths differ")
-    from moe_inductor.rewrite import to_sympy
     _need(same(A, to_sympy(T) * to_sympy(K)) if to_sympy(T) is not None and to_sympy(K) is not None else False,
           "number of assignments is not T*K")
     _need(same(hs[0], T), "gathered tensor has more rows than tokens")
     _need(same(hs[1], d) and same(wu[1], d) and same(wd[2], d), "hidden sizes disagree")
     n = wd[1]
-    gated = activation in GATED_OF.values()
+    gated = activation in GATED_OF.values() or activation.startswith("gptoss")
     _need(same(wu[2], 2 * n if gated else n), "up-projection width does not match the activation")
+    out_shape = shape_of(node)
+    _need(out_shape is not None and len(out_shape) == 2 and same(out_shape[0], T) and same(out_shape[1], d),
+          "per-token combine does not give (T, d)")
 
-    # nothing in the block is modified in place (biases added with add_, EP clamp_, ...)
+    # per-expert biases: out.add_(bias[expert_ids_g]) right after each grouped GEMM (GPT-OSS)
+    def sorted_ids(ids):
+        return ids.op == "call_function" and ids.target is operator.getitem and ids.args == (sort, 0)
+
+    b1, add_b1 = expert_bias(up_out, sorted_ids, E, "up-projection output")
+    b2, add_b2 = expert_bias(w["down_out"], sorted_ids, E, "down-projection output")
+    for b in (b1, b2):
+        _need(b is None or dtype_of(b) == dtype_of(up["w_up"]), "expert biases and weights differ in dtype")
+    bias_adds = [a for a in (add_b1, add_b2) if a is not None]
+
+    # nothing else in the block is modified in place (expert-parallel clamp_, ...)
     for name, v in (("up-projection output", up_out), ("down-projection output", w["down_out"]),
                     ("sorted expert ids", getitem_of(sort, 0)), ("gathered tokens", up["gathered"])):
         if v is None:
             continue
         for user in v.users:
-            _need(not is_mutation(user, v), f"{name} is modified in place by {user.format_node()}")
+            _need(user in bias_adds or not is_mutation(user, v), f"{name} is modified in place by {user.format_node()}")
 
     top_k_weights = sample_weights
     w_up, w_down = up["w_up"], down["w_down"]
@@ -184,7 +175,7 @@ def analyse(node: fx.Node) -> MoEBlock:
         return method(node.graph, "transpose", w, -2, -1, like=node)
 
     def build_weights(graph):
-        return untranspose(w_up), untranspose(w_down), None, None
+        return untranspose(w_up), untranspose(w_down), b1, b2
 
     def replace(out):
         node.replace_all_uses_with(out)
@@ -193,10 +184,10 @@ def analyse(node: fx.Node) -> MoEBlock:
     return MoEBlock(
         idiom=IDIOM, anchor=node, x=hidden,
         token_ids=token_ids, expert_ids=lambda graph: expert_ids, scores=lambda graph: top_k_weights,
-        build_weights=build_weights, replace=replace, activation=activation, interleaved=False,
+        build_weights=build_weights, replace=replace, activation=activation, interleaved=interleaved,
         num_experts=E, top_k=int_value(K), hidden=d if not isinstance(d, fx.Node) else hs[1],
         intermediate=int_value(n) if int_value(n) is not None else n, dtype=dtype_of(hidden),
-        orphans=[s],
+        orphans=[s, *bias_adds],
     )
 
 
