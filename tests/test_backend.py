@@ -159,10 +159,10 @@ class GraphModule(torch.nn.Module):
         arange: "i64[4]" = torch.arange(size, device = device(type='cpu'));  size = None
         size_1 = selected.size(1)
         repeat_interleave: "i64[4]" = arange.repeat_interleave(size_1);  arange = size_1 = None
-        to_1: "i32[4]" = repeat_interleave.to(torch.int32);  repeat_interleave = None
         reshape: "i64[4]" = selected.reshape(-1);  selected = None
-        to_2: "i32[4]" = reshape.to(torch.int32);  reshape = None
         reshape_1: "f32[4]" = weights_3.reshape(-1);  weights_3 = None
+        to_1: "i32[4]" = repeat_interleave.to(torch.int32);  repeat_interleave = None
+        to_2: "i32[4]" = reshape.to(torch.int32);  reshape = None
         fused_moe_default = torch.ops.moe_inductor.fused_moe.default(x, to_1, to_2, reshape_1, stack, stack_1, None, None, 'swiglu', False, False, 'auto');  x = to_1 = to_2 = reshape_1 = stack = stack_1 = None
         getitem_12: "f32[4, 8]" = fused_moe_default[0];  fused_moe_default = None
 

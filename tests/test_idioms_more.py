@@ -193,10 +193,10 @@ class GraphModule(torch.nn.Module):
         size = l_x_.size(0)
         arange: "i64[6]" = torch.arange(size, device = device(type='cpu'));  size = None
         repeat_interleave: "i64[12]" = arange.repeat_interleave(2);  arange = None
-        to: "i32[12]" = repeat_interleave.to(torch.int32);  repeat_interleave = None
         reshape: "i64[12]" = expert_indices.reshape(-1);  expert_indices = None
-        to_1: "i32[12]" = reshape.to(torch.int32);  reshape = None
         reshape_1: "f32[12]" = expert_weights_1.reshape(-1);  expert_weights_1 = None
+        to: "i32[12]" = repeat_interleave.to(torch.int32);  repeat_interleave = None
+        to_1: "i32[12]" = reshape.to(torch.int32);  reshape = None
         fused_moe_default = torch.ops.moe_inductor.fused_moe.default(l_x_, to, to_1, reshape_1, cat, l_self_parameters_w2_, None, None, 'swiglu', False, False, 'auto');  l_x_ = to = to_1 = reshape_1 = cat = l_self_parameters_w2_ = None
         getitem_5: "f32[6, 16]" = fused_moe_default[0];  fused_moe_default = None
         return (getitem_5,)
