@@ -207,3 +207,19 @@ def test_explain_prints_padding_waste_of_the_routing_it_ran():
     assert f"padding waste at tile 8 rows: {100 * want:.2f}%" in str(plain)
     rounded = moe_inductor.explain(m, h, options={"tile_m": 8, "token_rounding": "up"}, inductor=False)
     assert rounded.padding_waste == 0.0 and rounded.routing[0].assignments > 76
+
+
+@pytest.mark.parametrize("family,expect", [
+    ("gpt_oss", "token rounding 'nearest' to multiples of 4 (top-k then softmax)"),
+    ("deepseek_v3", "token rounding refused: expert ids do not come from torch.topk"),  # group-limited
+])
+def test_transformers_routers_rounded_or_refused(family, expect):
+    pytest.importorskip("transformers")
+    import hf_models
+
+    model, ids = hf_models.build(family)
+    report = moe_inductor.explain(model.train(), ids, options={"token_rounding": "nearest", "tile_m": 4},
+                                  inductor=False)
+    assert len(report.rewritten) == len(hf_models.moe_modules(model))
+    assert all(e.reason.startswith(expect) for e in report.rewritten), [e.reason for e in report.rewritten]
+    assert (report.padding_waste == 0.0) == ("refused" not in expect)
