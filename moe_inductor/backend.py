@@ -9,7 +9,9 @@ and hands the graph to Inductor's ``compile_fx`` for everything else, forward an
 Global setting (said here because it is a side effect of importing this module): Dynamo's
 ``capture_dynamic_output_shape_ops`` is turned on, so per-expert loops over
 ``torch.where(mask)`` / ``nonzero`` are captured as one graph instead of Dynamo skipping the
-whole frame. It applies to every torch.compile in the process.
+whole frame. It applies to every torch.compile in the process. And ``capture.install()`` makes
+Dynamo trace capturable replacements of known transformers expert loops that would graph-break
+(transformers 5.x Switch Transformers; see ``moe_inductor/capture.py``), for every backend too.
 """
 from __future__ import annotations
 
@@ -32,6 +34,14 @@ log = logging.getLogger("moe_inductor")
 if not torch._dynamo.config.capture_dynamic_output_shape_ops:
     torch._dynamo.config.capture_dynamic_output_shape_ops = True
     log.debug("sonic: set torch._dynamo.config.capture_dynamic_output_shape_ops = True")
+
+try:
+    from . import capture as _capture
+
+    _capture.install()
+except Exception as _e:  # never fail the import over this
+    _capture = None
+    log.debug("sonic: capture.install failed: %s", _e)
 
 
 def _idioms():
@@ -235,6 +245,8 @@ def rewrite_moe(gm: fx.GraphModule, opts: SonicOptions) -> CompileReport:
 def sonic(gm: fx.GraphModule, example_inputs, options: Optional[dict] = None, mode: Optional[str] = None, **kwargs: Any):
     """The torch.compile backend. ``options``: see ``moe_inductor.options.SonicOptions``."""
     opts = SonicOptions.from_dict(options)
+    if _capture is not None:
+        _capture.install()  # idempotent; for the next frames Dynamo compiles
     if kwargs:
         raise ValueError(f"sonic backend: unexpected arguments {sorted(kwargs)}; use options={{...}}")
     if opts.rewrite:

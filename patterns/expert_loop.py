@@ -8,7 +8,17 @@ research code), unrolled by Dynamo into one block per expert::
         y = experts[e](hidden[None, tok].reshape(-1, d)) * top_k_weights[tok, k_idx, None]
         final.index_add_(0, tok, y.to(hidden.dtype))          # anchor of one expert block
 
-experts[e](z) = w2(act(w1(z)) * w3(z)) (gated) or w2(act(w1(z))), all bias-free linears.
+experts[e](z) = w2(act(w1(z)) * w3(z)) (gated) or w2(act(w1(z))), all bias-free linears; dropout that
+is the identity (eval mode or p == 0) and casts to the same dtype may sit between them, dropout with
+p > 0 in training is declined (random).
+
+The mask may also be a binary routing mask that does not come from top-k (transformers 5.x Switch
+Transformers, traced through ``moe_inductor/capture.py``): ``(one_hot(argmax(probs), E) *
+capacity_mask).view(T, 1, E).permute(2, 1, 0)``. It is accepted only when the graph proves that each
+(token, k) row holds at most one nonzero (``one_hot`` times a same-shape integer/bool tensor, reshaped
+keeping the expert dimension); then the row's expert is the position of its nonzero and an all-zero row
+(a token over expert capacity) becomes a dropped assignment (expert id -1: adds nothing, no score
+gradient), exactly like ``torch.where`` never selecting it.
 
 No pattern construct matches a variable number of repetitions, so one expert block is matched
 per ``index_add_`` and the blocks are grouped by what they share: the accumulator, the tokens,
@@ -32,6 +42,7 @@ from moe_inductor.rewrite import (
     AnyOf, F, M, MoEBlock, call, method, dtype_of, getitem, int_value, is_mutation, same, shape_of,
 )
 from .common import GATED_OF, unary_activation
+from .mask_dispatch import Declined as MaskDeclined, _at_most_one_per_row, _check_expert_path, _skip_identities
 
 IDIOM = "expert_loop"
 
@@ -85,15 +96,15 @@ def _match(pattern, node, what):
 
 def _expert_mlp(out: fx.Node, gathered: fx.Node):
     """(activation, w_gate_or_w1, w_up_or_None, w_down) of out = expert(gathered)."""
-    down = _match(_linear("mid", "w_down"), out, "expert down-projection (bias-free linear)")
-    mid = down["mid"]
+    down = _match(_linear("mid", "w_down"), _skip_identities(out), "expert down-projection (bias-free linear)")
+    mid = _skip_identities(down["mid"])
     if mid.op == "call_function" and mid.target is operator.mul and len(mid.args) == 2:
         for a, b in (mid.args, mid.args[::-1]):
             name, inner = unary_activation(a) if isinstance(a, fx.Node) else (None, None)
             if name is None or not isinstance(b, fx.Node):
                 continue
             g = _linear("z", "w_gate").match(inner)
-            u = _linear("z", "w_up").match(b)
+            u = _linear("z", "w_up").match(_skip_identities(b))
             if is_match(g) and is_match(u) and g.kwargs["z"] is gathered and u.kwargs["z"] is gathered:
                 _need(name in GATED_OF, f"gated activation {name} unsupported")
                 return GATED_OF[name], g.kwargs["w_gate"], u.kwargs["w_up"], down["w_down"]
@@ -104,22 +115,50 @@ def _expert_mlp(out: fx.Node, gathered: fx.Node):
     return name, one["w_in"], None, down["w_down"]
 
 
+def _binary_mask_rows(node: fx.Node):
+    """E if ``node`` is a (T, K, E) routing mask whose rows (last dim) provably hold at most one
+    nonzero: ``one_hot(i, E)``, optionally times a same-shape integer/bool tensor (a capacity mask),
+    optionally reshaped keeping the last dim (Switch Transformers). Declines anything else."""
+    src = node
+    if node.op == "call_method" and node.target in ("view", "reshape") and isinstance(node.args[0], fx.Node):
+        src = node.args[0]
+        ns, ss = shape_of(node), shape_of(src)
+        _need(ns is not None and ss is not None and same(ns[-1], ss[-1]),
+              "routing mask reshaped across its expert dimension (rows not kept)")
+    _need(_at_most_one_per_row(src), "routing mask is neither one_hot(top-k index) nor one_hot(...) times a "
+                                     "mask of its shape (rows may hold several experts)")
+    dt = dtype_of(src)
+    # a float factor could turn 0 into nan (0 * inf), a nonzero that torch.where would select
+    _need(dt is not None and not dt.is_floating_point and not dt.is_complex,
+          f"routing mask has dtype {dt}: not provably zero outside the one-hot entry")
+    ms = shape_of(node)
+    _need(ms is not None and len(ms) == 3 and int_value(ms[-1]) is not None, "routing mask is not (T, K, E)")
+    return int_value(ms[-1])
+
+
 def _routing_roles(where_node: fx.Node):
-    """Which torch.where output is the token index and which the k index, and the top-k index
-    tensor behind the mask; returns (topk_index, expert number, E or None, {output: role})."""
+    """Which torch.where output is the token index and which the k index, and the routing tensor
+    behind the mask; returns (routing, expert number, E or None, {output: role}, kind): kind "index"
+    for a top-k index tensor (T, K), "mask" for a (T, K, E) mask with at most one nonzero per row."""
     _need(where_node.op == "call_function" and where_node.target is torch.where and len(where_node.args) == 1,
           "token selection is not torch.where(mask)")
     mask = where_node.args[0]
     eq = F(operator.eq, KA("topk"), KA("e")).match(mask)
     if is_match(eq):
-        return eq.kwargs["topk"], int_value(eq.kwargs["e"]), None, {0: "token", 1: "k"}
+        return eq.kwargs["topk"], int_value(eq.kwargs["e"]), None, {0: "token", 1: "k"}, "index"
     sel = _match(getitem(M("permute", KA("onehot"), KA("p0"), KA("p1"), KA("p2")), KA("e")), mask, "expert mask")
     perm = (sel["p0"], sel["p1"], sel["p2"])
-    oh = _match(AnyOf(F(torch._C._nn.one_hot, KA("topk"), num_classes=KA("E")),
-                      F(torch.nn.functional.one_hot, KA("topk"), num_classes=KA("E"))), sel["onehot"], "one_hot mask")
     _need(sorted(perm) == [0, 1, 2] and perm[0] == 2, "expert mask is not one_hot(...).permute(2, ...)")
     roles = {i: ("token" if perm[1 + i] == 0 else "k") for i in range(2)}
-    return oh["topk"], int_value(sel["e"]), int_value(oh["E"]), roles
+    oh = AnyOf(F(torch._C._nn.one_hot, KA("topk"), num_classes=KA("E")),
+               F(torch.nn.functional.one_hot, KA("topk"), num_classes=KA("E"))).match(sel["onehot"])
+    if is_match(oh):
+        return oh.kwargs["topk"], int_value(sel["e"]), int_value(oh.kwargs["E"]), roles, "index"
+    # a binary routing mask that does not come from top-k (Switch Transformers: one_hot(argmax) times
+    # the capacity mask): each (token, k) row's expert is the position of its nonzero, rows that are
+    # all zero (dropped by capacity) are dropped assignments
+    E = _binary_mask_rows(sel["onehot"])
+    return sel["onehot"], int_value(sel["e"]), E, roles, "mask"
 
 
 def analyse_one(node: fx.Node) -> dict:
@@ -132,7 +171,7 @@ def analyse_one(node: fx.Node) -> dict:
     tok, kid = w["tok"], w["kid"]
     _need(tok.target is operator.getitem and kid.target is operator.getitem and tok.args[0] is kid.args[0],
           "token and k indices do not come from one torch.where")
-    topk, e, E, roles = _routing_roles(tok.args[0])
+    topk, e, E, roles, kind = _routing_roles(tok.args[0])
     _need(roles.get(tok.args[1]) == "token" and roles.get(kid.args[1]) == "k",
           "torch.where outputs are used with swapped token/k roles")
     _need(e is not None, "expert number is not a constant")
@@ -140,7 +179,7 @@ def analyse_one(node: fx.Node) -> dict:
     out = w["expert_out"]
     gathered = None
     # walk back through the linear chain to find the gathered input
-    down = _match(_linear("mid", "w_down"), out, "expert down-projection (bias-free linear)")
+    down = _match(_linear("mid", "w_down"), _skip_identities(out), "expert down-projection (bias-free linear)")
     stack = [down["mid"]]
     seen = set()
     while stack:
@@ -155,9 +194,13 @@ def analyse_one(node: fx.Node) -> dict:
         if n.op in ("call_function", "call_method"):
             stack.extend(n.all_input_nodes)
     _need(gathered is not None, "expert input is not a gather of the selected tokens")
+    try:  # nothing random (dropout with p > 0 in training) or in place on the expert path
+        _check_expert_path(ia["src"], gathered)
+    except MaskDeclined as e:
+        raise Declined(str(e)) from None
     act, wg, wu, wd = _expert_mlp(out, gathered)
     return dict(node=node, acc=ia["acc"], x=x, topk=topk, weights=w["weights"], e=e, E=E, act=act,
-                wg=wg, wu=wu, wd=wd, where=tok.args[0])
+                wg=wg, wu=wu, wd=wd, where=tok.args[0], kind=kind)
 
 
 def find_blocks(gm: fx.GraphModule):
@@ -205,7 +248,13 @@ def analyse_group(members: list) -> MoEBlock:
     first_add = min(nodes_in_group, key=order.__getitem__)
     for u in acc.users:
         _need(u in nodes_in_group or order[u] > order[last_add], "accumulator is read inside the loop")
+    kinds = {m["kind"] for m in members}
+    _need(len(kinds) == 1, "experts are selected from different kinds of routing tensors")
+    kind = kinds.pop()
     xs, accs, ts = shape_of(x), shape_of(acc), shape_of(topk)
+    if kind == "mask" and ts is not None:
+        _need(len(ts) == 3 and int_value(ts[2]) == E, "routing mask is not (T, K, E)")
+        ts = ts[:2]
     _need(xs is not None and accs is not None and ts is not None and len(xs) == 2 and len(ts) == 2,
           "token or routing shapes unknown")
     _need(same(xs[0], ts[0]) and same(accs[0], xs[0]) and same(accs[1], xs[1]), "accumulator is not (T, d)")
@@ -250,11 +299,21 @@ def analyse_group(members: list) -> MoEBlock:
                 elif u.op == "call_function" and (u.target in (operator.getitem, operator.ge, operator.le)
                                                   or u.target is torch.ops.aten.sym_size.int):
                     stack.append(u)
+    def expert_ids(graph):
+        if kind == "index":
+            return method(graph, "reshape", topk, -1, like=last_add)
+        # (T, K, E) mask, at most one nonzero per row: the expert is its position; an all-zero row
+        # (a token dropped by expert capacity) is a dropped assignment, expert id -1
+        nz = call(graph, operator.ne, topk, 0, like=last_add)
+        pos = method(graph, "argmax", method(graph, "to", nz, torch.int32, like=last_add), -1, like=last_add)
+        ids = call(graph, torch.where, method(graph, "any", nz, -1, like=last_add), pos, -1, like=last_add)
+        return method(graph, "reshape", ids, -1, like=last_add)
+
     nxt = last_add.next
     return MoEBlock(
         idiom=IDIOM, anchor=last_add, x=x,
         token_ids=token_ids,
-        expert_ids=lambda graph: method(graph, "reshape", topk, -1, like=last_add),
+        expert_ids=expert_ids,
         scores=lambda graph: method(graph, "reshape", weights, -1, like=last_add),
         build_weights=build_weights, replace=replace, activation=act, interleaved=False,
         num_experts=E, top_k=K, hidden=int_value(xs[1]) if int_value(xs[1]) is not None else xs[1],

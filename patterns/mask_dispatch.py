@@ -36,8 +36,9 @@ Declined (with the reason), because the fused op would not compute the same thin
   experts of different shapes or activations, router weights that differ between experts.
 
 transformers 5.x Switch Transformers and NLLB-MoE loop over the data-dependent ``expert_hit``
-(``nonzero``): Dynamo cannot capture that loop in one graph, so no idiom sees those blocks
-(``moe_inductor.explain`` reports the graph break).
+(``nonzero``): Dynamo cannot capture that loop in one graph, so no idiom sees NLLB-MoE's blocks
+(``moe_inductor.explain`` reports the graph break); Switch's loop is traced as a loop over
+``range(num_experts)`` (``moe_inductor/capture.py``) and rewritten by ``expert_loop``.
 
 Shape legend: T tokens (flattened leading dims), d hidden, n expert intermediate, E experts.
 """

@@ -1,0 +1,143 @@
+"""transformers 5.x Switch Transformers: the experts loop over the data-dependent ``expert_hit`` is
+traced as a loop over ``range(num_experts)`` (``moe_inductor.capture``), so the whole MoE block is
+one graph and the ``expert_loop`` idiom rewrites it (routing from the one-hot x capacity mask,
+tokens over capacity as dropped assignments). Exact vs eager, logits and every gradient."""
+import types
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+pytest.importorskip("transformers")
+import hf_models  # noqa: E402
+import moe_inductor  # noqa: E402
+from moe_inductor import backend as _backend, capture  # noqa: E402,F401  (installs the capture)
+from test_hf_models import close  # noqa: E402
+from test_mask_dispatch import no_dropout  # noqa: E402
+
+MOD = "transformers.models.switch_transformers.modeling_switch_transformers"
+
+
+def _switch(capacity=None):
+    model, ids = hf_models.build("switch_transformers")
+    no_dropout(model)  # run_and_compare trains: attention/ff dropout would make eager random
+    blocks = hf_models.moe_modules(model)
+    if capacity is not None:
+        for _, b in blocks:
+            b.router.expert_capacity = capacity
+    return model, ids, blocks
+
+
+def run_and_compare(model, ids, expected_rewrites, atol=1e-4, rtol=1e-4):
+    """test_hf_models.run_and_compare, except for one documented difference: an expert that receives
+    no token gets None as gradient in eager (the expert_hit loop skips it) and an exact zero gradient
+    compiled (the captured loop runs it on zero rows). Returns the names of those parameters."""
+    torch._dynamo.reset()
+    counters.clear()
+    model.train()
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
+    ref = model(ids)[0]
+    g = torch.randn_like(ref)
+    ref_grads = torch.autograd.grad(ref, params, g, allow_unused=True)
+    out = torch.compile(model, backend="sonic")(ids)[0]
+    grads = torch.autograd.grad(out, params, g, allow_unused=True)
+    assert counters["sonic"]["moe_rewrites"] == expected_rewrites
+    close(out, ref, atol, rtol, "logits")
+    unused = []
+    for (name, _), a, b in zip(named, grads, ref_grads):
+        if b is None and a is not None and ".experts.expert_" in name:
+            assert torch.count_nonzero(a) == 0, name
+            unused.append(name)
+            continue
+        if a is None or b is None:
+            assert a is None and b is None, name
+            continue
+        close(a, b, atol, rtol, name)
+    return unused
+
+
+def test_substitution_installed():
+    from transformers.models.switch_transformers import modeling_switch_transformers as m
+
+    assert f"{MOD}.SwitchTransformersExperts.forward" in capture._substituted
+    assert hasattr(m.SwitchTransformersExperts.forward, "__sonic_original__")
+
+
+@pytest.mark.parametrize("capacity", [
+    None,  # the config's capacity (64): no token dropped
+    1,     # one token per expert and sequence: the others are dropped (expert id -1)
+])
+def test_switch_5x_every_block_rewritten_and_exact(capacity):
+    model, ids, blocks = _switch(capacity)
+    routed, hooks = [], []
+    for _, b in blocks:
+        hooks.append(b.router.register_forward_hook(lambda m, i, o: routed.append(int(o[0].sum()))))
+    model(ids)
+    for h in hooks:
+        h.remove()
+    assert (min(routed) < ids.numel()) == (capacity == 1)  # tokens were (not) dropped
+    run_and_compare(model, ids, len(blocks))
+    assert counters["sonic"]["moe_declined"] == 0
+    report = moe_inductor.explain(model, ids, inductor=False)
+    assert len(report.rewritten) == len(blocks) and not report.declined and not report.missed, str(report)
+    assert {e.idiom for e in report.rewritten} == {"expert_loop"}
+
+
+def test_switch_5x_expert_dropout_in_training_declined():
+    model, ids, blocks = _switch()
+    for _, b in blocks:
+        for m in b.experts.modules():
+            if isinstance(m, torch.nn.Dropout):
+                m.p = 0.1
+    model.train()
+    report = moe_inductor.explain(model, ids, inductor=False)
+    assert not report.rewritten and len(report.declined) == len(blocks), str(report)
+    assert all("dropout with p > 0 in training" in e.reason for e in report.declined)
+
+
+def test_eager_unchanged():
+    # eager runs the original transformers code: same values as calling it directly, and the
+    # same gradients, including None for experts that received no token
+    model, ids, blocks = _switch(capacity=1)
+    experts = blocks[0][1].experts
+    torch.manual_seed(0)
+    T, d, E = 16, experts.expert_0.wi.in_features, experts.num_experts
+    x = torch.randn(T, d)
+    sel = torch.nn.functional.one_hot(torch.tensor([0, 1] * 8), E).view(T, 1, E)  # experts >= 2 unused
+    w = torch.rand(T, 1)
+    original = type(experts).forward.__sonic_original__
+    a = experts(x, sel, w)
+    b = original(experts, x, sel, w)
+    assert torch.equal(a, b)
+    params = list(experts.parameters())
+    ga = torch.autograd.grad(experts(x, sel, w).sum(), params, allow_unused=True)
+    gb = torch.autograd.grad(original(experts, x, sel, w).sum(), params, allow_unused=True)
+    assert [g is None for g in ga] == [g is None for g in gb] and any(g is None for g in ga)
+    for g, h in zip(ga, gb):
+        assert g is None or torch.equal(g, h)
+
+
+def _fake_module():
+    """A copy of the modeling module's target class in a fresh module (the real one is patched)."""
+    from transformers.models.switch_transformers import modeling_switch_transformers as m
+
+    mod = types.ModuleType(MOD)
+    cls = type("SwitchTransformersExperts", (torch.nn.ModuleDict,),
+               {"forward": m.SwitchTransformersExperts.forward.__sonic_original__})
+    mod.SwitchTransformersExperts = cls
+    return mod, cls
+
+
+def test_not_substituted_when_source_differs(monkeypatch):
+    mod, cls = _fake_module()
+    original = cls.forward
+    monkeypatch.setattr(capture, "_substituted", {})
+    monkeypatch.setattr(capture, "_TARGETS", [(MOD, cls.__name__, "forward", "0" * 64, capture._switch_experts_forward)])
+    capture._substitute(mod)
+    assert cls.forward is original and capture._substituted == {}
+    # with the right hash the same call substitutes (the check above is the hash, nothing else)
+    digest = capture.source_hash(original)
+    monkeypatch.setattr(capture, "_TARGETS", [(MOD, cls.__name__, "forward", digest, capture._switch_experts_forward)])
+    capture._substitute(mod)
+    assert cls.forward.__sonic_original__ is original
