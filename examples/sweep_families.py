@@ -96,7 +96,18 @@ def _compare(model, ids):
     ref = _first_tensor(model(ids))
     g = torch.randn_like(ref)
     ref_grads = torch.autograd.grad(ref, params, g, allow_unused=True)
-    compiled = torch.compile(model, backend="sonic")
+    if os.environ.get("SWEEP_NO_INDUCTOR") == "1":
+        # --no-inductor: the sonic rewrite, then the rewritten graph runs eagerly (no Inductor
+        # code generation): checks exactly what the rewrite changes, several times faster
+        from moe_inductor.backend import rewrite_moe
+        from moe_inductor.options import SonicOptions
+
+        def backend(gm, example_inputs):
+            rewrite_moe(gm, SonicOptions())
+            return gm.forward
+    else:
+        backend = "sonic"
+    compiled = torch.compile(model, backend=backend)
     out = _first_tensor(compiled(ids))
     grads = torch.autograd.grad(out, params, g, allow_unused=True)
     rewritten = int(counters["sonic"]["moe_rewrites"])
@@ -334,6 +345,8 @@ def main():
     ap.add_argument("--jobs", type=int, default=1, help="families run in parallel")
     ap.add_argument("--resume", action="store_true", help="keep the results already in --out, skip those families")
     ap.add_argument("--markdown", action="store_true", help="print the README table from --out and exit")
+    ap.add_argument("--no-inductor", action="store_true",
+                    help="numerics check on the rewritten graph run eagerly (skips Inductor's code generation)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--child-out", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -347,6 +360,8 @@ def main():
 
     sys.path.insert(0, str(TESTS))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.no_inductor:
+        os.environ["SWEEP_NO_INDUCTOR"] = "1"  # inherited by the per-family subprocesses
     import hf_models
 
     families = [f.strip() for f in args.families.split(",") if f.strip()] or list(hf_models.FAMILIES)
@@ -362,7 +377,8 @@ def main():
         families = [f for f in families if f not in done]
     meta = dict(_versions(), atol=ATOL, rtol=RTOL, timeout_per_family_s=args.timeout,
                 note="tiny random-weight models from tests/hf_models.py, fp32, CPU; numerics in train mode "
-                     "with dropout set to 0; explain with inductor=False",
+                     "with dropout set to 0; explain with inductor=False"
+                     + ("; numerics on the rewritten graph run eagerly (--no-inductor)" if args.no_inductor else ""),
                 started=time.strftime("%Y-%m-%d %H:%M:%S"))
     order = {f: i for i, f in enumerate(hf_models.FAMILIES)}
 

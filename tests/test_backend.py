@@ -14,12 +14,7 @@ from moe_inductor.options import SonicOptions
 from moe_modules import DenseMLPBlock, GatedMLP, LoopMoE, PlainMLP, SharedWeightLoop
 
 
-@pytest.fixture(autouse=True)
-def _reset():
-    torch._dynamo.reset()
-    counters.clear()
-    yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 
 
 def check_against_eager(model, x, rewrites, atol=1e-5, **compile_kw):

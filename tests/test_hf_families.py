@@ -22,12 +22,7 @@ from test_hf_models import run_and_compare  # noqa: E402
 import transformers.integrations.moe  # noqa: E402,F401
 
 
-@pytest.fixture(autouse=True)
-def _reset():
-    torch._dynamo.reset()
-    counters.clear()
-    yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 
 
 def rewrite_only(model, *args):
