@@ -49,3 +49,15 @@ def test_module_without_moe_reports_nothing():
     report = moe_inductor.explain(mlp, x, inductor=False)
     assert report.entries == [] and report.graph_breaks == [] and report.graph_count == 1
     assert "0 MoE block(s) rewritten" in str(report)
+
+
+def test_dbrx_reports_graph_break_and_remedy_without_crashing():
+    # DBRX's experts loop over a data-dependent expert_hit: no graph holds a whole block
+    model, ids = hf_models.build("dbrx")
+    report = moe_inductor.explain(model, ids, inductor=False)
+    assert report.rewritten == [] and report.declined == []
+    assert [(e.where, e.status) for e in report.missed] == [
+        ("transformer.blocks.0.ffn", "graph break"), ("transformer.blocks.1.ffn", "graph break")]
+    for e in report.missed:
+        assert "modeling_dbrx.py" in e.reason and "range(num_experts)" in e.remedy
+    assert "remedy:" in str(report)
