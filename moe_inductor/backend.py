@@ -165,15 +165,18 @@ def _removable(node: fx.Node) -> bool:
     return not node.is_impure()
 
 
-def _remove_dead(graph: fx.Graph) -> None:
+def _remove_dead(graph: fx.Graph, keep: set) -> None:
+    """Erase what the rewrite left without users. Nodes in ``keep`` (those that had no users
+    before the rewrite) stay: Dynamo put them there on purpose (functorch's vmap level calls, for
+    one, look pure to fx and erasing them breaks the graph)."""
     for node in reversed(list(graph.nodes)):
-        if _removable(node):
+        if node not in keep and _removable(node):
             graph.erase_node(node)
 
 
-def _cleanup(gm: fx.GraphModule, orphans: list) -> None:
+def _cleanup(gm: fx.GraphModule, orphans: list, keep: set) -> None:
     graph = gm.graph
-    _remove_dead(graph)
+    _remove_dead(graph, keep)
     changed = True
     while changed:
         changed = False
@@ -188,13 +191,14 @@ def _cleanup(gm: fx.GraphModule, orphans: list) -> None:
                 orphans.remove(node)
                 changed = True
         if changed:
-            _remove_dead(graph)
+            _remove_dead(graph, keep)
 
 
 def rewrite_moe(gm: fx.GraphModule, opts: SonicOptions) -> CompileReport:
     """Replace every recognised MoE block of ``gm`` in place; return what was seen."""
     report = CompileReport()
     orphans: list = []
+    dead_before = {n for n in gm.graph.nodes if not n.users}
     for idiom in _idioms():
         try:
             found = list(idiom.find(gm))
@@ -236,7 +240,7 @@ def rewrite_moe(gm: fx.GraphModule, opts: SonicOptions) -> CompileReport:
                      f": {note}" if note else "")
             if "refused" in note:
                 log.warning("sonic: %s block at %s: %s", block.idiom, where, note)
-    _cleanup(gm, orphans)
+    _cleanup(gm, orphans, dead_before)
     gm.graph.lint()
     gm.recompile()
     return report

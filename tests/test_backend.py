@@ -164,3 +164,21 @@ class GraphModule(torch.nn.Module):
         view_1: "f32[1, 4, 8]" = getitem_12.view(1, 4, 8);  getitem_12 = None
         return (view_1,)
 """)
+
+
+class VmapThenMoE(torch.nn.Module):
+    """torch.vmap in the same graph (transformers' masking utilities use it): Dynamo leaves
+    functorch level calls without users, which look pure to fx; the rewrite's clean-up must keep
+    them (it once erased them and the compiled graph failed at run time, jamba in the sweep)."""
+
+    def __init__(self):
+        super().__init__()
+        self.moe = LoopMoE()
+
+    def forward(self, x):
+        y = torch.vmap(lambda r: r * torch.sigmoid(r))(x)
+        return self.moe(y)
+
+
+def test_vmap_in_the_graph_survives_the_rewrite():
+    check_against_eager(VmapThenMoE(), torch.randn(2, 3, 32), rewrites=1)
