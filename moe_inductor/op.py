@@ -28,7 +28,7 @@ from torch import Tensor
 
 from .activations import parse_activation
 from . import reference
-from . import report as _report
+from . import stats as _stats
 
 log = logging.getLogger(__name__)
 
@@ -149,8 +149,8 @@ def _fused_moe(
         T, E = x.shape[0], w1.shape[0]
         torch._assert_async(((token_ids >= 0) & (token_ids < T)).all(), "fused_moe: token_ids outside [0, T)")
         torch._assert_async(((expert_ids >= -1) & (expert_ids < E)).all(), "fused_moe: expert_ids outside [-1, E)")
-    if _report._routing_listeners:
-        _report._record_routing(expert_ids, x.shape[0], w1.shape[0])
+    if _stats._routing_listeners:
+        _stats._record_routing(expert_ids, x.shape[0], w1.shape[0])
     if which == "triton":
         from .kernels import triton_moe_forward
 

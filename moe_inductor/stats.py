@@ -1,0 +1,58 @@
+"""Routing statistics of the fused op's calls, for ``explain`` and benchmarks.
+
+Kept apart from ``report`` (which imports the rewrite machinery and so Inductor): the fused op
+imports this module, and ``import moe_inductor.op`` must stay light (no triton import).
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+
+import torch
+
+#: lists that the fused op appends a RoutingStats to on every call (see capture_routing_stats)
+_routing_listeners: list = []
+
+
+@dataclasses.dataclass
+class RoutingStats:
+    """What one call of the fused op routed: per-expert counts and the padding waste that GEMM
+    tiles of ``tile_m`` rows would compute for them (the token-rounding issue's figure)."""
+
+    num_tokens: int
+    num_experts: int
+    assignments: int  # dropped (expert -1) padding excluded
+    counts: list
+    tile_m: int
+    padding_waste: float  # sum_e (ceil(f_e/M)*M - f_e) / sum_e f_e
+
+
+@contextlib.contextmanager
+def _listening(listeners: list):
+    found: list = []
+    listeners.append(found)
+    try:
+        yield found
+    finally:
+        listeners.remove(found)
+
+
+def capture_routing_stats():
+    """Collect a RoutingStats for every fused-op call (eager or inside compiled graphs) run in
+    this block. Costs one device-to-host read per call, so only while capturing."""
+    return _listening(_routing_listeners)
+
+
+def _record_routing(expert_ids, num_tokens: int, num_experts: int) -> None:
+    from .kernels.config import TILE_M
+    from .routing import padding_waste
+
+    ids = expert_ids.detach().long()
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=ids.device)
+    counts.scatter_add_(0, ids.clamp(min=0), (ids >= 0).long())
+    rec = RoutingStats(num_tokens=num_tokens, num_experts=num_experts, assignments=int(counts.sum()),
+                       counts=counts.tolist(), tile_m=TILE_M, padding_waste=padding_waste(counts, TILE_M))
+    for listener in _routing_listeners:
+        listener.append(rec)
+
+
