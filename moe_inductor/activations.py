@@ -8,8 +8,16 @@ An activation spec is a string so that the fused op's schema never changes when 
     "geglu_tanh"            gelu_tanh(gate) * up
     "gptoss:<alpha>:<limit>" GPT-OSS: g = gate.clamp(max=limit), u = up.clamp(-limit, limit),
                             g * sigmoid(alpha * g) * (u + 1)
+    "swiglu_limit:<limit>"  clamped SwiGLU (DeepSeek-V4, HY-V4, GLM-5-Next):
+                            silu(gate.clamp(max=limit)) * up.clamp(-limit, limit)
+    "softcap_swiglu:<cg>:<cu>" Inkling2: softcap(gate, cg) * sigmoid(gate) * softcap(up, cu),
+                            softcap(z, c) = tanh(z / c) * c
   non-gated (n columns):
     "silu", "gelu", "gelu_tanh", "relu"
+    "relu2"                 relu(z) ** 2 (Nemotron-H's "relu2")
+
+The kinds in GATED / NON_GATED have a Triton epilogue; those in GATED_TORCH_ONLY /
+NON_GATED_TORCH_ONLY are served by the PyTorch path only (``kernels.unsupported_reason`` says so).
 
 Gate/up layout of the 2n columns: "concat" (gate = [:n], up = [n:]) or interleaved
 (gate = [0::2], up = [1::2]).
@@ -25,6 +33,9 @@ import torch.nn.functional as F
 
 GATED = ("swiglu", "geglu", "geglu_tanh", "gptoss")
 NON_GATED = ("silu", "gelu", "gelu_tanh", "relu")
+GATED_TORCH_ONLY = ("swiglu_limit", "softcap_swiglu")
+NON_GATED_TORCH_ONLY = ("relu2",)
+ALL_KINDS = GATED + NON_GATED + GATED_TORCH_ONLY + NON_GATED_TORCH_ONLY
 
 
 @dataclass(frozen=True)
@@ -35,12 +46,21 @@ class Activation:
 
     @property
     def gated(self) -> bool:
-        return self.kind in GATED
+        return self.kind in GATED or self.kind in GATED_TORCH_ONLY
+
+    @property
+    def triton(self) -> bool:
+        """Whether the Triton epilogue implements this kind."""
+        return self.kind in GATED or self.kind in NON_GATED
 
     @property
     def spec(self) -> str:
         if self.kind == "gptoss":
             return f"gptoss:{self.alpha!r}:{self.limit!r}"
+        if self.kind == "swiglu_limit":
+            return f"swiglu_limit:{self.limit!r}"
+        if self.kind == "softcap_swiglu":  # alpha = gate softcap, limit = up softcap
+            return f"softcap_swiglu:{self.alpha!r}:{self.limit!r}"
         return self.kind
 
 
@@ -48,15 +68,27 @@ class Activation:
 def parse_activation(spec: str) -> Activation:
     parts = spec.split(":")
     kind = parts[0]
-    if kind not in GATED + NON_GATED:
+    if kind not in ALL_KINDS:
         raise ValueError(
-            f"unknown activation {spec!r}; valid: {', '.join(GATED + NON_GATED)} "
-            "(gptoss as 'gptoss:<alpha>:<limit>')"
+            f"unknown activation {spec!r}; valid: {', '.join(ALL_KINDS)} "
+            "(gptoss as 'gptoss:<alpha>:<limit>', swiglu_limit as 'swiglu_limit:<limit>', "
+            "softcap_swiglu as 'softcap_swiglu:<gate cap>:<up cap>')"
         )
     if kind == "gptoss":
         if len(parts) != 3:
             raise ValueError(f"gptoss activation needs 'gptoss:<alpha>:<limit>', got {spec!r}")
         return Activation(kind, float(parts[1]), float(parts[2]))
+    if kind == "swiglu_limit":
+        if len(parts) != 2:
+            raise ValueError(f"swiglu_limit activation needs 'swiglu_limit:<limit>', got {spec!r}")
+        return Activation(kind, limit=float(parts[1]))
+    if kind == "softcap_swiglu":
+        if len(parts) != 3:
+            raise ValueError(f"softcap_swiglu activation needs 'softcap_swiglu:<gate cap>:<up cap>', got {spec!r}")
+        cg, cu = float(parts[1]), float(parts[2])
+        if not (math.isfinite(cg) and math.isfinite(cu) and cg != 0 and cu != 0):
+            raise ValueError(f"softcap_swiglu caps must be finite and nonzero, got {spec!r}")
+        return Activation(kind, cg, cu)
     if len(parts) != 1:
         raise ValueError(f"activation {kind!r} takes no parameters, got {spec!r}")
     return Activation(kind)
@@ -96,6 +128,8 @@ def _unary(kind: str, z: torch.Tensor) -> torch.Tensor:
         return F.gelu(z, approximate="tanh")
     if kind == "relu":
         return F.relu(z)
+    if kind == "relu2":
+        return torch.square(F.relu(z))
     raise AssertionError(kind)
 
 
@@ -111,6 +145,8 @@ def _unary_grad(kind: str, z: torch.Tensor) -> torch.Tensor:
         return _gelu_tanh_grad(z)
     if kind == "relu":
         return (z > 0).to(z.dtype)
+    if kind == "relu2":
+        return 2 * F.relu(z)
     raise AssertionError(kind)
 
 
@@ -124,6 +160,11 @@ def act_forward(h: torch.Tensor, act: Activation, interleaved: bool) -> torch.Te
         g = g.clamp(max=act.limit)
         u = u.clamp(-act.limit, act.limit)
         return (g * torch.sigmoid(act.alpha * g) * (u + 1)).to(h.dtype)
+    if act.kind == "swiglu_limit":
+        return (F.silu(g.clamp(max=act.limit)) * u.clamp(-act.limit, act.limit)).to(h.dtype)
+    if act.kind == "softcap_swiglu":
+        cg, cu = act.alpha, act.limit
+        return (torch.tanh(g / cg) * cg * torch.sigmoid(g) * (torch.tanh(u / cu) * cu)).to(h.dtype)
     return (_unary(act.kind, g) * u).to(h.dtype)
 
 
@@ -141,6 +182,19 @@ def act_backward(h: torch.Tensor, da: torch.Tensor, act: Activation, interleaved
         dglu = s * (1 + act.alpha * gc * (1 - s))
         dg = daf * (uc + 1) * dglu * (g <= act.limit)
         du = daf * glu * ((u >= -act.limit) & (u <= act.limit))
+    elif act.kind == "swiglu_limit":
+        gc = g.clamp(max=act.limit)
+        uc = u.clamp(-act.limit, act.limit)
+        dg = daf * uc * _unary_grad("silu", gc) * (g <= act.limit)
+        du = daf * F.silu(gc) * ((u >= -act.limit) & (u <= act.limit))
+    elif act.kind == "softcap_swiglu":
+        cg, cu = act.alpha, act.limit
+        tg, tu = torch.tanh(g / cg), torch.tanh(u / cu)
+        s = torch.sigmoid(g)
+        capped_u = tu * cu
+        # d/dg [cg tanh(g/cg) sigmoid(g)] = (1 - tg^2) s + cg tg s (1 - s)
+        dg = daf * capped_u * ((1 - tg * tg) * s + cg * tg * s * (1 - s))
+        du = daf * (tg * cg * s) * (1 - tu * tu)
     else:
         dg = daf * u * _unary_grad(act.kind, g)
         du = daf * _unary(act.kind, g)

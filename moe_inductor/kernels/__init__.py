@@ -43,6 +43,8 @@ def unsupported_reason(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, act,
             return "bfloat16 tl.dot needs compute capability 8.0+"
     elif not (x.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"):
         return f"tensors on {x.device.type} (the kernels need CUDA, or CPU under TRITON_INTERPRET=1)"
+    if not act.triton:
+        return f"activation {act.spec} has no Triton epilogue (PyTorch path only)"
     if w1.dim() != 3 or w2.dim() != 3:
         return "expert weights must be 3-D"
     E, h_cols, d = w1.shape
