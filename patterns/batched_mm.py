@@ -37,11 +37,12 @@ import torch
 import torch.fx as fx
 from torch._inductor.pattern_matcher import KeywordArg as KA, is_match
 
+from moe_inductor.activations import parse_activation
 from moe_inductor.rewrite import (
     AnyOf, Declined, F, M, MoEBlock, call, method, dtype_of, getitem, int_value, is_mutation,
     match_or_decline as _match, need as _need, same, shape_of, to_sympy,
 )
-from .common import GATED_OF, expert_activation, expert_bias, unary_activation
+from .common import GATED_OF, after_gemm_reason, expert_activation, expert_bias, unary_activation
 
 IDIOM = "batched_mm"
 
@@ -82,6 +83,9 @@ def analyse_bmm(node: fx.Node) -> MoEBlock:
     T, K, d = c["T"], c["K"], c["d"]
     w = _match(_weighted_pattern(), c["weighted"], "routing-weight multiply")
     scores = w["scores"]
+    if not is_match(_batched_linear("act_out", "w_down", "ids").match(w["expert_out"])):
+        why = after_gemm_reason(w["expert_out"], lambda n: is_match(_batched_linear("a", "w", "i").match(n)))
+        _need(why is None, why)
     down = _match(_batched_linear("act_out", "w_down", "ids"), w["expert_out"], "down-projection batched GEMM")
     ids = down["ids"]
     activation, interleaved, up_out = expert_activation(down["act_out"])
@@ -113,7 +117,7 @@ def analyse_bmm(node: fx.Node) -> MoEBlock:
     _need(E is not None and same(wd[0], E), "number of experts unknown or inconsistent")
     _need(same(hs[1], d) and same(wu[2], d) and same(wd[1], d), "hidden sizes disagree")
     n = wd[2]
-    gated = activation in GATED_OF.values() or activation.startswith("gptoss")
+    gated = parse_activation(activation).gated
     _need(same(wu[1], 2 * n if gated else n), "up-projection width does not match the activation")
     out_shape = shape_of(node)
     _need(out_shape is not None and len(out_shape) == 2 and same(out_shape[0], Ti) and same(out_shape[1], d),

@@ -13,7 +13,7 @@ import torch.nn.functional as Fn
 
 from moe_inductor.activations import Activation
 from moe_inductor.rewrite import (
-    F, M, getitem, AnyOf, is_mutation, match_or_decline, need, same, shape_of, dtype_of,
+    F, M, getitem, AnyOf, Declined, is_mutation, match_or_decline, need, same, shape_of, dtype_of,
 )
 from torch._inductor.pattern_matcher import KeywordArg, is_match
 
@@ -71,6 +71,38 @@ def grouped_mm(a: str, w: str, offs: str, cast: str):
         alts.append(F(tgt, M("to", KeywordArg(a), KeywordArg(cast)), KeywordArg(w), offs=KeywordArg(offs)))
         alts.append(F(tgt, KeywordArg(a), KeywordArg(w), offs=KeywordArg(offs)))
     return AnyOf(*alts)
+
+
+def after_gemm_reason(node, is_gemm: Callable[[fx.Node], bool], depth: int = 24) -> Optional[str]:
+    """When ``node`` (what the routing weight multiplies) is not itself the down-projection GEMM
+    but computed from one within ``depth`` nodes (MuseSpark's per-expert RMSNorm after the down
+    projection), a precise decline reason naming the ops in between; else None."""
+    if not isinstance(node, fx.Node):
+        return None
+    seen, frontier, gemm = {node}, [node], None
+    for _ in range(depth):
+        nxt = []
+        for n in frontier:
+            for i in n.all_input_nodes:
+                if i not in seen and i.op in ("call_function", "call_method"):
+                    seen.add(i)
+                    nxt.append(i)
+                    if gemm is None and is_gemm(i):
+                        gemm = i
+        frontier = nxt
+    if gemm is None:
+        return None
+    between, stack = set(), [gemm]  # nodes on a path gemm -> node
+    while stack:
+        for u in stack.pop().users:
+            if u in seen and u not in between:
+                between.add(u)
+                stack.append(u)
+    names = sorted({str(o.target) if o.op == "call_method" else getattr(o.target, "__name__", str(o.target))
+                    for o in between})
+    return ("expert output is transformed between the down-projection GEMM and the routing weight ("
+            + ", ".join(names) + "; e.g. a per-expert norm): the fused op's expert ends at W2 act(W1 x), "
+            "so this block cannot be expressed exactly")
 
 
 # --------------------------------------------------------------------------- activations
@@ -140,15 +172,16 @@ def _interleaved_half(index, rank: Optional[int]) -> Optional[int]:
     return {None: 0, 0: 0, 1: 1}.get(last.start)
 
 
-def gptoss_activation(act_out: fx.Node) -> Optional[tuple[str, fx.Node]]:
+def gptoss_activation(act_out: fx.Node) -> Optional[tuple[str, bool, fx.Node]]:
     """GPT-OSS experts' gate on interleaved gate/up columns of h (transformers
-    ``GptOssExperts._apply_gate``)::
+    ``GptOssExperts._apply_gate``), or on concatenated ones (MiniMax-M3-VL,
+    OpenAI-privacy-filter: ``gate, up = h.chunk(2, dim=-1)``)::
 
         gate, up = h[..., ::2], h[..., 1::2]
         gate = gate.clamp(min=None, max=limit); up = up.clamp(min=-limit, max=limit)
         out = (up + 1) * (gate * sigmoid(gate * alpha))
 
-    -> ("gptoss:<alpha>:<limit>", h): the same formula as ``moe_inductor.activations`` (g *
+    -> ("gptoss:<alpha>:<limit>", interleaved, h): the same formula as ``moe_inductor.activations`` (g *
     sigmoid(alpha * g) * (u + 1); products commute exactly in IEEE arithmetic). None when
     ``act_out`` does not have this shape at all; Declined when it has it but a piece is not
     proven (a constant that is a tensor, other clamp bounds, other columns, ...)."""
@@ -180,38 +213,251 @@ def gptoss_activation(act_out: fx.Node) -> Optional[tuple[str, fx.Node]]:
     need(_number(u_min) and _number(u_max) and u_max == limit and u_min == -limit,
          f"up clamp is clamp(min={u_min!r}, max={u_max!r}), not clamp(min=-{limit!r}, max={limit!r})")
 
-    gi = match_or_decline(getitem(KeywordArg("h"), KeywordArg("index")), g_in, "gate columns h[..., ::2]")
-    ui = match_or_decline(getitem(KeywordArg("h"), KeywordArg("index")), u_in, "up columns h[..., 1::2]")
-    h = gi["h"]
-    need(ui["h"] is h, "gate and up are taken from different tensors")
-    rank = len(shape_of(h) or ())
+    h, interleaved, src = gate_up_source(g_in, u_in)
+    _unwritten([*m.nodes, gate, up, k["scaled"], g_in, u_in, *src], "GPT-OSS gate")
+    return Activation("gptoss", float(alpha), float(limit)).spec, interleaved, h
+
+
+def _chunk2(node) -> Optional[fx.Node]:
+    """h of ``h.chunk(2, dim=-1)`` (``dim=1`` when h is 2-D; dim positional or keyword), else None."""
+    if not (isinstance(node, fx.Node) and node.op == "call_method" and node.target == "chunk"):
+        return None
+    args, kwargs = list(node.args), dict(node.kwargs)
+    if len(args) == 3 and not kwargs:
+        dim = args[2]
+    elif len(args) == 2 and set(kwargs) <= {"dim"}:
+        dim = kwargs.get("dim", 0)
+    else:
+        return None
+    if args[1] != 2 or not isinstance(args[0], fx.Node):
+        return None
+    rank = len(shape_of(args[0]) or ())
+    if rank == 0 or dim not in (-1, rank - 1):
+        return None
+    return args[0]
+
+
+def gate_up_source(g_in: fx.Node, u_in: fx.Node) -> tuple[fx.Node, bool, list]:
+    """(h, interleaved, intermediate nodes) when gate/up are the two halves of one tensor h:
+    ``h.chunk(2, dim=-1)[0] / [1]`` (concatenated) or ``h[..., ::2] / h[..., 1::2]``
+    (interleaved). Declines otherwise."""
+    gi = match_or_decline(getitem(KeywordArg("h"), KeywordArg("index")), g_in, "gate columns of h")
+    ui = match_or_decline(getitem(KeywordArg("h"), KeywordArg("index")), u_in, "up columns of h")
+    need(ui["h"] is gi["h"], "gate and up are taken from different tensors")
+    src = gi["h"]
+    h = _chunk2(src)
+    if h is not None:
+        need(gi["index"] == 0 and ui["index"] == 1,
+             f"gate/up are chunks [{gi['index']!r}] / [{ui['index']!r}] of h.chunk(2, -1), not [0] / [1]")
+        return h, False, [src]
+    rank = len(shape_of(src) or ())
     need(_interleaved_half(gi["index"], rank) == 0 and _interleaved_half(ui["index"], rank) == 1,
-         f"gate/up columns are h[{gi['index']!r}] / h[{ui['index']!r}], not interleaved [..., ::2] / [..., 1::2]")
-    _unwritten([*m.nodes, gate, up, k["scaled"], g_in, u_in], "GPT-OSS gate")
-    return Activation("gptoss", float(alpha), float(limit)).spec, h
+         f"gate/up columns are h[{gi['index']!r}] / h[{ui['index']!r}], neither h.chunk(2, -1)[0] / [1] "
+         "nor interleaved [..., ::2] / [..., 1::2]")
+    return src, True, []
+
+
+def _float_cast(node) -> Optional[fx.Node]:
+    """x of ``x.float()`` / ``x.to(torch.float32)``, else None."""
+    if not (isinstance(node, fx.Node) and node.op == "call_method" and not node.kwargs):
+        return None
+    if node.target == "float" and len(node.args) == 1:
+        return node.args[0]
+    if node.target == "to" and len(node.args) == 2 and node.args[1] is torch.float32:
+        return node.args[0]
+    return None
+
+
+def _peel_float(node):
+    """(x, cast node) for ``x.float()``, else (node, None)."""
+    inner = _float_cast(node)
+    return (inner, node) if inner is not None else (node, None)
+
+
+def _is_mul(node) -> bool:
+    return (isinstance(node, fx.Node) and node.op == "call_function" and node.target is operator.mul
+            and len(node.args) == 2 and not node.kwargs)
+
+
+def _mul_operands(node):
+    return tuple(node.args) if _is_mul(node) else None
+
+
+def _const(v, what: str) -> float:
+    need(not isinstance(v, fx.Node), f"{what} is a tensor, not a Python constant")
+    need(_number(v), f"{what}={v!r} is not a finite number")
+    return float(v)
+
+
+def _softcap(node) -> Optional[tuple[fx.Node, object]]:
+    """(z, c) of ``tanh(z / c) * c`` (either product order), else None; c unchecked."""
+    ops = _mul_operands(node)
+    if ops is None:
+        return None
+    for t, c in (ops, ops[::-1]):
+        if (isinstance(t, fx.Node) and t.op == "call_function" and t.target is torch.tanh and len(t.args) == 1
+                and not t.kwargs):
+            q = t.args[0]
+            if (isinstance(q, fx.Node) and q.op == "call_function" and q.target is operator.truediv
+                    and len(q.args) == 2 and not q.kwargs and isinstance(q.args[0], fx.Node)):
+                need(not isinstance(c, fx.Node) and not isinstance(q.args[1], fx.Node),
+                     "softcap constant is a tensor, not a Python constant")
+                need(_number(c) and c == q.args[1] and c != 0,
+                     f"softcap is tanh(z / {q.args[1]!r}) * {c!r}: divisor and factor differ")
+                return q.args[0], c
+    return None
+
+
+def softcap_swiglu_activation(act_out: fx.Node):
+    """Inkling2's ``Inkling2SoftcappedSwiGLU``::
+
+        (softcap(gate, cg) * sigmoid(gate)) * softcap(up, cu),  softcap(z, c) = tanh(z / c) * c
+
+    (gate, up as ``gate_up_source``, optionally ``.float()`` each) -> ("softcap_swiglu:cg:cu",
+    interleaved, h, [float casts]). None when ``act_out`` is not a product with a softcap factor
+    next to a sigmoid; Declined when it is but a piece does not match."""
+    ops = _mul_operands(act_out)
+    if ops is None:
+        return None
+    for left, right in (ops, ops[::-1]):
+        lo = _mul_operands(left)
+        cu = _softcap(right) if lo is not None else None
+        if cu is None:
+            continue
+        for sc, sg in (lo, lo[::-1]):
+            cg = _softcap(sc)
+            if cg is None:
+                continue
+            gate, cgv = cg
+            need(isinstance(sg, fx.Node) and sg.op == "call_function" and sg.target in (torch.sigmoid, Fn.sigmoid)
+                 and len(sg.args) == 1 and not sg.kwargs,
+                 "softcapped gate is not multiplied by sigmoid(gate)")
+            need(sg.args[0] is gate, "sigmoid is taken of another tensor than the softcapped gate")
+            up, cuv = cu
+            g_in, g_cast = _peel_float(gate)
+            u_in, u_cast = _peel_float(up)
+            need((g_cast is None) == (u_cast is None), "only one of gate/up is cast with .float()")
+            h, interleaved, src = gate_up_source(g_in, u_in)
+            casts = [c for c in (g_cast, u_cast) if c is not None]
+            nodes = [act_out, left, right, sc, sg, *[a for n in (sc, right) for a in n.all_input_nodes],
+                     gate, up, g_in, u_in, *src, *casts]
+            _unwritten(nodes, "softcapped SwiGLU")
+            spec = Activation("softcap_swiglu", _const(cgv, "gate softcap"), _const(cuv, "up softcap")).spec
+            return spec, interleaved, h, casts
+    return None
+
+
+def _relu2(node):
+    """h of ``square(relu(h))`` / ``relu(h) ** 2`` / ``relu(h).pow(2)``, else None."""
+    if not isinstance(node, fx.Node):
+        return None
+    inner = None
+    if node.op == "call_function" and node.target in (torch.square,) and len(node.args) == 1 and not node.kwargs:
+        inner = node.args[0]
+    elif (node.op == "call_function" and node.target in (operator.pow, torch.pow) and len(node.args) == 2
+          and not node.kwargs and node.args[1] == 2 and not isinstance(node.args[1], (bool, fx.Node))):
+        inner = node.args[0]
+    elif (node.op == "call_method" and node.target in ("pow", "square") and not node.kwargs
+          and (node.args[1:] == (2,) if node.target == "pow" else len(node.args) == 1)
+          and not isinstance(node.args[-1], bool)):
+        inner = node.args[0]
+    if not isinstance(inner, fx.Node):
+        return None
+    name, h = unary_activation(inner)
+    if name != "relu":
+        return None
+    return h, inner
+
+
+def _out_cast(node: fx.Node):
+    """(y, D) for ``y.to(D)`` with D a dtype constant, else (node, None)."""
+    if (node.op == "call_method" and node.target == "to" and len(node.args) == 2 and not node.kwargs
+            and isinstance(node.args[0], fx.Node) and isinstance(node.args[1], torch.dtype)):
+        return node.args[0], node.args[1]
+    return node, None
+
+
+def _check_casts(act_out: fx.Node, h: fx.Node, float_casts, out_cast) -> None:
+    """``.float()`` on the activation inputs and ``.to(D)`` on its output (Beam, Inkling2) are
+    exactly the fused op's own precision rule (math in fp32 for fp32/fp16/bf16 h, result in h's
+    dtype) when h is one of those dtypes and the activation's result has h's dtype."""
+    if not float_casts and out_cast is None:
+        return
+    hd = dtype_of(h)
+    if float_casts:
+        need(hd in (torch.float32, torch.float16, torch.bfloat16),
+             f"activation inputs are cast with .float() from {hd}: not the op's precision rule")
+    need(dtype_of(act_out) == hd, f"activation result has dtype {dtype_of(act_out)}, h has {hd}: "
+         "the fused op returns the activation in h's dtype")
 
 
 def expert_activation(act_out: fx.Node, chunk_dims=(-1, 1)) -> tuple[str, bool, fx.Node]:
     """(activation spec, interleaved, pre-activation h) of the expert body's activation:
-    GPT-OSS's clamped gate (interleaved), act(gate) * up with gate, up = h.chunk(2, dim)
-    (concatenated), or a plain act(h). Declines otherwise."""
+    GPT-OSS's clamped gate (interleaved or concatenated), Inkling2's softcapped SwiGLU,
+    act(gate) * up with gate, up = h.chunk(2, dim) (or ``.float()`` of each, optionally the
+    clamped SwiGLU ``silu(gate.clamp(max=L)) * up.clamp(-L, L)``), relu(h)**2, or a plain act(h),
+    optionally followed by ``.to(h.dtype)``. Declines otherwise."""
+    outer = act_out
+    act_out, out_dtype = _out_cast(act_out)
+    out_cast = outer if out_dtype is not None else None
     g = gptoss_activation(act_out)
     if g is not None:
-        return g[0], True, g[1]
+        _check_casts(outer, g[2], [], out_cast)
+        return g
+    sc = softcap_swiglu_activation(act_out)
+    if sc is not None:
+        spec, interleaved, h, casts = sc
+        _check_casts(outer, h, casts, out_cast)
+        return spec, interleaved, h
     if act_out.op == "call_function" and act_out.target is operator.mul and len(act_out.args) == 2:
         for gt, u in (act_out.args, act_out.args[::-1]):
             name, gate = unary_activation(gt) if isinstance(gt, fx.Node) else (None, None)
-            if name and gate.op == "call_function" and gate.target is operator.getitem and gate.args[1] == 0 \
-                    and isinstance(u, fx.Node) and u.target is operator.getitem and u.args[1] == 1 \
-                    and u.args[0] is gate.args[0]:
-                ch = gate.args[0]
-                if ch.op == "call_method" and ch.target == "chunk" and ch.args[1:] == (2,) \
-                        and ch.kwargs.get("dim", None) in chunk_dims:
-                    need(name in GATED_OF, f"gated activation {name} unsupported")
-                    _unwritten([act_out, gt, gate, u], "gated activation")
-                    return GATED_OF[name], False, ch.args[0]
+            if not name or not isinstance(u, fx.Node):
+                continue
+            gb, ub = _clamp_bounds(gate), _clamp_bounds(u)
+            g_c, u_c = (gate, u) if gb is None or ub is None else (gb[0], ub[0])
+            g_in, g_cast = _peel_float(g_c)
+            u_in, u_cast = _peel_float(u_c)
+            try:
+                h, interleaved, src = gate_up_source(g_in, u_in)
+            except Declined:
+                continue
+            if interleaved or h is None:
+                continue  # act(h[..., ::2]) * h[..., 1::2] is not matched (as before)
+            ch = src[0]
+            if ch.kwargs.get("dim", ch.args[2] if len(ch.args) > 2 else None) not in chunk_dims:
+                continue
+            need((g_cast is None) == (u_cast is None), "only one of gate/up is cast with .float()")
+            casts = [c for c in (g_cast, u_cast) if c is not None]
+            inter = [act_out, gt, gate, u, g_in, u_in, *casts]
+            if gb is not None and ub is not None:
+                need(name == "silu", f"clamped gated activation {name}: only the clamped SwiGLU is supported")
+                need(not casts, "clamped SwiGLU with .float() casts inside the clamps is not supported")
+                g_min, g_max = gb[1:]
+                u_min, u_max = ub[1:]
+                for v in (g_min, g_max, u_min, u_max):
+                    need(not isinstance(v, fx.Node), "clamp limit is a tensor, not a Python constant")
+                need(g_min is None and _number(g_max),
+                     f"gate clamp is clamp(min={g_min!r}, max={g_max!r}), not clamp(max=limit)")
+                need(_number(u_min) and _number(u_max) and u_max == g_max and u_min == -g_max,
+                     f"up clamp is clamp(min={u_min!r}, max={u_max!r}), not clamp(min=-{g_max!r}, max={g_max!r})")
+                _unwritten(inter, "clamped SwiGLU")
+                _check_casts(outer, h, [], out_cast)
+                return Activation("swiglu_limit", limit=float(g_max)).spec, False, h
+            need(gb is None and ub is None, "only one of gate/up is clamped")
+            need(name in GATED_OF, f"gated activation {name} unsupported")
+            _unwritten(inter, "gated activation")
+            _check_casts(outer, h, casts, out_cast)
+            return GATED_OF[name], False, h
+    r2 = _relu2(act_out)
+    if r2 is not None:
+        h, relu_node = r2
+        _unwritten([act_out, relu_node], "relu^2 activation")
+        _check_casts(outer, h, [], out_cast)
+        return "relu2", False, h
     name, inner = unary_activation(act_out)
     need(name is not None, "expert activation is not a supported (gated) activation")
+    _check_casts(outer, inner, [], out_cast)
     return name, False, inner
 
 

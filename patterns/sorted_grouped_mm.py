@@ -33,11 +33,12 @@ import torch
 import torch.fx as fx
 from torch._inductor.pattern_matcher import KeywordArg as KA, is_match
 
+from moe_inductor.activations import parse_activation
 from moe_inductor.rewrite import (
     AnyOf, Declined, F, M, MoEBlock, getitem, call, method, is_mutation, match_or_decline, need as _need, same,
     shape_of, int_value, dtype_of, to_sympy,
 )
-from .common import GATED_OF, expert_activation, expert_bias, grouped_mm
+from .common import GATED_OF, after_gemm_reason, expert_activation, expert_bias, grouped_mm
 
 IDIOM = "sorted_grouped_mm"
 
@@ -93,6 +94,9 @@ def analyse(node: fx.Node) -> MoEBlock:
     _need(w["perm"] is perm, "routing weights are permuted differently from the tokens")
     sample_weights = w["sample_weights"]
 
+    if not is_match(grouped_mm("act_out", "w_down", "offsets", "cast2").match(w["down_out"])):
+        why = after_gemm_reason(w["down_out"], lambda n: is_match(grouped_mm("a", "w", "o", "c").match(n)))
+        _need(why is None, why)
     down = _match(grouped_mm("act_out", "w_down", "offsets", "cast2"), w["down_out"], "down-projection grouped GEMM")
     offsets = down["offsets"]
     act_out = down["act_out"]
@@ -135,7 +139,7 @@ def analyse(node: fx.Node) -> MoEBlock:
     _need(same(hs[0], T), "gathered tensor has more rows than tokens")
     _need(same(hs[1], d) and same(wu[1], d) and same(wd[2], d), "hidden sizes disagree")
     n = wd[1]
-    gated = activation in GATED_OF.values() or activation.startswith("gptoss")
+    gated = parse_activation(activation).gated
     _need(same(wu[2], 2 * n if gated else n), "up-projection width does not match the activation")
     out_shape = shape_of(node)
     _need(out_shape is not None and len(out_shape) == 2 and same(out_shape[0], T) and same(out_shape[1], d),
