@@ -19,7 +19,20 @@ def close(a, b, atol, rtol, name, rel_norm=None):
         torch.testing.assert_close(a.float(), b.float(), atol=atol, rtol=rtol, msg=lambda m: f"{name}: {m}")
 
 
-def run_and_compare(model, ids, expected_rewrites, atol=None, rtol=None, rel_norm=None):
+def sonic_without_codegen(gm, example_inputs):
+    """The sonic rewrite, then AOTAutograd running the graphs as they are (aot_eager): checks all
+    the rewrite changes, traced through the fused op's fake and autograd, without Inductor's code
+    generation (several times faster; the full backend is covered by the default-experts tests)."""
+    from torch._dynamo.backends.debugging import aot_eager
+
+    from moe_inductor.backend import rewrite_moe
+    from moe_inductor.options import SonicOptions
+
+    rewrite_moe(gm, SonicOptions())
+    return aot_eager(gm, example_inputs)
+
+
+def run_and_compare(model, ids, expected_rewrites, atol=None, rtol=None, rel_norm=None, backend="sonic"):
     torch._dynamo.reset()
     counters.clear()
     model.train()
@@ -27,7 +40,7 @@ def run_and_compare(model, ids, expected_rewrites, atol=None, rtol=None, rel_nor
     ref = model(ids).logits if hasattr(model(ids), "logits") else model(ids)[0]
     g = torch.randn_like(ref)
     ref_grads = torch.autograd.grad(ref, params, g, allow_unused=True)
-    compiled = torch.compile(model, backend="sonic")
+    compiled = torch.compile(model, backend=backend)
     out = compiled(ids)
     out = out.logits if hasattr(out, "logits") else out[0]
     grads = torch.autograd.grad(out, params, g, allow_unused=True)
