@@ -342,3 +342,18 @@ def match_or_decline(pattern: PatternExpr, node: Any, what: str, detail: bool = 
     if m is None or not is_match(m):
         raise Declined(f"{what} not recognised" + (f" ({m})" if detail and m is not None else ""))
     return m.kwargs
+
+
+def size_asserts_of(roots, through) -> list:
+    """Dynamo's runtime asserts (``aten._assert_scalar``) on sizes derived from ``roots`` via
+    users whose target is in ``through`` or ``aten.sym_size``: they die with the block that
+    produced those sizes, so an idiom lists them among its orphans."""
+    found, stack = [], list(roots)
+    while stack:
+        n = stack.pop()
+        for u in n.users:
+            if u.op == "call_function" and u.target is torch.ops.aten._assert_scalar.default:
+                found.append(u)
+            elif u.op == "call_function" and (u.target in through or u.target is torch.ops.aten.sym_size.int):
+                stack.append(u)
+    return found

@@ -39,7 +39,7 @@ import torch.fx as fx
 from torch._inductor.pattern_matcher import KeywordArg as KA, is_match
 
 from moe_inductor.rewrite import (
-    AnyOf, F, M, MoEBlock, call, method, dtype_of, getitem, int_value, is_mutation, same, shape_of,
+    AnyOf, F, M, MoEBlock, call, method, dtype_of, getitem, int_value, is_mutation, same, shape_of, size_asserts_of,
 )
 from .common import GATED_OF, unary_activation
 from .mask_dispatch import Declined as MaskDeclined, _at_most_one_per_row, _check_expert_path, _skip_identities
@@ -288,17 +288,9 @@ def analyse_group(members: list) -> MoEBlock:
                 u.replace_input_with(acc, out)
 
     # runtime asserts Dynamo added about the sizes of torch.where results die with the loop
-    orphans = list(nodes_in_group)
-    for m in members:
-        stack = [m["where"]]
-        while stack:
-            n = stack.pop()
-            for u in n.users:
-                if u.op == "call_function" and u.target is torch.ops.aten._assert_scalar.default:
-                    orphans.append(u)
-                elif u.op == "call_function" and (u.target in (operator.getitem, operator.ge, operator.le)
-                                                  or u.target is torch.ops.aten.sym_size.int):
-                    stack.append(u)
+    orphans = list(nodes_in_group) + size_asserts_of([m["where"] for m in members],
+                                                     (operator.getitem, operator.ge, operator.le))
+
     def expert_ids(graph):
         if kind == "index":
             return method(graph, "reshape", topk, -1, like=last_add)

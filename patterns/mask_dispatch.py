@@ -54,7 +54,7 @@ from torch._inductor.pattern_matcher import KeywordArg as KA, is_match
 
 from moe_inductor.rewrite import (
     AnyOf, F, M, MoEBlock, call, dtype_of, getitem, int_value, is_mutation, method, mutated_between, same,
-    shape_of,
+    shape_of, size_asserts_of,
 )
 from .common import GATED_OF, unary_activation
 
@@ -407,17 +407,8 @@ def analyse_group(members: list, graph: fx.Graph) -> MoEBlock:
                 u.replace_input_with(buf, result)
 
     # runtime asserts Dynamo added about the sizes of the x[mask] gathers die with the loop
-    orphans = list(nodes)
-    for m in members:
-        stack = [m["gathered"]]
-        while stack:
-            n = stack.pop()
-            for u in n.users:
-                if u.op == "call_function" and u.target is torch.ops.aten._assert_scalar.default:
-                    orphans.append(u)
-                elif u.op == "call_function" and (u.target in (operator.ge, operator.le, operator.lt, operator.gt)
-                                                  or u.target is torch.ops.aten.sym_size.int):
-                    stack.append(u)
+    orphans = list(nodes) + size_asserts_of([m["gathered"] for m in members],
+                                            (operator.ge, operator.le, operator.lt, operator.gt))
     xs2 = shape_of(x)
     return MoEBlock(
         idiom=IDIOM, anchor=anchor, x=x2, token_ids=token_ids, expert_ids=expert_ids, scores=scores,
