@@ -35,7 +35,7 @@ import torch.fx as fx
 import torch.nn.functional as Fn
 from torch._inductor.pattern_matcher import KeywordArg as KA, is_match
 
-from .rewrite import AnyOf, F, M, getitem, int_value, is_mutation, same, shape_of
+from .rewrite import AnyOf, Declined, F, M, int_value, is_mutation, need as _need, same, shape_of
 from . import routing
 
 
@@ -88,15 +88,6 @@ def _last_dim(dim, rank: int) -> bool:
     return isinstance(dim, int) and not isinstance(dim, bool) and dim in (-1, rank - 1)
 
 
-class _Refused(Exception):
-    pass
-
-
-def _need(cond, reason: str) -> None:
-    if not cond:
-        raise _Refused(reason)
-
-
 def _strip(node, *methods):
     """Peel casts like .to(dtype) / .float() / .type_as(); returns (inner node, cast dtype or None)."""
     dtype = None
@@ -116,7 +107,7 @@ def analyse_router(expert_ids: fx.Node, scores: fx.Node, num_experts: int, top_k
     """How the block's flat (A,) expert ids and scores came from the router, or a refusal reason."""
     try:
         return _analyse(expert_ids, scores, num_experts, top_k)
-    except _Refused as e:
+    except Declined as e:
         return str(e)
 
 

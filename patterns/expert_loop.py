@@ -39,21 +39,13 @@ import torch.fx as fx
 from torch._inductor.pattern_matcher import KeywordArg as KA, is_match
 
 from moe_inductor.rewrite import (
-    AnyOf, F, M, MoEBlock, call, method, dtype_of, getitem, int_value, is_mutation, same, shape_of, size_asserts_of,
+    AnyOf, Declined, F, M, MoEBlock, call, method, dtype_of, getitem, int_value, is_mutation,
+    match_or_decline as _match, need as _need, same, shape_of, size_asserts_of,
 )
 from .common import GATED_OF, unary_activation
-from .mask_dispatch import Declined as MaskDeclined, _at_most_one_per_row, _check_expert_path, _skip_identities
+from .mask_dispatch import _at_most_one_per_row, _check_expert_path, _skip_identities
 
 IDIOM = "expert_loop"
-
-
-class Declined(Exception):
-    pass
-
-
-def _need(cond, reason):
-    if not cond:
-        raise Declined(reason)
 
 
 _LINEAR = (torch._C._nn.linear, torch.nn.functional.linear)
@@ -85,13 +77,6 @@ def _gather_pattern():
 
 def is_candidate(node: fx.Node) -> bool:
     return node.op == "call_method" and node.target == "index_add_"
-
-
-def _match(pattern, node, what):
-    m = pattern.match(node) if isinstance(node, fx.Node) else None
-    if m is None or not is_match(m):
-        raise Declined(f"{what} not recognised")
-    return m.kwargs
 
 
 def _expert_mlp(out: fx.Node, gathered: fx.Node):
@@ -194,10 +179,8 @@ def analyse_one(node: fx.Node) -> dict:
         if n.op in ("call_function", "call_method"):
             stack.extend(n.all_input_nodes)
     _need(gathered is not None, "expert input is not a gather of the selected tokens")
-    try:  # nothing random (dropout with p > 0 in training) or in place on the expert path
-        _check_expert_path(ia["src"], gathered)
-    except MaskDeclined as e:
-        raise Declined(str(e)) from None
+    # nothing random (dropout with p > 0 in training) or in place on the expert path
+    _check_expert_path(ia["src"], gathered)
     act, wg, wu, wd = _expert_mlp(out, gathered)
     return dict(node=node, acc=ia["acc"], x=x, topk=topk, weights=w["weights"], e=e, E=E, act=act,
                 wg=wg, wu=wu, wd=wd, where=tok.args[0], kind=kind)

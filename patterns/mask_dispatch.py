@@ -53,28 +53,12 @@ import torch.nn.functional as Fn
 from torch._inductor.pattern_matcher import KeywordArg as KA, is_match
 
 from moe_inductor.rewrite import (
-    AnyOf, F, M, MoEBlock, call, dtype_of, getitem, int_value, is_mutation, method, mutated_between, same,
-    shape_of, size_asserts_of,
+    AnyOf, Declined, F, M, MoEBlock, call, dtype_of, getitem, int_value, is_mutation, match_or_decline as _match,
+    method, mutated_between, need as _need, same, shape_of, size_asserts_of,
 )
 from .common import GATED_OF, unary_activation
 
 IDIOM = "mask_dispatch"
-
-
-class Declined(Exception):
-    pass
-
-
-def _need(cond, reason):
-    if not cond:
-        raise Declined(reason)
-
-
-def _match(pattern, node, what):
-    m = pattern.match(node) if isinstance(node, fx.Node) else None
-    if m is None or not is_match(m):
-        raise Declined(f"{what} not recognised")
-    return m.kwargs
 
 
 # --------------------------------------------------------------------------- patterns
