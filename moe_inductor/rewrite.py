@@ -357,3 +357,21 @@ def size_asserts_of(roots, through) -> list:
             elif u.op == "call_function" and (u.target in through or u.target is torch.ops.aten.sym_size.int):
                 stack.append(u)
     return found
+
+
+def nearest_upstream(start: Any, pattern: PatternExpr, accept: Callable[[dict], bool]):
+    """Walk from ``start`` through the inputs of call nodes (depth first) to the first node where
+    ``pattern`` matches with captures that ``accept`` approves; returns (node, captures) or
+    (None, None). For finding, e.g., the token gather that feeds an expert's MLP."""
+    stack, seen = [start], set()
+    while stack:
+        n = stack.pop()
+        if n in seen or not isinstance(n, fx.Node):
+            continue
+        seen.add(n)
+        m = pattern.match(n)
+        if is_match(m) and accept(m.kwargs):
+            return n, m.kwargs
+        if n.op in ("call_function", "call_method"):
+            stack.extend(n.all_input_nodes)
+    return None, None

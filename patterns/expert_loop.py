@@ -40,7 +40,7 @@ from torch._inductor.pattern_matcher import KeywordArg as KA, is_match
 
 from moe_inductor.rewrite import (
     AnyOf, Declined, F, M, MoEBlock, call, method, dtype_of, getitem, int_value, is_mutation,
-    match_or_decline as _match, need as _need, same, shape_of, size_asserts_of,
+    match_or_decline as _match, nearest_upstream, need as _need, same, shape_of, size_asserts_of,
 )
 from .common import GATED_OF, unary_activation
 from .mask_dispatch import _at_most_one_per_row, _check_expert_path, _skip_identities
@@ -162,22 +162,10 @@ def analyse_one(node: fx.Node) -> dict:
     _need(e is not None, "expert number is not a constant")
     # the expert body: find the gather feeding it
     out = w["expert_out"]
-    gathered = None
     # walk back through the linear chain to find the gathered input
     down = _match(_linear("mid", "w_down"), _skip_identities(out), "expert down-projection (bias-free linear)")
-    stack = [down["mid"]]
-    seen = set()
-    while stack:
-        n = stack.pop()
-        if n in seen or not isinstance(n, fx.Node):
-            continue
-        seen.add(n)
-        g = _gather_pattern().match(n)
-        if is_match(g) and g.kwargs["tok"] is tok:
-            gathered, x = n, g.kwargs["x"]
-            break
-        if n.op in ("call_function", "call_method"):
-            stack.extend(n.all_input_nodes)
+    gathered, g = nearest_upstream(down["mid"], _gather_pattern(), lambda kw: kw["tok"] is tok)
+    x = g["x"] if g else None
     _need(gathered is not None, "expert input is not a gather of the selected tokens")
     # nothing random (dropout with p > 0 in training) or in place on the expert path
     _check_expert_path(ia["src"], gathered)

@@ -54,7 +54,7 @@ from torch._inductor.pattern_matcher import KeywordArg as KA, is_match
 
 from moe_inductor.rewrite import (
     AnyOf, Declined, F, M, MoEBlock, call, dtype_of, getitem, int_value, is_mutation, match_or_decline as _match,
-    method, mutated_between, need as _need, same, shape_of, size_asserts_of,
+    method, mutated_between, nearest_upstream, need as _need, same, shape_of, size_asserts_of,
 )
 from .common import GATED_OF, unary_activation
 
@@ -257,20 +257,9 @@ def analyse_one(node: fx.Node) -> dict:
         _need(ws is not None and ms is not None and len(ws) == want and all(same(a, b) for a, b in zip(ws, ms))
               and (not plain or int_value(ws[-1]) == 1), "router weights are not one per token, per row")
     # the gathered tokens: the x[mask] that feeds the expert
-    gathered, x = None, None
-    stack, seen = [out], set()
-    while stack:
-        n = stack.pop()
-        if n in seen or not isinstance(n, fx.Node):
-            continue
-        seen.add(n)
-        g = _gather_pattern().match(n)
-        if is_match(g) and g.kwargs["gmask"] is mask:
-            _need(g.kwargs["x"] is not buf, "the loop reads the buffer it writes")
-            gathered, x = n, g.kwargs["x"]
-            break
-        if n.op in ("call_function", "call_method"):
-            stack.extend(n.all_input_nodes)
+    gathered, g = nearest_upstream(out, _gather_pattern(), lambda kw: kw["gmask"] is mask)
+    x = g["x"] if g else None
+    _need(x is not buf, "the loop reads the buffer it writes")
     _need(gathered is not None, "assigned value is not computed from x[mask] with the same mask")
     _check_expert_path(value, gathered)
     kind, source, e = _mask_source(mask)
