@@ -29,6 +29,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from sweep_families import cpu_model  # same folder; stdlib-only imports
+
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = ROOT / "examples" / "results" / "compile_time_cpu.json"
 BACKENDS = ("sonic", "inductor")
@@ -118,21 +120,11 @@ def run_child(family, backend, mode, timeout):
         shutil.rmtree(cache, ignore_errors=True)
 
 
-def _cpu_model():
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return ""
-
-
 def machine():
     import torch
 
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
-    return dict(processor=platform.processor(), cpu_model=_cpu_model(), machine=platform.machine(),
+    return dict(processor=platform.processor(), cpu_model=cpu_model(), machine=platform.machine(),
                 cpu_count=os.cpu_count(), torch=torch.__version__, python=platform.python_version(),
                 loadavg_at_start=load,
                 note="shared machine: other jobs (tests, benchmarks of other agents) ran at the same time; "

@@ -207,7 +207,8 @@ def child(family, result_file):
 
 # --------------------------------------------------------------------------- parent
 
-def _cpu_model():
+def cpu_model():
+    """The CPU's model name from /proc/cpuinfo (platform.processor() is often empty)."""
     try:
         for line in open("/proc/cpuinfo"):
             if line.startswith("model name"):
@@ -224,7 +225,7 @@ def _versions():
     import transformers
 
     return dict(torch=torch.__version__, transformers=transformers.__version__, python=platform.python_version(),
-                machine=platform.machine(), processor=platform.processor(), cpu_model=_cpu_model(),
+                machine=platform.machine(), processor=platform.processor(), cpu_model=cpu_model(),
                 cpu_count=os.cpu_count())
 
 
