@@ -16,8 +16,9 @@ An activation spec is a string so that the fused op's schema never changes when 
     "silu", "gelu", "gelu_tanh", "relu"
     "relu2"                 relu(z) ** 2 (Nemotron-H's "relu2")
 
-The kinds in GATED / NON_GATED have a Triton epilogue; those in GATED_TORCH_ONLY /
-NON_GATED_TORCH_ONLY are served by the PyTorch path only (``kernels.unsupported_reason`` says so).
+Every kind has a Triton epilogue (``kernels/activation_jit.py``, formula by formula the same as
+here); GATED_TORCH_ONLY / NON_GATED_TORCH_ONLY would list kinds served by the PyTorch path only
+(``kernels.unsupported_reason`` says so) and are empty.
 
 Gate/up layout of the 2n columns: "concat" (gate = [:n], up = [n:]) or interleaved
 (gate = [0::2], up = [1::2]).
@@ -31,10 +32,16 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-GATED = ("swiglu", "geglu", "geglu_tanh", "gptoss")
-NON_GATED = ("silu", "gelu", "gelu_tanh", "relu")
-GATED_TORCH_ONLY = ("swiglu_limit", "softcap_swiglu")
-NON_GATED_TORCH_ONLY = ("relu2",)
+GATED = ("swiglu", "geglu", "geglu_tanh", "gptoss", "swiglu_limit", "softcap_swiglu")
+NON_GATED = ("silu", "gelu", "gelu_tanh", "relu", "relu2")
+GATED_TORCH_ONLY: tuple = ()
+NON_GATED_TORCH_ONLY: tuple = ()
+#: the form of each parameterised kind, for error messages
+FORMS = {
+    "gptoss": "'gptoss:<alpha>:<limit>' (e.g. 'gptoss:1.702:7.0')",
+    "swiglu_limit": "'swiglu_limit:<limit>' (e.g. 'swiglu_limit:10.0')",
+    "softcap_swiglu": "'softcap_swiglu:<gate cap>:<up cap>' (e.g. 'softcap_swiglu:30.0:30.0')",
+}
 ALL_KINDS = GATED + NON_GATED + GATED_TORCH_ONLY + NON_GATED_TORCH_ONLY
 
 
@@ -64,33 +71,48 @@ class Activation:
         return self.kind
 
 
+def _numbers(spec: str, kind: str, parts: list, names: tuple) -> list:
+    """The numeric parameters of ``spec`` (finite floats), or a ValueError naming the activation,
+    the parameter and the expected form."""
+    if len(parts) != len(names) + 1:
+        raise ValueError(f"activation {spec!r}: {kind} takes {len(names)} parameter(s) "
+                         f"({', '.join(names)}); expected {FORMS[kind]}")
+    values = []
+    for name, text in zip(names, parts[1:]):
+        try:
+            v = float(text)
+        except ValueError:
+            raise ValueError(f"activation {spec!r}: {name} {text!r} is not a number; expected {FORMS[kind]}") from None
+        if not math.isfinite(v):
+            raise ValueError(f"activation {spec!r}: {name} must be finite, got {text!r}; expected {FORMS[kind]}")
+        values.append(v)
+    return values
+
+
 @functools.lru_cache(maxsize=None)
 def parse_activation(spec: str) -> Activation:
+    if not isinstance(spec, str):
+        raise TypeError(f"activation must be a string such as 'swiglu', got {type(spec).__name__} {spec!r}")
     parts = spec.split(":")
     kind = parts[0]
     if kind not in ALL_KINDS:
         raise ValueError(
             f"unknown activation {spec!r}; valid: {', '.join(ALL_KINDS)} "
-            "(gptoss as 'gptoss:<alpha>:<limit>', swiglu_limit as 'swiglu_limit:<limit>', "
-            "softcap_swiglu as 'softcap_swiglu:<gate cap>:<up cap>')"
+            f"(parameterised: {', '.join(FORMS.values())})"
         )
     if kind == "gptoss":
-        if len(parts) != 3:
-            raise ValueError(f"gptoss activation needs 'gptoss:<alpha>:<limit>', got {spec!r}")
-        return Activation(kind, float(parts[1]), float(parts[2]))
+        alpha, limit = _numbers(spec, kind, parts, ("alpha", "limit"))
+        return Activation(kind, alpha, limit)
     if kind == "swiglu_limit":
-        if len(parts) != 2:
-            raise ValueError(f"swiglu_limit activation needs 'swiglu_limit:<limit>', got {spec!r}")
-        return Activation(kind, limit=float(parts[1]))
+        (limit,) = _numbers(spec, kind, parts, ("limit",))
+        return Activation(kind, limit=limit)
     if kind == "softcap_swiglu":
-        if len(parts) != 3:
-            raise ValueError(f"softcap_swiglu activation needs 'softcap_swiglu:<gate cap>:<up cap>', got {spec!r}")
-        cg, cu = float(parts[1]), float(parts[2])
-        if not (math.isfinite(cg) and math.isfinite(cu) and cg != 0 and cu != 0):
-            raise ValueError(f"softcap_swiglu caps must be finite and nonzero, got {spec!r}")
+        cg, cu = _numbers(spec, kind, parts, ("gate cap", "up cap"))
+        if cg == 0 or cu == 0:
+            raise ValueError(f"activation {spec!r}: softcap_swiglu caps must be nonzero; expected {FORMS[kind]}")
         return Activation(kind, cg, cu)
     if len(parts) != 1:
-        raise ValueError(f"activation {kind!r} takes no parameters, got {spec!r}")
+        raise ValueError(f"activation {spec!r}: {kind!r} takes no parameters; write {kind!r}")
     return Activation(kind)
 
 

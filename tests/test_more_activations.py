@@ -82,17 +82,16 @@ def test_bad_specs_rejected(spec):
 
 
 @pytest.mark.parametrize("spec", ["relu2", "swiglu_limit:7.0", "softcap_swiglu:4.0:25.0"])
-def test_new_activations_fall_back_from_triton(spec):
-    """No Triton epilogue for these: unsupported_reason says so, so impl='auto' on CUDA takes
-    the PyTorch path."""
+def test_new_activations_served_by_triton(spec):
+    """These have Triton epilogues now (tests/test_activation_epilogues.py checks them against the
+    PyTorch path): unsupported_reason does not send them off the kernels."""
     from moe_inductor.kernels import unsupported_reason
 
     act = parse_activation(spec)
     cols = 16 if act.gated else 8
     reason = unsupported_reason(torch.zeros(4, 8), torch.zeros(2, cols, 8), torch.zeros(2, 8, 8), act)
-    assert reason is not None
-    if reason != "triton is not installed":
-        assert "no Triton epilogue" in reason, reason
+    assert act.triton
+    assert reason is None or "no Triton epilogue" not in reason, reason
 
 
 # --------------------------------------------------------------------------- families, end to end

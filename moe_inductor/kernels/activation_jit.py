@@ -16,6 +16,9 @@ GELU = 1
 GELU_TANH = 2
 RELU = 3
 GPTOSS = 4
+SWIGLU_LIMIT = 5  # clamped SwiGLU; the clamp is the runtime scalar `limit`
+SOFTCAP_SWIGLU = 6  # softcapped SwiGLU; gate cap = runtime `alpha`, up cap = runtime `limit`
+RELU2 = 7
 
 _KIND_CODE = {
     "swiglu": SILU, "silu": SILU,
@@ -23,6 +26,9 @@ _KIND_CODE = {
     "geglu_tanh": GELU_TANH, "gelu_tanh": GELU_TANH,
     "relu": RELU,
     "gptoss": GPTOSS,
+    "swiglu_limit": SWIGLU_LIMIT,
+    "softcap_swiglu": SOFTCAP_SWIGLU,
+    "relu2": RELU2,
 }
 
 
@@ -49,6 +55,9 @@ def unary_fwd(z, KIND: tl.constexpr):
         r = 0.5 * z * (1.0 + tl.erf(z * 0.7071067811865476))
     elif KIND == 2:
         r = 0.5 * z * (1.0 + _tanh(0.7978845608028654 * (z + 0.044715 * z * z * z)))
+    elif KIND == 7:
+        p = tl.maximum(z, 0.0)
+        r = p * p
     else:
         r = tl.maximum(z, 0.0)
     return r
@@ -66,6 +75,8 @@ def unary_grad(z, KIND: tl.constexpr):
     elif KIND == 2:
         t = _tanh(0.7978845608028654 * (z + 0.044715 * z * z * z))
         r = 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * z * z)
+    elif KIND == 7:
+        r = 2.0 * tl.maximum(z, 0.0)
     else:
         r = tl.where(z > 0.0, 1.0, 0.0)
     return r
@@ -77,6 +88,13 @@ def gated_fwd(g, u, alpha, limit, KIND: tl.constexpr):
         gc = tl.minimum(g, limit)
         uc = tl.minimum(tl.maximum(u, -limit), limit)
         r = gc * _sigmoid(alpha * gc) * (uc + 1.0)
+    elif KIND == 5:
+        gc = tl.minimum(g, limit)
+        uc = tl.minimum(tl.maximum(u, -limit), limit)
+        r = gc * _sigmoid(gc) * uc
+    elif KIND == 6:
+        # softcap(g, alpha) * sigmoid(g) * softcap(u, limit), softcap(z, c) = tanh(z / c) * c
+        r = _tanh(g / alpha) * alpha * _sigmoid(g) * (_tanh(u / limit) * limit)
     else:
         r = unary_fwd(g, KIND) * u
     return r
@@ -84,7 +102,7 @@ def gated_fwd(g, u, alpha, limit, KIND: tl.constexpr):
 
 @triton.jit
 def gated_bwd(g, u, da, alpha, limit, KIND: tl.constexpr):
-    """(dgate, dup) from dA for a = f(gate) * up (or the GPT-OSS clamped form)."""
+    """(dgate, dup) from dA for a = f(gate) * up (or the clamped / softcapped forms)."""
     if KIND == 4:
         gc = tl.minimum(g, limit)
         uc = tl.minimum(tl.maximum(u, -limit), limit)
@@ -93,6 +111,19 @@ def gated_bwd(g, u, da, alpha, limit, KIND: tl.constexpr):
         dglu = s * (1.0 + alpha * gc * (1.0 - s))
         dg = tl.where(g <= limit, da * (uc + 1.0) * dglu, 0.0)
         du = tl.where((u >= -limit) & (u <= limit), da * glu, 0.0)
+    elif KIND == 5:
+        gc = tl.minimum(g, limit)
+        uc = tl.minimum(tl.maximum(u, -limit), limit)
+        s = _sigmoid(gc)
+        dg = tl.where(g <= limit, da * uc * (s * (1.0 + gc * (1.0 - s))), 0.0)
+        du = tl.where((u >= -limit) & (u <= limit), da * (gc * s), 0.0)
+    elif KIND == 6:
+        tg = _tanh(g / alpha)
+        tu = _tanh(u / limit)
+        s = _sigmoid(g)
+        # d/dg [alpha tanh(g/alpha) sigmoid(g)] = (1 - tg^2) s + alpha tg s (1 - s)
+        dg = da * (tu * limit) * ((1.0 - tg * tg) * s + alpha * tg * s * (1.0 - s))
+        du = da * (tg * alpha * s) * (1.0 - tu * tu)
     else:
         dg = da * u * unary_grad(g, KIND)
         du = da * unary_fwd(g, KIND)
