@@ -130,6 +130,22 @@ def dtype_of(node: Any) -> Optional[torch.dtype]:
     return v.dtype if isinstance(v, torch.Tensor) else None
 
 
+def eq_constant(node: Any) -> Optional[tuple]:
+    """(tensor node, int) if ``node`` is ``tensor == constant``, else None. Dynamo spells it
+    differently by version: ``operator.eq(t, e)`` (2.13, which also puts the tensor first for
+    ``e == t``), ``t.__eq__(e)`` as a method call and ``operator.eq(e, t)`` as written (2.11),
+    ``torch.eq(t, e)`` and ``t.eq(e)`` as the user wrote them (both)."""
+    if not isinstance(node, fx.Node) or node.kwargs or len(node.args) != 2:
+        return None
+    if not ((node.op == "call_function" and node.target in (operator.eq, torch.eq))
+            or (node.op == "call_method" and node.target in ("eq", "__eq__"))):
+        return None
+    for t, v in (node.args, node.args[::-1]):
+        if isinstance(t, fx.Node) and isinstance(example_value(t), torch.Tensor) and int_value(v) is not None:
+            return t, int_value(v)
+    return None
+
+
 # --------------------------------------------------------------------------- mutation safety
 
 _INPLACE_FUNCTIONS = {operator.setitem, operator.iadd, operator.isub, operator.imul, operator.itruediv}

@@ -39,7 +39,7 @@ import torch.fx as fx
 from torch._inductor.pattern_matcher import KeywordArg as KA, is_match
 
 from moe_inductor.rewrite import (
-    AnyOf, Declined, F, M, MoEBlock, call, method, dtype_of, getitem, int_value, is_mutation,
+    AnyOf, Declined, F, M, MoEBlock, call, method, dtype_of, eq_constant, getitem, int_value, is_mutation,
     match_or_decline as _match, nearest_upstream, need as _need, same, shape_of, size_asserts_of,
 )
 from .common import GATED_OF, unary_activation
@@ -128,9 +128,9 @@ def _routing_roles(where_node: fx.Node):
     _need(where_node.op == "call_function" and where_node.target is torch.where and len(where_node.args) == 1,
           "token selection is not torch.where(mask)")
     mask = where_node.args[0]
-    eq = F(operator.eq, KA("topk"), KA("e")).match(mask)
-    if is_match(eq):
-        return eq.kwargs["topk"], int_value(eq.kwargs["e"]), None, {0: "token", 1: "k"}, "index"
+    eq = eq_constant(mask)  # top_k_index == e, in whichever spelling this torch's Dynamo records
+    if eq is not None:
+        return eq[0], eq[1], None, {0: "token", 1: "k"}, "index"
     sel = _match(getitem(M("permute", KA("onehot"), KA("p0"), KA("p1"), KA("p2")), KA("e")), mask, "expert mask")
     perm = (sel["p0"], sel["p1"], sel["p2"])
     _need(sorted(perm) == [0, 1, 2] and perm[0] == 2, "expert mask is not one_hot(...).permute(2, ...)")

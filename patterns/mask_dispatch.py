@@ -53,7 +53,8 @@ import torch.nn.functional as Fn
 from torch._inductor.pattern_matcher import KeywordArg as KA, is_match
 
 from moe_inductor.rewrite import (
-    AnyOf, Declined, F, M, MoEBlock, call, dtype_of, getitem, int_value, is_mutation, match_or_decline as _match,
+    AnyOf, Declined, F, M, MoEBlock, call, dtype_of, eq_constant, getitem, int_value, is_mutation,
+    match_or_decline as _match,
     method, mutated_between, nearest_upstream, need as _need, same, shape_of, size_asserts_of,
 )
 from .common import GATED_OF, unary_activation
@@ -83,11 +84,6 @@ def _column_pattern():
     """m = R[..., e] for a rank-2 or rank-3 R."""
     return AnyOf(getitem(KA("rows"), (_ALL, KA("e"))), getitem(KA("rows"), (_ALL, _ALL, KA("e"))),
                  getitem(KA("rows"), (Ellipsis, KA("e"))))
-
-
-def _eq_pattern():
-    return AnyOf(F(operator.eq, KA("index"), KA("e")), F(torch.eq, KA("index"), KA("e")),
-                 M("eq", KA("index"), KA("e")))
 
 
 def _bool_cast_pattern():
@@ -217,9 +213,9 @@ def _mask_source(mask: fx.Node):
         _need(_at_most_one_per_row(src), "routing mask is not one-hot per token (masks may overlap: later "
                                          "experts overwrite earlier ones, not expressible as a sum)")
         return "rows", rows, e
-    eq = _eq_pattern().match(mask)
-    if is_match(eq) and isinstance(eq.kwargs["index"], fx.Node) and int_value(eq.kwargs["e"]) is not None:
-        return "eq", eq.kwargs["index"], int_value(eq.kwargs["e"])
+    eq = eq_constant(mask)  # expert_index == e, in whichever spelling this torch's Dynamo records
+    if eq is not None:
+        return "eq", eq[0], eq[1]
     raise Declined("mask is neither a column of a one-hot routing mask nor expert_index == e "
                    "(masks not provably disjoint)")
 
