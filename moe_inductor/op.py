@@ -210,8 +210,10 @@ def _fused_moe_backward_fake(grad_out, x, token_ids, expert_ids, scores, w1, w2,
     return (
         x.new_empty(x.shape),
         scores.new_empty(scores.shape),
-        w1.new_empty(w1.shape),
-        w2.new_empty(w2.shape),
+        # weight gradients in the weights' layout (a transposed view's strides), as both paths
+        # allocate them: autograd then needs no copy to give the parameter its layout
+        torch.empty_like(w1),
+        torch.empty_like(w2),
         b1.new_empty(b1.shape) if b1 is not None else x.new_empty(0),
         b2.new_empty(b2.shape) if b2 is not None else x.new_empty(0),
     )

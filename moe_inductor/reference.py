@@ -122,8 +122,9 @@ def moe_backward(
     s_sorted = scores[order_l]
     grad_out = grad_out.contiguous()
     dx_acc = torch.zeros(T, d, dtype=acc, device=x.device)
-    dw1 = torch.zeros(w1.shape, dtype=w1.dtype, device=w1.device)
-    dw2 = torch.zeros(w2.shape, dtype=w2.dtype, device=w2.device)
+    # in the weights' layout (strides of a transposed view too): no copy by autograd afterwards
+    dw1 = torch.zeros_like(w1)
+    dw2 = torch.zeros_like(w2)
     db1 = torch.zeros_like(b1) if b1 is not None else None
     db2 = torch.zeros_like(b2) if b2 is not None else None
     ds_sorted = torch.zeros(order.shape[0], dtype=acc, device=x.device)

@@ -433,9 +433,11 @@ def test_no_host_sync_at_dispatch_level(recompute_h):
         torch.bincount(c.expert_ids.long())
     with _NoHostSyncMode() as mode:
         out, h, order = triton_moe_forward(*args, not recompute_h)
-    assert "index_select" in mode.ops and "searchsorted" in mode.ops  # it saw the routing code
-    with _NoHostSyncMode():
+    # it saw the routing code (the expert sort; the rest of the routing tables are Triton kernels)
+    assert "sort" in mode.ops
+    with _NoHostSyncMode() as mode:
         grads = triton_moe_backward(c.grad_out, *args[:8], None if recompute_h else h, order, c.act, c.interleaved)
+    assert "sort" in mode.ops and "index_select" in mode.ops  # the token sort, dS back to assignment order
     r_out, r_h, _ = reference.moe_forward(*args, True)
     r_grads = reference.moe_backward(c.grad_out, *args[:8], r_h, order, c.act, c.interleaved)
     assert_close_scaled("out", out, r_out, FWD_TOL[torch.float32])
@@ -637,13 +639,17 @@ def test_gpu_tile_configs_interpreted(i, monkeypatch):
 
 
 def test_tile_m_is_shared_with_token_rounding(monkeypatch):
-    """kernels.config.TILE_M is the row tile of the kernel schedule and the default tile token
-    rounding rounds to; the kernels serve any TILE_M (here 16: experts span several tiles at T=40)."""
-    from moe_inductor.kernels import config, fused_moe_triton
+    """kernels.config.TILE_M is the default tile token rounding rounds to; the kernels' row tile is
+    a separate choice from static shapes (config.kernel_tile_m), TILE_M at large loads and always a
+    divisor of it, so token-rounded counts fill whole kernel tiles. The kernels serve any row tile
+    (here 16: experts span several tiles at T=40)."""
+    from moe_inductor.kernels import config
     from moe_inductor.options import SonicOptions
 
-    assert SonicOptions().tile_m == config.TILE_M == fused_moe_triton.TILE_M
-    monkeypatch.setattr(fused_moe_triton, "TILE_M", 16)
+    assert SonicOptions().tile_m == config.TILE_M
+    assert config.kernel_tile_m(8192 * 8, 64) == config.TILE_M
+    assert all(config.TILE_M % config.kernel_tile_m(a, 64) == 0 for a in (1, 64, 1000, 5000, 10**6))
+    monkeypatch.setattr(config, "kernel_tile_m", lambda num_assignments, num_experts: 16)
     run_and_compare(make_case(T=40, E=3, K=2, d=16, n=8, bias=True))
 
 
@@ -740,11 +746,14 @@ os.environ.pop("TRITON_INTERPRET", None)
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from moe_inductor.kernels import combine as cb, grouped_gemm as gg
+from moe_inductor.kernels import combine as cb, grouped_gemm as gg, routing_meta as rm
 
 INT_PTRS = {"tok_sorted_ptr", "tile_expert_ptr", "tile_row_start_ptr", "tile_row_end_ptr", "p_rows_ptr",
-            "q_rows_ptr", "expert_offsets_ptr", "token_offsets_ptr", "token_rows_ptr", "src_rows_ptr"}
-F32_PTRS = {"s_sorted_ptr", "ds_part_ptr", "scale_ptr"}
+            "q_rows_ptr", "expert_offsets_ptr", "token_offsets_ptr", "token_rows_ptr", "src_rows_ptr",
+            "slot_start_ptr", "slot_expert_ptr", "slot_row_start_ptr", "slot_row_end_ptr",
+            "order32_ptr", "inv_order_ptr", "tok_key_ptr", "expert_ids_ptr", "token_ids_ptr", "order_ptr"}
+I64_PTRS = {"token_rows_l_ptr"}
+F32_PTRS = {"s_sorted_ptr", "ds_part_ptr", "scale_ptr", "ws_ptr", "scores_ptr", "scores_sorted_ptr"}
 UNIT_STRIDES = {"stride_xd", "stride_wd", "stride_hc", "stride_ac", "stride_ik", "stride_wn", "stride_on",
                 "stride_gd", "stride_dhc", "stride_pi", "stride_qj", "stride_oj", "stride_sd", "stride_od",
                 "stride_sc", "stride_oc", "stride_bh", "stride_bn", "stride_bd"}
@@ -756,7 +765,7 @@ def compile_sm90(kernel, dt, consts, warps, stages):
     names = fn.arg_names
     def ty(nm):
         if nm.endswith("_ptr"):
-            return "*i32" if nm in INT_PTRS else "*fp32" if nm in F32_PTRS else "*" + dt
+            return "*i32" if nm in INT_PTRS else "*i64" if nm in I64_PTRS else "*fp32" if nm in F32_PTRS else "*" + dt
         return "fp32" if nm in ("alpha", "limit") else "i32"
     # What a launch at the benchmark shapes specialises: contiguous inner strides are the constant
     # 1, pointers (16-byte aligned torch storage), row strides and dims are divisible by 16.
@@ -770,15 +779,24 @@ def compile_sm90(kernel, dt, consts, warps, stages):
 
 asms = [
     compile_sm90(gg._up_proj_kernel, "bf16", dict(HAS_B1=True, KEEP_H=True, WRITE_A=True, GATED=True,
-                 INTERLEAVED=True, ACT=4, IEEE=False, INTERPRET=False, BLOCK_M=128, BLOCK_N=64, BLOCK_K=64), 4, 4),
+                 INTERLEAVED=True, ACT=4, IEEE=False, INTERPRET=False, GROUP_M=8, BLOCK_M=128, BLOCK_N=64,
+                 BLOCK_K=64), 4, 4),
     compile_sm90(gg._dh_kernel, "bf16", dict(HAS_B2=True, GATED=True, INTERLEAVED=True, ACT=4, IEEE=False,
-                 INTERPRET=False, PART_N=64, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64), 8, 4),
-    compile_sm90(gg._sorted_gemm_kernel, "fp32", dict(HAS_BIAS=True, IEEE=True, INTERPRET=False, BLOCK_M=128,
-                 BLOCK_N=64, BLOCK_K=64), 4, 3),
-    compile_sm90(gg._weight_grad_kernel, "bf16", dict(GATHER_P=False, GATHER_Q=True, IEEE=False, INTERPRET=False,
-                 BLOCK_I=128, BLOCK_J=128, BLOCK_R=64), 8, 3),
+                 INTERPRET=False, GROUP_M=8, PART_N=64, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64), 8, 4),
+    compile_sm90(gg._sorted_gemm_kernel, "fp32", dict(HAS_BIAS=True, IEEE=True, INTERPRET=False, GROUP_M=8,
+                 BLOCK_M=128, BLOCK_N=64, BLOCK_K=64), 4, 3),
+    compile_sm90(gg._weight_grad_kernel, "bf16", dict(PARTIAL=False, GATHER_P=False, GATHER_Q=True, IEEE=False,
+                 INTERPRET=False, BLOCK_I=128, BLOCK_J=128, BLOCK_R=64), 8, 3),
+    compile_sm90(gg._weight_grad_kernel, "bf16", dict(PARTIAL=True, GATHER_P=True, GATHER_Q=False, IEEE=False,
+                 INTERPRET=False, BLOCK_I=128, BLOCK_J=128, BLOCK_R=64), 8, 3),
+    # the small-row-tile specialisation (decode, many experts: config.kernel_tile_m)
+    compile_sm90(gg._up_proj_kernel, "bf16", dict(HAS_B1=False, KEEP_H=True, WRITE_A=True, GATED=True,
+                 INTERLEAVED=False, ACT=0, IEEE=False, INTERPRET=False, GROUP_M=8, BLOCK_M=16, BLOCK_N=64,
+                 BLOCK_K=64), 4, 4),
 ]
-compile_sm90(cb._gather_sum_kernel, "bf16", dict(HAS_SCALE=True, INTERPRET=False, BLOCK_D=1024), 4, 1)
+compile_sm90(cb._gather_sum_kernel, "bf16", dict(HAS_SCALE=True, INTERPRET=False, BLOCK_J=8, BLOCK_D=1024), 4, 1)
+compile_sm90(rm._sorted_rows_kernel, "fp32", dict(WRITE_ORDER=True, BLOCK=1024), 4, 1)
+compile_sm90(rm._schedule_kernel, "fp32", dict(BLOCK=1024, BLOCK_P=128, BLOCK_E=64), 4, 1)
 compile_sm90(cb._segment_colsum_kernel, "bf16", dict(GATHER=True, HAS_SCALE=True, INTERPRET=False, BLOCK_R=64,
              BLOCK_C=256), 4, 1)
 print("PIPELINED", *[a["ttgir"].count("async_copy_global_to_local") for a in asms])

@@ -5,9 +5,11 @@ Shape legend: T tokens, D columns (d), E experts, A assignments (sorted rows).
   gather_sum      out[t] = sum over sorted rows r of token t of (scale[r] *) src[r]    O, dX
   segment_colsum  out[e] = sum over sorted rows r of expert e of (scale[r] *) src[g(r)]  db1, db2
 
-No atomics: each output element is owned by one program, which adds its inputs in a fixed order
-(a token's rows in expert order, an expert's rows in sorted order) in fp32, so results are
-bitwise reproducible run to run and need no zero-initialised output.
+No atomics: each output element is owned by one program, which adds its inputs in fp32 in an
+order fixed by the routing and the static shapes (a token's rows, in expert order, in blocks of
+BLOCK_J = config.gather_block_rows(A, T) summed as a block at the end; an expert's rows in sorted
+order), never by the autotuned config, so results are bitwise reproducible run to run and need no
+zero-initialised output.
 """
 from __future__ import annotations
 
@@ -17,40 +19,62 @@ import torch
 import triton
 import triton.language as tl
 
+from . import config
 from .jit_utils import cast
-from .launch_utils import INTERPRET, alloc
+from .launch_utils import INTERPRET, alloc, autotune_configs
 from .routing_meta import RoutingMeta
 
-# The gather-and-sum is bandwidth bound (K rows of d elements per token, read once): 1024 bf16
-# columns per program gives 2 KB contiguous loads per row with 4 warps (8 elements per thread,
-# 16 B vectors). Not autotuned: one reasonable point, unmeasured (no GPU when written).
-_GATHER_BLOCK_D = 64 if INTERPRET else 1024
 _COLSUM_BLOCK_R = 16 if INTERPRET else 64
 _COLSUM_BLOCK_C = 64 if INTERPRET else 256
 
 
+# The gather-and-sum is bandwidth bound (each of a token's rows of D elements read once). A program
+# owns BLOCK_D columns of one token and loads BLOCK_J of its rows at once, a (BLOCK_J, BLOCK_D)
+# block per step, so the K row reads of a token are in flight together instead of one after the
+# other. Autotuned over BLOCK_D and warps only (reasoned, unmeasured: no GPU when written): the
+# fp32 summation order depends on BLOCK_J alone, which comes from static shapes
+# (config.gather_block_rows), so whichever config the tuner picks, results are bitwise the same.
+def _gcfg(bd, warps):
+    return triton.Config({"BLOCK_D": bd}, num_warps=warps, num_stages=1)
+
+
+_GATHER_GPU_CONFIGS = [
+    _gcfg(512, 4),    # small d or many tokens: more programs
+    _gcfg(1024, 4),   # 2 KB bf16 per row, 16 B per thread per row
+    _gcfg(1024, 8),
+    _gcfg(2048, 8),   # wide d (4096 / 7168): fewer programs, longer rows per load
+]
+_GATHER_CONFIGS = autotune_configs(_GATHER_GPU_CONFIGS, _gcfg(64, 1))
+
+
+@triton.autotune(configs=_GATHER_CONFIGS, key=["D", "BLOCK_J"])
 @triton.jit
 def _gather_sum_kernel(
     src_ptr, scale_ptr, token_offsets_ptr, token_rows_ptr, out_ptr,
     D,
     stride_sr, stride_sd,
     stride_ot, stride_od,
-    HAS_SCALE: tl.constexpr, INTERPRET: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_SCALE: tl.constexpr, INTERPRET: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     t = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     col_mask = cols < D
     j_lo = tl.load(token_offsets_ptr + t)
     j_hi = tl.load(token_offsets_ptr + t + 1)
-    acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_J, BLOCK_D), dtype=tl.float32)
     # a token with no assignments gets zeros (a dropped token under token rounding)
-    for j in range(j_lo, j_hi):
-        r = tl.load(token_rows_ptr + j).to(tl.int64)
-        v = tl.load(src_ptr + r * stride_sr + cols * stride_sd, mask=col_mask, other=0.0).to(tl.float32)
+    for j0 in range(j_lo, j_hi, BLOCK_J):
+        js = j0 + tl.arange(0, BLOCK_J)
+        j_mask = js < j_hi
+        r = tl.load(token_rows_ptr + js, mask=j_mask, other=0).to(tl.int64)
+        v = tl.load(src_ptr + r[:, None] * stride_sr + cols[None, :] * stride_sd,
+                    mask=j_mask[:, None] & col_mask[None, :], other=0.0).to(tl.float32)
         if HAS_SCALE:
-            v = v * tl.load(scale_ptr + r)
+            v = v * tl.load(scale_ptr + r, mask=j_mask, other=0.0)[:, None]
         acc += v
-    tl.store(out_ptr + t.to(tl.int64) * stride_ot + cols * stride_od, cast(acc, out_ptr.dtype.element_ty, INTERPRET), mask=col_mask)
+    total = tl.sum(acc, axis=0)
+    tl.store(out_ptr + t.to(tl.int64) * stride_ot + cols * stride_od, cast(total, out_ptr.dtype.element_ty, INTERPRET),
+             mask=col_mask)
 
 
 def gather_sum(
@@ -63,14 +87,14 @@ def gather_sum(
     if num_tokens == 0 or D == 0:
         return out
     scale = scale_sorted if scale_sorted is not None else meta.scores_sorted
-    grid = (num_tokens, triton.cdiv(D, _GATHER_BLOCK_D))
+    grid = lambda META: (num_tokens, triton.cdiv(D, META["BLOCK_D"]))
     _gather_sum_kernel[grid](
         src_sorted, scale, meta.token_offsets, meta.token_rows, out,
         D,
         src_sorted.stride(0), src_sorted.stride(1),
         out.stride(0), out.stride(1),
-        HAS_SCALE=scale_sorted is not None, INTERPRET=INTERPRET, BLOCK_D=_GATHER_BLOCK_D,
-        num_warps=4,
+        HAS_SCALE=scale_sorted is not None, INTERPRET=INTERPRET,
+        BLOCK_J=config.gather_block_rows(A, num_tokens),
     )
     return out
 

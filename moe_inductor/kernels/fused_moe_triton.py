@@ -10,8 +10,14 @@ Shape legend as in ``moe_inductor.reference`` (T, d, n, H = 2n or n, E, A). Sema
             dW1 = dH^T gather(X)) -> segment_colsum (db1, db2) -> sorted_gemm (dX' = dH W1)
             -> gather_sum (dX)
 
-Transients live only inside one call: A and Y (forward), A', dH, dX' (backward). Nothing here
-reads device data on the host.
+Transients live only inside one call: A and Y (forward), A', dH, dX' (backward), the weight-grad
+workspace (skewed routing only). Nothing here reads device data on the host.
+
+Dropped assignments (expert id -1): their rows of the saved H are zeroed by up_proj (as in the
+reference) and never read; their score gradient is written as 0 by dH.
+Weight gradients are allocated in the parameter's layout (``_grad_like``): a transposed expert
+weight (GPT-OSS stores (E, d, 2n) and passes a transposed view) gets a gradient with the same
+strides, so autograd's transpose-back hands the parameter a contiguous gradient with no copy.
 """
 from __future__ import annotations
 
@@ -20,11 +26,20 @@ from typing import Optional
 import torch
 
 from ..activations import Activation
+from . import config, launch_utils
 from .combine import gather_sum, segment_colsum
-from .config import TILE_M
 from .grouped_gemm import dh_backward, sorted_gemm, up_proj, weight_grad
 from .launch_utils import alloc
 from .routing_meta import build_routing_meta
+
+
+def _grad_like(w: torch.Tensor) -> torch.Tensor:
+    """An uninitialised gradient buffer with w's strides when w is dense (e.g. a transposed view),
+    else contiguous (torch.empty_like's preserve_format rule; op.py's fake follows the same rule)."""
+    out = torch.empty_like(w)
+    if launch_utils.DEBUG_FILL_NAN:
+        out.fill_(float("nan"))
+    return out
 
 
 def forward(x, token_ids, expert_ids, scores, w1, w2, b1, b2, act: Activation, interleaved: bool, keep_h: bool):
@@ -35,7 +50,8 @@ def forward(x, token_ids, expert_ids, scores, w1, w2, b1, b2, act: Activation, i
     if A == 0:
         order = torch.empty(0, dtype=torch.int32, device=x.device)
         return torch.zeros_like(x), x.new_empty((0, h_cols)), order
-    meta = build_routing_meta(token_ids, expert_ids, scores, T, E, TILE_M)
+    # the kernels' row tile, from static shapes (token rounding's tile is config.TILE_M, separate)
+    meta = build_routing_meta(token_ids, expert_ids, scores, T, E, config.kernel_tile_m(A, E))
     h_sorted = alloc((A, h_cols), x.dtype, x.device) if keep_h else x.new_empty((0, h_cols))
     a_sorted = alloc((A, n_act), x.dtype, x.device)
     up_proj(x, w1, b1, meta, act, interleaved, h_out=h_sorted if keep_h else None, a_out=a_sorted)
@@ -52,24 +68,22 @@ def backward(grad_out, x, token_ids, expert_ids, scores, w1, w2, b1, b2, h_sorte
     A = token_ids.shape[0]
     if A == 0:
         return (
-            torch.zeros_like(x), torch.zeros_like(scores), torch.zeros_like(w1, memory_format=torch.contiguous_format),
-            torch.zeros_like(w2, memory_format=torch.contiguous_format),
+            torch.zeros_like(x), torch.zeros_like(scores), torch.zeros_like(w1), torch.zeros_like(w2),
             torch.zeros_like(b1) if b1 is not None else None, torch.zeros_like(b2) if b2 is not None else None,
         )
-    meta = build_routing_meta(token_ids, expert_ids, scores, T, E, TILE_M, order=order)
+    meta = build_routing_meta(token_ids, expert_ids, scores, T, E, config.kernel_tile_m(A, E), order=order)
     if h_sorted is None:
         h_sorted = alloc((A, h_cols), x.dtype, x.device)
         up_proj(x, w1, b1, meta, act, interleaved, h_out=h_sorted, a_out=None)
     dh_sorted, a_scaled, ds_sorted = dh_backward(grad_out, w2, b2, h_sorted, meta, act, interleaved)
-    dw2 = weight_grad(grad_out, meta.tok_sorted, a_scaled, None, meta, alloc(tuple(w2.shape), w2.dtype, x.device))
+    dw2 = weight_grad(grad_out, meta.tok_sorted, a_scaled, None, meta, _grad_like(w2))
     del a_scaled
-    dw1 = weight_grad(dh_sorted, None, x, meta.tok_sorted, meta, alloc(tuple(w1.shape), w1.dtype, x.device))
+    dw1 = weight_grad(dh_sorted, None, x, meta.tok_sorted, meta, _grad_like(w1))
     db1 = segment_colsum(dh_sorted, None, None, meta, E, b1.dtype) if b1 is not None else None
     db2 = segment_colsum(grad_out, meta.tok_sorted, meta.scores_sorted, meta, E, b2.dtype) if b2 is not None else None
     dx_sorted = sorted_gemm(dh_sorted, w1, None, meta)
     del dh_sorted
     dx = gather_sum(dx_sorted, None, meta, T, x.dtype)
+    # dropped assignments (expert id -1) get dS = 0 from dH's dropped-row tiles
     dscores = ds_sorted.index_select(0, meta.inv_order.long()).to(scores.dtype)
-    # dropped assignments (expert id -1) lie in no tile, so their ds rows were never written
-    dscores = torch.where(expert_ids < 0, torch.zeros_like(dscores), dscores)
     return dx, dscores, dw1, dw2, db1, db2

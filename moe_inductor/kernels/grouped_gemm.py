@@ -8,10 +8,14 @@ projection, E experts, A assignments, M = tile_m rows per tile, P row tiles (see
   dh            dA' = gather(dO) W2[e]; epilogue: dS partials, dH, A' = s*A  (SonicMoE dH kernel)
   weight_grad   dW[e] = P_e^T Q_e over each expert's rows                   dW2, dW1
 
-Row tiles come from the device-side schedule (``RoutingMeta``): program (p, j) handles sorted rows
-[tile_row_start[p], +M) of expert tile_expert[p], masked at tile_row_end[p]; unused tiles return.
-The row tile is fixed at M = TILE_M (the schedule depends on it), so autotuning varies only the
-column/reduction tiles, warps and pipeline depth.
+Row tiles come from the device-side schedule (``RoutingMeta``): the program for (p, j) handles
+sorted rows [tile_row_start[p], +M) of expert tile_expert[p], masked at tile_row_end[p]; unused
+tiles return, dropped-row tiles (-2) only zero H / write zero dS. The grid is 1-D in grouped
+order (``_swizzled_tile``: GROUP_M row tiles per column block, for L2 reuse of weight and gathered
+tiles). The row tile M is ``config.kernel_tile_m(A, E)`` (static shapes: 128, or smaller when the
+mean rows per expert are few); the schedule depends on it, so autotuning varies only the
+column/reduction tiles, warps and pipeline depth. Weight gradients split an expert's rows into
+chunks of ``meta.wgrad_chunk`` rows with a deterministic two-launch reduction (``weight_grad``).
 
 Weights are read through their strides (transposed storage needs no copy). Pointer offsets of
 rows are computed in int64: A * H can exceed 2**31 at the benchmark shapes.
@@ -104,6 +108,27 @@ def _gate_up_cols(cols, n_act, INTERLEAVED: tl.constexpr):
     return gate_cols, up_cols
 
 
+@triton.jit
+def _swizzled_tile(num_tiles, num_col_blocks, GROUP_M: tl.constexpr):
+    """(row tile, column block) of this program in grouped order (Triton's matmul tutorial): the
+    1-D grid walks GROUP_M consecutive row tiles for one column block, then the next column block.
+    Consecutive row tiles are mostly the same expert, so the GROUP_M programs that run together
+    read the same weight tiles (L2 hits) and each gathered row tile is reused across the column
+    blocks of the group while it is still in L2, instead of every row tile streaming the whole
+    weight (row-major order) or every column block re-gathering every row tile (column-major)."""
+    pid = tl.program_id(0)
+    in_group = GROUP_M * num_col_blocks
+    first_m = (pid // in_group) * GROUP_M
+    group_rows = tl.minimum(num_tiles - first_m, GROUP_M)
+    pid_m = first_m + (pid % in_group) % group_rows
+    pid_n = (pid % in_group) // group_rows
+    return pid_m, pid_n
+
+
+# Row tiles per group of the grouped program order; 8 as in Triton's tutorial (unmeasured here).
+GROUP_M = 8
+
+
 # ----------------------------------------------------------------------------------------------
 # up-projection
 # ----------------------------------------------------------------------------------------------
@@ -112,7 +137,7 @@ def _gate_up_cols(cols, n_act, INTERLEAVED: tl.constexpr):
 def _up_proj_kernel(
     x_ptr, w1_ptr, b1_ptr, h_ptr, a_ptr,
     tok_sorted_ptr, tile_expert_ptr, tile_row_start_ptr, tile_row_end_ptr,
-    n_act, d,
+    num_tiles, n_act, d,
     stride_xt, stride_xd,
     stride_we, stride_wh, stride_wd,
     stride_be, stride_bh,
@@ -121,13 +146,27 @@ def _up_proj_kernel(
     alpha, limit,
     HAS_B1: tl.constexpr, KEEP_H: tl.constexpr, WRITE_A: tl.constexpr,
     GATED: tl.constexpr, INTERLEAVED: tl.constexpr, ACT: tl.constexpr,
-    IEEE: tl.constexpr, INTERPRET: tl.constexpr,
+    IEEE: tl.constexpr, INTERPRET: tl.constexpr, GROUP_M: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    pid_m, pid_n = _swizzled_tile(num_tiles, tl.cdiv(n_act, BLOCK_N), GROUP_M)
     e = tl.load(tile_expert_ptr + pid_m)
     if e < 0:
+        if KEEP_H:
+            if e == -2:
+                # dropped assignments (expert id -1): their rows of the saved H are zeroed, as the
+                # reference does, so H holds no uninitialised memory (nothing reads them).
+                rows, row_mask, rows64 = _tile_rows(tile_row_start_ptr, tile_row_end_ptr, pid_m, BLOCK_M)
+                cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+                if GATED:
+                    gate_cols, up_cols = _gate_up_cols(cols, n_act, INTERLEAVED)
+                else:
+                    gate_cols = cols
+                zmask = row_mask[:, None] & (cols < n_act)[None, :]
+                zero = tl.zeros((BLOCK_M, BLOCK_N), dtype=h_ptr.dtype.element_ty)
+                tl.store(h_ptr + rows64[:, None] * stride_hr + gate_cols[None, :] * stride_hc, zero, mask=zmask)
+                if GATED:
+                    tl.store(h_ptr + rows64[:, None] * stride_hr + up_cols[None, :] * stride_hc, zero, mask=zmask)
         return
     rows, row_mask, rows64 = _tile_rows(tile_row_start_ptr, tile_row_end_ptr, pid_m, BLOCK_M)
     # the gather: A-operand rows come straight from X via the sorted token ids (no A x d copy)
@@ -200,11 +239,11 @@ def up_proj(
     h = h_out if h_out is not None else dummy
     a = a_out if a_out is not None else dummy
     b = b1 if b1 is not None else dummy
-    grid = lambda META: (meta.num_tiles, triton.cdiv(n_act, META["BLOCK_N"]))
+    grid = lambda META: (meta.num_tiles * triton.cdiv(n_act, META["BLOCK_N"]),)
     _up_proj_kernel[grid](
         x, w1, b, h, a,
         meta.tok_sorted, meta.tile_expert, meta.tile_row_start, meta.tile_row_end,
-        n_act, d,
+        meta.num_tiles, n_act, d,
         x.stride(0), x.stride(1),
         w1.stride(0), w1.stride(1), w1.stride(2),
         b.stride(0) if b1 is not None else 0, b.stride(1) if b1 is not None else 0,
@@ -213,28 +252,33 @@ def up_proj(
         float(act.alpha), float(act.limit),
         HAS_B1=b1 is not None, KEEP_H=h_out is not None, WRITE_A=a_out is not None,
         GATED=act.gated, INTERLEAVED=interleaved, ACT=act_code(act),
-        BLOCK_M=meta.tile_m, **dot_flags(x.dtype),
+        GROUP_M=GROUP_M, BLOCK_M=meta.tile_m, **dot_flags(x.dtype),
     )
 
 
 # ----------------------------------------------------------------------------------------------
 # grouped GEMM over sorted rows: Out[r] = In[r] W[e] (+ bias[e])
+#
+# Open question, kept on Triton: torch._grouped_mm (CUTLASS, bf16, sm90) could serve these two
+# plain GEMMs (no gather: Y = A W2^T and dX' = dH W1) from the same expert-sorted rows, given the
+# expert end offsets. Whether it beats this kernel on Hopper has not been measured (no GPU was lent
+# to this work); decide by numbers from examples/bench_kernels.py before switching, and keep this
+# kernel for fp32/fp16, pre-sm90 devices and the interpreter either way.
 # ----------------------------------------------------------------------------------------------
 @triton.autotune(configs=_GEMM_CONFIGS, key=["N", "K"])
 @triton.jit
 def _sorted_gemm_kernel(
     in_ptr, w_ptr, bias_ptr, out_ptr,
     tile_expert_ptr, tile_row_start_ptr, tile_row_end_ptr,
-    N, K,
+    num_tiles, N, K,
     stride_ir, stride_ik,
     stride_we, stride_wk, stride_wn,
     stride_be, stride_bn,
     stride_or, stride_on,
-    HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, INTERPRET: tl.constexpr,
+    HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, INTERPRET: tl.constexpr, GROUP_M: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    pid_m, pid_n = _swizzled_tile(num_tiles, tl.cdiv(N, BLOCK_N), GROUP_M)
     e = tl.load(tile_expert_ptr + pid_m)
     if e < 0:
         return
@@ -269,16 +313,16 @@ def sorted_gemm(
         raise ValueError(f"sorted_gemm: inner dims differ: inp {tuple(inp.shape)}, w {tuple(w_ekn.shape)}")
     out = alloc((A, N), inp.dtype, inp.device)
     b = bias if bias is not None else inp
-    grid = lambda META: (meta.num_tiles, triton.cdiv(N, META["BLOCK_N"]))
+    grid = lambda META: (meta.num_tiles * triton.cdiv(N, META["BLOCK_N"]),)
     _sorted_gemm_kernel[grid](
         inp, w_ekn, b, out,
         meta.tile_expert, meta.tile_row_start, meta.tile_row_end,
-        N, K,
+        meta.num_tiles, N, K,
         inp.stride(0), inp.stride(1),
         w_ekn.stride(0), w_ekn.stride(1), w_ekn.stride(2),
         b.stride(0) if bias is not None else 0, b.stride(1) if bias is not None else 0,
         out.stride(0), out.stride(1),
-        HAS_BIAS=bias is not None, BLOCK_M=meta.tile_m, **dot_flags(inp.dtype),
+        HAS_BIAS=bias is not None, GROUP_M=GROUP_M, BLOCK_M=meta.tile_m, **dot_flags(inp.dtype),
     )
     return out
 
@@ -292,7 +336,7 @@ def _dh_kernel(
     dout_ptr, w2_ptr, h_ptr, b2_ptr, s_sorted_ptr,
     dh_ptr, a_scaled_ptr, ds_part_ptr,
     tok_sorted_ptr, tile_expert_ptr, tile_row_start_ptr, tile_row_end_ptr,
-    n_act, d,
+    num_tiles, n_act, d,
     stride_gt, stride_gd,
     stride_we, stride_wd, stride_wn,
     stride_hr, stride_hc,
@@ -302,13 +346,21 @@ def _dh_kernel(
     stride_dsr, num_parts,
     alpha, limit,
     HAS_B2: tl.constexpr, GATED: tl.constexpr, INTERLEAVED: tl.constexpr, ACT: tl.constexpr,
-    IEEE: tl.constexpr, INTERPRET: tl.constexpr,
+    IEEE: tl.constexpr, INTERPRET: tl.constexpr, GROUP_M: tl.constexpr,
     PART_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    pid_m, pid_n = _swizzled_tile(num_tiles, tl.cdiv(n_act, BLOCK_N), GROUP_M)
     e = tl.load(tile_expert_ptr + pid_m)
+    R: tl.constexpr = BLOCK_N // PART_N
     if e < 0:
+        if e == -2:
+            # dropped assignments: their score gradient is 0 (their dS partials are zeros); dH and
+            # A' rows are never read for them and stay unwritten
+            rows, row_mask, rows64 = _tile_rows(tile_row_start_ptr, tile_row_end_ptr, pid_m, BLOCK_M)
+            for i in tl.static_range(R):
+                part_col = pid_n * R + i + tl.zeros_like(rows)
+                tl.store(ds_part_ptr + rows64 * stride_dsr + part_col, tl.zeros((BLOCK_M,), dtype=tl.float32),
+                         mask=row_mask & (part_col < num_parts))
         return
     rows, row_mask, rows64 = _tile_rows(tile_row_start_ptr, tile_row_end_ptr, pid_m, BLOCK_M)
     tok = tl.load(tok_sorted_ptr + rows, mask=row_mask, other=0).to(tl.int64)
@@ -359,7 +411,6 @@ def _dh_kernel(
     # program owns columns [pid_n * R, (pid_n + 1) * R), writes its partial to the first and zeros
     # to the rest. Every column is written by every config, so autotuning (which runs several
     # configs on the same buffer) cannot leave stale partials behind and no zero-fill is needed.
-    R: tl.constexpr = BLOCK_N // PART_N
     for i in tl.static_range(R):
         part_col = pid_n * R + i + tl.zeros_like(rows)  # as a (BLOCK_M,) tensor for the mask
         if i == 0:
@@ -384,7 +435,8 @@ def dh_backward(
     act: Activation,
     interleaved: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns dH_sorted (A, H), A' = s * act(H) (A, n) in the input dtype, dS_sorted (A,) fp32."""
+    """Returns dH_sorted (A, H), A' = s * act(H) (A, n) in the input dtype, dS_sorted (A,) fp32
+    (0 for dropped assignments; their dH and A' rows are left unwritten: nothing reads them)."""
     A, h_cols = h_sorted.shape
     E, d, n_act = w2.shape
     dt = h_sorted.dtype
@@ -393,12 +445,12 @@ def dh_backward(
     # One dS partial per (row, PART_N columns of n); see the kernel for why it is config-independent.
     ds_part = alloc((A, triton.cdiv(n_act, _DH_MIN_BLOCK_N)), torch.float32, h_sorted.device)
     b = b2 if b2 is not None else h_sorted
-    grid = lambda META: (meta.num_tiles, triton.cdiv(n_act, META["BLOCK_N"]))
+    grid = lambda META: (meta.num_tiles * triton.cdiv(n_act, META["BLOCK_N"]),)
     _dh_kernel[grid](
         grad_out, w2, h_sorted, b, meta.scores_sorted,
         dh, a_scaled, ds_part,
         meta.tok_sorted, meta.tile_expert, meta.tile_row_start, meta.tile_row_end,
-        n_act, d,
+        meta.num_tiles, n_act, d,
         grad_out.stride(0), grad_out.stride(1),
         w2.stride(0), w2.stride(1), w2.stride(2),
         h_sorted.stride(0), h_sorted.stride(1),
@@ -408,7 +460,7 @@ def dh_backward(
         ds_part.stride(0), ds_part.shape[1],
         float(act.alpha), float(act.limit),
         HAS_B2=b2 is not None, GATED=act.gated, INTERLEAVED=interleaved, ACT=act_code(act),
-        PART_N=_DH_MIN_BLOCK_N, BLOCK_M=meta.tile_m, **dot_flags(dt),
+        GROUP_M=GROUP_M, PART_N=_DH_MIN_BLOCK_N, BLOCK_M=meta.tile_m, **dot_flags(dt),
     )
     return dh, a_scaled, ds_part.sum(dim=1)
 
@@ -433,24 +485,37 @@ _WGRAD_GPU_CONFIGS = [
 _WGRAD_CONFIGS = autotune_configs(_WGRAD_GPU_CONFIGS, _wcfg(32, 32, 32, 1, 1))
 
 
-@triton.autotune(configs=_WGRAD_CONFIGS, key=["I", "J"])
+@triton.autotune(configs=_WGRAD_CONFIGS, key=["I", "J", "PARTIAL"])
 @triton.jit
 def _weight_grad_kernel(
-    p_ptr, q_ptr, p_rows_ptr, q_rows_ptr, expert_offsets_ptr, out_ptr,
-    I, J,
+    p_ptr, q_ptr, p_rows_ptr, q_rows_ptr, expert_offsets_ptr,
+    slot_start_ptr, slot_expert_ptr, slot_row_start_ptr, slot_row_end_ptr, ws_ptr, out_ptr,
+    I, J, chunk,
     stride_pr, stride_pi,
     stride_qr, stride_qj,
     stride_oe, stride_oi, stride_oj,
+    PARTIAL: tl.constexpr,
     GATHER_P: tl.constexpr, GATHER_Q: tl.constexpr, IEEE: tl.constexpr, INTERPRET: tl.constexpr,
     BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
+    """PARTIAL: program (tile, slot) reduces the slot's chunk of rows (an expert's extra chunk) into
+    the fp32 workspace ws[slot]. Otherwise program (tile, e) reduces expert e's first chunk, adds
+    the expert's workspace partials in slot order and stores dW[e]: deterministic, no atomics."""
     pid = tl.program_id(0)
-    e = tl.program_id(1)
+    g = tl.program_id(1)
     num_j = tl.cdiv(J, BLOCK_J)
     pid_i = pid // num_j
     pid_j = pid % num_j
-    r_lo = tl.load(expert_offsets_ptr + e)
-    r_hi = tl.load(expert_offsets_ptr + e + 1)
+    if PARTIAL:
+        e = tl.load(slot_expert_ptr + g)
+        if e < 0:
+            return
+        r_lo = tl.load(slot_row_start_ptr + g)
+        r_hi = tl.load(slot_row_end_ptr + g)
+    else:
+        e = g
+        r_lo = tl.load(expert_offsets_ptr + e)
+        r_hi = tl.minimum(tl.load(expert_offsets_ptr + e + 1), r_lo + chunk)
     ii = pid_i * BLOCK_I + tl.arange(0, BLOCK_I)
     jj = pid_j * BLOCK_J + tl.arange(0, BLOCK_J)
     i_mask = ii < I
@@ -473,8 +538,16 @@ def _weight_grad_kernel(
         qb = tl.load(q_ptr + qrow[:, None] * stride_qr + jj[None, :] * stride_qj,
                      mask=r_mask[:, None] & j_mask[None, :], other=0.0)
         acc = mma(pb, qb, acc, IEEE, INTERPRET)
-    tl.store(out_ptr + e.to(tl.int64) * stride_oe + ii[:, None] * stride_oi + jj[None, :] * stride_oj,
-             cast(acc, out_ptr.dtype.element_ty, INTERPRET), mask=i_mask[:, None] & j_mask[None, :])
+    ij_mask = i_mask[:, None] & j_mask[None, :]
+    ws_tile = ii[:, None].to(tl.int64) * J + jj[None, :]
+    plane = (I * J).to(tl.int64)  # one (I, J) fp32 partial per workspace slot
+    if PARTIAL:
+        tl.store(ws_ptr + g * plane + ws_tile, acc, mask=ij_mask)
+    else:
+        for slot in range(tl.load(slot_start_ptr + e), tl.load(slot_start_ptr + e + 1)):
+            acc += tl.load(ws_ptr + slot * plane + ws_tile, mask=ij_mask, other=0.0)
+        tl.store(out_ptr + e.to(tl.int64) * stride_oe + ii[:, None] * stride_oi + jj[None, :] * stride_oj,
+                 cast(acc, out_ptr.dtype.element_ty, INTERPRET), mask=ij_mask)
 
 
 def weight_grad(
@@ -486,18 +559,30 @@ def weight_grad(
     out: torch.Tensor,
 ) -> torch.Tensor:
     """out[e] (I, J) = sum over sorted rows r of expert e of P[pr(r)]^T Q[qr(r)], where
-    pr(r) = p_rows[r] if p_rows is given (a gather, e.g. token ids into dO or X) else r."""
+    pr(r) = p_rows[r] if p_rows is given (a gather, e.g. token ids into dO or X) else r.
+    out may have any strides (a transposed parameter's layout).
+
+    An expert's rows beyond its first ``meta.wgrad_chunk`` are reduced by extra programs, one per
+    chunk (``meta.slot_*``), into a transient fp32 workspace (S, I, J) that a second launch adds in
+    slot order: with skewed routing one expert's rows no longer serialise on its I x J tiles alone.
+    S = 0 (no expert over the chunk size can exist) skips the first launch and the workspace."""
     E, I, J = out.shape
     assert p.shape[1] == I and q.shape[1] == J
     dummy = meta.tok_sorted
-    grid = lambda META: (triton.cdiv(I, META["BLOCK_I"]) * triton.cdiv(J, META["BLOCK_J"]), E)
-    _weight_grad_kernel[grid](
+    S = meta.num_slots
+    ws = torch.empty((S, I, J), dtype=torch.float32, device=p.device) if S else p
+    args = (
         p, q, p_rows if p_rows is not None else dummy, q_rows if q_rows is not None else dummy,
-        meta.expert_offsets, out,
-        I, J,
+        meta.expert_offsets, meta.slot_start, meta.slot_expert, meta.slot_row_start, meta.slot_row_end, ws, out,
+        I, J, meta.wgrad_chunk,
         p.stride(0), p.stride(1),
         q.stride(0), q.stride(1),
         out.stride(0), out.stride(1), out.stride(2),
-        GATHER_P=p_rows is not None, GATHER_Q=q_rows is not None, **dot_flags(p.dtype),
     )
+    flags = dict(GATHER_P=p_rows is not None, GATHER_Q=q_rows is not None, **dot_flags(p.dtype))
+    if S:
+        grid_p = lambda META: (triton.cdiv(I, META["BLOCK_I"]) * triton.cdiv(J, META["BLOCK_J"]), S)
+        _weight_grad_kernel[grid_p](*args, PARTIAL=True, **flags)
+    grid = lambda META: (triton.cdiv(I, META["BLOCK_I"]) * triton.cdiv(J, META["BLOCK_J"]), E)
+    _weight_grad_kernel[grid](*args, PARTIAL=False, **flags)
     return out
