@@ -23,6 +23,7 @@ import torch
 import torch.fx as fx
 from torch._dynamo.utils import counters
 
+from . import cache_key as _cache_key
 from . import op as _op  # noqa: F401  (registers torch.ops.moe_inductor)
 from .options import SonicOptions
 from .report import CompileReport, record_report
@@ -261,6 +262,9 @@ def sonic(gm: fx.GraphModule, example_inputs, options: Optional[dict] = None, mo
         patches.update(torch._inductor.list_mode_options(mode))
     if opts.inductor:
         patches.update(opts.inductor)
+    # key Inductor's and AOTAutograd's caches on this package's code, the options and the versions
+    # (forward and backward compiles: config_patches reach both; moe_inductor/cache_key.py)
+    patches = _cache_key.config_patch(opts, patches)
     from torch._inductor.compile_fx import compile_fx
 
     return compile_fx(gm, example_inputs, config_patches=patches or None)
