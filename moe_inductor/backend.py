@@ -196,8 +196,38 @@ def _cleanup(gm: fx.GraphModule, orphans: list, keep: set) -> None:
 
 
 def rewrite_moe(gm: fx.GraphModule, opts: SonicOptions) -> CompileReport:
-    """Replace every recognised MoE block of ``gm`` in place; return what was seen."""
+    """Replace every recognised MoE block of ``gm`` in place, and of the nested regions it enters
+    (bodies of activation checkpointing and other wrappers: ``moe_inductor/regions.py``); return
+    what was seen. A block in a region that is not entered is reported as declined."""
+    from .regions import rewrite_nested
+
     report = CompileReport()
+    _rewrite_graph(gm, opts, report)
+    rewrite_nested(gm, lambda body, region: _rewrite_graph(body, opts, report, region=region.describe()),
+                   lambda region: _report_not_entered(region, report))
+    return report
+
+
+def _report_not_entered(region, report: CompileReport) -> None:
+    """An MoE block inside a higher-order op whose body the rewrite does not enter: declined."""
+    why = f"inside a {region.describe()}, which the rewrite does not enter (see moe_inductor/regions.py)"
+    for idiom in _idioms():
+        try:
+            found = list(idiom.find(region.gm))
+        except Exception as e:
+            log.debug("sonic: %s matcher failed in %s: %s", idiom.IDIOM, region.describe(), e)
+            continue
+        for node, block in found:
+            cand = (Candidate(idiom=idiom.IDIOM, where=module_path_of(node), status="declined", reason=why)
+                    if isinstance(block, str) else _describe(block, "declined", why, module_path_of(block.location or node)))
+            report.candidates.append(cand)
+            counters["sonic"]["moe_declined"] += 1
+            log.warning("sonic: not rewriting %s block at %s: %s", idiom.IDIOM, cand.where, why)
+
+
+def _rewrite_graph(gm: fx.GraphModule, opts: SonicOptions, report: CompileReport, region: str = "") -> None:
+    """Rewrite the blocks of one graph (the backend's, or a region's body named ``region``)."""
+    inside = f" (in {region})" if region else ""
     orphans: list = []
     dead_before = {n for n in gm.graph.nodes if not n.users}
     for idiom in _idioms():
@@ -209,7 +239,7 @@ def rewrite_moe(gm: fx.GraphModule, opts: SonicOptions) -> CompileReport:
         for node, block in found:
             where = module_path_of(node)
             if isinstance(block, str):
-                report.candidates.append(Candidate(idiom=idiom.IDIOM, where=where, status="declined", reason=block))
+                report.candidates.append(Candidate(idiom=idiom.IDIOM, where=where, status="declined", reason=block + inside))
                 counters["sonic"]["moe_declined"] += 1
                 log.info("sonic: not rewriting %s block at %s: %s", idiom.IDIOM, where, block)
                 continue
@@ -225,18 +255,19 @@ def rewrite_moe(gm: fx.GraphModule, opts: SonicOptions) -> CompileReport:
                 for n in reversed(list(gm.graph.nodes)):
                     if n not in before and not n.users:
                         gm.graph.erase_node(n)
-                cand = _describe(block, "declined", f"internal error while rewriting: {type(e).__name__}: {e}", where)
+                cand = _describe(block, "declined", f"internal error while rewriting: {type(e).__name__}: {e}{inside}", where)
                 report.candidates.append(cand)
                 counters["sonic"]["moe_declined"] += 1
                 log.warning("sonic: not rewriting %s block at %s: %s", idiom.IDIOM, where, cand.reason)
                 continue
             orphans.extend(block.orphans)
             note = "; ".join(notes)
-            report.candidates.append(_describe(block, "rewritten", reason=note, where=where))
+            shown = "; ".join(notes + [f"in {region}"]) if region else note
+            report.candidates.append(_describe(block, "rewritten", reason=shown, where=where))
             counters["sonic"]["moe_rewrites"] += 1
             if note.startswith("token rounding "):
                 counters["sonic"]["token_rounding" if "to multiples" in note else "token_rounding_skipped"] += 1
-            log.info("sonic: rewrote %s block at %s (E=%s, K=%s, d=%s, n=%s, %s, %s)%s", block.idiom, where,
+            log.info("sonic: rewrote %s block at %s%s (E=%s, K=%s, d=%s, n=%s, %s, %s)%s", block.idiom, where, inside,
                      block.num_experts, block.top_k, block.hidden, block.intermediate, block.activation, block.dtype,
                      f": {note}" if note else "")
             if "refused" in note:
@@ -244,7 +275,6 @@ def rewrite_moe(gm: fx.GraphModule, opts: SonicOptions) -> CompileReport:
     _cleanup(gm, orphans, dead_before)
     gm.graph.lint()
     gm.recompile()
-    return report
 
 
 def sonic(gm: fx.GraphModule, example_inputs, options: Optional[dict] = None, mode: Optional[str] = None, **kwargs: Any):
