@@ -26,7 +26,7 @@ from torch._dynamo.utils import counters
 from . import cache_key as _cache_key
 from . import op as _op  # noqa: F401  (registers torch.ops.moe_inductor)
 from .options import SonicOptions
-from .report import CompileReport, record_report
+from .report import CompileReport, note_runs_on, record_report
 from .rewrite import _INPLACE_FUNCTIONS, Candidate, MoEBlock, call, emit_fused_moe, module_path_of, same, shape_of
 from .router import analyse_router, graph_token_rounding
 
@@ -264,6 +264,7 @@ def _rewrite_graph(gm: fx.GraphModule, opts: SonicOptions, report: CompileReport
             note = "; ".join(notes)
             shown = "; ".join(notes + [f"in {region}"]) if region else note
             report.candidates.append(_describe(block, "rewritten", reason=shown, where=where))
+            note_runs_on(report.candidates[-1], block, opts.impl)  # counted, and warned if a CUDA block won't use Triton
             counters["sonic"]["moe_rewrites"] += 1
             if note.startswith("token rounding "):
                 counters["sonic"]["token_rounding" if "to multiples" in note else "token_rounding_skipped"] += 1

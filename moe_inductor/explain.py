@@ -59,6 +59,8 @@ class ExplainEntry:
     hidden: Any = None
     intermediate: Any = None
     dtype: Optional[torch.dtype] = None
+    #: rewritten blocks: "triton" or "PyTorch path (<reason>)", decided at rewrite time
+    runs_on: str = ""
 
 
 @dataclasses.dataclass
@@ -91,12 +93,13 @@ class ExplainReport:
         return [e for e in self.entries if e.status in ("graph break", "not recognised")]
 
     def __str__(self) -> str:
-        head = ("where", "idiom", "E", "K", "d", "n", "dtype", "status")
+        head = ("where", "idiom", "E", "K", "d", "n", "dtype", "status", "runs on")
         rows = [head]
         for e in self.entries:
             dtype = str(e.dtype).replace("torch.", "") if e.dtype is not None else "-"
             rows.append((e.where, e.idiom, *("-" if v is None else str(v) for v in
-                                            (e.num_experts, e.top_k, e.hidden, e.intermediate)), dtype, e.status))
+                                            (e.num_experts, e.top_k, e.hidden, e.intermediate)), dtype, e.status,
+                         e.runs_on or "-"))
         widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
         lines = [f"sonic: {len(self.rewritten)} MoE block(s) rewritten, {len(self.declined)} declined, "
                  f"{len(self.missed)} not seen by any idiom; {self.graph_count} graph(s), "
@@ -283,7 +286,8 @@ def explain(model: torch.nn.Module, *args, options: Optional[dict] = None, induc
     for c in candidates:
         rep.entries.append(ExplainEntry(
             where=_normalise_path(c.where), idiom=c.idiom, status=c.status, reason=c.reason,
-            num_experts=c.num_experts, top_k=c.top_k, hidden=c.hidden, intermediate=c.intermediate, dtype=c.dtype))
+            num_experts=c.num_experts, top_k=c.top_k, hidden=c.hidden, intermediate=c.intermediate, dtype=c.dtype,
+            runs_on=getattr(c, "runs_on", "")))
 
     for name, m in moe_like_modules(model):
         if any(_covers(e.where, name, m) for e in rep.entries if e.idiom != "-"):

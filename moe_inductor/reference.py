@@ -24,6 +24,14 @@ Two implementations live here:
     SonicMoE: it needs only X, H, the scores and the routing, recomputes A = act(H), and gets the
     score gradient as sum(dA' * A) without Y.
   * ``naive_moe``: an obviously-correct loop, differentiable by autograd, used by the tests.
+
+The efficient path reads the per-expert counts on the host (two syncs per call on CUDA), which
+CUDA-graph capture forbids. While the current CUDA stream is capturing (``mode="reduce-overhead"``),
+``moe_forward`` / ``moe_backward`` therefore take a sync-free variant (``sync_free=True`` forces it,
+as does ``FORCE_SYNC_FREE``, for tests): every expert's GEMMs over all A sorted rows, each row
+keeping its own expert's result (``torch.where``), never a value read back to the host. E times the
+GEMM work and an A x d gathered copy of X: a correct fallback for what the Triton kernels do not
+serve (e.g. float64), not a fast path.
 """
 from __future__ import annotations
 
@@ -56,6 +64,16 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+#: tests: take the sync-free variant everywhere (it is otherwise chosen only under CUDA-graph capture)
+FORCE_SYNC_FREE = False
+
+
+def _use_sync_free(x: torch.Tensor, sync_free: Optional[bool]) -> bool:
+    if sync_free is not None:
+        return sync_free
+    return FORCE_SYNC_FREE or (x.is_cuda and torch.cuda.is_current_stream_capturing())
+
+
 def moe_forward(
     x: torch.Tensor,
     token_ids: torch.Tensor,
@@ -68,8 +86,12 @@ def moe_forward(
     act: Activation,
     interleaved: bool,
     keep_h: bool = True,
+    sync_free: Optional[bool] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns (out (T, d) in x.dtype, h_sorted (A, 2n) or (0, 2n) if not keep_h, order (A,) int32)."""
+    """Returns (out (T, d) in x.dtype, h_sorted (A, 2n) or (0, 2n) if not keep_h, order (A,) int32).
+    ``sync_free``: None picks the sync-free variant under CUDA-graph capture (module docstring)."""
+    if _use_sync_free(x, sync_free):
+        return _sync_free_forward(x, token_ids, expert_ids, scores, w1, w2, b1, b2, act, interleaved, keep_h)
     T, d = x.shape
     A = token_ids.shape[0]
     E, h_cols, _ = w1.shape
@@ -109,10 +131,15 @@ def moe_backward(
     order: torch.Tensor,
     act: Activation,
     interleaved: bool,
+    sync_free: Optional[bool] = None,
 ) -> tuple[torch.Tensor, ...]:
     """Returns (dx, dscores, dw1, dw2, db1, db2); db1/db2 are None without biases.
 
-    h_sorted None means H is recomputed from X (the opt-in leaner mode)."""
+    h_sorted None means H is recomputed from X (the opt-in leaner mode). ``sync_free`` as in
+    ``moe_forward``."""
+    if _use_sync_free(x, sync_free):
+        return _sync_free_backward(grad_out, x, token_ids, expert_ids, scores, w1, w2, b1, b2, h_sorted, order, act,
+                                   interleaved)
     T, d = x.shape
     E = w1.shape[0]
     acc = _acc_dtype(x.dtype)
@@ -155,6 +182,83 @@ def moe_backward(
     dscores = torch.empty(order.shape[0], dtype=scores.dtype, device=x.device)
     dscores[order_l] = ds_sorted.to(scores.dtype)
     return dx_acc.to(x.dtype), dscores, dw1, dw2, db1, db2
+
+
+def _sorted_rows(order: torch.Tensor, token_ids: torch.Tensor, expert_ids: torch.Tensor):
+    order_l = order.long()
+    return order_l, token_ids.long()[order_l], expert_ids.long()[order_l]
+
+
+def _masked_up(x_s, exp_sorted, w1, b1) -> torch.Tensor:
+    """H (A, 2n) of the sorted rows x_s (A, d): each row through its own expert; 0 for dropped rows."""
+    h = x_s.new_zeros((x_s.shape[0], w1.shape[1]))
+    for e in range(w1.shape[0]):
+        h_e = torch.mm(x_s, w1[e].t())
+        if b1 is not None:
+            h_e += b1[e]
+        h = torch.where((exp_sorted == e)[:, None], h_e, h)
+    return h
+
+
+def _sync_free_forward(x, token_ids, expert_ids, scores, w1, w2, b1, b2, act, interleaved, keep_h):
+    """``moe_forward`` without reading device data on the host (module docstring)."""
+    T, d = x.shape
+    acc = _acc_dtype(x.dtype)
+    order = torch.argsort(expert_ids, stable=True).to(torch.int32)
+    _, tok_sorted, exp_sorted = _sorted_rows(order, token_ids, expert_ids)
+    x_s = x.index_select(0, tok_sorted)
+    h = _masked_up(x_s, exp_sorted, w1, b1)
+    a = act_forward(h, act, interleaved)
+    y = x.new_zeros((x_s.shape[0], d))
+    for e in range(w1.shape[0]):
+        y_e = torch.mm(a, w2[e].t())
+        if b2 is not None:
+            y_e += b2[e]
+        y = torch.where((exp_sorted == e)[:, None], y_e, y)
+    s = torch.where(exp_sorted >= 0, scores[order.long()].to(acc), 0)
+    out = torch.zeros(T, d, dtype=acc, device=x.device).index_add_(0, tok_sorted, y.to(acc) * s[:, None])
+    return out.to(x.dtype), (h if keep_h else x.new_empty((0, w1.shape[1]))), order
+
+
+def _sync_free_backward(grad_out, x, token_ids, expert_ids, scores, w1, w2, b1, b2, h_sorted, order, act,
+                        interleaved):
+    """``moe_backward`` without reading device data on the host (module docstring)."""
+    T, d = x.shape
+    E = w1.shape[0]
+    acc = _acc_dtype(x.dtype)
+    order_l, tok_sorted, exp_sorted = _sorted_rows(order, token_ids, expert_ids)
+    valid = exp_sorted >= 0
+    x_s = x.index_select(0, tok_sorted)
+    h = _masked_up(x_s, exp_sorted, w1, b1) if h_sorted is None else h_sorted
+    a = act_forward(h, act, interleaved).to(acc)
+    do_s = grad_out.contiguous().index_select(0, tok_sorted)
+    s = torch.where(valid, scores[order_l].to(acc), 0)[:, None]
+    da = x.new_zeros((x_s.shape[0], w2.shape[2]))  # dA' = gather(dO) W2^T, each row its own expert's
+    for e in range(E):
+        da = torch.where((exp_sorted == e)[:, None], torch.mm(do_s, w2[e]), da)
+    ds = (da.to(acc) * a).sum(-1)
+    if b2 is not None:
+        ds += (do_s.to(acc) * b2[exp_sorted.clamp(min=0)].to(acc)).sum(-1)
+    ds = torch.where(valid, ds, 0)
+    dh = act_backward(h, da.to(acc) * s, act, interleaved).to(x.dtype)
+    dw1, dw2 = torch.zeros_like(w1), torch.zeros_like(w2)
+    db1 = torch.zeros_like(b1) if b1 is not None else None
+    db2 = torch.zeros_like(b2) if b2 is not None else None
+    dx_s = torch.zeros(x_s.shape, dtype=acc, device=x.device)
+    for e in range(E):
+        m = (exp_sorted == e)[:, None]
+        dh_e = torch.where(m, dh, 0)
+        dw2[e] = torch.mm(do_s.t(), torch.where(m, a * s, 0).to(x.dtype))
+        dw1[e] = torch.mm(dh_e.t(), x_s)
+        if b1 is not None:
+            db1[e] = dh_e.to(acc).sum(0).to(db1.dtype)
+        if b2 is not None:
+            db2[e] = torch.where(m, do_s.to(acc) * s, 0).sum(0).to(db2.dtype)
+        dx_s = torch.where(m, torch.mm(dh, w1[e]).to(acc), dx_s)
+    dx = torch.zeros(T, d, dtype=acc, device=x.device).index_add_(0, tok_sorted, dx_s)
+    dscores = torch.empty(order.shape[0], dtype=scores.dtype, device=x.device)
+    dscores[order_l] = ds.to(scores.dtype)
+    return dx.to(x.dtype), dscores, dw1, dw2, db1, db2
 
 
 def naive_moe(

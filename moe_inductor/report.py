@@ -2,12 +2,20 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+import logging
+import os
+from typing import Any, Optional
+
+import torch
 
 from .rewrite import Candidate
 from .stats import RoutingStats, _listening, capture_routing_stats  # noqa: F401  (re-exported)
 
+log = logging.getLogger("moe_inductor")
+
 _listeners: list = []
+#: (where, runs on) pairs already warned about, so that recompiles do not repeat the warning
+_warned: set = set()
 
 
 @dataclasses.dataclass
@@ -35,3 +43,58 @@ def record_report(report: CompileReport, gm) -> None:
 def capture_reports():
     """Collect the CompileReports of every graph the sonic backend compiles in this block."""
     return _listening(_listeners)
+
+
+# --------------------------------------------------------------------------- what a block runs on
+
+PYTORCH_PATH = "PyTorch path"
+
+
+def runs_on(device: Optional[torch.device], dtype: Optional[torch.dtype], activation: str, impl: str) -> str:
+    """What the fused op of a block will run on, decided at rewrite time from what the graph says
+    (device, dtype, activation, the ``impl`` option; ``MOE_INDUCTOR_IMPL`` as set now): "triton",
+    "PyTorch path (<reason>)", or "error: ..." for impl='triton' where the kernels cannot serve."""
+    from .activations import parse_activation
+    from .kernels import unsupported_reason_meta
+    from .op import IMPLS
+
+    if impl == "auto" and os.environ.get("MOE_INDUCTOR_IMPL", "auto") in IMPLS:
+        impl = os.environ.get("MOE_INDUCTOR_IMPL", "auto")
+    if impl == "torch":
+        return f"{PYTORCH_PATH} (impl='torch')"
+    if device is None or dtype is None:
+        return "unknown (the graph does not record the block's device or dtype)"
+    device = torch.device(device)
+    reason = unsupported_reason_meta(device, dtype, parse_activation(activation))
+    if impl == "triton":
+        return "triton" if reason is None else f"error: impl='triton' cannot serve it: {reason}"
+    if device.type != "cuda":
+        return f"{PYTORCH_PATH} ({device.type})"
+    return "triton" if reason is None else f"{PYTORCH_PATH} ({reason})"
+
+
+def note_runs_on(candidate: Candidate, block: Any, impl: str) -> str:
+    """Set ``candidate.runs_on`` for a rewritten block. A CUDA block that will take the PyTorch
+    path is counted (``counters["sonic"]["pytorch_path"]``) and warned about once per block and
+    reason: that path copies expert counts to the host twice per call and runs experts one by one
+    (under CUDA-graph capture it takes a sync-free variant with E times the GEMM work instead)."""
+    from torch._dynamo.utils import counters
+
+    example = getattr(block.x, "meta", {}).get("example_value")
+    device = getattr(example, "device", None)
+    dtype = getattr(block, "dtype", None) or getattr(example, "dtype", None)
+    where = candidate.where
+    try:
+        decided = runs_on(device, dtype, block.activation, impl)
+    except Exception as e:  # never fail compilation over a report
+        decided = f"unknown ({type(e).__name__}: {e})"
+    candidate.runs_on = decided
+    if device is not None and torch.device(device).type == "cuda" and decided.startswith(PYTORCH_PATH):
+        counters["sonic"]["pytorch_path"] += 1
+        if (where, decided) not in _warned and "impl='torch'" not in decided:  # chosen: no warning
+            _warned.add((where, decided))
+            log.warning(
+                "sonic: the MoE block at %s runs on the %s on CUDA, not the Triton kernels: it copies expert "
+                "counts to the host twice per call and runs the experts one by one (under CUDA-graph capture a "
+                "sync-free variant with E times the GEMM work)", where, decided)
+    return decided

@@ -223,6 +223,8 @@ class Candidate:
     hidden: Any = None
     intermediate: Any = None
     dtype: Optional[torch.dtype] = None
+    #: rewritten blocks: "triton" or "PyTorch path (<reason>)", decided at rewrite time (report.runs_on)
+    runs_on: str = ""
 
 
 def source_of(node: fx.Node) -> str:

@@ -5,6 +5,7 @@ Importing this package does not import triton: the launchers are imported on the
 
 Exports:
   unsupported_reason(x, w1, w2, act) -> str | None
+  unsupported_reason_meta(device, dtype, act) -> str | None   (what a rewrite can know)
   triton_moe_forward(x, token_ids, expert_ids, scores, w1, w2, b1, b2, act, interleaved, keep_h)
       -> (out (T, d) x.dtype, h_sorted (A, H) or (0, H), order (A,) int32)
   triton_moe_backward(grad_out, x, token_ids, expert_ids, scores, w1, w2, b1, b2, h_sorted|None,
@@ -31,20 +32,30 @@ def _cuda_capability(index: int) -> tuple[int, int]:
     return torch.cuda.get_device_capability(index)
 
 
+def unsupported_reason_meta(device: torch.device, dtype: torch.dtype, act) -> str | None:
+    """The part of ``unsupported_reason`` that needs no shapes: device, dtype and activation.
+    Also what the rewrite uses to say, once per block, what a block will run on."""
+    device = torch.device(device)
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed"
+    if dtype not in SUPPORTED_DTYPES:
+        return f"dtype {dtype} (the kernels serve float32, float16, bfloat16)"
+    if device.type == "cuda":
+        if dtype == torch.bfloat16 and _cuda_capability(device.index or 0) < (8, 0):
+            return "bfloat16 tl.dot needs compute capability 8.0+"
+    elif not (device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"):
+        return f"tensors on {device.type} (the kernels need CUDA, or CPU under TRITON_INTERPRET=1)"
+    if not act.triton:
+        return f"activation {act.spec} has no Triton epilogue (PyTorch path only)"
+    return None
+
+
 def unsupported_reason(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, act,
                        num_assignments: int = 0) -> str | None:
     """None if the Triton kernels can serve this call, else a short reason (metadata only)."""
-    if importlib.util.find_spec("triton") is None:
-        return "triton is not installed"
-    if x.dtype not in SUPPORTED_DTYPES:
-        return f"dtype {x.dtype} (the kernels serve float32, float16, bfloat16)"
-    if x.device.type == "cuda":
-        if x.dtype == torch.bfloat16 and _cuda_capability(x.device.index or 0) < (8, 0):
-            return "bfloat16 tl.dot needs compute capability 8.0+"
-    elif not (x.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"):
-        return f"tensors on {x.device.type} (the kernels need CUDA, or CPU under TRITON_INTERPRET=1)"
-    if not act.triton:
-        return f"activation {act.spec} has no Triton epilogue (PyTorch path only)"
+    reason = unsupported_reason_meta(x.device, x.dtype, act)
+    if reason is not None:
+        return reason
     if w1.dim() != 3 or w2.dim() != 3:
         return "expert weights must be 3-D"
     E, h_cols, d = w1.shape
@@ -83,4 +94,4 @@ def triton_moe_backward(grad_out, x, token_ids, expert_ids, scores, w1, w2, b1, 
     return backward(grad_out, x, token_ids, expert_ids, scores, w1, w2, b1, b2, h_sorted, order, act, interleaved)
 
 
-__all__ = ["unsupported_reason", "triton_moe_forward", "triton_moe_backward", "SUPPORTED_DTYPES"]
+__all__ = ["unsupported_reason", "unsupported_reason_meta", "triton_moe_forward", "triton_moe_backward", "SUPPORTED_DTYPES"]
