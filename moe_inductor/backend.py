@@ -6,12 +6,14 @@ torch-level graph, replaces every MoE block that an idiom module in ``patterns/`
 one call of ``torch.ops.moe_inductor.fused_moe`` (which carries its own memory-lean backward),
 and hands the graph to Inductor's ``compile_fx`` for everything else, forward and backward.
 
-Global setting (said here because it is a side effect of importing this module): Dynamo's
-``capture_dynamic_output_shape_ops`` is turned on, so per-expert loops over
-``torch.where(mask)`` / ``nonzero`` are captured as one graph instead of Dynamo skipping the
-whole frame. It applies to every torch.compile in the process. And ``capture.install()`` makes
-Dynamo trace capturable replacements of known transformers expert loops that would graph-break
-(transformers 5.x Switch Transformers; see ``moe_inductor/capture.py``), for every backend too.
+No global side effects: importing this module changes no torch config and no class. The Dynamo
+setting sonic needs (``capture_dynamic_output_shape_ops``, so that per-expert loops over
+``torch.where(mask)`` / ``nonzero`` are captured as one graph) applies only while Dynamo traces a
+frame compiled with this backend, and known transformers expert loops are made capturable only
+for the modules of those frames (``moe_inductor/dynamo_scope.py``, ``moe_inductor/capture.py``).
+Never worse than Inductor: a sonic frame that fails to compile with that setting is compiled
+without it from its next call on; a graph on which Inductor fails after the MoE rewrite is compiled
+without the rewrite (``sonic()``); both are logged as warnings and listed by ``explain``.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ import torch
 import torch.fx as fx
 from torch._dynamo.utils import counters
 
+from . import dynamo_scope as _scope
 from . import cache_key as _cache_key
 from . import op as _op  # noqa: F401  (registers torch.ops.moe_inductor)
 from .options import SonicOptions
@@ -32,17 +35,9 @@ from .router import analyse_router, graph_token_rounding
 
 log = logging.getLogger("moe_inductor")
 
-if not torch._dynamo.config.capture_dynamic_output_shape_ops:
-    torch._dynamo.config.capture_dynamic_output_shape_ops = True
-    log.debug("sonic: set torch._dynamo.config.capture_dynamic_output_shape_ops = True")
-
-try:
-    from . import capture as _capture
-
-    _capture.install()
-except Exception as _e:  # never fail the import over this
-    _capture = None
-    log.debug("sonic: capture.install failed: %s", _e)
+# The scoped settings: an inert Dynamo compile-start/end callback that acts on sonic frames only
+# (torch.compile drops a backend's backend_ctx_ctor; see dynamo_scope's docstring).
+_scope.install()
 
 
 def _idioms():
@@ -281,13 +276,9 @@ def _rewrite_graph(gm: fx.GraphModule, opts: SonicOptions, report: CompileReport
 def sonic(gm: fx.GraphModule, example_inputs, options: Optional[dict] = None, mode: Optional[str] = None, **kwargs: Any):
     """The torch.compile backend. ``options``: see ``moe_inductor.options.SonicOptions``."""
     opts = SonicOptions.from_dict(options)
-    if _capture is not None:
-        _capture.install()  # idempotent; for the next frames Dynamo compiles
+    _scope.install()  # idempotent: the scoped settings for the next frames Dynamo compiles
     if kwargs:
         raise ValueError(f"sonic backend: unexpected arguments {sorted(kwargs)}; use options={{...}}")
-    if opts.rewrite:
-        report = rewrite_moe(gm, opts)
-        record_report(report, gm)
     patches: dict = {}
     if mode is not None:
         patches.update(torch._inductor.list_mode_options(mode))
@@ -298,4 +289,54 @@ def sonic(gm: fx.GraphModule, example_inputs, options: Optional[dict] = None, mo
     patches = _cache_key.config_patch(opts, patches)
     from torch._inductor.compile_fx import compile_fx
 
-    return compile_fx(gm, example_inputs, config_patches=patches or None)
+    if not opts.rewrite:
+        return compile_fx(gm, example_inputs, config_patches=patches or None)
+    # keep the graph as Dynamo gave it: if the rewrite or Inductor on the rewritten graph fails,
+    # compile that instead (compilation must never fail because of the rewrite)
+    original = _copy_graph_module(gm)
+    try:
+        report = rewrite_moe(gm, opts)
+    except Exception as e:
+        _scope.record(_scope.Fallback("without rewrite", _graph_name(gm), f"{type(e).__name__}: {_first_line(e)}"))
+        return compile_fx(original, example_inputs, config_patches=patches or None)
+    record_report(report, gm)
+    if not report.rewritten:
+        return compile_fx(gm, example_inputs, config_patches=patches or None)
+    try:
+        return compile_fx(gm, example_inputs, config_patches=patches or None)
+    except Exception as e:
+        error = e
+    try:
+        compiled = compile_fx(original, example_inputs, config_patches=patches or None)
+    except Exception:
+        raise error  # Inductor fails without the rewrite too: not ours, report the first error
+    _scope.record(_scope.Fallback("without rewrite", _graph_name(gm), f"{type(error).__name__}: {_first_line(error)}"))
+    counters["sonic"]["fallback_without_rewrite"] += 1
+    return compiled
+
+
+setattr(sonic, _scope.MARKER, True)  # how dynamo_scope recognises frames compiled with this backend
+
+
+def _copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
+    """A GraphModule sharing ``gm``'s submodules and attributes with a copy of its graph (node
+    metadata shallow-copied): cheap, and untouched by the in-place rewrite of ``gm``."""
+    graph = fx.Graph(owning_module=None, tracer_cls=getattr(gm.graph, "_tracer_cls", None))
+    graph._codegen = gm.graph._codegen
+    env: dict = {}
+    for node in gm.graph.nodes:
+        env[node] = graph.node_copy(node, lambda n: env[n])
+    copy = fx.GraphModule(gm, graph)
+    copy.meta.update(getattr(gm, "meta", {}))
+    for attr in ("compile_subgraph_reason", "_sonic_name"):
+        if hasattr(gm, attr):
+            setattr(copy, attr, getattr(gm, attr))
+    return copy
+
+
+def _graph_name(gm: fx.GraphModule) -> str:
+    return getattr(gm, "_sonic_name", None) or f"graph of {len(gm.graph.nodes)} nodes"
+
+
+def _first_line(e: BaseException) -> str:
+    return next((l.strip() for l in str(e).splitlines() if l.strip()), "")[:300]

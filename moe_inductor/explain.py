@@ -68,6 +68,9 @@ class ExplainReport:
     entries: list = dataclasses.field(default_factory=list)
     graph_breaks: list = dataclasses.field(default_factory=list)
     graph_count: int = 0
+    #: moe_inductor.dynamo_scope.Fallback: frames compiled without sonic's Dynamo setting, graphs
+    #: compiled without the MoE rewrite (so that compilation would not fail)
+    fallbacks: list = dataclasses.field(default_factory=list)
     #: moe_inductor.report.RoutingStats of every fused-op call of the explain run, in call order
     routing: list = dataclasses.field(default_factory=list)
     #: GEMM row tile the padding waste is computed for (the backend option tile_m)
@@ -119,6 +122,10 @@ class ExplainReport:
                          f"{sum(r.assignments for r in self.routing)} assignments, padding waste at "
                          f"tile {self.tile_m} rows: {100 * self.padding_waste:.2f}% "
                          f"(per call: {', '.join(f'{100 * _waste(r.counts, self.tile_m):.1f}%' for r in self.routing)})")
+        if self.fallbacks:
+            lines.append("")
+            lines.append("fallbacks (compiled differently so that compilation would not fail):")
+            lines.extend(f"  {f}" for f in self.fallbacks)
         if self.graph_breaks:
             lines.append("")
             lines.append("graph breaks:")
@@ -266,9 +273,14 @@ def explain(model: torch.nn.Module, *args, options: Optional[dict] = None, induc
             record_report(rewrite_moe(gm, opts), gm)
         return gm.forward
 
+    from . import dynamo_scope
+
+    setattr(backend, dynamo_scope.MARKER, True)  # sonic's scoped Dynamo settings apply to its frames
     torch._dynamo.reset()
+    dynamo_scope.install()
     before = {k: dict(counters[k]) for k in ("graph_break", "unimplemented")}
-    with capture_reports() as reports, capture_routing_stats() as routing_stats:
+    with capture_reports() as reports, capture_routing_stats() as routing_stats, \
+            dynamo_scope.capture_fallbacks() as fallbacks:
         torch.compile(model, backend=backend, fullgraph=False)(*args, **kwargs)
     # graph breaks that skipped a whole frame leave no graph behind: only Dynamo's counters know
     seen = {b.reason for b in breaks}
@@ -281,7 +293,8 @@ def explain(model: torch.nn.Module, *args, options: Optional[dict] = None, induc
                 where = f"{os.path.basename(m.group(2))}:{m.group(3)} in {m.group(1)}" if m else ""
                 breaks.append(GraphBreak(reason=msg, where=where, frames=frames))
 
-    rep = ExplainReport(graph_breaks=breaks, graph_count=graph_count, routing=routing_stats, tile_m=opts.tile_m)
+    rep = ExplainReport(graph_breaks=breaks, graph_count=graph_count, routing=routing_stats, tile_m=opts.tile_m,
+                        fallbacks=fallbacks)
     candidates = [c for r in reports for c in r.candidates]
     for c in candidates:
         rep.entries.append(ExplainEntry(

@@ -1,0 +1,273 @@
+"""The Dynamo settings the sonic backend needs, applied only to the frames compiled with it.
+
+Why a setting at all: a per-expert loop over ``torch.where(mask)`` / ``nonzero`` is captured as one
+graph only with ``torch._dynamo.config.capture_dynamic_output_shape_ops = True`` (without it, and
+without ``fullgraph=True``, Dynamo graph-breaks inside the loop and skips the whole frame: no graph
+holds the MoE block, nothing to rewrite).
+
+Why not ``backend_ctx_ctor``: Dynamo enters a backend's ``backend_ctx_ctor`` only when the backend
+callable itself is handed to ``torch._dynamo.optimize``. ``torch.compile(..., backend=X)`` always
+wraps X in ``torch._TorchCompileWrapper`` (options or not), which does not carry the attribute
+(checked on torch 2.13: the context is never entered, with or without ``options=``, ``fullgraph``,
+``dynamic``, ``mode``). The one hook Dynamo runs before it traces each frame, for every backend, is
+its compile-start callback (``torch._dynamo.callback_handler``). So:
+
+- ``install()`` registers a start and an end callback (an inert registration: no torch config and
+  no class changes). The start callback finds the frame Dynamo is about to trace and its backend
+  (the ``_compile`` call on the stack); for a sonic frame only, it enters
+  ``torch._dynamo.config.patch(**SETTINGS)`` and lets ``moe_inductor.capture`` make known
+  transformers expert loops of the frame's modules capturable; the end callback leaves the patch.
+  Frames of every other backend see Dynamo's settings untouched.
+- ``torch._dynamo.reset()`` clears Dynamo's callbacks; the registered callbacks re-register
+  themselves when that drops them (a ``weakref.finalize`` on each: ``list.clear`` empties the list
+  before it releases the items), so the scope survives resets.
+
+Never worse than Inductor: when a sonic frame that was traced with these settings fails to compile
+(a Dynamo error such as ``GuardOnDataDependentSymNode`` on ``bincount(...).tolist()``, or an
+Inductor lowering error on a graph the setting let Dynamo capture), the end callback replaces the
+error by a soft Dynamo failure that runs this call of the frame eagerly (its callees are still
+compiled) and remembers the code object: from the next call on the frame is compiled without the
+settings, as plain Inductor compiles it. A warning says so, and ``fallbacks()`` / ``explain`` list it.
+(``fullgraph=True`` compiles are not retried: Dynamo captures dynamic-output-shape ops there anyway.)
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import sys
+import threading
+import weakref
+
+import torch
+
+log = logging.getLogger("moe_inductor")
+
+#: Dynamo settings applied while a sonic frame is traced
+SETTINGS = {"capture_dynamic_output_shape_ops": True}
+
+#: marks a backend function (or the object torch.compile wraps it in) as the sonic backend
+MARKER = "_moe_inductor_sonic"
+
+
+@dataclasses.dataclass
+class Fallback:
+    """Something sonic compiled differently from its default so that compilation would not fail."""
+
+    kind: str  # "without settings" | "without rewrite"
+    where: str  # "function (file:line)" of the frame, or the graph's name
+    reason: str  # the error that caused it, first line
+
+    def __str__(self) -> str:
+        if self.kind == "without settings":
+            return (f"{self.where}: compiling it with {_settings_text()} failed ({self.reason}); that call ran the "
+                    f"frame eagerly (its callees compiled), later calls compile it without the setting, as plain "
+                    f"Inductor does")
+        return f"{self.where}: Inductor failed on the rewritten graph ({self.reason}); compiled without the MoE rewrite"
+
+
+_lock = threading.RLock()
+_tls = threading.local()
+_without_settings: set = set()  # code objects of frames compiled without SETTINGS (after a failure)
+_fallbacks: list = []
+_listeners: list = []
+_callbacks: dict = {}  # "start" / "end" -> weakref to the registered callback object
+
+
+def _settings_text() -> str:
+    return ", ".join(f"torch._dynamo.config.{k}={v}" for k, v in SETTINGS.items())
+
+
+def record(fallback: Fallback) -> None:
+    """Log a fallback, keep it for ``fallbacks()`` and hand it to ``capture_fallbacks`` listeners."""
+    log.warning("sonic: %s", fallback)
+    with _lock:
+        _fallbacks.append(fallback)
+        for listener in _listeners:
+            listener.append(fallback)
+
+
+def fallbacks() -> list:
+    """Every fallback of this process so far (``Fallback`` objects)."""
+    with _lock:
+        return list(_fallbacks)
+
+
+class capture_fallbacks:
+    """``with capture_fallbacks() as found:`` collects the fallbacks recorded inside the block."""
+
+    def __enter__(self) -> list:
+        self.found: list = []
+        with _lock:
+            _listeners.append(self.found)
+        return self.found
+
+    def __exit__(self, *exc) -> None:
+        with _lock:
+            _listeners.remove(self.found)
+
+
+def is_sonic(compiler_fn) -> bool:
+    """Is ``compiler_fn`` (as Dynamo holds it: WrapBackendDebug -> torch.compile's wrapper -> the
+    function, possibly a functools.partial) the sonic backend?"""
+    fn, seen = compiler_fn, 0
+    while fn is not None and seen < 8:
+        if getattr(fn, MARKER, False):
+            return True
+        seen += 1
+        nxt = getattr(fn, "_torchdynamo_orig_backend", None)
+        if nxt is None:
+            nxt = getattr(fn, "compiler_fn", None)  # torch._TorchCompileWrapper
+        if nxt is None:
+            nxt = getattr(fn, "func", None)  # functools.partial
+        fn = nxt
+    return False
+
+
+def _frame_being_compiled():
+    """(code, f_locals, compiler_fn, one_graph) of the innermost Dynamo ``_compile`` call on the
+    stack, or None."""
+    f = sys._getframe(2)
+    while f is not None:
+        code = f.f_code
+        if code.co_name == "_compile" and code.co_filename.endswith("convert_frame.py"):
+            loc = f.f_locals
+            if "compiler_fn" in loc and "code" in loc:
+                return loc["code"], loc.get("locals") or {}, loc["compiler_fn"], bool(loc.get("one_graph", False))
+            return None
+        f = f.f_back
+    return None
+
+
+def _describe(code) -> str:
+    return f"{code.co_name} ({code.co_filename}:{code.co_firstlineno})"
+
+
+def _stack() -> list:
+    s = getattr(_tls, "stack", None)
+    if s is None:
+        s = _tls.stack = []
+    return s
+
+
+class _Start:
+    """Compile-start callback: enter the settings for a sonic frame."""
+
+    def __call__(self, args) -> None:
+        trigger = getattr(args, "callback_trigger", None)
+        if trigger is not None and getattr(trigger, "name", "") != "DYNAMO":
+            return
+        entry = None
+        try:
+            found = _frame_being_compiled()
+            if found is not None and is_sonic(found[2]):
+                code, f_locals, _, one_graph = found
+                retry = code in _without_settings
+                # the retry gets Dynamo's own defaults, whatever else set them
+                patch = torch._dynamo.config.patch(**({k: False for k in SETTINGS} if retry else SETTINGS))
+                patch.__enter__()
+                # an exception being handled around the compile is not a compile failure
+                entry = {"code": code, "one_graph": one_graph, "patch": patch, "retry": retry,
+                         "handled": sys.exc_info()[1]}
+                try:
+                    from . import capture
+
+                    capture.prepare(f_locals)
+                except Exception as e:  # never fail a compile over this
+                    log.debug("sonic: capture.prepare failed: %s", e)
+        except Exception as e:
+            log.debug("sonic: compile-start callback failed: %s", e)
+        _stack().append(entry)  # one entry per start (None: not a sonic frame), popped by _End
+
+
+class _End:
+    """Compile-end callback: leave the settings; turn a failure under them into a retry without."""
+
+    def __call__(self, args) -> None:
+        trigger = getattr(args, "callback_trigger", None)
+        if trigger is not None and getattr(trigger, "name", "") != "DYNAMO":
+            return
+        stack = _stack()
+        if not stack:
+            return
+        entry = stack.pop()
+        if entry is None:
+            return
+        if entry["patch"] is not None:
+            entry["patch"].__exit__(None, None, None)
+        error = sys.exc_info()[1]
+        if error is None or error is entry["handled"] or not isinstance(error, Exception) \
+                or entry["retry"] or entry["one_graph"]:
+            return
+        _retry_without_settings(entry["code"], error)
+
+
+def _retry_without_settings(code, error: BaseException) -> None:
+    """Replace the in-flight compile error of a sonic frame by a soft Dynamo failure that runs the
+    frame eagerly this time and lets Dynamo compile it again on the next call (without SETTINGS)."""
+    from torch._dynamo import callback_handler
+    from torch._dynamo.exc import Unsupported
+
+    try:
+        from torch._dynamo.types import FrameAction, FrameExecStrategy
+    except ImportError:  # older layout: leave the error as it is
+        return
+    # Dynamo's install_callbacks decrements its pending-callback counter after the end callbacks
+    # return; raising here skips that decrement, so do it first (else no start callback would ever
+    # run again). If this torch keeps the counter elsewhere, do not interfere: the error stands.
+    counter = "_CompilationCallbackHandler__pending_callbacks_counter"
+    if getattr(callback_handler, counter, None) != 1:
+        return
+    first = next((l.strip() for l in str(error).splitlines() if l.strip()), "")
+    reason = f"{type(error).__name__}: {first}"[:300]
+    with _lock:
+        _without_settings.add(code)
+    record(Fallback("without settings", _describe(code), reason))
+    soft = Unsupported(f"sonic: frame {_describe(code)} is compiled again without {_settings_text()}: {reason}")
+    if hasattr(soft, "remove_from_stats"):
+        try:
+            soft.remove_from_stats()  # a fallback, not a graph break of the user's code
+        except Exception:
+            pass
+    soft.frame_exec_strategy = FrameExecStrategy(FrameAction.DEFAULT, FrameAction.DEFAULT)
+    setattr(callback_handler, counter, 0)
+    raise soft from error
+
+
+def _registered(kind: str) -> bool:
+    ref = _callbacks.get(kind)
+    cb = ref() if ref is not None else None
+    if cb is None:
+        return False
+    from torch._dynamo import callback_handler
+
+    return any(c is cb for c in (callback_handler.start_callbacks if kind == "start" else callback_handler.end_callbacks))
+
+
+def install() -> None:
+    """Register the start/end callbacks if they are not registered. Idempotent, never raises."""
+    try:
+        from torch._dynamo import callback_handler
+    except Exception as e:
+        log.debug("sonic: no Dynamo callback handler: %s", e)
+        return
+    with _lock:
+        for kind, cls, register in (("start", _Start, callback_handler.register_start_callback),
+                                    ("end", _End, callback_handler.register_end_callback)):
+            if _registered(kind):
+                continue
+            cb = cls()
+            register(cb)
+            _callbacks[kind] = weakref.ref(cb)
+            # torch._dynamo.reset() empties Dynamo's callback lists; when that drops this one,
+            # register a fresh one (the list is already empty when its items are released)
+            weakref.finalize(cb, _reinstall)
+
+
+def _reinstall() -> None:
+    """Runs when torch._dynamo.reset() dropped a registered callback: register again, and forget
+    which frames had to be compiled without the settings (reset means "as in a fresh process")."""
+    if sys.is_finalizing():
+        return
+    with _lock:
+        _without_settings.clear()
+    install()
