@@ -617,25 +617,29 @@ def test_fp32_dot_is_ieee_unless_tf32_allowed(monkeypatch):
     assert launch_utils.dot_flags(torch.float32)["IEEE"] is False
 
 
-@pytest.mark.parametrize("i", range(4))
-def test_gpu_tile_configs_interpreted(i, monkeypatch):
-    """The interpreter normally runs one small config (32 x 32 tiles, launch_utils.autotune_configs);
-    here the i-th GPU autotune config of every GEMM kernel runs instead, so the tile shapes the
-    GPU will pick (BLOCK_N up to 256, BLOCK_K up to 128, dS partials spread over BLOCK_N / PART_N
-    slots) are checked for correctness too. d and n leave partial blocks in every config."""
+@pytest.mark.parametrize("dtype,j", [(torch.float32, 0), (torch.float32, 1), (torch.bfloat16, 0), (torch.bfloat16, 1),
+                                     (torch.bfloat16, 2), (torch.bfloat16, 3)])  # j-th config of each list (wrapping)
+def test_gpu_tile_configs_interpreted(dtype, j, monkeypatch):
+    """The interpreter normally runs one small config (32 x 32 tiles, launch_utils.DtypeConfigs);
+    here the j-th GPU autotune config of this dtype's list of every GEMM kernel runs instead, so the
+    tile shapes the GPU will pick (BLOCK_N up to 256, BLOCK_K up to 128, dS partials spread over
+    BLOCK_N / PART_N slots) are checked for correctness too. d and n leave partial blocks."""
     from moe_inductor.kernels import grouped_gemm as gg
 
-    for kernel, configs in ((gg._up_proj_kernel, gg._UP_GPU_CONFIGS), (gg._sorted_gemm_kernel, gg._GEMM_GPU_CONFIGS),
-                            (gg._dh_kernel, gg._GEMM_GPU_CONFIGS), (gg._weight_grad_kernel, gg._WGRAD_GPU_CONFIGS)):
-        monkeypatch.setattr(kernel, "configs", [configs[i]])
-    monkeypatch.setattr(gg, "_DH_MIN_BLOCK_N", min(c.kwargs["BLOCK_N"] for c in gg._GEMM_GPU_CONFIGS))
-    # n past the widest BLOCK_N of config i (two column blocks in dH / up_proj / Y), d past BLOCK_K
-    n = {0: 136, 1: 72, 2: 264, 3: 136}[i]
-    d = {0: 72, 1: 72, 2: 72, 3: 136}[i]
-    run_and_compare(make_case(T=5, E=3, K=2, d=d, n=n, dtype=(torch.float32, torch.bfloat16)[i % 2], bias=True,
-                              act="swiglu", interleaved=i % 2 == 1))
-    assert gg._dh_kernel.best_config is gg._GEMM_GPU_CONFIGS[i]  # the patched config really ran
-    assert gg._up_proj_kernel.best_config is gg._UP_GPU_CONFIGS[i]
+    itemsize = torch.empty(0, dtype=dtype).element_size()
+    chosen = {}
+    for kernel, configs in ((gg._up_proj_kernel, gg._UP_CONFIGS), (gg._sorted_gemm_kernel, gg._GEMM_CONFIGS),
+                            (gg._dh_kernel, gg._DH_CONFIGS), (gg._weight_grad_kernel, gg._WGRAD_CONFIGS)):
+        cfgs = configs.for_itemsize(itemsize)
+        chosen[kernel] = cfgs[j % len(cfgs)]
+        monkeypatch.setattr(kernel, "configs", [chosen[kernel]])
+    monkeypatch.setattr(gg, "_DH_MIN_BLOCK_N", min(c.kwargs["BLOCK_N"] for c in gg._DH_CONFIGS.gpu_configs))
+    # n past the widest BLOCK_N (two column blocks in dH / up_proj), d past the widest BLOCK_K
+    n = max(chosen[k].kwargs["BLOCK_N"] for k in (gg._up_proj_kernel, gg._dh_kernel, gg._sorted_gemm_kernel)) + 8
+    d = max(chosen[k].kwargs["BLOCK_K"] for k in (gg._up_proj_kernel, gg._dh_kernel, gg._sorted_gemm_kernel)) + 8
+    run_and_compare(make_case(T=5, E=3, K=2, d=d, n=n, dtype=dtype, bias=True, act="swiglu", interleaved=j % 2 == 1))
+    for kernel, cfg in chosen.items():
+        assert kernel.best_config is cfg  # the patched config really ran
 
 
 def test_tile_m_is_shared_with_token_rounding(monkeypatch):

@@ -48,7 +48,7 @@ import triton.language as tl
 from ..activations import Activation
 from .activation_jit import act_code, gated_bwd, gated_fwd, unary_fwd, unary_grad
 from .jit_utils import cast, mma
-from .launch_utils import alloc, autotune_configs, dot_flags
+from .launch_utils import DtypeConfigs, alloc, dot_flags
 from .routing_meta import RoutingMeta
 
 
@@ -56,32 +56,63 @@ def _cfg(bn, bk, warps, stages):
     return triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps, num_stages=stages)
 
 
-# All sizes below are bf16 bytes, reasoned, not measured (no GPU when written).
-# Up-projection (gated: two accumulators, gate and up, share the gathered X tile).
-# Per pipeline stage the gated kernel stages X (M x BK) and two W tiles (BK x BN):
-# (128*BK + 2*BK*BN) * 2 B = 32 KB (BN=BK=64), 48 KB (BN=128, BK=64), 64 KB (BN=64, BK=128);
-# the stage counts below keep every config at or under 192 KB of the 228 KB per SM (the sm_90
-# compile in the tests confirms 128 KB for the first). Two 128 x BN fp32 accumulators: BN=128
-# needs 8 warps to stay under ~255 registers/thread.
+# Autotune candidates per operand size (launch_utils.DtypeConfigs: bf16/fp16 get the 2-byte list,
+# fp32 the 4-byte one). Speed is unmeasured (no GPU when written); what was measured is that every
+# config compiles for sm_90 without register spills and within shared memory, for every variant
+# the launchers use (biases, interleaved gate/up, H kept or recomputed, 128- and 16-row tiles):
+# examples/kernel_resources.py (triton 3.9, ptxas 12.9, BLOCK_M = 128 figures quoted below),
+# table in examples/results/sm90_kernels.json, enforced by tests/test_kernel_resources.py.
+# fp32 uses tl.dot(input_precision="ieee"): CUDA-core FMA with operand tiles in registers, so its
+# tiles are much smaller; shared memory per stage also doubles.
+#
+# Up-projection (gated: two 128 x BN fp32 accumulators, gate and up, share the gathered X tile).
+# Per stage X (M x BK) and two W tiles (BK x BN): (128*BK + 2*BK*BN) * itemsize.
+# bf16: with 4 warps every config spilled (255 registers; 64x64 w4: 64 B, 64x128 w4: 356 B in the
+# H-recompute variant); BN=128 with 8 warps spilled too (556-588 B). 8 warps and BN=64: 133-215
+# registers, no spills.
 _UP_GPU_CONFIGS = [
-    _cfg(64, 64, 4, 4),   # small n (fine-grained experts), many tiles: keeps occupancy
-    _cfg(128, 64, 8, 3),  # large n: more reuse of the gathered X tile per load
-    _cfg(128, 32, 8, 4),  # same, shallower K step for deeper pipelining
-    _cfg(64, 128, 4, 3),  # long K (d = 7168): fewer loop iterations
+    _cfg(64, 64, 8, 4),   # 128 KB smem
+    _cfg(64, 128, 8, 3),  # long K (d = 7168): fewer loop iterations; 192 KB smem (> sm_80's 163 KB)
 ]
-_UP_CONFIGS = autotune_configs(_UP_GPU_CONFIGS, _cfg(32, 32, 1, 1))
+# fp32: 32x32 and 64x32 tiles spilled 12-24 B in the H-recompute variant; BK=16 did not.
+_UP_GPU_CONFIGS_FP32 = [
+    _cfg(32, 16, 8, 3),   # 128 registers, 24 KB smem
+    _cfg(64, 16, 8, 3),   # 250-254 registers, 32 KB smem
+]
+_UP_CONFIGS = DtypeConfigs({2: _UP_GPU_CONFIGS, 4: _UP_GPU_CONFIGS_FP32}, _cfg(32, 32, 1, 1))
 
-# Plain grouped GEMM (Y = A W2^T, dX' = dH W1) and the dH kernel: one B tile per stage,
-# (128*BK + BK*BN) * 2 B = 24 KB (BN=BK=64), 32 KB (BN=128, BK=64), 48 KB (BN=256, BK=64),
-# 64 KB (BN=BK=128): at most 4 / 4 / 3 / 3 stages. The usual Hopper 128x128x64 tile with 8 warps
-# comes first. BLOCK_N must stay a multiple of the smallest one (dH's dS partial layout).
+# Plain grouped GEMM (Y = A W2^T, dX' = dH W1): one B tile per stage, (128*BK + BK*BN) * itemsize.
+# bf16: every config fits (108-204 registers, 96-192 KB smem); the usual Hopper 128x128x64 tile
+# with 8 warps comes first.
 _GEMM_GPU_CONFIGS = [
     _cfg(128, 64, 8, 4),
     _cfg(64, 64, 4, 4),
     _cfg(256, 64, 8, 3),   # wide output (d = 4096/7168): halves the re-reads of the A tile
     _cfg(128, 128, 8, 3),
 ]
-_GEMM_CONFIGS = autotune_configs(_GEMM_GPU_CONFIGS, _cfg(32, 32, 1, 1))
+# fp32: the bf16 list needs 128-256 KB smem per block at 4 B (3 of 4 over sm_90's 227 KB) and
+# 128x32 w8 spilled 32 B; these two: 154 / 128 registers, 48 / 96 KB.
+_GEMM_GPU_CONFIGS_FP32 = [
+    _cfg(64, 32, 8, 3),
+    _cfg(64, 64, 8, 3),
+]
+_GEMM_CONFIGS = DtypeConfigs({2: _GEMM_GPU_CONFIGS, 4: _GEMM_GPU_CONFIGS_FP32}, _cfg(32, 32, 1, 1))
+
+# dH kernel: the epilogue keeps ~8 fp32 tiles of M x BN live (dA', gate, up, act, dgate, dup, ...),
+# so registers scale with 128 * BN / threads. bf16: every config of the plain GEMM spilled
+# (1-12 KB), as did 64x64 with 8 warps (12-372 B) and 16 warps (128-register cap); BN=32 with
+# 8 warps fits: 214-254 registers (32x64 s4, 32 KB) and 233-249 (32x128 s3, 56 KB).
+# BLOCK_N must stay a multiple of the smallest one in either list (dS partial layout, PART_N).
+_DH_GPU_CONFIGS = [
+    _cfg(32, 64, 8, 4),
+    _cfg(32, 128, 8, 3),
+]
+# fp32: 32x32 w4 and 64x32 w8 spilled with biases + interleaved; 8 warps, BN=32: 109-172 registers.
+_DH_GPU_CONFIGS_FP32 = [
+    _cfg(32, 16, 8, 3),   # 20 KB smem
+    _cfg(32, 32, 8, 3),   # 40 KB smem
+]
+_DH_CONFIGS = DtypeConfigs({2: _DH_GPU_CONFIGS, 4: _DH_GPU_CONFIGS_FP32}, _cfg(32, 32, 1, 1))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -132,7 +163,7 @@ GROUP_M = 8
 # ----------------------------------------------------------------------------------------------
 # up-projection
 # ----------------------------------------------------------------------------------------------
-@triton.autotune(configs=_UP_CONFIGS, key=["n_act", "d", "GATED"])
+@triton.autotune(configs=_UP_CONFIGS.configs, key=["n_act", "d", "GATED", "BLOCK_M"], prune_configs_by=_UP_CONFIGS.prune_by)
 @triton.jit
 def _up_proj_kernel(
     x_ptr, w1_ptr, b1_ptr, h_ptr, a_ptr,
@@ -265,7 +296,7 @@ def up_proj(
 # to this work); decide by numbers from examples/bench_kernels.py before switching, and keep this
 # kernel for fp32/fp16, pre-sm90 devices and the interpreter either way.
 # ----------------------------------------------------------------------------------------------
-@triton.autotune(configs=_GEMM_CONFIGS, key=["N", "K"])
+@triton.autotune(configs=_GEMM_CONFIGS.configs, key=["N", "K", "BLOCK_M"], prune_configs_by=_GEMM_CONFIGS.prune_by)
 @triton.jit
 def _sorted_gemm_kernel(
     in_ptr, w_ptr, bias_ptr, out_ptr,
@@ -330,7 +361,7 @@ def sorted_gemm(
 # ----------------------------------------------------------------------------------------------
 # dH kernel (backward of the down-projection and of the activation)
 # ----------------------------------------------------------------------------------------------
-@triton.autotune(configs=_GEMM_CONFIGS, key=["n_act", "d", "GATED"])
+@triton.autotune(configs=_DH_CONFIGS.configs, key=["n_act", "d", "GATED", "BLOCK_M"], prune_configs_by=_DH_CONFIGS.prune_by)
 @triton.jit
 def _dh_kernel(
     dout_ptr, w2_ptr, h_ptr, b2_ptr, s_sorted_ptr,
@@ -422,8 +453,8 @@ def _dh_kernel(
              cast(a * s[:, None], dt, INTERPRET), mask=mask2)
 
 
-_DH_MIN_BLOCK_N = min(c.kwargs["BLOCK_N"] for c in _GEMM_CONFIGS)
-assert all(c.kwargs["BLOCK_N"] % _DH_MIN_BLOCK_N == 0 for c in _GEMM_CONFIGS), "dS partial layout needs it"
+_DH_MIN_BLOCK_N = min(c.kwargs["BLOCK_N"] for c in _DH_CONFIGS)
+assert all(c.kwargs["BLOCK_N"] % _DH_MIN_BLOCK_N == 0 for c in _DH_CONFIGS), "dS partial layout needs it"
 
 
 def dh_backward(
@@ -472,20 +503,26 @@ def _wcfg(bi, bj, br, warps, stages):
     return triton.Config({"BLOCK_I": bi, "BLOCK_J": bj, "BLOCK_R": br}, num_warps=warps, num_stages=stages)
 
 
-# Reasoned, not measured (no GPU when written), like the configs above.
+# Speed reasoned, not measured (no GPU when written); fit measured as for the configs above.
 # The reduction runs over an expert's rows (T*K/E: 256 to 4096 at the benchmark shapes); both
 # operands are loaded transposed-or-gathered, so tiles stay at 128x128 with a 32/64-row step.
-# Stage size (128*BR + BR*128) * 2 B = 16/32 KB: 3-4 stages fit easily.
+# Stage size (128*BR + BR*128) * 2 B = 16/32 KB: 3-4 stages fit easily. bf16: 114-228 registers,
+# no spills, 32-72 KB smem.
 _WGRAD_GPU_CONFIGS = [
     _wcfg(128, 128, 64, 8, 3),
     _wcfg(128, 128, 32, 8, 4),
     _wcfg(64, 128, 64, 4, 4),   # small I (n = 768/1024 for dW2's columns of A') keeps more CTAs
     _wcfg(128, 64, 64, 4, 4),
 ]
-_WGRAD_CONFIGS = autotune_configs(_WGRAD_GPU_CONFIGS, _wcfg(32, 32, 32, 1, 1))
+# fp32 (FMA): 128x128x32, 128x64x32 and 64x128x32 with 8 warps each spilled 12-16 B in one of the
+# gather/partial variants; 64x64x32 w8 fits every variant (64-141 registers, 16 KB smem).
+_WGRAD_GPU_CONFIGS_FP32 = [
+    _wcfg(64, 64, 32, 8, 3),
+]
+_WGRAD_CONFIGS = DtypeConfigs({2: _WGRAD_GPU_CONFIGS, 4: _WGRAD_GPU_CONFIGS_FP32}, _wcfg(32, 32, 32, 1, 1))
 
 
-@triton.autotune(configs=_WGRAD_CONFIGS, key=["I", "J", "PARTIAL"])
+@triton.autotune(configs=_WGRAD_CONFIGS.configs, key=["I", "J", "PARTIAL"], prune_configs_by=_WGRAD_CONFIGS.prune_by)
 @triton.jit
 def _weight_grad_kernel(
     p_ptr, q_ptr, p_rows_ptr, q_rows_ptr, expert_offsets_ptr,
