@@ -4,7 +4,9 @@ Compiles ``model`` with the sonic backend (``fullgraph=False``), runs it once on
 and returns an ``ExplainReport`` with one entry per MoE block:
 
 - every candidate an idiom module saw in a compiled graph: "rewritten", or the reason it was
-  declined (from ``moe_inductor.report.capture_reports``);
+  declined (from ``moe_inductor.report.capture_reports``); a rewritten block also says what it
+  runs on ("runs on": "triton" or "PyTorch path (<reason>)", decided at rewrite time by
+  ``moe_inductor.report.runs_on``);
 - every MoE-looking module of ``model`` that no compiled graph contained, typically because a
   Dynamo graph break or a skipped frame kept it out (transformers' eager experts loop over the
   data-dependent ``expert_hit``, DBRX), with the graph break that explains it and a remedy.
