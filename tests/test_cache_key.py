@@ -113,6 +113,7 @@ def _double_the_backward(root):
     op.write_text(new)
 
 
+@pytest.mark.slow  # three fresh processes, one cold Inductor compile of forward + backward
 def test_code_change_invalidates_warm_caches(tmp_path):
     snapshot = _copy_package(tmp_path / "pkg")
     first = _run(tmp_path, ["same", "same", "simulated code change"], pythonpath=snapshot)
