@@ -1,25 +1,38 @@
 """GPU benchmark of the fused MoE kernels against the usual ways of running MoE experts.
 
 Compared side by side, per shape (T, d, n, E, K), bf16, SwiGLU, top-K routing from a random router:
-  sonic          moe_inductor.op.fused_moe(..., impl="triton")  (this package's Triton kernels)
-  hf_grouped_mm  transformers' MixtralExperts with the "grouped_mm" experts implementation
-                 (sort, gather, torch._grouped_mm, SwiGLU, torch._grouped_mm, weight, unsort, sum)
-  hf_compiled    the same module under plain torch.compile (Inductor, no MoE rewrite)
-  liger          liger-kernel's LigerFusedMoEFunction, if importable (optional comparator)
-  dense          one dense bf16 GEMM (TK x d) @ (d x 3n) with the same FLOPs (the roofline proxy)
+  sonic            moe_inductor.op.fused_moe(..., impl="triton")  (this package's Triton kernels)
+  sonic_tr         the same kernels on token-rounding routing of the same router probabilities
+                   (moe_inductor.routing.token_rounding_routing, "nearest", tile_m = the kernels'
+                   row tile; routing computed outside the timed region: kernel time vs top-k)
+  hf_grouped_mm    transformers' MixtralExperts with the "grouped_mm" experts implementation
+                   (sort, gather, torch._grouped_mm, SwiGLU, torch._grouped_mm, weight, unsort, sum)
+  hf_compiled      the same module under plain torch.compile (Inductor, no MoE rewrite)
+  hf_max_autotune  the same under torch.compile(mode="max-autotune-no-cudagraphs"): Inductor's
+                   max-autotune (its own GEMM / grouped-GEMM templates, coordinate-descent tuning)
+                   without CUDA graphs, which no other row gets and whose output-buffer reuse
+                   breaks timing backward apart from forward
+  liger            liger-kernel's LigerFusedMoEFunction, if importable (optional comparator)
+  dense            one dense bf16 GEMM (TK x d) @ (d x 3n) with the same FLOPs (the roofline proxy)
 
-Reported: forward, backward and forward+backward time (triton.testing.do_bench median, ms) and
-TFLOP/s from the FLOPs actually needed: 6*T*K*d*n forward, 12*T*K*d*n backward (never padded
-FLOPs); activation bytes saved for backward (autograd saved tensors, unique storages, parameters
-and inputs excluded). Results go to JSON (device name, torch/triton versions, shapes beside every
-figure) and a PNG bar chart (if matplotlib is installed).
+Reported: forward, backward and forward+backward time in ms, the MEDIAN of
+triton.testing.do_bench (return_mode="median"; the 20th/80th percentiles beside it), and TFLOP/s
+from the FLOPs actually needed by that row's assignments A: 6*A*d*n forward, 12*A*d*n backward
+(A = T*K for top-k; sum of the rounded counts for sonic_tr; never padded FLOPs); activation bytes
+saved for backward (autograd saved tensors, unique storages, parameters and inputs excluded);
+relative error of the output against a reference row (--ref, default sonic). Results go to JSON
+(device name, versions, shapes and run id beside every figure), rewritten after every row so a
+run stopped early keeps what it measured, and a PNG bar chart (if matplotlib is installed).
 
 Usage:
-  PYTHONPATH=. python examples/bench_kernels.py [--shapes all|0,2] [--out examples/results/bench_kernels]
+  PYTHONPATH=. python examples/bench_kernels.py [--shapes all|0,4] [--out examples/results/bench_kernels]
   PYTHONPATH=. python examples/bench_kernels.py --interpret-smoke   # CPU, TRITON_INTERPRET=1, tiny
+  --deadline UNIX_TIME: rows not started by then are skipped, a row still running then is
+  interrupted (SIGALRM) and recorded as "timeout", and the JSON is written (examples/gpu_check.py).
 The real benchmark needs CUDA and exits with a message without it. --interpret-smoke runs every
 code path of this script at a tiny shape on CPU under the Triton interpreter so the script itself
-is tested; its timings are meaningless and are not recorded (only correctness and bytes).
+is tested; its timings are meaningless and are not recorded (only correctness and bytes); there
+the compiled rows use backend="aot_eager" (Inductor's CPU code generation would take minutes).
 """
 from __future__ import annotations
 
@@ -35,6 +48,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import argparse  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
+import signal  # noqa: E402
+import time  # noqa: E402
 from dataclasses import asdict, dataclass, field  # noqa: E402
 from typing import Callable, Optional  # noqa: E402
 
@@ -44,14 +59,18 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from moe_inductor.op import fused_moe  # noqa: E402
 
-# (T, d, n, E, K), from the issue: fine-grained 64/128 experts, DeepSeek-V3-like, Mixtral-like.
+# (T, d, n, E, K), from the issue: fine-grained 64/128 experts, DeepSeek-V3-like, Mixtral-like, and
+# a very fine-grained high-sparsity shape where token rounding matters most (SonicMoE's +1.16x).
 SHAPES = [
     (16384, 2048, 1024, 64, 8),
     (16384, 2048, 768, 128, 8),
     (8192, 7168, 2048, 256, 8),
     (16384, 4096, 14336, 8, 2),
+    (16384, 1536, 256, 256, 8),
 ]
 SMOKE_SHAPE = (32, 32, 16, 4, 2)
+SMOKE_TILE_M = 8  # token rounding tile in the smoke run (T = 32 is far below the kernels' tile)
+STATISTIC = "median of triton.testing.do_bench(return_mode='median'); q20/q80 = its 20th/80th percentiles"
 
 
 @dataclass(frozen=True)
@@ -63,13 +82,12 @@ class BenchConfig:
     K: int
     dtype: str = "bfloat16"
 
-    @property
-    def fwd_flops(self) -> float:
-        return 6.0 * self.T * self.K * self.d * self.n
+    def fwd_flops(self, assignments: Optional[int] = None) -> float:
+        a = self.T * self.K if assignments is None else assignments
+        return 6.0 * a * self.d * self.n
 
-    @property
-    def bwd_flops(self) -> float:
-        return 12.0 * self.T * self.K * self.d * self.n
+    def bwd_flops(self, assignments: Optional[int] = None) -> float:
+        return 2.0 * self.fwd_flops(assignments)
 
 
 @dataclass(frozen=True)
@@ -84,27 +102,49 @@ class BenchResult:
     bwd_tflops: Optional[float] = None
     fwd_bwd_tflops: Optional[float] = None
     saved_activation_bytes: Optional[int] = None
-    max_abs_err_vs_sonic: Optional[float] = None
+    rel_err_vs_ref: Optional[float] = None  # ||out - ref|| / ||ref|| (Frobenius)
+    err_ref: Optional[str] = None
+    assignments: Optional[int] = None  # the (token, expert) pairs computed: the needed FLOPs' A
+    fwd_bwd_ms_q20_q80: Optional[list] = None
     notes: list = field(default_factory=list)
 
 
 # ----------------------------------------------------------------------------------------------
 # problem setup
 # ----------------------------------------------------------------------------------------------
-def make_problem(cfg: BenchConfig, device: str, seed: int = 0):
-    g = torch.Generator(device="cpu").manual_seed(seed)
+@dataclass
+class Problem:
+    x: torch.Tensor  # (T, d)
+    gate_up: torch.Tensor  # (E, 2n, d)
+    down: torch.Tensor  # (E, d, n)
+    top_i: torch.Tensor  # (T, K) int64
+    top_w: torch.Tensor  # (T, K), renormalised top-k probabilities
+    probs: torch.Tensor  # (T, E) fp32 router probabilities (token rounding starts from them)
+    grad_out: torch.Tensor  # (T, d)
+    tile_m: int  # token rounding tile
+
+
+def make_problem(cfg: BenchConfig, device: str, seed: int = 0, tile_m: Optional[int] = None) -> Problem:
+    """Generated on the device: at (8192, 7168, 2048, 256, 8) the weights are 11 G elements, which
+    a host fp32 randn would take ~45 GB and a minute to make."""
+    g = torch.Generator(device=device).manual_seed(seed)
     dtype = getattr(torch, cfg.dtype)
     T, d, n, E, K = cfg.T, cfg.d, cfg.n, cfg.E, cfg.K
-    x = torch.randn(T, d, generator=g).to(device, dtype)
-    gate_up = (torch.randn(E, 2 * n, d, generator=g) / d**0.5).to(device, dtype)
-    down = (torch.randn(E, d, n, generator=g) / n**0.5).to(device, dtype)
-    w_router = torch.randn(d, E, generator=g) / d**0.5
-    probs = (x.float().cpu() @ w_router).softmax(-1)
+
+    def randn(*shape, scale=1.0, dt=dtype):
+        return (torch.randn(*shape, generator=g, device=device, dtype=dt) * scale).to(dt)
+
+    x = randn(T, d)
+    gate_up = randn(E, 2 * n, d, scale=d**-0.5)
+    down = randn(E, d, n, scale=n**-0.5)
+    w_router = randn(d, E, scale=d**-0.5, dt=torch.float32)
+    probs = (x.float() @ w_router).softmax(-1)
     top_w, top_i = probs.topk(K, dim=-1)
-    top_w = (top_w / top_w.sum(-1, keepdim=True)).to(device, dtype)
-    top_i = top_i.to(device)
-    grad_out = torch.randn(T, d, generator=g).to(device, dtype)
-    return x, gate_up, down, top_i, top_w, grad_out
+    top_w = (top_w / top_w.sum(-1, keepdim=True)).to(dtype)
+    grad_out = randn(T, d)
+    if tile_m is None:
+        from moe_inductor.kernels.config import TILE_M as tile_m
+    return Problem(x, gate_up, down, top_i, top_w, probs, grad_out, tile_m)
 
 
 def saved_activation_bytes(run_forward: Callable[[], torch.Tensor], exclude: list[torch.Tensor]) -> int:
@@ -125,7 +165,8 @@ def saved_activation_bytes(run_forward: Callable[[], torch.Tensor], exclude: lis
 
 
 # ----------------------------------------------------------------------------------------------
-# implementations: each returns (forward_fn, params) where forward_fn() -> out (T, d)
+# implementations: each takes the Problem and returns (forward_fn, params) where forward_fn() -> out
+# (T, d); forward_fn.assignments (if set) is the number of (token, expert) pairs it computes
 # ----------------------------------------------------------------------------------------------
 def leaves(*tensors: torch.Tensor) -> list[torch.Tensor]:
     """Autograd leaves that share storage with the problem tensors: at (8192, 7168, 2048, 256, 8)
@@ -134,20 +175,41 @@ def leaves(*tensors: torch.Tensor) -> list[torch.Tensor]:
     return [t.detach().requires_grad_(True) for t in tensors]
 
 
-def impl_sonic(x, gate_up, down, top_i, top_w):
-    T, K = top_i.shape
-    token_ids = torch.arange(T, device=x.device, dtype=torch.int32).repeat_interleave(K)
-    expert_ids = top_i.flatten().to(torch.int32)
-    params = leaves(x, gate_up, down, top_w)
+def impl_sonic(pb: Problem):
+    T, K = pb.top_i.shape
+    token_ids = torch.arange(T, device=pb.x.device, dtype=torch.int32).repeat_interleave(K)
+    expert_ids = pb.top_i.flatten().to(torch.int32)
+    params = leaves(pb.x, pb.gate_up, pb.down, pb.top_w)
     xs, w1, w2, s = params
 
     def fwd():
         return fused_moe(xs, token_ids, expert_ids, s.flatten(), w1, w2, activation="swiglu", impl="triton")
 
+    fwd.assignments = T * K
     return fwd, params
 
 
-def _hf_experts_module(x, gate_up, down, E, K):
+def impl_sonic_tr(pb: Problem):
+    """Token rounding: routing (one host sync for its exact length) is computed here, untimed; the
+    timed region is the fused op on the rounded assignments, as for top-k above."""
+    from moe_inductor.routing import token_rounding_routing
+
+    K = pb.top_i.shape[1]
+    r = token_rounding_routing(pb.probs, K, pb.tile_m, "nearest")
+    scores = r.scores.detach().to(pb.x.dtype)
+    params = leaves(pb.x, pb.gate_up, pb.down, scores)
+    xs, w1, w2, s = params
+
+    def fwd():
+        return fused_moe(xs, r.token_ids, r.expert_ids, s, w1, w2, activation="swiglu", impl="triton")
+
+    fwd.assignments = int(r.token_ids.numel())
+    fwd.note = (f"token rounding 'nearest', tile_m={pb.tile_m}: {fwd.assignments} assignments vs "
+                f"{pb.top_i.numel()} for top-k")
+    return fwd, params
+
+
+def _hf_experts_module(gate_up, down, E, K):
     from transformers import MixtralConfig
     from transformers.models.mixtral.modeling_mixtral import MixtralExperts
 
@@ -165,38 +227,58 @@ def _hf_experts_module(x, gate_up, down, E, K):
     return mod
 
 
-def impl_hf(x, gate_up, down, top_i, top_w, compiled=False):
-    E, K = gate_up.shape[0], top_i.shape[1]
-    mod = _hf_experts_module(x, gate_up, down, E, K)
-    xs, s = leaves(x, top_w)
-    run = torch.compile(mod) if compiled else mod
+COMPILE_MODES = {"hf_compiled": None, "hf_max_autotune": "max-autotune-no-cudagraphs"}
+
+
+def impl_hf(pb: Problem, compiled: Optional[str] = None):
+    E, K = pb.gate_up.shape[0], pb.top_i.shape[1]
+    mod = _hf_experts_module(pb.gate_up, pb.down, E, K)
+    xs, s = leaves(pb.x, pb.top_w)
+    notes = [f"transformers experts implementation: {mod.config._experts_implementation}"]
+    run = mod
+    if compiled is not None:
+        mode = COMPILE_MODES[compiled]
+        if pb.x.device.type == "cpu":  # smoke run: Dynamo + AOTAutograd, no Inductor code generation
+            run = torch.compile(mod, backend="aot_eager")
+            notes.append(f"smoke run: backend='aot_eager' stands in for Inductor (mode {mode!r} not applied)")
+        else:
+            run = torch.compile(mod, mode=mode)
+            notes.append(f"torch.compile(mode={mode!r})")
+    top_i = pb.top_i
 
     def fwd():
         return run(xs, top_i, s)
 
-    fwd.note = f"transformers experts implementation: {mod.config._experts_implementation}"
+    fwd.note = "; ".join(notes)
     return fwd, [xs, mod.gate_up_proj, mod.down_proj, s]
 
 
-def impl_liger(x, gate_up, down, top_i, top_w):
+def impl_liger(pb: Problem):
     from liger_kernel.ops.fused_moe import LigerFusedMoEFunction
 
-    params = leaves(x, gate_up, down, top_w)
+    tensors = (pb.x, pb.gate_up, pb.down, pb.top_w)
+    smoke_fp32 = pb.x.device.type == "cpu" and pb.x.dtype == torch.bfloat16
+    if smoke_fp32:  # the Triton interpreter has no bf16 atomic_add, which liger's backward uses
+        tensors = tuple(t.float() for t in tensors)
+    params = leaves(*tensors)
     xs, w1, w2, s = params
-    idx = top_i.to(torch.int32)
+    idx = pb.top_i.to(torch.int32)
 
     def fwd():
         return LigerFusedMoEFunction.apply(xs, w1, w2, idx, s)
 
+    if smoke_fp32:
+        fwd.note = "smoke run: fp32 copies (the Triton interpreter has no bf16 atomic_add)"
     return fwd, params
 
 
-def impl_dense(x, gate_up, down, top_i, top_w):
+def impl_dense(pb: Problem):
     """(TK x d) @ (d x 3n): 2*TK*d*3n = 6TKdn FLOPs forward, twice that backward."""
-    T, d = x.shape
-    K, n = top_i.shape[1], down.shape[2]
-    a = torch.randn(T * K, d, device=x.device, dtype=x.dtype, requires_grad=True)
-    w = (torch.randn(d, 3 * n, device=x.device, dtype=x.dtype) / d**0.5).requires_grad_(True)
+    T, d = pb.x.shape
+    K, n = pb.top_i.shape[1], pb.down.shape[2]
+    a = torch.randn(T * K, d, device=pb.x.device, dtype=pb.x.dtype, requires_grad=True)
+    w = (torch.randn(d, 3 * n, device=pb.x.device, dtype=pb.x.dtype) / d**0.5).requires_grad_(True)
+
     def fwd():
         return a @ w
 
@@ -206,39 +288,56 @@ def impl_dense(x, gate_up, down, top_i, top_w):
 
 IMPLS = {
     "sonic": impl_sonic,
+    "sonic_tr": impl_sonic_tr,
     "hf_grouped_mm": impl_hf,
-    "hf_compiled": lambda *a: impl_hf(*a, compiled=True),
     "liger": impl_liger,
     "dense": impl_dense,
+    "hf_compiled": lambda pb: impl_hf(pb, compiled="hf_compiled"),
+    "hf_max_autotune": lambda pb: impl_hf(pb, compiled="hf_max_autotune"),
 }
+# Rows whose output is not comparable with the top-k reference (other routing, other math).
+NO_REF = {"sonic_tr", "dense"}
 
 
 # ----------------------------------------------------------------------------------------------
 # measurement
 # ----------------------------------------------------------------------------------------------
-def bench_one(cfg: BenchConfig, name: str, problem, sonic_out, smoke: bool) -> tuple[BenchResult, Optional[torch.Tensor]]:
-    x, gate_up, down, top_i, top_w, grad_out = problem
+class RowTimeout(Exception):
+    pass
+
+
+def _on_alarm(signum, frame):
+    raise RowTimeout("the run's deadline passed while this row was running")
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.float(), b.float()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def bench_one(cfg: BenchConfig, name: str, pb: Problem, ref_out, ref_name, smoke: bool) -> tuple[BenchResult, Optional[torch.Tensor]]:
     try:
-        fwd, params = IMPLS[name](x, gate_up, down, top_i, top_w)
+        fwd, params = IMPLS[name](pb)
     except ImportError as exc:
         return BenchResult(cfg, name, f"skipped: {exc}"), None
     try:
         notes = [fwd.note] if hasattr(fwd, "note") else []
+        assignments = getattr(fwd, "assignments", cfg.T * cfg.K)
         out = fwd()  # also triggers compilation / autotuning outside the timed region
-        if name == "dense":
-            grad = torch.randn_like(out)
-        else:
-            grad = grad_out
+        grad = torch.randn_like(out) if name == "dense" else pb.grad_out
         out.backward(grad)
         err = None
-        if sonic_out is not None and name != "dense":
-            err = (out.detach().float() - sonic_out.float()).abs().max().item()
-        inputs = [t for t in (x, top_i, top_w) if t is not None]
-        saved = saved_activation_bytes(fwd, params + inputs)
+        if ref_out is not None and name not in NO_REF:
+            err = rel_err(out.detach(), ref_out)
+        result = dict(rel_err_vs_ref=err, err_ref=ref_name if err is not None else None, assignments=assignments)
+        saved = saved_activation_bytes(fwd, params + [pb.x, pb.top_i, pb.top_w])
         if smoke:  # interpreter timings mean nothing: exercise the paths, record correctness/bytes
-            return BenchResult(cfg, name, "ok", saved_activation_bytes=saved, max_abs_err_vs_sonic=err,
-                               notes=["interpret smoke run: no timings"] + notes), out.detach()
+            return BenchResult(cfg, name, "ok", saved_activation_bytes=saved,
+                               notes=["interpret smoke run: no timings"] + notes, **result), out.detach()
         import triton.testing
+
+        def bench(fn, **kw):  # (median, q20, q80) in ms
+            return triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8], **kw)
 
         def run_fwd():
             with torch.no_grad():
@@ -246,29 +345,43 @@ def bench_one(cfg: BenchConfig, name: str, problem, sonic_out, smoke: bool) -> t
 
         holder = {}
 
-        def make_graph():
-            holder["out"] = fwd()
-
         def run_bwd():
             holder["out"].backward(grad, retain_graph=True)
 
         def run_fwd_bwd():
             fwd().backward(grad)
 
-        fwd_ms = triton.testing.do_bench(run_fwd)
-        make_graph()
-        bwd_ms = triton.testing.do_bench(run_bwd, grad_to_none=params)
+        fwd_ms = bench(run_fwd)[0]
+        holder["out"] = fwd()
+        bwd_ms = bench(run_bwd, grad_to_none=params)[0]
         holder.clear()
-        fb_ms = triton.testing.do_bench(run_fwd_bwd, grad_to_none=params)
+        fb = bench(run_fwd_bwd, grad_to_none=params)
         for t in params:  # free this implementation's weight gradients before the next one
             t.grad = None
         tf = lambda flops, ms: flops / (ms * 1e-3) / 1e12
+        fl_f, fl_b = cfg.fwd_flops(assignments), cfg.bwd_flops(assignments)
         return BenchResult(
-            cfg, name, "ok", fwd_ms, bwd_ms, fb_ms, tf(cfg.fwd_flops, fwd_ms), tf(cfg.bwd_flops, bwd_ms),
-            tf(cfg.fwd_flops + cfg.bwd_flops, fb_ms), saved, err, notes,
+            cfg, name, "ok", fwd_ms, bwd_ms, fb[0], tf(fl_f, fwd_ms), tf(fl_b, bwd_ms), tf(fl_f + fl_b, fb[0]),
+            saved, fwd_bwd_ms_q20_q80=[fb[1], fb[2]], notes=notes, **result,
         ), out.detach()
+    except RowTimeout as exc:
+        return BenchResult(cfg, name, f"timeout: {exc}"), None
     except Exception as exc:  # a comparator failing must not hide the others' results
         return BenchResult(cfg, name, f"failed: {type(exc).__name__}: {str(exc)[:300]}"), None
+    finally:
+        for t in params:
+            t.grad = None
+
+
+def reference_output(name: str, pb: Problem) -> Optional[torch.Tensor]:
+    """Forward output of the reference row, untimed (when it is not among the rows run)."""
+    try:
+        fwd, _ = IMPLS[name](pb)
+        with torch.no_grad():
+            return fwd().detach()
+    except Exception as exc:
+        print(f"reference {name} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return None
 
 
 def environment(device: str) -> dict:
@@ -320,6 +433,7 @@ def plot(results: list[BenchResult], path: str, title: str) -> Optional[str]:
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    plt.close(fig)
     return path
 
 
@@ -327,7 +441,12 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", default="all", help="'all' or comma-separated indices into SHAPES")
     p.add_argument("--impls", default=",".join(IMPLS), help="comma-separated subset of " + ",".join(IMPLS))
+    p.add_argument("--ref", default="sonic", choices=sorted(set(IMPLS) - NO_REF),
+                   help="row whose output the others are compared with (computed untimed if not run)")
     p.add_argument("--out", default=None, help="output path prefix (.json and .png are appended)")
+    p.add_argument("--deadline", type=float, default=None,
+                   help="unix time: rows not started by then are skipped, a running row is interrupted")
+    p.add_argument("--no-plot", action="store_true", help="JSON only")
     p.add_argument("--interpret-smoke", action="store_true", help="tiny CPU run under TRITON_INTERPRET=1")
     args = p.parse_args(argv)
 
@@ -345,41 +464,72 @@ def main(argv=None) -> int:
         default_out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "bench_kernels")
     out_prefix = args.out or default_out
     os.makedirs(os.path.dirname(os.path.abspath(out_prefix)), exist_ok=True)
-    impls = [i for i in args.impls.split(",") if i]
+    impls = list(dict.fromkeys(i for i in args.impls.split(",") if i))
     unknown = set(impls) - set(IMPLS)
     if unknown:
         p.error(f"unknown impls {sorted(unknown)}; valid: {', '.join(IMPLS)}")
-    if "sonic" in impls:  # sonic first: the others are checked against its output
-        impls.remove("sonic")
-        impls.insert(0, "sonic")
+    if args.ref in impls:  # the reference first: the others are checked against its output
+        impls.remove(args.ref)
+        impls.insert(0, args.ref)
+    if args.deadline is not None:
+        signal.signal(signal.SIGALRM, _on_alarm)
 
     env = environment(device)
     results: list[BenchResult] = []
+    payload = {
+        "run_id": time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + f"-{os.getpid()}",
+        "argv": sys.argv[1:] if argv is None else list(argv),
+        "statistic": STATISTIC,
+        "environment": env, "smoke": smoke, "complete": False, "results": [],
+    }
+
+    def write():  # after every row: a run stopped early keeps what it measured
+        payload["results"] = [asdict(r) for r in results]
+        tmp = out_prefix + ".json.tmp"
+        with open(tmp, "w") as f:
+            json.dump(payload, f, indent=1)
+        os.replace(tmp, out_prefix + ".json")
+
+    write()
     for shape in shapes:
         cfg = BenchConfig(*shape)
-        problem = make_problem(cfg, device)
-        sonic_out = None
+        problem = make_problem(cfg, device, tile_m=SMOKE_TILE_M if smoke else None)
+        ref_out = None if args.ref in impls else reference_output(args.ref, problem)
         for name in impls:
-            res, out = bench_one(cfg, name, problem, sonic_out, smoke)
-            if name == "sonic":
-                sonic_out = out
+            left = None if args.deadline is None else args.deadline - time.time()
+            if left is not None and left <= 1.0:
+                res, out = BenchResult(cfg, name, "skipped: time share of this run used up"), None
+            else:
+                if left is not None:
+                    signal.setitimer(signal.ITIMER_REAL, left)
+                try:
+                    res, out = bench_one(cfg, name, problem, ref_out, args.ref, smoke)
+                except RowTimeout as exc:  # raised between bench_one's own handlers
+                    res, out = BenchResult(cfg, name, f"timeout: {exc}"), None
+                finally:
+                    if left is not None:
+                        signal.setitimer(signal.ITIMER_REAL, 0)
+            if name == args.ref:
+                ref_out = out
             results.append(res)
+            write()
             fmt = lambda v, f: "-" if v is None else format(v, f)
-            print(f"{shape} {name:14s} {res.status:8.60s} fwd {fmt(res.fwd_ms, '.3f')} ms "
+            print(f"{shape} {name:15s} {res.status:8.60s} fwd {fmt(res.fwd_ms, '.3f')} ms "
                   f"bwd {fmt(res.bwd_ms, '.3f')} ms fwd+bwd {fmt(res.fwd_bwd_tflops, '.1f')} TFLOP/s "
                   f"saved {fmt(res.saved_activation_bytes, ',d')} B "
-                  f"err {fmt(res.max_abs_err_vs_sonic, '.2e')}", flush=True)
-        del problem
+                  f"err vs {args.ref} {fmt(res.rel_err_vs_ref, '.2e')}", flush=True)
+        del problem, ref_out
         if device == "cuda":
             torch.cuda.empty_cache()
 
-    payload = {"environment": env, "smoke": smoke, "results": [asdict(r) for r in results]}
-    with open(out_prefix + ".json", "w") as f:
-        json.dump(payload, f, indent=1)
+    payload["complete"] = True
+    write()
     print(f"wrote {out_prefix}.json")
-    chart = plot(results, out_prefix + ".png", f"{env['device']} | torch {env['torch']} triton {env['triton']} | bf16 SwiGLU")
-    if chart:
-        print(f"wrote {chart}")
+    if not args.no_plot:
+        chart = plot(results, out_prefix + ".png",
+                     f"{env['device']} | torch {env['torch']} triton {env['triton']} | bf16 SwiGLU")
+        if chart:
+            print(f"wrote {chart}")
     if smoke:  # the smoke run tests the script: any implementation that failed (not skipped) fails it
         bad = [r for r in results if r.status.startswith("failed") or (r.impl == "sonic" and r.status != "ok")]
         if bad:

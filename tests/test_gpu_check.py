@@ -1,0 +1,121 @@
+"""The one-command GPU check (examples/gpu_check.sh) is known to work before a GPU is lent.
+
+test_dry_run runs ``bash examples/gpu_check.sh OUTDIR --dry-run``: every step (environment, the
+GPU tests of tests/gpu on CPU under the Triton interpreter, the benchmark's every pass on its
+tiny smoke shape, the report) must end with status ok and leave its JSON. The other tests check
+the time boxing (a step that overruns its share is stopped, the record survives) and the summary
+arithmetic the GPU figures will be read from.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "examples"))
+
+import gpu_check  # noqa: E402
+
+STEPS = ["environment", "gpu_tests", "bench", "report"]
+
+
+def _clean_env():
+    env = dict(os.environ)
+    for k in ("MOE_GPU_CHECK_RESULTS", "MOE_GPU_CHECK_DEADLINE", "MOE_GPU_CHECK_DRY_RUN", "PYTEST_CURRENT_TEST"):
+        env.pop(k, None)
+    return env
+
+
+@pytest.mark.slow
+def test_dry_run(tmp_path):
+    out = tmp_path / "out"
+    res = subprocess.run(["bash", os.path.join(ROOT, "examples", "gpu_check.sh"), str(out), "--dry-run"],
+                         capture_output=True, text=True, timeout=1800, cwd=ROOT, env=_clean_env())
+    record = json.loads((out / "gpu_check.json").read_text())
+    statuses = {s["name"]: s["status"] for s in record["steps"]}
+    assert list(statuses) == STEPS
+    assert all(v == "ok" for v in statuses.values()), (statuses, res.stdout[-4000:], res.stderr[-2000:])
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert record["dry_run"] is True
+    assert all(s["elapsed_s"] is not None for s in record["steps"])
+    for name in STEPS:  # elapsed time printed per step
+        assert f"step {name}: ok in " in res.stdout, name
+
+    env = json.loads((out / "environment.json").read_text())
+    assert env["torch"] and env["triton"] and env["device"].startswith("cpu") and env["triton_interpret"]
+
+    tests = json.loads((out / "gpu_tests.json").read_text())
+    outcomes = {r["test"].split("::")[1]: r["outcome"] for r in tests["tests"]}
+    assert tests["counts"].get("failed", 0) == 0 and tests["counts"].get("passed", 0) >= 6, tests["counts"]
+    # every test function of tests/gpu ran at least once in the dry run
+    ran = {name.split("[")[0] for name, o in outcomes.items() if o == "passed"}
+    assert ran == {"test_triton_matches_torch_path", "test_triton_matches_torch_path_more",
+                   "test_graph_capture_forward_backward", "test_backend_tiny_model",
+                   "test_backend_reduce_overhead"}, ran
+    passed = [r for r in tests["tests"] if r["outcome"] == "passed" and "rel_err" in r["measured"]]
+    assert passed and all(isinstance(v, float) for r in passed for v in r["measured"]["rel_err"].values())
+
+    bench = json.loads((out / "bench.json").read_text())
+    rows = {r["impl"]: r for r in bench["results"]}
+    want = {"sonic", "sonic_tr", "hf_grouped_mm", "liger", "dense", "hf_compiled", "hf_max_autotune"}
+    assert set(rows) == want, set(rows)
+    for name, r in rows.items():
+        ok = r["status"] == "ok" or (name == "liger" and r["status"].startswith("skipped: No module"))
+        assert ok, (name, r["status"])
+    assert rows["sonic"]["fwd_ms"] is None  # interpreter timings are never recorded
+    assert rows["sonic"]["saved_activation_bytes"] < rows["hf_grouped_mm"]["saved_activation_bytes"]
+    assert rows["hf_grouped_mm"]["rel_err_vs_ref"] < 2e-2 and rows["hf_compiled"]["rel_err_vs_ref"] < 2e-2
+    assert rows["sonic_tr"]["assignments"] > 0 and rows["sonic_tr"]["err_ref"] is None
+    assert all(r["complete"] and "median" in r["statistic"] for r in bench["runs"])
+
+
+def test_overrun_is_stopped_and_recorded(tmp_path):
+    """A budget far too small for the dry run: the step that overruns is stopped at its limit, the
+    rest are skipped or stopped too, and gpu_check.json holds every step with a final status."""
+    out = tmp_path / "out"
+    t = time.time()
+    res = subprocess.run([sys.executable, os.path.join(ROOT, "examples", "gpu_check.py"), str(out), "--dry-run",
+                          "--budget", "12"], capture_output=True, text=True, timeout=300, cwd=ROOT, env=_clean_env())
+    elapsed = time.time() - t
+    record = json.loads((out / "gpu_check.json").read_text())
+    statuses = {s["name"]: s["status"] for s in record["steps"]}
+    assert list(statuses) == STEPS
+    assert res.returncode == 1
+    assert all(v in ("ok", "timeout", "skipped", "failed") for v in statuses.values()), statuses
+    assert statuses["gpu_tests"] in ("timeout", "skipped") and statuses["bench"] in ("timeout", "skipped"), statuses
+    assert statuses["report"] == "ok"
+    # 12 s budget + the kill grace period + process start-up; far below the dry run's own time
+    assert elapsed < 12 + gpu_check.STOP_GRACE_S + 60, elapsed
+
+
+def _row(impl, shape, fwd_ms, fwd_bwd_ms, tflops=None):
+    T, d, n, E, K = shape
+    return {"impl": impl, "status": "ok", "config": {"T": T, "d": d, "n": n, "E": E, "K": K},
+            "fwd_ms": fwd_ms, "fwd_bwd_ms": fwd_bwd_ms, "fwd_bwd_tflops": tflops}
+
+
+def test_summary_arithmetic():
+    tr_shape = (16384, 1536, 256, 256, 8)
+    other = (16384, 2048, 768, 128, 8)
+    rows = [
+        _row("sonic", tr_shape, 1.0, 3.0, 300.0), _row("sonic_tr", tr_shape, 0.8, 2.5, 360.0),
+        _row("hf_grouped_mm", tr_shape, 2.0, 6.0), _row("liger", tr_shape, 1.1, 2.9),
+        _row("dense", tr_shape, 0.5, 1.5, 600.0),
+        _row("sonic", other, 1.0, 4.0), _row("hf_grouped_mm", other, 1.5, 5.0),
+        {"impl": "hf_compiled", "status": "failed: boom", "config": {"T": 16384, "d": 2048, "n": 768, "E": 128, "K": 8}},
+    ]
+    summary = gpu_check.summarize(rows)
+    a, b = summary["16384x1536x256x256x8"], summary["16384x2048x768x128x8"]
+    assert a["fwd_bwd_speedup_vs_hf_grouped_mm"] == 2.0 and a["fwd_speedup_vs_hf_grouped_mm"] == 2.0
+    assert a["fwd_bwd_speedup_vs_liger"] == round(2.9 / 3.0, 3)
+    assert a["fraction_of_dense_tflops"] == 0.5
+    assert a["token_rounding_speedup_fwd_bwd"] == 1.2
+    assert a["targets"] == {"fwd_bwd >= 1.5x hf_grouped_mm": True, "fwd_bwd >= 1.0x liger": False,
+                            "token rounding >= 1.16x top-k": True}
+    assert b["fwd_bwd_speedup_vs_hf_grouped_mm"] == 1.25 and b["targets"] == {"fwd_bwd >= 1.5x hf_grouped_mm": False}
+    assert "fwd_bwd_speedup_vs_hf_compiled" not in b  # failed rows are left out
