@@ -6,7 +6,17 @@ Layering: kernels (``moe_inductor.kernels``) and the PyTorch path (``moe_inducto
 Schema (shape legend in ``moe_inductor.reference``)::
 
   fused_moe(x, token_ids, expert_ids, scores, w1, w2, b1?, b2?, activation, interleaved,
-            recompute_h, impl) -> (out (T, d), h_sorted (A, 2n) | (0, 2n), order (A,) int32)
+            recompute_h, impl, autocast_like="aten::mm", compute_dtype=None)
+      -> (out (T, d), h_sorted (A, 2n) | (0, 2n), order (A,) int32)
+  fused_moe_experts(x, token_ids, expert_ids, scores, w_gate[], w_up[], w_down[], b_gate[],
+                    b_up[], b_down[], activation, recompute_h, impl, autocast_like, compute_dtype)
+      -> the same three outputs
+
+``fused_moe_experts`` takes the experts' weights as per-expert lists (w_gate[e] (2n|n, d) or
+gate and up halves (n, d) each, w_down[e] (d, n)): it stacks them inside its implementation (a
+transient copy), saves the lists themselves for backward (parameters: no activation bytes) and
+restacks them in backward. The per-expert-loop and mask-dispatch rewrites emit it, so no
+weight-sized copy is made in the graph or kept for backward.
 
 Only ``out`` is meant for users (``moe_inductor.fused_moe`` returns it alone); ``h_sorted`` and
 ``order`` are outputs so that autograd can save them: with them, x, scores and the int32
@@ -16,12 +26,22 @@ routing, that is all the backward keeps (SonicMoE's memory-lean set). With
 ``impl``: "auto" (Triton on CUDA where the kernels serve the shape, else PyTorch), "torch", or
 "triton" (on CPU tensors only under TRITON_INTERPRET=1, for testing the kernels). The
 environment variable ``MOE_INDUCTOR_IMPL`` overrides "auto" for direct calls.
+
+Autocast. The GEMMs run in ``compute_dtype`` (None: x's dtype, and the weights must have it too).
+Given a ``compute_dtype``, x must already have it and the weights and biases may be any floating
+dtype: they are cast to it transiently, in forward and again in backward (never kept), and their
+gradients come back in their own dtype. The op has Autocast kernels (CPU and CUDA) that do what
+eager autocast does to the GEMM named ``autocast_like`` (the op the fused block replaced): if that
+GEMM has an autocast rule on the device and autocast is on, x is cast to the autocast dtype
+(autograd then keeps that copy, as eager does) and ``compute_dtype`` is set to it; a GEMM without
+one ("aten::_grouped_mm" in torch 2.13, "transformers::grouped_mm_fallback", or "") leaves the op
+in its inputs' dtype, as eager leaves that GEMM.
 """
 from __future__ import annotations
 
 import logging
 import os
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -35,9 +55,15 @@ log = logging.getLogger(__name__)
 IMPLS = ("auto", "torch", "triton")
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 INDEX_DTYPES = (torch.int32, torch.int64)
+#: the GEMM whose autocast rule the op follows unless told otherwise (mm, linear, bmm, matmul all
+#: cast to the autocast dtype on CPU and CUDA)
+DEFAULT_AUTOCAST_LIKE = "aten::mm"
+#: dtypes eager autocast casts (float64 it leaves alone)
+_AUTOCAST_ELIGIBLE = (torch.float32, torch.float16, torch.bfloat16)
+_AUTOCAST_KEYS = {"cpu": "AutocastCPU", "cuda": "AutocastCUDA"}
 
 
-def check_inputs(x, token_ids, expert_ids, scores, w1, w2, b1, b2, activation, impl) -> None:
+def check_inputs(x, token_ids, expert_ids, scores, w1, w2, b1, b2, activation, impl, compute_dtype=None) -> None:
     """Clear errors for direct calls; all checks are on metadata (no host sync)."""
     act = parse_activation(activation)
     if impl not in IMPLS:
@@ -46,9 +72,14 @@ def check_inputs(x, token_ids, expert_ids, scores, w1, w2, b1, b2, activation, i
         raise ValueError(f"fused_moe: x must be (T, d), got shape {tuple(x.shape)}")
     if x.dtype not in FLOAT_DTYPES:
         raise TypeError(f"fused_moe: unsupported dtype {x.dtype}; supported: {FLOAT_DTYPES}")
+    if compute_dtype is not None and x.dtype != compute_dtype:
+        raise TypeError(f"fused_moe: x has dtype {x.dtype} but compute_dtype is {compute_dtype} (cast x to it)")
     for name, w in (("w1", w1), ("w2", w2), ("b1", b1), ("b2", b2)):
-        if w is not None and w.dtype != x.dtype:
-            raise TypeError(f"fused_moe: {name} has dtype {w.dtype} but x has {x.dtype}")
+        if w is not None and compute_dtype is None and w.dtype != x.dtype:
+            raise TypeError(f"fused_moe: {name} has dtype {w.dtype} but x has {x.dtype} (pass compute_dtype "
+                            "to run the GEMMs in x's dtype with weights of another dtype)")
+        if w is not None and w.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"fused_moe: {name} has unsupported dtype {w.dtype}; supported: {FLOAT_DTYPES}")
         if w is not None and w.device != x.device:
             raise ValueError(f"fused_moe: {name} is on {w.device} but x is on {x.device}")
     if w1.dim() != 3 or w2.dim() != 3:
@@ -124,23 +155,27 @@ def _resolve_impl(impl: str, x: Tensor, w1: Tensor, w2: Tensor, act, num_assignm
     return impl
 
 
-@torch.library.custom_op("moe_inductor::fused_moe", mutates_args=())
-def _fused_moe(
-    x: Tensor,
-    token_ids: Tensor,
-    expert_ids: Tensor,
-    scores: Tensor,
-    w1: Tensor,
-    w2: Tensor,
-    b1: Optional[Tensor],
-    b2: Optional[Tensor],
-    activation: str,
-    interleaved: bool,
-    recompute_h: bool,
-    impl: str,
-) -> tuple[Tensor, Tensor, Tensor]:
-    check_inputs(x, token_ids, expert_ids, scores, w1, w2, b1, b2, activation, impl)
-    act = parse_activation(activation)
+def autocast_dtype(autocast_like: str, device_type: str) -> Optional[torch.dtype]:
+    """The dtype eager autocast gives the GEMM named ``autocast_like`` (an operator's qualified
+    name, e.g. "aten::linear") on ``device_type`` right now, or None: autocast is off, or that
+    GEMM has no autocast rule there and runs in its inputs' dtype. (The GEMMs autocast lists,
+    mm/bmm/linear/matmul/addmm/baddbmm, all go to the lower-precision dtype.)"""
+    key = _AUTOCAST_KEYS.get(device_type)
+    if not autocast_like or key is None or not torch.is_autocast_enabled(device_type):
+        return None
+    try:
+        listed = torch._C._dispatch_has_kernel_for_dispatch_key(autocast_like, key)
+    except RuntimeError:  # no such operator (e.g. its library is not loaded): no rule
+        listed = False
+    return torch.get_autocast_dtype(device_type) if listed else None
+
+
+def _cast(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
+    return t if t is None or t.dtype == dtype else t.to(dtype)
+
+
+def _forward(x, token_ids, expert_ids, scores, w1, w2, b1, b2, act, interleaved, recompute_h, impl):
+    """Forward of both ops, on stacked weights already in x's dtype."""
     which = _resolve_impl(impl, x, w1, w2, act, token_ids.shape[0])
     if not x.is_cuda:
         _check_routing_values(token_ids, expert_ids, x.shape[0], w1.shape[0])
@@ -158,9 +193,47 @@ def _fused_moe(
     return reference.moe_forward(x, token_ids, expert_ids, scores, w1, w2, b1, b2, act, interleaved, not recompute_h)
 
 
+def _backward_grads(grad_out, x, token_ids, expert_ids, scores, w1, w2, b1, b2, h_sorted, order, act,
+                    interleaved, recompute_h, impl):
+    """(dx, dscores, dw1, dw2, db1|None, db2|None) of both ops; weights in x's dtype."""
+    which = _resolve_impl(impl, x, w1, w2, act, token_ids.shape[0])
+    h = None if recompute_h else h_sorted
+    if which == "triton":
+        from .kernels import triton_moe_backward
+
+        return triton_moe_backward(grad_out, x, token_ids, expert_ids, scores, w1, w2, b1, b2, h, order, act, interleaved)
+    return reference.moe_backward(grad_out, x, token_ids, expert_ids, scores, w1, w2, b1, b2, h, order, act, interleaved)
+
+
+# --------------------------------------------------------------------------- stacked weights
+
+@torch.library.custom_op("moe_inductor::fused_moe", mutates_args=())
+def _fused_moe(
+    x: Tensor,
+    token_ids: Tensor,
+    expert_ids: Tensor,
+    scores: Tensor,
+    w1: Tensor,
+    w2: Tensor,
+    b1: Optional[Tensor],
+    b2: Optional[Tensor],
+    activation: str,
+    interleaved: bool,
+    recompute_h: bool,
+    impl: str,
+    autocast_like: str = DEFAULT_AUTOCAST_LIKE,
+    compute_dtype: Optional[torch.dtype] = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    check_inputs(x, token_ids, expert_ids, scores, w1, w2, b1, b2, activation, impl, compute_dtype)
+    dt = x.dtype
+    return _forward(x, token_ids, expert_ids, scores, _cast(w1, dt), _cast(w2, dt), _cast(b1, dt), _cast(b2, dt),
+                    parse_activation(activation), interleaved, recompute_h, impl)
+
+
 @_fused_moe.register_fake
-def _fused_moe_fake(x, token_ids, expert_ids, scores, w1, w2, b1, b2, activation, interleaved, recompute_h, impl):
-    check_inputs(x, token_ids, expert_ids, scores, w1, w2, b1, b2, activation, impl)
+def _fused_moe_fake(x, token_ids, expert_ids, scores, w1, w2, b1, b2, activation, interleaved, recompute_h, impl,
+                    autocast_like=DEFAULT_AUTOCAST_LIKE, compute_dtype=None):
+    check_inputs(x, token_ids, expert_ids, scores, w1, w2, b1, b2, activation, impl, compute_dtype)
     A = token_ids.shape[0]
     out = x.new_empty(x.shape)
     h = x.new_empty((0 if recompute_h else A, w1.shape[1]))
@@ -186,22 +259,16 @@ def _fused_moe_backward(
     recompute_h: bool,
     impl: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    act = parse_activation(activation)
-    which = _resolve_impl(impl, x, w1, w2, act, token_ids.shape[0])
-    h = None if recompute_h else h_sorted
-    if which == "triton":
-        from .kernels import triton_moe_backward
-
-        grads = triton_moe_backward(grad_out, x, token_ids, expert_ids, scores, w1, w2, b1, b2, h, order, act, interleaved)
-    else:
-        grads = reference.moe_backward(grad_out, x, token_ids, expert_ids, scores, w1, w2, b1, b2, h, order, act, interleaved)
-    dx, dscores, dw1, dw2, db1, db2 = grads
+    # weights of another dtype than x (compute_dtype in forward) are cast again here, transiently;
+    # their gradients go back to their own dtype
+    dt = x.dtype
+    dx, dscores, dw1, dw2, db1, db2 = _backward_grads(
+        grad_out, x, token_ids, expert_ids, scores, _cast(w1, dt), _cast(w2, dt), _cast(b1, dt), _cast(b2, dt),
+        h_sorted, order, parse_activation(activation), interleaved, recompute_h, impl)
     # custom ops cannot return None: empty tensors stand for "no bias"
-    if db1 is None:
-        db1 = x.new_empty(0)
-    if db2 is None:
-        db2 = x.new_empty(0)
-    return dx, dscores, dw1, dw2, db1, db2
+    db1 = x.new_empty(0) if db1 is None else _cast(db1, b1.dtype)
+    db2 = x.new_empty(0) if db2 is None else _cast(db2, b2.dtype)
+    return dx, dscores, _cast(dw1, w1.dtype), _cast(dw2, w2.dtype), db1, db2
 
 
 @_fused_moe_backward.register_fake
@@ -219,8 +286,14 @@ def _fused_moe_backward_fake(grad_out, x, token_ids, expert_ids, scores, w1, w2,
     )
 
 
+def _pad(ctx, grads: tuple) -> tuple:
+    # one entry per input the op was called with: trailing arguments left at their defaults may be
+    # absent (ctx.needs_input_grad has the caller's structure)
+    return grads + (None,) * (len(ctx.needs_input_grad) - len(grads))
+
+
 def _setup_context(ctx, inputs, output):
-    x, token_ids, expert_ids, scores, w1, w2, b1, b2, activation, interleaved, recompute_h, impl = inputs
+    x, token_ids, expert_ids, scores, w1, w2, b1, b2, activation, interleaved, recompute_h, impl = inputs[:12]
     _, h_sorted, order = output
     ctx.save_for_backward(x, token_ids, expert_ids, scores, w1, w2, b1, b2, h_sorted, order)
     ctx.config = (activation, interleaved, recompute_h, impl)
@@ -233,13 +306,220 @@ def _backward(ctx, grad_out, _grad_h, _grad_order):
         grad_out, x, token_ids, expert_ids, scores, w1, w2, b1, b2, h_sorted, order,
         activation, interleaved, recompute_h, impl,
     )
-    return (dx, None, None, dscores, dw1, dw2,
-            db1 if b1 is not None else None, db2 if b2 is not None else None,
-            None, None, None, None)
+    grads = (dx, None, None, dscores, dw1, dw2, db1 if b1 is not None else None, db2 if b2 is not None else None)
+    return _pad(ctx, grads)
 
 
 _fused_moe.register_autograd(_backward, setup_context=_setup_context)
 
+
+# --------------------------------------------------------------------------- per-expert weight lists
+
+def _check_expert_lists(x, w_gate, w_up, w_down, b_gate, b_up, b_down, gated: bool) -> None:
+    E = len(w_gate)
+    if E == 0:
+        raise ValueError("fused_moe_experts: w_gate is empty (one weight per expert expected)")
+    if len(w_down) != E or len(w_up) not in (0, E):
+        raise ValueError(f"fused_moe_experts: inconsistent expert lists: {E} w_gate, {len(w_up)} w_up, "
+                         f"{len(w_down)} w_down (w_up: one per expert, or none)")
+    if w_up and not gated:
+        raise ValueError("fused_moe_experts: w_up given for a non-gated activation")
+    if len(b_gate) not in (0, E) or len(b_down) not in (0, E) or len(b_up) != (len(w_up) if b_gate else 0):
+        raise ValueError(f"fused_moe_experts: inconsistent bias lists: {len(b_gate)} b_gate, {len(b_up)} b_up, "
+                         f"{len(b_down)} b_down for {E} experts (all or none; b_up exactly when w_up and b_gate)")
+    for name, parts in (("w_gate", w_gate), ("w_up", w_up), ("w_down", w_down), ("b_gate", b_gate),
+                        ("b_up", b_up), ("b_down", b_down)):
+        for p in parts:
+            if p.shape != parts[0].shape or p.dtype != parts[0].dtype or p.device != x.device:
+                raise ValueError(f"fused_moe_experts: the {name} entries differ in shape, dtype or device "
+                                 f"(or are not on x's device {x.device})")
+    for (a, b), (ta, tb) in ((("w_gate", "w_up"), (w_gate, w_up)), (("b_gate", "b_up"), (b_gate, b_up))):
+        if tb and (ta[0].shape != tb[0].shape or ta[0].dtype != tb[0].dtype):
+            raise ValueError(f"fused_moe_experts: {a} {tuple(ta[0].shape)} {ta[0].dtype} and {b} "
+                             f"{tuple(tb[0].shape)} {tb[0].dtype} differ in shape or dtype")
+
+
+def _stacked(first, second, dtype, real: bool) -> Optional[Tensor]:
+    """(E, rows, ...) stack of the per-expert ``first`` (and ``second`` below each, the up half of
+    a gated expert) in ``dtype``: one copy (cast on the way), transient. Not ``real``: the shape
+    only, as a zero-stride view (for checks and fake tensors)."""
+    if not first:
+        return None
+    E, rows = len(first), first[0].shape[0] * (2 if second else 1)
+    shape = (E, rows) + tuple(first[0].shape[1:])
+    if not real:
+        return first[0].new_empty((), dtype=dtype).expand(shape)
+    pieces = [t for pair in zip(first, second) for t in pair] if second else list(first)
+    out = first[0].new_empty((len(pieces),) + tuple(first[0].shape), dtype=dtype)
+    torch.stack(pieces, 0, out=out)  # [g0, u0, g1, u1, ...]: (E, gate rows then up rows, ...)
+    return out.view(shape)
+
+
+def _expert_stacks(x, w_gate, w_up, w_down, b_gate, b_up, b_down, activation, real: bool):
+    """Validated (w1, w2, b1, b2) stacks: in x's dtype (``real``), or shape-only views in the
+    weights' own dtypes (for ``check_inputs`` and the fake kernels)."""
+    _check_expert_lists(x, w_gate, w_up, w_down, b_gate, b_up, b_down, parse_activation(activation).gated)
+
+    def stack(first, second):
+        return _stacked(first, second, x.dtype if real else first[0].dtype, real) if first else None
+
+    return stack(w_gate, w_up), stack(w_down, []), stack(b_gate, b_up), stack(b_down, [])
+
+
+@torch.library.custom_op("moe_inductor::fused_moe_experts", mutates_args=())
+def _fused_moe_experts(
+    x: Tensor,
+    token_ids: Tensor,
+    expert_ids: Tensor,
+    scores: Tensor,
+    w_gate: list[Tensor],
+    w_up: list[Tensor],
+    w_down: list[Tensor],
+    b_gate: list[Tensor],
+    b_up: list[Tensor],
+    b_down: list[Tensor],
+    activation: str,
+    recompute_h: bool,
+    impl: str,
+    autocast_like: str = DEFAULT_AUTOCAST_LIKE,
+    compute_dtype: Optional[torch.dtype] = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    shapes = _expert_stacks(x, w_gate, w_up, w_down, b_gate, b_up, b_down, activation, real=False)
+    check_inputs(x, token_ids, expert_ids, scores, *shapes, activation, impl, compute_dtype)
+    w1, w2, b1, b2 = _expert_stacks(x, w_gate, w_up, w_down, b_gate, b_up, b_down, activation, real=True)
+    return _forward(x, token_ids, expert_ids, scores, w1, w2, b1, b2, parse_activation(activation), False,
+                    recompute_h, impl)
+
+
+@_fused_moe_experts.register_fake
+def _fused_moe_experts_fake(x, token_ids, expert_ids, scores, w_gate, w_up, w_down, b_gate, b_up, b_down, activation,
+                            recompute_h, impl, autocast_like=DEFAULT_AUTOCAST_LIKE, compute_dtype=None):
+    w1, w2, b1, b2 = _expert_stacks(x, w_gate, w_up, w_down, b_gate, b_up, b_down, activation, real=False)
+    return _fused_moe_fake(x, token_ids, expert_ids, scores, w1, w2, b1, b2, activation, False, recompute_h, impl,
+                           autocast_like, compute_dtype)
+
+
+@torch.library.custom_op("moe_inductor::fused_moe_experts_backward", mutates_args=())
+def _fused_moe_experts_backward(
+    grad_out: Tensor,
+    x: Tensor,
+    token_ids: Tensor,
+    expert_ids: Tensor,
+    scores: Tensor,
+    w_gate: list[Tensor],
+    w_up: list[Tensor],
+    w_down: list[Tensor],
+    b_gate: list[Tensor],
+    b_up: list[Tensor],
+    b_down: list[Tensor],
+    h_sorted: Tensor,
+    order: Tensor,
+    activation: str,
+    recompute_h: bool,
+    impl: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Gradients with the weights restacked (transiently): dx, dscores, and the stacked
+    dw1 (E, 2n|n, d), dw2 (E, d, n), db1, db2 (empty when absent) in the weights' dtypes, which
+    the autograd formula splits into per-expert views."""
+    w1, w2, b1, b2 = _expert_stacks(x, w_gate, w_up, w_down, b_gate, b_up, b_down, activation, real=True)
+    dx, dscores, dw1, dw2, db1, db2 = _backward_grads(
+        grad_out, x, token_ids, expert_ids, scores, w1, w2, b1, b2, h_sorted, order, parse_activation(activation),
+        False, recompute_h, impl)
+    db1 = x.new_empty(0) if db1 is None else _cast(db1, b_gate[0].dtype)
+    db2 = x.new_empty(0) if db2 is None else _cast(db2, b_down[0].dtype)
+    return dx, dscores, _cast(dw1, w_gate[0].dtype), _cast(dw2, w_down[0].dtype), db1, db2
+
+
+@_fused_moe_experts_backward.register_fake
+def _fused_moe_experts_backward_fake(grad_out, x, token_ids, expert_ids, scores, w_gate, w_up, w_down, b_gate, b_up,
+                                     b_down, h_sorted, order, activation, recompute_h, impl):
+    w1, w2, b1, b2 = _expert_stacks(x, w_gate, w_up, w_down, b_gate, b_up, b_down, activation, real=False)
+    return (x.new_empty(x.shape), scores.new_empty(scores.shape), w1.new_empty(w1.shape), w2.new_empty(w2.shape),
+            b1.new_empty(b1.shape) if b1 is not None else x.new_empty(0),
+            b2.new_empty(b2.shape) if b2 is not None else x.new_empty(0))
+
+
+def _experts_setup_context(ctx, inputs, output):
+    x, token_ids, expert_ids, scores, w_gate, w_up, w_down, b_gate, b_up, b_down, activation, recompute_h, impl = \
+        inputs[:13]
+    _, h_sorted, order = output
+    lists = (w_gate, w_up, w_down, b_gate, b_up, b_down)
+    # the per-expert weights themselves (parameters), not a stacked copy
+    ctx.save_for_backward(x, token_ids, expert_ids, scores, h_sorted, order, *[t for l in lists for t in l])
+    ctx.lengths = [len(l) for l in lists]
+    ctx.config = (activation, recompute_h, impl)
+
+
+def _per_expert(stacked: Tensor, halves: bool) -> tuple[list, list]:
+    """Per-expert gradients (views) of a stacked (E, rows, ...) gradient: (all rows, []) or, with
+    ``halves``, (gate rows, up rows)."""
+    if not halves:
+        return list(stacked.unbind(0)), []
+    E, rows = stacked.shape[:2]
+    v = stacked.view(E, 2, rows // 2, *stacked.shape[2:])
+    return list(v[:, 0].unbind(0)), list(v[:, 1].unbind(0))
+
+
+def _experts_backward(ctx, grad_out, _grad_h, _grad_order):
+    saved = ctx.saved_tensors
+    x, token_ids, expert_ids, scores, h_sorted, order = saved[:6]
+    lists, i = [], 6
+    for n in ctx.lengths:
+        lists.append(list(saved[i:i + n]))
+        i += n
+    w_gate, w_up, w_down, b_gate, b_up, b_down = lists
+    activation, recompute_h, impl = ctx.config
+    dx, dscores, dw1, dw2, db1, db2 = torch.ops.moe_inductor.fused_moe_experts_backward(
+        grad_out, x, token_ids, expert_ids, scores, w_gate, w_up, w_down, b_gate, b_up, b_down, h_sorted, order,
+        activation, recompute_h, impl)
+    dgate, dup = _per_expert(dw1, bool(w_up))
+    dbg, dbu = _per_expert(db1, bool(b_up)) if b_gate else ([], [])
+    ddown = _per_expert(dw2, False)[0]
+    dbd = _per_expert(db2, False)[0] if b_down else []
+    grads = (dx, None, None, dscores, dgate, dup, ddown, dbg, dbu, dbd)
+    return _pad(ctx, grads)
+
+
+_fused_moe_experts.register_autograd(_experts_backward, setup_context=_experts_setup_context)
+
+
+# --------------------------------------------------------------------------- autocast
+
+def _register_autocast(op, x_index: int, weight_slots: tuple, like_index: int, dtype_index: int):
+    """Autocast kernels (CPU, CUDA) for ``op``: what eager autocast does to the GEMM named by the
+    ``autocast_like`` argument. x is cast here, above autograd, so autograd keeps the cast copy
+    (as for an autocast-listed GEMM); the weights are passed on uncast with ``compute_dtype`` set,
+    and the op casts them transiently, so no weight-sized copy is kept for backward."""
+    lib = torch.library.Library("moe_inductor", "FRAGMENT")
+    schema_args = op._schemas[""].arguments if hasattr(op, "_schemas") else op.default._schema.arguments
+    defaults = [a.default_value for a in schema_args]
+    for device_type, key in _AUTOCAST_KEYS.items():
+        keyset = torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, key))
+
+        def kernel(*args, _device_type=device_type, _keyset=keyset):
+            args = list(args) + defaults[len(args):]
+            x = args[x_index]
+            dt = autocast_dtype(args[like_index], _device_type)
+            weights = [t for i in weight_slots for t in (args[i] if isinstance(args[i], (list, tuple)) else [args[i]])
+                       if t is not None]
+            if (dt is not None and args[dtype_index] is None and x.dtype in _AUTOCAST_ELIGIBLE
+                    and all(w.dtype in _AUTOCAST_ELIGIBLE for w in weights)):
+                args[x_index] = x.to(dt)
+                args[dtype_index] = dt
+            with torch._C._ExcludeDispatchKeyGuard(_keyset):
+                return op.default(*args)
+
+        lib.impl(op.default._schema.name.split("::")[1], kernel, key)
+    return lib
+
+
+_AUTOCAST_LIBS = [
+    _register_autocast(torch.ops.moe_inductor.fused_moe, 0, (4, 5, 6, 7), 12, 13),
+    _register_autocast(torch.ops.moe_inductor.fused_moe_experts, 0, (4, 5, 6, 7, 8, 9), 13, 14),
+]
+
+
+# --------------------------------------------------------------------------- Python entry points
 
 def fused_moe(
     x: Tensor,
@@ -255,6 +535,8 @@ def fused_moe(
     interleaved: bool = False,
     recompute_h: bool = False,
     impl: str = "auto",
+    autocast_like: str = DEFAULT_AUTOCAST_LIKE,
+    compute_dtype: Optional[torch.dtype] = None,
 ) -> Tensor:
     """Mixture-of-experts MLP over general routing assignments.
 
@@ -267,8 +549,49 @@ def fused_moe(
     GEMM rows for their padding. w1 (E, 2n, d) for gated
     activations (gate then up, or interleaved), (E, n, d) otherwise; w2 (E, d, n). Weights may be
     transposed views. Differentiable in x, scores, w1, w2, b1, b2.
+
+    Under ``torch.autocast`` the op computes as the GEMM ``autocast_like`` would (default
+    "aten::mm": in the autocast dtype; "" ignores autocast). ``compute_dtype``: run the GEMMs in
+    this dtype (x is cast to it; weights of another dtype are cast transiently, never kept).
+    The output has the compute dtype.
     """
+    if compute_dtype is not None and x.dtype != compute_dtype:
+        x = x.to(compute_dtype)
     out, _, _ = torch.ops.moe_inductor.fused_moe(
-        x, token_ids, expert_ids, scores, w1, w2, b1, b2, activation, interleaved, recompute_h, impl
+        x, token_ids, expert_ids, scores, w1, w2, b1, b2, activation, interleaved, recompute_h, impl,
+        autocast_like, compute_dtype,
+    )
+    return out
+
+
+def fused_moe_experts(
+    x: Tensor,
+    token_ids: Tensor,
+    expert_ids: Tensor,
+    scores: Tensor,
+    w_gate: Sequence[Tensor],
+    w_down: Sequence[Tensor],
+    *,
+    w_up: Sequence[Tensor] = (),
+    b_gate: Sequence[Tensor] = (),
+    b_up: Sequence[Tensor] = (),
+    b_down: Sequence[Tensor] = (),
+    activation: str = "swiglu",
+    recompute_h: bool = False,
+    impl: str = "auto",
+    autocast_like: str = DEFAULT_AUTOCAST_LIKE,
+    compute_dtype: Optional[torch.dtype] = None,
+) -> Tensor:
+    """``fused_moe`` with the experts' weights as per-expert lists (e.g. the ``weight`` of each
+    expert's ``nn.Linear``): w_gate[e] (n, d) with w_up[e] (n, d) for gated activations (or
+    w_gate[e] (2n, d) holding both halves, gate first, and no w_up), w_gate[e] (n, d) alone
+    otherwise; w_down[e] (d, n); optional biases per list. Same result as ``fused_moe`` on the
+    stacked weights, but the stack is made inside the op and dropped: backward keeps the lists
+    (no weight-sized copy) and gets per-expert gradients."""
+    if compute_dtype is not None and x.dtype != compute_dtype:
+        x = x.to(compute_dtype)
+    out, _, _ = torch.ops.moe_inductor.fused_moe_experts(
+        x, token_ids, expert_ids, scores, list(w_gate), list(w_up), list(w_down), list(b_gate), list(b_up),
+        list(b_down), activation, recompute_h, impl, autocast_like, compute_dtype,
     )
     return out
