@@ -11,6 +11,7 @@ Shape legend: T tokens, d hidden, n expert intermediate, E experts, K experts pe
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import operator
 from typing import Any, Callable, Optional, Sequence
@@ -178,13 +179,51 @@ def mutated_between(value: fx.Node, start: fx.Node, end: fx.Node) -> Optional[fx
 # --------------------------------------------------------------------------- blocks and reports
 
 @dataclasses.dataclass
+class ExpertWeights:
+    """Per-expert weight nodes, E of each, that ``build_weights`` may return instead of stacked
+    (w1, w2, b1, b2): the rewrite then emits ``fused_moe_experts``, which stacks them inside the op
+    and keeps the per-expert parameters, not a stacked copy, for backward. ``up`` is empty for
+    non-gated experts (or when ``gate`` holds both halves); bias lists are empty when absent."""
+
+    gate: list
+    down: list
+    up: list = dataclasses.field(default_factory=list)
+    b_gate: list = dataclasses.field(default_factory=list)
+    b_up: list = dataclasses.field(default_factory=list)
+    b_down: list = dataclasses.field(default_factory=list)
+
+
+#: qualified names of the GEMMs idioms replace, for the fused op's ``autocast_like`` (its Autocast
+#: kernels apply that GEMM's autocast rule). einsum decomposes to bmm under CPU autocast.
+_GEMM_NAMES = {
+    torch._C._nn.linear: "aten::linear", torch.nn.functional.linear: "aten::linear",
+    torch.mm: "aten::mm", torch.matmul: "aten::matmul", torch.bmm: "aten::bmm",
+    torch.einsum: "aten::bmm", torch.functional.einsum: "aten::bmm", torch._grouped_mm: "aten::_grouped_mm",
+}
+
+
+def gemm_name(target: Any) -> str:
+    """The operator name whose autocast rule applies to a GEMM call target of the torch-level
+    graph (a torch function, or a custom op such as transformers::grouped_mm_fallback)."""
+    if target in _GEMM_NAMES:
+        return _GEMM_NAMES[target]
+    if isinstance(target, torch._ops.OpOverload):
+        return target._schema.name
+    if isinstance(target, torch._ops.OpOverloadPacket):
+        return target._qualified_op_name
+    raise ValueError(f"no known autocast rule for GEMM {target}")
+
+
+@dataclasses.dataclass
 class MoEBlock:
     """A recognised MoE block, as the graph computes it.
 
     token_ids/expert_ids/scores are graph nodes of shape (A,) (the rewrite casts the ids to
     int32). ``build_weights`` emits nodes for (w1 (E, 2n|n, d), w2 (E, d, n), b1, b2) right
-    before the insertion point. ``replace`` rewires the graph to the fused output node (T, d)
-    and erases what the idiom must erase itself (in-place accumulations)."""
+    before the insertion point, or returns ``ExpertWeights`` (per-expert nodes, nothing stacked).
+    ``replace`` rewires the graph to the fused output node (T, d) and erases what the idiom must
+    erase itself (in-place accumulations). ``autocast_like``: the GEMM the block's experts call
+    (``gemm_name``), whose autocast rule the fused op follows."""
 
     idiom: str
     anchor: fx.Node
@@ -208,6 +247,7 @@ class MoEBlock:
     orphans: list = dataclasses.field(default_factory=list)
     #: node whose module path names the block in reports (default: the anchor)
     location: Optional[fx.Node] = None
+    autocast_like: str = "aten::mm"
 
 
 @dataclasses.dataclass
@@ -306,19 +346,41 @@ def method(graph, name, *args, like=None, **kwargs) -> fx.Node:
     return emit(graph, "call_method", name, args, kwargs, like)
 
 
+def _autocast_regions(graph: fx.Graph, before: fx.Node) -> list:
+    """Arguments of the ``with torch.autocast(...)`` regions Dynamo recorded in ``graph``
+    (``_enter_autocast`` / ``_exit_autocast`` nodes) that are open at ``before``."""
+    enter = getattr(torch.amp.autocast_mode, "_enter_autocast", None)
+    leave = getattr(torch.amp.autocast_mode, "_exit_autocast", None)
+    open_: dict = {}
+    for n in graph.nodes:
+        if n is before:
+            break
+        if n.op == "call_function" and enter is not None and n.target is enter:
+            open_[n] = n.args
+        elif n.op == "call_function" and leave is not None and n.target is leave and n.args:
+            open_.pop(n.args[0], None)
+    return list(open_.values())
+
+
 def emit_fused_moe(gm: fx.GraphModule, block: MoEBlock, recompute_h: bool, impl: str,
                    routing_hook: Optional[Callable] = None) -> fx.Node:
     """Insert the fused op for ``block`` and rewire the graph. Returns the op's output node.
 
     ``routing_hook(graph, expert_ids, scores)``, if given, sees the block's flat routing nodes and
-    may return replacement (token_ids, expert_ids, scores) nodes (token rounding), else None."""
+    may return replacement (token_ids, expert_ids, scores) nodes (token rounding), else None.
+
+    Autocast: the op's Autocast kernels act when AOTAutograd traces the graph (autocast entered
+    around the compiled call, or a ``with torch.autocast`` region Dynamo recorded); here the op's
+    example value is computed under the same autocast state, so that the cast back to the dtype
+    the replaced code returned is inserted exactly when needed."""
     graph = gm.graph
     where = block.insert_before or block.anchor
     with graph.inserting_before(where):
         like = block.anchor
         x = block.x
-        w1, w2, b1, b2 = block.build_weights(graph)
-        wdtype = dtype_of(w1)
+        weights = block.build_weights(graph)
+        per_expert = isinstance(weights, ExpertWeights)
+        wdtype = dtype_of(weights.gate[0] if per_expert else weights[0])
         if wdtype is not None and dtype_of(x) != wdtype:
             x = method(graph, "to", x, wdtype, like=like)
         token_ids, expert_ids, scores = block.token_ids(graph), block.expert_ids(graph), block.scores(graph)
@@ -327,11 +389,23 @@ def emit_fused_moe(gm: fx.GraphModule, block: MoEBlock, recompute_h: bool, impl:
             token_ids, expert_ids, scores = replaced
         token_ids = method(graph, "to", token_ids, torch.int32, like=like)
         expert_ids = method(graph, "to", expert_ids, torch.int32, like=like)
-        fused = call(
-            graph, torch.ops.moe_inductor.fused_moe.default,
-            x, token_ids, expert_ids, scores, w1, w2, b1, b2,
-            block.activation, block.interleaved, recompute_h, impl, like=like,
-        )
+        with contextlib.ExitStack() as regions:
+            for args in _autocast_regions(graph, where):
+                regions.enter_context(torch.amp.autocast(*args))
+            if per_expert:
+                fused = call(
+                    graph, torch.ops.moe_inductor.fused_moe_experts.default,
+                    x, token_ids, expert_ids, scores, list(weights.gate), list(weights.up), list(weights.down),
+                    list(weights.b_gate), list(weights.b_up), list(weights.b_down),
+                    block.activation, recompute_h, impl, block.autocast_like, like=like,
+                )
+            else:
+                w1, w2, b1, b2 = weights
+                fused = call(
+                    graph, torch.ops.moe_inductor.fused_moe.default,
+                    x, token_ids, expert_ids, scores, w1, w2, b1, b2,
+                    block.activation, block.interleaved, recompute_h, impl, block.autocast_like, like=like,
+                )
         out = call(graph, operator.getitem, fused, 0, like=like)
         want = dtype_of(block.anchor)
         if want is not None and want != dtype_of(out):

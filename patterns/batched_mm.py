@@ -153,7 +153,7 @@ def analyse_bmm(node: fx.Node) -> MoEBlock:
         scores=lambda graph: scores, build_weights=build_weights, replace=replace, activation=activation,
         interleaved=interleaved, num_experts=E, top_k=Ki, hidden=int_value(hs[1]) if int_value(hs[1]) is not None else hs[1],
         intermediate=int_value(n) if int_value(n) is not None else n, dtype=dtype_of(hidden),
-        orphans=bias_adds,
+        orphans=bias_adds, autocast_like="aten::bmm",
     )
 
 
@@ -253,6 +253,7 @@ def analyse_einsum(node: fx.Node) -> MoEBlock:
         build_weights=build_weights, replace=replace, activation=activation, interleaved=False,
         num_experts=E, top_k=K, hidden=int_value(xs[1]) if int_value(xs[1]) is not None else xs[1],
         intermediate=int_value(n) if int_value(n) is not None else n, dtype=dtype_of(x),
+        autocast_like="aten::bmm",  # einsum runs as bmm under autocast
     )
 
 

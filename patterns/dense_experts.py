@@ -177,6 +177,7 @@ def analyse(node: fx.Node) -> MoEBlock:
         build_weights=build_weights, replace=replace, activation=activation, interleaved=False,
         num_experts=E, top_k=K, hidden=int_value(d) if int_value(d) is not None else d,
         intermediate=int_value(n) if int_value(n) is not None else n, dtype=dtype_of(x), location=node,
+        autocast_like="aten::bmm",
     )
 
 

@@ -26,8 +26,10 @@ the top-k indices and weights. A group is rewritten only if (``can_rewrite``) it
 exactly 0..E-1 once each with E the mask's number of classes, every expert body is the same
 supported MLP with weights of one shape, the accumulator starts as zeros of (T, d) and nothing
 else touches it inside the loop, and the token/k roles of ``torch.where`` agree with how the
-weights are indexed. Replacement: one fused op whose expert weights are stacked from the
-per-expert parameters (``stack(cat(w1_e, w3_e))``: a weight-sized copy per step, no activation).
+weights are indexed. Replacement: one ``fused_moe_experts`` call that takes the per-expert
+parameters as lists (w1_e as gate, w3_e as up, w2_e as down): the op stacks them transiently and
+keeps the parameters themselves for backward, so no weight-sized copy is kept. Under autocast it
+computes in the autocast dtype, as the experts' Linears do.
 """
 from __future__ import annotations
 
@@ -39,7 +41,8 @@ import torch.fx as fx
 from torch._inductor.pattern_matcher import KeywordArg as KA, is_match
 
 from moe_inductor.rewrite import (
-    AnyOf, Declined, F, M, MoEBlock, call, method, dtype_of, eq_constant, getitem, int_value, is_mutation,
+    AnyOf, Declined, ExpertWeights, F, M, MoEBlock, call, method, dtype_of, eq_constant, gemm_name, getitem,
+    int_value, is_mutation,
     match_or_decline as _match, nearest_upstream, need as _need, same, shape_of, size_asserts_of,
 )
 from .common import GATED_OF, unary_activation
@@ -240,13 +243,9 @@ def analyse_group(members: list) -> MoEBlock:
     by_e = {m["e"]: m for m in members}
 
     def build_weights(graph):
-        ups = []
-        for e in range(E):
-            m = by_e[e]
-            ups.append(call(graph, torch.cat, [m["wg"], m["wu"]], 0, like=last_add) if gated else m["wg"])
-        w1 = call(graph, torch.stack, ups, 0, like=last_add)
-        w2 = call(graph, torch.stack, [by_e[e]["wd"] for e in range(E)], 0, like=last_add)
-        return w1, w2, None, None
+        # the per-expert Linear weights themselves: the fused op stacks them transiently
+        return ExpertWeights(gate=[by_e[e]["wg"] for e in range(E)], down=[by_e[e]["wd"] for e in range(E)],
+                             up=[by_e[e]["wu"] for e in range(E)] if gated else [])
 
     def token_ids(graph):
         t = method(graph, "size", x, 0, like=last_add)
@@ -282,6 +281,7 @@ def analyse_group(members: list) -> MoEBlock:
         num_experts=E, top_k=K, hidden=int_value(xs[1]) if int_value(xs[1]) is not None else xs[1],
         intermediate=int_value(wd_shape[1]) if wd_shape and int_value(wd_shape[1]) is not None else None,
         dtype=dtype_of(x), insert_before=nxt, orphans=orphans, location=acc,
+        autocast_like=gemm_name(_LINEAR[0]),  # the experts are nn.Linear calls
     )
 
 

@@ -53,7 +53,8 @@ import torch.nn.functional as Fn
 from torch._inductor.pattern_matcher import KeywordArg as KA, is_match
 
 from moe_inductor.rewrite import (
-    AnyOf, Declined, F, M, MoEBlock, call, dtype_of, eq_constant, getitem, int_value, is_mutation,
+    AnyOf, Declined, ExpertWeights, F, M, MoEBlock, call, dtype_of, eq_constant, gemm_name, getitem, int_value,
+    is_mutation,
     match_or_decline as _match,
     method, mutated_between, nearest_upstream, need as _need, same, shape_of, size_asserts_of,
 )
@@ -319,6 +320,8 @@ def analyse_group(members: list, graph: fx.Graph) -> MoEBlock:
         _need(tensor is None or mutated_between(tensor, start, last["node"]) is None,
               "tokens or routing are modified in place inside the loop")
 
+    _need(not gated or (first["mlp"][2] is None) == (first["mlp"][4] is None),
+          "gate and up projections differ in having a bias")
     E = len(members)
     wd_shape = shape_of(first["mlp"][5])
     anchor = last["node"]
@@ -328,19 +331,13 @@ def analyse_group(members: list, graph: fx.Graph) -> MoEBlock:
         x2 = method(graph, "reshape", x, -1, d, like=anchor)
     state: dict = {}
 
-    def stacked(graph, i, j=None):
-        items = []
-        for m in members:
-            a = m["mlp"][i]
-            items.append(call(graph, torch.cat, [a, m["mlp"][j]], 0, like=anchor) if j is not None else a)
-        return call(graph, torch.stack, items, 0, like=anchor)
-
     def build_weights(graph):
-        w1 = stacked(graph, 1, 3 if gated else None)
-        w2 = stacked(graph, 5)
-        b1 = stacked(graph, 2, 4 if gated else None) if first["mlp"][2] is not None else None
-        b2 = stacked(graph, 6) if first["mlp"][6] is not None else None
-        return w1, w2, b1, b2
+        # the per-expert Linear weights and biases themselves: the fused op stacks them transiently
+        def each(i):
+            return [m["mlp"][i] for m in members] if first["mlp"][i] is not None else []
+
+        return ExpertWeights(gate=each(1), up=each(3) if gated else [], down=each(5),
+                             b_gate=each(2), b_up=each(4) if gated else [], b_down=each(6))
 
     def token_ids(graph):
         t = method(graph, "size", x2, 0, like=anchor)
@@ -385,6 +382,7 @@ def analyse_group(members: list, graph: fx.Graph) -> MoEBlock:
         hidden=int_value(xs2[-1]) if int_value(xs2[-1]) is not None else xs2[-1],
         intermediate=int_value(wd_shape[1]) if wd_shape and int_value(wd_shape[1]) is not None else None,
         dtype=dtype_of(x), insert_before=insert_point, orphans=orphans, location=buf,
+        autocast_like=gemm_name(_LINEAR[0]),  # the experts are nn.Linear calls
     )
 
 

@@ -36,7 +36,7 @@ from torch._inductor.pattern_matcher import KeywordArg as KA, is_match
 from moe_inductor.activations import parse_activation
 from moe_inductor.rewrite import (
     AnyOf, Declined, F, M, MoEBlock, getitem, call, method, is_mutation, match_or_decline, need as _need, same,
-    shape_of, int_value, dtype_of, to_sympy,
+    shape_of, int_value, dtype_of, to_sympy, gemm_name,
 )
 from .common import GATED_OF, after_gemm_reason, expert_activation, expert_bias, grouped_mm
 
@@ -191,7 +191,7 @@ def analyse(node: fx.Node) -> MoEBlock:
         build_weights=build_weights, replace=replace, activation=activation, interleaved=interleaved,
         num_experts=E, top_k=int_value(K), hidden=d if not isinstance(d, fx.Node) else hs[1],
         intermediate=int_value(n) if int_value(n) is not None else n, dtype=dtype_of(hidden),
-        orphans=[s, *bias_adds],
+        orphans=[s, *bias_adds], autocast_like=gemm_name(up_out.target),
     )
 
 

@@ -146,10 +146,6 @@ class GraphModule(torch.nn.Module):
 
         weights_3: "f32[4, 1]" = weights_2.to(torch.float32);  weights_2 = None
 
-        cat: "f32[8, 8]" = torch.cat([l_self_modules_experts_modules_0_modules_w1_parameters_weight_, l_self_modules_experts_modules_0_modules_w3_parameters_weight_], 0);  l_self_modules_experts_modules_0_modules_w1_parameters_weight_ = l_self_modules_experts_modules_0_modules_w3_parameters_weight_ = None
-        cat_1: "f32[8, 8]" = torch.cat([l_self_modules_experts_modules_1_modules_w1_parameters_weight_, l_self_modules_experts_modules_1_modules_w3_parameters_weight_], 0);  l_self_modules_experts_modules_1_modules_w1_parameters_weight_ = l_self_modules_experts_modules_1_modules_w3_parameters_weight_ = None
-        stack: "f32[2, 8, 8]" = torch.stack([cat, cat_1], 0);  cat = cat_1 = None
-        stack_1: "f32[2, 8, 4]" = torch.stack([l_self_modules_experts_modules_0_modules_w2_parameters_weight_, l_self_modules_experts_modules_1_modules_w2_parameters_weight_], 0);  l_self_modules_experts_modules_0_modules_w2_parameters_weight_ = l_self_modules_experts_modules_1_modules_w2_parameters_weight_ = None
         size = x.size(0)
         arange: "i64[4]" = torch.arange(size, device = device(type='cpu'));  size = None
         size_1 = selected.size(1)
@@ -158,8 +154,8 @@ class GraphModule(torch.nn.Module):
         reshape_1: "f32[4]" = weights_3.reshape(-1);  weights_3 = None
         to_1: "i32[4]" = repeat_interleave.to(torch.int32);  repeat_interleave = None
         to_2: "i32[4]" = reshape.to(torch.int32);  reshape = None
-        fused_moe_default = torch.ops.moe_inductor.fused_moe.default(x, to_1, to_2, reshape_1, stack, stack_1, None, None, 'swiglu', False, False, 'auto');  x = to_1 = to_2 = reshape_1 = stack = stack_1 = None
-        getitem_12: "f32[4, 8]" = fused_moe_default[0];  fused_moe_default = None
+        fused_moe_experts_default = torch.ops.moe_inductor.fused_moe_experts.default(x, to_1, to_2, reshape_1, [l_self_modules_experts_modules_0_modules_w1_parameters_weight_, l_self_modules_experts_modules_1_modules_w1_parameters_weight_], [l_self_modules_experts_modules_0_modules_w3_parameters_weight_, l_self_modules_experts_modules_1_modules_w3_parameters_weight_], [l_self_modules_experts_modules_0_modules_w2_parameters_weight_, l_self_modules_experts_modules_1_modules_w2_parameters_weight_], [], [], [], 'swiglu', False, 'auto', 'aten::linear');  x = to_1 = to_2 = reshape_1 = l_self_modules_experts_modules_0_modules_w1_parameters_weight_ = l_self_modules_experts_modules_1_modules_w1_parameters_weight_ = l_self_modules_experts_modules_0_modules_w3_parameters_weight_ = l_self_modules_experts_modules_1_modules_w3_parameters_weight_ = l_self_modules_experts_modules_0_modules_w2_parameters_weight_ = l_self_modules_experts_modules_1_modules_w2_parameters_weight_ = None
+        getitem_12: "f32[4, 8]" = fused_moe_experts_default[0];  fused_moe_experts_default = None
 
         view_1: "f32[1, 4, 8]" = getitem_12.view(1, 4, 8);  getitem_12 = None
         return (view_1,)

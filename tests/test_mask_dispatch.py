@@ -134,24 +134,20 @@ class GraphModule(torch.nn.Module):
 
         size = x.size(-1)
         reshape_2: "f32[4, 8]" = x.reshape(-1, size)
-        cat: "f32[8, 8]" = torch.cat([l_self_modules_experts_modules_0_modules_w1_parameters_weight_, l_self_modules_experts_modules_0_modules_w3_parameters_weight_], 0);  l_self_modules_experts_modules_0_modules_w1_parameters_weight_ = l_self_modules_experts_modules_0_modules_w3_parameters_weight_ = None
-        cat_1: "f32[8, 8]" = torch.cat([l_self_modules_experts_modules_1_modules_w1_parameters_weight_, l_self_modules_experts_modules_1_modules_w3_parameters_weight_], 0);  l_self_modules_experts_modules_1_modules_w1_parameters_weight_ = l_self_modules_experts_modules_1_modules_w3_parameters_weight_ = None
-        stack: "f32[2, 8, 8]" = torch.stack([cat, cat_1], 0);  cat = cat_1 = None
-        stack_1: "f32[2, 8, 4]" = torch.stack([l_self_modules_experts_modules_0_modules_w2_parameters_weight_, l_self_modules_experts_modules_1_modules_w2_parameters_weight_], 0);  l_self_modules_experts_modules_0_modules_w2_parameters_weight_ = l_self_modules_experts_modules_1_modules_w2_parameters_weight_ = None
         size_1 = reshape_2.size(0)
         arange: "i64[4]" = torch.arange(size_1, device = device(type='cpu'));  size_1 = None
         reshape_3: "b8[4]" = m.reshape(-1);  m = None
         reshape_4: "b8[4]" = m_1.reshape(-1);  m_1 = None
-        stack_2: "b8[4, 2]" = torch.stack([reshape_3, reshape_4], -1);  reshape_3 = reshape_4 = None
-        any_1: "b8[4]" = stack_2.any(-1)
-        to: "i32[4, 2]" = stack_2.to(torch.int32);  stack_2 = None
+        stack: "b8[4, 2]" = torch.stack([reshape_3, reshape_4], -1);  reshape_3 = reshape_4 = None
+        any_1: "b8[4]" = stack.any(-1)
+        to: "i32[4, 2]" = stack.to(torch.int32);  stack = None
         argmax: "i64[4]" = to.argmax(-1);  to = None
         reshape_5: "f32[4]" = w.reshape(-1);  w = None
         where: "f32[4]" = torch.where(any_1, reshape_5, 0.0);  reshape_5 = None
         to_1: "i32[4]" = arange.to(torch.int32);  arange = None
         to_2: "i32[4]" = argmax.to(torch.int32);  argmax = None
-        fused_moe_default = torch.ops.moe_inductor.fused_moe.default(reshape_2, to_1, to_2, where, stack, stack_1, None, None, 'swiglu', False, False, 'auto');  reshape_2 = to_1 = to_2 = where = stack = stack_1 = None
-        getitem_8: "f32[4, 8]" = fused_moe_default[0];  fused_moe_default = None
+        fused_moe_experts_default = torch.ops.moe_inductor.fused_moe_experts.default(reshape_2, to_1, to_2, where, [l_self_modules_experts_modules_0_modules_w1_parameters_weight_, l_self_modules_experts_modules_1_modules_w1_parameters_weight_], [l_self_modules_experts_modules_0_modules_w3_parameters_weight_, l_self_modules_experts_modules_1_modules_w3_parameters_weight_], [l_self_modules_experts_modules_0_modules_w2_parameters_weight_, l_self_modules_experts_modules_1_modules_w2_parameters_weight_], [], [], [], 'swiglu', False, 'auto', 'aten::linear');  reshape_2 = to_1 = to_2 = where = l_self_modules_experts_modules_0_modules_w1_parameters_weight_ = l_self_modules_experts_modules_1_modules_w1_parameters_weight_ = l_self_modules_experts_modules_0_modules_w3_parameters_weight_ = l_self_modules_experts_modules_1_modules_w3_parameters_weight_ = l_self_modules_experts_modules_0_modules_w2_parameters_weight_ = l_self_modules_experts_modules_1_modules_w2_parameters_weight_ = None
+        getitem_8: "f32[4, 8]" = fused_moe_experts_default[0];  fused_moe_experts_default = None
         unsqueeze: "b8[4, 1]" = any_1.unsqueeze(-1);  any_1 = None
         reshape_6: "f32[4, 8]" = x.reshape(-1, size);  size = None
         where_1: "f32[4, 8]" = torch.where(unsqueeze, getitem_8, reshape_6);  unsqueeze = getitem_8 = reshape_6 = None
