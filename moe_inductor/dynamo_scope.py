@@ -18,9 +18,8 @@ its compile-start callback (``torch._dynamo.callback_handler``). So:
   ``torch._dynamo.config.patch(**SETTINGS)`` and lets ``moe_inductor.capture`` make known
   transformers expert loops of the frame's modules capturable; the end callback leaves the patch.
   Frames of every other backend see Dynamo's settings untouched.
-- ``torch._dynamo.reset()`` clears Dynamo's callbacks; the registered callbacks re-register
-  themselves when that drops them (a ``weakref.finalize`` on each: ``list.clear`` empties the list
-  before it releases the items), so the scope survives resets.
+- ``torch._dynamo.reset()`` clears Dynamo's callbacks; a sentinel callback in each list, released
+  by that, registers them again (``_Sentinel``), so the scope survives resets.
 
 Never worse than Inductor: when a sonic frame that was traced with these settings fails to compile
 (a Dynamo error such as ``GuardOnDataDependentSymNode`` on ``bincount(...).tolist()``, or an
@@ -70,7 +69,6 @@ _tls = threading.local()
 _without_settings: set = set()  # code objects of frames compiled without SETTINGS (after a failure)
 _fallbacks: list = []
 _listeners: list = []
-_callbacks: dict = {}  # "start" / "end" -> weakref to the registered callback object
 
 
 def _settings_text() -> str:
@@ -233,34 +231,35 @@ def _retry_without_settings(code, error: BaseException) -> None:
     raise soft from error
 
 
-def _registered(kind: str) -> bool:
-    ref = _callbacks.get(kind)
-    cb = ref() if ref is not None else None
-    if cb is None:
-        return False
-    from torch._dynamo import callback_handler
+class _Sentinel:
+    """A no-op callback registered next to ours in each of Dynamo's callback lists and referenced
+    by nothing else: when torch._dynamo.reset() empties the lists, its release (``list.clear``
+    empties the list before it releases the items) is what tells us to register again. (Our own
+    callbacks cannot serve: a traceback may keep them alive.)"""
 
-    return any(c is cb for c in (callback_handler.start_callbacks if kind == "start" else callback_handler.end_callbacks))
+    def __call__(self, args) -> None:
+        pass
+
+
+_START, _END = _Start(), _End()
 
 
 def install() -> None:
     """Register the start/end callbacks if they are not registered. Idempotent, never raises."""
     try:
-        from torch._dynamo import callback_handler
+        from torch._dynamo import callback_handler as handler
     except Exception as e:
         log.debug("sonic: no Dynamo callback handler: %s", e)
         return
     with _lock:
-        for kind, cls, register in (("start", _Start, callback_handler.register_start_callback),
-                                    ("end", _End, callback_handler.register_end_callback)):
-            if _registered(kind):
-                continue
-            cb = cls()
-            register(cb)
-            _callbacks[kind] = weakref.ref(cb)
-            # torch._dynamo.reset() empties Dynamo's callback lists; when that drops this one,
-            # register a fresh one (the list is already empty when its items are released)
-            weakref.finalize(cb, _reinstall)
+        for ours, callbacks, register in ((_START, handler.start_callbacks, handler.register_start_callback),
+                                          (_END, handler.end_callbacks, handler.register_end_callback)):
+            if not any(c is ours for c in callbacks):
+                register(ours)
+            if not any(isinstance(c, _Sentinel) for c in callbacks):
+                sentinel = _Sentinel()
+                register(sentinel)
+                weakref.finalize(sentinel, _reinstall)
 
 
 def _reinstall() -> None:

@@ -177,3 +177,21 @@ def test_inductor_failure_without_rewrite_is_not_hidden(monkeypatch):
     with pytest.raises(Exception, match="inductor is broken"):
         torch.compile(lambda t: t.sin() + 1, backend="sonic", fullgraph=True)(torch.randn(3))
     assert sonic_backend.sonic is not None
+
+
+def test_scope_survives_reset_and_leaves_no_setting_behind():
+    # torch._dynamo.reset() empties Dynamo's callback lists (explain calls it too): the scoped
+    # setting must come back for the next sonic frame, and never stay on after a compile
+    import moe_inductor
+    from torch._dynamo import callback_handler
+
+    torch.manual_seed(0)
+    model = OfficialStyleMoE()
+    x = torch.randn(2, 5, 32)
+    for _ in range(2):
+        report = moe_inductor.explain(model, x, inductor=False)  # resets Dynamo first
+        assert [f.kind for f in report.fallbacks] == ["without settings"]
+        assert torch._dynamo.config.capture_dynamic_output_shape_ops is False
+    torch._dynamo.reset()
+    assert any(c is dynamo_scope._START for c in callback_handler.start_callbacks)
+    assert any(c is dynamo_scope._END for c in callback_handler.end_callbacks)

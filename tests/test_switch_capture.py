@@ -2,8 +2,6 @@
 traced as a loop over ``range(num_experts)`` (``moe_inductor.capture``), so the whole MoE block is
 one graph and the ``expert_loop`` idiom rewrites it (routing from the one-hot x capacity mask,
 tokens over capacity as dropped assignments). Exact vs eager, logits and every gradient."""
-import types
-
 import pytest
 import torch
 from torch._dynamo.utils import counters
@@ -11,7 +9,7 @@ from torch._dynamo.utils import counters
 pytest.importorskip("transformers")
 import hf_models  # noqa: E402
 import moe_inductor  # noqa: E402
-from moe_inductor import backend as _backend, capture  # noqa: E402,F401  (installs the capture)
+from moe_inductor import capture  # noqa: E402
 from test_hf_models import close  # noqa: E402
 from test_mask_dispatch import no_dropout  # noqa: E402
 
@@ -57,11 +55,24 @@ def run_and_compare(model, ids, expected_rewrites, atol=1e-4, rtol=1e-4):
     return unused
 
 
-def test_substitution_installed():
+def test_substitution_scoped_to_the_modules_sonic_compiles():
+    # importing the backend changes no class; compiling with sonic gives the compiled model's
+    # experts modules (only) an instance-level forward; the class keeps its own
     from transformers.models.switch_transformers import modeling_switch_transformers as m
 
-    assert f"{MOD}.SwitchTransformersExperts.forward" in capture._substituted
-    assert hasattr(m.SwitchTransformersExperts.forward, "__sonic_original__")
+    import moe_inductor.backend  # noqa: F401
+
+    original = m.SwitchTransformersExperts.forward
+    model, ids, blocks = _switch()
+    other, _, other_blocks = _switch()
+    assert all("forward" not in b.experts.__dict__ for _, b in blocks)
+    torch._dynamo.reset()
+    torch.compile(model, backend="eager")(ids)  # another backend: nothing given
+    assert all("forward" not in b.experts.__dict__ for _, b in blocks)
+    moe_inductor.explain(model, ids, inductor=False)  # sonic's frames (without Inductor's codegen)
+    assert m.SwitchTransformersExperts.forward is original
+    assert all(isinstance(b.experts.__dict__.get("forward"), capture.CapturableForward) for _, b in blocks)
+    assert all("forward" not in b.experts.__dict__ for _, b in other_blocks)
 
 
 @pytest.mark.parametrize("capacity", [
@@ -101,12 +112,15 @@ def test_eager_unchanged():
     # same gradients, including None for experts that received no token
     model, ids, blocks = _switch(capacity=1)
     experts = blocks[0][1].experts
+    assert capture.prepare({"self": model}) == len(blocks)
+    assert capture.prepare({"self": model}) == 0  # once per module
     torch.manual_seed(0)
     T, d, E = 16, experts.expert_0.wi.in_features, experts.num_experts
     x = torch.randn(T, d)
     sel = torch.nn.functional.one_hot(torch.tensor([0, 1] * 8), E).view(T, 1, E)  # experts >= 2 unused
     w = torch.rand(T, 1)
-    original = type(experts).forward.__sonic_original__
+    original = type(experts).forward
+    assert experts.forward.original is original
     a = experts(x, sel, w)
     b = original(experts, x, sel, w)
     assert torch.equal(a, b)
@@ -116,28 +130,32 @@ def test_eager_unchanged():
     assert [g is None for g in ga] == [g is None for g in gb] and any(g is None for g in ga)
     for g, h in zip(ga, gb):
         assert g is None or torch.equal(g, h)
+    # the instance-level forward survives copy.deepcopy (bound to the copy) and pickling
+    import copy
+    import pickle
+
+    clone = copy.deepcopy(experts)
+    assert clone.forward.module is clone and torch.equal(clone(x, sel, w), a)
+    assert torch.equal(pickle.loads(pickle.dumps(experts))(x, sel, w), a)
 
 
-def _fake_module():
-    """A copy of the modeling module's target class in a fresh module (the real one is patched)."""
-    from transformers.models.switch_transformers import modeling_switch_transformers as m
-
-    mod = types.ModuleType(MOD)
-    cls = type("SwitchTransformersExperts", (torch.nn.ModuleDict,),
-               {"forward": m.SwitchTransformersExperts.forward.__sonic_original__})
-    mod.SwitchTransformersExperts = cls
-    return mod, cls
+def _fake_class(source_of):
+    """A class named and placed like the target (the same module name), with ``source_of``'s code."""
+    return type("SwitchTransformersExperts", (torch.nn.ModuleDict,), {"forward": source_of, "__module__": MOD})
 
 
 def test_not_substituted_when_source_differs(monkeypatch):
-    mod, cls = _fake_module()
-    original = cls.forward
-    monkeypatch.setattr(capture, "_substituted", {})
+    from transformers.models.switch_transformers import modeling_switch_transformers as m
+
+    cls = _fake_class(m.SwitchTransformersExperts.forward)
+    monkeypatch.setattr(capture, "_checked", {})
     monkeypatch.setattr(capture, "_TARGETS", [(MOD, cls.__name__, "forward", "0" * 64, capture._switch_experts_forward)])
-    capture._substitute(mod)
-    assert cls.forward is original and capture._substituted == {}
+    assert capture.replacement_for(cls) is None
+    assert capture.prepare({"self": cls()}) == 0
     # with the right hash the same call substitutes (the check above is the hash, nothing else)
-    digest = capture.source_hash(original)
+    digest = capture.source_hash(cls.forward)
+    monkeypatch.setattr(capture, "_checked", {})
     monkeypatch.setattr(capture, "_TARGETS", [(MOD, cls.__name__, "forward", digest, capture._switch_experts_forward)])
-    capture._substitute(mod)
-    assert cls.forward.__sonic_original__ is original
+    assert capture.replacement_for(cls) is capture._switch_experts_forward
+    module = cls()
+    assert capture.prepare({"self": module}) == 1 and module.forward.original is cls.forward
