@@ -275,10 +275,13 @@ def _rewrite_graph(gm: fx.GraphModule, opts: SonicOptions, report: CompileReport
 
 def sonic(gm: fx.GraphModule, example_inputs, options: Optional[dict] = None, mode: Optional[str] = None, **kwargs: Any):
     """The torch.compile backend. ``options``: see ``moe_inductor.options.SonicOptions``."""
-    opts = SonicOptions.from_dict(options)
+    try:
+        opts = SonicOptions.from_dict(options)
+        if kwargs:
+            raise ValueError(f"sonic backend: unexpected arguments {sorted(kwargs)}; use options={{...}}")
+    except Exception as e:
+        raise _scope.no_retry(e)  # the user's options: say so now, not after a retry
     _scope.install()  # idempotent: the scoped settings for the next frames Dynamo compiles
-    if kwargs:
-        raise ValueError(f"sonic backend: unexpected arguments {sorted(kwargs)}; use options={{...}}")
     patches: dict = {}
     if mode is not None:
         patches.update(torch._inductor.list_mode_options(mode))

@@ -194,9 +194,28 @@ class _End:
             entry["patch"].__exit__(None, None, None)
         error = sys.exc_info()[1]
         if error is None or error is entry["handled"] or not isinstance(error, Exception) \
-                or entry["retry"] or entry["one_graph"]:
+                or entry["retry"] or entry["one_graph"] or not _curable(error):
             return
         _retry_without_settings(entry["code"], error)
+
+
+def no_retry(error: BaseException) -> BaseException:
+    """Mark an error that no retry without the settings can cure (bad backend options)."""
+    error._sonic_no_retry = True
+    return error
+
+
+def _curable(error: BaseException) -> bool:
+    seen, stack = set(), [error]
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if getattr(e, "_sonic_no_retry", False):
+            return False
+        stack.extend([getattr(e, "inner_exception", None), e.__cause__, e.__context__])
+    return True
 
 
 def _retry_without_settings(code, error: BaseException) -> None:

@@ -195,3 +195,12 @@ def test_scope_survives_reset_and_leaves_no_setting_behind():
     torch._dynamo.reset()
     assert any(c is dynamo_scope._START for c in callback_handler.start_callbacks)
     assert any(c is dynamo_scope._END for c in callback_handler.end_callbacks)
+
+
+def test_bad_options_fail_at_once_without_a_retry():
+    from moe_modules import LoopMoE
+
+    model = LoopMoE()
+    with dynamo_scope.capture_fallbacks() as fallbacks, pytest.raises(Exception, match="no_such_option"):
+        torch.compile(model, backend="sonic", options={"no_such_option": 1})(torch.randn(1, 4, 32))
+    assert not fallbacks
