@@ -191,10 +191,12 @@ class Driver:
         with open(os.path.join(self.outdir, "gpu_tests.json"), "w") as f:
             json.dump(step.detail, f, indent=1)
         step.files = ["gpu_tests.json", "gpu_tests.jsonl", "gpu_tests.log"]
-        if counts.get("failed", 0) or (rc not in (0, 5) and not timed_out) or not records:
+        if counts.get("failed", 0):
             step.status = "failed"
         elif timed_out or out_of_time:
             step.status = "timeout"
+        elif rc != 0 or not records:  # e.g. a collection error, or no test found
+            step.status = "failed"
         else:
             step.status = "ok"
 
@@ -244,7 +246,7 @@ class Driver:
             r.get("returncode") not in (0, None) and not r.get("timed_out") for r in runs)
         partial = any(r.get("timed_out") or r.get("status") == "skipped" for r in runs) or any(
             s.startswith("timeout") or "time share" in s for s in statuses)
-        step.status = "failed" if failed or not statuses else "timeout" if partial else "ok"
+        step.status = "failed" if failed else "timeout" if partial else "failed" if not statuses else "ok"
 
     def _bench_shapes(self) -> list:
         if self.dry_run:
