@@ -106,7 +106,7 @@ class capture_fallbacks:
 
 def is_sonic(compiler_fn) -> bool:
     """Is ``compiler_fn`` (as Dynamo holds it: WrapBackendDebug -> torch.compile's wrapper -> the
-    function, possibly a functools.partial) the sonic backend?"""
+    function, possibly a functools.partial, or DDPOptimizer's compile_fn) the sonic backend?"""
     fn, seen = compiler_fn, 0
     while fn is not None and seen < 8:
         if getattr(fn, MARKER, False):
@@ -117,6 +117,8 @@ def is_sonic(compiler_fn) -> bool:
             nxt = getattr(fn, "compiler_fn", None)  # torch._TorchCompileWrapper
         if nxt is None:
             nxt = getattr(fn, "func", None)  # functools.partial
+        if nxt is None:  # DDPOptimizer.compile_fn, the bound method Dynamo uses under DDP
+            nxt = getattr(getattr(fn, "__self__", None), "backend_compile_fn", None)
         fn = nxt
     return False
 
