@@ -1,0 +1,189 @@
+"""Every listed GPU autotune config fits an H100/H200: no register spills, shared memory within the
+per-block limit (examples/kernel_resources.py compiles for sm_90 with Triton's compiler and ptxas,
+no GPU needed).
+
+Two sources, both checked: the committed table examples/results/sm90_kernels.json (every kernel x
+config x dtype, regenerated with ``python examples/kernel_resources.py --arch 90,80 --out ...``),
+and a fresh compile of a few representative kernels x configs here, so the table cannot drift from
+the code unnoticed. A config list that changes without the table being regenerated fails
+``test_table_covers_every_listed_config``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+TABLE = REPO / "examples" / "results" / "sm90_kernels.json"
+TOOL = REPO / "examples" / "kernel_resources.py"
+# dtype labels of the table by operand element size (launch_utils.DtypeConfigs keys)
+LABELS_BY_ITEMSIZE = {2: ("bf16", "fp16"), 4: ("fp32", "fp32_tf32")}
+
+
+def _table() -> dict:
+    assert TABLE.exists(), f"{TABLE} missing: run python examples/kernel_resources.py --arch 90,80 --out {TABLE}"
+    return json.loads(TABLE.read_text())
+
+
+def _dtype_autotuners():
+    """(kernel name, DtypeConfigs) of every autotuned kernel whose configs are chosen per dtype."""
+    import importlib
+    import pkgutil
+
+    import triton
+
+    import moe_inductor.kernels as pkg
+    from moe_inductor.kernels.launch_utils import DtypeConfigs
+
+    found = []
+    for info in pkgutil.iter_modules(pkg.__path__):
+        mod = importlib.import_module(f"{pkg.__name__}.{info.name}")
+        for value in vars(mod).values():
+            if isinstance(value, triton.runtime.autotuner.Autotuner):
+                owner = getattr(value.early_config_prune, "__self__", None)
+                found.append((f"{info.name}.{value.base_fn.__name__}", owner if isinstance(owner, DtypeConfigs) else None))
+    return found
+
+
+def _config_dict(cfg) -> dict:
+    return {**cfg.kwargs, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+
+
+GEMM_KERNELS = ("_up_proj_kernel", "_sorted_gemm_kernel", "_dh_kernel", "_weight_grad_kernel")
+
+
+def test_every_gemm_autotuner_chooses_configs_per_dtype():
+    """The tl.dot kernels stage operand tiles in shared memory (2x the bytes in fp32) and fp32 runs
+    the dot on CUDA cores: their candidates must be chosen per dtype. (The combine kernels use no
+    shared memory for operands; their single list is checked by the table like every other.)"""
+    owners = {name.split(".")[-1]: owner for name, owner in _dtype_autotuners()}
+    for gemm in GEMM_KERNELS:
+        assert gemm in owners, f"{gemm} is not autotuned any more: update this test"
+        assert owners[gemm] is not None, f"{gemm}: autotune configs not chosen per dtype (launch_utils.DtypeConfigs)"
+
+
+def test_table_rows_on_sm90_fit():
+    """No entry of the committed table spills or exceeds shared memory on sm_90 (any dtype)."""
+    table = _table()
+    sm90 = [e for e in table["entries"] if e["arch"] == 90]
+    assert sm90, "no sm_90 rows in the table"
+    bad = [f"{e['kernel']} {e['dtype']} {e['config']} {e.get('variant')}: {'; '.join(e['why_not_ok'])}"
+           for e in sm90 if not e["ok"]]
+    assert not bad, "configs that do not fit sm_90:\n" + "\n".join(bad)
+    # the verdict is recomputed from the raw figures, not trusted from the file
+    for e in sm90:
+        assert e["spill_stores"] == 0 and e["spill_loads"] == 0, e
+        assert e["smem"] <= e["smem_limit"] == 232448, e
+        assert e["registers"] * e["config"]["num_warps"] * 32 <= 65536, e
+    assert not table["discovery_errors"], table["discovery_errors"]
+    assert not table["never_launched"], f"kernels no scenario launched (not in the table): {table['never_launched']}"
+
+
+def test_table_covers_every_listed_config():
+    """Every config of every per-dtype list appears in the table for sm_90 and that dtype: a list
+    edited without regenerating the table fails here."""
+    table = _table()
+    rows = {}
+    for e in table["entries"]:
+        if e["arch"] == 90:
+            rows.setdefault((e["kernel"], e["dtype"]), []).append(e["config"])
+    missing = []
+    for name, owner in _dtype_autotuners():
+        if owner is None:
+            continue
+        for itemsize, configs in owner.by_itemsize.items():
+            for label in LABELS_BY_ITEMSIZE[itemsize]:
+                if label not in {e["dtype"] for e in table["entries"]}:
+                    continue  # a dtype the table was not generated for is reported below
+                have = rows.get((name, label), [])
+                missing += [f"{name} {label} {_config_dict(c)}" for c in configs if _config_dict(c) not in have]
+    assert not missing, "listed configs absent from the table (regenerate it):\n" + "\n".join(missing)
+    assert {"bf16", "fp16", "fp32"} <= {e["dtype"] for e in table["entries"]}
+
+
+def test_table_gemm_main_loops_use_wgmma_for_half_precision():
+    """bf16/fp16 (and tf32) GEMM kernels use Hopper's wgmma on sm_90 (row tiles of 64+ rows; the
+    16-row decode tile has to fall back to mma.sync) and mma.sync on sm_80; fp32 with
+    input_precision="ieee" uses neither (CUDA-core FMA, the price of exact fp32 products)."""
+    table = _table()
+    checked = 0
+    for e in table["entries"]:
+        if e["kernel"].split(".")[-1] not in GEMM_KERNELS:
+            continue
+        checked += 1
+        what = f"{e['kernel']} {e['dtype']} sm_{e['arch']} {e['config']} {e['variant']}"
+        if e["dtype"] in ("bf16", "fp16", "fp32_tf32"):
+            if e["arch"] == 90 and e["variant"].get("BLOCK_M", 128) >= 64:
+                assert e["uses_wgmma"], f"no wgmma: {what}"
+            else:
+                assert e["uses_mma_sync"] or e["uses_wgmma"], f"no tensor-core MMA: {what}"
+        else:
+            assert not e["uses_wgmma"] and not e["uses_mma_sync"], f"fp32 (ieee) on tensor cores: {what}"
+        assert e["uses_cp_async"], f"main loop not pipelined with cp.async: {what}"
+    assert checked
+
+
+def test_ptxas_is_available():
+    """The fresh compile below needs ptxas: Triton's bundled one (or TRITON_PTXAS_PATH); never skipped."""
+    from triton.backends.nvidia import compiler as nv
+
+    for arch in (80, 90):
+        path = nv.get_ptxas(arch).path
+        assert os.access(path, os.X_OK), f"ptxas for sm_{arch} not executable: {path}"
+
+
+def test_dtype_configs_prune_by_operand_size():
+    import triton
+
+    from moe_inductor.kernels.launch_utils import DtypeConfigs
+
+    half = [triton.Config({"BLOCK_N": 128}, num_warps=8, num_stages=4), triton.Config({"BLOCK_N": 64}, num_warps=4, num_stages=4)]
+    full = [triton.Config({"BLOCK_N": 64}, num_warps=4, num_stages=4), triton.Config({"BLOCK_N": 32}, num_warps=4, num_stages=2)]
+    dc = DtypeConfigs({2: half, 4: full}, triton.Config({"BLOCK_N": 16}, num_warps=1, num_stages=1))
+    assert dc.gpu_configs == [half[0], half[1], full[1]]  # union, shared config once
+    idx = torch.zeros(4, dtype=torch.int32)  # integer tensors before the operand are skipped
+    for dt, want in ((torch.bfloat16, half), (torch.float16, half), (torch.float32, full), (torch.float8_e4m3fn, half)):
+        got = dc.prune(dc.gpu_configs, {"rows": idx, "x": torch.zeros(2, dtype=dt), "n": 3})
+        assert got == want, dt
+    with pytest.raises(ValueError, match="no floating-point tensor"):
+        dc.prune(dc.gpu_configs, {"rows": idx})
+    with pytest.raises(ValueError, match="non-empty"):
+        DtypeConfigs({2: half, 4: []}, half[0])
+
+
+@pytest.mark.slow
+def test_fresh_compile_of_representative_configs(tmp_path):
+    """Compile the up-projection for sm_90 now (gathered X, two accumulators, the heaviest flags:
+    biases, interleaved gate/up, forward and H-recompute variants), every listed bf16 and fp32
+    config, in a fresh Triton cache: all must fit, and the committed table must list each of them."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "triton_cache")
+    out = tmp_path / "fresh.json"
+    cmd = [sys.executable, str(TOOL), "--arch", "90", "--dtypes", "bf16,fp32", "--acts", "swiglu",
+           "--shapes", "prefill", "--scenarios", "flags", "--kernels", "_up_proj_kernel", "--out", str(out)]
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900, cwd=REPO)
+    assert out.exists(), res.stdout[-3000:] + res.stderr[-3000:]
+    fresh = json.loads(out.read_text())
+    entries = fresh["entries"]
+    assert {e["kernel"].split(".")[-1] for e in entries} == {"_up_proj_kernel"}
+    assert {e["dtype"] for e in entries} == {"bf16", "fp32"}
+    assert all(e["ptxas"] == "triton" for e in entries), "expected Triton's own ptxas log (fresh cache)"
+    bad = [f"{e['kernel']} {e['dtype']} {e['config']}: {e['why_not_ok']}" for e in entries if not e["ok"]]
+    assert not bad, "\n".join(bad)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    # the table must describe the code as it is: every freshly compiled (kernel, dtype, config,
+    # variant) is in it and fits there too. Register counts are not compared: they move with any
+    # kernel edit and compiler version, and the fit is what matters.
+    table = _table()
+    key = lambda e: (e["kernel"], e["dtype"], e["arch"], json.dumps(e["config"], sort_keys=True),
+                     json.dumps(e["variant"], sort_keys=True))
+    committed = {key(e): e for e in table["entries"]}
+    stale = [key(e) for e in entries if key(e) not in committed]
+    assert not stale, f"{TABLE.name} is stale (regenerate it); not in it:\n" + "\n".join(map(str, stale))
+    assert all(committed[key(e)]["ok"] for e in entries)
