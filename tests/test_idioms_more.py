@@ -161,7 +161,7 @@ class GraphModule(torch.nn.Module):
         repeat_interleave_1: "i64[12]" = arange.repeat_interleave(2);  arange = None
         to: "i32[12]" = repeat_interleave_1.to(torch.int32);  repeat_interleave_1 = None
         to_1: "i32[12]" = ids.to(torch.int32);  ids = None
-        fused_moe_default = torch.ops.moe_inductor.fused_moe.default(l_hidden_, to, to_1, s, l_self_parameters_gate_up_proj_, l_self_parameters_down_proj_, None, None, 'swiglu', False, False, 'auto');  l_hidden_ = to = to_1 = s = l_self_parameters_gate_up_proj_ = l_self_parameters_down_proj_ = None
+        fused_moe_default = torch.ops.moe_inductor.fused_moe.default(l_hidden_, to, to_1, s, l_self_parameters_gate_up_proj_, l_self_parameters_down_proj_, None, None, 'swiglu', False, False, 'auto', 'aten::bmm');  l_hidden_ = to = to_1 = s = l_self_parameters_gate_up_proj_ = l_self_parameters_down_proj_ = None
         getitem_4: "f32[6, 16]" = fused_moe_default[0];  fused_moe_default = None
         return (getitem_4,)
 """)
@@ -197,7 +197,7 @@ class GraphModule(torch.nn.Module):
         reshape_1: "f32[12]" = expert_weights_1.reshape(-1);  expert_weights_1 = None
         to: "i32[12]" = repeat_interleave.to(torch.int32);  repeat_interleave = None
         to_1: "i32[12]" = reshape.to(torch.int32);  reshape = None
-        fused_moe_default = torch.ops.moe_inductor.fused_moe.default(l_x_, to, to_1, reshape_1, cat, l_self_parameters_w2_, None, None, 'swiglu', False, False, 'auto');  l_x_ = to = to_1 = reshape_1 = cat = l_self_parameters_w2_ = None
+        fused_moe_default = torch.ops.moe_inductor.fused_moe.default(l_x_, to, to_1, reshape_1, cat, l_self_parameters_w2_, None, None, 'swiglu', False, False, 'auto', 'aten::bmm');  l_x_ = to = to_1 = reshape_1 = cat = l_self_parameters_w2_ = None
         getitem_5: "f32[6, 16]" = fused_moe_default[0];  fused_moe_default = None
         return (getitem_5,)
 """)
