@@ -60,6 +60,7 @@ def _routing(counts, dropped, num_tokens, seed=0):
         ([1000], 0, 128, 128),                  # one expert: 8 tiles, 7 weight-grad slots
         ([5, 300, 2], 130, 32, 128),            # dropped rows spanning 5 tiles; skewed expert 1
         ([40, 0, 7], 17, 16, 16),               # dropped rows not a tile multiple; chunk = tile
+        ([1] * 19 + [0] * 30, 1, 16, None),     # A = 20 < E = 49: one row per group, the bound's worst case
     ],
 )
 def test_routing_meta_kernels_match_torch_reference(counts, dropped, tile_m, chunk):

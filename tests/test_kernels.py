@@ -789,9 +789,9 @@ asms = [
                  INTERPRET=False, GROUP_M=8, PART_N=64, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64), 8, 4),
     compile_sm90(gg._sorted_gemm_kernel, "fp32", dict(HAS_BIAS=True, IEEE=True, INTERPRET=False, GROUP_M=8,
                  BLOCK_M=128, BLOCK_N=64, BLOCK_K=64), 4, 3),
-    compile_sm90(gg._weight_grad_kernel, "bf16", dict(PARTIAL=False, GATHER_P=False, GATHER_Q=True, IEEE=False,
+    compile_sm90(gg._weight_grad_kernel, "bf16", dict(PARTIAL=False, HAS_SLOTS=True, GATHER_P=False, GATHER_Q=True, IEEE=False,
                  INTERPRET=False, BLOCK_I=128, BLOCK_J=128, BLOCK_R=64), 8, 3),
-    compile_sm90(gg._weight_grad_kernel, "bf16", dict(PARTIAL=True, GATHER_P=True, GATHER_Q=False, IEEE=False,
+    compile_sm90(gg._weight_grad_kernel, "bf16", dict(PARTIAL=True, HAS_SLOTS=True, GATHER_P=True, GATHER_Q=False, IEEE=False,
                  INTERPRET=False, BLOCK_I=128, BLOCK_J=128, BLOCK_R=64), 8, 3),
     # the small-row-tile specialisation (decode, many experts: config.kernel_tile_m)
     compile_sm90(gg._up_proj_kernel, "bf16", dict(HAS_B1=False, KEEP_H=True, WRITE_A=True, GATED=True,

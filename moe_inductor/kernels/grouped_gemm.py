@@ -14,7 +14,8 @@ tiles return, dropped-row tiles (-2) only zero H / write zero dS. The grid is 1-
 order (``_swizzled_tile``: GROUP_M row tiles per column block, for L2 reuse of weight and gathered
 tiles). The row tile M is ``config.kernel_tile_m(A, E)`` (static shapes: 128, or smaller when the
 mean rows per expert are few); the schedule depends on it, so autotuning varies only the
-column/reduction tiles, warps and pipeline depth. Weight gradients split an expert's rows into
+column/reduction tiles, warps and pipeline depth, and BLOCK_M is part of every GEMM's autotune key
+(a config tuned for 128-row tiles is not reused for 16-row ones). Weight gradients split an expert's rows into
 chunks of ``meta.wgrad_chunk`` rows with a deterministic two-launch reduction (``weight_grad``).
 
 Weights are read through their strides (transposed storage needs no copy). Pointer offsets of
@@ -531,7 +532,7 @@ def _weight_grad_kernel(
     stride_pr, stride_pi,
     stride_qr, stride_qj,
     stride_oe, stride_oi, stride_oj,
-    PARTIAL: tl.constexpr,
+    PARTIAL: tl.constexpr, HAS_SLOTS: tl.constexpr,
     GATHER_P: tl.constexpr, GATHER_Q: tl.constexpr, IEEE: tl.constexpr, INTERPRET: tl.constexpr,
     BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
@@ -576,13 +577,15 @@ def _weight_grad_kernel(
                      mask=r_mask[:, None] & j_mask[None, :], other=0.0)
         acc = mma(pb, qb, acc, IEEE, INTERPRET)
     ij_mask = i_mask[:, None] & j_mask[None, :]
-    ws_tile = ii[:, None].to(tl.int64) * J + jj[None, :]
-    plane = (I * J).to(tl.int64)  # one (I, J) fp32 partial per workspace slot
-    if PARTIAL:
-        tl.store(ws_ptr + g * plane + ws_tile, acc, mask=ij_mask)
-    else:
-        for slot in range(tl.load(slot_start_ptr + e), tl.load(slot_start_ptr + e + 1)):
-            acc += tl.load(ws_ptr + slot * plane + ws_tile, mask=ij_mask, other=0.0)
+    if HAS_SLOTS:
+        ws_tile = ii[:, None].to(tl.int64) * J + jj[None, :]
+        plane = (I * J).to(tl.int64)  # one (I, J) fp32 partial per workspace slot
+        if PARTIAL:
+            tl.store(ws_ptr + g * plane + ws_tile, acc, mask=ij_mask)
+        else:
+            for slot in range(tl.load(slot_start_ptr + e), tl.load(slot_start_ptr + e + 1)):
+                acc += tl.load(ws_ptr + slot * plane + ws_tile, mask=ij_mask, other=0.0)
+    if not PARTIAL:
         tl.store(out_ptr + e.to(tl.int64) * stride_oe + ii[:, None] * stride_oi + jj[None, :] * stride_oj,
                  cast(acc, out_ptr.dtype.element_ty, INTERPRET), mask=ij_mask)
 
@@ -616,7 +619,7 @@ def weight_grad(
         q.stride(0), q.stride(1),
         out.stride(0), out.stride(1), out.stride(2),
     )
-    flags = dict(GATHER_P=p_rows is not None, GATHER_Q=q_rows is not None, **dot_flags(p.dtype))
+    flags = dict(HAS_SLOTS=S > 0, GATHER_P=p_rows is not None, GATHER_Q=q_rows is not None, **dot_flags(p.dtype))
     if S:
         grid_p = lambda META: (triton.cdiv(I, META["BLOCK_I"]) * triton.cdiv(J, META["BLOCK_J"]), S)
         _weight_grad_kernel[grid_p](*args, PARTIAL=True, **flags)

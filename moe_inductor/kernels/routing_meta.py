@@ -1,7 +1,7 @@
 """Routing metadata for the grouped-GEMM kernels, built on the device without a host sync.
 
 Shape legend (as in ``moe_inductor.reference``): T tokens, E experts, A assignments,
-M = tile_m (rows of one grouped-GEMM tile, ``config.kernel_tile_m``), P = max_tiles = cdiv(A, M) + E,
+M = tile_m (rows of one grouped-GEMM tile, ``config.kernel_tile_m``), P = cdiv(A, M) + min(E, A - 1),
 C = wgrad chunk (``config.wgrad_chunk``), S = A // C weight-gradient partial slots.
 
 Launches: torch.argsort by expert (forward only: the backward reuses the forward's order), one
@@ -16,7 +16,9 @@ Tile schedule (fixed length P, an upper bound): first cdiv(D, M) "dropped" tiles
 dropped assignments (expert id -1, sorted first) marked ``tile_expert = DROPPED_TILE`` (-2), then
 expert e's cdiv(count_e, M) tiles, then unused tiles (-1). With the dropped rows counted as one
 more group, sum_g cdiv(c_g, M) <= cdiv(A, M) + E still holds (each of the E + 1 groups wastes less
-than one tile and the total is an integer), so P needs no extra term. The up-projection zeroes the
+than one tile and the total is an integer), so P needs no extra term; and only groups that have
+rows waste anything, at most min(E + 1, A) of them, hence the min(E, A - 1) (decode with more
+experts than assignments launches no tile per empty expert). The up-projection zeroes the
 dropped rows of the saved H (the reference does too); every other kernel skips dropped tiles
 (``e < 0``), except dH, which writes their zero score gradient.
 
@@ -33,7 +35,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import config
-from .launch_utils import INTERPRET
+from .launch_utils import INTERPRET, alloc
 
 UNUSED_TILE = -1
 DROPPED_TILE = -2
@@ -63,9 +65,10 @@ class RoutingMeta:
 
 
 def max_row_tiles(num_assignments: int, num_experts: int, tile_m: int) -> int:
-    """Upper bound on the tiles of the schedule: full tiles cdiv(A, M) plus one partial per expert
-    (the dropped rows' partial tile fits in the slack, see the module docstring)."""
-    return -(-num_assignments // tile_m) + num_experts
+    """Upper bound on the tiles of the schedule. With k groups that have rows (the experts and the
+    dropped rows; k <= min(E + 1, A)), sum_g cdiv(c_g, M) <= cdiv(A, M) + k - 1: each group wastes
+    less than one tile and the sum is an integer."""
+    return -(-num_assignments // tile_m) + min(num_experts, max(num_assignments - 1, 0))
 
 
 def max_wgrad_slots(num_assignments: int, chunk: int) -> int:
@@ -267,12 +270,12 @@ def build_routing_meta(
     token_ids, expert_ids, scores = token_ids.contiguous(), expert_ids.contiguous(), scores.contiguous()
     write_order = order is None
     order_in = torch.argsort(expert_ids, stable=True) if write_order else order.contiguous()
-    order32 = torch.empty(A, dtype=i32, device=device) if write_order else order
-    inv_order = torch.empty(A, dtype=i32, device=device)
-    tok_sorted = torch.empty(A, dtype=i32, device=device)
-    scores_sorted = torch.empty(A, dtype=torch.float32, device=device)
-    tok_key = torch.empty(A, dtype=i32, device=device)
-    expert_offsets = torch.empty(E + 1, dtype=i32, device=device)
+    order32 = alloc((A,), i32, device) if write_order else order
+    inv_order = alloc((A,), i32, device)
+    tok_sorted = alloc((A,), i32, device)
+    scores_sorted = alloc((A,), torch.float32, device)
+    tok_key = alloc((A,), i32, device)
+    expert_offsets = alloc((E + 1,), i32, device)
     n_rows = triton.cdiv(A, _BLOCK)
     _sorted_rows_kernel[(n_rows + triton.cdiv(E + 1, _BLOCK),)](
         order_in, expert_ids, token_ids, scores,
@@ -286,15 +289,15 @@ def build_routing_meta(
 
     P = max_row_tiles(A, E, tile_m)
     S = max_wgrad_slots(A, C)
-    token_rows = torch.empty(A, dtype=i32, device=device)
-    token_offsets = torch.empty(T + 1, dtype=i32, device=device)
-    tile_expert = torch.empty(P, dtype=i32, device=device)
-    tile_row_start = torch.empty(P, dtype=i32, device=device)
-    tile_row_end = torch.empty(P, dtype=i32, device=device)
-    slot_start = torch.empty(E + 1, dtype=i32, device=device)
-    slot_expert = torch.empty(S, dtype=i32, device=device)
-    slot_row_start = torch.empty(S, dtype=i32, device=device)
-    slot_row_end = torch.empty(S, dtype=i32, device=device)
+    token_rows = alloc((A,), i32, device)
+    token_offsets = alloc((T + 1,), i32, device)
+    tile_expert = alloc((P,), i32, device)
+    tile_row_start = alloc((P,), i32, device)
+    tile_row_end = alloc((P,), i32, device)
+    slot_start = alloc((E + 1,), i32, device)
+    slot_expert = alloc((S,), i32, device)
+    slot_row_start = alloc((S,), i32, device)
+    slot_row_end = alloc((S,), i32, device)
     sections = (triton.cdiv(A, _BLOCK), triton.cdiv(T + 1, _BLOCK), triton.cdiv(P, _BLOCK_P), triton.cdiv(S, _BLOCK_P))
     grid = (sum(sections) + triton.cdiv(E + 1, _BLOCK_P),)
     _schedule_kernel[grid](
