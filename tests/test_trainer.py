@@ -48,3 +48,14 @@ def test_trainer_with_model_compiled_by_sonic(tmp_path):
     assert counters["sonic"]["moe_rewrites"] == len(blocks) and counters["sonic"]["moe_declined"] == 0
     changed = [n for n, p in model.named_parameters() if not torch.equal(p.detach(), before[n])]
     assert any(".experts." in n for n in changed) and any("embed" in n for n in changed)
+
+
+def test_trainer_torch_compile_backend_name_is_refused(tmp_path):
+    # why the README says model.compile(backend="sonic"): accelerate checks the name against its
+    # own enum of Dynamo backends when the Trainer builds its Accelerator (accelerate 1.12)
+    from transformers import Trainer, TrainingArguments
+
+    args = TrainingArguments(output_dir=str(tmp_path), torch_compile_backend="sonic", use_cpu=True, report_to=[],
+                             max_steps=1)
+    with pytest.raises(ValueError, match="not a valid DynamoBackend"):
+        Trainer(model=torch.nn.Linear(2, 2), args=args, train_dataset=_Batches(2, 4, 10))
