@@ -186,8 +186,19 @@ def max_token_rounding_assignments(num_tokens: int, num_experts: int, top_k: int
     _check_mode(mode, "max_token_rounding_assignments")
     picks = num_tokens * top_k
     extra = {"down": 0, "nearest": tile_m // 2, "up": tile_m - 1}[mode]
-    # sym_min: T may be a SymInt inside a compiled graph with dynamic shapes (no guard added)
-    return torch.sym_min(num_tokens * num_experts, picks + torch.sym_min(num_experts, picks) * extra)
+    return _min(num_tokens * num_experts, picks + _min(num_experts, picks) * extra)
+
+
+def _min(a, b):
+    """min without a guard: torch.sym_min when T is a SymInt (a compiled graph with dynamic shapes),
+    Python's min on plain ints (torch 2.11's Dynamo cannot trace a torch.sym_min that returns an
+    int: "torch.* op returned non-Tensor")."""
+    return min(a, b) if isinstance(a, int) and isinstance(b, int) else torch.sym_min(a, b)
+
+
+def _max(a, b):
+    """max without a guard, like ``_min``."""
+    return max(a, b) if isinstance(a, int) and isinstance(b, int) else torch.sym_max(a, b)
 
 
 def token_rounding_routing(
@@ -243,7 +254,7 @@ def token_rounding_routing(
     # Slot j belongs to the expert whose [start, end) range contains it; padding slots (j >= total)
     # fall past the last end and get E, clamped to E-1 below.
     slot_expert = torch.searchsorted(ends_E, slots, right=True).clamp(max=E - 1)
-    slot_rank = (slots - starts_E[slot_expert]).clamp(min=0, max=torch.sym_max(T - 1, 0))
+    slot_rank = (slots - starts_E[slot_expert]).clamp(min=0, max=_max(T - 1, 0))
     slot_token = ranked_tokens_TE[slot_rank, slot_expert]
 
     if renormalize:

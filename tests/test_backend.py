@@ -110,7 +110,9 @@ def rewritten_code(model, *args):
         captured.append(normalize_gm(gm.print_readable(print_output=False)))
         return gm.forward
 
-    torch.compile(model, backend=capture)(*args)
+    # one graph for the torch.where loop on every torch version (2.11 splits the frame without it)
+    with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True):
+        torch.compile(model, backend=capture)(*args)
     return captured[0]
 
 
