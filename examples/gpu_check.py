@@ -175,7 +175,7 @@ class Driver:
                    # tests not started 15 s before the hard limit are skipped cleanly
                    MOE_GPU_CHECK_DEADLINE=str(time.time() + max(limit - 15.0, limit * 0.8)),
                    MOE_INDUCTOR_DEBUG_FILL_NAN="1")  # unwritten kernel outputs show up as NaN
-        cmd = [sys.executable, "-m", "pytest", "tests/gpu", "-q", "-rs", "-p", "no:cacheprovider",
+        cmd = [sys.executable, "-m", "pytest", "tests/gpu", "-v", "-rs", "-p", "no:cacheprovider",
                "-o", "addopts=", "--durations=15"]
         rc, timed_out = self.run(cmd, limit, os.path.join(self.outdir, "gpu_tests.log"), env)
         records = []
