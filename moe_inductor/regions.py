@@ -12,8 +12,9 @@ The ops listed in ``ENTERED`` run their body once, as a plain function of its op
 parent's autograd context: replacing an MoE block inside the body by the fused op (same inputs,
 same value) keeps the region's meaning. What the region does around the body stays as it was:
 a checkpointed region still saves only its operands and recomputes the body, fused op included,
-in backward. Bodies are rewritten in place; placeholders and the body's outputs keep their
-number and order (dead-code removal never erases a placeholder or the output node).
+in backward. A body is rewritten as a copy that then replaces it in its parent (whoever holds
+the original graph keeps the original body); placeholders and the body's outputs keep their
+number and order (dead-code removal never erases a placeholder or the output node; checked).
 
 Other higher-order ops that hold subgraphs (``cond``, ``while_loop``, ``map``, ``scan``,
 ``flex_attention``'s score functions, a user ``autograd.Function``'s forward and backward bodies,
