@@ -50,9 +50,10 @@ import sys
 import time
 from pathlib import Path
 
-if os.environ.get("TRITON_INTERPRET") == "1":
+if __name__ == "__main__" and os.environ.get("TRITON_INTERPRET") == "1":
     # The interpreter would replace every @triton.jit by an interpreted function and the modules
-    # would pick their interpreter configs: re-run this script without it.
+    # would pick their interpreter configs: re-run this script without it. (Imported as a module,
+    # e.g. by a test, only the parsing helpers are meant to be used in such a process.)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     os.execve(sys.executable, [sys.executable, *sys.argv], env)
 
@@ -407,6 +408,10 @@ def _compile_job(i: int) -> dict:
     return res
 
 
+def _indexed_compile_job(i: int) -> tuple[int, dict]:
+    return i, _compile_job(i)
+
+
 def _run_ptxas(ptx: str, arch: int, options: dict) -> str:
     import tempfile
 
@@ -489,8 +494,12 @@ def collect(archs, dtypes, acts, kernels=None, jobs=2, shapes=tuple(SHAPES), kin
     _JOBS = unique
     t1 = time.time()
     if jobs > 1 and len(unique) > 1:
+        results = [None] * len(unique)
         with multiprocessing.get_context("fork").Pool(jobs) as pool:
-            results = pool.map(_compile_job, range(len(unique)), chunksize=1)
+            for done, (i, res) in enumerate(pool.imap_unordered(_indexed_compile_job, range(len(unique))), 1):
+                results[i] = res
+                if done % 10 == 0 or done == len(unique):
+                    log(f"  {done}/{len(unique)} compiled ({time.time() - t1:.0f} s)")
     else:
         results = [_compile_job(i) for i in range(len(unique))]
     log(f"compiled {len(unique)} kernels in {time.time() - t1:.1f} s with {jobs} process(es)")

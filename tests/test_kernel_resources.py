@@ -157,6 +157,33 @@ def test_dtype_configs_prune_by_operand_size():
         DtypeConfigs({2: half, 4: []}, half[0])
 
 
+def test_verdict_flags_spills_and_shared_memory():
+    """The parser and the verdict the table is built with, on a ptxas -v log of the usual form."""
+    sys.path.insert(0, str(TOOL.parent))
+    try:
+        import kernel_resources as kr
+    finally:
+        sys.path.remove(str(TOOL.parent))
+    log = (
+        "ptxas info    : Compiling entry function 'other' for 'sm_90a'\n"
+        "ptxas info    : Used 40 registers\n"
+        "    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads\n"
+        "ptxas info    : Compiling entry function 'k' for 'sm_90a'\n"
+        "ptxas info    : Function properties for k\n"
+        "    8 bytes stack frame, 12 bytes spill stores, 16 bytes spill loads\n"
+        "ptxas info    : Used 255 registers, used 1 barriers, 8 bytes cumulative stack size\n"
+    )
+    r = kr.parse_ptxas_log(log, "k")
+    assert (r["registers"], r["spill_stores"], r["spill_loads"], r["stack_frame"]) == (255, 12, 16, 8)
+    entry = dict(r, arch=90, smem=240 * 1024, config={"num_warps": 8})
+    ok, why = kr.verdict(entry)
+    assert not ok and any("spills" in w for w in why) and any("shared memory" in w for w in why)
+    ok, why = kr.verdict(dict(entry, spill_stores=0, spill_loads=0, smem=200 * 1024))
+    assert ok and not why
+    ok, why = kr.verdict(dict(entry, spill_stores=0, spill_loads=0, smem=0, config={"num_warps": 16}))
+    assert not ok and "registers" in why[0]  # 255 x 512 threads > 64K registers
+
+
 @pytest.mark.slow
 def test_fresh_compile_of_representative_configs(tmp_path):
     """Compile the up-projection for sm_90 now (gathered X, two accumulators, the heaviest flags:
