@@ -104,6 +104,14 @@ class capture_fallbacks:
             _listeners.remove(self.found)
 
 
+def mark_sonic(backend):
+    """Mark ``backend`` (a callable that runs the sonic rewrite, e.g. a test harness or a user's own
+    backend wrapping ``rewrite_moe``) so that its frames get the same scoped Dynamo settings as
+    ``backend="sonic"``. Returns ``backend``."""
+    setattr(backend, MARKER, True)
+    return backend
+
+
 def is_sonic(compiler_fn) -> bool:
     """Is ``compiler_fn`` (as Dynamo holds it: WrapBackendDebug -> torch.compile's wrapper -> the
     function, possibly a functools.partial, or DDPOptimizer's compile_fn) the sonic backend?"""

@@ -14,6 +14,7 @@ from torch._dynamo.utils import counters
 pytest.importorskip("transformers")
 import hf_models  # noqa: E402
 import moe_inductor  # noqa: E402
+from moe_inductor.dynamo_scope import mark_sonic
 from moe_inductor.backend import rewrite_moe  # noqa: E402
 from moe_inductor.options import SonicOptions  # noqa: E402
 from test_hf_models import run_and_compare, sonic_without_codegen  # noqa: E402
@@ -36,7 +37,7 @@ def rewrite_only(model, *args):
         return gm.forward
 
     torch._dynamo.reset()
-    out = torch.compile(model, backend=backend)(*args)
+    out = torch.compile(model, backend=mark_sonic(backend))(*args)
     return out, graphs, reports
 
 

@@ -12,11 +12,13 @@ from torch._dynamo.utils import counters
 from torch.testing._internal.common_utils import TestCase
 
 from moe_inductor.backend import rewrite_moe
+from moe_inductor.dynamo_scope import mark_sonic
 from moe_inductor.options import SonicOptions
 
 T, D, N, E, K = 6, 16, 8, 4, 2  # 6 tokens, hidden 16, expert width 8, 4 experts, top-2
 
 
+@mark_sonic  # frames get sonic's scoped Dynamo settings
 class RewriteOnly:
     """Backend: the sonic rewrite, then the graph as it is (keeps the last graph and report)."""
 

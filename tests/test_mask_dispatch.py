@@ -15,10 +15,12 @@ from torch._dynamo.utils import counters
 from torch.testing._internal.common_utils import TestCase
 
 from moe_inductor.backend import rewrite_moe
+from moe_inductor.dynamo_scope import mark_sonic
 from moe_inductor.options import SonicOptions
 from moe_modules import BiasedMLP, LoopMoE, MaskDispatchMoE, PlainMLP
 
 
+@mark_sonic  # frames get sonic's scoped Dynamo settings
 class RewriteOnly:
     """Backend: the sonic rewrite, then the graph as it is (keeps graphs and candidates)."""
 
@@ -212,6 +214,16 @@ def no_dropout(model, keep=()):
     return model
 
 
+
+# torch 2.11's Dynamo cannot trace transformers 5.23's Switch/NLLB routers (``self.classifier =
+# self.classifier.to(self.dtype)`` builds an nn.Parameter: "Attempted to use torch.nn.Parameter()
+# constructor"), so the router and the dispatch land in different graphs and the 4.x blocks are not
+# seen whole there. A known limit on 2.11 (README), kept visible: strict, so it fails once it passes.
+_ROUTER_BREAKS_ON_211 = pytest.mark.xfail(
+    torch.__version__ < "2.12", strict=True,
+    reason="torch 2.11 Dynamo graph-breaks in transformers' Switch/NLLB router (nn.Parameter constructor)")
+
+@_ROUTER_BREAKS_ON_211
 @pytest.mark.parametrize("capacity", [
     64,  # the config's capacity: no token of the 8-token sequences is dropped
     1,   # one token per expert and sequence: dropped tokens keep their input (then * router prob)
@@ -234,6 +246,7 @@ def test_hf_switch_transformers_4x_blocks(capacity):
     run_and_compare(model, ids, len(hf_models.moe_modules(model)), atol=1e-4, rtol=1e-4)
 
 
+@_ROUTER_BREAKS_ON_211
 def test_hf_switch_expert_dropout_in_training_declined():
     # Switch's experts keep dropout_rate 0.1 between wi and wo: random in training
     hf_models = _hf("switch_transformers")
@@ -252,6 +265,7 @@ def test_hf_switch_expert_dropout_in_training_declined():
     assert all("dropout with p > 0 in training" in c.reason for c in be.candidates)
 
 
+@_ROUTER_BREAKS_ON_211
 @pytest.mark.parametrize("mode, token_dropout, reason", [
     ("train", 0.2, "dropout with p > 0 in training"),  # NLLB default moe_token_dropout, training
     ("eval", 0.2, "modifies"),                          # eval: expert_output *= 1 - p, in place
