@@ -71,7 +71,8 @@ FORCE_SYNC_FREE = False
 def _use_sync_free(x: torch.Tensor, sync_free: Optional[bool]) -> bool:
     if sync_free is not None:
         return sync_free
-    return FORCE_SYNC_FREE or (x.is_cuda and torch.cuda.is_current_stream_capturing())
+    # the device type, not ``is_cuda``: a CPU build has no stream-capture query at all
+    return FORCE_SYNC_FREE or (x.device.type == "cuda" and torch.cuda.is_current_stream_capturing())
 
 
 def moe_forward(

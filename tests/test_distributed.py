@@ -28,6 +28,8 @@ import os
 import tempfile
 
 import pytest
+
+pytestmark = pytest.mark.slow  # 2 gloo ranks per test, about a minute each: run by CI with -m slow
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp

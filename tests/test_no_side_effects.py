@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # fresh subprocesses with full compiles: run by CI with -m slow
+
 TESTS = Path(__file__).resolve().parent
 
 # Prints a JSON summary: the configs before/after, the transformers forward identities, and what a
@@ -25,8 +27,14 @@ SCRIPT = textwrap.dedent(r"""
         out = {}
         for name, cfg in (("dynamo", torch._dynamo.config), ("inductor", torch._inductor.config),
                           ("functorch", torch._functorch.config)):
-            out[name] = {k: repr(v) for k, v in cfg.get_config_copy().items()}
+            out[name] = {k: canon(v) for k, v in cfg.get_config_copy().items()}
         return out
+
+    def canon(v):
+        # sets by content: a config.patch restores a copy whose iteration order may differ
+        if isinstance(v, (set, frozenset)):
+            return repr(sorted(map(repr, v)))
+        return repr(v)
 
     def forwards():
         try:
