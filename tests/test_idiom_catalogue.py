@@ -1,0 +1,129 @@
+"""Every idiom of ``tests/idiom_catalogue.py`` through the sonic rewrite, against eager.
+
+Per entry, one compiled module runs at two sequence lengths (T=5, then T=8: Dynamo recompiles
+once, with T dynamic) and must:
+- match eager in the output and in the gradient of every parameter and floating input
+  (the entry's tolerance: 1e-4 in fp32; the bf16 grouped-GEMM idioms at their stated tolerance);
+- compile at most twice;
+- rewrite exactly ``expect`` MoE blocks in every graph, and leave a graph that calls the fused op
+  ``expect`` times with no expert GEMM left (only the entry's ``other_gemms``: router, shared
+  expert, gating einsum). A ``"pending"`` entry is checked for numerics only; what the rewrite did
+  is printed and recorded (``record_property``), so the lead can flip it when a recogniser lands.
+
+The backend is light (``rewrite_moe``, then the graph runs eagerly: no Inductor code generation),
+so the file stays fast; the fused op runs its PyTorch path with its own autograd.
+"""
+from __future__ import annotations
+
+import operator
+
+import pytest
+import torch
+import torch.nn.functional as Fn
+from torch._dynamo.utils import counters
+
+from moe_inductor.backend import rewrite_moe
+from moe_inductor.dynamo_scope import mark_sonic
+from moe_inductor.options import SonicOptions
+
+from idiom_catalogue import BY_NAME, CATALOGUE
+
+LENGTHS = ((5, 0), (8, 1))  # (T, input seed): two sequence lengths, so one dynamic-shape recompile at most
+
+_GEMM_FUNCTIONS = {torch._C._nn.linear, Fn.linear, torch.bmm, torch.mm, torch.matmul, torch.einsum,
+                   torch._grouped_mm, operator.matmul}
+_GEMM_METHODS = {"bmm", "mm", "matmul", "__matmul__"}
+
+
+def gemm_nodes(gm: torch.fx.GraphModule) -> list:
+    return [n for n in gm.graph.nodes
+            if (n.op == "call_function" and n.target in _GEMM_FUNCTIONS)
+            or (n.op == "call_method" and n.target in _GEMM_METHODS)]
+
+
+def fused_calls(gm: torch.fx.GraphModule) -> int:
+    ops = (torch.ops.moe_inductor.fused_moe, torch.ops.moe_inductor.fused_moe_experts)
+    targets = set(ops) | {op.default for op in ops}
+    return sum(1 for n in gm.graph.nodes if n.op == "call_function" and n.target in targets)
+
+
+@mark_sonic  # frames compiled with it get sonic's scoped Dynamo settings
+class RewriteOnly:
+    """Backend: the sonic rewrite, then the graph as it is. Records, per compiled graph, the
+    rewrite report and the GEMM nodes before and after."""
+
+    def __init__(self):
+        self.compiles = []  # dicts: report, gemms_before, gemms_after, fused, graph
+
+    def __call__(self, gm, example_inputs):
+        before = len(gemm_nodes(gm))
+        report = rewrite_moe(gm, SonicOptions())
+        self.compiles.append(dict(report=report, gemms_before=before, gemms_after=len(gemm_nodes(gm)),
+                                  fused=fused_calls(gm), graph=gm))
+        return gm.forward
+
+
+def fwd_bwd(fn, module, args):
+    """Output, and gradients of every parameter and floating input (None -> zeros: an expert that
+    got no token has no gradient in eager and a zero one through the fused op)."""
+    ins = [a.detach().clone().requires_grad_(a.is_floating_point()) for a in args]
+    module.zero_grad(set_to_none=True)
+    out = fn(*ins)
+    out.float().pow(2).sum().backward()
+    grads = [(name, p.grad if p.grad is not None else torch.zeros_like(p)) for name, p in module.named_parameters()]
+    grads += [(f"input{i}", a.grad) for i, a in enumerate(ins) if a.is_floating_point()]
+    return out.detach(), grads
+
+
+def check_against_eager(idiom):
+    """Compile ``idiom`` and run it at both lengths against eager; return the backend's record."""
+    torch._dynamo.reset()
+    counters.clear()
+    module = idiom.build()
+    backend = RewriteOnly()
+    compiled = torch.compile(module, backend=backend, fullgraph=idiom.fullgraph)
+    for T, seed in LENGTHS:
+        args = idiom.inputs(T, seed)
+        ref_out, ref_grads = fwd_bwd(module, module, args)
+        out, grads = fwd_bwd(compiled, module, args)
+        tol = dict(atol=idiom.tol, rtol=idiom.tol)
+        torch.testing.assert_close(out, ref_out, **tol, msg=lambda m: f"{idiom.name} T={T} output: {m}")
+        for (name, g), (_, r) in zip(grads, ref_grads):
+            torch.testing.assert_close(g, r, **tol, msg=lambda m: f"{idiom.name} T={T} grad of {name}: {m}")
+    return backend
+
+
+@pytest.mark.parametrize("name", [i.name for i in CATALOGUE])
+def test_idiom(name, record_property):
+    idiom = BY_NAME[name]
+    backend = check_against_eager(idiom)
+    compiles = backend.compiles
+    assert 1 <= len(compiles) <= 2, f"{name}: compiled {len(compiles)} times for two lengths"
+    seen = [[(c.idiom, c.status, c.reason) for c in rec["report"].candidates] for rec in compiles]
+    rewritten = [sum(c.status == "rewritten" for c in rec["report"].candidates) for rec in compiles]
+    record_property("rewritten_per_graph", rewritten)
+    if idiom.expect == "pending":
+        note = f"{name}: pending; rewritten per graph {rewritten}; candidates {seen}"
+        record_property("pending_note", note)
+        print(note)
+        return
+    assert rewritten == [idiom.expect] * len(compiles), f"{name}: rewritten {rewritten}, candidates {seen}"
+    for rec in compiles:
+        assert rec["fused"] == idiom.expect, f"{name}: {rec['fused']} fused-op calls in {rec['graph'].code}"
+        # the experts' GEMMs are gone; only the router's (and shared experts', gating's) remain
+        assert rec["gemms_before"] > idiom.other_gemms
+        assert rec["gemms_after"] == idiom.other_gemms, (
+            f"{name}: {rec['gemms_after']} GEMM nodes left, expected {idiom.other_gemms}: "
+            f"{[str(n.target) for n in gemm_nodes(rec['graph'])]}")
+
+
+def test_catalogue_entries_are_well_formed():
+    for idiom in CATALOGUE:
+        assert idiom.expect == "pending" or (isinstance(idiom.expect, int) and idiom.expect >= 0), idiom.name
+        assert idiom.source, idiom.name
+        a, b = idiom.build(), idiom.build()  # deterministic weights
+        for (n, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
+            assert torch.equal(p, q), f"{idiom.name}.{n} differs between two builds"
+        args = idiom.inputs(5, 0)
+        assert all(torch.equal(x, y) for x, y in zip(args, idiom.inputs(5, 0)))
+        assert a(*args).shape == args[0].shape, idiom.name  # an MoE block maps tokens to tokens
