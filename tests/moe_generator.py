@@ -1,0 +1,425 @@
+"""Randomised MoE blocks built from a random spelling of each part, and near-miss mutations.
+
+An MoE block computes ``out[t] = sum over assignments (t, e, s) of s * f_e(x[t])`` (or, with the
+score on the input, ``f_e(s * x[t])``). ``GeneratedMoE(spec)`` writes that computation with one
+spelling per part:
+
+- layout / dispatch (how the (token, expert, score) assignments are expressed):
+  ``loop``: a Python loop over the experts with per-expert token lists,
+  ``where_eq`` (``tok, k = torch.where(ids == e)``) or ``onehot_permute``
+  (``k, tok = torch.where(one_hot(ids, E).permute(2, 1, 0)[e])``);
+  ``flat``: a loop over the experts with boolean masks over the ``repeat_interleave(K)``'d rows
+  (``flat_mask``: ``m = ids.reshape(-1) == e``);
+  ``gathered``: no loop, one row per assignment, ``interleave`` (``x.repeat_interleave(K, dim=0)``:
+  row i is token i // K) or ``sorted`` (rows ``x[order // K]``, ``order`` a stable ``argsort`` of
+  the expert ids);
+- experts: ``modulelist`` (a ModuleList of Linears), ``stacked`` (parameters (E, ...) indexed
+  ``w[e]`` inside the loop), ``gathered`` (``W[ids]`` + ``bmm``, gate and up separate) or
+  ``gathered_fused`` (one gate_up parameter, ``chunk(2)``); gated or plain, with or without biases,
+  activation silu / gelu / relu;
+- combine: ``index_add`` (``out.index_add_(0, tok, y)``), ``indexed_iadd`` (``out[tok] += y``),
+  ``index_put_acc`` (``out.index_put_((tok,), y, accumulate=True)``), ``scatter_add``
+  (``out.scatter_add_(0, tok[:, None].expand(-1, d), y)``), ``view_sum``
+  (``(y * s).view(T, K, d).sum(1)``);
+- scores on the ``output`` or on the ``input`` of the experts.
+
+Near-miss mutations (``MUTATIONS``) change what the block computes; none may be rewritten (a
+mutation whose rewrite a recogniser proves exact goes into ``ALLOWED_NEAR_MISS_REWRITES``), and
+whatever the rewrite does, compiled output and every gradient must equal eager.
+
+This module imports only torch; ``run_case`` (used by tests/test_generated_moe.py and
+examples/fuzz_rewrites.py) imports the backend when called.
+"""
+from __future__ import annotations
+
+import dataclasses
+import random
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as Fn
+
+D, N = 8, 6  # hidden, expert width
+
+LAYOUTS = {
+    # layout: (dispatches, experts, combines)
+    "loop": (("where_eq", "onehot_permute"), ("modulelist", "stacked"),
+             ("index_add", "indexed_iadd", "index_put_acc", "scatter_add")),
+    "flat": (("flat_mask",), ("modulelist", "stacked"), ("view_sum", "index_add")),
+    "gathered": (("interleave", "sorted"), ("gathered", "gathered_fused"), ("view_sum", "scatter_add", "index_add")),
+}
+ACTIVATIONS = {"silu": Fn.silu, "gelu": Fn.gelu, "relu": Fn.relu}
+E_CHOICES, T_CHOICES = (1, 2, 3, 5, 8), (1, 2, 3, 7, 13)
+
+# near-miss mutation -> the layouts it applies to (with a reason where one is left out)
+MUTATIONS = {
+    "score_twice": ("loop", "flat", "gathered"),         # s applied on the input and again on the output
+    "score_never": ("loop", "flat", "gathered"),         # the routing weight is never applied
+    "missing_expert": ("loop", "flat"),                  # the loop skips expert 0 (the busiest under skew)
+    "shared_weights": ("loop", "flat"),                  # expert 1 computes with expert 0's weights
+    "combine_index_differs": ("loop", "flat", "gathered"),  # results land on token (t + 1) % T
+    "acc_not_zero": ("loop", "flat", "gathered"),        # accumulator starts at ones (view_sum: n/a, see applies)
+    "acc_read_inside": ("loop", "flat"),                 # the loop reads the accumulator it writes
+    "dropout_train": ("loop", "flat", "gathered"),       # dropout p=0.25 in training between act and down
+    "inplace_expert": ("loop", "flat", "gathered"),      # the pre-activation is scaled in place (mul_)
+    "scores_other_tensor": ("loop", "flat", "gathered"),  # scores from a second router, not the top-k's
+    "transform_after_down": ("loop", "flat", "gathered"),  # tanh on the expert output after W2
+}
+
+#: near-miss mutations that a recogniser may rewrite, because the mutated block is still exactly
+#: what the fused op computes for some assignments, and the op can be given those: scores from
+#: another (T, K) table are other scores (taken from the node the block multiplies by); scores
+#: never applied are scores 1; a skipped expert's assignments are dropped ones (expert id -1).
+#: Every other mutation is not expressible by the op (f(s x) s, gather and combine at different
+#: tokens, a read of the accumulator, randomness, an in-place change or a transform inside the
+#: expert, an accumulator that does not start at 0) or is declined on purpose (shared weights:
+#: a look-alike of an MoE). Whatever is rewritten, numerics are asserted.
+ALLOWED_NEAR_MISS_REWRITES: set = {"scores_other_tensor", "score_never", "missing_expert"}
+
+#: combinations (layout, dispatch, experts, combine, score_on, bias) that the rewrite replaces
+#: for every E, K, T, activation (except a gated relu: the fused op has no ReGLU), gate and skew:
+#: asserted by tests/test_generated_moe.py. Started with what main rewrote before the parts
+#: redesign; the lead extends it as recognisers land.
+SUPPORTED = {
+    ("loop", "where_eq", "modulelist", "index_add", "output", False),
+    ("loop", "onehot_permute", "modulelist", "index_add", "output", False),
+    ("gathered", "interleave", "gathered_fused", "view_sum", "output", False),  # transformers batched_mm
+}
+
+
+def supported(spec: "Spec") -> bool:
+    """Must the rewrite replace this (unmutated) block?"""
+    return spec.mutation is None and spec.combo in SUPPORTED and not (spec.gated and spec.act == "relu")
+
+
+@dataclasses.dataclass(frozen=True)
+class Spec:
+    layout: str
+    dispatch: str
+    experts: str
+    combine: str
+    score_on: str  # "output" | "input"
+    bias: bool
+    gated: bool
+    act: str
+    E: int
+    K: int
+    T: int
+    skew: bool  # router bias that sends most tokens to the first experts (others get none)
+    mutation: Optional[str] = None
+    seed: int = 0
+
+    @property
+    def combo(self) -> tuple:
+        return (self.layout, self.dispatch, self.experts, self.combine, self.score_on, self.bias)
+
+    def describe(self) -> str:
+        m = f" MUTATION={self.mutation}" if self.mutation else ""
+        return (f"{self.layout}/{self.dispatch}/{self.experts}/{self.combine} score_on={self.score_on} "
+                f"bias={self.bias} gated={self.gated} act={self.act} E={self.E} K={self.K} T={self.T} "
+                f"skew={self.skew} seed={self.seed}{m}")
+
+
+def applies(mutation: str, layout: str, combine: str, E: int, T: int) -> bool:
+    if layout not in MUTATIONS[mutation]:
+        return False
+    if mutation == "acc_not_zero" and combine == "view_sum":
+        return False  # every row of the (A, d) buffer is written: its initial value is never read
+    if mutation == "combine_index_differs" and T == 1:
+        return False  # (t + 1) % 1 == t: no change
+    if mutation in ("shared_weights",) and E < 2:
+        return False
+    return True
+
+
+def sample(rng: random.Random, mutation_rate: float = 0.4, seed: int = 0) -> Spec:
+    layout = rng.choice(sorted(LAYOUTS))
+    dispatches, experts, combines = LAYOUTS[layout]
+    E = rng.choice(E_CHOICES)
+    T = rng.choice(T_CHOICES)
+    spec = dict(layout=layout, dispatch=rng.choice(dispatches), experts=rng.choice(experts),
+                combine=rng.choice(combines), score_on=rng.choice(("output", "input")),
+                bias=rng.random() < 0.3, gated=rng.random() < 0.6, act=rng.choice(sorted(ACTIVATIONS)),
+                E=E, K=rng.randint(1, min(E, 3)), T=T, skew=rng.random() < 0.3, seed=seed)
+    if rng.random() < mutation_rate:
+        options = [m for m in sorted(MUTATIONS) if applies(m, layout, spec["combine"], E, T)]
+        if options:
+            spec["mutation"] = rng.choice(options)
+    return Spec(**spec)
+
+
+def cases(n: int, seed: int, mutation_rate: float = 0.4) -> list:
+    rng = random.Random(seed)
+    return [sample(rng, mutation_rate, seed=seed * 100003 + i) for i in range(n)]
+
+
+# --------------------------------------------------------------------------- the module
+
+class ExpertMLP(nn.Module):
+    def __init__(self, d, n, gated, bias):
+        super().__init__()
+        self.w1 = nn.Linear(d, n, bias=bias)
+        self.w3 = nn.Linear(d, n, bias=bias) if gated else None
+        self.w2 = nn.Linear(n, d, bias=bias)
+
+
+class GeneratedMoE(nn.Module):
+    def __init__(self, spec: Spec):
+        super().__init__()
+        self.spec = s = spec
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(spec.seed)
+            self.gate = nn.Linear(D, s.E, bias=False)
+            if s.mutation == "scores_other_tensor":
+                self.gate_alt = nn.Linear(D, s.E, bias=False)
+            bias = torch.linspace(3.0, -3.0, s.E) if s.skew and s.E > 1 else torch.zeros(s.E)
+            self.register_buffer("router_bias", bias)
+            if s.experts == "modulelist":
+                self.experts = nn.ModuleList([ExpertMLP(D, N, s.gated, s.bias) for _ in range(s.E)])
+            else:
+                self.w1 = nn.Parameter(torch.randn(s.E, N, D) / D ** 0.5)
+                self.w2 = nn.Parameter(torch.randn(s.E, D, N) / N ** 0.5)
+                self.b1 = nn.Parameter(torch.randn(s.E, N) * 0.1) if s.bias else None
+                self.b2 = nn.Parameter(torch.randn(s.E, D) * 0.1) if s.bias else None
+                if s.gated:
+                    self.w3 = nn.Parameter(torch.randn(s.E, N, D) / D ** 0.5)
+                    self.b3 = nn.Parameter(torch.randn(s.E, N) * 0.1) if s.bias else None
+
+    # ---- experts
+    def _weights(self, e: int, which: str):
+        """(weight, bias) of expert e's projection ``which`` (1: gate/up, 3: up of a gated MLP, 2: down)."""
+        if self.spec.mutation == "shared_weights" and e == 1:
+            e = 0
+        b = getattr(self, f"b{which}")
+        return getattr(self, f"w{which}")[e], (b[e] if b is not None else None)
+
+    def _mlp(self, z, lin1, lin3, lin2):
+        h = lin1(z)
+        if self.spec.mutation == "inplace_expert":
+            h.mul_(1.5)  # in place on the pre-activation (nothing saved for backward is written)
+        h = ACTIVATIONS[self.spec.act](h)
+        if self.spec.gated:
+            h = h * lin3(z)
+        return self._mlp_tail(h, lin2)
+
+    def expert(self, e: int, z):
+        if self.spec.experts == "modulelist":
+            m = self.experts[0 if self.spec.mutation == "shared_weights" and e == 1 else e]
+            return self._mlp(z, m.w1, m.w3, m.w2)  # the modules' own calls, as user code writes them
+        return self._mlp(z, *[lambda v, w=w: Fn.linear(v, *self._weights(e, w)) for w in ("1", "3", "2")])
+
+    def gathered_experts(self, z, eids):
+        """One row per assignment: weights gathered ``W[eids]``, bmm."""
+        s = self.spec
+
+        def lin(v, which):
+            w = getattr(self, f"w{which}")[eids]
+            out = torch.bmm(w, v.unsqueeze(-1)).squeeze(-1)
+            b = getattr(self, f"b{which}")
+            return out + b[eids] if b is not None else out
+
+        if s.experts == "gathered_fused" and s.gated:
+            w13 = torch.cat([self.w1, self.w3], dim=1)  # (E, 2n, d)
+            h = torch.bmm(w13[eids], z.unsqueeze(-1)).squeeze(-1)
+            if s.bias:
+                h = h + torch.cat([self.b1, self.b3], dim=1)[eids]
+            if s.mutation == "inplace_expert":
+                h.mul_(1.5)
+            g, u = h.chunk(2, dim=-1)
+            return self._mlp_tail(ACTIVATIONS[s.act](g) * u, lambda v: lin(v, "2"))
+        return self._mlp(z, lambda v: lin(v, "1"), lambda v: lin(v, "3"), lambda v: lin(v, "2"))
+
+    def _mlp_tail(self, h, lin2):
+        s = self.spec
+        if s.mutation == "dropout_train":
+            h = Fn.dropout(h, p=0.25, training=True)
+        y = lin2(h)
+        return torch.tanh(y) if s.mutation == "transform_after_down" else y
+
+    # ---- the block
+    def forward(self, x):
+        s = self.spec
+        T, d = x.shape
+        probs = Fn.softmax(self.gate(x) + self.router_bias, dim=-1)
+        w, ids = torch.topk(probs, s.K, dim=-1)
+        w = w / w.sum(dim=-1, keepdim=True)
+        if s.mutation == "scores_other_tensor":
+            w = torch.topk(Fn.softmax(self.gate_alt(x), dim=-1), s.K, dim=-1)[0]
+        on_in = s.score_on == "input" or s.mutation == "score_twice"
+        on_out = (s.score_on == "output" or s.mutation == "score_twice") and s.mutation != "score_never"
+        on_in = on_in and s.mutation != "score_never"
+        shift = (lambda t: (t + 1) % T) if s.mutation == "combine_index_differs" else (lambda t: t)
+        init = torch.ones_like if s.mutation == "acc_not_zero" else torch.zeros_like
+        experts = range(1, s.E) if s.mutation == "missing_expert" else range(s.E)
+
+        if s.layout == "loop":
+            out = init(x)
+            onehot = Fn.one_hot(ids, s.E).permute(2, 1, 0) if s.dispatch == "onehot_permute" else None
+            for e in experts:
+                if s.dispatch == "where_eq":
+                    tok, k = torch.where(ids == e)
+                else:
+                    k, tok = torch.where(onehot[e])
+                z = x[tok]
+                if on_in:
+                    z = z * w[tok, k, None]
+                y = self.expert(e, z)
+                if on_out:
+                    y = y * w[tok, k, None]
+                if s.mutation == "acc_read_inside":
+                    y = y + 0.5 * out[tok]
+                self._combine(out, shift(tok), y)
+            return out
+
+        if s.layout == "flat":
+            x_rep = x.repeat_interleave(s.K, dim=0)
+            flat_ids, flat_w = ids.reshape(-1), w.reshape(-1)
+            tok_of_row = torch.arange(T, device=x.device).repeat_interleave(s.K)
+            if s.combine == "view_sum":
+                buf = torch.zeros_like(x_rep)
+                for e in experts:
+                    m = flat_ids == e
+                    z = x_rep[m]
+                    if on_in:
+                        z = z * flat_w[m, None]
+                    y = self.expert(e, z)
+                    if s.mutation == "acc_read_inside":
+                        y = y + 0.5 * buf[m]
+                    buf[m] = y
+                if s.mutation == "combine_index_differs":  # k-major reading of a token-major buffer
+                    v, ww = buf.view(s.K, T, d), w.t()
+                    return (v * ww.unsqueeze(-1)).sum(0) if on_out else v.sum(0)
+                v = buf.view(T, s.K, d)
+                return (v * w.unsqueeze(-1)).sum(1) if on_out else v.sum(1)
+            out = init(x)
+            for e in experts:
+                m = flat_ids == e
+                z = x_rep[m]
+                if on_in:
+                    z = z * flat_w[m, None]
+                y = self.expert(e, z)
+                if on_out:
+                    y = y * flat_w[m, None]
+                if s.mutation == "acc_read_inside":
+                    y = y + 0.5 * out[tok_of_row[m]]
+                out.index_add_(0, shift(tok_of_row[m]), y)
+            return out
+
+        # gathered: one row per assignment
+        flat_ids, flat_w = ids.reshape(-1), w.reshape(-1)
+        tok = torch.arange(T, device=x.device).repeat_interleave(s.K)
+        if s.dispatch == "sorted":
+            order = torch.argsort(flat_ids, stable=True)
+            eids, sw, tok = flat_ids[order], flat_w[order], order // s.K
+            z = x[tok]
+        else:
+            order, eids, sw = None, flat_ids, flat_w
+            z = x.repeat_interleave(s.K, dim=0)
+        if on_in:
+            z = z * sw.unsqueeze(-1)
+        y = self.gathered_experts(z, eids)
+        if on_out:
+            y = y * sw.unsqueeze(-1)
+        if s.combine == "view_sum":
+            if order is not None:
+                unsorted = torch.zeros_like(y)
+                unsorted[order] = y
+                y = unsorted
+            if s.mutation == "combine_index_differs":
+                return y.view(s.K, T, d).sum(0)
+            return y.view(T, s.K, d).sum(1)
+        out = init(x)
+        tok = shift(tok)
+        if s.combine == "scatter_add":
+            return out.scatter_add_(0, tok.unsqueeze(-1).expand(-1, d), y)
+        return out.index_add_(0, tok, y)
+
+    def _combine(self, out, tok, y):
+        c = self.spec.combine
+        if c == "index_add":
+            out.index_add_(0, tok, y)
+        elif c == "indexed_iadd":
+            out[tok] += y
+        elif c == "index_put_acc":
+            out.index_put_((tok,), y, accumulate=True)
+        else:
+            out.scatter_add_(0, tok.unsqueeze(-1).expand(-1, y.shape[-1]), y)
+
+
+def inputs(spec: Spec) -> torch.Tensor:
+    g = torch.Generator().manual_seed(spec.seed + 1)
+    return torch.randn(spec.T, D, generator=g)
+
+
+# --------------------------------------------------------------------------- running a case
+
+@dataclasses.dataclass
+class Outcome:
+    spec: Spec
+    rewritten: int
+    declined: list  # reasons
+    numerics_ok: bool
+    error: str = ""  # mismatch or exception text
+
+    @property
+    def wrong_rewrite(self) -> bool:
+        return self.rewritten > 0 and not self.numerics_ok
+
+    @property
+    def near_miss_rewritten(self) -> bool:
+        return (self.spec.mutation is not None and self.rewritten > 0
+                and self.spec.mutation not in ALLOWED_NEAR_MISS_REWRITES)
+
+    def as_dict(self) -> dict:
+        return dict(spec=dataclasses.asdict(self.spec), combo=list(self.spec.combo), rewritten=self.rewritten,
+                    declined=self.declined, numerics_ok=self.numerics_ok, error=self.error[:2000],
+                    wrong_rewrite=self.wrong_rewrite, near_miss_rewritten=self.near_miss_rewritten)
+
+
+def _fwd_bwd(fn, module, x, rng_seed):
+    xi = x.detach().clone().requires_grad_(True)
+    module.zero_grad(set_to_none=True)
+    torch.manual_seed(rng_seed)  # dropout draws the same numbers in eager and in the captured graph
+    out = fn(xi)
+    out.pow(2).sum().backward()
+    grads = [(n, p.grad if p.grad is not None else torch.zeros_like(p)) for n, p in module.named_parameters()]
+    return out.detach(), grads + [("x", xi.grad if xi.grad is not None else torch.zeros_like(xi))]
+
+
+def run_case(spec: Spec, atol: float = 1e-4, rtol: float = 1e-4) -> Outcome:
+    """Eager vs the sonic rewrite (light backend: rewrite_moe, then the graph eagerly), output and
+    every gradient; what was rewritten and declined."""
+    from torch._dynamo.utils import counters
+
+    from moe_inductor.backend import rewrite_moe
+    from moe_inductor.dynamo_scope import mark_sonic
+    from moe_inductor.options import SonicOptions
+
+    reports = []
+
+    @mark_sonic
+    def backend(gm, example_inputs):
+        reports.append(rewrite_moe(gm, SonicOptions()))
+        return gm.forward
+
+    torch._dynamo.reset()
+    counters.clear()
+    module = GeneratedMoE(spec)
+    x = inputs(spec)
+    ref_out, ref_grads = _fwd_bwd(module, module, x, spec.seed)
+    error, ok = "", True
+    try:
+        out, grads = _fwd_bwd(torch.compile(module, backend=backend, fullgraph=True), module, x, spec.seed)
+        for (name, g), (_, r) in [(("output", out), ("output", ref_out))] + list(zip(grads, ref_grads)):
+            try:
+                torch.testing.assert_close(g, r, atol=atol, rtol=rtol)
+            except AssertionError as e:
+                ok, error = False, f"{name}: {e}"
+                break
+    except Exception as e:  # a compile error is a finding too, never a silent pass
+        ok, error = False, f"{type(e).__name__}: {e}"
+    cands = [c for r in reports for c in r.candidates]
+    return Outcome(spec, rewritten=sum(c.status == "rewritten" for c in cands),
+                   declined=[f"{c.idiom}: {c.reason}" for c in cands if c.status != "rewritten"],
+                   numerics_ok=ok, error=error)
