@@ -103,7 +103,12 @@ def test_idiom(name, record_property):
     rewritten = [sum(c.status == "rewritten" for c in rec["report"].candidates) for rec in compiles]
     record_property("rewritten_per_graph", rewritten)
     if idiom.expect == "pending":
-        note = f"{name}: pending; rewritten per graph {rewritten}; candidates {seen}"
+        # what flipping ``expect`` to the rewritten count would check: fused calls and GEMMs left
+        left = [(rec["fused"], rec["gemms_after"]) for rec in compiles]
+        ready = rewritten[0] > 0 and len(set(rewritten)) == 1 and all(
+            f == rewritten[0] and g == idiom.other_gemms for f, g in left)
+        note = (f"{name}: pending; rewritten per graph {rewritten}; (fused calls, GEMMs left) {left}, "
+                f"other_gemms {idiom.other_gemms}; {'ready to flip' if ready else 'not ready'}; candidates {seen}")
         record_property("pending_note", note)
         print(note)
         return
