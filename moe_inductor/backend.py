@@ -142,7 +142,7 @@ def _describe(block: MoEBlock, status: str, reason: str = "", where: Optional[st
     return Candidate(
         idiom=block.idiom, where=where or module_path_of(block.anchor), status=status, reason=reason,
         num_experts=block.num_experts, top_k=block.top_k, hidden=block.hidden,
-        intermediate=block.intermediate, dtype=block.dtype,
+        intermediate=block.intermediate, dtype=block.dtype, parts=block.parts,
     )
 
 

@@ -248,6 +248,8 @@ class MoEBlock:
     #: node whose module path names the block in reports (default: the anchor)
     location: Optional[fx.Node] = None
     autocast_like: str = "aten::mm"
+    #: the parts the block was recognised from (dispatch, experts, combine spellings), for reports
+    parts: str = ""
 
 
 @dataclasses.dataclass
@@ -265,6 +267,8 @@ class Candidate:
     dtype: Optional[torch.dtype] = None
     #: rewritten blocks: "triton" or "PyTorch path (<reason>)", decided at rewrite time (report.runs_on)
     runs_on: str = ""
+    #: rewritten blocks: the parts they were recognised from (``MoEBlock.parts``)
+    parts: str = ""
 
 
 def source_of(node: fx.Node) -> str:

@@ -58,6 +58,7 @@ from moe_inductor.rewrite import (
     match_or_decline as _match,
     method, mutated_between, nearest_upstream, need as _need, same, shape_of, size_asserts_of,
 )
+from . import combine as _combine
 from .common import GATED_OF, unary_activation
 
 IDIOM = "mask_dispatch"
@@ -409,6 +410,11 @@ def find(gm: fx.GraphModule):
         buf = node.args[0]
         if buf in declined:
             continue
+        if isinstance(buf, fx.Node) and ((buf.op == "call_function" and buf.target in (torch.empty, torch.empty_like))
+                                         or (buf.op == "call_method" and buf.target == "new_empty")):
+            continue  # assignments into an empty buffer: the per_expert composition
+        if _combine.indexed_iadd(node) is not None:
+            continue  # out[m] = out[m] + y: an accumulation, the per_expert composition
         try:
             if isinstance(node.args[1], (tuple, list)):
                 value, gathered = node.args[2], _find_gather(node.args[2], node.args[1])

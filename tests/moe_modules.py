@@ -200,7 +200,8 @@ class MaskDispatchMoE(nn.Module):
     probability inside the loop; capacity (mask="onehot"): an expert takes only its first
     ``capacity`` tokens, the others are routed nowhere (Switch Transformers' expert capacity). Look-alike switches: mask="threshold" (``probs[:, e] > 1/E``: a
     token may pass several masks, later experts overwrite), inplace_expert (the expert output is
-    scaled in place), read_inside (the loop reads the buffer it writes)."""
+    scaled in place), read_inside (the loop reads the buffer it writes: ``y - out[m]``; ``read_inside="add"`` is
+    ``out[m] = out[m] + y``, an accumulation, which is rewritten)."""
 
     def __init__(self, d=16, n=8, E=4, expert=GatedMLP, mask="eq", init="zeros", weighted=True,
                  inplace_expert=False, read_inside=False, capacity=None, **kw):
@@ -232,8 +233,10 @@ class MaskDispatchMoE(nn.Module):
                 y.mul_(2.0)
             if self.weighted:
                 y = w[m, None] * y
-            if self.read_inside:
+            if self.read_inside == "add":  # out[m] = out[m] + y: an indexed accumulation (rewritten)
                 y = y + out[m]
+            elif self.read_inside:          # out[m] = y - out[m]: not an MoE combine
+                y = y - out[m]
             out[m] = y
         return out.reshape(shape)
 

@@ -162,10 +162,19 @@ class GraphModule(torch.nn.Module):
 
 # --------------------------------------------------------------------------- look-alikes
 
+def test_read_modify_write_accumulation_rewritten():
+    """``out[m] = y + out[m]`` over disjoint masks into a copy of x: an indexed accumulation (the
+    per-expert composition's indexed_iadd combine), result x + sum of weighted experts."""
+    torch.manual_seed(0)
+    be = check_grads(MaskDispatchMoE(read_inside="add", init="clone"), torch.randn(2, 5, 16))
+    assert [(c.idiom, c.status) for c in be.candidates] == [("expert_loop", "rewritten")], be.candidates
+    assert "combine=indexed_iadd" in be.candidates[0].parts
+
+
 @pytest.mark.parametrize("kw, reason", [
     (dict(mask="threshold"), "masks not provably disjoint"),       # probs[:, e] > 1/E: masks overlap
     (dict(inplace_expert=True), "modifies y in place"),              # y.mul_(2) on the expert output
-    (dict(read_inside=True), "reads the buffer it writes"),          # out[m] = y + out[m]
+    (dict(read_inside=True), "reads the buffer it writes"),          # out[m] = y - out[m]
     (dict(expert=functools.partial(BiasedMLP, p=0.5)), "dropout with p > 0 in training"),
 ])
 def test_lookalikes_declined(kw, reason):

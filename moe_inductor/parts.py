@@ -1,0 +1,196 @@
+"""What an MoE block computes, in parts, and the registries of the recognisers of each part.
+
+An MoE block computes ``out[t] = sum over assignments (t, e, s) of s * f_e(x[t])`` with ``f_e`` an
+expert MLP. Code spells it in three parts, each in many ways:
+
+- **dispatch**: which (token, expert) assignments exist and with which score: a top-k table and
+  ``torch.where(ids == e)``, one-hot masks, boolean masks over tokens or over replicated
+  assignment rows, sort permutations with counts, capacity slots, expert-choice indices;
+- **experts**: ``f_e``: Linears of a ModuleList under any names, fused gate/up weights, stacked
+  parameters indexed per expert, batched GEMMs over expert batches;
+- **combine**: how each expert's weighted output reaches its tokens: ``index_add_``, an indexed
+  ``+=``, ``index_put_(accumulate=True)``, ``scatter_add_``, a masked assignment, a weighted
+  ``view(T, K, d).sum(1)`` ...
+
+A recogniser of one part maps one spelling to the part's canonical description below
+(``Selection``, ``ExpertMLP``, ``Write``, ``Score``); a composition (``patterns/per_expert.py``) asks the
+registries for the parts of a candidate, proves once that they fit together (the same
+assignments, the same rows gathered and written, scores applied exactly once, nothing else
+touching the intermediates: ``moe_inductor/safety.py``) and describes the block as a
+``moe_inductor.rewrite.MoEBlock`` for ``emit_fused_moe``. A new spelling costs one recogniser
+registered here (``register``), not a new idiom.
+
+A recogniser returns None when the node is not its spelling at all, and raises ``PartDeclined``
+when it is its spelling but something is not provable (the reason reaches ``explain``, naming
+the part).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Optional
+
+import torch.fx as fx
+
+from .rewrite import Declined
+
+PARTS = ("dispatch", "experts", "combine", "scores", "gather")
+
+
+class PartDeclined(Declined):
+    """A part recogniser saw its spelling but could not prove it; ``part`` names the part."""
+
+    def __init__(self, part: str, reason: str) -> None:
+        super().__init__(f"{part}: {reason}")
+        self.part = part
+
+
+def decline(part: str, reason: str):
+    raise PartDeclined(part, reason)
+
+
+def need(part: str, cond: Any, reason: str) -> None:
+    if not cond:
+        raise PartDeclined(part, reason)
+
+
+# --------------------------------------------------------------------------- canonical descriptions
+
+@dataclasses.dataclass
+class Selection:
+    """Dispatch, per expert: the rows expert ``expert`` takes.
+
+    ``layout``:
+      - "pairs": ``(token, k) = where(ids == e)`` over a (T, K) table ``routing`` of expert ids
+        (``token``/``k`` are the two index nodes; ``routing_kind`` "ids" or "onehot_mask" for a
+        (T, K, E) mask with at most one nonzero per row);
+      - "rows": a boolean mask ``mask`` (R,) over the rows of x (or an index computed from one:
+        ``where(mask)[0]``, ``mask.nonzero()``): expert e takes the rows where it is true.
+    ``index`` is what x and the output are indexed with for this expert (compared with
+    ``safety.equivalent``). ``unique``: no row is selected twice by this expert. ``disjoint_key``:
+    selections with the same key never share a row (``v == e`` for one tensor v and distinct e).
+    ``value``/``value_e``: for ``v == e`` masks, the tensor v and e (assignment ids then are v).
+    ``covers``: ``v`` provably takes only values in [0, E) (top-k indices over E columns)."""
+
+    expert: int
+    layout: str
+    index: Any
+    routing: Optional[fx.Node] = None
+    routing_kind: str = "ids"
+    token: Optional[fx.Node] = None
+    k: Optional[fx.Node] = None
+    mask: Optional[fx.Node] = None
+    unique: bool = True
+    disjoint_key: Any = None
+    value: Optional[fx.Node] = None
+    num_classes: Optional[int] = None
+    nodes: list = dataclasses.field(default_factory=list)
+    spelling: str = ""
+
+
+@dataclasses.dataclass
+class ExpertMLP:
+    """Experts, one expert: ``output = down(act(gate(input)) [* up(input)])`` with weights in
+    Linear layout (out, in) and optional biases; ``gemm`` is the GEMM the code calls (its autocast
+    rule is the fused op's)."""
+
+    input: fx.Node
+    output: fx.Node
+    activation: str
+    gate: fx.Node
+    down: fx.Node
+    up: Optional[fx.Node] = None
+    b_gate: Optional[fx.Node] = None
+    b_up: Optional[fx.Node] = None
+    b_down: Optional[fx.Node] = None
+    gemm: str = "aten::linear"
+    spelling: str = ""
+    #: names among gate/up/down stored (in, out) and used as ``z @ W``: the composition transposes them
+    transposed: set = dataclasses.field(default_factory=set)
+
+    def weights(self) -> tuple:
+        return (self.gate, self.up, self.down, self.b_gate, self.b_up, self.b_down)
+
+
+@dataclasses.dataclass
+class Write:
+    """Combine, per expert: ``value`` reaches the rows ``index`` of ``acc``.
+
+    ``kind``: "add" (accumulates) or "assign" (overwrites). ``duplicates_add``: duplicate indices
+    accumulate (``index_add_``, ``index_put_(accumulate=True)``, ``scatter_add_``), unlike a
+    ``getitem``/``+``/``setitem`` read-modify-write, where the last duplicate wins. ``nodes`` are the
+    graph nodes of the write (erased with the block); ``anchor`` the node that completes it."""
+
+    kind: str
+    acc: fx.Node
+    index: Any
+    value: fx.Node
+    anchor: fx.Node
+    nodes: list
+    duplicates_add: bool
+    spelling: str = ""
+
+
+@dataclasses.dataclass
+class Score:
+    """Scores, per expert: ``node`` reads the score of each selected row from ``source``: at the
+    (token, k) pairs of the selection (``layout`` "pairs", source (T, K)) or at its rows (``layout``
+    "rows", source (R,) or (R, 1)). ``on``: "output" (``s * f(x)``) or "input" (``f(s * x)``)."""
+
+    source: fx.Node
+    layout: str
+    index: Any
+    node: fx.Node
+    on: str = "output"
+    spelling: str = ""
+
+
+# --------------------------------------------------------------------------- registries
+
+@dataclasses.dataclass
+class Recogniser:
+    part: str
+    name: str
+    fn: Callable
+    source: str = ""
+
+
+REGISTRY: dict = {p: [] for p in PARTS}
+
+
+def register(part: str, name: str, source: str = ""):
+    """Decorator: add ``fn`` to the recognisers of ``part`` (tried in registration order)."""
+    assert part in REGISTRY, part
+
+    def wrap(fn):
+        REGISTRY[part].append(Recogniser(part, name, fn, source))
+        return fn
+
+    return wrap
+
+
+def recognise(part: str, *args, required: Optional[str] = None):
+    """The first recogniser of ``part`` that accepts ``args``: its result (with ``spelling`` set
+    to the recogniser's name), else None; with ``required`` (what was expected, in words), a
+    ``PartDeclined`` naming the part instead of None. A recogniser's own ``PartDeclined`` is
+    raised when no later recogniser accepts."""
+    first_decline = None
+    for r in REGISTRY[part]:
+        try:
+            got = r.fn(*args)
+        except Declined as e:
+            first_decline = first_decline or (e if isinstance(e, PartDeclined) else PartDeclined(part, str(e)))
+            continue
+        if got is not None:
+            if hasattr(got, "spelling") and not got.spelling:
+                got.spelling = r.name
+            return got
+    if first_decline is not None:
+        raise first_decline
+    if required is not None:
+        raise PartDeclined(part, f"{required} not recognised")
+    return None
+
+
+def spellings() -> dict:
+    """{part: [(name, source), ...]}: what the registered recognisers understand (README, explain)."""
+    return {p: [(r.name, r.source) for r in rs] for p, rs in REGISTRY.items()}

@@ -1,0 +1,115 @@
+"""Combine part (per expert): how an expert's (weighted) output reaches its rows of the result.
+
+Recognisers (``moe_inductor.parts.register``), each mapping a write to a canonical ``Write``:
+  ``index_add_``       ``acc.index_add_(0, idx, v)`` (transformers 4.x loops, most research code)
+  ``indexed_iadd``     ``acc[idx] += v`` / ``acc[idx] = acc[idx] + v``: Dynamo records getitem, add,
+                       setitem (mistral-inference ``moe.py``, DeepSeek-V3 ``inference/model.py``)
+  ``index_put_``       ``acc.index_put_((idx,), v, accumulate=True)`` (accumulate=False: an assignment)
+  ``scatter_add_``     ``acc.scatter_add_(0, idx[:, None].expand(-1, d), v)`` (and ``.unsqueeze(-1).expand_as(v)``)
+  ``setitem``          ``acc[idx] = v`` / ``acc[mask] = v`` (an assignment: DeepSeek-MoE/V2/V3 training
+                       branch, Switch Transformers 4.x)
+"""
+from __future__ import annotations
+
+import operator
+from typing import Optional
+
+import torch
+import torch.fx as fx
+
+from moe_inductor import safety
+from moe_inductor.parts import Write, register
+from moe_inductor.rewrite import shape_of
+
+
+def _arg(node: fx.Node, pos: int, name: str, default=None):
+    if len(node.args) > pos:
+        return node.args[pos]
+    return node.kwargs.get(name, default)
+
+
+@register("combine", "index_add_", "acc.index_add_(0, idx, v)")
+def index_add(node) -> Optional[Write]:
+    if not (node.op == "call_method" and node.target == "index_add_"):
+        return None
+    acc, dim, idx, v = node.args[0], _arg(node, 1, "dim"), _arg(node, 2, "index"), _arg(node, 3, "source")
+    if dim != 0 or not isinstance(idx, fx.Node) or not isinstance(v, fx.Node) or "alpha" in node.kwargs:
+        return None
+    return Write(kind="add", acc=acc, index=idx, value=v, anchor=node, nodes=[node], duplicates_add=True)
+
+
+def _read_of(node, acc, idx) -> bool:
+    return (isinstance(node, fx.Node) and node.op == "call_function" and node.target is operator.getitem
+            and node.args[0] is acc and safety.equivalent(node.args[1], idx))
+
+
+@register("combine", "indexed_iadd", "acc[idx] += v; acc[idx] = acc[idx] + v")
+def indexed_iadd(node) -> Optional[Write]:
+    if not (node.op == "call_function" and node.target is operator.setitem and len(node.args) == 3):
+        return None
+    acc, idx, new = node.args
+    if not isinstance(new, fx.Node) or not (new.op == "call_function" and new.target in (
+            operator.iadd, operator.add, torch.add) and len(new.args) == 2 and not new.kwargs):
+        return None
+    a, b = new.args
+    for read, v in ((a, b), (b, a) if new.target is not operator.iadd else ()):
+        if _read_of(read, acc, idx) and isinstance(v, fx.Node):
+            extra = [] if len(read.users) > 1 else [read]
+            return Write(kind="add", acc=acc, index=idx, value=v, anchor=node, nodes=[node, new] + extra,
+                         duplicates_add=False)
+    return None
+
+
+@register("combine", "index_put_", "acc.index_put_((idx,), v, accumulate=True)")
+def index_put(node) -> Optional[Write]:
+    if not ((node.op == "call_method" and node.target == "index_put_")
+            or (node.op == "call_function" and node.target is torch.index_put_)):
+        return None
+    acc, indices, v = node.args[0], _arg(node, 1, "indices"), _arg(node, 2, "values")
+    acc_flag = _arg(node, 3, "accumulate", False)
+    if not isinstance(indices, (tuple, list)) or len(indices) != 1 or not isinstance(v, fx.Node):
+        return None
+    return Write(kind="add" if acc_flag else "assign", acc=acc, index=indices[0], value=v, anchor=node,
+                 nodes=[node], duplicates_add=bool(acc_flag))
+
+
+def _expanded_rows(node) -> Optional[fx.Node]:
+    """idx if ``node`` is idx (R,) broadcast to (R, d): ``idx[:, None].expand(-1, d)``,
+    ``idx.unsqueeze(-1).expand_as(v)``, ``idx.view(-1, 1).expand(R, d)``, ``.repeat(1, d)``."""
+    if not (isinstance(node, fx.Node) and node.op == "call_method" and node.target in ("expand", "expand_as",
+                                                                                       "repeat")):
+        return None
+    inner = node.args[0]
+    if not isinstance(inner, fx.Node):
+        return None
+    if inner.op == "call_method" and inner.target == "unsqueeze" and inner.args[1] in (-1, 1):
+        return inner.args[0]
+    if inner.op == "call_function" and inner.target is operator.getitem and \
+            inner.args[1] in ((slice(None), None), (Ellipsis, None)):
+        return inner.args[0]
+    if inner.op == "call_method" and inner.target in ("view", "reshape") and tuple(inner.args[1:]) == (-1, 1):
+        return inner.args[0]
+    return None
+
+
+@register("combine", "scatter_add_", "acc.scatter_add_(0, idx[:, None].expand(-1, d), v)")
+def scatter_add(node) -> Optional[Write]:
+    if not (node.op == "call_method" and node.target == "scatter_add_"):
+        return None
+    acc, dim, index, v = node.args[0], _arg(node, 1, "dim"), _arg(node, 2, "index"), _arg(node, 3, "src")
+    idx = _expanded_rows(index)
+    if dim != 0 or idx is None or not isinstance(v, fx.Node) or len(shape_of(idx) or ()) != 1:
+        return None
+    if not safety.same_shape(index, v):
+        return None
+    return Write(kind="add", acc=acc, index=idx, value=v, anchor=node, nodes=[node], duplicates_add=True)
+
+
+@register("combine", "setitem", "acc[idx] = v; acc[mask] = v")
+def setitem(node) -> Optional[Write]:
+    if not (node.op == "call_function" and node.target is operator.setitem and len(node.args) == 3):
+        return None
+    acc, idx, v = node.args
+    if not isinstance(idx, fx.Node) or not isinstance(v, fx.Node):
+        return None
+    return Write(kind="assign", acc=acc, index=idx, value=v, anchor=node, nodes=[node], duplicates_add=False)

@@ -1,0 +1,309 @@
+"""Dispatch part (per expert): which rows expert e takes, and the score each selected row reads.
+
+Recognisers registered here (``moe_inductor.parts.register``), each returning a canonical
+``Selection`` / ``Score`` / gather, or None when the node is not its spelling:
+
+dispatch (what ``x`` and the output are indexed with for expert e)
+  ``where_pairs``     ``tok, k = torch.where(ids == e)`` (or ``nonzero(as_tuple=True)``) over a (T, K)
+                      top-k table; ``torch.where(one_hot(ids, E).permute(2, ..)[e])``; a (T, K, E)
+                      binary mask with at most one nonzero per row (transformers 4.x loops, Switch
+                      5.x, mistral-inference ``moe.py``, DeepSeek-V3 ``inference/model.py``)
+  ``bool_rows``       a boolean mask over rows: ``v == e`` (tokens of a top-1 router, or replicated
+                      assignment rows ``flat_ids == e`` after ``repeat_interleave(K)``: DeepSeek-MoE/V2/V3
+                      remote code, training branch), ``(ids == e).any(-1)``, a column of a one-hot
+                      mask (research code, makeMoE)
+  ``index_of_rows``   an index computed from such a mask: ``torch.where(m)[0]``, ``m.nonzero().squeeze(-1)``,
+                      ``m.nonzero(as_tuple=True)[0]``, ``torch.nonzero(m).flatten()`` (vLLM's torch reference)
+scores (how a selected row reads its routing weight)
+  ``pair_score``      ``w[tok, k, None]``, ``w[tok, k].unsqueeze(-1)``, ``w[tok, k][:, None]``
+  ``row_score``       ``s[m, None]``, ``s[m].unsqueeze(-1)``, ``s[m]`` for s (R, 1), with the selection's mask or index
+gather (the expert's input)
+  ``x[index]``, ``x[None, index].reshape(-1, d)``, ``index_select(x, 0, index)``
+"""
+from __future__ import annotations
+
+import operator
+from typing import Optional
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as Fn
+from torch._inductor.pattern_matcher import KeywordArg as KA, is_match
+
+from moe_inductor import safety
+from moe_inductor.parts import Score, Selection, decline, need, register
+from moe_inductor.rewrite import AnyOf, F, M, dtype_of, eq_constant, getitem, int_value, same, shape_of
+
+_ALL = slice(None, None, None)
+
+
+# --------------------------------------------------------------------------- routing tables
+
+def _one_hot():
+    return AnyOf(F(torch._C._nn.one_hot, KA("index"), num_classes=KA("E")),
+                 F(Fn.one_hot, KA("index"), num_classes=KA("E")),
+                 F(torch._C._nn.one_hot, KA("index"), KA("E")), F(Fn.one_hot, KA("index"), KA("E")))
+
+
+def topk_columns(node) -> Optional[int]:
+    """E when ``node`` (through casts, reshapes and flattening) holds indices of ``torch.topk``
+    over the last dim of a (.., E) tensor: its values are then provably in [0, E) and distinct
+    along the top-k dim. None otherwise."""
+    n = safety.strip_casts(node)
+    while isinstance(n, fx.Node) and n.op == "call_method" and n.target in ("view", "reshape", "flatten", "long",
+                                                                              "int", "contiguous"):
+        n = safety.strip_casts(n.args[0])
+    if not (isinstance(n, fx.Node) and n.op == "call_function" and n.target is operator.getitem and n.args[1] == 1):
+        return None
+    tk = n.args[0]
+    if not (isinstance(tk, fx.Node) and ((tk.op == "call_function" and tk.target is torch.topk)
+                                         or (tk.op == "call_method" and tk.target == "topk"))):
+        return None
+    src = shape_of(tk.args[0])
+    dim = tk.kwargs.get("dim", tk.args[2] if len(tk.args) > 2 else -1)
+    if src is None or dim not in (-1, len(src) - 1) or tk.kwargs.get("largest", True) is not True:
+        return None
+    return int_value(src[-1])
+
+
+def _at_most_one_per_row(node: fx.Node) -> Optional[int]:
+    """E if ``node``'s rows (last dim) provably hold at most one nonzero: ``one_hot(i, E)``,
+    optionally times an integer/bool tensor of its own shape, optionally reshaped keeping the last
+    dim. None otherwise."""
+    src = node
+    if node.op == "call_method" and node.target in ("view", "reshape") and isinstance(node.args[0], fx.Node):
+        ns, ss = shape_of(node), shape_of(node.args[0])
+        if ns is None or ss is None or not same(ns[-1], ss[-1]):
+            return None
+        src = node.args[0]
+    oh = _one_hot().match(src)
+    if is_match(oh):
+        return int_value(oh.kwargs["E"])
+    if src.op == "call_function" and src.target is operator.mul and len(src.args) == 2:
+        out = shape_of(src)
+        for a in src.args:
+            m = _one_hot().match(a) if isinstance(a, fx.Node) else None
+            if m is not None and is_match(m) and safety.same_shape(a, src) and out is not None:
+                dt = dtype_of(src)
+                # a float factor could turn 0 into nan (0 * inf): a nonzero torch.where would select
+                if dt is not None and not dt.is_floating_point and not dt.is_complex:
+                    return int_value(m.kwargs["E"])
+    return None
+
+
+# --------------------------------------------------------------------------- dispatch recognisers
+
+def _where_outputs(index) -> Optional[tuple]:
+    """(where node, output number) if ``index`` is an output of ``torch.where(mask)`` or
+    ``mask.nonzero(as_tuple=True)``."""
+    if not (isinstance(index, fx.Node) and index.op == "call_function" and index.target is operator.getitem
+            and isinstance(index.args[1], int)):
+        return None
+    w = index.args[0]
+    if w.op == "call_function" and w.target is torch.where and len(w.args) == 1 and not w.kwargs:
+        return w, index.args[1]
+    if ((w.op == "call_method" and w.target == "nonzero") or (w.op == "call_function" and w.target is torch.nonzero)) \
+            and w.kwargs.get("as_tuple") is True and len(w.args) == 1:
+        return w, index.args[1]
+    return None
+
+
+def _outputs_of(where: fx.Node) -> dict:
+    return {u.args[1]: u for u in where.users if u.op == "call_function" and u.target is operator.getitem}
+
+
+@register("dispatch", "where_pairs", "torch.where(ids == e) over a (T, K) top-k table; one_hot(...).permute(2, ..)[e]")
+def where_pairs(index) -> Optional[Selection]:
+    found = _where_outputs(index)
+    if found is None:
+        return None
+    where, pos = found
+    mask = where.args[0]
+    ms = shape_of(mask)
+    if ms is None or len(ms) != 2:
+        return None  # a rank-1 mask: rows (index_of_rows)
+    outs = _outputs_of(where)
+    eq = eq_constant(mask)
+    if eq is not None:
+        ids, e = eq
+        need("dispatch", len(shape_of(ids) or ()) == 2, f"{mask.name}: expert ids are not a (T, K) table")
+        roles = {0: "token", 1: "k"}
+        routing, kind, E = ids, "ids", topk_columns(ids)
+        unique = E is not None  # top-k indices are distinct along K: a token appears once per expert
+    else:
+        sel = AnyOf(getitem(M("permute", KA("m"), KA("p0"), KA("p1"), KA("p2")), KA("e"))).match(mask)
+        if not is_match(sel):
+            return None
+        perm = (sel.kwargs["p0"], sel.kwargs["p1"], sel.kwargs["p2"])
+        need("dispatch", sorted(perm) == [0, 1, 2] and perm[0] == 2,
+             f"{mask.name}: expert mask is not a (T, K, E) mask permuted to (E, ., .)")
+        roles = {i: ("token" if perm[1 + i] == 0 else "k") for i in range(2)}
+        e = int_value(sel.kwargs["e"])
+        m = sel.kwargs["m"]
+        oh = _one_hot().match(m)
+        if is_match(oh):
+            routing, kind, E = oh.kwargs["index"], "ids", int_value(oh.kwargs["E"])
+            unique = topk_columns(routing) is not None
+        else:
+            E = _at_most_one_per_row(m)
+            need("dispatch", E is not None, f"{m.name}: routing mask rows may hold several experts (not one_hot(ids) "
+                                           "or one_hot(...) times a mask of its shape)")
+            routing, kind, unique = m, "onehot_mask", True
+    need("dispatch", e is not None and e >= 0, f"{mask.name}: expert number is not a constant")
+    token = index
+    k = next((outs[i] for i, r in roles.items() if r == "k" and i in outs), None)
+    need("dispatch", roles.get(pos) == "token",
+         f"{index.name}: rows are indexed with the k output of {where.name}, not its token output")
+    return Selection(expert=e, layout="pairs", index=token, routing=routing, routing_kind=kind, token=token, k=k,
+                     unique=unique, num_classes=E, nodes=[where, mask])
+
+
+def _bool_rows(mask) -> Optional[Selection]:
+    if not isinstance(mask, fx.Node) or dtype_of(mask) != torch.bool:
+        return None
+    ms = shape_of(mask)
+    if ms is None or len(ms) != 1:
+        return None
+    eq = eq_constant(mask)
+    if eq is not None and len(shape_of(eq[0]) or ()) == 1:
+        v, e = eq
+        return Selection(expert=e, layout="rows", index=mask, mask=mask, unique=True, disjoint_key=v, value=v,
+                         num_classes=topk_columns(v), nodes=[mask])
+    # a column of a mask whose rows hold at most one nonzero: R[:, e] (optionally .bool() first)
+    col = AnyOf(getitem(KA("rows"), (_ALL, KA("e"))), getitem(KA("rows"), (Ellipsis, KA("e")))).match(mask)
+    if is_match(col):
+        rows, e = col.kwargs["rows"], int_value(col.kwargs["e"])
+        src = rows
+        cast = AnyOf(M("bool", KA("src")), M("to", KA("src"), torch.bool)).match(rows)
+        if is_match(cast):
+            src = cast.kwargs["src"]
+        E = _at_most_one_per_row(src) if isinstance(src, fx.Node) else None
+        need("dispatch", e is not None, f"{mask.name}: mask column is not a constant expert number")
+        return Selection(expert=e, layout="rows", index=mask, mask=mask, unique=True,
+                         disjoint_key=rows if E is not None else None, num_classes=E, nodes=[mask])
+    # (ids == e).any(-1): the tokens that chose e among their K
+    anym = AnyOf(M("any", KA("m"), -1), M("any", KA("m"), dim=-1), M("any", KA("m"), 1),
+                 M("any", KA("m"), dim=1), F(torch.any, KA("m"), -1), F(torch.any, KA("m"), dim=-1)).match(mask)
+    if is_match(anym):
+        eq = eq_constant(anym.kwargs["m"])
+        if eq is not None and len(shape_of(eq[0]) or ()) == 2:
+            return Selection(expert=eq[1], layout="rows", index=mask, mask=mask, unique=True, nodes=[mask])
+    return None
+
+
+@register("dispatch", "bool_rows", "x[v == e], x[(ids == e).any(-1)], x[one_hot_mask[:, e]]")
+def bool_rows(index) -> Optional[Selection]:
+    return _bool_rows(index)
+
+
+@register("dispatch", "index_of_rows", "torch.where(m)[0], m.nonzero().squeeze(-1), torch.nonzero(m).flatten()")
+def index_of_rows(index) -> Optional[Selection]:
+    if not isinstance(index, fx.Node):
+        return None
+    mask = None
+    found = _where_outputs(index)
+    if found is not None and found[1] == 0 and len(shape_of(found[0].args[0]) or ()) == 1:
+        mask = found[0].args[0]
+    else:
+        m = AnyOf(M("squeeze", M("nonzero", KA("m")), -1), M("squeeze", M("nonzero", KA("m")), 1),
+                  M("flatten", M("nonzero", KA("m"))), M("view", M("nonzero", KA("m")), -1),
+                  M("reshape", M("nonzero", KA("m")), -1),
+                  M("squeeze", F(torch.nonzero, KA("m")), -1), M("squeeze", F(torch.nonzero, KA("m")), 1),
+                  M("flatten", F(torch.nonzero, KA("m"))), M("view", F(torch.nonzero, KA("m")), -1),
+                  M("reshape", F(torch.nonzero, KA("m")), -1)).match(index)
+        if is_match(m) and len(shape_of(m.kwargs["m"]) or ()) == 1:
+            mask = m.kwargs["m"]
+    if mask is None:
+        return None
+    if dtype_of(mask) != torch.bool:
+        return None
+    sel = _bool_rows(mask)
+    if sel is None:
+        decline("dispatch", f"{mask.name}: rows are selected by a mask that is not v == e, a column of a one-hot "
+                            "mask or (ids == e).any(-1)")
+    sel.index = index
+    return sel
+
+
+# --------------------------------------------------------------------------- scores
+
+def _unsqueezed(node: fx.Node):
+    """(inner, True) for ``a[..., None]``-like trailing unsqueezes: ``a.unsqueeze(-1)``,
+    ``a[:, None]``, ``a.view(-1, 1)``; (node, False) otherwise."""
+    if node.op == "call_method" and node.target == "unsqueeze" and len(node.args) == 2 and node.args[1] in (-1, 1):
+        return node.args[0], True
+    if node.op == "call_function" and node.target is operator.getitem and node.args[1] in ((_ALL, None),
+                                                                                           (Ellipsis, None)):
+        return node.args[0], True
+    if node.op == "call_method" and node.target in ("view", "reshape") and tuple(node.args[1:]) in ((-1, 1),):
+        return node.args[0], True
+    return node, False
+
+
+@register("scores", "pair_score", "w[tok, k, None], w[tok, k].unsqueeze(-1)")
+def pair_score(node, sel: Selection) -> Optional[Score]:
+    if sel.layout != "pairs" or not isinstance(node, fx.Node):
+        return None
+    if node.op == "call_function" and node.target is operator.getitem and isinstance(node.args[1], tuple) \
+            and len(node.args[1]) == 3 and node.args[1][2] is None:
+        src, (a, b, _) = node.args[0], node.args[1]
+    else:
+        inner, unsq = _unsqueezed(node)
+        if not unsq or not (inner.op == "call_function" and inner.target is operator.getitem
+                            and isinstance(inner.args[1], tuple) and len(inner.args[1]) == 2):
+            return None
+        src, (a, b) = inner.args[0], inner.args[1]
+    if not (safety.equivalent(a, sel.token) and safety.equivalent(b, sel.k)):
+        decline("scores", f"{node.name}: routing weights are read at other (token, k) positions than the "
+                          "selection's (swapped roles, or another torch.where)")
+    ss = shape_of(src)
+    need("scores", ss is not None and len(ss) == 2, f"{src.name}: routing weights are not a (T, K) table")
+    return Score(source=src, layout="pairs", index=(a, b), node=node)
+
+
+@register("scores", "row_score", "s[m, None], s[m].unsqueeze(-1), s[m] for s (R, 1)")
+def row_score(node, sel: Selection) -> Optional[Score]:
+    if sel.layout != "rows" or not isinstance(node, fx.Node):
+        return None
+    if node.op == "call_function" and node.target is operator.getitem and isinstance(node.args[1], tuple) \
+            and len(node.args[1]) == 2 and node.args[1][1] is None:
+        src, idx, shape_ok = node.args[0], node.args[1][0], 1
+    else:
+        inner, unsq = _unsqueezed(node)
+        if not (inner.op == "call_function" and inner.target is operator.getitem):
+            return None
+        src, idx = inner.args[0], inner.args[1]
+        shape_ok = 1 if unsq else 2
+    if not isinstance(src, fx.Node) or not isinstance(idx, fx.Node):
+        return None
+    if not (safety.equivalent(idx, sel.index) or safety.equivalent(idx, sel.mask)):
+        return None
+    ss = shape_of(src)
+    if ss is None or len(ss) != shape_ok or (shape_ok == 2 and int_value(ss[1]) != 1):
+        return None
+    return Score(source=src, layout="rows", index=idx, node=node)
+
+
+# --------------------------------------------------------------------------- gather
+
+@register("gather", "index_rows", "x[index], x[None, index].reshape(-1, d), index_select(x, 0, index)")
+def gather_rows(node) -> Optional[tuple]:
+    """(x, index) if ``node`` gathers rows of a 2-D ``x``."""
+    if not isinstance(node, fx.Node):
+        return None
+    if node.op == "call_function" and node.target is operator.getitem and isinstance(node.args[0], fx.Node):
+        x, idx = node.args
+        if isinstance(idx, fx.Node) and len(shape_of(x) or ()) == 2:
+            return x, idx
+        return None
+    if node.op == "call_method" and node.target == "reshape" and len(node.args) == 3 and node.args[1] == -1:
+        inner = node.args[0]
+        if isinstance(inner, fx.Node) and inner.op == "call_function" and inner.target is operator.getitem \
+                and isinstance(inner.args[1], tuple) and len(inner.args[1]) == 2 and inner.args[1][0] is None:
+            return inner.args[0], inner.args[1][1]
+        return None
+    if (node.op == "call_method" and node.target == "index_select") or \
+            (node.op == "call_function" and node.target is torch.index_select):
+        if len(node.args) == 3 and node.args[1] == 0:
+            return node.args[0], node.args[2]
+    return None

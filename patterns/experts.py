@@ -1,0 +1,170 @@
+"""Experts part (per expert): ``f_e`` as the graph computes it, mapped to a canonical ``ExpertMLP``.
+
+One projection (``projection``) is any of
+  ``linear(z, W[, b])``                      an ``nn.Linear`` of a ModuleList/ModuleDict, any attribute name
+  ``linear(z, P[e][, b])``                   stacked parameters indexed per expert
+  ``z @ W.t()``, ``matmul(z, W.T)``, ``mm(z, W.transpose(0, 1))``   the same, spelled as a GEMM
+  ``z @ P[e]``, ``mm(z, P[e])``              weights stored (in, out): used transposed
+each optionally followed by ``+ b``. The MLP (``mlp``) is
+  ``down(act(gate(z)) * up(z))``             gated (SwiGLU, GeGLU), either operand order, ``x * sigmoid(x)`` for silu
+  ``down(act(gate_up(z).chunk(2, -1)[0]) * gate_up(z).chunk(2, -1)[1])``   fused gate/up weights (gate first)
+  ``down(act(up(z)))``                       plain (silu, gelu, gelu-tanh, relu)
+with identity dropout (eval or p == 0), casts to the same dtype and ``contiguous`` allowed between.
+Weights are returned in Linear layout (out, in); ``transposed`` names those the composition must
+transpose (views, no copies).
+"""
+from __future__ import annotations
+
+import operator
+from typing import Optional
+
+import torch
+import torch.fx as fx
+
+from moe_inductor import safety
+from moe_inductor.parts import ExpertMLP, decline, need, register
+from moe_inductor.rewrite import dtype_of, gemm_name, int_value, shape_of
+
+from .common import GATED_OF, unary_activation
+
+_LINEAR = (torch._C._nn.linear, torch.nn.functional.linear)
+_MATMUL_F = (torch.matmul, torch.mm, operator.matmul)
+
+
+def _transposed_weight(w) -> Optional[fx.Node]:
+    """W if ``w`` is ``W.t()``, ``W.T``, ``W.transpose(0, 1)`` / ``(-1, -2)`` of a 2-D W."""
+    if not isinstance(w, fx.Node):
+        return None
+    if w.op == "call_method" and w.target == "t" and len(w.args) == 1:
+        return w.args[0]
+    if w.op == "call_function" and w.target is torch.t and len(w.args) == 1:
+        return w.args[0]
+    if w.op == "call_method" and w.target == "transpose" and len(w.args) == 3 and \
+            set(w.args[1:]) in ({0, 1}, {-1, -2}, {-2, -1}):
+        return w.args[0]
+    if w.op == "call_function" and w.target is getattr and w.args[1] in ("T", "mT"):
+        return w.args[0]
+    return None
+
+
+def projection(node) -> Optional[tuple]:
+    """(input, weight, transposed, bias) of one expert projection, or None."""
+    if not isinstance(node, fx.Node):
+        return None
+    bias = None
+    if node.op == "call_function" and node.target in (operator.add, torch.add) and len(node.args) == 2 \
+            and not node.kwargs:
+        for a, b in (node.args, node.args[::-1]):
+            inner = projection(a) if isinstance(a, fx.Node) else None
+            if inner is not None and inner[3] is None and isinstance(b, fx.Node) and len(shape_of(b) or ()) == 1:
+                return inner[0], inner[1], inner[2], b
+        return None
+    if node.op == "call_function" and node.target in _LINEAR:
+        args = list(node.args) + [None] * (3 - len(node.args))
+        z, w, b = args[0], args[1], node.kwargs.get("bias", args[2])
+        if isinstance(z, fx.Node) and isinstance(w, fx.Node) and len(shape_of(w) or ()) == 2:
+            return z, w, False, b
+        return None
+    if (node.op == "call_function" and node.target in _MATMUL_F and len(node.args) == 2) or \
+            (node.op == "call_method" and node.target in ("matmul", "mm", "__matmul__") and len(node.args) == 2):
+        z, wt = node.args
+        if not isinstance(z, fx.Node) or not isinstance(wt, fx.Node) or len(shape_of(wt) or ()) != 2:
+            return None
+        if len(shape_of(z) or ()) != 2:
+            return None
+        w = _transposed_weight(wt)
+        if w is not None:
+            return z, w, False, None
+        return z, wt, True, None
+    return None
+
+
+def _gemm_of(node: fx.Node) -> str:
+    n = node
+    if n.op == "call_function" and n.target in (operator.add, torch.add):
+        n = next(a for a in n.args if isinstance(a, fx.Node) and projection(a) is not None)
+    if n.op == "call_function" and n.target in _LINEAR:
+        return gemm_name(_LINEAR[0])
+    if n.op == "call_function" and n.target is torch.mm or (n.op == "call_method" and n.target == "mm"):
+        return "aten::mm"
+    return "aten::matmul"
+
+
+def _chunk_halves(a, b) -> Optional[fx.Node]:
+    """The fused gate_up output h if a, b are ``h.chunk(2, -1)[0]`` and ``[1]`` of one chunk."""
+    for n in (a, b):
+        if not (isinstance(n, fx.Node) and n.op == "call_function" and n.target is operator.getitem):
+            return None
+    if a.args[0] is not b.args[0] or (a.args[1], b.args[1]) != (0, 1):
+        return None
+    c = a.args[0]
+    if c.op == "call_method" and c.target == "chunk" and len(c.args) >= 2 and c.args[1] == 2:
+        dim = c.kwargs.get("dim", c.args[2] if len(c.args) > 2 else 0)
+        if dim in (-1, len(shape_of(c.args[0]) or ()) - 1):
+            return c.args[0]
+    if c.op == "call_function" and c.target is torch.chunk and len(c.args) >= 2 and c.args[1] == 2:
+        dim = c.kwargs.get("dim", c.args[2] if len(c.args) > 2 else 0)
+        if dim in (-1, len(shape_of(c.args[0]) or ()) - 1):
+            return c.args[0]
+    return None
+
+
+@register("experts", "mlp", "ModuleList of Linears (any names, biases), fused gate_up, stacked P[e], z @ W.t()")
+def mlp(out) -> Optional[ExpertMLP]:
+    """The expert MLP whose output is ``out``; its ``input`` is the node both projections read."""
+    down = projection(safety.strip_identity(out))
+    if down is None:
+        return None
+    mid = safety.strip_identity(down[0])
+    transposed = {"down": down[2]}
+    gemm = _gemm_of(safety.strip_identity(out))
+    if mid.op == "call_function" and mid.target is operator.mul and len(mid.args) == 2:
+        for a, b in (mid.args, mid.args[::-1]):
+            if not isinstance(a, fx.Node) or not isinstance(b, fx.Node):
+                continue
+            name, inner = unary_activation(a)
+            if name is None:
+                continue
+            h = _chunk_halves(inner, safety.strip_identity(b))
+            if h is not None:
+                g = projection(safety.strip_identity(h))
+                if g is None:
+                    continue
+                need("experts", name in GATED_OF, f"{a.name}: gated activation {name} is not supported")
+                transposed["gate"] = g[2]
+                return _with_layout(ExpertMLP(input=g[0], output=out, activation=GATED_OF[name], gate=g[1],
+                                              down=down[1], b_gate=g[3], b_down=down[3], gemm=gemm), transposed)
+            g = projection(safety.strip_identity(inner))
+            u = projection(safety.strip_identity(b))
+            if g is not None and u is not None and safety.equivalent(g[0], u[0]):
+                need("experts", name in GATED_OF, f"{a.name}: gated activation {name} is not supported")
+                need("experts", (g[3] is None) == (u[3] is None), "gate and up projections differ in having a bias")
+                transposed.update(gate=g[2], up=u[2])
+                return _with_layout(ExpertMLP(input=g[0], output=out, activation=GATED_OF[name], gate=g[1],
+                                              up=u[1], down=down[1], b_gate=g[3], b_up=u[3], b_down=down[3],
+                                              gemm=gemm), transposed)
+    name, inner = unary_activation(mid)
+    if name is None:
+        decline("experts", f"{mid.name}: the expert body is not a supported MLP (projection -> activation "
+                           "[* projection] -> projection)")
+    up = projection(safety.strip_identity(inner))
+    if up is None:
+        decline("experts", f"{inner.name}: the expert's first projection is not a linear/matmul")
+    transposed["gate"] = up[2]
+    return _with_layout(ExpertMLP(input=up[0], output=out, activation=name, gate=up[1], down=down[1], b_gate=up[3],
+                                  b_down=down[3], gemm=gemm), transposed)
+
+
+def _with_layout(m: ExpertMLP, transposed: dict) -> ExpertMLP:
+    m.transposed = {k for k, v in transposed.items() if v}
+    return m
+
+
+def stacked_expert(weight) -> Optional[tuple]:
+    """(P, e) if ``weight`` is ``P[e]`` for a 3-D tensor P and a constant e, else None."""
+    if isinstance(weight, fx.Node) and weight.op == "call_function" and weight.target is operator.getitem \
+            and isinstance(weight.args[0], fx.Node) and len(shape_of(weight.args[0]) or ()) == 3:
+        e = weight.args[1]
+        if isinstance(e, int) and not isinstance(e, bool):
+            return weight.args[0], e
+    return None

@@ -1,0 +1,477 @@
+"""Composition: an MoE block written as a Python loop over the experts, unrolled by Dynamo into
+one (dispatch, expert, combine) unit per expert. The parts come from the registries
+(``moe_inductor.parts``: ``patterns/dispatch.py``, ``patterns/experts.py``, ``patterns/combine.py``); this
+module proves once that the units form one MoE block and describes it for the fused op.
+
+A unit, recognised from each write into an accumulator (combine part)::
+
+    acc <write at index> [score *] f_e(x[index] [* score])      # write: index_add_, +=, index_put_, setitem, scatter_add_
+    index: a selection of rows for expert e                    # dispatch: where(ids == e), v == e masks, ...
+    f_e: an expert MLP                                         # experts: Linears, stacked P[e], fused gate_up
+    score: the routing weight of each selected row             # scores: w[tok, k, None], s[mask, None]
+
+Proof (``analyse_group``), for the units writing one accumulator; each failure declines the block
+with a reason naming the part or the proof:
+  * every unit reads the same tokens x, gathered at the index it writes (``safety.equivalent``);
+  * the experts are a contiguous range lo..lo+E-1, each once, each with its own weights, one
+    activation, weights of one shape; assignments to experts outside the range are dropped (expert
+    id -1), exactly what the loop does with them;
+  * scores: in every unit or in none, read at the unit's own selection (the same (token, k) pairs,
+    or the same mask), applied once (on the output, or on the input);
+  * the accumulator starts as zeros or as a copy of a tensor (added back), for assignments also as
+    ``empty`` when the selections provably cover every row; nothing but the units writes it (views
+    included) and nothing reads it inside the loop; x, the routing and the scores are not modified
+    inside the loop; nothing random or in place on an expert's path;
+  * a read-modify-write ``acc[idx] += v`` (last duplicate wins) needs selections without duplicate
+    rows (``where(ids == e)`` of top-k ids, boolean masks); an assignment needs selections that are
+    disjoint (``v == e`` for one v, columns of a one-hot mask).
+Assignments (flat, for the fused op): a (T, K) top-k table gives ``token = t``, ``expert = ids[t, k]``;
+boolean row masks give one candidate assignment per (row, expert) with expert -1 where the mask is
+false (rows routed nowhere keep the accumulator's start value).
+
+Two-level combine: rows that are replicated assignments (``x.repeat_interleave(K, 0)``, masks
+``ids.view(-1) == e``) written by assignment and then summed per token with the top-k weights,
+``(y.view(T, K, d) * w.unsqueeze(-1)).sum(1)`` (DeepSeek-MoE/V2/V3 remote code, training branch),
+become one fused op over the original tokens with those weights.
+"""
+from __future__ import annotations
+
+import operator
+from collections import defaultdict
+from typing import Optional
+
+import torch
+import torch.fx as fx
+
+from moe_inductor import safety
+from moe_inductor.parts import PartDeclined, recognise
+from moe_inductor.rewrite import (
+    Declined, ExpertWeights, MoEBlock, call, dtype_of, int_value, method, need, same, shape_of, size_asserts_of,
+)
+
+from . import combine as _combine  # noqa: F401  (registers the recognisers)
+from . import dispatch as _dispatch
+from . import experts as _experts  # noqa: F401
+
+IDIOM = "expert_loop"
+
+_GEMMS = {torch._C._nn.linear, torch.nn.functional.linear, torch.matmul, torch.mm, torch.bmm, operator.matmul}
+
+
+def _has_gemm_upstream(node, depth: int = 10) -> bool:
+    frontier, seen = [node], set()
+    for _ in range(depth):
+        nxt = []
+        for n in frontier:
+            if not isinstance(n, fx.Node) or n in seen:
+                continue
+            seen.add(n)
+            if (n.op == "call_function" and n.target in _GEMMS) or (n.op == "call_method" and n.target in (
+                    "matmul", "mm", "bmm")):
+                return True
+            nxt += n.all_input_nodes
+        frontier = nxt
+    return False
+
+
+def _mul_operands(v: fx.Node):
+    if v.op == "call_function" and v.target in (operator.mul, torch.mul) and len(v.args) == 2 and not v.kwargs:
+        a, b = v.args
+        if isinstance(a, fx.Node) and isinstance(b, fx.Node):
+            return [(a, b), (b, a)]
+    return []
+
+
+def _score_of(v: fx.Node, sel, on: str):
+    """(score, the other operand) if ``v`` multiplies something by the selection's scores."""
+    for s, other in _mul_operands(v):
+        score = recognise("scores", safety.strip_casts(s), sel)
+        if score is not None:
+            score.on = on
+            return score, other
+    return None, v
+
+
+def analyse_unit(write) -> dict:
+    """One expert's dispatch, expert MLP and scores behind ``write`` (raises Declined)."""
+    sel = recognise("dispatch", write.index, required=f"the index {getattr(write.index, 'name', write.index)} "
+                                                       "the result is written at (an expert's selection of rows)")
+    v = safety.strip_casts(write.value)
+    score, core = _score_of(v, sel, "output")
+    for n in (v, core):
+        if n.op == "call_function" and n.target is torch.nn.functional.dropout and not safety.is_identity_dropout(n):
+            raise PartDeclined("experts", f"{n.name}: dropout with p > 0 in training on the expert output (random "
+                                          "per element, e.g. NLLB-MoE moe_token_dropout): the fused op cannot "
+                                          "reproduce it")
+    mlp = recognise("experts", safety.strip_casts(core), required=f"{core.name}: the expert MLP")
+    z = safety.strip_identity(mlp.input)
+    g = recognise("gather", z)
+    if g is None:
+        s_in, inner = _score_of(z, sel, "input")
+        if s_in is not None:
+            if score is not None:
+                raise PartDeclined("scores", "routing weights are applied twice (to the expert's input and output)")
+            score, z = s_in, safety.strip_identity(inner)
+            g = recognise("gather", z)
+    if g is None:
+        raise PartDeclined("gather", f"{z.name}: the expert's input is not a gather of token rows x[index]")
+    x, gidx = g
+    if not (safety.equivalent(gidx, write.index) or safety.equivalent(gidx, sel.index)
+            or (sel.mask is not None and safety.equivalent(gidx, sel.mask))):
+        raise Declined(f"proof: the expert reads rows {getattr(gidx, 'name', gidx)} but its output is written at "
+                       f"{getattr(write.index, 'name', write.index)}: not the same selection")
+    safety.need_pure_path(write.value, z)
+    if score is not None and score.on == "input":
+        safety.need_pure_path(write.value, score.node)
+    return dict(write=write, sel=sel, mlp=mlp, score=score, x=x, gathered=z)
+
+
+def _acc_start(acc: fx.Node):
+    """('zeros', None) | ('copy', v0) | ('empty', None) | None for how the accumulator starts."""
+    if acc.op == "call_function" and acc.target in (torch.zeros, torch.zeros_like):
+        return "zeros", None
+    if acc.op == "call_method" and acc.target == "new_zeros":
+        return "zeros", None
+    if (acc.op == "call_method" and acc.target == "clone" and len(acc.args) == 1) or \
+            (acc.op == "call_function" and acc.target is torch.clone and len(acc.args) == 1):
+        return "copy", acc.args[0]
+    if acc.op == "call_function" and acc.target in (torch.empty, torch.empty_like):
+        return "empty", None
+    if acc.op == "call_method" and acc.target == "new_empty":
+        return "empty", None
+    return None
+
+
+def analyse_group(units: list, graph: fx.Graph) -> MoEBlock:
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    units = sorted(units, key=lambda u: order[u["write"].anchor])
+    first, last = units[0], units[-1]
+    acc = first["write"].acc
+    kinds = {u["write"].kind for u in units}
+    need(len(kinds) == 1, "combine: some experts accumulate into the result and others assign to it")
+    kind = kinds.pop()
+    x = first["x"]
+    need(all(u["x"] is x for u in units), "proof: the experts read different token tensors")
+    need(x is not acc, "proof: the loop reads the tensor it writes")
+    layouts = {u["sel"].layout for u in units}
+    need(len(layouts) == 1, "dispatch: experts select their rows in different ways")
+    layout = layouts.pop()
+
+    # experts: a contiguous range, each once, own weights, one activation and shape
+    es = sorted(u["sel"].expert for u in units)
+    need(len(set(es)) == len(es), f"proof: an expert is selected twice ({es})")
+    lo, E = es[0], len(es)
+    need(es == list(range(lo, lo + E)), f"proof: the loop covers experts {es}, not a contiguous range")
+    acts = {u["mlp"].activation for u in units}
+    need(len(acts) == 1, f"experts: the experts use different activations {sorted(acts)}")
+    act = acts.pop()
+    for role in range(6):
+        present = {u["mlp"].weights()[role] is not None for u in units}
+        need(len(present) == 1, "experts: some experts have biases (or gates) and others not")
+        if units[0]["mlp"].weights()[role] is not None:
+            shapes = {tuple(map(str, shape_of(u["mlp"].weights()[role]) or ())) for u in units}
+            need(len(shapes) == 1, "experts: the experts have weights of different shapes")
+    need(len({tuple(sorted(u["mlp"].transposed)) for u in units}) == 1,
+         "experts: the experts store their weights in different layouts")
+    if E > 1:
+        need(len({u["mlp"].gate for u in units}) == E and len({u["mlp"].down for u in units}) == E,
+             "experts: the experts share weights (each iteration must use its own expert's weights)")
+
+    # scores: everywhere or nowhere, applied once, from one table for pairs
+    scored = {u["score"] is not None for u in units}
+    need(len(scored) == 1, "scores: only some experts multiply by a routing weight")
+    scored = scored.pop()
+    if scored:
+        need(len({u["score"].on for u in units}) == 1, "scores: applied to the input by some experts, the output "
+                                                        "by others")
+    on = units[0]["score"].on if scored else "output"
+
+    # dispatch: one routing table for pairs
+    if layout == "pairs":
+        need(len({u["sel"].routing for u in units}) == 1 and len({u["sel"].routing_kind for u in units}) == 1,
+             "dispatch: the experts' selections come from different routing tables")
+        if scored:
+            need(len({u["score"].source for u in units}) == 1, "scores: the experts read different weight tables")
+    if not all(u["write"].duplicates_add for u in units):
+        need(all(u["sel"].unique for u in units),
+             "proof: acc[idx] += v keeps only the last of duplicate rows, and the selection may select a row twice "
+             "(ids not provably distinct per token: not torch.topk indices)")
+
+    # the accumulator
+    start = _acc_start(acc)
+    need(start is not None, f"combine: the result {acc.name} does not start as zeros, a copy or an empty tensor")
+    start_kind, base = start
+    rows = shape_of(x)
+    accs = shape_of(acc)
+    need(rows is not None and len(rows) == 2 and accs is not None and len(accs) == 2 and same(accs[0], rows[0])
+         and same(accs[1], rows[1]), "proof: the result is not (rows of x, d)")
+    if kind == "add":
+        need(start_kind != "empty", "combine: accumulation into an uninitialised (empty) tensor")
+    else:
+        if layout == "pairs":
+            raise Declined("proof: assignments at top-k (token, k) selections overlap across experts")
+        keys = {u["sel"].disjoint_key for u in units}
+        need(len(keys) == 1 and None not in keys,
+             "proof: assignments need selections that never share a row (v == e for one v, or columns of a "
+             "one-hot mask); these may overlap, and the last expert would win")
+        if start_kind == "empty":
+            ncls = {u["sel"].num_classes for u in units}
+            need(lo == 0 and ncls == {E}, "proof: the result starts empty and the selections are not proven to "
+                                           "cover every row (ids from torch.topk over exactly the looped experts)")
+    writes = {n for u in units for n in u["write"].nodes}
+    need(set(safety.writes_to(acc)) <= writes, "combine: the result is written by something other than the expert loop")
+    last_anchor = last["write"].anchor
+    first_write = min((n for n in writes), key=order.__getitem__)
+    views = safety.aliases(acc)
+    for a in views:
+        for user in a.users:
+            if user in writes or user in views or not (order[first_write] < order[user] < order[last_anchor]):
+                continue
+            raise Declined(f"combine: the result is read or aliased inside the loop ({user.format_node()})")
+    srcs = [x] + ([first["sel"].routing] if layout == "pairs" else []) + \
+        [u["score"].source for u in units if u["score"] is not None] + ([base] if base is not None else [])
+    safety.need_unmodified(srcs, min((u["gathered"] for u in units), key=order.__getitem__), last_anchor,
+                           "proof: the tokens, the routing or the scores")
+
+    lift = _lift_assignment_rows(units, acc, x, layout, kind, order) if kind == "assign" else None
+    return _block(units, acc, x, layout, kind, start_kind, base, lo, E, act, scored, on, lift, order)
+
+
+def _lift_assignment_rows(units, acc, x, layout, kind, order) -> Optional[dict]:
+    """For rows that are replicated top-k assignments summed per token with the top-k weights
+    after the loop: {x0, ids, w, anchor, T, K}; None if the result is used otherwise."""
+    if layout != "rows":
+        return None
+    vals = {u["sel"].value for u in units}
+    if len(vals) != 1 or None in vals:
+        return None
+    v = vals.pop()
+    if not (v.op == "call_method" and v.target in ("view", "reshape", "flatten") and
+            (v.target == "flatten" or tuple(v.args[1:]) in ((-1,), ((-1,),)))):
+        return None
+    ids = v.args[0]
+    if not (x.op == "call_method" and x.target == "repeat_interleave" and len(x.args) >= 2):
+        return None
+    x0, K = x.args[0], int_value(x.args[1])
+    dim = x.kwargs.get("dim", x.args[2] if len(x.args) > 2 else None)
+    ids_shape, x0_shape = shape_of(ids), shape_of(x0)
+    if K is None or dim != 0 or ids_shape is None or len(ids_shape) != 2 or int_value(ids_shape[1]) != K or \
+            x0_shape is None or len(x0_shape) != 2 or not same(ids_shape[0], x0_shape[0]):
+        return None
+    users = [u for u in acc.users if order[u] > order[units[-1]["write"].anchor]]
+    if len(users) != 1:
+        return None
+    view = users[0]
+    if not (view.op == "call_method" and view.target in ("view", "reshape")):
+        return None
+    vs = shape_of(view)
+    if vs is None or len(vs) != 3 or not same(vs[0], ids_shape[0]) or int_value(vs[1]) != K or len(view.users) != 1:
+        return None
+    mul = next(iter(view.users))
+    w = None
+    for a, b in _mul_operands(mul):
+        if a is view:
+            inner, unsq = _dispatch._unsqueezed(b)
+            ws = shape_of(inner)
+            if unsq and ws is not None and len(ws) == 2 and same(ws[0], ids_shape[0]) and int_value(ws[1]) == K:
+                w = inner
+    if w is None or len(mul.users) != 1:
+        return None
+    s = next(iter(mul.users))
+    if not (s.op == "call_method" and s.target == "sum" and (s.args[1:] == (1,) or s.kwargs == {"dim": 1})
+            and len(s.args) <= 2 and set(s.kwargs) <= {"dim"}):
+        return None
+    return dict(x0=x0, ids=ids, w=w, anchor=s, K=K)
+
+
+def _remap(graph, ids, lo, E, ncls, like):
+    """Expert ids relative to the looped range; ids outside it become -1 (dropped)."""
+    if lo == 0 and ncls == E:
+        return ids
+    shifted = call(graph, operator.sub, ids, lo, like=like) if lo else ids
+    inside = call(graph, operator.and_, call(graph, operator.ge, shifted, 0, like=like),
+                  call(graph, operator.lt, shifted, E, like=like), like=like)
+    return call(graph, torch.where, inside, shifted, -1, like=like)
+
+
+def _block(units, acc, x, layout, kind, start_kind, base, lo, E, act, scored, on, lift, order) -> MoEBlock:
+    by_e = sorted(units, key=lambda u: u["sel"].expert)
+    first = by_e[0]
+    last_anchor = max((u["write"].anchor for u in units), key=order.__getitem__)
+    mlp0 = first["mlp"]
+    gated = mlp0.up is not None
+    transposed = mlp0.transposed
+    state: dict = {}
+    device = x.meta["example_value"].device
+
+    def build_weights(graph):
+        def each(role, name):
+            ws = [u["mlp"].weights()[role] for u in by_e]
+            if ws[0] is None:
+                return []
+            if name in transposed:
+                ws = [method(graph, "t", w, like=last_anchor) for w in ws]
+            return ws
+
+        return ExpertWeights(gate=each(0, "gate"), up=each(1, "up"), down=each(2, "down"), b_gate=each(3, ""),
+                             b_up=each(4, ""), b_down=each(5, ""))
+
+    sel0 = first["sel"]
+    if lift is not None:
+        x_in, T_node = lift["x0"], lift["x0"]
+    else:
+        x_in = x
+
+    def token_ids(graph):
+        if lift is not None:
+            t = method(graph, "size", lift["x0"], 0, like=last_anchor)
+            ar = call(graph, torch.arange, t, device=device, like=last_anchor)
+            return method(graph, "repeat_interleave", ar, lift["K"], like=last_anchor)
+        t = method(graph, "size", x, 0, like=last_anchor)
+        ar = call(graph, torch.arange, t, device=device, like=last_anchor)
+        if layout == "pairs":
+            return method(graph, "repeat_interleave", ar, method(graph, "size", sel0.routing, 1, like=last_anchor),
+                          like=last_anchor)
+        if state.get("single_value") is not None:
+            return ar
+        return method(graph, "repeat_interleave", ar, E, like=last_anchor)
+
+    single_value = None
+    if layout == "rows":
+        vals = {u["sel"].value for u in units}
+        if len(vals) == 1 and None not in vals:
+            single_value = vals.pop()
+    state["single_value"] = single_value
+    ncls = sel0.num_classes
+
+    def expert_ids(graph):
+        if lift is not None:
+            return _remap(graph, method(graph, "reshape", lift["ids"], -1, like=last_anchor), lo, E, ncls,
+                          last_anchor)
+        if layout == "pairs" and sel0.routing_kind == "ids":
+            return _remap(graph, method(graph, "reshape", sel0.routing, -1, like=last_anchor), lo, E, ncls,
+                          last_anchor)
+        if layout == "pairs":  # (T, K, E) mask, at most one nonzero per row; an all-zero row is dropped
+            m = sel0.routing
+            nz = call(graph, operator.ne, m, 0, like=last_anchor)
+            pos = method(graph, "argmax", method(graph, "to", nz, torch.int32, like=last_anchor), -1, like=last_anchor)
+            ids = call(graph, torch.where, method(graph, "any", nz, -1, like=last_anchor), pos, -1, like=last_anchor)
+            return _remap(graph, method(graph, "reshape", ids, -1, like=last_anchor), lo, E, ncls, last_anchor)
+        masks = [method(graph, "reshape", u["sel"].mask, -1, like=last_anchor) for u in by_e]
+        stacked = call(graph, torch.stack, masks, 1, like=last_anchor)                   # (R, E) bool
+        state["routed"] = method(graph, "any", stacked, -1, like=last_anchor)
+        if single_value is not None:
+            return _remap(graph, method(graph, "reshape", single_value, -1, like=last_anchor), lo, E, ncls,
+                          last_anchor)
+        r = method(graph, "size", x, 0, like=last_anchor)
+        cand = method(graph, "repeat", call(graph, torch.arange, E, device=device, like=last_anchor), r,
+                      like=last_anchor)
+        return call(graph, torch.where, method(graph, "reshape", stacked, -1, like=last_anchor), cand, -1,
+                    like=last_anchor)
+
+    def scores(graph):
+        if lift is not None:
+            return method(graph, "reshape", lift["w"], -1, like=last_anchor)
+        if layout == "pairs":
+            if scored:
+                return method(graph, "reshape", first["score"].source, -1, like=last_anchor)
+            n = call(graph, operator.mul, method(graph, "size", sel0.routing, 0, like=last_anchor),
+                     method(graph, "size", sel0.routing, 1, like=last_anchor), like=last_anchor)
+            return call(graph, torch.ones, n, dtype=dtype_of(x), device=device, like=last_anchor)
+        if scored:
+            srcs = [method(graph, "reshape", u["score"].source, -1, like=last_anchor) for u in by_e]
+            if single_value is not None and len({u["score"].source for u in units}) == 1:
+                s = srcs[0]
+            elif single_value is not None:
+                # one expert per row: its own expert's score
+                stacked = call(graph, torch.stack, srcs, 1, like=last_anchor)
+                s = method(graph, "sum", call(graph, torch.where, call(graph, torch.stack, [
+                    method(graph, "reshape", u["sel"].mask, -1, like=last_anchor) for u in by_e], 1, like=last_anchor),
+                    stacked, 0.0, like=last_anchor), -1, like=last_anchor)
+            else:
+                s = method(graph, "reshape", call(graph, torch.stack, srcs, 1, like=last_anchor), -1, like=last_anchor)
+            return s
+        n = method(graph, "size", x, 0, like=last_anchor)
+        if single_value is None:
+            n = call(graph, operator.mul, n, E, like=last_anchor)
+        return call(graph, torch.ones, n, dtype=dtype_of(x), device=device, like=last_anchor)
+
+    writes = [n for u in units for n in u["write"].nodes]
+
+    def replace(out):
+        graph = out.graph
+        result = out
+        with graph.inserting_before(out.next):
+            if lift is None and dtype_of(result) != dtype_of(acc):
+                result = method(graph, "to", result, dtype_of(acc), like=last_anchor)
+            if lift is None:
+                if kind == "add" and start_kind == "copy":
+                    result = call(graph, operator.add, base, result, like=last_anchor)
+                elif kind == "assign" and start_kind != "empty":
+                    keep = method(graph, "unsqueeze", state["routed"], -1, like=last_anchor)
+                    other = base if start_kind == "copy" else 0.0
+                    result = call(graph, torch.where, keep, result, other, like=last_anchor)
+        if lift is not None:
+            lift["anchor"].replace_all_uses_with(result)
+            return
+        for u in list(acc.users):
+            if u not in writes and order.get(u, -1) > order[last_anchor]:
+                u.replace_input_with(acc, result)
+
+    sizes = size_asserts_of([u["gathered"] for u in units] + [n for u in units for n in u["sel"].nodes],
+                            (operator.getitem, operator.ge, operator.le, operator.lt, operator.gt))
+    orphans = writes + sizes
+    xs = shape_of(x_in)
+    wd = shape_of(mlp0.down)
+    n_dim = (wd[0] if "down" in transposed else wd[1]) if wd else None
+    if on == "input":
+        raise Declined("scores: applied to the expert's input (f(s * x)); the fused op applies them to the output, "
+                       "which differs for a non-linear expert")
+    K = int_value(shape_of(sel0.routing)[1]) if layout == "pairs" else (lift["K"] if lift is not None else 1)
+    desc = f"dispatch={sel0.spelling}, experts={mlp0.spelling}, combine={first['write'].spelling}" + \
+        (f", scores={first['score'].spelling}" if scored else "") + (", then a weighted per-token sum" if lift else "")
+    return MoEBlock(
+        idiom=IDIOM, anchor=lift["anchor"] if lift is not None else last_anchor, x=x_in,
+        token_ids=token_ids, expert_ids=expert_ids, scores=scores,
+        build_weights=build_weights, replace=replace, activation=act, interleaved=False,
+        num_experts=E, top_k=K, hidden=int_value(xs[1]) if int_value(xs[1]) is not None else xs[1],
+        intermediate=int_value(n_dim) if n_dim is not None and int_value(n_dim) is not None else n_dim,
+        dtype=dtype_of(x_in), insert_before=(lift["anchor"] if lift is not None else last_anchor.next),
+        orphans=orphans, location=acc, autocast_like=mlp0.gemm, parts=desc,
+    )
+
+
+def find(gm: fx.GraphModule):
+    """Yield (anchor node, MoEBlock or decline reason) for every per-expert loop in the graph."""
+    groups: dict = defaultdict(list)
+    declined: dict = {}
+    claimed: set = set()
+    for node in gm.graph.nodes:
+        if node.op not in ("call_function", "call_method") or node in claimed:
+            continue
+        try:
+            write = recognise("combine", node)
+        except Declined:
+            continue
+        if write is None or not isinstance(write.acc, fx.Node):
+            continue
+        if write.kind == "assign" and (_acc_start(write.acc) or ("",))[0] != "empty":
+            continue  # masked assignment into a zeros/copy buffer: the mask_dispatch composition
+        claimed.update(write.nodes)
+        if write.acc in declined:
+            continue
+        try:
+            groups[write.acc].append(analyse_unit(write))
+        except Declined as e:
+            if _has_gemm_upstream(write.value):
+                declined[write.acc] = (node, str(e))
+            groups.pop(write.acc, None)
+    for acc, (node, reason) in declined.items():
+        yield acc, reason
+    for acc, units in groups.items():
+        if acc in declined:
+            continue
+        try:
+            yield units[-1]["write"].anchor, analyse_group(units, gm.graph)
+        except Declined as e:
+            yield units[-1]["write"].anchor, str(e)
