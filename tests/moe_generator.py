@@ -23,9 +23,9 @@ spelling per part:
   (``(y * s).view(T, K, d).sum(1)``);
 - scores on the ``output`` or on the ``input`` of the experts.
 
-Near-miss mutations (``MUTATIONS``) change what the block computes; none may be rewritten (a
-mutation whose rewrite a recogniser proves exact goes into ``ALLOWED_NEAR_MISS_REWRITES``), and
-whatever the rewrite does, compiled output and every gradient must equal eager.
+Near-miss mutations (``MUTATIONS``) change what the block computes; none may be rewritten unless
+the fused op expresses the mutated block exactly (``rewrite_allowed``), and whatever the rewrite
+does, compiled output and every gradient must equal eager.
 
 This module imports only torch; ``run_case`` (used by tests/test_generated_moe.py and
 examples/fuzz_rewrites.py) imports the backend when called.
@@ -65,17 +65,32 @@ MUTATIONS = {
     "inplace_expert": ("loop", "flat", "gathered"),      # the pre-activation is scaled in place (mul_)
     "scores_other_tensor": ("loop", "flat", "gathered"),  # scores from a second router, not the top-k's
     "transform_after_down": ("loop", "flat", "gathered"),  # tanh on the expert output after W2
+    "clamped_ids": ("loop", "flat", "gathered"),         # ids.clamp(max=E-2): a token may pick one expert twice
+    "score_wrong_slot": ("loop", "flat", "gathered"),    # scores rolled by one slot: w[t, k-1] with expert ids[t, k]
 }
 
 #: near-miss mutations that a recogniser may rewrite, because the mutated block is still exactly
 #: what the fused op computes for some assignments, and the op can be given those: scores from
-#: another (T, K) table are other scores (taken from the node the block multiplies by); scores
-#: never applied are scores 1; a skipped expert's assignments are dropped ones (expert id -1).
-#: Every other mutation is not expressible by the op (f(s x) s, gather and combine at different
-#: tokens, a read of the accumulator, randomness, an in-place change or a transform inside the
-#: expert, an accumulator that does not start at 0) or is declined on purpose (shared weights:
-#: a look-alike of an MoE). Whatever is rewritten, numerics are asserted.
-ALLOWED_NEAR_MISS_REWRITES: set = {"scores_other_tensor", "score_never", "missing_expert"}
+#: another (T, K) table or another slot are other scores (taken from the node the block multiplies
+#: by); scores never applied are scores 1; a skipped expert's assignments are dropped ones (expert
+#: id -1); two experts with the same weights are two experts; clamped ids are assignments that may
+#: repeat an expert for a token, which every summing combine adds twice -- but not an indexed
+#: ``out[tok] += y``, where a repeated index is written once (last write wins): see
+#: ``rewrite_allowed``. Every other mutation is not expressible by the op (f(s x) s, gather and
+#: combine at different tokens, a read of the accumulator, randomness, an in-place change or a
+#: transform inside the expert, an accumulator that does not start at 0). Whatever is rewritten,
+#: numerics are asserted.
+ALLOWED_NEAR_MISS_REWRITES: set = {"scores_other_tensor", "score_never", "missing_expert", "shared_weights",
+                                   "clamped_ids", "score_wrong_slot"}
+
+
+def rewrite_allowed(spec: "Spec") -> bool:
+    """May the rewrite replace this block? (valid blocks; near-misses the op expresses exactly)"""
+    if spec.mutation is None:
+        return True
+    if spec.mutation == "clamped_ids" and spec.combine == "indexed_iadd" and spec.K > 1:
+        return False
+    return spec.mutation in ALLOWED_NEAR_MISS_REWRITES
 
 #: combinations (layout, dispatch, experts, combine, score_on, bias) that the rewrite replaces
 #: for every E, K, T, activation (except a gated relu: the fused op has no ReGLU), gate and skew:
@@ -121,7 +136,7 @@ class Spec:
                 f"skew={self.skew} seed={self.seed}{m}")
 
 
-def applies(mutation: str, layout: str, combine: str, E: int, T: int) -> bool:
+def applies(mutation: str, layout: str, combine: str, E: int, T: int, K: int = 2) -> bool:
     if layout not in MUTATIONS[mutation]:
         return False
     if mutation == "acc_not_zero" and combine == "view_sum":
@@ -130,6 +145,10 @@ def applies(mutation: str, layout: str, combine: str, E: int, T: int) -> bool:
         return False  # (t + 1) % 1 == t: no change
     if mutation in ("shared_weights",) and E < 2:
         return False
+    if mutation == "clamped_ids" and (E < 2 or K < 2):
+        return False  # nothing to repeat
+    if mutation == "score_wrong_slot" and K < 2:
+        return False  # one slot: rolling changes nothing
     return True
 
 
@@ -143,7 +162,7 @@ def sample(rng: random.Random, mutation_rate: float = 0.4, seed: int = 0) -> Spe
                 bias=rng.random() < 0.3, gated=rng.random() < 0.6, act=rng.choice(sorted(ACTIVATIONS)),
                 E=E, K=rng.randint(1, min(E, 3)), T=T, skew=rng.random() < 0.3, seed=seed)
     if rng.random() < mutation_rate:
-        options = [m for m in sorted(MUTATIONS) if applies(m, layout, spec["combine"], E, T)]
+        options = [m for m in sorted(MUTATIONS) if applies(m, layout, spec["combine"], E, T, spec["K"])]
         if options:
             spec["mutation"] = rng.choice(options)
     return Spec(**spec)
@@ -246,6 +265,10 @@ class GeneratedMoE(nn.Module):
         w = w / w.sum(dim=-1, keepdim=True)
         if s.mutation == "scores_other_tensor":
             w = torch.topk(Fn.softmax(self.gate_alt(x), dim=-1), s.K, dim=-1)[0]
+        if s.mutation == "clamped_ids":
+            ids = ids.clamp(max=s.E - 2)
+        if s.mutation == "score_wrong_slot":
+            w = w.roll(1, dims=-1)
         on_in = s.score_on == "input" or s.mutation == "score_twice"
         on_out = (s.score_on == "output" or s.mutation == "score_twice") and s.mutation != "score_never"
         on_in = on_in and s.mutation != "score_never"
@@ -368,8 +391,7 @@ class Outcome:
 
     @property
     def near_miss_rewritten(self) -> bool:
-        return (self.spec.mutation is not None and self.rewritten > 0
-                and self.spec.mutation not in ALLOWED_NEAR_MISS_REWRITES)
+        return self.spec.mutation is not None and self.rewritten > 0 and not rewrite_allowed(self.spec)
 
     def as_dict(self) -> dict:
         return dict(spec=dataclasses.asdict(self.spec), combo=list(self.spec.combo), rewritten=self.rewritten,
