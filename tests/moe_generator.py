@@ -67,21 +67,25 @@ MUTATIONS = {
     "transform_after_down": ("loop", "flat", "gathered"),  # tanh on the expert output after W2
     "clamped_ids": ("loop", "flat", "gathered"),         # ids.clamp(max=E-2): a token may pick one expert twice
     "score_wrong_slot": ("loop", "flat", "gathered"),    # scores rolled by one slot: w[t, k-1] with expert ids[t, k]
+    "gather_k_major": ("flat", "gathered"),              # rows x.repeat(K, 1) (token i % T) for token-major ids
+    "where_roles_swapped": ("loop",),                    # torch.where's two outputs read the other way round
 }
 
 #: near-miss mutations that a recogniser may rewrite, because the mutated block is still exactly
 #: what the fused op computes for some assignments, and the op can be given those: scores from
 #: another (T, K) table or another slot are other scores (taken from the node the block multiplies
 #: by); scores never applied are scores 1; a skipped expert's assignments are dropped ones (expert
-#: id -1); two experts with the same weights are two experts; clamped ids are assignments that may
+#: id -1); two experts with the same weights are two experts; torch.where's outputs read the other
+#: way round are assignments (token = slot index) too; clamped ids are assignments that may
 #: repeat an expert for a token, which every summing combine adds twice -- but not an indexed
 #: ``out[tok] += y``, where a repeated index is written once (last write wins): see
 #: ``rewrite_allowed``. Every other mutation is not expressible by the op (f(s x) s, gather and
 #: combine at different tokens, a read of the accumulator, randomness, an in-place change or a
-#: transform inside the expert, an accumulator that does not start at 0). Whatever is rewritten,
-#: numerics are asserted.
+#: transform inside the expert, an accumulator that does not start at 0; rows gathered k-major for
+#: token-major ids, except as noted in ``rewrite_allowed``). Whatever is rewritten, numerics are
+#: asserted.
 ALLOWED_NEAR_MISS_REWRITES: set = {"scores_other_tensor", "score_never", "missing_expert", "shared_weights",
-                                   "clamped_ids", "score_wrong_slot"}
+                                   "clamped_ids", "score_wrong_slot", "where_roles_swapped"}
 
 
 def rewrite_allowed(spec: "Spec") -> bool:
@@ -90,6 +94,12 @@ def rewrite_allowed(spec: "Spec") -> bool:
         return True
     if spec.mutation == "clamped_ids" and spec.combine == "indexed_iadd" and spec.K > 1:
         return False
+    if spec.mutation in ("gather_k_major", "combine_index_differs") and spec.combine == "view_sum":
+        # rows gathered k-major (x.repeat(K, 1)) or folded k-major (view(K, T, d).sum(0)): the
+        # per-row expert outputs are exact when the rewrite takes the (A, d) rows as its tokens
+        # (one assignment each) and keeps the model's own fold; a combine straight into tokens
+        # mixes two tokens (numerics catch that)
+        return True
     return spec.mutation in ALLOWED_NEAR_MISS_REWRITES
 
 #: combinations (layout, dispatch, experts, combine, score_on, bias) that the rewrite replaces
@@ -147,8 +157,12 @@ def applies(mutation: str, layout: str, combine: str, E: int, T: int, K: int = 2
         return False
     if mutation == "clamped_ids" and (E < 2 or K < 2):
         return False  # nothing to repeat
-    if mutation == "score_wrong_slot" and K < 2:
-        return False  # one slot: rolling changes nothing
+    if mutation in ("score_wrong_slot", "gather_k_major") and K < 2:
+        return False  # one slot: nothing changes
+    if mutation == "gather_k_major" and T == 1:
+        return False
+    if mutation == "where_roles_swapped" and (K < 2 or T < 2):
+        return False  # K = 1 or T = 1: slot and token indices coincide too often to be a near-miss
     return True
 
 
@@ -284,19 +298,25 @@ class GeneratedMoE(nn.Module):
                     tok, k = torch.where(ids == e)
                 else:
                     k, tok = torch.where(onehot[e])
+                if s.mutation == "where_roles_swapped":
+                    # slots read as tokens: gathers x[slot], adds at out[slot], score w[token, slot]
+                    tok, k = k, tok
+                    score = w[k, tok, None]
+                else:
+                    score = w[tok, k, None]
                 z = x[tok]
                 if on_in:
-                    z = z * w[tok, k, None]
+                    z = z * score
                 y = self.expert(e, z)
                 if on_out:
-                    y = y * w[tok, k, None]
+                    y = y * score
                 if s.mutation == "acc_read_inside":
                     y = y + 0.5 * out[tok]
                 self._combine(out, shift(tok), y)
             return out
 
         if s.layout == "flat":
-            x_rep = x.repeat_interleave(s.K, dim=0)
+            x_rep = x.repeat(s.K, 1) if s.mutation == "gather_k_major" else x.repeat_interleave(s.K, dim=0)
             flat_ids, flat_w = ids.reshape(-1), w.reshape(-1)
             tok_of_row = torch.arange(T, device=x.device).repeat_interleave(s.K)
             if s.combine == "view_sum":
@@ -335,10 +355,10 @@ class GeneratedMoE(nn.Module):
         if s.dispatch == "sorted":
             order = torch.argsort(flat_ids, stable=True)
             eids, sw, tok = flat_ids[order], flat_w[order], order // s.K
-            z = x[tok]
+            z = x[order % T] if s.mutation == "gather_k_major" else x[tok]
         else:
             order, eids, sw = None, flat_ids, flat_w
-            z = x.repeat_interleave(s.K, dim=0)
+            z = x.repeat(s.K, 1) if s.mutation == "gather_k_major" else x.repeat_interleave(s.K, dim=0)
         if on_in:
             z = z * sw.unsqueeze(-1)
         y = self.gathered_experts(z, eids)

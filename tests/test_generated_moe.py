@@ -15,7 +15,7 @@ import pytest
 
 import moe_generator as G
 
-SEED, CASES = 2026, 15  # plus 3 supported combinations and 16 near-misses below: 34 cases
+SEED, CASES = 2026, 12  # plus 3 supported combinations and 21 near-misses below
 _OUTCOMES: list = []
 
 
@@ -60,13 +60,13 @@ _NEAR_MISS_BASES = {
 assert set(_NEAR_MISS_BASES.values()) <= G.SUPPORTED  # rewritten without the mutation (test above)
 # (on the gathered base, the mutations a rewrite may absorb are left to the loop base: time)
 _NEAR_MISSES = [(base, m) for m in sorted(G.MUTATIONS) for base, combo in _NEAR_MISS_BASES.items()
-                if G.applies(m, combo[0], combo[3], E=5, T=7)
+                if G.applies(m, combo[0], combo[3], E=3, T=7)
                 and (base == "loop" or m not in G.ALLOWED_NEAR_MISS_REWRITES)]
 
 
 @pytest.mark.parametrize("base, mutation", _NEAR_MISSES)
 def test_near_miss_of_a_rewritten_block(base, mutation):
-    outcome = G.run_case(_base(_NEAR_MISS_BASES[base], mutation=mutation))
+    outcome = G.run_case(_base(_NEAR_MISS_BASES[base], mutation=mutation, E=3))  # E = 3 traces faster than 5
     check(outcome)
     if not G.rewrite_allowed(outcome.spec):
         assert outcome.rewritten == 0
