@@ -224,6 +224,7 @@ def _rewrite_graph(gm: fx.GraphModule, opts: SonicOptions, report: CompileReport
     """Rewrite the blocks of one graph (the backend's, or a region's body named ``region``)."""
     inside = f" (in {region})" if region else ""
     orphans: list = []
+    declines: list = []
     dead_before = {n for n in gm.graph.nodes if not n.users}
     for idiom in _idioms():
         try:
@@ -234,9 +235,9 @@ def _rewrite_graph(gm: fx.GraphModule, opts: SonicOptions, report: CompileReport
         for node, block in found:
             where = module_path_of(node)
             if isinstance(block, str):
-                report.candidates.append(Candidate(idiom=idiom.IDIOM, where=where, status="declined", reason=block + inside))
-                counters["sonic"]["moe_declined"] += 1
-                log.info("sonic: not rewriting %s block at %s: %s", idiom.IDIOM, where, block)
+                # reported once the graph is final: a look-alike that another composition rewrote
+                # (its nodes are gone then) is not a declined block
+                declines.append((node, Candidate(idiom=idiom.IDIOM, where=where, status="declined", reason=block + inside)))
                 continue
             where = module_path_of(block.location or node)
             before = set(gm.graph.nodes)
@@ -269,6 +270,14 @@ def _rewrite_graph(gm: fx.GraphModule, opts: SonicOptions, report: CompileReport
             if "refused" in note:
                 log.warning("sonic: %s block at %s: %s", block.idiom, where, note)
     _cleanup(gm, orphans, dead_before)
+    alive = set(gm.graph.nodes)
+    for node, cand in declines:
+        if isinstance(node, fx.Node) and node not in alive:
+            log.debug("sonic: %s candidate at %s was part of a block rewritten otherwise", cand.idiom, cand.where)
+            continue
+        report.candidates.append(cand)
+        counters["sonic"]["moe_declined"] += 1
+        log.info("sonic: not rewriting %s block at %s: %s", cand.idiom, cand.where, cand.reason)
     gm.graph.lint()
     gm.recompile()
 

@@ -23,7 +23,7 @@ import torch.fx as fx
 
 from moe_inductor import safety
 from moe_inductor.parts import ExpertMLP, decline, need, register
-from moe_inductor.rewrite import dtype_of, gemm_name, int_value, shape_of
+from moe_inductor.rewrite import gemm_name, shape_of
 
 from .common import GATED_OF, unary_activation
 

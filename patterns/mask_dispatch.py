@@ -58,8 +58,12 @@ from moe_inductor.rewrite import (
     match_or_decline as _match,
     method, mutated_between, nearest_upstream, need as _need, same, shape_of, size_asserts_of,
 )
+from moe_inductor import safety
+from moe_inductor.parts import recognise
 from . import combine as _combine
-from .common import GATED_OF, unary_activation
+from . import dispatch as _dispatch
+from . import experts as _experts  # noqa: F401  (registers the expert recognisers)
+from .common import GATED_OF
 
 IDIOM = "mask_dispatch"
 
@@ -68,14 +72,6 @@ IDIOM = "mask_dispatch"
 
 _LINEAR = (torch._C._nn.linear, Fn.linear)
 _ALL = slice(None, None, None)
-
-
-def _linear(name_in: str, name_w: str, name_b: str):
-    alts = []
-    for fn in _LINEAR:
-        alts += [F(fn, KA(name_in), KA(name_w)), F(fn, KA(name_in), KA(name_w), KA(name_b)),
-                 F(fn, KA(name_in), KA(name_w), bias=KA(name_b))]
-    return AnyOf(*alts)
 
 
 def _setitem_pattern():
@@ -90,12 +86,6 @@ def _column_pattern():
 
 def _bool_cast_pattern():
     return AnyOf(M("bool", KA("src")), M("to", KA("src"), torch.bool), M("to", KA("src"), dtype=torch.bool))
-
-
-def _one_hot_pattern():
-    return AnyOf(F(torch._C._nn.one_hot, KA("index"), num_classes=KA("E")),
-                 F(Fn.one_hot, KA("index"), num_classes=KA("E")),
-                 F(torch._C._nn.one_hot, KA("index"), KA("E")), F(Fn.one_hot, KA("index"), KA("E")))
 
 
 def _buffer_pattern():
@@ -113,29 +103,23 @@ def _gather_pattern():
 
 
 # --------------------------------------------------------------------------- one expert block
+# (the expert MLP, identities, the purity of the expert path and one-hot rows are the shared parts:
+# patterns/experts.py, moe_inductor/safety.py, patterns/dispatch.py)
 
-def _is_identity_dropout(node: fx.Node) -> bool:
-    """F.dropout(h, p, training, inplace) that returns h unchanged: eval mode or p == 0."""
-    if node.op != "call_function" or node.target is not Fn.dropout:
-        return False
-    names = ("input", "p", "training", "inplace")
-    args = dict(zip(names, node.args))
-    args.update(node.kwargs)
-    p, training, inplace = args.get("p", 0.5), args.get("training", True), args.get("inplace", False)
-    return inplace is False and (training is False or p == 0 or p == 0.0)
+def _expert_mlp(out: fx.Node, gathered: fx.Node):
+    """(activation, w_gate|w1, b_gate|b1, w_up, b_up, w_down, b_down) of out = expert(gathered)."""
+    m = recognise("experts", safety.strip_identity(out), required="expert MLP (linear -> activation [* linear] -> linear)")
+    _need(safety.equivalent(m.input, gathered), "expert MLP does not read the gathered tokens")
+    _need(not m.transposed, "expert weights are used transposed (z @ W): not the Linear layout this composition emits")
+    return m.activation, m.gate, m.b_gate, m.up, m.b_up, m.down, m.b_down
 
 
-def _skip_identities(node):
-    """Follow identity dropout and dtype casts to the same dtype back to the producing node."""
-    while isinstance(node, fx.Node):
-        if _is_identity_dropout(node):
-            node = node.args[0] if node.args else node.kwargs["input"]
-        elif (node.op == "call_method" and node.target == "to" and len(node.args) == 2 and not node.kwargs
-              and isinstance(node.args[1], torch.dtype) and dtype_of(node.args[0]) == node.args[1]):
-            node = node.args[0]
-        else:
-            return node
-    return node
+def _check_expert_path(value, gathered):
+    safety.need_pure_path(value, gathered)
+
+
+def _at_most_one_per_row(node) -> bool:
+    return _dispatch._at_most_one_per_row(node) is not None
 
 
 def _find_gather(value: fx.Node, index):
@@ -154,50 +138,6 @@ def _find_gather(value: fx.Node, index):
         if n.op in ("call_function", "call_method"):
             stack.extend(n.all_input_nodes)
     return None
-
-
-def _check_expert_path(value: fx.Node, gathered: fx.Node):
-    """Nothing random or in place on the path from the gathered tokens to the assigned value."""
-    order = {n: i for i, n in enumerate(value.graph.nodes)}
-    downstream, stack = {gathered}, [gathered]
-    while stack:  # nodes computed from the gathered tokens, up to the value
-        for u in stack.pop().users:
-            if u not in downstream and order[u] <= order[value]:
-                downstream.add(u)
-                stack.append(u)
-    for n in downstream:
-        if n.op == "call_function" and n.target is Fn.dropout and not _is_identity_dropout(n):
-            raise Declined("expert path applies dropout with p > 0 in training (random per element, e.g. "
-                           "NLLB-MoE moe_token_dropout or Switch expert dropout): the fused op cannot reproduce it")
-        if n.op == "call_function" and n.target in (torch.rand_like, torch.randn_like, torch.bernoulli):
-            raise Declined("expert path draws random numbers: the fused op cannot reproduce it")
-        for u in n.users:
-            if is_mutation(u, n):
-                raise Declined(f"expert path modifies {n.name} in place ({u.format_node()})")
-
-
-def _expert_mlp(out: fx.Node, gathered: fx.Node):
-    """(activation, w_gate|w1, b_gate|b1, w_up, b_up, w_down, b_down) of out = expert(gathered)."""
-    down = _match(_linear("mid", "w_down", "b_down"), _skip_identities(out), "expert down-projection (linear)")
-    mid = _skip_identities(down["mid"])
-    if mid.op == "call_function" and mid.target is operator.mul and len(mid.args) == 2:
-        for a, b in (mid.args, mid.args[::-1]):
-            if not isinstance(a, fx.Node) or not isinstance(b, fx.Node):
-                continue
-            name, inner = unary_activation(a)
-            if name is None:
-                continue
-            g = _linear("z", "w_gate", "b_gate").match(inner)
-            u = _linear("z", "w_up", "b_up").match(_skip_identities(b))
-            if is_match(g) and is_match(u) and g.kwargs["z"] is gathered and u.kwargs["z"] is gathered:
-                _need(name in GATED_OF, f"gated activation {name} unsupported")
-                return (GATED_OF[name], g.kwargs["w_gate"], g.kwargs.get("b_gate"), u.kwargs["w_up"],
-                        u.kwargs.get("b_up"), down["w_down"], down.get("b_down"))
-    name, inner = unary_activation(mid)
-    _need(name is not None, "expert body is not a supported MLP (linear -> activation [* linear] -> linear)")
-    one = _match(_linear("z", "w_in", "b_in"), inner, "expert up-projection (linear)")
-    _need(one["z"] is gathered, "expert MLP does not read the gathered tokens")
-    return name, one["w_in"], one.get("b_in"), None, None, down["w_down"], down.get("b_down")
 
 
 def _mask_source(mask: fx.Node):
@@ -220,20 +160,6 @@ def _mask_source(mask: fx.Node):
         return "eq", eq[0], eq[1]
     raise Declined("mask is neither a column of a one-hot routing mask nor expert_index == e "
                    "(masks not provably disjoint)")
-
-
-def _at_most_one_per_row(node: fx.Node) -> bool:
-    """one_hot(i, E), or that multiplied elementwise by a tensor that does not broadcast it."""
-    if is_match(_one_hot_pattern().match(node)):
-        return True
-    if node.op == "call_function" and node.target is operator.mul and len(node.args) == 2:
-        out = shape_of(node)
-        for a in node.args:
-            if isinstance(a, fx.Node) and is_match(_one_hot_pattern().match(a)):
-                sa = shape_of(a)
-                return (out is not None and sa is not None and len(sa) == len(out)
-                        and all(same(p, q) for p, q in zip(sa, out)))
-    return False
 
 
 def analyse_one(node: fx.Node) -> dict:
