@@ -1,0 +1,882 @@
+"""Composition: MoE blocks whose experts run on *slots*, an (E, C, d) tensor of capacity-padded
+expert batches (expert e's batch is row e; C slots per expert).
+
+Shape legend: S tokens (T), d hidden, n expert width, E experts, C slots per expert (capacity),
+K choices per token (terms of a capacity dispatch), R = E * C slots.
+
+Parts (recognisers registered in ``moe_inductor.parts``):
+
+``slots_dispatch`` fills the slots:
+  ``capacity_einsum``  GShard/Switch capacity dispatch (fairseq/fairscale ``top1gating``/``top2gating``,
+                       DeepSpeed ``sharded_moe``): ``einsum("sec,sm->ecm", combine.bool().type_as(x), x)``
+                       where ``combine`` (S, E, C) is a sum of terms, one per choice k::
+
+                           combine_k = W_k[s, e] * one_hot(idx_k, E)[s, e] * caps_k[s, e] * one_hot(L_k, C)[s, c]
+                           loc_k = cumsum(one_hot(idx_k, E), dim=0) - 1 + sum_{j<k} one_hot(idx_j, E).sum(0, keepdim=True)
+                           L_k = (loc_k * Q_k).sum(1)    (Q_k: 0/1 factors of the term, one_hot(idx_k) among them)
+
+                       spelled with ``einsum("se,sc->sec", ...)`` outer products or broadcast multiplies
+                       of unsqueezed factors, any casts of 0/1 masks; caps are any 0/1 factors
+                       (``lt(loc, C)``: tokens over capacity dropped).
+  ``gathered_rows``    expert-choice routing: ``x[idx]`` with an (E, C) table of token ids (``topk(scores.T, C)``
+                       indices, or any other), also ``x[idx.reshape(-1)].view(E, C, d)``.
+``slots_experts``: ``bmm_mlp``: one MLP on all slots with stacked weights: ``bmm(z, W)`` / ``z @ W`` /
+  ``einsum("ecm,emh->ech", z, W)`` with W (E, in, out), or W (E, out, in) transposed/contracted on its
+  last axis; optional (E, 1, out) biases; gated (``chunk(2, -1)`` of one projection, or two projections)
+  or plain activations.
+``slots_combine``:
+  ``combine_einsum``   ``einsum("sec,ecm->sm", combine.type_as(x), y)``
+  ``scatter_slots``    ``zeros.scatter_add_(0, idx.reshape(-1, 1).expand(-1, d), (y * g[..., None]).reshape(-1, d))``,
+                       ``index_add_(0, idx.reshape(-1), ...)`` (in place or not), score g (E, C) optional.
+
+Proof (``analyse``), which declines naming the part or the proof:
+  * capacity: the dispatch mask is the nonzero pattern of the very combine weights the output uses;
+    each term is zero outside column ``idx_k[s]`` and slot ``L_k[s]``; within a term the slot
+    positions of expert e are a cumsum of a 0/1 column that is 1 at every token choosing e, so
+    they are distinct; term k's positions start after the counts of terms 0..k-1, so terms never
+    share a slot. Hence every slot holds at most one token, every (token, expert, slot) has at
+    most one nonzero term, and a slot that holds no token has combine weight 0 for every token:
+    ``out[s] = sum_k W_k[s, idx_k[s]] * f_{idx_k[s]}(x[s])`` over the kept choices (caps 1), which
+    is the fused op over assignments (s, idx_k[s], W_k gathered at idx_k[s]), expert -1 where a
+    cap is 0 (dropped: the token keeps 0 from that choice, as in the original).
+  * expert choice: the rows gathered for the experts and the rows written back are the same (E, C)
+    table, flattened the same way: assignments are (idx[e, c], e, g[e, c]); a token taken by
+    several experts gets the sum, a token taken by none keeps the accumulator's start (zeros, or a
+    copy of a tensor that is added back).
+  * scores applied once (the combine weights, or g on the output; scaled expert inputs are declined);
+    nothing random or in place on the experts' path; nothing used by the block written in place.
+
+Limit: a kept capacity choice whose gate is exactly 0 (an underflowed softmax) has an empty slot in
+the original, so its gate's gradient there is <dO, f_e(0)>; the fused op gives <dO, f_e(x[s])>.
+"""
+from __future__ import annotations
+
+import dataclasses
+import operator
+from typing import Any, Optional
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as Fn
+
+from moe_inductor import safety
+from moe_inductor.parts import ExpertMLP, PartDeclined, decline, need, recognise, register
+from moe_inductor.rewrite import (
+    Declined, MoEBlock, call, dtype_of, int_value, method, same, shape_of,
+)
+from moe_inductor.rewrite import need as prove
+
+from .common import GATED_OF, unary_activation
+from .experts import _chunk_halves, _transposed_weight
+
+IDIOM = "expert_slots"
+
+_EINSUM = (torch.einsum, torch.functional.einsum)
+_ONE_HOT = (torch._C._nn.one_hot, Fn.one_hot)
+_MUL = (operator.mul, torch.mul)
+_ADD = (operator.add, torch.add)
+_COMPARE = {operator.lt, operator.le, operator.gt, operator.ge, operator.eq, operator.ne, torch.lt, torch.le,
+            torch.gt, torch.ge, torch.eq, torch.ne, torch.logical_and, torch.logical_not}
+_COMPARE_METHODS = {"lt", "le", "gt", "ge", "eq", "ne", "__lt__", "__le__", "__gt__", "__ge__", "__eq__", "__ne__",
+                    "logical_and", "logical_not", "bool"}
+
+
+# --------------------------------------------------------------------------- canonical descriptions
+
+@dataclasses.dataclass
+class SlotTerm:
+    """One choice of a capacity dispatch: token s goes to expert ``choice[s]`` at slot ``L[s]``
+    with weight ``prod(weights)`` gathered at (s, choice[s]), kept where every 0/1 ``flags``
+    factor is nonzero there. Factors are (node or number, axes) with axes among "s", "e"."""
+
+    choice: fx.Node
+    weights: list
+    flags: list
+    slot: fx.Node
+    offsets: list  # choice nodes of the terms whose counts offset this term's positions
+
+
+@dataclasses.dataclass
+class SlotsDispatch:
+    """How the (E, C, d) slots are filled from tokens ``x`` (S, d). ``kind`` "capacity":
+    ``combine_weights`` (S, E, C) whose nonzeros dispatch, decomposed into ``terms``; "gathered":
+    ``index`` (E, C) token ids, slot (e, c) holds x[index[e, c]]."""
+
+    kind: str
+    x: fx.Node
+    slots: fx.Node
+    num_experts: int
+    combine_weights: Optional[fx.Node] = None
+    terms: list = dataclasses.field(default_factory=list)
+    index: Optional[fx.Node] = None
+    nodes: list = dataclasses.field(default_factory=list)
+    spelling: str = ""
+
+
+@dataclasses.dataclass
+class SlotsCombine:
+    """How the experts' slot outputs ``experts_out`` (E, C, d) reach the tokens. ``kind`` "einsum":
+    ``out = einsum("sec,ecm->sm", weights, experts_out)``; "scatter": slot (e, c) is added to row
+    ``index[e, c]`` of ``acc`` times ``score[e, c]`` (None: 1); ``inplace``: the write mutates acc."""
+
+    kind: str
+    anchor: fx.Node
+    experts_out: fx.Node
+    weights: Optional[fx.Node] = None
+    index: Optional[fx.Node] = None
+    score: Optional[fx.Node] = None
+    acc: Optional[fx.Node] = None
+    inplace: bool = False
+    spelling: str = ""
+
+
+# --------------------------------------------------------------------------- small helpers
+
+def _arg(node: fx.Node, pos: int, name: str, default=None):
+    if len(node.args) > pos:
+        return node.args[pos]
+    return node.kwargs.get(name, default)
+
+
+def _einsum(node) -> Optional[tuple]:
+    """(input letter strings, output letters, operands) of an einsum node, else None."""
+    if not (isinstance(node, fx.Node) and node.op == "call_function" and node.target in _EINSUM and node.args):
+        return None
+    eq, ops = node.args[0], node.args[1:]
+    if len(ops) == 1 and isinstance(ops[0], (list, tuple)):
+        ops = tuple(ops[0])
+    if not isinstance(eq, str) or "->" not in eq or "." in eq or node.kwargs:
+        return None
+    lhs, out = eq.replace(" ", "").split("->")
+    ins = lhs.split(",")
+    if len(ins) != len(ops) or not all(isinstance(o, fx.Node) for o in ops):
+        return None
+    return ins, out, ops
+
+
+def _is_integral(node) -> bool:
+    dt = dtype_of(node)
+    return dt is not None and (dt == torch.bool or not (dt.is_floating_point or dt.is_complex))
+
+
+def _strip_exact_casts(node):
+    """Follow casts whose input is a bool/integer tensor (0/1 masks, slot positions: exact in any
+    float dtype used here) and identities back to the producer."""
+    while isinstance(node, fx.Node):
+        inner = safety.strip_identity(node)
+        if inner is not node:
+            node = inner
+            continue
+        outer = safety.strip_casts(node)
+        if outer is not node and node.op == "call_method" and _is_integral(node.args[0]):
+            node = node.args[0]
+            continue
+        return node
+    return node
+
+
+def _one_hot(node) -> Optional[tuple]:
+    """(index, num_classes) of ``one_hot(index, num_classes)``."""
+    node = _strip_exact_casts(node)
+    if isinstance(node, fx.Node) and node.op == "call_function" and node.target in _ONE_HOT:
+        idx, n = _arg(node, 0, "tensor", _arg(node, 0, "input")), _arg(node, 1, "num_classes", -1)
+        if isinstance(idx, fx.Node) and int_value(n) is not None and int_value(n) > 0:
+            return idx, int_value(n)
+    return None
+
+
+def _is_flag(node) -> bool:
+    """A 0/1-valued tensor: a one-hot, a comparison, a bool tensor or their products."""
+    node = _strip_exact_casts(node)
+    if not isinstance(node, fx.Node):
+        return False
+    if dtype_of(node) == torch.bool or _one_hot(node) is not None:
+        return True
+    if node.op == "call_function" and node.target in _COMPARE:
+        return True
+    if node.op == "call_method" and node.target in _COMPARE_METHODS:
+        return True
+    if node.op == "call_function" and node.target in _MUL and len(node.args) == 2:
+        return all(isinstance(a, fx.Node) and _is_flag(a) for a in node.args)
+    return False
+
+
+def _size_one(v) -> bool:
+    return int_value(v) == 1
+
+
+def _operand_axes(operand, result, axes) -> tuple:
+    """Axes (labels or None for broadcast) of a broadcast operand of ``result`` labelled ``axes``."""
+    so, sr = shape_of(operand), shape_of(result)
+    if so is None or sr is None or len(so) > len(sr):
+        raise PartDeclined("slots_dispatch", f"{getattr(operand, 'name', operand)}: shape unknown or larger than "
+                                             "the product's")
+    out = []
+    for i, size in enumerate(so):
+        j = len(sr) - len(so) + i
+        if same(size, sr[j]):
+            out.append(axes[j])
+        elif _size_one(size):
+            out.append(None)
+        else:
+            raise PartDeclined("slots_dispatch", f"{operand.name}: does not broadcast against {result.name}")
+    return tuple(out)
+
+
+def _product(node, axes: tuple, out: list) -> None:
+    """Flatten a product of broadcast factors (``*``, ``unsqueeze``, outer-product einsums, exact
+    casts) into ``out``: (leaf node or number, its axes)."""
+    if not isinstance(node, fx.Node):
+        out.append((node, ()))
+        return
+    inner = _strip_exact_casts(node)
+    if inner is not node and same_rank(inner, node):
+        return _product(inner, axes, out)
+    if node.op == "call_function" and node.target in _MUL and len(node.args) == 2 and not node.kwargs:
+        for a in node.args:
+            _product(a, _operand_axes(a, node, axes) if isinstance(a, fx.Node) else (), out)
+        return
+    if node.op == "call_method" and node.target == "unsqueeze" and len(node.args) == 2:
+        dim = node.args[1] % len(axes)
+        if axes[dim] is None or _size_one((shape_of(node) or [None] * len(axes))[dim]):
+            return _product(node.args[0], axes[:dim] + axes[dim + 1:], out)
+    es = _einsum(node)
+    if es is not None:
+        ins, outl, ops = es
+        letters = dict(zip(outl, axes))
+        if len(set(outl)) == len(outl) and all(set(i) <= set(outl) and len(set(i)) == len(i) for i in ins):
+            for lt, op in zip(ins, ops):
+                _product(op, tuple(letters[c] for c in lt), out)
+            return
+    out.append((node, axes))
+
+
+def same_rank(a, b) -> bool:
+    sa, sb = shape_of(a), shape_of(b)
+    return sa is not None and sb is not None and len(sa) == len(sb)
+
+
+def _effective(leaf, axes) -> tuple:
+    """The axes along which a factor varies (labels of its dims that are not of size 1)."""
+    if not isinstance(leaf, fx.Node):
+        return ()
+    shape = shape_of(leaf) or ()
+    return tuple(a for a, s in zip(axes, shape) if a is not None and not _size_one(s))
+
+
+def _signed_sum(node, sign: int, out: list) -> None:
+    """Flatten ``a + b - c ...`` into (sign, term) pairs."""
+    if isinstance(node, fx.Node) and node.op == "call_function" and not node.kwargs and len(node.args) == 2:
+        if node.target in _ADD:
+            _signed_sum(node.args[0], sign, out)
+            _signed_sum(node.args[1], sign, out)
+            return
+        if node.target in (operator.sub, torch.sub):
+            _signed_sum(node.args[0], sign, out)
+            _signed_sum(node.args[1], -sign, out)
+            return
+    if isinstance(node, fx.Node) and node.op == "call_method" and node.target in ("add", "sub") and \
+            len(node.args) == 2 and not node.kwargs:
+        _signed_sum(node.args[0], sign, out)
+        _signed_sum(node.args[1], sign if node.target == "add" else -sign, out)
+        return
+    out.append((sign, node))
+
+
+def _reduce(node, fn_name: str, dims: tuple, keepdim: Optional[bool] = None) -> Optional[fx.Node]:
+    """The input of ``torch.<fn>(t, dim)`` / ``t.<fn>(dim)`` over one of ``dims``, else None."""
+    if not isinstance(node, fx.Node):
+        return None
+    fn = getattr(torch, fn_name)
+    if not ((node.op == "call_function" and node.target is fn) or (node.op == "call_method" and node.target == fn_name)):
+        return None
+    dim = _arg(node, 1, "dim")
+    if isinstance(dim, (tuple, list)) and len(dim) == 1:
+        dim = dim[0]
+    if dim not in dims:
+        return None
+    if keepdim is not None and bool(_arg(node, 2, "keepdim", False)) != keepdim:
+        return None
+    extra = set(node.kwargs) - {"dim", "keepdim", "dtype"}
+    return node.args[0] if not extra and isinstance(node.args[0], fx.Node) else None
+
+
+def _same_choice(a, b) -> bool:
+    return safety.equivalent(a, b)
+
+
+# --------------------------------------------------------------------------- slots_dispatch: capacity
+
+def _positions(loc) -> tuple:
+    """(choice, offsets) of ``loc = cumsum(one_hot(choice, E), 0) - 1 + sum_j one_hot(choice_j, E).sum(0,
+    keepdim=True)``; declines otherwise."""
+    terms: list = []
+    _signed_sum(_strip_exact_casts(loc), 1, terms)
+    cums, consts, offsets = [], 0, []
+    for sign, t in terms:
+        if not isinstance(t, fx.Node):
+            if isinstance(t, (int, float)) and not isinstance(t, bool):
+                consts += sign * t
+                continue
+            decline("slots_dispatch", f"slot positions {loc.name}: a term {t!r} is not a number")
+        t = _strip_exact_casts(t)
+        c = _reduce(t, "cumsum", (0,))
+        if c is not None and sign == 1:
+            cums.append(c)
+            continue
+        s = _reduce(t, "sum", (0,), keepdim=True)
+        oh = _one_hot(s) if s is not None else None
+        if oh is not None and sign == 1:
+            offsets.append(oh[0])
+            continue
+        decline("slots_dispatch", f"slot positions {loc.name}: {t.name} is neither the cumsum of the choices' "
+                                  "one-hot nor the counts of earlier choices (sum(one_hot, 0, keepdim=True))")
+    need("slots_dispatch", len(cums) == 1, f"slot positions {loc.name} are not one cumsum over the tokens minus 1")
+    need("slots_dispatch", consts == -1, f"slot positions {loc.name} are cumsum {consts:+} (not cumsum - 1)")
+    oh = _one_hot(cums[0])
+    need("slots_dispatch", oh is not None, f"slot positions {loc.name}: the cumsum is not over a one-hot of the "
+                                           "chosen experts (distinct positions are proven for a 0/1 column only)")
+    return oh[0], offsets
+
+
+def _slot_of(L, choice, term_flags) -> list:
+    """Prove L[s] == loc[s, choice[s]] wherever the term is nonzero; return the term's offsets."""
+    L = _strip_exact_casts(L)
+    inner = _reduce(L, "sum", (1, -1), keepdim=False)
+    if inner is not None:
+        factors: list = []
+        _product(inner, ("s", "e"), factors)
+        locs = [(f, a) for f, a in factors if isinstance(f, fx.Node) and not _is_flag(f)]
+        flags = [(f, a) for f, a in factors if isinstance(f, fx.Node) and _is_flag(f)]
+        need("slots_dispatch", len(locs) == 1 and len(flags) + 1 == len(factors),
+             f"slot index {L.name} is not sum(positions * mask, 1) with a 0/1 mask")
+        loc, _ = locs[0]
+        need("slots_dispatch", any(_one_hot(f) is not None and _same_choice(_one_hot(f)[0], choice) for f, _ in flags),
+             f"slot index {L.name}: the mask it reads positions with is not the term's one-hot of its experts")
+        for f, _ in flags:
+            need("slots_dispatch", any(safety.equivalent(_strip_exact_casts(f), _strip_exact_casts(g))
+                                       for g, _ in term_flags),
+                 f"slot index {L.name}: reads positions under {f.name}, which the combine weights are not "
+                 "multiplied by (a slot could then hold a token it was not given)")
+    else:
+        g = L
+        if g.op == "call_method" and g.target == "squeeze" and len(g.args) in (1, 2):
+            g = g.args[0]
+        need("slots_dispatch", isinstance(g, fx.Node) and g.op in ("call_method", "call_function")
+             and g.target in ("gather", torch.gather) and _arg(g, 1, "dim") in (1, -1),
+             f"slot index {L.name} is not the slot positions read at the chosen expert "
+             "(sum(positions * mask, 1) or positions.gather(1, ids))")
+        loc, gi = g.args[0], _arg(g, 2, "index")
+        gi = gi.args[0] if isinstance(gi, fx.Node) and gi.op == "call_method" and gi.target in (
+            "unsqueeze", "view", "reshape") else gi
+        need("slots_dispatch", _same_choice(gi, choice), f"slot index {L.name} reads positions at other experts "
+                                                         "than the term's")
+    got, offsets = _positions(loc)
+    need("slots_dispatch", _same_choice(got, choice), f"slot positions {loc.name} count another choice of experts "
+                                                      "than the term that uses them")
+    return offsets
+
+
+def _terms(cw: fx.Node) -> list:
+    """The terms of the combine weights (S, E, C), each proven to be one (token, expert, slot) entry."""
+    sums: list = []
+    _signed_sum(cw, 1, sums)
+    terms = []
+    for sign, t in sums:
+        need("slots_dispatch", sign == 1 and isinstance(t, fx.Node) and safety.same_shape(t, cw),
+             f"combine weights {cw.name}: a term is subtracted or broadcast along an axis")
+        factors: list = []
+        _product(t, ("s", "e", "c"), factors)
+        slots, choices, flags, weights = [], [], [], []
+        for f, ax in factors:
+            oh = _one_hot(f) if isinstance(f, fx.Node) else None
+            eff = _effective(f, ax)
+            if oh is not None and len(ax) == 2 and ax[0] == "s" and ax[1] == "c":
+                slots.append(oh[0])
+            elif oh is not None and len(ax) == 2 and ax[0] == "s" and ax[1] == "e":
+                choices.append(oh[0])
+                flags.append((f, ax))
+            elif "c" in eff:
+                decline("slots_dispatch", f"combine weights {cw.name}: {f.name} varies along the slots and is not "
+                                          "a one-hot of slot positions")
+            elif _is_flag(f):
+                flags.append((f, ax))
+            else:
+                weights.append((f, ax))
+        need("slots_dispatch", len(slots) == 1, f"combine weights {cw.name}: a term is not placed by one one-hot of "
+                                                "slot positions (one_hot(locations, C))")
+        need("slots_dispatch", len(choices) >= 1 and all(_same_choice(c, choices[0]) for c in choices),
+             f"combine weights {cw.name}: a term is not restricted to one chosen expert per token "
+             "(one_hot(ids, E))")
+        need("slots_dispatch", len(shape_of(choices[0]) or ()) == 1, f"{choices[0].name}: chosen experts are not "
+                                                                       "one per token")
+        offsets = _slot_of(slots[0], choices[0], flags)
+        terms.append(SlotTerm(choice=choices[0], weights=weights, flags=flags, slot=slots[0], offsets=offsets))
+    # term k's positions start after the counts of the terms before it
+    ordered = sorted(terms, key=lambda t: len(t.offsets))
+    for k, t in enumerate(ordered):
+        rest = list(t.offsets)
+        for j in ordered[:k]:
+            hit = next((o for o in rest if _same_choice(o, j.choice)), None)
+            need("slots_dispatch", hit is not None and len(t.offsets) == k,
+                 f"combine weights {cw.name}: the slot positions of choice {k + 1} do not start after the "
+                 "positions of the choices before it (a slot could hold two tokens)")
+            rest.remove(hit)
+        need("slots_dispatch", not rest, f"combine weights {cw.name}: slot positions of choice {k + 1} are offset "
+                                         "by counts of choices that are not earlier terms")
+    return ordered
+
+
+@register("slots_dispatch", "capacity_einsum",
+          'einsum("sec,sm->ecm", combine.bool(), x): one-hot/cumsum capacity slots (GShard/Switch)')
+def capacity_einsum(slots) -> Optional[SlotsDispatch]:
+    es = _einsum(slots)
+    if es is None or len(es[2]) != 2:
+        return None
+    ins, outl, ops = es
+    for (md, xd), (m, x) in ((ins, ops), (ins[::-1], ops[::-1])):
+        if len(md) == 3 and len(xd) == 2 and len(outl) == 3 and len(set(md + xd)) == 4 and xd[0] == md[0] \
+                and outl == md[1] + md[2] + xd[1]:
+            break
+    else:
+        return None
+    d = _strip_exact_casts(m)
+    src = None
+    if d.op == "call_method" and d.target == "bool" and len(d.args) == 1:
+        src = d.args[0]
+    elif d.op in ("call_function", "call_method") and d.target in (operator.ne, torch.ne, "ne", "__ne__") \
+            and len(d.args) == 2 and d.args[1] == 0:
+        src = d.args[0]
+    if not isinstance(src, fx.Node):
+        decline("slots_dispatch", f"{m.name}: the dispatch tensor is not the nonzero pattern of combine weights "
+                                  "(combine.bool()); scaling the expert inputs by it would apply the scores twice")
+    ss, xs = shape_of(src), shape_of(x)
+    need("slots_dispatch", ss is not None and len(ss) == 3 and xs is not None and len(xs) == 2,
+         f"{slots.name}: dispatch is not (S, E, C) x (S, d)")
+    E = int_value(ss[1])
+    need("slots_dispatch", E is not None, f"{src.name}: the number of experts is not a constant")
+    terms = _terms(src)
+    return SlotsDispatch(kind="capacity", x=x, slots=slots, num_experts=E, combine_weights=src, terms=terms)
+
+
+# --------------------------------------------------------------------------- slots_dispatch: gathered rows
+
+def _flat_of(node) -> Optional[fx.Node]:
+    """t if ``node`` is ``t.reshape(-1)`` / ``view(-1)`` / ``flatten()`` of a 2-D t, else None."""
+    if isinstance(node, fx.Node) and node.op == "call_method" and (
+            (node.target in ("reshape", "view") and tuple(node.args[1:]) in ((-1,), ((-1,),)))
+            or (node.target == "flatten" and len(node.args) == 1 and not node.kwargs)):
+        t = node.args[0]
+        if isinstance(t, fx.Node) and len(shape_of(t) or ()) == 2:
+            return t
+    return None
+
+
+@register("slots_dispatch", "gathered_rows", "x[idx] with idx (E, C) token ids (expert-choice routing)")
+def gathered_rows(slots) -> Optional[SlotsDispatch]:
+    s = shape_of(slots)
+    if s is None or len(s) != 3 or not isinstance(slots, fx.Node):
+        return None
+    node, idx, x = slots, None, None
+    if node.op == "call_method" and node.target in ("view", "reshape"):
+        inner = node.args[0]
+        if isinstance(inner, fx.Node) and inner.op == "call_function" and inner.target is operator.getitem:
+            idx, x = _flat_of(inner.args[1]), inner.args[0]
+        elif isinstance(inner, fx.Node) and inner.target in ("index_select", torch.index_select) \
+                and _arg(inner, 1, "dim") == 0:
+            idx, x = _flat_of(_arg(inner, 2, "index")), inner.args[0]
+    elif node.op == "call_function" and node.target is operator.getitem and isinstance(node.args[1], fx.Node):
+        idx, x = node.args[1], node.args[0]
+    if idx is None or not isinstance(x, fx.Node):
+        return None
+    xs, ix = shape_of(x), shape_of(idx)
+    if xs is None or len(xs) != 2 or ix is None or len(ix) != 2 or not _is_integral(idx) or dtype_of(idx) == torch.bool:
+        return None
+    need("slots_dispatch", same(ix[0], s[0]) and same(ix[1], s[1]) and same(xs[1], s[2]),
+         f"{slots.name}: the gathered rows are not (E, C, d) for an (E, C) index table")
+    E = int_value(ix[0])
+    need("slots_dispatch", E is not None, f"{idx.name}: the number of experts is not a constant")
+    return SlotsDispatch(kind="gathered", x=x, slots=slots, num_experts=E, index=idx)
+
+
+# --------------------------------------------------------------------------- slots_experts
+
+def _batched_projection(node) -> Optional[tuple]:
+    """(input, weight, transposed, bias) of one projection of all slots: ``bmm(z, W)``, ``z @ W``,
+    an einsum; W (E, in, out) is ``transposed`` (Linear layout is (E, out, in)); bias (E, 1, out)."""
+    if not isinstance(node, fx.Node):
+        return None
+    if node.op == "call_function" and node.target in _ADD and len(node.args) == 2 and not node.kwargs:
+        for a, b in (node.args, node.args[::-1]):
+            inner = _batched_projection(a) if isinstance(a, fx.Node) else None
+            bs = shape_of(b) if isinstance(b, fx.Node) else None
+            if inner is not None and inner[3] is None and bs is not None and len(bs) == 3 and _size_one(bs[1]):
+                return inner[0], inner[1], inner[2], b
+        return None
+    z = w = None
+    if (node.op == "call_function" and node.target in (torch.bmm, torch.matmul, operator.matmul)) or \
+            (node.op == "call_method" and node.target in ("bmm", "matmul", "__matmul__")):
+        if len(node.args) == 2 and not node.kwargs:
+            z, w = node.args
+    es = _einsum(node)
+    if es is not None and len(es[2]) == 2:
+        (zl, wl), outl, (z0, w0) = es
+        if len(zl) == 3 and len(wl) == 3 and len(outl) == 3 and len(set(zl)) == 3 and outl[:2] == zl[:2] \
+                and outl[2] not in zl and wl[0] == zl[0] and set(wl[1:]) == {zl[2], outl[2]}:
+            return z0, w0, wl[1] == zl[2], None
+        return None
+    if not (isinstance(z, fx.Node) and isinstance(w, fx.Node)):
+        return None
+    if len(shape_of(z) or ()) != 3 or len(shape_of(w) or ()) != 3:
+        return None
+    inner = _transposed_weight(w)
+    if inner is None and w.op == "call_method" and w.target == "transpose" and len(w.args) == 3 and \
+            set(w.args[1:]) in ({1, 2}, {-1, -2}, {1, -1}, {2, -2}):
+        inner = w.args[0]
+    if inner is not None and len(shape_of(inner) or ()) == 3:
+        return z, inner, False, None
+    return z, w, True, None
+
+
+@register("slots_experts", "bmm_mlp", "bmm/matmul/einsum MLP on (E, C, d) slots with stacked (E, ., .) weights")
+def bmm_mlp(out) -> Optional[ExpertMLP]:
+    down = _batched_projection(safety.strip_identity(out))
+    if down is None:
+        return None
+    mid = safety.strip_identity(down[0])
+    tr = {"down": down[2]}
+    gemm = "aten::bmm"
+
+    def done(m: ExpertMLP, layout: dict) -> ExpertMLP:
+        m.transposed = {k for k, v in layout.items() if v}
+        return m
+
+    if mid.op == "call_function" and mid.target in _MUL and len(mid.args) == 2:
+        for a, b in (mid.args, mid.args[::-1]):
+            if not isinstance(a, fx.Node) or not isinstance(b, fx.Node):
+                continue
+            name, inner = unary_activation(a)
+            if name is None:
+                continue
+            h = _chunk_halves(inner, safety.strip_identity(b))
+            if h is not None:
+                g = _batched_projection(safety.strip_identity(h))
+                if g is None:
+                    continue
+                need("slots_experts", name in GATED_OF, f"{a.name}: gated activation {name} is not supported")
+                tr["gate"] = g[2]
+                return done(ExpertMLP(input=g[0], output=out, activation=GATED_OF[name], gate=g[1], down=down[1],
+                                      b_gate=g[3], b_down=down[3], gemm=gemm), tr)
+            g = _batched_projection(safety.strip_identity(inner))
+            u = _batched_projection(safety.strip_identity(b))
+            if g is not None and u is not None and safety.equivalent(g[0], u[0]):
+                need("slots_experts", name in GATED_OF, f"{a.name}: gated activation {name} is not supported")
+                need("slots_experts", (g[3] is None) == (u[3] is None), "gate and up projections differ in biases")
+                tr.update(gate=g[2], up=u[2])
+                return done(ExpertMLP(input=g[0], output=out, activation=GATED_OF[name], gate=g[1], up=u[1],
+                                      down=down[1], b_gate=g[3], b_up=u[3], b_down=down[3], gemm=gemm), tr)
+    name, inner = unary_activation(mid)
+    if name is None:
+        decline("slots_experts", f"{mid.name}: the experts on the slots are not a supported MLP (projection -> "
+                                 "activation [* projection] -> projection)")
+    up = _batched_projection(safety.strip_identity(inner))
+    if up is None:
+        decline("slots_experts", f"{inner.name}: the experts' first projection is not a bmm/matmul/einsum")
+    tr["gate"] = up[2]
+    return done(ExpertMLP(input=up[0], output=out, activation=name, gate=up[1], down=down[1], b_gate=up[3],
+                          b_down=down[3], gemm=gemm), tr)
+
+
+# --------------------------------------------------------------------------- slots_combine
+
+@register("slots_combine", "combine_einsum", 'einsum("sec,ecm->sm", combine_weights, expert_outputs)')
+def combine_einsum(node) -> Optional[SlotsCombine]:
+    es = _einsum(node)
+    if es is None or len(es[2]) != 2:
+        return None
+    ins, outl, ops = es
+    for (cl, yl), (c, y) in ((ins, ops), (ins[::-1], ops[::-1])):
+        if len(cl) == 3 and len(yl) == 3 and len(outl) == 2 and yl[:2] == cl[1:] and outl == cl[0] + yl[2] \
+                and len(set(cl + yl)) == 4:
+            return SlotsCombine(kind="einsum", anchor=node, experts_out=y, weights=c)
+    return None
+
+
+def _slot_rows(index) -> Optional[fx.Node]:
+    """The (E, C) token table behind a scatter/index_add index over the R = E*C slot rows."""
+    from .combine import _expanded_rows
+    r = _expanded_rows(index) if isinstance(index, fx.Node) else None
+    if r is not None and len(shape_of(r) or ()) == 2:
+        return r
+    return _flat_of(r if r is not None else index)
+
+
+def _scored(v) -> tuple:
+    """(core, score) of ``core * score`` where score broadcasts along the last axis only."""
+    if isinstance(v, fx.Node) and v.op == "call_function" and v.target in _MUL and len(v.args) == 2:
+        for a, b in (v.args, v.args[::-1]):
+            sa, sb = shape_of(a), shape_of(b)
+            if sa is not None and sb is not None and len(sa) == len(sb) and _size_one(sb[-1]) and \
+                    not _size_one(sa[-1]) and all(same(p, q) for p, q in zip(sa[:-1], sb[:-1])):
+                return a, b
+    return v, None
+
+
+@register("slots_combine", "scatter_slots", "acc.scatter_add_(0, idx.reshape(-1, 1).expand(-1, d), "
+                                            "(y * g[..., None]).reshape(-1, d)); index_add_(0, idx.reshape(-1), ...)")
+def scatter_slots(node) -> Optional[SlotsCombine]:
+    if node.op != "call_method" or node.target not in ("scatter_add_", "scatter_add", "index_add_", "index_add"):
+        return None
+    acc, dim = node.args[0], _arg(node, 1, "dim")
+    if node.target.startswith("scatter"):
+        index, v = _arg(node, 2, "index"), _arg(node, 3, "src")
+        if not (isinstance(index, fx.Node) and safety.same_shape(index, v)):
+            return None
+    else:
+        index, v = _arg(node, 2, "index"), _arg(node, 3, "source")
+        if "alpha" in node.kwargs or len(node.args) > 4:
+            return None
+    idx = _slot_rows(index)
+    if dim != 0 or idx is None or not isinstance(v, fx.Node) or not isinstance(acc, fx.Node):
+        return None
+    core, score = _scored(safety.strip_identity(v))
+    y = core
+    if y.op == "call_method" and y.target in ("reshape", "view") and len(shape_of(y.args[0]) or ()) == 3:
+        y = y.args[0]
+    elif y.op == "call_method" and y.target == "flatten" and tuple(y.args[1:]) in ((0, 1), ()) and \
+            len(shape_of(y.args[0]) or ()) == 3 and len(y.args) == 3:
+        y = y.args[0]
+    else:
+        return None
+    if score is None:
+        y, score = _scored(safety.strip_identity(y))
+    ys, ix = shape_of(y), shape_of(idx)
+    if ys is None or len(ys) != 3 or not (same(ys[0], ix[0]) and same(ys[1], ix[1])):
+        return None
+    if score is not None:
+        ss = shape_of(score)
+        n = 1
+        for p in ss:
+            n = n * p
+        need("slots_combine", same(n, ix[0] * ix[1]), f"{score.name}: the weight of each slot is not one number")
+    return SlotsCombine(kind="scatter", anchor=node, experts_out=y, index=idx, score=score, acc=acc,
+                        inplace=node.target.endswith("_"))
+
+
+# --------------------------------------------------------------------------- the composition
+
+def _acc_start(acc: fx.Node):
+    from .per_expert import _acc_start as start
+    return start(acc)
+
+
+def _upstream(roots, stop: set) -> list:
+    """Nodes that ``roots`` are computed from, not past ``stop``."""
+    seen, stack = [], list(roots)
+    while stack:
+        n = stack.pop()
+        if not isinstance(n, fx.Node) or n in seen or n in stop or n.op != "call_function" and n.op != "call_method":
+            continue
+        seen.append(n)
+        stack.extend(n.all_input_nodes)
+    return seen
+
+
+def analyse(node: fx.Node) -> MoEBlock:
+    comb = recognise("slots_combine", node)
+    if comb is None:
+        raise Declined("not a slots combine")
+    y = safety.strip_identity(comb.experts_out)
+    for n in (y, comb.experts_out):
+        if n.op == "call_function" and n.target is Fn.dropout and not safety.is_identity_dropout(n):
+            raise PartDeclined("slots_experts", f"{n.name}: dropout with p > 0 in training on the experts' output: "
+                                                "the fused op cannot reproduce it")
+    mlp = recognise("slots_experts", y, required=f"{y.name}: the experts on the slots")
+    z = safety.strip_identity(mlp.input)
+    core, s_in = _scored(z)
+    if s_in is not None and recognise("slots_dispatch", safety.strip_identity(core)) is not None:
+        raise PartDeclined("proof", f"{z.name}: the slots are scaled before the experts (f(g * x)); the fused op "
+                                    "applies scores to the outputs" + (" (and they are applied to the outputs too: "
+                                                                       "twice)" if comb.score is not None else ""))
+    disp = recognise("slots_dispatch", z, required=f"{z.name}: how the slots are filled from the tokens")
+    E = disp.num_experts
+    ws = {k: shape_of(w) for k, w in (("gate", mlp.gate), ("up", mlp.up), ("down", mlp.down)) if w is not None}
+    prove(all(s is not None and len(s) == 3 and int_value(s[0]) == E for s in ws.values()),
+         f"proof: the stacked expert weights do not have {E} experts (the dispatch's)")
+    if disp.kind == "capacity":
+        prove(comb.kind == "einsum", "proof: capacity slots are combined by something else than the combine einsum")
+        prove(safety.strip_casts(comb.weights) is disp.combine_weights,
+             f"proof: the output is combined with {comb.weights.name}, not with the combine weights "
+             f"{disp.combine_weights.name} whose nonzeros dispatched the tokens")
+        prove(safety.same_shape(disp.x, node), "proof: the output is not (tokens, d)")
+    else:
+        prove(comb.kind == "scatter", "proof: gathered slots are combined by something else than a scatter/index add")
+        prove(safety.equivalent(comb.index, disp.index),
+             f"proof: the slots are gathered at {disp.index.name} but written back at {comb.index.name}")
+        prove(safety.same_shape(comb.acc, disp.x), "proof: the result is not (tokens, d)")
+    safety.need_pure_path(comb.experts_out, disp.slots)
+
+    # nothing the block reads is written in place (through any view), except the combine's own write
+    order = {n: i for i, n in enumerate(node.graph.nodes)}
+    roots = [disp.slots] + ([comb.weights] if comb.weights is not None else []) + \
+        ([comb.score] if comb.score is not None else [])
+    stop = set(mlp.weights()) - {None}
+    for n in _upstream(roots, stop) + [disp.x]:
+        for w in safety.writes_to(n):
+            if w is not node and order[w] < order[node]:
+                raise Declined(f"proof: {n.name}, which the block reads, is modified in place by {w.format_node()}")
+    start_kind, base = None, None
+    if comb.kind == "scatter":
+        start = _acc_start(comb.acc)
+        prove(start is not None and start[0] != "empty",
+             f"combine: the result {comb.acc.name} does not start as zeros or a copy")
+        start_kind, base = start
+        if comb.inplace:
+            prove(safety.writes_to(comb.acc) == [node], f"combine: {comb.acc.name} is written by something else too")
+            for a in safety.aliases(comb.acc):
+                for u in a.users:
+                    prove(u is node or u in safety.aliases(comb.acc) or order[u] > order[node],
+                          f"combine: the result is read before the experts' outputs are added ({u.format_node()})")
+    return _block(node, comb, mlp, disp, start_kind, base, order)
+
+
+def _block(node, comb, mlp, disp, start_kind, base, order) -> MoEBlock:
+    x, E = disp.x, disp.num_experts
+    device = x.meta["example_value"].device
+    gated, tr = mlp.up is not None or mlp.activation in GATED_OF.values(), mlp.transposed
+
+    def linear_layout(graph, w, name):
+        return method(graph, "transpose", w, -2, -1, like=node) if name in tr else w
+
+    def bias(graph, b):
+        return None if b is None else method(graph, "reshape", b, E, -1, like=node)
+
+    def build_weights(graph):
+        w1 = linear_layout(graph, mlp.gate, "gate")
+        b1 = bias(graph, mlp.b_gate)
+        if mlp.up is not None:
+            w1 = call(graph, torch.cat, [w1, linear_layout(graph, mlp.up, "up")], 1, like=node)
+            if b1 is not None:
+                b1 = call(graph, torch.cat, [b1, bias(graph, mlp.b_up)], 1, like=node)
+        return w1, linear_layout(graph, mlp.down, "down"), b1, bias(graph, mlp.b_down)
+
+    if disp.kind == "gathered":
+        idx = disp.index
+
+        def token_ids(graph):
+            return method(graph, "reshape", idx, -1, like=node)
+
+        def expert_ids(graph):
+            ar = call(graph, torch.arange, E, device=device, like=node)
+            return method(graph, "repeat_interleave", ar, method(graph, "size", idx, 1, like=node), like=node)
+
+        def scores(graph):
+            if comb.score is not None:
+                return method(graph, "reshape", comb.score, -1, like=node)
+            return call(graph, torch.ones, method(graph, "numel", idx, like=node), dtype=dtype_of(x), device=device,
+                        like=node)
+        K, desc = None, "dispatch=gathered_rows"
+    else:
+        terms = disp.terms
+        cw_dtype = dtype_of(comb.weights)
+        state: dict = {}
+
+        def at_choice(graph, f, ax, choice):
+            eff = _effective(f, ax)
+            if not isinstance(f, fx.Node) or not eff:
+                return f
+            if eff == ("s",):
+                return method(graph, "reshape", f, -1, like=node)
+            if eff == ("e",):
+                return call(graph, operator.getitem, method(graph, "reshape", f, -1, like=node), choice, like=node)
+            kept_axes = [a for a, s in zip(ax, shape_of(f)) if a is not None and not _size_one(s)]
+            prove(kept_axes == ["s", "e"], f"proof: {f.name} is laid out (experts, tokens)")
+            m = method(graph, "reshape", f, method(graph, "size", x, 0, like=node), E, like=node)
+            g = method(graph, "gather", m, 1, method(graph, "unsqueeze", choice, 1, like=node), like=node)
+            return method(graph, "squeeze", g, 1, like=node)
+
+        def per_term(graph):
+            if "ids" in state:
+                return state["ids"], state["scores"]
+            ids, ss = [], []
+            for t in terms:
+                kept = None
+                for f, ax in t.flags:
+                    v = call(graph, operator.ne, at_choice(graph, f, ax, t.choice), 0, like=node)
+                    kept = v if kept is None else call(graph, operator.and_, kept, v, like=node)
+                ids.append(call(graph, torch.where, kept, t.choice, -1, like=node))
+                s = None
+                for f, ax in t.weights:
+                    v = at_choice(graph, f, ax, t.choice)
+                    s = v if s is None else call(graph, operator.mul, s, v, like=node)
+                if s is None or not isinstance(s, fx.Node):
+                    ones = call(graph, torch.ones_like, t.choice, dtype=cw_dtype, like=node)
+                    s = ones if s is None else call(graph, operator.mul, ones, s, like=node)
+                if dtype_of(s) != cw_dtype:
+                    s = method(graph, "to", s, cw_dtype, like=node)
+                ss.append(s)
+            state["ids"] = method(graph, "reshape", call(graph, torch.stack, ids, 1, like=node), -1, like=node)
+            state["scores"] = method(graph, "reshape", call(graph, torch.stack, ss, 1, like=node), -1, like=node)
+            return state["ids"], state["scores"]
+
+        def token_ids(graph):
+            ar = call(graph, torch.arange, method(graph, "size", x, 0, like=node), device=device, like=node)
+            return method(graph, "repeat_interleave", ar, len(terms), like=node)
+
+        def expert_ids(graph):
+            return per_term(graph)[0]
+
+        def scores(graph):
+            return per_term(graph)[1]
+        K, desc = len(terms), f"dispatch=capacity_einsum ({len(terms)} choice{'s' if len(terms) > 1 else ''})"
+
+    def replace(out):
+        graph = out.graph
+        result = out
+        with graph.inserting_before(out.next):
+            if comb.kind == "scatter":
+                if dtype_of(result) != dtype_of(comb.acc):
+                    result = method(graph, "to", result, dtype_of(comb.acc), like=node)
+                if start_kind == "copy":
+                    result = call(graph, operator.add, base, result, like=node)
+        if comb.kind == "scatter" and comb.inplace:
+            for u in list(comb.acc.users):
+                if u is not node and order.get(u, -1) > order[node]:
+                    u.replace_input_with(comb.acc, result)
+        node.replace_all_uses_with(result)
+        if comb.kind == "scatter" and comb.inplace:
+            graph.erase_node(node)
+
+    xs, wd = shape_of(x), shape_of(mlp.down)
+    n_dim = wd[1] if "down" not in tr else wd[2]
+    desc += f", experts={mlp.spelling}, combine={comb.spelling}"
+    del gated
+    return MoEBlock(
+        idiom=IDIOM, anchor=node, x=x, token_ids=token_ids, expert_ids=expert_ids, scores=scores,
+        build_weights=build_weights, replace=replace, activation=mlp.activation, interleaved=False,
+        num_experts=E, top_k=K, hidden=int_value(xs[1]) if int_value(xs[1]) is not None else xs[1],
+        intermediate=int_value(n_dim) if int_value(n_dim) is not None else n_dim, dtype=dtype_of(x),
+        location=node, autocast_like=mlp.gemm, parts=desc,
+    )
+
+
+def _is_candidate(node: fx.Node) -> bool:
+    if node.op == "call_function" and node.target in _EINSUM:
+        return combine_einsum(node) is not None
+    if node.op == "call_method" and node.target in ("scatter_add_", "scatter_add", "index_add_", "index_add"):
+        try:
+            return scatter_slots(node) is not None
+        except Declined:
+            return True
+    return False
+
+
+def find(gm: fx.GraphModule):
+    """Yield (anchor node, MoEBlock or decline reason) for every slots candidate of the graph."""
+    for node in list(gm.graph.nodes):
+        if node.graph is not gm.graph or not _is_candidate(node):
+            continue
+        try:
+            yield node, analyse(node)
+        except Declined as e:
+            yield node, str(e)
