@@ -33,7 +33,9 @@ import torch.fx as fx
 
 from .rewrite import Declined
 
-PARTS = ("dispatch", "experts", "combine", "scores", "gather")
+PARTS = ("dispatch", "experts", "combine", "scores", "gather",
+         # experts on an (E, C, d) tensor of slots: patterns/expert_slots.py
+         "slots_dispatch", "slots_experts", "slots_combine")
 
 
 class PartDeclined(Declined):
