@@ -52,7 +52,7 @@ LAYOUTS = {
 ACTIVATIONS = {"silu": Fn.silu, "gelu": Fn.gelu, "relu": Fn.relu}
 E_CHOICES, T_CHOICES = (1, 2, 3, 5, 8), (1, 2, 3, 7, 13)
 
-# near-miss mutation -> the layouts it applies to (with a reason where one is left out)
+# near-miss mutation -> the layouts it applies to (``applies`` leaves out the cases it cannot change)
 MUTATIONS = {
     "score_twice": ("loop", "flat", "gathered"),         # s applied on the input and again on the output
     "score_never": ("loop", "flat", "gathered"),         # the routing weight is never applied
@@ -101,6 +101,7 @@ def rewrite_allowed(spec: "Spec") -> bool:
         # mixes two tokens (numerics catch that)
         return True
     return spec.mutation in ALLOWED_NEAR_MISS_REWRITES
+
 
 #: combinations (layout, dispatch, experts, combine, score_on, bias) that the rewrite replaces
 #: for every E, K, T, activation (except a gated relu: the fused op has no ReGLU), gate and skew:
@@ -153,16 +154,16 @@ def applies(mutation: str, layout: str, combine: str, E: int, T: int, K: int = 2
         return False  # every row of the (A, d) buffer is written: its initial value is never read
     if mutation == "combine_index_differs" and T == 1:
         return False  # (t + 1) % 1 == t: no change
-    if mutation in ("shared_weights",) and E < 2:
-        return False
+    if mutation in ("shared_weights", "acc_read_inside", "missing_expert") and E < 2:
+        return False  # one expert: nothing to share, nothing added before it, no expert left
     if mutation == "clamped_ids" and (E < 2 or K < 2):
         return False  # nothing to repeat
     if mutation in ("score_wrong_slot", "gather_k_major") and K < 2:
         return False  # one slot: nothing changes
     if mutation == "gather_k_major" and T == 1:
         return False
-    if mutation == "where_roles_swapped" and (K < 2 or T < 2):
-        return False  # K = 1 or T = 1: slot and token indices coincide too often to be a near-miss
+    if mutation == "where_roles_swapped" and (K < 2 or T < max(2, K)):
+        return False  # K = 1 or T = 1: slot and token indices coincide too often; T < K: x[slot] out of range
     return True
 
 
@@ -311,7 +312,7 @@ class GeneratedMoE(nn.Module):
                 if on_out:
                     y = y * score
                 if s.mutation == "acc_read_inside":
-                    y = y + 0.5 * out[tok]
+                    y = y + 0.5 * out.sum(0)  # what earlier experts added (0 only before the first)
                 self._combine(out, shift(tok), y)
             return out
 
@@ -328,7 +329,7 @@ class GeneratedMoE(nn.Module):
                         z = z * flat_w[m, None]
                     y = self.expert(e, z)
                     if s.mutation == "acc_read_inside":
-                        y = y + 0.5 * buf[m]
+                        y = y + 0.5 * buf.sum(0)  # (buf[m] itself is still 0: each row is written once)
                     buf[m] = y
                 if s.mutation == "combine_index_differs":  # k-major reading of a token-major buffer
                     v, ww = buf.view(s.K, T, d), w.t()
@@ -345,7 +346,7 @@ class GeneratedMoE(nn.Module):
                 if on_out:
                     y = y * flat_w[m, None]
                 if s.mutation == "acc_read_inside":
-                    y = y + 0.5 * out[tok_of_row[m]]
+                    y = y + 0.5 * out.sum(0)
                 out.index_add_(0, shift(tok_of_row[m]), y)
             return out
 
