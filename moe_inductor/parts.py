@@ -35,7 +35,9 @@ from .rewrite import Declined
 
 PARTS = ("dispatch", "experts", "combine", "scores", "gather",
          # experts on an (E, C, d) tensor of slots: patterns/expert_slots.py
-         "slots_dispatch", "slots_experts", "slots_combine")
+         "slots_dispatch", "slots_experts", "slots_combine",
+         # experts on a flat tensor of assignment rows: patterns/assignment_rows.py
+         "rows_dispatch", "rows_experts", "rows_combine")
 
 
 class PartDeclined(Declined):

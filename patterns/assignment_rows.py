@@ -1,0 +1,737 @@
+"""Composition: MoE blocks that compute on a flat tensor of assignment rows (one row per (token,
+expert) assignment), recognised in parts and proven once.
+
+Shape legend: T tokens, d hidden, n expert intermediate, E experts, K experts per token,
+A assignment rows (T*K, or R rows received by a rank under expert parallelism).
+
+Parts (registered in ``moe_inductor.parts``; each maps a spelling to a canonical description):
+
+- **rows_dispatch** (``RowsGather``): how the rows are read from the tokens: ``x[idx]``,
+  ``torch.gather(x, 0, idx.reshape(-1, 1).expand(-1, d))``, ``x.index_select(0, idx)``,
+  ``x.repeat_interleave(K, dim=0)``;
+- **rows_experts** (``RowsMLP``): the expert MLP applied to every row with the expert of that
+  row: ``torch._grouped_mm(rows, W.transpose(-2, -1), offs=offsets)`` (rows grouped by expert,
+  bf16 casts of rows and weights as torchtitan writes them, the output cast back with
+  ``type_as``), or weights gathered per row ``bmm(W[idx], rows.unsqueeze(-1))`` /
+  ``bmm(rows.unsqueeze(1), W[idx])``; gated (``silu(g) * u`` over two GEMMs, or ``chunk(2, -1)``
+  of one) or plain activations;
+- **rows_combine** (``RowsScatter``): how the rows reach their tokens: ``zeros(T, d).scatter_add(_)
+  (0, idx.reshape(-1, 1).expand(-1, d), y)``, ``scatter_reduce(_)(..., "sum")``,
+  ``index_add(_)(0, idx, y)``.
+
+Blocks (``find``):
+
+1. **sorted rows** (torchtitan ``models/moe``)::
+
+       counts = histc(flat.float(), bins=E, min=0, max=E)  | bincount(flat, minlength=E)
+       perm = argsort(flat, stable=True)                    | sort(flat)[1]
+       rows = x[perm // K]  (or gather / index_select);  s = w.view(-1)[perm]
+       y = grouped_mm MLP on rows with offsets = cumsum(counts, dtype=int32)
+       out = zeros(T, d).scatter_add(0, index, y * s[:, None])
+
+   Proof: one permutation for the rows and the scores, counts a full histogram over exactly E
+   bins of the ids that were sorted, offsets = cumsum of those counts, the rows written back with
+   the token mapping they were read with, scores applied once, nothing written in place.
+2. **gathered weights** (research code): ``W[idx]`` + ``bmm`` on rows ``x[tok]`` (or
+   ``x.repeat_interleave(K, 0)``), combine by scatter/index_add into zeros.
+3. **local experts** (expert parallelism, torchtitan): grouped GEMMs on rows that are already
+   grouped by expert (``offsets = cumsum(counts)``) and returned in the same order without a score
+   multiply: one fused op over those rows, token_ids = arange(R), scores = 1. Also the form of
+   torchtitan's ``score_before_experts`` (scores multiply the rows before a non-linear expert,
+   which the fused op cannot do on its inputs): the pre-scaled rows go in with score 1 and the
+   graph's own scatter stays (as ``patterns/dense_experts.py`` does).
+
+For every offsets-grouped form the fused op's expert of row i is the group the grouped GEMM puts
+it in, ``searchsorted(offsets, i, right=True)`` (rows past ``offsets[-1]`` dropped: expert -1),
+so the rewrite follows the GEMM's own grouping, not an assumption about the ids.
+"""
+from __future__ import annotations
+
+import dataclasses
+import operator
+from typing import Any, Optional
+
+import torch
+import torch.fx as fx
+
+from moe_inductor import safety
+from moe_inductor.activations import parse_activation
+from moe_inductor.parts import PartDeclined, need as part_need, recognise, register
+from moe_inductor.rewrite import (
+    Declined, MoEBlock, call, dtype_of, gemm_name, int_value, is_mutation, method, need, same, shape_of, to_sympy,
+)
+
+from .common import GATED_OF, expert_activation, unary_activation
+
+IDIOM = "assignment_rows"
+
+_GROUPED = [torch._grouped_mm]
+_fallback = getattr(getattr(torch.ops, "transformers", None), "grouped_mm_fallback", None)
+if _fallback is not None:
+    _GROUPED += [_fallback, _fallback.default]
+
+
+# --------------------------------------------------------------------------- canonical descriptions
+
+@dataclasses.dataclass
+class Proj:
+    """One GEMM over assignment rows: ``input`` (A, in) (casts stripped), weight stored (E, out, in)
+    unless ``transposed`` ((E, in, out)), rows grouped by ``group``: ("offsets", node) or
+    ("index", node) (weights gathered per row)."""
+
+    input: fx.Node
+    weight: fx.Node
+    transposed: bool
+    group: tuple
+    node: fx.Node
+    gemm: str
+
+
+@dataclasses.dataclass
+class RowsMLP:
+    """Experts on assignment rows: ``output = down(act(gate(input)) [* up(input)])`` per row."""
+
+    input: fx.Node
+    output: fx.Node
+    activation: str
+    interleaved: bool
+    gate: Proj
+    down: Proj
+    up: Optional[Proj] = None
+    spelling: str = ""
+
+    @property
+    def group(self) -> tuple:
+        return self.down.group
+
+    def projections(self) -> list:
+        return [p for p in (self.gate, self.up, self.down) if p is not None]
+
+
+@dataclasses.dataclass
+class RowsGather:
+    """Rows read from tokens ``x`` (T, d): row i is ``x[index[i]]``; ``replicated`` = K for
+    ``x.repeat_interleave(K, 0)`` (index None). ``index2d`` the (A, d) index of a ``gather``."""
+
+    x: fx.Node
+    node: fx.Node
+    index: Optional[fx.Node] = None
+    index2d: Optional[fx.Node] = None
+    replicated: Optional[int] = None
+    spelling: str = ""
+
+
+@dataclasses.dataclass
+class RowsScatter:
+    """Rows ``value`` (A, d) added to tokens of ``acc`` (T, d) at ``index`` (1-D) or ``index2d``."""
+
+    acc: fx.Node
+    value: fx.Node
+    anchor: fx.Node
+    inplace: bool
+    index: Optional[fx.Node] = None
+    index2d: Optional[fx.Node] = None
+    spelling: str = ""
+
+
+# --------------------------------------------------------------------------- small helpers
+
+def _arg(node: fx.Node, pos: int, name: str, default=None):
+    if len(node.args) > pos:
+        return node.args[pos]
+    return node.kwargs.get(name, default)
+
+
+def _is(node, op: str, target) -> bool:
+    return isinstance(node, fx.Node) and node.op == op and (
+        node.target in target if isinstance(target, (tuple, list, set)) else node.target == target)
+
+
+def _untranspose(w) -> Optional[fx.Node]:
+    """W if ``w`` is ``W.transpose(-2, -1)`` (any spelling of the last two dims) of a 3-D W."""
+    if _is(w, "call_method", "transpose") and len(w.args) == 3 and len(shape_of(w.args[0]) or ()) == 3 and \
+            set(w.args[1:]) in ({-2, -1}, {1, 2}):
+        return w.args[0]
+    if _is(w, "call_function", torch.transpose) and len(w.args) == 3 and set(w.args[1:]) in ({-2, -1}, {1, 2}):
+        return w.args[0]
+    if _is(w, "call_function", getattr) and w.args[1] == "mT":
+        return w.args[0]
+    return None
+
+
+def _column(node) -> Optional[fx.Node]:
+    """v of ``v.reshape(-1, 1)``, ``v.view(-1, 1)``, ``v.unsqueeze(-1)``/``(1)``, ``v[:, None]`` for 1-D v."""
+    if not isinstance(node, fx.Node):
+        return None
+    inner = None
+    if _is(node, "call_method", ("reshape", "view")) and tuple(node.args[1:]) in ((-1, 1), ((-1, 1),)):
+        inner = node.args[0]
+    elif _is(node, "call_method", "unsqueeze") and len(node.args) == 2 and node.args[1] in (-1, 1):
+        inner = node.args[0]
+    elif _is(node, "call_function", operator.getitem) and node.args[1] in ((slice(None), None), (Ellipsis, None)):
+        inner = node.args[0]
+    if isinstance(inner, fx.Node) and len(shape_of(inner) or ()) == 1:
+        return inner
+    return None
+
+
+def _row_index(index2d) -> Optional[fx.Node]:
+    """idx of an (A, d) scatter/gather index ``idx.reshape(-1, 1).expand(-1, d)`` (or
+    ``unsqueeze(-1)``, ``[:, None]``, ``expand_as``)."""
+    if _is(index2d, "call_method", ("expand", "expand_as")) and isinstance(index2d.args[0], fx.Node):
+        return _column(index2d.args[0])
+    return None
+
+
+def _lift(v) -> Optional[fx.Node]:
+    """z (A, in) of ``z.unsqueeze(-1)`` / ``unsqueeze(2)`` / ``unsqueeze(1)`` for 2-D z (bmm operands)."""
+    if _is(v, "call_method", "unsqueeze") and len(v.args) == 2 and len(shape_of(v.args[0]) or ()) == 2:
+        return v.args[0]
+    return None
+
+
+def _is_int(node) -> bool:
+    return dtype_of(node) in (torch.int64, torch.int32)
+
+
+def _is_column(node) -> bool:
+    """``node`` is a column (A, 1) made from scores: ``s.reshape(-1, 1)``, ``s.unsqueeze(-1)``, ``s[:, None]``
+    (``reshape(-1, 1)`` also of a (T, K) table)."""
+    if not isinstance(node, fx.Node):
+        return False
+    s = shape_of(node)
+    if s is None or len(s) != 2 or int_value(s[1]) != 1:
+        return False
+    if _column(node) is not None:
+        return True
+    return _is(node, "call_method", ("reshape", "view")) and tuple(node.args[1:]) in ((-1, 1), ((-1, 1),))
+
+
+def _score_column(node):
+    """(score column (A, 1), other operand) if ``node`` is ``y * s[:, None]`` (either order, casts on
+    either side), else (None, node)."""
+    node = safety.strip_casts(node)
+    if not (_is(node, "call_function", (operator.mul, torch.mul)) and len(node.args) == 2 and not node.kwargs):
+        return None, node
+    for a, b in (node.args, node.args[::-1]):
+        col = safety.strip_casts(b) if isinstance(b, fx.Node) else None
+        if col is not None and _is_column(col) and isinstance(a, fx.Node) and len(shape_of(a) or ()) == 2 \
+                and not _is_column(safety.strip_casts(a)):
+            return col, a
+    return None, node
+
+
+# --------------------------------------------------------------------------- experts on rows
+
+def _grouped_proj(node) -> Optional[Proj]:
+    if not (isinstance(node, fx.Node) and node.op == "call_function" and node.target in _GROUPED):
+        return None
+    if set(node.kwargs) - {"offs"} or len(node.args) != 2 or not isinstance(node.kwargs.get("offs"), fx.Node):
+        return None
+    a, b = node.args
+    if len(shape_of(a) or ()) != 2 or len(shape_of(b) or ()) != 3:
+        return None
+    w = _untranspose(b)
+    return Proj(input=safety.strip_casts(a), weight=w if w is not None else b, transposed=w is None,
+                group=("offsets", node.kwargs["offs"]), node=node, gemm=gemm_name(node.target))
+
+
+def _bmm_proj(node) -> Optional[Proj]:
+    """``bmm(W[idx], v)`` (W (E, out, in), v (A, in, 1)) or ``bmm(v, W[idx])`` (W (E, in, out), v
+    (A, 1, in)), optionally squeezed back to 2-D; v = ``z.unsqueeze(...)`` for 2-D z, or a 3-D
+    intermediate of the same layout."""
+    bmm = node
+    if _is(node, "call_method", "squeeze") and len(node.args) == 2 and node.args[1] in (-1, 1, 2):
+        bmm = node.args[0]
+    if not (_is(bmm, "call_function", torch.bmm) and len(bmm.args) == 2 and not bmm.kwargs):
+        return None
+    a, b = bmm.args
+    for g, v, transposed in ((a, b, False), (b, a, True)):
+        if _is(g, "call_function", operator.getitem) and isinstance(g.args[1], fx.Node) and \
+                len(shape_of(g.args[0]) or ()) == 3 and len(shape_of(g.args[1]) or ()) == 1 and _is_int(g.args[1]):
+            z = _lift(v)
+            return Proj(input=z if z is not None else v, weight=g.args[0], transposed=transposed,
+                        group=("index", g.args[1]), node=bmm, gemm="aten::bmm")
+    return None
+
+
+def _proj(node) -> Optional[Proj]:
+    node = safety.strip_identity(node)
+    return _grouped_proj(node) or _bmm_proj(node)
+
+
+def _same_group(a: tuple, b: tuple) -> bool:
+    return a[0] == b[0] and (a[1] is b[1] or safety.equivalent(a[1], b[1]))
+
+
+@register("rows_experts", "rows_mlp", "torch._grouped_mm(rows, W.transpose(-2, -1), offs=cumsum(counts)) or "
+          "bmm(W[idx], rows.unsqueeze(-1)); silu(g) * u, chunk(2, -1) gating, plain activations")
+def rows_mlp(out) -> Optional[RowsMLP]:
+    """The expert MLP whose per-row output is ``out`` (2-D (A, d)); None if ``out`` is not a
+    grouped or gathered-weight GEMM at all."""
+    down = _proj(safety.strip_casts(out))
+    if down is None or len(shape_of(out) or ()) != 2:
+        return None
+    mid = safety.strip_identity(down.input)
+    gate = up = None
+    act, interleaved = None, False
+    if _is(mid, "call_function", (operator.mul, torch.mul)) and len(mid.args) == 2 and not mid.kwargs:
+        for a, b in (mid.args, mid.args[::-1]):
+            if not isinstance(a, fx.Node) or not isinstance(b, fx.Node):
+                continue
+            name, inner = unary_activation(a)
+            g = _proj(inner) if name else None
+            u = _proj(b)
+            if g is not None and u is not None:
+                part_need("rows_experts", name in GATED_OF, f"{a.name}: gated activation {name} is not supported")
+                act, gate, up = GATED_OF[name], g, u
+                break
+    if act is None:
+        try:
+            act, interleaved, h = expert_activation(mid)
+        except Declined as e:
+            raise PartDeclined("rows_experts", f"{mid.name}: {e}")
+        gate = _proj(h)
+        part_need("rows_experts", gate is not None, f"{h.name}: the expert's first projection is not a grouped "
+                                                    "GEMM or a GEMM with weights gathered per row")
+    projs = [p for p in (gate, up, down) if p is not None]
+    part_need("rows_experts", all(_same_group(p.group, down.group) for p in projs),
+              "the projections group their rows differently (other offsets, or weights gathered with other ids)")
+    part_need("rows_experts", up is None or safety.equivalent(gate.input, up.input),
+              "gate and up projections read different rows")
+    part_need("rows_experts", len({p.transposed for p in projs}) == 1 or down.group[0] == "offsets",
+              "the GEMMs use different weight layouts")
+    return RowsMLP(input=gate.input, output=out, activation=act, interleaved=interleaved, gate=gate, up=up,
+                   down=down)
+
+
+def _linear_shape(p: Proj):
+    s = shape_of(p.weight)
+    return None if s is None else ((s[0], s[2], s[1]) if p.transposed else s)
+
+
+# --------------------------------------------------------------------------- dispatch: rows from tokens
+
+@register("rows_dispatch", "row_gather", "x[idx], torch.gather(x, 0, idx[:, None].expand(-1, d)), "
+          "x.index_select(0, idx), x.repeat_interleave(K, dim=0)")
+def row_gather(z) -> Optional[RowsGather]:
+    if not isinstance(z, fx.Node) or len(shape_of(z) or ()) != 2:
+        return None
+    if _is(z, "call_function", operator.getitem) and isinstance(z.args[1], fx.Node) and \
+            len(shape_of(z.args[0]) or ()) == 2 and len(shape_of(z.args[1]) or ()) == 1 and _is_int(z.args[1]):
+        return RowsGather(x=z.args[0], node=z, index=z.args[1])
+    if _is(z, "call_function", torch.gather) or _is(z, "call_method", "gather"):
+        x, dim, index = _arg(z, 0, "input"), _arg(z, 1, "dim"), _arg(z, 2, "index")
+        if dim == 0 and isinstance(index, fx.Node) and len(shape_of(x) or ()) == 2 and \
+                not z.kwargs.get("sparse_grad", False):
+            return RowsGather(x=x, node=z, index=_row_index(index), index2d=index)
+        return None
+    if _is(z, "call_function", torch.index_select) or _is(z, "call_method", "index_select"):
+        x, dim, index = _arg(z, 0, "input"), _arg(z, 1, "dim"), _arg(z, 2, "index")
+        if dim == 0 and isinstance(index, fx.Node) and len(shape_of(x) or ()) == 2:
+            return RowsGather(x=x, node=z, index=index)
+        return None
+    if _is(z, "call_method", "repeat_interleave") or _is(z, "call_function", torch.repeat_interleave):
+        x, reps = z.args[0], _arg(z, 1, "repeats")
+        dim = z.kwargs.get("dim", z.args[2] if len(z.args) > 2 else None)
+        if dim == 0 and int_value(reps) is not None and len(shape_of(x) or ()) == 2:
+            return RowsGather(x=x, node=z, replicated=int_value(reps))
+    return None
+
+
+def _replicated_tokens(idx) -> Optional[tuple]:
+    """(T node or size, K) if ``idx`` is ``arange(T).repeat_interleave(K)``."""
+    if not (_is(idx, "call_method", "repeat_interleave") or _is(idx, "call_function", torch.repeat_interleave)):
+        return None
+    if len(idx.args) != 2 or set(idx.kwargs) - {"output_size"}:
+        return None
+    ar, K = idx.args
+    if _is(ar, "call_function", torch.arange) and len(ar.args) == 1 and int_value(K) is not None:
+        return ar.args[0], int_value(K)
+    return None
+
+
+# --------------------------------------------------------------------------- combine: rows to tokens
+
+@register("rows_combine", "row_scatter", "zeros(T, d).scatter_add(_)(0, idx[:, None].expand(-1, d), y), "
+          "scatter_reduce(_)(..., 'sum'), index_add(_)(0, idx, y)")
+def row_scatter(node) -> Optional[RowsScatter]:
+    if not isinstance(node, fx.Node) or node.op not in ("call_method", "call_function"):
+        return None
+    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
+    if node.op == "call_function" and node.target not in (torch.scatter_add, torch.scatter_reduce, torch.index_add):
+        return None
+    if name not in ("scatter_add", "scatter_add_", "scatter_reduce", "scatter_reduce_", "index_add", "index_add_"):
+        return None
+    acc, dim, index = node.args[0] if node.args else None, _arg(node, 1, "dim"), _arg(node, 2, "index")
+    value = _arg(node, 3, "src" if name.startswith("scatter") else "source")
+    if dim != 0 or not all(isinstance(v, fx.Node) for v in (acc, index, value)):
+        return None
+    if len(shape_of(acc) or ()) != 2 or len(shape_of(value) or ()) != 2:
+        return None
+    inplace = name.endswith("_")
+    if name.startswith("scatter_reduce"):
+        reduce = _arg(node, 4, "reduce")
+        if reduce != "sum":
+            raise PartDeclined("rows_combine", f"{node.name}: scatter_reduce with reduce={reduce!r}, not 'sum'")
+        if set(node.kwargs) - {"reduce", "include_self", "dim", "index", "src"} or len(node.args) > 6:
+            return None
+        return RowsScatter(acc=acc, value=value, anchor=node, inplace=inplace, index=_row_index(index),
+                           index2d=index, spelling="scatter_reduce(sum)")
+    if name.startswith("index_add"):
+        if "alpha" in node.kwargs or len(node.args) > 4 or len(shape_of(index) or ()) != 1:
+            return None
+        return RowsScatter(acc=acc, value=value, anchor=node, inplace=inplace, index=index, spelling=name)
+    if len(node.args) > 4:
+        return None
+    return RowsScatter(acc=acc, value=value, anchor=node, inplace=inplace, index=_row_index(index),
+                       index2d=index, spelling=name)
+
+
+def _zeros_start(acc: fx.Node) -> bool:
+    return (_is(acc, "call_function", (torch.zeros, torch.zeros_like)) or _is(acc, "call_method", "new_zeros")) \
+        and not acc.kwargs.get("requires_grad", False)
+
+
+# --------------------------------------------------------------------------- sort-based dispatch proofs
+
+def _sort_perm(perm) -> Optional[fx.Node]:
+    """The sorted ids of ``perm = argsort(ids[, stable=True])`` / ``sort(ids)[1]`` (ascending)."""
+    if (_is(perm, "call_function", torch.argsort) or _is(perm, "call_method", "argsort")) and \
+            not perm.kwargs.get("descending", False) and perm.kwargs.get("dim", -1) in (-1, 0) and len(perm.args) == 1:
+        return perm.args[0]
+    if _is(perm, "call_function", operator.getitem) and perm.args[1] == 1:
+        s = perm.args[0]
+        if (_is(s, "call_function", torch.sort) or _is(s, "call_method", "sort")) and len(s.args) == 1 and \
+                not s.kwargs.get("descending", False) and s.kwargs.get("dim", -1) in (-1, 0):
+            return s.args[0]
+    return None
+
+
+def _floordiv(idx) -> Optional[tuple]:
+    """(perm, K) of ``perm // K`` (also ``torch.div(perm, K, rounding_mode='floor')``)."""
+    if _is(idx, "call_function", (operator.floordiv, torch.floor_divide)) and len(idx.args) == 2:
+        return idx.args[0], int_value(idx.args[1])
+    if _is(idx, "call_function", torch.div) and idx.kwargs.get("rounding_mode") == "floor" and len(idx.args) == 2:
+        return idx.args[0], int_value(idx.args[1])
+    return None
+
+
+def _counts_of(offsets) -> tuple:
+    """(counts, ids, bins, spelling) of ``offsets = cumsum(histc(ids, E, 0, E|E-1) | bincount(ids, minlength=E),
+    dtype=int32)`` (casts allowed); declines naming what does not fit."""
+    o = safety.strip_casts(offsets)
+    need(_is(o, "call_function", torch.cumsum) or _is(o, "call_method", "cumsum"),
+         f"dispatch: the grouped GEMM offsets {offsets.name} are not a cumsum of per-expert counts")
+    need(_arg(o, 1, "dim") == 0, "dispatch: offsets are not a cumsum over dim 0")
+    counts = safety.strip_casts(o.args[0])
+    if _is(counts, "call_function", torch.histc) or _is(counts, "call_method", "histc"):
+        ids = safety.strip_casts(counts.args[0])
+        bins, lo, hi = _arg(counts, 1, "bins", 100), _arg(counts, 2, "min", 0), _arg(counts, 3, "max", 0)
+        return counts, ids, bins, ("histc", lo, hi)
+    if _is(counts, "call_function", torch.bincount) or _is(counts, "call_method", "bincount"):
+        need(_arg(counts, 1, "weights") is None, "dispatch: bincount with weights is not a count of assignments")
+        return counts, safety.strip_casts(counts.args[0]), _arg(counts, 2, "minlength", 0), ("bincount",)
+    raise Declined(f"dispatch: the per-expert counts {counts.name} are not histc/bincount of the expert ids")
+
+
+def _prove_sorted(gather: RowsGather, mlp: RowsMLP, score, E: int) -> dict:
+    """The torchtitan proofs; returns {perm, ids, K, counts}."""
+    need(gather.index is not None, "dispatch: rows grouped by offsets are not gathered through one permutation "
+                                   "(x[perm // K])")
+    fd = _floordiv(gather.index)
+    need(fd is not None and fd[1] is not None, f"dispatch: rows are gathered at {gather.index.name}, not at "
+                                                "perm // K of a sort permutation")
+    perm, K = fd
+    ids = _sort_perm(perm)
+    need(ids is not None, f"dispatch: {perm.name} is not an ascending argsort/sort of the expert ids")
+    counts, cids, bins, spell = _counts_of(mlp.group[1])
+    need(cids is ids or safety.equivalent(cids, ids),
+         f"proof: the counts ({counts.name}) are taken of {cids.name}, not of the sorted ids {ids.name}")
+    need(int_value(bins) == E, f"proof: the counts histogram has {bins} bins for {E} experts")
+    if spell[0] == "histc":
+        need(spell[1] == 0 and spell[2] in (E - 1, E),
+             f"proof: the counts histogram covers [{spell[1]}, {spell[2]}], not one bin per expert id 0..{E - 1}")
+    if score is not None:
+        src = _column(score)
+        need(src is not None and _is(src, "call_function", operator.getitem) and isinstance(src.args[1], fx.Node)
+             and (src.args[1] is perm or safety.equivalent(src.args[1], perm)),
+             f"proof: the scores {score.name} are not read through the rows' permutation {perm.name}")
+    A = (shape_of(ids) or (None,))[0]
+    need(A is not None and len(shape_of(ids)) == 1 and same(A, shape_of(perm)[0]), "proof: sort sizes disagree")
+    xs = shape_of(gather.x)
+    need(same(A, to_sympy(xs[0]) * K), "proof: the number of sorted assignments is not T*K")
+    return dict(perm=perm, ids=ids, K=K, counts=counts)
+
+
+# --------------------------------------------------------------------------- the composition
+
+def _check_weights(mlp: RowsMLP, d) -> tuple:
+    """(E, n) from the weights, declining on inconsistent shapes."""
+    g, dn = _linear_shape(mlp.gate), _linear_shape(mlp.down)
+    need(g is not None and dn is not None and len(g) == 3 and len(dn) == 3, "experts: weight shapes unknown")
+    E = int_value(g[0])
+    need(E is not None and same(dn[0], E), "experts: the projections have different numbers of experts")
+    n = dn[2]
+    gated = parse_activation(mlp.activation).gated
+    if mlp.up is not None:
+        u = _linear_shape(mlp.up)
+        need(u is not None and all(same(p, q) for p, q in zip(u, g)), "experts: gate and up weights differ in shape")
+        need(same(g[1], n), "experts: the gate width differs from the down projection's input")
+    else:
+        need(same(g[1], 2 * n if gated else n), "experts: up-projection width does not match the activation")
+    need(same(g[2], d) and same(dn[1], d), "experts: the weights' hidden size differs from the rows'")
+    return E, n
+
+
+def _expert_ids_of(graph, mlp: RowsMLP, A_of, E: int, like: fx.Node):
+    kind, g = mlp.group
+    if kind == "index":
+        return g
+    # the group the grouped GEMM puts row i in; rows past offsets[-1] are dropped (-1)
+    A = A_of(graph)
+    ar = call(graph, torch.arange, A, dtype=dtype_of(g), device=g.meta["example_value"].device, like=like)
+    grp = call(graph, torch.searchsorted, g, ar, right=True, like=like)
+    return call(graph, torch.where, call(graph, operator.lt, grp, E, like=like), grp, -1, like=like)
+
+
+def _weights_builder(mlp: RowsMLP, like: fx.Node):
+    def lin(graph, p: Proj):
+        return method(graph, "transpose", p.weight, -2, -1, like=like) if p.transposed else p.weight
+
+    def build(graph):
+        w1 = lin(graph, mlp.gate)
+        if mlp.up is not None:
+            w1 = call(graph, torch.cat, [w1, lin(graph, mlp.up)], 1, like=like)
+        return w1, lin(graph, mlp.down), None, None
+
+    return build
+
+
+def _intermediates_unwritten(mlp: RowsMLP, start: fx.Node) -> None:
+    safety.need_pure_path(mlp.output, start)
+    for p in mlp.projections():
+        for v in (p.weight, p.group[1]):
+            for w in safety.writes_to(v):
+                raise Declined(f"proof: {v.name} is modified in place by {w.format_node()}")
+
+
+def _rows_block(mlp: RowsMLP, x_rows: fx.Node, anchor: fx.Node, idiom: str, parts: str) -> MoEBlock:
+    """Rows in, rows out: fused op over ``x_rows`` (A, d) with token_ids = arange(A), score 1."""
+    xs = shape_of(x_rows)
+    need(xs is not None and len(xs) == 2 and same_shape_rows(anchor, xs), "proof: the expert output is not "
+                                                                           "(rows, d) of its input rows")
+    E, n = _check_weights(mlp, xs[1])
+    _intermediates_unwritten(mlp, x_rows)
+    device = x_rows.meta["example_value"].device
+
+    def A_of(graph):
+        return method(graph, "size", x_rows, 0, like=anchor)
+
+    def token_ids(graph):
+        return call(graph, torch.arange, A_of(graph), device=device, like=anchor)
+
+    def ones(graph):
+        return call(graph, torch.ones, A_of(graph), dtype=dtype_of(x_rows), device=device, like=anchor)
+
+    def replace(out):
+        anchor.replace_all_uses_with(out)
+
+    return MoEBlock(
+        idiom=idiom, anchor=anchor, x=x_rows, token_ids=token_ids,
+        expert_ids=lambda graph: _expert_ids_of(graph, mlp, A_of, E, anchor), scores=ones,
+        build_weights=_weights_builder(mlp, anchor), replace=replace, activation=mlp.activation,
+        interleaved=mlp.interleaved, num_experts=E, top_k=None,
+        hidden=int_value(xs[1]) if int_value(xs[1]) is not None else xs[1],
+        intermediate=int_value(n) if int_value(n) is not None else n, dtype=dtype_of(x_rows),
+        autocast_like=mlp.down.gemm, parts=parts,
+    )
+
+
+def same_shape_rows(node, xs) -> bool:
+    s = shape_of(node)
+    return s is not None and len(s) == 2 and same(s[0], xs[0]) and same(s[1], xs[1])
+
+
+def analyse_combine(c: RowsScatter, mlp: RowsMLP, score_after) -> MoEBlock:
+    """A full block: rows gathered from tokens, experts, (scores), scattered back to the tokens."""
+    z = mlp.input
+    score_before, inner = _score_column(z)
+    if score_before is not None and score_after is not None:
+        raise PartDeclined("scores", "routing weights are applied twice (to the rows before the experts and to "
+                                     "their outputs)")
+    rows = safety.strip_casts(inner) if score_before is not None else z
+    g = recognise("rows_dispatch", rows, required=f"{rows.name}: the expert rows as a gather of token rows")
+    x = g.x
+    # the same token mapping for the gather and the scatter
+    same_map = (c.index2d is not None and c.index2d is g.index2d) or \
+        (c.index is not None and g.index is not None and (c.index is g.index or safety.equivalent(c.index, g.index)))
+    if g.replicated is not None and c.index is not None:
+        rt = _replicated_tokens(c.index)
+        same_map = rt is not None and rt[1] == g.replicated and same(rt[0], (shape_of(x) or (None,))[0])
+    need(same_map, f"proof: rows are read from the tokens at {getattr(g.index or g.index2d, 'name', 'x.repeat_interleave')}"
+                   f" but written back at {getattr(c.index or c.index2d, 'name', '?')}: not the same token mapping")
+    xs, accs = shape_of(x), shape_of(c.acc)
+    need(_zeros_start(c.acc), f"combine: the result {c.acc.name} does not start as zeros")
+    need(xs is not None and accs is not None and same(xs[0], accs[0]) and same(xs[1], accs[1]),
+         "proof: the result is not (tokens, d) of the gathered tokens")
+    A = (shape_of(z) or (None,))[0]
+    need(A is not None and same_shape_rows(mlp.output, (A, xs[1])), "proof: the expert output is not one row per "
+                                                                     "gathered row")
+    E, n = _check_weights(mlp, xs[1])
+    score = score_after if score_after is not None else score_before
+    if score is not None:
+        ss = shape_of(score)
+        need(ss is not None and len(ss) == 2 and same(ss[0], A), "scores: not one routing weight per row")
+    sorted_proof = _prove_sorted(g, mlp, score, E) if mlp.group[0] == "offsets" else None
+    if mlp.group[0] == "index":
+        ids_s = shape_of(mlp.group[1])
+        need(ids_s is not None and len(ids_s) == 1 and same(ids_s[0], A),
+             "proof: weights are not gathered with one expert id per row")
+
+    # nothing written in place: the acc only by this combine, nothing reads it before
+    order = {nd: i for i, nd in enumerate(c.anchor.graph.nodes)}
+    writes = safety.writes_to(c.acc)
+    need(set(writes) <= {c.anchor}, f"combine: the result {c.acc.name} is written by something else "
+                                    f"({', '.join(w.name for w in writes if w is not c.anchor)})")
+    for a in safety.aliases(c.acc):
+        for u in a.users:
+            if u is not c.anchor and order[u] < order[c.anchor] and not safety.is_view_of(u, a):
+                raise Declined(f"combine: the result is read before the rows are added ({u.format_node()})")
+    srcs = [x, g.index, g.index2d, c.index, c.index2d, score, mlp.group[1]]
+    if sorted_proof is not None:
+        srcs += [sorted_proof["perm"], sorted_proof["ids"], sorted_proof["counts"]]
+    safety.need_unmodified([s for s in srcs if isinstance(s, fx.Node)], g.node, c.anchor,
+                           "proof: the tokens, the routing or the scores")
+    for s in srcs:
+        if isinstance(s, fx.Node):
+            safety.need_unmodified([s], s, c.anchor, "proof: the routing")
+
+    idiom = "sorted_rows" if mlp.group[0] == "offsets" else "gathered_weights"
+    parts = f"dispatch={g.spelling}, experts={mlp.spelling} ({mlp.group[0]}), combine={c.spelling}" + \
+        (", scores on the rows before the experts (fed pre-scaled, score 1)" if score_before is not None else
+         (", scores after the experts" if score_after is not None else ""))
+
+    if score_before is not None:
+        # f(s * x) is not s * f(x) for a non-linear expert: the fused op takes the pre-scaled rows
+        # with score 1; the graph's own scatter stays
+        return _rows_block(mlp, z, mlp.output, idiom, parts)
+
+    _intermediates_unwritten(mlp, g.node)
+    device = x.meta["example_value"].device
+    anchor = c.anchor
+    K = sorted_proof["K"] if sorted_proof is not None else g.replicated
+
+    def A_of(graph):  # from the routing, never from the rows (which would keep them alive)
+        if g.index is not None:
+            return method(graph, "size", g.index, 0, like=anchor)
+        if g.replicated is not None:
+            return call(graph, operator.mul, method(graph, "size", x, 0, like=anchor), g.replicated, like=anchor)
+        return method(graph, "size", c.index if c.index is not None else c.index2d, 0, like=anchor)
+
+    def token_ids(graph):
+        if g.replicated is not None:
+            ar = call(graph, torch.arange, method(graph, "size", x, 0, like=anchor), device=device, like=anchor)
+            return method(graph, "repeat_interleave", ar, g.replicated, like=anchor)
+        return g.index if g.index is not None else c.index
+
+    def scores(graph):
+        if score is not None:
+            return method(graph, "reshape", score, -1, like=anchor)
+        return call(graph, torch.ones, A_of(graph), dtype=dtype_of(x), device=device, like=anchor)
+
+    def replace(out):
+        graph = anchor.graph
+        later = [u for u in c.acc.users if u is not anchor and order.get(u, -1) > order[anchor]] if c.inplace else []
+        anchor.replace_all_uses_with(out)
+        for u in later:
+            u.replace_input_with(c.acc, out)
+        if c.inplace:
+            graph.erase_node(anchor)
+
+    xs1 = xs[1]
+    return MoEBlock(
+        idiom=idiom, anchor=anchor, x=x, token_ids=token_ids,
+        expert_ids=lambda graph: _expert_ids_of(graph, mlp, A_of, E, anchor), scores=scores,
+        build_weights=_weights_builder(mlp, anchor), replace=replace, activation=mlp.activation,
+        interleaved=mlp.interleaved, num_experts=E, top_k=K,
+        hidden=int_value(xs1) if int_value(xs1) is not None else xs1,
+        intermediate=int_value(n) if int_value(n) is not None else n, dtype=dtype_of(x),
+        autocast_like=mlp.down.gemm, parts=parts, location=c.acc,
+    )
+
+
+def _outer_cast(node: fx.Node) -> fx.Node:
+    """Follow a chain of sole-user dtype casts (``type_as``, ``.to(dtype)``, ``.float()``) downstream."""
+    while len(node.users) == 1:
+        u = next(iter(node.users))
+        if safety.strip_casts(u) is node and u is not node:
+            node = u
+        else:
+            break
+    return node
+
+
+def find(gm: fx.GraphModule):
+    """Yield (anchor node, MoEBlock or decline reason) for each block on assignment rows."""
+    claimed: set = set()
+    for node in list(gm.graph.nodes):
+        if node.op not in ("call_function", "call_method") or node in claimed:
+            continue
+        try:
+            c = recognise("rows_combine", node)
+        except Declined as e:
+            if any(_proj(safety.strip_casts(a)) for a in node.all_input_nodes):
+                yield node, str(e)
+            continue
+        if c is None or (not c.anchor.users and not c.inplace):
+            continue
+        score_after, y = _score_column(c.value)
+        try:
+            mlp = recognise("rows_experts", safety.strip_casts(y))
+        except Declined as e:
+            yield node, str(e)
+            continue
+        if mlp is None:
+            continue
+        mlp.output = y if score_after is not None else c.value
+        claimed.update(p.node for p in mlp.projections())
+        try:
+            yield node, analyse_combine(c, mlp, score_after)
+        except Declined as e:
+            yield node, str(e)
+
+    # local experts: grouped GEMMs on rows already grouped by expert, rows back in the same order
+    for node in list(gm.graph.nodes):
+        p = _grouped_proj(node)
+        if p is None or node in claimed or not node.users:
+            continue
+        out = _outer_cast(node)
+        try:
+            mlp = recognise("rows_experts", out)
+        except Declined:
+            continue  # an up-projection, or not an expert MLP: nothing to report here
+        if mlp is None or mlp.down.node is not node:
+            continue
+        if _feeds_sorted_combine(out):
+            continue  # transformers' grouped_mm experts: the sorted_grouped_mm idiom's block
+        claimed.update(q.node for q in mlp.projections())
+        parts = f"experts={mlp.spelling} (offsets) on rows grouped by expert, no scores"
+        try:
+            need(mlp.group[0] == "offsets", "experts: not grouped by offsets")
+            yield out, _rows_block(mlp, mlp.input, out, "local_experts", parts)
+        except Declined as e:
+            yield out, str(e)
+
+
+def _feeds_sorted_combine(out: fx.Node, depth: int = 4) -> bool:
+    """``out`` reaches an inverse-permutation + per-token sum (transformers' grouped_mm experts,
+    ``patterns/sorted_grouped_mm.py``) within a few nodes."""
+    from . import sorted_grouped_mm
+
+    frontier = [out]
+    for _ in range(depth):
+        frontier = [u for n in frontier for u in n.users]
+        if any(sorted_grouped_mm.is_candidate(u) for u in frontier):
+            return True
+    return False
