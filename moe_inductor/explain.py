@@ -228,6 +228,29 @@ def _remedy(m: torch.nn.Module) -> str:
             "or store the experts as stacked (E, ...) weights and use the sorted grouped-GEMM form")
 
 
+def _parts_found(name: str, reports: list) -> str:
+    """Which parts of an MoE block the recognisers found in the compiled code of module ``name``
+    (``CompileReport.census``), so that the reason names the part that was not recognised."""
+    found: dict = {}
+    for r in reports:
+        for path, parts in getattr(r, "census", {}).items():
+            p = _normalise_path(path)
+            if not name or p == name or p.startswith(name + "."):
+                for part, spellings in parts.items():
+                    for spelling, n in spellings.items():
+                        found.setdefault(part, {}).setdefault(spelling, 0)
+                        found[part][spelling] += n
+    said = []
+    for part, words in (("experts", "expert MLPs"), ("combine", "writes of expert outputs to token rows")):
+        if part in found:
+            said.append(f"{part}: {sum(found[part].values())} {words} found ("
+                        + ", ".join(f"{k} x{v}" for k, v in sorted(found[part].items())) + ")")
+        else:
+            said.append(f"{part}: no {words} recognised")
+    return ("not recognised as an MoE block (no dispatch -> experts -> combine composition proved): "
+            + "; ".join(said) + "; recognised spellings of each part: README 'Recognised parts'")
+
+
 def _waste(counts: list, tile_m: int) -> float:
     need = sum(counts)
     return (sum(-(-c // tile_m) * tile_m for c in counts) - need) / need if need else 0.0
@@ -315,7 +338,7 @@ def explain(model: torch.nn.Module, *args, options: Optional[dict] = None, induc
             reason = "not in any compiled graph: " + "; ".join(dict.fromkeys(b.summary for b in inside))
         else:
             status = "not recognised"
-            reason = "no idiom matched its code" + (" (or a graph break listed below kept it out)" if breaks else "")
+            reason = _parts_found(name, reports) + (" (or a graph break listed below kept it out)" if breaks else "")
         if impl is not None:
             reason += f" [experts implementation {impl!r}]"
         remedy = "" if status == "not recognised" and impl in ("grouped_mm", "batched_mm") else _remedy(m)

@@ -198,3 +198,26 @@ def recognise(part: str, *args, required: Optional[str] = None):
 def spellings() -> dict:
     """{part: [(name, source), ...]}: what the registered recognisers understand (README, explain)."""
     return {p: [(r.name, r.source) for r in rs] for p, rs in REGISTRY.items()}
+
+
+def census(gm) -> dict:
+    """{module path: {part: {spelling: count}}} of the experts and combine parts the registries
+    recognise in ``gm``, node by node (for ``explain``: which parts of an MoE block that was not
+    rewritten were found, and so which one was not). Never raises."""
+    from collections import Counter
+
+    from .rewrite import module_path_of
+
+    out: dict = {}
+    for node in gm.graph.nodes:
+        if node.op not in ("call_function", "call_method"):
+            continue
+        for part in ("experts", "combine"):
+            try:
+                got = recognise(part, node)
+            except Exception:
+                got = None
+            if got is not None:
+                path = module_path_of(node, depth_from_leaf=1 if part == "experts" else 0)
+                out.setdefault(path, {}).setdefault(part, Counter())[got.spelling or part] += 1
+    return out

@@ -24,6 +24,8 @@ class CompileReport:
 
     candidates: list = dataclasses.field(default_factory=list)
     graph_name: str = ""
+    #: {module path: {part: {spelling: count}}} of recognised parts, filled while ``explain`` listens
+    census: dict = dataclasses.field(default_factory=dict)
 
     @property
     def rewritten(self) -> list:
@@ -36,6 +38,13 @@ class CompileReport:
 
 def record_report(report: CompileReport, gm) -> None:
     report.graph_name = getattr(gm, "_sonic_name", type(gm).__name__)
+    if _listeners:  # explain is listening: which parts of not-rewritten blocks were found
+        try:
+            from .parts import census
+
+            report.census = census(gm)
+        except Exception as e:  # a report must never break compilation
+            log.debug("sonic: parts census failed: %s", e)
     for listener in _listeners:
         listener.append(report)
 
