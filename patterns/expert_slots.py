@@ -168,7 +168,8 @@ def _strip_exact_casts(node):
             node = inner
             continue
         outer = safety.strip_casts(node)
-        if outer is not node and node.op == "call_method" and _is_integral(node.args[0]):
+        int_cast = node.op == "call_method" and node.target in ("long", "int", "short") and len(node.args) == 1
+        if (outer is not node or int_cast) and node.op == "call_method" and _is_integral(node.args[0]):
             node = node.args[0]
             continue
         return node
@@ -180,8 +181,9 @@ def _one_hot(node) -> Optional[tuple]:
     node = _strip_exact_casts(node)
     if isinstance(node, fx.Node) and node.op == "call_function" and node.target in _ONE_HOT:
         idx, n = _arg(node, 0, "tensor", _arg(node, 0, "input")), _arg(node, 1, "num_classes", -1)
-        if isinstance(idx, fx.Node) and int_value(n) is not None and int_value(n) > 0:
-            return idx, int_value(n)
+        # num_classes: a constant, or a size computed from T (capacity factor * T / E)
+        if isinstance(idx, fx.Node) and (isinstance(n, fx.Node) or (int_value(n) is not None and int_value(n) > 0)):
+            return idx, n
     return None
 
 
@@ -538,12 +540,20 @@ def _batched_projection(node) -> Optional[tuple]:
     return z, w, True, None
 
 
+def _no_dropout(node) -> None:
+    if isinstance(node, fx.Node) and node.op == "call_function" and node.target is Fn.dropout \
+            and not safety.is_identity_dropout(node):
+        decline("slots_experts", f"{node.name}: dropout with p > 0 in training inside the experts (random per "
+                                 "element): the fused op cannot reproduce it")
+
+
 @register("slots_experts", "bmm_mlp", "bmm/matmul/einsum MLP on (E, C, d) slots with stacked (E, ., .) weights")
 def bmm_mlp(out) -> Optional[ExpertMLP]:
     down = _batched_projection(safety.strip_identity(out))
     if down is None:
         return None
     mid = safety.strip_identity(down[0])
+    _no_dropout(mid)
     tr = {"down": down[2]}
     gemm = "aten::bmm"
 
@@ -576,6 +586,7 @@ def bmm_mlp(out) -> Optional[ExpertMLP]:
                 return done(ExpertMLP(input=g[0], output=out, activation=GATED_OF[name], gate=g[1], up=u[1],
                                       down=down[1], b_gate=g[3], b_up=u[3], b_down=down[3], gemm=gemm), tr)
     name, inner = unary_activation(mid)
+    _no_dropout(inner)
     if name is None:
         decline("slots_experts", f"{mid.name}: the experts on the slots are not a supported MLP (projection -> "
                                  "activation [* projection] -> projection)")

@@ -1,0 +1,356 @@
+"""The "expert slots" composition (patterns/expert_slots.py): experts on an (E, C, d) tensor of slots.
+
+Capacity dispatch (GShard/Switch style, written here from a reading of fairseq/fairscale
+``top1gating``/``top2gating`` and DeepSpeed ``sharded_moe``) and expert-choice routing (each expert
+takes its top-C tokens), in several spellings, through the sonic rewrite (the graph then runs
+eagerly; the fused op runs its PyTorch path), at two sequence lengths: output and every gradient
+against eager (fp32, 1e-4), at most one recompile, fused-op and GEMM counts, a snapshot of one
+rewritten graph, and near-misses that must be declined with a reason naming the part or the proof.
+
+Shape legend: S tokens, d hidden, n expert width, E experts, C slots per expert (capacity).
+"""
+from __future__ import annotations
+
+import math
+import operator
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as Fn
+from torch._dynamo.testing import normalize_gm
+from torch.testing._internal.common_utils import TestCase
+
+from moe_inductor.backend import rewrite_moe
+from moe_inductor.dynamo_scope import mark_sonic
+from moe_inductor.options import SonicOptions
+
+from idiom_catalogue import BY_NAME
+
+D, N, E = 8, 4, 4
+LENGTHS = ((5, 0), (8, 1))  # two sequence lengths: one dynamic-shape recompile at most
+_GEMMS = {torch._C._nn.linear, Fn.linear, torch.bmm, torch.mm, torch.matmul, torch.einsum,
+          torch.functional.einsum, operator.matmul}
+_FUSED = {torch.ops.moe_inductor.fused_moe.default, torch.ops.moe_inductor.fused_moe_experts.default}
+
+
+# --------------------------------------------------------------------------- modules
+
+class BatchedExperts(nn.Module):
+    """Experts on (E, C, d) slots with stacked weights: relu MLP by bmm with (E, in, out) weights,
+    or SwiGLU by einsum with (E, out, in) weights (fused gate/up, gate first)."""
+
+    def __init__(self, kind: str = "relu_bmm", dropout: float = 0.0):
+        super().__init__()
+        self.kind, self.dropout = kind, dropout
+        if kind == "relu_bmm":
+            self.w_in = nn.Parameter(torch.randn(E, D, N) / D ** 0.5)
+            self.b_in = nn.Parameter(torch.randn(E, 1, N) / 4)
+            self.w_out = nn.Parameter(torch.randn(E, N, D) / N ** 0.5)
+        else:
+            self.w_gate_up = nn.Parameter(torch.randn(E, 2 * N, D) / D ** 0.5)
+            self.w_down = nn.Parameter(torch.randn(E, D, N) / N ** 0.5)
+
+    def forward(self, slots):
+        if self.kind == "relu_bmm":
+            h = Fn.relu(torch.bmm(slots, self.w_in) + self.b_in)
+            h = Fn.dropout(h, self.dropout, training=self.dropout > 0)
+            return torch.bmm(h, self.w_out)
+        gate, up = torch.einsum("ecd,efd->ecf", slots, self.w_gate_up).chunk(2, dim=-1)
+        h = Fn.dropout(Fn.silu(gate) * up, self.dropout, training=self.dropout > 0)
+        return torch.einsum("ecn,edn->ecd", h, self.w_down)
+
+
+class CapacityMoE(nn.Module):
+    """Capacity dispatch: top-1 (Switch) or top-2 (GShard) choices, slot positions from a cumsum of
+    the choices' one-hot columns (the second choice's after the first's counts), tokens over
+    capacity dropped, ``einsum("sec,sm->ecm", dispatch, x)``, experts on the slots,
+    ``einsum("sec,ecm->sm", combine, y)``. ``capacity``: an int, or "auto" (ceil(1.25 S / E), a
+    function of S). ``mutation`` makes a near-miss (see ``NEAR_MISSES``)."""
+
+    def __init__(self, top=1, capacity=3, experts="relu_bmm", mutation=None, dropout=0.0):
+        super().__init__()
+        self.top, self.capacity, self.mutation = top, capacity, mutation
+        self.router = nn.Linear(D, E, bias=False)
+        self.experts = BatchedExperts(experts, dropout)
+
+    def positions(self, mask, offset=None):
+        if self.mutation == "positions_not_cumsum":
+            return torch.zeros_like(mask)
+        if self.mutation == "two_tokens_per_slot":
+            return torch.div(torch.cumsum(mask, dim=0) - 1, 2, rounding_mode="floor")
+        loc = torch.cumsum(mask, dim=0) - 1
+        return loc if offset is None else loc + offset
+
+    def gating(self, x, C):
+        gates = Fn.softmax(self.router(x), dim=-1)
+        first = torch.argmax(gates, dim=-1)
+        mask1 = Fn.one_hot(first, num_classes=E)
+        loc1 = self.positions(mask1)
+        kept1 = mask1 * (loc1 < C).long()
+        slot1 = (loc1 * kept1).sum(dim=1)
+        if self.top == 1:
+            # Switch: the gate is not renormalised; a three-operand outer-product einsum
+            g1 = (gates * kept1).sum(dim=1)
+            return torch.einsum("s,se,sc->sec", g1, kept1.to(gates.dtype), Fn.one_hot(slot1, C).to(gates.dtype))
+        second = torch.argmax(gates.masked_fill(mask1.bool(), float("-inf")), dim=-1)
+        mask2 = Fn.one_hot(second, num_classes=E)
+        offset = None if self.mutation == "no_offset" else mask1.sum(dim=0, keepdim=True)
+        loc2 = self.positions(mask2, offset)
+        kept2 = mask2 * (loc2 < C).long()
+        # near-miss: the second choice placed at the first choice's position (in another expert)
+        slot2 = slot1 if self.mutation == "slot_of_other_choice" else (loc2 * kept2).sum(dim=1)
+        g1, g2 = (gates * kept1).sum(dim=1), (gates * kept2).sum(dim=1)
+        norm = (g1 + g2).clamp(min=torch.finfo(gates.dtype).eps)
+        w1 = torch.einsum("s,se->se", g1 / norm, kept1.to(gates.dtype))
+        w2 = torch.einsum("s,se->se", g2 / norm, kept2.to(gates.dtype))
+        return (torch.einsum("se,sc->sec", w1, Fn.one_hot(slot1, C).to(gates.dtype))
+                + torch.einsum("se,sc->sec", w2, Fn.one_hot(slot2, C).to(gates.dtype)))
+
+    def forward(self, x):
+        C = math.ceil(1.25 * x.size(0) / E) if self.capacity == "auto" else self.capacity
+        combine = self.gating(x, C)
+        if self.mutation == "dispatch_weighted":
+            dispatch = combine  # inputs scaled by the gates, outputs too: scores applied twice
+        else:
+            dispatch = combine.bool().type_as(x)
+        y = self.experts(torch.einsum("sec,sm->ecm", dispatch, x))
+        if self.mutation == "combine_of_other_weights":
+            combine = combine * (combine > 0.3)  # nonzeros differ from the dispatch's
+        return torch.einsum("sec,ecm->sm", combine.type_as(x), y)
+
+
+class ExpertChoiceMoE(nn.Module):
+    """Expert-choice routing: affinities softmax over experts, each expert takes its top-C tokens
+    ``topk(scores.T, C)``, slots gathered (E, C, d), experts on the slots, gated outputs added back
+    to their tokens. ``combine``: "scatter_add_" into zeros, "index_add" into a copy of x (a
+    residual), or "index_add_unscored" (no gate). ``gather``: "index" (``x[idx]``) or "flat"
+    (``x[idx.reshape(-1)].view(E, C, d)``)."""
+
+    def __init__(self, capacity=3, experts="swiglu_einsum", combine="scatter_add_", gather="index",
+                 mutation=None, dropout=0.0):
+        super().__init__()
+        self.capacity, self.combine, self.gather, self.mutation = capacity, combine, gather, mutation
+        self.router = nn.Linear(D, E, bias=False)
+        self.experts = BatchedExperts(experts, dropout)
+
+    def forward(self, x):
+        C = x.size(0) if self.capacity == "all" else self.capacity
+        affinity = Fn.softmax(self.router(x), dim=-1)
+        gate, token = torch.topk(affinity.t(), C, dim=-1)  # (E, C)
+        slots = x[token] if self.gather == "index" else x[token.reshape(-1)].view(E, C, D)
+        if self.mutation == "scores_twice":
+            slots = slots * gate.unsqueeze(-1)
+        y = self.experts(slots)
+        back = token.flip(1) if self.mutation == "written_elsewhere" else token
+        if self.combine == "scatter_add_":
+            out = torch.zeros_like(x)
+            y = y * gate.unsqueeze(-1)
+            return out.scatter_add_(0, back.reshape(-1, 1).expand(-1, D), y.reshape(-1, D))
+        if self.combine == "index_add":
+            return x.clone().index_add_(0, back.reshape(-1), y.reshape(-1, D) * gate.reshape(-1, 1))
+        return x.new_zeros(x.shape).index_add_(0, back.reshape(-1), y.reshape(-1, D))
+
+
+# --------------------------------------------------------------------------- harness
+
+@mark_sonic
+class Rewrite:
+    """Backend: the sonic rewrite, then the graph as it is; records each compiled graph."""
+
+    def __init__(self):
+        self.graphs = []
+
+    def __call__(self, gm, example_inputs):
+        before = sum(_is_gemm(n) for n in gm.graph.nodes)
+        report = rewrite_moe(gm, SonicOptions())
+        self.graphs.append(dict(gm=gm, report=report, gemms_before=before,
+                                gemms=sum(_is_gemm(n) for n in gm.graph.nodes),
+                                fused=sum(n.op == "call_function" and n.target in _FUSED for n in gm.graph.nodes)))
+        return gm.forward
+
+
+def _is_gemm(n):
+    return (n.op == "call_function" and n.target in _GEMMS) or (n.op == "call_method" and n.target in ("bmm", "matmul"))
+
+
+def _fwd_bwd(fn, module, x):
+    x = x.detach().clone().requires_grad_(True)
+    module.zero_grad(set_to_none=True)
+    out = fn(x)
+    out.pow(2).sum().backward()
+    grads = {name: (p.grad if p.grad is not None else torch.zeros_like(p)) for name, p in module.named_parameters()}
+    grads["x"] = x.grad
+    return out.detach(), grads
+
+
+def run(module, lengths=LENGTHS, compare=True) -> Rewrite:
+    torch._dynamo.reset()
+    backend = Rewrite()
+    compiled = torch.compile(module, backend=backend, fullgraph=True)
+    for T, seed in lengths:
+        x = torch.randn(T, D, generator=torch.Generator().manual_seed(seed))
+        if not compare:
+            compiled(x)
+            continue
+        ref, ref_grads = _fwd_bwd(module, module, x)
+        out, grads = _fwd_bwd(compiled, module, x)
+        torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4, msg=lambda m: f"T={T} output: {m}")
+        for name, g in grads.items():
+            torch.testing.assert_close(g, ref_grads[name], atol=1e-4, rtol=1e-4, msg=lambda m: f"T={T} d{name}: {m}")
+    assert 1 <= len(backend.graphs) <= 2, f"compiled {len(backend.graphs)} times for two lengths"
+    return backend
+
+
+def seeded(factory, seed=0):
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return factory()
+
+
+def candidates(backend):
+    return [(c.idiom, c.status, c.reason) for g in backend.graphs for c in g["report"].candidates]
+
+
+def assert_rewritten(backend, router_gemms=1):
+    for g in backend.graphs:
+        rewritten = [c for c in g["report"].candidates if c.status == "rewritten"]
+        assert [c.idiom for c in rewritten] == ["expert_slots"], candidates(backend)
+        assert g["fused"] == 1, g["gm"].code
+        # the experts' GEMMs and the dispatch/combine einsums are gone; the router's remains
+        assert g["gemms_before"] > router_gemms and g["gemms"] == router_gemms, g["gm"].code
+
+
+def assert_declined(backend, *words):
+    seen = candidates(backend)
+    assert all(g["fused"] == 0 for g in backend.graphs), seen
+    reasons = [r for idiom, status, r in seen if idiom == "expert_slots" and status == "declined"]
+    assert reasons and all(all(w in r for w in words) for r in reasons), seen
+
+
+# --------------------------------------------------------------------------- rewritten
+
+CAPACITY_CASES = [
+    # (top, capacity, experts)
+    (1, 3, "relu_bmm"),  # Switch: drops tokens at S=8 (E*C = 12 slots, uneven routing)
+    (1, 1, "swiglu_einsum"),  # capacity 1: one token per expert
+    (1, 64, "relu_bmm"),  # capacity far above S: nothing dropped, most slots empty (relu(b) != 0: f_e(0) != 0)
+    (2, 3, "relu_bmm"),  # GShard top-2: second choices after every first choice, some dropped
+    (2, "auto", "swiglu_einsum"),  # capacity ceil(1.25 S / E): a function of S (Dynamo guards its value)
+]
+
+
+@pytest.mark.parametrize("top,capacity,experts", CAPACITY_CASES)
+def test_capacity_dispatch(top, capacity, experts):
+    backend = run(seeded(lambda: CapacityMoE(top=top, capacity=capacity, experts=experts)))
+    assert_rewritten(backend)
+    block = backend.graphs[0]["report"].candidates[0]
+    assert block.top_k == top and block.num_experts == E
+
+
+EC_CASES = [
+    # (capacity, experts, combine, gather)
+    (3, "swiglu_einsum", "scatter_add_", "index"),  # the catalogue's shape
+    (1, "relu_bmm", "index_add", "flat"),  # capacity 1, residual accumulator, flat gather + view
+    ("all", "swiglu_einsum", "index_add_unscored", "index"),  # every expert takes every token, no gate
+]
+
+
+@pytest.mark.parametrize("capacity,experts,combine,gather", EC_CASES)
+def test_expert_choice(capacity, experts, combine, gather):
+    backend = run(seeded(lambda: ExpertChoiceMoE(capacity, experts, combine, gather)))
+    assert_rewritten(backend)
+
+
+@pytest.mark.parametrize("name", ["switch_capacity_einsum", "gshard_top2_capacity_einsum", "expert_choice"])
+def test_catalogue_entries(name):
+    """The catalogue's entries: one block rewritten per graph, only the router's GEMM left (the
+    gating einsum of the Switch entry dies with the combine weights it built)."""
+    idiom = BY_NAME[name]
+    torch._dynamo.reset()
+    backend = Rewrite()
+    module = idiom.build()
+    compiled = torch.compile(module, backend=backend, fullgraph=True)
+    for T, seed in LENGTHS[1:]:  # tests/test_idiom_catalogue.py runs both lengths
+        (x,) = idiom.inputs(T, seed)
+        ref, ref_grads = _fwd_bwd(module, module, x)
+        out, grads = _fwd_bwd(compiled, module, x)
+        torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+        for k, g in grads.items():
+            torch.testing.assert_close(g, ref_grads[k], atol=1e-4, rtol=1e-4, msg=lambda m: f"d{k}: {m}")
+    assert len(backend.graphs) <= 2
+    assert_rewritten(backend)
+
+
+# --------------------------------------------------------------------------- near-misses
+
+NEAR_MISSES = [
+    # (module, words the decline reason must contain)
+    (lambda: CapacityMoE(top=1, mutation="positions_not_cumsum"), ("slots_dispatch", "slot positions")),
+    (lambda: CapacityMoE(top=2, mutation="two_tokens_per_slot"), ("slots_dispatch", "slot positions")),
+    (lambda: CapacityMoE(top=2, mutation="no_offset", capacity=64), ("slots_dispatch", "hold two tokens")),
+    (lambda: CapacityMoE(top=2, mutation="slot_of_other_choice"), ("slots_dispatch", "slot")),
+    (lambda: CapacityMoE(top=1, mutation="combine_of_other_weights"), ("proof", "combined with")),
+    (lambda: CapacityMoE(top=1, mutation="dispatch_weighted"), ("slots_dispatch", "twice")),
+    (lambda: ExpertChoiceMoE(mutation="scores_twice"), ("proof", "twice")),
+    (lambda: ExpertChoiceMoE(mutation="written_elsewhere"), ("proof", "written back")),
+]
+
+
+@pytest.mark.parametrize("case", range(len(NEAR_MISSES)))
+def test_near_miss_declined(case):
+    """Each near-miss is left alone (the compiled module still equals eager) with a reason."""
+    factory, words = NEAR_MISSES[case]
+    backend = run(seeded(factory), lengths=LENGTHS[1:])
+    assert_declined(backend, *words)
+
+
+@pytest.mark.parametrize("factory", [lambda: CapacityMoE(top=2, dropout=0.25), lambda: ExpertChoiceMoE(dropout=0.25)])
+def test_dropout_in_training_declined(factory):
+    """Dropout on the experts' path in training draws random numbers the fused op cannot
+    reproduce: declined (numerics are random, so only the decision is checked)."""
+    backend = run(seeded(factory), lengths=LENGTHS[1:], compare=False)
+    assert_declined(backend, "dropout")
+
+
+# --------------------------------------------------------------------------- snapshot
+
+class SnapshotTest(TestCase):
+    def test_expert_choice_graph(self):
+        """The rewritten expert-choice block: one fused op on (idx.flatten(), arange(E) repeated C
+        times, gates.flatten()); the experts' bmm's, the gather and the scatter are gone."""
+        backend = run(seeded(lambda: ExpertChoiceMoE(capacity=2, experts="relu_bmm")), lengths=((5, 0),))
+        code = normalize_gm(backend.graphs[0]["gm"].print_readable(print_output=False))
+        self.assertExpectedInline(code, """\
+class GraphModule(torch.nn.Module):
+    def forward(self, L_self_modules_router_parameters_weight_: "f32[4, 8]", L_x_: "f32[5, 8]", L_self_modules_experts_parameters_w_in_: "f32[4, 8, 4]", L_self_modules_experts_parameters_b_in_: "f32[4, 1, 4]", L_self_modules_experts_parameters_w_out_: "f32[4, 4, 8]"):
+        l_self_modules_router_parameters_weight_ = L_self_modules_router_parameters_weight_
+        l_x_ = L_x_
+        l_self_modules_experts_parameters_w_in_ = L_self_modules_experts_parameters_w_in_
+        l_self_modules_experts_parameters_b_in_ = L_self_modules_experts_parameters_b_in_
+        l_self_modules_experts_parameters_w_out_ = L_self_modules_experts_parameters_w_out_
+
+        linear: "f32[5, 4]" = torch._C._nn.linear(l_x_, l_self_modules_router_parameters_weight_, None);  l_self_modules_router_parameters_weight_ = None
+        affinity: "f32[5, 4]" = torch.nn.functional.softmax(linear, dim = -1);  linear = None
+
+        t: "f32[4, 5]" = affinity.t();  affinity = None
+        topk = torch.topk(t, 2, dim = -1);  t = None
+        gate: "f32[4, 2]" = topk[0]
+        token: "i64[4, 2]" = topk[1];  topk = None
+
+        unsqueeze: "f32[4, 2, 1]" = gate.unsqueeze(-1);  gate = None
+
+        transpose: "f32[4, 4, 8]" = l_self_modules_experts_parameters_w_in_.transpose(-2, -1);  l_self_modules_experts_parameters_w_in_ = None
+        reshape_2: "f32[4, 4]" = l_self_modules_experts_parameters_b_in_.reshape(4, -1);  l_self_modules_experts_parameters_b_in_ = None
+        transpose_1: "f32[4, 8, 4]" = l_self_modules_experts_parameters_w_out_.transpose(-2, -1);  l_self_modules_experts_parameters_w_out_ = None
+        reshape_3: "i64[8]" = token.reshape(-1)
+        arange: "i64[4]" = torch.arange(4, device = device(type='cpu'))
+        size = token.size(1);  token = None
+        repeat_interleave: "i64[8]" = arange.repeat_interleave(size);  arange = size = None
+        reshape_4: "f32[8]" = unsqueeze.reshape(-1);  unsqueeze = None
+        to: "i32[8]" = reshape_3.to(torch.int32);  reshape_3 = None
+        to_1: "i32[8]" = repeat_interleave.to(torch.int32);  repeat_interleave = None
+        fused_moe_default = torch.ops.moe_inductor.fused_moe.default(l_x_, to, to_1, reshape_4, transpose, transpose_1, reshape_2, None, 'relu', False, False, 'auto', 'aten::bmm');  l_x_ = to = to_1 = reshape_4 = transpose = transpose_1 = reshape_2 = None
+        getitem_3: "f32[5, 8]" = fused_moe_default[0];  fused_moe_default = None
+        return (getitem_3,)
+""")
