@@ -326,7 +326,7 @@ def _positions(loc) -> tuple:
         if c is not None and sign == 1:
             cums.append(c)
             continue
-        s = _reduce(t, "sum", (0,), keepdim=True)
+        s = _reduce(t, "sum", (0,))  # (1, E) or (E,): broadcast over the tokens alike
         oh = _one_hot(s) if s is not None else None
         if oh is not None and sign == 1:
             offsets.append(oh[0])
@@ -450,8 +450,10 @@ def capacity_einsum(slots) -> Optional[SlotsDispatch]:
             and len(d.args) == 2 and d.args[1] == 0:
         src = d.args[0]
     if not isinstance(src, fx.Node):
+        twice = " (it scales the expert inputs by routing weights: with the combine weights, scores are applied " \
+                "twice)" if not _is_flag(d) else ""
         decline("slots_dispatch", f"{m.name}: the dispatch tensor is not the nonzero pattern of combine weights "
-                                  "(combine.bool()); scaling the expert inputs by it would apply the scores twice")
+                                  f"(combine.bool()){twice}")
     ss, xs = shape_of(src), shape_of(x)
     need("slots_dispatch", ss is not None and len(ss) == 3 and xs is not None and len(xs) == 2,
          f"{slots.name}: dispatch is not (S, E, C) x (S, d)")
@@ -729,25 +731,27 @@ def analyse(node: fx.Node) -> MoEBlock:
 
     # nothing the block reads is written in place (through any view), except the combine's own write
     order = {n: i for i, n in enumerate(node.graph.nodes)}
-    roots = [disp.slots] + ([comb.weights] if comb.weights is not None else []) + \
-        ([comb.score] if comb.score is not None else [])
+    roots = [disp.slots] + [n for n in (comb.weights, comb.score, comb.index) if n is not None]
     stop = set(mlp.weights()) - {None}
     for n in _upstream(roots, stop) + [disp.x]:
         for w in safety.writes_to(n):
             if w is not node and order[w] < order[node]:
                 raise Declined(f"proof: {n.name}, which the block reads, is modified in place by {w.format_node()}")
+    # the fused op reads the weights where the combine was: nothing may write them after the experts read them
+    safety.need_unmodified(list(stop), disp.slots, node, "proof: the expert weights")
     start_kind, base = None, None
     if comb.kind == "scatter":
         start = _acc_start(comb.acc)
+        if start is None and not comb.inplace:
+            start = ("copy", comb.acc)  # acc.scatter_add(...) out of place: acc + the block
         prove(start is not None and start[0] != "empty",
-             f"combine: the result {comb.acc.name} does not start as zeros or a copy")
+              f"combine: the result {comb.acc.name} does not start as zeros or a copy")
         start_kind, base = start
         if comb.inplace:
             prove(safety.writes_to(comb.acc) == [node], f"combine: {comb.acc.name} is written by something else too")
-            for a in safety.aliases(comb.acc):
-                for u in a.users:
-                    prove(u is node or u in safety.aliases(comb.acc) or order[u] > order[node],
-                          f"combine: the result is read before the experts' outputs are added ({u.format_node()})")
+            early = [u for u in comb.acc.users if u is not node and order[u] < order[node]]
+            prove(not early, f"combine: the result is read or viewed before the experts' outputs are added "
+                             f"({early[0].format_node() if early else ''})")
     return _block(node, comb, mlp, disp, start_kind, base, order)
 
 

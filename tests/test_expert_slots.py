@@ -149,6 +149,13 @@ class ExpertChoiceMoE(nn.Module):
             return out.scatter_add_(0, back.reshape(-1, 1).expand(-1, D), y.reshape(-1, D))
         if self.combine == "index_add":
             return x.clone().index_add_(0, back.reshape(-1), y.reshape(-1, D) * gate.reshape(-1, 1))
+        if self.combine == "scatter_add_residual":  # out of place, into x itself: x + the block
+            return x.scatter_add(0, back.reshape(-1, 1).expand(-1, D), (y * gate.unsqueeze(-1)).reshape(-1, D))
+        if self.combine == "viewed_before":  # a view taken before the in-place add is what is returned
+            out = torch.zeros_like(x)
+            view = out.view(-1)
+            out.scatter_add_(0, back.reshape(-1, 1).expand(-1, D), (y * gate.unsqueeze(-1)).reshape(-1, D))
+            return view.view(-1, D) * 1.0
         return x.new_zeros(x.shape).index_add_(0, back.reshape(-1), y.reshape(-1, D))
 
 
@@ -231,34 +238,35 @@ def assert_declined(backend, *words):
 # --------------------------------------------------------------------------- rewritten
 
 CAPACITY_CASES = [
-    # (top, capacity, experts)
-    (1, 3, "relu_bmm"),  # Switch: drops tokens at S=8 (E*C = 12 slots, uneven routing)
-    (1, 1, "swiglu_einsum"),  # capacity 1: one token per expert
-    (1, 64, "relu_bmm"),  # capacity far above S: nothing dropped, most slots empty (relu(b) != 0: f_e(0) != 0)
-    (2, 3, "relu_bmm"),  # GShard top-2: second choices after every first choice, some dropped
-    (2, "auto", "swiglu_einsum"),  # capacity ceil(1.25 S / E): a function of S (Dynamo guards its value)
+    # (top, capacity, experts, lengths)
+    (1, 3, "relu_bmm", LENGTHS),  # Switch: drops tokens at S=8 (E*C = 12 slots, uneven routing)
+    (1, 1, "swiglu_einsum", LENGTHS[1:]),  # capacity 1: one token per expert
+    (1, 64, "relu_bmm", LENGTHS[1:]),  # capacity far above S: nothing dropped, most slots empty (f_e(0) != 0: bias)
+    (2, 3, "relu_bmm", LENGTHS),  # GShard top-2: second choices after every first choice, some dropped
+    (2, "auto", "swiglu_einsum", LENGTHS),  # capacity ceil(1.25 S / E): a function of S (Dynamo guards its value)
 ]
 
 
-@pytest.mark.parametrize("top,capacity,experts", CAPACITY_CASES)
-def test_capacity_dispatch(top, capacity, experts):
-    backend = run(seeded(lambda: CapacityMoE(top=top, capacity=capacity, experts=experts)))
+@pytest.mark.parametrize("top,capacity,experts,lengths", CAPACITY_CASES)
+def test_capacity_dispatch(top, capacity, experts, lengths):
+    backend = run(seeded(lambda: CapacityMoE(top=top, capacity=capacity, experts=experts)), lengths)
     assert_rewritten(backend)
     block = backend.graphs[0]["report"].candidates[0]
     assert block.top_k == top and block.num_experts == E
 
 
 EC_CASES = [
-    # (capacity, experts, combine, gather)
-    (3, "swiglu_einsum", "scatter_add_", "index"),  # the catalogue's shape
-    (1, "relu_bmm", "index_add", "flat"),  # capacity 1, residual accumulator, flat gather + view
-    ("all", "swiglu_einsum", "index_add_unscored", "index"),  # every expert takes every token, no gate
+    # (capacity, experts, combine, gather, lengths)
+    (3, "swiglu_einsum", "scatter_add_", "index", LENGTHS),  # the catalogue's shape
+    (1, "relu_bmm", "index_add", "flat", LENGTHS[1:]),  # capacity 1, residual accumulator, flat gather + view
+    ("all", "swiglu_einsum", "index_add_unscored", "index", LENGTHS),  # C = S: every expert takes every token, no gate
+    (2, "relu_bmm", "scatter_add_residual", "index", LENGTHS[1:]),  # out-of-place scatter_add into x: x + the block
 ]
 
 
-@pytest.mark.parametrize("capacity,experts,combine,gather", EC_CASES)
-def test_expert_choice(capacity, experts, combine, gather):
-    backend = run(seeded(lambda: ExpertChoiceMoE(capacity, experts, combine, gather)))
+@pytest.mark.parametrize("capacity,experts,combine,gather,lengths", EC_CASES)
+def test_expert_choice(capacity, experts, combine, gather, lengths):
+    backend = run(seeded(lambda: ExpertChoiceMoE(capacity, experts, combine, gather)), lengths)
     assert_rewritten(backend)
 
 
@@ -294,6 +302,7 @@ NEAR_MISSES = [
     (lambda: CapacityMoE(top=1, mutation="dispatch_weighted"), ("slots_dispatch", "twice")),
     (lambda: ExpertChoiceMoE(mutation="scores_twice"), ("proof", "twice")),
     (lambda: ExpertChoiceMoE(mutation="written_elsewhere"), ("proof", "written back")),
+    (lambda: ExpertChoiceMoE(combine="viewed_before"), ("combine", "viewed before")),
 ]
 
 
