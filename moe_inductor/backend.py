@@ -149,7 +149,11 @@ def _describe(block: MoEBlock, status: str, reason: str = "", where: Optional[st
 def _removable(node: fx.Node) -> bool:
     """Dead and provably free of side effects. fx's own eliminate_dead_code treats in-place
     call_method nodes (index_add_, add_, ...) as pure and would drop them, so it is not used."""
-    if node.users or node.op not in ("call_function", "call_method") or "out" in node.kwargs:
+    return not node.users and _pure(node)
+
+
+def _pure(node: fx.Node) -> bool:
+    if node.op not in ("call_function", "call_method") or "out" in node.kwargs:
         return False
     if node.op == "call_method":
         return not (node.target.endswith("_") and not node.target.startswith("__"))
@@ -159,6 +163,16 @@ def _removable(node: fx.Node) -> bool:
     if schema is not None and schema.is_mutable:
         return False
     return not node.is_impure()
+
+
+def _live_nodes(graph: fx.Graph) -> set:
+    """Nodes whose value reaches the graph's output or a side effect (in-place writes, asserts)."""
+    live: set = set()
+    for node in reversed(list(graph.nodes)):
+        if node.op in ("output", "placeholder") or any(u in live for u in node.users) or (
+                node.op in ("call_function", "call_method") and not _pure(node)):
+            live.add(node)
+    return live
 
 
 def _remove_dead(graph: fx.Graph, keep: set) -> None:
@@ -225,6 +239,7 @@ def _rewrite_graph(gm: fx.GraphModule, opts: SonicOptions, report: CompileReport
     inside = f" (in {region})" if region else ""
     orphans: list = []
     declines: list = []
+    claimed: set = set()
     dead_before = {n for n in gm.graph.nodes if not n.users}
     for idiom in _idioms():
         try:
@@ -232,8 +247,14 @@ def _rewrite_graph(gm: fx.GraphModule, opts: SonicOptions, report: CompileReport
         except Exception as e:  # a broken matcher must never break compilation
             log.warning("sonic: %s matcher failed: %s: %s", idiom.IDIOM, type(e).__name__, e)
             continue
+        live = _live_nodes(gm.graph) if any(not isinstance(b, str) for _, b in found) else set()
         for node, block in found:
             where = module_path_of(node)
+            if not isinstance(block, str) and (block.anchor not in live or block.anchor in claimed):
+                # an earlier composition rewrote this block (its result no longer reaches the output):
+                # two recognisers of one block never both emit
+                log.debug("sonic: %s block at %s was rewritten by an earlier composition", idiom.IDIOM, where)
+                continue
             if isinstance(block, str):
                 # reported once the graph is final: a look-alike that another composition rewrote
                 # (its nodes are gone then) is not a declined block
@@ -257,6 +278,8 @@ def _rewrite_graph(gm: fx.GraphModule, opts: SonicOptions, report: CompileReport
                 log.warning("sonic: not rewriting %s block at %s: %s", idiom.IDIOM, where, cand.reason)
                 continue
             orphans.extend(block.orphans)
+            claimed.update(block.orphans)
+            claimed.add(block.anchor)
             note = "; ".join(notes)
             shown = "; ".join(notes + [f"in {region}"]) if region else note
             report.candidates.append(_describe(block, "rewritten", reason=shown, where=where))
