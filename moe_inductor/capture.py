@@ -1,78 +1,53 @@
-"""Make known transformers expert loops capturable by Dynamo, for the modules sonic compiles.
+"""Make graph-breaking per-expert loops capturable by Dynamo, for the modules sonic compiles.
 
-Some transformers experts modules loop over a data-dependent list of the experts that received
-tokens (``expert_hit = (...).nonzero(); for expert_idx in expert_hit: ... self[f"expert_{expert_idx[0]}"]``).
-Dynamo cannot unroll that loop, so it graph-breaks and no compiled graph ever holds the MoE block:
-no idiom can rewrite it. For such a module this file gives the *instance* a ``forward`` that runs
-the original method in eager and a replacement while Dynamo traces it (``torch.compiler.
-is_dynamo_compiling()``, a constant during tracing): a loop over ``range(num_experts)`` with
-``torch.where(expert_mask[e])``, which unrolls into one graph that the ``expert_loop`` idiom
-recognises. (``torch.compiler.substitute_in_graph`` is not used: Dynamo inlines an nn.Module's
-``forward`` without consulting it, checked on torch 2.13.)
-
-Substituted now: transformers 5.x ``SwitchTransformersExperts.forward``.
+Many experts modules loop over the experts that received tokens (``for e in (mask.sum(...) > 0)
+.nonzero()``) or skip the others (``if counts[e] == 0: continue``, ``if mask.any():``): Dynamo cannot
+trace that as one graph, so no compiled graph holds the MoE block and no recogniser can rewrite
+it. ``moe_inductor.loop_capture`` reads a forward's source, proves that running every expert (the
+empty ones on zero rows) computes the same thing, and writes an equivalent forward whose loop runs
+over ``range(E)``; this file decides where that forward is used.
 
 Scope: nothing happens at import, and no class is changed. ``prepare(f_locals)`` runs when Dynamo
 starts tracing a frame compiled with the sonic backend (``moe_inductor.dynamo_scope``): it gives
-the matching submodules of that frame's modules (``self``, arguments) the instance-level
-``forward``. Other modules, other backends and eager code of modules sonic never compiled keep the
-original. A module sonic compiled keeps the instance attribute (Dynamo guards on it); a later
-compile of the same module instance with another backend traces the replacement too.
+each submodule of that frame's modules (``self``, arguments) whose class forward has a rewritten
+loop an *instance* ``forward`` (``CapturableForward``) that runs the class's own method in eager and
+the rewritten one while Dynamo traces (``torch.compiler.is_dynamo_compiling()``, a constant during
+tracing, so the branch costs nothing in the graph). Other modules, other backends and eager code
+of modules sonic never compiled keep the original. A module sonic compiled keeps the instance
+attribute (Dynamo guards on it); a later compile of the same instance with another backend traces
+the rewritten loop too (the same values; still one graph).
+(``torch.compiler.substitute_in_graph`` is not used: Dynamo inlines an nn.Module's ``forward``
+without consulting it, checked on torch 2.13.)
 
-Safety: a replacement is used only if the class's method source, whitespace-normalised, has exactly
-the sha256 the replacement was written against (``_TARGETS``); any other version of transformers
-keeps its own code (logged at debug level). Nothing here raises: every failure is logged.
+Decorated forwards: transformers' ``use_experts_implementation`` replaces ``forward`` by a wrapper
+that dispatches on ``config._experts_implementation`` and calls the original (its ``__wrapped__``,
+held in the wrapper's closure) for "eager". The rewritten forward is then a copy of the wrapper
+whose closure holds the rewritten original: "grouped_mm" and the others keep their own code.
 
-Values: forward values are identical: the same experts in the same ascending order accumulate the
-same rows with ``index_add_`` (experts that receive no token add nothing), for the router's masks
-(one-hot times the capacity mask, entries 0/1). One difference is visible when compiled: an expert
-that receives no token in a step gets a zero gradient for its parameters instead of ``None``
-(eager skips it; the captured graph runs it on zero rows).
+Values: forward values are identical (same experts, same order, same rows accumulated). One
+difference is visible when compiled: an expert that receives no token in a step gets a zero
+gradient for its parameters instead of ``None`` (eager skips it; the captured loop runs it on
+zero rows). Nothing here raises: every failure is logged at debug level and leaves the module as
+it was. ``notes_for(module)`` gives, per loop, what was rewritten or why not (used by ``explain``).
 """
 from __future__ import annotations
 
-import hashlib
-import inspect
 import logging
-import sys
 import threading
 
 import torch
 
+from . import loop_capture
+
 log = logging.getLogger("moe_inductor")
 
-
-def _switch_experts_forward(self, hidden_states, selected_experts, routing_weights):
-    # transformers 5.x SwitchTransformersExperts.forward with the loop over range(num_experts)
-    # instead of the data-dependent expert_hit: same experts, same order, same accumulation
-    final_hidden_states = torch.zeros_like(hidden_states)
-    expert_mask = selected_experts.permute(2, 1, 0)
-    for expert_idx in range(self.num_experts):
-        idx, top_x = torch.where(expert_mask[expert_idx])
-        current_state = hidden_states[None, top_x].reshape(-1, hidden_states.shape[-1])
-        current_hidden_states = self[f"expert_{expert_idx}"](current_state) * routing_weights[top_x, idx, None]
-        final_hidden_states.index_add_(0, top_x, current_hidden_states.to(hidden_states.dtype))
-    return final_hidden_states
-
-
-#: (module, class, method, sha256 of the whitespace-normalised original source, replacement)
-_TARGETS = [
-    ("transformers.models.switch_transformers.modeling_switch_transformers", "SwitchTransformersExperts",
-     "forward", "8c3d52abcfd5f63df45277bdfdc09bd8e4b66b90704ab84ca27e9c19d79c1a13", _switch_experts_forward),
-]
-
 _lock = threading.RLock()
-_checked: dict = {}  # class -> replacement, or None when its source is not the expected one
-
-
-def source_hash(fn) -> str:
-    return hashlib.sha256(" ".join(inspect.getsource(fn).split()).encode()).hexdigest()
+_analysed: dict = {}  # class forward (the function object) -> (replacement or None, [LoopNote])
 
 
 class CapturableForward:
     """An instance-level ``forward``: the class's own method in eager, ``replacement`` while Dynamo
-    traces (``is_dynamo_compiling()`` is a constant True then, so the branch costs nothing in the
-    graph). A class, not a closure, so that the module still pickles and deep-copies."""
+    traces. A class, not a closure, so that the module still pickles and deep-copies."""
 
     def __init__(self, module: torch.nn.Module, original, replacement):
         self.module = module
@@ -84,36 +59,76 @@ class CapturableForward:
             return self.replacement(self.module, *args, **kwargs)
         return self.original(self.module, *args, **kwargs)
 
+    def __reduce__(self):
+        # pickle by reference to the class's method; the replacement is found again on load
+        return (_restore, (self.module,))
+
+
+def _restore(module):
+    forward = type(module).forward
+    replacement, _ = _analyse(forward)
+    return CapturableForward(module, forward, replacement) if replacement is not None else forward.__get__(module)
+
+
+def _skip_class(cls) -> bool:
+    # torch's own modules hold no per-expert loops; reading their source would only cost time
+    return cls.__module__.startswith(("torch.", "torch_", "moe_inductor."))
+
+
+def _analyse(forward) -> tuple:
+    """(replacement of ``forward`` or None, notes), computed once per function object."""
+    with _lock:
+        if forward in _analysed:
+            return _analysed[forward]
+    result = (None, [])
+    try:
+        inner = getattr(forward, "__wrapped__", None)
+        if inner is not None and getattr(inner, "__wrapped__", None) is None:
+            analysis = loop_capture.analyse(inner)
+            replacement = None
+            if analysis.replacement is not None:
+                replacement = loop_capture.with_inner(forward, inner, analysis.replacement)
+                if replacement is None:
+                    log.debug("sonic: %s is decorated without a closure holding its original; not rewritten",
+                              getattr(forward, "__qualname__", forward))
+            result = (replacement, analysis.notes)
+        elif inner is None:
+            analysis = loop_capture.analyse(forward)
+            result = (analysis.replacement, analysis.notes)
+    except Exception as e:  # never fail a compile over this
+        log.debug("sonic: could not analyse %s: %s", getattr(forward, "__qualname__", forward), e)
+    for note in result[1]:
+        log.debug("sonic: %s", note)
+    with _lock:
+        _analysed[forward] = result
+    return result
+
 
 def replacement_for(cls) -> object:
-    """The capturable replacement of ``cls.forward``, or None (not a target, or another source)."""
-    with _lock:
-        if cls in _checked:
-            return _checked[cls]
-        found = None
-        for modname, cls_name, meth, digest, replacement in _TARGETS:
-            if cls.__module__ != modname or cls.__name__ != cls_name:
-                continue
-            key = f"{modname}.{cls_name}.{meth}"
-            try:
-                got = source_hash(getattr(cls, meth))
-            except Exception as e:
-                log.debug("sonic: cannot read the source of %s: %s", key, e)
-                break
-            if got != digest:
-                log.debug("sonic: not substituting %s: its source (sha256 %s) is not the version the "
-                          "replacement was written for (%s)", key, got, digest)
-                break
-            found = replacement
-        _checked[cls] = found
-        return found
+    """The capturable replacement of ``cls.forward`` (a function taking the module first), or None."""
+    forward = getattr(cls, "forward", None)
+    if forward is None or _skip_class(cls):
+        return None
+    return _analyse(forward)[0]
+
+
+def notes_for(module: torch.nn.Module) -> list:
+    """``loop_capture.LoopNote`` of every per-expert loop in the forwards of ``module`` and its
+    submodules: rewritten ones and the reason for the others."""
+    out, seen = [], set()
+    for sub in module.modules():
+        forward = getattr(type(sub), "forward", None)
+        if forward is None or forward in seen or _skip_class(type(sub)):
+            continue
+        seen.add(forward)
+        out.extend(_analyse(forward)[1])
+    return out
 
 
 def prepare(f_locals: dict) -> int:
-    """Give the target submodules of the nn.Modules among ``f_locals`` (the locals of a frame sonic
-    is about to trace) their capturable ``forward``. Returns how many were given one."""
-    if not any(t[0] in sys.modules for t in _TARGETS):
-        return 0  # no target class was ever imported: nothing to look for
+    """Give the submodules of the nn.Modules among ``f_locals`` (the locals of a frame sonic is
+    about to trace) whose forward has a rewritten per-expert loop their capturable ``forward``.
+    Returns how many were given one."""
     done = 0
     seen: set = set()
     for value in list(f_locals.values()):
@@ -128,6 +143,37 @@ def prepare(f_locals: dict) -> int:
                 continue
             module.forward = CapturableForward(module, type(module).forward, replacement)
             done += 1
-            log.debug("sonic: Dynamo traces a capturable replacement of %s.forward for this module",
+            log.debug("sonic: Dynamo traces %s.forward with its per-expert loop over every expert",
                       type(module).__qualname__)
     return done
+
+
+def restart_error(code, f_locals: dict):
+    """The frame Dynamo is about to trace is the class ``forward`` of a module that ``prepare`` just
+    gave a capturable one (the compiled module itself: ``torch.compile(moe_block)``): tracing it
+    would trace the original loop. Returns a soft Dynamo error that runs this one call eagerly and
+    lets Dynamo compile again on the next call, which goes through the instance ``forward``; None
+    otherwise (and on a torch without frame execution strategies)."""
+    names = code.co_varnames[:1]
+    module = f_locals.get(names[0]) if names else None
+    if not isinstance(module, torch.nn.Module):
+        return None
+    mine = module.__dict__.get("forward")
+    if not isinstance(mine, CapturableForward) or getattr(mine.original, "__code__", None) is not code:
+        return None
+    try:
+        from torch._dynamo.exc import Unsupported
+        from torch._dynamo.types import FrameAction, FrameExecStrategy
+    except ImportError:
+        return None
+    error = Unsupported(f"sonic: {type(module).__qualname__}.forward is traced from its capturable forward "
+                        f"from the next call on; this call runs eagerly")
+    if hasattr(error, "remove_from_stats"):
+        try:
+            error.remove_from_stats()  # not a graph break of the user's code
+        except Exception:
+            pass
+    # this call: the frame and the frames it calls run without Dynamo (nothing compiled for a
+    # call that is thrown away); the frame itself is not marked: the next call compiles again
+    error.frame_exec_strategy = FrameExecStrategy(FrameAction.DEFAULT, FrameAction.SKIP)
+    return error

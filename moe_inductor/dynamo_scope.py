@@ -15,8 +15,10 @@ its compile-start callback (``torch._dynamo.callback_handler``). So:
 - ``install()`` registers a start and an end callback (an inert registration: no torch config and
   no class changes). The start callback finds the frame Dynamo is about to trace and its backend
   (the ``_compile`` call on the stack); for a sonic frame only, it enters
-  ``torch._dynamo.config.patch(**SETTINGS)`` and lets ``moe_inductor.capture`` make known
-  transformers expert loops of the frame's modules capturable; the end callback leaves the patch.
+  ``torch._dynamo.config.patch(**SETTINGS)`` and lets ``moe_inductor.capture`` make the
+  graph-breaking per-expert loops of the frame's modules capturable (when the frame is itself such
+  a module's original forward, that one call runs eagerly and the next is traced through the
+  capturable forward); the end callback leaves the patch.
   Frames of every other backend see Dynamo's settings untouched.
 - ``torch._dynamo.reset()`` clears Dynamo's callbacks; a sentinel callback in each list, released
   by that, registers them again (``_Sentinel``), so the scope survives resets.
@@ -180,11 +182,15 @@ class _Start:
                     from . import capture
 
                     capture.prepare(f_locals)
+                    if not one_graph:  # the frame is a forward that has a capturable one: start over
+                        entry["restart"] = capture.restart_error(code, f_locals)
                 except Exception as e:  # never fail a compile over this
                     log.debug("sonic: capture.prepare failed: %s", e)
         except Exception as e:
             log.debug("sonic: compile-start callback failed: %s", e)
         _stack().append(entry)  # one entry per start (None: not a sonic frame), popped by _End
+        if entry is not None and entry.get("restart") is not None:
+            raise entry["restart"]  # Dynamo runs the end callbacks (popping the entry) as it unwinds
 
 
 class _End:
@@ -202,6 +208,8 @@ class _End:
             return
         if entry["patch"] is not None:
             entry["patch"].__exit__(None, None, None)
+        if entry.get("restart") is not None:
+            return
         error = sys.exc_info()[1]
         if error is None or error is entry["handled"] or not isinstance(error, Exception) \
                 or entry["retry"] or entry["one_graph"] or not _curable(error):

@@ -218,14 +218,31 @@ def _normalise_path(path: str) -> str:
     return path.replace("..", ".").strip(".")
 
 
+def _loop_notes(m: torch.nn.Module) -> str:
+    """Why sonic's loop capture (moe_inductor/capture.py) left a per-expert loop of ``m`` as it is:
+    the line that breaks the graph and what in the loop stops the rewrite."""
+    from . import capture
+
+    try:
+        kept = [n for n in capture.notes_for(m) if not n.rewritten]
+    except Exception as e:  # a report never fails over this
+        log.debug("sonic: no loop notes for %s: %s", type(m).__qualname__, e)
+        return ""
+    return "; ".join(f"{os.path.basename(n.filename)}: {n.reason}" for n in kept)
+
+
 def _remedy(m: torch.nn.Module) -> str:
+    notes = _loop_notes(m)
+    if notes and not _is_transformers_dispatched(m):
+        return (f"{notes}. Remove that from the loop, or loop over range(num_experts) with "
+                f"torch.where(expert_mask[e]) and no skip of experts without tokens")
     if _is_transformers_dispatched(m):
         return ('model.set_experts_implementation("grouped_mm") (or config._experts_implementation = '
                 '"grouped_mm" before building the model): the default transformers experts code, one graph, '
                 'rewritten by idiom sorted_grouped_mm; "batched_mm" is rewritten too')
-    return ("the experts code has no graph-friendly variant in transformers: loop over range(num_experts) with "
-            "torch.where(expert_mask[e]) instead of over a data-dependent expert_hit/nonzero (idiom expert_loop), "
-            "or store the experts as stacked (E, ...) weights and use the sorted grouped-GEMM form")
+    return ("loop over range(num_experts) with torch.where(expert_mask[e]) instead of over a data-dependent "
+            "list of experts, with no host reads (.item(), .tolist()) in the loop, or store the experts as "
+            "stacked (E, ...) weights and use a sorted grouped GEMM")
 
 
 def _parts_found(name: str, reports: list) -> str:

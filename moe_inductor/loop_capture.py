@@ -1,0 +1,1221 @@
+"""Rewrite graph-breaking per-expert loops into loops Dynamo captures as one graph (source level).
+
+Legend: E experts, S the expert id of one iteration, M a routing mask whose dimension 0 is the
+expert (``one_hot(top_k_index, E).permute(2, 1, 0)``), R a table of expert ids (``top_k_index``).
+
+Per-expert loops are often written to skip the experts that received no token, and every way of
+skipping reads routing data on the host, which Dynamo cannot trace as one graph:
+
+- ``hit = (M.sum(dim=(-1, -2)) > 0).nonzero(); for e in hit: e = e[0]; ...``
+  (transformers "eager" experts of the ``use_experts_implementation`` families, DBRX, NLLB-MoE,
+  LongCat-Flash, Step3p7, Switch Transformers);
+- ``counts = torch.bincount(R.flatten(), minlength=E).tolist(); for i in range(E):
+  if counts[i] == 0: continue`` (DeepSeek-V3 official inference);
+- ``idx, tok = torch.where(M[i]); if tok.shape[0] == 0: continue`` with ``tok.tolist()`` used as an
+  index (transformers 4.36 Mixtral), ``if idx.numel() == 0: continue`` (vLLM's reference MoE);
+- ``if mask.any(): <body>`` / ``if not mask.any(): continue`` / ``if mask.sum(): <body>``
+  (makeMoE and its nanoGPT copies).
+
+For such a loop this module writes an equivalent function whose loop visits every expert
+(``range(E)``, E read from the mask: ``hit_source.shape[0]``) and has the skip removed. That is
+equivalent when the body, run for a skipped expert, does nothing observable, which is proved from
+the source (``_Body``):
+
+- the skip condition proves one *selection* empty: "M[S] has no nonzero" for the hit loop,
+  "no element of R equals S" for ``counts[S] == 0`` with ``counts = bincount(R...)``, "the index
+  tensor is empty" for ``numel() == 0`` / ``shape[0] == 0`` / ``len() == 0``, "the mask is all
+  false" for ``mask.any()`` / ``mask.sum()``;
+- every write of the body that outlives the iteration is an accumulation into a tensor defined
+  outside the loop through an index derived from that same selection (``acc.index_add_(0, idx, v)``,
+  ``acc[idx] += v``, ``acc[mask] = v``, ``acc.index_put_((idx,), v, accumulate=True)``,
+  ``acc.scatter_add_(0, idx..., v)``, ``acc = acc.index_add(0, idx, v)``): with no selected rows
+  it writes nothing;
+- everything else only binds names local to the iteration (not read after the loop, not carried
+  from one iteration to the next), calls no host-syncing or mutating method (``.item()``,
+  ``.tolist()``, ``.cpu()``, ``.append``, in-place ``*_`` methods), writes no attribute, and
+  branches only on static values (the expert id, ``self`` attributes, constants).
+
+The rewritten loop keeps the original order of experts (ascending), so the same rows are
+accumulated in the same order. Values are the same; one difference is visible when compiled: an
+expert that receives no token gets a zero gradient instead of ``None`` (eager skips it; the
+captured loop runs it on zero rows). A skipped ``bincount`` no longer rejects negative ids.
+
+For the hit loop the rewritten code checks, at trace time (static shapes), that the hit source is
+1-D and that M has the dimensions the ``sum``/``any`` reduces plus the expert dimension 0; if not,
+the original loop runs (and graph-breaks as before). "Sum > 0 means some nonzero" needs M >= 0:
+proved when M comes from ``one_hot``, a comparison or ``.bool()``; for a mask computed elsewhere
+(an argument, e.g. Switch Transformers' router mask) it is assumed for integer and bool masks
+(routing masks hold 0/1) and the rewritten code runs the original loop for a floating-point mask.
+
+A loop that is not rewritten gets a ``LoopNote`` saying which line breaks the graph and why; it is
+what ``moe_inductor.explain`` shows. Nothing here runs at import; ``analyse`` is called for the
+forward methods of the modules of frames compiled with the sonic backend (``moe_inductor.capture``).
+"""
+from __future__ import annotations
+
+import ast
+import copy
+import dataclasses
+import inspect
+import textwrap
+import types
+from typing import Optional
+
+#: name of the loop variable of a rewritten loop (the expert id, a Python int)
+EXPERT = "_sonic_expert"
+
+# calls that read tensors on the host, mutate containers or print: never allowed in a rewritten body
+_HOST_OR_MUTATING_METHODS = {
+    "item", "tolist", "cpu", "numpy", "append", "extend", "insert", "pop", "popitem", "update", "add",
+    "discard", "remove", "clear", "setdefault", "write", "backward", "register_hook", "record_stream",
+}
+_FORBIDDEN_FUNCTIONS = {"print", "setattr", "delattr", "exec", "eval", "open", "input", "globals", "locals",
+                        "vars", "breakpoint", "next", "iter", "id"}
+# methods that keep "this selection is empty" exactly (empty before <=> empty after)
+_SAME_EMPTINESS = {"view", "reshape", "flatten", "squeeze", "unsqueeze", "contiguous", "bool", "to", "permute",
+                   "transpose", "t", "long", "int", "detach", "clone", "ravel", "view_as", "reshape_as"}
+# methods whose result is empty when the receiver is (not the converse)
+_EMPTY_IF_EMPTY = {"expand", "expand_as", "repeat", "unsqueeze", "__getitem__"}
+_ACCUMULATING_METHODS = {"index_add_", "index_put_", "scatter_add_", "scatter_reduce_", "index_copy_",
+                         "masked_scatter_", "index_fill_", "index_reduce_"}
+_STATIC_CONTEXTS = ("no_grad", "enable_grad", "inference_mode", "autocast")
+
+
+@dataclasses.dataclass
+class LoopNote:
+    """What happened to one per-expert loop: rewritten (``form`` says which skip was removed) or kept
+    (``reason``: why the rewrite could not be proved equivalent, in the words of the source)."""
+
+    filename: str
+    lineno: int
+    function: str
+    rewritten: bool
+    form: str = ""
+    reason: str = ""
+
+    def __str__(self) -> str:
+        where = f"{self.filename}:{self.lineno} in {self.function}"
+        if self.rewritten:
+            return f"{where}: per-expert loop ({self.form}) traced as a loop over every expert"
+        return f"{where}: {self.reason}"
+
+
+@dataclasses.dataclass
+class Analysis:
+    """The result for one function: ``replacement`` (same signature, or None) and a note per loop."""
+
+    function: object
+    replacement: Optional[object] = None
+    notes: list = dataclasses.field(default_factory=list)
+
+
+class Decline(Exception):
+    def __init__(self, node, text: str):
+        super().__init__(text)
+        self.lineno = getattr(node, "lineno", 0)
+        self.text = text
+
+
+def _src(node) -> str:
+    try:
+        return ast.unparse(node)
+    except Exception:  # pragma: no cover
+        return ast.dump(node)
+
+
+def _short(node, limit: int = 60) -> str:
+    s = _src(node).replace("\n", " ")
+    return s if len(s) <= limit else s[:limit - 3] + "..."
+
+
+def _is_method(node, names, receiver=None) -> bool:
+    return isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in names \
+        and (receiver is None or _src(node.func.value) == receiver)
+
+
+def _is_torch_fn(node, names) -> bool:
+    """``torch.<name>(...)`` / ``torch.nn.functional.<name>`` / ``F.<name>`` / bare ``<name>``."""
+    if not isinstance(node, ast.Call):
+        return False
+    f = node.func
+    if isinstance(f, ast.Attribute):
+        return f.attr in names
+    return isinstance(f, ast.Name) and f.id in names
+
+
+def _const_int(node) -> Optional[int]:
+    if isinstance(node, ast.Constant) and type(node.value) is int:
+        return node.value
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
+        v = _const_int(node.operand)
+        return -v if v is not None else None
+    return None
+
+
+def _dims(node) -> Optional[tuple]:
+    v = _const_int(node)
+    if v is not None:
+        return (v,)
+    if isinstance(node, (ast.Tuple, ast.List)):
+        out = tuple(_const_int(e) for e in node.elts)
+        return out if all(d is not None for d in out) else None
+    return None
+
+
+def _kwarg(call, name, pos=None):
+    for k in call.keywords:
+        if k.arg == name:
+            return k.value
+    if pos is not None and len(call.args) > pos:
+        return call.args[pos]
+    return None
+
+
+def _names_stored(node) -> list:
+    return [n.id for n in ast.walk(node) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)]
+
+
+def _names_loaded(node) -> set:
+    return {n.id for n in ast.walk(node) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
+
+
+def _with_parents(tree):
+    for parent in ast.walk(tree):
+        for child in ast.iter_child_nodes(parent):
+            child._sonic_parent = parent
+    return tree
+
+
+# --------------------------------------------------------------------------- the hit loop's source
+
+@dataclasses.dataclass
+class _Hit:
+    """``for V in <nonzero of SRC>``: SRC reduces the mask M over ``dims``, keeping dimension 0."""
+
+    mask: str  # name of M
+    ndim: int  # M.dim() the reduction implies (len(dims) + 1)
+    src: ast.AST  # the SRC expression (a node inside the loop's iterable or the hit assignment)
+    vector: bool  # V is a row of nonzero() (shape (1,)); else a scalar id
+
+
+def _hit_source(src) -> Optional[tuple]:
+    """(M name, dims) for ``M.sum(dims) > 0`` / ``torch.greater(M.sum(dims), 0)`` / ``M.any(dims)`` and
+    spellings (``gt``, ``!= 0``, ``ne``, ``torch.sum(M, dims)``, ``torch.any(M, dims)``)."""
+    reduced = None
+    if isinstance(src, ast.Compare) and len(src.ops) == 1 and isinstance(src.ops[0], (ast.Gt, ast.NotEq)) \
+            and _const_int(src.comparators[0]) == 0:
+        reduced = src.left
+    elif _is_torch_fn(src, {"greater", "gt", "ne", "not_equal"}) and len(src.args) == 2 \
+            and _const_int(src.args[1]) == 0 and isinstance(src.func, ast.Attribute) \
+            and _src(src.func.value) in ("torch",):
+        reduced = src.args[0]
+    elif _is_method(src, {"gt", "greater", "ne"}) and len(src.args) == 1 and _const_int(src.args[0]) == 0:
+        reduced = src.func.value
+    elif _is_method(src, {"bool"}) and not src.args:
+        reduced = src.func.value
+    elif _is_method(src, {"any"}):
+        reduced = src
+    if reduced is None or not isinstance(reduced, ast.Call) or not isinstance(reduced.func, ast.Attribute):
+        return None
+    if reduced.func.attr not in ("sum", "any", "amax"):
+        return None
+    if isinstance(reduced.func.value, ast.Name) and _src(reduced.func.value) != "torch":
+        mask, dims = reduced.func.value.id, _kwarg(reduced, "dim", 0)
+    elif _src(reduced.func.value) == "torch" and reduced.args and isinstance(reduced.args[0], ast.Name):
+        mask, dims = reduced.args[0].id, _kwarg(reduced, "dim", 1)
+    else:
+        return None
+    dims = _dims(dims) if dims is not None else None
+    if not dims or len(set(dims)) != len(dims):
+        return None
+    ndim = len(dims) + 1
+    if any(d % ndim == 0 for d in dims) or any(not -ndim <= d < ndim for d in dims):
+        return None  # the reduction must keep dimension 0 (the expert)
+    return mask, ndim
+
+
+def _nonzero_of(it) -> Optional[tuple]:
+    """(SRC node, vector) for the iterable of a hit loop: ``SRC.nonzero()`` (rows of shape (1,)),
+    ``torch.nonzero(SRC)``, ``torch.argwhere(SRC)``, with ``.squeeze(-1)``/``.flatten()``/``[:, 0]``/
+    ``.tolist()`` after it (scalar ids), ``SRC.nonzero(as_tuple=True)[0]``, ``torch.where(SRC)[0]``."""
+    scalar = False
+    node = it
+    if _is_method(node, {"tolist"}) and not node.args:
+        node = node.func.value
+    if _is_method(node, {"squeeze", "flatten", "view", "reshape", "ravel"}):
+        args = [_const_int(a) for a in node.args]
+        if node.func.attr in ("flatten", "ravel") and not node.args or args in ([-1], [1]):
+            node, scalar = node.func.value, True
+    elif isinstance(node, ast.Subscript):
+        sl = node.slice
+        if isinstance(sl, ast.Tuple) and len(sl.elts) == 2 and isinstance(sl.elts[0], ast.Slice) \
+                and sl.elts[0].lower is None and sl.elts[0].upper is None and _const_int(sl.elts[1]) == 0:
+            node, scalar = node.value, True
+        elif _const_int(sl) == 0:
+            inner = node.value
+            if _is_method(inner, {"nonzero"}) and _src(_kwarg(inner, "as_tuple") or ast.Constant(False)) == "True":
+                return inner.func.value, False, True
+            if _is_torch_fn(inner, {"where", "nonzero"}) and isinstance(inner.func, ast.Attribute) \
+                    and _src(inner.func.value) == "torch" and len(inner.args) == 1 \
+                    and (inner.func.attr == "where" or _src(_kwarg(inner, "as_tuple") or ast.Constant(False)) == "True"):
+                return inner.args[0], False, True
+            return None
+    if _is_method(node, {"nonzero", "argwhere"}) and not node.args \
+            and _src(_kwarg(node, "as_tuple") or ast.Constant(False)) == "False":
+        return node.func.value, not scalar, scalar
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and _src(node.func.value) == "torch" \
+            and node.func.attr in ("nonzero", "argwhere") and len(node.args) == 1 \
+            and _src(_kwarg(node, "as_tuple") or ast.Constant(False)) == "False":
+        return node.args[0], not scalar, scalar
+    return None
+
+
+# --------------------------------------------------------------------------- the loop body
+
+@dataclasses.dataclass
+class _Sel:
+    """A selection: ``key`` names what is selected ("idx", M) = M[S], ("eq", R) = R == S; ``exact``:
+    empty exactly when the selection is empty (else: empty whenever it is); ``kind``: "mask" (a
+    boolean / nonnegative mask), "index" (index tensor), "tuple" (tuple of index tensors)."""
+
+    key: tuple
+    exact: bool
+    kind: str
+
+
+class _Body:
+    """Checks (and rewrites) one loop body; raises Decline with the reason."""
+
+    def __init__(self, fn_tree, loop, self_name, counts, outer_names, scalars, vector, reasons, stable):
+        self.fn_tree = fn_tree
+        self.loop = loop
+        self.self_name = self_name
+        self.counts = counts  # name -> R source of ``counts = bincount(R...)[.tolist()]``
+        self.outer = outer_names  # names bound outside the loop
+        self.scalars = set(scalars)  # names holding the expert id (int or 0-d tensor)
+        self.vector = vector  # the hit loop's variable when it is a (1,) row, else None
+        self.sel: dict = {}  # name -> _Sel
+        self.aliases: set = set()  # names that were ``index.tolist()``: used only as an index
+        self.assigned: set = set()  # names bound in the body so far (this iteration)
+        self.base_reasons = list(reasons)
+        self.removed: list = []  # descriptions of removed skips
+        self.counts_used: set = set()
+        self.stable = stable  # names bound at most once in the function (safe selection sources)
+        self.accumulators: set = set()  # names rebound by `acc = acc.index_add(...)`
+
+    # ----- expressions
+    def _scalar_expr(self, node) -> bool:
+        if isinstance(node, ast.Name):
+            return node.id in self.scalars or node.id == EXPERT
+        if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.Add, ast.Sub, ast.Mult)):
+            return (self._scalar_expr(node.left) and self._static(node.right)) or \
+                (self._scalar_expr(node.right) and self._static(node.left))
+        return False
+
+    def _static(self, node) -> bool:
+        """Only the expert id, ``self`` attributes and constants: the same in eager and traced."""
+        for n in ast.walk(node):
+            if isinstance(n, ast.Name):
+                if not (n.id in self.scalars or n.id == EXPERT or n.id == self.self_name
+                        or n.id in ("None", "True", "False")):
+                    return False
+            elif isinstance(n, (ast.Call, ast.Subscript, ast.Lambda, ast.NamedExpr, ast.Await, ast.Yield)):
+                return False
+        return True
+
+    def _outer_stable(self, node) -> Optional[str]:
+        """A name the loop body never binds: the same tensor in every iteration."""
+        if isinstance(node, ast.Name) and node.id not in self._body_names and node.id not in self.scalars \
+                and node.id != EXPERT:
+            return node.id
+        return None
+
+    def selection(self, node) -> Optional[_Sel]:
+        if isinstance(node, ast.Name):
+            return self.sel.get(node.id)
+        if isinstance(node, ast.Compare) and len(node.ops) == 1 and isinstance(node.ops[0], ast.Eq):
+            a, b = node.left, node.comparators[0]
+            for r, s in ((a, b), (b, a)):
+                name = self._outer_stable(r)
+                if name is not None and self._scalar_expr(s):
+                    return _Sel(("eq", name), True, "mask")
+            return None
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+            attr, recv = node.func.attr, node.func.value
+            if _src(recv) == "torch":
+                if attr == "eq" and len(node.args) == 2:
+                    return self.selection(ast.Compare(node.args[0], [ast.Eq()], [node.args[1]]))
+                if attr in ("where", "nonzero", "argwhere") and len(node.args) == 1:
+                    s = self.selection(node.args[0])
+                    if s is None or s.kind != "mask":
+                        return None
+                    as_tuple = attr == "where" or _src(_kwarg(node, "as_tuple") or ast.Constant(False)) == "True"
+                    return _Sel(s.key, s.exact, "tuple" if as_tuple else "index")
+                if attr == "any" and node.args:
+                    s = self.selection(node.args[0])
+                    return _Sel(s.key, s.exact, "mask") if s is not None and s.kind == "mask" else None
+                return None
+            if attr == "eq" and len(node.args) == 1:
+                return self.selection(ast.Compare(recv, [ast.Eq()], [node.args[0]]))
+            s = self.selection(recv)
+            if s is None:
+                return None
+            if attr in ("nonzero", "argwhere") and s.kind == "mask":
+                as_tuple = _src(_kwarg(node, "as_tuple") or ast.Constant(False)) == "True"
+                return _Sel(s.key, s.exact, "tuple" if as_tuple else "index")
+            if attr == "any" and s.kind == "mask":
+                return _Sel(s.key, s.exact, "mask")
+            if attr in _SAME_EMPTINESS and s.kind != "tuple":
+                return s
+            if attr in _EMPTY_IF_EMPTY and s.kind != "tuple":
+                return _Sel(s.key, False, s.kind)
+            return None
+        if isinstance(node, ast.Subscript):
+            name = self._outer_stable(node.value)
+            if name is not None and self._scalar_expr(node.slice):
+                return _Sel(("idx", name), True, "mask")  # M[S]
+            s = self.selection(node.value)
+            if s is None:
+                return None
+            if s.kind == "tuple" and _const_int(node.slice) is not None:
+                return _Sel(s.key, s.exact, "index")
+            if s.kind == "index":
+                sl = node.slice
+                rows_kept = isinstance(sl, ast.Tuple) and sl.elts and isinstance(sl.elts[0], ast.Slice) \
+                    and sl.elts[0].lower is None and sl.elts[0].upper is None and sl.elts[0].step is None
+                return _Sel(s.key, bool(rows_kept) and s.exact, "index")
+            if s.kind == "mask":
+                return _Sel(s.key, False, "mask")
+            return None
+        if isinstance(node, ast.BinOp) and isinstance(node.op, ast.BitAnd):
+            for side in (node.left, node.right):
+                s = self.selection(side)
+                if s is not None and s.kind == "mask":
+                    return _Sel(s.key, False, "mask")
+        return None
+
+    def emptiness_test(self, test) -> Optional[tuple]:
+        """(key, True) if ``test`` is true exactly when the selection ``key`` is empty, (key, False)
+        if exactly when it is not; None if ``test`` is not such a test."""
+        if isinstance(test, ast.UnaryOp) and isinstance(test.op, ast.Not):
+            r = self.emptiness_test(test.operand)
+            return (r[0], not r[1]) if r else None
+        if isinstance(test, ast.Compare) and len(test.ops) == 1:
+            op, left, right = test.ops[0], test.left, test.comparators[0]
+            if _const_int(left) is not None and _const_int(right) is None:
+                left, right = right, left
+                op = {ast.Gt: ast.Lt(), ast.Lt: ast.Gt(), ast.GtE: ast.LtE(), ast.LtE: ast.GtE()}.get(type(op), op)
+            c = _const_int(right)
+            key = self._measure(left)
+            if key is None or c is None:
+                return None
+            if (isinstance(op, ast.Eq) and c == 0) or (isinstance(op, ast.Lt) and c == 1) \
+                    or (isinstance(op, ast.LtE) and c == 0):
+                return key, True
+            if (isinstance(op, (ast.NotEq, ast.Gt)) and c == 0) or (isinstance(op, ast.GtE) and c == 1):
+                return key, False
+            return None
+        key = self._measure(test)
+        if key is not None:
+            return key, False
+        node = test
+        if _is_method(node, {"item"}) and not node.args:
+            node = node.func.value
+        if _is_method(node, {"any"}) and not node.args and not node.keywords:
+            s = self.selection(node.func.value)
+            if s is not None and s.exact and s.kind == "mask":
+                return s.key, False
+        if _is_torch_fn(node, {"any"}) and isinstance(node.func, ast.Attribute) and _src(node.func.value) == "torch" \
+                and len(node.args) == 1 and not node.keywords:
+            s = self.selection(node.args[0])
+            if s is not None and s.exact and s.kind == "mask":
+                return s.key, False
+        return None
+
+    def _measure(self, node) -> Optional[tuple]:
+        """The selection key of a count that is zero exactly when the selection is empty:
+        ``idx.numel()``/``nelement()``/``shape[0]``/``size(0)``/``len(idx)`` of an index tensor,
+        ``mask.sum()`` of a mask, ``counts[S]``."""
+        if _is_method(node, {"item"}) and not node.args:
+            node = node.func.value
+        if isinstance(node, ast.Subscript) and isinstance(node.value, ast.Name) and node.value.id in self.counts \
+                and self._scalar_expr(node.slice):
+            self.counts_used.add(node.value.id)
+            return ("eq", self.counts[node.value.id])
+        target = None
+        if _is_method(node, {"numel", "nelement"}) and not node.args:
+            target = node.func.value
+        elif _is_method(node, {"size"}) and len(node.args) == 1 and _const_int(node.args[0]) == 0:
+            target = node.func.value
+        elif isinstance(node, ast.Subscript) and _const_int(node.slice) == 0 and (
+                (isinstance(node.value, ast.Attribute) and node.value.attr == "shape")
+                or (_is_method(node.value, {"size"}) and not node.value.args)):
+            target = node.value.value if isinstance(node.value, ast.Attribute) else node.value.func.value
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "len" \
+                and len(node.args) == 1:
+            target = node.args[0]
+        if target is not None:
+            s = self.selection(target)
+            return s.key if s is not None and s.exact and s.kind == "index" else None
+        if _is_method(node, {"sum", "count_nonzero"}) and not node.args and not node.keywords:
+            s = self.selection(node.func.value)
+            return s.key if s is not None and s.exact and s.kind == "mask" else None
+        return None
+
+    # ----- purity
+    def check_expr(self, node) -> None:
+        for n in ast.walk(node):
+            if isinstance(n, (ast.Lambda, ast.NamedExpr, ast.Yield, ast.YieldFrom, ast.Await)):
+                raise Decline(n, f"`{_short(n)}` inside the loop")
+            if isinstance(n, ast.Call):
+                f = n.func
+                if isinstance(f, ast.Attribute):
+                    if f.attr in _HOST_OR_MUTATING_METHODS:
+                        what = "reads a tensor on the host" if f.attr in ("item", "tolist", "cpu", "numpy") \
+                            else "has a side effect"
+                        raise Decline(n, f"`{_short(n)}` {what}")
+                    if f.attr.endswith("_") and not f.attr.endswith("__"):
+                        raise Decline(n, f"`{_short(n)}` modifies a tensor in place")
+                elif isinstance(f, ast.Name) and f.id in _FORBIDDEN_FUNCTIONS:
+                    raise Decline(n, f"`{_short(n)}` has a side effect")
+            if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load):
+                if n.id == self.vector:
+                    raise Decline(n, f"the nonzero() row `{n.id}` is used as a tensor (`{_short(node)}`), "
+                                     f"not as the expert id `{n.id}[0]`")
+                if n.id in self.aliases and not self._inside_index(n, node):
+                    raise Decline(n, f"`{n.id}` (a host list of token ids) is used other than as an index")
+                if n.id not in self.assigned and n.id in self._body_names and n.id not in self.scalars:
+                    raise Decline(n, f"`{n.id}` carries a value from one expert's iteration to the next")
+            if isinstance(n, ast.Name) and n.id in self.counts and isinstance(n.ctx, ast.Load) \
+                    and not getattr(n, "_sonic_counts_ok", False):
+                raise Decline(n, f"the host counts `{n.id}` are used other than to skip experts with no tokens")
+
+    @staticmethod
+    def _inside_index(name_node, root) -> bool:
+        n = name_node
+        while n is not root and hasattr(n, "_sonic_parent"):
+            p = n._sonic_parent
+            if isinstance(p, ast.Subscript) and n is p.slice:
+                return True
+            n = p
+        return False
+
+    # ----- statements
+    def run(self, body) -> list:
+        self._body_names = set()
+        for s in body:
+            self._body_names.update(_names_stored(s))
+        return self.block(body, list(self.base_reasons))
+
+    def block(self, body, reasons) -> list:
+        out = []
+        reasons = list(reasons)
+        for s in body:
+            if isinstance(s, ast.If):
+                r = self.if_stmt(s, reasons)
+                if r is None:
+                    continue  # a removed skip
+                if isinstance(r, tuple):  # `if <skip>: continue` removed: later statements gain a reason
+                    reasons.append(r[0])
+                    continue
+                out.extend(r)
+                continue
+            out.extend(self.stmt(s, reasons))
+        return out
+
+    def if_stmt(self, s, reasons):
+        _with_parents(s.test)
+        if self._static(s.test):
+            new = copy.copy(s)
+            before = set(self.assigned)
+            new.body = self.block(s.body, reasons) or [ast.Pass()]
+            after_body = set(self.assigned)
+            self.assigned = set(before)
+            new.orelse = self.block(s.orelse, reasons) if s.orelse else []
+            self.assigned = after_body & self.assigned if s.orelse else before
+            return [new]
+        t = self.emptiness_test(s.test)
+        if t is None:
+            raise Decline(s, f"`if {_short(s.test)}` branches on tensor data that is not the emptiness of "
+                             f"this expert's selection")
+        key, true_when_empty = t
+        if true_when_empty and len(s.body) == 1 and isinstance(s.body[0], ast.Continue) and not s.orelse:
+            self.removed.append(f"`if {_short(s.test)}: continue`")
+            return (key,)
+        if not true_when_empty and not s.orelse:
+            self.removed.append(f"`if {_short(s.test)}:`")
+            before = set(self.assigned)
+            inner = self.block(s.body, reasons + [key])
+            self.assigned = before  # names bound only on that path do not count as bound after it
+            return inner
+        raise Decline(s, f"`if {_short(s.test)}` has a form other than a skip (`continue`) or a guard "
+                         f"around the expert's work")
+
+    def _accumulation_index(self, node, reasons, what) -> None:
+        if not reasons:
+            return  # runs for the same experts before and after the rewrite
+        idx = node.elts if isinstance(node, ast.Tuple) else [node]
+        keys = []
+        for e in idx:
+            if isinstance(e, ast.Slice) or (isinstance(e, ast.Constant) and e.value in (None, Ellipsis)):
+                continue
+            s = self.selection(e)
+            if s is None:
+                if self._static(e):
+                    continue
+                raise Decline(e, f"{what} is indexed by `{_short(e)}`, which is not derived from this expert's "
+                                 f"selection")
+            keys.append(s.key)
+        if not keys:
+            raise Decline(node, f"{what} is not indexed by this expert's selection")
+        for r in reasons:
+            if any(k != r for k in keys):
+                raise Decline(node, f"{what} selects by `{_short(node)}`, and the skipped condition does not "
+                                    f"prove that selection empty")
+
+    def _accumulator(self, node, what) -> str:
+        if not isinstance(node, ast.Name) or node.id in self._body_names and node.id not in self.outer:
+            raise Decline(node, f"{what} writes into `{_short(node)}`, not a tensor defined outside the loop")
+        return node.id
+
+    def stmt(self, s, reasons) -> list:
+        _with_parents(s)
+        if isinstance(s, ast.Assign):
+            if len(s.targets) != 1:
+                raise Decline(s, f"`{_short(s)}`: chained assignment in the loop")
+            target = s.targets[0]
+            if isinstance(target, ast.Subscript):  # acc[mask] = v
+                self.check_expr(s.value)
+                self.check_expr(target.slice)
+                self._accumulator(target.value, f"`{_short(s)}`")
+                self._accumulation_index(target.slice, reasons, f"`{_short(s)}`")
+                return [s]
+            if isinstance(target, ast.Name) and target.id in self.outer and target.id in self._body_names \
+                    and _is_method(s.value, {"index_add", "index_put", "scatter_add"}, receiver=target.id):
+                # acc = acc.index_add(0, idx, v)
+                self.accumulators.add(target.id)
+                self.check_expr(s.value)
+                self._method_accumulation(s.value, reasons)
+                return [s]
+            names = [target] if isinstance(target, ast.Name) else \
+                list(target.elts) if isinstance(target, ast.Tuple) else None
+            if names is None or not all(isinstance(n, ast.Name) for n in names):
+                raise Decline(s, f"`{_short(s)}` writes an attribute or an element outside the loop")
+            for n in names:
+                if n.id in self.outer and n.id not in self.scalars:
+                    raise Decline(s, f"`{_short(s)}` rebinds `{n.id}`, a name defined outside the loop")
+            # index.tolist() used as an index: the index tensor itself selects the same rows
+            if len(names) == 1 and _is_method(s.value, {"tolist"}) and not s.value.args:
+                sel = self.selection(s.value.func.value)
+                if sel is not None and sel.kind == "index":
+                    s = ast.Assign(targets=[target], value=s.value.func.value, lineno=s.lineno,
+                                   col_offset=s.col_offset)
+                    self.aliases.add(target.id)
+                    self.sel[target.id] = sel
+                    self.assigned.add(target.id)
+                    return [s]
+            self.check_expr(s.value)
+            sel = self.selection(s.value)
+            for n in names:
+                self.sel.pop(n.id, None)
+                self.scalars.discard(n.id)
+                if n.id == self.vector:
+                    self.vector = None  # `e = e[0]`: from here on the name is the expert id
+            if len(names) == 1:
+                if self._scalar_expr(s.value) or (isinstance(s.value, ast.Call) and isinstance(s.value.func, ast.Name)
+                                                  and s.value.func.id == "int" and len(s.value.args) == 1
+                                                  and self._scalar_expr(s.value.args[0])):
+                    self.scalars.add(names[0].id)
+                elif sel is not None:
+                    self.sel[names[0].id] = sel
+            elif sel is not None and sel.kind == "tuple":
+                for n in names:
+                    self.sel[n.id] = _Sel(sel.key, sel.exact, "index")
+            self.assigned.update(n.id for n in names)
+            return [s]
+        if isinstance(s, ast.AugAssign):
+            self.check_expr(s.value)
+            if isinstance(s.target, ast.Subscript):  # acc[idx] += v
+                self.check_expr(s.target.slice)
+                self._accumulator(s.target.value, f"`{_short(s)}`")
+                self._accumulation_index(s.target.slice, reasons, f"`{_short(s)}`")
+                return [s]
+            if isinstance(s.target, ast.Name) and s.target.id in self.assigned and s.target.id not in self.outer:
+                return [s]  # in place on this iteration's own tensor
+            raise Decline(s, f"`{_short(s)}` accumulates across experts outside a tensor")
+        if isinstance(s, ast.Expr):
+            if isinstance(s.value, ast.Constant):
+                return [s]
+            if _is_method(s.value, _ACCUMULATING_METHODS):
+                self._accumulator(s.value.func.value, f"`{_short(s)}`")
+                for a in list(s.value.args) + [k.value for k in s.value.keywords]:
+                    self.check_expr(a)
+                self._method_accumulation(s.value, reasons)
+                return [s]
+            raise Decline(s, f"`{_short(s)}`: a call whose result is not used (a side effect)")
+        if isinstance(s, ast.With):
+            for item in s.items:
+                ctx = item.context_expr
+                if not (isinstance(ctx, ast.Call) and isinstance(ctx.func, ast.Attribute)
+                        and ctx.func.attr in _STATIC_CONTEXTS) or item.optional_vars is not None:
+                    raise Decline(s, f"`with {_short(ctx)}` inside the loop")
+            new = copy.copy(s)
+            new.body = self.block(s.body, reasons) or [ast.Pass()]
+            return [new]
+        if isinstance(s, (ast.Pass, ast.Continue)):
+            return [s]  # a bare `continue` (or one under a static test) skips the same experts as before
+        if isinstance(s, (ast.For, ast.While, ast.AsyncFor)):
+            raise Decline(s, "a nested loop inside the per-expert loop")
+        kind = type(s).__name__.lower()
+        raise Decline(s, f"`{_short(s)}` ({kind}) inside the loop")
+
+    def _method_accumulation(self, call, reasons) -> None:
+        attr = call.func.attr.rstrip("_")
+        what = f"`{_short(call)}`"
+        if attr in ("index_add", "index_copy", "index_fill", "index_reduce"):
+            dim = _kwarg(call, "dim", 0)
+            idx = _kwarg(call, "index", 1)
+            if _const_int(dim) is None or idx is None:
+                raise Decline(call, f"{what}: dimension or index not recognised")
+            if attr == "index_reduce" and not _kwarg(call, "include_self", 4) is None:
+                pass
+            self._accumulation_index(idx, reasons, what)
+        elif attr == "index_put":
+            idx = _kwarg(call, "indices", 0)
+            if not isinstance(idx, (ast.Tuple, ast.List)):
+                raise Decline(call, f"{what}: indices are not a literal tuple")
+            self._accumulation_index(ast.Tuple(elts=list(idx.elts), ctx=ast.Load()), reasons, what)
+        elif attr in ("scatter_add", "scatter_reduce"):
+            idx = _kwarg(call, "index", 1)
+            if idx is None:
+                raise Decline(call, f"{what}: index not recognised")
+            self._accumulation_index(idx, reasons, what)
+        elif attr == "masked_scatter":
+            self._accumulation_index(_kwarg(call, "mask", 0), reasons, what)
+        else:  # pragma: no cover
+            raise Decline(call, f"{what} not recognised")
+
+
+# --------------------------------------------------------------------------- one function
+
+def _function_tree(fn):
+    src = textwrap.dedent(inspect.getsource(fn))
+    tree = ast.parse(src)
+    fdef = tree.body[0]
+    if not isinstance(fdef, (ast.FunctionDef,)) or fdef.name != fn.__name__:
+        raise Decline(None, "the source is not a plain function definition")
+    _, first = inspect.getsourcelines(fn)
+    ast.increment_lineno(tree, first - 1)
+    return tree, fdef
+
+
+def _stores(fdef) -> dict:
+    count: dict = {}
+    for n in ast.walk(fdef):
+        if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store):
+            count[n.id] = count.get(n.id, 0) + 1
+    args = fdef.args
+    for a in args.posonlyargs + args.args + args.kwonlyargs + [args.vararg, args.kwarg]:
+        if a is not None:
+            count[a.arg] = count.get(a.arg, 0) + 1
+    return count
+
+
+def _assignment_of(fdef, name):
+    for n in ast.walk(fdef):
+        if isinstance(n, ast.Assign) and len(n.targets) == 1 and isinstance(n.targets[0], ast.Name) \
+                and n.targets[0].id == name:
+            return n
+    return None
+
+
+def _loads(fdef, name, exclude=None) -> list:
+    skip = {id(n) for n in ast.walk(exclude)} if exclude is not None else set()
+    return [n for n in ast.walk(fdef) if isinstance(n, ast.Name) and n.id == name
+            and isinstance(n.ctx, ast.Load) and id(n) not in skip]
+
+
+def _mask_proven_nonnegative(fdef, mask) -> bool:
+    a = _assignment_of(fdef, mask)
+    if a is None:
+        return False
+    for n in ast.walk(a.value):
+        if _is_torch_fn(n, {"one_hot"}) or isinstance(n, ast.Compare) or _is_method(n, {"bool"}):
+            return True
+    return False
+
+
+def _following(fdef, loop):
+    """Statements that run after ``loop`` (the rest of its block, then of each enclosing block)."""
+    out = []
+
+    def visit(body) -> bool:
+        for i, s in enumerate(body):
+            if s is loop:
+                out.extend(body[i + 1:])
+                return True
+            for field in ("body", "orelse", "finalbody"):
+                sub = getattr(s, field, None)
+                if isinstance(sub, list) and visit(sub):
+                    out.extend(body[i + 1:])
+                    return True
+            for h in getattr(s, "handlers", []) or []:
+                if visit(h.body):
+                    out.extend(body[i + 1:])
+                    return True
+        return False
+
+    visit(fdef.body)
+    return out
+
+
+def _inside_loop(fdef, loop) -> bool:
+    for n in ast.walk(fdef):
+        if isinstance(n, (ast.For, ast.While, ast.AsyncFor)) and n is not loop:
+            if any(m is loop for m in ast.walk(n)):
+                return True
+    return False
+
+
+def _store_lines(fdef, name) -> list:
+    return [n.lineno for n in ast.walk(fdef) if isinstance(n, ast.Name) and n.id == name
+            and isinstance(n.ctx, ast.Store)]
+
+
+def _counts_sources(fdef) -> dict:
+    """name -> R for ``name = torch.bincount(R[.flatten()|.view(-1)|.reshape(-1)], ...)[.tolist()|.cpu()...]``."""
+    out = {}
+    for n in ast.walk(fdef):
+        if not (isinstance(n, ast.Assign) and len(n.targets) == 1 and isinstance(n.targets[0], ast.Name)):
+            continue
+        v = n.value
+        while _is_method(v, {"tolist", "cpu", "numpy", "to"}):
+            v = v.func.value
+        if not (_is_torch_fn(v, {"bincount"}) and isinstance(v.func, ast.Attribute)):
+            continue
+        r = v.args[0] if _src(v.func.value) == "torch" and v.args else v.func.value
+        if _is_method(r, {"flatten", "view", "reshape", "ravel"}):
+            args = [_const_int(a) for a in r.args]
+            if not (not r.args or args == [-1]):
+                continue
+            r = r.func.value
+        if isinstance(r, ast.Name) and all(line < n.lineno for line in _store_lines(fdef, r.id)) \
+                and len(_store_lines(fdef, n.targets[0].id)) == 1:
+            out[n.targets[0].id] = r.id  # R is not rebound after the counts are taken
+    return out
+
+
+def _rewrite_loop(fdef, loop, self_name, stores, counts) -> tuple:
+    """(replacement statements, prelude edits, counts names used, form) or raises Decline."""
+    if loop.orelse:
+        raise Decline(loop, "the loop has an `else:` clause")
+    if _inside_loop(fdef, loop):
+        raise Decline(loop, "the per-expert loop is inside another loop")
+    stable = {n for n, c in stores.items() if c <= 1}
+    body_names = set()
+    for s in loop.body:
+        body_names.update(_names_stored(s))
+    target_names = _names_stored(loop.target)
+    outer = {n for n in stores if n not in body_names and n not in target_names} | \
+        {n for n in body_names if stores.get(n, 0) > sum(1 for s in loop.body for m in _names_stored(s) if m == n)
+         + target_names.count(n)}
+
+    hit = None
+    hit_assign = None
+    it = loop.iter
+    if isinstance(it, ast.Name):
+        a = _assignment_of(fdef, it.id)
+        if a is not None and stores.get(it.id) == 1 and _nonzero_of(a.value) is not None:
+            if len(_loads(fdef, it.id)) != 1:
+                raise Decline(loop, f"`{it.id}` (the experts that have tokens) is also used outside the loop")
+            hit_assign, found = a, _nonzero_of(a.value)
+        else:
+            found = None
+    else:
+        found = _nonzero_of(it)
+    if found is not None:
+        src, vector, _ = found
+        hs = _hit_source(src)
+        if hs is None:
+            raise Decline(loop, f"`for {_short(loop.target)} in {_short(loop.iter)}` iterates over a "
+                                f"data-dependent list, and `{_short(src)}` is not a recognised 'has tokens' test "
+                                f"(M.sum(dims) > 0 / M.any(dims) keeping dimension 0)")
+        mask, ndim = hs
+        at = hit_assign.lineno if hit_assign is not None else loop.lineno
+        if any(line >= at for line in _store_lines(fdef, mask)):
+            raise Decline(loop, f"the mask `{mask}` is assigned again after the experts that have tokens are "
+                                f"read from it")
+        if not isinstance(loop.target, ast.Name):
+            raise Decline(loop, "the loop variable is not a single name")
+        hit = _Hit(mask, ndim, src, vector)
+
+    scalars = set()
+    vector_name = None
+    if hit is not None:
+        if hit.vector:
+            vector_name = loop.target.id
+        else:
+            scalars.add(loop.target.id)
+        reasons = [("idx", mask)]
+    else:
+        # any other loop keeps its header (it iterates exactly as before); only skips inside the body
+        # go. The expert id is the variable of a range() or the count of an enumerate().
+        if isinstance(loop.iter, ast.Call) and isinstance(loop.iter.func, ast.Name):
+            if loop.iter.func.id == "range" and isinstance(loop.target, ast.Name):
+                scalars.add(loop.target.id)
+            elif loop.iter.func.id == "enumerate" and isinstance(loop.target, ast.Tuple) \
+                    and isinstance(loop.target.elts[0], ast.Name):
+                scalars.add(loop.target.elts[0].id)
+        reasons = []
+
+    # scalar forms of the nonzero row: V[0], V.item(), int(V), int(V[0]), V[0].item(), X[V].squeeze(0)
+    new_body = [copy.deepcopy(s) for s in loop.body]
+    if vector_name is not None:
+        new_body = [_ScalarForms(vector_name).visit(s) for s in new_body]
+        scalars.add(EXPERT)
+    new_body = [_ItemOfScalar(scalars | {EXPERT}).visit(s) for s in new_body]
+    for s in new_body:
+        ast.fix_missing_locations(s)
+        for n in ast.walk(s):
+            if isinstance(n, ast.Subscript) and isinstance(n.value, ast.Name) and n.value.id in counts:
+                n.value._sonic_counts_ok = True
+    checker = _Body(fdef, loop, self_name, counts, outer, scalars, vector_name, reasons, stable)
+    checked = checker.run(new_body)
+    if hit is None and not checker.removed:
+        return None
+    checked = _in_range_guard(checker, checked, loop, hit is not None) + checked
+    # names the body binds must not be read after the loop (the last iteration's values would differ)
+    bound = (set(body_names) | set(target_names)) - checker.accumulators
+    for s in _following(fdef, loop):
+        loaded = _names_loaded(s)
+        for name in sorted(bound & loaded):
+            raise Decline(loop, f"`{name}`, bound in the loop, is read after it (line {s.lineno}); "
+                                f"it would hold another expert's value")
+        if isinstance(s, ast.Assign):
+            bound -= set(_names_stored(s))
+
+    if hit is None:
+        new_loop = copy.copy(loop)
+        new_loop.body = checked or [ast.Pass()]
+        form = f"`for {_short(loop.target)} in {_short(loop.iter)}` without " + ", ".join(checker.removed)
+        return [new_loop], None, checker.counts_used, form
+
+    # the hit loop: for EXPERT in range(SRC.shape[0]) under a static shape check, else the original
+    hit_name = hit_assign.targets[0].id if hit_assign is not None else "_sonic_hit"
+    body = []
+    if vector_name is None:
+        body.append(ast.Assign(targets=[ast.Name(loop.target.id, ast.Store())], value=ast.Name(EXPERT, ast.Load())))
+    body.extend(checked)
+    new_for = ast.For(target=ast.Name(EXPERT, ast.Store()),
+                      iter=ast.parse(f"range({hit_name}.shape[0])", mode="eval").body, body=body or [ast.Pass()],
+                      orelse=[])
+    cond = f"{hit_name}.dim() == 1 and {hit.mask}.dim() == {hit.ndim}"
+    if not _mask_proven_nonnegative(fdef, hit.mask):
+        cond += f" and not {hit.mask}.is_floating_point()"
+    old_iter = copy.deepcopy(hit_assign.value if hit_assign is not None else loop.iter)
+    old_iter = _Replace(hit.src, ast.Name(hit_name, ast.Load())).visit(old_iter)
+    old_for = ast.For(target=loop.target, iter=old_iter, body=loop.body, orelse=[])
+    guarded = ast.If(test=ast.parse(cond, mode="eval").body, body=[new_for], orelse=[old_for])
+    stmts = [guarded]
+    prelude = None
+    if hit_assign is not None:
+        prelude = (hit_assign, copy.deepcopy(hit.src))
+    else:
+        stmts.insert(0, ast.Assign(targets=[ast.Name(hit_name, ast.Store())], value=copy.deepcopy(hit.src)))
+    form = f"`for {_short(loop.target)} in {_short(loop.iter)}`"
+    if checker.removed:
+        form += " without " + ", ".join(checker.removed)
+    return stmts, prelude, checker.counts_used, form
+
+
+def _in_range_guard(checker, body, loop, hit) -> list:
+    """``if not (S < len(X) and ...): continue`` for every ``X[S]`` of the body that indexes a
+    loop-invariant container (a weight, a ModuleList, the mask) by the expert id S. The original
+    never ran an expert without tokens, so a mask with more experts than the weights (DBRX's
+    ``one_hot(..., num_experts + 1)``) never indexed past their end; the rewritten loop must not
+    either. Static under Dynamo (sizes). (An expert past the end that had tokens made eager raise
+    IndexError; the rewritten loop leaves it out.)"""
+    body_names = checker._body_names
+    aliases = {EXPERT} | ({loop.target.id} if isinstance(loop.target, ast.Name) and not hit else set())
+    if not hit and isinstance(loop.target, ast.Tuple) and isinstance(loop.target.elts[0], ast.Name):
+        aliases.add(loop.target.elts[0].id)
+    for s in body:  # names bound to the expert id itself (`e = _sonic_expert`, `e = int(...)`)
+        for n in ast.walk(s):
+            if isinstance(n, ast.Assign) and len(n.targets) == 1 and isinstance(n.targets[0], ast.Name):
+                v = n.value
+                if isinstance(v, ast.Call) and isinstance(v.func, ast.Name) and v.func.id == "int" and len(v.args) == 1:
+                    v = v.args[0]
+                if isinstance(v, ast.Name) and v.id == EXPERT:
+                    aliases.add(n.targets[0].id)
+    guards: dict = {}
+    rename = _Rename({a: EXPERT for a in aliases if a in body_names})
+
+    def statements(block, conds):
+        for s in block:
+            if isinstance(s, ast.If):  # a static test (the others were removed or declined)
+                test = _src(rename.visit(copy.deepcopy(s.test)))
+                statements(s.body, conds + [f"({test})"])
+                statements(s.orelse, conds + [f"not ({test})"])
+            elif isinstance(s, ast.With):
+                statements(s.body, conds)
+            else:
+                subscripts(s, conds)
+
+    def subscripts(s, conds):
+        for n in ast.walk(s):
+            if not isinstance(n, ast.Subscript) or not isinstance(n.ctx, ast.Load):
+                continue
+            names = _names_loaded(n.slice)
+            if not names or not names <= (aliases | {checker.self_name}) or not checker._scalar_expr(n.slice) \
+                    and not (isinstance(n.slice, ast.Name) and n.slice.id in aliases):
+                continue
+            if _names_loaded(n.value) & (body_names - aliases) or any(
+                    isinstance(m, (ast.Subscript, ast.Lambda)) for m in ast.walk(n.value)):
+                continue
+            index = rename.visit(copy.deepcopy(n.slice))
+            text = f"{_src(index)} < len({_src(n.value)})"
+            if conds:  # indexed only on a static branch: only when that branch runs
+                text = f"not ({' and '.join(conds)}) or {text}"
+            guards.setdefault(text, None)
+
+    statements(body, [])
+    if not guards:
+        return []
+    test = ast.parse(" and ".join(f"({g})" for g in guards), mode="eval").body
+    return [ast.If(test=ast.UnaryOp(op=ast.Not(), operand=test), body=[ast.Continue()], orelse=[])]
+
+
+class _Rename(ast.NodeTransformer):
+    def __init__(self, mapping):
+        self.mapping = mapping
+
+    def visit_Name(self, node):
+        if node.id in self.mapping:
+            return ast.copy_location(ast.Name(self.mapping[node.id], node.ctx), node)
+        return node
+
+
+def _static_outer(node, self_name) -> bool:
+    for n in ast.walk(node):
+        if isinstance(n, ast.Name) and n.id not in (self_name, "len"):
+            return False
+        if isinstance(n, ast.Call) and not (isinstance(n.func, ast.Name) and n.func.id == "len"):
+            return False
+        if isinstance(n, ast.Subscript):
+            return False
+    return True
+
+
+class _Replace(ast.NodeTransformer):
+    def __init__(self, old, new):
+        self.old, self.new = _src(old), new
+
+    def visit(self, node):
+        if isinstance(node, ast.expr) and _src(node) == self.old:
+            return copy.deepcopy(self.new)
+        return self.generic_visit(node)
+
+
+class _ScalarForms(ast.NodeTransformer):
+    """Rewrite the uses of a nonzero() row V (shape (1,)) by the expert id EXPERT: ``V[0]``,
+    ``V.item()``, ``int(V)`` and combinations are the id; ``X[V].squeeze(0)`` is ``X[EXPERT]``
+    (``X[[e]]`` has leading dimension 1, which ``squeeze(0)`` removes)."""
+
+    def __init__(self, name):
+        self.name = name
+
+    def _is_v(self, node) -> bool:
+        return isinstance(node, ast.Name) and node.id == self.name
+
+    def _scalar_of_v(self, node) -> bool:
+        if isinstance(node, ast.Subscript) and self._is_v(node.value) and _const_int(node.slice) == 0:
+            return True
+        if _is_method(node, {"item"}) and not node.args:
+            return self._is_v(node.func.value) or self._scalar_of_v(node.func.value)
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "int" \
+                and len(node.args) == 1:
+            return self._is_v(node.args[0]) or self._scalar_of_v(node.args[0])
+        return False
+
+    def visit(self, node):
+        if isinstance(node, ast.expr):
+            if self._scalar_of_v(node):
+                return ast.copy_location(ast.Name(EXPERT, ast.Load()), node)
+            if _is_method(node, {"squeeze"}) and len(node.args) == 1 and _const_int(node.args[0]) == 0 \
+                    and isinstance(node.func.value, ast.Subscript) and self._is_v(node.func.value.slice):
+                sub = node.func.value
+                return ast.copy_location(ast.Subscript(value=self.visit(sub.value),
+                                                       slice=ast.Name(EXPERT, ast.Load()), ctx=ast.Load()), node)
+        return self.generic_visit(node)
+
+
+class _ItemOfScalar(ast.NodeTransformer):
+    """``s.item()`` of an expert-id name is the id itself (a Python int in the rewritten loop)."""
+
+    def __init__(self, names):
+        self.names = names
+
+    def visit_Call(self, node):
+        self.generic_visit(node)
+        if _is_method(node, {"item"}) and not node.args and isinstance(node.func.value, ast.Name) \
+                and node.func.value.id in self.names:
+            return node.func.value
+        return node
+
+
+def _strip_annotations(fdef) -> None:
+    args = fdef.args
+    for a in args.posonlyargs + args.args + args.kwonlyargs + [args.vararg, args.kwarg]:
+        if a is not None:
+            a.annotation = None
+    fdef.returns = None
+    fdef.decorator_list = []
+
+
+def _candidate_loops(fdef) -> list:
+    return [n for n in ast.walk(fdef) if isinstance(n, ast.For)]
+
+
+def _looks_graph_breaking(loop, fdef) -> bool:
+    """Worth a note when not rewritten: a loop over nonzero() / a host list, or with a data-dependent
+    skip or host read in its body."""
+    if _nonzero_of(loop.iter) is not None:
+        return True
+    if isinstance(loop.iter, ast.Name):
+        a = _assignment_of(fdef, loop.iter.id)
+        if a is not None and _nonzero_of(a.value) is not None:
+            return True
+    for n in ast.walk(loop):
+        if _is_method(n, {"tolist", "item", "cpu", "numpy", "nonzero"}):
+            return True
+        if isinstance(n, ast.If) and not _static_test(n.test):
+            return True
+    return False
+
+
+def _static_test(test) -> bool:
+    return not any(isinstance(n, (ast.Call, ast.Subscript)) for n in ast.walk(test))
+
+
+def analyse(fn) -> Analysis:
+    """Find the per-expert loops of ``fn`` (a plain function: a method's ``__func__``), rewrite those
+    that can be proved equivalent, and return the replacement function (None if no loop was
+    rewritten) with a note per loop."""
+    result = Analysis(function=fn)
+    try:
+        filename = inspect.getsourcefile(fn) or "<unknown>"
+    except TypeError:
+        return result
+    qual = getattr(fn, "__qualname__", getattr(fn, "__name__", "?"))
+    try:
+        tree, fdef = _function_tree(fn)
+    except (OSError, TypeError, SyntaxError, IndentationError, Decline):
+        return result
+    loops = [l for l in _candidate_loops(fdef) if not _inside_loop(fdef, l)]
+    if not loops:
+        return result
+    if fn.__closure__:
+        for l in loops:
+            if _looks_graph_breaking(l, fdef):
+                result.notes.append(LoopNote(filename, l.lineno, qual, False, reason=(
+                    "the function uses names of an enclosing scope (a closure or super()), so it cannot be "
+                    "recompiled with a rewritten loop")))
+        return result
+    self_name = fdef.args.args[0].arg if fdef.args.args else None
+    stores = _stores(fdef)
+    counts = _counts_sources(fdef)
+    plans = []
+    for loop in loops:
+        try:
+            plan = _rewrite_loop(fdef, loop, self_name, stores, counts)
+        except Decline as d:
+            if _looks_graph_breaking(loop, fdef):
+                line = d.lineno or loop.lineno
+                head = f"`for {_short(loop.target)} in {_short(loop.iter)}`"
+                result.notes.append(LoopNote(filename, loop.lineno, qual, False, reason=(
+                    f"line {loop.lineno}: {head} breaks the graph (data-dependent iteration or skip); not "
+                    f"rewritten because line {line}: {d.text}, so running every expert on zero rows cannot "
+                    f"be proved to do nothing")))
+            continue
+        if plan is not None:
+            plans.append((loop, plan))
+    if not plans:
+        return result
+    # host counts: their `.tolist()` assignment goes only when nothing but removed skips read it
+    used_counts = set().union(*(p[2] for _, p in plans))
+    for loop, (stmts, prelude, cused, form) in plans:
+        _replace_stmt(fdef, loop, stmts)
+        if prelude is not None:
+            prelude[0].value = prelude[1]
+    drop = []
+    for name in used_counts:
+        if _loads(fdef, name):
+            for loop, plan in plans:
+                if name in plan[2]:
+                    result.notes.append(LoopNote(filename, loop.lineno, qual, False, reason=(
+                        f"line {loop.lineno}: the host counts `{name}` are read elsewhere, so their "
+                        f"`.tolist()` stays and breaks the graph")))
+            return Analysis(function=fn, notes=result.notes)
+        drop.append(_assignment_of(fdef, name))
+    for a in drop:
+        _replace_stmt(fdef, a, [ast.Pass()])
+    _strip_annotations(fdef)
+    ast.fix_missing_locations(tree)
+    try:
+        code = compile(tree, filename, "exec")
+        namespace: dict = {}
+        exec(code, fn.__globals__, namespace)
+    except Exception as e:  # a rewrite that does not compile is a bug here, never the user's problem
+        result.notes.append(LoopNote(filename, fdef.lineno, qual, False,
+                                     reason=f"the rewritten loop did not compile ({type(e).__name__}: {e})"))
+        return result
+    new = namespace[fdef.name]
+    new.__defaults__ = fn.__defaults__
+    new.__kwdefaults__ = fn.__kwdefaults__
+    new.__qualname__ = fn.__qualname__
+    new.__module__ = fn.__module__
+    new.__doc__ = fn.__doc__
+    new._sonic_rewritten_from = fn
+    new._sonic_source = ast.unparse(fdef)  # what Dynamo traces, for a reader (and the tests)
+    result.replacement = new
+    for loop, plan in plans:
+        result.notes.append(LoopNote(filename, loop.lineno, qual, True, form=plan[3]))
+    return result
+
+
+def _replace_stmt(fdef, old, new_stmts) -> None:
+    for parent in ast.walk(fdef):
+        for field in ("body", "orelse", "finalbody"):
+            block = getattr(parent, field, None)
+            if isinstance(block, list):
+                for i, s in enumerate(block):
+                    if s is old:
+                        block[i:i + 1] = new_stmts
+                        return
+    raise Decline(old, "internal: statement not found")
+
+
+def with_inner(wrapper, inner, replacement):
+    """A copy of the decorator-made ``wrapper`` whose closure cell holding ``inner`` holds
+    ``replacement`` instead (transformers' ``use_experts_implementation`` keeps the original forward
+    there and dispatches to it for the "eager" implementation). None if no cell holds ``inner``."""
+    cells = wrapper.__closure__ or ()
+    if not any(c.cell_contents is inner for c in cells if _cell_full(c)):
+        return None
+    new_cells = tuple(types.CellType(replacement) if _cell_full(c) and c.cell_contents is inner else c
+                      for c in cells)
+    new = types.FunctionType(wrapper.__code__, wrapper.__globals__, wrapper.__name__, wrapper.__defaults__,
+                             new_cells)
+    new.__kwdefaults__ = wrapper.__kwdefaults__
+    new.__qualname__ = wrapper.__qualname__
+    new.__module__ = wrapper.__module__
+    new.__wrapped__ = replacement
+    return new
+
+
+def _cell_full(cell) -> bool:
+    try:
+        cell.cell_contents
+    except ValueError:
+        return False
+    return True

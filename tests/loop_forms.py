@@ -1,0 +1,268 @@
+"""Tiny MoE blocks whose per-expert loop graph-breaks in Dynamo, one per way of skipping the experts
+that received no token, each written from a reading of the public code named in its docstring
+(same structure of ops, not a copy). Shared by tests/test_loop_capture.py.
+
+Shapes: x (B, S, d) -> (B, S, d); T = B*S tokens, E experts, K picks per token.
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class SwiGLU(nn.Module):
+    """w2(silu(w1 x) * w3 x), bias-free (the Mixtral / DeepSeek / mistral-inference expert)."""
+
+    def __init__(self, d, n):
+        super().__init__()
+        self.w1 = nn.Linear(d, n, bias=False)
+        self.w2 = nn.Linear(n, d, bias=False)
+        self.w3 = nn.Linear(d, n, bias=False)
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class _Routed(nn.Module):
+    """Softmax top-k router shared by the blocks below: weights (T, K), ids (T, K)."""
+
+    def __init__(self, d=32, n=16, E=6, K=2):
+        super().__init__()
+        self.num_experts, self.top_k = E, K
+        self.gate = nn.Linear(d, E, bias=False)
+        self.experts = nn.ModuleList(SwiGLU(d, n) for _ in range(E))
+
+    def route(self, x):
+        probs = F.softmax(self.gate(x), dim=-1, dtype=torch.float)
+        weights, ids = torch.topk(probs, self.top_k, dim=-1)
+        weights = (weights / weights.sum(dim=-1, keepdim=True)).to(x.dtype)
+        return weights, ids
+
+
+class HitLoopMoE(_Routed):
+    """transformers 5.x "eager" experts / DBRX / NLLB-MoE: a one-hot mask (E, K, T), the experts with
+    tokens from ``(mask.sum(dim=(-1, -2)) > 0).nonzero()``, ``index_add_`` combine."""
+
+    def forward(self, x):
+        shape = x.shape
+        h = x.reshape(-1, shape[-1])
+        weights, ids = self.route(h)
+        out = torch.zeros_like(h)
+        mask = F.one_hot(ids, num_classes=self.num_experts).permute(2, 1, 0)
+        hit = (mask.sum(dim=(-1, -2)) > 0).nonzero()
+        for e in hit:
+            e = e[0]
+            slot, tok = torch.where(mask[e])
+            y = self.experts[e](h[tok]) * weights[tok, slot, None]
+            out.index_add_(0, tok, y.to(out.dtype))
+        return out.view(shape)
+
+
+class HitLoopPaddedMoE(_Routed):
+    """Step3p7 / transformers 5.x Mixtral "eager": one_hot over E + 1 classes, ``torch.greater``,
+    a skip of the padding expert ``if e == self.num_experts: continue``, stacked expert weights
+    (E, 2n, d) and (E, d, n) indexed per expert."""
+
+    def __init__(self, d=32, n=16, E=6, K=2):
+        super().__init__(d, n, E, K)
+        del self.experts
+        self.gate_up = nn.Parameter(torch.randn(E, 2 * n, d) * d ** -0.5)
+        self.down = nn.Parameter(torch.randn(E, d, n) * n ** -0.5)
+
+    def forward(self, x):
+        shape = x.shape
+        h = x.reshape(-1, shape[-1])
+        weights, ids = self.route(h)
+        out = torch.zeros_like(h)
+        with torch.no_grad():
+            mask = F.one_hot(ids, num_classes=self.num_experts + 1).permute(2, 1, 0)
+            hit = torch.greater(mask.sum(dim=(-1, -2)), 0).nonzero()
+        for e in hit:
+            e = e[0]
+            if e == self.num_experts:
+                continue
+            slot, tok = torch.where(mask[e])
+            gate, up = F.linear(h[tok], self.gate_up[e]).chunk(2, dim=-1)
+            y = F.linear(F.silu(gate) * up, self.down[e]) * weights[tok, slot, None]
+            out.index_add_(0, tok, y.to(out.dtype))
+        return out.view(shape)
+
+
+class BincountSkipMoE(_Routed):
+    """DeepSeek-V3 official inference MoE: host counts ``bincount(ids.flatten()).tolist()``, skip on
+    ``counts[i] == 0``, ``y[idx] += expert(x[idx]) * w[idx, top, None]`` (an indexed ``+=``)."""
+
+    def forward(self, x):
+        shape = x.shape
+        h = x.view(-1, shape[-1])
+        weights, ids = self.route(h)
+        y = torch.zeros_like(h)
+        counts = torch.bincount(ids.flatten(), minlength=self.num_experts).tolist()
+        for i in range(self.num_experts):
+            if counts[i] == 0:
+                continue
+            expert = self.experts[i]
+            idx, top = torch.where(ids == i)
+            y[idx] += expert(h[idx]) * weights[idx, top, None]
+        return y.view(shape)
+
+
+class ShapeSkipMoE(_Routed):
+    """transformers 4.36 Mixtral: ``torch.where`` of the one-hot mask, ``if top_x.shape[0] == 0:
+    continue``, the indices read as host lists (``tolist()``) and used to index."""
+
+    def forward(self, x):
+        shape = x.shape
+        h = x.view(-1, shape[-1])
+        weights, ids = self.route(h)
+        out = torch.zeros_like(h)
+        mask = F.one_hot(ids, num_classes=self.num_experts).permute(2, 1, 0)
+        for e in range(self.num_experts):
+            layer = self.experts[e]
+            slot, top_x = torch.where(mask[e])
+            if top_x.shape[0] == 0:
+                continue
+            top_x_list = top_x.tolist()
+            slot_list = slot.tolist()
+            state = h[None, top_x_list].reshape(-1, shape[-1])
+            y = layer(state) * weights[top_x_list, slot_list, None]
+            out.index_add_(0, top_x, y.to(h.dtype))
+        return out.view(shape)
+
+
+class MaskAnyMoE(_Routed):
+    """makeMoE / nanoGPT MoE copies: a dense (T, E) gating table (softmax over the top-k logits),
+    ``(ids == i).any(dim=-1)`` token masks, ``if flat_mask.any():`` around the expert's work and a
+    masked ``+=`` combine."""
+
+    def forward(self, x):
+        logits = self.gate(x)
+        top_logits, ids = logits.topk(self.top_k, dim=-1)
+        sparse = torch.full_like(logits, float("-inf")).scatter(-1, ids, top_logits)
+        gating = F.softmax(sparse, dim=-1)
+        final = torch.zeros_like(x)
+        flat_x = x.view(-1, x.size(-1))
+        flat_gating = gating.view(-1, gating.size(-1))
+        for i, expert in enumerate(self.experts):
+            expert_mask = (ids == i).any(dim=-1)
+            flat_mask = expert_mask.view(-1)
+            if flat_mask.any():
+                expert_out = expert(flat_x[flat_mask])
+                scores = flat_gating[flat_mask, i].unsqueeze(1)
+                final[expert_mask] += expert_out * scores
+        return final
+
+
+class NotAnyContinueMoE(_Routed):
+    """The same masks with ``if not mask.any(): continue`` and ``index_put_(..., accumulate=True)``."""
+
+    def forward(self, x):
+        shape = x.shape
+        h = x.view(-1, shape[-1])
+        weights, ids = self.route(h)
+        out = torch.zeros_like(h)
+        for i in range(self.num_experts):
+            mask = ids == i
+            if not mask.any():
+                continue
+            tok, slot = mask.nonzero(as_tuple=True)
+            y = self.experts[i](h[tok]) * weights[tok, slot].unsqueeze(-1)
+            out.index_put_((tok,), y, accumulate=True)
+        return out.view(shape)
+
+
+class NumelSkipMoE(_Routed):
+    """vLLM's torch reference MoE: flat (T*K,) ids, ``mask = ids == i``, ``if mask.sum():`` around a
+    masked assignment into a (T*K, d) buffer, then a weighted sum over the K picks; here also an
+    ``if idx.numel() == 0: continue`` spelling of the same skip."""
+
+    def forward(self, x):
+        shape = x.shape
+        h = x.view(-1, shape[-1])
+        weights, ids = self.route(h)
+        T = h.shape[0]
+        flat_ids = ids.view(-1)
+        picked = h.repeat_interleave(self.top_k, dim=0)
+        buf = torch.zeros(T * self.top_k, shape[-1], dtype=h.dtype)
+        for i in range(self.num_experts):
+            idx = torch.nonzero(flat_ids == i).squeeze(-1)
+            if idx.numel() == 0:
+                continue
+            mask = flat_ids == i
+            if mask.sum():
+                buf[mask] = self.experts[i](picked[mask])
+        return (buf.view(T, self.top_k, -1) * weights.unsqueeze(-1)).sum(dim=1).view(shape)
+
+
+class ScatterAddHitMoE(_Routed):
+    """A hit loop over ``nonzero().squeeze(-1).tolist()`` (host ints) with a ``scatter_add_``
+    combine through an expanded index."""
+
+    def forward(self, x):
+        shape = x.shape
+        h = x.view(-1, shape[-1])
+        weights, ids = self.route(h)
+        out = torch.zeros_like(h)
+        mask = F.one_hot(ids, self.num_experts).permute(2, 1, 0)
+        for e in mask.sum(dim=(1, 2)).gt(0).nonzero().squeeze(-1).tolist():
+            slot, tok = torch.where(mask[e])
+            y = self.experts[e](h[tok]) * weights[tok, slot, None]
+            out.scatter_add_(0, tok.unsqueeze(-1).expand(-1, shape[-1]), y)
+        return out.view(shape)
+
+
+# ---------------------------------------------------------------------- near misses (kept as they are)
+
+class AppendsToListMoE(HitLoopMoE):
+    """A hit loop whose body also records which experts ran (a list append: a side effect that
+    differs when every expert runs)."""
+
+    def forward(self, x):
+        h = x.reshape(-1, x.shape[-1])
+        weights, ids = self.route(h)
+        out = torch.zeros_like(h)
+        mask = F.one_hot(ids, num_classes=self.num_experts).permute(2, 1, 0)
+        hit = (mask.sum(dim=(-1, -2)) > 0).nonzero()
+        ran = []
+        for e in hit:
+            e = e[0]
+            ran.append(e)
+            slot, tok = torch.where(mask[e])
+            out.index_add_(0, tok, self.experts[e](h[tok]) * weights[tok, slot, None])
+        self.ran = len(ran)
+        return out.view(x.shape)
+
+
+class ItemInBodyMoE(BincountSkipMoE):
+    """The counts skip with a host read in the body (``.item()`` of the tokens' count)."""
+
+    def forward(self, x):
+        h = x.view(-1, x.shape[-1])
+        weights, ids = self.route(h)
+        y = torch.zeros_like(h)
+        counts = torch.bincount(ids.flatten(), minlength=self.num_experts).tolist()
+        for i in range(self.num_experts):
+            if counts[i] == 0:
+                continue
+            idx, top = torch.where(ids == i)
+            n = idx.numel()
+            scale = (weights[idx, top].sum() / n).item()
+            y[idx] += self.experts[i](h[idx]) * weights[idx, top, None] * scale
+        return y.view(x.shape)
+
+
+class UnrelatedSkipMoE(BincountSkipMoE):
+    """Skips on counts of a different table than the one the body selects with: skipping an expert
+    with no count does not prove its selection empty, so running it could add rows."""
+
+    def forward(self, x):
+        h = x.view(-1, x.shape[-1])
+        weights, ids = self.route(h)
+        y = torch.zeros_like(h)
+        first = ids[:, :1]
+        counts = torch.bincount(first.flatten(), minlength=self.num_experts).tolist()
+        for i in range(self.num_experts):
+            if counts[i] == 0:
+                continue
+            idx, top = torch.where(ids == i)
+            y[idx] += self.experts[i](h[idx]) * weights[idx, top, None]
+        return y.view(x.shape)

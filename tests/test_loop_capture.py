@@ -1,0 +1,226 @@
+"""Graph-breaking per-expert loops are traced as one loop over every expert under sonic
+(``moe_inductor.loop_capture``, applied by ``moe_inductor.capture`` in sonic frames only): one graph,
+output and every gradient equal to eager; loops whose body cannot be proved to do nothing for an
+expert without tokens are left alone, with the reason. Modules: tests/loop_forms.py (hand-written
+after the public code each names) and tiny transformers models (tests/hf_models.py)."""
+import copy
+import pickle
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+import loop_forms
+from moe_inductor import capture, dynamo_scope, loop_capture
+from moe_inductor.backend import rewrite_moe
+from moe_inductor.options import SonicOptions
+
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")
+
+
+class Graphs:
+    """A sonic-marked backend (frames get sonic's scoped settings and loop capture) that runs the
+    MoE rewrite and then the graph as it is (no Inductor code generation: the capture is what is
+    tested here), and counts the graphs."""
+
+    def __init__(self):
+        self.graphs = []
+        dynamo_scope.mark_sonic(self)
+
+    def __call__(self, gm, example_inputs):
+        self.graphs.append(gm)
+        rewrite_moe(gm, SonicOptions())
+        return gm.forward
+
+
+def _compare(model, x, atol=1e-4):
+    """Compile ``model`` with a sonic-marked backend; output and every parameter gradient equal to
+    eager. An expert that received no token has a None gradient in eager and a zero one compiled
+    (the captured loop runs it on zero rows). Returns the backend (its graphs)."""
+    backend = Graphs()
+    params = [p for p in model.parameters()]
+    torch.manual_seed(3)
+    ref = model(x)
+    g = torch.randn_like(ref)
+    ref_grads = torch.autograd.grad(ref, params, g, allow_unused=True)
+    # inside a parent module, as in a model: the block's forward is looked up while Dynamo traces
+    # the parent (test_compiled_block_itself covers compiling the block alone)
+    out = torch.compile(torch.nn.Sequential(model), backend=backend)(x)
+    grads = torch.autograd.grad(out, params, g, allow_unused=True)
+    torch.testing.assert_close(out, ref, atol=atol, rtol=atol)
+    for (name, _), a, b in zip(model.named_parameters(), grads, ref_grads):
+        if b is None:
+            assert a is None or torch.count_nonzero(a) == 0, name
+            continue
+        assert a is not None, name
+        torch.testing.assert_close(a, b, atol=atol, rtol=atol, msg=lambda m: f"{name}: {m}")
+    return backend
+
+
+def _skewed_input(model, B=2, S=5, d=32, seed=0):
+    """Input for which the last two experts receive no token (the case the skip exists for): a
+    constant feature that the router weighs strongly against them."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        model.gate.weight[-2:, 0] = -5.0
+    x = torch.randn(B, S, d)
+    x[..., 0] = 5.0
+    return x
+
+
+FORMS = [
+    (loop_forms.HitLoopMoE, "for e in hit"),                 # transformers 5.x eager experts, NLLB, DBRX
+    (loop_forms.HitLoopPaddedMoE, "for e in hit"),           # E + 1 classes, skip of the padding expert, stacked weights
+    (loop_forms.BincountSkipMoE, "counts[i] == 0"),          # DeepSeek-V3 official inference
+    (loop_forms.ShapeSkipMoE, "top_x.shape[0] == 0"),        # transformers 4.36 Mixtral, tolist() indices
+    (loop_forms.MaskAnyMoE, "flat_mask.any()"),              # makeMoE / nanoGPT MoE
+    (loop_forms.NotAnyContinueMoE, "not mask.any()"),        # index_put_(accumulate=True)
+    (loop_forms.NumelSkipMoE, "idx.numel() == 0"),           # vLLM torch reference MoE
+    (loop_forms.ScatterAddHitMoE, "tolist()"),               # host-int hit list, scatter_add_
+]
+
+
+@pytest.mark.parametrize("cls,form", FORMS, ids=[c.__name__ for c, _ in FORMS])
+def test_form_is_one_graph_and_exact(cls, form):
+    torch.manual_seed(0)
+    model = cls()
+    x = _skewed_input(model)
+    with torch.no_grad():
+        used = set(model.route(x.view(-1, 32))[1].flatten().tolist())
+    assert len(used) < model.num_experts  # some expert has no token: the skip matters
+    notes = capture.notes_for(model)
+    assert [n.rewritten for n in notes] == [True] and form in notes[0].form, notes
+    with dynamo_scope.capture_fallbacks() as fallbacks:
+        backend = _compare(model, x)
+    assert len(backend.graphs) == 1 and not counters["graph_break"], dict(counters["graph_break"])
+    assert not fallbacks
+    # the compiled module got the instance-level forward; the class kept its own
+    assert isinstance(model.__dict__.get("forward"), capture.CapturableForward)
+    assert type(model).forward is cls.forward
+
+
+@pytest.mark.parametrize("cls", [loop_forms.HitLoopMoE, loop_forms.BincountSkipMoE])
+def test_form_without_capture_graph_breaks(cls):
+    # the same module under plain Dynamo settings and no capture: more than one graph (what the
+    # capture is for); a module sonic never compiled is never given the rewritten forward
+    torch.manual_seed(0)
+    model = cls()
+    graphs = []
+
+    def plain(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    x = _skewed_input(model)
+    torch.testing.assert_close(torch.compile(model, backend=plain)(x), model(x))
+    assert len(graphs) > 1 or counters["graph_break"]
+    assert "forward" not in model.__dict__
+
+
+@pytest.mark.parametrize("cls,why", [
+    (loop_forms.AppendsToListMoE, "`ran.append(e)`"),
+    (loop_forms.ItemInBodyMoE, "reads a tensor on the host"),
+    (loop_forms.UnrelatedSkipMoE, "does not prove that selection empty"),
+])
+def test_near_miss_is_not_rewritten_and_says_why(cls, why):
+    torch.manual_seed(0)
+    model = cls()
+    notes = capture.notes_for(model)
+    assert len(notes) == 1 and not notes[0].rewritten and why in notes[0].reason, notes
+    assert "line" in notes[0].reason and "breaks the graph" in notes[0].reason
+    assert capture.prepare({"self": model}) == 0 and "forward" not in model.__dict__
+    # compiles as before (graph breaks), same values
+    x = _skewed_input(model)
+    ref = model(x)
+    torch.testing.assert_close(torch.compile(model, backend=Graphs())(x), ref)
+
+
+def test_inductor_never_sees_the_rewritten_loop():
+    # a module compiled with sonic keeps its instance forward; a fresh module of the same class,
+    # compiled with plain Inductor in the same process, traces the original (and graph-breaks)
+    torch.manual_seed(0)
+    a, b = loop_forms.HitLoopMoE(), loop_forms.HitLoopMoE()
+    x = _skewed_input(a)
+    torch.compile(a, backend=Graphs())(x)
+    assert isinstance(a.__dict__.get("forward"), capture.CapturableForward)
+    torch._dynamo.reset()
+    counters.clear()
+    out = torch.compile(b, backend="inductor")(x)
+    torch.testing.assert_close(out, b(x), atol=1e-5, rtol=1e-5)
+    assert "forward" not in b.__dict__
+    assert counters["stats"]["unique_graphs"] > 1 or counters["graph_break"]
+    assert torch._dynamo.config.capture_dynamic_output_shape_ops is False
+
+
+def test_compiled_block_itself():
+    # torch.compile(block): the frame Dynamo starts on is the block's own (original) forward. That
+    # call runs eagerly and compiles nothing; from the next call on the capturable forward is traced
+    torch.manual_seed(0)
+    model = loop_forms.BincountSkipMoE()
+    x = _skewed_input(model)
+    backend = Graphs()
+    compiled = torch.compile(model, backend=backend)
+    torch.testing.assert_close(compiled(x), model(x))
+    assert backend.graphs == []
+    for _ in range(2):
+        torch.testing.assert_close(compiled(x), model(x), atol=1e-5, rtol=1e-5)
+        assert len(backend.graphs) == 1 and not counters["graph_break"]
+
+
+def test_eager_runs_the_original_and_pickles():
+    torch.manual_seed(0)
+    model = loop_forms.HitLoopPaddedMoE()
+    x = _skewed_input(model)
+    original = type(model).forward
+    ref = original(model, x)
+    assert capture.prepare({"self": model}) == 1
+    assert capture.prepare({"self": model}) == 0  # once per module
+    assert model.forward.original is original
+    assert torch.equal(model(x), ref)
+    # eager gradients keep None for the experts with no token (the original loop runs)
+    grads = torch.autograd.grad(model(x).sum(), [model.gate_up, model.down])
+    assert all(g is not None for g in grads)
+    clone = copy.deepcopy(model)
+    assert clone.forward.module is clone and torch.equal(clone(x), ref)
+    restored = pickle.loads(pickle.dumps(model))
+    assert isinstance(restored.forward, capture.CapturableForward) and torch.equal(restored(x), ref)
+
+
+def test_rewritten_source_runs_every_expert_under_a_static_check():
+    src = loop_capture.analyse(loop_forms.HitLoopPaddedMoE.forward).replacement._sonic_source
+    # range over the mask's experts; the original loop kept for masks of another rank
+    assert "for _sonic_expert in range(hit.shape[0]):" in src
+    assert "if hit.dim() == 1 and mask.dim() == 3:" in src and "for e in hit.nonzero():" in src
+    # the padding expert (E + 1 classes) is past the end of the stacked weights: left out
+    assert "_sonic_expert < len(self.gate_up)" in src and "_sonic_expert < len(self.down)" in src
+    src = loop_capture.analyse(loop_forms.BincountSkipMoE.forward).replacement._sonic_source
+    assert "tolist" not in src and "bincount" not in src and "counts" not in src
+
+
+def test_closure_is_declined_with_a_note():
+    scale = 2.0
+
+    class ClosureMoE(loop_forms.HitLoopMoE):
+        def forward(self, x):
+            h = x.reshape(-1, x.shape[-1])
+            weights, ids = self.route(h)
+            out = torch.zeros_like(h)
+            mask = torch.nn.functional.one_hot(ids, num_classes=self.num_experts).permute(2, 1, 0)
+            for e in (mask.sum(dim=(-1, -2)) > 0).nonzero():
+                slot, tok = torch.where(mask[e[0]])
+                out.index_add_(0, tok, self.experts[e[0]](h[tok]) * weights[tok, slot, None] * scale)
+            return out.view(x.shape)
+
+    notes = capture.notes_for(ClosureMoE())
+    assert len(notes) == 1 and "enclosing scope" in notes[0].reason
+
+
+def test_explain_names_the_line_that_breaks_the_graph():
+    import moe_inductor
+
+    torch.manual_seed(0)
+    model = loop_forms.AppendsToListMoE()
+    report = moe_inductor.explain(model, _skewed_input(model), inductor=False)
+    assert len(report.missed) == 1, str(report)
+    entry = report.missed[0]
+    assert "ran.append(e)" in entry.remedy and "set_experts_implementation" not in entry.remedy
