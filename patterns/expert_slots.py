@@ -17,7 +17,10 @@ Parts (recognisers registered in ``moe_inductor.parts``):
 
                        spelled with ``einsum("se,sc->sec", ...)`` outer products or broadcast multiplies
                        of unsqueezed factors, any casts of 0/1 masks; caps are any 0/1 factors
-                       (``lt(loc, C)``: tokens over capacity dropped).
+                       (``lt(loc, C)``: tokens over capacity dropped); the cumsum may count a 0/1 mask
+                       (the one-hot times flags the term is also multiplied by); in-place ``+=``, ``*=``,
+                       ``/=`` on routing tensors (DeepSpeed) are read as values when nothing reads the
+                       old value after the write (``inplace_as``).
   ``gathered_rows``    expert-choice routing: ``x[idx]`` with an (E, C) table of token ids (``topk(scores.T, C)``
                        indices, or any other), also ``x[idx.reshape(-1)].view(E, C, d)``.
 ``slots_experts``: ``bmm_mlp``: one MLP on all slots with stacked weights: ``bmm(z, W)`` / ``z @ W`` /
@@ -198,7 +201,7 @@ def _is_flag(node) -> bool:
         return True
     if node.op == "call_method" and node.target in _COMPARE_METHODS:
         return True
-    if node.op == "call_function" and node.target in _MUL and len(node.args) == 2:
+    if (node.op == "call_function" and node.target in _MUL and len(node.args) == 2) or inplace_as(node) == "mul":
         return all(isinstance(a, fx.Node) and _is_flag(a) for a in node.args)
     return False
 
@@ -225,6 +228,34 @@ def _operand_axes(operand, result, axes) -> tuple:
     return tuple(out)
 
 
+_INPLACE_OPS = {operator.iadd: "add", operator.isub: "sub", operator.imul: "mul", operator.itruediv: "div",
+                "add_": "add", "sub_": "sub", "mul_": "mul", "div_": "div"}
+
+
+def _precedes(a: fx.Node, b: fx.Node) -> bool:
+    n = a.next
+    while n is not b and n.op != "root":
+        n = n.next
+    return n is b
+
+
+def inplace_as(node) -> Optional[str]:
+    """"add"/"sub"/"mul"/"div" for ``a += b`` (``a.add_(b)`` ...) that may be read as the value
+    ``a + b``: a has no views and every other reader of a runs before the write (DeepSpeed's
+    ``locations2 += counts``, ``mask1 *= lt(locations1, C)``, ``gates1_s /= denom_s``)."""
+    if not (isinstance(node, fx.Node) and len(node.args) == 2 and not node.kwargs):
+        return None
+    kind = _INPLACE_OPS.get(node.target) if node.op in ("call_function", "call_method") else None
+    if kind is None or (node.op == "call_method") != isinstance(node.target, str):
+        return None
+    a = node.args[0]
+    if not isinstance(a, fx.Node) or a.op not in ("call_function", "call_method") or safety.aliases(a) != {a}:
+        return None
+    if any(u is not node and not _precedes(u, node) for u in a.users):
+        return None
+    return kind
+
+
 def _product(node, axes: tuple, out: list) -> None:
     """Flatten a product of broadcast factors (``*``, ``unsqueeze``, outer-product einsums, exact
     casts) into ``out``: (leaf node or number, its axes)."""
@@ -234,7 +265,8 @@ def _product(node, axes: tuple, out: list) -> None:
     inner = _strip_exact_casts(node)
     if inner is not node and same_rank(inner, node):
         return _product(inner, axes, out)
-    if node.op == "call_function" and node.target in _MUL and len(node.args) == 2 and not node.kwargs:
+    if (node.op == "call_function" and node.target in _MUL and len(node.args) == 2 and not node.kwargs) or \
+            inplace_as(node) == "mul":
         for a in node.args:
             _product(a, _operand_axes(a, node, axes) if isinstance(a, fx.Node) else (), out)
         return
@@ -268,6 +300,11 @@ def _effective(leaf, axes) -> tuple:
 
 def _signed_sum(node, sign: int, out: list) -> None:
     """Flatten ``a + b - c ...`` into (sign, term) pairs."""
+    kind = inplace_as(node)
+    if kind in ("add", "sub"):
+        _signed_sum(node.args[0], sign, out)
+        _signed_sum(node.args[1], sign if kind == "add" else -sign, out)
+        return
     if isinstance(node, fx.Node) and node.op == "call_function" and not node.kwargs and len(node.args) == 2:
         if node.target in _ADD:
             _signed_sum(node.args[0], sign, out)
@@ -309,9 +346,39 @@ def _same_choice(a, b) -> bool:
 
 # --------------------------------------------------------------------------- slots_dispatch: capacity
 
-def _positions(loc) -> tuple:
-    """(choice, offsets) of ``loc = cumsum(one_hot(choice, E), 0) - 1 + sum_j one_hot(choice_j, E).sum(0,
-    keepdim=True)``; declines otherwise."""
+def _mask(node) -> Optional[list]:
+    """The 0/1 factors (over tokens x experts) of a product of flags, else None."""
+    factors: list = []
+    try:
+        _product(node, ("s", "e"), factors)
+    except PartDeclined:
+        return None
+    if factors and all(isinstance(f, fx.Node) and _is_flag(f) for f, _ in factors):
+        return [_strip_exact_casts(f) for f, _ in factors]
+    return None
+
+
+def _choice_of(mask: list) -> Optional[fx.Node]:
+    """The expert ids ``idx`` of the one-hot among the factors (all one-hots of one idx), else None."""
+    ids = [_one_hot(f)[0] for f in mask if _one_hot(f) is not None]
+    return ids[0] if ids and all(_same_choice(i, ids[0]) for i in ids) else None
+
+
+def _within(mask: list, factors: list) -> bool:
+    """Every factor of ``mask`` is one of ``factors``: where all of ``factors`` are 1, mask is 1."""
+    return all(any(safety.equivalent(f, g) for g in factors) for f in mask)
+
+
+@dataclasses.dataclass
+class _Positions:
+    choice: fx.Node  # the experts whose one-hot the cumsum counts
+    counted: list  # 0/1 factors of the cumsum's mask (the one-hot of ``choice`` among them)
+    offsets: list  # 0/1 factor lists: their column counts are added
+
+
+def _positions(loc) -> _Positions:
+    """``loc = cumsum(B, 0) - 1 + sum_j B_j.sum(0, keepdim=True)`` for 0/1 masks B (the one-hot of the
+    chosen experts, possibly times capacity flags) and B_j; declines otherwise."""
     terms: list = []
     _signed_sum(_strip_exact_casts(loc), 1, terms)
     cums, consts, offsets = [], 0, []
@@ -326,40 +393,42 @@ def _positions(loc) -> tuple:
         if c is not None and sign == 1:
             cums.append(c)
             continue
-        s = _reduce(t, "sum", (0,))  # (1, E) or (E,): broadcast over the tokens alike
-        oh = _one_hot(s) if s is not None else None
-        if oh is not None and sign == 1:
-            offsets.append(oh[0])
+        counted = _reduce(t, "sum", (0,))  # (1, E) or (E,): broadcast over the tokens alike
+        mask = _mask(counted) if counted is not None else None
+        if mask is not None and _choice_of(mask) is not None and sign == 1:
+            offsets.append(mask)
             continue
-        decline("slots_dispatch", f"slot positions {loc.name}: {t.name} is neither the cumsum of the choices' "
-                                  "one-hot nor the counts of earlier choices (sum(one_hot, 0, keepdim=True))")
+        decline("slots_dispatch", f"slot positions {loc.name}: {t.name} is neither a cumsum over the tokens of the "
+                                  "chosen experts' one-hot nor the counts of earlier choices "
+                                  "(one_hot.sum(0, keepdim=True))")
     need("slots_dispatch", len(cums) == 1, f"slot positions {loc.name} are not one cumsum over the tokens minus 1")
     need("slots_dispatch", consts == -1, f"slot positions {loc.name} are cumsum {consts:+} (not cumsum - 1)")
-    oh = _one_hot(cums[0])
-    need("slots_dispatch", oh is not None, f"slot positions {loc.name}: the cumsum is not over a one-hot of the "
-                                           "chosen experts (distinct positions are proven for a 0/1 column only)")
-    return oh[0], offsets
+    counted = _mask(cums[0])
+    choice = _choice_of(counted) if counted is not None else None
+    need("slots_dispatch", choice is not None, f"slot positions {loc.name}: the cumsum is not over a 0/1 mask of the "
+                                               "chosen experts (one_hot(ids, E), times flags): distinct positions "
+                                               "are proven for such a column only")
+    return _Positions(choice=choice, counted=counted, offsets=offsets)
 
 
-def _slot_of(L, choice, term_flags) -> list:
-    """Prove L[s] == loc[s, choice[s]] wherever the term is nonzero; return the term's offsets."""
+def _slot_of(L, choice, term_flags: list) -> _Positions:
+    """Prove that wherever the term is nonzero, L[s] == loc[s, choice[s]] and loc counts the token
+    (so kept tokens of one expert get distinct positions); return loc's description."""
     L = _strip_exact_casts(L)
     inner = _reduce(L, "sum", (1, -1), keepdim=False)
     if inner is not None:
         factors: list = []
         _product(inner, ("s", "e"), factors)
         locs = [(f, a) for f, a in factors if isinstance(f, fx.Node) and not _is_flag(f)]
-        flags = [(f, a) for f, a in factors if isinstance(f, fx.Node) and _is_flag(f)]
+        flags = [_strip_exact_casts(f) for f, a in factors if isinstance(f, fx.Node) and _is_flag(f)]
         need("slots_dispatch", len(locs) == 1 and len(flags) + 1 == len(factors),
              f"slot index {L.name} is not sum(positions * mask, 1) with a 0/1 mask")
         loc, _ = locs[0]
-        need("slots_dispatch", any(_one_hot(f) is not None and _same_choice(_one_hot(f)[0], choice) for f, _ in flags),
+        need("slots_dispatch", _choice_of(flags) is not None and _same_choice(_choice_of(flags), choice),
              f"slot index {L.name}: the mask it reads positions with is not the term's one-hot of its experts")
-        for f, _ in flags:
-            need("slots_dispatch", any(safety.equivalent(_strip_exact_casts(f), _strip_exact_casts(g))
-                                       for g, _ in term_flags),
-                 f"slot index {L.name}: reads positions under {f.name}, which the combine weights are not "
-                 "multiplied by (a slot could then hold a token it was not given)")
+        need("slots_dispatch", _within(flags, term_flags),
+             f"slot index {L.name}: reads positions under a mask the combine weights are not multiplied by (a slot "
+             "could then hold a token it was not given)")
     else:
         g = L
         if g.op == "call_method" and g.target == "squeeze" and len(g.args) in (1, 2):
@@ -373,14 +442,18 @@ def _slot_of(L, choice, term_flags) -> list:
             "unsqueeze", "view", "reshape") else gi
         need("slots_dispatch", _same_choice(gi, choice), f"slot index {L.name} reads positions at other experts "
                                                          "than the term's")
-    got, offsets = _positions(loc)
-    need("slots_dispatch", _same_choice(got, choice), f"slot positions {loc.name} count another choice of experts "
-                                                      "than the term that uses them")
-    return offsets
+    pos = _positions(loc)
+    need("slots_dispatch", _same_choice(pos.choice, choice), f"slot positions {loc.name} count another choice of "
+                                                             "experts than the term that uses them")
+    need("slots_dispatch", _within(pos.counted, term_flags),
+         f"slot positions {loc.name} count tokens under a mask the combine weights are not multiplied by (two kept "
+         "tokens could share a position)")
+    return pos
 
 
 def _terms(cw: fx.Node) -> list:
-    """The terms of the combine weights (S, E, C), each proven to be one (token, expert, slot) entry."""
+    """The terms of the combine weights (S, E, C), each proven to be one (token, expert, slot) entry,
+    ordered so that term k's positions start after the positions of the terms before it."""
     sums: list = []
     _signed_sum(cw, 1, sums)
     terms = []
@@ -412,21 +485,32 @@ def _terms(cw: fx.Node) -> list:
              "(one_hot(ids, E))")
         need("slots_dispatch", len(shape_of(choices[0]) or ()) == 1, f"{choices[0].name}: chosen experts are not "
                                                                        "one per token")
-        offsets = _slot_of(slots[0], choices[0], flags)
-        terms.append(SlotTerm(choice=choices[0], weights=weights, flags=flags, slot=slots[0], offsets=offsets))
-    # term k's positions start after the counts of the terms before it
-    ordered = sorted(terms, key=lambda t: len(t.offsets))
-    for k, t in enumerate(ordered):
-        rest = list(t.offsets)
-        for j in ordered[:k]:
-            hit = next((o for o in rest if _same_choice(o, j.choice)), None)
-            need("slots_dispatch", hit is not None and len(t.offsets) == k,
+        pos = _slot_of(slots[0], choices[0], [_strip_exact_casts(f) for f, _ in flags])
+        terms.append((SlotTerm(choice=choices[0], weights=weights, flags=flags, slot=slots[0], offsets=pos.offsets),
+                      pos))
+    # Kept positions of term j lie in [off_j, off_j + count(B_j)), B_j the mask its cumsum counts. Term k
+    # adds the counts of masks Y_kj for j < k; off_k >= off_j + count(B_j) when Y_kj covers B_j and Y_ki
+    # covers Y_ji for i < j (a mask covers another when its factors are among the other's).
+    ordered = sorted(terms, key=lambda tp: len(tp[1].offsets))
+    matched: list = []  # per term: {j: offset mask}
+    for k, (t, pos) in enumerate(ordered):
+        need("slots_dispatch", len(pos.offsets) == k,
+             f"combine weights {cw.name}: the slot positions of choice {k + 1} do not start after the positions of "
+             "the choices before it (a slot could hold two tokens)")
+        rest, by_term = list(pos.offsets), {}
+        for j, (tj, pj) in enumerate(ordered[:k]):
+            hit = next((m for m in rest if _same_choice(_choice_of(m), tj.choice) and _within(m, pj.counted)), None)
+            need("slots_dispatch", hit is not None,
                  f"combine weights {cw.name}: the slot positions of choice {k + 1} do not start after the "
-                 "positions of the choices before it (a slot could hold two tokens)")
+                 f"positions of choice {j + 1} (a slot could hold two tokens)")
             rest.remove(hit)
-        need("slots_dispatch", not rest, f"combine weights {cw.name}: slot positions of choice {k + 1} are offset "
-                                         "by counts of choices that are not earlier terms")
-    return ordered
+            by_term[j] = hit
+        for j in range(k):
+            for i in range(j):
+                need("slots_dispatch", _within(by_term[i], matched[j][i]),
+                     f"combine weights {cw.name}: choices {j + 1} and {k + 1} count the earlier choices differently")
+        matched.append(by_term)
+    return [t for t, _ in ordered]
 
 
 @register("slots_dispatch", "capacity_einsum",
@@ -735,7 +819,7 @@ def analyse(node: fx.Node) -> MoEBlock:
     stop = set(mlp.weights()) - {None}
     for n in _upstream(roots, stop) + [disp.x]:
         for w in safety.writes_to(n):
-            if w is not node and order[w] < order[node]:
+            if w is not node and order[w] < order[node] and inplace_as(w) is None:
                 raise Declined(f"proof: {n.name}, which the block reads, is modified in place by {w.format_node()}")
     # the fused op reads the weights where the combine was: nothing may write them after the experts read them
     safety.need_unmodified(list(stop), disp.slots, node, "proof: the expert weights")

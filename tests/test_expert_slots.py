@@ -107,9 +107,30 @@ class CapacityMoE(nn.Module):
         return (torch.einsum("se,sc->sec", w1, Fn.one_hot(slot1, C).to(gates.dtype))
                 + torch.einsum("se,sc->sec", w2, Fn.one_hot(slot2, C).to(gates.dtype)))
 
+    def gating_in_place(self, x, C):
+        """Top-2 in DeepSpeed's spelling: in-place ``+=``, ``*=``, ``/=`` on the routing tensors,
+        gate sums by a contracting einsum, weights spread by ``einsum("s,se->se")``."""
+        gates = Fn.softmax(self.router(x), dim=1)
+        mask1 = Fn.one_hot(torch.argmax(gates, dim=1), num_classes=E)
+        mask2 = Fn.one_hot(torch.argmax(gates.masked_fill(mask1.bool(), float("-inf")), dim=1), num_classes=E)
+        loc1 = torch.cumsum(mask1, dim=0) - 1
+        loc2 = torch.cumsum(mask2, dim=0) - 1
+        loc2 += torch.sum(mask1, dim=0, keepdim=True)
+        mask1 *= torch.lt(loc1, C)
+        mask2 *= torch.lt(loc2, C)
+        slot1, slot2 = torch.sum(loc1 * mask1, dim=1), torch.sum(loc2 * mask2, dim=1)
+        g1 = torch.einsum("se,se->s", gates, mask1.float())
+        g2 = torch.einsum("se,se->s", gates, mask2.float())
+        denom = torch.clamp(g1 + g2, min=torch.finfo(g1.dtype).eps)
+        g1 /= denom
+        g2 /= denom
+        c1 = torch.einsum("se,sc->sec", torch.einsum("s,se->se", g1, mask1.float()), Fn.one_hot(slot1, C).float())
+        c2 = torch.einsum("se,sc->sec", torch.einsum("s,se->se", g2, mask2.float()), Fn.one_hot(slot2, C).float())
+        return c1 + c2
+
     def forward(self, x):
         C = math.ceil(1.25 * x.size(0) / E) if self.capacity == "auto" else self.capacity
-        combine = self.gating(x, C)
+        combine = self.gating_in_place(x, C) if self.top == "2_in_place" else self.gating(x, C)
         if self.mutation == "dispatch_weighted":
             dispatch = combine  # inputs scaled by the gates, outputs too: scores applied twice
         else:
@@ -244,15 +265,16 @@ CAPACITY_CASES = [
     (1, 64, "relu_bmm", LENGTHS[1:]),  # capacity far above S: nothing dropped, most slots empty (f_e(0) != 0: bias)
     (2, 3, "relu_bmm", LENGTHS),  # GShard top-2: second choices after every first choice, some dropped
     (2, "auto", "swiglu_einsum", LENGTHS),  # capacity ceil(1.25 S / E): a function of S (Dynamo guards its value)
+    ("2_in_place", 3, "relu_bmm", LENGTHS[1:]),  # DeepSpeed's spelling: +=, *=, /= on the routing tensors
 ]
 
 
 @pytest.mark.parametrize("top,capacity,experts,lengths", CAPACITY_CASES)
 def test_capacity_dispatch(top, capacity, experts, lengths):
     backend = run(seeded(lambda: CapacityMoE(top=top, capacity=capacity, experts=experts)), lengths)
-    assert_rewritten(backend)
+    assert_rewritten(backend, router_gemms=3 if top == "2_in_place" else 1)  # + the gate sums' einsums "se,se->s"
     block = backend.graphs[0]["report"].candidates[0]
-    assert block.top_k == top and block.num_experts == E
+    assert block.top_k == (2 if top == "2_in_place" else top) and block.num_experts == E
 
 
 EC_CASES = [
