@@ -20,7 +20,10 @@ Parts (recognisers registered in ``moe_inductor.parts``):
                        (``lt(loc, C)``: tokens over capacity dropped); the cumsum may count a 0/1 mask
                        (the one-hot times flags the term is also multiplied by); in-place ``+=``, ``*=``,
                        ``/=`` on routing tensors (DeepSpeed) are read as values when nothing reads the
-                       old value after the write (``inplace_as``).
+                       old value after the write (``inplace_as``). Stacked choices (nanoMoE): the K
+                       choices on their own axis, ``combine = sum(P, 0)`` over a (K, S, E, C) product,
+                       positions by one cumsum over the flattened (choice, token) rows, dispatch
+                       ``combine.bool().permute(1, 2, 0) @ x``.
   ``gathered_rows``    expert-choice routing: ``x[idx]`` with an (E, C) table of token ids (``topk(scores.T, C)``
                        indices, or any other), also ``x[idx.reshape(-1)].view(E, C, d)``.
 ``slots_experts``: ``bmm_mlp``: one MLP on all slots with stacked weights: ``bmm(z, W)`` / ``z @ W`` /
@@ -29,6 +32,7 @@ Parts (recognisers registered in ``moe_inductor.parts``):
   or plain activations.
 ``slots_combine``:
   ``combine_einsum``   ``einsum("sec,ecm->sm", combine.type_as(x), y)``
+  ``combine_matmul``   ``combine.view(S, -1) @ y.view(-1, d)`` (nanoMoE)
   ``scatter_slots``    ``zeros.scatter_add_(0, idx.reshape(-1, 1).expand(-1, d), (y * g[..., None]).reshape(-1, d))``,
                        ``index_add_(0, idx.reshape(-1), ...)`` (in place or not), score g (E, C) optional.
 
@@ -90,13 +94,16 @@ _COMPARE_METHODS = {"lt", "le", "gt", "ge", "eq", "ne", "__lt__", "__le__", "__g
 class SlotTerm:
     """One choice of a capacity dispatch: token s goes to expert ``choice[s]`` at slot ``L[s]``
     with weight ``prod(weights)`` gathered at (s, choice[s]), kept where every 0/1 ``flags``
-    factor is nonzero there. Factors are (node or number, axes) with axes among "s", "e"."""
+    factor is nonzero there. Factors are (node or number, labels): per dim the axis ("s", "e", and
+    "k" for a stacked term of K choices) or None for a dim of size 1."""
 
     choice: fx.Node
     weights: list
     flags: list
     slot: fx.Node
-    offsets: list  # choice nodes of the terms whose counts offset this term's positions
+    offsets: list  # 0/1 masks whose column counts offset this term's positions
+    choice_labels: tuple = ("s",)  # axes of ``choice``: ("s",), or ("s", "k") / ("k", "s") for a stacked term
+    width: Any = 1  # choices in the term: 1, or K for a stacked term
 
 
 @dataclasses.dataclass
@@ -130,6 +137,7 @@ class SlotsCombine:
     score: Optional[fx.Node] = None
     acc: Optional[fx.Node] = None
     inplace: bool = False
+    dtype: Optional[torch.dtype] = None  # einsum: the dtype the weights are used in
     spelling: str = ""
 
 
@@ -241,18 +249,23 @@ def _precedes(a: fx.Node, b: fx.Node) -> bool:
 
 def inplace_as(node) -> Optional[str]:
     """"add"/"sub"/"mul"/"div" for ``a += b`` (``a.add_(b)`` ...) that may be read as the value
-    ``a + b``: a has no views and every other reader of a runs before the write (DeepSpeed's
-    ``locations2 += counts``, ``mask1 *= lt(locations1, C)``, ``gates1_s /= denom_s``)."""
+    ``a + b``: every reader of a and of the tensors sharing its memory (views, bases) runs before the
+    write, so nothing sees the old value afterwards (DeepSpeed's ``locations2 += counts``,
+    ``mask1 *= lt(locations1, C)``, ``gates1_s /= denom_s``; nanoMoE's ``exp_mask *= lt(rank, C)`` on
+    a permuted one-hot)."""
     if not (isinstance(node, fx.Node) and len(node.args) == 2 and not node.kwargs):
         return None
     kind = _INPLACE_OPS.get(node.target) if node.op in ("call_function", "call_method") else None
     if kind is None or (node.op == "call_method") != isinstance(node.target, str):
         return None
     a = node.args[0]
-    if not isinstance(a, fx.Node) or a.op not in ("call_function", "call_method") or safety.aliases(a) != {a}:
+    if not isinstance(a, fx.Node):
         return None
-    if any(u is not node and not _precedes(u, node) for u in a.users):
-        return None
+    for n in safety.aliases(a):
+        if n.op not in ("call_function", "call_method"):
+            return None
+        if any(u is not node and not _precedes(u, node) for u in n.users):
+            return None
     return kind
 
 
@@ -274,6 +287,26 @@ def _product(node, axes: tuple, out: list) -> None:
         dim = node.args[1] % len(axes)
         if axes[dim] is None or _size_one((shape_of(node) or [None] * len(axes))[dim]):
             return _product(node.args[0], axes[:dim] + axes[dim + 1:], out)
+    if node.op == "call_method" and node.target == "permute" and len(node.args) >= 2:
+        dims = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (tuple, list)) else node.args[1:]
+        if sorted(d % len(axes) for d in dims) == list(range(len(axes))):
+            inner_axes = [None] * len(axes)
+            for i, d in enumerate(dims):
+                inner_axes[d % len(axes)] = axes[i]
+            return _product(node.args[0], tuple(inner_axes), out)
+    if node.op == "call_function" and node.target is operator.getitem and isinstance(node.args[1], tuple) and \
+            all(p is None or p == slice(None) for p in node.args[1]) and same_rank(node, node) and \
+            len(node.args[1]) <= len(axes):
+        index, kept, i = node.args[1], [], 0  # t[None, :]: unsqueezes
+        for p in index:
+            if p is None:
+                if axes[i] is not None and not _size_one(shape_of(node)[i]):
+                    break
+            else:
+                kept.append(axes[i])
+            i += 1
+        else:
+            return _product(node.args[0], tuple(kept) + tuple(axes[i:]), out)
     es = _einsum(node)
     if es is not None:
         ins, outl, ops = es
@@ -288,14 +321,6 @@ def _product(node, axes: tuple, out: list) -> None:
 def same_rank(a, b) -> bool:
     sa, sb = shape_of(a), shape_of(b)
     return sa is not None and sb is not None and len(sa) == len(sb)
-
-
-def _effective(leaf, axes) -> tuple:
-    """The axes along which a factor varies (labels of its dims that are not of size 1)."""
-    if not isinstance(leaf, fx.Node):
-        return ()
-    shape = shape_of(leaf) or ()
-    return tuple(a for a, s in zip(axes, shape) if a is not None and not _size_one(s))
 
 
 def _signed_sum(node, sign: int, out: list) -> None:
@@ -346,41 +371,83 @@ def _same_choice(a, b) -> bool:
 
 # --------------------------------------------------------------------------- slots_dispatch: capacity
 
-def _mask(node) -> Optional[list]:
-    """The 0/1 factors (over tokens x experts) of a product of flags, else None."""
-    factors: list = []
+def _labels(f, axes) -> tuple:
+    """Per dim of a factor: the axis it runs along, None for a dim of size 1 (broadcast)."""
+    shape = shape_of(f) if isinstance(f, fx.Node) else None
+    if shape is None:
+        return ()
+    return tuple(None if _size_one(s) else a for a, s in zip(axes, shape))
+
+
+def _factors(node, axes) -> list:
+    """``_product`` with each leaf as (leaf with exact casts stripped, labels)."""
+    out: list = []
+    _product(node, axes, out)
+    found = []
+    for f, a in out:
+        if not isinstance(f, fx.Node):
+            found.append((f, ()))
+            continue
+        labels = _labels(f, a)
+        if _one_hot(f) is not None and labels:  # its class axis counts even with one class (E or C of 1)
+            labels = labels[:-1] + (a[-1],)
+        found.append((_strip_exact_casts(f), labels))
+    return found
+
+
+def _mask(node, axes) -> Optional[list]:
+    """The 0/1 factors of a product of flags, as (leaf, labels), else None."""
     try:
-        _product(node, ("s", "e"), factors)
+        factors = _factors(node, axes)
     except PartDeclined:
         return None
     if factors and all(isinstance(f, fx.Node) and _is_flag(f) for f, _ in factors):
-        return [_strip_exact_casts(f) for f, _ in factors]
+        return factors
     return None
 
 
-def _choice_of(mask: list) -> Optional[fx.Node]:
-    """The expert ids ``idx`` of the one-hot among the factors (all one-hots of one idx), else None."""
-    ids = [_one_hot(f)[0] for f in mask if _one_hot(f) is not None]
-    return ids[0] if ids and all(_same_choice(i, ids[0]) for i in ids) else None
+def _choice_of(mask: list) -> Optional[tuple]:
+    """(ids, labels of ids) of the one-hot over experts among the factors (all one-hots over experts
+    of one ids), else None."""
+    found = [(_one_hot(f)[0], lab[:-1]) for f, lab in mask if _one_hot(f) is not None and lab and lab[-1] == "e"]
+    if found and all(_same_choice(i, found[0][0]) and lab == found[0][1] for i, lab in found):
+        return found[0]
+    return None
+
+
+def _same_ids(a: Optional[tuple], b: Optional[tuple]) -> bool:
+    return a is not None and b is not None and _same_choice(a[0], b[0]) and a[1] == b[1]
 
 
 def _within(mask: list, factors: list) -> bool:
-    """Every factor of ``mask`` is one of ``factors``: where all of ``factors`` are 1, mask is 1."""
-    return all(any(safety.equivalent(f, g) for g in factors) for f in mask)
+    """Every factor of ``mask`` is one of ``factors`` (same value, same axes): where all of
+    ``factors`` are 1, mask is 1."""
+    return all(any(safety.equivalent(f, g) and lf == lg for g, lg in factors) for f, lf in mask)
 
 
 @dataclasses.dataclass
 class _Positions:
-    choice: fx.Node  # the experts whose one-hot the cumsum counts
-    counted: list  # 0/1 factors of the cumsum's mask (the one-hot of ``choice`` among them)
+    choice: tuple  # (ids, labels): the experts whose one-hot the cumsum counts
+    counted: list  # 0/1 factors of the cumsum's mask (that one-hot among them)
     offsets: list  # 0/1 factor lists: their column counts are added
 
 
-def _positions(loc) -> _Positions:
+def _positions(loc, axes: tuple) -> _Positions:
     """``loc = cumsum(B, 0) - 1 + sum_j B_j.sum(0, keepdim=True)`` for 0/1 masks B (the one-hot of the
-    chosen experts, possibly times capacity flags) and B_j; declines otherwise."""
+    chosen experts, possibly times capacity flags) and B_j, over axes (s, e); or, over (k, s, e),
+    ``cumsum(B.reshape(K * S, E), 0) - 1`` reshaped back (one count over every choice and token:
+    nanoMoE). Declines otherwise."""
+    loc = _strip_exact_casts(loc)
+    stacked, outer = len(axes) == 3, loc
+    if stacked:
+        flat = loc.args[0] if loc.op == "call_method" and loc.target in ("reshape", "view") else None
+        fs, ls = shape_of(flat), shape_of(loc)
+        need("slots_dispatch", fs is not None and len(fs) == 2 and ls is not None and same(fs[0], ls[0] * ls[1])
+             and same(fs[1], ls[2]), f"slot positions {loc.name} are not a count over the flattened (choice, "
+                                     "token) rows reshaped back")
+        loc = flat
     terms: list = []
-    _signed_sum(_strip_exact_casts(loc), 1, terms)
+    _signed_sum(loc, 1, terms)
     cums, consts, offsets = [], 0, []
     for sign, t in terms:
         if not isinstance(t, fx.Node):
@@ -393,8 +460,8 @@ def _positions(loc) -> _Positions:
         if c is not None and sign == 1:
             cums.append(c)
             continue
-        counted = _reduce(t, "sum", (0,))  # (1, E) or (E,): broadcast over the tokens alike
-        mask = _mask(counted) if counted is not None else None
+        counted = _reduce(t, "sum", (0,)) if not stacked else None  # (1, E) or (E,): broadcast over tokens
+        mask = _mask(counted, ("s", "e")) if counted is not None else None
         if mask is not None and _choice_of(mask) is not None and sign == 1:
             offsets.append(mask)
             continue
@@ -403,7 +470,14 @@ def _positions(loc) -> _Positions:
                                   "(one_hot.sum(0, keepdim=True))")
     need("slots_dispatch", len(cums) == 1, f"slot positions {loc.name} are not one cumsum over the tokens minus 1")
     need("slots_dispatch", consts == -1, f"slot positions {loc.name} are cumsum {consts:+} (not cumsum - 1)")
-    counted = _mask(cums[0])
+    src = cums[0]
+    if stacked:
+        inner = _strip_exact_casts(src)
+        inner = inner.args[0] if inner.op == "call_method" and inner.target in ("reshape", "view") else None
+        need("slots_dispatch", inner is not None and safety.same_shape(inner, outer),
+             f"slot positions {loc.name}: the cumsum is not over the (choice, token) rows of a (K, S, E) mask")
+        src = inner
+    counted = _mask(src, axes)
     choice = _choice_of(counted) if counted is not None else None
     need("slots_dispatch", choice is not None, f"slot positions {loc.name}: the cumsum is not over a 0/1 mask of the "
                                                "chosen experts (one_hot(ids, E), times flags): distinct positions "
@@ -411,20 +485,26 @@ def _positions(loc) -> _Positions:
     return _Positions(choice=choice, counted=counted, offsets=offsets)
 
 
-def _slot_of(L, choice, term_flags: list) -> _Positions:
-    """Prove that wherever the term is nonzero, L[s] == loc[s, choice[s]] and loc counts the token
-    (so kept tokens of one expert get distinct positions); return loc's description."""
+def _slot_of(L, L_labels: tuple, choice: tuple, term_flags: list) -> _Positions:
+    """Prove that wherever the term is nonzero, L == loc at the chosen expert and loc counts the
+    token (so kept tokens of one expert get distinct positions); return loc's description."""
     L = _strip_exact_casts(L)
-    inner = _reduce(L, "sum", (1, -1), keepdim=False)
+    red = L if L.op in ("call_function", "call_method") else None
+    inner = None
+    for d in range(len(L_labels) + 1):
+        inner = inner or _reduce(red, "sum", (d, d - len(L_labels) - 1), keepdim=False)
+        if inner is not None:
+            break
     if inner is not None:
-        factors: list = []
-        _product(inner, ("s", "e"), factors)
+        axes = L_labels[:d] + ("e",) + L_labels[d:]
+        need("slots_dispatch", None not in axes, f"slot index {L.name}: positions of a size-1 axis")
+        factors = _factors(inner, axes)
         locs = [(f, a) for f, a in factors if isinstance(f, fx.Node) and not _is_flag(f)]
-        flags = [_strip_exact_casts(f) for f, a in factors if isinstance(f, fx.Node) and _is_flag(f)]
-        need("slots_dispatch", len(locs) == 1 and len(flags) + 1 == len(factors),
-             f"slot index {L.name} is not sum(positions * mask, 1) with a 0/1 mask")
-        loc, _ = locs[0]
-        need("slots_dispatch", _choice_of(flags) is not None and _same_choice(_choice_of(flags), choice),
+        flags = [(f, a) for f, a in factors if isinstance(f, fx.Node) and _is_flag(f)]
+        need("slots_dispatch", len(locs) == 1 and len(flags) + 1 == len(factors) and locs[0][1] == axes,
+             f"slot index {L.name} is not sum(positions * mask) over the experts with a 0/1 mask")
+        loc = locs[0][0]
+        need("slots_dispatch", _same_ids(_choice_of(flags), choice),
              f"slot index {L.name}: the mask it reads positions with is not the term's one-hot of its experts")
         need("slots_dispatch", _within(flags, term_flags),
              f"slot index {L.name}: reads positions under a mask the combine weights are not multiplied by (a slot "
@@ -433,61 +513,70 @@ def _slot_of(L, choice, term_flags: list) -> _Positions:
         g = L
         if g.op == "call_method" and g.target == "squeeze" and len(g.args) in (1, 2):
             g = g.args[0]
-        need("slots_dispatch", isinstance(g, fx.Node) and g.op in ("call_method", "call_function")
-             and g.target in ("gather", torch.gather) and _arg(g, 1, "dim") in (1, -1),
+        need("slots_dispatch", L_labels == ("s",) and isinstance(g, fx.Node) and g.op in ("call_method",
+             "call_function") and g.target in ("gather", torch.gather) and _arg(g, 1, "dim") in (1, -1),
              f"slot index {L.name} is not the slot positions read at the chosen expert "
              "(sum(positions * mask, 1) or positions.gather(1, ids))")
         loc, gi = g.args[0], _arg(g, 2, "index")
         gi = gi.args[0] if isinstance(gi, fx.Node) and gi.op == "call_method" and gi.target in (
             "unsqueeze", "view", "reshape") else gi
-        need("slots_dispatch", _same_choice(gi, choice), f"slot index {L.name} reads positions at other experts "
-                                                         "than the term's")
-    pos = _positions(loc)
-    need("slots_dispatch", _same_choice(pos.choice, choice), f"slot positions {loc.name} count another choice of "
-                                                             "experts than the term that uses them")
+        need("slots_dispatch", _same_choice(gi, choice[0]), f"slot index {L.name} reads positions at other experts "
+                                                            "than the term's")
+        axes = ("s", "e")
+    pos = _positions(loc, axes)
+    need("slots_dispatch", _same_ids(pos.choice, choice), f"slot positions {loc.name} count another choice of "
+                                                          "experts than the term that uses them")
     need("slots_dispatch", _within(pos.counted, term_flags),
          f"slot positions {loc.name} count tokens under a mask the combine weights are not multiplied by (two kept "
          "tokens could share a position)")
     return pos
 
 
+def _term(t: fx.Node, axes: tuple, cw: fx.Node):
+    """One term of the combine weights over ``axes`` ("s", "e", "c") or, stacked, ("k", "s", "e", "c")."""
+    slots, flags, weights = [], [], []
+    for f, lab in _factors(t, axes):
+        oh = _one_hot(f) if isinstance(f, fx.Node) else None
+        if oh is not None and lab and lab[-1] == "c" and "e" not in lab:
+            slots.append((oh[0], lab[:-1]))
+        elif "c" in lab:
+            decline("slots_dispatch", f"combine weights {cw.name}: {f.name} varies along the slots and is not a "
+                                      "one-hot of slot positions")
+        elif isinstance(f, fx.Node) and _is_flag(f):
+            flags.append((f, lab))
+        else:
+            weights.append((f, lab))
+    need("slots_dispatch", len(slots) == 1, f"combine weights {cw.name}: a term is not placed by one one-hot of "
+                                            "slot positions (one_hot(locations, C))")
+    choice = _choice_of(flags)
+    per_token = set(axes) - {"e", "c"}
+    need("slots_dispatch", choice is not None and set(choice[1]) - {None} <= per_token,
+         f"combine weights {cw.name}: a term is not restricted to one chosen expert per token (one_hot(ids, E))")
+    need("slots_dispatch", set(slots[0][1]) - {None} <= per_token, f"combine weights {cw.name}: slot positions do "
+                                                                   "not follow the tokens")
+    pos = _slot_of(slots[0][0], slots[0][1], choice, flags)
+    width = 1
+    if "k" in axes:
+        width = shape_of(t)[axes.index("k")]
+    return SlotTerm(choice=choice[0], choice_labels=choice[1], weights=weights, flags=flags, slot=slots[0][0],
+                    offsets=pos.offsets, width=width), pos
+
+
 def _terms(cw: fx.Node) -> list:
-    """The terms of the combine weights (S, E, C), each proven to be one (token, expert, slot) entry,
-    ordered so that term k's positions start after the positions of the terms before it."""
+    """The terms of the combine weights (S, E, C), each proven to give every token at most one
+    (expert, slot) per choice, ordered so that term k's positions start after the positions of the
+    terms before it; or one stacked term ``sum(P, 0)`` over a (K, S, E, C) product (nanoMoE)."""
+    stacked = _reduce(cw, "sum", (0,), keepdim=False)
+    if stacked is not None and len(shape_of(stacked) or ()) == 4 and not inplace_as(cw):
+        term, _ = _term(stacked, ("k", "s", "e", "c"), cw)
+        return [term]
     sums: list = []
     _signed_sum(cw, 1, sums)
     terms = []
     for sign, t in sums:
         need("slots_dispatch", sign == 1 and isinstance(t, fx.Node) and safety.same_shape(t, cw),
              f"combine weights {cw.name}: a term is subtracted or broadcast along an axis")
-        factors: list = []
-        _product(t, ("s", "e", "c"), factors)
-        slots, choices, flags, weights = [], [], [], []
-        for f, ax in factors:
-            oh = _one_hot(f) if isinstance(f, fx.Node) else None
-            eff = _effective(f, ax)
-            if oh is not None and len(ax) == 2 and ax[0] == "s" and ax[1] == "c":
-                slots.append(oh[0])
-            elif oh is not None and len(ax) == 2 and ax[0] == "s" and ax[1] == "e":
-                choices.append(oh[0])
-                flags.append((f, ax))
-            elif "c" in eff:
-                decline("slots_dispatch", f"combine weights {cw.name}: {f.name} varies along the slots and is not "
-                                          "a one-hot of slot positions")
-            elif _is_flag(f):
-                flags.append((f, ax))
-            else:
-                weights.append((f, ax))
-        need("slots_dispatch", len(slots) == 1, f"combine weights {cw.name}: a term is not placed by one one-hot of "
-                                                "slot positions (one_hot(locations, C))")
-        need("slots_dispatch", len(choices) >= 1 and all(_same_choice(c, choices[0]) for c in choices),
-             f"combine weights {cw.name}: a term is not restricted to one chosen expert per token "
-             "(one_hot(ids, E))")
-        need("slots_dispatch", len(shape_of(choices[0]) or ()) == 1, f"{choices[0].name}: chosen experts are not "
-                                                                       "one per token")
-        pos = _slot_of(slots[0], choices[0], [_strip_exact_casts(f) for f, _ in flags])
-        terms.append((SlotTerm(choice=choices[0], weights=weights, flags=flags, slot=slots[0], offsets=pos.offsets),
-                      pos))
+        terms.append(_term(t, ("s", "e", "c"), cw))
     # Kept positions of term j lie in [off_j, off_j + count(B_j)), B_j the mask its cumsum counts. Term k
     # adds the counts of masks Y_kj for j < k; off_k >= off_j + count(B_j) when Y_kj covers B_j and Y_ki
     # covers Y_ji for i < j (a mask covers another when its factors are among the other's).
@@ -499,7 +588,8 @@ def _terms(cw: fx.Node) -> list:
              "the choices before it (a slot could hold two tokens)")
         rest, by_term = list(pos.offsets), {}
         for j, (tj, pj) in enumerate(ordered[:k]):
-            hit = next((m for m in rest if _same_choice(_choice_of(m), tj.choice) and _within(m, pj.counted)), None)
+            hit = next((m for m in rest if _same_ids(_choice_of(m), (tj.choice, tj.choice_labels))
+                        and _within(m, pj.counted)), None)
             need("slots_dispatch", hit is not None,
                  f"combine weights {cw.name}: the slot positions of choice {k + 1} do not start after the "
                  f"positions of choice {j + 1} (a slot could hold two tokens)")
@@ -513,26 +603,51 @@ def _terms(cw: fx.Node) -> list:
     return [t for t, _ in ordered]
 
 
+def _nonzero_source(d) -> Optional[fx.Node]:
+    """W if ``d`` is ``W.bool()`` or ``W != 0`` (exact casts around allowed)."""
+    d = _strip_exact_casts(d)
+    if d.op == "call_method" and d.target == "bool" and len(d.args) == 1:
+        return d.args[0]
+    if d.op in ("call_function", "call_method") and d.target in (operator.ne, torch.ne, "ne", "__ne__") \
+            and len(d.args) == 2 and d.args[1] == 0:
+        return d.args[0]
+    return None
+
+
+def _matmul_args(node) -> Optional[tuple]:
+    if isinstance(node, fx.Node) and len(node.args) == 2 and not node.kwargs and (
+            (node.op == "call_function" and node.target in (torch.matmul, operator.matmul))
+            or (node.op == "call_method" and node.target in ("matmul", "__matmul__"))):
+        return node.args
+    return None
+
+
 @register("slots_dispatch", "capacity_einsum",
-          'einsum("sec,sm->ecm", combine.bool(), x): one-hot/cumsum capacity slots (GShard/Switch)')
+          'einsum("sec,sm->ecm", combine.bool(), x) or combine.bool().permute(1, 2, 0) @ x: one-hot/cumsum '
+          'capacity slots (GShard/Switch, nanoMoE)')
 def capacity_einsum(slots) -> Optional[SlotsDispatch]:
     es = _einsum(slots)
-    if es is None or len(es[2]) != 2:
-        return None
-    ins, outl, ops = es
-    for (md, xd), (m, x) in ((ins, ops), (ins[::-1], ops[::-1])):
-        if len(md) == 3 and len(xd) == 2 and len(outl) == 3 and len(set(md + xd)) == 4 and xd[0] == md[0] \
-                and outl == md[1] + md[2] + xd[1]:
-            break
+    mm = _matmul_args(slots)
+    if es is not None and len(es[2]) == 2:
+        ins, outl, ops = es
+        for (md, xd), (m, x) in ((ins, ops), (ins[::-1], ops[::-1])):
+            if len(md) == 3 and len(xd) == 2 and len(outl) == 3 and len(set(md + xd)) == 4 and xd[0] == md[0] \
+                    and outl == md[1] + md[2] + xd[1]:
+                break
+        else:
+            return None
+        d = m
+    elif mm is not None and len(shape_of(mm[0]) or ()) == 3 and len(shape_of(mm[1]) or ()) == 2:
+        m, x = mm
+        p = _strip_exact_casts(m)
+        if not (p.op == "call_method" and p.target == "permute" and tuple(
+                p.args[1] if len(p.args) == 2 and isinstance(p.args[1], (tuple, list)) else p.args[1:]) in (
+                (1, 2, 0), (-2, -1, 0))):
+            return None
+        d = p.args[0]
     else:
         return None
-    d = _strip_exact_casts(m)
-    src = None
-    if d.op == "call_method" and d.target == "bool" and len(d.args) == 1:
-        src = d.args[0]
-    elif d.op in ("call_function", "call_method") and d.target in (operator.ne, torch.ne, "ne", "__ne__") \
-            and len(d.args) == 2 and d.args[1] == 0:
-        src = d.args[0]
+    src = _nonzero_source(d)
     if not isinstance(src, fx.Node):
         twice = " (it scales the expert inputs by routing weights: with the combine weights, scores are applied " \
                 "twice)" if not _is_flag(d) else ""
@@ -695,8 +810,36 @@ def combine_einsum(node) -> Optional[SlotsCombine]:
     for (cl, yl), (c, y) in ((ins, ops), (ins[::-1], ops[::-1])):
         if len(cl) == 3 and len(yl) == 3 and len(outl) == 2 and yl[:2] == cl[1:] and outl == cl[0] + yl[2] \
                 and len(set(cl + yl)) == 4:
-            return SlotsCombine(kind="einsum", anchor=node, experts_out=y, weights=c)
+            return SlotsCombine(kind="einsum", anchor=node, experts_out=y, weights=c, dtype=dtype_of(c))
     return None
+
+
+def _flattened(node, rank: int) -> Optional[fx.Node]:
+    """t if ``node`` is ``t.view(a, b)`` / ``reshape`` of a 3-D t merging two of its axes, else None."""
+    if isinstance(node, fx.Node) and node.op == "call_method" and node.target in ("view", "reshape") and \
+            isinstance(node.args[0], fx.Node) and len(shape_of(node.args[0]) or ()) == rank:
+        return node.args[0]
+    return None
+
+
+@register("slots_combine", "combine_matmul", "combine.view(S, -1) @ y.view(-1, d) (nanoMoE)")
+def combine_matmul(node) -> Optional[SlotsCombine]:
+    mm = _matmul_args(node)
+    if mm is None:
+        return None
+    a, b = mm
+    sa, sb = shape_of(a), shape_of(b)
+    if sa is None or sb is None or len(sa) != 2 or len(sb) != 2:
+        return None
+    w, y = _flattened(safety.strip_casts(a), 3), _flattened(b, 3)
+    if w is None or y is None:
+        return None
+    sw, sy = shape_of(w), shape_of(y)
+    if not (same(sa[0], sw[0]) and same(sa[1], sw[1] * sw[2]) and same(sb[0], sy[0] * sy[1]) and same(sb[1], sy[2])
+            and same(sw[1], sy[0]) and same(sw[2], sy[1])):
+        return None
+    weights = a.args[0] if a.op == "call_method" and a.target in ("view", "reshape") else w
+    return SlotsCombine(kind="einsum", anchor=node, experts_out=y, weights=weights, dtype=dtype_of(a))
 
 
 def _slot_rows(index) -> Optional[fx.Node]:
@@ -877,57 +1020,70 @@ def _block(node, comb, mlp, disp, start_kind, base, order) -> MoEBlock:
         K, desc = None, "dispatch=gathered_rows"
     else:
         terms = disp.terms
-        cw_dtype = dtype_of(comb.weights)
+        cw_dtype = comb.dtype or dtype_of(comb.weights)
         state: dict = {}
 
-        def at_choice(graph, f, ax, choice):
-            eff = _effective(f, ax)
-            if not isinstance(f, fx.Node) or not eff:
+        def align(graph, f, labels, order):
+            """``f`` with its dims reordered to ``order`` (size 1 where f has no such axis)."""
+            if not isinstance(f, fx.Node):
                 return f
-            if eff == ("s",):
-                return method(graph, "reshape", f, -1, like=node)
-            if eff == ("e",):
-                return call(graph, operator.getitem, method(graph, "reshape", f, -1, like=node), choice, like=node)
-            kept_axes = [a for a, s in zip(ax, shape_of(f)) if a is not None and not _size_one(s)]
-            prove(kept_axes == ["s", "e"], f"proof: {f.name} is laid out (experts, tokens)")
-            m = method(graph, "reshape", f, method(graph, "size", x, 0, like=node), E, like=node)
-            g = method(graph, "gather", m, 1, method(graph, "unsqueeze", choice, 1, like=node), like=node)
-            return method(graph, "squeeze", g, 1, like=node)
+            drop = tuple(i for i, lab in enumerate(labels) if lab is None)
+            t = method(graph, "squeeze", f, drop, like=node) if drop else f
+            present = [lab for lab in labels if lab is not None]
+            perm = sorted(range(len(present)), key=lambda j: order.index(present[j]))
+            if perm != list(range(len(present))):
+                t = method(graph, "permute", t, *perm, like=node)
+            for pos, lab in enumerate(order):
+                if lab not in present:
+                    t = method(graph, "unsqueeze", t, pos, like=node)
+            return t
 
         def per_term(graph):
+            """(expert ids, scores), flat and token-major: (S, sum of the terms' widths)."""
             if "ids" in state:
                 return state["ids"], state["scores"]
+            S = method(graph, "size", x, 0, like=node)
             ids, ss = [], []
             for t in terms:
+                width = int_value(t.width)
+                chosen = method(graph, "expand", align(graph, t.choice, t.choice_labels, ("s", "k")), S, width,
+                                like=node)
+                where = method(graph, "unsqueeze", chosen, -1, like=node)
+
+                def at_choice(f, labels):
+                    if not isinstance(f, fx.Node):
+                        return f
+                    full = method(graph, "expand", align(graph, f, labels, ("s", "k", "e")), S, width, E, like=node)
+                    return method(graph, "squeeze", method(graph, "gather", full, 2, where, like=node), -1, like=node)
+
                 kept = None
-                for f, ax in t.flags:
-                    v = call(graph, operator.ne, at_choice(graph, f, ax, t.choice), 0, like=node)
+                for f, lab in t.flags:
+                    v = call(graph, operator.ne, at_choice(f, lab), 0, like=node)
                     kept = v if kept is None else call(graph, operator.and_, kept, v, like=node)
-                ids.append(call(graph, torch.where, kept, t.choice, -1, like=node))
-                s = None
-                for f, ax in t.weights:
-                    v = at_choice(graph, f, ax, t.choice)
-                    s = v if s is None else call(graph, operator.mul, s, v, like=node)
-                if s is None or not isinstance(s, fx.Node):
-                    ones = call(graph, torch.ones_like, t.choice, dtype=cw_dtype, like=node)
-                    s = ones if s is None else call(graph, operator.mul, ones, s, like=node)
-                if dtype_of(s) != cw_dtype:
-                    s = method(graph, "to", s, cw_dtype, like=node)
-                ss.append(s)
-            state["ids"] = method(graph, "reshape", call(graph, torch.stack, ids, 1, like=node), -1, like=node)
-            state["scores"] = method(graph, "reshape", call(graph, torch.stack, ss, 1, like=node), -1, like=node)
+                ids.append(call(graph, torch.where, kept, chosen, -1, like=node))
+                score = call(graph, torch.ones_like, chosen, dtype=cw_dtype, like=node)
+                for f, lab in t.weights:
+                    score = call(graph, operator.mul, score, at_choice(f, lab), like=node)
+                if dtype_of(score) != cw_dtype:
+                    score = method(graph, "to", score, cw_dtype, like=node)
+                ss.append(score)
+            state["ids"] = method(graph, "reshape", call(graph, torch.cat, ids, 1, like=node), -1, like=node)
+            state["scores"] = method(graph, "reshape", call(graph, torch.cat, ss, 1, like=node), -1, like=node)
             return state["ids"], state["scores"]
 
         def token_ids(graph):
             ar = call(graph, torch.arange, method(graph, "size", x, 0, like=node), device=device, like=node)
-            return method(graph, "repeat_interleave", ar, len(terms), like=node)
+            return method(graph, "repeat_interleave", ar, K, like=node)
 
         def expert_ids(graph):
             return per_term(graph)[0]
 
         def scores(graph):
             return per_term(graph)[1]
-        K, desc = len(terms), f"dispatch=capacity_einsum ({len(terms)} choice{'s' if len(terms) > 1 else ''})"
+        widths = [int_value(t.width) for t in terms]
+        prove(None not in widths, "proof: the number of choices per token is not a constant")
+        K = sum(widths)
+        desc = f"dispatch=capacity_einsum ({K} choice{'s' if K > 1 else ''}{', stacked' if len(terms) < K else ''})"
 
     def replace(out):
         graph = out.graph
@@ -962,6 +1118,8 @@ def _block(node, comb, mlp, disp, start_kind, base, order) -> MoEBlock:
 def _is_candidate(node: fx.Node) -> bool:
     if node.op == "call_function" and node.target in _EINSUM:
         return combine_einsum(node) is not None
+    if _matmul_args(node) is not None:
+        return combine_matmul(node) is not None
     if node.op == "call_method" and node.target in ("scatter_add_", "scatter_add", "index_add_", "index_add"):
         try:
             return scatter_slots(node) is not None

@@ -141,6 +141,36 @@ class CapacityMoE(nn.Module):
         return torch.einsum("sec,ecm->sm", combine.type_as(x), y)
 
 
+class StackedChoicesMoE(nn.Module):
+    """Top-k capacity dispatch with the choices on their own axis (written from a reading of nanoMoE's
+    router and MoE layer): one-hot (K, S, E), slot positions by one cumsum over the flattened
+    (choice, token) rows, capacity by an in-place ``*=`` on the permuted one-hot, combine weights
+    ``sum(w.unsqueeze(3) * one_hot(slot, C).unsqueeze(2), 0)``, dispatch
+    ``combine.bool().permute(1, 2, 0) @ x``, combine ``combine.view(S, -1) @ y.view(-1, d)``."""
+
+    def __init__(self, capacity=3, k=2, mutation=None):
+        super().__init__()
+        self.capacity, self.k, self.mutation = capacity, k, mutation
+        self.router = nn.Linear(D, E, bias=False)
+        self.experts = BatchedExperts("relu_bmm")
+
+    def forward(self, x):
+        S, K, C = x.size(0), self.k, self.capacity
+        logits = self.router(x)
+        top_v, top_i = logits.topk(K, dim=-1)
+        probs = Fn.softmax(torch.full_like(logits, float("-inf")).scatter(-1, top_i, top_v), dim=-1)
+        mask = Fn.one_hot(top_i, num_classes=E).permute(1, 0, 2)  # (K, S, E)
+        if self.mutation == "positions_per_choice":  # each choice counts from 0: choices share slots
+            rank = torch.cumsum(mask, dim=1) - 1
+        else:
+            rank = (torch.cumsum(mask.reshape(K * S, E), dim=0) - 1).reshape(K, S, E)
+        mask *= torch.lt(rank, C)
+        slot = torch.sum(mask * rank, dim=-1)  # (K, S)
+        combine = torch.sum((mask * probs[None, :]).unsqueeze(3) * Fn.one_hot(slot, num_classes=C).unsqueeze(2), 0)
+        y = self.experts(combine.bool().permute(1, 2, 0).type_as(x) @ x)
+        return combine.view(S, -1) @ y.view(-1, D)
+
+
 class ExpertChoiceMoE(nn.Module):
     """Expert-choice routing: affinities softmax over experts, each expert takes its top-C tokens
     ``topk(scores.T, C)``, slots gathered (E, C, d), experts on the slots, gated outputs added back
@@ -277,6 +307,13 @@ def test_capacity_dispatch(top, capacity, experts, lengths):
     assert block.top_k == (2 if top == "2_in_place" else top) and block.num_experts == E
 
 
+@pytest.mark.parametrize("capacity,k", [(3, 2), (1, 2), (16, 3)])  # drops; capacity 1; top-3, nothing dropped
+def test_stacked_choices(capacity, k):
+    backend = run(seeded(lambda: StackedChoicesMoE(capacity, k)), LENGTHS if capacity == 3 else LENGTHS[1:])
+    assert_rewritten(backend)
+    assert backend.graphs[0]["report"].candidates[0].top_k == k
+
+
 EC_CASES = [
     # (capacity, experts, combine, gather, lengths)
     (3, "swiglu_einsum", "scatter_add_", "index", LENGTHS),  # the catalogue's shape
@@ -322,6 +359,7 @@ NEAR_MISSES = [
     (lambda: CapacityMoE(top=2, mutation="slot_of_other_choice"), ("slots_dispatch", "slot")),
     (lambda: CapacityMoE(top=1, mutation="combine_of_other_weights"), ("proof", "combined with")),
     (lambda: CapacityMoE(top=1, mutation="dispatch_weighted"), ("slots_dispatch", "twice")),
+    (lambda: StackedChoicesMoE(mutation="positions_per_choice"), ("slots_dispatch", "slot positions")),
     (lambda: ExpertChoiceMoE(mutation="scores_twice"), ("proof", "twice")),
     (lambda: ExpertChoiceMoE(mutation="written_elsewhere"), ("proof", "written back")),
     (lambda: ExpertChoiceMoE(combine="viewed_before"), ("combine", "viewed before")),
