@@ -105,13 +105,23 @@ def rewrite_allowed(spec: "Spec") -> bool:
 
 #: combinations (layout, dispatch, experts, combine, score_on, bias) that the rewrite replaces
 #: for every E, K, T, activation (except a gated relu: the fused op has no ReGLU), gate and skew:
-#: asserted by tests/test_generated_moe.py. Started with what main rewrote before the parts
-#: redesign; the lead extends it as recognisers land.
-SUPPORTED = {
-    ("loop", "where_eq", "modulelist", "index_add", "output", False),
-    ("loop", "onehot_permute", "modulelist", "index_add", "output", False),
-    ("gathered", "interleave", "gathered_fused", "view_sum", "output", False),  # transformers batched_mm
-}
+#: asserted by tests/test_generated_moe.py and counted by examples/fuzz_rewrites.py. Each was
+#: checked at (gated silu, E=5, K=2, T=7, skewed), (gelu, E=3, K=1, T=1), (gated gelu, E=8, K=3,
+#: T=13) on main at 63e4aa2 plus the parts work in progress; extend it as recognisers land.
+#: Not yet rewritten (the gaps the fuzz reports): scores on the input of per-expert loops and
+#: flat masks, flat masks combined with index_add_ into tokens, gathered layouts with biases, a
+#: sorted gathered layout folded back with view_sum, separate gate/up bmm's with a view_sum.
+SUPPORTED = (
+    {("loop", d, ex, c, "output", b)  # per-expert loops: where / one-hot, Linears or w[e], any combine
+     for d in ("where_eq", "onehot_permute") for ex in ("modulelist", "stacked")
+     for c in ("index_add", "indexed_iadd", "index_put_acc", "scatter_add") for b in (False, True)}
+    | {("flat", "flat_mask", ex, "view_sum", "output", b)  # DeepSeek training-branch form
+       for ex in ("modulelist", "stacked") for b in (False, True)}
+    | {("gathered", d, ex, c, so, False)  # W[ids] + bmm rows, into tokens (torchtitan-like when sorted)
+       for d in ("interleave", "sorted") for ex in ("gathered", "gathered_fused")
+       for c in ("index_add", "scatter_add") for so in ("output", "input")}
+    | {("gathered", "interleave", "gathered_fused", "view_sum", "output", False)}  # transformers batched_mm
+)
 
 
 def supported(spec: "Spec") -> bool:

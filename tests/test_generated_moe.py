@@ -10,12 +10,13 @@ asserted (``examples/fuzz_rewrites.py`` runs many more cases and writes the rate
 from __future__ import annotations
 
 import collections
+import random
 
 import pytest
 
 import moe_generator as G
 
-SEED, CASES = 2026, 12  # plus 3 supported combinations and 21 near-misses below
+SEED, CASES = 2026, 12  # plus up to 5 supported combinations and 21 near-misses below
 _OUTCOMES: list = []
 
 
@@ -43,7 +44,14 @@ def _base(combo, mutation=None, **kw) -> G.Spec:
     return G.Spec(**args)
 
 
-@pytest.mark.parametrize("combo", sorted(G.SUPPORTED), ids=lambda c: "-".join(map(str, c)))
+# a fixed sample of the supported combinations (the random cases and examples/fuzz_rewrites.py
+# check the others as they come up), always with the near-miss bases
+_SUPPORTED_SAMPLE = sorted(set(random.Random(SEED).sample(sorted(G.SUPPORTED), min(3, len(G.SUPPORTED))))
+                           | {("loop", "where_eq", "modulelist", "index_add", "output", False),
+                              ("gathered", "interleave", "gathered_fused", "view_sum", "output", False)})
+
+
+@pytest.mark.parametrize("combo", _SUPPORTED_SAMPLE, ids=lambda c: "-".join(map(str, c)))
 def test_supported_combination_rewritten(combo):
     # prime E and T, K = 2, skewed routing (the last experts get no token); includes the near-miss bases
     outcome = G.run_case(_base(combo))
