@@ -7,7 +7,7 @@ rewrite at two sequence lengths and checks the output and every gradient against
 number of rewritten blocks against ``expect``, and the rewritten graph's GEMMs.
 
 A new spelling is added here as one more ``Idiom(...)``. ``expect`` is the number of MoE blocks
-the rewrite must replace, or ``"pending"`` for a spelling whose recogniser has not landed (only
+the rewrite must replace (0 for the look-alikes at the end, which compute something else), or ``"pending"`` for a spelling whose recogniser has not landed (only
 numerics are checked, and the test records a note); flip it to the count when it lands.
 
 Only torch is imported (and ``moe_modules`` from this folder): the catalogue does not depend on
@@ -221,12 +221,16 @@ class DeepSeekV3Inference(nn.Module):
         return y + self.shared(x)
 
 
-def _top1_capacity(gates, capacity):
+def _top1_capacity(gates, capacity, near_miss=None):
     """Top-1 gating with capacity (Switch / GShard as in fairseq ``top1gating`` and DeepSpeed
-    ``sharded_moe.top1gating``, eval semantics, no noise): (combine (T, E, C), dispatch bool)."""
+    ``sharded_moe.top1gating``, eval semantics, no noise): (combine (T, E, C), dispatch bool).
+    near_miss="shared_slot": slot = token index % C, so one slot may hold several tokens (the
+    dispatch einsum then sums them: an expert runs on a sum of tokens)."""
     idx1 = torch.argmax(gates, dim=1)
     mask1 = Fn.one_hot(idx1, num_classes=gates.size(1))
     slot1 = torch.cumsum(mask1, dim=0) - 1
+    if near_miss == "shared_slot":
+        slot1 = mask1 * (torch.arange(gates.size(0), device=gates.device) % capacity).unsqueeze(1)
     mask1 = mask1 * torch.lt(slot1, capacity)
     slot1_s = torch.sum(slot1 * mask1, dim=1)
     gates1 = gates * mask1.to(gates.dtype)
@@ -264,11 +268,16 @@ class CapacityEinsum(nn.Module):
     """GShard/Switch dense capacity dispatch (fairseq ``MOELayer``, DeepSpeed ``sharded_moe.MOELayer``,
     Tutel's einsum path): ``einsum("sec,sm->ecm", dispatch, x)``, experts on the capacity-padded
     (E, C, d) batches with stacked weights (bmm, as nanoMoE / Tutel batched experts), then
-    ``einsum("sec,ecm->sm", combine, y)``. top1 (Switch) or top2 (GShard). Tokens over capacity get 0."""
+    ``einsum("sec,ecm->sm", combine, y)``. top1 (Switch) or top2 (GShard). Tokens over capacity get 0.
 
-    def __init__(self, top: int = 1):
+    near_miss (look-alikes that must not be rewritten): "shared_slot" (see ``_top1_capacity``),
+    "weighted_dispatch" (the dispatch einsum takes the combine weights: scores on the input and
+    again on the output), "combine_other_slot" (the combine reads slot c + 1 of what slot c
+    computed: another token's output)."""
+
+    def __init__(self, top: int = 1, near_miss=None):
         super().__init__()
-        self.top = top
+        self.top, self.near_miss = top, near_miss
         self.wg = nn.Linear(D, E, bias=False)
         self.w_in = nn.Parameter(torch.randn(E, D, N) / D ** 0.5)
         self.w_out = nn.Parameter(torch.randn(E, N, D) / N ** 0.5)
@@ -276,9 +285,13 @@ class CapacityEinsum(nn.Module):
     def forward(self, x):
         logits = self.wg(x)
         if self.top == 1:
-            combine, dispatch = _top1_capacity(Fn.softmax(logits, dim=1), CAPACITY)
+            combine, dispatch = _top1_capacity(Fn.softmax(logits, dim=1), CAPACITY, self.near_miss)
         else:
             combine, dispatch = _top2_capacity(logits, CAPACITY)
+        if self.near_miss == "weighted_dispatch":
+            dispatch = combine
+        if self.near_miss == "combine_other_slot":
+            combine = combine.roll(1, dims=2)
         expert_in = torch.einsum("sec,sm->ecm", dispatch.type_as(x), x)
         h = Fn.relu(torch.bmm(expert_in, self.w_in))
         y = torch.bmm(h, self.w_out)
@@ -290,11 +303,14 @@ class TorchtitanGroupedMM(nn.Module):
     ``argsort`` of the flat expert ids, token rows gathered with ``torch.gather``, scores applied
     before the experts (``score_before_experts``) or after, ``_run_experts_grouped_mm`` (bf16
     casts, offsets ``cumsum(counts).to(int32)``, w1/w3/w2 (E, n, d)/(E, d, n) transposed), then
-    ``scatter_add`` back to the tokens."""
+    ``scatter_add`` back to the tokens.
 
-    def __init__(self, counts="histc", score_before_experts=False):
+    near_miss: "offsets_flipped" (group sizes in reverse expert order: rows run through the wrong
+    experts), "scatter_k_major" (outputs added at token ``order % T`` instead of ``order // K``)."""
+
+    def __init__(self, counts="histc", score_before_experts=False, near_miss=None):
         super().__init__()
-        self.counts, self.score_before = counts, score_before_experts
+        self.counts, self.score_before, self.near_miss = counts, score_before_experts, near_miss
         self.gate = nn.Linear(D, E, bias=False)
         self.w1, self.w2, self.w3 = gated_weights()
 
@@ -307,6 +323,8 @@ class TorchtitanGroupedMM(nn.Module):
             per_expert = torch.histc(flat.float(), bins=E, min=0, max=E)
         else:
             per_expert = torch.bincount(flat, minlength=E)
+        if self.near_miss == "offsets_flipped":
+            per_expert = per_expert.flip(0)
         order = torch.argsort(flat, stable=True)
         sorted_scores = top_scores.view(-1)[order]
         token_of_row = order // K
@@ -320,6 +338,8 @@ class TorchtitanGroupedMM(nn.Module):
         out = torch._grouped_mm(h, self.w2.bfloat16().transpose(-2, -1), offs=offsets).type_as(rows)
         if not self.score_before:
             out = (out.to(torch.float32) * sorted_scores.reshape(-1, 1)).to(x.dtype)
+        if self.near_miss == "scatter_k_major":
+            index = (order % T_).reshape(-1, 1).expand(-1, D)
         return torch.zeros(T_, D, dtype=x.dtype, device=x.device).scatter_add(0, index, out)
 
 
@@ -371,10 +391,13 @@ class ExpertChoice(nn.Module):
     """Expert-choice routing (Zhou et al. 2022 and its ports): token-expert affinities (T, E)
     softmax over experts, each expert takes its top-C tokens ``topk(scores.T, C)``, gathers them
     (E, C, d), runs bmm experts with stacked weights, and adds the gated outputs back to the
-    tokens with ``scatter_add_`` (a token may be taken by any number of experts, including none)."""
+    tokens with ``scatter_add_`` (a token may be taken by any number of experts, including none).
 
-    def __init__(self):
+    near_miss="scatter_elsewhere": outputs added at token (t + 1) % T, not the token gathered."""
+
+    def __init__(self, near_miss=None):
         super().__init__()
+        self.near_miss = near_miss
         self.gate = nn.Linear(D, E, bias=False)
         self.w_in = nn.Parameter(torch.randn(E, D, 2 * N) / D ** 0.5)
         self.w_out = nn.Parameter(torch.randn(E, N, D) / N ** 0.5)
@@ -386,7 +409,8 @@ class ExpertChoice(nn.Module):
         g, u = h.chunk(2, dim=-1)
         y = torch.bmm(Fn.silu(g) * u, self.w_out) * gate_vals.unsqueeze(-1)  # (E, C, d)
         out = torch.zeros_like(x)
-        return out.scatter_add_(0, token_idx.reshape(-1, 1).expand(-1, D), y.reshape(-1, D))
+        target = (token_idx + 1) % x.size(0) if self.near_miss == "scatter_elsewhere" else token_idx
+        return out.scatter_add_(0, target.reshape(-1, 1).expand(-1, D), y.reshape(-1, D))
 
 
 # --------------------------------------------------------------------------- the catalogue
@@ -434,6 +458,25 @@ CATALOGUE = [
           seeded(15, DeepSeekTrainBranch), _x, expect=1),
     Idiom("expert_choice", "expert-choice routing (Zhou et al. 2022): topk(scores.T, C), gather, bmm, scatter_add_",
           seeded(16, ExpertChoice), _x, expect=1),
+]
+
+# Look-alikes of the idioms above that compute something else: expect 0 (nothing rewritten;
+# numerics vs eager as for every entry).
+CATALOGUE += [
+    Idiom("near_miss_capacity_shared_slot", "Switch capacity dispatch with slot = token % C (two tokens per slot)",
+          seeded(9, lambda: CapacityEinsum(top=1, near_miss="shared_slot")), _x, expect=0, other_gemms=2),
+    Idiom("near_miss_capacity_weighted_dispatch", "GShard top-2 with the combine weights also in the dispatch einsum",
+          seeded(10, lambda: CapacityEinsum(top=2, near_miss="weighted_dispatch")), _x, expect=0),
+    Idiom("near_miss_capacity_combine_other_slot", "Switch capacity combine reading the next slot",
+          seeded(9, lambda: CapacityEinsum(top=1, near_miss="combine_other_slot")), _x, expect=0, other_gemms=2),
+    Idiom("near_miss_torchtitan_offsets_flipped", "torchtitan grouped_mm with group sizes in reverse expert order",
+          seeded(11, lambda: TorchtitanGroupedMM(near_miss="offsets_flipped")), _x, expect=0,
+          dtype=torch.bfloat16, tol=3e-2),
+    Idiom("near_miss_torchtitan_scatter_k_major", "torchtitan grouped_mm scattering to order % T",
+          seeded(11, lambda: TorchtitanGroupedMM(near_miss="scatter_k_major")), _x, expect=0,
+          dtype=torch.bfloat16, tol=3e-2),
+    Idiom("near_miss_expert_choice_scatter_elsewhere", "expert choice adding outputs at the next token",
+          seeded(16, lambda: ExpertChoice(near_miss="scatter_elsewhere")), _x, expect=0),
 ]
 
 BY_NAME = {i.name: i for i in CATALOGUE}

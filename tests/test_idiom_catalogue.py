@@ -5,8 +5,8 @@ once, with T dynamic) and must:
 - match eager in the output and in the gradient of every parameter and floating input
   (the entry's tolerance: 1e-4 in fp32; the bf16 grouped-GEMM idioms at their stated tolerance);
 - compile at most twice;
-- rewrite exactly ``expect`` MoE blocks in every graph, and leave a graph that calls the fused op
-  ``expect`` times with no expert GEMM left (only the entry's ``other_gemms``: router, shared
+- rewrite exactly ``expect`` MoE blocks in every graph (0 for the look-alikes), and leave a graph
+  that calls the fused op ``expect`` times with no expert GEMM left (only the entry's ``other_gemms``: router, shared
   expert, gating einsum). A ``"pending"`` entry is checked for numerics only; what the rewrite did
   is printed and recorded (``record_property``), so the lead can flip it when a recogniser lands.
 
@@ -113,6 +113,9 @@ def test_idiom(name, record_property):
         print(note)
         return
     assert rewritten == [idiom.expect] * len(compiles), f"{name}: rewritten {rewritten}, candidates {seen}"
+    if idiom.expect == 0:  # a look-alike: the graph keeps every GEMM it had
+        assert all(rec["fused"] == 0 and rec["gemms_after"] == rec["gemms_before"] for rec in compiles), name
+        return
     for rec in compiles:
         assert rec["fused"] == idiom.expect, f"{name}: {rec['fused']} fused-op calls in {rec['graph'].code}"
         # the experts' GEMMs are gone; only the router's (and shared experts', gating's) remain
