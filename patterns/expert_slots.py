@@ -371,28 +371,18 @@ def _same_choice(a, b) -> bool:
 
 # --------------------------------------------------------------------------- slots_dispatch: capacity
 
-def _labels(f, axes) -> tuple:
-    """Per dim of a factor: the axis it runs along, None for a dim of size 1 (broadcast)."""
+def _varies(f, labels) -> set:
+    """The axes a factor varies along: its labelled dims of size > 1."""
     shape = shape_of(f) if isinstance(f, fx.Node) else None
-    if shape is None:
-        return ()
-    return tuple(None if _size_one(s) else a for a, s in zip(axes, shape))
+    return {a for a, n in zip(labels, shape or ()) if a is not None and not _size_one(n)}
 
 
 def _factors(node, axes) -> list:
-    """``_product`` with each leaf as (leaf with exact casts stripped, labels)."""
+    """``_product`` with each leaf as (leaf with exact casts stripped, labels): per dim the axis it
+    runs along, None where it is broadcast."""
     out: list = []
     _product(node, axes, out)
-    found = []
-    for f, a in out:
-        if not isinstance(f, fx.Node):
-            found.append((f, ()))
-            continue
-        labels = _labels(f, a)
-        if _one_hot(f) is not None and labels:  # its class axis counts even with one class (E or C of 1)
-            labels = labels[:-1] + (a[-1],)
-        found.append((_strip_exact_casts(f), labels))
-    return found
+    return [(_strip_exact_casts(f), a) if isinstance(f, fx.Node) else (f, ()) for f, a in out]
 
 
 def _mask(node, axes) -> Optional[list]:
@@ -439,6 +429,8 @@ def _positions(loc, axes: tuple) -> _Positions:
     nanoMoE). Declines otherwise."""
     loc = _strip_exact_casts(loc)
     stacked, outer = len(axes) == 3, loc
+    need("slots_dispatch", axes in (("s", "e"), ("k", "s", "e"), ("s", "k", "e")),
+         f"slot positions {loc.name} are not counted over the tokens for each expert (axes {axes})")
     if stacked:
         flat = loc.args[0] if loc.op == "call_method" and loc.target in ("reshape", "view") else None
         fs, ls = shape_of(flat), shape_of(loc)
@@ -501,7 +493,7 @@ def _slot_of(L, L_labels: tuple, choice: tuple, term_flags: list) -> _Positions:
         factors = _factors(inner, axes)
         locs = [(f, a) for f, a in factors if isinstance(f, fx.Node) and not _is_flag(f)]
         flags = [(f, a) for f, a in factors if isinstance(f, fx.Node) and _is_flag(f)]
-        need("slots_dispatch", len(locs) == 1 and len(flags) + 1 == len(factors) and locs[0][1] == axes,
+        need("slots_dispatch", len(locs) == 1 and len(flags) + 1 == len(factors) and tuple(locs[0][1]) == axes,
              f"slot index {L.name} is not sum(positions * mask) over the experts with a 0/1 mask")
         loc = locs[0][0]
         need("slots_dispatch", _same_ids(_choice_of(flags), choice),
@@ -539,7 +531,7 @@ def _term(t: fx.Node, axes: tuple, cw: fx.Node):
         oh = _one_hot(f) if isinstance(f, fx.Node) else None
         if oh is not None and lab and lab[-1] == "c" and "e" not in lab:
             slots.append((oh[0], lab[:-1]))
-        elif "c" in lab:
+        elif "c" in _varies(f, lab):
             decline("slots_dispatch", f"combine weights {cw.name}: {f.name} varies along the slots and is not a "
                                       "one-hot of slot positions")
         elif isinstance(f, fx.Node) and _is_flag(f):
@@ -1027,9 +1019,9 @@ def _block(node, comb, mlp, disp, start_kind, base, order) -> MoEBlock:
             """``f`` with its dims reordered to ``order`` (size 1 where f has no such axis)."""
             if not isinstance(f, fx.Node):
                 return f
-            drop = tuple(i for i, lab in enumerate(labels) if lab is None)
+            drop = tuple(i for i, lab in enumerate(labels) if lab not in order)  # broadcast (size 1) dims
             t = method(graph, "squeeze", f, drop, like=node) if drop else f
-            present = [lab for lab in labels if lab is not None]
+            present = [lab for lab in labels if lab in order]
             perm = sorted(range(len(present)), key=lambda j: order.index(present[j]))
             if perm != list(range(len(present))):
                 t = method(graph, "permute", t, *perm, like=node)
