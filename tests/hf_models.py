@@ -218,7 +218,7 @@ _spec("diffusion_gemma", "diffusion_gemma_text", enable_moe_block=True, top_k_ex
 _spec("mistral4")
 _spec("openai_privacy_filter")
 _spec("doge", is_moe=True, num_experts=16, num_experts_per_tok=2)
-_spec("longcat_flash")
+_spec("longcat_flash", zero_expert_num=2)  # default 256 identity experts: a 264-expert loop to trace
 _spec("step3p7", "step3p7.configuration_step3p7:Step3p7TextConfig", "Step3p7TextModel")
 
 CANDIDATE_FAMILIES = tuple(_SPEC)

@@ -224,3 +224,58 @@ def test_explain_names_the_line_that_breaks_the_graph():
     assert len(report.missed) == 1, str(report)
     entry = report.missed[0]
     assert "ran.append(e)" in entry.remedy and "set_experts_implementation" not in entry.remedy
+
+
+# ---------------------------------------------------------------------- transformers families
+
+def _hf_compare(family, experts_impl=None, atol=1e-4):
+    """The tiny ``family`` model under a sonic-marked backend: one graph (no break in the MoE
+    blocks), every MoE block seen by a recogniser (rewritten or declined, never left out of the
+    graph), output and every gradient equal to eager. Returns (rewrites, blocks)."""
+    hf_models = pytest.importorskip("hf_models")
+    pytest.importorskip("transformers")
+    model, ids = hf_models.build(family, experts_impl=experts_impl)
+    blocks = hf_models.moe_modules(model)
+
+    def first(out):
+        return out[0] if isinstance(out, (tuple, list)) else getattr(out, "logits", None) \
+            if getattr(out, "logits", None) is not None else out.last_hidden_state
+
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    ref = first(model(ids))
+    g = torch.randn_like(ref)
+    ref_grads = torch.autograd.grad(ref, [p for _, p in named], g, allow_unused=True)
+    backend = Graphs()
+    out = first(torch.compile(model, backend=backend)(ids))
+    grads = torch.autograd.grad(out, [p for _, p in named], g, allow_unused=True)
+    assert len(backend.graphs) == 1 and not counters["graph_break"], dict(counters["graph_break"])
+    seen = counters["sonic"]["moe_rewrites"] + counters["sonic"]["moe_declined"]
+    assert seen == len(blocks), dict(counters["sonic"])
+    torch.testing.assert_close(out, ref, atol=atol, rtol=atol)
+    for (name, _), a, b in zip(named, grads, ref_grads):
+        if b is None:  # an expert without tokens: None in eager, zero (or None) compiled
+            assert a is None or torch.count_nonzero(a) == 0, name
+            continue
+        assert a is not None, name
+        torch.testing.assert_close(a, b, atol=atol, rtol=atol, msg=lambda m: f"{name}: {m}")
+    return counters["sonic"]["moe_rewrites"], len(blocks)
+
+
+def test_mixtral_eager_experts_one_graph_rewritten_and_exact():
+    # transformers 5.x "eager" experts of the use_experts_implementation families (Mixtral here)
+    rewrites, blocks = _hf_compare("mixtral", experts_impl="eager")
+    assert rewrites == blocks == 2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", [
+    "dbrx",           # hit loop, one_hot over E + 1 classes, experts as views of flat weights
+    "nllb_moe",       # hit loop over a ModuleDict, `expert_mask[expert_idx].squeeze(0)`, token dropout branch
+    "longcat_flash",  # hit loop with `.item()`, `numel() == 0` skip, identity (zero-compute) experts
+    "step3p7",        # hit loop, padding expert skipped, clamped SwiGLU
+    "qwen3_moe",      # another decorated family with experts_impl="eager"
+])
+def test_family_one_graph_and_exact(family):
+    hf_models = pytest.importorskip("hf_models")
+    impl = "eager" if family == "qwen3_moe" else None
+    _hf_compare(family, experts_impl=impl)
