@@ -58,7 +58,7 @@ from moe_inductor import safety
 from moe_inductor.activations import parse_activation
 from moe_inductor.parts import PartDeclined, need as part_need, recognise, register
 from moe_inductor.rewrite import (
-    Declined, MoEBlock, call, dtype_of, gemm_name, int_value, is_mutation, method, need, same, shape_of, to_sympy,
+    Declined, ExpertWeights, MoEBlock, call, dtype_of, gemm_name, int_value, is_mutation, method, need, same, shape_of, to_sympy,
 )
 
 from .common import GATED_OF, expert_activation, unary_activation
@@ -323,7 +323,7 @@ def row_gather(z) -> Optional[RowsGather]:
     if _is(z, "call_function", torch.gather) or _is(z, "call_method", "gather"):
         x, dim, index = _arg(z, 0, "input"), _arg(z, 1, "dim"), _arg(z, 2, "index")
         if dim == 0 and isinstance(index, fx.Node) and len(shape_of(x) or ()) == 2 and \
-                not z.kwargs.get("sparse_grad", False):
+                not z.kwargs.get("sparse_grad", False) and same(shape_of(z)[1], shape_of(x)[1]):
             return RowsGather(x=x, node=z, index=_row_index(index), index2d=index)
         return None
     if _is(z, "call_function", torch.index_select) or _is(z, "call_method", "index_select"):
@@ -374,7 +374,8 @@ def row_scatter(node) -> Optional[RowsScatter]:
         reduce = _arg(node, 4, "reduce")
         if reduce != "sum":
             raise PartDeclined("rows_combine", f"{node.name}: scatter_reduce with reduce={reduce!r}, not 'sum'")
-        if set(node.kwargs) - {"reduce", "include_self", "dim", "index", "src"} or len(node.args) > 6:
+        if set(node.kwargs) - {"reduce", "include_self", "dim", "index", "src"} or len(node.args) > 6 or \
+                not safety.same_shape(index, value):
             return None
         return RowsScatter(acc=acc, value=value, anchor=node, inplace=inplace, index=_row_index(index),
                            index2d=index, spelling="scatter_reduce(sum)")
@@ -382,8 +383,8 @@ def row_scatter(node) -> Optional[RowsScatter]:
         if "alpha" in node.kwargs or len(node.args) > 4 or len(shape_of(index) or ()) != 1:
             return None
         return RowsScatter(acc=acc, value=value, anchor=node, inplace=inplace, index=index, spelling=name)
-    if len(node.args) > 4:
-        return None
+    if len(node.args) > 4 or not safety.same_shape(index, value):
+        return None  # scatter_add reads only the index's part of src
     return RowsScatter(acc=acc, value=value, anchor=node, inplace=inplace, index=_row_index(index),
                        index2d=index, spelling=name)
 
@@ -495,15 +496,21 @@ def _expert_ids_of(graph, mlp: RowsMLP, A_of, E: int, like: fx.Node):
     return call(graph, torch.where, call(graph, operator.lt, grp, E, like=like), grp, -1, like=like)
 
 
-def _weights_builder(mlp: RowsMLP, like: fx.Node):
+def _weights_builder(mlp: RowsMLP, E: int, like: fx.Node):
+    """Stacked (w1, w2) when the block has one up-projection weight (views, no copy); separate gate
+    and up weights go per expert (``ExpertWeights`` of views ``W[e]``): a ``cat`` of the stacks
+    would copy every expert's weights each step and be kept for backward."""
     def lin(graph, p: Proj):
         return method(graph, "transpose", p.weight, -2, -1, like=like) if p.transposed else p.weight
 
+    def each(graph, p: Proj):
+        ws = [call(graph, operator.getitem, p.weight, e, like=like) for e in range(E)]
+        return [method(graph, "t", w, like=like) for w in ws] if p.transposed else ws
+
     def build(graph):
-        w1 = lin(graph, mlp.gate)
         if mlp.up is not None:
-            w1 = call(graph, torch.cat, [w1, lin(graph, mlp.up)], 1, like=like)
-        return w1, lin(graph, mlp.down), None, None
+            return ExpertWeights(gate=each(graph, mlp.gate), up=each(graph, mlp.up), down=each(graph, mlp.down))
+        return lin(graph, mlp.gate), lin(graph, mlp.down), None, None
 
     return build
 
@@ -540,7 +547,7 @@ def _rows_block(mlp: RowsMLP, x_rows: fx.Node, anchor: fx.Node, idiom: str, part
     return MoEBlock(
         idiom=idiom, anchor=anchor, x=x_rows, token_ids=token_ids,
         expert_ids=lambda graph: _expert_ids_of(graph, mlp, A_of, E, anchor), scores=ones,
-        build_weights=_weights_builder(mlp, anchor), replace=replace, activation=mlp.activation,
+        build_weights=_weights_builder(mlp, E, anchor), replace=replace, activation=mlp.activation,
         interleaved=mlp.interleaved, num_experts=E, top_k=None,
         hidden=int_value(xs[1]) if int_value(xs[1]) is not None else xs[1],
         intermediate=int_value(n) if int_value(n) is not None else n, dtype=dtype_of(x_rows),
@@ -569,6 +576,8 @@ def analyse_combine(c: RowsScatter, mlp: RowsMLP, score_after) -> MoEBlock:
     if g.replicated is not None and c.index is not None:
         rt = _replicated_tokens(c.index)
         same_map = rt is not None and rt[1] == g.replicated and same(rt[0], (shape_of(x) or (None,))[0])
+    need(g.index is not None or g.replicated is not None,
+         f"dispatch: the gather index {getattr(g.index2d, 'name', '?')} is not one token per row (idx[:, None].expand(-1, d))")
     need(same_map, f"proof: rows are read from the tokens at {getattr(g.index or g.index2d, 'name', 'x.repeat_interleave')}"
                    f" but written back at {getattr(c.index or c.index2d, 'name', '?')}: not the same token mapping")
     xs, accs = shape_of(x), shape_of(c.acc)
@@ -653,7 +662,7 @@ def analyse_combine(c: RowsScatter, mlp: RowsMLP, score_after) -> MoEBlock:
     return MoEBlock(
         idiom=idiom, anchor=anchor, x=x, token_ids=token_ids,
         expert_ids=lambda graph: _expert_ids_of(graph, mlp, A_of, E, anchor), scores=scores,
-        build_weights=_weights_builder(mlp, anchor), replace=replace, activation=mlp.activation,
+        build_weights=_weights_builder(mlp, E, anchor), replace=replace, activation=mlp.activation,
         interleaved=mlp.interleaved, num_experts=E, top_k=K,
         hidden=int_value(xs1) if int_value(xs1) is not None else xs1,
         intermediate=int_value(n) if int_value(n) is not None else n, dtype=dtype_of(x),

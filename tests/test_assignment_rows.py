@@ -272,7 +272,8 @@ class Snapshot(expecttest.TestCase):
     def test_gathered_weights_graph(self):
         """The rewritten graph of the gathered-weights block (static shapes, T=6): the router, then
         one fused op over (token ids = the gather index, expert ids = the weights' index, scores),
-        gate/up weights concatenated; no bmm left. Accept a new snapshot with EXPECTTEST_ACCEPT=1
+        the stacked weights passed as per-expert views W[e] (no concatenated copy kept for
+        backward); no bmm left. Accept a new snapshot with EXPECTTEST_ACCEPT=1
         after reading it."""
         torch._dynamo.reset()
         torch.manual_seed(0)
@@ -302,13 +303,24 @@ class GraphModule(torch.nn.Module):
 
         reshape_1: "f32[12, 1]" = w.reshape(-1, 1);  w = None
 
-        cat: "f32[4, 16, 16]" = torch.cat([l_self_parameters_w1_, l_self_parameters_w3_], 1);  l_self_parameters_w1_ = l_self_parameters_w3_ = None
+        getitem_6: "f32[8, 16]" = l_self_parameters_w1_[0]
+        getitem_7: "f32[8, 16]" = l_self_parameters_w1_[1]
+        getitem_8: "f32[8, 16]" = l_self_parameters_w1_[2]
+        getitem_9: "f32[8, 16]" = l_self_parameters_w1_[3];  l_self_parameters_w1_ = None
+        getitem_10: "f32[8, 16]" = l_self_parameters_w3_[0]
+        getitem_11: "f32[8, 16]" = l_self_parameters_w3_[1]
+        getitem_12: "f32[8, 16]" = l_self_parameters_w3_[2]
+        getitem_13: "f32[8, 16]" = l_self_parameters_w3_[3];  l_self_parameters_w3_ = None
+        getitem_14: "f32[16, 8]" = l_self_parameters_w2_[0]
+        getitem_15: "f32[16, 8]" = l_self_parameters_w2_[1]
+        getitem_16: "f32[16, 8]" = l_self_parameters_w2_[2]
+        getitem_17: "f32[16, 8]" = l_self_parameters_w2_[3];  l_self_parameters_w2_ = None
         reshape_2: "f32[12]" = reshape_1.reshape(-1);  reshape_1 = None
         to: "i32[12]" = tok.to(torch.int32);  tok = None
         to_1: "i32[12]" = idx.to(torch.int32);  idx = None
-        fused_moe_default = torch.ops.moe_inductor.fused_moe.default(l_x_, to, to_1, reshape_2, cat, l_self_parameters_w2_, None, None, 'swiglu', False, False, 'auto', 'aten::bmm');  l_x_ = to = to_1 = reshape_2 = cat = l_self_parameters_w2_ = None
-        getitem_6: "f32[6, 16]" = fused_moe_default[0];  fused_moe_default = None
-        return (getitem_6,)
+        fused_moe_experts_default = torch.ops.moe_inductor.fused_moe_experts.default(l_x_, to, to_1, reshape_2, [getitem_6, getitem_7, getitem_8, getitem_9], [getitem_10, getitem_11, getitem_12, getitem_13], [getitem_14, getitem_15, getitem_16, getitem_17], [], [], [], 'swiglu', False, 'auto', 'aten::bmm');  l_x_ = to = to_1 = reshape_2 = getitem_6 = getitem_7 = getitem_8 = getitem_9 = getitem_10 = getitem_11 = getitem_12 = getitem_13 = getitem_14 = getitem_15 = getitem_16 = getitem_17 = None
+        getitem_18: "f32[6, 16]" = fused_moe_experts_default[0];  fused_moe_experts_default = None
+        return (getitem_18,)
 """)
 
 
