@@ -137,13 +137,21 @@ def _same_dtype_cast(node: fx.Node) -> bool:
     return node.target in names and len(node.args) == 1 and dtype_of(node.args[0]) == names[node.target]
 
 
+def _same_shape_view(node: fx.Node) -> bool:
+    """``t.view(...)`` / ``t.reshape(...)`` that provably keeps t's shape (DBRX: ``y.view(-1, d)``)."""
+    if node.op != "call_method" or node.target not in ("view", "reshape") or not node.args \
+            or not isinstance(node.args[0], fx.Node):
+        return False
+    return same_shape(node, node.args[0])
+
+
 def strip_identity(node):
     """Follow identity dropout, casts to the same dtype and ``contiguous`` back to the producer."""
     while isinstance(node, fx.Node):
         if is_identity_dropout(node):
             node = node.args[0] if node.args else node.kwargs["input"]
         elif _same_dtype_cast(node) or (node.op == "call_method" and node.target == "contiguous"
-                                        and len(node.args) == 1 and not node.kwargs):
+                                        and len(node.args) == 1 and not node.kwargs) or _same_shape_view(node):
             node = node.args[0]
         else:
             return node
