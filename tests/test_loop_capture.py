@@ -28,8 +28,10 @@ class Graphs:
         dynamo_scope.mark_sonic(self)
 
     def __call__(self, gm, example_inputs):
+        from moe_inductor.report import record_report
+
         self.graphs.append(gm)
-        rewrite_moe(gm, SonicOptions())
+        record_report(rewrite_moe(gm, SonicOptions()), gm)
         return gm.forward
 
 
@@ -68,20 +70,23 @@ def _skewed_input(model, B=2, S=5, d=32, seed=0):
     return x
 
 
+# (module, text of the removed skip, MoE blocks the recognisers rewrite in the captured graph)
 FORMS = [
-    (loop_forms.HitLoopMoE, "for e in hit"),                 # transformers 5.x eager experts, NLLB, DBRX
-    (loop_forms.HitLoopPaddedMoE, "for e in hit"),           # E + 1 classes, skip of the padding expert, stacked weights
-    (loop_forms.BincountSkipMoE, "counts[i] == 0"),          # DeepSeek-V3 official inference
-    (loop_forms.ShapeSkipMoE, "top_x.shape[0] == 0"),        # transformers 4.36 Mixtral, tolist() indices
-    (loop_forms.MaskAnyMoE, "flat_mask.any()"),              # makeMoE / nanoGPT MoE
-    (loop_forms.NotAnyContinueMoE, "not mask.any()"),        # index_put_(accumulate=True)
-    (loop_forms.NumelSkipMoE, "idx.numel() == 0"),           # vLLM torch reference MoE
-    (loop_forms.ScatterAddHitMoE, "tolist()"),               # host-int hit list, scatter_add_
+    (loop_forms.HitLoopMoE, "for e in hit", 1),             # transformers 5.x eager experts, NLLB, DBRX
+    (loop_forms.HitLoopPaddedMoE, "for e in hit", 1),       # E + 1 classes, padding expert skipped, stacked weights
+    (loop_forms.BincountSkipMoE, "counts[i] == 0", 1),      # DeepSeek-V3 official inference, y[idx] += ...
+    (loop_forms.ShapeSkipMoE, "top_x.shape[0] == 0", 1),    # transformers 4.36 Mixtral, tolist() indices
+    # makeMoE: captured; declined today: the combine writes (B, S, d) through a (B, S) token mask
+    (loop_forms.MaskAnyMoE, "flat_mask.any()", 0),
+    (loop_forms.NotAnyContinueMoE, "not mask.any()", 1),    # index_put_(accumulate=True)
+    # vLLM reference: captured; declined today: the (T*K, d) buffer is torch.zeros, not zeros_like/clone
+    (loop_forms.NumelSkipMoE, "idx.numel() == 0", 0),
+    (loop_forms.ScatterAddHitMoE, "tolist()", 1),           # host-int hit list, scatter_add_
 ]
 
 
-@pytest.mark.parametrize("cls,form", FORMS, ids=[c.__name__ for c, _ in FORMS])
-def test_form_is_one_graph_and_exact(cls, form):
+@pytest.mark.parametrize("cls,form,rewrites", FORMS, ids=[c.__name__ for c, _, _ in FORMS])
+def test_form_is_one_graph_and_exact(cls, form, rewrites):
     torch.manual_seed(0)
     model = cls()
     x = _skewed_input(model)
@@ -94,6 +99,8 @@ def test_form_is_one_graph_and_exact(cls, form):
         backend = _compare(model, x)
     assert len(backend.graphs) == 1 and not counters["graph_break"], dict(counters["graph_break"])
     assert not fallbacks
+    assert counters["sonic"]["moe_rewrites"] == rewrites
+    assert counters["sonic"]["moe_rewrites"] + counters["sonic"]["moe_declined"] == 1  # seen in the graph
     # the compiled module got the instance-level forward; the class kept its own
     assert isinstance(model.__dict__.get("forward"), capture.CapturableForward)
     assert type(model).forward is cls.forward
