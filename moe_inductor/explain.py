@@ -234,8 +234,9 @@ def _loop_notes(m: torch.nn.Module) -> str:
 def _remedy(m: torch.nn.Module) -> str:
     notes = _loop_notes(m)
     if notes and not _is_transformers_dispatched(m):
-        return (f"{notes}. Remove that from the loop, or loop over range(num_experts) with "
-                f"torch.where(expert_mask[e]) and no skip of experts without tokens")
+        return (f"{notes}. sonic traces a per-expert loop as one graph when its host reads only decide which "
+                f"experts to skip and its body only accumulates into a tensor through the expert's selection; "
+                f"otherwise loop over range(num_experts) with torch.where(expert_mask[e])")
     if _is_transformers_dispatched(m):
         return ('model.set_experts_implementation("grouped_mm") (or config._experts_implementation = '
                 '"grouped_mm" before building the model): the default transformers experts code, one graph, '

@@ -286,9 +286,7 @@ class _Sel:
 class _Body:
     """Checks (and rewrites) one loop body; raises Decline with the reason."""
 
-    def __init__(self, fn_tree, loop, self_name, counts, outer_names, scalars, vector, reasons, stable):
-        self.fn_tree = fn_tree
-        self.loop = loop
+    def __init__(self, self_name, counts, outer_names, scalars, vector, reasons):
         self.self_name = self_name
         self.counts = counts  # name -> R source of ``counts = bincount(R...)[.tolist()]``
         self.outer = outer_names  # names bound outside the loop
@@ -300,7 +298,6 @@ class _Body:
         self.base_reasons = list(reasons)
         self.removed: list = []  # descriptions of removed skips
         self.counts_used: set = set()
-        self.stable = stable  # names bound at most once in the function (safe selection sources)
         self.accumulators: set = set()  # names rebound by `acc = acc.index_add(...)`
 
     # ----- expressions
@@ -677,8 +674,6 @@ class _Body:
             idx = _kwarg(call, "index", 1)
             if _const_int(dim) is None or idx is None:
                 raise Decline(call, f"{what}: dimension or index not recognised")
-            if attr == "index_reduce" and not _kwarg(call, "include_self", 4) is None:
-                pass
             self._accumulation_index(idx, reasons, what)
         elif attr == "index_put":
             idx = _kwarg(call, "indices", 0)
@@ -811,7 +806,6 @@ def _rewrite_loop(fdef, loop, self_name, stores, counts) -> tuple:
         raise Decline(loop, "the loop has an `else:` clause")
     if _inside_loop(fdef, loop):
         raise Decline(loop, "the per-expert loop is inside another loop")
-    stable = {n for n, c in stores.items() if c <= 1}
     body_names = set()
     for s in loop.body:
         body_names.update(_names_stored(s))
@@ -879,7 +873,7 @@ def _rewrite_loop(fdef, loop, self_name, stores, counts) -> tuple:
         for n in ast.walk(s):
             if isinstance(n, ast.Subscript) and isinstance(n.value, ast.Name) and n.value.id in counts:
                 n.value._sonic_counts_ok = True
-    checker = _Body(fdef, loop, self_name, counts, outer, scalars, vector_name, reasons, stable)
+    checker = _Body(self_name, counts, outer, scalars, vector_name, reasons)
     checked = checker.run(new_body)
     if hit is None and not checker.removed:
         return None
@@ -995,17 +989,6 @@ class _Rename(ast.NodeTransformer):
         return node
 
 
-def _static_outer(node, self_name) -> bool:
-    for n in ast.walk(node):
-        if isinstance(n, ast.Name) and n.id not in (self_name, "len"):
-            return False
-        if isinstance(n, ast.Call) and not (isinstance(n.func, ast.Name) and n.func.id == "len"):
-            return False
-        if isinstance(n, ast.Subscript):
-            return False
-    return True
-
-
 class _Replace(ast.NodeTransformer):
     def __init__(self, old, new):
         self.old, self.new = _src(old), new
@@ -1085,6 +1068,10 @@ def _looks_graph_breaking(loop, fdef) -> bool:
         a = _assignment_of(fdef, loop.iter.id)
         if a is not None and _nonzero_of(a.value) is not None:
             return True
+    for name in _names_loaded(loop.iter):  # iterating over host data (counts read with .tolist())
+        a = _assignment_of(fdef, name)
+        if a is not None and any(_is_method(n, {"tolist", "item", "numpy", "nonzero"}) for n in ast.walk(a.value)):
+            return True
     for n in ast.walk(loop):
         if _is_method(n, {"tolist", "item", "cpu", "numpy", "nonzero"}):
             return True
@@ -1113,6 +1100,7 @@ def analyse(fn) -> Analysis:
         return result
     loops = [l for l in _candidate_loops(fdef) if not _inside_loop(fdef, l)]
     if not loops:
+        result.notes.extend(_host_reads(fdef, filename, qual))
         return result
     if fn.__closure__:
         for l in loops:
@@ -1140,6 +1128,7 @@ def analyse(fn) -> Analysis:
         if plan is not None:
             plans.append((loop, plan))
     if not plans:
+        result.notes.extend(_host_reads(fdef, filename, qual))
         return result
     # host counts: their `.tolist()` assignment goes only when nothing but removed skips read it
     used_counts = set().union(*(p[2] for _, p in plans))
@@ -1180,7 +1169,27 @@ def analyse(fn) -> Analysis:
     result.replacement = new
     for loop, plan in plans:
         result.notes.append(LoopNote(filename, loop.lineno, qual, True, form=plan[3]))
+    result.notes.extend(_host_reads(fdef, filename, qual))  # the ones the rewrite kept
     return result
+
+
+def _host_reads(fdef, filename, qual) -> list:
+    """A note for each statement outside a loop that reads tensor data on the host (``.tolist()``,
+    ``.item()``, ``.numpy()``): each breaks the graph, and the loop capture removes
+    such a read only where it only decides which experts to skip (loops have notes of their own)."""
+    in_loops = {id(n) for l in ast.walk(fdef) if isinstance(l, (ast.For, ast.While)) for n in ast.walk(l)}
+    out, seen = [], set()
+    for n in ast.walk(fdef):
+        if id(n) in in_loops or not isinstance(n, ast.stmt) or isinstance(n, (ast.For, ast.While, ast.If, ast.With,
+                                                                                ast.FunctionDef, ast.Try)):
+            continue
+        reads = [c for c in ast.walk(n) if _is_method(c, {"tolist", "item", "numpy"})]
+        if reads and n.lineno not in seen:
+            seen.add(n.lineno)
+            out.append(LoopNote(filename, n.lineno, qual, False, reason=(
+                f"line {n.lineno}: `{_short(n)}` reads tensor data on the host (`.{reads[0].func.attr}()`), which "
+                f"breaks the graph; it is not a skip of experts without tokens that the loop capture can remove")))
+    return out
 
 
 def _replace_stmt(fdef, old, new_stmts) -> None:

@@ -266,3 +266,32 @@ class UnrelatedSkipMoE(BincountSkipMoE):
             idx, top = torch.where(ids == i)
             y[idx] += self.experts[i](h[idx]) * weights[idx, top, None]
         return y.view(x.shape)
+
+
+class SortedSplitMoE(_Routed):
+    """DeepSeek-MoE / DeepSeek-V2 ``moe_infer``: tokens sorted by expert, per-expert counts read on
+    the host (``.cpu().numpy()``), a running ``start_idx`` slicing the sorted rows, outputs appended
+    to a list and concatenated, then unsorted and weighted. Out of the loop capture's reach (the
+    slice bounds carry from one expert to the next): kept, with the reason."""
+
+    def forward(self, x):
+        shape = x.shape
+        h = x.view(-1, shape[-1])
+        weights, ids = self.route(h)
+        cnts = ids.new_zeros((ids.shape[0], self.num_experts))
+        cnts.scatter_(1, ids, 1)
+        tokens_per_expert = cnts.sum(dim=0).cpu().numpy()
+        order = ids.view(-1).argsort()
+        sorted_tokens = h[order // ids.shape[1]]
+        outputs, start_idx = [], 0
+        for i, num_tokens in enumerate(tokens_per_expert):
+            end_idx = start_idx + num_tokens
+            if num_tokens == 0:
+                continue
+            outputs.append(self.experts[i](sorted_tokens[start_idx:end_idx]))
+            start_idx = end_idx
+        outs = torch.cat(outputs, dim=0)
+        unsorted = torch.empty_like(outs)
+        unsorted[order] = outs
+        y = (unsorted.view(*ids.shape, -1) * weights.unsqueeze(-1)).sum(dim=1)
+        return y.view(shape)
