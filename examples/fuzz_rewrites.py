@@ -37,6 +37,20 @@ import torch  # noqa: E402
 import moe_generator as G  # noqa: E402
 
 
+def _git_state() -> str:
+    """The commit the package was at, and whether its tree had uncommitted changes."""
+    import subprocess
+
+    root = os.path.join(HERE, "..")
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "moe_inductor", "patterns"], cwd=root,
+                               capture_output=True, text=True).stdout.strip()
+        return head + (" + uncommitted changes in moe_inductor/ or patterns/" if dirty else "")
+    except OSError:
+        return "unknown"
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cases", type=int, default=200)
@@ -86,7 +100,8 @@ def main(argv=None) -> int:
         near_miss_rewritten_per_mutation={k: f"{r}/{n}" for k, (r, n) in sorted(per_mutation.items())},
         generator_errors=generator_errors,
     )
-    env = dict(torch=torch.__version__, python=platform.python_version(), machine=platform.machine())
+    env = dict(torch=torch.__version__, python=platform.python_version(), machine=platform.machine(),
+               git=_git_state())
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     with open(out_path, "w") as f:
         json.dump(dict(summary=summary, environment=env, outcomes=[o.as_dict() for o in outcomes]), f, indent=1)
