@@ -12,7 +12,8 @@ Parts (recognisers registered in ``moe_inductor.parts``):
                        where ``combine`` (S, E, C) is a sum of terms, one per choice k::
 
                            combine_k = W_k[s, e] * one_hot(idx_k, E)[s, e] * caps_k[s, e] * one_hot(L_k, C)[s, c]
-                           loc_k = cumsum(one_hot(idx_k, E), dim=0) - 1 + sum_{j<k} one_hot(idx_j, E).sum(0, keepdim=True)
+                           loc_k = cumsum(one_hot(idx_k, E), dim=0) - 1
+                                   + sum_{j<k} one_hot(idx_j, E).sum(0, keepdim=True)
                            L_k = (loc_k * Q_k).sum(1)    (Q_k: 0/1 factors of the term, one_hot(idx_k) among them)
 
                        spelled with ``einsum("se,sc->sec", ...)`` outer products or broadcast multiplies
@@ -295,7 +296,7 @@ def _product(node, axes: tuple, out: list) -> None:
                 inner_axes[d % len(axes)] = axes[i]
             return _product(node.args[0], tuple(inner_axes), out)
     if node.op == "call_function" and node.target is operator.getitem and isinstance(node.args[1], tuple) and \
-            all(p is None or p == slice(None) for p in node.args[1]) and same_rank(node, node) and \
+            all(p is None or p == slice(None) for p in node.args[1]) and \
             len(node.args[1]) <= len(axes):
         index, kept, i = node.args[1], [], 0  # t[None, :]: unsqueezes
         for p in index:
@@ -352,7 +353,8 @@ def _reduce(node, fn_name: str, dims: tuple, keepdim: Optional[bool] = None) -> 
     if not isinstance(node, fx.Node):
         return None
     fn = getattr(torch, fn_name)
-    if not ((node.op == "call_function" and node.target is fn) or (node.op == "call_method" and node.target == fn_name)):
+    if not ((node.op == "call_function" and node.target is fn)
+            or (node.op == "call_method" and node.target == fn_name)):
         return None
     dim = _arg(node, 1, "dim")
     if isinstance(dim, (tuple, list)) and len(dim) == 1:
@@ -977,7 +979,7 @@ def analyse(node: fx.Node) -> MoEBlock:
 def _block(node, comb, mlp, disp, start_kind, base, order) -> MoEBlock:
     x, E = disp.x, disp.num_experts
     device = x.meta["example_value"].device
-    gated, tr = mlp.up is not None or mlp.activation in GATED_OF.values(), mlp.transposed
+    tr = mlp.transposed
 
     def linear_layout(graph, w, name):
         return method(graph, "transpose", w, -2, -1, like=node) if name in tr else w
@@ -1097,7 +1099,6 @@ def _block(node, comb, mlp, disp, start_kind, base, order) -> MoEBlock:
     xs, wd = shape_of(x), shape_of(mlp.down)
     n_dim = wd[1] if "down" not in tr else wd[2]
     desc += f", experts={mlp.spelling}, combine={comb.spelling}"
-    del gated
     return MoEBlock(
         idiom=IDIOM, anchor=node, x=x, token_ids=token_ids, expert_ids=expert_ids, scores=scores,
         build_weights=build_weights, replace=replace, activation=mlp.activation, interleaved=False,
