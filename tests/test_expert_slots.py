@@ -38,12 +38,17 @@ _FUSED = {torch.ops.moe_inductor.fused_moe.default, torch.ops.moe_inductor.fused
 
 class BatchedExperts(nn.Module):
     """Experts on (E, C, d) slots with stacked weights: relu MLP by bmm with (E, in, out) weights,
-    or SwiGLU by einsum with (E, out, in) weights (fused gate/up, gate first)."""
+    SwiGLU by einsum with (E, out, in) weights (fused gate/up, gate first), or SwiGLU by bmm with
+    separate biased gate and up stacks ("swiglu_separate")."""
 
     def __init__(self, kind: str = "relu_bmm", dropout: float = 0.0):
         super().__init__()
         self.kind, self.dropout = kind, dropout
-        if kind == "relu_bmm":
+        if kind == "swiglu_separate":
+            self.w_gate, self.w_up = (nn.Parameter(torch.randn(E, D, N) / D ** 0.5) for _ in range(2))
+            self.b_gate, self.b_up = (nn.Parameter(torch.randn(E, 1, N) / 4) for _ in range(2))
+            self.w_out = nn.Parameter(torch.randn(E, N, D) / N ** 0.5)
+        elif kind == "relu_bmm":
             self.w_in = nn.Parameter(torch.randn(E, D, N) / D ** 0.5)
             self.b_in = nn.Parameter(torch.randn(E, 1, N) / 4)
             self.w_out = nn.Parameter(torch.randn(E, N, D) / N ** 0.5)
@@ -52,6 +57,9 @@ class BatchedExperts(nn.Module):
             self.w_down = nn.Parameter(torch.randn(E, D, N) / N ** 0.5)
 
     def forward(self, slots):
+        if self.kind == "swiglu_separate":
+            h = Fn.silu(torch.bmm(slots, self.w_gate) + self.b_gate) * (torch.bmm(slots, self.w_up) + self.b_up)
+            return torch.bmm(Fn.dropout(h, self.dropout, training=self.dropout > 0), self.w_out)
         if self.kind == "relu_bmm":
             h = Fn.relu(torch.bmm(slots, self.w_in) + self.b_in)
             h = Fn.dropout(h, self.dropout, training=self.dropout > 0)
@@ -320,6 +328,7 @@ EC_CASES = [
     (1, "relu_bmm", "index_add", "flat", LENGTHS[1:]),  # capacity 1, residual accumulator, flat gather + view
     ("all", "swiglu_einsum", "index_add_unscored", "index", LENGTHS),  # C = S: every expert takes every token, no gate
     (2, "relu_bmm", "scatter_add_residual", "index", LENGTHS[1:]),  # out-of-place scatter_add into x: x + the block
+    (2, "swiglu_separate", "scatter_add_", "index", LENGTHS[1:]),  # separate biased gate/up stacks
 ]
 
 
