@@ -76,6 +76,10 @@ _SAME_EMPTINESS = {"view", "reshape", "flatten", "squeeze", "unsqueeze", "contig
                    "transpose", "t", "long", "int", "detach", "clone", "ravel", "view_as", "reshape_as"}
 # methods whose result is empty when the receiver is (not the converse)
 _EMPTY_IF_EMPTY = {"expand", "expand_as", "repeat", "unsqueeze", "__getitem__"}
+_VIEWS = {"view", "reshape", "squeeze", "unsqueeze", "transpose", "permute", "expand", "expand_as", "t", "narrow",
+          "select", "flatten", "unflatten", "detach", "as_strided", "chunk", "split", "unbind", "contiguous", "to",
+          "type_as", "view_as", "reshape_as", "movedim", "swapaxes", "diagonal", "real", "imag", "float", "half",
+          "bfloat16", "double", "type"}
 _ACCUMULATING_METHODS = {"index_add_", "index_put_", "scatter_add_", "scatter_reduce_", "index_copy_",
                          "masked_scatter_", "index_fill_", "index_reduce_"}
 _STATIC_CONTEXTS = ("no_grad", "enable_grad", "inference_mode", "autocast")
@@ -299,6 +303,7 @@ class _Body:
         self.removed: list = []  # descriptions of removed skips
         self.counts_used: set = set()
         self.accumulators: set = set()  # names rebound by `acc = acc.index_add(...)`
+        self.fresh: set = set()  # names holding a tensor computed in this iteration (not a view of another)
 
     # ----- expressions
     def _scalar_expr(self, node) -> bool:
@@ -459,6 +464,26 @@ class _Body:
             return s.key if s is not None and s.exact and s.kind == "mask" else None
         return None
 
+    def _computes_new_tensor(self, node) -> bool:
+        """Is ``node`` a tensor computed here, not a view of (or the same object as) a tensor defined
+        outside the loop? Arithmetic is; a view method is when its receiver is; any other call is when
+        no argument is a name from outside the loop (an Identity or eval-mode Dropout module returns
+        its input); indexing by a selection copies."""
+        if isinstance(node, (ast.BinOp, ast.UnaryOp)):
+            return True
+        if isinstance(node, ast.Name):
+            return node.id in self.fresh
+        if isinstance(node, ast.Subscript):
+            return self.selection(node.slice) is not None or self._computes_new_tensor(node.value)
+        if isinstance(node, ast.Call):
+            f = node.func
+            if isinstance(f, ast.Attribute) and f.attr in _VIEWS:
+                return self._computes_new_tensor(f.value)
+            args = list(node.args) + [k.value for k in node.keywords]
+            return not any(isinstance(a, ast.Name) and (a.id in self.outer or a.id not in self.fresh
+                                                         and a.id not in self.scalars) for a in args)
+        return False
+
     # ----- purity
     def check_expr(self, node) -> None:
         for n in ast.walk(node):
@@ -524,12 +549,13 @@ class _Body:
         _with_parents(s.test)
         if self._static(s.test):
             new = copy.copy(s)
-            before = set(self.assigned)
+            before, fresh_before = set(self.assigned), set(self.fresh)
             new.body = self.block(s.body, reasons) or [ast.Pass()]
-            after_body = set(self.assigned)
-            self.assigned = set(before)
+            after_body, fresh_body = set(self.assigned), set(self.fresh)
+            self.assigned, self.fresh = set(before), set(fresh_before)
             new.orelse = self.block(s.orelse, reasons) if s.orelse else []
             self.assigned = after_body & self.assigned if s.orelse else before
+            self.fresh = fresh_body & self.fresh  # what holds on both paths
             return [new]
         t = self.emptiness_test(s.test)
         if t is None:
@@ -613,6 +639,7 @@ class _Body:
                     return [s]
             self.check_expr(s.value)
             sel = self.selection(s.value)
+            fresh = len(names) == 1 and self._computes_new_tensor(s.value)
             for n in names:
                 self.sel.pop(n.id, None)
                 self.scalars.discard(n.id)
@@ -629,6 +656,10 @@ class _Body:
                 for n in names:
                     self.sel[n.id] = _Sel(sel.key, sel.exact, "index")
             self.assigned.update(n.id for n in names)
+            for n in names:
+                self.fresh.discard(n.id)
+            if fresh:
+                self.fresh.add(names[0].id)
             return [s]
         if isinstance(s, ast.AugAssign):
             self.check_expr(s.value)
@@ -638,7 +669,10 @@ class _Body:
                 self._accumulation_index(s.target.slice, reasons, f"`{_short(s)}`")
                 return [s]
             if isinstance(s.target, ast.Name) and s.target.id in self.assigned and s.target.id not in self.outer:
-                return [s]  # in place on this iteration's own tensor
+                if s.target.id not in self.fresh:
+                    raise Decline(s, f"`{_short(s)}` updates in place a tensor that may share memory with one "
+                                     f"defined outside the loop")
+                return [s]  # in place on a tensor this iteration computed
             raise Decline(s, f"`{_short(s)}` accumulates across experts outside a tensor")
         if isinstance(s, ast.Expr):
             if isinstance(s.value, ast.Constant):
@@ -960,14 +994,15 @@ def _in_range_guard(checker, body, loop, hit) -> list:
             if not isinstance(n, ast.Subscript) or not isinstance(n.ctx, ast.Load):
                 continue
             names = _names_loaded(n.slice)
-            if not names or not names <= (aliases | {checker.self_name}) or not checker._scalar_expr(n.slice) \
-                    and not (isinstance(n.slice, ast.Name) and n.slice.id in aliases):
+            keyed = isinstance(n.slice, ast.JoinedStr)  # self[f"expert_{e}"] (a ModuleDict)
+            if not names or not names <= (aliases | {checker.self_name}) or not keyed \
+                    and not checker._scalar_expr(n.slice) and not (isinstance(n.slice, ast.Name) and n.slice.id in aliases):
                 continue
             if _names_loaded(n.value) & (body_names - aliases) or any(
                     isinstance(m, (ast.Subscript, ast.Lambda)) for m in ast.walk(n.value)):
                 continue
             index = rename.visit(copy.deepcopy(n.slice))
-            text = f"{_src(index)} < len({_src(n.value)})"
+            text = f"{_src(index)} in {_src(n.value)}" if keyed else f"{_src(index)} < len({_src(n.value)})"
             if conds:  # indexed only on a static branch: only when that branch runs
                 text = f"not ({' and '.join(conds)}) or {text}"
             guards.setdefault(text, None)

@@ -295,3 +295,23 @@ class SortedSplitMoE(_Routed):
         unsorted[order] = outs
         y = (unsorted.view(*ids.shape, -1) * weights.unsqueeze(-1)).sum(dim=1)
         return y.view(shape)
+
+
+class InPlaceOnViewMoE(HitLoopMoE):
+    """A hit loop that also updates, in place, a view of a tensor defined outside the loop: every
+    extra expert would apply it once more."""
+
+    def forward(self, x):
+        h = x.reshape(-1, x.shape[-1])
+        weights, ids = self.route(h)
+        out = torch.zeros_like(h)
+        seen = torch.zeros(h.shape[0], 1)
+        mask = F.one_hot(ids, num_classes=self.num_experts).permute(2, 1, 0)
+        hit = (mask.sum(dim=(-1, -2)) > 0).nonzero()
+        for e in hit:
+            e = e[0]
+            slot, tok = torch.where(mask[e])
+            out.index_add_(0, tok, self.experts[e](h[tok]) * weights[tok, slot, None])
+            count = seen.view(-1)
+            count += 1.0
+        return out.view(x.shape) + seen.sum() * 0

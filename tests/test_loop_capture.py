@@ -76,11 +76,9 @@ FORMS = [
     (loop_forms.HitLoopPaddedMoE, "for e in hit", 1),       # E + 1 classes, padding expert skipped, stacked weights
     (loop_forms.BincountSkipMoE, "counts[i] == 0", 1),      # DeepSeek-V3 official inference, y[idx] += ...
     (loop_forms.ShapeSkipMoE, "top_x.shape[0] == 0", 1),    # transformers 4.36 Mixtral, tolist() indices
-    # makeMoE: captured; declined today: the combine writes (B, S, d) through a (B, S) token mask
-    (loop_forms.MaskAnyMoE, "flat_mask.any()", 0),
+    (loop_forms.MaskAnyMoE, "flat_mask.any()", 1),          # makeMoE: (B, S) token masks, (B, S, d) += combine
     (loop_forms.NotAnyContinueMoE, "not mask.any()", 1),    # index_put_(accumulate=True)
-    # vLLM reference: captured; declined today: the (T*K, d) buffer is torch.zeros, not zeros_like/clone
-    (loop_forms.NumelSkipMoE, "idx.numel() == 0", 0),
+    (loop_forms.NumelSkipMoE, "idx.numel() == 0", 1),       # vLLM reference: masked rows, weighted view-sum
     (loop_forms.ScatterAddHitMoE, "tolist()", 1),           # host-int hit list, scatter_add_
 ]
 
@@ -129,6 +127,7 @@ def test_form_without_capture_graph_breaks(cls):
     (loop_forms.ItemInBodyMoE, "reads a tensor on the host"),
     (loop_forms.UnrelatedSkipMoE, "does not prove that selection empty"),
     (loop_forms.SortedSplitMoE, "carries a value from one expert's iteration to the next"),
+    (loop_forms.InPlaceOnViewMoE, "may share memory with one defined outside the loop"),
 ])
 def test_near_miss_is_not_rewritten_and_says_why(cls, why):
     torch.manual_seed(0)
