@@ -72,7 +72,7 @@ def _restore(module):
 
 def _skip_class(cls) -> bool:
     # torch's own modules hold no per-expert loops; reading their source would only cost time
-    return cls.__module__.startswith(("torch.", "torch_", "moe_inductor."))
+    return cls.__module__.startswith(("torch.nn.", "moe_inductor."))
 
 
 def _analyse(forward) -> tuple:

@@ -32,8 +32,12 @@ the source (``_Body``):
   it writes nothing;
 - everything else only binds names local to the iteration (not read after the loop, not carried
   from one iteration to the next), calls no host-syncing or mutating method (``.item()``,
-  ``.tolist()``, ``.cpu()``, ``.append``, in-place ``*_`` methods), writes no attribute, and
-  branches only on static values (the expert id, ``self`` attributes, constants).
+  ``.tolist()``, ``.cpu()``, ``.append``, in-place ``*_`` methods), updates in place (``y *= s``)
+  only tensors the iteration computed (not views of tensors from outside the loop), writes no
+  attribute, and branches only on static values (the expert id, ``self`` attributes, constants);
+- the rewritten loop leaves out an expert past the end of a container the body indexes by the
+  expert id (``len(weight)``, ``key in module_dict``; static under Dynamo): the original never
+  ran it (DBRX's ``one_hot(..., num_experts + 1)`` has a padding class and no weights for it).
 
 The rewritten loop keeps the original order of experts (ascending), so the same rows are
 accumulated in the same order. Values are the same; one difference is visible when compiled: an
@@ -47,8 +51,12 @@ proved when M comes from ``one_hot``, a comparison or ``.bool()``; for a mask co
 (an argument, e.g. Switch Transformers' router mask) it is assumed for integer and bool masks
 (routing masks hold 0/1) and the rewritten code runs the original loop for a floating-point mask.
 
-A loop that is not rewritten gets a ``LoopNote`` saying which line breaks the graph and why; it is
-what ``moe_inductor.explain`` shows. Nothing here runs at import; ``analyse`` is called for the
+A loop that is not rewritten gets a ``LoopNote`` saying which line breaks the graph and why, and
+so does each host read outside a loop (JetMoE's router ``.tolist()``, DeepSeek-MoE's
+``.cpu().numpy()`` counts); they are what ``moe_inductor.explain`` shows. Out of reach today:
+loops whose slice bounds carry from one expert to the next (DeepSeek-MoE/V2 ``moe_infer``,
+torchtitan's for-loop experts with ``split`` by host counts), host capacity arithmetic
+(DeepSpeed's ``_capacity``: a tensor compared in an ``if``, then used as ``topk``'s ``k``). Nothing here runs at import; ``analyse`` is called for the
 forward methods of the modules of frames compiled with the sonic backend (``moe_inductor.capture``).
 """
 from __future__ import annotations
