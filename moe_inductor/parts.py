@@ -146,6 +146,8 @@ class Score:
     node: fx.Node
     on: str = "output"
     spelling: str = ""
+    #: the score is column ``column`` of ``source`` ((R, E) table read as ``source[mask, column]``)
+    column: Optional[int] = None
 
 
 # --------------------------------------------------------------------------- registries

@@ -110,6 +110,17 @@ def shape_of(node: Any) -> Optional[tuple[sympy.Expr, ...]]:
     return None
 
 
+def sympy_prod(sizes) -> Optional[sympy.Expr]:
+    """Product of sizes (ints, SymInts or sympy expressions); None if one is unknown."""
+    out = sympy.Integer(1)
+    for s in sizes:
+        e = s if isinstance(s, sympy.Expr) else to_sympy(s)
+        if e is None:
+            return None
+        out = out * e
+    return out
+
+
 def same(a: Any, b: Any) -> bool:
     """Provably equal sizes (no guards added): sympy difference simplifies to 0."""
     ea = a if isinstance(a, sympy.Expr) else to_sympy(a)

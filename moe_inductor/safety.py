@@ -226,6 +226,19 @@ def equivalent(a, b, depth: int = 6) -> bool:
     return type(a) is type(b) and a == b
 
 
+def _flat_of(a, b) -> bool:
+    """``a`` is ``b`` flattened to one dim (``b.view(-1)``, ``b.reshape(-1)``, ``b.flatten()``)."""
+    return (isinstance(a, fx.Node) and a.op == "call_method" and a.args and equivalent(a.args[0], b)
+            and ((a.target in ("view", "reshape") and tuple(a.args[1:]) in ((-1,), ((-1,),)))
+                 or (a.target == "flatten" and len(a.args) == 1 and not a.kwargs)))
+
+
+def same_rows(a, b) -> bool:
+    """Two masks / indices select the same rows of a (tokens.., d) tensor and of its (-1, d) view:
+    equivalent, or one is the other flattened."""
+    return equivalent(a, b) or _flat_of(a, b) or _flat_of(b, a)
+
+
 def same_shape(a, b) -> bool:
     sa, sb = shape_of(a), shape_of(b)
     return sa is not None and sb is not None and len(sa) == len(sb) and all(same(p, q) for p, q in zip(sa, sb))

@@ -54,8 +54,7 @@ def indexed_iadd(node) -> Optional[Write]:
     a, b = new.args
     for read, v in ((a, b), (b, a) if new.target is not operator.iadd else ()):
         if _read_of(read, acc, idx) and isinstance(v, fx.Node):
-            extra = [] if len(read.users) > 1 else [read]
-            return Write(kind="add", acc=acc, index=idx, value=v, anchor=node, nodes=[node, new] + extra,
+            return Write(kind="add", acc=acc, index=idx, value=v, anchor=node, nodes=[node, new, read],
                          duplicates_add=False)
     return None
 

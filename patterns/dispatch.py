@@ -162,7 +162,15 @@ def _bool_rows(mask) -> Optional[Selection]:
     if not isinstance(mask, fx.Node) or dtype_of(mask) != torch.bool:
         return None
     ms = shape_of(mask)
-    if ms is None or len(ms) != 1:
+    if ms is None or not ms:
+        return None
+    if len(ms) > 1:  # a token mask over (B, S, ..): only (ids == e).any(-1), written through the mask
+        anym = AnyOf(M("any", KA("m"), -1), M("any", KA("m"), dim=-1), F(torch.any, KA("m"), -1),
+                     F(torch.any, KA("m"), dim=-1)).match(mask)
+        if is_match(anym):
+            eq = eq_constant(anym.kwargs["m"])
+            if eq is not None and len(shape_of(eq[0]) or ()) == len(ms) + 1:
+                return Selection(expert=eq[1], layout="rows", index=mask, mask=mask, unique=True, nodes=[mask])
         return None
     eq = eq_constant(mask)
     if eq is not None and len(shape_of(eq[0]) or ()) == 1:
@@ -274,11 +282,20 @@ def row_score(node, sel: Selection) -> Optional[Score]:
             return None
         src, idx = inner.args[0], inner.args[1]
         shape_ok = 1 if unsq else 2
+    column = None
+    if isinstance(idx, tuple) and len(idx) == 2 and isinstance(idx[1], int) and not isinstance(idx[1], bool) \
+            and shape_ok == 1:
+        idx, column = idx  # s[m, e]: column e of an (R, E) table (makeMoE's dense gating)
+        shape_ok = 2
     if not isinstance(src, fx.Node) or not isinstance(idx, fx.Node):
         return None
-    if not (safety.equivalent(idx, sel.index) or safety.equivalent(idx, sel.mask)):
+    if not (safety.same_rows(idx, sel.index) or safety.same_rows(idx, sel.mask)):
         return None
     ss = shape_of(src)
+    if column is not None:
+        if ss is None or len(ss) != 2 or int_value(ss[1]) is None or not 0 <= column < int_value(ss[1]):
+            return None
+        return Score(source=src, layout="rows", index=idx, node=node, column=column)
     if ss is None or len(ss) != shape_ok or (shape_ok == 2 and int_value(ss[1]) != 1):
         return None
     return Score(source=src, layout="rows", index=idx, node=node)

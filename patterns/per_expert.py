@@ -46,7 +46,7 @@ import torch.fx as fx
 from moe_inductor import safety
 from moe_inductor.parts import PartDeclined, recognise
 from moe_inductor.rewrite import (
-    Declined, ExpertWeights, MoEBlock, call, dtype_of, int_value, method, need, same, shape_of, size_asserts_of,
+    Declined, sympy_prod, ExpertWeights, MoEBlock, call, dtype_of, int_value, method, need, same, shape_of, size_asserts_of,
 )
 
 from . import combine as _combine  # noqa: F401  (registers the recognisers)
@@ -116,8 +116,8 @@ def analyse_unit(write) -> dict:
     if g is None:
         raise PartDeclined("gather", f"{z.name}: the expert's input is not a gather of token rows x[index]")
     x, gidx = g
-    if not (safety.equivalent(gidx, write.index) or safety.equivalent(gidx, sel.index)
-            or (sel.mask is not None and safety.equivalent(gidx, sel.mask))):
+    if not (safety.same_rows(gidx, write.index) or safety.same_rows(gidx, sel.index)
+            or (sel.mask is not None and safety.same_rows(gidx, sel.mask))):
         raise Declined(f"proof: the expert reads rows {getattr(gidx, 'name', gidx)} but its output is written at "
                        f"{getattr(write.index, 'name', write.index)}: not the same selection")
     safety.need_pure_path(write.value, z)
@@ -203,8 +203,11 @@ def analyse_group(units: list, graph: fx.Graph) -> MoEBlock:
     start_kind, base = start
     rows = shape_of(x)
     accs = shape_of(acc)
-    need(rows is not None and len(rows) == 2 and accs is not None and len(accs) == 2 and same(accs[0], rows[0])
-         and same(accs[1], rows[1]), "proof: the result is not (rows of x, d)")
+    need(rows is not None and len(rows) == 2 and accs is not None and len(accs) >= 2 and same(accs[-1], rows[1])
+         and same(sympy_prod(accs[:-1]), rows[0]), "proof: the result is not (rows of x, d)")
+    if len(accs) > 2:  # a (B, S, d) result written through (B, S) masks, x its (-1, d) view
+        need(layout == "rows" and all(len(shape_of(u["sel"].mask) or ()) == len(accs) - 1 for u in units),
+             "proof: a multi-dimensional result must be written through token masks of its leading shape")
     if kind == "add":
         need(start_kind != "empty", "combine: accumulation into an uninitialised (empty) tensor")
     else:
@@ -240,7 +243,7 @@ def analyse_group(units: list, graph: fx.Graph) -> MoEBlock:
 def _lift_assignment_rows(units, acc, x, layout, kind, order) -> Optional[dict]:
     """For rows that are replicated top-k assignments summed per token with the top-k weights
     after the loop: {x0, ids, w, anchor, T, K}; None if the result is used otherwise."""
-    if layout != "rows":
+    if layout != "rows" or _acc_start(acc)[0] == "copy":
         return None
     vals = {u["sel"].value for u in units}
     if len(vals) != 1 or None in vals:
@@ -250,12 +253,12 @@ def _lift_assignment_rows(units, acc, x, layout, kind, order) -> Optional[dict]:
             (v.target == "flatten" or tuple(v.args[1:]) in ((-1,), ((-1,),)))):
         return None
     ids = v.args[0]
-    if not (x.op == "call_method" and x.target == "repeat_interleave" and len(x.args) >= 2):
+    rep = _replicated(x)
+    if rep is None:
         return None
-    x0, K = x.args[0], int_value(x.args[1])
-    dim = x.kwargs.get("dim", x.args[2] if len(x.args) > 2 else None)
+    x0, K = rep
     ids_shape, x0_shape = shape_of(ids), shape_of(x0)
-    if K is None or dim != 0 or ids_shape is None or len(ids_shape) != 2 or int_value(ids_shape[1]) != K or \
+    if K is None or ids_shape is None or len(ids_shape) != 2 or int_value(ids_shape[1]) != K or \
             x0_shape is None or len(x0_shape) != 2 or not same(ids_shape[0], x0_shape[0]):
         return None
     users = [u for u in acc.users if order[u] > order[units[-1]["write"].anchor]]
@@ -271,10 +274,14 @@ def _lift_assignment_rows(units, acc, x, layout, kind, order) -> Optional[dict]:
     w = None
     for a, b in _mul_operands(mul):
         if a is view:
-            inner, unsq = _dispatch._unsqueezed(b)
+            inner, unsq = _dispatch._unsqueezed(safety.strip_casts(b))
             ws = shape_of(inner)
             if unsq and ws is not None and len(ws) == 2 and same(ws[0], ids_shape[0]) and int_value(ws[1]) == K:
                 w = inner
+            b3 = shape_of(safety.strip_casts(b))
+            if w is None and b3 is not None and len(b3) == 3 and same(b3[0], ids_shape[0]) \
+                    and int_value(b3[1]) == K and int_value(b3[2]) == 1:
+                w = safety.strip_casts(b)  # w.view(T, -1, 1): (T, K, 1)
     if w is None or len(mul.users) != 1:
         return None
     s = next(iter(mul.users))
@@ -282,6 +289,46 @@ def _lift_assignment_rows(units, acc, x, layout, kind, order) -> Optional[dict]:
             and len(s.args) <= 2 and set(s.kwargs) <= {"dim"}):
         return None
     return dict(x0=x0, ids=ids, w=w, anchor=s, K=K)
+
+
+def _replicated(x: fx.Node):
+    """(x0, K) if the rows of ``x`` are each token of x0 (T, d) K times in a row (row t*K + k = x0[t]):
+    ``x0.repeat_interleave(K, dim=0)`` or ``x0.view(T, 1, d).repeat(1, K, 1).reshape(-1, d)``."""
+    if x.op == "call_method" and x.target == "repeat_interleave" and len(x.args) >= 2:
+        dim = x.kwargs.get("dim", x.args[2] if len(x.args) > 2 else None)
+        K = int_value(x.args[1])
+        return (x.args[0], K) if dim == 0 and K is not None else None
+    if x.op == "call_method" and x.target in ("reshape", "view") and tuple(x.args[1:2]) == (-1,) and len(x.args) == 3:
+        r = x.args[0]
+        if isinstance(r, fx.Node) and r.op == "call_method" and r.target == "repeat" and len(r.args) == 4 \
+                and r.args[1] == 1 and r.args[3] == 1 and isinstance(r.args[2], int):
+            v = r.args[0]
+            vs = shape_of(v)
+            if isinstance(v, fx.Node) and v.op == "call_method" and v.target in ("view", "reshape") \
+                    and vs is not None and len(vs) == 3 and int_value(vs[1]) == 1:
+                x0 = v.args[0]
+                x0s = shape_of(x0)
+                if x0s is not None and len(x0s) == 2 and same(x0s[0], vs[0]) and same(x0s[1], vs[2]):
+                    return x0, r.args[2]
+    return None
+
+
+def _score_column(graph, score, like):
+    if score.column is None:
+        return score.source
+    return call(graph, operator.getitem, score.source, (slice(None), score.column), like=like)
+
+
+def _summed_per_token(acc: fx.Node) -> bool:
+    """``acc`` (assignment rows) is read as ``(acc.view(T, K, d) * w).sum(1)``: the two-level combine."""
+    for v in acc.users:
+        if v.op == "call_method" and v.target in ("view", "reshape") and len(v.users) == 1:
+            m = next(iter(v.users))
+            if _mul_operands(m) and len(m.users) == 1:
+                s = next(iter(m.users))
+                if s.op == "call_method" and s.target == "sum":
+                    return True
+    return False
 
 
 def _remap(graph, ids, lo, E, ncls, like):
@@ -379,8 +426,9 @@ def _block(units, acc, x, layout, kind, start_kind, base, lo, E, act, scored, on
                      method(graph, "size", sel0.routing, 1, like=last_anchor), like=last_anchor)
             return call(graph, torch.ones, n, dtype=dtype_of(x), device=device, like=last_anchor)
         if scored:
-            srcs = [method(graph, "reshape", u["score"].source, -1, like=last_anchor) for u in by_e]
-            if single_value is not None and len({u["score"].source for u in units}) == 1:
+            srcs = [method(graph, "reshape", _score_column(graph, u["score"], last_anchor), -1, like=last_anchor)
+                    for u in by_e]
+            if single_value is not None and len({(u["score"].source, u["score"].column) for u in units}) == 1:
                 s = srcs[0]
             elif single_value is not None:
                 # one expert per row: its own expert's score
@@ -404,6 +452,8 @@ def _block(units, acc, x, layout, kind, start_kind, base, lo, E, act, scored, on
         with graph.inserting_before(out.next):
             if lift is None and dtype_of(result) != dtype_of(acc):
                 result = method(graph, "to", result, dtype_of(acc), like=last_anchor)
+            if lift is None and len(shape_of(acc)) > 2:
+                result = method(graph, "reshape_as", result, acc, like=last_anchor)
             if lift is None:
                 if kind == "add" and start_kind == "copy":
                     result = call(graph, operator.add, base, result, like=last_anchor)
@@ -418,7 +468,8 @@ def _block(units, acc, x, layout, kind, start_kind, base, lo, E, act, scored, on
             if u not in writes and order.get(u, -1) > order[last_anchor]:
                 u.replace_input_with(acc, result)
 
-    sizes = size_asserts_of([u["gathered"] for u in units] + [n for u in units for n in u["sel"].nodes],
+    sizes = size_asserts_of([u["gathered"] for u in units] + [n for u in units for n in u["sel"].nodes]
+                            + [n for u in units for n in u["write"].nodes if n.target is operator.getitem],
                             (operator.getitem, operator.ge, operator.le, operator.lt, operator.gt))
     orphans = writes + sizes
     xs = shape_of(x_in)
@@ -455,8 +506,9 @@ def find(gm: fx.GraphModule):
             continue
         if write is None or not isinstance(write.acc, fx.Node):
             continue
-        if write.kind == "assign" and (_acc_start(write.acc) or ("",))[0] != "empty":
-            continue  # masked assignment into a zeros/copy buffer: the mask_dispatch composition
+        if write.kind == "assign" and (_acc_start(write.acc) or ("",))[0] != "empty" \
+                and not _summed_per_token(write.acc):
+            continue  # masked assignment into a zeros/copy buffer of tokens: the mask_dispatch composition
         claimed.update(write.nodes)
         if write.acc in declined:
             continue
