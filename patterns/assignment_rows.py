@@ -49,7 +49,7 @@ from __future__ import annotations
 
 import dataclasses
 import operator
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 import torch.fx as fx
@@ -58,7 +58,7 @@ from moe_inductor import safety
 from moe_inductor.activations import parse_activation
 from moe_inductor.parts import PartDeclined, need as part_need, recognise, register
 from moe_inductor.rewrite import (
-    Declined, ExpertWeights, MoEBlock, call, dtype_of, gemm_name, int_value, is_mutation, method, need, same, shape_of, to_sympy,
+    Declined, ExpertWeights, MoEBlock, call, dtype_of, gemm_name, int_value, method, need, same, shape_of, to_sympy,
 )
 
 from .common import GATED_OF, expert_activation, unary_activation
