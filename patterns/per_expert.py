@@ -475,19 +475,51 @@ def _block(units, acc, x, layout, kind, start_kind, base, lo, E, act, scored, on
     xs = shape_of(x_in)
     wd = shape_of(mlp0.down)
     n_dim = (wd[0] if "down" in transposed else wd[1]) if wd else None
+    x_rows, fold = x_in, None
     if on == "input":
-        raise Declined("scores: applied to the expert's input (f(s * x)); the fused op applies them to the output, "
-                       "which differs for a non-linear expert")
+        # f(s * x): the fused op scales outputs, so it gets one pre-scaled row per candidate
+        # assignment, x[token] * s (the very product the loop feeds its expert), with score 1, and
+        # the rows of each token are summed afterwards
+        need(lift is None, "scores: applied to the inputs of replicated rows that are summed afterwards")
+        graph = x.graph
+        with graph.inserting_before(last_anchor.next):
+            flat_s = scores(graph)
+            per = 1 if layout == "rows" and single_value is not None else (
+                method(graph, "size", sel0.routing, 1, like=last_anchor) if layout == "pairs" else E)
+            rep = x if per == 1 else method(graph, "repeat_interleave", x, per, 0, like=last_anchor)
+            x_rows = call(graph, operator.mul, rep, method(graph, "unsqueeze", flat_s, -1, like=last_anchor),
+                          like=last_anchor)
+        fold = None if per == 1 else per
+
+        def token_ids(graph):  # noqa: F811  (one row per candidate assignment)
+            n = method(graph, "size", x_rows, 0, like=last_anchor)
+            return call(graph, torch.arange, n, device=device, like=last_anchor)
+
+        def scores(graph):  # noqa: F811
+            n = method(graph, "size", x_rows, 0, like=last_anchor)
+            return call(graph, torch.ones, n, dtype=dtype_of(x_rows), device=device, like=last_anchor)
+
+        outer_replace = replace
+
+        def replace(out):  # noqa: F811
+            if fold is not None:
+                graph = out.graph
+                with graph.inserting_before(out.next):
+                    d = method(graph, "size", out, -1, like=last_anchor)
+                    out = method(graph, "sum", method(graph, "reshape", out, -1, fold, d, like=last_anchor), 1,
+                                 like=last_anchor)
+            outer_replace(out)
     K = int_value(shape_of(sel0.routing)[1]) if layout == "pairs" else (lift["K"] if lift is not None else 1)
     desc = f"dispatch={sel0.spelling}, experts={mlp0.spelling}, combine={first['write'].spelling}" + \
         (f", scores={first['score'].spelling}" if scored else "") + (", then a weighted per-token sum" if lift else "")
     return MoEBlock(
-        idiom=IDIOM, anchor=lift["anchor"] if lift is not None else last_anchor, x=x_in,
+        idiom=IDIOM, anchor=lift["anchor"] if lift is not None else last_anchor, x=x_rows,
         token_ids=token_ids, expert_ids=expert_ids, scores=scores,
         build_weights=build_weights, replace=replace, activation=act, interleaved=False,
         num_experts=E, top_k=K, hidden=int_value(xs[1]) if int_value(xs[1]) is not None else xs[1],
         intermediate=int_value(n_dim) if n_dim is not None and int_value(n_dim) is not None else n_dim,
-        dtype=dtype_of(x_in), insert_before=(lift["anchor"] if lift is not None else last_anchor.next),
+        dtype=dtype_of(x_in), insert_before=(lift["anchor"] if lift is not None else
+                                             x_rows.next if x_rows is not x_in else last_anchor.next),
         orphans=orphans, location=acc, autocast_like=mlp0.gemm, parts=desc,
     )
 

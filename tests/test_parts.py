@@ -79,6 +79,8 @@ class Routed(nn.Module):
             idx, nth = torch.where(sel == i + self.lo)
             if self.score == "output":
                 y = self.experts[i](x[idx]) * w[idx, nth, None]
+            elif self.score == "input":  # f(s * x): torchtitan's score_before_experts, per expert
+                y = self.experts[i](x[idx] * w[idx, nth, None])
             elif self.score == "twice":
                 y = self.experts[i](x[idx] * w[idx, nth, None]) * w[idx, nth, None]
             else:
@@ -154,6 +156,13 @@ def test_loop_combines_rewritten(combine):
     assert len(rewritten) == len(be.graphs) and all(c.idiom == "expert_loop" for c in rewritten), be.candidates
     spelling = {"iadd": "indexed_iadd", "index_put": "index_put_", "scatter_add": "scatter_add_"}[combine]
     assert f"combine={spelling}" in rewritten[0].parts and "dispatch=where_pairs" in rewritten[0].parts
+
+
+@pytest.mark.parametrize("combine", ["iadd", "scatter_add"])
+def test_scores_on_the_input_rewritten(combine):
+    """f(s * x) per expert: the fused op gets pre-scaled rows (one per assignment) with score 1."""
+    be = _check(Routed(combine=combine, score="input"))
+    assert [c.status for c in be.candidates] == ["rewritten"] * len(be.graphs), be.candidates
 
 
 def test_local_expert_range_rewritten():
