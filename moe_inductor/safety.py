@@ -139,7 +139,7 @@ def _same_dtype_cast(node: fx.Node) -> bool:
 
 def _same_shape_view(node: fx.Node) -> bool:
     """``t.view(...)`` / ``t.reshape(...)`` that provably keeps t's shape (DBRX: ``y.view(-1, d)``)."""
-    if node.op != "call_method" or node.target not in ("view", "reshape") or not node.args \
+    if node.op != "call_method" or node.target not in ("view", "reshape", "squeeze") or not node.args \
             or not isinstance(node.args[0], fx.Node):
         return False
     return same_shape(node, node.args[0])

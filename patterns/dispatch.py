@@ -118,7 +118,7 @@ def where_pairs(index) -> Optional[Selection]:
     if found is None:
         return None
     where, pos = found
-    mask = where.args[0]
+    mask = safety.strip_identity(where.args[0])  # LongCat-Flash: expert_mask[e].squeeze(0) with K > 1
     ms = shape_of(mask)
     if ms is None or len(ms) != 2:
         return None  # a rank-1 mask: rows (index_of_rows)

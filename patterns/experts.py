@@ -25,7 +25,9 @@ from moe_inductor import safety
 from moe_inductor.parts import ExpertMLP, decline, need, register
 from moe_inductor.rewrite import gemm_name, shape_of
 
-from .common import GATED_OF, unary_activation
+from moe_inductor.rewrite import Declined
+
+from .common import GATED_OF, expert_activation, unary_activation
 
 _LINEAR = (torch._C._nn.linear, torch.nn.functional.linear)
 _MATMUL_F = (torch.matmul, torch.mm, operator.matmul)
@@ -145,6 +147,19 @@ def mlp(out) -> Optional[ExpertMLP]:
                                               gemm=gemm), transposed)
     name, inner = unary_activation(mid)
     if name is None:
+        # the other activations of fused gate_up weights: clamped SwiGLU, softcapped SwiGLU, GPT-OSS's
+        # clamped gate, relu^2, casts around the activation (patterns/common.py)
+        try:
+            spec, interleaved, h = expert_activation(mid)
+        except Declined:
+            spec = None
+        g = projection(safety.strip_identity(h)) if spec is not None else None
+        if g is not None:
+            need("experts", not interleaved, f"{mid.name}: gate and up columns interleaved (GPT-OSS layout): the "
+                                             "per-expert weight lists hold the halves one after the other")
+            transposed["gate"] = g[2]
+            return _with_layout(ExpertMLP(input=g[0], output=out, activation=spec, gate=g[1], down=down[1],
+                                          b_gate=g[3], b_down=down[3], gemm=gemm), transposed)
         decline("experts", f"{mid.name}: the expert body is not a supported MLP (projection -> activation "
                            "[* projection] -> projection)")
     up = projection(safety.strip_identity(inner))
