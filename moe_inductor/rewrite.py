@@ -177,9 +177,27 @@ def is_mutation(node: fx.Node, of: fx.Node) -> bool:
     return False
 
 
+_ORDER: dict = {}
+
+
+def node_order(graph: fx.Graph) -> dict:
+    """{node: position} of ``graph``, cached while the graph keeps its nodes (recognisers ask it
+    per unit and per block: recomputing it each time made the rewrite quadratic in graph size)."""
+    key = id(graph)
+    hit = _ORDER.get(key)
+    n = len(graph.nodes)
+    if hit is not None and hit[0] is graph and hit[1] == n and hit[3] is graph._root._prev:
+        return hit[2]
+    order = {node: i for i, node in enumerate(graph.nodes)}
+    if len(_ORDER) > 64:
+        _ORDER.clear()
+    _ORDER[key] = (graph, n, order, graph._root._prev)
+    return order
+
+
 def mutated_between(value: fx.Node, start: fx.Node, end: fx.Node) -> Optional[fx.Node]:
     """A node strictly after ``start`` and before ``end`` (graph order) that mutates ``value``."""
-    order = {n: i for i, n in enumerate(value.graph.nodes)}
+    order = node_order(value.graph)
     lo, hi = order[start], order[end]
     for user in value.users:
         if lo < order[user] < hi and is_mutation(user, value):

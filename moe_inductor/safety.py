@@ -25,7 +25,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as Fn
 
-from .rewrite import Declined, dtype_of, example_value, is_mutation, same, shape_of
+from .rewrite import Declined, dtype_of, example_value, is_mutation, node_order, same, shape_of
 
 # methods / functions whose result may share memory with their first argument
 _VIEW_METHODS = {
@@ -84,14 +84,14 @@ def writes_to(value: fx.Node) -> list:
     out = []
     for a in aliases(value):
         out += [u for u in a.users if is_mutation(u, a)]
-    order = {n: i for i, n in enumerate(value.graph.nodes)}
+    order = node_order(value.graph)
     return sorted(set(out), key=order.__getitem__)
 
 
 def mutated_between(value: fx.Node, start: fx.Node, end: fx.Node, allowed: Iterable = ()) -> Optional[fx.Node]:
     """A write into ``value`` (or an alias) strictly between ``start`` and ``end`` in graph order,
     other than the nodes in ``allowed``; None if there is none."""
-    order = {n: i for i, n in enumerate(value.graph.nodes)}
+    order = node_order(value.graph)
     lo, hi, allowed = order[start], order[end], set(allowed)
     for w in writes_to(value):
         if lo < order[w] < hi and w not in allowed:
@@ -185,7 +185,7 @@ _RANDOM = {torch.rand_like, torch.randn_like, torch.bernoulli, torch.rand, torch
 def need_pure_path(value: fx.Node, source: fx.Node) -> None:
     """Nothing random and nothing in place on the path from ``source`` (the gathered tokens) to
     ``value`` (what the expert produces)."""
-    order = {n: i for i, n in enumerate(value.graph.nodes)}
+    order = node_order(value.graph)
     downstream, stack = {source}, [source]
     while stack:
         for u in stack.pop().users:

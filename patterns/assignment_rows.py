@@ -58,6 +58,7 @@ from moe_inductor import safety
 from moe_inductor.activations import parse_activation
 from moe_inductor.parts import PartDeclined, need as part_need, recognise, register
 from moe_inductor.rewrite import (
+    node_order,
     Declined, ExpertWeights, MoEBlock, call, dtype_of, gemm_name, int_value, method, need, same, shape_of, to_sympy,
 )
 
@@ -599,7 +600,7 @@ def analyse_combine(c: RowsScatter, mlp: RowsMLP, score_after) -> MoEBlock:
              "proof: weights are not gathered with one expert id per row")
 
     # nothing written in place: the acc only by this combine, nothing reads it before
-    order = {nd: i for i, nd in enumerate(c.anchor.graph.nodes)}
+    order = node_order(c.anchor.graph)
     writes = safety.writes_to(c.acc)
     need(set(writes) <= {c.anchor}, f"combine: the result {c.acc.name} is written by something else "
                                     f"({', '.join(w.name for w in writes if w is not c.anchor)})")

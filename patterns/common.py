@@ -13,6 +13,7 @@ import torch.nn.functional as Fn
 
 from moe_inductor.activations import Activation
 from moe_inductor.rewrite import (
+    node_order,
     F, M, getitem, AnyOf, Declined, is_mutation, match_or_decline, need, same, shape_of, dtype_of,
 )
 from torch._inductor.pattern_matcher import KeywordArg, is_match
@@ -502,7 +503,7 @@ def expert_bias(out: fx.Node, same_ids: Callable[[fx.Node], bool], num_experts: 
     need(isinstance(ids, fx.Node) and same_ids(ids),
          f"bias added in place to {what} is indexed by other ids than the expert ids of its rows")
     need(not wr.users, f"the in-place bias add on {what} is read as a value")
-    order = {n: i for i, n in enumerate(out.graph.nodes)}
+    order = node_order(out.graph)
     need(all(order[u] > order[wr] for u in out.users if u is not wr),
          f"{what} is read before its bias is added")
     need(_sole_owner(out), f"{what} shares storage with another tensor; an in-place bias add would reach it")

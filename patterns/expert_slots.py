@@ -70,6 +70,7 @@ import torch.nn.functional as Fn
 from moe_inductor import safety
 from moe_inductor.parts import ExpertMLP, PartDeclined, decline, need, recognise, register
 from moe_inductor.rewrite import (
+    node_order,
     Declined, MoEBlock, call, dtype_of, int_value, method, same, shape_of,
 )
 from moe_inductor.rewrite import need as prove
@@ -951,7 +952,7 @@ def analyse(node: fx.Node) -> MoEBlock:
     safety.need_pure_path(comb.experts_out, disp.slots)
 
     # nothing the block reads is written in place (through any view), except the combine's own write
-    order = {n: i for i, n in enumerate(node.graph.nodes)}
+    order = node_order(node.graph)
     roots = [disp.slots] + [n for n in (comb.weights, comb.score, comb.index) if n is not None]
     stop = set(mlp.weights()) - {None}
     for n in _upstream(roots, stop) + [disp.x]:

@@ -53,6 +53,7 @@ import torch.nn.functional as Fn
 from torch._inductor.pattern_matcher import KeywordArg as KA, is_match
 
 from moe_inductor.rewrite import (
+    node_order,
     AnyOf, Declined, ExpertWeights, F, M, MoEBlock, call, dtype_of, eq_constant, gemm_name, getitem, int_value,
     is_mutation,
     match_or_decline as _match,
@@ -195,7 +196,7 @@ def analyse_one(node: fx.Node) -> dict:
 # --------------------------------------------------------------------------- grouping and checks
 
 def analyse_group(members: list, graph: fx.Graph) -> MoEBlock:
-    order = {n: i for i, n in enumerate(graph.nodes)}
+    order = node_order(graph)
     members = sorted(members, key=lambda m: order[m["node"]])
     first, last = members[0], members[-1]
     buf, x, source, kind = first["buf"], first["x"], first["source"], first["kind"]

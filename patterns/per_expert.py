@@ -46,6 +46,7 @@ import torch.fx as fx
 from moe_inductor import safety
 from moe_inductor.parts import PartDeclined, recognise
 from moe_inductor.rewrite import (
+    node_order,
     Declined, sympy_prod, ExpertWeights, MoEBlock, call, dtype_of, int_value, method, need, same, shape_of, size_asserts_of,
 )
 
@@ -143,7 +144,7 @@ def _acc_start(acc: fx.Node):
 
 
 def analyse_group(units: list, graph: fx.Graph) -> MoEBlock:
-    order = {n: i for i, n in enumerate(graph.nodes)}
+    order = node_order(graph)
     units = sorted(units, key=lambda u: order[u["write"].anchor])
     first, last = units[0], units[-1]
     acc = first["write"].acc
