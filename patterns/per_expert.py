@@ -47,7 +47,7 @@ from moe_inductor import safety
 from moe_inductor.parts import PartDeclined, recognise
 from moe_inductor.rewrite import (
     node_order,
-    Declined, sympy_prod, ExpertWeights, MoEBlock, call, dtype_of, int_value, method, need, same, shape_of, size_asserts_of,
+    Declined, is_mutation, sympy_prod, ExpertWeights, MoEBlock, call, dtype_of, int_value, method, need, same, shape_of, size_asserts_of,
 )
 
 from . import combine as _combine  # noqa: F401  (registers the recognisers)
@@ -100,6 +100,9 @@ def analyse_unit(write) -> dict:
     v = safety.strip_casts(write.value)
     score, core = _score_of(v, sel, "output")
     for n in (v, core):
+        if n.args and isinstance(n.args[0], fx.Node) and is_mutation(n, n.args[0]):
+            raise PartDeclined("experts", f"{n.name}: the expert output is modified in place ({n.format_node()}), "
+                                          "e.g. NLLB-MoE's eval-mode `*= 1 - moe_token_dropout`")
         if n.op == "call_function" and n.target is torch.nn.functional.dropout and not safety.is_identity_dropout(n):
             raise PartDeclined("experts", f"{n.name}: dropout with p > 0 in training on the expert output (random "
                                           "per element, e.g. NLLB-MoE moe_token_dropout): the fused op cannot "
