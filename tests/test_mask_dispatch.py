@@ -303,6 +303,7 @@ def test_hf_nllb_moe_4x_blocks_declined(mode, token_dropout, reason):
         torch.testing.assert_close(out, model(ids)[0])
 
 
+@_ROUTER_BREAKS_ON_211
 @pytest.mark.parametrize("family", ["nllb_moe"])
 def test_hf_5x_expert_hit_loop_captured(family):
     # transformers 5.x loops over the data-dependent expert_hit: in a sonic frame the loop is traced
