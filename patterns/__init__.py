@@ -1,12 +1,20 @@
-"""MoE idioms, one module each. Every module exposes:
+"""MoE recognition: part recognisers and the compositions that use them.
+
+Part recognisers (registered in ``moe_inductor.parts``): ``dispatch`` (which rows an expert takes,
+how a row reads its score, how the expert gathers its rows), ``experts`` (the expert MLP), ``combine``
+(how weighted expert outputs reach their tokens), and ``common`` (activations, biases).
+
+Compositions, tried in the order of ``IDIOMS``; each module exposes
 
   IDIOM       a short name
   find(gm)    yields (anchor node, MoEBlock) for each block it can rewrite, and
               (anchor node, reason) for each MoE-looking candidate it declines
 
-Each module holds what matches its idiom (Inductor pattern-matcher patterns), the checks that
-decide whether rewriting is safe (raising its Declined with a reason), and what the block is
-replaced with (a moe_inductor.rewrite.MoEBlock that emit_fused_moe turns into the fused op).
+``per_expert`` (IDIOM "expert_loop"), ``assignment_rows`` and ``expert_slots`` ask the registries for
+the parts of a candidate and prove once that they fit; ``mask_dispatch`` uses the shared expert and
+safety parts with its own proof; ``sorted_grouped_mm``, ``batched_mm`` and ``dense_experts`` are still
+whole-idiom modules. A block two compositions recognise is rewritten once (the backend skips a
+block whose result no longer reaches the output).
 """
 from . import assignment_rows, batched_mm, dense_experts, expert_slots, mask_dispatch, per_expert, sorted_grouped_mm
 
