@@ -75,8 +75,8 @@ from moe_inductor.rewrite import (
 )
 from moe_inductor.rewrite import need as prove
 
-from .common import GATED_OF, unary_activation
-from .experts import _chunk_halves, _transposed_weight
+from . import experts as _experts_part
+from .experts import _transposed_weight
 
 IDIOM = "expert_slots"
 
@@ -745,53 +745,8 @@ def _no_dropout(node) -> None:
 
 @register("slots_experts", "bmm_mlp", "bmm/matmul/einsum MLP on (E, C, d) slots with stacked (E, ., .) weights")
 def bmm_mlp(out) -> Optional[ExpertMLP]:
-    down = _batched_projection(safety.strip_identity(out))
-    if down is None:
-        return None
-    mid = safety.strip_identity(down[0])
-    _no_dropout(mid)
-    tr = {"down": down[2]}
-    gemm = "aten::bmm"
-
-    def done(m: ExpertMLP, layout: dict) -> ExpertMLP:
-        m.transposed = {k for k, v in layout.items() if v}
-        return m
-
-    if mid.op == "call_function" and mid.target in _MUL and len(mid.args) == 2:
-        for a, b in (mid.args, mid.args[::-1]):
-            if not isinstance(a, fx.Node) or not isinstance(b, fx.Node):
-                continue
-            name, inner = unary_activation(a)
-            if name is None:
-                continue
-            h = _chunk_halves(inner, safety.strip_identity(b))
-            if h is not None:
-                g = _batched_projection(safety.strip_identity(h))
-                if g is None:
-                    continue
-                need("slots_experts", name in GATED_OF, f"{a.name}: gated activation {name} is not supported")
-                tr["gate"] = g[2]
-                return done(ExpertMLP(input=g[0], output=out, activation=GATED_OF[name], gate=g[1], down=down[1],
-                                      b_gate=g[3], b_down=down[3], gemm=gemm), tr)
-            g = _batched_projection(safety.strip_identity(inner))
-            u = _batched_projection(safety.strip_identity(b))
-            if g is not None and u is not None and safety.equivalent(g[0], u[0]):
-                need("slots_experts", name in GATED_OF, f"{a.name}: gated activation {name} is not supported")
-                need("slots_experts", (g[3] is None) == (u[3] is None), "gate and up projections differ in biases")
-                tr.update(gate=g[2], up=u[2])
-                return done(ExpertMLP(input=g[0], output=out, activation=GATED_OF[name], gate=g[1], up=u[1],
-                                      down=down[1], b_gate=g[3], b_up=u[3], b_down=down[3], gemm=gemm), tr)
-    name, inner = unary_activation(mid)
-    _no_dropout(inner)
-    if name is None:
-        decline("slots_experts", f"{mid.name}: the experts on the slots are not a supported MLP (projection -> "
-                                 "activation [* projection] -> projection)")
-    up = _batched_projection(safety.strip_identity(inner))
-    if up is None:
-        decline("slots_experts", f"{inner.name}: the experts' first projection is not a bmm/matmul/einsum")
-    tr["gate"] = up[2]
-    return done(ExpertMLP(input=up[0], output=out, activation=name, gate=up[1], down=down[1], b_gate=up[3],
-                          b_down=down[3], gemm=gemm), tr)
+    # the shared MLP walker (patterns/experts.py) with the batched projection over slots
+    return _experts_part.walk_mlp(out, _batched_projection, "slots_experts", "aten::bmm", check=_no_dropout)
 
 
 # --------------------------------------------------------------------------- slots_combine

@@ -114,13 +114,27 @@ def _chunk_halves(a, b) -> Optional[fx.Node]:
 @register("experts", "mlp", "ModuleList of Linears (any names, biases), fused gate_up, stacked P[e], z @ W.t()")
 def mlp(out) -> Optional[ExpertMLP]:
     """The expert MLP whose output is ``out``; its ``input`` is the node both projections read."""
-    down = projection(safety.strip_identity(out))
+    if projection(safety.strip_identity(out)) is None:
+        return None
+    return walk_mlp(out, projection, "experts", _gemm_of(safety.strip_identity(out)), more_activations=True)
+
+
+_MUL = (operator.mul, torch.mul)
+
+
+def walk_mlp(out, proj, part: str, gemm: str, check=None, more_activations: bool = False) -> Optional[ExpertMLP]:
+    """``down(act(gate(z)) [* up(z)])`` ending at ``out``, with ``proj`` recognising one projection
+    ((input, weight, transposed, bias) or None): the per-expert ``projection`` above, or a batched
+    one over expert slots (``patterns/expert_slots.py``). ``check(node)`` may decline intermediate
+    nodes (dropout); ``more_activations``: also the fused-gate_up activations of ``common.py``."""
+    down = proj(safety.strip_identity(out))
     if down is None:
         return None
     mid = safety.strip_identity(down[0])
+    if check is not None:
+        check(mid)
     transposed = {"down": down[2]}
-    gemm = _gemm_of(safety.strip_identity(out))
-    if mid.op == "call_function" and mid.target is operator.mul and len(mid.args) == 2:
+    if mid.op == "call_function" and mid.target in _MUL and len(mid.args) == 2:
         for a, b in (mid.args, mid.args[::-1]):
             if not isinstance(a, fx.Node) or not isinstance(b, fx.Node):
                 continue
@@ -129,42 +143,46 @@ def mlp(out) -> Optional[ExpertMLP]:
                 continue
             h = _chunk_halves(inner, safety.strip_identity(b))
             if h is not None:
-                g = projection(safety.strip_identity(h))
+                g = proj(safety.strip_identity(h))
                 if g is None:
                     continue
-                need("experts", name in GATED_OF, f"{a.name}: gated activation {name} is not supported")
+                need(part, name in GATED_OF, f"{a.name}: gated activation {name} is not supported")
                 transposed["gate"] = g[2]
                 return _with_layout(ExpertMLP(input=g[0], output=out, activation=GATED_OF[name], gate=g[1],
                                               down=down[1], b_gate=g[3], b_down=down[3], gemm=gemm), transposed)
-            g = projection(safety.strip_identity(inner))
-            u = projection(safety.strip_identity(b))
+            g = proj(safety.strip_identity(inner))
+            u = proj(safety.strip_identity(b))
             if g is not None and u is not None and safety.equivalent(g[0], u[0]):
-                need("experts", name in GATED_OF, f"{a.name}: gated activation {name} is not supported")
-                need("experts", (g[3] is None) == (u[3] is None), "gate and up projections differ in having a bias")
+                need(part, name in GATED_OF, f"{a.name}: gated activation {name} is not supported")
+                need(part, (g[3] is None) == (u[3] is None), "gate and up projections differ in having a bias")
                 transposed.update(gate=g[2], up=u[2])
                 return _with_layout(ExpertMLP(input=g[0], output=out, activation=GATED_OF[name], gate=g[1],
                                               up=u[1], down=down[1], b_gate=g[3], b_up=u[3], b_down=down[3],
                                               gemm=gemm), transposed)
     name, inner = unary_activation(mid)
+    if check is not None and inner is not None:
+        check(inner)
     if name is None:
         # the other activations of fused gate_up weights: clamped SwiGLU, softcapped SwiGLU, GPT-OSS's
         # clamped gate, relu^2, casts around the activation (patterns/common.py)
-        try:
-            spec, interleaved, h = expert_activation(mid)
-        except Declined:
-            spec = None
-        g = projection(safety.strip_identity(h)) if spec is not None else None
+        spec = None
+        if more_activations:
+            try:
+                spec, interleaved, h = expert_activation(mid)
+            except Declined:
+                spec = None
+        g = proj(safety.strip_identity(h)) if spec is not None else None
         if g is not None:
-            need("experts", not interleaved, f"{mid.name}: gate and up columns interleaved (GPT-OSS layout): the "
-                                             "per-expert weight lists hold the halves one after the other")
+            need(part, not interleaved, f"{mid.name}: gate and up columns interleaved (GPT-OSS layout): the "
+                                        "per-expert weight lists hold the halves one after the other")
             transposed["gate"] = g[2]
             return _with_layout(ExpertMLP(input=g[0], output=out, activation=spec, gate=g[1], down=down[1],
                                           b_gate=g[3], b_down=down[3], gemm=gemm), transposed)
-        decline("experts", f"{mid.name}: the expert body is not a supported MLP (projection -> activation "
-                           "[* projection] -> projection)")
-    up = projection(safety.strip_identity(inner))
+        decline(part, f"{mid.name}: the expert body is not a supported MLP (projection -> activation "
+                      "[* projection] -> projection)")
+    up = proj(safety.strip_identity(inner))
     if up is None:
-        decline("experts", f"{inner.name}: the expert's first projection is not a linear/matmul")
+        decline(part, f"{inner.name}: the expert's first projection is not a linear/matmul/bmm")
     transposed["gate"] = up[2]
     return _with_layout(ExpertMLP(input=up[0], output=out, activation=name, gate=up[1], down=down[1], b_gate=up[3],
                                   b_down=down[3], gemm=gemm), transposed)
