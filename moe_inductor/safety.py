@@ -6,7 +6,6 @@ composition that proves the parts fit together (``patterns/per_expert.py``, the 
 - mutation and aliasing: is a tensor written, directly or through a view of it (``view``,
   ``reshape``, ``permute``, basic indexing, ``chunk`` ...), between two points of the graph
   (``writes_to``, ``mutated_between``, ``need_unmodified``);
-- is anything else using an intermediate (``other_users``);
 - dtypes: casts that change nothing (``strip_identity``), casts in general (``strip_casts``);
 - symbolic shapes: sizes provably equal (``moe_inductor.rewrite.same``, sympy, no guards added);
 - is a path pure: nothing random and nothing in place between the gathered tokens and the value an
@@ -106,12 +105,6 @@ def need_unmodified(values: Iterable, start: fx.Node, end: fx.Node, what: str, a
             w = mutated_between(v, start, end, allowed)
             if w is not None:
                 raise Declined(f"{what} ({v.name}) is modified in place by {w.format_node()} inside the block")
-
-
-def other_users(node: fx.Node, allowed: Iterable) -> list:
-    """Users of ``node`` that are not in ``allowed``."""
-    allowed = set(allowed)
-    return [u for u in node.users if u not in allowed]
 
 
 # --------------------------------------------------------------------------- dtypes and identities

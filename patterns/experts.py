@@ -191,13 +191,3 @@ def walk_mlp(out, proj, part: str, gemm: str, check=None, more_activations: bool
 def _with_layout(m: ExpertMLP, transposed: dict) -> ExpertMLP:
     m.transposed = {k for k, v in transposed.items() if v}
     return m
-
-
-def stacked_expert(weight) -> Optional[tuple]:
-    """(P, e) if ``weight`` is ``P[e]`` for a 3-D tensor P and a constant e, else None."""
-    if isinstance(weight, fx.Node) and weight.op == "call_function" and weight.target is operator.getitem \
-            and isinstance(weight.args[0], fx.Node) and len(shape_of(weight.args[0]) or ()) == 3:
-        e = weight.args[1]
-        if isinstance(e, int) and not isinstance(e, bool):
-            return weight.args[0], e
-    return None
