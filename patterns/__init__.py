@@ -12,10 +12,10 @@ Compositions, tried in the order of ``IDIOMS``; each module exposes
 
 ``per_expert`` (IDIOM "expert_loop"), ``assignment_rows`` and ``expert_slots`` ask the registries for
 the parts of a candidate and prove once that they fit; ``mask_dispatch`` uses the shared expert and
-safety parts with its own proof; ``sorted_grouped_mm``, ``batched_mm`` and ``dense_experts`` are still
-whole-idiom modules. A block two compositions recognise is rewritten once (the backend skips a
+safety parts with its own proof (Llama4's dense all-experts form is an ``expert_slots`` composition);
+``sorted_grouped_mm`` and ``batched_mm`` are still whole-idiom modules. A block two compositions recognise is rewritten once (the backend skips a
 block whose result no longer reaches the output).
 """
-from . import assignment_rows, batched_mm, dense_experts, expert_slots, mask_dispatch, per_expert, sorted_grouped_mm
+from . import assignment_rows, batched_mm, expert_slots, mask_dispatch, per_expert, sorted_grouped_mm
 
-IDIOMS = [sorted_grouped_mm, assignment_rows, per_expert, batched_mm, dense_experts, mask_dispatch, expert_slots]
+IDIOMS = [sorted_grouped_mm, assignment_rows, per_expert, batched_mm, mask_dispatch, expert_slots]

@@ -27,6 +27,16 @@ Parts (recognisers registered in ``moe_inductor.parts``):
                        ``combine.bool().permute(1, 2, 0) @ x``.
   ``gathered_rows``    expert-choice routing: ``x[idx]`` with an (E, C) table of token ids (``topk(scores.T, C)``
                        indices, or any other), also ``x[idx.reshape(-1)].view(E, C, d)``.
+  ``dense_scores``     every token in every expert's slots (C = S), inputs scaled by a dense (S, E) score matrix
+                       (transformers 5.x Llama4 ``Llama4TextMoe``)::
+
+                           v, idx = topk(logits, K, dim=1)
+                           R = sigmoid(full_like(logits, -inf).scatter_(1, idx, v))    (or zeros.scatter_(1, idx, v))
+                           slots = (x.repeat(E, 1) * R.transpose(0, 1).reshape(-1, 1)).view(E, -1, d)
+
+                       slot (e, s) holds x[s] * R[s, e]; proven here: R is exactly 0 off the top-k (sigmoid(-inf)
+                       or 0 scattered over by the top-k values at the top-k indices, nothing else writing R or
+                       what it is computed from).
 ``slots_experts``: ``bmm_mlp``: one MLP on all slots with stacked weights: ``bmm(z, W)`` / ``z @ W`` /
   ``einsum("ecm,emh->ech", z, W)`` with W (E, in, out), or W (E, out, in) transposed/contracted on its
   last axis; optional (E, 1, out) biases; gated (``chunk(2, -1)`` of one projection, or two projections)
@@ -36,6 +46,8 @@ Parts (recognisers registered in ``moe_inductor.parts``):
   ``combine_matmul``   ``combine.view(S, -1) @ y.view(-1, d)`` (nanoMoE)
   ``scatter_slots``    ``zeros.scatter_add_(0, idx.reshape(-1, 1).expand(-1, d), (y * g[..., None]).reshape(-1, d))``,
                        ``index_add_(0, idx.reshape(-1), ...)`` (in place or not), score g (E, C) optional.
+  ``expert_sum``       ``y.view(-1, d).reshape(E, -1, d).sum(0)`` (Llama4; ``.sum(dim=0)``): each slot's outputs
+                       summed over the experts, after row-major reshapes that give back y's (E, C, d) layout.
 
 Proof (``analyse``), which declines naming the part or the proof:
   * capacity: the dispatch mask is the nonzero pattern of the very combine weights the output uses;
@@ -51,7 +63,15 @@ Proof (``analyse``), which declines naming the part or the proof:
     table, flattened the same way: assignments are (idx[e, c], e, g[e, c]); a token taken by
     several experts gets the sum, a token taken by none keeps the accumulator's start (zeros, or a
     copy of a tensor that is added back).
-  * scores applied once (the combine weights, or g on the output; scaled expert inputs are declined);
+  * dense: slot (e, s) holds x[s] * R[s, e] and the output is sum_e f_e(x[s] * R[s, e]). Off the top-k
+    R[s, e] == 0 exactly, so those pairs compute f_e(0), which is exactly 0 when the experts have no
+    biases and act(0) == 0 (or a gated act(gate) * up, up(0) == 0): dropping them is exact. The block
+    is the fused op over the S*K pre-scaled rows ``x[s] * R[s, idx[s, k]]`` (scores on the inputs,
+    as Llama4 applies them), each with score 1, expert ``idx[s, k]``, and each token's K rows summed:
+    K/E of the GEMM work, an (S*K, d) copy of the inputs instead of (E*S, d). The scores are read
+    from R with ``gather``, so their gradient flows through the graph's own router code.
+  * scores applied once (the combine weights, or g on the output; scaled expert inputs are declined,
+    except the dense dispatch's, which the emitted rows carry);
     nothing random or in place on the experts' path; nothing used by the block written in place.
 
 Limit: a kept capacity choice whose gate is exactly 0 (an underflowed softmax) has an empty slot in
@@ -60,6 +80,7 @@ the original, so its gate's gradient there is <dO, f_e(0)>; the fused op gives <
 from __future__ import annotations
 
 import dataclasses
+import math
 import operator
 from typing import Any, Optional
 
@@ -76,6 +97,7 @@ from moe_inductor.rewrite import (
 from moe_inductor.rewrite import need as prove
 
 from . import experts as _experts_part
+from .common import GATED_OF
 from .experts import _transposed_weight
 
 IDIOM = "expert_slots"
@@ -112,7 +134,12 @@ class SlotTerm:
 class SlotsDispatch:
     """How the (E, C, d) slots are filled from tokens ``x`` (S, d). ``kind`` "capacity":
     ``combine_weights`` (S, E, C) whose nonzeros dispatch, decomposed into ``terms``; "gathered":
-    ``index`` (E, C) token ids, slot (e, c) holds x[index[e, c]]."""
+    ``index`` (E, C) token ids, slot (e, c) holds x[index[e, c]]; "dense": C = S, slot (e, s) holds
+    ``x[s] * scores[s, e]`` with ``scores`` (S, E) exactly 0 off ``choices`` (S, K) int64, the
+    top-``top_k`` indices; ``writes`` are the in-place writes the recogniser proved are the
+    dispatch's own (the top-k ``scatter_`` into the score matrix); ``inputs`` the values its proof
+    starts from (the router logits), whatever they hold: the composition's check that nothing the
+    block reads is written in place stops there (besides ``x``)."""
 
     kind: str
     x: fx.Node
@@ -122,6 +149,11 @@ class SlotsDispatch:
     terms: list = dataclasses.field(default_factory=list)
     index: Optional[fx.Node] = None
     nodes: list = dataclasses.field(default_factory=list)
+    scores: Optional[fx.Node] = None
+    choices: Optional[fx.Node] = None
+    top_k: Optional[int] = None
+    writes: list = dataclasses.field(default_factory=list)
+    inputs: list = dataclasses.field(default_factory=list)
     spelling: str = ""
 
 
@@ -129,7 +161,8 @@ class SlotsDispatch:
 class SlotsCombine:
     """How the experts' slot outputs ``experts_out`` (E, C, d) reach the tokens. ``kind`` "einsum":
     ``out = einsum("sec,ecm->sm", weights, experts_out)``; "scatter": slot (e, c) is added to row
-    ``index[e, c]`` of ``acc`` times ``score[e, c]`` (None: 1); ``inplace``: the write mutates acc."""
+    ``index[e, c]`` of ``acc`` times ``score[e, c]`` (None: 1); ``inplace``: the write mutates acc;
+    "sum": ``out[c] = sum_e experts_out[e, c]`` (slot c of every expert is token c)."""
 
     kind: str
     anchor: fx.Node
@@ -697,6 +730,156 @@ def gathered_rows(slots) -> Optional[SlotsDispatch]:
     return SlotsDispatch(kind="gathered", x=x, slots=slots, num_experts=E, index=idx)
 
 
+# --------------------------------------------------------------------------- slots_dispatch: dense scores
+
+_SIGMOID = (torch.sigmoid, Fn.sigmoid)
+_CONST_BASE = {torch.full_like: "full_like", torch.zeros_like: "zeros_like", torch.zeros: "zeros", torch.full: "full"}
+
+
+def _repeat_count(node) -> Optional[int]:
+    """E of ``x.repeat(E, 1)`` (whole rows of a 2-D x repeated E times, copy e at rows e*S..e*S+S-1)."""
+    if not (isinstance(node, fx.Node) and node.op == "call_method" and node.target == "repeat" and not node.kwargs):
+        return None
+    reps = node.args[1:]
+    if len(reps) == 1 and isinstance(reps[0], (tuple, list)):
+        reps = tuple(reps[0])
+    if len(reps) != 2 or int_value(reps[1]) != 1 or len(shape_of(node.args[0]) or ()) != 2:
+        return None
+    return int_value(reps[0])
+
+
+def _transposed_2d(node) -> Optional[fx.Node]:
+    """R if ``node`` is ``R.transpose(0, 1)`` / ``R.t()`` / ``R.T`` / ``R.permute(1, 0)`` of a 2-D R."""
+    if not isinstance(node, fx.Node):
+        return None
+    inner = _transposed_weight(node)
+    if inner is None and node.op == "call_method" and node.target == "permute":
+        dims = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (tuple, list)) else node.args[1:]
+        inner = node.args[0] if tuple(dims) in ((1, 0), (-1, -2), (1, -2), (-1, 0)) else None
+    return inner if isinstance(inner, fx.Node) and len(shape_of(inner) or ()) == 2 else None
+
+
+def _expert_major_column(node) -> Optional[fx.Node]:
+    """R if ``node`` is ``R.transpose(0, 1).reshape(-1, 1)`` (``view``, ``.t()``, ``.T``) of a 2-D R
+    (S, E): a column whose row e*S + s is R[s, e] (the row-major order of R transposed)."""
+    if not (isinstance(node, fx.Node) and node.op == "call_method" and node.target in ("reshape", "view")):
+        return None
+    R = _transposed_2d(node.args[0])
+    s = shape_of(node)
+    if R is None or s is None or len(s) != 2 or not _size_one(s[1]):
+        return None
+    return R
+
+
+def _top_k_indices(idx) -> Optional[tuple]:
+    """(scores, K, dim) if ``idx`` is the indices of ``torch.topk(scores, K, dim)`` (or the method)."""
+    if not (isinstance(idx, fx.Node) and idx.op == "call_function" and idx.target is operator.getitem
+            and idx.args[1] == 1 and isinstance(idx.args[0], fx.Node)):
+        return None
+    tk = idx.args[0]
+    if not ((tk.op == "call_function" and tk.target is torch.topk) or (tk.op == "call_method" and tk.target == "topk")):
+        return None
+    k = tk.args[1] if len(tk.args) > 1 else tk.kwargs.get("k")
+    dim = tk.args[2] if len(tk.args) > 2 else tk.kwargs.get("dim", -1)
+    return tk.args[0], int_value(k), dim
+
+
+def _zero_off_top_k(R: fx.Node) -> tuple:
+    """Prove R[s, e] == 0 exactly for every e not among the top-k choices idx[s] (distinct: topk
+    indices): R is ``sigmoid`` of a matrix of -inf, or a matrix of zeros, into which the top-k values
+    are scattered at the top-k indices, with only casts between and nothing else writing R, the
+    matrix, or anything on the way from one to the other. Returns (idx, K, [the in-place scatter], the
+    logits the top-k was taken of)."""
+    inner = safety.strip_casts(R)
+    squash = None
+    if isinstance(inner, fx.Node) and ((inner.op == "call_function" and inner.target in _SIGMOID)
+                                       or (inner.op == "call_method" and inner.target == "sigmoid")) \
+            and len(inner.args) == 1 and not inner.kwargs:
+        squash, inner = inner, safety.strip_casts(inner.args[0])
+    scatter = isinstance(inner, fx.Node) and not inner.kwargs and len(inner.args) == 4 and (
+        (inner.op == "call_method" and inner.target in ("scatter_", "scatter"))
+        or (inner.op == "call_function" and inner.target is torch.scatter))
+    need("slots_dispatch", scatter,
+         f"the dense scores {R.name} that scale the experts' inputs are not a scatter of the top-k values into a "
+         f"constant matrix (they are {inner.name if isinstance(inner, fx.Node) else inner!r}): the unselected "
+         "(expert, token) scores are not provably 0, so every expert would have to run on every token")
+    base, dim, idx, vals = inner.args
+    need("slots_dispatch", dim in (1, -1), f"{inner.name}: the router scores are scattered along axis {dim}, not "
+                                           "along the experts")
+    fill = None
+    if isinstance(base, fx.Node) and base.op == "call_function" and base.target in _CONST_BASE:
+        kind = _CONST_BASE[base.target]
+        if kind in ("zeros_like", "zeros"):
+            fill = 0.0
+        elif len(base.args) == 2:
+            fill = base.args[1]
+        else:
+            fill = base.kwargs.get("fill_value")
+    elif isinstance(base, fx.Node) and base.op == "call_method" and base.target in ("new_zeros", "new_full"):
+        fill = 0.0 if base.target == "new_zeros" else (base.args[2] if len(base.args) > 2 else
+                                                        base.kwargs.get("fill_value"))
+    need("slots_dispatch", isinstance(fill, (int, float)) and not isinstance(fill, bool),
+         f"{inner.name}: the matrix the top-k scores are scattered into is not a constant (zeros / full_like)")
+    if squash is not None:
+        need("slots_dispatch", fill == -math.inf, f"the unselected router scores are sigmoid({fill}), not exactly 0 "
+                                                  f"({squash.name}): every expert would have to run on every token")
+    else:
+        need("slots_dispatch", fill == 0, f"the unselected router scores are {fill}, not exactly 0: every expert "
+                                          "would have to run on every token")
+    tk = _top_k_indices(safety.strip_identity(idx))
+    need("slots_dispatch", tk is not None, f"{inner.name}: the scores are scattered at {getattr(idx, 'name', idx)}, "
+                                           "not at the indices of a top-k (distinct per token)")
+    logits, K, tk_dim = tk
+    ls, Rs, ix = shape_of(logits), shape_of(R), shape_of(idx)
+    need("slots_dispatch", K is not None and tk_dim in (1, -1) and ls is not None and len(ls) == 2,
+         f"{idx.name}: not a constant top-k over the experts of (S, E) logits")
+    need("slots_dispatch", Rs is not None and ix is not None and len(ix) == 2 and same(ix[0], Rs[0])
+         and same(ls[1], Rs[1]) and same(ls[0], Rs[0]) and int_value(ix[1]) == K,
+         f"{idx.name}: the top-k indices are not (S, K) for the (S, E) score matrix {R.name}")
+    # nothing else writes the score matrix, nor what it is computed from (through any view)
+    path, n = [], R
+    while n is not base:
+        path.append(n)
+        n = n.args[0]
+    path.append(base)
+    own = [inner] if inner.op == "call_method" and inner.target == "scatter_" else []
+    for p in path:
+        for w in safety.writes_to(p):
+            need("slots_dispatch", w in own, f"the dense score matrix {R.name} is written by something else than "
+                                             f"the top-k scatter ({w.format_node()}): its unselected scores are not "
+                                             "provably 0")
+    return idx, K, own, logits
+
+
+@register("slots_dispatch", "dense_scores",
+          "(x.repeat(E, 1) * R.transpose(0, 1).reshape(-1, 1)).view(E, -1, d): every token in every expert's "
+          "slots, inputs scaled by a dense (S, E) score matrix that is 0 off the top-k (Llama4)")
+def dense_scores(slots) -> Optional[SlotsDispatch]:
+    s = shape_of(slots)
+    if s is None or len(s) != 3 or not (slots.op == "call_method" and slots.target in ("view", "reshape")):
+        return None
+    xin = slots.args[0]
+    if not (isinstance(xin, fx.Node) and xin.op == "call_function" and xin.target in _MUL and len(xin.args) == 2
+            and not xin.kwargs):
+        return None
+    for rep, col in (xin.args, xin.args[::-1]):
+        E, R = _repeat_count(rep), _expert_major_column(col)
+        if E is not None and R is not None:
+            break
+    else:
+        return None
+    x = rep.args[0]
+    xs, Rs = shape_of(x), shape_of(R)
+    need("slots_dispatch", int_value(Rs[1]) == E and same(Rs[0], xs[0]),
+         f"{xin.name}: the tokens are repeated {E} times but scaled by {R.name} of shape {tuple(Rs)}, not (S, E) for "
+         f"x {tuple(xs)}")
+    need("slots_dispatch", int_value(s[0]) == E and same(s[1], xs[0]) and same(s[2], xs[1]),
+         f"{slots.name}: the scaled copies of the tokens are not viewed (E, S, d), expert-major")
+    idx, K, own, logits = _zero_off_top_k(R)
+    return SlotsDispatch(kind="dense", x=x, slots=slots, num_experts=E, scores=R, choices=idx, top_k=K, writes=own,
+                         inputs=[logits])
+
+
 # --------------------------------------------------------------------------- slots_experts
 
 def _batched_projection(node) -> Optional[tuple]:
@@ -853,6 +1036,45 @@ def scatter_slots(node) -> Optional[SlotsCombine]:
                         inplace=node.target.endswith("_"))
 
 
+_ROW_MAJOR = ("view", "reshape", "flatten", "contiguous")
+
+
+def _row_major_source(node) -> tuple:
+    """(source, steps): follow ``view``/``reshape``/``flatten``/``contiguous`` (each keeps the row-major
+    order of the elements) back to the first node that is none of them."""
+    steps = 0
+    while isinstance(node, fx.Node) and node.op == "call_method" and node.target in _ROW_MAJOR and \
+            isinstance(node.args[0], fx.Node) and not node.kwargs:
+        node, steps = node.args[0], steps + 1
+    return node, steps
+
+
+@register("slots_combine", "expert_sum", "y.view(-1, d).reshape(E, -1, d).sum(0): each slot's outputs summed over "
+                                         "the experts (Llama4)")
+def expert_sum(node) -> Optional[SlotsCombine]:
+    if not ((node.op == "call_method" and node.target == "sum") or (node.op == "call_function" and node.target is torch.sum)):
+        return None
+    r = node.args[0] if node.args else None
+    if not isinstance(r, fx.Node) or len(shape_of(r) or ()) != 3 or set(node.kwargs) - {"dim"} or len(node.args) > 2:
+        return None
+    y, steps = _row_major_source(r)
+    if steps == 0 or len(shape_of(y) or ()) != 3 or _batched_projection(safety.strip_identity(y)) is None:
+        return None
+    dim = _arg(node, 1, "dim")
+    if isinstance(dim, (tuple, list)) and len(dim) == 1:
+        dim = dim[0]
+    ys, rs = shape_of(y), shape_of(r)
+    need("slots_combine", all(same(p, q) for p, q in zip(ys, rs)),
+         f"{r.name} regroups the rows of the experts' outputs {y.name} {tuple(ys)} as {tuple(rs)}, not in the "
+         "(E, C, d) layout they were computed in: its sum does not add the outputs of one slot across the experts")
+    need("slots_combine", dim in (0, -3), f"{node.name} sums the (E, C, d) experts' outputs over axis {dim}, not over "
+                                          "the experts (axis 0)")
+    for w in safety.writes_to(y):
+        decline("slots_combine", f"the experts' outputs {y.name} are modified in place by {w.format_node()} before "
+                                 "they are summed")
+    return SlotsCombine(kind="sum", anchor=node, experts_out=y)
+
+
 # --------------------------------------------------------------------------- the composition
 
 def _acc_start(acc: fx.Node):
@@ -870,6 +1092,11 @@ def _upstream(roots, stop: set) -> list:
         seen.append(n)
         stack.extend(n.all_input_nodes)
     return seen
+
+
+#: activations with act(0) == 0 (plain) or gated ones (act(gate) * up, up(0) == 0): an expert without
+#: biases then maps 0 to 0
+_ZERO_AT_ZERO = {"silu", "relu", "gelu", "gelu_tanh"} | set(GATED_OF.values())
 
 
 def analyse(node: fx.Node) -> MoEBlock:
@@ -899,6 +1126,18 @@ def analyse(node: fx.Node) -> MoEBlock:
              f"proof: the output is combined with {comb.weights.name}, not with the combine weights "
              f"{disp.combine_weights.name} whose nonzeros dispatched the tokens")
         prove(safety.same_shape(disp.x, node), "proof: the output is not (tokens, d)")
+    elif disp.kind == "dense":
+        prove(comb.kind == "sum", "proof: dense slots (every token in every expert's slots) are combined by something "
+                                  "else than a sum over the experts")
+        prove(safety.same_shape(disp.x, node), "proof: the output is not (tokens, d)")
+        # the unselected (expert, token) pairs compute f_e(0): dropping them is exact only if f_e(0) == 0
+        biases = [k for k, b in (("gate", mlp.b_gate), ("up", mlp.b_up), ("down", mlp.b_down)) if b is not None]
+        prove(not biases, f"proof: the experts (slots_experts {mlp.spelling}) add biases ({', '.join(biases)}), so "
+                          "f_e(0) != 0: the zero rows the dense dispatch gives the unselected (expert, token) pairs "
+                          "contribute to the output, and dropping them would change it")
+        prove(mlp.activation in _ZERO_AT_ZERO, f"proof: the experts' activation {mlp.activation} is not known to map "
+                                               "0 to 0: dropping the unselected (expert, token) pairs of the dense "
+                                               "dispatch is not proven exact")
     else:
         prove(comb.kind == "scatter", "proof: gathered slots are combined by something else than a scatter/index add")
         prove(safety.equivalent(comb.index, disp.index),
@@ -910,9 +1149,13 @@ def analyse(node: fx.Node) -> MoEBlock:
     order = node_order(node.graph)
     roots = [disp.slots] + [n for n in (comb.weights, comb.score, comb.index) if n is not None]
     stop = set(mlp.weights()) - {None}
-    for n in _upstream(roots, stop) + [disp.x]:
+    # the tokens and the dispatch's inputs (the router logits of a dense dispatch) are checked themselves
+    # (with their views and bases); what they are computed from (earlier layers, with their own in-place
+    # accumulations) is not what the block reads
+    inputs = [disp.x] + list(disp.inputs)
+    for n in _upstream(roots, stop | set(inputs)) + inputs:
         for w in safety.writes_to(n):
-            if w is not node and order[w] < order[node] and inplace_as(w) is None:
+            if w is not node and order[w] < order[node] and inplace_as(w) is None and w not in disp.writes:
                 raise Declined(f"proof: {n.name}, which the block reads, is modified in place by {w.format_node()}")
     # the fused op reads the weights where the combine was: nothing may write them after the experts read them
     safety.need_unmodified(list(stop), disp.slots, node, "proof: the expert weights")
@@ -968,6 +1211,28 @@ def _block(node, comb, mlp, disp, start_kind, base, order) -> MoEBlock:
             return call(graph, torch.ones, method(graph, "numel", idx, like=node), dtype=dtype_of(x), device=device,
                         like=node)
         K, desc = None, "dispatch=gathered_rows"
+    elif disp.kind == "dense":
+        # one row per (token, choice), token-major, pre-scaled as the experts' inputs were:
+        # x[s] * R[s, idx[s, k]], bitwise the row Llama4 feeds expert idx[s, k]; created here (before the
+        # anchor) because the block's x must be a node: dead code, removed, if the emission fails
+        R, idx, K = disp.scores, disp.choices, disp.top_k
+        graph = node.graph
+        with graph.inserting_before(node):
+            scores_SK = method(graph, "gather", R, 1, idx, like=node)
+            rows = call(graph, operator.mul, method(graph, "unsqueeze", x, 1, like=node),
+                        method(graph, "unsqueeze", scores_SK, -1, like=node), like=node)
+            x = method(graph, "reshape", rows, -1, method(graph, "size", disp.x, 1, like=node), like=node)
+        x_rows = x
+
+        def token_ids(graph):
+            return call(graph, torch.arange, method(graph, "size", x_rows, 0, like=node), device=device, like=node)
+
+        def expert_ids(graph):
+            return method(graph, "reshape", idx, -1, like=node)
+
+        def scores(graph):  # the scores are on the rows already
+            return call(graph, torch.ones_like, method(graph, "reshape", scores_SK, -1, like=node), like=node)
+        desc = f"dispatch=dense_scores (top-{K} of a dense score matrix, inputs pre-scaled: one row per choice)"
     else:
         terms = disp.terms
         cw_dtype = comb.dtype or dtype_of(comb.weights)
@@ -1039,6 +1304,10 @@ def _block(node, comb, mlp, disp, start_kind, base, order) -> MoEBlock:
         graph = out.graph
         result = out
         with graph.inserting_before(out.next):
+            if comb.kind == "sum":  # each token's K rows (token-major) summed
+                per_token = method(graph, "view", out, method(graph, "size", disp.x, 0, like=node), K,
+                                   method(graph, "size", disp.x, 1, like=node), like=node)
+                result = method(graph, "sum", per_token, 1, like=node)
             if comb.kind == "scatter":
                 if dtype_of(result) != dtype_of(comb.acc):
                     result = method(graph, "to", result, dtype_of(comb.acc), like=node)
@@ -1072,6 +1341,11 @@ def _is_candidate(node: fx.Node) -> bool:
     if node.op == "call_method" and node.target in ("scatter_add_", "scatter_add", "index_add_", "index_add"):
         try:
             return scatter_slots(node) is not None
+        except Declined:
+            return True
+    if (node.op == "call_method" and node.target == "sum") or (node.op == "call_function" and node.target is torch.sum):
+        try:
+            return expert_sum(node) is not None
         except Declined:
             return True
     return False

@@ -273,7 +273,7 @@ def test_hf_batched_mm_logits_and_grads(family):
     assert [(c.idiom, c.status) for c in be.candidates] == [("batched_mm", "rewritten")] * 2
 
 
-# --------------------------------------------------------------------------- dense_experts
+# --------------------------------------------------------------------------- dense dispatch (Llama4, expert_slots)
 
 class DenseMoE(torch.nn.Module):
     """Llama4TextMoe's routed part: every expert on every token, inputs pre-scaled by scores."""
@@ -302,7 +302,8 @@ class DenseMoE(torch.nn.Module):
 def test_dense_experts_numerics():
     torch.manual_seed(0)
     be = check_grads(DenseMoE(), (routing()[0],))
-    assert [(c.idiom, c.status, c.top_k) for c in be.candidates] == [("dense_experts", "rewritten", K)]
+    assert [(c.idiom, c.status, c.top_k) for c in be.candidates] == [("expert_slots", "rewritten", K)]
+    assert "dispatch=dense_scores" in be.candidates[0].parts and "combine=expert_sum" in be.candidates[0].parts
     # the rewritten graph runs K of the E experts per token: no (E*T, d) bmm is left
     assert not any(n.target is torch.bmm for n in be.graphs[0].graph.nodes)
 
@@ -333,4 +334,4 @@ def test_hf_llama4_logits_and_grads():
             return self.m(input_ids).logits
 
     be = check_grads(Logits(model), (ids,))
-    assert [(c.idiom, c.status) for c in be.candidates] == [("dense_experts", "rewritten")] * 2
+    assert [(c.idiom, c.status) for c in be.candidates] == [("expert_slots", "rewritten")] * 2
