@@ -237,6 +237,10 @@ def _report_not_entered(region, report: CompileReport) -> None:
 def _rewrite_graph(gm: fx.GraphModule, opts: SonicOptions, report: CompileReport, region: str = "") -> None:
     """Rewrite the blocks of one graph (the backend's, or a region's body named ``region``)."""
     inside = f" (in {region})" if region else ""
+    from . import host_splits  # split by host counts + per-expert GEMMs + cat -> one grouped GEMM
+
+    for note in host_splits.rewrite(gm):
+        log.info("sonic: %s%s", note, inside)
     orphans: list = []
     declines: list = []
     claimed: set = set()

@@ -122,7 +122,46 @@ def notes_for(module: torch.nn.Module) -> list:
             continue
         seen.add(forward)
         out.extend(_analyse(forward)[1])
+        out.extend(_host_splits_of(forward))
     return out
+
+
+_splits: dict = {}  # class forward -> host_count_splits notes
+
+
+def _host_splits_of(forward) -> list:
+    with _lock:
+        if forward in _splits:
+            return _splits[forward]
+    try:
+        fn = forward
+        while getattr(fn, "__wrapped__", None) is not None:
+            fn = fn.__wrapped__
+        notes = loop_capture.host_count_splits(fn)
+    except Exception as e:  # never fail a compile over this
+        log.debug("sonic: could not read %s: %s", getattr(forward, "__qualname__", forward), e)
+        notes = []
+    with _lock:
+        _splits[forward] = notes
+    return notes
+
+
+def wants_host_counts(f_locals: dict) -> bool:
+    """Whether a module of the frame (``self``, arguments, their submodules) splits rows by host
+    sizes in its forward (``loop_capture.host_count_splits``): Dynamo then traces the frame with
+    ``capture_scalar_outputs`` so that the counts' ``.tolist()`` stays in the graph as symbolic
+    sizes, which ``moe_inductor.host_splits`` turns into device offsets (scoped by
+    ``moe_inductor.dynamo_scope``; a failure retries the frame without the settings)."""
+    seen: set = set()
+    for value in list(f_locals.values()):
+        if not isinstance(value, torch.nn.Module) or id(value) in seen:
+            continue
+        seen.add(id(value))
+        for module in value.modules():
+            forward = getattr(type(module), "forward", None)
+            if forward is not None and not _skip_class(type(module)) and _host_splits_of(forward):
+                return True
+    return False
 
 
 def prepare(f_locals: dict) -> int:

@@ -46,6 +46,10 @@ log = logging.getLogger("moe_inductor")
 #: Dynamo settings applied while a sonic frame is traced
 SETTINGS = {"capture_dynamic_output_shape_ops": True}
 
+#: added for frames whose modules split rows by host copies of per-expert counts (JetMoE): the
+#: ``.tolist()`` is traced as symbolic sizes, which ``moe_inductor.host_splits`` moves to the device
+HOST_COUNTS_SETTINGS = {"capture_scalar_outputs": True}
+
 #: marks a backend function (or the object torch.compile wraps it in) as the sonic backend
 MARKER = "_moe_inductor_sonic"
 
@@ -172,8 +176,14 @@ class _Start:
             if found is not None and is_sonic(found[2]):
                 code, f_locals, _, one_graph = found
                 retry = code in _without_settings
+                settings = SETTINGS
+                if not retry:
+                    from . import capture
+
+                    if capture.wants_host_counts(f_locals):  # rows split by host counts: moe_inductor/host_splits.py
+                        settings = {**SETTINGS, **HOST_COUNTS_SETTINGS}
                 # the retry gets Dynamo's own defaults, whatever else set them
-                patch = torch._dynamo.config.patch(**({k: False for k in SETTINGS} if retry else SETTINGS))
+                patch = torch._dynamo.config.patch(**({k: False for k in SETTINGS} if retry else settings))
                 patch.__enter__()
                 # an exception being handled around the compile is not a compile failure
                 entry = {"code": code, "one_graph": one_graph, "patch": patch, "retry": retry,

@@ -1216,6 +1216,41 @@ def analyse(fn) -> Analysis:
     return result
 
 
+def host_count_splits(fn) -> list:
+    """``LoopNote`` (rewritten=True) for each ``rows.split(sizes, ...)`` of ``fn`` whose sizes are host
+    data: a parameter of ``fn`` (the sizes a router returned, JetMoE's ``JetMoeParallelExperts``) or a
+    local assigned from ``.tolist()``, in a function that also concatenates (``torch.cat``) what it
+    computes per chunk. Such a frame is traced with the counts as symbolic sizes and
+    ``moe_inductor.host_splits`` proves, on the graph, whether split + per-expert GEMM + cat is a
+    grouped GEMM on device offsets; this only says where it is worth trying. Empty if none."""
+    try:
+        filename = inspect.getsourcefile(fn) or "<unknown>"
+        _, fdef = _function_tree(fn)
+    except (OSError, TypeError, SyntaxError, IndentationError, Decline):
+        return []
+    qual = getattr(fn, "__qualname__", getattr(fn, "__name__", "?"))
+    args = fdef.args
+    params = {a.arg for a in args.posonlyargs + args.args + args.kwonlyargs}
+    host = {n.targets[0].id for n in ast.walk(fdef) if isinstance(n, ast.Assign) and len(n.targets) == 1
+            and isinstance(n.targets[0], ast.Name) and _is_method(n.value, {"tolist"})}
+    if not any(_is_torch_fn(n, {"cat", "concat", "concatenate"}) for n in ast.walk(fdef)):
+        return []
+    out = []
+    for n in ast.walk(fdef):
+        sizes = None
+        if _is_method(n, {"split", "split_with_sizes"}) and n.args and _src(n.func.value) != "torch":
+            sizes = n.args[0]
+        elif _is_torch_fn(n, {"split"}) and isinstance(n.func, ast.Attribute) and _src(n.func.value) == "torch" \
+                and len(n.args) >= 2:
+            sizes = n.args[1]
+        if isinstance(sizes, ast.Name) and (sizes.id in host or sizes.id in params and sizes.id != fdef.args.args[0].arg):
+            out.append(LoopNote(filename, n.lineno, qual, True, form=(
+                f"`{_short(n)}` splits rows by host sizes `{sizes.id}`: traced with the counts as symbolic sizes, and "
+                f"split + per-expert GEMM + cat proved a grouped GEMM on device offsets in the graph "
+                f"(moe_inductor.host_splits)")))
+    return out
+
+
 def _host_reads(fdef, filename, qual) -> list:
     """A note for each statement outside a loop that reads tensor data on the host (``.tolist()``,
     ``.item()``, ``.numpy()``): each breaks the graph, and the loop capture removes

@@ -1,0 +1,360 @@
+"""Per-expert GEMMs on rows split by host copies of the per-expert counts, traced on the device.
+
+Shape legend: E experts, A rows grouped by expert (expert 0's rows first), ``in``/``out`` the
+GEMM's sizes; ``counts`` (E,) integer, ``offsets = cumsum(counts)`` int32.
+
+The form (JetMoE's router and ``JetMoeParallelExperts``, ScatterMoE-style code)::
+
+    sizes = counts.tolist()                       # host copy of the per-expert counts
+    chunks = rows.split(sizes, dim=0)             # rows grouped by expert, in expert order
+    out = torch.cat([F.linear(chunks[i], W[i]) for i in range(E)], dim=0)
+
+Without help Dynamo breaks the graph at ``.tolist()``. In the frames sonic compiles whose modules
+hold such a split (``moe_inductor.capture.wants_host_counts``), Dynamo runs with
+``capture_scalar_outputs`` (scoped by ``moe_inductor.dynamo_scope``): the counts become unbacked
+symbolic sizes ``u0 .. u{E-1}`` (``counts[i].item()``) and the block is one graph. ``rewrite``
+then replaces, in that graph, each such split/linear/cat by one grouped GEMM that reads the counts
+on the device::
+
+    out = torch.ops.moe_inductor.grouped_mm(rows, W.transpose(-2, -1), offs=cumsum(counts, 0, dtype=int32))
+
+Proof, per split (else the graph is left as Dynamo traced it, one graph with host reads):
+
+- the split sizes are ``counts[0].item(), ..., counts[E-1].item()`` of one 1-D tensor with exactly
+  E elements, in order (so chunk i is rows ``[offsets[i-1], offsets[i])``);
+- the split is over dimension 0 of 2-D rows, every chunk i is used once, by ``F.linear(chunk_i,
+  W[i])`` with no bias and the same 3-D W, and the E products are used only by one ``torch.cat``
+  over dimension 0, in chunk order.
+
+Then ``grouped_mm`` computes row by row what the cat holds, whatever the rows are (it follows the
+offsets, as the split did). The host copy itself goes only when its values are used for nothing
+but such splits and the shape checks Dynamo recorded for them (``u_i >= 0``, ``sum(u) == A``);
+those checks are kept as one device-side ``torch._assert_async`` (no host copy). That the rows
+really are grouped by the experts counted (a sort of the same ids) is what the MoE composition
+proves before it replaces the block by the fused op (``patterns/assignment_rows.py``); this step
+alone changes no value.
+
+``moe_inductor::grouped_mm`` has ``torch._grouped_mm``'s calling convention (b is (E, in, out), offs
+the int32 end offsets, rows past ``offs[-1]`` are zero) without its dtype and alignment limits
+(``torch._grouped_mm`` in fp32 does not compile on CPU and asks for 16-byte aligned strides): its
+implementation is the per-expert ``F.linear`` loop of the original code (bitwise the same values),
+with a backward of the same loops.
+"""
+from __future__ import annotations
+
+import logging
+import operator
+from typing import Optional
+
+import torch
+import torch.fx as fx
+
+log = logging.getLogger("moe_inductor")
+
+
+# --------------------------------------------------------------------------- the grouped GEMM op
+
+def _check(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> None:
+    torch._check(a.dim() == 2, lambda: f"grouped_mm: rows must be 2-D, got {tuple(a.shape)}")
+    torch._check(b.dim() == 3, lambda: f"grouped_mm: weights must be (E, in, out), got {tuple(b.shape)}")
+    torch._check(offs.dim() == 1 and offs.shape[0] == b.shape[0],
+                 lambda: f"grouped_mm: offs must be ({b.shape[0]},), got {tuple(offs.shape)}")
+    torch._check(a.shape[1] == b.shape[1], lambda: f"grouped_mm: rows have {a.shape[1]} columns, weights {b.shape[1]}")
+    torch._check(a.dtype == b.dtype, lambda: f"grouped_mm: rows are {a.dtype}, weights {b.dtype}")
+
+
+def _groups(offs: torch.Tensor):
+    start = 0
+    for e, end in enumerate(offs.tolist()):
+        if end < start:
+            raise ValueError(f"grouped_mm: offsets must be non-decreasing, got {offs.tolist()}")
+        yield e, start, end
+        start = end
+
+
+@torch.library.custom_op("moe_inductor::grouped_mm", mutates_args=())
+def grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """out[r] = a[r] @ b[e] for r in [offs[e-1], offs[e]) (offs[-1] = 0); rows past offs[-1] are zero.
+    a (A, in), b (E, in, out), offs (E,) int32; out (A, out) in a's dtype."""
+    _check(a, b, offs)
+    out = a.new_zeros(a.shape[0], b.shape[2])
+    for e, start, end in _groups(offs):
+        if end > start:
+            # the expert's own F.linear on its chunk, as the split/cat code computed it
+            out[start:end] = torch.nn.functional.linear(a[start:end], b[e].transpose(0, 1))
+    return out
+
+
+@grouped_mm.register_fake
+def _(a, b, offs):
+    _check(a, b, offs)
+    return a.new_empty(a.shape[0], b.shape[2])
+
+
+@torch.library.custom_op("moe_inductor::grouped_mm_weight_grad", mutates_args=())
+def grouped_mm_weight_grad(a: torch.Tensor, grad: torch.Tensor, offs: torch.Tensor, experts: int) -> torch.Tensor:
+    """d out / d b: (E, in, out) with grad_b[e] = a[rows of e]^T @ grad[rows of e]."""
+    out = a.new_zeros(experts, a.shape[1], grad.shape[1])
+    for e, start, end in _groups(offs):
+        if end > start:
+            out[e] = a[start:end].transpose(0, 1) @ grad[start:end]
+    return out
+
+
+@grouped_mm_weight_grad.register_fake
+def _(a, grad, offs, experts):
+    return a.new_empty(experts, a.shape[1], grad.shape[1])
+
+
+def _setup(ctx, inputs, output):
+    a, b, offs = inputs
+    ctx.save_for_backward(a, b, offs)
+
+
+def _backward(ctx, grad):
+    a, b, offs = ctx.saved_tensors
+    grad = grad.contiguous()
+    grad_a = grad_b = None
+    if ctx.needs_input_grad[0]:
+        grad_a = torch.ops.moe_inductor.grouped_mm(grad, b.transpose(-2, -1), offs)
+    if ctx.needs_input_grad[1]:
+        grad_b = torch.ops.moe_inductor.grouped_mm_weight_grad(a, grad, offs, b.shape[0])
+    return grad_a, grad_b, None
+
+
+grouped_mm.register_autograd(_backward, setup_context=_setup)
+
+
+# --------------------------------------------------------------------------- the graph rewrite
+
+def _is_item_of(node, counts: Optional[fx.Node], i: int) -> Optional[fx.Node]:
+    """counts of ``counts[i].item()`` (``counts`` None: any tensor), else None."""
+    if not (isinstance(node, fx.Node) and node.op == "call_method" and node.target == "item" and len(node.args) == 1):
+        return None
+    g = node.args[0]
+    if not (isinstance(g, fx.Node) and g.op == "call_function" and g.target is operator.getitem
+            and isinstance(g.args[0], fx.Node) and g.args[1] == i and type(g.args[1]) is int):
+        return None
+    return g.args[0] if counts is None or g.args[0] is counts else None
+
+
+def _split_parts(node) -> Optional[tuple]:
+    """(rows, [sizes], dim) of ``rows.split(sizes, dim)`` / ``torch.split`` / ``split_with_sizes``."""
+    if node.op == "call_method" and node.target in ("split", "split_with_sizes"):
+        pass
+    elif node.op == "call_function" and node.target in (torch.split, torch.functional.split):
+        pass
+    else:
+        return None
+    args = list(node.args)
+    rows = args[0] if args else None
+    sizes = args[1] if len(args) > 1 else node.kwargs.get("split_size_or_sections", node.kwargs.get("split_sizes"))
+    dim = args[2] if len(args) > 2 else node.kwargs.get("dim", 0)
+    if not isinstance(rows, fx.Node) or not isinstance(sizes, (list, tuple)) or not sizes:
+        return None
+    return rows, list(sizes), dim
+
+
+def _linear_of(node) -> Optional[tuple]:
+    """(input, weight) of ``F.linear(input, weight)`` with no bias."""
+    if node.op != "call_function" or node.target not in (torch._C._nn.linear, torch.nn.functional.linear):
+        return None
+    args = list(node.args) + [None] * (3 - len(node.args))
+    bias = node.kwargs.get("bias", args[2])
+    inp, weight = node.kwargs.get("input", args[0]), node.kwargs.get("weight", args[1])
+    if bias is not None or not isinstance(inp, fx.Node) or not isinstance(weight, fx.Node):
+        return None
+    return inp, weight
+
+
+def _match(split: fx.Node, shape_of) -> tuple:
+    """(counts, rows, W, cat, erasable nodes) or a reason string."""
+    parts = _split_parts(split)
+    if parts is None:
+        return None
+    rows, sizes, dim = parts
+    counts = _is_item_of(sizes[0], None, 0)
+    if counts is None:
+        return None  # not split by host counts: nothing of ours
+    E = len(sizes)
+    if any(_is_item_of(s, counts, i) is None for i, s in enumerate(sizes)):
+        return f"{split.name}: the split sizes are not counts[0].item() .. counts[{E - 1}].item() of one tensor in order"
+    cs = shape_of(counts)
+    if cs is None or len(cs) != 1 or cs[0] != E:
+        return f"{split.name}: the split uses {E} of the counts {counts.name} (shape {cs}), not all of them"
+    xs = shape_of(rows)
+    if xs is None or len(xs) != 2 or dim not in (0, -2):
+        return f"{split.name}: not a split of 2-D rows over dimension 0"
+    chunks: dict = {}
+    for u in split.users:
+        if not (u.op == "call_function" and u.target is operator.getitem and type(u.args[1]) is int
+                and 0 <= u.args[1] < E and u.args[1] not in chunks):
+            return f"{split.name}: the chunks are used other than one by one ({u.name})"
+        chunks[u.args[1]] = u
+    if len(chunks) != E:
+        return f"{split.name}: only {len(chunks)} of the {E} chunks are used"
+    W = cat = None
+    erase = []
+    outs = []
+    for i in range(E):
+        c = chunks[i]
+        if len(c.users) != 1:
+            return f"{c.name}: chunk {i} has {len(c.users)} users, not one GEMM"
+        lin = next(iter(c.users))
+        got = _linear_of(lin)
+        if got is None or got[0] is not c:
+            return f"{lin.name}: chunk {i} is not used by F.linear(chunk, W[{i}]) without bias"
+        w = got[1]
+        if not (w.op == "call_function" and w.target is operator.getitem and w.args[1] == i
+                and type(w.args[1]) is int and isinstance(w.args[0], fx.Node)):
+            return f"{lin.name}: chunk {i}'s weight {w.name} is not W[{i}] of one stacked weight"
+        if W is None:
+            W = w.args[0]
+        if w.args[0] is not W:
+            return f"{lin.name}: chunk {i} uses another stacked weight ({w.args[0].name}, not {W.name})"
+        if len(lin.users) != 1:
+            return f"{lin.name}: expert {i}'s output has other users than the concatenation"
+        user = next(iter(lin.users))
+        if cat is None:
+            cat = user
+        if user is not cat:
+            return f"{lin.name}: expert outputs go to different nodes"
+        outs.append(lin)
+        erase += [lin, c] + ([w] if len(w.users) == 1 else [])
+    ws = shape_of(W)
+    if ws is None or len(ws) != 3 or ws[0] != E:
+        return f"{W.name}: the stacked weight is not (E={E}, out, in)"
+    if not (cat.op == "call_function" and cat.target is torch.cat and len(cat.args) >= 1
+            and list(cat.args[0]) == outs and (cat.args[1] if len(cat.args) > 1 else cat.kwargs.get("dim", 0)) in (0, -2)):
+        return f"{cat.name}: the expert outputs are not concatenated over dimension 0 in expert order"
+    return counts, rows, W, cat, erase + [split]
+
+
+_SYM_OPS = {operator.ge, operator.gt, operator.le, operator.lt, operator.eq, operator.ne, operator.add,
+            operator.sub, operator.mul, operator.and_, operator.or_, operator.not_}
+
+
+def _checks_only(items: list) -> Optional[list]:
+    """The nodes that use ``items`` (the host counts) only to check them (Dynamo's ``_assert_scalar``
+    chains: ``u >= 0``, ``sum(u) == A``), if that is all they are used for; else None."""
+    seen, order, stack = set(items), [], list(items)
+    while stack:
+        n = stack.pop()
+        for u in n.users:
+            if u in seen:
+                continue
+            ok = u.op == "call_function" and (
+                u.target in _SYM_OPS or u.target is getattr(torch, "sym_sum", None)
+                or u.target is torch.ops.aten._assert_scalar.default
+                or u.target is getattr(torch, "_check", None))
+            if not ok:
+                return None
+            # every input of a check is one of the counts, a check, or a constant
+            for a in u.all_input_nodes:
+                if a not in seen and a not in items:
+                    return None
+            seen.add(u)
+            order.append(u)
+            stack.append(u)
+    return order
+
+
+def rewrite(gm: fx.GraphModule, shape_of=None) -> list:
+    """Replace the split-by-host-counts GEMM loops of ``gm`` by ``grouped_mm`` (see the module
+    docstring). Returns notes (str), one per split seen: rewritten, or why not."""
+    from .rewrite import _fake_run, call, method, shape_of as _shape_of
+
+    shape_of = shape_of or _shape_of
+    graph = gm.graph
+    notes, plans = [], []
+    for node in list(graph.nodes):
+        if node.op not in ("call_method", "call_function"):
+            continue
+        try:
+            got = _match(node, lambda n: tuple(_int(s) for s in (shape_of(n) or ())) if shape_of(n) is not None else None)
+        except Exception as e:  # a look-alike we do not understand: leave it
+            got = f"{node.name}: {type(e).__name__}: {e}"
+        if got is None:
+            continue
+        if isinstance(got, str):
+            notes.append(f"split by host counts not rewritten: {got}")
+            continue
+        plans.append(got)
+    if not plans:
+        return notes
+    offsets: dict = {}
+    rows_of: dict = {}
+    first_of: dict = {}
+    changed: list = []
+    for counts, rows, W, cat, erase in plans:
+        with graph.inserting_before(cat):
+            if counts not in offsets:
+                with graph.inserting_after(counts):
+                    offsets[counts] = call(graph, torch.cumsum, counts, 0, dtype=torch.int32, like=counts)
+            wt = method(graph, "transpose", W, -2, -1, like=cat)
+            y = call(graph, torch.ops.moe_inductor.grouped_mm.default, rows, wt, offs=offsets[counts], like=cat)
+        rows_of.setdefault(counts, rows)
+        first_of.setdefault(counts, y)
+        cat.replace_all_uses_with(y)
+        graph.erase_node(cat)
+        for n in erase:  # users before what they use
+            if not n.users:
+                graph.erase_node(n)
+        changed.append(y)
+        notes.append(f"split of {rows.name} by host counts {counts.name} with per-expert F.linear on {W.name}: "
+                     f"one grouped GEMM with device offsets")
+    # the host copies: gone when nothing but the splits (now rewritten) and their checks read them
+    for counts, offs in offsets.items():
+        items = [u2 for g in counts.users if g.op == "call_function" and g.target is operator.getitem
+                 for u2 in g.users if u2.op == "call_method" and u2.target == "item"]
+        checks = _checks_only(items)
+        if checks is None:
+            users = sorted({u.name for i in items for u in i.users})
+            notes.append(f"host copy of {counts.name} kept: its values are also used by {', '.join(users)}")
+            continue
+        with graph.inserting_before(first_of[counts]):
+            rows = rows_of[counts]
+            rows_n = _int(shape_of(rows)[0])
+            if not isinstance(rows_n, int):  # dynamic shapes: the size, read in the graph
+                rows_n = method(graph, "size", rows, 0, like=counts)
+            nonneg = call(graph, torch.ge, counts, 0, like=counts)
+            all_nonneg = call(graph, torch.all, nonneg, like=counts)
+            total = call(graph, torch.sum, counts, like=counts)
+            whole = call(graph, torch.eq, total, rows_n, like=counts)
+            ok = call(graph, torch.logical_and, all_nonneg, whole, like=counts)
+            call(graph, torch._assert_async, ok,
+                 f"sonic: the per-expert counts {counts.name} must be >= 0 and sum to the rows they split", like=counts)
+        for n in reversed(checks):
+            graph.erase_node(n)
+        for i in items:
+            g = i.args[0]
+            graph.erase_node(i)
+            if not g.users:
+                graph.erase_node(g)
+        notes.append(f"host copy of {counts.name} removed (its values only sized the splits; checked on the device)")
+    # shapes downstream were in the unbacked sizes of the host copy: run the fake values again
+    _refresh(graph, changed)
+    graph.lint()
+    gm.recompile()
+    return notes
+
+
+def _int(s):
+    try:
+        return int(s)
+    except Exception:
+        return s
+
+
+def _refresh(graph: fx.Graph, starts: list) -> None:
+    from .rewrite import _fake_run
+
+    dirty = set(starts)
+    for n in graph.nodes:
+        if n in dirty or any(a in dirty for a in n.all_input_nodes):
+            dirty.add(n)
+            if n.op in ("call_function", "call_method"):
+                try:
+                    _fake_run(n)
+                except Exception as e:  # keep the old value: later passes re-derive shapes themselves
+                    log.debug("sonic: could not refresh the fake value of %s: %s", n.name, e)
