@@ -70,6 +70,8 @@ _GROUPED = [torch._grouped_mm]
 _fallback = getattr(getattr(torch.ops, "transformers", None), "grouped_mm_fallback", None)
 if _fallback is not None:
     _GROUPED += [_fallback, _fallback.default]
+import moe_inductor.host_splits  # noqa: E402  (registers moe_inductor::grouped_mm: splits by host counts)
+_GROUPED += [torch.ops.moe_inductor.grouped_mm.default]
 
 
 # --------------------------------------------------------------------------- canonical descriptions
@@ -404,9 +406,10 @@ def _sort_perm(perm) -> Optional[fx.Node]:
         return perm.args[0]
     if _is(perm, "call_function", operator.getitem) and perm.args[1] == 1:
         s = perm.args[0]
-        if (_is(s, "call_function", torch.sort) or _is(s, "call_method", "sort")) and len(s.args) == 1 and \
-                not s.kwargs.get("descending", False) and s.kwargs.get("dim", -1) in (-1, 0):
-            return s.args[0]
+        if (_is(s, "call_function", torch.sort) or _is(s, "call_method", "sort")) and \
+                (len(s.args) == 1 or len(s.args) == 2 and s.args[1] in (-1, 0) and len(shape_of(s.args[0]) or ()) == 1) \
+                and not s.kwargs.get("descending", False) and s.kwargs.get("dim", -1) in (-1, 0):
+            return s.args[0]  # sort(ids) or JetMoE's ids.sort(0) of 1-D ids
     return None
 
 
@@ -416,7 +419,44 @@ def _floordiv(idx) -> Optional[tuple]:
         return idx.args[0], int_value(idx.args[1])
     if _is(idx, "call_function", torch.div) and idx.kwargs.get("rounding_mode") == "floor" and len(idx.args) == 2:
         return idx.args[0], int_value(idx.args[1])
+    # JetMoE: perm.div(K, rounding_mode="trunc"); trunc is floor on a sort permutation (indices >= 0)
+    if (_is(idx, "call_function", torch.div) or _is(idx, "call_method", "div")) and len(idx.args) == 2 and \
+            set(idx.kwargs) == {"rounding_mode"} and idx.kwargs["rounding_mode"] in ("floor", "trunc") and \
+            (idx.kwargs["rounding_mode"] == "floor" or _sort_perm(idx.args[0]) is not None):
+        return idx.args[0], int_value(idx.args[1])
     return None
+
+
+def _topk_ids(node) -> Optional[fx.Node]:
+    """``node`` itself if it is ``topk(scores (T, E), K, dim=-1|1)[1]`` (K distinct ids per row), else None."""
+    if not (_is(node, "call_function", operator.getitem) and node.args[1] == 1):
+        return None
+    t = node.args[0]
+    if not (_is(t, "call_function", torch.topk) or _is(t, "call_method", "topk")):
+        return None
+    dim = _arg(t, 2, "dim", -1)
+    return node if len(shape_of(t.args[0]) or ()) == 2 and dim in (-1, 1) else None
+
+
+def _scatter_counts(counts) -> Optional[tuple]:
+    """(ids (T, K), E) of JetMoE's ``zeros(T, E).scatter(1, ids, 1).long().sum(0)`` with ids top-k ids
+    (distinct per row, so the 0/1 table sums to the histogram of the ids)."""
+    if not ((_is(counts, "call_method", "sum") or _is(counts, "call_function", torch.sum)) and len(counts.args) == 2
+            and counts.args[1] == 0 and not counts.kwargs):
+        return None
+    g = counts.args[0]
+    if _is(g, "call_method", ("long", "int")) and len(g.args) == 1:
+        g = g.args[0]  # the table holds 0 and 1: exact in any dtype
+    g = safety.strip_casts(g)
+    if not ((_is(g, "call_method", "scatter") or _is(g, "call_function", torch.scatter)) and len(g.args) == 4
+            and not g.kwargs and g.args[1] in (1, -1) and g.args[3] == 1 and type(g.args[3]) is int):
+        return None
+    z, ids = g.args[0], g.args[2]
+    zs = shape_of(z)
+    if not (isinstance(z, fx.Node) and _zeros_start(z) and zs is not None and len(zs) == 2
+            and _topk_ids(ids) is not None and same(zs[0], shape_of(ids)[0])):
+        return None
+    return ids, zs[1]
 
 
 def _counts_of(offsets) -> tuple:
@@ -434,6 +474,9 @@ def _counts_of(offsets) -> tuple:
     if _is(counts, "call_function", torch.bincount) or _is(counts, "call_method", "bincount"):
         need(_arg(counts, 1, "weights") is None, "dispatch: bincount with weights is not a count of assignments")
         return counts, safety.strip_casts(counts.args[0]), _arg(counts, 2, "minlength", 0), ("bincount",)
+    sc = _scatter_counts(counts)
+    if sc is not None:
+        return counts, sc[0], sc[1], ("scatter",)
     raise Declined(f"dispatch: the per-expert counts {counts.name} are not histc/bincount of the expert ids")
 
 
@@ -448,6 +491,9 @@ def _prove_sorted(gather: RowsGather, mlp: RowsMLP, score, E: int) -> dict:
     ids = _sort_perm(perm)
     need(ids is not None, f"dispatch: {perm.name} is not an ascending argsort/sort of the expert ids")
     counts, cids, bins, spell = _counts_of(mlp.group[1])
+    if spell[0] == "scatter" and _is(ids, "call_method", ("flatten", "view", "reshape")) and ids.args[0] is cids \
+            and tuple(ids.args[1:]) in ((), (-1,), ((-1,),)):
+        cids = ids  # counted on the (T, K) table whose flat view was sorted
     need(cids is ids or safety.equivalent(cids, ids),
          f"proof: the counts ({counts.name}) are taken of {cids.name}, not of the sorted ids {ids.name}")
     need(int_value(bins) == E, f"proof: the counts histogram has {bins} bins for {E} experts")
