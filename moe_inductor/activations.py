@@ -10,6 +10,8 @@ An activation spec is a string so that the fused op's schema never changes when 
                             g * sigmoid(alpha * g) * (u + 1)
     "swiglu_limit:<limit>"  clamped SwiGLU (DeepSeek-V4, HY-V4, GLM-5-Next):
                             silu(gate.clamp(max=limit)) * up.clamp(-limit, limit)
+    "swiglu_limit_after:<limit>" SwiGLU clamped after the activation (Step-3.7):
+                            silu(gate).clamp(max=limit) * up.clamp(-limit, limit)
     "softcap_swiglu:<cg>:<cu>" Inkling2: softcap(gate, cg) * sigmoid(gate) * softcap(up, cu),
                             softcap(z, c) = tanh(z / c) * c
   non-gated (n columns):
@@ -32,7 +34,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-GATED = ("swiglu", "geglu", "geglu_tanh", "gptoss", "swiglu_limit", "softcap_swiglu")
+GATED = ("swiglu", "geglu", "geglu_tanh", "gptoss", "swiglu_limit", "swiglu_limit_after", "softcap_swiglu")
 NON_GATED = ("silu", "gelu", "gelu_tanh", "relu", "relu2")
 GATED_TORCH_ONLY: tuple = ()
 NON_GATED_TORCH_ONLY: tuple = ()
@@ -40,6 +42,7 @@ NON_GATED_TORCH_ONLY: tuple = ()
 FORMS = {
     "gptoss": "'gptoss:<alpha>:<limit>' (e.g. 'gptoss:1.702:7.0')",
     "swiglu_limit": "'swiglu_limit:<limit>' (e.g. 'swiglu_limit:10.0')",
+    "swiglu_limit_after": "'swiglu_limit_after:<limit>' (e.g. 'swiglu_limit_after:7.0')",
     "softcap_swiglu": "'softcap_swiglu:<gate cap>:<up cap>' (e.g. 'softcap_swiglu:30.0:30.0')",
 }
 ALL_KINDS = GATED + NON_GATED + GATED_TORCH_ONLY + NON_GATED_TORCH_ONLY
@@ -64,8 +67,8 @@ class Activation:
     def spec(self) -> str:
         if self.kind == "gptoss":
             return f"gptoss:{self.alpha!r}:{self.limit!r}"
-        if self.kind == "swiglu_limit":
-            return f"swiglu_limit:{self.limit!r}"
+        if self.kind in ("swiglu_limit", "swiglu_limit_after"):
+            return f"{self.kind}:{self.limit!r}"
         if self.kind == "softcap_swiglu":  # alpha = gate softcap, limit = up softcap
             return f"softcap_swiglu:{self.alpha!r}:{self.limit!r}"
         return self.kind
@@ -103,7 +106,7 @@ def parse_activation(spec: str) -> Activation:
     if kind == "gptoss":
         alpha, limit = _numbers(spec, kind, parts, ("alpha", "limit"))
         return Activation(kind, alpha, limit)
-    if kind == "swiglu_limit":
+    if kind in ("swiglu_limit", "swiglu_limit_after"):
         (limit,) = _numbers(spec, kind, parts, ("limit",))
         return Activation(kind, limit=limit)
     if kind == "softcap_swiglu":
@@ -184,6 +187,8 @@ def act_forward(h: torch.Tensor, act: Activation, interleaved: bool) -> torch.Te
         return (g * torch.sigmoid(act.alpha * g) * (u + 1)).to(h.dtype)
     if act.kind == "swiglu_limit":
         return (F.silu(g.clamp(max=act.limit)) * u.clamp(-act.limit, act.limit)).to(h.dtype)
+    if act.kind == "swiglu_limit_after":
+        return (F.silu(g).clamp(max=act.limit) * u.clamp(-act.limit, act.limit)).to(h.dtype)
     if act.kind == "softcap_swiglu":
         cg, cu = act.alpha, act.limit
         return (torch.tanh(g / cg) * cg * torch.sigmoid(g) * (torch.tanh(u / cu) * cu)).to(h.dtype)
@@ -209,6 +214,12 @@ def act_backward(h: torch.Tensor, da: torch.Tensor, act: Activation, interleaved
         uc = u.clamp(-act.limit, act.limit)
         dg = daf * uc * _unary_grad("silu", gc) * (g <= act.limit)
         du = daf * F.silu(gc) * ((u >= -act.limit) & (u <= act.limit))
+    elif act.kind == "swiglu_limit_after":
+        # clamp's derivative is 1 on the closed interval (torch.clamp's backward: min <= x <= max)
+        sg = F.silu(g)
+        uc = u.clamp(-act.limit, act.limit)
+        dg = daf * uc * _unary_grad("silu", g) * (sg <= act.limit)
+        du = daf * sg.clamp(max=act.limit) * ((u >= -act.limit) & (u <= act.limit))
     elif act.kind == "softcap_swiglu":
         cg, cu = act.alpha, act.limit
         tg, tu = torch.tanh(g / cg), torch.tanh(u / cu)

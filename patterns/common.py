@@ -28,6 +28,8 @@ _UNARY = {
 }
 
 GATED_OF = {"silu": "swiglu", "gelu": "geglu", "gelu_tanh": "geglu_tanh"}
+#: expert_activation's reason when nothing in the expert body has the shape of an activation
+NO_ACTIVATION = "expert activation is not a supported (gated) activation"
 
 
 def unary_activation(node: fx.Node) -> tuple[Optional[str], Optional[fx.Node]]:
@@ -392,12 +394,28 @@ def _check_casts(act_out: fx.Node, h: fx.Node, float_casts, out_cast) -> None:
          "the fused op returns the activation in h's dtype")
 
 
+def _swiglu_limit(gate_bounds, up_bounds, what: str) -> float:
+    """L of a clamped SwiGLU's bounds: gate ``clamp(max=L)``, up ``clamp(min=-L, max=L)``, L a
+    finite Python number or inf (transformers' Step-3.7 writes "no clamp" as L = inf: both clamps
+    are then the identity, and the activation is plain SwiGLU). Declines otherwise."""
+    g_min, g_max = gate_bounds
+    u_min, u_max = up_bounds
+    for v in (g_min, g_max, u_min, u_max):
+        need(not isinstance(v, fx.Node), "clamp limit is a tensor, not a Python constant")
+    need(g_min is None and (_number(g_max) or g_max == math.inf),
+         f"{what} is clamp(min={g_min!r}, max={g_max!r}), not clamp(max=limit)")
+    need(not isinstance(u_min, bool) and not isinstance(u_max, bool) and u_max == g_max and u_min == -g_max,
+         f"up clamp is clamp(min={u_min!r}, max={u_max!r}), not clamp(min=-{g_max!r}, max={g_max!r})")
+    return float(g_max)
+
+
 def expert_activation(act_out: fx.Node, chunk_dims=(-1, 1)) -> tuple[str, bool, fx.Node]:
     """(activation spec, interleaved, pre-activation h) of the expert body's activation:
     GPT-OSS's clamped gate (interleaved or concatenated), Inkling2's softcapped SwiGLU,
     act(gate) * up with gate, up = h.chunk(2, dim) (or ``.float()`` of each, optionally the
-    clamped SwiGLU ``silu(gate.clamp(max=L)) * up.clamp(-L, L)``), relu(h)**2, or a plain act(h),
-    optionally followed by ``.to(h.dtype)``. Declines otherwise."""
+    clamped SwiGLU ``silu(gate.clamp(max=L)) * up.clamp(-L, L)`` or the SwiGLU clamped after the
+    activation ``silu(gate).clamp(max=L) * up.clamp(-L, L)`` (Step-3.7); L = inf is plain SwiGLU),
+    relu(h)**2, or a plain act(h), optionally followed by ``.to(h.dtype)``. Declines otherwise."""
     outer = act_out
     act_out, out_dtype = _out_cast(act_out)
     out_cast = outer if out_dtype is not None else None
@@ -412,11 +430,19 @@ def expert_activation(act_out: fx.Node, chunk_dims=(-1, 1)) -> tuple[str, bool, 
         return spec, interleaved, h
     if act_out.op == "call_function" and act_out.target is operator.mul and len(act_out.args) == 2:
         for gt, u in (act_out.args, act_out.args[::-1]):
-            name, gate = unary_activation(gt) if isinstance(gt, fx.Node) else (None, None)
+            post = _clamp_bounds(gt)  # act(gate).clamp(...): clamped after the activation
+            if post is not None and not (isinstance(post[0], fx.Node) and unary_activation(post[0])[0]):
+                post = None
+            act_node = post[0] if post is not None else gt
+            name, gate = unary_activation(act_node) if isinstance(act_node, fx.Node) else (None, None)
             if not name or not isinstance(u, fx.Node):
                 continue
             gb, ub = _clamp_bounds(gate), _clamp_bounds(u)
-            g_c, u_c = (gate, u) if gb is None or ub is None else (gb[0], ub[0])
+            if post is not None:
+                need(gb is None, "gate is clamped both before and after the activation")
+                g_c, u_c = gate, (u if ub is None else ub[0])
+            else:
+                g_c, u_c = (gate, u) if gb is None or ub is None else (gb[0], ub[0])
             g_in, g_cast = _peel_float(g_c)
             u_in, u_cast = _peel_float(u_c)
             try:
@@ -430,21 +456,23 @@ def expert_activation(act_out: fx.Node, chunk_dims=(-1, 1)) -> tuple[str, bool, 
                 continue
             need((g_cast is None) == (u_cast is None), "only one of gate/up is cast with .float()")
             casts = [c for c in (g_cast, u_cast) if c is not None]
-            inter = [act_out, gt, gate, u, g_in, u_in, *casts]
+            inter = [act_out, gt, act_node, gate, u, g_in, u_in, *casts]
+            if post is not None:
+                need(ub is not None, "gate is clamped after the activation, up is not clamped")
+                need(name == "silu", f"gated activation {name} clamped after it: only SwiGLU is supported")
+                need(not casts, "SwiGLU clamped after the activation with .float() casts is not supported")
+                limit = _swiglu_limit(post[1:], ub[1:], "gate clamp after the activation")
+                _unwritten(inter, "clamped SwiGLU")
+                _check_casts(outer, h, [], out_cast)
+                spec = "swiglu" if limit == math.inf else Activation("swiglu_limit_after", limit=limit).spec
+                return spec, False, h
             if gb is not None and ub is not None:
                 need(name == "silu", f"clamped gated activation {name}: only the clamped SwiGLU is supported")
                 need(not casts, "clamped SwiGLU with .float() casts inside the clamps is not supported")
-                g_min, g_max = gb[1:]
-                u_min, u_max = ub[1:]
-                for v in (g_min, g_max, u_min, u_max):
-                    need(not isinstance(v, fx.Node), "clamp limit is a tensor, not a Python constant")
-                need(g_min is None and _number(g_max),
-                     f"gate clamp is clamp(min={g_min!r}, max={g_max!r}), not clamp(max=limit)")
-                need(_number(u_min) and _number(u_max) and u_max == g_max and u_min == -g_max,
-                     f"up clamp is clamp(min={u_min!r}, max={u_max!r}), not clamp(min=-{g_max!r}, max={g_max!r})")
+                limit = _swiglu_limit(gb[1:], ub[1:], "gate clamp")
                 _unwritten(inter, "clamped SwiGLU")
                 _check_casts(outer, h, [], out_cast)
-                return Activation("swiglu_limit", limit=float(g_max)).spec, False, h
+                return ("swiglu" if limit == math.inf else Activation("swiglu_limit", limit=limit).spec), False, h
             need(gb is None and ub is None, "only one of gate/up is clamped")
             need(name in GATED_OF, f"gated activation {name} unsupported")
             _unwritten(inter, "gated activation")
@@ -457,7 +485,7 @@ def expert_activation(act_out: fx.Node, chunk_dims=(-1, 1)) -> tuple[str, bool, 
         _check_casts(outer, h, [], out_cast)
         return "relu2", False, h
     name, inner = unary_activation(act_out)
-    need(name is not None, "expert activation is not a supported (gated) activation")
+    need(name is not None, NO_ACTIVATION)
     _check_casts(outer, inner, [], out_cast)
     return name, False, inner
 

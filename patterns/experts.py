@@ -27,7 +27,7 @@ from moe_inductor.rewrite import gemm_name, shape_of
 
 from moe_inductor.rewrite import Declined
 
-from .common import GATED_OF, expert_activation, unary_activation
+from .common import GATED_OF, NO_ACTIVATION, expert_activation, unary_activation
 
 _LINEAR = (torch._C._nn.linear, torch.nn.functional.linear)
 _MATMUL_F = (torch.matmul, torch.mm, operator.matmul)
@@ -165,12 +165,12 @@ def walk_mlp(out, proj, part: str, gemm: str, check=None, more_activations: bool
     if name is None:
         # the other activations of fused gate_up weights: clamped SwiGLU, softcapped SwiGLU, GPT-OSS's
         # clamped gate, relu^2, casts around the activation (patterns/common.py)
-        spec = None
+        spec, why = None, ""
         if more_activations:
             try:
                 spec, interleaved, h = expert_activation(mid)
-            except Declined:
-                spec = None
+            except Declined as e:
+                spec, why = None, str(e)
         g = proj(safety.strip_identity(h)) if spec is not None else None
         if g is not None:
             need(part, not interleaved, f"{mid.name}: gate and up columns interleaved (GPT-OSS layout): the "
@@ -178,8 +178,10 @@ def walk_mlp(out, proj, part: str, gemm: str, check=None, more_activations: bool
             transposed["gate"] = g[2]
             return _with_layout(ExpertMLP(input=g[0], output=out, activation=spec, gate=g[1], down=down[1],
                                           b_gate=g[3], b_down=down[3], gemm=gemm), transposed)
+        # an activation that was recognised in shape but not proven (a near miss) keeps its own reason
+        detail = f": {why}" if why and why != NO_ACTIVATION else ""
         decline(part, f"{mid.name}: the expert body is not a supported MLP (projection -> activation "
-                      "[* projection] -> projection)")
+                      f"[* projection] -> projection){detail}")
     up = proj(safety.strip_identity(inner))
     if up is None:
         decline(part, f"{inner.name}: the expert's first projection is not a linear/matmul/bmm")

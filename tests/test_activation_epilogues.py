@@ -32,6 +32,11 @@ EPILOGUE_CASES = [
     pytest.param(dict(act="swiglu_limit:0.5", interleaved=True, bias=True), id="fp32-swiglu_limit-interleaved-bias"),
     pytest.param(dict(act="swiglu_limit:0.5", dtype=torch.bfloat16, transposed=True, T=7),
                  id="bf16-swiglu_limit-concat-transposed"),
+    # clamped after the activation (Step-3.7): silu(H_gate) > 0.5 and |H_up| > 0.5 both occur
+    pytest.param(dict(act="swiglu_limit_after:0.5", interleaved=True, bias=True),
+                 id="fp32-swiglu_limit_after-interleaved-bias"),
+    pytest.param(dict(act="swiglu_limit_after:0.5", dtype=torch.bfloat16, transposed=True, T=7),
+                 id="bf16-swiglu_limit_after-concat-transposed"),
     # caps near |H| exercise the tanh nonlinearity; 4/25 are Inkling2's shipped caps
     pytest.param(dict(act="softcap_swiglu:0.7:1.3", bias=True, routing="general", T=12, E=5),
                  id="fp32-softcap_swiglu-bias-general-routing"),
@@ -54,14 +59,15 @@ def test_epilogue_matches_reference(kwargs):
 
 
 @needs_triton
-@pytest.mark.parametrize("spec", ["swiglu_limit:0.5", "softcap_swiglu:0.7:1.3"])
+@pytest.mark.parametrize("spec", ["swiglu_limit:0.5", "swiglu_limit_after:0.5", "softcap_swiglu:0.7:1.3"])
 def test_epilogue_recompute_h(spec):
     """keep_h=False: the backward recomputes H and the epilogue from X."""
     run_and_compare(make_case(act=spec, bias=True), keep_h=False)
 
 
 @needs_triton
-@pytest.mark.parametrize("spec,interleaved", [("swiglu_limit:0.5", True), ("softcap_swiglu:0.7:1.3", False),
+@pytest.mark.parametrize("spec,interleaved", [("swiglu_limit:0.5", True), ("swiglu_limit_after:0.3", False),
+                                              ("softcap_swiglu:0.7:1.3", False),
                                               ("relu2", False)])
 def test_fused_op_triton_matches_autograd_of_naive_loop(spec, interleaved):
     """End to end through the op with impl='triton' and its registered autograd, against autograd
@@ -93,6 +99,7 @@ def test_every_activation_has_an_epilogue():
     from moe_inductor.kernels.activation_jit import act_code
 
     specs = {"gptoss": "gptoss:1.702:7.0", "swiglu_limit": "swiglu_limit:7.0",
+             "swiglu_limit_after": "swiglu_limit_after:7.0",
              "softcap_swiglu": "softcap_swiglu:4.0:25.0"}
     codes = {}
     for kind in ALL_KINDS:
@@ -106,7 +113,7 @@ def test_every_activation_has_an_epilogue():
     # kinds that share a code share their math (gated X-GLU and its unary X); the rest are distinct
     assert codes["swiglu"] == codes["silu"] and codes["geglu"] == codes["gelu"]
     assert len({codes[k] for k in ("swiglu", "geglu", "geglu_tanh", "relu", "gptoss", "swiglu_limit",
-                                   "softcap_swiglu", "relu2")}) == 8
+                                   "swiglu_limit_after", "softcap_swiglu", "relu2")}) == 9
 
 
 # --------------------------------------------------------------------------- spec errors (issue 11, item 6)
@@ -117,6 +124,8 @@ def test_every_activation_has_an_epilogue():
     ("gptoss:1.702", ("gptoss takes 2 parameter(s)", "'gptoss:<alpha>:<limit>'")),
     ("swiglu_limit:ten", ("'swiglu_limit:ten'", "limit 'ten' is not a number", "'swiglu_limit:<limit>'")),
     ("swiglu_limit:inf", ("limit must be finite", "'swiglu_limit:<limit>'")),
+    ("swiglu_limit_after", ("swiglu_limit_after takes 1 parameter(s)", "'swiglu_limit_after:<limit>'")),
+    ("swiglu_limit_after:nan", ("limit must be finite", "'swiglu_limit_after:<limit>'")),
     ("softcap_swiglu:4:", ("up cap '' is not a number", "'softcap_swiglu:<gate cap>:<up cap>'")),
     ("softcap_swiglu:0:1", ("caps must be nonzero",)),
     ("relu2:2", ("'relu2' takes no parameters",)),
@@ -141,7 +150,8 @@ def test_bad_spec_error_through_the_op():
 
 
 def test_good_specs_round_trip():
-    for spec in ("gptoss:1.702:7.0", "swiglu_limit:10.0", "softcap_swiglu:4.0:25.0", "relu2", "swiglu"):
+    for spec in ("gptoss:1.702:7.0", "swiglu_limit:10.0", "swiglu_limit_after:7.0", "softcap_swiglu:4.0:25.0",
+                 "relu2", "swiglu"):
         act = parse_activation(spec)
         assert act.spec == spec and parse_activation(act.spec) == act
     assert parse_activation("gptoss:1:7").spec == "gptoss:1.0:7.0"

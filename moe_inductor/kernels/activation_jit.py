@@ -19,6 +19,7 @@ GPTOSS = 4
 SWIGLU_LIMIT = 5  # clamped SwiGLU; the clamp is the runtime scalar `limit`
 SOFTCAP_SWIGLU = 6  # softcapped SwiGLU; gate cap = runtime `alpha`, up cap = runtime `limit`
 RELU2 = 7
+SWIGLU_LIMIT_AFTER = 8  # SwiGLU clamped after the activation (Step-3.7); the clamp is the runtime `limit`
 
 _KIND_CODE = {
     "swiglu": SILU, "silu": SILU,
@@ -27,6 +28,7 @@ _KIND_CODE = {
     "relu": RELU,
     "gptoss": GPTOSS,
     "swiglu_limit": SWIGLU_LIMIT,
+    "swiglu_limit_after": SWIGLU_LIMIT_AFTER,
     "softcap_swiglu": SOFTCAP_SWIGLU,
     "relu2": RELU2,
 }
@@ -92,6 +94,9 @@ def gated_fwd(g, u, alpha, limit, KIND: tl.constexpr):
         gc = tl.minimum(g, limit)
         uc = tl.minimum(tl.maximum(u, -limit), limit)
         r = gc * _sigmoid(gc) * uc
+    elif KIND == 8:
+        uc = tl.minimum(tl.maximum(u, -limit), limit)
+        r = tl.minimum(g * _sigmoid(g), limit) * uc
     elif KIND == 6:
         # softcap(g, alpha) * sigmoid(g) * softcap(u, limit), softcap(z, c) = tanh(z / c) * c
         r = _tanh(g / alpha) * alpha * _sigmoid(g) * (_tanh(u / limit) * limit)
@@ -117,6 +122,12 @@ def gated_bwd(g, u, da, alpha, limit, KIND: tl.constexpr):
         s = _sigmoid(gc)
         dg = tl.where(g <= limit, da * uc * (s * (1.0 + gc * (1.0 - s))), 0.0)
         du = tl.where((u >= -limit) & (u <= limit), da * (gc * s), 0.0)
+    elif KIND == 8:
+        uc = tl.minimum(tl.maximum(u, -limit), limit)
+        s = _sigmoid(g)
+        sg = g * s
+        dg = tl.where(sg <= limit, da * uc * (s * (1.0 + g * (1.0 - s))), 0.0)
+        du = tl.where((u >= -limit) & (u <= limit), da * tl.minimum(sg, limit), 0.0)
     elif KIND == 6:
         tg = _tanh(g / alpha)
         tu = _tanh(u / limit)
