@@ -801,8 +801,8 @@ def _zero_off_top_k(R: fx.Node) -> tuple:
         or (inner.op == "call_function" and inner.target is torch.scatter))
     need("slots_dispatch", scatter,
          f"the dense scores {R.name} that scale the experts' inputs are not a scatter of the top-k values into a "
-         f"constant matrix (they are {inner.name if isinstance(inner, fx.Node) else inner!r}): the unselected "
-         "(expert, token) scores are not provably 0, so every expert would have to run on every token")
+         f"constant matrix ({R.name} is computed from {getattr(inner, 'name', inner)}): the unselected (expert, "
+         "token) scores are not provably 0, so every expert would have to run on every token")
     base, dim, idx, vals = inner.args
     need("slots_dispatch", dim in (1, -1), f"{inner.name}: the router scores are scattered along axis {dim}, not "
                                            "along the experts")

@@ -1,11 +1,12 @@
 """The "expert slots" composition (patterns/expert_slots.py): experts on an (E, C, d) tensor of slots.
 
 Capacity dispatch (GShard/Switch style, written here from a reading of fairseq/fairscale
-``top1gating``/``top2gating`` and DeepSpeed ``sharded_moe``) and expert-choice routing (each expert
-takes its top-C tokens), in several spellings, through the sonic rewrite (the graph then runs
-eagerly; the fused op runs its PyTorch path), at two sequence lengths: output and every gradient
-against eager (fp32, 1e-4), at most one recompile, fused-op and GEMM counts, a snapshot of one
-rewritten graph, and near-misses that must be declined with a reason naming the part or the proof.
+``top1gating``/``top2gating`` and DeepSpeed ``sharded_moe``), expert-choice routing (each expert
+takes its top-C tokens) and dense scores (transformers 5.x Llama4: every token in every expert's
+slots, inputs scaled by a score matrix that is 0 off the top-k), in several spellings, through the
+sonic rewrite (the graph then runs eagerly; the fused op runs its PyTorch path), at two sequence
+lengths: output and every gradient against eager (fp32, 1e-4), at most one recompile, fused-op and
+GEMM counts, snapshots of two rewritten graphs, and near-misses that must be declined with a reason naming the part or the proof.
 
 Shape legend: S tokens, d hidden, n expert width, E experts, C slots per expert (capacity).
 """
@@ -28,6 +29,7 @@ from moe_inductor.options import SonicOptions
 from idiom_catalogue import BY_NAME
 
 D, N, E = 8, 4, 4
+K_DENSE = 2  # choices per token of the dense-scores (Llama4) modules
 LENGTHS = ((5, 0), (8, 1))  # two sequence lengths: one dynamic-shape recompile at most
 _GEMMS = {torch._C._nn.linear, Fn.linear, torch.bmm, torch.mm, torch.matmul, torch.einsum,
           torch.functional.einsum, operator.matmul}
@@ -218,6 +220,56 @@ class ExpertChoiceMoE(nn.Module):
         return x.new_zeros(x.shape).index_add_(0, back.reshape(-1), y.reshape(-1, D))
 
 
+class DenseScoresMoE(nn.Module):
+    """Every token in every expert's slots, inputs scaled by a dense (S, E) score matrix that is 0
+    off the top-k, outputs summed over the experts (transformers 5.x ``Llama4TextMoe``, written out).
+    ``scores``: "sigmoid_neg_inf" (Llama4: ``sigmoid(full_like(-inf).scatter_(1, idx, v).float())``
+    cast back), "zeros" (``torch.zeros_like(logits).scatter(1, idx, softmax(v))``, out of place, no
+    squash). ``experts``: "swiglu_chunk" (Llama4: (E, d, 2n) gate_up, ``chunk(2, -1)``, ``up *
+    silu(gate)``) or "relu" (plain). ``mutation`` makes a near-miss (see ``NEAR_MISSES``)."""
+
+    def __init__(self, scores="sigmoid_neg_inf", experts="swiglu_chunk", mutation=None):
+        super().__init__()
+        self.scores, self.experts, self.mutation = scores, experts, mutation
+        self.router = nn.Linear(D, E, bias=False)
+        width = 2 * N if experts == "swiglu_chunk" else N
+        self.gate_up_proj = nn.Parameter(torch.randn(E, D, width) / D ** 0.5)
+        self.down_proj = nn.Parameter(torch.randn(E, N, D) / N ** 0.5)
+        if mutation == "bias":
+            self.gate_up_bias = nn.Parameter(torch.randn(E, 1, width) / 4)
+
+    def router_scores(self, x):
+        logits = self.router(x)
+        if self.mutation == "sigmoid_all":  # every expert weighted: not a top-k MoE
+            return torch.sigmoid(logits)
+        top_v, top_i = torch.topk(logits, K_DENSE, dim=1)
+        if self.scores == "zeros":
+            return torch.zeros_like(logits).scatter(1, top_i, Fn.softmax(top_v, dim=-1))
+        table = torch.full_like(logits, float("-inf")).scatter_(1, top_i, top_v)
+        if self.mutation == "second_write":  # expert 0 gets sigmoid(0) = 0.5 for every token
+            table[:, 0] = 0.0
+        return torch.sigmoid(table.float()).to(logits.dtype)
+
+    def forward(self, x):
+        R = self.router_scores(x)
+        routed_in = x.repeat(R.shape[1], 1) * R.transpose(0, 1).reshape(-1, 1)
+        h = torch.bmm(routed_in.view(E, -1, D), self.gate_up_proj)
+        if self.mutation == "bias":
+            h = h + self.gate_up_bias
+        if self.experts == "swiglu_chunk":
+            gate, up = h.chunk(2, dim=-1)
+            h = up * Fn.silu(gate)
+        else:
+            h = Fn.relu(h)
+        y = torch.bmm(h, self.down_proj).view(-1, D)
+        if self.mutation == "token_major_sum":  # rows regrouped (S, E, d): sums E consecutive rows
+            return y.reshape(-1, E, D).sum(dim=1)
+        if self.mutation == "slot_sum":  # sums over the slots: one row per expert
+            return y.reshape(E, -1, D).sum(dim=1)
+        per_expert = y.reshape(E, -1, D)
+        return per_expert.sum(0) if self.experts == "relu" else per_expert.sum(dim=0)  # both spellings
+
+
 # --------------------------------------------------------------------------- harness
 
 @mark_sonic
@@ -338,6 +390,24 @@ def test_expert_choice(capacity, experts, combine, gather, lengths):
     assert_rewritten(backend)
 
 
+DENSE_CASES = [
+    # (scores, experts, lengths)
+    ("sigmoid_neg_inf", "swiglu_chunk", LENGTHS),  # Llama4 as written: casts around the sigmoid, (E, d, 2n) chunk(2)
+    ("zeros", "relu", LENGTHS),  # zeros + out-of-place scatter of renormalised top-k values, plain relu, .sum(0)
+]
+
+
+@pytest.mark.parametrize("scores,experts,lengths", DENSE_CASES)
+def test_dense_scores(scores, experts, lengths):
+    """Every token in every expert's slots (Llama4): rewritten to K rows per token, pre-scaled."""
+    backend = run(seeded(lambda: DenseScoresMoE(scores, experts)), lengths)
+    assert_rewritten(backend)
+    block = backend.graphs[-1]["report"].candidates[0]
+    assert block.top_k == K_DENSE and block.num_experts == E
+    assert all(f"{part}={name}" in block.parts for part, name in (
+        ("dispatch", "dense_scores"), ("experts", "bmm_mlp"), ("combine", "expert_sum"))), block.parts
+
+
 @pytest.mark.parametrize("name", ["switch_capacity_einsum", "gshard_top2_capacity_einsum", "expert_choice"])
 def test_catalogue_entries(name):
     """The catalogue's entries: one block rewritten per graph, only the router's GEMM left (the
@@ -372,6 +442,14 @@ NEAR_MISSES = [
     (lambda: ExpertChoiceMoE(mutation="scores_twice"), ("proof", "twice")),
     (lambda: ExpertChoiceMoE(mutation="written_elsewhere"), ("proof", "written back")),
     (lambda: ExpertChoiceMoE(combine="viewed_before"), ("combine", "viewed before")),
+    # dense scores (Llama4): unselected scores sigmoid(logits) != 0; expert 0's column overwritten after the
+    # top-k scatter; a biased gate_up (f_e(0) != 0 on the zero rows of unselected pairs); rows regrouped
+    # token-major before the sum; the sum over the slots instead of the experts
+    (lambda: DenseScoresMoE(mutation="sigmoid_all"), ("slots_dispatch", "not a scatter")),
+    (lambda: DenseScoresMoE(mutation="second_write"), ("slots_dispatch", "written by something else")),
+    (lambda: DenseScoresMoE(mutation="bias"), ("proof", "slots_experts", "biases")),
+    (lambda: DenseScoresMoE(mutation="token_major_sum"), ("slots_combine", "regroups")),
+    (lambda: DenseScoresMoE(mutation="slot_sum"), ("slots_combine", "not over the experts")),
 ]
 
 
@@ -431,4 +509,55 @@ class GraphModule(torch.nn.Module):
         fused_moe_default = torch.ops.moe_inductor.fused_moe.default(l_x_, to, to_1, reshape_4, transpose, transpose_1, reshape_2, None, 'relu', False, False, 'auto', 'aten::bmm');  l_x_ = to = to_1 = reshape_4 = transpose = transpose_1 = reshape_2 = None
         getitem_3: "f32[5, 8]" = fused_moe_default[0];  fused_moe_default = None
         return (getitem_3,)
+""")
+
+    def test_dense_scores_graph(self):
+        """The rewritten Llama4-style block: pre-scaled rows x[s] * R[s, idx[s, k]] (R read with gather,
+        so the router's gradient flows), one fused op with score 1 per row and experts idx.flatten(),
+        each token's K rows summed; the (E*S, d) repeat and both bmm's are gone."""
+        backend = run(seeded(lambda: DenseScoresMoE()), lengths=((5, 0),))
+        code = normalize_gm(backend.graphs[0]["gm"].print_readable(print_output=False))
+        self.assertExpectedInline(code, """\
+class GraphModule(torch.nn.Module):
+    def forward(self, L_self_modules_router_parameters_weight_: "f32[4, 8]", L_x_: "f32[5, 8]", L_self_parameters_gate_up_proj_: "f32[4, 8, 8]", L_self_parameters_down_proj_: "f32[4, 4, 8]"):
+        l_self_modules_router_parameters_weight_ = L_self_modules_router_parameters_weight_
+        l_x_ = L_x_
+        l_self_parameters_gate_up_proj_ = L_self_parameters_gate_up_proj_
+        l_self_parameters_down_proj_ = L_self_parameters_down_proj_
+
+        logits: "f32[5, 4]" = torch._C._nn.linear(l_x_, l_self_modules_router_parameters_weight_, None);  l_self_modules_router_parameters_weight_ = None
+
+        topk = torch.topk(logits, 2, dim = 1)
+        top_v: "f32[5, 2]" = topk[0]
+        top_i: "i64[5, 2]" = topk[1];  topk = None
+
+        full_like: "f32[5, 4]" = torch.full_like(logits, -inf);  logits = None
+        table: "f32[5, 4]" = full_like.scatter_(1, top_i, top_v);  full_like = top_v = None
+
+        float_1: "f32[5, 4]" = table.float();  table = None
+        sigmoid: "f32[5, 4]" = torch.sigmoid(float_1);  float_1 = None
+        R: "f32[5, 4]" = sigmoid.to(torch.float32);  sigmoid = None
+
+        gather: "f32[5, 2]" = R.gather(1, top_i);  R = None
+        unsqueeze: "f32[5, 1, 8]" = l_x_.unsqueeze(1)
+        unsqueeze_1: "f32[5, 2, 1]" = gather.unsqueeze(-1)
+        mul_2: "f32[5, 2, 8]" = unsqueeze * unsqueeze_1;  unsqueeze = unsqueeze_1 = None
+        size = l_x_.size(1)
+        reshape_2: "f32[10, 8]" = mul_2.reshape(-1, size);  mul_2 = size = None
+        transpose_1: "f32[4, 8, 8]" = l_self_parameters_gate_up_proj_.transpose(-2, -1);  l_self_parameters_gate_up_proj_ = None
+        transpose_2: "f32[4, 8, 4]" = l_self_parameters_down_proj_.transpose(-2, -1);  l_self_parameters_down_proj_ = None
+        size_1 = reshape_2.size(0)
+        arange: "i64[10]" = torch.arange(size_1, device = device(type='cpu'));  size_1 = None
+        reshape_3: "i64[10]" = top_i.reshape(-1);  top_i = None
+        reshape_4: "f32[10]" = gather.reshape(-1);  gather = None
+        ones_like: "f32[10]" = torch.ones_like(reshape_4);  reshape_4 = None
+        to_1: "i32[10]" = arange.to(torch.int32);  arange = None
+        to_2: "i32[10]" = reshape_3.to(torch.int32);  reshape_3 = None
+        fused_moe_default = torch.ops.moe_inductor.fused_moe.default(reshape_2, to_1, to_2, ones_like, transpose_1, transpose_2, None, None, 'swiglu', False, False, 'auto', 'aten::bmm');  reshape_2 = to_1 = to_2 = ones_like = transpose_1 = transpose_2 = None
+        getitem_4: "f32[10, 8]" = fused_moe_default[0];  fused_moe_default = None
+        size_2 = l_x_.size(0)
+        size_3 = l_x_.size(1);  l_x_ = None
+        view_2: "f32[5, 2, 8]" = getitem_4.view(size_2, 2, size_3);  getitem_4 = size_2 = size_3 = None
+        sum_2: "f32[5, 8]" = view_2.sum(1);  view_2 = None
+        return (sum_2,)
 """)
