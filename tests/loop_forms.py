@@ -315,3 +315,98 @@ class InPlaceOnViewMoE(HitLoopMoE):
             count = seen.view(-1)
             count += 1.0
         return out.view(x.shape) + seen.sum() * 0
+
+
+class StackedExperts(nn.Module):
+    """One projection of every expert, weights stacked (E, out, in); the rows come grouped by expert
+    and are split by host sizes (ScatterMoE / JetMoE ``ParallelExperts``)."""
+
+    def __init__(self, E, d_in, d_out):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(E, d_out, d_in) / d_in ** 0.5)
+
+    def forward(self, rows, sizes):
+        chunks = torch.split(rows, sizes, dim=0)
+        return torch.cat([F.linear(chunks[e], self.weight[e]) for e in range(self.weight.shape[0])], dim=0)
+
+
+class HostCountsSplitMoE(nn.Module):
+    """Rows sorted by expert, split by a host copy of the per-expert counts (``counts.tolist()``),
+    one GEMM per chunk, concatenated; the counts come from a 0/1 (T, E) table of the top-k picks.
+    Dynamo breaks the graph at ``.tolist()``; in sonic frames it is traced as symbolic sizes and
+    ``moe_inductor.host_splits`` makes the chunks' GEMMs one grouped GEMM on device offsets."""
+
+    def __init__(self, d=32, n=16, E=6, K=2):
+        super().__init__()
+        self.num_experts, self.top_k = E, K
+        self.gate = nn.Linear(d, E, bias=False)
+        self.up = StackedExperts(E, d, 2 * n)
+        self.down = StackedExperts(E, n, d)
+
+    def counts(self, ids, T):
+        picked = torch.zeros(T, self.num_experts, device=ids.device).scatter(1, ids, 1)
+        return picked.long().sum(0)
+
+    def forward(self, x):
+        h = x.reshape(-1, x.shape[-1])
+        probs = F.softmax(self.gate(h), dim=-1, dtype=torch.float)
+        weights, ids = torch.topk(probs, self.top_k, dim=-1)
+        sizes = self.counts(ids, h.shape[0]).tolist()
+        order = ids.flatten().argsort(stable=True)
+        token = order // self.top_k
+        g, u = self.up(h[token], sizes).chunk(2, dim=-1)
+        y = self.down(F.silu(g) * u, sizes) * weights.flatten()[order][:, None].to(x.dtype)
+        return torch.zeros_like(h).index_add(0, token, y).view(x.shape)
+
+
+class HostCountsUnsortedRowsMoE(HostCountsSplitMoE):
+    """Near miss: the rows split by the counts are the tokens repeated K times, not sorted by
+    expert. The split itself becomes a grouped GEMM (the same values: it follows the offsets as the
+    split did), but the block is not the MoE the router describes: declined."""
+
+    def forward(self, x):
+        h = x.reshape(-1, x.shape[-1])
+        probs = F.softmax(self.gate(h), dim=-1, dtype=torch.float)
+        weights, ids = torch.topk(probs, self.top_k, dim=-1)
+        sizes = self.counts(ids, h.shape[0]).tolist()
+        token = torch.arange(h.shape[0], device=x.device).repeat_interleave(self.top_k)
+        g, u = self.up(h[token], sizes).chunk(2, dim=-1)
+        y = self.down(F.silu(g) * u, sizes) * weights.flatten()[:, None].to(x.dtype)
+        return torch.zeros_like(h).index_add(0, token, y).view(x.shape)
+
+
+class HostCountsAlsoReadMoE(HostCountsSplitMoE):
+    """Near miss: the host sizes are also used for something else (a load statistic in the
+    output): the splits still become grouped GEMMs, the host copy stays, said in the log."""
+
+    def forward(self, x):
+        h = x.reshape(-1, x.shape[-1])
+        probs = F.softmax(self.gate(h), dim=-1, dtype=torch.float)
+        weights, ids = torch.topk(probs, self.top_k, dim=-1)
+        sizes = self.counts(ids, h.shape[0]).tolist()
+        load = torch.tensor(sizes, dtype=x.dtype)  # a load statistic from the same host copy
+        order = ids.flatten().argsort(stable=True)
+        token = order // self.top_k
+        g, u = self.up(h[token], sizes).chunk(2, dim=-1)
+        y = self.down(F.silu(g) * u, sizes) * weights.flatten()[order][:, None].to(x.dtype)
+        return torch.zeros_like(h).index_add(0, token, y).view(x.shape) + 0.0 * load.max()
+
+
+class HostCountsBiasedChunkMoE(HostCountsSplitMoE):
+    """Near miss: expert 0's chunk goes through a GEMM with a bias: not one grouped GEMM, so the
+    split stays as Dynamo traced it (symbolic sizes, one graph) and the log says why."""
+
+    def forward(self, x):
+        h = x.reshape(-1, x.shape[-1])
+        probs = F.softmax(self.gate(h), dim=-1, dtype=torch.float)
+        weights, ids = torch.topk(probs, self.top_k, dim=-1)
+        sizes = self.counts(ids, h.shape[0]).tolist()
+        order = ids.flatten().argsort(stable=True)
+        token = order // self.top_k
+        chunks = h[token].split(sizes, dim=0)
+        W = self.up.weight
+        outs = [F.linear(chunks[0], W[0], torch.ones(W.shape[1], dtype=x.dtype))]
+        outs += [F.linear(chunks[e], W[e]) for e in range(1, self.num_experts)]
+        g, u = torch.cat(outs, dim=0).chunk(2, dim=-1)
+        y = self.down(F.silu(g) * u, sizes) * weights.flatten()[order][:, None].to(x.dtype)
+        return torch.zeros_like(h).index_add(0, token, y).view(x.shape)
