@@ -185,6 +185,12 @@ def _match(split: fx.Node, shape_of) -> tuple:
     xs = shape_of(rows)
     if xs is None or len(xs) != 2 or dim not in (0, -2):
         return f"{split.name}: not a split of 2-D rows over dimension 0"
+    from .safety import writes_to
+
+    for value in (counts, rows):  # the grouped GEMM reads both later than the split and the host copy did
+        w = writes_to(value)
+        if w:
+            return f"{w[0].name} writes into {value.name} in place: the split and a grouped GEMM could read other values"
     chunks: dict = {}
     for u in split.users:
         if not (u.op == "call_function" and u.target is operator.getitem and type(u.args[1]) is int
