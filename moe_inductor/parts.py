@@ -34,6 +34,8 @@ import torch.fx as fx
 from .rewrite import Declined
 
 PARTS = ("dispatch", "experts", "combine", "scores", "gather",
+         # an expert that returns its input rows (LongCat-Flash's zero-computation experts): patterns/experts.py
+         "identity_experts",
          # experts on an (E, C, d) tensor of slots: patterns/expert_slots.py
          "slots_dispatch", "slots_experts", "slots_combine",
          # experts on a flat tensor of assignment rows: patterns/assignment_rows.py
@@ -113,6 +115,18 @@ class ExpertMLP:
 
     def weights(self) -> tuple:
         return (self.gate, self.up, self.down, self.b_gate, self.b_up, self.b_down)
+
+
+@dataclasses.dataclass
+class IdentityExpert:
+    """Experts, one expert that computes nothing: ``output`` is its input rows ``input`` (a gather
+    ``x[index]``; LongCat-Flash's "zero experts", ``nn.Identity``). Kept apart from ``ExpertMLP``
+    (its own part, ``identity_experts``): only a composition that adds the identity experts'
+    contribution itself asks for it."""
+
+    input: fx.Node
+    output: fx.Node
+    spelling: str = ""
 
 
 @dataclasses.dataclass

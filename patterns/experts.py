@@ -12,6 +12,11 @@ each optionally followed by ``+ b``. The MLP (``mlp``) is
 with identity dropout (eval or p == 0), casts to the same dtype and ``contiguous`` allowed between.
 Weights are returned in Linear layout (out, in); ``transposed`` names those the composition must
 transpose (views, no copies).
+
+An expert that computes nothing (``identity``, part ``identity_experts``): its output is its input
+rows ``x[index]`` themselves (LongCat-Flash's zero-computation experts, ``nn.Identity``), with only
+identity dropout, same-dtype casts, ``contiguous`` and shape-keeping views between; a scale, a bias
+or a dtype-changing cast makes it something else.
 """
 from __future__ import annotations
 
@@ -22,7 +27,7 @@ import torch
 import torch.fx as fx
 
 from moe_inductor import safety
-from moe_inductor.parts import ExpertMLP, decline, need, register
+from moe_inductor.parts import ExpertMLP, IdentityExpert, decline, need, recognise, register
 from moe_inductor.rewrite import gemm_name, shape_of
 
 from moe_inductor.rewrite import Declined
@@ -117,6 +122,14 @@ def mlp(out) -> Optional[ExpertMLP]:
     if projection(safety.strip_identity(out)) is None:
         return None
     return walk_mlp(out, projection, "experts", _gemm_of(safety.strip_identity(out)), more_activations=True)
+
+
+@register("identity_experts", "identity", "the expert returns its input rows x[index] (LongCat-Flash zero experts)")
+def identity(out) -> Optional[IdentityExpert]:
+    z = safety.strip_identity(out)
+    if recognise("gather", z) is None:
+        return None
+    return IdentityExpert(input=z, output=out)
 
 
 _MUL = (operator.mul, torch.mul)

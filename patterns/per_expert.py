@@ -29,6 +29,15 @@ Assignments (flat, for the fused op): a (T, K) top-k table gives ``token = t``, 
 boolean row masks give one candidate assignment per (row, expert) with expert -1 where the mask is
 false (rows routed nowhere keep the accumulator's start value).
 
+Identity experts (LongCat-Flash's "zero-computation" experts): a unit whose expert returns its
+input rows (``acc.index_add_(0, tok, x[tok] * w[tok, k, None])``, experts part ``identity_experts``)
+computes nothing for the fused op. The block is then: the fused op over the MLP experts, where the
+assignments to identity experts get expert id -1 (dropped), plus the identity experts' contribution
+``x[t] * sum_k w[t, k] * [ids[t, k] is an identity expert]`` as plain graph ops (left to Inductor).
+Proven as for the MLP units (same x, the same (T, K) id table and score table, the same rows
+gathered and written, accumulation), and: the MLP experts and the identity experts are each a
+contiguous range, disjoint, every expert once.
+
 Two-level combine: rows that are replicated assignments (``x.repeat_interleave(K, 0)``, masks
 ``ids.view(-1) == e``) written by assignment and then summed per token with the top-k weights,
 ``(y.view(T, K, d) * w.unsqueeze(-1)).sum(1)`` (DeepSeek-MoE/V2/V3 remote code, training branch),
@@ -107,10 +116,14 @@ def analyse_unit(write) -> dict:
             raise PartDeclined("experts", f"{n.name}: dropout with p > 0 in training on the expert output (random "
                                           "per element, e.g. NLLB-MoE moe_token_dropout): the fused op cannot "
                                           "reproduce it")
-    mlp = recognise("experts", safety.strip_casts(core), required=f"{core.name}: the expert MLP")
-    z = safety.strip_identity(mlp.input)
+    identity = recognise("identity_experts", core)
+    if identity is not None:  # the expert returns its rows: x[idx] [* score]
+        mlp, z = None, identity.input
+    else:
+        mlp = recognise("experts", safety.strip_casts(core), required=f"{core.name}: the expert MLP")
+        z = safety.strip_identity(mlp.input)
     g = recognise("gather", z)
-    if g is None:
+    if g is None and mlp is not None:
         s_in, inner = _score_of(z, sel, "input")
         if s_in is not None:
             if score is not None:
@@ -164,6 +177,10 @@ def analyse_group(units: list, graph: fx.Graph) -> MoEBlock:
     # experts: a contiguous range, each once, own weights, one activation and shape
     es = sorted(u["sel"].expert for u in units)
     need(len(set(es)) == len(es), f"proof: an expert is selected twice ({es})")
+    all_units = units
+    units = [u for u in all_units if u["mlp"] is not None]
+    identity = _identity_experts([u for u in all_units if u["mlp"] is None], units, layout, kind)
+    es = sorted(u["sel"].expert for u in units)
     lo, E = es[0], len(es)
     need(es == list(range(lo, lo + E)), f"proof: the loop covers experts {es}, not a contiguous range")
     acts = {u["mlp"].activation for u in units}
@@ -181,8 +198,9 @@ def analyse_group(units: list, graph: fx.Graph) -> MoEBlock:
         need(len({u["mlp"].gate for u in units}) == E and len({u["mlp"].down for u in units}) == E,
              "experts: the experts share weights (each iteration must use its own expert's weights)")
 
-    # scores: everywhere or nowhere, applied once, from one table for pairs
-    scored = {u["score"] is not None for u in units}
+    # scores: everywhere or nowhere, applied once, from one table for pairs (identity experts
+    # included: s * x[t] is the same on the input or the output, so only the MLP units say where)
+    scored = {u["score"] is not None for u in all_units}
     need(len(scored) == 1, "scores: only some experts multiply by a routing weight")
     scored = scored.pop()
     if scored:
@@ -190,6 +208,8 @@ def analyse_group(units: list, graph: fx.Graph) -> MoEBlock:
                                                         "by others")
     on = units[0]["score"].on if scored else "output"
 
+    # from here on, every unit (MLP and identity experts): the same routing, scores and result
+    mlp_units, units = units, all_units
     # dispatch: one routing table for pairs
     if layout == "pairs":
         need(len({u["sel"].routing for u in units}) == 1 and len({u["sel"].routing_kind for u in units}) == 1,
@@ -241,7 +261,24 @@ def analyse_group(units: list, graph: fx.Graph) -> MoEBlock:
                            "proof: the tokens, the routing or the scores")
 
     lift = _lift_assignment_rows(units, acc, x, layout, kind, order) if kind == "assign" else None
-    return _block(units, acc, x, layout, kind, start_kind, base, lo, E, act, scored, on, lift, order)
+    return _block(mlp_units, acc, x, layout, kind, start_kind, base, lo, E, act, scored, on, lift, order,
+                  all_units=units, identity=identity)
+
+
+def _identity_experts(id_units: list, mlp_units: list, layout: str, kind: str) -> Optional[tuple]:
+    """(first, end) of the identity experts' range, None without identity experts; declines what
+    the identity contribution ``x[t] * sum_k w[t, k] [first <= ids[t, k] < end]`` does not express."""
+    if not id_units:
+        return None
+    need(mlp_units, "experts: every expert of the loop returns its input (identity): no expert MLP to fuse")
+    ies = sorted(u["sel"].expert for u in id_units)
+    first, end = ies[0], ies[-1] + 1
+    need(ies == list(range(first, end)), f"proof: the identity experts {ies} are not a contiguous range")
+    need(layout == "pairs" and all(u["sel"].routing_kind == "ids" for u in id_units),
+         "dispatch: identity experts are supported over a (T, K) table of expert ids (where(ids == e)), "
+         "not over boolean row masks")
+    need(kind == "add", "combine: identity experts whose rows are assigned, not accumulated")
+    return first, end
 
 
 def _lift_assignment_rows(units, acc, x, layout, kind, order) -> Optional[dict]:
@@ -345,10 +382,14 @@ def _remap(graph, ids, lo, E, ncls, like):
     return call(graph, torch.where, inside, shifted, -1, like=like)
 
 
-def _block(units, acc, x, layout, kind, start_kind, base, lo, E, act, scored, on, lift, order) -> MoEBlock:
+def _block(units, acc, x, layout, kind, start_kind, base, lo, E, act, scored, on, lift, order,
+           all_units=None, identity=None) -> MoEBlock:
+    """``units``: the MLP experts' units; ``all_units``: those and the identity experts' (whose
+    writes go too), ``identity``: (first, end) of the identity experts' ids, or None."""
+    all_units = units if all_units is None else all_units
     by_e = sorted(units, key=lambda u: u["sel"].expert)
     first = by_e[0]
-    last_anchor = max((u["write"].anchor for u in units), key=order.__getitem__)
+    last_anchor = max((u["write"].anchor for u in all_units), key=order.__getitem__)
     mlp0 = first["mlp"]
     gated = mlp0.up is not None
     transposed = mlp0.transposed
@@ -448,12 +489,30 @@ def _block(units, acc, x, layout, kind, start_kind, base, lo, E, act, scored, on
             n = call(graph, operator.mul, n, E, like=last_anchor)
         return call(graph, torch.ones, n, dtype=dtype_of(x), device=device, like=last_anchor)
 
-    writes = [n for u in units for n in u["write"].nodes]
+    writes = [n for u in all_units for n in u["write"].nodes]
+
+    def identity_rows(graph):
+        """x[t] * sum_k w[t, k] [first <= ids[t, k] < end], in the dtype the loop's product had."""
+        ids = sel0.routing
+        hit = call(graph, operator.and_, call(graph, operator.ge, ids, identity[0], like=last_anchor),
+                   call(graph, operator.lt, ids, identity[1], like=last_anchor), like=last_anchor)
+        if scored:
+            w = first["score"].source
+            hit_w = call(graph, torch.where, hit, w, 0.0, like=last_anchor)
+        else:
+            hit_w = method(graph, "to", hit, dtype_of(x), like=last_anchor)
+        per_token = method(graph, "sum", hit_w, -1, keepdim=True, like=last_anchor)
+        return call(graph, operator.mul, x, per_token, like=last_anchor)
 
     def replace(out):
         graph = out.graph
         result = out
         with graph.inserting_before(out.next):
+            if identity is not None:
+                rows = identity_rows(graph)
+                if dtype_of(rows) != dtype_of(result):
+                    rows = method(graph, "to", rows, dtype_of(result), like=last_anchor)
+                result = call(graph, operator.add, result, rows, like=last_anchor)
             if lift is None and dtype_of(result) != dtype_of(acc):
                 result = method(graph, "to", result, dtype_of(acc), like=last_anchor)
             if lift is None and len(shape_of(acc)) > 2:
@@ -472,8 +531,8 @@ def _block(units, acc, x, layout, kind, start_kind, base, lo, E, act, scored, on
             if u not in writes and order.get(u, -1) > order[last_anchor]:
                 u.replace_input_with(acc, result)
 
-    sizes = size_asserts_of([u["gathered"] for u in units] + [n for u in units for n in u["sel"].nodes]
-                            + [n for u in units for n in u["write"].nodes if n.target is operator.getitem],
+    sizes = size_asserts_of([u["gathered"] for u in all_units] + [n for u in all_units for n in u["sel"].nodes]
+                            + [n for u in all_units for n in u["write"].nodes if n.target is operator.getitem],
                             (operator.getitem, operator.ge, operator.le, operator.lt, operator.gt))
     orphans = writes + sizes
     xs = shape_of(x_in)
@@ -559,6 +618,8 @@ def find(gm: fx.GraphModule):
     for acc, units in groups.items():
         if acc in declined:
             continue
+        if all(u["mlp"] is None for u in units) and not any(_has_gemm_upstream(u["write"].value) for u in units):
+            continue  # only identity "experts" and no GEMM near: a weighted gather-and-add, not an MoE block
         try:
             yield units[-1]["write"].anchor, analyse_group(units, gm.graph)
         except Declined as e:

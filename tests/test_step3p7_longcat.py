@@ -2,6 +2,9 @@
 
   step3p7        routed experts clamp *after* the activation: silu(gate).clamp(max=L) * up.clamp(-L, L)
                  -> the activation "swiglu_limit_after:<L>" (L = inf, the default config: plain "swiglu")
+  longcat_flash  "zero-computation" experts (nn.Identity: the expert's output is its input) beside the MLP
+                 experts -> the fused op over the MLP experts (identity assignments: expert id -1) plus
+                 x[t] * sum_k w[t, k] [ids[t, k] is an identity expert] as plain graph ops
 
 Each part: the op's math against autograd of the plain formula, a tiny hand-written block compiled
 with a sonic-marked backend (output and every gradient equal to eager; near misses declined with
@@ -240,6 +243,7 @@ def test_clamped_swiglu_near_miss_declines(gate_fn, reason):
     assert len(reasons) == 1 and reason in next(iter(reasons)), reasons
 
 
+@pytest.mark.slow  # a tiny transformers model: 45-60 s on the loaded 2-core machine
 def test_step3p7_family_rewritten_and_exact():
     """transformers' Step3p7: layer 0's routed experts clamped after the activation at 0.1 (about
     15% of silu(gate) and half of |up| are beyond it at these weights), layer 1 unclamped (the
@@ -258,3 +262,166 @@ def test_step3p7_family_rewritten_and_exact():
     assert len(backend.graphs) == 1
     assert counters["sonic"]["moe_rewrites"] == 2, dict(counters["sonic"])
     assert sorted(backend.activations()) == ["swiglu", "swiglu_limit_after:0.1"]
+
+
+# =========================================================================== longcat_flash
+
+class SwiGLU(nn.Module):
+    def __init__(self, d, n):
+        super().__init__()
+        self.w1, self.w3, self.w2 = nn.Linear(d, n, bias=False), nn.Linear(d, n, bias=False), nn.Linear(n, d, bias=False)
+
+    def forward(self, z):
+        return self.w2(F.silu(self.w1(z)) * self.w3(z))
+
+
+class IdentityExpertsMoE(nn.Module):
+    """E MLP experts and Z identity experts (LongCat-Flash's zero-computation experts) behind one
+    softmax top-k router; a loop over all E + Z experts with ``torch.where(ids == e)``, the identity
+    experts returning ``identity(x[tok])``, ``index_add_`` combine. ``identity_first``: identity
+    experts are 0..Z-1 and the MLP experts Z..Z+E-1 (LongCat puts them last); ``score_on_input``:
+    the MLP experts get ``f(x[tok] * w)`` (torchtitan's score_before_experts)."""
+
+    def __init__(self, d=16, n=8, E=4, Z=2, K=2, identity=lambda rows: rows, identity_first=False,
+                 score_on_input=False):
+        super().__init__()
+        self.E, self.Z, self.K = E, Z, K
+        self.identity, self.identity_first, self.score_on_input = identity, identity_first, score_on_input
+        self.router = nn.Linear(d, E + Z, bias=False)
+        self.experts = nn.ModuleList(SwiGLU(d, n) for _ in range(E))
+        self.bias = nn.Parameter(torch.randn(d) * 0.1)  # used only by the biased near miss
+
+    def is_identity(self, e):
+        return e < self.Z if self.identity_first else e >= self.E
+
+    def forward(self, x):
+        probs = torch.softmax(self.router(x), dim=-1)
+        w, ids = torch.topk(probs, self.K, dim=-1)
+        out = torch.zeros_like(x)
+        for e in range(self.E + self.Z):
+            tok, k = torch.where(ids == e)
+            rows, s = x[tok], w[tok, k, None]
+            if self.is_identity(e):
+                y = self.identity(rows) * s
+            else:
+                expert = self.experts[e - self.Z if self.identity_first else e]
+                y = expert(rows * s) if self.score_on_input else expert(rows) * s
+            out.index_add_(0, tok, y)
+        return out
+
+
+def _tokens(seed=0, T=40, d=16):
+    torch.manual_seed(seed)
+    return torch.randn(T, d, requires_grad=True)
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(),                      # LongCat-Flash's layout: MLP experts 0..E-1, identity experts after
+    dict(identity_first=True),   # identity experts first: the MLP ids are shifted by Z
+    dict(score_on_input=True),   # MLP experts weigh their input; s * x is the same for the identity
+    dict(Z=1, K=3),              # one identity expert, K = 3
+], ids=["identity-last", "identity-first", "score-on-input", "one-identity-k3"])
+def test_identity_experts_rewritten_and_exact(kwargs):
+    torch.manual_seed(0)
+    model = IdentityExpertsMoE(**kwargs)
+    x = _tokens()
+    with torch.no_grad():  # identity experts do get tokens
+        ids = torch.topk(torch.softmax(model.router(x), -1), model.K, -1)[1]
+        assert model.is_identity(ids).any() and not model.is_identity(ids).all()
+    backend = _compare(model, (x,))
+    assert counters["sonic"]["moe_rewrites"] == 1, dict(counters["sonic"])
+    assert backend.activations() == ["swiglu"]
+    # the identity experts' writes are gone: the only index_add_ left would be a loop's
+    (gm,) = backend.graphs
+    assert not [n for n in gm.graph.nodes if n.op == "call_method" and n.target == "index_add_"]
+
+
+@pytest.mark.parametrize("identity,reason", [
+    (lambda rows: rows * 2.0, "the expert MLP not recognised"),        # scales its input
+    ("bias", "the expert MLP not recognised"),                          # adds a bias
+    (lambda rows: rows.half().float(), "the expert MLP not recognised"),  # rounds through fp16
+], ids=["scaled", "biased", "lossy-cast"])
+def test_identity_near_miss_declines(identity, reason):
+    import moe_inductor
+
+    torch.manual_seed(0)
+    model = IdentityExpertsMoE()
+    if identity == "bias":
+        identity = lambda rows: rows + model.bias  # noqa: E731
+    model.identity = identity
+    report = moe_inductor.explain(model, _tokens().detach(), inductor=False)
+    assert not report.rewritten, str(report)
+    reasons = {e.reason for e in report.entries}
+    assert len(reasons) == 1 and reason in next(iter(reasons)), reasons
+
+
+def test_identity_experts_not_a_range_declines():
+    """Identity experts 0 and 5 around MLP experts 1..4: the contribution is written for a range."""
+    import moe_inductor
+
+    class Split(IdentityExpertsMoE):
+        def is_identity(self, e):
+            return e in (0, 5) if isinstance(e, int) else (e == 0) | (e == 5)
+
+        def forward(self, x):
+            probs = torch.softmax(self.router(x), dim=-1)
+            w, ids = torch.topk(probs, self.K, dim=-1)
+            out = torch.zeros_like(x)
+            for e in range(6):
+                tok, k = torch.where(ids == e)
+                y = x[tok] if e in (0, 5) else self.experts[e - 1](x[tok])
+                out.index_add_(0, tok, y * w[tok, k, None])
+            return out
+
+    torch.manual_seed(0)
+    report = moe_inductor.explain(Split(), _tokens().detach(), inductor=False)
+    assert not report.rewritten, str(report)
+    assert {e.reason for e in report.entries} == {"proof: the identity experts [0, 5] are not a contiguous range"}
+
+
+def test_only_identity_experts_declines():
+    import moe_inductor
+
+    class AllIdentity(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.router = nn.Linear(16, 4, bias=False)
+            self.proj = nn.Linear(16, 16)  # a GEMM upstream, so the loop is reported
+
+        def forward(self, x):
+            x = self.proj(x)
+            w, ids = torch.topk(torch.softmax(self.router(x), -1), 2, -1)
+            out = torch.zeros_like(x)
+            for e in range(4):
+                tok, k = torch.where(ids == e)
+                out.index_add_(0, tok, x[tok] * w[tok, k, None])
+            return out
+
+    torch.manual_seed(0)
+    report = moe_inductor.explain(AllIdentity(), _tokens().detach(), inductor=False)
+    assert not report.rewritten, str(report)
+    assert {e.reason for e in report.entries} == {
+        "experts: every expert of the loop returns its input (identity): no expert MLP to fuse"}
+
+
+@pytest.mark.slow  # a tiny transformers model: 45-60 s on the loaded 2-core machine
+def test_longcat_flash_family_rewritten_and_exact():
+    """transformers' LongCat-Flash (8 MLP experts, 2 zero experts, top-2, routed scaling, correction
+    bias): both blocks rewritten in one graph, logits and every gradient equal to eager; the
+    identity experts do get tokens."""
+    pytest.importorskip("transformers")
+    hf_models = pytest.importorskip("hf_models")
+    model, ids = hf_models.build("longcat_flash")
+    blocks = hf_models.moe_modules(model)
+    assert [b.experts.zero_expert_num for _, b in blocks] == [2, 2]
+    picks = []
+    hooks = [b.router.register_forward_hook(lambda m, a, out: picks.append(out[2])) for _, b in blocks]
+    model(ids)
+    for h in hooks:
+        h.remove()
+    assert all((p >= 8).any() for p in picks), "no token picked a zero expert: the test would not cover them"
+    model.train()
+    torch.manual_seed(0)
+    backend = _compare(model, (ids,), out_of=lambda o: o.logits if hasattr(o, "logits") else o.last_hidden_state)
+    assert len(backend.graphs) == 1
+    assert counters["sonic"]["moe_rewrites"] == 2, dict(counters["sonic"])
