@@ -425,3 +425,18 @@ def test_longcat_flash_family_rewritten_and_exact():
     backend = _compare(model, (ids,), out_of=lambda o: o.logits if hasattr(o, "logits") else o.last_hidden_state)
     assert len(backend.graphs) == 1
     assert counters["sonic"]["moe_rewrites"] == 2, dict(counters["sonic"])
+
+
+def test_identity_experts_keep_plain_top_k_under_token_rounding():
+    """Token rounding would re-route the MLP experts' assignments while the identity experts'
+    contribution reads the model's own top-k ids: the router analysis refuses it (the block's ids
+    are remapped around the identity range), and the block stays rewritten with plain top-k."""
+    import moe_inductor
+
+    torch.manual_seed(0)
+    model = IdentityExpertsMoE().train()
+    report = moe_inductor.explain(model, _tokens().detach(), options={"token_rounding": "nearest", "tile_m": 8},
+                                  inductor=False)
+    (entry,) = report.entries
+    assert entry.status == "rewritten", str(report)
+    assert "token rounding refused" in entry.reason and "plain top-k" in entry.reason, entry.reason
