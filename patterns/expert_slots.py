@@ -796,14 +796,15 @@ def _zero_off_top_k(R: fx.Node) -> tuple:
                                        or (inner.op == "call_method" and inner.target == "sigmoid")) \
             and len(inner.args) == 1 and not inner.kwargs:
         squash, inner = inner, safety.strip_casts(inner.args[0])
-    scatter = isinstance(inner, fx.Node) and not inner.kwargs and len(inner.args) == 4 and (
+    scatter = isinstance(inner, fx.Node) and not set(inner.kwargs) - {"dim", "index", "src", "value"} and (
         (inner.op == "call_method" and inner.target in ("scatter_", "scatter"))
         or (inner.op == "call_function" and inner.target is torch.scatter))
     need("slots_dispatch", scatter,
          f"the dense scores {R.name} that scale the experts' inputs are not a scatter of the top-k values into a "
          f"constant matrix ({R.name} is computed from {getattr(inner, 'name', inner)}): the unselected (expert, "
          "token) scores are not provably 0, so every expert would have to run on every token")
-    base, dim, idx, vals = inner.args
+    base, dim, idx = inner.args[0], _arg(inner, 1, "dim"), _arg(inner, 2, "index")
+    need("slots_dispatch", len(inner.args) + len(inner.kwargs) == 4, f"{inner.name}: not scatter(dim, index, src)")
     need("slots_dispatch", dim in (1, -1), f"{inner.name}: the router scores are scattered along axis {dim}, not "
                                            "along the experts")
     fill = None
@@ -838,9 +839,10 @@ def _zero_off_top_k(R: fx.Node) -> tuple:
          f"{idx.name}: the top-k indices are not (S, K) for the (S, E) score matrix {R.name}")
     # nothing else writes the score matrix, nor what it is computed from (through any view)
     path, n = [], R
-    while n is not base:
+    while isinstance(n, fx.Node) and n is not base:
         path.append(n)
-        n = n.args[0]
+        n = n.args[0] if n.args else n.kwargs.get("input")
+    need("slots_dispatch", n is base, f"the dense score matrix {R.name} is not computed from {base.name} alone")
     path.append(base)
     own = [inner] if inner.op == "call_method" and inner.target == "scatter_" else []
     for p in path:

@@ -224,8 +224,8 @@ class DenseScoresMoE(nn.Module):
     """Every token in every expert's slots, inputs scaled by a dense (S, E) score matrix that is 0
     off the top-k, outputs summed over the experts (transformers 5.x ``Llama4TextMoe``, written out).
     ``scores``: "sigmoid_neg_inf" (Llama4: ``sigmoid(full_like(-inf).scatter_(1, idx, v).float())``
-    cast back), "zeros" (``torch.zeros_like(logits).scatter(1, idx, softmax(v))``, out of place, no
-    squash). ``experts``: "swiglu_chunk" (Llama4: (E, d, 2n) gate_up, ``chunk(2, -1)``, ``up *
+    cast back), "zeros" (``torch.zeros_like(logits).scatter(dim=1, index=idx, src=softmax(v))``, out of
+    place, no squash). ``experts``: "swiglu_chunk" (Llama4: (E, d, 2n) gate_up, ``chunk(2, -1)``, ``up *
     silu(gate)``) or "relu" (plain). ``mutation`` makes a near-miss (see ``NEAR_MISSES``)."""
 
     def __init__(self, scores="sigmoid_neg_inf", experts="swiglu_chunk", mutation=None):
@@ -244,7 +244,7 @@ class DenseScoresMoE(nn.Module):
             return torch.sigmoid(logits)
         top_v, top_i = torch.topk(logits, K_DENSE, dim=1)
         if self.scores == "zeros":
-            return torch.zeros_like(logits).scatter(1, top_i, Fn.softmax(top_v, dim=-1))
+            return torch.zeros_like(logits).scatter(dim=1, index=top_i, src=Fn.softmax(top_v, dim=-1))
         table = torch.full_like(logits, float("-inf")).scatter_(1, top_i, top_v)
         if self.mutation == "second_write":  # expert 0 gets sigmoid(0) = 0.5 for every token
             table[:, 0] = 0.0
@@ -393,7 +393,7 @@ def test_expert_choice(capacity, experts, combine, gather, lengths):
 DENSE_CASES = [
     # (scores, experts, lengths)
     ("sigmoid_neg_inf", "swiglu_chunk", LENGTHS),  # Llama4 as written: casts around the sigmoid, (E, d, 2n) chunk(2)
-    ("zeros", "relu", LENGTHS),  # zeros + out-of-place scatter of renormalised top-k values, plain relu, .sum(0)
+    ("zeros", "relu", LENGTHS),  # zeros + out-of-place scatter (keywords) of softmaxed top-k, plain relu, .sum(0)
 ]
 
 
