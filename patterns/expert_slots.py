@@ -1065,6 +1065,8 @@ def expert_sum(node) -> Optional[SlotsCombine]:
     dim = _arg(node, 1, "dim")
     if isinstance(dim, (tuple, list)) and len(dim) == 1:
         dim = dim[0]
+    if not isinstance(dim, int):  # a total sum (a loss), or over several axes: not a combine
+        return None
     ys, rs = shape_of(y), shape_of(r)
     need("slots_combine", all(same(p, q) for p, q in zip(ys, rs)),
          f"{r.name} regroups the rows of the experts' outputs {y.name} {tuple(ys)} as {tuple(rs)}, not in the "
