@@ -1,7 +1,7 @@
 """How the sonic rewrite's own compile time scales: seconds spent in ``rewrite_moe`` against the
 number of nodes of the Dynamo graphs it reads, for tiny transformers Mixtral models with 2 to 24
-layers, in two spellings of the MoE block (transformers' default grouped_mm experts: the
-``sorted_grouped_mm`` idiom; transformers-4.x-style per-expert loops: the per-expert composition,
+layers, in two spellings of the MoE block (transformers' default grouped_mm experts: sorted
+rows, the ``assignment_rows`` composition; transformers-4.x-style per-expert loops: the per-expert composition,
 the largest graphs per block). And, for 2 and 24 layers, the share of the rewrite in the first call
 of ``torch.compile(model, backend="sonic")`` (Dynamo, AOTAutograd, the rewrite, Inductor's code
 generation and C++ compilation, the run; forward only).

@@ -240,7 +240,7 @@ def _remedy(m: torch.nn.Module) -> str:
     if _is_transformers_dispatched(m):
         return ('model.set_experts_implementation("grouped_mm") (or config._experts_implementation = '
                 '"grouped_mm" before building the model): the default transformers experts code, one graph, '
-                'rewritten by idiom sorted_grouped_mm; "batched_mm" is rewritten too')
+                'rewritten as sorted rows (patterns/assignment_rows.py); "batched_mm" is rewritten too')
     return ("loop over range(num_experts) with torch.where(expert_mask[e]) instead of over a data-dependent "
             "list of experts, with no host reads (.item(), .tolist()) in the loop, or store the experts as "
             "stacked (E, ...) weights and use a sorted grouped GEMM")

@@ -175,9 +175,10 @@ _RANDOM = {torch.rand_like, torch.randn_like, torch.bernoulli, torch.rand, torch
            torch.multinomial, torch.normal}
 
 
-def need_pure_path(value: fx.Node, source: fx.Node) -> None:
+def need_pure_path(value: fx.Node, source: fx.Node, allowed: Iterable = ()) -> None:
     """Nothing random and nothing in place on the path from ``source`` (the gathered tokens) to
-    ``value`` (what the expert produces)."""
+    ``value`` (what the expert produces), except the in-place nodes ``allowed`` (proven parts of
+    the block, e.g. a per-expert bias ``add_``)."""
     order = node_order(value.graph)
     downstream, stack = {source}, [source]
     while stack:
@@ -192,7 +193,7 @@ def need_pure_path(value: fx.Node, source: fx.Node) -> None:
         if n.op == "call_function" and n.target in _RANDOM:
             raise Declined(f"expert path draws random numbers ({n.name}): the fused op cannot reproduce it")
         for u in n.users:
-            if is_mutation(u, n):
+            if is_mutation(u, n) and u not in allowed:
                 raise Declined(f"expert path modifies {n.name} in place ({u.format_node()})")
 
 

@@ -12,10 +12,11 @@ Compositions, tried in the order of ``IDIOMS``; each module exposes
 
 ``per_expert`` (IDIOM "expert_loop"), ``assignment_rows`` and ``expert_slots`` ask the registries for
 the parts of a candidate and prove once that they fit; ``mask_dispatch`` uses the shared expert and
-safety parts with its own proof (Llama4's dense all-experts form is an ``expert_slots`` composition);
-``sorted_grouped_mm`` and ``batched_mm`` are still whole-idiom modules. A block two compositions recognise is rewritten once (the backend skips a
-block whose result no longer reaches the output).
+safety parts with its own proof (Llama4's dense all-experts form is an ``expert_slots`` composition;
+transformers' "grouped_mm" and "batched_mm" experts and gpt-fast's einsum are ``assignment_rows``
+compositions). No whole-idiom module is left. A block two compositions recognise is rewritten once
+(the backend skips a block whose result no longer reaches the output).
 """
-from . import assignment_rows, batched_mm, expert_slots, mask_dispatch, per_expert, sorted_grouped_mm
+from . import assignment_rows, expert_slots, mask_dispatch, per_expert
 
-IDIOMS = [sorted_grouped_mm, assignment_rows, per_expert, batched_mm, mask_dispatch, expert_slots]
+IDIOMS = [assignment_rows, per_expert, mask_dispatch, expert_slots]

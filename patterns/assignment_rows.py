@@ -13,37 +13,57 @@ Parts (registered in ``moe_inductor.parts``; each maps a spelling to a canonical
   row: ``torch._grouped_mm(rows, W.transpose(-2, -1), offs=offsets)`` (rows grouped by expert,
   bf16 casts of rows and weights as torchtitan writes them, the output cast back with
   ``type_as``), or weights gathered per row ``bmm(W[idx], rows.unsqueeze(-1))`` /
-  ``bmm(rows.unsqueeze(1), W[idx])``; gated (``silu(g) * u`` over two GEMMs, or ``chunk(2, -1)``
-  of one) or plain activations;
+  ``bmm(rows.unsqueeze(1), W[idx])``, or gpt-fast's ``einsum('ti,taoi->tao', x, W[idx])`` on the
+  tokens broadcast over a (T, K) index; transformers' ``grouped_mm_fallback`` and weights stored
+  (E, in, out) used as they are (GPT-OSS); gated (``silu(g) * u`` over two GEMMs, ``chunk(2, -1)``
+  of one, GPT-OSS's clamped gate on interleaved columns) or plain activations; a per-expert bias
+  added in place after a GEMM, ``out.add_(bias[ids])`` (``common.expert_bias``: the only in-place
+  write the proof admits; which ids index it is proven by the composition);
 - **rows_combine** (``RowsScatter``): how the rows reach their tokens: ``zeros(T, d).scatter_add(_)
   (0, idx.reshape(-1, 1).expand(-1, d), y)``, ``scatter_reduce(_)(..., "sum")``,
-  ``index_add(_)(0, idx, y)``.
+  ``index_add(_)(0, idx, y)``; per-token sums: ``inverse_perm_sum`` (``inv = empty_like(perm);
+  inv[perm] = arange(A); y[inv].view(T, K, d).sum(1)``: row i reaches token perm[i] // K),
+  ``token_k_sum`` (``y.view(T, K, d).sum(1)``: row i reaches token i // K), ``einsum_tk``
+  (``einsum('tai,ta->ti', y, w)``: the scores applied by the combine itself).
 
 Blocks (``find``):
 
-1. **sorted rows** (torchtitan ``models/moe``)::
+1. **sorted rows** (torchtitan ``models/moe``; transformers 5.x "grouped_mm" experts, the default
+   of 64 families, GPT-OSS's biases and clamped gate included)::
 
        counts = histc(flat.float(), bins=E, min=0, max=E)  | bincount(flat, minlength=E)
+                (of flat or of the sorted ids sort(flat)[0])
        perm = argsort(flat, stable=True)                    | sort(flat)[1]
        rows = x[perm // K]  (or gather / index_select);  s = w.view(-1)[perm]
        y = grouped_mm MLP on rows with offsets = cumsum(counts, dtype=int32)
+           [h.add_(b1[sorted ids]) / y.add_(b2[sorted ids]) after the GEMMs]
        out = zeros(T, d).scatter_add(0, index, y * s[:, None])
+           | inv = empty_like(perm); inv[perm] = arange(A); (y * s[:, None])[inv].view(T, K, d).sum(1)
 
    Proof: one permutation for the rows and the scores, counts a full histogram over exactly E
-   bins of the ids that were sorted, offsets = cumsum of those counts, the rows written back with
-   the token mapping they were read with, scores applied once, nothing written in place.
-2. **gathered weights** (research code): ``W[idx]`` + ``bmm`` on rows ``x[tok]`` (or
-   ``x.repeat_interleave(K, 0)``), combine by scatter/index_add into zeros.
+   bins of the ids that were sorted, offsets = cumsum of those counts, A == T*K symbolically, the
+   rows written back with the token mapping they were read with (an inverse permutation filled
+   with arange(A) at the very permutation the rows were gathered with), weights shaped for the
+   activation and the rows, biases indexed by the sorted ids of that sort, scores applied once,
+   nothing written in place but those bias adds (erased with the block, as the inverse
+   permutation's setitem).
+2. **gathered weights** (research code; transformers 5.x "batched_mm" experts; gpt-fast):
+   ``W[idx]`` + ``bmm`` on rows ``x[tok]`` (or ``x.repeat_interleave(K, 0)``), combine by
+   scatter/index_add into zeros or ``(y * s[:, None]).view(T, K, d).sum(1)`` (biases
+   ``out.add_(b[idx])`` with the weights' own index); gpt-fast's einsum on the (T, K) layout.
 3. **local experts** (expert parallelism, torchtitan): grouped GEMMs on rows that are already
    grouped by expert (``offsets = cumsum(counts)``) and returned in the same order without a score
    multiply: one fused op over those rows, token_ids = arange(R), scores = 1. Also the form of
    torchtitan's ``score_before_experts`` (scores multiply the rows before a non-linear expert,
    which the fused op cannot do on its inputs): the pre-scaled rows go in with score 1 and the
-   graph's own scatter stays (as ``patterns/dense_experts.py`` does).
+   graph's own scatter stays (as the dense dispatch of ``patterns/expert_slots.py`` does).
 
 For every offsets-grouped form the fused op's expert of row i is the group the grouped GEMM puts
 it in, ``searchsorted(offsets, i, right=True)`` (rows past ``offsets[-1]`` dropped: expert -1),
-so the rewrite follows the GEMM's own grouping, not an assumption about the ids.
+so the rewrite follows the GEMM's own grouping, not an assumption about the ids. When the sorted
+ids are provably top-k indices over the E experts (values in [0, E): ``dispatch.topk_columns``),
+that group is ids[perm[i]], and the op takes the assignments in their original order (token
+j // K, expert ids[j], score s[j]): the sort, the counts and the gather leave the graph.
 """
 from __future__ import annotations
 
@@ -62,16 +82,30 @@ from moe_inductor.rewrite import (
     Declined, ExpertWeights, MoEBlock, call, dtype_of, gemm_name, int_value, method, need, same, shape_of, to_sympy,
 )
 
-from .common import GATED_OF, expert_activation, unary_activation
+from .common import GATED_OF, after_gemm_reason, expert_activation, expert_bias, unary_activation
+from .dispatch import topk_columns
 
 IDIOM = "assignment_rows"
 
 _GROUPED = [torch._grouped_mm]
-_fallback = getattr(getattr(torch.ops, "transformers", None), "grouped_mm_fallback", None)
-if _fallback is not None:
-    _GROUPED += [_fallback, _fallback.default]
 import moe_inductor.host_splits  # noqa: E402  (registers moe_inductor::grouped_mm: splits by host counts)
 _GROUPED += [torch.ops.moe_inductor.grouped_mm.default]
+
+
+def _is_grouped_target(target) -> bool:
+    """A grouped GEMM: the lists above, or transformers' ``grouped_mm_fallback`` custom op (looked up
+    per call: transformers registers it when its MoE integration is imported, which may be after
+    this module)."""
+    if target in _GROUPED:
+        return True
+    if not isinstance(target, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
+        return False
+    fallback = getattr(getattr(torch.ops, "transformers", None), "grouped_mm_fallback", None)
+    if fallback is None:
+        return False
+    if fallback.default not in _GROUPED:
+        _GROUPED.extend([fallback, fallback.default])
+    return target in (fallback, fallback.default)
 
 
 # --------------------------------------------------------------------------- canonical descriptions
@@ -88,6 +122,13 @@ class Proj:
     group: tuple
     node: fx.Node
     gemm: str
+    #: the node the projection's result is read from (the GEMM, or its ``squeeze``)
+    out: Optional[fx.Node] = None
+    #: per-expert bias ``out.add_(bias[bias_ids])`` (E, out) written in place after the GEMM; the
+    #: composition proves ``bias_ids`` are the expert ids of the rows
+    bias: Optional[fx.Node] = None
+    bias_add: Optional[fx.Node] = None
+    bias_ids: Optional[fx.Node] = None
 
 
 @dataclasses.dataclass
@@ -102,6 +143,9 @@ class RowsMLP:
     down: Proj
     up: Optional[Proj] = None
     spelling: str = ""
+    #: "rows": (A, d) rows in, (A, d) out; "tk": tokens (T, d) in, broadcast over the K slots of a
+    #: (T, K) index (gpt-fast's einsum), (T, K, d) out
+    layout: str = "rows"
 
     @property
     def group(self) -> tuple:
@@ -109,6 +153,9 @@ class RowsMLP:
 
     def projections(self) -> list:
         return [p for p in (self.gate, self.up, self.down) if p is not None]
+
+    def bias_adds(self) -> list:
+        return [p.bias_add for p in self.projections() if p.bias_add is not None]
 
 
 @dataclasses.dataclass
@@ -126,15 +173,26 @@ class RowsGather:
 
 @dataclasses.dataclass
 class RowsScatter:
-    """Rows ``value`` (A, d) added to tokens of ``acc`` (T, d) at ``index`` (1-D) or ``index2d``."""
+    """Rows ``value`` (A, d) added to tokens of ``acc`` (T, d) at ``index`` (1-D) or ``index2d``.
 
-    acc: fx.Node
+    A per-token sum has no ``acc`` (the result is the anchor, (T, d)): rows in (token, k) order
+    (``replicated`` = K, ``T``: row i reaches token i // K), or in the order of a permutation
+    (``perm``, with ``replicated`` = K: row i reaches token perm[i] // K, the inverse permutation's
+    ``setitem`` in ``orphans``). ``score`` (T, K): the combine applies the scores itself (gpt-fast's
+    ``einsum('tai,ta->ti', y, w)``, ``value`` (T, K, d))."""
+
+    acc: Optional[fx.Node]
     value: fx.Node
     anchor: fx.Node
     inplace: bool
     index: Optional[fx.Node] = None
     index2d: Optional[fx.Node] = None
     spelling: str = ""
+    replicated: Optional[int] = None
+    T: object = None
+    perm: Optional[fx.Node] = None
+    score: Optional[fx.Node] = None
+    orphans: list = dataclasses.field(default_factory=list)
 
 
 # --------------------------------------------------------------------------- small helpers
@@ -227,16 +285,19 @@ def _score_column(node):
 # --------------------------------------------------------------------------- experts on rows
 
 def _grouped_proj(node) -> Optional[Proj]:
-    if not (isinstance(node, fx.Node) and node.op == "call_function" and node.target in _GROUPED):
+    if not (isinstance(node, fx.Node) and node.op == "call_function" and _is_grouped_target(node.target)):
         return None
-    if set(node.kwargs) - {"offs"} or len(node.args) != 2 or not isinstance(node.kwargs.get("offs"), fx.Node):
+    # torch.nn.functional.grouped_mm traces to torch._grouped_mm(a, b, offs=, bias=None, out_dtype=None)
+    if set(node.kwargs) - {"offs", "bias", "out_dtype"} or node.kwargs.get("bias") is not None or \
+            node.kwargs.get("out_dtype") is not None or len(node.args) != 2 or \
+            not isinstance(node.kwargs.get("offs"), fx.Node):
         return None
     a, b = node.args
     if len(shape_of(a) or ()) != 2 or len(shape_of(b) or ()) != 3:
         return None
     w = _untranspose(b)
     return Proj(input=safety.strip_casts(a), weight=w if w is not None else b, transposed=w is None,
-                group=("offsets", node.kwargs["offs"]), node=node, gemm=gemm_name(node.target))
+                group=("offsets", node.kwargs["offs"]), node=node, gemm=gemm_name(node.target), out=node)
 
 
 def _bmm_proj(node) -> Optional[Proj]:
@@ -254,26 +315,69 @@ def _bmm_proj(node) -> Optional[Proj]:
                 len(shape_of(g.args[0]) or ()) == 3 and len(shape_of(g.args[1]) or ()) == 1 and _is_int(g.args[1]):
             z = _lift(v)
             return Proj(input=z if z is not None else v, weight=g.args[0], transposed=transposed,
-                        group=("index", g.args[1]), node=bmm, gemm="aten::bmm")
+                        group=("index", g.args[1]), node=bmm, gemm="aten::bmm", out=node)
+    return None
+
+
+_EINSUM = (torch.einsum, torch.functional.einsum)
+#: gpt-fast's equations with letters renamed by first appearance: up 'ti,taoi->tao' (x (T, d),
+#: W[idx] (T, K, out, in)), down 'tao,taio->tai' (a (T, K, n), W[idx] (T, K, d, n)), combine 'tai,ta->ti'
+_UP_EQ, _DOWN_EQ, _COMBINE_EQ = "ab,acdb->acd", "abc,abdc->abd", "abc,ab->ac"
+
+
+def _canonical(equation: str) -> str:
+    eq = equation.replace(" ", "")
+    names: dict = {}
+    return "".join(names.setdefault(ch, "abcdefghij"[len(names)]) if ch.isalpha() else ch for ch in eq)
+
+
+def _einsum(node, eq) -> Optional[tuple]:
+    """The two operands of ``einsum(eq, a, b)`` (operands as varargs or as one list), else None."""
+    if not (_is(node, "call_function", _EINSUM) and node.args and isinstance(node.args[0], str)
+            and not node.kwargs and _canonical(node.args[0]) == eq):
+        return None
+    ops = node.args[1:]
+    if len(ops) == 1 and isinstance(ops[0], (list, tuple)):
+        ops = ops[0]
+    return tuple(ops) if len(ops) == 2 and all(isinstance(o, fx.Node) for o in ops) else None
+
+
+def _einsum_proj(node) -> Optional[Proj]:
+    """gpt-fast: ``einsum('ti,taoi->tao', x, W[idx])`` (x (T, in)) or ``einsum('tao,taio->tai', a, W[idx])``
+    (a (T, K, in)), W (E, out, in) gathered with a (T, K) integer index."""
+    for eq, rank in ((_UP_EQ, 2), (_DOWN_EQ, 3)):
+        ops = _einsum(node, eq)
+        if ops is None:
+            continue
+        v, g = ops
+        if _is(g, "call_function", operator.getitem) and isinstance(g.args[1], fx.Node) and \
+                len(shape_of(g.args[0]) or ()) == 3 and len(shape_of(g.args[1]) or ()) == 2 and _is_int(g.args[1]) \
+                and len(shape_of(v) or ()) == rank:
+            return Proj(input=v, weight=g.args[0], transposed=False, group=("index", g.args[1]), node=node,
+                        gemm="aten::bmm", out=node)  # einsum runs as bmm under autocast
     return None
 
 
 def _proj(node) -> Optional[Proj]:
     node = safety.strip_identity(node)
-    return _grouped_proj(node) or _bmm_proj(node)
+    return _grouped_proj(node) or _bmm_proj(node) or _einsum_proj(node)
 
 
 def _same_group(a: tuple, b: tuple) -> bool:
     return a[0] == b[0] and (a[1] is b[1] or safety.equivalent(a[1], b[1]))
 
 
-@register("rows_experts", "rows_mlp", "torch._grouped_mm(rows, W.transpose(-2, -1), offs=cumsum(counts)) or "
-          "bmm(W[idx], rows.unsqueeze(-1)); silu(g) * u, chunk(2, -1) gating, plain activations")
+@register("rows_experts", "rows_mlp", "torch._grouped_mm(rows, W.transpose(-2, -1), offs=cumsum(counts)) "
+          "(or transformers' grouped_mm_fallback, W stored (E, in, out) used as it is), bmm(W[idx], "
+          "rows.unsqueeze(-1)) / bmm(rows.unsqueeze(1), W[idx]), gpt-fast's einsum('ti,taoi->tao', x, W[idx]); "
+          "silu(g) * u, chunk(2, -1), GPT-OSS's clamped interleaved gate, plain activations; a per-expert "
+          "bias out.add_(b[ids]) after a GEMM")
 def rows_mlp(out) -> Optional[RowsMLP]:
-    """The expert MLP whose per-row output is ``out`` (2-D (A, d)); None if ``out`` is not a
-    grouped or gathered-weight GEMM at all."""
+    """The expert MLP whose per-row output is ``out`` ((A, d), or (T, K, d) for the einsum
+    spelling); None if ``out`` is not a grouped or gathered-weight GEMM at all."""
     down = _proj(safety.strip_casts(out))
-    if down is None or len(shape_of(out) or ()) != 2:
+    tk = down is not None and len(shape_of(down.group[1]) or ()) == 2
+    if down is None or len(shape_of(out) or ()) != (3 if tk else 2):
         return None
     mid = safety.strip_identity(down.input)
     gate = up = None
@@ -304,8 +408,23 @@ def rows_mlp(out) -> Optional[RowsMLP]:
               "gate and up projections read different rows")
     part_need("rows_experts", len({p.transposed for p in projs}) == 1 or down.group[0] == "offsets",
               "the GEMMs use different weight layouts")
+    part_need("rows_experts", not tk or len(shape_of(gate.input) or ()) == 2,
+              "the einsum experts do not read the tokens (T, d) broadcast over the k slots")
+    E = int_value((shape_of(down.weight) or (None,))[0])
+    for p, what in ((gate, "up-projection output" if up is None else "gate projection output"),
+                    (up, "up projection output"), (down, "down-projection output")):
+        if p is None:
+            continue
+        try:  # which ids index the bias is the composition's proof (it knows the rows' expert ids)
+            p.bias, p.bias_add = expert_bias(p.out, lambda ids: True, E, what)
+        except Declined as e:
+            raise PartDeclined("rows_experts", str(e)) from None
+        if p.bias is not None:
+            p.bias_ids = p.bias_add.args[1].args[1]
+            part_need("rows_experts", up is None, f"{what}: biases on separate gate and up GEMMs are not supported")
+            part_need("rows_experts", dtype_of(p.bias) == dtype_of(p.weight), "expert biases and weights differ in dtype")
     return RowsMLP(input=gate.input, output=out, activation=act, interleaved=interleaved, gate=gate, up=up,
-                   down=down)
+                   down=down, layout="tk" if tk else "rows")
 
 
 def _linear_shape(p: Proj):
@@ -390,6 +509,82 @@ def row_scatter(node) -> Optional[RowsScatter]:
         return None  # scatter_add reads only the index's part of src
     return RowsScatter(acc=acc, value=value, anchor=node, inplace=inplace, index=_row_index(index),
                        index2d=index, spelling=name)
+
+
+def _token_k_sum(node) -> Optional[tuple]:
+    """(rows (A, d), T, K) of ``rows.view(T, K, d).sum(dim=1)`` (``reshape``; ``sum(1)``), else None."""
+    if not (_is(node, "call_method", "sum") and len(node.args) in (1, 2) and isinstance(node.args[0], fx.Node)):
+        return None
+    dim = node.args[1] if len(node.args) == 2 else node.kwargs.get("dim")
+    if dim not in (1, (1,)) or set(node.kwargs) - {"dim"}:
+        return None
+    v = node.args[0]
+    if not _is(v, "call_method", ("view", "reshape")) or not isinstance(v.args[0], fx.Node):
+        return None
+    dims = tuple(v.args[1]) if len(v.args) == 2 and isinstance(v.args[1], (tuple, list)) else tuple(v.args[1:])
+    rows, vs, rs = v.args[0], shape_of(v), shape_of(v.args[0])
+    if len(dims) != 3 or vs is None or rs is None or len(vs) != 3 or len(rs) != 2 or int_value(vs[1]) is None \
+            or not same(vs[2], rs[1]):
+        return None
+    return rows, vs[0], int_value(vs[1])
+
+
+@register("rows_combine", "inverse_perm_sum", "inv = empty_like(perm); inv[perm] = arange(A); "
+          "y[inv].view(T, K, d).sum(1): rows in the order of perm back to (token, k) order, summed per token")
+def inverse_perm_sum(node) -> Optional[RowsScatter]:
+    tks = _token_k_sum(node)
+    if tks is None:
+        return None
+    back, T, K = tks
+    if not (_is(back, "call_function", operator.getitem) and isinstance(back.args[1], fx.Node)
+            and _is(back.args[1], "call_function", torch.empty_like)):
+        return None
+    value, inv = back.args
+    perm = inv.args[0] if inv.args else None
+    part_need("rows_combine", isinstance(perm, fx.Node) and len(inv.args) == 1 and not set(inv.kwargs) - {"device"}
+              and len(shape_of(perm) or ()) == 1 and _is_int(perm),
+              f"{inv.name}: the inverse permutation is not empty_like(perm) of a 1-D integer permutation")
+    setters = [u for u in inv.users if _is(u, "call_function", operator.setitem)]
+    part_need("rows_combine", len(setters) == 1 and set(inv.users) == {setters[0], back},
+              f"{inv.name}: the inverse permutation has other readers or writers than inv[perm] = arange(A)")
+    st = setters[0]
+    part_need("rows_combine", st.args[0] is inv and (st.args[1] is perm or safety.equivalent(st.args[1], perm)),
+              f"{inv.name}: the inverse permutation is not filled at the permutation it was made from ({perm.name})")
+    ar = st.args[2]
+    part_need("rows_combine", _is(ar, "call_function", torch.arange) and len(ar.args) == 1
+              and not set(ar.kwargs) - {"device", "dtype"} and same(ar.args[0], shape_of(perm)[0]),
+              f"{inv.name}: the inverse permutation is not filled with arange(A) over the {perm.name} rows")
+    order = node_order(node.graph)
+    part_need("rows_combine", order[st] < order[back], f"{inv.name}: the inverse permutation is read before it is filled")
+    return RowsScatter(acc=None, value=value, anchor=node, inplace=False, replicated=K, T=T, perm=perm,
+                       orphans=[st])
+
+
+@register("rows_combine", "token_k_sum", "(y * s[:, None]).view(T, K, d).sum(1): rows in (token, k) order "
+          "summed per token")
+def token_k_sum(node) -> Optional[RowsScatter]:
+    tks = _token_k_sum(node)
+    if tks is None:
+        return None
+    rows, T, K = tks
+    if _is(rows, "call_function", operator.getitem) and _is(rows.args[1], "call_function", torch.empty_like):
+        return None  # the inverse permutation's spelling
+    return RowsScatter(acc=None, value=rows, anchor=node, inplace=False, replicated=K, T=T)
+
+
+@register("rows_combine", "einsum_tk", "einsum('tai,ta->ti', y, w): expert outputs (T, K, d) weighted by the "
+          "scores (T, K) and summed per token (gpt-fast)")
+def einsum_tk(node) -> Optional[RowsScatter]:
+    ops = _einsum(node, _COMBINE_EQ)
+    if ops is None:
+        return None
+    y, w = ops
+    ys, ws = shape_of(y), shape_of(w)
+    if ys is None or ws is None or len(ys) != 3 or len(ws) != 2 or int_value(ys[1]) is None:
+        return None
+    part_need("rows_combine", same(ys[0], ws[0]) and same(ys[1], ws[1]),
+              f"{node.name}: the scores {w.name} are not one per (token, slot) of the expert outputs")
+    return RowsScatter(acc=None, value=y, anchor=node, inplace=False, replicated=int_value(ys[1]), T=ys[0], score=w)
 
 
 def _zeros_start(acc: fx.Node) -> bool:
@@ -494,7 +689,7 @@ def _prove_sorted(gather: RowsGather, mlp: RowsMLP, score, E: int) -> dict:
     if spell[0] == "scatter" and _is(ids, "call_method", ("flatten", "view", "reshape")) and ids.args[0] is cids \
             and tuple(ids.args[1:]) in ((), (-1,), ((-1,),)):
         cids = ids  # counted on the (T, K) table whose flat view was sorted
-    need(cids is ids or safety.equivalent(cids, ids),
+    need(cids is ids or safety.equivalent(cids, ids) or _sorted_ids(cids, perm, ids),
          f"proof: the counts ({counts.name}) are taken of {cids.name}, not of the sorted ids {ids.name}")
     need(int_value(bins) == E, f"proof: the counts histogram has {bins} bins for {E} experts")
     if spell[0] == "histc":
@@ -509,7 +704,17 @@ def _prove_sorted(gather: RowsGather, mlp: RowsMLP, score, E: int) -> dict:
     need(A is not None and len(shape_of(ids)) == 1 and same(A, shape_of(perm)[0]), "proof: sort sizes disagree")
     xs = shape_of(gather.x)
     need(same(A, to_sympy(xs[0]) * K), "proof: the number of sorted assignments is not T*K")
-    return dict(perm=perm, ids=ids, K=K, counts=counts)
+    return dict(perm=perm, ids=ids, K=K, counts=counts, counted=cids)
+
+
+def _sorted_ids(v, perm, ids) -> bool:
+    """``v`` is ``ids`` in the order of ``perm``: the values of the sort that gave ``perm``
+    (``sort(ids)[0]``), or ``ids[perm]``."""
+    if _is(v, "call_function", operator.getitem) and v.args[1] == 0 and _is(perm, "call_function", operator.getitem) \
+            and perm.args[1] == 1 and v.args[0] is perm.args[0]:
+        return True
+    return _is(v, "call_function", operator.getitem) and isinstance(v.args[1], fx.Node) and \
+        (v.args[1] is perm or safety.equivalent(v.args[1], perm)) and (v.args[0] is ids or safety.equivalent(v.args[0], ids))
 
 
 # --------------------------------------------------------------------------- the composition
@@ -535,7 +740,7 @@ def _check_weights(mlp: RowsMLP, d) -> tuple:
 def _expert_ids_of(graph, mlp: RowsMLP, A_of, E: int, like: fx.Node):
     kind, g = mlp.group
     if kind == "index":
-        return g
+        return method(graph, "reshape", g, -1, like=like) if mlp.layout == "tk" else g
     # the group the grouped GEMM puts row i in; rows past offsets[-1] are dropped (-1)
     A = A_of(graph)
     ar = call(graph, torch.arange, A, dtype=dtype_of(g), device=g.meta["example_value"].device, like=like)
@@ -557,17 +762,21 @@ def _weights_builder(mlp: RowsMLP, E: int, like: fx.Node):
     def build(graph):
         if mlp.up is not None:
             return ExpertWeights(gate=each(graph, mlp.gate), up=each(graph, mlp.up), down=each(graph, mlp.down))
-        return lin(graph, mlp.gate), lin(graph, mlp.down), None, None
+        return lin(graph, mlp.gate), lin(graph, mlp.down), mlp.gate.bias, mlp.down.bias
 
     return build
 
 
-def _intermediates_unwritten(mlp: RowsMLP, start: fx.Node) -> None:
-    safety.need_pure_path(mlp.output, start)
+def _intermediates_unwritten(mlp: RowsMLP, start: fx.Node, allowed=()) -> None:
+    """Nothing in place on the expert path from ``start`` to the output except ``allowed`` (the
+    proven bias adds), nothing writes the weights or the grouping."""
+    safety.need_pure_path(mlp.output, start, allowed)
     for p in mlp.projections():
-        for v in (p.weight, p.group[1]):
-            for w in safety.writes_to(v):
-                raise Declined(f"proof: {v.name} is modified in place by {w.format_node()}")
+        for w in safety.writes_to(p.weight):
+            raise Declined(f"proof: {p.weight.name} is modified in place by {w.format_node()}")
+        # the grouping: from where it is made to the last GEMM (a write to the top-k values before
+        # the block, Mixtral's router_top_value /= sum, is no write to the ids made after it)
+        safety.need_unmodified([p.group[1]], p.group[1], mlp.output, "proof: the grouping of the rows")
 
 
 def _rows_block(mlp: RowsMLP, x_rows: fx.Node, anchor: fx.Node, idiom: str, parts: str) -> MoEBlock:
@@ -607,56 +816,107 @@ def same_shape_rows(node, xs) -> bool:
     return s is not None and len(s) == 2 and same(s[0], xs[0]) and same(s[1], xs[1])
 
 
+def _same_token_map(g: RowsGather, c: RowsScatter, T_x) -> bool:
+    """The combine writes row i back to the token the dispatch read it from."""
+    if c.perm is not None:  # row i reaches position perm[i] of the (token, k) order: token perm[i] // K
+        fd = _floordiv(g.index) if g.index is not None else None
+        return fd is not None and fd[1] == c.replicated and (fd[0] is c.perm or safety.equivalent(fd[0], c.perm)) \
+            and _sort_perm(c.perm) is not None
+    if c.acc is None:  # rows in (token, k) order: row i reaches token i // K
+        if g.replicated is not None:
+            return g.replicated == c.replicated and same(T_x, c.T)
+        rt = _replicated_tokens(g.index) if g.index is not None else None
+        return rt is not None and rt[1] == c.replicated and same(rt[0], c.T) and same(T_x, c.T)
+    if g.replicated is not None and c.index is not None:
+        rt = _replicated_tokens(c.index)
+        return rt is not None and rt[1] == g.replicated and same(rt[0], T_x)
+    return (c.index2d is not None and c.index2d is g.index2d) or \
+        (c.index is not None and g.index is not None and (c.index is g.index or safety.equivalent(c.index, g.index)))
+
+
+def _prove_biases(mlp: RowsMLP, sorted_proof) -> None:
+    """Each in-place bias is indexed by the expert ids of its GEMM's rows: the very index the
+    weights are gathered with, or the sorted ids of the sort that grouped the rows."""
+    for p in mlp.projections():
+        if p.bias is None:
+            continue
+        if mlp.group[0] == "index":
+            ok = p.bias_ids is mlp.group[1] or safety.equivalent(p.bias_ids, mlp.group[1])
+        else:
+            ok = sorted_proof is not None and _sorted_ids(p.bias_ids, sorted_proof["perm"], sorted_proof["ids"])
+        need(ok, f"experts: the bias added in place to {p.out.name} (bias[{p.bias_ids.name}]) is indexed by other "
+                 "ids than the expert ids of its rows")
+
+
 def analyse_combine(c: RowsScatter, mlp: RowsMLP, score_after) -> MoEBlock:
-    """A full block: rows gathered from tokens, experts, (scores), scattered back to the tokens."""
+    """A full block: rows gathered from tokens, experts, (scores), back to the tokens."""
     z = mlp.input
-    score_before, inner = _score_column(z)
+    tk = mlp.layout == "tk"
+    need(tk == (c.score is not None), "proof: experts on (token, slot) pairs combined as rows, or the reverse")
+    score_before, inner = _score_column(z) if not tk else (None, z)
     if score_before is not None and score_after is not None:
         raise PartDeclined("scores", "routing weights are applied twice (to the rows before the experts and to "
                                      "their outputs)")
-    rows = safety.strip_casts(inner) if score_before is not None else z
-    g = recognise("rows_dispatch", rows, required=f"{rows.name}: the expert rows as a gather of token rows")
+    if tk:  # gpt-fast: the tokens themselves, broadcast over the K slots of the (T, K) index
+        g = RowsGather(x=z, node=z, replicated=int_value(shape_of(mlp.group[1])[1]),
+                       spelling="tokens broadcast over the k slots")
+    else:
+        rows = safety.strip_casts(inner) if score_before is not None else z
+        g = recognise("rows_dispatch", rows, required=f"{rows.name}: the expert rows as a gather of token rows")
     x = g.x
-    # the same token mapping for the gather and the scatter
-    same_map = (c.index2d is not None and c.index2d is g.index2d) or \
-        (c.index is not None and g.index is not None and (c.index is g.index or safety.equivalent(c.index, g.index)))
-    if g.replicated is not None and c.index is not None:
-        rt = _replicated_tokens(c.index)
-        same_map = rt is not None and rt[1] == g.replicated and same(rt[0], (shape_of(x) or (None,))[0])
+    xs = shape_of(x)
+    need(xs is not None and len(xs) == 2, "dispatch: the tokens are not (T, d)")
     need(g.index is not None or g.replicated is not None,
          f"dispatch: the gather index {getattr(g.index2d, 'name', '?')} is not one token per row (idx[:, None].expand(-1, d))")
-    need(same_map, f"proof: rows are read from the tokens at {getattr(g.index or g.index2d, 'name', 'x.repeat_interleave')}"
-                   f" but written back at {getattr(c.index or c.index2d, 'name', '?')}: not the same token mapping")
-    xs, accs = shape_of(x), shape_of(c.acc)
-    need(_zeros_start(c.acc), f"combine: the result {c.acc.name} does not start as zeros")
-    need(xs is not None and accs is not None and same(xs[0], accs[0]) and same(xs[1], accs[1]),
+    need(_same_token_map(g, c, xs[0]),
+         f"proof: rows are read from the tokens at {getattr(g.index or g.index2d, 'name', 'x.repeat_interleave')}"
+         f" but written back at {getattr(c.index or c.index2d or c.perm, 'name', 'the (token, k) order')}: "
+         "not the same token mapping")
+    res = shape_of(c.acc) if c.acc is not None else shape_of(c.anchor)
+    if c.acc is not None:
+        need(_zeros_start(c.acc), f"combine: the result {c.acc.name} does not start as zeros")
+    need(res is not None and len(res) == 2 and same(xs[0], res[0]) and same(xs[1], res[1]),
          "proof: the result is not (tokens, d) of the gathered tokens")
-    A = (shape_of(z) or (None,))[0]
-    need(A is not None and same_shape_rows(mlp.output, (A, xs[1])), "proof: the expert output is not one row per "
-                                                                     "gathered row")
+    if tk:
+        K = g.replicated
+        A = to_sympy(xs[0]) * K
+        os_ = shape_of(mlp.output)
+        need(os_ is not None and same(os_[0], xs[0]) and same(os_[1], K) and same(os_[2], xs[1]),
+             "proof: the expert output is not (T, K, d) of the tokens")
+    else:
+        A = (shape_of(z) or (None,))[0]
+        need(A is not None and same_shape_rows(mlp.output, (A, xs[1])), "proof: the expert output is not one row per "
+                                                                         "gathered row")
     E, n = _check_weights(mlp, xs[1])
     score = score_after if score_after is not None else score_before
     if score is not None:
         ss = shape_of(score)
-        need(ss is not None and len(ss) == 2 and same(ss[0], A), "scores: not one routing weight per row")
+        need(ss is not None and len(ss) == 2 and
+             ((same(ss[0], xs[0]) and same(ss[1], g.replicated)) if tk else same(ss[0], A)),
+             "scores: not one routing weight per row")
     sorted_proof = _prove_sorted(g, mlp, score, E) if mlp.group[0] == "offsets" else None
     if mlp.group[0] == "index":
         ids_s = shape_of(mlp.group[1])
-        need(ids_s is not None and len(ids_s) == 1 and same(ids_s[0], A),
-             "proof: weights are not gathered with one expert id per row")
+        ok = ids_s is not None and (len(ids_s) == 2 and same(ids_s[0], xs[0]) and same(ids_s[1], g.replicated) if tk
+                                    else len(ids_s) == 1 and same(ids_s[0], A))
+        need(ok, "proof: weights are not gathered with one expert id per row")
+    _prove_biases(mlp, sorted_proof)
+    bias_adds = mlp.bias_adds()
 
     # nothing written in place: the acc only by this combine, nothing reads it before
     order = node_order(c.anchor.graph)
-    writes = safety.writes_to(c.acc)
-    need(set(writes) <= {c.anchor}, f"combine: the result {c.acc.name} is written by something else "
-                                    f"({', '.join(w.name for w in writes if w is not c.anchor)})")
-    for a in safety.aliases(c.acc):
-        for u in a.users:
-            if u is not c.anchor and order[u] < order[c.anchor] and not safety.is_view_of(u, a):
-                raise Declined(f"combine: the result is read before the rows are added ({u.format_node()})")
-    srcs = [x, g.index, g.index2d, c.index, c.index2d, score, mlp.group[1]]
+    if c.acc is not None:
+        writes = safety.writes_to(c.acc)
+        need(set(writes) <= {c.anchor}, f"combine: the result {c.acc.name} is written by something else "
+                                        f"({', '.join(w.name for w in writes if w is not c.anchor)})")
+        for a in safety.aliases(c.acc):
+            for u in a.users:
+                if u is not c.anchor and order[u] < order[c.anchor] and not safety.is_view_of(u, a):
+                    raise Declined(f"combine: the result is read before the rows are added ({u.format_node()})")
+    srcs = [x, g.index, g.index2d, c.index, c.index2d, c.perm, score, mlp.group[1]] + \
+        [p.bias_ids for p in mlp.projections()]
     if sorted_proof is not None:
-        srcs += [sorted_proof["perm"], sorted_proof["ids"], sorted_proof["counts"]]
+        srcs += [sorted_proof["perm"], sorted_proof["ids"], sorted_proof["counts"], sorted_proof["counted"]]
     safety.need_unmodified([s for s in srcs if isinstance(s, fx.Node)], g.node, c.anchor,
                            "proof: the tokens, the routing or the scores")
     for s in srcs:
@@ -664,19 +924,38 @@ def analyse_combine(c: RowsScatter, mlp: RowsMLP, score_after) -> MoEBlock:
             safety.need_unmodified([s], s, c.anchor, "proof: the routing")
 
     idiom = "sorted_rows" if mlp.group[0] == "offsets" else "gathered_weights"
-    parts = f"dispatch={g.spelling}, experts={mlp.spelling} ({mlp.group[0]}), combine={c.spelling}" + \
+    how = {"offsets": "grouped GEMMs on offsets", "index": "weights gathered per row"}[mlp.group[0]]
+    parts = f"rows_dispatch:{g.spelling} + rows_experts:{mlp.spelling} ({how}" + \
+        (", per-expert biases" if bias_adds else "") + f") + rows_combine:{c.spelling}" + \
         (", scores on the rows before the experts (fed pre-scaled, score 1)" if score_before is not None else
          (", scores after the experts" if score_after is not None else ""))
 
     if score_before is not None:
         # f(s * x) is not s * f(x) for a non-linear expert: the fused op takes the pre-scaled rows
         # with score 1; the graph's own scatter stays
+        need(not bias_adds, "experts: biased experts on pre-scaled rows are not supported")
         return _rows_block(mlp, z, mlp.output, idiom, parts)
 
-    _intermediates_unwritten(mlp, g.node)
+    if tk:
+        for p in mlp.projections():  # the path from the tokens includes the router: start at the GEMMs
+            if p is not mlp.down:
+                _intermediates_unwritten(mlp, p.node, bias_adds)
+    else:
+        _intermediates_unwritten(mlp, g.node, bias_adds)
     device = x.meta["example_value"].device
     anchor = c.anchor
     K = sorted_proof["K"] if sorted_proof is not None else g.replicated
+    # sorted rows whose ids are provably top-k indices over the E experts (values in [0, E)): the
+    # group of sorted row i is ids[perm[i]], so the assignments go in their original order (token
+    # j // K, expert ids[j], score s[j]) and the sort, counts and gather fall out of the graph.
+    # Otherwise the expert of row i is the group the grouped GEMM puts it in (searchsorted).
+    flat_scores = _column(score) if score is not None else None
+    unsorted = None
+    if sorted_proof is not None and topk_columns(sorted_proof["ids"]) == E and \
+            (score is None or (flat_scores is not None and _is(flat_scores, "call_function", operator.getitem)
+                               and len(shape_of(flat_scores.args[0]) or ()) == 1
+                               and same(shape_of(flat_scores.args[0])[0], A))):
+        unsorted = dict(ids=sorted_proof["ids"], scores=flat_scores.args[0] if score is not None else None)
 
     def A_of(graph):  # from the routing, never from the rows (which would keep them alive)
         if g.index is not None:
@@ -686,12 +965,21 @@ def analyse_combine(c: RowsScatter, mlp: RowsMLP, score_after) -> MoEBlock:
         return method(graph, "size", c.index if c.index is not None else c.index2d, 0, like=anchor)
 
     def token_ids(graph):
-        if g.replicated is not None:
+        if g.replicated is not None or unsorted is not None:
             ar = call(graph, torch.arange, method(graph, "size", x, 0, like=anchor), device=device, like=anchor)
-            return method(graph, "repeat_interleave", ar, g.replicated, like=anchor)
+            return method(graph, "repeat_interleave", ar, K, like=anchor)
         return g.index if g.index is not None else c.index
 
+    def expert_ids(graph):
+        if unsorted is not None:
+            return unsorted["ids"]
+        return _expert_ids_of(graph, mlp, A_of, E, anchor)
+
     def scores(graph):
+        if unsorted is not None and unsorted["scores"] is not None:
+            return unsorted["scores"]
+        if flat_scores is not None:  # s of s.unsqueeze(-1): the column's own 1-D source
+            return flat_scores
         if score is not None:
             return method(graph, "reshape", score, -1, like=anchor)
         return call(graph, torch.ones, A_of(graph), dtype=dtype_of(x), device=device, like=anchor)
@@ -707,13 +995,13 @@ def analyse_combine(c: RowsScatter, mlp: RowsMLP, score_after) -> MoEBlock:
 
     xs1 = xs[1]
     return MoEBlock(
-        idiom=idiom, anchor=anchor, x=x, token_ids=token_ids,
-        expert_ids=lambda graph: _expert_ids_of(graph, mlp, A_of, E, anchor), scores=scores,
+        idiom=idiom, anchor=anchor, x=x, token_ids=token_ids, expert_ids=expert_ids, scores=scores,
         build_weights=_weights_builder(mlp, E, anchor), replace=replace, activation=mlp.activation,
         interleaved=mlp.interleaved, num_experts=E, top_k=K,
         hidden=int_value(xs1) if int_value(xs1) is not None else xs1,
         intermediate=int_value(n) if int_value(n) is not None else n, dtype=dtype_of(x),
-        autocast_like=mlp.down.gemm, parts=parts, location=c.acc,
+        autocast_like=mlp.down.gemm, parts=parts, location=c.acc if c.acc is not None else None,
+        orphans=[*c.orphans, *bias_adds],
     )
 
 
@@ -737,18 +1025,23 @@ def find(gm: fx.GraphModule):
         try:
             c = recognise("rows_combine", node)
         except Declined as e:
-            if any(_proj(safety.strip_casts(a)) for a in node.all_input_nodes):
+            if _token_k_sum(node) is not None or any(_proj(safety.strip_casts(a)) for a in node.all_input_nodes):
                 yield node, str(e)
             continue
         if c is None or (not c.anchor.users and not c.inplace):
             continue
-        score_after, y = _score_column(c.value)
+        score_after, y = (c.score, c.value) if c.score is not None else _score_column(c.value)
         try:
             mlp = recognise("rows_experts", safety.strip_casts(y))
         except Declined as e:
             yield node, str(e)
             continue
         if mlp is None:
+            # a per-token sum over something computed from a grouped/batched GEMM (MuseSpark's
+            # per-expert norm after the down projection): say what is in between
+            why = after_gemm_reason(y, lambda n: _proj(n) is not None) if c.acc is None else None
+            if why is not None:
+                yield node, why
             continue
         mlp.output = y if score_after is not None else c.value
         claimed.update(p.node for p in mlp.projections())
@@ -770,7 +1063,7 @@ def find(gm: fx.GraphModule):
         if mlp is None or mlp.down.node is not node:
             continue
         if _feeds_sorted_combine(out):
-            continue  # transformers' grouped_mm experts: the sorted_grouped_mm idiom's block
+            continue  # transformers' grouped_mm experts: a whole block, recognised (or declined) above
         claimed.update(q.node for q in mlp.projections())
         parts = f"experts={mlp.spelling} (offsets) on rows grouped by expert, no scores"
         try:
@@ -781,13 +1074,14 @@ def find(gm: fx.GraphModule):
 
 
 def _feeds_sorted_combine(out: fx.Node, depth: int = 4) -> bool:
-    """``out`` reaches an inverse-permutation + per-token sum (transformers' grouped_mm experts,
-    ``patterns/sorted_grouped_mm.py``) within a few nodes."""
-    from . import sorted_grouped_mm
-
+    """``out`` reaches an inverse-permutation + per-token sum (transformers' grouped_mm experts)
+    within a few nodes."""
     frontier = [out]
     for _ in range(depth):
         frontier = [u for n in frontier for u in n.users]
-        if any(sorted_grouped_mm.is_candidate(u) for u in frontier):
-            return True
+        for u in frontier:
+            tks = _token_k_sum(u)
+            if tks is not None and _is(tks[0], "call_function", operator.getitem) and \
+                    _is(tks[0].args[1], "call_function", torch.empty_like):
+                return True
     return False

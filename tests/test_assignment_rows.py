@@ -31,6 +31,9 @@ from moe_inductor.options import SonicOptions
 
 from idiom_catalogue import BY_NAME
 
+# registers torch.ops.transformers.grouped_mm_fallback, the fp32 grouped GEMM of transformers' experts
+pytest.importorskip("transformers.integrations.moe")
+
 D, N, E, K = 16, 8, 4, 2
 LENGTHS = ((5, 0), (8, 1))  # (T, seed): two lengths, one dynamic-shape recompile
 FP32, BF16 = 1e-4, 3e-2
@@ -322,6 +325,186 @@ class GraphModule(torch.nn.Module):
         getitem_18: "f32[6, 16]" = fused_moe_experts_default[0];  fused_moe_experts_default = None
         return (getitem_18,)
 """)
+
+
+# --------------------------------------------------------------------------- transformers' layouts
+
+class TransformersSorted(nn.Module):
+    """transformers 5.x grouped_mm experts (``integrations/moe.py``), written out in fp32 with its
+    ``transformers::grouped_mm_fallback`` GEMM:
+    ``torch.sort``, histc of the sorted ids, ``x[perm // K]``, one gate/up grouped GEMM split by
+    ``chunk(2)``, per-expert biases added in place with the sorted ids (GPT-OSS), scores
+    ``s[perm]``, inverse permutation, ``view(T, K, d).sum(1)``. ``variant`` makes one near-miss:
+    "inv_other_fill" (the inverse permutation filled with another arange), "scores_other_perm",
+    "bins_shifted" (a histogram of E bins over [1, E]: expert e's rows in group e - 1), "bias_twice" (a second in-place write to the
+    up-projection output), "rows_in_token_order" (the sorted rows summed as if in (token, k) order)."""
+
+    def __init__(self, variant="ok"):
+        super().__init__()
+        self.variant = variant
+        self.gate = nn.Linear(D, E, bias=False)
+        self.gate_up_proj, self.down_proj = stacked(E, 2 * N, D), stacked(E, D, N)
+        self.gate_up_bias = nn.Parameter(torch.randn(E, 2 * N) / 4)
+        self.down_bias = nn.Parameter(torch.randn(E, D) / 4)
+
+    def forward(self, x):
+        v, T = self.variant, x.size(0)
+        w, top = torch.topk(Fn.softmax(self.gate(x), dim=-1), K, dim=-1)
+        s, ids = w.reshape(-1), top.reshape(-1)
+        ids_g, perm = torch.sort(ids)
+        rows = x[perm // K]
+        s_g = s[torch.argsort(ids.flip(0))] if v == "scores_other_perm" else s[perm]
+        lo, hi = (1, E) if v == "bins_shifted" else (0, E - 1)
+        offsets = torch.cumsum(torch.histc(ids_g.float(), bins=E, min=lo, max=hi), dim=0, dtype=torch.int32)
+        grouped_mm = torch.ops.transformers.grouped_mm_fallback
+        h = grouped_mm(rows, self.gate_up_proj.transpose(-2, -1), offs=offsets)
+        h.add_(self.gate_up_bias[ids_g])
+        if v == "bias_twice":
+            h.add_(self.gate_up_bias[ids_g])
+        g, u = h.chunk(2, dim=-1)
+        y = grouped_mm(Fn.silu(g) * u, self.down_proj.transpose(-2, -1), offs=offsets)
+        y.add_(self.down_bias[ids_g])
+        y = y * s_g.unsqueeze(-1)
+        if v == "rows_in_token_order":
+            return y.view(T, K, D).sum(dim=1)
+        inv = torch.empty_like(perm)
+        fill = torch.arange(perm.size(0))
+        inv[perm] = fill.flip(0) if v == "inv_other_fill" else fill
+        return y[inv].view(T, K, D).sum(dim=1)
+
+
+def test_transformers_sorted_rewritten():
+    """rows_dispatch (x[perm // K] of a torch.sort) + rows_experts (grouped GEMMs, in-place biases
+    indexed by the sorted ids) + rows_combine (inverse permutation, per-token sum): one fused op;
+    the ids are top-k indices, so the op takes the assignments in their original order and the
+    sort, the counts and the inverse permutation leave the graph."""
+    backend = check(TransformersSorted, tokens, FP32)
+    for report, gm in backend.graphs:
+        assert [(c.idiom, c.status) for c in report.candidates] == [("sorted_rows", "rewritten")], candidates(backend)
+        parts = report.candidates[0].parts
+        assert "rows_combine:inverse_perm_sum" in parts and "per-expert biases" in parts, parts
+        assert counts(gm)[0] == 1 and not any(
+            n.target in (torch.ops.transformers.grouped_mm_fallback, torch.ops.transformers.grouped_mm_fallback.default)
+            for n in gm.graph.nodes)
+        left = {n.target for n in gm.graph.nodes if n.op == "call_function"}
+        assert not left & {torch.sort, torch.histc, torch.empty_like, operator.setitem}, left
+
+
+@pytest.mark.parametrize("variant, reason", [
+    ("inv_other_fill", "rows_combine: inv: the inverse permutation is not filled with arange(A)"),
+    ("scores_other_perm", "not read through the rows' permutation"),          # scores of other rows
+    ("bins_shifted", "covers [1, 4], not one bin per expert id"),           # groups shifted by one expert
+    ("bias_twice", "rows_experts: up-projection output is modified in place 2 times"),
+    ("rows_in_token_order", "not the same token mapping"),                  # sorted rows summed as (t, k)
+])
+def test_transformers_sorted_near_misses_declined(variant, reason):
+    backend = check(lambda: TransformersSorted(variant), tokens, FP32)
+    for report, gm in backend.graphs:
+        assert counts(gm)[0] == 0, candidates(backend)
+        why = [c.reason for c in report.candidates if c.status == "declined" and c.idiom == "assignment_rows"]
+        assert why and reason in why[0], candidates(backend)
+
+
+class TransformersBatched(nn.Module):
+    """transformers 5.x batched_mm experts: ``x.repeat_interleave(K, 0)``, ``W[ids]`` + bmm (weights
+    stored (E, in, out) when ``transposed``: GPT-OSS), biases ``out.add_(b[ids])``, scores on the
+    outputs, ``view(T, K, d).sum(1)``. Near-misses: "bias_other_ids" (the down bias indexed by
+    other ids), "scores_twice" (also on the rows), "rows_written" (the replicated rows scaled in
+    place before the GEMM)."""
+
+    def __init__(self, variant="ok", transposed=False):
+        super().__init__()
+        self.variant, self.transposed = variant, transposed
+        self.gate = nn.Linear(D, E, bias=False)
+        self.gate_up_proj = stacked(E, D, 2 * N) if transposed else stacked(E, 2 * N, D)
+        self.down_proj = stacked(E, N, D) if transposed else stacked(E, D, N)
+        self.gate_up_bias = nn.Parameter(torch.randn(E, 2 * N) / 4)
+        self.down_bias = nn.Parameter(torch.randn(E, D) / 4)
+
+    def linear(self, z, w):
+        if self.transposed:
+            return torch.bmm(z.unsqueeze(1), w).squeeze(1)
+        return torch.bmm(w, z.unsqueeze(-1)).squeeze(-1)
+
+    def forward(self, x):
+        v, T = self.variant, x.size(0)
+        w, top = torch.topk(Fn.softmax(self.gate(x), dim=-1), K, dim=-1)
+        s, ids = w.reshape(-1), top.reshape(-1)
+        rows = x.repeat_interleave(K, dim=0)
+        if v == "rows_written":
+            rows.mul_(2.0)
+        if v == "scores_twice":
+            rows = rows * s.unsqueeze(-1)
+        h = self.linear(rows, self.gate_up_proj[ids])
+        h.add_(self.gate_up_bias[ids])
+        g, u = h.chunk(2, dim=-1)
+        y = self.linear(Fn.silu(g) * u, self.down_proj[ids])
+        y.add_(self.down_bias[ids.flip(0) if v == "bias_other_ids" else ids])
+        return (y * s.unsqueeze(-1)).view(T, K, D).sum(dim=1)
+
+
+@pytest.mark.parametrize("transposed", [False, True])  # W (E, out, in) and GPT-OSS's (E, in, out)
+def test_transformers_batched_rewritten(transposed):
+    backend = check(lambda: TransformersBatched(transposed=transposed), tokens, FP32)
+    for report, gm in backend.graphs:
+        assert [(c.idiom, c.status) for c in report.candidates] == [("gathered_weights", "rewritten")], \
+            candidates(backend)
+        assert "rows_combine:token_k_sum" in report.candidates[0].parts
+        assert counts(gm) == (1, 1)
+
+
+@pytest.mark.parametrize("variant, reason", [
+    ("bias_other_ids", "is indexed by other ids than the expert ids of its rows"),
+    ("scores_twice", "applied twice"),
+    ("rows_written", "expert path modifies rows in place"),
+])
+def test_transformers_batched_near_misses_declined(variant, reason):
+    backend = check(lambda: TransformersBatched(variant), tokens, FP32)
+    for report, gm in backend.graphs:
+        assert counts(gm)[0] == 0, candidates(backend)
+        why = [c.reason for c in report.candidates if c.status == "declined" and c.idiom == "assignment_rows"]
+        assert why and reason in why[0], candidates(backend)
+
+
+class GptFastEinsum(nn.Module):
+    """gpt-fast's einsum over gathered weights on the (T, K) layout; near-misses "down_other_ids"
+    (the down weights gathered with other ids) and "up_other_tokens" (the up projection reads other
+    tokens than the gate)."""
+
+    def __init__(self, variant="ok"):
+        super().__init__()
+        self.variant = variant
+        self.gate = nn.Linear(D, E, bias=False)
+        self.w1, self.w3, self.w2 = stacked(E, N, D), stacked(E, N, D), stacked(E, D, N)
+
+    def forward(self, x):
+        v = self.variant
+        w, idx = torch.topk(Fn.softmax(self.gate(x), dim=-1), K, dim=-1)
+        g = Fn.silu(torch.einsum("ti,taoi->tao", x, self.w1[idx]))
+        u = torch.einsum("ti,taoi->tao", x.flip(0) if v == "up_other_tokens" else x, self.w3[idx])
+        y = torch.einsum("tao,taio->tai", g * u, self.w2[idx.flip(0) if v == "down_other_ids" else idx])
+        return torch.einsum("tai,ta->ti", y, w)
+
+
+def test_gpt_fast_einsum_rewritten():
+    backend = check(GptFastEinsum, tokens, FP32)
+    for report, gm in backend.graphs:
+        assert [(c.idiom, c.status) for c in report.candidates] == [("gathered_weights", "rewritten")], \
+            candidates(backend)
+        assert "rows_combine:einsum_tk" in report.candidates[0].parts
+        assert counts(gm)[0] == 1 and not any(n.target is torch.functional.einsum for n in gm.graph.nodes)
+
+
+@pytest.mark.parametrize("variant, reason", [
+    ("down_other_ids", "group their rows differently"),
+    ("up_other_tokens", "gate and up projections read different rows"),
+])
+def test_gpt_fast_einsum_near_misses_declined(variant, reason):
+    backend = check(lambda: GptFastEinsum(variant), tokens, FP32)
+    for report, gm in backend.graphs:
+        assert counts(gm)[0] == 0, candidates(backend)
+        why = [c.reason for c in report.candidates if c.status == "declined" and c.idiom == "assignment_rows"]
+        assert why and reason in why[0], candidates(backend)
 
 
 # --------------------------------------------------------------------------- local experts (expert parallelism)

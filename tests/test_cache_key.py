@@ -105,11 +105,12 @@ def _copy_package(dest):
 
 
 def _double_the_backward(root):
-    """Make op.py's autograd backward multiply the incoming gradient by 2: a code change that
-    shows only in the traced (and cached) backward graph."""
+    """Make op.py's autograd backwards (``_backward`` of fused_moe, ``_experts_backward`` of
+    fused_moe_experts) multiply the incoming gradient by 2: a code change that shows only in the
+    traced (and cached) backward graph."""
     op = root / "moe_inductor" / "op.py"
-    new, count = re.subn(r"(\ndef _backward\w*\(ctx, grad_out\b[^)]*\):\n)", r"\1    grad_out = grad_out * 2\n",
-                         op.read_text())
+    new, count = re.subn(r"(\ndef _(?:experts_)?backward\w*\(ctx, grad_out\b[^)]*\):\n)",
+                         r"\1    grad_out = grad_out * 2\n", op.read_text())
     assert count >= 1, "op.py has no 'def _backward(ctx, grad_out, ...)' to modify: update this test"
     op.write_text(new)
 

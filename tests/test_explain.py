@@ -22,12 +22,12 @@ def test_default_experts_all_rewritten(caplog):
     assert report.missed == [] and report.declined == []
     e = report.rewritten[0]
     assert (e.idiom, e.num_experts, e.top_k, e.hidden, e.intermediate, e.dtype) == (
-        "sorted_grouped_mm", 8, 2, 64, 64, torch.float32)
+        "sorted_rows", 8, 2, 64, 64, torch.float32)
     # decided at rewrite time: on CPU the fused op runs its PyTorch path (issue 11, item 3)
     assert [e.runs_on for e in report.rewritten] == ["PyTorch path (cpu)"] * 2
     text = str(report)
     assert "status     runs on" in text
-    assert "model.layers.1.mlp.experts  sorted_grouped_mm  8  2  64  64  float32  rewritten  PyTorch path (cpu)" in text
+    assert "model.layers.1.mlp.experts  sorted_rows  8  2  64  64  float32  rewritten  PyTorch path (cpu)" in text
     assert text in caplog.text  # the same table goes to the log
 
 

@@ -191,7 +191,18 @@ class GraphModule(torch.nn.Module):
         sum_1: "f32[6, 1]" = expert_weights.sum(dim = -1, keepdim = True)
         expert_weights_1: "f32[6, 2]" = expert_weights / sum_1;  expert_weights = sum_1 = None
 
-        cat: "f32[4, 16, 16]" = torch.cat([l_self_parameters_w1_, l_self_parameters_w3_], 1);  l_self_parameters_w1_ = l_self_parameters_w3_ = None
+        getitem_5: "f32[8, 16]" = l_self_parameters_w1_[0]
+        getitem_6: "f32[8, 16]" = l_self_parameters_w1_[1]
+        getitem_7: "f32[8, 16]" = l_self_parameters_w1_[2]
+        getitem_8: "f32[8, 16]" = l_self_parameters_w1_[3];  l_self_parameters_w1_ = None
+        getitem_9: "f32[8, 16]" = l_self_parameters_w3_[0]
+        getitem_10: "f32[8, 16]" = l_self_parameters_w3_[1]
+        getitem_11: "f32[8, 16]" = l_self_parameters_w3_[2]
+        getitem_12: "f32[8, 16]" = l_self_parameters_w3_[3];  l_self_parameters_w3_ = None
+        getitem_13: "f32[16, 8]" = l_self_parameters_w2_[0]
+        getitem_14: "f32[16, 8]" = l_self_parameters_w2_[1]
+        getitem_15: "f32[16, 8]" = l_self_parameters_w2_[2]
+        getitem_16: "f32[16, 8]" = l_self_parameters_w2_[3];  l_self_parameters_w2_ = None
         size = l_x_.size(0)
         arange: "i64[6]" = torch.arange(size, device = device(type='cpu'));  size = None
         repeat_interleave: "i64[12]" = arange.repeat_interleave(2);  arange = None
@@ -199,9 +210,9 @@ class GraphModule(torch.nn.Module):
         reshape_1: "f32[12]" = expert_weights_1.reshape(-1);  expert_weights_1 = None
         to: "i32[12]" = repeat_interleave.to(torch.int32);  repeat_interleave = None
         to_1: "i32[12]" = reshape.to(torch.int32);  reshape = None
-        fused_moe_default = torch.ops.moe_inductor.fused_moe.default(l_x_, to, to_1, reshape_1, cat, l_self_parameters_w2_, None, None, 'swiglu', False, False, 'auto', 'aten::bmm');  l_x_ = to = to_1 = reshape_1 = cat = l_self_parameters_w2_ = None
-        getitem_5: "f32[6, 16]" = fused_moe_default[0];  fused_moe_default = None
-        return (getitem_5,)
+        fused_moe_experts_default = torch.ops.moe_inductor.fused_moe_experts.default(l_x_, to, to_1, reshape_1, [getitem_5, getitem_6, getitem_7, getitem_8], [getitem_9, getitem_10, getitem_11, getitem_12], [getitem_13, getitem_14, getitem_15, getitem_16], [], [], [], 'swiglu', False, 'auto', 'aten::bmm');  l_x_ = to = to_1 = reshape_1 = getitem_5 = getitem_6 = getitem_7 = getitem_8 = getitem_9 = getitem_10 = getitem_11 = getitem_12 = getitem_13 = getitem_14 = getitem_15 = getitem_16 = None
+        getitem_17: "f32[6, 16]" = fused_moe_experts_default[0];  fused_moe_experts_default = None
+        return (getitem_17,)
 """)
 
 
@@ -215,13 +226,13 @@ def test_batched_mm_numerics(kwargs):
     torch.manual_seed(0)
     be = check_grads(BatchedExperts(**kwargs), routing())
     assert [c.status for c in be.candidates] == ["rewritten"]
-    assert be.candidates[0].idiom == "batched_mm" and be.candidates[0].num_experts == E
+    assert be.candidates[0].idiom == "gathered_weights" and be.candidates[0].num_experts == E
 
 
 def test_gpt_fast_numerics():
     torch.manual_seed(0)
     be = check_grads(GptFastMoE(), (routing()[0],))
-    assert [(c.idiom, c.status, c.top_k, c.intermediate) for c in be.candidates] == [("batched_mm", "rewritten", K, N)]
+    assert [(c.idiom, c.status, c.top_k, c.intermediate) for c in be.candidates] == [("gathered_weights", "rewritten", K, N)]
 
 
 def test_batched_mm_different_ids_declined():
@@ -230,7 +241,7 @@ def test_batched_mm_different_ids_declined():
     be = check_grads(BatchedExperts(other_down_ids=True), routing())
     assert counters["sonic"]["moe_rewrites"] == 0
     assert [c.status for c in be.candidates] == ["declined"]
-    assert "different indices" in be.candidates[0].reason
+    assert "group their rows differently" in be.candidates[0].reason
 
 
 def test_batched_mm_k_major_layout_not_matched():
@@ -270,7 +281,7 @@ def test_hf_batched_mm_logits_and_grads(family):
             return self.m(input_ids).logits
 
     be = check_grads(Logits(model), (ids,))
-    assert [(c.idiom, c.status) for c in be.candidates] == [("batched_mm", "rewritten")] * 2
+    assert [(c.idiom, c.status) for c in be.candidates] == [("gathered_weights", "rewritten")] * 2
 
 
 # --------------------------------------------------------------------------- dense dispatch (Llama4, expert_slots)
