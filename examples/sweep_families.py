@@ -21,6 +21,10 @@ sweep goes on. The JSON file is rewritten after every family.
     python examples/sweep_families.py --families mixtral,dbrx --out examples/results/x.json
     python examples/sweep_families.py --resume                          # skip families already in --out
     python examples/sweep_families.py --markdown [--out FILE]           # README table from a JSON
+    python examples/sweep_families.py --explain-only --out examples/results/families_explain.json
+                                        # recognition only: explain per family, no compile, no numerics
+
+Every record names the commit it ran on (``commit``, with "+dirty" when the tree had changes).
 """
 from __future__ import annotations
 
@@ -142,7 +146,7 @@ def _compare(model, ids):
                 n_grad_none_vs_zero=len(none_vs_zero), n_params=len(params))
 
 
-def _run_one(family, impl, has_switch):
+def _run_one(family, impl, has_switch, explain_only=False):
     import torch
 
     import hf_models
@@ -169,6 +173,13 @@ def _run_one(family, impl, has_switch):
         rec["graph_breaks"] = list(dict.fromkeys(b.summary for b in report.graph_breaks))[:10]
     except Exception as e:
         rec["explain_error"] = f"{type(e).__name__}: {e}"[:2000]
+    if explain_only:
+        rec.update(explain_only=True, rewritten=rec.get("explain_rewritten"),
+                   status="ok" if "explain_error" not in rec else "explain error")
+        rec["reasons"] = list(dict.fromkeys(
+            f"{e['status']}: {e['reason']}" for e in rec.get("entries", []) if e["status"] != "rewritten"))
+        rec["seconds"] = round(time.perf_counter() - t0, 1)
+        return rec
     try:
         rec["dropout_zeroed"] = _zero_dropout(model)
         rec.update(_compare(model, ids))
@@ -182,7 +193,7 @@ def _run_one(family, impl, has_switch):
     return rec
 
 
-def child(family, result_file):
+def child(family, result_file, explain_only=False):
     """Run every implementation of ``family``; append one JSON line per implementation to result_file."""
     sys.path.insert(0, str(TESTS))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -197,7 +208,7 @@ def child(family, result_file):
         return
     impls = ["grouped_mm", "batched_mm"] if has_switch else ["native"]
     for impl in impls:
-        rec = _run_one(family, impl, has_switch)
+        rec = _run_one(family, impl, has_switch, explain_only)
         with open(result_file, "a") as f:
             f.write(json.dumps(rec) + "\n")
 
@@ -226,11 +237,22 @@ def _versions():
                 cpu_count=os.cpu_count())
 
 
-def _run_family(family, timeout):
+def _git_commit():
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=str(ROOT), capture_output=True,
+                              text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=str(ROOT),
+                               capture_output=True, text=True).stdout.strip()
+        return head + ("+dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def _run_family(family, timeout, explain_only=False, commit="unknown"):
     fd, path = tempfile.mkstemp(prefix=f"sweep_{family}_", suffix=".jsonl")
     os.close(fd)
     t0 = time.perf_counter()
-    cmd = [sys.executable, __file__, "--child", family, "--child-out", path]
+    cmd = [sys.executable, __file__, "--child", family, "--child-out", path] + (["--explain-only"] if explain_only else [])
     status, tail = None, ""
     # own process group, so that a timeout also ends Inductor's compile workers
     with tempfile.TemporaryFile(mode="w+") as err:
@@ -262,6 +284,7 @@ def _run_family(family, timeout):
                          numerics_ok=False, seconds=elapsed))
     for r in recs:
         r.setdefault("seconds", elapsed)
+        r["commit"] = commit
     return recs
 
 
@@ -310,6 +333,8 @@ def _reason(r):
 def _numerics(r):
     if r.get("status") != "ok":
         return "-"
+    if r.get("explain_only"):
+        return "not run (explain only)"
     note = f"; {r['n_grad_none_vs_zero']} grads None vs zeros" if r.get("n_grad_none_vs_zero") else ""
     return ("ok" if r.get("numerics_ok") else "FAIL") + f" ({r.get('max_diff', float('nan')):.1e}{note})"
 
@@ -343,12 +368,14 @@ def main():
     ap.add_argument("--jobs", type=int, default=1, help="families run in parallel")
     ap.add_argument("--resume", action="store_true", help="keep the results already in --out, skip those families")
     ap.add_argument("--markdown", action="store_true", help="print the README table from --out and exit")
+    ap.add_argument("--explain-only", action="store_true",
+                    help="recognition only: explain (rewrite without Inductor) per family, no numerics")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--child-out", help=argparse.SUPPRESS)
     args = ap.parse_args()
 
     if args.child:
-        child(args.child, args.child_out)
+        child(args.child, args.child_out, args.explain_only)
         return
     if args.markdown:
         print_markdown(args.out)
@@ -364,9 +391,10 @@ def main():
         sys.exit(f"unknown families: {', '.join(unknown)}; known: {', '.join(hf_models.FAMILIES)}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    results = []
+    results, earlier = [], None
     if args.resume and out.exists():
-        results = json.loads(out.read_text())["results"]
+        prev = json.loads(out.read_text())
+        results, earlier = prev["results"], prev.get("meta")
         done = {r["family"] for r in results}
         families = [f for f in families if f not in done]
     meta = dict(_versions(), atol=ATOL, rtol=RTOL, timeout_per_family_s=args.timeout,
@@ -374,6 +402,13 @@ def main():
                      "with dropout set to 0, full sonic backend (Inductor code generation included), values "
                      "of the second compiled call; explain with inductor=False",
                 started=time.strftime("%Y-%m-%d %H:%M:%S"))
+    if args.explain_only:
+        meta["note"] = ("tiny random-weight models from tests/hf_models.py, fp32, CPU; explain only "
+                        "(moe_inductor.explain with inductor=False): what is recognised and rewritten, no numerics")
+    if earlier:
+        # the runs this one resumes (their records keep their own "commit")
+        meta["earlier_runs"] = earlier.pop("earlier_runs", []) + [earlier]
+    commit = _git_commit()
     order = {f: i for i, f in enumerate(hf_models.FAMILIES)}
 
     def done_family(recs):
@@ -386,10 +421,10 @@ def main():
 
     if args.jobs <= 1:
         for fam in families:
-            done_family(_run_family(fam, args.timeout))
+            done_family(_run_family(fam, args.timeout, args.explain_only, commit))
     else:
         with ThreadPoolExecutor(args.jobs) as pool:
-            futures = [pool.submit(_run_family, f, args.timeout) for f in families]
+            futures = [pool.submit(_run_family, f, args.timeout, args.explain_only, commit) for f in families]
             for fut in as_completed(futures):
                 done_family(fut.result())
     meta["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
