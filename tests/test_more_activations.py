@@ -113,6 +113,14 @@ def test_family_rewritten_and_exact(family, impl, fresh_dynamo):
 
 # --------------------------------------------------------------------------- near misses decline
 
+def _only(reasons, msg, part="rows_experts"):
+    """Every declined block gives ``msg``, prefixed by the part that declined and the node it names."""
+    import re
+
+    pat = re.compile(rf"{part}: \w+: " + re.escape(msg))
+    assert reasons and all(pat.fullmatch(r) for r in reasons), reasons
+
+
 def _reasons(family, experts_cls_name, apply_gate, monkeypatch, impl=None, inner_rows_ok=False):
     import moe_inductor
 
@@ -136,7 +144,7 @@ def test_swiglu_limit_asymmetric_up_clamp_declines(monkeypatch, fresh_dynamo):
         return F.silu(g.clamp(max=self.limit)) * u.clamp(min=-self.limit, max=2 * self.limit)
 
     reasons = _reasons("deepseek_v4", "DeepseekV4Experts", gate, monkeypatch)
-    assert reasons == {"up clamp is clamp(min=-10.0, max=20.0), not clamp(min=-10.0, max=10.0)"}, reasons
+    _only(reasons, "up clamp is clamp(min=-10.0, max=20.0), not clamp(min=-10.0, max=10.0)")
 
 
 def test_gptoss_concat_swapped_chunks_declines(monkeypatch, fresh_dynamo):
@@ -147,7 +155,7 @@ def test_gptoss_concat_swapped_chunks_declines(monkeypatch, fresh_dynamo):
         return (up + 1.0) * (g * torch.sigmoid(g * self.swiglu_alpha))
 
     reasons = _reasons("minimax_m3_vl", "MiniMaxM3VLExperts", gate, monkeypatch)
-    assert reasons == {"gate/up are chunks [1] / [0] of h.chunk(2, -1), not [0] / [1]"}, reasons
+    _only(reasons, "gate/up are chunks [1] / [0] of h.chunk(2, -1), not [0] / [1]")
 
 
 def test_softcap_with_mismatched_constants_declines(monkeypatch, fresh_dynamo):
@@ -156,7 +164,7 @@ def test_softcap_with_mismatched_constants_declines(monkeypatch, fresh_dynamo):
         return (torch.tanh(g / 4.0) * 5.0) * torch.sigmoid(g) * (torch.tanh(u / 25.0) * 25.0)
 
     reasons = _reasons("inkling2", "Inkling2Experts", gate, monkeypatch)
-    assert reasons == {"softcap is tanh(z / 4.0) * 5.0: divisor and factor differ"}, reasons
+    _only(reasons, "softcap is tanh(z / 4.0) * 5.0: divisor and factor differ")
 
 
 def test_relu_cubed_declines(monkeypatch, fresh_dynamo):
@@ -171,7 +179,7 @@ def test_relu_cubed_declines(monkeypatch, fresh_dynamo):
 
     report = moe_inductor.explain(model, ids, inductor=False)
     assert not report.rewritten
-    assert {e.reason for e in report.entries} == {"expert activation is not a supported (gated) activation"}
+    _only({e.reason for e in report.entries}, "expert activation is not a supported (gated) activation")
 
 
 def test_muse_spark_post_expert_norm_declines_precisely(fresh_dynamo):
