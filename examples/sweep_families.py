@@ -1,7 +1,8 @@
 """Sweep: every MoE family of the installed transformers, built tiny from config (tests/hf_models.py),
 through the sonic backend. For each family and each experts implementation it has ("grouped_mm",
 the transformers default, and "batched_mm" for families with the ``use_experts_implementation``
-switch; the family's own code, called "native", for the others):
+switch, and with ``--impls ...,eager`` transformers' "eager" experts loop too; the family's own code,
+called "native", for the others):
 
 - ``moe_inductor.explain(model, ids, inductor=False)``: status and reason of every MoE block;
 - ``torch.compile(model, backend="sonic")`` (the full backend, Inductor's code generation included),
@@ -45,7 +46,7 @@ ROOT = Path(__file__).resolve().parent.parent
 TESTS = ROOT / "tests"
 DEFAULT_OUT = ROOT / "examples" / "results" / "families.json"
 ATOL = RTOL = 1e-4
-IMPL_ORDER = {"grouped_mm": 0, "batched_mm": 1, "native": 2}
+IMPL_ORDER = {"grouped_mm": 0, "batched_mm": 1, "eager": 2, "native": 3}
 
 
 # --------------------------------------------------------------------------- child: one family
@@ -193,7 +194,7 @@ def _run_one(family, impl, has_switch, explain_only=False):
     return rec
 
 
-def child(family, result_file, explain_only=False):
+def child(family, result_file, explain_only=False, impls=("grouped_mm", "batched_mm")):
     """Run every implementation of ``family``; append one JSON line per implementation to result_file."""
     sys.path.insert(0, str(TESTS))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -206,7 +207,7 @@ def child(family, result_file, explain_only=False):
             f.write(json.dumps(dict(family=family, impl="-", status="build error",
                                     error=f"{type(e).__name__}: {e}"[:2000])) + "\n")
         return
-    impls = ["grouped_mm", "batched_mm"] if has_switch else ["native"]
+    impls = list(impls) if has_switch else ["native"]
     for impl in impls:
         rec = _run_one(family, impl, has_switch, explain_only)
         with open(result_file, "a") as f:
@@ -248,11 +249,11 @@ def _git_commit():
         return "unknown"
 
 
-def _run_family(family, timeout, explain_only=False, commit="unknown"):
+def _run_family(family, timeout, explain_only=False, commit="unknown", impls=("grouped_mm", "batched_mm")):
     fd, path = tempfile.mkstemp(prefix=f"sweep_{family}_", suffix=".jsonl")
     os.close(fd)
     t0 = time.perf_counter()
-    cmd = [sys.executable, __file__, "--child", family, "--child-out", path] + (["--explain-only"] if explain_only else [])
+    cmd = [sys.executable, __file__, "--child", family, "--child-out", path] + (["--explain-only"] if explain_only else []) + ["--impls", ",".join(impls)]
     status, tail = None, ""
     # own process group, so that a timeout also ends Inductor's compile workers
     with tempfile.TemporaryFile(mode="w+") as err:
@@ -370,12 +371,14 @@ def main():
     ap.add_argument("--markdown", action="store_true", help="print the README table from --out and exit")
     ap.add_argument("--explain-only", action="store_true",
                     help="recognition only: explain (rewrite without Inductor) per family, no numerics")
+    ap.add_argument("--impls", default="grouped_mm,batched_mm",
+                    help="experts implementations of the families that have the switch (also: eager)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--child-out", help=argparse.SUPPRESS)
     args = ap.parse_args()
 
     if args.child:
-        child(args.child, args.child_out, args.explain_only)
+        child(args.child, args.child_out, args.explain_only, [i for i in args.impls.split(",") if i])
         return
     if args.markdown:
         print_markdown(args.out)
@@ -409,6 +412,10 @@ def main():
         # the runs this one resumes (their records keep their own "commit")
         meta["earlier_runs"] = earlier.pop("earlier_runs", []) + [earlier]
     commit = _git_commit()
+    impls = [i for i in args.impls.split(",") if i]
+    bad = [i for i in impls if i not in ("grouped_mm", "batched_mm", "eager")]
+    if bad:
+        sys.exit(f"unknown experts implementations: {', '.join(bad)}; known: grouped_mm, batched_mm, eager")
     order = {f: i for i, f in enumerate(hf_models.FAMILIES)}
 
     def done_family(recs):
@@ -421,10 +428,10 @@ def main():
 
     if args.jobs <= 1:
         for fam in families:
-            done_family(_run_family(fam, args.timeout, args.explain_only, commit))
+            done_family(_run_family(fam, args.timeout, args.explain_only, commit, impls))
     else:
         with ThreadPoolExecutor(args.jobs) as pool:
-            futures = [pool.submit(_run_family, f, args.timeout, args.explain_only, commit) for f in families]
+            futures = [pool.submit(_run_family, f, args.timeout, args.explain_only, commit, impls) for f in families]
             for fut in as_completed(futures):
                 done_family(fut.result())
     meta["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
