@@ -152,16 +152,21 @@ def wants_host_counts(f_locals: dict) -> bool:
     ``capture_scalar_outputs`` so that the counts' ``.tolist()`` stays in the graph as symbolic
     sizes, which ``moe_inductor.host_splits`` turns into device offsets (scoped by
     ``moe_inductor.dynamo_scope``; a failure retries the frame without the settings)."""
+    for module in _frame_modules(f_locals):
+        forward = getattr(type(module), "forward", None)
+        if forward is not None and not _skip_class(type(module)) and _host_splits_of(forward):
+            return True
+    return False
+
+
+def _frame_modules(f_locals: dict):
+    """The nn.Modules among ``f_locals`` and their submodules (each top-level module walked once)."""
     seen: set = set()
     for value in list(f_locals.values()):
         if not isinstance(value, torch.nn.Module) or id(value) in seen:
             continue
         seen.add(id(value))
-        for module in value.modules():
-            forward = getattr(type(module), "forward", None)
-            if forward is not None and not _skip_class(type(module)) and _host_splits_of(forward):
-                return True
-    return False
+        yield from value.modules()
 
 
 def prepare(f_locals: dict) -> int:
@@ -169,21 +174,16 @@ def prepare(f_locals: dict) -> int:
     about to trace) whose forward has a rewritten per-expert loop their capturable ``forward``.
     Returns how many were given one."""
     done = 0
-    seen: set = set()
-    for value in list(f_locals.values()):
-        if not isinstance(value, torch.nn.Module) or id(value) in seen:
+    for module in _frame_modules(f_locals):
+        if "forward" in module.__dict__:
+            continue  # already given one (or the user set their own)
+        replacement = replacement_for(type(module))
+        if replacement is None:
             continue
-        seen.add(id(value))
-        for module in value.modules():
-            if "forward" in module.__dict__:
-                continue  # already given one (or the user set their own)
-            replacement = replacement_for(type(module))
-            if replacement is None:
-                continue
-            module.forward = CapturableForward(module, type(module).forward, replacement)
-            done += 1
-            log.debug("sonic: Dynamo traces %s.forward with its per-expert loop over every expert",
-                      type(module).__qualname__)
+        module.forward = CapturableForward(module, type(module).forward, replacement)
+        done += 1
+        log.debug("sonic: Dynamo traces %s.forward with its per-expert loop over every expert",
+                  type(module).__qualname__)
     return done
 
 
