@@ -9,7 +9,8 @@ Schema (shape legend in ``moe_inductor.reference``)::
             recompute_h, impl, autocast_like="aten::mm", compute_dtype=None)
       -> (out (T, d), h_sorted (A, 2n) | (0, 2n), order (A,) int32)
   fused_moe_experts(x, token_ids, expert_ids, scores, w_gate[], w_up[], w_down[], b_gate[],
-                    b_up[], b_down[], activation, recompute_h, impl, autocast_like, compute_dtype)
+                    b_up[], b_down[], activation, recompute_h, impl, autocast_like, compute_dtype,
+                    interleaved=False)
       -> the same three outputs
 
 ``fused_moe_experts`` takes the experts' weights as per-expert lists (w_gate[e] (2n|n, d) or
@@ -383,20 +384,30 @@ def _fused_moe_experts(
     impl: str,
     autocast_like: str = DEFAULT_AUTOCAST_LIKE,
     compute_dtype: Optional[torch.dtype] = None,
+    interleaved: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
     shapes = _expert_stacks(x, w_gate, w_up, w_down, b_gate, b_up, b_down, activation, real=False)
+    _check_interleaved(interleaved, w_up)
     check_inputs(x, token_ids, expert_ids, scores, *shapes, activation, impl, compute_dtype)
     w1, w2, b1, b2 = _expert_stacks(x, w_gate, w_up, w_down, b_gate, b_up, b_down, activation, real=True)
-    return _forward(x, token_ids, expert_ids, scores, w1, w2, b1, b2, parse_activation(activation), False,
+    return _forward(x, token_ids, expert_ids, scores, w1, w2, b1, b2, parse_activation(activation), interleaved,
                     recompute_h, impl)
+
+
+def _check_interleaved(interleaved: bool, w_up) -> None:
+    if interleaved and len(w_up):
+        raise ValueError("fused_moe_experts: interleaved=True needs the gate and up columns in one w_gate[e] "
+                         "(2n, d) per expert and no w_up")
 
 
 @_fused_moe_experts.register_fake
 def _fused_moe_experts_fake(x, token_ids, expert_ids, scores, w_gate, w_up, w_down, b_gate, b_up, b_down, activation,
-                            recompute_h, impl, autocast_like=DEFAULT_AUTOCAST_LIKE, compute_dtype=None):
+                            recompute_h, impl, autocast_like=DEFAULT_AUTOCAST_LIKE, compute_dtype=None,
+                            interleaved=False):
     w1, w2, b1, b2 = _expert_stacks(x, w_gate, w_up, w_down, b_gate, b_up, b_down, activation, real=False)
-    return _fused_moe_fake(x, token_ids, expert_ids, scores, w1, w2, b1, b2, activation, False, recompute_h, impl,
-                           autocast_like, compute_dtype)
+    _check_interleaved(interleaved, w_up)
+    return _fused_moe_fake(x, token_ids, expert_ids, scores, w1, w2, b1, b2, activation, interleaved, recompute_h,
+                           impl, autocast_like, compute_dtype)
 
 
 @torch.library.custom_op("moe_inductor::fused_moe_experts_backward", mutates_args=())
@@ -417,6 +428,7 @@ def _fused_moe_experts_backward(
     activation: str,
     recompute_h: bool,
     impl: str,
+    interleaved: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients with the weights restacked (transiently): dx, dscores, and the stacked
     dw1 (E, 2n|n, d), dw2 (E, d, n), db1, db2 (empty when absent) in the weights' dtypes, which
@@ -424,7 +436,7 @@ def _fused_moe_experts_backward(
     w1, w2, b1, b2 = _expert_stacks(x, w_gate, w_up, w_down, b_gate, b_up, b_down, activation, real=True)
     dx, dscores, dw1, dw2, db1, db2 = _backward_grads(
         grad_out, x, token_ids, expert_ids, scores, w1, w2, b1, b2, h_sorted, order, parse_activation(activation),
-        False, recompute_h, impl)
+        interleaved, recompute_h, impl)
     db1 = x.new_empty(0) if db1 is None else _cast(db1, b_gate[0].dtype)
     db2 = x.new_empty(0) if db2 is None else _cast(db2, b_down[0].dtype)
     return dx, dscores, _cast(dw1, w_gate[0].dtype), _cast(dw2, w_down[0].dtype), db1, db2
@@ -432,7 +444,7 @@ def _fused_moe_experts_backward(
 
 @_fused_moe_experts_backward.register_fake
 def _fused_moe_experts_backward_fake(grad_out, x, token_ids, expert_ids, scores, w_gate, w_up, w_down, b_gate, b_up,
-                                     b_down, h_sorted, order, activation, recompute_h, impl):
+                                     b_down, h_sorted, order, activation, recompute_h, impl, interleaved=False):
     w1, w2, b1, b2 = _expert_stacks(x, w_gate, w_up, w_down, b_gate, b_up, b_down, activation, real=False)
     return (x.new_empty(x.shape), scores.new_empty(scores.shape), w1.new_empty(w1.shape), w2.new_empty(w2.shape),
             b1.new_empty(b1.shape) if b1 is not None else x.new_empty(0),
@@ -447,7 +459,7 @@ def _experts_setup_context(ctx, inputs, output):
     # the per-expert weights themselves (parameters), not a stacked copy
     ctx.save_for_backward(x, token_ids, expert_ids, scores, h_sorted, order, *[t for l in lists for t in l])
     ctx.lengths = [len(l) for l in lists]
-    ctx.config = (activation, recompute_h, impl)
+    ctx.config = (activation, recompute_h, impl, bool(inputs[15]) if len(inputs) > 15 else False)
 
 
 def _per_expert(stacked: Tensor, halves: bool) -> tuple[list, list]:
@@ -468,10 +480,10 @@ def _experts_backward(ctx, grad_out, _grad_h, _grad_order):
         lists.append(list(saved[i:i + n]))
         i += n
     w_gate, w_up, w_down, b_gate, b_up, b_down = lists
-    activation, recompute_h, impl = ctx.config
+    activation, recompute_h, impl, interleaved = ctx.config
     dx, dscores, dw1, dw2, db1, db2 = torch.ops.moe_inductor.fused_moe_experts_backward(
         grad_out, x, token_ids, expert_ids, scores, w_gate, w_up, w_down, b_gate, b_up, b_down, h_sorted, order,
-        activation, recompute_h, impl)
+        activation, recompute_h, impl, interleaved)
     dgate, dup = _per_expert(dw1, bool(w_up))
     dbg, dbu = _per_expert(db1, bool(b_up)) if b_gate else ([], [])
     ddown = _per_expert(dw2, False)[0]
@@ -581,17 +593,19 @@ def fused_moe_experts(
     impl: str = "auto",
     autocast_like: str = DEFAULT_AUTOCAST_LIKE,
     compute_dtype: Optional[torch.dtype] = None,
+    interleaved: bool = False,
 ) -> Tensor:
     """``fused_moe`` with the experts' weights as per-expert lists (e.g. the ``weight`` of each
     expert's ``nn.Linear``): w_gate[e] (n, d) with w_up[e] (n, d) for gated activations (or
     w_gate[e] (2n, d) holding both halves, gate first, and no w_up), w_gate[e] (n, d) alone
-    otherwise; w_down[e] (d, n); optional biases per list. Same result as ``fused_moe`` on the
-    stacked weights, but the stack is made inside the op and dropped: backward keeps the lists
-    (no weight-sized copy) and gets per-expert gradients."""
+    otherwise; w_down[e] (d, n); optional biases per list. ``interleaved``: w_gate[e] (2n, d)
+    holds the gate and up rows interleaved (gate at even rows, GPT-OSS's layout), with no w_up.
+    Same result as ``fused_moe`` on the stacked weights, but the stack is made inside the op and
+    dropped: backward keeps the lists (no weight-sized copy) and gets per-expert gradients."""
     if compute_dtype is not None and x.dtype != compute_dtype:
         x = x.to(compute_dtype)
     out, _, _ = torch.ops.moe_inductor.fused_moe_experts(
         x, token_ids, expert_ids, scores, list(w_gate), list(w_up), list(w_down), list(b_gate), list(b_up),
-        list(b_down), activation, recompute_h, impl, autocast_like, compute_dtype,
+        list(b_down), activation, recompute_h, impl, autocast_like, compute_dtype, interleaved,
     )
     return out

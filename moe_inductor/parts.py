@@ -112,6 +112,9 @@ class ExpertMLP:
     spelling: str = ""
     #: names among gate/up/down stored (in, out) and used as ``z @ W``: the composition transposes them
     transposed: set = dataclasses.field(default_factory=set)
+    #: the fused gate/up weight ``gate`` holds gate and up columns interleaved ([..., ::2] / [..., 1::2],
+    #: GPT-OSS's layout) rather than one half after the other
+    interleaved: bool = False
 
     def weights(self) -> tuple:
         return (self.gate, self.up, self.down, self.b_gate, self.b_up, self.b_down)

@@ -431,6 +431,7 @@ def emit_fused_moe(gm: fx.GraphModule, block: MoEBlock, recompute_h: bool, impl:
                     x, token_ids, expert_ids, scores, list(weights.gate), list(weights.up), list(weights.down),
                     list(weights.b_gate), list(weights.b_up), list(weights.b_down),
                     block.activation, recompute_h, impl, block.autocast_like, like=like,
+                    **({"interleaved": True} if block.interleaved else {}),
                 )
             else:
                 w1, w2, b1, b2 = weights

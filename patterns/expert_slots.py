@@ -1330,7 +1330,7 @@ def _block(node, comb, mlp, disp, start_kind, base, order) -> MoEBlock:
     desc += f", experts={mlp.spelling}, combine={comb.spelling}"
     return MoEBlock(
         idiom=IDIOM, anchor=node, x=x, token_ids=token_ids, expert_ids=expert_ids, scores=scores,
-        build_weights=build_weights, replace=replace, activation=mlp.activation, interleaved=False,
+        build_weights=build_weights, replace=replace, activation=mlp.activation, interleaved=mlp.interleaved,
         num_experts=E, top_k=K, hidden=int_value(xs[1]) if int_value(xs[1]) is not None else xs[1],
         intermediate=int_value(n_dim) if int_value(n_dim) is not None else n_dim, dtype=dtype_of(x),
         location=node, autocast_like=mlp.gemm, parts=desc,

@@ -186,11 +186,10 @@ def walk_mlp(out, proj, part: str, gemm: str, check=None, more_activations: bool
                 spec, why = None, str(e)
         g = proj(safety.strip_identity(h)) if spec is not None else None
         if g is not None:
-            need(part, not interleaved, f"{mid.name}: gate and up columns interleaved (GPT-OSS layout): the "
-                                        "per-expert weight lists hold the halves one after the other")
             transposed["gate"] = g[2]
             return _with_layout(ExpertMLP(input=g[0], output=out, activation=spec, gate=g[1], down=down[1],
-                                          b_gate=g[3], b_down=down[3], gemm=gemm), transposed)
+                                          b_gate=g[3], b_down=down[3], gemm=gemm, interleaved=bool(interleaved)),
+                                transposed)
         # an activation that was recognised in shape but not proven (a near miss) keeps its own reason
         detail = f": {why}" if why and why != NO_ACTIVATION else ""
         decline(part, f"{mid.name}: the expert body is not a supported MLP (projection -> activation "

@@ -108,11 +108,11 @@ def _gather_pattern():
 # patterns/experts.py, moe_inductor/safety.py, patterns/dispatch.py)
 
 def _expert_mlp(out: fx.Node, gathered: fx.Node):
-    """(activation, w_gate|w1, b_gate|b1, w_up, b_up, w_down, b_down) of out = expert(gathered)."""
+    """(activation, w_gate|w1, b_gate|b1, w_up, b_up, w_down, b_down, interleaved) of out = expert(gathered)."""
     m = recognise("experts", safety.strip_identity(out), required="expert MLP (linear -> activation [* linear] -> linear)")
     _need(safety.equivalent(m.input, gathered), "expert MLP does not read the gathered tokens")
     _need(not m.transposed, "expert weights are used transposed (z @ W): not the Linear layout this composition emits")
-    return m.activation, m.gate, m.b_gate, m.up, m.b_up, m.down, m.b_down
+    return m.activation, m.gate, m.b_gate, m.up, m.b_up, m.down, m.b_down, m.interleaved
 
 
 def _check_expert_path(value, gathered):
@@ -212,6 +212,7 @@ def analyse_group(members: list, graph: fx.Graph) -> MoEBlock:
     acts = {m["mlp"][0] for m in members}
     _need(len(acts) == 1, f"experts use different activations {sorted(acts)}")
     act = acts.pop()
+    _need(len({m["mlp"][7] for m in members}) == 1, "some experts interleave gate and up columns and others not")
     gated = act in GATED_OF.values()
     for i in range(1, 7):
         present = {m["mlp"][i] is not None for m in members}
@@ -306,7 +307,8 @@ def analyse_group(members: list, graph: fx.Graph) -> MoEBlock:
     xs2 = shape_of(x)
     return MoEBlock(
         idiom=IDIOM, anchor=anchor, x=x2, token_ids=token_ids, expert_ids=expert_ids, scores=scores,
-        build_weights=build_weights, replace=replace, activation=act, interleaved=False, num_experts=E, top_k=1,
+        build_weights=build_weights, replace=replace, activation=act, interleaved=first["mlp"][7], num_experts=E,
+        top_k=1,
         hidden=int_value(xs2[-1]) if int_value(xs2[-1]) is not None else xs2[-1],
         intermediate=int_value(wd_shape[1]) if wd_shape and int_value(wd_shape[1]) is not None else None,
         dtype=dtype_of(x), insert_before=insert_point, orphans=orphans, location=buf,

@@ -186,6 +186,8 @@ def analyse_group(units: list, graph: fx.Graph) -> MoEBlock:
     acts = {u["mlp"].activation for u in units}
     need(len(acts) == 1, f"experts: the experts use different activations {sorted(acts)}")
     act = acts.pop()
+    need(len({u["mlp"].interleaved for u in units}) == 1,
+         "experts: some experts interleave gate and up columns and others not")
     for role in range(6):
         present = {u["mlp"].weights()[role] is not None for u in units}
         need(len(present) == 1, "experts: some experts have biases (or gates) and others not")
@@ -578,7 +580,7 @@ def _block(units, acc, x, layout, kind, start_kind, base, lo, E, act, scored, on
     return MoEBlock(
         idiom=IDIOM, anchor=lift["anchor"] if lift is not None else last_anchor, x=x_rows,
         token_ids=token_ids, expert_ids=expert_ids, scores=scores,
-        build_weights=build_weights, replace=replace, activation=act, interleaved=False,
+        build_weights=build_weights, replace=replace, activation=act, interleaved=units[0]["mlp"].interleaved,
         num_experts=E, top_k=K, hidden=int_value(xs[1]) if int_value(xs[1]) is not None else xs[1],
         intermediate=int_value(n_dim) if n_dim is not None and int_value(n_dim) is not None else n_dim,
         dtype=dtype_of(x_in), insert_before=(lift["anchor"] if lift is not None else

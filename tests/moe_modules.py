@@ -34,6 +34,29 @@ class PlainMLP(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
+class InterleavedGateMLP(nn.Module):
+    """One expert in GPT-OSS's layout written as research code: a fused, biased gate_up Linear whose
+    output holds gate and up columns interleaved (gate at even columns), the clamped gate
+    ``(clamp(up, -L, L) + 1) * g * sigmoid(alpha * g)`` with g = clamp(gate, max=L), a biased down
+    Linear. ``layout="concat"`` reads the halves one after the other instead."""
+
+    def __init__(self, d, n, alpha=1.702, limit=0.5, layout="interleaved"):
+        super().__init__()
+        self.gate_up = nn.Linear(d, 2 * n)
+        self.down = nn.Linear(n, d)
+        self.alpha, self.limit, self.layout = alpha, limit, layout
+
+    def forward(self, x):
+        h = self.gate_up(x)
+        if self.layout == "interleaved":
+            gate, up = h[..., ::2], h[..., 1::2]
+        else:
+            gate, up = h.chunk(2, dim=-1)
+        gate = gate.clamp(min=None, max=self.limit)
+        up = up.clamp(min=-self.limit, max=self.limit)
+        return self.down((up + 1) * (gate * torch.sigmoid(gate * self.alpha)))
+
+
 class LoopMoE(nn.Module):
     """transformers 4.x Mixtral sparse block: one_hot mask, loop over range(E), index_add_.
 

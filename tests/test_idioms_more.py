@@ -346,3 +346,28 @@ def test_hf_llama4_logits_and_grads():
 
     be = check_grads(Logits(model), (ids,))
     assert [(c.idiom, c.status) for c in be.candidates] == [("expert_slots", "rewritten")] * 2
+
+
+# --------------------------------------------------------------------------- GPT-OSS's gate in expert loops
+
+@pytest.mark.parametrize("block", ["loop_top2", "mask_top1"])
+@pytest.mark.parametrize("layout", ["interleaved", "concat"])
+def test_clamped_gate_layouts_in_expert_loops(block, layout):
+    """Experts with GPT-OSS's clamped gate over a fused, biased gate_up Linear, in the per-expert loop
+    (top-2, index_add_) and the top-1 mask-assignment loop: rewritten with the layout the expert
+    reads (interleaved columns or halves), output and every gradient equal to eager. The clamp limit
+    is small so that both clamps are hit."""
+    import functools
+    from moe_modules import InterleavedGateMLP, LoopMoE, MaskDispatchMoE
+    torch.manual_seed(0)
+    expert = functools.partial(InterleavedGateMLP, layout=layout)
+    mod = LoopMoE(d=16, n=8, E=4, K=2, mask="eq", expert=expert) if block == "loop_top2" else \
+        MaskDispatchMoE(d=16, n=8, E=4, expert=expert)
+    x = torch.randn(2, 5, 16) if block == "loop_top2" else torch.randn(10, 16)
+    be = check_grads(mod, (x,))
+    assert counters["sonic"]["moe_rewrites"] == 1, be.reports
+    calls = [n for gm in be.graphs for n in gm.graph.nodes
+             if n.target in (torch.ops.moe_inductor.fused_moe_experts.default, torch.ops.moe_inductor.fused_moe.default)]
+    assert len(calls) == 1
+    assert calls[0].kwargs.get("interleaved", False) is (layout == "interleaved")
+    assert calls[0].args[10] == "gptoss:1.702:0.5"

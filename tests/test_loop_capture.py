@@ -281,11 +281,13 @@ def test_mixtral_eager_experts_one_graph_rewritten_and_exact():
     "longcat_flash",  # hit loop with `.item()`, `numel() == 0` skip, identity (zero-compute) experts
     "step3p7",        # hit loop, padding expert skipped, clamped SwiGLU
     "qwen3_moe",      # another decorated family with experts_impl="eager"
+    "gpt_oss",        # "eager" experts: z @ P[e] + bias[e], clamped gate on interleaved columns
 ])
 def test_family_one_graph_and_exact(family):
     hf_models = pytest.importorskip("hf_models")
-    impl = "eager" if family == "qwen3_moe" else None
-    _hf_compare(family, experts_impl=impl)
+    impl = "eager" if family in ("qwen3_moe", "gpt_oss") else None
+    rewrites, blocks = _hf_compare(family, experts_impl=impl)
+    assert rewrites == blocks == 2
 
 
 def test_host_read_outside_a_loop_is_named():

@@ -197,6 +197,35 @@ def test_expert_lists_match_stacked(activation, split_up, bias, recompute_h):
         torch.testing.assert_close(torch.stack(grads[k + E + nb:]), rb2)
 
 
+@pytest.mark.parametrize("recompute_h", [False, True])
+def test_expert_lists_interleaved_match_naive(recompute_h):
+    """GPT-OSS's layout per expert (w_gate[e] (2n, d), gate on even rows, up on odd, clamped gate):
+    ``interleaved=True`` gives the naive loop's output and gradients; without it the halves would be
+    read one after the other, a different function (checked, so the flag is what makes it right)."""
+    act = "gptoss:1.702:0.5"
+    x, tok, ex, s, w1, w2, b1, b2 = make(23, 16, 8, 4, 2, dtype=torch.float64, gated=True, bias=True)
+    lists = expert_lists(w1, w2, b1, b2, split_up=False)
+    xs, ss = x.clone().requires_grad_(), s.clone().requires_grad_()
+    out = fused_moe_experts(xs, tok, ex, ss, lists["w_gate"], lists["w_down"], b_gate=lists["b_gate"],
+                            b_down=lists["b_down"], activation=act, recompute_h=recompute_h, interleaved=True)
+    leaves = [xs, ss] + lists["w_gate"] + lists["w_down"] + lists["b_gate"] + lists["b_down"]
+    gout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, leaves, gout)
+    w1r, w2r, b1r, b2r = (t.clone().requires_grad_() for t in (w1, w2, b1, b2))
+    ref = naive_moe(xs, tok, ex, ss, w1r, w2r, b1r, b2r, act, True)
+    torch.testing.assert_close(out, ref)
+    E = w1.shape[0]
+    want = torch.autograd.grad(ref, [xs, ss, w1r, w2r, b1r, b2r], gout)
+    got = [grads[0], grads[1]] + [torch.stack(grads[2 + i * E:2 + (i + 1) * E]) for i in range(4)]
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+    other = naive_moe(x, tok, ex, s, w1, w2, b1, b2, act, False)
+    assert not torch.allclose(other, ref.detach())
+    with pytest.raises(ValueError, match="interleaved=True needs"):
+        fused_moe_experts(x, tok, ex, s, [w[:8] for w in lists["w_gate"]], lists["w_down"],
+                          w_up=[w[8:] for w in lists["w_gate"]], activation=act, interleaved=True)
+
+
 def test_expert_lists_save_no_weight_copy():
     """The op stacks the lists inside (transiently): backward keeps the parameters, not a copy."""
     T, d, n, E, K = 256, 64, 32, 16, 4
@@ -220,6 +249,11 @@ def test_expert_lists_opcheck():
             torch.ops.moe_inductor.fused_moe_experts.default,
             (x.requires_grad_(), tok, ex, s.requires_grad_(), lists["w_gate"], lists["w_up"], lists["w_down"],
              lists["b_gate"], lists["b_up"], lists["b_down"], "swiglu", recompute, "torch"))
+    fused = expert_lists(w1, w2, b1, b2, split_up=False)  # GPT-OSS's interleaved (2n, d) per expert
+    torch.library.opcheck(
+        torch.ops.moe_inductor.fused_moe_experts.default,
+        (x, tok, ex, s, fused["w_gate"], [], fused["w_down"], fused["b_gate"], [], fused["b_down"],
+         "gptoss:1.702:7.0", False, "torch"), dict(interleaved=True))
 
 
 @pytest.mark.parametrize("change,err", [
