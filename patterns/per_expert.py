@@ -102,11 +102,32 @@ def _score_of(v: fx.Node, sel, on: str):
     return None, v
 
 
+_INPLACE_MUL = (operator.imul, torch.Tensor.mul_)
+
+
+def _constant_scale(v: fx.Node) -> tuple:
+    """(c, the scaled node, the in-place node) if ``v`` is ``y *= c`` / ``y.mul_(c)`` for a Python
+    number c on a fresh result y (not a view, read by nothing but that multiply): NLLB-MoE's eval-mode
+    ``*= 1 - moe_token_dropout``. The scale is then folded into the routing weights (the combine is
+    linear in each expert's output). (1.0, v, None) otherwise."""
+    inplace = (v.op == "call_function" and v.target in _INPLACE_MUL) or (v.op == "call_method" and v.target == "mul_")
+    if not inplace or len(v.args) != 2 or v.kwargs:
+        return 1.0, v, None
+    y, c = v.args
+    if not isinstance(c, (int, float)) or isinstance(c, bool) or not isinstance(y, fx.Node) or set(y.users) != {v}:
+        return 1.0, v, None
+    if y.op not in ("call_function", "call_method") or (y.args and isinstance(y.args[0], fx.Node)
+                                                        and (safety.is_view_of(y, y.args[0]) or is_mutation(y, y.args[0]))):
+        return 1.0, v, None
+    return float(c), safety.strip_casts(y), v
+
+
 def analyse_unit(write) -> dict:
     """One expert's dispatch, expert MLP and scores behind ``write`` (raises Declined)."""
     sel = recognise("dispatch", write.index, required=f"the index {getattr(write.index, 'name', write.index)} "
                                                        "the result is written at (an expert's selection of rows)")
     v = safety.strip_casts(write.value)
+    scale, v, scale_node = _constant_scale(v)
     score, core = _score_of(v, sel, "output")
     for n in (v, core):
         if n.args and isinstance(n.args[0], fx.Node) and is_mutation(n, n.args[0]):
@@ -137,10 +158,11 @@ def analyse_unit(write) -> dict:
             or (sel.mask is not None and safety.same_rows(gidx, sel.mask))):
         raise Declined(f"proof: the expert reads rows {getattr(gidx, 'name', gidx)} but its output is written at "
                        f"{getattr(write.index, 'name', write.index)}: not the same selection")
-    safety.need_pure_path(write.value, z)
+    allowed = [scale_node] if scale_node is not None else []
+    safety.need_pure_path(write.value, z, allowed)
     if score is not None and score.on == "input":
-        safety.need_pure_path(write.value, score.node)
-    return dict(write=write, sel=sel, mlp=mlp, score=score, x=x, gathered=z)
+        safety.need_pure_path(write.value, score.node, allowed)
+    return dict(write=write, sel=sel, mlp=mlp, score=score, x=x, gathered=z, scale=scale)
 
 
 def _acc_start(acc: fx.Node):
@@ -209,6 +231,12 @@ def analyse_group(units: list, graph: fx.Graph) -> MoEBlock:
         need(len({u["score"].on for u in units}) == 1, "scores: applied to the input by some experts, the output "
                                                         "by others")
     on = units[0]["score"].on if scored else "output"
+    scales = {u["scale"] for u in all_units}
+    need(len(scales) == 1, f"scores: the experts scale their outputs by different constants {sorted(scales)}")
+    scale = scales.pop()
+    if scale != 1.0:
+        need(on == "output", "scores: a constant scale of the output with the routing weights applied to the input")
+        need(identity is None, "experts: a constant scale of the outputs together with identity experts")
 
     # from here on, every unit (MLP and identity experts): the same routing, scores and result
     mlp_units, units = units, all_units
@@ -264,7 +292,7 @@ def analyse_group(units: list, graph: fx.Graph) -> MoEBlock:
 
     lift = _lift_assignment_rows(units, acc, x, layout, kind, order) if kind == "assign" else None
     return _block(mlp_units, acc, x, layout, kind, start_kind, base, lo, E, act, scored, on, lift, order,
-                  all_units=units, identity=identity)
+                  all_units=units, identity=identity, scale=scale)
 
 
 def _identity_experts(id_units: list, mlp_units: list, layout: str, kind: str) -> Optional[tuple]:
@@ -385,7 +413,7 @@ def _remap(graph, ids, lo, E, ncls, like):
 
 
 def _block(units, acc, x, layout, kind, start_kind, base, lo, E, act, scored, on, lift, order,
-           all_units=None, identity=None) -> MoEBlock:
+           all_units=None, identity=None, scale: float = 1.0) -> MoEBlock:
     """``units``: the MLP experts' units; ``all_units``: those and the identity experts' (whose
     writes go too), ``identity``: (first, end) of the identity experts' ids, or None."""
     all_units = units if all_units is None else all_units
@@ -574,9 +602,16 @@ def _block(units, acc, x, layout, kind, start_kind, base, lo, E, act, scored, on
                     out = method(graph, "sum", method(graph, "reshape", out, -1, fold, d, like=last_anchor), 1,
                                  like=last_anchor)
             outer_replace(out)
+    if scale != 1.0:  # every expert's output times the same constant: the same as weights times it
+        weight_scores = scores
+
+        def scores(graph):  # noqa: F811
+            return call(graph, operator.mul, weight_scores(graph), scale, like=last_anchor)
+
     K = int_value(shape_of(sel0.routing)[1]) if layout == "pairs" else (lift["K"] if lift is not None else 1)
     desc = f"dispatch={sel0.spelling}, experts={mlp0.spelling}, combine={first['write'].spelling}" + \
-        (f", scores={first['score'].spelling}" if scored else "") + (", then a weighted per-token sum" if lift else "")
+        (f", scores={first['score'].spelling}" if scored else "") + (", then a weighted per-token sum" if lift else "") + \
+        (f", outputs scaled by {scale!r} in place" if scale != 1.0 else "")
     return MoEBlock(
         idiom=IDIOM, anchor=lift["anchor"] if lift is not None else last_anchor, x=x_rows,
         token_ids=token_ids, expert_ids=expert_ids, scores=scores,

@@ -371,3 +371,53 @@ def test_clamped_gate_layouts_in_expert_loops(block, layout):
     assert len(calls) == 1
     assert calls[0].kwargs.get("interleaved", False) is (layout == "interleaved")
     assert calls[0].args[10] == "gptoss:1.702:0.5"
+
+
+# --------------------------------------------------------------------------- constant scale of expert outputs
+
+class ScaledOutputLoop(torch.nn.Module):
+    """Top-2 loop whose expert outputs are scaled in place (NLLB-MoE eval: ``y *= 1 - p``).
+    variant: "const" (rewritten: the constant goes into the routing weights), "per_expert" (each
+    expert its own constant), "tensor" (a tensor buffer, not a constant), "read" (y is read before
+    it is scaled)."""
+
+    def __init__(self, variant="const", d=16, n=8, E=4, K=2):
+        super().__init__()
+        from moe_modules import GatedMLP
+        self.router = torch.nn.Linear(d, E, bias=False)
+        self.experts = torch.nn.ModuleList([GatedMLP(d, n) for _ in range(E)])
+        self.variant, self.E, self.K = variant, E, K
+        self.register_buffer("c", torch.tensor(0.8))
+
+    def forward(self, x):
+        w, sel = torch.topk(Fn.softmax(self.router(x), -1), self.K, dim=-1)
+        out, aux = torch.zeros_like(x), x.new_zeros(())
+        for e in range(self.E):
+            tok, k = torch.where(sel == e)
+            y = self.experts[e](x[tok]) * w[tok, k, None]
+            if self.variant == "read":
+                aux = aux + y.sum()
+            if self.variant == "tensor":
+                y *= self.c
+            else:
+                y *= 0.5 + 0.1 * e if self.variant == "per_expert" else 0.8
+            out.index_add_(0, tok, y)
+        return out + aux
+
+
+@pytest.mark.parametrize("variant,reason", [
+    ("const", None),
+    ("per_expert", "scale their outputs by different constants"),
+    ("tensor", "in place"),
+    ("read", "in place"),
+])
+def test_constant_output_scale(variant, reason):
+    torch.manual_seed(0)
+    mod = ScaledOutputLoop(variant)
+    be = check_grads(mod, (torch.randn(10, 16),))
+    if reason is None:
+        assert counters["sonic"]["moe_rewrites"] == 1 and "outputs scaled by 0.8" in be.candidates[0].parts
+    else:
+        assert counters["sonic"]["moe_rewrites"] == 0
+        assert [c.status for c in be.candidates] == ["declined"] and reason in be.candidates[0].reason, \
+            [(c.status, c.reason) for c in be.candidates]
