@@ -910,6 +910,10 @@ def _rewrite_loop(fdef, loop, self_name, stores, counts) -> tuple:
         new_body = [_ScalarForms(vector_name).visit(s) for s in new_body]
         scalars.add(EXPERT)
     new_body = [_ItemOfScalar(scalars | {EXPERT}).visit(s) for s in new_body]
+    # ``e = e.item()`` of a scalar id became ``e = e``: nothing is bound any more (Nemotron-H)
+    new_body = [s for s in new_body if not (isinstance(s, ast.Assign) and len(s.targets) == 1
+                                            and isinstance(s.targets[0], ast.Name) and isinstance(s.value, ast.Name)
+                                            and s.targets[0].id == s.value.id and s.value.id in scalars)]
     for s in new_body:
         ast.fix_missing_locations(s)
         for n in ast.walk(s):
@@ -972,7 +976,10 @@ def _in_range_guard(checker, body, loop, hit) -> list:
     either. Static under Dynamo (sizes). (An expert past the end that had tokens made eager raise
     IndexError; the rewritten loop leaves it out.)"""
     body_names = checker._body_names
-    aliases = {EXPERT} | ({loop.target.id} if isinstance(loop.target, ast.Name) and not hit else set())
+    # the loop variable is the id for range()/enumerate() loops and for a hit loop over 0-d rows
+    # (``nonzero().squeeze(-1)``); a hit loop over (1,) rows maps its scalar forms to EXPERT instead
+    aliases = {EXPERT} | ({loop.target.id} if isinstance(loop.target, ast.Name)
+                          and (not hit or loop.target.id in checker.scalars) else set())
     if not hit and isinstance(loop.target, ast.Tuple) and isinstance(loop.target.elts[0], ast.Name):
         aliases.add(loop.target.elts[0].id)
     for s in body:  # names bound to the expert id itself (`e = _sonic_expert`, `e = int(...)`)

@@ -74,6 +74,7 @@ def _skewed_input(model, B=2, S=5, d=32, seed=0):
 FORMS = [
     (loop_forms.HitLoopMoE, "for e in hit", 1),             # transformers 5.x eager experts, NLLB, DBRX
     (loop_forms.HitLoopPaddedMoE, "for e in hit", 1),       # E + 1 classes, padding expert skipped, stacked weights
+    (loop_forms.HitLoopScalarMoE, "for e in hit", 1),       # Nemotron-H: 0-d rows, e = e.item(), E + 1 classes
     (loop_forms.BincountSkipMoE, "counts[i] == 0", 1),      # DeepSeek-V3 official inference, y[idx] += ...
     (loop_forms.ShapeSkipMoE, "top_x.shape[0] == 0", 1),    # transformers 4.36 Mixtral, tolist() indices
     (loop_forms.MaskAnyMoE, "flat_mask.any()", 1),          # makeMoE: (B, S) token masks, (B, S, d) += combine
@@ -282,12 +283,13 @@ def test_mixtral_eager_experts_one_graph_rewritten_and_exact():
     "step3p7",        # hit loop, padding expert skipped, clamped SwiGLU
     "qwen3_moe",      # another decorated family with experts_impl="eager"
     "gpt_oss",        # "eager" experts: z @ P[e] + bias[e], clamped gate on interleaved columns
+    "nemotron_h",     # its own "eager" experts: 1-D hit list, `e = e.item()`, one_hot over E + 1, relu^2
 ])
 def test_family_one_graph_and_exact(family):
     hf_models = pytest.importorskip("hf_models")
-    impl = "eager" if family in ("qwen3_moe", "gpt_oss") else None
+    impl = "eager" if family in ("qwen3_moe", "gpt_oss", "nemotron_h") else None
     rewrites, blocks = _hf_compare(family, experts_impl=impl)
-    assert rewrites == blocks == 2
+    assert rewrites == blocks == (1 if family == "nemotron_h" else 2)
 
 
 def test_host_read_outside_a_loop_is_named():
