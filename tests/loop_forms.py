@@ -57,35 +57,6 @@ class HitLoopMoE(_Routed):
         return out.view(shape)
 
 
-class HitLoopScalarMoE(_Routed):
-    """Nemotron-H's own experts: one_hot over E + 1 classes with no explicit skip of the padding
-    expert, 0-d hit rows (``nonzero().squeeze(-1)``) made ints by ``e = e.item()`` (the same name),
-    an ``if tok.numel() == 0: continue`` skip, stacked (E, n, d) / (E, d, n) weights, relu^2."""
-
-    def __init__(self, d=32, n=16, E=6, K=2):
-        super().__init__(d, n, E, K)
-        del self.experts
-        self.up = nn.Parameter(torch.randn(E, n, d) * d ** -0.5)
-        self.down = nn.Parameter(torch.randn(E, d, n) * n ** -0.5)
-
-    def forward(self, x):
-        shape = x.shape
-        h = x.reshape(-1, shape[-1])
-        weights, ids = self.route(h)
-        out = torch.zeros_like(h)
-        with torch.no_grad():
-            mask = F.one_hot(ids, num_classes=self.num_experts + 1).permute(2, 1, 0)
-            hit = torch.greater(mask.sum(dim=(-1, -2)), 0).nonzero().squeeze(-1)
-        for e in hit:
-            e = e.item()
-            slot, tok = torch.where(mask[e])
-            if tok.numel() == 0:
-                continue
-            y = F.linear(torch.relu(F.linear(h[tok], self.up[e])) ** 2, self.down[e]) * weights[tok, slot, None]
-            out.index_add_(0, tok, y.to(out.dtype))
-        return out.view(shape)
-
-
 class HitLoopPaddedMoE(_Routed):
     """Step3p7 / transformers 5.x Mixtral "eager": one_hot over E + 1 classes, ``torch.greater``,
     a skip of the padding expert ``if e == self.num_experts: continue``, stacked expert weights
@@ -97,19 +68,44 @@ class HitLoopPaddedMoE(_Routed):
         self.gate_up = nn.Parameter(torch.randn(E, 2 * n, d) * d ** -0.5)
         self.down = nn.Parameter(torch.randn(E, d, n) * n ** -0.5)
 
-    def forward(self, x):
+    def _padded_mask(self, x):
+        """(input shape, token rows, top-k weights, zero result, one-hot mask over E + 1 classes)."""
         shape = x.shape
         h = x.reshape(-1, shape[-1])
         weights, ids = self.route(h)
-        out = torch.zeros_like(h)
         with torch.no_grad():
             mask = F.one_hot(ids, num_classes=self.num_experts + 1).permute(2, 1, 0)
+        return shape, h, weights, torch.zeros_like(h), mask
+
+    def forward(self, x):
+        shape, h, weights, out, mask = self._padded_mask(x)
+        with torch.no_grad():
             hit = torch.greater(mask.sum(dim=(-1, -2)), 0).nonzero()
         for e in hit:
             e = e[0]
             if e == self.num_experts:
                 continue
             slot, tok = torch.where(mask[e])
+            gate, up = F.linear(h[tok], self.gate_up[e]).chunk(2, dim=-1)
+            y = F.linear(F.silu(gate) * up, self.down[e]) * weights[tok, slot, None]
+            out.index_add_(0, tok, y.to(out.dtype))
+        return out.view(shape)
+
+
+class HitLoopScalarMoE(HitLoopPaddedMoE):
+    """Nemotron-H's own experts: one_hot over E + 1 classes with no explicit skip of the padding
+    expert, 0-d hit rows (``nonzero().squeeze(-1)``) made ints by ``e = e.item()`` (the same name),
+    an ``if tok.numel() == 0: continue`` skip, stacked expert weights."""
+
+    def forward(self, x):
+        shape, h, weights, out, mask = self._padded_mask(x)
+        with torch.no_grad():
+            hit = torch.greater(mask.sum(dim=(-1, -2)), 0).nonzero().squeeze(-1)
+        for e in hit:
+            e = e.item()
+            slot, tok = torch.where(mask[e])
+            if tok.numel() == 0:
+                continue
             gate, up = F.linear(h[tok], self.gate_up[e]).chunk(2, dim=-1)
             y = F.linear(F.silu(gate) * up, self.down[e]) * weights[tok, slot, None]
             out.index_add_(0, tok, y.to(out.dtype))
