@@ -103,11 +103,14 @@ def _score_of(v: fx.Node, sel, on: str):
 
 
 _INPLACE_MUL = (operator.imul, torch.Tensor.mul_)
+# results that are always new tensors (never an alias of an argument)
+_FRESH_FUNCTIONS = (operator.mul, torch.mul, operator.matmul, torch.matmul, torch.nn.functional.linear,
+                    torch._C._nn.linear)
 
 
 def _constant_scale(v: fx.Node) -> tuple:
     """(c, the scaled node, the in-place node) if ``v`` is ``y *= c`` / ``y.mul_(c)`` for a Python
-    number c on a fresh result y (not a view, read by nothing but that multiply): NLLB-MoE's eval-mode
+    number c on a fresh result y (a product or a projection, read by nothing but that multiply): NLLB-MoE's eval-mode
     ``*= 1 - moe_token_dropout``. The scale is then folded into the routing weights (the combine is
     linear in each expert's output). (1.0, v, None) otherwise."""
     inplace = (v.op == "call_function" and v.target in _INPLACE_MUL) or (v.op == "call_method" and v.target == "mul_")
@@ -116,9 +119,9 @@ def _constant_scale(v: fx.Node) -> tuple:
     y, c = v.args
     if not isinstance(c, (int, float)) or isinstance(c, bool) or not isinstance(y, fx.Node) or set(y.users) != {v}:
         return 1.0, v, None
-    if y.op not in ("call_function", "call_method") or (y.args and isinstance(y.args[0], fx.Node)
-                                                        and (safety.is_view_of(y, y.args[0]) or is_mutation(y, y.args[0]))):
-        return 1.0, v, None
+    if not ((y.op == "call_function" and y.target in _FRESH_FUNCTIONS) or
+            (y.op == "call_method" and y.target in ("mul", "matmul", "__matmul__"))):
+        return 1.0, v, None  # e.g. a same-dtype .to() or a view: y may alias a tensor others read
     return float(c), safety.strip_casts(y), v
 
 

@@ -379,7 +379,7 @@ class ScaledOutputLoop(torch.nn.Module):
     """Top-2 loop whose expert outputs are scaled in place (NLLB-MoE eval: ``y *= 1 - p``).
     variant: "const" (rewritten: the constant goes into the routing weights), "per_expert" (each
     expert its own constant), "tensor" (a tensor buffer, not a constant), "read" (y is read before
-    it is scaled)."""
+    it is scaled), "alias" (the scaled tensor is a same-dtype ``.to()`` of y, which is also read)."""
 
     def __init__(self, variant="const", d=16, n=8, E=4, K=2):
         super().__init__()
@@ -397,6 +397,12 @@ class ScaledOutputLoop(torch.nn.Module):
             y = self.experts[e](x[tok]) * w[tok, k, None]
             if self.variant == "read":
                 aux = aux + y.sum()
+            if self.variant == "alias":  # a same-dtype .to() is y itself: the scale would reach aux too
+                z = y.to(y.dtype)
+                z *= 0.8
+                aux = aux + y.sum()
+                out.index_add_(0, tok, z)
+                continue
             if self.variant == "tensor":
                 y *= self.c
             else:
@@ -410,6 +416,7 @@ class ScaledOutputLoop(torch.nn.Module):
     ("per_expert", "scale their outputs by different constants"),
     ("tensor", "in place"),
     ("read", "in place"),
+    ("alias", "in place"),
 ])
 def test_constant_output_scale(variant, reason):
     torch.manual_seed(0)
