@@ -68,18 +68,13 @@ class HitLoopPaddedMoE(_Routed):
         self.gate_up = nn.Parameter(torch.randn(E, 2 * n, d) * d ** -0.5)
         self.down = nn.Parameter(torch.randn(E, d, n) * n ** -0.5)
 
-    def _padded_mask(self, x):
-        """(input shape, token rows, top-k weights, zero result, one-hot mask over E + 1 classes)."""
+    def forward(self, x):
         shape = x.shape
         h = x.reshape(-1, shape[-1])
         weights, ids = self.route(h)
+        out = torch.zeros_like(h)
         with torch.no_grad():
             mask = F.one_hot(ids, num_classes=self.num_experts + 1).permute(2, 1, 0)
-        return shape, h, weights, torch.zeros_like(h), mask
-
-    def forward(self, x):
-        shape, h, weights, out, mask = self._padded_mask(x)
-        with torch.no_grad():
             hit = torch.greater(mask.sum(dim=(-1, -2)), 0).nonzero()
         for e in hit:
             e = e[0]
@@ -98,18 +93,21 @@ class HitLoopScalarMoE(HitLoopPaddedMoE):
     an ``if tok.numel() == 0: continue`` skip, stacked expert weights."""
 
     def forward(self, x):
-        shape, h, weights, out, mask = self._padded_mask(x)
-        with torch.no_grad():
+        rows = x.reshape(-1, x.shape[-1])
+        weights, ids = self.route(rows)
+        out = torch.zeros_like(rows)
+        with torch.no_grad():  # the mask is proven >= 0 (one_hot), so the static check is on shapes only
+            mask = F.one_hot(ids, num_classes=self.num_experts + 1).permute(2, 1, 0)
             hit = torch.greater(mask.sum(dim=(-1, -2)), 0).nonzero().squeeze(-1)
         for e in hit:
             e = e.item()
             slot, tok = torch.where(mask[e])
             if tok.numel() == 0:
                 continue
-            gate, up = F.linear(h[tok], self.gate_up[e]).chunk(2, dim=-1)
+            gate, up = F.linear(rows[tok], self.gate_up[e]).chunk(2, dim=-1)
             y = F.linear(F.silu(gate) * up, self.down[e]) * weights[tok, slot, None]
             out.index_add_(0, tok, y.to(out.dtype))
-        return out.view(shape)
+        return out.view(x.shape)
 
 
 class BincountSkipMoE(_Routed):
