@@ -27,6 +27,7 @@ from torch._dynamo.utils import counters
 
 from . import dynamo_scope as _scope
 from . import cache_key as _cache_key
+from . import inductor_workarounds as _workarounds
 from . import op as _op  # noqa: F401  (registers torch.ops.moe_inductor)
 from .options import SonicOptions
 from .report import CompileReport, note_runs_on, record_report
@@ -342,7 +343,8 @@ def sonic(gm: fx.GraphModule, example_inputs, options: Optional[dict] = None, mo
     if not report.rewritten:
         return compile_fx(gm, example_inputs, config_patches=patches or None)
     try:
-        return compile_fx(gm, example_inputs, config_patches=patches or None)
+        # settings that keep Inductor right on graphs with the fused op (moe_inductor/inductor_workarounds.py)
+        return compile_fx(gm, example_inputs, config_patches=_workarounds.for_rewritten_graph(patches))
     except Exception as e:
         error = e
     try:
