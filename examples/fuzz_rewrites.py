@@ -2,8 +2,12 @@
 
 Each case builds a block from a random spelling of each part (dispatch, experts, combine; scores
 on the input or the output; E in {1, 2, 3, 5, 8}, K <= E, T in {1, 2, 3, 7, 13}, skewed routing,
-biases, silu/gelu/relu, gated or plain), possibly mutated into a near-miss, and compares the
-rewritten graph (run eagerly) with eager: output and every gradient at atol = rtol = 1e-4.
+biases, silu/gelu/relu, gated or plain; with ``--routers`` softmax, biased-sigmoid or
+group-limited routers; with ``--dtypes`` fp32, bf16 or fp16), possibly mutated into a near-miss,
+and compares it with eager: output and every gradient, fp32 at atol = rtol = 1e-4, bf16/fp16 by
+relative norm error (``TOLERANCES`` in the generator). ``--backend light`` runs the rewritten
+graph eagerly (the rewrite alone, fast); ``--backend sonic`` runs the whole backend, Inductor
+included, as users do (issue 22's zero gradient showed only there).
 
 Findings, most important first:
 - wrong rewrite: a block was rewritten and compiled != eager;
@@ -15,6 +19,8 @@ Also the rewrite rate of valid blocks per combination of spellings (reported, no
 
     python examples/fuzz_rewrites.py --cases 300 --seed 1
     python examples/fuzz_rewrites.py --cases 50 --seed 7 --out examples/results/fuzz_seed7.json
+    python examples/fuzz_rewrites.py --cases 300 --seed 22 --backend sonic \
+        --dtypes float32,bfloat16,float16 --routers softmax,sigmoid_bias,group_limited
 
 Exit status 1 if there is a wrong rewrite, a near-miss rewritten or a case eager cannot run.
 """
@@ -58,14 +64,22 @@ def main(argv=None) -> int:
     ap.add_argument("--mutation-rate", type=float, default=0.4)
     ap.add_argument("--out", default=None, help="JSON path (default examples/results/fuzz_rewrites_seed<S>.json)")
     ap.add_argument("--quiet", action="store_true", help="one line per finding only")
+    ap.add_argument("--backend", choices=("light", "sonic"), default="light",
+                    help="light: the rewritten graph run eagerly; sonic: the whole backend, Inductor included")
+    ap.add_argument("--dtypes", default="float32", help=f"comma-separated, of {sorted(G.DTYPES)}")
+    ap.add_argument("--routers", default="softmax", help=f"comma-separated, of {list(G.ROUTERS)}")
     args = ap.parse_args(argv)
+    dtypes, routers = tuple(args.dtypes.split(",")), tuple(args.routers.split(","))
+    for value, known in [(v, G.DTYPES) for v in dtypes] + [(v, G.ROUTERS) for v in routers]:
+        if value not in known:
+            ap.error(f"unknown {value!r}; choose from {sorted(known)}")
     out_path = args.out or os.path.join(HERE, "results", f"fuzz_rewrites_seed{args.seed}.json")
     logging.getLogger("torch._dynamo").setLevel(logging.ERROR)
 
     outcomes, generator_errors, t0 = [], [], time.time()
-    for i, spec in enumerate(G.cases(args.cases, args.seed, args.mutation_rate)):
+    for i, spec in enumerate(G.cases(args.cases, args.seed, args.mutation_rate, dtypes=dtypes, routers=routers)):
         try:
-            o = G.run_case(spec)
+            o = G.run_case(spec, backend=args.backend)
         except Exception as e:  # eager itself failed: a bug of the generator, not of the rewrite
             generator_errors.append(dict(spec=spec.describe(), error=f"{type(e).__name__}: {e}"[:500]))
             print(f"[{i + 1}/{args.cases}] GENERATOR ERROR {spec.describe()}: {type(e).__name__}: {e}", flush=True)
@@ -88,8 +102,17 @@ def main(argv=None) -> int:
     for o in near:
         per_mutation[o.spec.mutation][0] += o.rewritten > 0
         per_mutation[o.spec.mutation][1] += 1
+    per_dtype_router = collections.defaultdict(lambda: [0, 0, 0])  # cases, rewritten, numerics wrong
+    for o in outcomes:
+        row = per_dtype_router[f"{o.spec.dtype}/{o.spec.router}"]
+        row[0] += 1
+        row[1] += o.rewritten > 0
+        row[2] += not o.numerics_ok
     summary = dict(
-        cases=len(outcomes), seed=args.seed, seconds=round(time.time() - t0, 1),
+        cases=len(outcomes), seed=args.seed, seconds=round(time.time() - t0, 1), backend=args.backend,
+        dtypes=list(dtypes), routers=list(routers),
+        per_dtype_router={k: dict(cases=c, rewritten=r, numerics_wrong=w)
+                          for k, (c, r, w) in sorted(per_dtype_router.items())},
         wrong_rewrites=sum(o.wrong_rewrite for o in outcomes),
         near_misses=len(near), near_misses_rewritten=sum(o.near_miss_rewritten for o in near),
         near_misses_rewritten_allowed=sum(o.rewritten > 0 and G.rewrite_allowed(o.spec) for o in near),
@@ -116,6 +139,7 @@ def main(argv=None) -> int:
     for k, v in summary["rewrite_rate_per_combination"].items():
         print(f"    {v:>6}  {k}")
     print(f"  near-misses rewritten per mutation: {summary['near_miss_rewritten_per_mutation']}")
+    print(f"  per dtype/router (cases, rewritten, numerics wrong): {summary['per_dtype_router']}")
     if generator_errors:
         print(f"  generator errors (eager failed; cases left out): {len(generator_errors)}")
     print(f"  JSON: {out_path}")
