@@ -76,6 +76,7 @@ def main(argv=None) -> int:
     out_path = args.out or os.path.join(HERE, "results", f"fuzz_rewrites_seed{args.seed}.json")
     logging.getLogger("torch._dynamo").setLevel(logging.ERROR)
 
+    git = _git_state()  # the code the cases run on (imported now; later edits of the tree do not apply)
     outcomes, generator_errors, t0 = [], [], time.time()
     for i, spec in enumerate(G.cases(args.cases, args.seed, args.mutation_rate, dtypes=dtypes, routers=routers)):
         try:
@@ -124,7 +125,7 @@ def main(argv=None) -> int:
         generator_errors=generator_errors,
     )
     env = dict(torch=torch.__version__, python=platform.python_version(), machine=platform.machine(),
-               git=_git_state())
+               git=git)
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     with open(out_path, "w") as f:
         json.dump(dict(summary=summary, environment=env, outcomes=[o.as_dict() for o in outcomes]), f, indent=1)

@@ -209,12 +209,14 @@ def rewrite_moe(gm: fx.GraphModule, opts: SonicOptions) -> CompileReport:
     """Replace every recognised MoE block of ``gm`` in place, and of the nested regions it enters
     (bodies of activation checkpointing and other wrappers: ``moe_inductor/regions.py``); return
     what was seen. A block in a region that is not entered is reported as declined."""
+    from .isolation import user_hooks_deferred
     from .regions import rewrite_nested
 
     report = CompileReport()
-    _rewrite_graph(gm, opts, report)
-    rewrite_nested(gm, lambda body, region: _rewrite_graph(body, opts, report, region=region.describe()),
-                   lambda region: _report_not_entered(region, report))
+    with user_hooks_deferred():  # the fake runs must not call the user's saved-tensor hooks
+        _rewrite_graph(gm, opts, report)
+        rewrite_nested(gm, lambda body, region: _rewrite_graph(body, opts, report, region=region.describe()),
+                       lambda region: _report_not_entered(region, report))
     return report
 
 

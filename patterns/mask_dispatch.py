@@ -322,8 +322,11 @@ def same_shape(a, b) -> bool:
 
 
 def is_candidate(node: fx.Node) -> bool:
-    """A setitem whose index is, or holds, a boolean tensor."""
+    """A setitem of a tensor value whose index is, or holds, a boolean tensor (a masked fill with a
+    constant, ``out[out == 0] = eps``, writes no expert output: not a candidate)."""
     if node.op != "call_function" or node.target is not operator.setitem or len(node.args) != 3:
+        return False
+    if not isinstance(node.args[2], fx.Node):
         return False
     idx = node.args[1]
     parts = idx if isinstance(idx, (tuple, list)) else (idx,)

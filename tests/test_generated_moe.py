@@ -17,7 +17,9 @@ import pytest
 import moe_generator as G
 
 SEED, CASES = 2026, 12  # plus up to 5 supported combinations and 21 near-misses below
+FULL_CASES = 4  # random cases through the whole backend, Inductor included (issue 22 showed only there)
 _OUTCOMES: list = []
+_DRAW = dict(dtypes=tuple(G.DTYPES), routers=G.ROUTERS)  # fp32, bf16, fp16; softmax, biased sigmoid, group-limited
 
 
 def check(outcome: G.Outcome) -> None:
@@ -29,11 +31,16 @@ def check(outcome: G.Outcome) -> None:
         assert outcome.rewritten == 1, f"supported block not rewritten: {spec.describe()}: {outcome.declined}"
 
 
-@pytest.mark.parametrize("spec", G.cases(CASES, SEED), ids=lambda s: f"seed{s.seed}")
+@pytest.mark.parametrize("spec", G.cases(CASES, SEED, **_DRAW), ids=lambda s: f"seed{s.seed}-{s.dtype}-{s.router}")
 def test_random_case(spec):
     outcome = G.run_case(spec)
     _OUTCOMES.append(outcome)
     check(outcome)
+
+
+@pytest.mark.parametrize("spec", G.cases(FULL_CASES, SEED + 1, **_DRAW), ids=lambda s: f"seed{s.seed}-{s.dtype}-{s.router}")
+def test_random_case_full_backend(spec):
+    check(G.run_case(spec, backend="sonic"))
 
 
 def _base(combo, mutation=None, **kw) -> G.Spec:
