@@ -39,6 +39,21 @@ _VIEW_FUNCTIONS = {
 }
 
 
+# ops whose tuple outputs are fresh tensors: no output aliases an input or another output (top-k
+# values and indices, sort, max/min along a dim, nonzero-style where): ``vals /= vals.sum()`` on
+# top-k values does not write the ids
+_FRESH_TUPLE_METHODS = {"topk", "sort", "max", "min", "kthvalue", "median", "mode", "nonzero", "unique", "aminmax"}
+_FRESH_TUPLE_FUNCTIONS = {torch.topk, torch.sort, torch.max, torch.min, torch.kthvalue, torch.median, torch.mode,
+                          torch.where, torch.nonzero, torch.unique, torch.aminmax}
+
+
+def _fresh_tuple(node: fx.Node) -> bool:
+    """``node`` returns a tuple of freshly allocated tensors."""
+    if node.op == "call_method":
+        return node.target in _FRESH_TUPLE_METHODS
+    return node.op == "call_function" and node.target in _FRESH_TUPLE_FUNCTIONS
+
+
 def _basic_index(index) -> bool:
     """An index made only of ints, slices, None and Ellipsis: ``t[index]`` is a view of t."""
     parts = index if isinstance(index, tuple) else (index,)
@@ -53,8 +68,11 @@ def is_view_of(node: fx.Node, base: fx.Node) -> bool:
         return node.target in _VIEW_METHODS
     if node.op == "call_function":
         if node.target is operator.getitem:
-            # tuple outputs (chunk/split/where results) are views when their producer is
-            return isinstance(example_value(base), (tuple, list)) or _basic_index(node.args[1])
+            # tuple outputs (chunk/split results) are views when their producer is; those of ops that
+            # allocate their outputs (topk, sort, max(dim), where(mask)) are not
+            if isinstance(example_value(base), (tuple, list)):
+                return not _fresh_tuple(base)
+            return _basic_index(node.args[1])
         return node.target in _VIEW_FUNCTIONS
     return False
 

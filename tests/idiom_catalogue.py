@@ -107,22 +107,37 @@ class Llama4Dense(nn.Module):
 
 
 class GptFastEinsum(nn.Module):
-    """gpt-fast ``mixtral-moe/model.py`` ``MOEFeedForward`` + ``ConditionalFeedForward``: weights
-    gathered per (token, slot) and contracted with einsum, combine einsum over the slots."""
+    """gpt-fast ``mixtral-moe/model.py`` ``MOEFeedForward`` + ``ConditionalFeedForward`` (also in
+    PyTorch's ``benchmarks/gpt_fast/mixtral_moe_model.py``), op for op: ``x.view(-1, dim)``, softmax,
+    top-k, the in-place renormalisation ``expert_weights /= ...`` (a quick re-spelling as
+    ``w = w / ...`` hid that it was declined), weights gathered per (token, slot) and contracted with
+    einsum, combine einsum over the slots, ``view(B, S, dim)``. Deviations: tiny sizes, the expert
+    weights are the ``ConditionalFeedForward`` parameters held here (one module instead of two)."""
 
     def __init__(self):
         super().__init__()
         self.gate = nn.Linear(D, E, bias=False)
         self.w1, self.w2, self.w3 = gated_weights()
+        self.dim, self.num_activated_experts = D, K
+
+    def cond_ffn(self, x, expert_indices):
+        w1_weights = self.w1[expert_indices]  # [T, A, D, D]
+        w3_weights = self.w3[expert_indices]  # [T, A, D, D]
+        w2_weights = self.w2[expert_indices]  # [T, A, D, D]
+        x1 = Fn.silu(torch.einsum("ti,taoi -> tao", x, w1_weights))
+        x3 = torch.einsum("ti, taoi -> tao", x, w3_weights)
+        return torch.einsum("tao, taio -> tai", (x1 * x3), w2_weights)
 
     def forward(self, x):
-        probs = Fn.softmax(self.gate(x), dim=-1)
-        w, ids = torch.topk(probs, K, dim=-1)
-        w = w / w.sum(dim=-1, keepdim=True)
-        g = Fn.silu(torch.einsum("ti,taoi->tao", x, self.w1[ids]))
-        u = torch.einsum("ti,taoi->tao", x, self.w3[ids])
-        y = torch.einsum("tao,taio->tai", g * u, self.w2[ids])
-        return torch.einsum("tai,ta->ti", y, w)
+        B, S = x.shape[:2]
+        x = x.view(-1, self.dim)
+        scores = self.gate(x)  # [T, E]
+        expert_weights = Fn.softmax(scores, dim=-1)
+        expert_weights, expert_indices = torch.topk(expert_weights, self.num_activated_experts, dim=-1)
+        expert_weights /= expert_weights.sum(dim=-1, keepdim=True)  # [T, A]
+        expert_outs = self.cond_ffn(x, expert_indices)
+        int_v1 = torch.einsum("tai,ta -> ti", expert_outs, expert_weights)
+        return int_v1.view(B, S, self.dim)
 
 
 class HFBatchedMM(nn.Module):
@@ -428,7 +443,7 @@ CATALOGUE = [
           seeded(2, lambda: MaskDispatchMoE(d=D, n=N, E=E, mask="onehot", init="clone", capacity=CAPACITY)),
           _x, expect=1),
     Idiom("gpt_fast_einsum", "gpt-fast mixtral-moe/model.py MOEFeedForward + ConditionalFeedForward",
-          seeded(3, GptFastEinsum), _x, expect=1),
+          seeded(3, GptFastEinsum), _x3d, expect=1),
     Idiom("hf_sorted_grouped_mm", "transformers 5.x integrations/moe.py grouped_mm experts (torch._grouped_mm, bf16)",
           seeded(4, HFSortedGroupedMM), tokens(dtype=torch.bfloat16), expect=1, dtype=torch.bfloat16, tol=2e-2),
     Idiom("hf_batched_mm", "transformers 5.x integrations/moe.py batched_mm experts",

@@ -27,7 +27,9 @@ spelling per part:
   ``sigmoid_bias`` (``sigmoid((gate(x) + bias_buffer).float())``, top-k, ``.to(x.dtype)``: the
   router of issue 22), ``group_limited`` (DeepSeek-V3: sigmoid scores, a correction-bias buffer
   for the selection only, top groups by their two best scores, top-k inside them, weights
-  gathered from the unbiased scores, renormalised with an eps, scaled, cast back);
+  gathered from the unbiased scores, renormalised with an eps, scaled, cast back),
+  ``softmax_inplace`` (gpt-fast / vLLM's reference: the renormalisation written in place on the
+  top-k values, ``w /= w.sum(-1, keepdim=True)``, declined before issue 18's aliasing fix);
 - dtype of the module and its input: float32, bfloat16 or float16.
 
 Near-miss mutations (``MUTATIONS``) change what the block computes; none may be rewritten unless
@@ -58,7 +60,7 @@ LAYOUTS = {
 }
 ACTIVATIONS = {"silu": Fn.silu, "gelu": Fn.gelu, "relu": Fn.relu}
 E_CHOICES, T_CHOICES = (1, 2, 3, 5, 8), (1, 2, 3, 7, 13)
-ROUTERS = ("softmax", "sigmoid_bias", "group_limited")
+ROUTERS = ("softmax", "sigmoid_bias", "group_limited", "softmax_inplace")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 #: per dtype: (atol, rtol) for the elementwise check in fp32, else the largest relative error
 #: ||compiled - eager|| / ||eager|| allowed per tensor. bf16 has 8 significand bits (eps 2^-8 =
@@ -330,6 +332,10 @@ class GeneratedMoE(nn.Module):
             w = scores.gather(1, ids)
             w = w / (w.sum(dim=-1, keepdim=True) + 1e-20)
             return (w * 2.5).to(x.dtype), ids
+        if s.router == "softmax_inplace":
+            w, ids = torch.topk(Fn.softmax(self.gate(x) + self.router_bias, dim=-1, dtype=torch.float32), s.K, dim=-1)
+            w /= w.sum(dim=-1, keepdim=True)
+            return w.to(x.dtype), ids
         if x.dtype == torch.float32:  # the fp32 router of earlier rounds, op for op
             probs = Fn.softmax(self.gate(x) + self.router_bias, dim=-1)
             w, ids = torch.topk(probs, s.K, dim=-1)
