@@ -333,6 +333,9 @@ def sonic(gm: fx.GraphModule, example_inputs, options: Optional[dict] = None, mo
 
     if not opts.rewrite:
         return compile_fx(gm, example_inputs, config_patches=patches or None)
+    # settings that keep Inductor right (moe_inductor/inductor_workarounds.py): on every graph sonic
+    # compiles, rewritten or not (the defect also zeroes router gradients without the fused op)
+    patches = _workarounds.for_sonic_graph(patches)
     # keep the graph as Dynamo gave it: if the rewrite or Inductor on the rewritten graph fails,
     # compile that instead (compilation must never fail because of the rewrite)
     original = _copy_graph_module(gm)
@@ -345,8 +348,7 @@ def sonic(gm: fx.GraphModule, example_inputs, options: Optional[dict] = None, mo
     if not report.rewritten:
         return compile_fx(gm, example_inputs, config_patches=patches or None)
     try:
-        # settings that keep Inductor right on graphs with the fused op (moe_inductor/inductor_workarounds.py)
-        return compile_fx(gm, example_inputs, config_patches=_workarounds.for_rewritten_graph(patches))
+        return compile_fx(gm, example_inputs, config_patches=patches or None)
     except Exception as e:
         error = e
     try:

@@ -1,9 +1,11 @@
-"""Inductor settings for graphs that hold a rewritten MoE block, and why each one is needed.
+"""Inductor settings for every graph sonic compiles, and why each one is needed.
 
-Every entry here works around an Inductor defect that the rewritten graph can trigger and the
-graph as Dynamo captured it did not (plain Inductor compiles that one). Each is applied only to
-graphs in which sonic rewrote at least one block, and never over a value the user chose with the
-``inductor`` option. Checked on torch 2.11 and 2.13 (tests/test_bf16_router_grads.py).
+Every entry here works around an Inductor defect that gives wrong results on MoE graphs. Each is
+applied to every graph sonic compiles (not with ``rewrite=False``, the plain-Inductor A/B switch),
+and never over a value the user chose with the ``inductor`` option. Checked on torch 2.11 and 2.13
+(tests/test_bf16_router_grads.py). First seen on rewritten graphs only; the bf16/fp16 fuzz then
+found MoE blocks that were not rewritten (flat masks with ``index_add``, biased-sigmoid router,
+bf16) whose router gradient plain Inductor also zeroes, so the setting covers every graph.
 
 ``reorder_for_peak_memory = False``: Inductor's scheduler can lose the edge between an in-place
 ``scatter`` and a fused kernel that reads its result, and the peak-memory reordering
@@ -26,8 +28,8 @@ from __future__ import annotations
 
 import torch
 
-#: Inductor config entries for graphs with a rewritten block: name -> (value, reason)
-REWRITTEN_GRAPH_PATCHES: dict = {
+#: Inductor config entries for the graphs sonic compiles: name -> (value, reason)
+SONIC_GRAPH_PATCHES: dict = {
     "reorder_for_peak_memory": (
         False,
         "Inductor's peak-memory reordering can run a fused reader of a scatter's result before the "
@@ -36,11 +38,11 @@ REWRITTEN_GRAPH_PATCHES: dict = {
 }
 
 
-def for_rewritten_graph(patches: dict) -> dict:
+def for_sonic_graph(patches: dict) -> dict:
     """``patches`` (the user's ``inductor`` option and the mode's settings) plus the entries of
-    ``REWRITTEN_GRAPH_PATCHES`` that this torch has and that ``patches`` does not set already."""
+    ``SONIC_GRAPH_PATCHES`` that this torch has and that ``patches`` does not set already."""
     out = dict(patches)
-    for name, (value, _why) in REWRITTEN_GRAPH_PATCHES.items():
+    for name, (value, _why) in SONIC_GRAPH_PATCHES.items():
         if name not in out and hasattr(torch._inductor.config, name):
             out[name] = value
     return out

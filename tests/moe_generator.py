@@ -519,7 +519,9 @@ def compare(name: str, got: torch.Tensor, want: torch.Tensor, tol) -> str:
     if not torch.isfinite(g).all():
         return f"{name}: non-finite values"
     scale, err = w.norm().item(), (g - w).norm().item()
-    if err > tol * max(scale, 1e-6):
+    # an absolute floor: a gradient that is 0 in exact arithmetic (renormalised weights with K = 1
+    # are identically 1) comes out of eager as rounding noise (~1e-7) and of the fused op as 0
+    if err > max(tol * scale, 1e-4):
         return (f"{name}: relative error {err / max(scale, 1e-30):.3g} > {tol} "
                 f"(|eager| = {scale:.4g}, |compiled| = {g.norm().item():.4g})")
     return ""
