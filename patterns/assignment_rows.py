@@ -587,6 +587,22 @@ def einsum_tk(node) -> Optional[RowsScatter]:
     return RowsScatter(acc=None, value=y, anchor=node, inplace=False, replicated=int_value(ys[1]), T=ys[0], score=w)
 
 
+def _combine_base(c: RowsScatter) -> Optional[fx.Node]:
+    """The tensor the rows are added into when it is not zeros (``out = shared(x);
+    out.scatter_add(0, idx, rows)``, torchtitan): the combine is then ``base + (sum of rows per
+    token)``. None for zeros or a per-token sum. Declines a base the sum cannot be separated from:
+    ``scatter_reduce(include_self=False)`` (the touched rows drop the base), or an in-place add into
+    a tensor with views (they would see the sum)."""
+    if c.acc is None or _zeros_start(c.acc):
+        return None
+    need(c.spelling != "scatter_reduce(sum)" or _arg(c.anchor, 5, "include_self", True) is True,
+         f"combine: scatter_reduce into {c.acc.name} with include_self=False (the rows replace the base)")
+    if c.inplace:
+        need(safety.aliases(c.acc) == {c.acc},
+             f"combine: the rows are added in place into {c.acc.name}, which has views (they would see the sum)")
+    return c.acc
+
+
 def _zeros_start(acc: fx.Node) -> bool:
     return (_is(acc, "call_function", (torch.zeros, torch.zeros_like)) or _is(acc, "call_method", "new_zeros")) \
         and not acc.kwargs.get("requires_grad", False)
@@ -873,8 +889,7 @@ def analyse_combine(c: RowsScatter, mlp: RowsMLP, score_after) -> MoEBlock:
          f" but written back at {getattr(c.index or c.index2d or c.perm, 'name', 'the (token, k) order')}: "
          "not the same token mapping")
     res = shape_of(c.acc) if c.acc is not None else shape_of(c.anchor)
-    if c.acc is not None:
-        need(_zeros_start(c.acc), f"combine: the result {c.acc.name} does not start as zeros")
+    base = _combine_base(c)  # None: the rows are added into zeros
     need(res is not None and len(res) == 2 and same(xs[0], res[0]) and same(xs[1], res[1]),
          "proof: the result is not (tokens, d) of the gathered tokens")
     if tk:
@@ -986,6 +1001,9 @@ def analyse_combine(c: RowsScatter, mlp: RowsMLP, score_after) -> MoEBlock:
 
     def replace(out):
         graph = anchor.graph
+        if base is not None:  # rows added into a tensor (torchtitan's shared experts' output): base + sum of rows
+            with graph.inserting_before(anchor):
+                out = call(graph, operator.add, base, out, like=anchor)
         later = [u for u in c.acc.users if u is not anchor and order.get(u, -1) > order[anchor]] if c.inplace else []
         anchor.replace_all_uses_with(out)
         for u in later:
@@ -1000,7 +1018,8 @@ def analyse_combine(c: RowsScatter, mlp: RowsMLP, score_after) -> MoEBlock:
         interleaved=mlp.interleaved, num_experts=E, top_k=K,
         hidden=int_value(xs1) if int_value(xs1) is not None else xs1,
         intermediate=int_value(n) if int_value(n) is not None else n, dtype=dtype_of(x),
-        autocast_like=mlp.down.gemm, parts=parts, location=c.acc if c.acc is not None else None,
+        autocast_like=mlp.down.gemm, parts=parts + (f", into the base {base.name}" if base is not None else ""),
+        location=c.acc if c.acc is not None and base is None else None,
         orphans=[*c.orphans, *bias_adds],
     )
 

@@ -358,6 +358,120 @@ class TorchtitanGroupedMM(nn.Module):
         return torch.zeros(T_, D, dtype=x.dtype, device=x.device).scatter_add(0, index, out)
 
 
+class _TitanFeedForward(nn.Module):
+    """torchtitan ``FeedForward`` (the shared experts): w2(silu(w1 x) * w3 x), bias-free Linears."""
+
+    def __init__(self, dim, hidden_dim):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden_dim, bias=False)
+        self.w2 = nn.Linear(hidden_dim, dim, bias=False)
+        self.w3 = nn.Linear(dim, hidden_dim, bias=False)
+
+    def forward(self, x):
+        return self.w2(Fn.silu(self.w1(x)) * self.w3(x))
+
+
+class _TitanRouter(nn.Module):
+    """torchtitan ``TokenChoiceTopKRouter`` (no node-limited routing, no router noise)."""
+
+    def __init__(self, score_func, route_norm, route_scale):
+        super().__init__()
+        self.gate = nn.Linear(D, E, bias=False)
+        self.num_experts, self.top_k = E, K
+        self.score_func, self.route_norm, self.route_scale = score_func, route_norm, route_scale
+
+    def forward(self, x, expert_bias=None):
+        scores = self.gate(x)
+        # By default, sigmoid or softmax is performed in float32 to avoid loss explosion
+        if self.score_func == "sigmoid":
+            scores = torch.sigmoid(scores.to(torch.float32))
+        else:
+            scores = Fn.softmax(scores.to(torch.float32), dim=1)
+        if expert_bias is not None:  # the bias only selects; the gate values come from the scores
+            _, selected_experts_indices = torch.topk(scores + expert_bias, k=self.top_k, dim=1)
+            top_scores = scores.gather(dim=1, index=selected_experts_indices)
+        else:
+            top_scores, selected_experts_indices = torch.topk(scores, k=self.top_k, dim=1)
+        if self.route_norm:
+            denominator = top_scores.sum(dim=-1, keepdim=True) + 1e-20
+            top_scores = top_scores / denominator
+        top_scores = top_scores * self.route_scale
+        # deviation: .float() before histc (no CPU histc kernel for int64)
+        num_tokens_per_expert = torch.histc(selected_experts_indices.view(-1).float(), bins=self.num_experts,
+                                            min=0, max=self.num_experts)
+        return top_scores, selected_experts_indices, num_tokens_per_expert
+
+
+class _TitanReorderer(nn.Module):
+    """torchtitan ``TokenReorderer``: histc counts again, stable argsort, scores in expert order,
+    token of each sorted row by ``// top_k``."""
+
+    def forward(self, top_scores, selected_experts_indices):
+        num_tokens_per_expert = torch.histc(selected_experts_indices.view(-1).float(), bins=E, min=0, max=E)  # .float(): as above
+        token_indices_experts_sorted = torch.argsort(selected_experts_indices.view(-1), stable=True)
+        top_scores_experts_sorted = top_scores.view(-1)[token_indices_experts_sorted]
+        token_indices_experts_sorted = token_indices_experts_sorted // K
+        return top_scores_experts_sorted, token_indices_experts_sorted, num_tokens_per_expert
+
+
+class _TitanGroupedExperts(nn.Module):
+    """torchtitan ``GroupedExperts`` with ``_run_experts_grouped_mm`` (bf16 grouped GEMMs on
+    ``cumsum(counts)`` offsets, the result cast back with ``type_as``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.w1, self.w2, self.w3 = gated_weights()
+
+    def forward(self, x, num_tokens_per_expert):
+        offsets = torch.cumsum(num_tokens_per_expert, dim=0, dtype=torch.int32)
+        h = Fn.silu(torch._grouped_mm(x.bfloat16(), self.w1.bfloat16().transpose(-2, -1), offs=offsets))
+        h = h * torch._grouped_mm(x.bfloat16(), self.w3.bfloat16().transpose(-2, -1), offs=offsets)
+        return torch._grouped_mm(h, self.w2.bfloat16().transpose(-2, -1), offs=offsets).type_as(x)
+
+
+class TorchtitanMoE(nn.Module):
+    """torchtitan ``models/moe`` ``MoE.forward`` as published, op for op: 3-D input viewed to
+    (bs*slen, dim), the router with the load-balancing ``expert_bias`` buffer (selection only), the
+    ``tokens_per_expert`` buffer statistics written under ``no_grad`` in ``forward``, the reorderer,
+    ``torch.gather`` of the token rows, scores before or after the experts (fp32 multiply, cast
+    back), the shared experts' output as the base the routed rows are ``scatter_add``-ed into,
+    ``reshape(bs, slen, dim)``. A quick re-spelling (zeros as the base, no buffers) hid that the
+    shared-expert base was declined ("does not start as zeros"). Deviations: tiny sizes; histc on
+    ``.float()`` ids (CPU)."""
+
+    def __init__(self, shared=True, score_before_experts=False, score_func="sigmoid", load_balance=True):
+        super().__init__()
+        self.router = _TitanRouter(score_func, route_norm=True, route_scale=2.5)
+        self.reorderer = _TitanReorderer()
+        self.experts = _TitanGroupedExperts()
+        self.shared_experts = _TitanFeedForward(D, N) if shared else None
+        self.score_before_experts = score_before_experts
+        self.register_buffer("expert_bias", torch.zeros(E, dtype=torch.float32) if load_balance else None)
+        self.register_buffer("tokens_per_expert", torch.zeros(E, dtype=torch.float32), persistent=False)
+
+    def forward(self, x):
+        bs, slen, dim = x.shape
+        x = x.view(-1, dim)
+        top_scores, selected_experts_indices, num_tokens_per_expert = self.router(x, self.expert_bias)
+        with torch.no_grad():
+            self.tokens_per_expert.add_(num_tokens_per_expert)
+        (top_scores_experts_sorted, token_indices_experts_sorted,
+         num_tokens_per_expert) = self.reorderer(top_scores, selected_experts_indices)
+        token_indices_experts_sorted = token_indices_experts_sorted.reshape(-1, 1).expand(-1, dim)
+        routed_input = torch.gather(x, dim=0, index=token_indices_experts_sorted)
+        if self.score_before_experts:
+            routed_input = (routed_input.to(torch.float32) * top_scores_experts_sorted.reshape(-1, 1)).to(x.dtype)
+        routed_output = self.experts(routed_input, num_tokens_per_expert)
+        if not self.score_before_experts:
+            routed_output = (routed_output.to(torch.float32) * top_scores_experts_sorted.reshape(-1, 1)).to(x.dtype)
+        if self.shared_experts is not None:
+            out = self.shared_experts(x)
+        else:
+            out = torch.zeros_like(x)
+        out = out.scatter_add(dim=0, index=token_indices_experts_sorted, src=routed_output)
+        return out.reshape(bs, slen, dim)
+
+
 class GatheredBmmScatter(nn.Module):
     """Research code: weights gathered per assignment ``W[expert_idx]`` and bmm, combine by
     ``scatter_add_`` (or ``scatter_reduce(..., "sum")``) into the tokens."""
@@ -473,6 +587,14 @@ CATALOGUE = [
           seeded(15, DeepSeekTrainBranch), _x, expect=1),
     Idiom("expert_choice", "expert-choice routing (Zhou et al. 2022): topk(scores.T, C), gather, bmm, scatter_add_",
           seeded(16, ExpertChoice), _x, expect=1),
+    # faithful re-implementations (issue 18): every op of the source kept, deviations stated in the class
+    Idiom("torchtitan_moe_shared", "torchtitan models/moe MoE: sigmoid router with expert_bias, tokens_per_expert "
+          "buffer, shared experts as the scatter_add base, grouped_mm experts",
+          seeded(17, TorchtitanMoE), _x3d, expect=1, dtype=torch.bfloat16, tol=3e-2, other_gemms=4),
+    Idiom("torchtitan_moe_score_before", "torchtitan models/moe MoE: softmax router, score_before_experts, "
+          "no shared experts, no expert_bias",
+          seeded(18, lambda: TorchtitanMoE(shared=False, score_before_experts=True, score_func="softmax",
+                                           load_balance=False)), _x3d, expect=1, dtype=torch.bfloat16, tol=3e-2),
 ]
 
 # Look-alikes of the idioms above that compute something else: expect 0 (nothing rewritten;

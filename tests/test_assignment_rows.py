@@ -213,8 +213,11 @@ def test_score_before_experts_fed_prescaled():
 class GatheredWeights(nn.Module):
     """W[idx] + bmm per assignment (fp32). ``variant``: "col" bmm(W[idx], rows.unsqueeze(-1)) with
     x[tok] and scatter_add_; "row" transposed storage bmm(rows.unsqueeze(1), W[idx]) with
-    x.repeat_interleave(K, 0) and index_add_; "reduce": scatter_reduce(sum); near-misses
-    "other_idx" (down weights gathered with other ids), "scatter_other" (written back elsewhere)."""
+    x.repeat_interleave(K, 0) and index_add_; "reduce": scatter_reduce(sum); "base" / "base_inplace":
+    the rows added into a shared expert's output (torchtitan) with scatter_add / in-place index_add_;
+    near-misses "other_idx" (down weights gathered with other ids), "scatter_other" (written back
+    elsewhere), "base_exclude_self" (scatter_reduce into the base with include_self=False: the
+    touched rows drop the base), "base_view" (in-place add into a base whose view is read after)."""
 
     def __init__(self, variant="col"):
         super().__init__()
@@ -224,6 +227,8 @@ class GatheredWeights(nn.Module):
             self.w1, self.w3, self.w2 = stacked(E, D, N), stacked(E, D, N), stacked(E, N, D)
         else:
             self.w1, self.w3, self.w2 = stacked(E, N, D), stacked(E, N, D), stacked(E, D, N)
+        if variant.startswith("base"):
+            self.shared = nn.Linear(D, D, bias=False)
 
     def forward(self, x):
         v = self.variant
@@ -241,6 +246,19 @@ class GatheredWeights(nn.Module):
         y = torch.bmm(self.w2[down_idx], h).squeeze(-1) * w.reshape(-1, 1)
         back = tok.flip(0) if v == "scatter_other" else tok
         index = back.unsqueeze(-1).expand(-1, D)
+        if v == "base":
+            return self.shared(x).scatter_add(0, index, y)
+        if v == "base_inplace":
+            out = self.shared(x)
+            out.index_add_(0, tok, y)
+            return out
+        if v == "base_exclude_self":
+            return self.shared(x).scatter_reduce(0, index, y, reduce="sum", include_self=False)
+        if v == "base_view":
+            out = self.shared(x)
+            flat = out.view(-1)
+            out.scatter_add_(0, index, y)
+            return out + flat.view_as(out)
         if v == "reduce":
             return torch.zeros_like(x).scatter_reduce(0, index, y, reduce="sum")
         return torch.zeros_like(x).scatter_add_(0, index, y)
@@ -257,6 +275,30 @@ def test_gathered_weights_rewritten(variant):
         assert [(c.idiom, c.status) for c in report.candidates] == [("gathered_weights", "rewritten")], \
             candidates(backend)
         assert counts(gm) == (1, 1)
+
+
+@pytest.mark.parametrize("variant", [
+    "base",          # torchtitan: self.shared(x).scatter_add(0, index, rows)
+    "base_inplace",  # out = self.shared(x); out.index_add_(0, tok, rows)
+])
+def test_combine_into_a_base_rewritten(variant):
+    backend = check(lambda: GatheredWeights(variant), tokens, FP32)
+    for report, gm in backend.graphs:
+        assert [(c.idiom, c.status) for c in report.candidates] == [("gathered_weights", "rewritten")], \
+            candidates(backend)
+        assert counts(gm) == (1, 2)  # router + the shared projection
+
+
+@pytest.mark.parametrize("variant, reason", [
+    ("base_exclude_self", "include_self=False"),  # the touched rows drop the base
+    ("base_view", "which has views"),             # a view of the base read after the in-place add
+])
+def test_combine_into_a_base_near_misses_declined(variant, reason):
+    backend = check(lambda: GatheredWeights(variant), tokens, FP32)
+    for report, gm in backend.graphs:
+        assert counts(gm)[0] == 0
+        why = [c.reason for c in report.candidates if c.status == "declined" and c.idiom == "assignment_rows"]
+        assert why and reason in why[0], candidates(backend)
 
 
 @pytest.mark.parametrize("variant, reason", [
