@@ -27,12 +27,12 @@ import torch.nn.functional as Fn
 from .rewrite import Declined, dtype_of, example_value, is_mutation, node_order, same, shape_of
 
 # methods / functions whose result may share memory with their first argument
-_VIEW_METHODS = {
+VIEW_METHODS = _VIEW_METHODS = {
     "view", "reshape", "permute", "transpose", "unsqueeze", "squeeze", "expand", "t", "flatten", "unflatten",
     "narrow", "select", "view_as", "reshape_as", "expand_as", "as_strided", "chunk", "split", "unbind",
     "contiguous", "detach", "movedim", "swapaxes", "diagonal", "unfold", "real", "imag", "__getitem__",
 }
-_VIEW_FUNCTIONS = {
+VIEW_FUNCTIONS = _VIEW_FUNCTIONS = {
     torch.reshape, torch.transpose, torch.permute, torch.squeeze, torch.unsqueeze, torch.flatten, torch.narrow,
     torch.select, torch.chunk, torch.split, torch.unbind, torch.t, torch.detach, torch.movedim, torch.swapaxes,
     torch.diagonal, torch.as_strided,

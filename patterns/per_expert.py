@@ -56,7 +56,8 @@ from moe_inductor import safety
 from moe_inductor.parts import PartDeclined, recognise
 from moe_inductor.rewrite import (
     node_order,
-    Declined, is_mutation, sympy_prod, ExpertWeights, MoEBlock, call, dtype_of, int_value, method, need, same, shape_of, size_asserts_of,
+    Declined, is_mutation, sympy_prod, ExpertWeights, MoEBlock, call, dtype_of, example_value, int_value, method, need, same,
+    shape_of, size_asserts_of,
 )
 
 from . import combine as _combine  # noqa: F401  (registers the recognisers)
@@ -168,8 +169,23 @@ def analyse_unit(write) -> dict:
     return dict(write=write, sel=sel, mlp=mlp, score=score, x=x, gathered=z, scale=scale)
 
 
+def _fresh_base(acc: fx.Node) -> bool:
+    """``acc`` is a tensor the graph computed (a shared expert's output, say), not an input, a
+    parameter or a buffer, and not a view or an in-place result that could alias one: written in
+    place by the loop, it starts with its own values and ends as ``acc + sum of expert rows``."""
+    if acc.op not in ("call_function", "call_method") or not isinstance(example_value(acc), torch.Tensor):
+        return False
+    if acc.op == "call_method" and (acc.target.endswith("_") or acc.target in safety.VIEW_METHODS):
+        return False
+    if acc.op == "call_function" and (acc.target in safety.VIEW_FUNCTIONS or acc.target is operator.getitem
+                                      or getattr(acc.target, "__name__", "").startswith("i")):
+        return False
+    return True
+
+
 def _acc_start(acc: fx.Node):
-    """('zeros', None) | ('copy', v0) | ('empty', None) | None for how the accumulator starts."""
+    """('zeros', None) | ('copy', v0) | ('empty', None) | ('base', acc) | None for how the
+    accumulator starts (``base``: a fresh tensor the loop adds into, ``_fresh_base``)."""
     if acc.op == "call_function" and acc.target in (torch.zeros, torch.zeros_like):
         return "zeros", None
     if acc.op == "call_method" and acc.target == "new_zeros":
@@ -181,6 +197,8 @@ def _acc_start(acc: fx.Node):
         return "empty", None
     if acc.op == "call_method" and acc.target == "new_empty":
         return "empty", None
+    if _fresh_base(acc):
+        return "base", acc
     return None
 
 
@@ -256,8 +274,14 @@ def analyse_group(units: list, graph: fx.Graph) -> MoEBlock:
 
     # the accumulator
     start = _acc_start(acc)
-    need(start is not None, f"combine: the result {acc.name} does not start as zeros, a copy or an empty tensor")
+    need(start is not None, f"combine: the result {acc.name} does not start as zeros, a copy, an empty tensor "
+                            "or a tensor the graph computed")
     start_kind, base = start
+    if start_kind == "base":
+        need(kind == "add", f"combine: rows assigned into {acc.name}, which holds values of its own")
+        early_views = [v for v in safety.aliases(acc) if v is not acc and order[v] < order[last["write"].anchor]]
+        need(not early_views, f"combine: the result {acc.name} has views made before the loop ends "
+                              f"({', '.join(v.name for v in early_views)}): they would see the sum")
     rows = shape_of(x)
     accs = shape_of(acc)
     need(rows is not None and len(rows) == 2 and accs is not None and len(accs) >= 2 and same(accs[-1], rows[1])
@@ -289,7 +313,8 @@ def analyse_group(units: list, graph: fx.Graph) -> MoEBlock:
                 continue
             raise Declined(f"combine: the result is read or aliased inside the loop ({user.format_node()})")
     srcs = [x] + ([first["sel"].routing] if layout == "pairs" else []) + \
-        [u["score"].source for u in units if u["score"] is not None] + ([base] if base is not None else [])
+        [u["score"].source for u in units if u["score"] is not None] + \
+        ([base] if base is not None and base is not acc else [])
     safety.need_unmodified(srcs, min((u["gathered"] for u in units), key=order.__getitem__), last_anchor,
                            "proof: the tokens, the routing or the scores")
 
@@ -551,7 +576,7 @@ def _block(units, acc, x, layout, kind, start_kind, base, lo, E, act, scored, on
             if lift is None and len(shape_of(acc)) > 2:
                 result = method(graph, "reshape_as", result, acc, like=last_anchor)
             if lift is None:
-                if kind == "add" and start_kind == "copy":
+                if kind == "add" and start_kind in ("copy", "base"):
                     result = call(graph, operator.add, base, result, like=last_anchor)
                 elif kind == "assign" and start_kind != "empty":
                     keep = method(graph, "unsqueeze", state["routed"], -1, like=last_anchor)
@@ -563,6 +588,12 @@ def _block(units, acc, x, layout, kind, start_kind, base, lo, E, act, scored, on
         for u in list(acc.users):
             if u not in writes and order.get(u, -1) > order[last_anchor]:
                 u.replace_input_with(acc, result)
+        if start_kind == "base":
+            # the sum reads the base itself, so the generic cleanup (which keeps writes into a tensor
+            # someone reads) would keep the loop's writes: they are this block's, erase them here
+            for w in sorted(writes, key=order.__getitem__, reverse=True):
+                if not w.users:
+                    graph.erase_node(w)
 
     sizes = size_asserts_of([u["gathered"] for u in all_units] + [n for u in all_units for n in u["sel"].nodes]
                             + [n for u in all_units for n in u["write"].nodes if n.target is operator.getitem],
