@@ -68,6 +68,8 @@ def main(argv=None) -> int:
                     help="light: the rewritten graph run eagerly; sonic: the whole backend, Inductor included")
     ap.add_argument("--dtypes", default="float32", help=f"comma-separated, of {sorted(G.DTYPES)}")
     ap.add_argument("--routers", default="softmax", help=f"comma-separated, of {list(G.ROUTERS)}")
+    ap.add_argument("--extras", action="store_true",
+                    help="also draw a base for the combine (shared projection) and side effects beside the block")
     args = ap.parse_args(argv)
     dtypes, routers = tuple(args.dtypes.split(",")), tuple(args.routers.split(","))
     for value, known in [(v, G.DTYPES) for v in dtypes] + [(v, G.ROUTERS) for v in routers]:
@@ -78,7 +80,8 @@ def main(argv=None) -> int:
 
     git = _git_state()  # the code the cases run on (imported now; later edits of the tree do not apply)
     outcomes, generator_errors, t0 = [], [], time.time()
-    for i, spec in enumerate(G.cases(args.cases, args.seed, args.mutation_rate, dtypes=dtypes, routers=routers)):
+    for i, spec in enumerate(G.cases(args.cases, args.seed, args.mutation_rate, dtypes=dtypes, routers=routers,
+                                         extras=args.extras)):
         try:
             o = G.run_case(spec, backend=args.backend)
         except Exception as e:  # eager itself failed: a bug of the generator, not of the rewrite
@@ -111,7 +114,7 @@ def main(argv=None) -> int:
         row[2] += not o.numerics_ok
     summary = dict(
         cases=len(outcomes), seed=args.seed, seconds=round(time.time() - t0, 1), backend=args.backend,
-        dtypes=list(dtypes), routers=list(routers),
+        dtypes=list(dtypes), routers=list(routers), extras=args.extras,
         per_dtype_router={k: dict(cases=c, rewritten=r, numerics_wrong=w)
                           for k, (c, r, w) in sorted(per_dtype_router.items())},
         wrong_rewrites=sum(o.wrong_rewrite for o in outcomes),

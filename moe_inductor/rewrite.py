@@ -142,19 +142,99 @@ def dtype_of(node: Any) -> Optional[torch.dtype]:
     return v.dtype if isinstance(v, torch.Tensor) else None
 
 
+def _is_eq(node: Any) -> bool:
+    return isinstance(node, fx.Node) and not node.kwargs and len(node.args) == 2 and (
+        (node.op == "call_function" and node.target in (operator.eq, torch.eq))
+        or (node.op == "call_method" and node.target in ("eq", "__eq__")))
+
+
 def eq_constant(node: Any) -> Optional[tuple]:
     """(tensor node, int) if ``node`` is ``tensor == constant``, else None. Dynamo spells it
     differently by version: ``operator.eq(t, e)`` (2.13, which also puts the tensor first for
     ``e == t``), ``t.__eq__(e)`` as a method call and ``operator.eq(e, t)`` as written (2.11),
-    ``torch.eq(t, e)`` and ``t.eq(e)`` as the user wrote them (both)."""
-    if not isinstance(node, fx.Node) or node.kwargs or len(node.args) != 2:
-        return None
-    if not ((node.op == "call_function" and node.target in (operator.eq, torch.eq))
-            or (node.op == "call_method" and node.target in ("eq", "__eq__"))):
-        return None
+    ``torch.eq(t, e)`` and ``t.eq(e)`` as the user wrote them (both). Column ``e`` of a mask
+    ``ids[..., None] == arange(E)`` is ``ids == e`` too (``arange_column``)."""
+    if not _is_eq(node):
+        return arange_column(node)
     for t, v in (node.args, node.args[::-1]):
         if isinstance(t, fx.Node) and isinstance(example_value(t), torch.Tensor) and int_value(v) is not None:
             return t, int_value(v)
+    return None
+
+
+def _arange_E(node: Any) -> Optional[int]:
+    """E if ``node`` is ``torch.arange(E)`` or ``torch.arange(0, E)`` (step 1)."""
+    if not (isinstance(node, fx.Node) and node.op == "call_function" and node.target is torch.arange):
+        return None
+    if set(node.kwargs) - {"device", "dtype"}:
+        return None
+    ends = [int_value(a) for a in node.args]
+    if len(ends) == 1:
+        return ends[0]
+    if len(ends) == 2 and ends[0] == 0:
+        return ends[1]
+    return None
+
+
+def _last_axis_added(node: Any) -> Optional[fx.Node]:
+    """t if ``node`` is ``t.unsqueeze(-1)`` / ``t[..., None]`` / ``t[:, :, None]`` (a new last axis)."""
+    if not isinstance(node, fx.Node):
+        return None
+    t = node.args[0] if node.args else None
+    ts = shape_of(t) if isinstance(t, fx.Node) else None
+    if ts is None:
+        return None
+    if node.op == "call_method" and node.target == "unsqueeze" and len(node.args) == 2 and not node.kwargs:
+        return t if node.args[1] in (-1, len(ts)) else None
+    if node.op == "call_function" and node.target is torch.unsqueeze and len(node.args) == 2 and not node.kwargs:
+        return t if node.args[1] in (-1, len(ts)) else None
+    if node.op == "call_function" and node.target is operator.getitem and isinstance(node.args[1], tuple):
+        idx = node.args[1]
+        if idx and idx[-1] is None and (idx[:-1] == (Ellipsis,) or
+                                        (len(idx) == len(ts) + 1 and all(i == slice(None) for i in idx[:-1]))):
+            return t
+    return None
+
+
+def arange_column(node: Any) -> Optional[tuple]:
+    """(ids, e) if ``node`` is column ``e`` along the expert axis of ``M = ids[..., None] == arange(E)``
+    (either side of the ``==``), read as ``M[..., e]``, ``M[:, :, e]``, ``M.select(-1, e)`` or
+    ``M.permute(last, *rest)[e]`` (the expert axis first, the others in order): elementwise
+    ``ids == e``, the same shape and layout as ``ids``."""
+    if not isinstance(node, fx.Node) or node.kwargs:
+        return None
+    m, e = None, None
+    if node.op == "call_function" and node.target is operator.getitem and isinstance(node.args[0], fx.Node):
+        src, idx = node.args
+        ms = shape_of(src)
+        if isinstance(idx, tuple) and idx and int_value(idx[-1]) is not None and ms is not None and (
+                idx[:-1] == (Ellipsis,) or (len(idx) == len(ms) and all(i == slice(None) for i in idx[:-1]))):
+            m, e = src, int_value(idx[-1])
+        elif int_value(idx) is not None and src.op == "call_method" and src.target == "permute" and ms is not None:
+            perm = [int_value(p) for p in (src.args[1:] if len(src.args) > 2 else src.args[1])]
+            n = len(ms)
+            if perm == [n - 1] + list(range(n - 1)):
+                m, e = src.args[0], int_value(idx)
+    elif node.op == "call_method" and node.target == "select" and len(node.args) == 3:
+        src = node.args[0]
+        ms = shape_of(src) if isinstance(src, fx.Node) else None
+        if ms is not None and node.args[1] in (-1, len(ms) - 1):
+            m, e = src, int_value(node.args[2])
+    found = arange_onehot(m) if m is not None and e is not None else None
+    if found is None or not 0 <= e < found[1]:
+        return None
+    return found[0], e
+
+
+def arange_onehot(node: Any) -> Optional[tuple]:
+    """(ids, E) if ``node`` is ``ids[..., None] == arange(E)`` (either side of the ``==``): the
+    boolean ``one_hot(ids, E)``, at most one True along its last axis."""
+    if not _is_eq(node):
+        return None
+    for a, b in (node.args, node.args[::-1]):
+        ids, E = _last_axis_added(a), _arange_E(b)
+        if ids is not None and E is not None:
+            return ids, E
     return None
 
 

@@ -32,7 +32,7 @@ from torch._inductor.pattern_matcher import KeywordArg as KA, is_match
 
 from moe_inductor import safety
 from moe_inductor.parts import Score, Selection, decline, need, register
-from moe_inductor.rewrite import AnyOf, F, M, dtype_of, eq_constant, getitem, int_value, same, shape_of
+from moe_inductor.rewrite import AnyOf, F, M, arange_onehot, dtype_of, eq_constant, getitem, int_value, same, shape_of
 
 _ALL = slice(None, None, None)
 
@@ -79,6 +79,8 @@ def _at_most_one_per_row(node: fx.Node) -> Optional[int]:
     oh = _one_hot().match(src)
     if is_match(oh):
         return int_value(oh.kwargs["E"])
+    if arange_onehot(src) is not None:  # ids[..., None] == arange(E): one_hot(ids, E) as booleans
+        return arange_onehot(src)[1]
     if src.op == "call_function" and src.target is operator.mul and len(src.args) == 2:
         out = shape_of(src)
         for a in src.args:
@@ -141,9 +143,10 @@ def where_pairs(index) -> Optional[Selection]:
         e = int_value(sel.kwargs["e"])
         m = sel.kwargs["m"]
         oh = _one_hot().match(m)
-        if is_match(oh):
-            routing, kind, E = oh.kwargs["index"], "ids", int_value(oh.kwargs["E"])
-            unique = topk_columns(routing) is not None
+        if is_match(oh) or arange_onehot(m) is not None:
+            # one_hot(ids, E) or its boolean spelling ids[..., None] == arange(E)
+            routing, E = (oh.kwargs["index"], int_value(oh.kwargs["E"])) if is_match(oh) else arange_onehot(m)
+            kind, unique = "ids", topk_columns(routing) is not None
         else:
             E = _at_most_one_per_row(m)
             need("dispatch", E is not None, f"{m.name}: routing mask rows may hold several experts (not one_hot(ids) "

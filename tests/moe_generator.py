@@ -6,8 +6,9 @@ spelling per part:
 
 - layout / dispatch (how the (token, expert, score) assignments are expressed):
   ``loop``: a Python loop over the experts with per-expert token lists,
-  ``where_eq`` (``tok, k = torch.where(ids == e)``) or ``onehot_permute``
-  (``k, tok = torch.where(one_hot(ids, E).permute(2, 1, 0)[e])``);
+  ``where_eq`` (``tok, k = torch.where(ids == e)``), ``onehot_permute``
+  (``k, tok = torch.where(one_hot(ids, E).permute(2, 1, 0)[e])``) or ``arange_eq``
+  (``tok, k = torch.where((ids.unsqueeze(-1) == torch.arange(E))[..., e])``);
   ``flat``: a loop over the experts with boolean masks over the ``repeat_interleave(K)``'d rows
   (``flat_mask``: ``m = ids.reshape(-1) == e``);
   ``gathered``: no loop, one row per assignment, ``interleave`` (``x.repeat_interleave(K, dim=0)``:
@@ -30,7 +31,12 @@ spelling per part:
   gathered from the unbiased scores, renormalised with an eps, scaled, cast back),
   ``softmax_inplace`` (gpt-fast / vLLM's reference: the renormalisation written in place on the
   top-k values, ``w /= w.sum(-1, keepdim=True)``, declined before issue 18's aliasing fix);
-- dtype of the module and its input: float32, bfloat16 or float16.
+- dtype of the module and its input: float32, bfloat16 or float16;
+- ``base``: the combine adds into a shared projection's output instead of zeros (torchtitan's
+  shared experts; layouts with an accumulator);
+- ``side_effects``: load statistics written into a buffer under ``no_grad`` (torchtitan's
+  ``tokens_per_expert.add_``) and an auxiliary loss from the router probabilities stored as an
+  attribute in ``forward`` (Switch / fairseq style), both beside the block.
 
 Near-miss mutations (``MUTATIONS``) change what the block computes; none may be rewritten unless
 the fused op expresses the mutated block exactly (``rewrite_allowed``), and whatever the rewrite
@@ -53,7 +59,7 @@ D, N = 8, 6  # hidden, expert width
 
 LAYOUTS = {
     # layout: (dispatches, experts, combines)
-    "loop": (("where_eq", "onehot_permute"), ("modulelist", "stacked"),
+    "loop": (("where_eq", "onehot_permute", "arange_eq"), ("modulelist", "stacked"),
              ("index_add", "indexed_iadd", "index_put_acc", "scatter_add")),
     "flat": (("flat_mask",), ("modulelist", "stacked"), ("view_sum", "index_add")),
     "gathered": (("interleave", "sorted"), ("gathered", "gathered_fused"), ("view_sum", "scatter_add", "index_add")),
@@ -97,11 +103,13 @@ MUTATIONS = {
 #: ``out[tok] += y``, where a repeated index is written once (last write wins): see
 #: ``rewrite_allowed``. Every other mutation is not expressible by the op (f(s x) s, gather and
 #: combine at different tokens, a read of the accumulator, randomness, an in-place change or a
-#: transform inside the expert, an accumulator that does not start at 0; rows gathered k-major for
+#: transform inside the expert; rows gathered k-major for
 #: token-major ids, except as noted in ``rewrite_allowed``). Whatever is rewritten, numerics are
 #: asserted.
+#: An accumulator that starts at ones (``acc_not_zero``) is a base the rows are added into: since
+#: issue 18 the rewrite expresses it exactly as ``base + fused op``.
 ALLOWED_NEAR_MISS_REWRITES: set = {"scores_other_tensor", "score_never", "missing_expert", "shared_weights",
-                                   "clamped_ids", "score_wrong_slot", "where_roles_swapped"}
+                                   "clamped_ids", "score_wrong_slot", "where_roles_swapped", "acc_not_zero"}
 
 
 def rewrite_allowed(spec: "Spec") -> bool:
@@ -128,8 +136,8 @@ def rewrite_allowed(spec: "Spec") -> bool:
 #: flat masks, flat masks combined with index_add_ into tokens, gathered layouts with biases, a
 #: sorted gathered layout folded back with view_sum, separate gate/up bmm's with a view_sum.
 SUPPORTED = (
-    {("loop", d, ex, c, "output", b)  # per-expert loops: where / one-hot, Linears or w[e], any combine
-     for d in ("where_eq", "onehot_permute") for ex in ("modulelist", "stacked")
+    {("loop", d, ex, c, "output", b)  # per-expert loops: where / one-hot / arange mask, Linears or w[e], any combine
+     for d in ("where_eq", "onehot_permute", "arange_eq") for ex in ("modulelist", "stacked")
      for c in ("index_add", "indexed_iadd", "index_put_acc", "scatter_add") for b in (False, True)}
     | {("flat", "flat_mask", ex, "view_sum", "output", b)  # DeepSeek training-branch form
        for ex in ("modulelist", "stacked") for b in (False, True)}
@@ -163,6 +171,8 @@ class Spec:
     seed: int = 0
     router: str = "softmax"
     dtype: str = "float32"
+    base: bool = False
+    side_effects: bool = False
 
     @property
     def combo(self) -> tuple:
@@ -172,7 +182,8 @@ class Spec:
         m = f" MUTATION={self.mutation}" if self.mutation else ""
         return (f"{self.layout}/{self.dispatch}/{self.experts}/{self.combine} score_on={self.score_on} "
                 f"bias={self.bias} gated={self.gated} act={self.act} E={self.E} K={self.K} T={self.T} "
-                f"skew={self.skew} router={self.router} dtype={self.dtype} seed={self.seed}{m}")
+                f"skew={self.skew} router={self.router} dtype={self.dtype}"
+                + (" base" if self.base else "") + (" side_effects" if self.side_effects else "") + f" seed={self.seed}{m}")
 
 
 def applies(mutation: str, layout: str, combine: str, E: int, T: int, K: int = 2) -> bool:
@@ -196,7 +207,7 @@ def applies(mutation: str, layout: str, combine: str, E: int, T: int, K: int = 2
 
 
 def sample(rng: random.Random, mutation_rate: float = 0.4, seed: int = 0, dtypes: tuple = ("float32",),
-           routers: tuple = ("softmax",)) -> Spec:
+           routers: tuple = ("softmax",), extras: bool = False) -> Spec:
     layout = rng.choice(sorted(LAYOUTS))
     dispatches, experts, combines = LAYOUTS[layout]
     E = rng.choice(E_CHOICES)
@@ -213,14 +224,19 @@ def sample(rng: random.Random, mutation_rate: float = 0.4, seed: int = 0, dtypes
         spec["router"] = rng.choice(routers)
     if len(dtypes) > 1 or dtypes != ("float32",):
         spec["dtype"] = rng.choice(dtypes)
+    if extras:  # issue 18's spellings beside the parts: a base for the combine, side effects
+        spec["base"] = rng.random() < 0.3
+        spec["side_effects"] = rng.random() < 0.3
     return Spec(**spec)
 
 
 def cases(n: int, seed: int, mutation_rate: float = 0.4, dtypes: tuple = ("float32",),
-          routers: tuple = ("softmax",)) -> list:
-    """``n`` random specs; with the default ``dtypes`` and ``routers`` the draws of earlier rounds."""
+          routers: tuple = ("softmax",), extras: bool = False) -> list:
+    """``n`` random specs; with the default ``dtypes``, ``routers`` and ``extras`` the draws of
+    earlier rounds."""
     rng = random.Random(seed)
-    return [sample(rng, mutation_rate, seed=seed * 100003 + i, dtypes=dtypes, routers=routers) for i in range(n)]
+    return [sample(rng, mutation_rate, seed=seed * 100003 + i, dtypes=dtypes, routers=routers, extras=extras)
+            for i in range(n)]
 
 
 # --------------------------------------------------------------------------- the module
@@ -246,6 +262,10 @@ class GeneratedMoE(nn.Module):
             self.register_buffer("router_bias", bias)
             if s.router == "group_limited":  # selection-only bias (DeepSeek-V3's e_score_correction_bias)
                 self.register_buffer("correction_bias", torch.linspace(-0.1, 0.1, s.E))
+            if s.base:
+                self.shared = nn.Linear(D, D, bias=False)
+            if s.side_effects:
+                self.register_buffer("tokens_per_expert", torch.zeros(s.E), persistent=False)
             if s.experts == "modulelist":
                 self.experts = nn.ModuleList([ExpertMLP(D, N, s.gated, s.bias) for _ in range(s.E)])
             else:
@@ -344,11 +364,21 @@ class GeneratedMoE(nn.Module):
         w, ids = torch.topk(probs, s.K, dim=-1)
         return (w / w.sum(dim=-1, keepdim=True)).to(x.dtype), ids
 
+    def side_effects(self, x, ids):
+        """Beside the block: load statistics into a buffer under no_grad, an aux loss attribute."""
+        with torch.no_grad():
+            counts = torch.histc(ids.reshape(-1).float(), bins=self.spec.E, min=0, max=self.spec.E)
+            self.tokens_per_expert.add_(counts)
+        probs = Fn.softmax(self.gate(x).float(), dim=-1)
+        self.aux_loss = self.spec.E * (probs.mean(0) * counts / ids.numel()).sum()
+
     # ---- the block
     def forward(self, x):
         s = self.spec
         T, d = x.shape
         w, ids = self.route(x)
+        if s.side_effects:
+            self.side_effects(x, ids)
         if s.mutation == "scores_other_tensor":
             w = torch.topk(Fn.softmax(self.gate_alt(x), dim=-1), s.K, dim=-1)[0]
         if s.mutation == "clamped_ids":
@@ -359,15 +389,19 @@ class GeneratedMoE(nn.Module):
         on_out = (s.score_on == "output" or s.mutation == "score_twice") and s.mutation != "score_never"
         on_in = on_in and s.mutation != "score_never"
         shift = (lambda t: (t + 1) % T) if s.mutation == "combine_index_differs" else (lambda t: t)
-        init = torch.ones_like if s.mutation == "acc_not_zero" else torch.zeros_like
+        init = torch.ones_like if s.mutation == "acc_not_zero" else (
+            (lambda t: self.shared(x)) if s.base else torch.zeros_like)
         experts = range(1, s.E) if s.mutation == "missing_expert" else range(s.E)
 
         if s.layout == "loop":
             out = init(x)
             onehot = Fn.one_hot(ids, s.E).permute(2, 1, 0) if s.dispatch == "onehot_permute" else None
+            arange_mask = ids.unsqueeze(-1) == torch.arange(s.E, device=x.device) if s.dispatch == "arange_eq" else None
             for e in experts:
                 if s.dispatch == "where_eq":
                     tok, k = torch.where(ids == e)
+                elif s.dispatch == "arange_eq":
+                    tok, k = torch.where(arange_mask[..., e])
                 else:
                     k, tok = torch.where(onehot[e])
                 if s.mutation == "where_roles_swapped":

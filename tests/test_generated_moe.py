@@ -19,7 +19,7 @@ import moe_generator as G
 SEED, CASES = 2026, 12  # plus up to 5 supported combinations and 21 near-misses below
 FULL_CASES = 4  # random cases through the whole backend, Inductor included (issue 22 showed only there)
 _OUTCOMES: list = []
-_DRAW = dict(dtypes=tuple(G.DTYPES), routers=G.ROUTERS)  # fp32, bf16, fp16; softmax, biased sigmoid, group-limited
+_DRAW = dict(dtypes=tuple(G.DTYPES), routers=G.ROUTERS, extras=True)  # fp32/bf16/fp16, every router, base, side effects
 
 
 def check(outcome: G.Outcome) -> None:
