@@ -79,11 +79,19 @@ def main(argv=None) -> int:
     logging.getLogger("torch._dynamo").setLevel(logging.ERROR)
 
     git = _git_state()  # the code the cases run on (imported now; later edits of the tree do not apply)
-    outcomes, generator_errors, t0 = [], [], time.time()
+    outcomes, generator_errors, crashes, t0 = [], [], [], time.time()
+    pool = _Isolated()
     for i, spec in enumerate(G.cases(args.cases, args.seed, args.mutation_rate, dtypes=dtypes, routers=routers,
                                          extras=args.extras)):
         try:
-            o = G.run_case(spec, backend=args.backend)
+            o = pool.run(G.run_case, spec, backend=args.backend)
+        except _Crashed as e:
+            # the process died (a segfault in compiled code): is plain Inductor's compile of the same
+            # module as fatal? (then it is not the rewrite's: sonic compiles what Inductor compiles)
+            plain = "crashes too" if _crashes(pool, spec) else "runs"
+            crashes.append(dict(spec=spec.describe(), exit=str(e), plain_inductor=plain))
+            print(f"[{i + 1}/{args.cases}] CRASH ({e}; plain Inductor {plain}) {spec.describe()}", flush=True)
+            continue
         except Exception as e:  # eager itself failed: a bug of the generator, not of the rewrite
             generator_errors.append(dict(spec=spec.describe(), error=f"{type(e).__name__}: {e}"[:500]))
             print(f"[{i + 1}/{args.cases}] GENERATOR ERROR {spec.describe()}: {type(e).__name__}: {e}", flush=True)
@@ -126,6 +134,7 @@ def main(argv=None) -> int:
         rewrite_rate_per_combination={k: f"{r}/{n}" for k, (r, n) in sorted(per_combo.items())},
         near_miss_rewritten_per_mutation={k: f"{r}/{n}" for k, (r, n) in sorted(per_mutation.items())},
         generator_errors=generator_errors,
+        crashes=crashes, crashes_sonic_only=sum(c["plain_inductor"] != "crashes too" for c in crashes),
     )
     env = dict(torch=torch.__version__, python=platform.python_version(), machine=platform.machine(),
                git=git)
@@ -146,8 +155,56 @@ def main(argv=None) -> int:
     print(f"  per dtype/router (cases, rewritten, numerics wrong): {summary['per_dtype_router']}")
     if generator_errors:
         print(f"  generator errors (eager failed; cases left out): {len(generator_errors)}")
+    print(f"  process crashes: {len(crashes)} (plain Inductor crashes on the same module too: "
+          f"{len(crashes) - summary['crashes_sonic_only']})")
     print(f"  JSON: {out_path}")
-    return 1 if summary["wrong_rewrites"] or summary["near_misses_rewritten"] or generator_errors else 0
+    pool.close()
+    return 1 if (summary["wrong_rewrites"] or summary["near_misses_rewritten"] or generator_errors
+                 or summary["crashes_sonic_only"]) else 0
+
+
+class _Crashed(Exception):
+    pass
+
+
+class _Isolated:
+    """Runs each case in a fresh worker process, so a segfault or a heap corruption in compiled
+    code ends that case only and is blamed on it (with a long-lived worker, a case that corrupts
+    the heap can crash a later one): the case is reported as a crash, and plain Inductor is tried
+    on the same module in another fresh process."""
+
+    def __init__(self):
+        self._pool = None
+
+    def run(self, fn, *args, **kwargs):
+        import concurrent.futures as cf
+        import multiprocessing as mp
+
+        if self._pool is None:
+            self._pool = cf.ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("spawn"),
+                                                initializer=_quiet_worker, max_tasks_per_child=1)
+        try:
+            return self._pool.submit(fn, *args, **kwargs).result()
+        except cf.process.BrokenProcessPool as e:
+            self._pool = None
+            raise _Crashed("worker process died") from e
+
+    def close(self):
+        if self._pool is not None:
+            self._pool.shutdown()
+
+
+def _quiet_worker():
+    sys.path.insert(0, os.path.join(HERE, "..", "tests"))
+    logging.getLogger("torch._dynamo").setLevel(logging.ERROR)
+
+
+def _crashes(pool: "_Isolated", spec) -> bool:
+    try:
+        pool.run(G.run_plain_inductor, spec)
+    except _Crashed:
+        return True
+    return False
 
 
 if __name__ == "__main__":

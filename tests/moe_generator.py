@@ -617,3 +617,12 @@ def run_case(spec: Spec, atol: Optional[float] = None, rtol: Optional[float] = N
                    declined=[f"{c.idiom}: {c.reason}" for c in cands if c.status != "rewritten"],
                    numerics_ok=ok, error=error)
 
+
+
+def run_plain_inductor(spec: Spec) -> None:
+    """Forward and backward of the spec's module under plain Inductor (no sonic): the fuzz runs it
+    when a sonic case crashes its process, to tell an Inductor crash from one of the rewrite's."""
+    torch._dynamo.reset()
+    module, x = build(spec), inputs(spec)
+    compiled = torch.compile(module, backend="inductor", fullgraph=True, options={"fallback_random": True})
+    _fwd_bwd(compiled, module, x, spec.seed)
