@@ -17,6 +17,7 @@ without the rewrite (``sonic()``); both are logged as warnings and listed by ``e
 """
 from __future__ import annotations
 
+import functools
 import logging
 import operator
 from typing import Any, Optional
@@ -333,9 +334,9 @@ def sonic(gm: fx.GraphModule, example_inputs, options: Optional[dict] = None, mo
 
     if not opts.rewrite:
         return compile_fx(gm, example_inputs, config_patches=patches or None)
-    # settings that keep Inductor right (moe_inductor/inductor_workarounds.py): on every graph sonic
-    # compiles, rewritten or not (the defect also zeroes router gradients without the fused op)
-    patches = _workarounds.for_sonic_graph(patches)
+    # Inductor's inner compiles (forward and backward) with the fix of a scheduler defect that
+    # zeroes router gradients, on every graph sonic compiles (moe_inductor/inductor_workarounds.py)
+    compile_fx = functools.partial(compile_fx, inner_compile=_workarounds.inner_compile)
     # keep the graph as Dynamo gave it: if the rewrite or Inductor on the rewritten graph fails,
     # compile that instead (compilation must never fail because of the rewrite)
     original = _copy_graph_module(gm)
