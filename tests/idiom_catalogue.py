@@ -358,19 +358,6 @@ class TorchtitanGroupedMM(nn.Module):
         return torch.zeros(T_, D, dtype=x.dtype, device=x.device).scatter_add(0, index, out)
 
 
-class _TitanFeedForward(nn.Module):
-    """torchtitan ``FeedForward`` (the shared experts): w2(silu(w1 x) * w3 x), bias-free Linears."""
-
-    def __init__(self, dim, hidden_dim):
-        super().__init__()
-        self.w1 = nn.Linear(dim, hidden_dim, bias=False)
-        self.w2 = nn.Linear(hidden_dim, dim, bias=False)
-        self.w3 = nn.Linear(dim, hidden_dim, bias=False)
-
-    def forward(self, x):
-        return self.w2(Fn.silu(self.w1(x)) * self.w3(x))
-
-
 class _TitanRouter(nn.Module):
     """torchtitan ``TokenChoiceTopKRouter`` (no node-limited routing, no router noise)."""
 
@@ -444,7 +431,7 @@ class TorchtitanMoE(nn.Module):
         self.router = _TitanRouter(score_func, route_norm=True, route_scale=2.5)
         self.reorderer = _TitanReorderer()
         self.experts = _TitanGroupedExperts()
-        self.shared_experts = _TitanFeedForward(D, N) if shared else None
+        self.shared_experts = SwiGLU(D, N) if shared else None  # torchtitan's FeedForward: the same ops
         self.score_before_experts = score_before_experts
         self.register_buffer("expert_bias", torch.zeros(E, dtype=torch.float32) if load_balance else None)
         self.register_buffer("tokens_per_expert", torch.zeros(E, dtype=torch.float32), persistent=False)

@@ -571,16 +571,10 @@ def run_case(spec: Spec, atol: Optional[float] = None, rtol: Optional[float] = N
 
     from torch._dynamo.utils import counters
 
-    from moe_inductor.backend import rewrite_moe
-    from moe_inductor.dynamo_scope import mark_sonic
-    from moe_inductor.options import SonicOptions
+    from rewrite_check import light_backend
 
-    reports = []
-
-    @mark_sonic
-    def light(gm, example_inputs):
-        reports.append(rewrite_moe(gm, SonicOptions()))
-        return gm.forward
+    reports: list = []
+    light = light_backend(reports)
 
     torch._dynamo.reset()
     counters.clear()

@@ -1,0 +1,46 @@
+"""One harness for tests of a hand-written module through the sonic rewrite alone (``rewrite_moe``,
+then the graph runs eagerly: no Inductor code generation, fast): output and every gradient against
+eager at each sequence length, and the candidates the rewrite reported."""
+from __future__ import annotations
+
+import torch
+
+from moe_inductor.backend import rewrite_moe
+from moe_inductor.dynamo_scope import mark_sonic
+from moe_inductor.options import SonicOptions
+
+
+def light_backend(reports: list):
+    """A backend that runs the sonic rewrite, appends its report to ``reports`` and returns the
+    rewritten graph to run eagerly (marked as sonic, so sonic's scoped Dynamo settings apply)."""
+
+    @mark_sonic
+    def light(gm, example_inputs):
+        reports.append(rewrite_moe(gm, SonicOptions()))
+        return gm.forward
+
+    return light
+
+
+def rewrite_and_compare(module: torch.nn.Module, d: int, lengths=(5, 8), tol: float = 1e-4, before_each=None) -> list:
+    """Compile ``module`` with the rewrite only, run it and eager on (T, d) inputs for each T in
+    ``lengths`` (``before_each(module)`` first, to reset state); assert output and gradients equal;
+    return the candidates of every compiled graph."""
+    reports: list = []
+    torch._dynamo.reset()
+    compiled = torch.compile(module, backend=light_backend(reports), fullgraph=True)
+    for T in lengths:
+        x = torch.randn(T, d, generator=torch.Generator().manual_seed(T))
+        res = []
+        for fn in (module, compiled):
+            if before_each is not None:
+                before_each(module)
+            module.zero_grad(set_to_none=True)
+            xi = x.clone().requires_grad_(True)
+            out = fn(xi)
+            out.pow(2).sum().backward()
+            res.append([out.detach(), xi.grad] + [p.grad if p.grad is not None else torch.zeros_like(p)
+                                                   for p in module.parameters()])
+        for got, want in zip(res[1], res[0]):
+            torch.testing.assert_close(got, want, atol=tol, rtol=tol)
+    return [c for r in reports for c in r.candidates]

@@ -1,0 +1,143 @@
+"""Spellings of parts that public MoE code writes and quick re-spellings drop (issue 18), through
+the rewrite alone (``tests/rewrite_check.py``): output and every gradient against eager at two
+lengths (fp32, 1e-4), what was rewritten or declined asserted.
+
+- Combine into a base that is not zeros: routed rows added into the shared experts' output.
+  ``out = shared(x)`` then a per-expert loop of ``out.index_add_`` (per_expert) here;
+  ``shared(x).scatter_add(0, idx, rows)`` (assignment_rows) in tests/test_assignment_rows.py and,
+  as torchtitan writes it, in the catalogue. The block becomes ``base + fused op``. Near misses,
+  declined: the loop adds in place into a slice of a module buffer (state the caller sees after
+  the call); a view of the base made before the loop and read after it (it would see the sum).
+- Expert masks spelled ``ids[..., None] == torch.arange(E)``: the boolean ``one_hot(ids, E)``, a
+  column of which is ``ids == e``. One part recogniser (``rewrite.arange_onehot`` /
+  ``arange_column``, read by ``eq_constant`` and the one-hot paths of ``patterns/dispatch.py``)
+  makes every composition that reads ``ids == e`` or ``one_hot`` read these. Near miss:
+  ``arange(1, E + 1)`` (column e is expert e + 1) is not rewritten.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from rewrite_check import rewrite_and_compare
+
+E, K, d, n = 4, 2, 16, 8
+
+
+class _Routed(nn.Module):
+    """A softmax top-k router; ``form`` picks the spelling under test."""
+
+    def __init__(self, form: str):
+        super().__init__()
+        self.form = form
+        self.gate = nn.Linear(d, E, bias=False)
+
+    def route(self, x):
+        return torch.topk(torch.softmax(self.gate(x), dim=-1), K, dim=-1)
+
+
+# --------------------------------------------------------------------------- combine into a base
+class LoopIntoBase(_Routed):
+    def __init__(self, variant: str):
+        super().__init__(variant)
+        self.shared = nn.Linear(d, d, bias=False)
+        self.w1 = nn.Parameter(torch.randn(E, n, d) / d**0.5)
+        self.w2 = nn.Parameter(torch.randn(E, d, n) / n**0.5)
+        self.register_buffer("acc", torch.zeros(8, d))
+
+    def forward(self, x):
+        w, idx = self.route(x)
+        v = self.form
+        out = self.acc[: x.shape[0]] if v == "into_buffer" else self.shared(x)
+        early = out.view(-1) if v == "early_view" else None
+        for e in range(E):
+            tok, k = torch.where(idx == e)
+            y = F.linear(F.silu(F.linear(x[tok], self.w1[e])), self.w2[e]) * w[tok, k, None]
+            out.index_add_(0, tok, y)
+        if early is not None:
+            return out + early.view_as(out)
+        return out
+
+
+def _run(variant):
+    torch.manual_seed(0)
+    # the into_buffer near miss writes the buffer: both runs start from zeros
+    return rewrite_and_compare(LoopIntoBase(variant), d,
+                               before_each=lambda m: m.register_buffer("acc", torch.zeros(8, d)))
+
+
+def test_loop_adds_into_the_shared_output():
+    cands = _run("shared")
+    assert [c.status for c in cands] == ["rewritten", "rewritten"], [(c.status, c.reason) for c in cands]
+
+
+@pytest.mark.parametrize("variant, reason", [
+    ("into_buffer", "does not start as zeros"),  # out = self.acc[:T]: module state, written in place
+    ("early_view", "has views made before the loop ends"),
+])
+def test_loop_base_near_misses_declined(variant, reason):
+    cands = _run(variant)
+    assert cands and all(c.status == "declined" for c in cands), [(c.status, c.reason) for c in cands]
+    assert any(reason in c.reason for c in cands), [c.reason for c in cands]
+
+
+# --------------------------------------------------------------------------- ids[..., None] == arange(E)
+class ArangeMaskMoE(_Routed):
+    def __init__(self, form: str):
+        super().__init__(form)
+        self.experts = nn.ModuleList([nn.Sequential(nn.Linear(d, n), nn.SiLU(), nn.Linear(n, d)) for _ in range(E)])
+
+    def forward(self, x):
+        f = self.form
+        w, ids = self.route(x)
+        out = torch.zeros_like(x)
+        if f == "rows":  # DeepSeek's training branch with a (T*K, E) arange mask: a column per expert
+            flat = ids.reshape(-1)
+            mask = flat[:, None] == torch.arange(E, device=x.device)  # (A, E)
+            rows = x.repeat_interleave(K, dim=0)
+            buf = torch.zeros_like(rows)
+            for e in range(E):
+                m = mask[:, e]
+                buf[m] = self.experts[e](rows[m])
+            return (buf.view(x.shape[0], K, d) * w.unsqueeze(-1)).sum(1)
+        arange = torch.arange(1, E + 1) if f == "off_by_one" else torch.arange(E, device=x.device)
+        mask = (arange == ids.unsqueeze(-1)) if f == "arange_left" else (ids.unsqueeze(-1) == arange)  # (T, K, E)
+        if f == "permute":  # the expert axis first, as Mixtral permutes its one_hot
+            mask = mask.permute(2, 1, 0)
+        for e in range(E):
+            if f == "permute":
+                k, tok = torch.where(mask[e])
+            elif f == "select":
+                tok, k = torch.where(mask.select(-1, e))
+            elif f == "slices":
+                tok, k = torch.where(mask[:, :, e])
+            else:
+                tok, k = torch.where(mask[..., e])
+            out.index_add_(0, tok, self.experts[e](x[tok]) * w[tok, k, None])
+        return out
+
+
+def _run_mask(form):
+    torch.manual_seed(0)
+    return rewrite_and_compare(ArangeMaskMoE(form), d)
+
+
+@pytest.mark.parametrize("form", [
+    "column",       # mask[..., e]
+    "slices",       # mask[:, :, e]
+    "select",       # mask.select(-1, e)
+    "arange_left",  # torch.arange(E) == ids.unsqueeze(-1)
+    "permute",      # mask.permute(2, 1, 0)[e], k and token out of torch.where in that order
+    "rows",         # flat ids: buf[(flat[:, None] == arange(E))[:, e]] = expert(rows[...]), view(T, K, d) sum
+])
+def test_arange_mask_rewritten(form):
+    cands = _run_mask(form)
+    assert [c.status for c in cands] == ["rewritten"] * len(cands) and cands, [(c.status, c.reason) for c in cands]
+
+
+def test_arange_off_by_one_not_rewritten():
+    # arange(1, E + 1): column e selects expert e + 1's tokens; expert E's never run
+    cands = _run_mask("off_by_one")
+    assert all(c.status != "rewritten" for c in cands), [(c.status, c.reason) for c in cands]
