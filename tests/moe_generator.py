@@ -73,6 +73,9 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 #: 0.0039) and fp16 11 (eps 2^-11): the fused op accumulates in fp32 where eager rounds per op,
 #: so their results differ by a few eps; a lost gradient (zeros) is an error of 1.0.
 TOLERANCES = {"float32": (1e-4, 1e-4), "bfloat16": 0.05, "float16": 0.01}
+#: unit roundoff of the low-precision dtypes: what a tensor's error may be, relative to the largest
+#: tensor of the case, before it says anything (a gradient that cancels below it is noise)
+EPS = {"bfloat16": 2.0 ** -8, "float16": 2.0 ** -11}
 
 # near-miss mutation -> the layouts it applies to (``applies`` leaves out the cases it cannot change)
 MUTATIONS = {
@@ -581,6 +584,7 @@ def run_case(spec: Spec, atol: Optional[float] = None, rtol: Optional[float] = N
     module = build(spec)
     x = inputs(spec)
     ref_out, ref_grads = _fwd_bwd(module, module, x, spec.seed)
+    truth = _fp32_truth(spec, x) if spec.dtype != "float32" else None
     error, ok = "", True
     tol = TOLERANCES[spec.dtype]
     if spec.dtype == "float32" and (atol is not None or rtol is not None):
@@ -599,8 +603,11 @@ def run_case(spec: Spec, atol: Optional[float] = None, rtol: Optional[float] = N
         with listening as captured:
             out, grads = _fwd_bwd(compiled, module, x, spec.seed)
         reports.extend(captured)
-        for (name, g), (_, r) in [(("output", out), ("output", ref_out))] + list(zip(grads, ref_grads)):
+        pairs = [(("output", out), ("output", ref_out))] + list(zip(grads, ref_grads))
+        for i, ((name, g), (_, r)) in enumerate(pairs):
             why = compare(name, g, r, tol)
+            if why and truth is not None:
+                why = _worse_than_eager(name, g, r, truth[i], truth, spec.dtype)
             if why:
                 ok, error = False, why
                 break
@@ -620,3 +627,25 @@ def run_plain_inductor(spec: Spec) -> None:
     module, x = build(spec), inputs(spec)
     compiled = torch.compile(module, backend="inductor", fullgraph=True, options={"fallback_random": True})
     _fwd_bwd(compiled, module, x, spec.seed)
+
+
+def _fp32_truth(spec: Spec, x) -> list:
+    """Output and gradients of the same module (its low-precision weights upcast) on the same
+    input in fp32, eager: the reference a bf16/fp16 result is measured against when it differs from
+    eager in its own dtype (eager rounds per op, the fused op accumulates in fp32: either may be
+    the closer one)."""
+    m32 = build(spec).float()  # the same seeded weights, rounded to the dtype, then upcast
+    out, grads = _fwd_bwd(m32, m32, x.float(), spec.seed)
+    return [out] + [g for _, g in grads]
+
+
+def _worse_than_eager(name, got, want, truth, all_truth, dtype) -> str:
+    """'' unless ``got`` is further from the fp32 truth than eager's ``want`` is (by more than 2x)
+    and than the dtype's roundoff of the case's largest tensor; else why."""
+    g, w, t = got.double(), want.double(), truth.double()
+    scale = max(v.double().norm().item() for v in all_truth)
+    err_got, err_eager = (g - t).norm().item(), (w - t).norm().item()
+    if err_got <= max(2 * err_eager, EPS[dtype] * scale, 1e-4):
+        return ""
+    return (f"{name}: {err_got:.3g} from the fp32 result, eager in {dtype} {err_eager:.3g} "
+            f"(|fp32| = {t.norm().item():.4g}, |compiled| = {g.norm().item():.4g}, largest tensor {scale:.4g})")
