@@ -28,9 +28,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import logging
-
-log = logging.getLogger("moe_inductor")
 
 
 def _keeping_mutation_renames(original):
@@ -44,7 +41,6 @@ def _keeping_mutation_renames(original):
         rw = self.read_writes.with_read(fake) if fake else self.read_writes
         self.set_read_writes(rw.rename(getattr(self, "mutation_renames", {}) or {}))
 
-    recompute_size_and_body._sonic_fix = True
     return recompute_size_and_body
 
 

@@ -27,12 +27,12 @@ import torch.nn.functional as Fn
 from .rewrite import Declined, dtype_of, example_value, is_mutation, node_order, same, shape_of
 
 # methods / functions whose result may share memory with their first argument
-VIEW_METHODS = _VIEW_METHODS = {
+_VIEW_METHODS = {
     "view", "reshape", "permute", "transpose", "unsqueeze", "squeeze", "expand", "t", "flatten", "unflatten",
     "narrow", "select", "view_as", "reshape_as", "expand_as", "as_strided", "chunk", "split", "unbind",
     "contiguous", "detach", "movedim", "swapaxes", "diagonal", "unfold", "real", "imag", "__getitem__",
 }
-VIEW_FUNCTIONS = _VIEW_FUNCTIONS = {
+_VIEW_FUNCTIONS = {
     torch.reshape, torch.transpose, torch.permute, torch.squeeze, torch.unsqueeze, torch.flatten, torch.narrow,
     torch.select, torch.chunk, torch.split, torch.unbind, torch.t, torch.detach, torch.movedim, torch.swapaxes,
     torch.diagonal, torch.as_strided,
@@ -75,6 +75,17 @@ def is_view_of(node: fx.Node, base: fx.Node) -> bool:
             return _basic_index(node.args[1])
         return node.target in _VIEW_FUNCTIONS
     return False
+
+
+def is_fresh(node) -> bool:
+    """``node`` is a tensor the graph computed into memory of its own: not an input, a parameter or
+    a buffer (placeholder / get_attr), not a view of its argument, not the result of an in-place op
+    (which is its argument). Writing into it in place changes nothing the caller can see."""
+    if not isinstance(node, fx.Node) or node.op not in ("call_function", "call_method") \
+            or not isinstance(example_value(node), torch.Tensor):
+        return False
+    src = node.args[0] if node.args else None
+    return not (isinstance(src, fx.Node) and (is_view_of(node, src) or is_mutation(node, src)))
 
 
 def aliases(node: fx.Node) -> set:

@@ -592,12 +592,14 @@ def _combine_base(c: RowsScatter) -> Optional[fx.Node]:
     out.scatter_add(0, idx, rows)``, torchtitan): the combine is then ``base + (sum of rows per
     token)``. None for zeros or a per-token sum. Declines a base the sum cannot be separated from:
     ``scatter_reduce(include_self=False)`` (the touched rows drop the base), or an in-place add into
-    a tensor with views (they would see the sum)."""
+    module state, an input or a tensor with views (they would see the sum)."""
     if c.acc is None or _zeros_start(c.acc):
         return None
     need(c.spelling != "scatter_reduce(sum)" or _arg(c.anchor, 5, "include_self", True) is True,
          f"combine: scatter_reduce into {c.acc.name} with include_self=False (the rows replace the base)")
-    if c.inplace:
+    if c.inplace:  # the rewrite drops the in-place write: nobody may see it but the combine's readers
+        need(safety.is_fresh(c.acc), f"combine: the rows are added in place into {c.acc.name}, an input, parameter, "
+                                      "buffer or view the caller may see")
         need(safety.aliases(c.acc) == {c.acc},
              f"combine: the rows are added in place into {c.acc.name}, which has views (they would see the sum)")
     return c.acc

@@ -56,8 +56,7 @@ from moe_inductor import safety
 from moe_inductor.parts import PartDeclined, recognise
 from moe_inductor.rewrite import (
     node_order,
-    Declined, is_mutation, sympy_prod, ExpertWeights, MoEBlock, call, dtype_of, example_value, int_value, method, need, same,
-    shape_of, size_asserts_of,
+    Declined, is_mutation, sympy_prod, ExpertWeights, MoEBlock, call, dtype_of, int_value, method, need, same, shape_of, size_asserts_of,
 )
 
 from . import combine as _combine  # noqa: F401  (registers the recognisers)
@@ -169,23 +168,10 @@ def analyse_unit(write) -> dict:
     return dict(write=write, sel=sel, mlp=mlp, score=score, x=x, gathered=z, scale=scale)
 
 
-def _fresh_base(acc: fx.Node) -> bool:
-    """``acc`` is a tensor the graph computed (a shared expert's output, say), not an input, a
-    parameter or a buffer, and not a view or an in-place result that could alias one: written in
-    place by the loop, it starts with its own values and ends as ``acc + sum of expert rows``."""
-    if acc.op not in ("call_function", "call_method") or not isinstance(example_value(acc), torch.Tensor):
-        return False
-    if acc.op == "call_method" and (acc.target.endswith("_") or acc.target in safety.VIEW_METHODS):
-        return False
-    if acc.op == "call_function" and (acc.target in safety.VIEW_FUNCTIONS or acc.target is operator.getitem
-                                      or getattr(acc.target, "__name__", "").startswith("i")):
-        return False
-    return True
-
-
 def _acc_start(acc: fx.Node):
     """('zeros', None) | ('copy', v0) | ('empty', None) | ('base', acc) | None for how the
-    accumulator starts (``base``: a fresh tensor the loop adds into, ``_fresh_base``)."""
+    accumulator starts (``base``: a tensor the graph computed, ``safety.is_fresh``, that the loop adds
+    into: it ends as ``acc + sum of expert rows``)."""
     if acc.op == "call_function" and acc.target in (torch.zeros, torch.zeros_like):
         return "zeros", None
     if acc.op == "call_method" and acc.target == "new_zeros":
@@ -197,7 +183,7 @@ def _acc_start(acc: fx.Node):
         return "empty", None
     if acc.op == "call_method" and acc.target == "new_empty":
         return "empty", None
-    if _fresh_base(acc):
+    if safety.is_fresh(acc):
         return "base", acc
     return None
 

@@ -7,7 +7,9 @@ lengths (fp32, 1e-4), what was rewritten or declined asserted.
   ``shared(x).scatter_add(0, idx, rows)`` (assignment_rows) in tests/test_assignment_rows.py and,
   as torchtitan writes it, in the catalogue. The block becomes ``base + fused op``. Near misses,
   declined: the loop adds in place into a slice of a module buffer (state the caller sees after
-  the call); a view of the base made before the loop and read after it (it would see the sum).
+  the call); a view of the base made before the loop and read after it (it would see the sum);
+  gathered rows ``index_add_``-ed in place into a whole module buffer (the rewrite would drop the
+  buffer's update: it was rewritten before ``safety.is_fresh`` was asked in both compositions).
 - Expert masks spelled ``ids[..., None] == torch.arange(E)``: the boolean ``one_hot(ids, E)``, a
   column of which is ``ids == e``. One part recogniser (``rewrite.arange_onehot`` /
   ``arange_column``, read by ``eq_constant`` and the one-hot paths of ``patterns/dispatch.py``)
@@ -82,6 +84,36 @@ def test_loop_base_near_misses_declined(variant, reason):
     assert cands and all(c.status == "declined" for c in cands), [(c.status, c.reason) for c in cands]
     assert any(reason in c.reason for c in cands), [c.reason for c in cands]
 
+
+
+class GatheredIntoBuffer(_Routed):
+    """Weights gathered per assignment (bmm), rows added in place into a module buffer (T, d)."""
+
+    def __init__(self):
+        super().__init__("buffer")
+        self.w1 = nn.Parameter(torch.randn(E, n, d) / d**0.5)
+        self.w2 = nn.Parameter(torch.randn(E, d, n) / n**0.5)
+        self.register_buffer("acc", torch.zeros(8, d))
+
+    def forward(self, x):
+        w, ids = self.route(x)
+        idx, tok = ids.reshape(-1), torch.arange(x.size(0)).repeat_interleave(K)
+        h = F.silu(torch.bmm(self.w1[idx], x[tok].unsqueeze(-1)))
+        y = torch.bmm(self.w2[idx], h).squeeze(-1) * w.reshape(-1, 1)
+        self.acc.index_add_(0, tok, y)
+        return self.acc * 1.0
+
+
+def test_rows_added_in_place_into_a_buffer_declined():
+    torch.manual_seed(0)
+    m = GatheredIntoBuffer()
+    reset = lambda mod: mod.register_buffer("acc", torch.zeros(8, d))  # noqa: E731  (both runs from zeros)
+    cands = rewrite_and_compare(m, d, lengths=(8,), before_each=reset)
+    assert all(c.status != "rewritten" for c in cands), [(c.status, c.reason) for c in cands]
+    assert any("buffer or view the caller may see" in c.reason for c in cands), [c.reason for c in cands]
+    reset(m)
+    torch.compile(m, backend="sonic", fullgraph=True)(torch.randn(8, d))
+    assert m.acc.abs().sum() > 0  # the module's state is updated, as in eager
 
 # --------------------------------------------------------------------------- ids[..., None] == arange(E)
 class ArangeMaskMoE(_Routed):
