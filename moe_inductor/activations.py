@@ -228,6 +228,13 @@ def act_backward(h: torch.Tensor, da: torch.Tensor, act: Activation, interleaved
         # d/dg [cg tanh(g/cg) sigmoid(g)] = (1 - tg^2) s + cg tg s (1 - s)
         dg = daf * capped_u * ((1 - tg * tg) * s + cg * tg * s * (1 - s))
         du = daf * (tg * cg * s) * (1 - tu * tu)
+    elif act.kind == "swiglu":
+        # written into the halves of one dH: aten's fused silu_backward, no concatenation
+        dh = torch.empty(hf.shape, dtype=hf.dtype, device=hf.device)
+        dg, du = split_gate_up(dh, interleaved)
+        torch.ops.aten.silu_backward.grad_input(daf * u, g, grad_input=dg)
+        torch.mul(daf, F.silu(g), out=du)
+        return dh.to(h.dtype)
     else:
         dg = daf * u * _unary_grad(act.kind, g)
         du = daf * _unary(act.kind, g)

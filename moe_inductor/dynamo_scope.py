@@ -185,9 +185,12 @@ class _Start:
                 # the retry gets Dynamo's own defaults, whatever else set them
                 patch = torch._dynamo.config.patch(**({k: False for k in SETTINGS} if retry else settings))
                 patch.__enter__()
+                from . import trace_logging
+
+                logging_entered = trace_logging.enter()
                 # an exception being handled around the compile is not a compile failure
                 entry = {"code": code, "one_graph": one_graph, "patch": patch, "retry": retry,
-                         "handled": sys.exc_info()[1]}
+                         "handled": sys.exc_info()[1], "logging": logging_entered}
                 try:
                     from . import capture
 
@@ -218,6 +221,10 @@ class _End:
             return
         if entry["patch"] is not None:
             entry["patch"].__exit__(None, None, None)
+        if entry.get("logging"):
+            from . import trace_logging
+
+            trace_logging.leave()
         if entry.get("restart") is not None:
             return
         error = sys.exc_info()[1]

@@ -1300,8 +1300,11 @@ def with_inner(wrapper, inner, replacement):
         return None
     new_cells = tuple(types.CellType(replacement) if _cell_full(c) and c.cell_contents is inner else c
                       for c in cells)
-    new = types.FunctionType(wrapper.__code__, wrapper.__globals__, wrapper.__name__, wrapper.__defaults__,
-                             new_cells)
+    # a code object of its own (same bytecode): Dynamo caches, skips and restarts frames by code
+    # object, and this copy must not share any of that with the wrapper it was made from (a frame
+    # of the copy is the capturable forward, never the original ``capture.restart_error`` looks for)
+    new = types.FunctionType(wrapper.__code__.replace(), wrapper.__globals__, wrapper.__name__,
+                             wrapper.__defaults__, new_cells)
     new.__kwdefaults__ = wrapper.__kwdefaults__
     new.__qualname__ = wrapper.__qualname__
     new.__module__ = wrapper.__module__

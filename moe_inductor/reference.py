@@ -88,13 +88,17 @@ def moe_forward(
     interleaved: bool,
     keep_h: bool = True,
     sync_free: Optional[bool] = None,
+    small: Optional[bool] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (out (T, d) in x.dtype, h_sorted (A, 2n) or (0, 2n) if not keep_h, order (A,) int32).
-    ``sync_free``: None picks the sync-free variant under CUDA-graph capture (module docstring)."""
+    ``sync_free``: None picks the sync-free variant under CUDA-graph capture (module docstring).
+    ``small``: None groups at most ``SMALL_A`` assignments on the host (CPU), False never does."""
     if _use_sync_free(x, sync_free):
         return _sync_free_forward(x, token_ids, expert_ids, scores, w1, w2, b1, b2, act, interleaved, keep_h)
     T, d = x.shape
     A = token_ids.shape[0]
+    if (A <= SMALL_A if small is None else small) and x.device.type == "cpu":
+        return _small_forward(x, token_ids, expert_ids, scores, w1, w2, b1, b2, act, interleaved, keep_h)
     E, h_cols, _ = w1.shape
     order, counts = sort_assignments(expert_ids, E)
     order_l = order.long()
@@ -106,15 +110,70 @@ def moe_forward(
         h_sorted[: int(counts[0])] = 0  # dropped assignments: defined values, never read
     for e, lo, hi in _expert_slices(counts):
         rows = tok_sorted[lo:hi]
-        h_e = torch.mm(x.index_select(0, rows), w1[e].t())
+        x_e = x.index_select(0, rows)
+        # written where it is kept (rows lo:hi of a contiguous H are contiguous): no copy
+        h_e = torch.mm(x_e, w1[e].t(), out=h_sorted[lo:hi]) if keep_h else torch.mm(x_e, w1[e].t())
         if b1 is not None:
             h_e += b1[e]
-        if keep_h:
-            h_sorted[lo:hi] = h_e
         y_e = torch.mm(act_forward(h_e, act, interleaved), w2[e].t())
         if b2 is not None:
             y_e += b2[e]
-        out_acc.index_add_(0, rows, y_e.to(out_acc.dtype) * s_sorted[lo:hi, None])
+        y_e = y_e.to(out_acc.dtype)
+        out_acc.index_add_(0, rows, y_e.mul_(s_sorted[lo:hi, None]))
+    return out_acc.to(x.dtype), h_sorted, order
+
+
+#: at most this many assignments: ``moe_forward`` groups them on the host (decode: a few tokens'
+#: top-k), no sort, no per-expert counts on the device, a row of X used in place where an expert
+#: has one row. The same values as the sorted path (same stable order, same fp32 combine).
+SMALL_A = 64
+
+
+def _small_forward(x, token_ids, expert_ids, scores, w1, w2, b1, b2, act, interleaved, keep_h):
+    """``moe_forward`` for a handful of assignments on CPU (module docstring; ``SMALL_A``)."""
+    T, d = x.shape
+    A, h_cols = token_ids.shape[0], w1.shape[1]
+    acc = _acc_dtype(x.dtype)
+    experts, tokens = expert_ids.tolist(), token_ids.tolist()
+    order_l = sorted(range(A), key=experts.__getitem__)  # stable, as argsort(stable=True)
+    weights = scores.to(acc).tolist()  # exact: a score in acc's precision, as the sorted path multiplies
+    out_acc = torch.zeros(T, d, dtype=acc, device=x.device)
+    h_sorted = x.new_empty((A if keep_h else 0, h_cols))
+    lo = 0
+    while lo < A:
+        e = experts[order_l[lo]]
+        hi = lo + 1
+        while hi < A and experts[order_l[hi]] == e:
+            hi += 1
+        if e < 0:  # dropped assignments (sorted first): defined values, never read
+            if keep_h:
+                h_sorted[lo:hi] = 0
+            lo = hi
+            continue
+        picked = order_l[lo:hi]
+        rows = [tokens[i] for i in picked]
+        if len(rows) == 1:
+            x_e = x.narrow(0, rows[0], 1)
+        else:
+            rows_t = torch.tensor(rows, dtype=torch.int64, device=x.device)
+            x_e = x.index_select(0, rows_t)
+        if keep_h:
+            h_e = torch.mm(x_e, w1[e].t(), out=h_sorted.narrow(0, lo, hi - lo))
+        else:
+            h_e = torch.mm(x_e, w1[e].t())
+        if b1 is not None:
+            h_e += b1[e]
+        y_e = torch.mm(act_forward(h_e, act, interleaved), w2[e].t())
+        if b2 is not None:
+            y_e += b2[e]
+        y_e = y_e.to(acc)
+        if len(rows) == 1:
+            out_acc.narrow(0, rows[0], 1).add_(y_e.mul_(weights[picked[0]]))
+        else:
+            w_col = torch.tensor([weights[i] for i in picked], dtype=acc, device=x.device)
+            out_acc.index_add_(0, rows_t, y_e.mul_(w_col[:, None]))
+        lo = hi
+    order = torch.tensor(order_l, dtype=torch.int32, device=x.device)
     return out_acc.to(x.dtype), h_sorted, order
 
 
@@ -150,13 +209,16 @@ def moe_backward(
     s_sorted = scores[order_l]
     grad_out = grad_out.contiguous()
     dx_acc = torch.zeros(T, d, dtype=acc, device=x.device)
-    # in the weights' layout (strides of a transposed view too): no copy by autograd afterwards
-    dw1 = torch.zeros_like(w1)
-    dw2 = torch.zeros_like(w2)
-    db1 = torch.zeros_like(b1) if b1 is not None else None
-    db2 = torch.zeros_like(b2) if b2 is not None else None
+    # in the weights' layout (strides of a transposed view too): no copy by autograd afterwards;
+    # every expert's slice is written below (zeros for experts without rows), no memset of all
+    dw1 = torch.empty_like(w1)
+    dw2 = torch.empty_like(w2)
+    db1 = torch.empty_like(b1) if b1 is not None else None
+    db2 = torch.empty_like(b2) if b2 is not None else None
     ds_sorted = torch.zeros(order.shape[0], dtype=acc, device=x.device)
+    served = [False] * E
     for e, lo, hi in _expert_slices(counts):
+        served[e] = True
         rows = tok_sorted[lo:hi]
         x_e = x.index_select(0, rows)
         if h_sorted is None:
@@ -165,21 +227,25 @@ def moe_backward(
                 h_e += b1[e]
         else:
             h_e = h_sorted[lo:hi]
-        a_e = act_forward(h_e, act, interleaved)
+        a_e = act_forward(h_e, act, interleaved).to(acc)  # fresh: scaled in place below
         do_e = grad_out.index_select(0, rows)
         s_e = s_sorted[lo:hi, None].to(acc)
-        da_e = torch.mm(do_e, w2[e])  # dA' = gather(dO) W2^T, before the score
-        ds_e = (da_e.to(acc) * a_e.to(acc)).sum(-1)
+        da_e = torch.mm(do_e, w2[e]).to(acc)  # dA' = gather(dO) W2^T, before the score
+        ds_e = (da_e * a_e).sum(-1)
         if b2 is not None:
             ds_e += (do_e.to(acc) * b2[e].to(acc)).sum(-1)
             db2[e] = (do_e.to(acc) * s_e).sum(0).to(db2.dtype)
         ds_sorted[lo:hi] = ds_e
-        dh_e = act_backward(h_e, (da_e.to(acc) * s_e), act, interleaved).to(x.dtype)
-        dw2[e] = torch.mm(do_e.t(), (a_e.to(acc) * s_e).to(x.dtype))
-        dw1[e] = torch.mm(dh_e.t(), x_e)
+        dh_e = act_backward(h_e, da_e.mul_(s_e), act, interleaved).to(x.dtype)
+        torch.mm(do_e.t(), a_e.mul_(s_e).to(x.dtype), out=dw2[e])
+        torch.mm(dh_e.t(), x_e, out=dw1[e])
         if b1 is not None:
             db1[e] = dh_e.to(acc).sum(0).to(db1.dtype)
         dx_acc.index_add_(0, rows, torch.mm(dh_e, w1[e]).to(acc))
+    for e in (e for e, done in enumerate(served) if not done):
+        for g in (dw1, dw2, db1, db2):
+            if g is not None:
+                g[e] = 0
     dscores = torch.empty(order.shape[0], dtype=scores.dtype, device=x.device)
     dscores[order_l] = ds_sorted.to(scores.dtype)
     return dx_acc.to(x.dtype), dscores, dw1, dw2, db1, db2

@@ -475,6 +475,81 @@ def _autocast_regions(graph: fx.Graph, before: fx.Node) -> list:
     return list(open_.values())
 
 
+def _expert_index(node: Any) -> Optional[tuple]:
+    """(W, e, transposed) when ``node`` is expert ``e``'s slice of a stacked tensor ``W``:
+    ``W[e]`` / ``W.select(0, e)`` / ``torch.select(W, 0, e)`` with an int ``e``, optionally
+    followed by ``.t()`` / ``.transpose(0, 1)`` (either order of the two dims); else None."""
+    transposed = False
+    if isinstance(node, fx.Node) and node.op == "call_method" and len(node.users) <= 1 and (
+            (node.target == "t" and len(node.args) == 1 and not node.kwargs)
+            or (node.target == "transpose" and not node.kwargs and len(node.args) == 3
+                and sorted(a % 2 if isinstance(a, int) else -9 for a in node.args[1:]) == [0, 1])):
+        node, transposed = node.args[0], True
+    if not isinstance(node, fx.Node):
+        return None
+    if node.op == "call_function" and node.target is operator.getitem and len(node.args) == 2 \
+            and type(node.args[1]) is int:
+        base, e = node.args
+    elif ((node.op == "call_method" and node.target == "select")
+          or (node.op == "call_function" and node.target is torch.select)) \
+            and len(node.args) == 3 and node.args[1] == 0 and type(node.args[2]) is int and not node.kwargs:
+        base, _, e = node.args
+    else:
+        return None
+    return (base, e, transposed) if isinstance(base, fx.Node) else None
+
+
+def stacked_source(graph: fx.Graph, nodes: list, like: fx.Node) -> Optional[fx.Node]:
+    """The stacked tensor the per-expert weight nodes ``nodes`` are the slices 0..E-1 of, when they
+    are exactly that (one base ``W`` with ``W.shape[0] == E``, expert ``e`` at position ``e``, all
+    transposed alike): a node for ``W`` (or ``W.transpose(1, 2)``), else None. The fused op then
+    takes the stacked tensor as it is instead of stacking E slices of it again on every call
+    (transformers' experts loop ``self.gate_up_proj[expert_idx]`` over stacked parameters)."""
+    parts = [_expert_index(n) for n in nodes]
+    if not parts or any(p is None for p in parts):
+        return None
+    base, _, transposed = parts[0]
+    if any(p[0] is not base or p[1] != e or p[2] != transposed for e, p in enumerate(parts)):
+        return None
+    value = example_value(base)
+    if not isinstance(value, torch.Tensor) or value.dim() < 2 or not isinstance(value.shape[0], int) \
+            or value.shape[0] != len(nodes):
+        return None
+    if not transposed:
+        return base
+    if value.dim() != 3:
+        return None
+    return method(graph, "transpose", base, 1, 2, like=like)
+
+
+def _collapse_stacked(graph: fx.Graph, weights: "ExpertWeights", like: fx.Node):
+    """``weights`` as stacked (w1, w2, b1, b2) when every list is the slices of one stacked
+    tensor (``stacked_source``) and no gate/up pair would have to be concatenated; else
+    ``weights`` unchanged. Slice nodes left without users are erased."""
+    if weights.up or weights.b_up:
+        return weights
+    lists = (weights.gate, weights.down, weights.b_gate, weights.b_down)
+    stacked = []
+    for nodes in lists:
+        if not nodes:
+            stacked.append(None)
+            continue
+        w = stacked_source(graph, list(nodes), like)
+        if w is None:
+            for made in stacked:  # a transpose emitted for an earlier list: unused now
+                if made is not None and made.op == "call_method" and made.target == "transpose" and not made.users:
+                    graph.erase_node(made)
+            return weights
+        stacked.append(w)
+    if stacked[0] is None or stacked[1] is None:
+        return weights
+    for nodes in lists:
+        for n in nodes:
+            if isinstance(n, fx.Node) and n.op == "call_method" and n.target in ("t", "transpose") and not n.users:
+                graph.erase_node(n)  # made by build_weights for the list, replaced by one transpose
+    return tuple(stacked)
+
+
 def emit_fused_moe(gm: fx.GraphModule, block: MoEBlock, recompute_h: bool, impl: str,
                    routing_hook: Optional[Callable] = None) -> fx.Node:
     """Insert the fused op for ``block`` and rewire the graph. Returns the op's output node.
@@ -492,6 +567,8 @@ def emit_fused_moe(gm: fx.GraphModule, block: MoEBlock, recompute_h: bool, impl:
         like = block.anchor
         x = block.x
         weights = block.build_weights(graph)
+        if isinstance(weights, ExpertWeights):
+            weights = _collapse_stacked(graph, weights, like)
         per_expert = isinstance(weights, ExpertWeights)
         wdtype = dtype_of(weights.gate[0] if per_expert else weights[0])
         if wdtype is not None and dtype_of(x) != wdtype:
