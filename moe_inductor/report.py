@@ -94,7 +94,11 @@ def note_runs_on(candidate: Candidate, block: Any, impl: str) -> str:
     dtype = getattr(block, "dtype", None) or getattr(example, "dtype", None)
     where = candidate.where
     try:
-        decided = runs_on(device, dtype, block.activation, impl)
+        choice = getattr(block, "choice", None)
+        if choice is not None:  # moe_inductor.worth: no fused op for this block
+            decided = f"{choice.impl}: {choice.reason}"
+        else:
+            decided = runs_on(device, dtype, block.activation, impl)
     except Exception as e:  # never fail compilation over a report
         decided = f"unknown ({type(e).__name__}: {e})"
     candidate.runs_on = decided

@@ -30,6 +30,8 @@ from torch._inductor.pattern_matcher import (
     is_match,
 )
 
+from .worth import Choice, choose_gathered, gathered_experts
+
 
 class AnyOf(PatternExpr):
     """Matches if any alternative matches (first wins). The alternatives' captures join the
@@ -359,6 +361,9 @@ class MoEBlock:
     autocast_like: str = "aten::mm"
     #: the parts the block was recognised from (dispatch, experts, combine spellings), for reports
     parts: str = ""
+    #: set by ``emit_fused_moe``: the gathered decomposition chosen instead of the fused op
+    #: (``moe_inductor.worth``), or None
+    choice: Optional[Choice] = None
 
 
 @dataclasses.dataclass
@@ -550,6 +555,25 @@ def _collapse_stacked(graph: fx.Graph, weights: "ExpertWeights", like: fx.Node):
     return tuple(stacked)
 
 
+def _gathered_choice(block: MoEBlock, x: fx.Node, token_ids: fx.Node, weights, per_expert: bool,
+                     rewritten_routing: bool, autocast: bool):
+    """``worth.choose_gathered`` for this block, from its graph's example values (None: fused op)."""
+    xv, out = example_value(x), example_value(block.anchor)
+    device_type = getattr(getattr(xv, "device", None), "type", None)
+    # autocast recorded in the graph, or entered around the compiled call (Dynamo guards on it):
+    # the fused op follows the replaced GEMM's autocast rule, the reductions would not
+    if per_expert or autocast or (device_type is not None and torch.is_autocast_enabled(device_type)):
+        return None
+    w1v, w2v = example_value(weights[0]), example_value(weights[1])
+    tensors = (xv, out, w1v, w2v)
+    if not all(isinstance(t, torch.Tensor) for t in tensors):
+        return None
+    if w1v.stride(-1) != 1 or w2v.stride(-1) != 1:  # the reductions run along contiguous rows
+        return None
+    assignments = int_value(shape_of(token_ids)[0]) if shape_of(token_ids) else None
+    return choose_gathered(xv.device, out.requires_grad, assignments, block.num_experts, True, rewritten_routing)
+
+
 def emit_fused_moe(gm: fx.GraphModule, block: MoEBlock, recompute_h: bool, impl: str,
                    routing_hook: Optional[Callable] = None) -> fx.Node:
     """Insert the fused op for ``block`` and rewire the graph. Returns the op's output node.
@@ -579,10 +603,17 @@ def emit_fused_moe(gm: fx.GraphModule, block: MoEBlock, recompute_h: bool, impl:
             token_ids, expert_ids, scores = replaced
         token_ids = method(graph, "to", token_ids, torch.int32, like=like)
         expert_ids = method(graph, "to", expert_ids, torch.int32, like=like)
+        regions_open = _autocast_regions(graph, where)
+        block.choice = _gathered_choice(block, x, token_ids, weights, per_expert, replaced is not None,
+                                        bool(regions_open))
         with contextlib.ExitStack() as regions:
-            for args in _autocast_regions(graph, where):
+            for args in regions_open:
                 regions.enter_context(torch.amp.autocast(*args))
-            if per_expert:
+            if block.choice is not None:
+                w1, w2, b1, b2 = weights
+                out = call(graph, gathered_experts, x, token_ids, expert_ids, scores, w1, w2, b1, b2,
+                           block.activation, block.interleaved, like=like)
+            elif per_expert:
                 fused = call(
                     graph, torch.ops.moe_inductor.fused_moe_experts.default,
                     x, token_ids, expert_ids, scores, list(weights.gate), list(weights.up), list(weights.down),
@@ -597,7 +628,8 @@ def emit_fused_moe(gm: fx.GraphModule, block: MoEBlock, recompute_h: bool, impl:
                     x, token_ids, expert_ids, scores, w1, w2, b1, b2,
                     block.activation, block.interleaved, recompute_h, impl, block.autocast_like, like=like,
                 )
-        out = call(graph, operator.getitem, fused, 0, like=like)
+        if block.choice is None:
+            out = call(graph, operator.getitem, fused, 0, like=like)
         want = dtype_of(block.anchor)
         if want is not None and want != dtype_of(out):
             out = method(graph, "to", out, want, like=like)
