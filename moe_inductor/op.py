@@ -328,11 +328,15 @@ def _check_expert_lists(x, w_gate, w_up, w_down, b_gate, b_up, b_down, gated: bo
     if len(b_gate) not in (0, E) or len(b_down) not in (0, E) or len(b_up) != (len(w_up) if b_gate else 0):
         raise ValueError(f"fused_moe_experts: inconsistent bias lists: {len(b_gate)} b_gate, {len(b_up)} b_up, "
                          f"{len(b_down)} b_down for {E} experts (all or none; b_up exactly when w_up and b_gate)")
+    device = x.get_device()  # an int: cheaper than comparing torch.device objects, per call
     for name, parts in (("w_gate", w_gate), ("w_up", w_up), ("w_down", w_down), ("b_gate", b_gate),
                         ("b_up", b_up), ("b_down", b_down)):
-        for p in parts:
-            if p.shape != parts[0].shape or p.dtype != parts[0].dtype or p.device != x.device:
-                raise ValueError(f"fused_moe_experts: the {name} entries differ in shape, dtype or device "
+        if not parts:
+            continue
+        shape, dtype = parts[0].shape, parts[0].dtype
+        if parts[0].device.type != x.device.type or any(
+                p.shape != shape or p.dtype != dtype or p.get_device() != device for p in parts):
+            raise ValueError(f"fused_moe_experts: the {name} entries differ in shape, dtype or device "
                                  f"(or are not on x's device {x.device})")
     for (a, b), (ta, tb) in ((("w_gate", "w_up"), (w_gate, w_up)), (("b_gate", "b_up"), (b_gate, b_up))):
         if tb and (ta[0].shape != tb[0].shape or ta[0].dtype != tb[0].dtype):
@@ -354,6 +358,26 @@ def _stacked(first, second, dtype, real: bool) -> Optional[Tensor]:
     out = first[0].new_empty((len(pieces),) + tuple(first[0].shape), dtype=dtype)
     torch.stack(pieces, 0, out=out)  # [g0, u0, g1, u1, ...]: (E, gate rows then up rows, ...)
     return out.view(shape)
+
+
+def _expert_lists(x, w_gate, w_up, w_down, b_gate, b_up, b_down):
+    """(w1, w2, b1, b2) as ``reference.ExpertList`` views of the lists (nothing stacked; cast to x's
+    dtype expert by expert as the PyTorch path reads them)."""
+    def view(first, second):
+        return reference.ExpertList(first, second, x.dtype) if first else None
+
+    return view(w_gate, w_up), view(w_down, []), view(b_gate, b_up), view(b_down, [])
+
+
+def _experts_weights(x, token_ids, impl, activation, lists, shapes=None):
+    """The weights ``fused_moe_experts`` computes with: per-expert views on the PyTorch path (only
+    the experts that receive rows are read), stacks for the Triton kernels. Returns (impl, weights).
+    ``shapes``: ``_expert_stacks(..., real=False)`` of the lists when the caller has it."""
+    shapes = shapes if shapes is not None else _expert_stacks(x, *lists, activation, real=False)
+    which = _resolve_impl(impl, x, shapes[0], shapes[1], parse_activation(activation), token_ids.shape[0])
+    if which == "torch":
+        return which, _expert_lists(x, *lists)
+    return which, _expert_stacks(x, *lists, activation, real=True)
 
 
 def _expert_stacks(x, w_gate, w_up, w_down, b_gate, b_up, b_down, activation, real: bool):
@@ -389,9 +413,10 @@ def _fused_moe_experts(
     shapes = _expert_stacks(x, w_gate, w_up, w_down, b_gate, b_up, b_down, activation, real=False)
     _check_interleaved(interleaved, w_up)
     check_inputs(x, token_ids, expert_ids, scores, *shapes, activation, impl, compute_dtype)
-    w1, w2, b1, b2 = _expert_stacks(x, w_gate, w_up, w_down, b_gate, b_up, b_down, activation, real=True)
+    which, (w1, w2, b1, b2) = _experts_weights(x, token_ids, impl, activation,
+                                               (w_gate, w_up, w_down, b_gate, b_up, b_down), shapes)
     return _forward(x, token_ids, expert_ids, scores, w1, w2, b1, b2, parse_activation(activation), interleaved,
-                    recompute_h, impl)
+                    recompute_h, which)
 
 
 def _check_interleaved(interleaved: bool, w_up) -> None:
@@ -433,10 +458,11 @@ def _fused_moe_experts_backward(
     """Gradients with the weights restacked (transiently): dx, dscores, and the stacked
     dw1 (E, 2n|n, d), dw2 (E, d, n), db1, db2 (empty when absent) in the weights' dtypes, which
     the autograd formula splits into per-expert views."""
-    w1, w2, b1, b2 = _expert_stacks(x, w_gate, w_up, w_down, b_gate, b_up, b_down, activation, real=True)
+    which, (w1, w2, b1, b2) = _experts_weights(x, token_ids, impl, activation,
+                                               (w_gate, w_up, w_down, b_gate, b_up, b_down))
     dx, dscores, dw1, dw2, db1, db2 = _backward_grads(
         grad_out, x, token_ids, expert_ids, scores, w1, w2, b1, b2, h_sorted, order, parse_activation(activation),
-        interleaved, recompute_h, impl)
+        interleaved, recompute_h, which)
     db1 = x.new_empty(0) if db1 is None else _cast(db1, b_gate[0].dtype)
     db2 = x.new_empty(0) if db2 is None else _cast(db2, b_down[0].dtype)
     return dx, dscores, _cast(dw1, w_gate[0].dtype), _cast(dw2, w_down[0].dtype), db1, db2

@@ -64,6 +64,82 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+class ExpertList:
+    """Per-expert weights as the PyTorch path reads them, never stacked: expert e's rows are
+    ``first[e]`` with ``second[e]`` below it (the up half of a gated expert) when given, cast to
+    ``dtype`` as they are read. ``shape`` is that of the stack the rows would form. Only the
+    experts that receive rows are ever read (``fused_moe_experts`` on the PyTorch path)."""
+
+    def __init__(self, first: list, second: list, dtype: torch.dtype):
+        self.first, self.second, self.dtype = list(first), list(second), dtype
+        rows = first[0].shape[0] + (second[0].shape[0] if second else 0)
+        self.shape = torch.Size((len(first), rows) + tuple(first[0].shape[1:]))
+        self.device = first[0].device
+
+    def parts(self, e: int) -> tuple:
+        """((tensor, lo, hi), ...): expert e's rows lo:hi of the stack are ``tensor``."""
+        a = self.first[e].to(self.dtype)
+        if not self.second:
+            return ((a, 0, a.shape[0]),)
+        n = a.shape[0]
+        return ((a, 0, n), (self.second[e].to(self.dtype), n, self.shape[1]))
+
+    def row(self, e: int) -> torch.Tensor:
+        """Expert e's rows as one tensor (a copy when split: for biases)."""
+        parts = self.parts(e)
+        return parts[0][0] if len(parts) == 1 else torch.cat([p[0] for p in parts])
+
+    def materialize(self) -> torch.Tensor:
+        return torch.stack([self.row(e) for e in range(self.shape[0])])
+
+
+def _parts(w, e: int) -> tuple:
+    if isinstance(w, ExpertList):
+        return w.parts(e)
+    return ((w[e], 0, w.shape[1]),)
+
+
+def _row(b, e: int) -> torch.Tensor:
+    return b.row(e) if isinstance(b, ExpertList) else b[e]
+
+
+def _mm_rows(a: torch.Tensor, w, e: int, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``a @ w[e].T`` (a: (m, k), w[e]: (r, k)) -> (m, r), written into ``out`` when given; a
+    split expert is multiplied piece by piece into its columns (nothing concatenated)."""
+    parts = _parts(w, e)
+    if len(parts) == 1:
+        t = parts[0][0].t()
+        return torch.mm(a, t) if out is None else torch.mm(a, t, out=out)
+    if out is None:
+        out = a.new_empty((a.shape[0], w.shape[1]))
+    for t, lo, hi in parts:
+        torch.mm(a, t.t(), out=out[:, lo:hi])
+    return out
+
+
+def _mm_cols(g: torch.Tensor, w, e: int) -> torch.Tensor:
+    """``g @ w[e]`` (g: (m, r), w[e]: (r, k)) -> (m, k)."""
+    parts = _parts(w, e)
+    if len(parts) == 1:
+        return torch.mm(g, parts[0][0])
+    out = None
+    for t, lo, hi in parts:
+        out = torch.mm(g[:, lo:hi], t) if out is None else out.addmm_(g[:, lo:hi], t)
+    return out
+
+
+def _empty_stack(w, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """An uninitialised gradient for ``w``: the weights' layout for a stacked tensor (strides of a
+    transposed view too: no copy by autograd afterwards), a contiguous stack for an ExpertList."""
+    if isinstance(w, ExpertList):
+        return torch.empty(w.shape, dtype=dtype or w.dtype, device=w.device)
+    return torch.empty_like(w)
+
+
+def _stacked(w):
+    return w.materialize() if isinstance(w, ExpertList) else w
+
+
 #: tests: take the sync-free variant everywhere (it is otherwise chosen only under CUDA-graph capture)
 FORCE_SYNC_FREE = False
 
@@ -94,7 +170,8 @@ def moe_forward(
     ``sync_free``: None picks the sync-free variant under CUDA-graph capture (module docstring).
     ``small``: None groups at most ``SMALL_A`` assignments on the host (CPU), False never does."""
     if _use_sync_free(x, sync_free):
-        return _sync_free_forward(x, token_ids, expert_ids, scores, w1, w2, b1, b2, act, interleaved, keep_h)
+        return _sync_free_forward(x, token_ids, expert_ids, scores, _stacked(w1), _stacked(w2), _stacked(b1),
+                                  _stacked(b2), act, interleaved, keep_h)
     T, d = x.shape
     A = token_ids.shape[0]
     if (A <= SMALL_A if small is None else small) and x.device.type == "cpu":
@@ -112,12 +189,12 @@ def moe_forward(
         rows = tok_sorted[lo:hi]
         x_e = x.index_select(0, rows)
         # written where it is kept (rows lo:hi of a contiguous H are contiguous): no copy
-        h_e = torch.mm(x_e, w1[e].t(), out=h_sorted[lo:hi]) if keep_h else torch.mm(x_e, w1[e].t())
+        h_e = _mm_rows(x_e, w1, e, out=h_sorted[lo:hi] if keep_h else None)
         if b1 is not None:
-            h_e += b1[e]
-        y_e = torch.mm(act_forward(h_e, act, interleaved), w2[e].t())
+            h_e += _row(b1, e)
+        y_e = _mm_rows(act_forward(h_e, act, interleaved), w2, e)
         if b2 is not None:
-            y_e += b2[e]
+            y_e += _row(b2, e)
         y_e = y_e.to(out_acc.dtype)
         out_acc.index_add_(0, rows, y_e.mul_(s_sorted[lo:hi, None]))
     return out_acc.to(x.dtype), h_sorted, order
@@ -157,15 +234,12 @@ def _small_forward(x, token_ids, expert_ids, scores, w1, w2, b1, b2, act, interl
         else:
             rows_t = torch.tensor(rows, dtype=torch.int64, device=x.device)
             x_e = x.index_select(0, rows_t)
-        if keep_h:
-            h_e = torch.mm(x_e, w1[e].t(), out=h_sorted.narrow(0, lo, hi - lo))
-        else:
-            h_e = torch.mm(x_e, w1[e].t())
+        h_e = _mm_rows(x_e, w1, e, out=h_sorted.narrow(0, lo, hi - lo) if keep_h else None)
         if b1 is not None:
-            h_e += b1[e]
-        y_e = torch.mm(act_forward(h_e, act, interleaved), w2[e].t())
+            h_e += _row(b1, e)
+        y_e = _mm_rows(act_forward(h_e, act, interleaved), w2, e)
         if b2 is not None:
-            y_e += b2[e]
+            y_e += _row(b2, e)
         y_e = y_e.to(acc)
         if len(rows) == 1:
             out_acc.narrow(0, rows[0], 1).add_(y_e.mul_(weights[picked[0]]))
@@ -198,8 +272,8 @@ def moe_backward(
     h_sorted None means H is recomputed from X (the opt-in leaner mode). ``sync_free`` as in
     ``moe_forward``."""
     if _use_sync_free(x, sync_free):
-        return _sync_free_backward(grad_out, x, token_ids, expert_ids, scores, w1, w2, b1, b2, h_sorted, order, act,
-                                   interleaved)
+        return _sync_free_backward(grad_out, x, token_ids, expert_ids, scores, _stacked(w1), _stacked(w2),
+                                   _stacked(b1), _stacked(b2), h_sorted, order, act, interleaved)
     T, d = x.shape
     E = w1.shape[0]
     acc = _acc_dtype(x.dtype)
@@ -211,10 +285,10 @@ def moe_backward(
     dx_acc = torch.zeros(T, d, dtype=acc, device=x.device)
     # in the weights' layout (strides of a transposed view too): no copy by autograd afterwards;
     # every expert's slice is written below (zeros for experts without rows), no memset of all
-    dw1 = torch.empty_like(w1)
-    dw2 = torch.empty_like(w2)
-    db1 = torch.empty_like(b1) if b1 is not None else None
-    db2 = torch.empty_like(b2) if b2 is not None else None
+    dw1 = _empty_stack(w1)
+    dw2 = _empty_stack(w2)
+    db1 = _empty_stack(b1) if b1 is not None else None
+    db2 = _empty_stack(b2) if b2 is not None else None
     ds_sorted = torch.zeros(order.shape[0], dtype=acc, device=x.device)
     served = [False] * E
     for e, lo, hi in _expert_slices(counts):
@@ -222,18 +296,18 @@ def moe_backward(
         rows = tok_sorted[lo:hi]
         x_e = x.index_select(0, rows)
         if h_sorted is None:
-            h_e = torch.mm(x_e, w1[e].t())
+            h_e = _mm_rows(x_e, w1, e)
             if b1 is not None:
-                h_e += b1[e]
+                h_e += _row(b1, e)
         else:
             h_e = h_sorted[lo:hi]
         a_e = act_forward(h_e, act, interleaved).to(acc)  # fresh: scaled in place below
         do_e = grad_out.index_select(0, rows)
         s_e = s_sorted[lo:hi, None].to(acc)
-        da_e = torch.mm(do_e, w2[e]).to(acc)  # dA' = gather(dO) W2^T, before the score
+        da_e = _mm_cols(do_e, w2, e).to(acc)  # dA' = gather(dO) W2^T, before the score
         ds_e = (da_e * a_e).sum(-1)
         if b2 is not None:
-            ds_e += (do_e.to(acc) * b2[e].to(acc)).sum(-1)
+            ds_e += (do_e.to(acc) * _row(b2, e).to(acc)).sum(-1)
             db2[e] = (do_e.to(acc) * s_e).sum(0).to(db2.dtype)
         ds_sorted[lo:hi] = ds_e
         dh_e = act_backward(h_e, da_e.mul_(s_e), act, interleaved).to(x.dtype)
@@ -241,7 +315,7 @@ def moe_backward(
         torch.mm(dh_e.t(), x_e, out=dw1[e])
         if b1 is not None:
             db1[e] = dh_e.to(acc).sum(0).to(db1.dtype)
-        dx_acc.index_add_(0, rows, torch.mm(dh_e, w1[e]).to(acc))
+        dx_acc.index_add_(0, rows, _mm_cols(dh_e, w1, e).to(acc))
     for e in (e for e, done in enumerate(served) if not done):
         for g in (dw1, dw2, db1, db2):
             if g is not None:

@@ -186,3 +186,62 @@ def test_standalone_transformers_block_is_one_graph_and_not_retried(fresh_dynamo
             got = compiled(x)
     assert dict(counters["frames"]) == frames  # nothing traced again, nothing retried per call
     torch.testing.assert_close(got, want)
+
+
+# --------------------------------------------------------------------------- per-expert lists
+
+@pytest.mark.parametrize("small", [True, False])
+@pytest.mark.parametrize("layout", ["gate_up", "interleaved", "biases", "compute_dtype"])
+def test_expert_lists_are_read_in_place_on_the_pytorch_path(small, layout, monkeypatch):
+    """fused_moe_experts on the PyTorch path reads each expert's own tensors (the gate and up halves
+    multiplied into their columns): nothing stacked, in forward or backward; the same values as
+    the op on the stacked weights."""
+    from moe_inductor import op as op_module
+
+    E, d, n, T, K = 5, 16, 8, 9, 2
+    g = torch.Generator().manual_seed(3)
+    wdtype = torch.float32
+    xdtype = torch.bfloat16 if layout == "compute_dtype" else torch.float32
+    r = lambda *s: (torch.randn(*s, generator=g) * 0.3).to(wdtype).requires_grad_()
+    x = torch.randn(T, d, generator=g).to(xdtype).requires_grad_()
+    interleaved = layout == "interleaved"
+    gate = [r(2 * n if interleaved else n, d) for _ in range(E)]
+    up = [] if interleaved else [r(n, d) for _ in range(E)]
+    down = [r(d, n) for _ in range(E)]
+    biases = layout == "biases"
+    bg = [r(n) for _ in range(E)] if biases else []
+    bu = [r(n) for _ in range(E)] if biases else []
+    bd = [r(d) for _ in range(E)] if biases else []
+    tok, exp, _ = _routing(T, E, K, seed=5, dropped=2)
+    s = torch.rand(T * K, generator=g).requires_grad_()
+    leaves = [x, s] + gate + up + down + bg + bu + bd
+    monkeypatch.setattr(reference, "SMALL_A", 64 if small else 0)
+
+    def run(stacked: bool):
+        for t in leaves:
+            t.grad = None
+        if stacked:
+            w1 = torch.stack([torch.cat([a, b]) for a, b in zip(gate, up)] if up else gate)
+            b1 = torch.stack([torch.cat([a, b]) for a, b in zip(bg, bu)]) if biases else None
+            out = torch.ops.moe_inductor.fused_moe(
+                x, tok, exp, s, w1.to(xdtype), torch.stack(down).to(xdtype), None if b1 is None else b1.to(xdtype),
+                torch.stack(bd).to(xdtype) if biases else None, "swiglu", interleaved, False, "torch")[0]
+        else:
+            calls = []
+            real = op_module._stacked
+            monkeypatch.setattr(op_module, "_stacked", lambda *a: calls.append(a[-1]) or real(*a))
+            kw = {"compute_dtype": xdtype} if layout == "compute_dtype" else {}
+            out = torch.ops.moe_inductor.fused_moe_experts(x, tok, exp, s, gate, up, down, bg, bu, bd, "swiglu",
+                                                           False, "torch", interleaved=interleaved, **kw)[0]
+            out.float().pow(2).sum().backward()
+            assert True not in calls, "the weights were stacked"  # shape-only views (False) are fine
+            monkeypatch.setattr(op_module, "_stacked", real)
+            return [out.detach()] + [t.grad for t in leaves]
+        out.float().pow(2).sum().backward()
+        return [out.detach()] + [t.grad for t in leaves]
+
+    want, got = run(True), run(False)
+    tol = 2e-2 if xdtype == torch.bfloat16 else 1e-5
+    for a, b in zip(got, want):
+        assert a is not None and b is not None and a.dtype == b.dtype
+        assert ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item() < tol
