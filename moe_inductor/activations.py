@@ -30,6 +30,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -195,8 +196,19 @@ def act_forward(h: torch.Tensor, act: Activation, interleaved: bool) -> torch.Te
     return (_unary(act.kind, g) * u).to(h.dtype)
 
 
-def act_backward(h: torch.Tensor, da: torch.Tensor, act: Activation, interleaved: bool) -> torch.Tensor:
-    """dH from dA and H (fp32 math, result in H's dtype)."""
+def act_forward_keeping(h: torch.Tensor, act: Activation, interleaved: bool):
+    """(A, kept): ``act_forward``'s A, and what ``act_backward(..., kept=kept)`` can reuse instead
+    of recomputing (SwiGLU: silu(gate) in fp32; None for the others)."""
+    if act.kind != "swiglu":
+        return act_forward(h, act, interleaved), None
+    g, u = split_gate_up(_up(h), interleaved)
+    sg = F.silu(g)
+    return (sg * u).to(h.dtype), sg
+
+
+def act_backward(h: torch.Tensor, da: torch.Tensor, act: Activation, interleaved: bool,
+                 kept: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """dH from dA and H (fp32 math, result in H's dtype). ``kept``: from ``act_forward_keeping``."""
     hf, daf = _up(h), _up(da)
     if not act.gated:
         return (daf * _unary_grad(act.kind, hf)).to(h.dtype)
@@ -233,7 +245,7 @@ def act_backward(h: torch.Tensor, da: torch.Tensor, act: Activation, interleaved
         dh = torch.empty(hf.shape, dtype=hf.dtype, device=hf.device)
         dg, du = split_gate_up(dh, interleaved)
         torch.ops.aten.silu_backward.grad_input(daf * u, g, grad_input=dg)
-        torch.mul(daf, F.silu(g), out=du)
+        torch.mul(daf, F.silu(g) if kept is None else kept, out=du)
         return dh.to(h.dtype)
     else:
         dg = daf * u * _unary_grad(act.kind, g)

@@ -39,7 +39,7 @@ from typing import Optional
 
 import torch
 
-from .activations import Activation, act_backward, act_forward
+from .activations import Activation, act_backward, act_forward, act_forward_keeping
 
 
 def sort_assignments(expert_ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -301,7 +301,8 @@ def moe_backward(
                 h_e += _row(b1, e)
         else:
             h_e = h_sorted[lo:hi]
-        a_e = act_forward(h_e, act, interleaved).to(acc)  # fresh: scaled in place below
+        a_e, kept = act_forward_keeping(h_e, act, interleaved)
+        a_e = a_e.to(acc)  # fresh: scaled in place below
         do_e = grad_out.index_select(0, rows)
         s_e = s_sorted[lo:hi, None].to(acc)
         da_e = _mm_cols(do_e, w2, e).to(acc)  # dA' = gather(dO) W2^T, before the score
@@ -310,7 +311,7 @@ def moe_backward(
             ds_e += (do_e.to(acc) * _row(b2, e).to(acc)).sum(-1)
             db2[e] = (do_e.to(acc) * s_e).sum(0).to(db2.dtype)
         ds_sorted[lo:hi] = ds_e
-        dh_e = act_backward(h_e, da_e.mul_(s_e), act, interleaved).to(x.dtype)
+        dh_e = act_backward(h_e, da_e.mul_(s_e), act, interleaved, kept=kept).to(x.dtype)
         torch.mm(do_e.t(), a_e.mul_(s_e).to(x.dtype), out=dw2[e])
         torch.mm(dh_e.t(), x_e, out=dw1[e])
         if b1 is not None:
