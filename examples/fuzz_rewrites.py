@@ -66,6 +66,9 @@ def main(argv=None) -> int:
     ap.add_argument("--quiet", action="store_true", help="one line per finding only")
     ap.add_argument("--backend", choices=("light", "sonic"), default="light",
                     help="light: the rewritten graph run eagerly; sonic: the whole backend, Inductor included")
+    ap.add_argument("--inference", action="store_true",
+                    help="run eager and compiled under no_grad and compare outputs only (CPU decode-sized blocks "
+                         "then take the gathered decomposition, moe_inductor/worth.py)")
     ap.add_argument("--dtypes", default="float32", help=f"comma-separated, of {sorted(G.DTYPES)}")
     ap.add_argument("--routers", default="softmax", help=f"comma-separated, of {list(G.ROUTERS)}")
     ap.add_argument("--extras", action="store_true",
@@ -84,7 +87,7 @@ def main(argv=None) -> int:
     for i, spec in enumerate(G.cases(args.cases, args.seed, args.mutation_rate, dtypes=dtypes, routers=routers,
                                          extras=args.extras)):
         try:
-            o = pool.run(G.run_case, spec, backend=args.backend)
+            o = pool.run(G.run_case, spec, backend=args.backend, inference=args.inference)
         except _Crashed as e:
             # the process died (a segfault in compiled code): is plain Inductor's compile of the same
             # module as fatal? (then it is not the rewrite's: sonic compiles what Inductor compiles)
@@ -122,6 +125,8 @@ def main(argv=None) -> int:
         row[2] += not o.numerics_ok
     summary = dict(
         cases=len(outcomes), seed=args.seed, seconds=round(time.time() - t0, 1), backend=args.backend,
+        inference=args.inference,
+        rewritten_gathered=sum(any(r.startswith("gathered") for r in o.runs_on) for o in outcomes),
         dtypes=list(dtypes), routers=list(routers), extras=args.extras,
         per_dtype_router={k: dict(cases=c, rewritten=r, numerics_wrong=w)
                           for k, (c, r, w) in sorted(per_dtype_router.items())},

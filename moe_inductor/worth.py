@@ -90,5 +90,9 @@ def gathered_experts(x, token_ids, expert_ids, scores, w1, w2, b1, b2, activatio
         y = y + b2[e].to(acc)
     y = y.to(x.dtype).to(acc) * scores.to(acc)[:, None]
     y = torch.where(valid[:, None], y, 0)
-    out = torch.zeros(x.shape, dtype=acc, device=x.device).index_add(0, t, y)
-    return out.to(x.dtype)
+    # the combine as a (T, A) 0/1 matrix times the rows, not index_add: Inductor's CPU code for a
+    # scatter whose index it inlines as (assignment // K) under outer-loop vectorisation writes to
+    # wrong rows (out of bounds: heap corruption; torch 2.13, seen with token_ids =
+    # arange(T).repeat_interleave(K)); A is small here, the product costs T * A * d
+    owner = (t[None, :] == torch.arange(x.shape[0], device=x.device)[:, None]).to(acc)
+    return torch.mm(owner, y).to(x.dtype)

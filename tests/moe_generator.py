@@ -518,6 +518,7 @@ class Outcome:
     declined: list  # reasons
     numerics_ok: bool
     error: str = ""  # mismatch or exception text
+    runs_on: list = dataclasses.field(default_factory=list)  # of each rewritten block (report.runs_on)
 
     @property
     def wrong_rewrite(self) -> bool:
@@ -530,7 +531,8 @@ class Outcome:
     def as_dict(self) -> dict:
         return dict(spec=dataclasses.asdict(self.spec), combo=list(self.spec.combo), rewritten=self.rewritten,
                     declined=self.declined, numerics_ok=self.numerics_ok, error=self.error[:2000],
-                    wrong_rewrite=self.wrong_rewrite, near_miss_rewritten=self.near_miss_rewritten)
+                    wrong_rewrite=self.wrong_rewrite, near_miss_rewritten=self.near_miss_rewritten,
+                    runs_on=list(self.runs_on))
 
 
 def _fwd_bwd(fn, module, x, rng_seed):
@@ -564,12 +566,23 @@ def compare(name: str, got: torch.Tensor, want: torch.Tensor, tol) -> str:
     return ""
 
 
-def run_case(spec: Spec, atol: Optional[float] = None, rtol: Optional[float] = None, backend: str = "light") -> Outcome:
+def _fwd_only(fn, module, x, rng_seed):
+    """Inference: the output under no_grad (where ``moe_inductor.worth`` may choose the gathered
+    decomposition instead of the fused op); no gradients."""
+    torch.manual_seed(rng_seed)
+    with torch.no_grad():
+        return fn(x.detach().clone()).detach(), []
+
+
+def run_case(spec: Spec, atol: Optional[float] = None, rtol: Optional[float] = None, backend: str = "light",
+             inference: bool = False) -> Outcome:
     """Eager vs the sonic rewrite, output and every gradient; what was rewritten and declined.
 
     ``backend="light"``: ``rewrite_moe``, then the rewritten graph runs eagerly (fast; the rewrite
     alone). ``backend="sonic"``: the whole backend, Inductor included (slower; what users run:
-    issue 22's zero gradient happened only there). ``atol``/``rtol`` override fp32's tolerance."""
+    issue 22's zero gradient happened only there). ``atol``/``rtol`` override fp32's tolerance.
+    ``inference``: both run under no_grad and only the outputs are compared."""
+    run = _fwd_only if inference else _fwd_bwd
     import contextlib
 
     from torch._dynamo.utils import counters
@@ -583,8 +596,8 @@ def run_case(spec: Spec, atol: Optional[float] = None, rtol: Optional[float] = N
     counters.clear()
     module = build(spec)
     x = inputs(spec)
-    ref_out, ref_grads = _fwd_bwd(module, module, x, spec.seed)
-    truth = _fp32_truth(spec, x) if spec.dtype != "float32" else None
+    ref_out, ref_grads = run(module, module, x, spec.seed)
+    truth = _fp32_truth(spec, x, run) if spec.dtype != "float32" else None
     error, ok = "", True
     tol = TOLERANCES[spec.dtype]
     if spec.dtype == "float32" and (atol is not None or rtol is not None):
@@ -601,7 +614,7 @@ def run_case(spec: Spec, atol: Optional[float] = None, rtol: Optional[float] = N
             listening = contextlib.nullcontext([])
             compiled = torch.compile(module, backend=light, fullgraph=True)
         with listening as captured:
-            out, grads = _fwd_bwd(compiled, module, x, spec.seed)
+            out, grads = run(compiled, module, x, spec.seed)
         reports.extend(captured)
         pairs = [(("output", out), ("output", ref_out))] + list(zip(grads, ref_grads))
         for i, ((name, g), (_, r)) in enumerate(pairs):
@@ -616,7 +629,8 @@ def run_case(spec: Spec, atol: Optional[float] = None, rtol: Optional[float] = N
     cands = [c for r in reports for c in r.candidates]
     return Outcome(spec, rewritten=sum(c.status == "rewritten" for c in cands),
                    declined=[f"{c.idiom}: {c.reason}" for c in cands if c.status != "rewritten"],
-                   numerics_ok=ok, error=error)
+                   numerics_ok=ok, error=error,
+                   runs_on=[c.runs_on for c in cands if c.status == "rewritten"])
 
 
 
@@ -629,13 +643,13 @@ def run_plain_inductor(spec: Spec) -> None:
     _fwd_bwd(compiled, module, x, spec.seed)
 
 
-def _fp32_truth(spec: Spec, x) -> list:
+def _fp32_truth(spec: Spec, x, run=_fwd_bwd) -> list:
     """Output and gradients of the same module (its low-precision weights upcast) on the same
     input in fp32, eager: the reference a bf16/fp16 result is measured against when it differs from
     eager in its own dtype (eager rounds per op, the fused op accumulates in fp32: either may be
     the closer one)."""
     m32 = build(spec).float()  # the same seeded weights, rounded to the dtype, then upcast
-    out, grads = _fwd_bwd(m32, m32, x.float(), spec.seed)
+    out, grads = run(m32, m32, x.float(), spec.seed)
     return [out] + [g for _, g in grads]
 
 

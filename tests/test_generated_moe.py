@@ -66,6 +66,27 @@ def test_supported_combination_rewritten(combo):
     assert outcome.rewritten == 1
 
 
+# Inference (no_grad) at decode size: blocks over stacked weights take the gathered decomposition
+# (moe_inductor/worth.py) instead of the fused op, the others the op; outputs equal eager, through
+# the rewrite alone and through the whole backend (Inductor compiles the decomposition).
+_INFERENCE = [_base(c, E=8, K=2, T=2, skew=False, seed=11) for c in _SUPPORTED_SAMPLE]
+_INFERENCE_GATHERED = ("gathered", "interleave", "gathered_fused", "view_sum", "output", False)
+assert _INFERENCE_GATHERED in _SUPPORTED_SAMPLE
+
+
+@pytest.mark.parametrize("backend", ["light", "sonic"])
+@pytest.mark.parametrize("spec", _INFERENCE, ids=lambda s: "-".join(map(str, s.combo)))
+def test_inference_at_decode_size(spec, backend):
+    outcome = G.run_case(spec, backend=backend, inference=True)
+    check(outcome)
+    assert outcome.rewritten == 1
+    gathered = [r.startswith("gathered") for r in outcome.runs_on]
+    if spec.experts == "modulelist":  # per-expert tensors: never (it indexes one stacked tensor)
+        assert gathered == [False], outcome.runs_on
+    if spec.combo == _INFERENCE_GATHERED:  # stacked, contiguous rows, no biases: always
+        assert gathered == [True], outcome.runs_on
+
+
 # Every mutation applied to blocks that are rewritten without it (a per-expert loop, transformers'
 # batched_mm form): the recogniser must see the difference.
 _NEAR_MISS_BASES = {
