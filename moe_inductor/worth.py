@@ -90,9 +90,10 @@ def gathered_experts(x, token_ids, expert_ids, scores, w1, w2, b1, b2, activatio
         y = y + b2[e].to(acc)
     y = y.to(x.dtype).to(acc) * scores.to(acc)[:, None]
     y = torch.where(valid[:, None], y, 0)
-    # the combine as a (T, A) 0/1 matrix times the rows, not index_add: Inductor's CPU code for a
-    # scatter whose index it inlines as (assignment // K) under outer-loop vectorisation writes to
-    # wrong rows (out of bounds: heap corruption; torch 2.13, seen with token_ids =
-    # arange(T).repeat_interleave(K)); A is small here, the product costs T * A * d
-    owner = (t[None, :] == torch.arange(x.shape[0], device=x.device)[:, None]).to(acc)
-    return torch.mm(owner, y).to(x.dtype)
+    # the combine as a selection summed over the assignments (T * A * d, small here), not
+    # index_add: Inductor's CPU code for a scatter whose index it inlines as (assignment // K)
+    # under outer-loop vectorisation writes to wrong rows (out of bounds: heap corruption; torch
+    # 2.13, seen with token_ids = arange(T).repeat_interleave(K)). A select, not a 0/1 product: an
+    # inf in one assignment's row must not become NaN (0 * inf) in other tokens' rows
+    owner = t[None, :] == torch.arange(x.shape[0], device=x.device)[:, None]
+    return torch.where(owner[:, :, None], y[None, :, :], 0).sum(1).to(x.dtype)

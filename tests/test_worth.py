@@ -110,3 +110,18 @@ def test_training_and_large_batches_keep_the_fused_op():
         torch._dynamo.reset()
         with torch.autocast("cpu", dtype=torch.bfloat16):
             assert _runs_on(m, torch.randn(2, 32)) == "PyTorch path (cpu)"
+
+
+def test_non_finite_row_stays_in_its_token():
+    """An inf in one token's input gives that token a non-finite output and leaves the others as
+    the op computes them (a 0/1 product in the combine would spread NaN to every token)."""
+    x, tok, ids, s, w1, w2, b1, b2 = _case(4, 6, 2, 16, 8, torch.float32, "swiglu", False, False)
+    x[1, 3] = float("inf")
+    want = torch.ops.moe_inductor.fused_moe(x, tok, ids, s, w1, w2, None, None, "swiglu", False, False, "torch")[0]
+    compiled = torch.compile(gathered_experts, fullgraph=True, dynamic=False)
+    for got in (gathered_experts(x, tok, ids, s, w1, w2, None, None, "swiglu", False),
+                compiled(x, tok, ids, s, w1, w2, None, None, "swiglu", False)):
+        assert not torch.isfinite(got[1]).all()
+        keep = [0, 2, 3]
+        assert torch.isfinite(got[keep]).all()
+        torch.testing.assert_close(got[keep], want[keep], atol=1e-5, rtol=1e-5)
