@@ -100,6 +100,32 @@ class LoopMoE(nn.Module):
         return final.view(b, s, d)
 
 
+class StackedLoopMoE(nn.Module):
+    """Softmax top-k over stacked SwiGLU experts (w1 (E, 2n, d), w2 (E, d, n)), a per-expert loop
+    with torch.where and index_add_ (transformers' experts idiom). ``before_experts(w)`` runs
+    between the router and the experts (a no-op here; tests override it)."""
+
+    def __init__(self, d=32, n=16, E=16, K=2):
+        super().__init__()
+        self.gate = nn.Linear(d, E, bias=False)
+        self.w1 = nn.Parameter(torch.randn(E, 2 * n, d) * 0.2)
+        self.w2 = nn.Parameter(torch.randn(E, d, n) * 0.2)
+        self.E, self.K = E, K
+
+    def before_experts(self, w):
+        pass
+
+    def forward(self, x):
+        w, ids = torch.topk(self.gate(x).softmax(-1), self.K, dim=-1)
+        self.before_experts(w)
+        out = torch.zeros_like(x)
+        for e in range(self.E):
+            tok, slot = torch.where(ids == e)
+            g, u = F.linear(x[tok], self.w1[e]).chunk(2, dim=-1)
+            out.index_add_(0, tok, F.linear(F.silu(g) * u, self.w2[e]) * w[tok, slot, None])
+        return out
+
+
 class SharedWeightLoop(LoopMoE):
     """Look-alike: a loop of index_add_ whose iterations all use the same MLP (not experts)."""
 

@@ -7,11 +7,10 @@ import logging
 
 import pytest
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 
 import moe_inductor
 from moe_inductor import trace_logging
+from moe_modules import StackedLoopMoE
 
 pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 
@@ -36,30 +35,19 @@ def records():
     logger.removeHandler(h)
 
 
-class LoggingMoE(nn.Module):
-    """Top-k MoE over stacked experts whose forward logs between the router and the experts (as
-    transformers' experts dispatch does), with constant arguments."""
+class LoggingMoE(StackedLoopMoE):
+    """The stacked-experts loop MoE whose forward logs between the router and the experts (as
+    transformers' experts dispatch does), with constant arguments or a tensor one."""
 
-    def __init__(self, d=16, n=8, E=4, K=2, tensor_arg=False):
-        super().__init__()
-        self.router = nn.Linear(d, E, bias=False)
-        self.w1 = nn.Parameter(torch.randn(E, 2 * n, d) * 0.2)
-        self.w2 = nn.Parameter(torch.randn(E, d, n) * 0.2)
-        self.E, self.K, self.tensor_arg = E, K, tensor_arg
+    def __init__(self, tensor_arg=False):
+        super().__init__(d=16, n=8, E=4, K=2)
+        self.tensor_arg = tensor_arg
 
-    def forward(self, x):
-        w, ids = torch.topk(self.router(x).softmax(-1), self.K, dim=-1)
+    def before_experts(self, w):
         if self.tensor_arg:
             logger.info("largest routing weight %s", w.max())
         else:
             logger.warning("experts implementation %s not set; using %s", None, "eager")
-        out = torch.zeros_like(x)
-        for e in range(self.E):
-            tok, slot = torch.where(ids == e)
-            g, u = F.linear(x[tok], self.w1[e]).chunk(2, dim=-1)
-            out.index_add_(0, tok, F.linear(F.silu(g) * u, self.w2[e]) * w[tok, slot, None])
-        return out
-
 
 
 def test_constant_logging_call_is_emitted_at_trace_time_and_the_block_is_one_graph(records):
@@ -75,7 +63,7 @@ def test_constant_logging_call_is_emitted_at_trace_time_and_the_block_is_one_gra
     # once, when Dynamo traced the frame, with the call's own arguments
     assert records == ["experts implementation None not set; using eager"]
     torch.testing.assert_close(got, m(x))
-    assert LoggingMoE.forward is not None and trace_logging._depth == 0 and trace_logging._original is None
+    assert trace_logging._depth == 0 and trace_logging._original is None
 
 
 def test_other_backends_keep_the_graph_break(records):

@@ -6,11 +6,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 
 import moe_inductor
 from moe_inductor import op as _op  # noqa: F401  (registers the ops)
+from moe_modules import StackedLoopMoE
 from moe_inductor.worth import GATHER_MAX_SHARING, choose_gathered, expected_sharing, gathered_experts
 
 pytestmark = pytest.mark.usefixtures("fresh_dynamo")
@@ -64,25 +63,7 @@ def test_choice_rules():
         assert choose_gathered(*args) is None, args
 
 
-class StackedMoE(nn.Module):
-    """Softmax top-k over stacked SwiGLU experts, a per-expert loop with torch.where (the
-    transformers experts idiom)."""
-
-    def __init__(self, d=32, n=16, E=16, K=2):
-        super().__init__()
-        self.gate = nn.Linear(d, E, bias=False)
-        self.w1 = nn.Parameter(torch.randn(E, 2 * n, d) * 0.2)
-        self.w2 = nn.Parameter(torch.randn(E, d, n) * 0.2)
-        self.E, self.K = E, K
-
-    def forward(self, x):
-        w, ids = torch.topk(self.gate(x).softmax(-1), self.K, dim=-1)
-        out = torch.zeros_like(x)
-        for e in range(self.E):
-            tok, slot = torch.where(ids == e)
-            g, u = F.linear(x[tok], self.w1[e]).chunk(2, dim=-1)
-            out.index_add_(0, tok, F.linear(F.silu(g) * u, self.w2[e]) * w[tok, slot, None])
-        return out
+StackedMoE = StackedLoopMoE
 
 
 def _runs_on(m, x, **kw):
