@@ -27,6 +27,10 @@ whatever happens (a step that crashes is recorded as failed with the tail of its
 Statuses: ok | failed (a test or an implementation failed, or the step crashed) | timeout (stopped
 at its share; partial results kept) | skipped (no time left for it).
 
+Packing: at the end every file but gpu_check.json and bench.png goes into results.tar.gz (listed
+in gpu_check.json's summary), so that OUTDIR holds 3 files (a lent machine returns at most 8);
+--no-pack leaves them loose.
+
 The driver itself imports neither torch nor triton: a crash or a CUDA error in a step cannot take
 the record down. Exit status 0 when every step is ok, 1 otherwise.
 """
@@ -60,6 +64,9 @@ BENCH_PASSES = [
     ("max_autotune", "hf_max_autotune", 0.25),
 ]
 MIN_START_S = 5.0  # a step (or bench run) with less time than this left is skipped
+#: what stays loose in OUTDIR after packing (the rest goes into ARCHIVE): at most 3 files come back
+KEEP = ("gpu_check.json", "bench.png")
+ARCHIVE = "results.tar.gz"
 STOP_GRACE_S = 10.0  # after SIGTERM at the limit, wait this long before SIGKILL
 
 
@@ -75,7 +82,8 @@ class Step:
 
 class Driver:
     def __init__(self, outdir: str, dry_run: bool, budget_s: float, shapes: Optional[str],
-                 only: Optional[list] = None):
+                 only: Optional[list] = None, pack: bool = True):
+        self.pack = pack
         self.outdir = os.path.abspath(outdir)
         self.dry_run = dry_run
         self.budget_s = budget_s
@@ -92,10 +100,12 @@ class Driver:
         self.env.setdefault("HF_HUB_OFFLINE", "1")
         self.env.setdefault("TRANSFORMERS_OFFLINE", "1")
         self.env["PYTHONUNBUFFERED"] = "1"
+        # liger's fused MoE is a comparator row, not a tuning run: its autotuner (~160 configs) off
+        # unless the caller sets it (it also needs a GPU driver, so the dry run could not use it)
+        self.env.setdefault("LIGER_FUSED_MOE_AUTOTUNE", "0")
         if dry_run:
             self.env["TRITON_INTERPRET"] = "1"  # before any triton import in the children
             self.env["MOE_GPU_CHECK_DRY_RUN"] = "1"
-            self.env.setdefault("LIGER_FUSED_MOE_AUTOTUNE", "0")  # liger's autotuner needs a GPU driver
         self.write()
 
     # ------------------------------------------------------------------------------------------
@@ -114,6 +124,36 @@ class Driver:
         with open(tmp, "w") as f:
             json.dump(payload, f, indent=1)
         os.replace(tmp, os.path.join(self.outdir, "gpu_check.json"))
+
+    def pack_results(self) -> None:
+        """Everything the steps wrote, but the summary and the chart, into one archive beside them,
+        and the originals removed: OUTDIR then holds at most KEEP plus ARCHIVE (a lent machine's
+        $OUT brings back at most 8 files). The record lists what the archive holds."""
+        import tarfile
+
+        archive = os.path.join(self.outdir, ARCHIVE)
+        packed = []
+        for dirpath, _, files in os.walk(self.outdir):
+            for f in sorted(files):
+                rel = os.path.relpath(os.path.join(dirpath, f), self.outdir)
+                if rel not in KEEP and rel != ARCHIVE and not f.startswith(".gpu_check"):
+                    packed.append(rel)
+        try:
+            with tarfile.open(archive, "w:gz") as tar:
+                for rel in packed:
+                    tar.add(os.path.join(self.outdir, rel), arcname=rel)
+        except Exception as exc:  # keep the loose files: nothing may be lost
+            self.log(f"packing failed ({type(exc).__name__}: {exc}); the files stay as they are")
+            return
+        for rel in packed:
+            os.remove(os.path.join(self.outdir, rel))
+        for dirpath, dirs, files in sorted(os.walk(self.outdir), key=lambda t: -len(t[0])):
+            if dirpath != self.outdir and not os.listdir(dirpath):
+                os.rmdir(dirpath)
+        self.summary["packed"] = {"archive": ARCHIVE, "files": packed}
+        self.write()
+        self.log(f"packed {len(packed)} files into {ARCHIVE}; {self.outdir} holds "
+                 f"{', '.join(sorted(os.listdir(self.outdir)))}")
 
     def log(self, msg: str) -> None:
         print(f"[gpu_check {time.time() - self.t0:7.1f}s] {msg}", flush=True)
@@ -294,6 +334,8 @@ class Driver:
             self.log(f"step {step.name}: {step.status} in {step.elapsed_s:.1f} s")
             self.write()
         self.log(f"done in {time.time() - self.t0:.1f} s: " + ", ".join(f"{s.name}={s.status}" for s in self.steps))
+        if self.pack:
+            self.pack_results()
         print(json.dumps(self.summary, indent=1))
         selected = [s for s in self.steps if self.only is None or s.name in self.only or s.name == "report"]
         return 0 if all(s.status == "ok" for s in selected) else 1
@@ -473,6 +515,8 @@ def main(argv=None) -> int:
     p.add_argument("--shapes", default=None, help="benchmark shape indices, e.g. 0,4 (default: all five)")
     p.add_argument("--steps", default=None,
                    help="comma-separated subset of " + ",".join(SHARES) + " (default: all; the budget is shared by those)")
+    p.add_argument("--no-pack", action="store_true",
+                   help=f"leave every result file loose in OUTDIR (default: all but {', '.join(KEEP)} go into {ARCHIVE})")
     p.add_argument("--probe-environment", metavar="JSON", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.probe_environment:
@@ -486,7 +530,11 @@ def main(argv=None) -> int:
         unknown = set(only) - set(SHARES)
         if unknown:
             p.error(f"unknown steps {sorted(unknown)}; valid: {', '.join(SHARES)}")
-    return Driver(args.outdir, args.dry_run, budget, args.shapes, only).main()
+    if not args.dry_run:  # what the lent machine's run call needs (library's device tool)
+        print(f"[gpu_check] device run: give the run call timeout_s >= {int(budget) + 90} (budget {int(budget)} s "
+              f"+ start-up and packing); carry .whl if the comparator wheels are there; results: "
+              f"{', '.join(KEEP)} and {ARCHIVE} under OUTDIR", flush=True)
+    return Driver(args.outdir, args.dry_run, budget, args.shapes, only, pack=not args.no_pack).main()
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import tarfile
 import time
 
 import pytest
@@ -40,6 +41,15 @@ def test_dry_run(tmp_path):
     statuses = {s["name"]: s["status"] for s in record["steps"]}
     assert list(statuses) == STEPS
     assert all(v == "ok" for v in statuses.values()), (statuses, res.stdout[-4000:], res.stderr[-2000:])
+    # packed: what comes back from a lent machine (at most 8 files) is the record, the chart and
+    # one archive holding every other file
+    assert sorted(os.listdir(out)) == sorted(["gpu_check.json", gpu_check.ARCHIVE] + (
+        ["bench.png"] if (out / "bench.png").exists() else []))
+    with tarfile.open(out / gpu_check.ARCHIVE) as tar:
+        names = tar.getnames()
+        tar.extractall(out)
+    assert sorted(names) == sorted(record["summary"]["packed"]["files"])
+    assert {"environment.json", "gpu_tests.json", "bench.json"} <= set(names)
     assert res.returncode == 0, res.stderr[-2000:]
     assert record["dry_run"] is True
     assert all(s["elapsed_s"] is not None for s in record["steps"])
@@ -72,6 +82,23 @@ def test_dry_run(tmp_path):
     assert rows["hf_grouped_mm"]["rel_err_vs_ref"] < 2e-2 and rows["hf_compiled"]["rel_err_vs_ref"] < 2e-2
     assert rows["sonic_tr"]["assignments"] > 0 and rows["sonic_tr"]["err_ref"] is None
     assert all(r["complete"] and "median" in r["statistic"] for r in bench["runs"])
+
+
+def test_results_are_packed_into_one_archive(tmp_path):
+    """The packing alone, on a fake OUTDIR: every file but the record and the chart goes into the
+    archive (subfolders too), the record lists them, nothing else stays."""
+    out = tmp_path / "out"
+    driver = gpu_check.Driver(str(out), dry_run=True, budget_s=1, shapes=None)
+    (out / "bench").mkdir()
+    for rel in ("environment.json", "gpu_tests.log", "bench/core_shape0.json", "bench/core_shape0.log", "bench.png"):
+        (out / rel).write_text(rel)
+    driver.pack_results()
+    assert sorted(os.listdir(out)) == ["bench.png", "gpu_check.json", "results.tar.gz"]
+    with tarfile.open(out / "results.tar.gz") as tar:
+        contents = {m.name: tar.extractfile(m).read().decode() for m in tar.getmembers() if m.isfile()}
+    want = ["bench/core_shape0.json", "bench/core_shape0.log", "environment.json", "gpu_tests.log"]
+    assert sorted(contents) == want and all(contents[k] == k for k in want)
+    assert sorted(json.loads((out / "gpu_check.json").read_text())["summary"]["packed"]["files"]) == want
 
 
 def test_overrun_is_stopped_and_recorded(tmp_path):
