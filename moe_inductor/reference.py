@@ -35,6 +35,7 @@ serve (e.g. float64), not a fast path.
 """
 from __future__ import annotations
 
+import itertools
 from typing import Optional
 
 import torch
@@ -151,6 +152,24 @@ def _use_sync_free(x: torch.Tensor, sync_free: Optional[bool]) -> bool:
     return FORCE_SYNC_FREE or (x.device.type == "cuda" and torch.cuda.is_current_stream_capturing())
 
 
+def _expert_up(x_e, e: int, w1, b1, h_out=None) -> torch.Tensor:
+    """H = X W1[e]^T + b1[e] of expert ``e``'s rows, into ``h_out`` when given."""
+    h_e = _mm_rows(x_e, w1, e, out=h_out)
+    if b1 is not None:
+        h_e += _row(b1, e)
+    return h_e
+
+
+def _expert_mlp(x_e, e: int, w1, w2, b1, b2, act: Activation, interleaved: bool, h_out=None) -> torch.Tensor:
+    """Expert ``e`` on its rows ``x_e``: Y = act(X W1[e]^T + b1[e]) W2[e]^T + b2[e] in x's dtype, H
+    written into ``h_out`` (the rows kept for backward) when given."""
+    h_e = _expert_up(x_e, e, w1, b1, h_out)
+    y_e = _mm_rows(act_forward(h_e, act, interleaved), w2, e)
+    if b2 is not None:
+        y_e += _row(b2, e)
+    return y_e
+
+
 def moe_forward(
     x: torch.Tensor,
     token_ids: torch.Tensor,
@@ -187,15 +206,9 @@ def moe_forward(
         h_sorted[: int(counts[0])] = 0  # dropped assignments: defined values, never read
     for e, lo, hi in _expert_slices(counts):
         rows = tok_sorted[lo:hi]
-        x_e = x.index_select(0, rows)
-        # written where it is kept (rows lo:hi of a contiguous H are contiguous): no copy
-        h_e = _mm_rows(x_e, w1, e, out=h_sorted[lo:hi] if keep_h else None)
-        if b1 is not None:
-            h_e += _row(b1, e)
-        y_e = _mm_rows(act_forward(h_e, act, interleaved), w2, e)
-        if b2 is not None:
-            y_e += _row(b2, e)
-        y_e = y_e.to(out_acc.dtype)
+        # H written where it is kept (rows lo:hi of a contiguous H are contiguous): no copy
+        y_e = _expert_mlp(x.index_select(0, rows), e, w1, w2, b1, b2, act, interleaved,
+                          h_out=h_sorted[lo:hi] if keep_h else None).to(out_acc.dtype)
         out_acc.index_add_(0, rows, y_e.mul_(s_sorted[lo:hi, None]))
     return out_acc.to(x.dtype), h_sorted, order
 
@@ -217,30 +230,22 @@ def _small_forward(x, token_ids, expert_ids, scores, w1, w2, b1, b2, act, interl
     out_acc = torch.zeros(T, d, dtype=acc, device=x.device)
     h_sorted = x.new_empty((A if keep_h else 0, h_cols))
     lo = 0
-    while lo < A:
-        e = experts[order_l[lo]]
-        hi = lo + 1
-        while hi < A and experts[order_l[hi]] == e:
-            hi += 1
+    for e, group in itertools.groupby(order_l, key=experts.__getitem__):
+        picked = list(group)
+        hi = lo + len(picked)
         if e < 0:  # dropped assignments (sorted first): defined values, never read
             if keep_h:
                 h_sorted[lo:hi] = 0
             lo = hi
             continue
-        picked = order_l[lo:hi]
         rows = [tokens[i] for i in picked]
         if len(rows) == 1:
             x_e = x.narrow(0, rows[0], 1)
         else:
             rows_t = torch.tensor(rows, dtype=torch.int64, device=x.device)
             x_e = x.index_select(0, rows_t)
-        h_e = _mm_rows(x_e, w1, e, out=h_sorted.narrow(0, lo, hi - lo) if keep_h else None)
-        if b1 is not None:
-            h_e += _row(b1, e)
-        y_e = _mm_rows(act_forward(h_e, act, interleaved), w2, e)
-        if b2 is not None:
-            y_e += _row(b2, e)
-        y_e = y_e.to(acc)
+        y_e = _expert_mlp(x_e, e, w1, w2, b1, b2, act, interleaved,
+                          h_out=h_sorted.narrow(0, lo, hi - lo) if keep_h else None).to(acc)
         if len(rows) == 1:
             out_acc.narrow(0, rows[0], 1).add_(y_e.mul_(weights[picked[0]]))
         else:
@@ -295,12 +300,7 @@ def moe_backward(
         served[e] = True
         rows = tok_sorted[lo:hi]
         x_e = x.index_select(0, rows)
-        if h_sorted is None:
-            h_e = _mm_rows(x_e, w1, e)
-            if b1 is not None:
-                h_e += _row(b1, e)
-        else:
-            h_e = h_sorted[lo:hi]
+        h_e = _expert_up(x_e, e, w1, b1) if h_sorted is None else h_sorted[lo:hi]
         a_e, kept = act_forward_keeping(h_e, act, interleaved)
         a_e = a_e.to(acc)  # fresh: scaled in place below
         do_e = grad_out.index_select(0, rows)

@@ -485,7 +485,7 @@ def _expert_index(node: Any) -> Optional[tuple]:
     ``W[e]`` / ``W.select(0, e)`` / ``torch.select(W, 0, e)`` with an int ``e``, optionally
     followed by ``.t()`` / ``.transpose(0, 1)`` (either order of the two dims); else None."""
     transposed = False
-    if isinstance(node, fx.Node) and node.op == "call_method" and len(node.users) <= 1 and (
+    if isinstance(node, fx.Node) and node.op == "call_method" and (
             (node.target == "t" and len(node.args) == 1 and not node.kwargs)
             or (node.target == "transpose" and not node.kwargs and len(node.args) == 3
                 and sorted(a % 2 if isinstance(a, int) else -9 for a in node.args[1:]) == [0, 1])):
@@ -530,28 +530,15 @@ def stacked_source(graph: fx.Graph, nodes: list, like: fx.Node) -> Optional[fx.N
 def _collapse_stacked(graph: fx.Graph, weights: "ExpertWeights", like: fx.Node):
     """``weights`` as stacked (w1, w2, b1, b2) when every list is the slices of one stacked
     tensor (``stacked_source``) and no gate/up pair would have to be concatenated; else
-    ``weights`` unchanged. Slice nodes left without users are erased."""
+    ``weights`` unchanged. (Nodes left without users are erased by the pass's dead-code cleanup.)"""
     if weights.up or weights.b_up:
         return weights
-    lists = (weights.gate, weights.down, weights.b_gate, weights.b_down)
     stacked = []
-    for nodes in lists:
-        if not nodes:
-            stacked.append(None)
-            continue
-        w = stacked_source(graph, list(nodes), like)
-        if w is None:
-            for made in stacked:  # a transpose emitted for an earlier list: unused now
-                if made is not None and made.op == "call_method" and made.target == "transpose" and not made.users:
-                    graph.erase_node(made)
+    for nodes in (weights.gate, weights.down, weights.b_gate, weights.b_down):
+        w = stacked_source(graph, list(nodes), like) if nodes else None
+        if nodes and w is None:
             return weights
         stacked.append(w)
-    if stacked[0] is None or stacked[1] is None:
-        return weights
-    for nodes in lists:
-        for n in nodes:
-            if isinstance(n, fx.Node) and n.op == "call_method" and n.target in ("t", "transpose") and not n.users:
-                graph.erase_node(n)  # made by build_weights for the list, replaced by one transpose
     return tuple(stacked)
 
 
@@ -559,19 +546,21 @@ def _gathered_choice(block: MoEBlock, x: fx.Node, token_ids: fx.Node, weights, p
                      rewritten_routing: bool, autocast: bool):
     """``worth.choose_gathered`` for this block, from its graph's example values (None: fused op)."""
     xv, out = example_value(x), example_value(block.anchor)
-    device_type = getattr(getattr(xv, "device", None), "type", None)
+    if not isinstance(xv, torch.Tensor) or not isinstance(out, torch.Tensor):
+        return None
     # autocast recorded in the graph, or entered around the compiled call (Dynamo guards on it):
     # the fused op follows the replaced GEMM's autocast rule, the reductions would not
-    if per_expert or autocast or (device_type is not None and torch.is_autocast_enabled(device_type)):
+    if autocast or torch.is_autocast_enabled(xv.device.type):
         return None
-    w1v, w2v = example_value(weights[0]), example_value(weights[1])
-    tensors = (xv, out, w1v, w2v)
-    if not all(isinstance(t, torch.Tensor) for t in tensors):
-        return None
-    if w1v.stride(-1) != 1 or w2v.stride(-1) != 1:  # the reductions run along contiguous rows
-        return None
+    if not per_expert:
+        w1v, w2v = example_value(weights[0]), example_value(weights[1])
+        if not (isinstance(w1v, torch.Tensor) and isinstance(w2v, torch.Tensor)):
+            return None
+        if w1v.stride(-1) != 1 or w2v.stride(-1) != 1:  # the reductions run along contiguous rows
+            return None
     assignments = int_value(shape_of(token_ids)[0]) if shape_of(token_ids) else None
-    return choose_gathered(xv.device, out.requires_grad, assignments, block.num_experts, True, rewritten_routing)
+    return choose_gathered(xv.device, out.requires_grad, assignments, block.num_experts, not per_expert,
+                           rewritten_routing)
 
 
 def emit_fused_moe(gm: fx.GraphModule, block: MoEBlock, recompute_h: bool, impl: str,
