@@ -46,6 +46,11 @@ class Idiom:
     dtype: torch.dtype = torch.float32  # compute dtype of the experts (bf16: the grouped_mm idioms)
     tol: float = 1e-4  # atol = rtol for output and gradients
     other_gemms: int = 1  # linear/bmm/einsum/grouped_mm nodes that are not the experts' (the router's)
+    #: a faithful re-implementation of its source (every op kept, deviations stated beside the code);
+    #: ``examples/recall.py`` measures these through the whole backend
+    faithful: bool = False
+    #: faithful entries: what was kept that a quick re-spelling would have dropped
+    note: str = ""
 
 
 def seeded(seed: int, factory: Callable[[], nn.Module]) -> Callable[[], nn.Module]:
@@ -544,7 +549,8 @@ CATALOGUE = [
           seeded(2, lambda: MaskDispatchMoE(d=D, n=N, E=E, mask="onehot", init="clone", capacity=CAPACITY)),
           _x, expect=1),
     Idiom("gpt_fast_einsum", "gpt-fast mixtral-moe/model.py MOEFeedForward + ConditionalFeedForward",
-          seeded(3, GptFastEinsum), _x3d, expect=1),
+          seeded(3, GptFastEinsum), _x3d, expect=1, faithful=True,
+          note="the in-place '/=' on the top-k values, view(-1, dim), the cond_ffn einsums, view(B, S, dim)"),
     Idiom("hf_sorted_grouped_mm", "transformers 5.x integrations/moe.py grouped_mm experts (torch._grouped_mm, bf16)",
           seeded(4, HFSortedGroupedMM), tokens(dtype=torch.bfloat16), expect=1, dtype=torch.bfloat16, tol=2e-2),
     Idiom("hf_batched_mm", "transformers 5.x integrations/moe.py batched_mm experts",
@@ -577,11 +583,14 @@ CATALOGUE = [
     # faithful re-implementations (issue 18): every op of the source kept, deviations stated in the class
     Idiom("torchtitan_moe_shared", "torchtitan models/moe MoE: sigmoid router with expert_bias, tokens_per_expert "
           "buffer, shared experts as the scatter_add base, grouped_mm experts",
-          seeded(17, TorchtitanMoE), _x3d, expect=1, dtype=torch.bfloat16, tol=3e-2, other_gemms=4),
+          seeded(17, TorchtitanMoE), _x3d, expect=1, dtype=torch.bfloat16, tol=3e-2, other_gemms=4, faithful=True,
+          note="expert_bias buffer and gather, tokens_per_expert.add_ under no_grad, shared experts as the "
+               "scatter_add base, fp32 casts around the scores"),
     Idiom("torchtitan_moe_score_before", "torchtitan models/moe MoE: softmax router, score_before_experts, "
           "no shared experts, no expert_bias",
           seeded(18, lambda: TorchtitanMoE(shared=False, score_before_experts=True, score_func="softmax",
-                                           load_balance=False)), _x3d, expect=1, dtype=torch.bfloat16, tol=3e-2),
+                                           load_balance=False)), _x3d, expect=1, dtype=torch.bfloat16, tol=3e-2,
+          faithful=True, note="scores applied to the rows before the experts, with fp32 casts"),
 ]
 
 # Look-alikes of the idioms above that compute something else: expect 0 (nothing rewritten;
@@ -602,6 +611,11 @@ CATALOGUE += [
     Idiom("near_miss_expert_choice_scatter_elsewhere", "expert choice adding outputs at the next token",
           seeded(16, lambda: ExpertChoice(near_miss="scatter_elsewhere")), _x, expect=0),
 ]
+
+# faithful re-implementations of public MoE layers (issue 18), one file per source in tests/faithful/
+from faithful import ENTRIES as _FAITHFUL  # noqa: E402  (the files import Idiom and the helpers above)
+
+CATALOGUE += _FAITHFUL
 
 BY_NAME = {i.name: i for i in CATALOGUE}
 assert len(BY_NAME) == len(CATALOGUE), "duplicate idiom names"
