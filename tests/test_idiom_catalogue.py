@@ -5,7 +5,8 @@ once, with T dynamic) and must:
 - match eager in the output and in the gradient of every parameter and floating input
   (fp32: 1e-4 elementwise; the bf16 grouped-GEMM idioms: relative norm error at their stated
   tolerance plus a gross per-element bound, ``close``);
-- compile at most twice;
+- compile at most twice (a forward that graph-breaks as its source does: each fragment at most
+  twice; only the fragments that hold the block are checked further);
 - rewrite exactly ``expect`` MoE blocks in every graph (0 for the look-alikes), and leave a graph
   that calls the fused op ``expect`` times with no expert GEMM left (only the entry's ``other_gemms``: router, shared
   expert, gating einsum). A ``"pending"`` entry is checked for numerics only; what the rewrite did
@@ -83,12 +84,14 @@ def check_against_eager(idiom):
     module = idiom.build()
     backend = RewriteOnly()
     compiled = torch.compile(module, backend=backend, fullgraph=idiom.fullgraph)
+    backend.after_length = []  # graphs compiled by the end of each length
     for T, seed in LENGTHS:
         args = idiom.inputs(T, seed)
         ref_out, ref_grads = fwd_bwd(module, module, args)
         out, grads = fwd_bwd(compiled, module, args)
         for name, g, r in [("output", out, ref_out)] + [(n, g, r) for (n, g), (_, r) in zip(grads, ref_grads)]:
             close(g, r, idiom, f"{idiom.name} T={T} {'output' if name == 'output' else 'grad of ' + name}")
+        backend.after_length.append(len(backend.compiles))
     return backend
 
 
@@ -112,7 +115,15 @@ def test_idiom(name, record_property):
     idiom = BY_NAME[name]
     backend = check_against_eager(idiom)
     compiles = backend.compiles
-    assert 1 <= len(compiles) <= 2, f"{name}: compiled {len(compiles)} times for two lengths"
+    if idiom.fullgraph:
+        assert 1 <= len(compiles) <= 2, f"{name}: compiled {len(compiles)} times for two lengths"
+    else:
+        # a forward that graph-breaks (as its source does) compiles one graph per fragment: the
+        # second length may recompile each fragment once, no more; only graphs that hold the block
+        # (a fused call, or an expert GEMM) are checked below
+        first, both = backend.after_length
+        assert 1 <= first and both <= 2 * first, f"{name}: {first} graphs at the first length, {both} after both"
+        compiles = [rec for rec in compiles if rec["fused"] or rec["gemms_before"] > idiom.other_gemms] or compiles[:1]
     seen = [[(c.idiom, c.status, c.reason) for c in rec["report"].candidates] for rec in compiles]
     rewritten = [sum(c.status == "rewritten" for c in rec["report"].candidates) for rec in compiles]
     record_property("rewritten_per_graph", rewritten)
