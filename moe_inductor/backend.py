@@ -197,13 +197,29 @@ def _cleanup(gm: fx.GraphModule, orphans: list, keep: set) -> None:
                 orphans.remove(node)
                 continue
             target = node.args[0] if node.args else None
-            readers = [u for u in getattr(target, "users", ()) if u is not node and u not in orphans]
+            readers = [u for u in getattr(target, "users", ()) if u is not node and u not in orphans
+                       and not _reads_shape_only(u, target)]
             if not node.users and not readers:
                 graph.erase_node(node)
                 orphans.remove(node)
                 changed = True
         if changed:
             _remove_dead(graph, keep)
+
+
+_SHAPE_OF_SECOND = {"reshape_as", "view_as", "expand_as"}  # x.reshape_as(t) reads only t's shape
+_SHAPE_METHODS = {"size", "dim", "numel"}
+
+
+def _reads_shape_only(user: fx.Node, target: fx.Node) -> bool:
+    """``user`` reads ``target``'s metadata and never its values (a rewritten block reshaped like
+    its accumulator: ``result.reshape_as(acc)``), so the writes into ``target`` stay orphans."""
+    if user.op != "call_method":
+        return False
+    if user.target in _SHAPE_METHODS:
+        return True
+    return user.target in _SHAPE_OF_SECOND and len(user.args) == 2 and user.args[1] is target \
+        and user.args[0] is not target and not user.kwargs
 
 
 def rewrite_moe(gm: fx.GraphModule, opts: SonicOptions) -> CompileReport:
