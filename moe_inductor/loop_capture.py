@@ -322,8 +322,22 @@ class _Body:
                 (self._scalar_expr(node.right) and self._static(node.left))
         return False
 
+    def _none_test(self, node) -> bool:
+        """``X is None`` / ``X is not None`` of a name the loop never binds (an optional argument such
+        as vLLM's ``b_bias1``): the same answer for every expert, and a constant to Dynamo."""
+        return isinstance(node, ast.Compare) and len(node.ops) == 1 and isinstance(node.ops[0], (ast.Is, ast.IsNot)) \
+            and isinstance(node.comparators[0], ast.Constant) and node.comparators[0].value is None \
+            and self._outer_stable(node.left) is not None
+
     def _static(self, node) -> bool:
-        """Only the expert id, ``self`` attributes and constants: the same in eager and traced."""
+        """Only the expert id, ``self`` attributes, constants and ``is None`` tests of names bound
+        before the loop: the same in eager and traced."""
+        if self._none_test(node):
+            return True
+        if isinstance(node, ast.BoolOp):
+            return all(self._static(v) for v in node.values)
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.Not):
+            return self._static(node.operand)
         for n in ast.walk(node):
             if isinstance(n, ast.Name):
                 if not (n.id in self.scalars or n.id == EXPERT or n.id == self.self_name
@@ -907,7 +921,9 @@ def _rewrite_loop(fdef, loop, self_name, stores, counts) -> tuple:
     # scalar forms of the nonzero row: V[0], V.item(), int(V), int(V[0]), V[0].item(), X[V].squeeze(0)
     new_body = [copy.deepcopy(s) for s in loop.body]
     if vector_name is not None:
-        new_body = [_ScalarForms(vector_name).visit(s) for s in new_body]
+        # ``self.experts[V]`` means the row only while V is not rebound (``e = e[0]`` makes it the id)
+        rebound = any(vector_name in _names_stored(s) for s in loop.body)
+        new_body = [_ScalarForms(vector_name, None if rebound else self_name).visit(s) for s in new_body]
         scalars.add(EXPERT)
     new_body = [_ItemOfScalar(scalars | {EXPERT}).visit(s) for s in new_body]
     # ``e = e.item()`` of a scalar id became ``e = e``: nothing is bound any more (Nemotron-H)
@@ -1052,10 +1068,19 @@ class _Replace(ast.NodeTransformer):
 class _ScalarForms(ast.NodeTransformer):
     """Rewrite the uses of a nonzero() row V (shape (1,)) by the expert id EXPERT: ``V[0]``,
     ``V.item()``, ``int(V)`` and combinations are the id; ``X[V].squeeze(0)`` is ``X[EXPERT]``
-    (``X[[e]]`` has leading dimension 1, which ``squeeze(0)`` removes)."""
+    (``X[[e]]`` has leading dimension 1, which ``squeeze(0)`` removes); ``self.<attr>[V]`` (a
+    ModuleList indexed by the row: transformers 4.5x ``self.experts[expert_idx]``) is the container's
+    item ``EXPERT`` when it is a module container, and the slice ``[EXPERT:EXPERT + 1]`` (the same
+    values as ``X[[e]]``) when it is a tensor."""
 
-    def __init__(self, name):
+    def __init__(self, name, self_name=None):
         self.name = name
+        self.self_name = self_name
+
+    def _of_self(self, node) -> bool:
+        while isinstance(node, ast.Attribute):
+            node = node.value
+        return isinstance(node, ast.Name) and node.id == self.self_name and self.self_name is not None
 
     def _is_v(self, node) -> bool:
         return isinstance(node, ast.Name) and node.id == self.name
@@ -1079,6 +1104,12 @@ class _ScalarForms(ast.NodeTransformer):
                 sub = node.func.value
                 return ast.copy_location(ast.Subscript(value=self.visit(sub.value),
                                                        slice=ast.Name(EXPERT, ast.Load()), ctx=ast.Load()), node)
+            if isinstance(node, ast.Subscript) and isinstance(node.ctx, ast.Load) and self._is_v(node.slice) \
+                    and isinstance(node.value, ast.Attribute) and self._of_self(node.value):
+                owner = ast.unparse(node.value)
+                expr = ast.parse(f"({owner}[{EXPERT}] if hasattr({owner}, '_modules') "
+                                 f"else {owner}[{EXPERT}:{EXPERT} + 1])", mode="eval").body
+                return ast.copy_location(expr, node)
         return self.generic_visit(node)
 
 
