@@ -240,24 +240,93 @@ def _chunk2(node) -> Optional[fx.Node]:
     return args[0]
 
 
+def _split_half(node) -> Optional[fx.Node]:
+    """h of ``h.split(w // 2, dim=-1)`` / ``torch.split(h, w // 2, -1)`` / ``h.split([w // 2] * 2, -1)``
+    (w the last dimension of h), else None."""
+    if not isinstance(node, fx.Node) or node.kwargs.keys() - {"dim", "split_size_or_sections", "split_size"}:
+        return None
+    if not ((node.op == "call_method" and node.target == "split") or
+            (node.op == "call_function" and node.target is torch.split)):
+        return None
+    args = list(node.args)
+    h = args[0] if args else None
+    size = args[1] if len(args) > 1 else node.kwargs.get("split_size_or_sections", node.kwargs.get("split_size"))
+    dim = args[2] if len(args) > 2 else node.kwargs.get("dim", 0)
+    shape = shape_of(h) if isinstance(h, fx.Node) else None
+    if not shape or dim not in (-1, len(shape) - 1):
+        return None
+    width = shape[-1]
+    if isinstance(size, (list, tuple)):
+        return h if len(size) == 2 and all(same_size(c * 2, width) for c in size) else None
+    return h if not isinstance(size, (fx.Node, type(None))) and same_size(size * 2, width) else None
+
+
+def _slice_half(index, width, rank: Optional[int]) -> Optional[int]:
+    """0 for ``h[..., :w // 2]``, 1 for ``h[..., w // 2:]`` (``[:, ...]`` when h is 2-D), else None."""
+    if not isinstance(index, tuple) or len(index) != 2:
+        return None
+    lead, last = index
+    if not (lead is Ellipsis or (rank == 2 and lead == slice(None))):
+        return None
+    if not isinstance(last, slice) or last.step not in (None, 1):
+        return None
+    if last.start in (None, 0) and isinstance(last.stop, int) and same_size(last.stop * 2, width):
+        return 0
+    if last.stop is None and isinstance(last.start, int) and same_size(last.start * 2, width):
+        return 1
+    return None
+
+
+def same_size(a, b) -> bool:
+    """a == b for ints and symbolic sizes (proved, not assumed: an undecidable comparison is False)."""
+    try:
+        return bool(a == b)
+    except Exception:
+        return False
+
+
+def halves(g_in, u_in) -> Optional[tuple]:
+    """(h, interleaved, intermediate nodes) when g_in / u_in are the first and second halves of the
+    last dimension of one tensor h, else None. Concatenated: ``h.chunk(2, -1)[0] / [1]``,
+    ``h.split(w // 2, -1)[0] / [1]``, ``h[..., :w // 2] / h[..., w // 2:]`` (vLLM's ``SiluAndMul``);
+    interleaved: ``h[..., ::2] / h[..., 1::2]``."""
+    if not all(isinstance(n, fx.Node) and n.op == "call_function" and n.target is operator.getitem
+               and len(n.args) == 2 for n in (g_in, u_in)):
+        return None
+    if g_in.args[0] is not u_in.args[0]:
+        return None
+    src, gi, ui = g_in.args[0], g_in.args[1], u_in.args[1]
+    h = _chunk2(src)
+    if h is None and isinstance(src, fx.Node) and src.op == "call_function" and src.target is torch.chunk \
+            and len(src.args) >= 2 and src.args[1] == 2:
+        dim = src.kwargs.get("dim", src.args[2] if len(src.args) > 2 else 0)
+        rank = len(shape_of(src.args[0]) or ())
+        h = src.args[0] if rank and dim in (-1, rank - 1) else None
+    if h is None:
+        h = _split_half(src)
+    if h is not None:
+        return (h, False, [src]) if (gi, ui) == (0, 1) else None
+    shape = shape_of(src) if isinstance(src, fx.Node) else None
+    if not shape:
+        return None
+    rank = len(shape)
+    if _slice_half(gi, shape[-1], rank) == 0 and _slice_half(ui, shape[-1], rank) == 1:
+        return src, False, []
+    if _interleaved_half(gi, rank) == 0 and _interleaved_half(ui, rank) == 1:
+        return src, True, []
+    return None
+
+
 def gate_up_source(g_in: fx.Node, u_in: fx.Node) -> tuple[fx.Node, bool, list]:
-    """(h, interleaved, intermediate nodes) when gate/up are the two halves of one tensor h:
-    ``h.chunk(2, dim=-1)[0] / [1]`` (concatenated) or ``h[..., ::2] / h[..., 1::2]``
-    (interleaved). Declines otherwise."""
+    """``halves`` (h, interleaved, intermediate nodes) of gate/up, or a decline with the reason."""
     gi = match_or_decline(getitem(KeywordArg("h"), KeywordArg("index")), g_in, "gate columns of h")
     ui = match_or_decline(getitem(KeywordArg("h"), KeywordArg("index")), u_in, "up columns of h")
     need(ui["h"] is gi["h"], "gate and up are taken from different tensors")
-    src = gi["h"]
-    h = _chunk2(src)
-    if h is not None:
-        need(gi["index"] == 0 and ui["index"] == 1,
-             f"gate/up are chunks [{gi['index']!r}] / [{ui['index']!r}] of h.chunk(2, -1), not [0] / [1]")
-        return h, False, [src]
-    rank = len(shape_of(src) or ())
-    need(_interleaved_half(gi["index"], rank) == 0 and _interleaved_half(ui["index"], rank) == 1,
-         f"gate/up columns are h[{gi['index']!r}] / h[{ui['index']!r}], neither h.chunk(2, -1)[0] / [1] "
-         "nor interleaved [..., ::2] / [..., 1::2]")
-    return src, True, []
+    found = halves(g_in, u_in)
+    need(found is not None,
+         f"gate/up columns are [{gi['index']!r}] / [{ui['index']!r}] of one tensor, not its first / second "
+         "halves nor interleaved [..., ::2] / [..., 1::2]")
+    return found
 
 
 def _float_cast(node) -> Optional[fx.Node]:

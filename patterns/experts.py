@@ -32,7 +32,7 @@ from moe_inductor.rewrite import gemm_name, shape_of
 
 from moe_inductor.rewrite import Declined
 
-from .common import GATED_OF, NO_ACTIVATION, expert_activation, unary_activation
+from .common import GATED_OF, NO_ACTIVATION, expert_activation, halves, unary_activation
 
 _LINEAR = (torch._C._nn.linear, torch.nn.functional.linear)
 _MATMUL_F = (torch.matmul, torch.mm, operator.matmul)
@@ -98,22 +98,9 @@ def _gemm_of(node: fx.Node) -> str:
 
 
 def _chunk_halves(a, b) -> Optional[fx.Node]:
-    """The fused gate_up output h if a, b are ``h.chunk(2, -1)[0]`` and ``[1]`` of one chunk."""
-    for n in (a, b):
-        if not (isinstance(n, fx.Node) and n.op == "call_function" and n.target is operator.getitem):
-            return None
-    if a.args[0] is not b.args[0] or (a.args[1], b.args[1]) != (0, 1):
-        return None
-    c = a.args[0]
-    if c.op == "call_method" and c.target == "chunk" and len(c.args) >= 2 and c.args[1] == 2:
-        dim = c.kwargs.get("dim", c.args[2] if len(c.args) > 2 else 0)
-        if dim in (-1, len(shape_of(c.args[0]) or ()) - 1):
-            return c.args[0]
-    if c.op == "call_function" and c.target is torch.chunk and len(c.args) >= 2 and c.args[1] == 2:
-        dim = c.kwargs.get("dim", c.args[2] if len(c.args) > 2 else 0)
-        if dim in (-1, len(shape_of(c.args[0]) or ()) - 1):
-            return c.args[0]
-    return None
+    """The fused gate_up output h if a, b are its concatenated halves (``common.halves``)."""
+    found = halves(a, b)
+    return found[0] if found is not None and not found[1] else None
 
 
 @register("experts", "mlp", "ModuleList of Linears (any names, biases), fused gate_up, stacked P[e], z @ W.t()")

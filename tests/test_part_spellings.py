@@ -15,6 +15,10 @@ lengths (fp32, 1e-4), what was rewritten or declined asserted.
   ``arange_column``, read by ``eq_constant`` and the one-hot paths of ``patterns/dispatch.py``)
   makes every composition that reads ``ids == e`` or ``one_hot`` read these. Near miss:
   ``arange(1, E + 1)`` (column e is expert e + 1) is not rewritten.
+- Halves of a fused gate|up output: ``h[..., :w // 2]`` / ``h[..., w // 2:]`` (vLLM's reference
+  ``SiluAndMul``), ``split(w // 2, -1)``, ``torch.split(h, [w // 2] * 2, -1)``, ``torch.chunk``: one
+  part recogniser (``patterns.common.halves``) read by every experts recogniser. Near misses not
+  rewritten: the activation on the second half, overlapping halves, both factors from one half.
 """
 from __future__ import annotations
 
@@ -173,3 +177,64 @@ def test_arange_off_by_one_not_rewritten():
     # arange(1, E + 1): column e selects expert e + 1's tokens; expert E's never run
     cands = _run_mask("off_by_one")
     assert all(c.status != "rewritten" for c in cands), [(c.status, c.reason) for c in cands]
+
+
+# --------------------------------------------------------------------------- halves of a fused gate|up
+class FusedHalvesLoop(_Routed):
+    """A per-expert loop over a fused gate|up weight (E, 2n, d) whose output h is split into gate and
+    up in one of the ways public code writes it: vLLM's reference ``SiluAndMul`` slices
+    ``h[..., :w // 2]`` / ``h[..., w // 2:]``; others ``split``, ``chunk`` (method or function)."""
+
+    def __init__(self, form: str):
+        super().__init__(form)
+        self.w13 = nn.Parameter(torch.randn(E, 2 * n, d) / d**0.5)
+        self.w2 = nn.Parameter(torch.randn(E, d, n) / n**0.5)
+
+    def act(self, h):
+        half = h.shape[-1] // 2
+        f = self.form
+        if f == "slice":
+            return F.silu(h[..., :half]) * h[..., half:]
+        if f == "slice_2d":
+            return F.silu(h[:, :half]) * h[:, half:]
+        if f == "split":
+            g, u = h.split(half, dim=-1)
+            return F.silu(g) * u
+        if f == "split_sections":
+            g, u = torch.split(h, [half, half], -1)
+            return F.silu(g) * u
+        if f == "torch_chunk":
+            g, u = torch.chunk(h, 2, dim=-1)
+            return F.silu(g) * u
+        # near misses
+        if f == "swapped":  # the activation on the second half: another function
+            return F.silu(h[..., half:]) * h[..., :half]
+        if f == "off_by_one":  # halves that overlap: not a gate|up split
+            return F.silu(h[..., :half + 1])[..., :half] * h[..., half:]
+        if f == "same_half":  # both factors from the second half
+            g, u = h.split(half, dim=-1)
+            return F.silu(u) * u
+        raise ValueError(f)
+
+    def forward(self, x):
+        w, ids = self.route(x)
+        out = torch.zeros_like(x)
+        for e in range(E):
+            tok, k = torch.where(ids == e)
+            h = x[tok] @ self.w13[e].t()
+            out.index_add_(0, tok, (self.act(h) @ self.w2[e].t()) * w[tok, k, None])
+        return out
+
+
+@pytest.mark.parametrize("form", ["slice", "slice_2d", "split", "split_sections", "torch_chunk"])
+def test_fused_gate_up_halves_rewritten(form):
+    torch.manual_seed(0)
+    cands = rewrite_and_compare(FusedHalvesLoop(form), d)
+    assert [c.status for c in cands] == ["rewritten"] * 2, [(c.status, c.reason) for c in cands]
+
+
+@pytest.mark.parametrize("form", ["swapped", "off_by_one", "same_half"])
+def test_fused_gate_up_halves_near_misses_not_rewritten(form):
+    torch.manual_seed(0)
+    cands = rewrite_and_compare(FusedHalvesLoop(form), d)  # equal to eager whatever happens
+    assert not any(c.status == "rewritten" for c in cands), [(c.status, c.reason) for c in cands]
