@@ -9,8 +9,10 @@ over ``range(E)``; this file decides where that forward is used.
 
 Scope: nothing happens at import, and no class is changed. ``prepare(f_locals)`` runs when Dynamo
 starts tracing a frame compiled with the sonic backend (``moe_inductor.dynamo_scope``): it gives
-each submodule of that frame's modules (``self``, arguments) whose class forward has a rewritten
-loop an *instance* ``forward`` (``CapturableForward``) that runs the class's own method in eager and
+each submodule of that frame's modules (``self``, arguments) whose class forward (or another
+method of the class whose code loops, such as DeepSeek's ``moe_infer`` that the forward calls as
+``self.moe_infer(...)``; the definition the instance sees, decorators such as ``@torch.no_grad()``
+kept) has a rewritten loop an *instance* attribute of that name (``CapturableForward``) that runs the class's own method in eager and
 the rewritten one while Dynamo traces (``torch.compiler.is_dynamo_compiling()``, a constant during
 tracing, so the branch costs nothing in the graph). Other modules, other backends and eager code
 of modules sonic never compiled keep the original. A module sonic compiled keeps the instance
@@ -46,13 +48,15 @@ _analysed: dict = {}  # class forward (the function object) -> (replacement or N
 
 
 class CapturableForward:
-    """An instance-level ``forward``: the class's own method in eager, ``replacement`` while Dynamo
+    """An instance-level method (``forward``, or a method the forward calls as ``self.name(...)``,
+    e.g. DeepSeek's ``moe_infer``): the class's own method in eager, ``replacement`` while Dynamo
     traces. A class, not a closure, so that the module still pickles and deep-copies."""
 
-    def __init__(self, module: torch.nn.Module, original, replacement):
+    def __init__(self, module: torch.nn.Module, original, replacement, name: str = "forward"):
         self.module = module
         self.original = original
         self.replacement = replacement
+        self.name = name
 
     def __call__(self, *args, **kwargs):
         if torch.compiler.is_dynamo_compiling():
@@ -61,13 +65,44 @@ class CapturableForward:
 
     def __reduce__(self):
         # pickle by reference to the class's method; the replacement is found again on load
-        return (_restore, (self.module,))
+        return (_restore, (self.module, self.name))
 
 
-def _restore(module):
-    forward = type(module).forward
-    replacement, _ = _analyse(forward)
-    return CapturableForward(module, forward, replacement) if replacement is not None else forward.__get__(module)
+def _restore(module, name: str = "forward"):
+    method = getattr(type(module), name)
+    replacement, _ = _analyse(method)
+    return CapturableForward(module, method, replacement, name) if replacement is not None else method.__get__(module)
+
+
+def _methods(cls) -> dict:
+    """{name: function} of the methods defined by ``cls`` and its bases below nn.Module whose
+    loops may be rewritten: ``forward`` and the plain methods it may call (not properties,
+    static/class methods or dunders). Looked up as the instance would see them (MRO order)."""
+    found: dict = {}
+    seen: set = set()  # names already defined lower in the MRO: what the instance sees is that one
+    for klass in cls.__mro__:
+        if klass is torch.nn.Module or klass is object or _skip_class(klass):
+            continue
+        for name, value in vars(klass).items():
+            if name in seen or (name.startswith("__") and name.endswith("__")):
+                continue
+            seen.add(name)
+            if isinstance(value, (type, staticmethod, classmethod, property)) or not callable(value):
+                continue
+            inner = value
+            while getattr(inner, "__wrapped__", None) is not None:
+                inner = inner.__wrapped__
+            code = getattr(inner, "__code__", None)
+            # forward always; another method only if its code loops at all (cheap: no source read)
+            if code is not None and (name == "forward" or _has_loop(code)):
+                found[name] = value
+    return found
+
+
+def _has_loop(code) -> bool:
+    import dis
+
+    return any(ins.opname == "FOR_ITER" for ins in dis.get_instructions(code))
 
 
 def _skip_class(cls) -> bool:
@@ -112,17 +147,44 @@ def replacement_for(cls) -> object:
     return _analyse(forward)[0]
 
 
+def replacements_for(cls) -> dict:
+    """{method name: capturable replacement} for ``forward`` and the other methods of ``cls`` with a
+    rewritten per-expert loop (only methods whose source has a loop are analysed in full)."""
+    if _skip_class(cls):
+        return {}
+    with _lock:
+        if cls in _by_class:
+            return _by_class[cls]
+    out = {}
+    try:
+        for name, fn in _methods(cls).items():
+            replacement = _analyse(fn)[0]
+            if replacement is not None:
+                out[name] = replacement
+    except Exception as e:  # never fail a compile over this
+        log.debug("sonic: could not read the methods of %s: %s", cls.__qualname__, e)
+    with _lock:
+        _by_class[cls] = out
+    return out
+
+
+_by_class: dict = {}  # module class -> replacements_for
+
+
 def notes_for(module: torch.nn.Module) -> list:
     """``loop_capture.LoopNote`` of every per-expert loop in the forwards of ``module`` and its
     submodules: rewritten ones and the reason for the others."""
     out, seen = [], set()
     for sub in module.modules():
-        forward = getattr(type(sub), "forward", None)
-        if forward is None or forward in seen or _skip_class(type(sub)):
+        if _skip_class(type(sub)):
             continue
-        seen.add(forward)
-        out.extend(_analyse(forward)[1])
-        out.extend(_host_splits_of(forward))
+        for name, fn in _methods(type(sub)).items():
+            if fn in seen:
+                continue
+            seen.add(fn)
+            out.extend(_analyse(fn)[1])
+            if name == "forward":
+                out.extend(_host_splits_of(fn))
     return out
 
 
@@ -175,15 +237,13 @@ def prepare(f_locals: dict) -> int:
     Returns how many were given one."""
     done = 0
     for module in _frame_modules(f_locals):
-        if "forward" in module.__dict__:
-            continue  # already given one (or the user set their own)
-        replacement = replacement_for(type(module))
-        if replacement is None:
-            continue
-        module.forward = CapturableForward(module, type(module).forward, replacement)
-        done += 1
-        log.debug("sonic: Dynamo traces %s.forward with its per-expert loop over every expert",
-                  type(module).__qualname__)
+        for name, replacement in replacements_for(type(module)).items():
+            if name in module.__dict__:
+                continue  # already given one (or the user set their own)
+            setattr(module, name, CapturableForward(module, getattr(type(module), name), replacement, name))
+            done += 1
+            log.debug("sonic: Dynamo traces %s.%s with its per-expert loop over every expert",
+                      type(module).__qualname__, name)
     return done
 
 

@@ -303,3 +303,39 @@ def test_host_read_outside_a_loop_is_named():
     notes = capture.notes_for(model)
     assert any("expert_size = expert_size.tolist()" in n.reason and "JetMoeTopKGating" in n.function
                for n in notes), notes
+
+
+class HelperMethodMoE(loop_forms.HitLoopPaddedMoE):
+    """The skipping loop in a method the forward calls (``self.run_experts(...)``; DeepSeek's
+    ``moe_infer``, many research codebases), optionally decorated ``@torch.no_grad()`` as DeepSeek's
+    inference branch is: the method gets the capturable instance attribute, as ``forward`` does."""
+
+    def forward(self, x):
+        shape = x.shape
+        h = x.reshape(-1, shape[-1])
+        weights, ids = self.route(h)
+        return self.run_experts(h, weights, ids).view(shape)
+
+    def run_experts(self, h, weights, ids):
+        out = torch.zeros_like(h)
+        for e in range(self.num_experts):
+            tok, slot = torch.where(ids == e)
+            if tok.numel() == 0:
+                continue
+            gate, up = torch.nn.functional.linear(h[tok], self.gate_up[e]).chunk(2, dim=-1)
+            y = torch.nn.functional.linear(torch.nn.functional.silu(gate) * up, self.down[e])
+            out.index_add_(0, tok, y * weights[tok, slot, None])
+        return out
+
+
+def test_loop_in_a_method_the_forward_calls():
+    torch.manual_seed(0)
+    model = HelperMethodMoE()
+    backend = _compare(model, torch.randn(2, 5, 32))
+    assert len(backend.graphs) == 1  # one graph: the skip in the method is gone under Dynamo
+    assert isinstance(model.__dict__.get("run_experts"), capture.CapturableForward)
+    notes = [n for n in capture.notes_for(model) if n.rewritten]
+    assert any("run_experts" in n.function for n in notes), notes
+    # eager code of the module is untouched: the instance method runs the class's own loop
+    restored = pickle.loads(pickle.dumps(model))
+    assert isinstance(restored.run_experts, capture.CapturableForward)
