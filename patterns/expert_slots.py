@@ -92,7 +92,7 @@ from moe_inductor import safety
 from moe_inductor.parts import ExpertMLP, PartDeclined, decline, need, recognise, register
 from moe_inductor.rewrite import (
     node_order,
-    Declined, MoEBlock, call, dtype_of, int_value, method, same, shape_of,
+    Declined, MoEBlock, call, dtype_of, int_value, is_mutation, method, same, shape_of,
 )
 from moe_inductor.rewrite import need as prove
 
@@ -222,9 +222,49 @@ def _strip_exact_casts(node):
     return node
 
 
-def _one_hot(node) -> Optional[tuple]:
-    """(index, num_classes) of ``one_hot(index, num_classes)``."""
+@dataclasses.dataclass(frozen=True)
+class _ReshapedIds:
+    """The ids of ``one_hot(ids, E).view(L + (E,))`` (``reshape`` too): a row-major reshape that keeps
+    the class axis last only regroups whole one-hot rows, so it is ``one_hot(ids.reshape(L), E)``
+    (nanoMoE: ``F.one_hot(top_k_indices, E).view(B * T, K, E)`` of (B, T, K) ids). ``view`` is the
+    reshape, whose leading sizes the ids take when the composition reads them."""
+
+    ids: fx.Node
+    view: fx.Node
+
+
+def _reshaped_one_hot(node) -> Optional[tuple]:
+    """(_ReshapedIds, num_classes) of a reshape of a one-hot that keeps its last (class) axis."""
+    if not (isinstance(node, fx.Node) and node.op == "call_method" and node.target in ("view", "reshape")
+            and isinstance(node.args[0], fx.Node)):
+        return None
+    oh = _one_hot(node.args[0], reshaped=False)
+    ns, ss = shape_of(node), shape_of(node.args[0])
+    if oh is None or ns is None or ss is None or len(ns) < 2 or not same(ns[-1], ss[-1]):
+        return None
+    return _ReshapedIds(oh[0], node), oh[1]
+
+
+def _materialise_ids(graph, ids, like):
+    """The ids as a node: ``_ReshapedIds`` reshaped to its view's leading sizes (constants, and -1
+    for at most one symbolic size; ``size()`` of the view otherwise)."""
+    if not isinstance(ids, _ReshapedIds):
+        return ids
+    lead = shape_of(ids.view)[:-1]
+    sizes = [int_value(s) for s in lead]
+    if sizes.count(None) == 1:
+        sizes = [-1 if s is None else s for s in sizes]
+    elif None in sizes:
+        sizes = [method(graph, "size", ids.view, i, like=like) for i in range(len(lead))]
+    return method(graph, "reshape", ids.ids, *sizes, like=like)
+
+
+def _one_hot(node, reshaped: bool = True) -> Optional[tuple]:
+    """(index, num_classes) of ``one_hot(index, num_classes)``; with ``reshaped``, also of a reshape of
+    one keeping its class axis (the index is then a ``_ReshapedIds``)."""
     node = _strip_exact_casts(node)
+    if reshaped and _reshaped_one_hot(node) is not None:
+        return _reshaped_one_hot(node)
     if isinstance(node, fx.Node) and node.op == "call_function" and node.target in _ONE_HOT:
         idx, n = _arg(node, 0, "tensor", _arg(node, 0, "input")), _arg(node, 1, "num_classes", -1)
         # num_classes: a constant, or a size computed from T (capacity factor * T / E)
@@ -313,8 +353,11 @@ def _product(node, axes: tuple, out: list) -> None:
     inner = _strip_exact_casts(node)
     if inner is not node and same_rank(inner, node):
         return _product(inner, axes, out)
+    # ``a *= b`` is read as a * b only for a 0/1 b: the composition reads the factor a where the block
+    # was, after the write, so it gets a * b there and a * b * b == a * b needs b in {0, 1}; a weight
+    # multiplied in place is one factor (the written value)
     if (node.op == "call_function" and node.target in _MUL and len(node.args) == 2 and not node.kwargs) or \
-            inplace_as(node) == "mul":
+            (inplace_as(node) == "mul" and isinstance(node.args[1], fx.Node) and _is_flag(node.args[1])):
         for a in node.args:
             _product(a, _operand_axes(a, node, axes) if isinstance(a, fx.Node) else (), out)
         return
@@ -402,6 +445,9 @@ def _reduce(node, fn_name: str, dims: tuple, keepdim: Optional[bool] = None) -> 
 
 
 def _same_choice(a, b) -> bool:
+    if isinstance(a, _ReshapedIds) or isinstance(b, _ReshapedIds):
+        return isinstance(a, _ReshapedIds) and isinstance(b, _ReshapedIds) and safety.equivalent(a.ids, b.ids) \
+            and safety.same_shape(a.view, b.view)
     return safety.equivalent(a, b)
 
 
@@ -564,7 +610,7 @@ def _term(t: fx.Node, axes: tuple, cw: fx.Node):
     """One term of the combine weights over ``axes`` ("s", "e", "c") or, stacked, ("k", "s", "e", "c")."""
     slots, flags, weights = [], [], []
     for f, lab in _factors(t, axes):
-        oh = _one_hot(f) if isinstance(f, fx.Node) else None
+        oh = _one_hot(f, reshaped=False) if isinstance(f, fx.Node) else None
         if oh is not None and lab and lab[-1] == "c" and "e" not in lab:
             slots.append((oh[0], lab[:-1]))
         elif "c" in _varies(f, lab):
@@ -884,6 +930,20 @@ def dense_scores(slots) -> Optional[SlotsDispatch]:
 
 # --------------------------------------------------------------------------- slots_experts
 
+def _inplace_bias(node) -> bool:
+    """``h += b`` (``h.add_(b)``) of an (E, 1, out) bias of h's dtype on a projection output h that
+    nothing reads before (``inplace_as``) and that is the projection's own fresh result (no view
+    of something else): the value ``h + b`` (nanoMoE's ``x = bmm(x, c_fc); x += fc_bias``)."""
+    if inplace_as(node) != "add" or node.target not in (operator.iadd, "add_"):
+        return False
+    h, b = node.args
+    if not (isinstance(b, fx.Node) and safety.is_fresh(h)) or dtype_of(b) != dtype_of(h):
+        return False
+    inner = _batched_projection(h)
+    bs = shape_of(b)
+    return inner is not None and inner[3] is None and bs is not None and len(bs) == 3 and _size_one(bs[1])
+
+
 def _batched_projection(node) -> Optional[tuple]:
     """(input, weight, transposed, bias) of one projection of all slots: ``bmm(z, W)``, ``z @ W``,
     an einsum; W (E, in, out) is ``transposed`` (Linear layout is (E, out, in)); bias (E, 1, out)."""
@@ -896,6 +956,9 @@ def _batched_projection(node) -> Optional[tuple]:
             if inner is not None and inner[3] is None and bs is not None and len(bs) == 3 and _size_one(bs[1]):
                 return inner[0], inner[1], inner[2], b
         return None
+    if _inplace_bias(node):
+        inner = _batched_projection(node.args[0])
+        return inner[0], inner[1], inner[2], node.args[1]
     z = w = None
     if (node.op == "call_function" and node.target in (torch.bmm, torch.matmul, operator.matmul)) or \
             (node.op == "call_method" and node.target in ("bmm", "matmul", "__matmul__")):
@@ -1086,6 +1149,34 @@ def _acc_start(acc: fx.Node):
     return start(acc)
 
 
+def _base_of(node: fx.Node) -> fx.Node:
+    """The tensor whose memory ``node`` views (``node`` itself when it is no view)."""
+    while node.op in ("call_function", "call_method") and node.args and isinstance(node.args[0], fx.Node) \
+            and safety.is_view_of(node, node.args[0]):
+        node = node.args[0]
+    return node
+
+
+def _initialised(w: fx.Node, order: dict) -> bool:
+    """``w`` writes into a tensor the graph allocated itself (``safety.is_fresh``: not an input, a
+    parameter, a buffer or a view) before anything reads it: every user of it and of its views,
+    except the writes and the views themselves, comes after every write (nanoMoE:
+    ``probs = full_like(logits, -inf); probs.scatter_(-1, idx, v); softmax(probs)``). Every read
+    then sees the written value, the one the fused op reads where the block was, so the write is
+    part of how the value is computed, not a change to it."""
+    base = _base_of(w.args[0]) if w.args and isinstance(w.args[0], fx.Node) else None
+    if base is None or not safety.is_fresh(base):
+        return False
+    writes = safety.writes_to(base)
+    last = max(order[n] for n in writes)
+    for a in safety.aliases(base):
+        for u in a.users:
+            if u not in writes and not safety.is_view_of(u, a) and order[u] < last:
+                return False
+    # what an in-place op returns is the tensor too: read only after the last write, never written
+    return all(order[u] > last and not is_mutation(u, wn) for wn in writes for u in wn.users)
+
+
 def _upstream(roots, stop: set) -> list:
     """Nodes that ``roots`` are computed from, not past ``stop``."""
     seen, stack = [], list(roots)
@@ -1147,7 +1238,9 @@ def analyse(node: fx.Node) -> MoEBlock:
         prove(safety.equivalent(comb.index, disp.index),
              f"proof: the slots are gathered at {disp.index.name} but written back at {comb.index.name}")
         prove(safety.same_shape(comb.acc, disp.x), "proof: the result is not (tokens, d)")
-    safety.need_pure_path(comb.experts_out, disp.slots)
+    # in place on the experts' path: only the bias adds read as h + b (``_inplace_bias``)
+    biases = [n for n in _upstream([comb.experts_out], {disp.slots}) if _inplace_bias(n)]
+    safety.need_pure_path(comb.experts_out, disp.slots, biases)
 
     # nothing the block reads is written in place (through any view), except the combine's own write
     order = node_order(node.graph)
@@ -1157,9 +1250,14 @@ def analyse(node: fx.Node) -> MoEBlock:
     # (with their views and bases); what they are computed from (earlier layers, with their own in-place
     # accumulations) is not what the block reads
     inputs = [disp.x] + list(disp.inputs)
-    for n in _upstream(roots, stop | set(inputs)) + inputs:
+    # exempt: in-place arithmetic the block reads as a value (its result is read: ``inplace_as``), a fresh
+    # tensor written before any read (``_initialised``), the dispatch's own writes
+    upstream = _upstream(roots, stop | set(inputs))
+    as_value = set(upstream)
+    for n in upstream + inputs:
         for w in safety.writes_to(n):
-            if w is not node and order[w] < order[node] and inplace_as(w) is None and w not in disp.writes:
+            if w is not node and order[w] < order[node] and not (inplace_as(w) and w in as_value) \
+                    and w not in disp.writes and not _initialised(w, order):
                 raise Declined(f"proof: {n.name}, which the block reads, is modified in place by {w.format_node()}")
     # the fused op reads the weights where the combine was: nothing may write them after the experts read them
     safety.need_unmodified(list(stop), disp.slots, node, "proof: the expert weights")
@@ -1176,10 +1274,10 @@ def analyse(node: fx.Node) -> MoEBlock:
             early = [u for u in comb.acc.users if u is not node and order[u] < order[node]]
             prove(not early, f"combine: the result is read or viewed before the experts' outputs are added "
                              f"({early[0].format_node() if early else ''})")
-    return _block(node, comb, mlp, disp, start_kind, base, order)
+    return _block(node, comb, mlp, disp, start_kind, base, order, biases)
 
 
-def _block(node, comb, mlp, disp, start_kind, base, order) -> MoEBlock:
+def _block(node, comb, mlp, disp, start_kind, base, order, bias_adds=()) -> MoEBlock:
     x, E = disp.x, disp.num_experts
     device = x.meta["example_value"].device
     tr = mlp.transposed
@@ -1265,7 +1363,8 @@ def _block(node, comb, mlp, disp, start_kind, base, order) -> MoEBlock:
             ids, ss = [], []
             for t in terms:
                 width = int_value(t.width)
-                chosen = method(graph, "expand", align(graph, t.choice, t.choice_labels, ("s", "k")), S, width,
+                chosen = method(graph, "expand", align(graph, _materialise_ids(graph, t.choice, node), t.choice_labels,
+                                                       ("s", "k")), S, width,
                                 like=node)
                 where = method(graph, "unsqueeze", chosen, -1, like=node)
 
@@ -1333,7 +1432,7 @@ def _block(node, comb, mlp, disp, start_kind, base, order) -> MoEBlock:
         build_weights=build_weights, replace=replace, activation=mlp.activation, interleaved=mlp.interleaved,
         num_experts=E, top_k=K, hidden=int_value(xs[1]) if int_value(xs[1]) is not None else xs[1],
         intermediate=int_value(n_dim) if int_value(n_dim) is not None else n_dim, dtype=dtype_of(x),
-        location=node, autocast_like=mlp.gemm, parts=desc,
+        location=node, autocast_like=mlp.gemm, parts=desc, orphans=list(bias_adds),
     )
 
 

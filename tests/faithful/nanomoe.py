@@ -272,14 +272,14 @@ ENTRIES = [
           "aux loss, router z-loss, full-precision router, biases)",
           seeded(330, lambda: NanoMoEOutput(NanoMoEConfig(use_aux_loss=True, use_router_z_loss=True,
                                                           router_use_full_prec=True))),
-          _x3d, expect="pending", faithful=True,
+          _x3d, expect=1, faithful=True,
           note="autocast(enabled=False) router region, losses appended to a global MANAGER and summed/reset, "
                "softmax over full_like(-inf).scatter_ of the top-k logits, in-place int64 exp_mask *= lt(rank, C), "
                "used_capacity, even-rounded host capacity, in-place bmm bias adds"),
     Idiom("nanomoe_nobias_plain", "wolfecameron/nanoMoE model.py MOELayer + Router + MLPExperts (GPTConfig defaults, "
           "bias=False: no aux losses, no autocast region)",
           seeded(331, lambda: NanoMoEOutput(NanoMoEConfig(bias=False))),
-          _x3d, expect="pending", faithful=True,
+          _x3d, expect=1, faithful=True,
           note="stacked (E, in, out) bmm experts without biases, exp_mask.permute(1, 2, 0).type_as(x) @ x dispatch "
                "and the (T, E*C) @ (E*C, d) combine matmul, with the nullcontext router"),
 ]
