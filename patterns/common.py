@@ -478,10 +478,10 @@ def _swiglu_limit(gate_bounds, up_bounds, what: str) -> float:
     return float(g_max)
 
 
-def expert_activation(act_out: fx.Node, chunk_dims=(-1, 1)) -> tuple[str, bool, fx.Node]:
+def expert_activation(act_out: fx.Node) -> tuple[str, bool, fx.Node]:
     """(activation spec, interleaved, pre-activation h) of the expert body's activation:
     GPT-OSS's clamped gate (interleaved or concatenated), Inkling2's softcapped SwiGLU,
-    act(gate) * up with gate, up = h.chunk(2, dim) (or ``.float()`` of each, optionally the
+    act(gate) * up with gate, up the halves of h (``halves``: chunk, split, slices) (or ``.float()`` of each, optionally the
     clamped SwiGLU ``silu(gate.clamp(max=L)) * up.clamp(-L, L)`` or the SwiGLU clamped after the
     activation ``silu(gate).clamp(max=L) * up.clamp(-L, L)`` (Step-3.7); L = inf is plain SwiGLU),
     relu(h)**2, or a plain act(h), optionally followed by ``.to(h.dtype)``. Declines otherwise."""
@@ -520,9 +520,6 @@ def expert_activation(act_out: fx.Node, chunk_dims=(-1, 1)) -> tuple[str, bool, 
                 continue
             if interleaved or h is None:
                 continue  # act(h[..., ::2]) * h[..., 1::2] is not matched (as before)
-            ch = src[0]
-            if ch.kwargs.get("dim", ch.args[2] if len(ch.args) > 2 else None) not in chunk_dims:
-                continue
             need((g_cast is None) == (u_cast is None), "only one of gate/up is cast with .float()")
             casts = [c for c in (g_cast, u_cast) if c is not None]
             inter = [act_out, gt, act_node, gate, u, g_in, u_in, *casts]

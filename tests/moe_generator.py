@@ -34,6 +34,7 @@ spelling per part:
 - dtype of the module and its input: float32, bfloat16 or float16;
 - ``base``: the combine adds into a shared projection's output instead of zeros (torchtitan's
   shared experts; layouts with an accumulator);
+- ``halves`` (with extras): a fused gate|up split by ``chunk``, slices or ``split``;
 - ``side_effects``: load statistics written into a buffer under ``no_grad`` (torchtitan's
   ``tokens_per_expert.add_``) and an auxiliary loss from the router probabilities stored as an
   attribute in ``forward`` (Switch / fairseq style), both beside the block.
@@ -67,6 +68,7 @@ LAYOUTS = {
 ACTIVATIONS = {"silu": Fn.silu, "gelu": Fn.gelu, "relu": Fn.relu}
 E_CHOICES, T_CHOICES = (1, 2, 3, 5, 8), (1, 2, 3, 7, 13)
 ROUTERS = ("softmax", "sigmoid_bias", "group_limited", "softmax_inplace")
+HALVES = ("chunk", "slice", "split")  # spellings of a fused gate|up's halves (drawn with extras)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 #: per dtype: (atol, rtol) for the elementwise check in fp32, else the largest relative error
 #: ||compiled - eager|| / ||eager|| allowed per tensor. bf16 has 8 significand bits (eps 2^-8 =
@@ -176,6 +178,9 @@ class Spec:
     dtype: str = "float32"
     base: bool = False
     side_effects: bool = False
+    #: gathered_fused experts: how h is split into gate and up (``chunk(2, -1)``; ``slice``:
+    #: ``h[..., :w // 2]`` / ``h[..., w // 2:]`` as vLLM's reference SiluAndMul; ``split(w // 2, -1)``)
+    halves: str = "chunk"
 
     @property
     def combo(self) -> tuple:
@@ -230,6 +235,7 @@ def sample(rng: random.Random, mutation_rate: float = 0.4, seed: int = 0, dtypes
     if extras:  # issue 18's spellings beside the parts: a base for the combine, side effects
         spec["base"] = rng.random() < 0.3
         spec["side_effects"] = rng.random() < 0.3
+        spec["halves"] = rng.choice(HALVES)
     return Spec(**spec)
 
 
@@ -320,7 +326,13 @@ class GeneratedMoE(nn.Module):
                 h = h + torch.cat([self.b1, self.b3], dim=1)[eids]
             if s.mutation == "inplace_expert":
                 h.mul_(1.5)
-            g, u = h.chunk(2, dim=-1)
+            half = h.shape[-1] // 2
+            if s.halves == "slice":
+                g, u = h[..., :half], h[..., half:]
+            elif s.halves == "split":
+                g, u = h.split(half, dim=-1)
+            else:
+                g, u = h.chunk(2, dim=-1)
             return self._mlp_tail(ACTIVATIONS[s.act](g) * u, lambda v: lin(v, "2"))
         return self._mlp(z, lambda v: lin(v, "1"), lambda v: lin(v, "3"), lambda v: lin(v, "2"))
 

@@ -66,6 +66,15 @@ def test_supported_combination_rewritten(combo):
     assert outcome.rewritten == 1
 
 
+@pytest.mark.parametrize("halves", G.HALVES)
+def test_fused_gate_up_halves_in_every_spelling(halves):
+    # the gathered fused gate|up split by chunk, slices or split: one recogniser (common.halves)
+    outcome = G.run_case(_base(("gathered", "interleave", "gathered_fused", "view_sum", "output", False),
+                               halves=halves, gated=True))
+    check(outcome)
+    assert outcome.rewritten == 1
+
+
 # Inference (no_grad) at decode size: blocks over stacked weights take the gathered decomposition
 # (moe_inductor/worth.py) instead of the fused op, the others the op; outputs equal eager, through
 # the rewrite alone and through the whole backend (Inductor compiles the decomposition).
