@@ -92,7 +92,7 @@ from moe_inductor import safety
 from moe_inductor.parts import ExpertMLP, PartDeclined, decline, need, recognise, register
 from moe_inductor.rewrite import (
     node_order,
-    Declined, MoEBlock, call, dtype_of, int_value, is_mutation, method, same, shape_of,
+    Declined, ExpertWeights, MoEBlock, call, dtype_of, int_value, is_mutation, method, same, shape_of,
 )
 from moe_inductor.rewrite import need as prove
 
@@ -259,12 +259,55 @@ def _materialise_ids(graph, ids, like):
     return method(graph, "reshape", ids.ids, *sizes, like=like)
 
 
+_ZEROS_F = (torch.zeros, torch.zeros_like)
+
+
+def _last_axis_column(index) -> Optional[fx.Node]:
+    """i if ``index`` is ``i.unsqueeze(-1)`` or ``i[..., None]`` (one column of positions per row)."""
+    if not isinstance(index, fx.Node):
+        return None
+    if index.op == "call_method" and index.target == "unsqueeze" and len(index.args) == 2 and \
+            isinstance(index.args[0], fx.Node) and index.args[1] in (-1, len(shape_of(index.args[0]) or ())):
+        return index.args[0]
+    if index.op == "call_function" and index.target is operator.getitem and index.args[1] in (
+            (Ellipsis, None),) and isinstance(index.args[0], fx.Node):
+        return index.args[0]
+    return None
+
+
+def _scattered_one_hot(node) -> Optional[tuple]:
+    """(index, num_classes) of ``ret = zeros(i.shape + (n,)); ret.scatter_(-1, i.unsqueeze(-1), 1)``
+    (fairscale's ``one_hot``, ``torch.zeros_like``/``new_zeros`` too): the scatter writes 1 at column
+    i[r] of each row r of zeros, which is ``one_hot(i, n)``; it is the tensor's first write and comes
+    before every read (``_initialised``), so every reader sees the one-hot."""
+    if not (isinstance(node, fx.Node) and ((node.op == "call_function" and node.target in _ZEROS_F)
+                                           or (node.op == "call_method" and node.target == "new_zeros"))):
+        return None
+    writes = safety.writes_to(node)
+    w = writes[0] if writes else None
+    if w is None or not (w.op == "call_method" and w.target == "scatter_" and w.args[0] is node) or \
+            set(w.kwargs) - {"dim", "index", "value"} or len(w.args) + len(w.kwargs) != 4:
+        return None
+    dim, index, value = _arg(w, 1, "dim"), _arg(w, 2, "index"), _arg(w, 3, "value")
+    s, i = shape_of(node), _last_axis_column(index)
+    si = shape_of(i)
+    if s is None or dim not in (-1, len(s) - 1) or type(value) not in (int, float) or value != 1 or \
+            si is None or not _is_integral(i) or dtype_of(i) == torch.bool or len(si) != len(s) - 1 \
+            or not all(same(p, q) for p, q in zip(si, s[:-1])):
+        return None
+    if not _initialised(w, node_order(node.graph)):
+        return None
+    return i, s[-1]
+
+
 def _one_hot(node, reshaped: bool = True) -> Optional[tuple]:
     """(index, num_classes) of ``one_hot(index, num_classes)``; with ``reshaped``, also of a reshape of
     one keeping its class axis (the index is then a ``_ReshapedIds``)."""
     node = _strip_exact_casts(node)
     if reshaped and _reshaped_one_hot(node) is not None:
         return _reshaped_one_hot(node)
+    if _scattered_one_hot(node) is not None:
+        return _scattered_one_hot(node)
     if isinstance(node, fx.Node) and node.op == "call_function" and node.target in _ONE_HOT:
         idx, n = _arg(node, 0, "tensor", _arg(node, 0, "input")), _arg(node, 1, "num_classes", -1)
         # num_classes: a constant, or a size computed from T (capacity factor * T / E)
@@ -997,6 +1040,93 @@ def bmm_mlp(out) -> Optional[ExpertMLP]:
     return _experts_part.walk_mlp(out, _batched_projection, "slots_experts", "aten::bmm", check=_no_dropout)
 
 
+@dataclasses.dataclass
+class SlotsMLPs(ExpertMLP):
+    """Experts, one module per expert on its own slots (``experts``: one ``ExpertMLP`` per expert, in
+    expert order, all of one structure); the stacked fields are expert 0's (structure only)."""
+
+    experts: list = dataclasses.field(default_factory=list)
+
+    def weights(self) -> tuple:
+        return tuple(w for m in self.experts for w in m.weights())
+
+
+def _strip_layout(node) -> fx.Node:
+    """Follow row-major reshapes (``_row_major_source``) and identities back to the producer."""
+    while True:
+        inner = _row_major_source(safety.strip_identity(node))[0]
+        if inner is node:
+            return node
+        node = inner
+
+
+def _chunk_of(node) -> Optional[tuple]:
+    """(source, axis, chunks, position) of ``src.chunk(n, axis)[i]`` (``torch.chunk`` too)."""
+    if not (isinstance(node, fx.Node) and node.op == "call_function" and node.target is operator.getitem
+            and isinstance(node.args[1], int) and isinstance(node.args[0], fx.Node)):
+        return None
+    ch = node.args[0]
+    if not ((ch.op == "call_method" and ch.target == "chunk") or (ch.op == "call_function" and ch.target is torch.chunk)):
+        return None
+    src, n, dim = ch.args[0], _arg(ch, 1, "chunks"), _arg(ch, 2, "dim", 0)
+    rank = len(shape_of(src) or ())
+    if not isinstance(src, fx.Node) or not isinstance(dim, int) or not rank:
+        return None
+    return src, dim % rank, n, node.args[1]
+
+
+def _expert_axis(node, like) -> Optional[int]:
+    """The axis of ``node`` that holds the experts when its shape is (1, .., 1, E, C, d) and ``like``
+    is (E, C, d): a row-major reshape between the two keeps every element in place."""
+    s, ls = shape_of(node), shape_of(like)
+    if s is None or ls is None or len(s) < 3 or len(ls) != 3:
+        return None
+    if all(_size_one(v) for v in s[:-3]) and all(same(p, q) for p, q in zip(s[-3:], ls)):
+        return len(s) - 3
+    return None
+
+
+@register("slots_experts", "chunked_mlps",
+          "torch.cat([f_e(c) for c, f_e in zip(z.reshape(1, E, C, d).chunk(E, 1), experts)], 1).reshape(E, C, d): "
+          "one ModuleList expert per slot chunk (fairscale MOELayer)")
+def chunked_mlps(out) -> Optional[SlotsMLPs]:
+    cat = _strip_layout(out)
+    if not (isinstance(cat, fx.Node) and cat.op == "call_function" and cat.target is torch.cat
+            and isinstance(cat.args[0], (list, tuple)) and len(shape_of(out) or ()) == 3):
+        return None
+    pieces, axis = list(cat.args[0]), _expert_axis(cat, out)
+    dim = _arg(cat, 1, "dim", 0)
+    need("slots_experts", axis is not None and isinstance(dim, int) and dim % len(shape_of(cat)) == axis,
+         f"{cat.name}: the concatenated expert outputs are not (1, .., E, C, d) joined along the experts, "
+         f"reshaped to {out.name} (E, C, d)")
+    E = len(pieces)
+    need("slots_experts", int_value(shape_of(out)[0]) == E, f"{cat.name}: {E} pieces for {shape_of(out)[0]} experts")
+    mlps, slots = [], None
+    for e, p in enumerate(pieces):
+        m = recognise("experts", p, required=f"{getattr(p, 'name', p)}: expert {e} on its chunk of the slots")
+        ch = _chunk_of(safety.strip_identity(m.input))
+        need("slots_experts", ch is not None and ch[3] == e and int_value(ch[2]) == E,
+             f"{m.input.name}: expert {e} does not run on chunk {e} of {E} of the slots")
+        src = _strip_layout(ch[0])
+        need("slots_experts", (slots is None or src is slots) and _expert_axis(ch[0], out) == ch[1],
+             f"{m.input.name}: the chunks are not taken along the experts of one (E, C, d) slots tensor")
+        slots = src
+        need("slots_experts", safety.same_shape(slots, out), f"{slots.name}: the chunked slots are not (E, C, d) "
+                                                             f"like the experts' outputs {out.name}")
+        mlps.append(m)
+    m0 = mlps[0]
+    for m in mlps[1:]:
+        need("slots_experts", (m.activation, m.interleaved, m.transposed, m.gemm) == (m0.activation, m0.interleaved,
+                                                                                     m0.transposed, m0.gemm),
+             "the experts differ in activation, weight layout or GEMM")
+        need("slots_experts", all((a is None) == (b is None) and (a is None or safety.same_shape(a, b))
+                                  for a, b in zip(m.weights(), m0.weights())),
+             "the experts have weights (or biases) of different shapes")
+    return SlotsMLPs(input=slots, output=out, activation=m0.activation, gate=m0.gate, up=m0.up, down=m0.down,
+                     b_gate=m0.b_gate, b_up=m0.b_up, b_down=m0.b_down, gemm=m0.gemm, transposed=set(m0.transposed),
+                     interleaved=m0.interleaved, experts=mlps)
+
+
 # --------------------------------------------------------------------------- slots_combine
 
 @register("slots_combine", "combine_einsum", 'einsum("sec,ecm->sm", combine_weights, expert_outputs)')
@@ -1158,23 +1288,44 @@ def _base_of(node: fx.Node) -> fx.Node:
 
 
 def _initialised(w: fx.Node, order: dict) -> bool:
-    """``w`` writes into a tensor the graph allocated itself (``safety.is_fresh``: not an input, a
-    parameter, a buffer or a view) before anything reads it: every user of it and of its views,
-    except the writes and the views themselves, comes after every write (nanoMoE:
-    ``probs = full_like(logits, -inf); probs.scatter_(-1, idx, v); softmax(probs)``). Every read
-    then sees the written value, the one the fused op reads where the block was, so the write is
-    part of how the value is computed, not a change to it."""
+    """``w`` is the first write into a tensor the graph allocated itself (``safety.is_fresh``: not an
+    input, a parameter, a buffer or a view) and comes before anything reads it: every user of it and of
+    its views, except the writes and the views themselves, comes after ``w``, and nothing writes into
+    what ``w`` returns (nanoMoE: ``probs = full_like(logits, -inf); probs.scatter_(-1, idx, v);
+    softmax(probs)``; fairscale's ``one_hot``: ``zeros(...).scatter_(-1, idx[..., None], 1)``). Every
+    read then sees the written value: the write is how the value is computed, not a change to it.
+    Later writes are the caller's to prove (``inplace_as``, ``_need_stable_leaves``)."""
     base = _base_of(w.args[0]) if w.args and isinstance(w.args[0], fx.Node) else None
     if base is None or not safety.is_fresh(base):
         return False
     writes = safety.writes_to(base)
-    last = max(order[n] for n in writes)
-    for a in safety.aliases(base):
-        for u in a.users:
-            if u not in writes and not safety.is_view_of(u, a) and order[u] < last:
-                return False
-    # what an in-place op returns is the tensor too: read only after the last write, never written
-    return all(order[u] > last and not is_mutation(u, wn) for wn in writes for u in wn.users)
+    if not writes or writes[0] is not w or any(is_mutation(u, w) for u in w.users):
+        return False
+    return all(u in writes or safety.is_view_of(u, a) or order[u] > order[w]
+               for a in safety.aliases(base) for u in a.users)
+
+
+def _need_stable_leaves(term: SlotTerm, anchor: fx.Node, order: dict) -> None:
+    """The composition reads each factor of a term (its ids, flags and weights) where the block was:
+    prove that each holds there the value the block read. A write into a factor (or a view of it)
+    before the anchor must come before every reader of it (it computes the value), or be ``a *= b``
+    with a 0/1 ``b`` the term is multiplied by too (``mask *= lt(loc, C)``: the composition then
+    gets mask * b * b == mask * b)."""
+    flags = [f for f, _ in term.flags]
+    ids = term.choice.ids if isinstance(term.choice, _ReshapedIds) else term.choice
+    for f in [ids] + flags + [g for g, _ in term.weights]:
+        if not isinstance(f, fx.Node):
+            continue
+        readers = [order[u] for a in safety.aliases(f) for u in a.users
+                   if not safety.is_view_of(u, a) and not is_mutation(u, a)]
+        first = min(readers, default=order[anchor])
+        for w in safety.writes_to(f):
+            if order[w] < first or order[w] >= order[anchor]:
+                continue
+            b = w.args[1] if inplace_as(w) == "mul" else None
+            need("proof", isinstance(b, fx.Node) and any(b is g for g in flags),
+                 f"{f.name}, a factor of the combine weights, is modified in place by {w.format_node()} after "
+                 "the block read it: where the fused op reads it, it holds another value")
 
 
 def _upstream(roots, stop: set) -> list:
@@ -1212,15 +1363,20 @@ def analyse(node: fx.Node) -> MoEBlock:
                                                                        "twice)" if comb.score is not None else ""))
     disp = recognise("slots_dispatch", z, required=f"{z.name}: how the slots are filled from the tokens")
     E = disp.num_experts
-    ws = {k: shape_of(w) for k, w in (("gate", mlp.gate), ("up", mlp.up), ("down", mlp.down)) if w is not None}
-    prove(all(s is not None and len(s) == 3 and int_value(s[0]) == E for s in ws.values()),
-         f"proof: the stacked expert weights do not have {E} experts (the dispatch's)")
+    if isinstance(mlp, SlotsMLPs):
+        prove(len(mlp.experts) == E, f"proof: {len(mlp.experts)} expert modules for the dispatch's {E} experts")
+    else:
+        ws = {k: shape_of(w) for k, w in (("gate", mlp.gate), ("up", mlp.up), ("down", mlp.down)) if w is not None}
+        prove(all(s is not None and len(s) == 3 and int_value(s[0]) == E for s in ws.values()),
+             f"proof: the stacked expert weights do not have {E} experts (the dispatch's)")
     if disp.kind == "capacity":
         prove(comb.kind == "einsum", "proof: capacity slots are combined by something else than the combine einsum")
         prove(safety.strip_casts(comb.weights) is disp.combine_weights,
              f"proof: the output is combined with {comb.weights.name}, not with the combine weights "
              f"{disp.combine_weights.name} whose nonzeros dispatched the tokens")
         prove(safety.same_shape(disp.x, node), "proof: the output is not (tokens, d)")
+        for t in disp.terms:
+            _need_stable_leaves(t, node, node_order(node.graph))
     elif disp.kind == "dense":
         prove(comb.kind == "sum", "proof: dense slots (every token in every expert's slots) are combined by something "
                                   "else than a sum over the experts")
@@ -1289,6 +1445,14 @@ def _block(node, comb, mlp, disp, start_kind, base, order, bias_adds=()) -> MoEB
         return None if b is None else method(graph, "reshape", b, E, -1, like=node)
 
     def build_weights(graph):
+        if isinstance(mlp, SlotsMLPs):  # per-expert modules: lists, stacked inside the op
+            def each(role, name):
+                ws = [m.weights()[role] for m in mlp.experts]
+                if ws[0] is None:
+                    return []
+                return [method(graph, "t", w, like=node) for w in ws] if name in tr else ws
+            return ExpertWeights(gate=each(0, "gate"), up=each(1, "up"), down=each(2, "down"), b_gate=each(3, ""),
+                                 b_up=each(4, ""), b_down=each(5, ""))
         w1 = linear_layout(graph, mlp.gate, "gate")
         b1 = bias(graph, mlp.b_gate)
         if mlp.up is not None:
@@ -1425,7 +1589,7 @@ def _block(node, comb, mlp, disp, start_kind, base, order, bias_adds=()) -> MoEB
             graph.erase_node(node)
 
     xs, wd = shape_of(x), shape_of(mlp.down)
-    n_dim = wd[1] if "down" not in tr else wd[2]
+    n_dim = wd[-1] if "down" not in tr else wd[-2]
     desc += f", experts={mlp.spelling}, combine={comb.spelling}"
     return MoEBlock(
         idiom=IDIOM, anchor=node, x=x, token_ids=token_ids, expert_ids=expert_ids, scores=scores,

@@ -118,3 +118,107 @@ def test_nanomoe_near_misses_declined(form, reason):
     cands = _run(NanoSlots(form))
     assert cands and all(c.status != "rewritten" for c in cands), [(c.status, c.reason) for c in cands]
     assert any(reason in (c.reason or "") for c in cands), [c.reason for c in cands]
+
+
+# --------------------------------------------------------------------------- fairscale
+
+def _fs_one_hot(idx, num_classes, form="plain", value=1):
+    """fairscale ``top2gate.one_hot``: zeros of the index dtype, ``scatter_`` of 1 along the last axis."""
+    ret = torch.zeros(idx.shape + (num_classes,), device=idx.device, dtype=idx.dtype)
+    if form == "read_zeros":  # near miss: the zeros are read before the scatter_ (the read is kept)
+        ret.add_(ret.sum())
+    ret.scatter_(-1, idx.unsqueeze(-1), value)
+    return ret
+
+
+class FairscaleSlots(nn.Module):
+    """fairscale ``top2gating`` (one_hot by zeros + ``scatter_``, in-place ``locations2 +=``, ``mask *=``,
+    ``gates_s /=``) and ``MOELayer.forward`` without ``_AllToAll`` (world size 1); tokens (S, d) with
+    S a multiple of E (capacity 2S/E). ``experts``: "bmm" (stacked weights on the slots) or
+    "chunks" (fairscale's ``reshape(1, E, -1, d).chunk(E, 1)``, one ModuleList FFN per chunk,
+    ``cat(dim=1)``, ``reshape(E, -1, d)``). ``form``: "plain" or a near miss:
+
+    - ``value2``: the one-hot of the slot positions scatters 2, not 1 (combine weights doubled);
+    - ``read_zeros``: the zeros are read before the ``scatter_`` (computes the same here, but is not proven);
+    - ``reversed_cat``: the outputs concatenated in reverse order (expert e's outputs land in expert E-1-e's slots);
+    - ``mixed``: one expert has a GELU where the others have ReLU;
+    - ``chunk_other_axis``: the slots reshaped (1, E, C, d) then chunked along C.
+    """
+
+    def __init__(self, experts: str = "chunks", form: str = "plain"):
+        super().__init__()
+        self.experts_kind, self.form = experts, form
+        self.wg = nn.Linear(d, E, bias=False)
+        if experts == "chunks":
+            acts = [nn.GELU() if form == "mixed" and e == 2 else nn.ReLU() for e in range(E)]
+            self.experts = nn.ModuleList([nn.Sequential(nn.Linear(d, n), acts[e], nn.Dropout(0.0), nn.Linear(n, d))
+                                          for e in range(E)])
+        else:
+            self.w1 = nn.Parameter(torch.randn(E, d, n) / d ** 0.5)
+            self.w2 = nn.Parameter(torch.randn(E, n, d) / n ** 0.5)
+
+    def gate(self, x):
+        oh = lambda i, c: _fs_one_hot(i, c, self.form)  # noqa: E731
+        logits = self.wg(x)
+        gates = Fn.softmax(logits, dim=1, dtype=torch.float)
+        S = gates.shape[0]
+        capacity = 2 * S // E
+        mask1 = oh(torch.argmax(gates, dim=1), E)
+        mask2 = oh(torch.argmax(logits.masked_fill(mask1.bool(), float("-inf")), dim=1), E)
+        locations1 = torch.cumsum(mask1, dim=0) - 1
+        locations2 = torch.cumsum(mask2, dim=0) - 1
+        locations2 += torch.sum(mask1, dim=0, keepdim=True)
+        mask1 *= torch.lt(locations1, capacity)
+        mask2 *= torch.lt(locations2, capacity)
+        locations1_s = torch.sum(locations1 * mask1, dim=1)
+        locations2_s = torch.sum(locations2 * mask2, dim=1)
+        gates1_s = (gates * mask1).sum(dim=1)
+        gates2_s = (gates * mask2).sum(dim=1)
+        denom_s = torch.clamp(gates1_s + gates2_s, min=torch.finfo(gates.dtype).eps)
+        gates1_s /= denom_s
+        gates2_s /= denom_s
+        v = 2 if self.form == "value2" else 1
+        combine1 = (gates1_s.unsqueeze(-1) * mask1).unsqueeze(2) * _fs_one_hot(locations1_s, capacity, value=v).unsqueeze(1)
+        combine2 = (gates2_s.unsqueeze(-1) * mask2).unsqueeze(2) * _fs_one_hot(locations2_s, capacity, value=v).unsqueeze(1)
+        combine = combine1 + combine2
+        return combine.to(logits.dtype), combine.bool()
+
+    def forward(self, x):
+        combine, dispatch = self.gate(x)
+        z = torch.einsum("sec,sm->ecm", dispatch.float(), x)
+        if self.experts_kind == "bmm":
+            y = torch.bmm(Fn.relu(torch.bmm(z, self.w1)), self.w2)
+        else:
+            if self.form == "chunk_other_axis":
+                chunks = z.reshape(1, E, -1, d).chunk(E, dim=2)
+            else:
+                chunks = z.reshape(1, E, -1, d).chunk(E, dim=1)
+            outs = [f(c) for c, f in zip(chunks, self.experts)]
+            if self.form == "reversed_cat":
+                outs = outs[::-1]
+            y = torch.cat(outs, dim=1 if self.form != "chunk_other_axis" else 2)
+            y = y.reshape(E, -1, d)
+        return torch.einsum("sec,ecm->sm", combine, y)
+
+
+def _run_fs(module):
+    return rewrite_and_compare(module, d, lengths=(8, 12))
+
+
+@pytest.mark.parametrize("experts", ["bmm", "chunks"])
+def test_fairscale_spellings_rewritten(experts):
+    cands = _run_fs(FairscaleSlots(experts))
+    assert [c.status for c in cands] == ["rewritten"] * 2, [(c.status, c.reason) for c in cands]
+
+
+@pytest.mark.parametrize("experts, form, reason", [
+    ("bmm", "value2", "slots_dispatch"),
+    ("bmm", "read_zeros", "slots_dispatch"),
+    ("chunks", "reversed_cat", "slots_experts"),
+    ("chunks", "mixed", "slots_experts"),
+    ("chunks", "chunk_other_axis", "slots_experts"),
+])
+def test_fairscale_near_misses_declined(experts, form, reason):
+    cands = _run_fs(FairscaleSlots(experts, form))
+    assert cands and all(c.status != "rewritten" for c in cands), [(c.status, c.reason) for c in cands]
+    assert any(reason in (c.reason or "") for c in cands), [c.reason for c in cands]
