@@ -338,6 +338,8 @@ def sonic(gm: fx.GraphModule, example_inputs, options: Optional[dict] = None, mo
     except Exception as e:
         raise _scope.no_retry(e)  # the user's options: say so now, not after a retry
     _scope.install()  # idempotent: the scoped settings for the next frames Dynamo compiles
+    if _scope.throwaway_trace():  # a trace whose code a trampoline replaces: its graphs never run
+        return gm.forward
     patches: dict = {}
     if mode is not None:
         patches.update(torch._inductor.list_mode_options(mode))

@@ -247,6 +247,104 @@ def prepare(f_locals: dict) -> int:
     return done
 
 
+def needs_trampoline(code, f_locals: dict) -> bool:
+    """The frame Dynamo is about to trace is the class ``forward`` (code ``code``) of a module that
+    ``prepare`` just gave a capturable one (the compiled module is itself the loop's owner:
+    ``torch.compile(moe_block)``), and a trampoline can stand in for it (``trampoline_for``)."""
+    names = code.co_varnames[:1]
+    module = f_locals.get(names[0]) if names else None
+    if not isinstance(module, torch.nn.Module):
+        return False
+    mine = module.__dict__.get("forward")
+    return isinstance(mine, CapturableForward) and getattr(mine.original, "__code__", None) is code \
+        and trampoline_for(code) is not None
+
+
+#: the constant a trampoline's template calls, replaced by ``_enter_capturable`` in its co_consts
+_PLACEHOLDER = "__sonic_capturable_forward__"
+_trampolines: dict = {}  # forward code -> trampoline code (or None: cannot be built)
+
+
+def trampoline_for(code):
+    """A code object with exactly the arguments (and local slots) of ``code``, a module's class
+    forward, whose body is ``return _enter_capturable(self, args, kwargs)``: the module's capturable
+    forward. Dynamo runs it, through its bytecode hook (``dynamo_scope``), in place of what it made
+    of the original forward, so that the first call of ``torch.compile(block)`` already runs the
+    captured loop (that frame was created before ``prepare`` gave the instance its forward). None
+    when the forward has cell or free variables (their slots would not line up) or is a generator."""
+    with _lock:
+        if code in _trampolines:
+            return _trampolines[code]
+    built = None
+    try:
+        built = _build_trampoline(code)
+    except Exception as e:  # never fail a compile over this: the frame then runs eagerly once
+        log.debug("sonic: no trampoline for %s: %s", code.co_name, e)
+    with _lock:
+        _trampolines[code] = built
+    return built
+
+
+def _build_trampoline(code):
+    import inspect as _inspect
+    import warnings
+
+    flags = code.co_flags
+    if code.co_cellvars or code.co_freevars or flags & (_inspect.CO_GENERATOR | _inspect.CO_COROUTINE |
+                                                        _inspect.CO_ASYNC_GENERATOR | _inspect.CO_ITERABLE_COROUTINE):
+        return None
+    names = code.co_varnames
+    npos, nkw = code.co_argcount, code.co_kwonlyargcount
+    pos, kwonly = list(names[:npos]), list(names[npos:npos + nkw])
+    at = npos + nkw
+    star = names[at] if flags & _inspect.CO_VARARGS else None
+    at += bool(star)
+    starstar = names[at] if flags & _inspect.CO_VARKEYWORDS else None
+    if not pos:
+        return None
+    npo = code.co_posonlyargcount
+    params = pos[:npo] + (["/"] if npo else []) + pos[npo:]
+    if star:
+        params.append("*" + star)
+    elif kwonly:
+        params.append("*")
+    params += kwonly
+    if starstar:
+        params.append("**" + starstar)
+    args = "(" + "".join(f"{n}, " for n in pos[1:]) + ")" + (f" + {star}" if star else "")
+    kwargs = "{" + ", ".join(f"{n!r}: {n}" for n in kwonly) + "}"
+    if starstar:
+        kwargs = f"{{**{kwargs}, **{starstar}}}"
+    src = f"def {code.co_name}({', '.join(params)}):\n    return {_PLACEHOLDER!r}({pos[0]}, {args}, {kwargs})\n"
+    namespace: dict = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SyntaxWarning)  # "'str' object is not callable": replaced below
+        exec(compile(src, code.co_filename, "exec"), {}, namespace)
+    tmpl = namespace[code.co_name].__code__
+    consts = tuple(_enter_capturable if c == _PLACEHOLDER else c for c in tmpl.co_consts)
+    if consts == tmpl.co_consts or tmpl.co_varnames != names[:len(tmpl.co_varnames)]:
+        return None
+    # the original's local slots: Dynamo copies the frame's locals into the new code slot by slot
+    extra = {"co_qualname": code.co_qualname} if hasattr(code, "co_qualname") else {}
+    return tmpl.replace(co_consts=consts, co_varnames=names, co_nlocals=len(names), co_filename=code.co_filename,
+                        co_firstlineno=code.co_firstlineno, co_name=code.co_name, **extra)
+
+
+@torch.compiler.disable(recursive=False)
+def _enter_capturable(module, args, kwargs):
+    """What a trampoline calls: the module's capturable forward, which Dynamo traces (this frame
+    itself is not traced). Another instance of the class whose frame matched the cached trampoline
+    (compiled on its own, by sonic: Dynamo's cache entries belong to their backend) is given its
+    capturable forward first; one that cannot have it runs its own forward without Dynamo."""
+    mine = module.__dict__.get("forward")
+    if not isinstance(mine, CapturableForward) and "forward" not in module.__dict__:
+        prepare({"module": module})
+        mine = module.__dict__.get("forward")
+    if isinstance(mine, CapturableForward):
+        return mine(*args, **kwargs)
+    return torch.compiler.disable(type(module).forward)(module, *args, **kwargs)
+
+
 def restart_error(code, f_locals: dict):
     """The frame Dynamo is about to trace is the class ``forward`` of a module that ``prepare`` just
     gave a capturable one (the compiled module itself: ``torch.compile(moe_block)``): tracing it

@@ -16,9 +16,14 @@ its compile-start callback (``torch._dynamo.callback_handler``). So:
   no class changes). The start callback finds the frame Dynamo is about to trace and its backend
   (the ``_compile`` call on the stack); for a sonic frame only, it enters
   ``torch._dynamo.config.patch(**SETTINGS)`` and lets ``moe_inductor.capture`` make the
-  graph-breaking per-expert loops of the frame's modules capturable (when the frame is itself such
-  a module's original forward, that one call runs eagerly and the next is traced through the
-  capturable forward); the end callback leaves the patch.
+  graph-breaking per-expert loops of the frame's modules capturable; the end callback leaves the
+  patch. When the frame is itself such a module's original forward (``torch.compile(block)``: the
+  frame exists before the block got its capturable forward), Dynamo still traces it, without the
+  settings and without compiling its graphs, and a bytecode hook (``register_bytecode_hook``, also
+  inert for other frames) replaces the code Dynamo made of it by a trampoline into the capturable
+  forward (``capture.trampoline_for``): the first call already runs the captured loop. Where that
+  trace fails as a whole (a data-dependent ``if`` inside the loop, where Dynamo cannot resume),
+  that one call runs eagerly and the next is traced through the capturable forward.
   Frames of every other backend see Dynamo's settings untouched.
 - ``torch._dynamo.reset()`` clears Dynamo's callbacks; a sentinel callback in each list, released
   by that, registers them again (``_Sentinel``), so the scope survives resets.
@@ -177,33 +182,63 @@ class _Start:
                 code, f_locals, _, one_graph = found
                 retry = code in _without_settings
                 settings = SETTINGS
-                if not retry:
-                    from . import capture
+                from . import capture
 
-                    if capture.wants_host_counts(f_locals):  # rows split by host counts: moe_inductor/host_splits.py
-                        settings = {**SETTINGS, **HOST_COUNTS_SETTINGS}
+                # the frame is a forward that has a capturable one: Dynamo's code for it is replaced
+                # by a trampoline into that one (_bytecode_hook); this trace is thrown away (its
+                # graphs are not compiled: throwaway_trace) and runs without the settings, so that
+                # it ends with graph breaks where Dynamo's defaults put them, not in an error
+                try:
+                    capture.prepare(f_locals)
+                    trampoline = not one_graph and capture.needs_trampoline(code, f_locals)
+                except Exception as e:  # never fail a compile over this
+                    log.debug("sonic: capture.prepare failed: %s", e)
+                    trampoline = False
+                if not retry and not trampoline and capture.wants_host_counts(f_locals):
+                    settings = {**SETTINGS, **HOST_COUNTS_SETTINGS}  # rows split by host counts: host_splits.py
                 # the retry gets Dynamo's own defaults, whatever else set them
-                patch = torch._dynamo.config.patch(**({k: False for k in SETTINGS} if retry else settings))
+                patch = torch._dynamo.config.patch(**({k: False for k in SETTINGS} if retry or trampoline else settings))
                 patch.__enter__()
                 from . import trace_logging
 
                 logging_entered = trace_logging.enter()
                 # an exception being handled around the compile is not a compile failure
-                entry = {"code": code, "one_graph": one_graph, "patch": patch, "retry": retry,
-                         "handled": sys.exc_info()[1], "logging": logging_entered}
+                entry = {"code": code, "one_graph": one_graph, "patch": patch, "retry": retry or trampoline,
+                         "handled": sys.exc_info()[1], "logging": logging_entered, "trampoline": trampoline}
                 try:
-                    from . import capture
-
-                    capture.prepare(f_locals)
-                    if not one_graph:  # the frame is a forward that has a capturable one: start over
+                    if not one_graph and not trampoline:  # a capturable forward, no trampoline: start over
                         entry["restart"] = capture.restart_error(code, f_locals)
                 except Exception as e:  # never fail a compile over this
-                    log.debug("sonic: capture.prepare failed: %s", e)
+                    log.debug("sonic: capture.restart_error failed: %s", e)
         except Exception as e:
             log.debug("sonic: compile-start callback failed: %s", e)
         _stack().append(entry)  # one entry per start (None: not a sonic frame), popped by _End
         if entry is not None and entry.get("restart") is not None:
             raise entry["restart"]  # Dynamo runs the end callbacks (popping the entry) as it unwinds
+
+
+def throwaway_trace() -> bool:
+    """The frame being traced is one whose Dynamo code a trampoline replaces: the backend need not
+    compile its graphs (they never run)."""
+    stack = _stack()
+    return bool(stack) and stack[-1] is not None and bool(stack[-1].get("trampoline"))
+
+
+def _bytecode_hook(code, out_code):
+    """Dynamo's bytecode hook (registered for every backend; it acts only on the sonic frames that
+    ``_Start`` marked): the code Dynamo made of a module's class forward is replaced by a trampoline
+    into the module's capturable forward (``moe_inductor.capture.trampoline_for``)."""
+    try:
+        stack = _stack()
+        entry = stack[-1] if stack else None
+        if entry is None or not entry.get("trampoline") or entry["code"] is not code:
+            return None
+        from . import capture
+
+        return capture.trampoline_for(code)
+    except Exception as e:  # never fail a compile over this
+        log.debug("sonic: bytecode hook failed: %s", e)
+        return None
 
 
 class _End:
@@ -296,6 +331,7 @@ class _Sentinel:
 
 
 _START, _END = _Start(), _End()
+_hook_handle = None  # the registered bytecode hook (Dynamo's reset keeps it)
 
 
 def install() -> None:
@@ -305,7 +341,15 @@ def install() -> None:
     except Exception as e:
         log.debug("sonic: no Dynamo callback handler: %s", e)
         return
+    global _hook_handle
     with _lock:
+        if _hook_handle is None:
+            try:
+                from torch._dynamo.convert_frame import register_bytecode_hook
+
+                _hook_handle = register_bytecode_hook(_bytecode_hook)
+            except Exception as e:  # no hook: a block compiled on its own runs its first call eagerly
+                log.debug("sonic: no bytecode hook: %s", e)
         for ours, callbacks, register in ((_START, handler.start_callbacks, handler.register_start_callback),
                                           (_END, handler.end_callbacks, handler.register_end_callback)):
             if not any(c is ours for c in callbacks):

@@ -161,18 +161,51 @@ def test_inductor_never_sees_the_rewritten_loop():
 
 
 def test_compiled_block_itself():
-    # torch.compile(block): the frame Dynamo starts on is the block's own (original) forward. That
-    # call runs eagerly and compiles nothing; from the next call on the capturable forward is traced
+    # torch.compile(block): the frame Dynamo starts on is the block's own (original) forward, created
+    # before the block got its capturable forward. Dynamo's code for that frame is replaced by a
+    # trampoline into the capturable forward (its own trace of the original, which graph-breaks at
+    # the host counts, is thrown away): the first call already runs the captured loop, fused
+    from moe_inductor.stats import capture_routing_stats
+
     torch.manual_seed(0)
     model = loop_forms.BincountSkipMoE()
     x = _skewed_input(model)
     backend = Graphs()
     compiled = torch.compile(model, backend=backend)
-    torch.testing.assert_close(compiled(x), model(x))
-    assert backend.graphs == []
-    for _ in range(2):
+    with capture_routing_stats() as calls:
         torch.testing.assert_close(compiled(x), model(x), atol=1e-5, rtol=1e-5)
-        assert len(backend.graphs) == 1 and not counters["graph_break"]
+    assert len(calls) == 1  # the fused op ran on the first call
+    fused = [g for g in backend.graphs if "fused_moe" in g.code]
+    assert len(fused) == 1
+    seen = len(backend.graphs)
+    for _ in range(2):
+        with capture_routing_stats() as calls:
+            torch.testing.assert_close(compiled(x), model(x), atol=1e-5, rtol=1e-5)
+        assert len(calls) == 1 and len(backend.graphs) == seen  # nothing compiled again
+    # a second block of the class compiled on its own (the class forward's cache entry holds the
+    # trampoline) is given its capturable forward and runs fused from its first call too
+    other = loop_forms.BincountSkipMoE()
+    with capture_routing_stats() as calls:
+        torch.testing.assert_close(torch.compile(other, backend=backend)(x), other(x), atol=1e-5, rtol=1e-5)
+    assert len(calls) == 1
+    # the original forward untouched: a plain call of the class's method is eager
+    assert type(model).forward(model, x).shape == x.shape
+
+
+def test_compiled_block_whose_original_cannot_be_traced():
+    # the original forward's trace fails as a whole (a data-dependent `if` inside the loop: Dynamo
+    # cannot resume inside it), so there is no code to replace: that one call runs eagerly, and
+    # from the next call on the capturable forward is traced (one graph, fused)
+    from moe_inductor.stats import capture_routing_stats
+
+    torch.manual_seed(0)
+    model = loop_forms.MaskAnyMoE()
+    x = _skewed_input(model)
+    compiled = torch.compile(model, backend=Graphs())
+    torch.testing.assert_close(compiled(x), model(x), atol=1e-5, rtol=1e-5)
+    with capture_routing_stats() as calls:
+        torch.testing.assert_close(compiled(x), model(x), atol=1e-5, rtol=1e-5)
+    assert len(calls) == 1
 
 
 def test_eager_runs_the_original_and_pickles():
