@@ -7,6 +7,9 @@ composition that proves the parts fit together (``patterns/per_expert.py``, the 
   ``reshape``, ``permute``, basic indexing, ``chunk`` ...), between two points of the graph
   (``writes_to``, ``mutated_between``, ``need_unmodified``);
 - dtypes: casts that change nothing (``strip_identity``), casts in general (``strip_casts``);
+- ``autograd.Function`` calls that are the identity (``identity_function_input``: collectives at
+  world size 1 wrapped in a Function, fairscale/DeepSpeed ``_AllToAll``, Megatron's TP regions),
+  which ``strip_identity`` reads through;
 - symbolic shapes: sizes provably equal (``moe_inductor.rewrite.same``, sympy, no guards added);
 - is a path pure: nothing random and nothing in place between the gathered tokens and the value an
   expert produces (``need_pure_path``);
@@ -24,6 +27,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as Fn
 
+from .regions import hop_name
 from .rewrite import Declined, dtype_of, example_value, is_mutation, node_order, same, shape_of
 
 # methods / functions whose result may share memory with their first argument
@@ -167,16 +171,25 @@ def _same_shape_view(node: fx.Node) -> bool:
     return same_shape(node, node.args[0])
 
 
+def _identity_step(node: fx.Node):
+    """The node whose value ``node`` is when ``node`` is one of the identities ``strip_identity``
+    follows; None otherwise."""
+    if is_identity_dropout(node):
+        return node.args[0] if node.args else node.kwargs["input"]
+    if _same_dtype_cast(node) or (node.op == "call_method" and node.target == "contiguous"
+                                  and len(node.args) == 1 and not node.kwargs) or _same_shape_view(node):
+        return node.args[0]
+    return identity_function_input(node)
+
+
 def strip_identity(node):
-    """Follow identity dropout, casts to the same dtype and ``contiguous`` back to the producer."""
+    """Follow identity dropout, casts to the same dtype, ``contiguous``, same-shape views and
+    identity ``autograd.Function`` calls (``identity_function_input``) back to the producer."""
     while isinstance(node, fx.Node):
-        if is_identity_dropout(node):
-            node = node.args[0] if node.args else node.kwargs["input"]
-        elif _same_dtype_cast(node) or (node.op == "call_method" and node.target == "contiguous"
-                                        and len(node.args) == 1 and not node.kwargs) or _same_shape_view(node):
-            node = node.args[0]
-        else:
+        inner = _identity_step(node)
+        if inner is None:
             return node
+        node = inner
     return node
 
 
@@ -196,6 +209,141 @@ def strip_casts(node):
             continue
         return node
     return node
+
+
+# --------------------------------------------------------------------------- identity autograd.Functions
+#
+# Dynamo records ``MyFn.apply(x, ...)`` as ``autograd_function_apply(fwd_body, bwd_body, *tensors,
+# non_differentiable_idx=..., saved_for_backward_idx=...)`` (torch 2.11 and 2.13): one operand per
+# tensor argument (non-tensor arguments are baked into the bodies), the forward body a GraphModule
+# with one placeholder per operand returning ``(outputs, saved)``, the backward body with one
+# placeholder per output's gradient (then the saved tensors) returning one gradient per operand
+# (``None`` for none), positionally: ``torch._functorch.autograd_function.AutogradFunctionApply``
+# runs the bodies as the Function's forward/backward. Output k is read by ``getitem(call, k)``.
+# Dynamo records the call only where autograd tracks it, and autograd then forbids writing in place
+# into an output that is a view of an input (``return x``) or into its base: the call's outputs need
+# no place among the views of ``is_view_of``.
+
+_BODY_ONLY_STEPS = {"view_as", "clone"}  # value identities inside a body (no autograd there)
+
+
+def _is_function_apply(node) -> bool:
+    return isinstance(node, fx.Node) and hop_name(node) == "autograd_function_apply"
+
+
+def _bodies(call: fx.Node):
+    """(forward body, backward body) GraphModules of an autograd_function_apply call, else None."""
+    owner = call.graph.owning_module
+    mods = []
+    for a in call.args[:2]:
+        try:
+            mods.append(owner.get_submodule(a.target) if isinstance(a, fx.Node) and a.op == "get_attr" else None)
+        except AttributeError:
+            return None
+    return tuple(mods) if all(isinstance(m, fx.GraphModule) for m in mods) else None
+
+
+def _body_io(gm: fx.GraphModule) -> tuple:
+    """(placeholders, output node's value) of a body."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    out = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
+    return placeholders, out.args[0]
+
+
+def _filled_buffer(node: fx.Node):
+    """``buf = torch.empty_like(t)`` written once, by ``buf.copy_(src)`` (same shape and dtype: the whole
+    of it), before anything else reads it: its value is src's. Returns (src, copy node), else None."""
+    if node.op != "call_function" or node.target is not torch.empty_like:
+        return None
+    writes = [u for u in node.users if is_mutation(u, node)]
+    if len(writes) != 1 or writes[0].op != "call_method" or writes[0].target != "copy_" \
+            or len(writes[0].args) != 2 or writes[0].kwargs:
+        return None
+    w, src = writes[0], writes[0].args[1]
+    order = node_order(node.graph)
+    if not isinstance(src, fx.Node) or not same_shape(node, src) or dtype_of(node) != dtype_of(src) \
+            or any(order[u] < order[w] for u in node.users):
+        return None
+    return src, w
+
+
+def _body_step(node: fx.Node, used: set):
+    """The node whose value ``node`` is, inside a Function body (no autograd there, so a copy is as
+    good as a view); the nodes it passes are added to ``used``. None if it is not such a step."""
+    if node.op == "call_method" and node.target in _BODY_ONLY_STEPS and node.args and not node.kwargs \
+            and (node.target == "clone" and len(node.args) == 1
+                 or node.target == "view_as" and len(node.args) == 2 and same_shape(node, node.args[0])):
+        return node.args[0]
+    if node.op == "call_method" and node.target == "copy_" and len(node.args) == 2 \
+            and isinstance(node.args[0], fx.Node) and _filled_buffer(node.args[0]) is not None:
+        return node.args[0]  # buf.copy_(src) returns buf
+    filled = _filled_buffer(node)
+    if filled is not None:
+        used.add(filled[1])
+        return filled[0]
+    inner = _identity_step(node)
+    if inner is not None and _is_function_apply(node.args[0] if node.args else None):
+        used.add(node.args[0])  # a nested identity Function (the backward calling the Function again)
+    return inner
+
+
+def _body_source(node, used: set):
+    """The placeholder whose value ``node`` (inside a body) is, through copies, same-shape views and
+    the identities of ``strip_identity``; None if not proven."""
+    while isinstance(node, fx.Node):
+        used.add(node)
+        if node.op == "placeholder":
+            return node
+        node = _body_step(node, used)
+    return None
+
+
+def _only(gm: fx.GraphModule, used: set) -> bool:
+    """Nothing in the body but ``used`` (and grad-mode switches): no other op, so nothing written,
+    nothing random."""
+    return all(n in used or n.op in ("placeholder", "output", "get_attr")
+               or (n.op == "call_function" and n.target is torch._C._set_grad_enabled) for n in gm.graph.nodes)
+
+
+def identity_function_input(node) -> Optional[fx.Node]:
+    """The operand x when ``node`` is ``getitem(autograd_function_apply(fwd, bwd, ..., x, ...), k)``
+    of a Function that is, provably, the identity on x, by value and by gradient:
+
+    - forward: output k is, by value, operand x (only copies, ``contiguous``, ``empty_like`` +
+      ``copy_``, same-shape views, ``clone``, same-dtype casts, nested identity Functions; nothing
+      else in the body);
+    - backward: x's gradient is output k's incoming gradient by the same steps; every other operand
+      gets None (a Function that sends a gradient elsewhere, Megatron's ``MoEAuxLossAutoScaler``
+      into the aux loss, would lose it when a rewrite drops the call);
+    - output k is differentiable and nothing is marked dirty.
+
+    fairscale/DeepSpeed ``_AllToAll`` at world size 1, Megatron's copy-to / reduce-from / gather /
+    scatter regions at tensor-parallel size 1. Reading through such a call is exact for values and
+    gradients, and dropping it when nothing else reads it loses nothing."""
+    if not (isinstance(node, fx.Node) and node.op == "call_function" and node.target is operator.getitem
+            and len(node.args) == 2 and isinstance(node.args[1], int) and _is_function_apply(node.args[0])):
+        return None
+    call, k = node.args
+    bodies = _bodies(call)
+    if bodies is None or call.kwargs.get("dirty_idx") or k in (call.kwargs.get("non_differentiable_idx") or ()) \
+            or set(call.kwargs) - {"non_differentiable_idx", "saved_for_backward_idx", "dirty_idx"}:
+        return None
+    operands = call.args[2:]
+    (fwd_in, fwd_out), (bwd_in, grads) = _body_io(bodies[0]), _body_io(bodies[1])
+    outs = fwd_out[0] if isinstance(fwd_out, (tuple, list)) and len(fwd_out) == 2 else None  # (outputs, saved)
+    if not isinstance(outs, (tuple, list)) or not isinstance(grads, (tuple, list)) or not 0 <= k < len(outs) \
+            or len(fwd_in) != len(operands) or len(grads) != len(operands) or len(bwd_in) <= k:
+        return None
+    used_f, used_b = set(), set()
+    src = _body_source(outs[k], used_f)
+    if src is None or not _only(bodies[0], used_f):
+        return None
+    i = fwd_in.index(src)
+    if _body_source(grads[i], used_b) is not bwd_in[k] or not _only(bodies[1], used_b) \
+            or any(g is not None for j, g in enumerate(grads) if j != i):
+        return None
+    x = operands[i]
+    return x if isinstance(x, fx.Node) and same_shape(x, node) and dtype_of(x) == dtype_of(node) else None
 
 
 # --------------------------------------------------------------------------- purity
