@@ -122,7 +122,11 @@ def test_idiom(name, record_property):
         # second length may recompile each fragment once, no more; only graphs that hold the block
         # (a fused call, or an expert GEMM) are checked below
         first, both = backend.after_length
-        assert 1 <= first and both <= 2 * first, f"{name}: {first} graphs at the first length, {both} after both"
+        # (a pending entry whose frame ran its first call eagerly, sonic's retry without the Dynamo
+        # setting, compiles its fragments only from the second length: recorded, not asserted)
+        if idiom.expect != "pending":
+            assert 1 <= first and both <= 2 * first, f"{name}: {first} graphs at the first length, {both} after both"
+        record_property("graphs_per_length", [first, both])
         compiles = [rec for rec in compiles if rec["fused"] or rec["gemms_before"] > idiom.other_gemms] or compiles[:1]
     seen = [[(c.idiom, c.status, c.reason) for c in rec["report"].candidates] for rec in compiles]
     rewritten = [sum(c.status == "rewritten" for c in rec["report"].candidates) for rec in compiles]
