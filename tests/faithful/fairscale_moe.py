@@ -184,7 +184,7 @@ _SOURCE = ("fairscale fairscale/nn/moe/moe_layer.py MOELayer + _AllToAll, fairsc
            "Top2Gate + top2gating + one_hot, experts benchmarks/models/transformer_lm.py FeedForwardLayer")
 
 ENTRIES = [
-    Idiom("fairscale_moe_top2", _SOURCE, seeded(171, build_moe), tokens(lambda T: (E, T, D)), expect="pending",
+    Idiom("fairscale_moe_top2", _SOURCE, seeded(171, build_moe), tokens(lambda T: (E, T, D)), expect=1,
           faithful=True, other_gemms=1,
           note="capacity 2S/E from the shape, the zeros+scatter_ one_hot, in-place locations2 += / mask *= / "
                "gates_s /=, self.l_aux stored in forward, the _AllToAll autograd.Function around the experts, "
