@@ -1165,10 +1165,48 @@ def _static_test(test) -> bool:
     return not any(isinstance(n, (ast.Call, ast.Subscript)) for n in ast.walk(test))
 
 
-def analyse(fn) -> Analysis:
+#: how deep calls of module-level functions are followed (forward -> torch_moe -> torch_experts)
+CALLEE_DEPTH = 3
+_callee_analyses: dict = {}  # function -> Analysis (module-level functions reached from a method)
+
+
+def _callee_replacements(fn, fdef, depth: int, notes: list) -> dict:
+    """{name: replacement} for the module-level Python functions ``fn`` calls by a global name
+    (``torch_experts(...)``, vLLM's reference MoE) whose own loops (or whose callees') were
+    rewritten; their notes are added to ``notes``. Functions of torch and of this package are not
+    followed, nor names ``fn`` binds itself."""
+    if depth >= CALLEE_DEPTH:
+        return {}
+    local = set(_stores(fdef)) | {a.arg for a in fdef.args.posonlyargs + fdef.args.args + fdef.args.kwonlyargs}
+    out: dict = {}
+    for n in ast.walk(fdef):
+        if not (isinstance(n, ast.Call) and isinstance(n.func, ast.Name)) or n.func.id in local or n.func.id in out:
+            continue
+        g = fn.__globals__.get(n.func.id)
+        if not isinstance(g, types.FunctionType) or g is fn or g.__closure__ \
+                or (g.__module__ or "").split(".")[0] in ("torch", "moe_inductor"):
+            continue
+        if g not in _callee_analyses:
+            _callee_analyses[g] = None  # a recursive call sees "in progress": not followed
+            _callee_analyses[g] = analyse(g, depth + 1)
+        sub = _callee_analyses[g]
+        if sub is None:
+            continue
+        notes.extend(x for x in sub.notes if x not in notes)
+        if sub.replacement is not None:
+            out[n.func.id] = sub.replacement
+    return out
+
+
+def _callee_name(name: str) -> str:
+    return f"_sonic_callee_{name}"
+
+
+def analyse(fn, depth: int = 0) -> Analysis:
     """Find the per-expert loops of ``fn`` (a plain function: a method's ``__func__``), rewrite those
     that can be proved equivalent, and return the replacement function (None if no loop was
-    rewritten) with a note per loop."""
+    rewritten) with a note per loop. Calls of module-level functions whose loops were rewritten
+    (``_callee_replacements``) call the rewritten ones in the replacement."""
     result = Analysis(function=fn)
     try:
         filename = inspect.getsourcefile(fn) or "<unknown>"
@@ -1180,7 +1218,8 @@ def analyse(fn) -> Analysis:
     except (OSError, TypeError, SyntaxError, IndentationError, Decline):
         return result
     loops = [l for l in _candidate_loops(fdef) if not _inside_loop(fdef, l)]
-    if not loops:
+    callees = {} if fn.__closure__ else _callee_replacements(fn, fdef, depth, result.notes)
+    if not loops and not callees:
         result.notes.extend(_host_reads(fdef, filename, qual))
         return result
     if fn.__closure__:
@@ -1208,7 +1247,7 @@ def analyse(fn) -> Analysis:
             continue
         if plan is not None:
             plans.append((loop, plan))
-    if not plans:
+    if not plans and not callees:
         result.notes.extend(_host_reads(fdef, filename, qual))
         return result
     # host counts: their `.tolist()` assignment goes only when nothing but removed skips read it
@@ -1230,16 +1269,29 @@ def analyse(fn) -> Analysis:
     for a in drop:
         _replace_stmt(fdef, a, [ast.Pass()])
     _strip_annotations(fdef)
+    if callees:
+        # the callees' replacements reach the new function as closure cells of a factory (the
+        # user's module globals are not touched): calls by their global name are renamed
+        for n in ast.walk(fdef):
+            if isinstance(n, ast.Call) and isinstance(n.func, ast.Name) and n.func.id in callees:
+                n.func = ast.copy_location(ast.Name(_callee_name(n.func.id), ast.Load()), n.func)
+        fdef.decorator_list = []
+        factory = ast.FunctionDef(
+            name="_sonic_factory", args=ast.arguments(posonlyargs=[], args=[ast.arg(_callee_name(c)) for c in callees],
+                                                      vararg=None, kwonlyargs=[], kw_defaults=[], kwarg=None, defaults=[]),
+            body=[fdef, ast.Return(ast.Name(fdef.name, ast.Load()))], decorator_list=[], returns=None,
+            **({"type_params": []} if "type_params" in ast.FunctionDef._fields else {}))
+        tree.body = [ast.copy_location(factory, fdef)]
     ast.fix_missing_locations(tree)
     try:
         code = compile(tree, filename, "exec")
         namespace: dict = {}
         exec(code, fn.__globals__, namespace)
+        new = namespace["_sonic_factory"](*callees.values()) if callees else namespace[fdef.name]
     except Exception as e:  # a rewrite that does not compile is a bug here, never the user's problem
         result.notes.append(LoopNote(filename, fdef.lineno, qual, False,
                                      reason=f"the rewritten loop did not compile ({type(e).__name__}: {e})"))
         return result
-    new = namespace[fdef.name]
     new.__defaults__ = fn.__defaults__
     new.__kwdefaults__ = fn.__kwdefaults__
     new.__qualname__ = fn.__qualname__
@@ -1250,6 +1302,9 @@ def analyse(fn) -> Analysis:
     result.replacement = new
     for loop, plan in plans:
         result.notes.append(LoopNote(filename, loop.lineno, qual, True, form=plan[3]))
+    for name in callees:
+        result.notes.append(LoopNote(filename, fdef.lineno, qual, True, form=(
+            f"calls `{name}(...)`, whose per-expert loop is rewritten, through its rewritten copy")))
     result.notes.extend(_host_reads(fdef, filename, qual))  # the ones the rewrite kept
     return result
 

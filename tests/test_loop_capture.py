@@ -372,3 +372,41 @@ def test_loop_in_a_method_the_forward_calls():
     # eager code of the module is untouched: the instance method runs the class's own loop
     restored = pickle.loads(pickle.dumps(model))
     assert isinstance(restored.run_experts, capture.CapturableForward)
+
+
+def run_experts_of(h, weights, ids, gate_up, down):
+    """A module-level function holding the skipping loop (vLLM's reference ``torch_experts`` form):
+    reached from a module's forward by its global name."""
+    out = torch.zeros_like(h)
+    for e in range(gate_up.shape[0]):
+        tok, slot = torch.where(ids == e)
+        if tok.numel() == 0:
+            continue
+        gate, up = torch.nn.functional.linear(h[tok], gate_up[e]).chunk(2, dim=-1)
+        y = torch.nn.functional.linear(torch.nn.functional.silu(gate) * up, down[e])
+        out.index_add_(0, tok, y * weights[tok, slot, None])
+    return out
+
+
+def routed_experts(h, weights, ids, gate_up, down):
+    return run_experts_of(h, weights, ids, gate_up, down)  # one more level, as torch_moe -> torch_experts
+
+
+class FunctionCallMoE(loop_forms.HitLoopPaddedMoE):
+    def forward(self, x):
+        shape = x.shape
+        h = x.reshape(-1, shape[-1])
+        weights, ids = self.route(h)
+        return routed_experts(h, weights, ids, self.gate_up, self.down).view(shape)
+
+
+def test_loop_in_a_module_level_function():
+    torch.manual_seed(0)
+    model = FunctionCallMoE()
+    backend = _compare(model, torch.randn(2, 5, 32))
+    assert len(backend.graphs) == 1 and "fused_moe" in backend.graphs[0].code
+    notes = [n for n in capture.notes_for(model) if n.rewritten]
+    assert {n.function for n in notes} >= {"run_experts_of", "routed_experts", "FunctionCallMoE.forward"}, notes
+    # the user's globals are untouched: the module-level functions are the originals
+    assert globals()["run_experts_of"].__code__.co_filename == __file__
+    assert "_sonic_callee_run_experts_of" not in globals()
