@@ -6,7 +6,14 @@ nanoMoE (``model.py`` ``Router`` / ``MLPExperts``):
   * the one-hot of 3-D top-k ids reshaped, ``F.one_hot(ids, E).view(B * T, K, E)`` (a row-major
     reshape keeping the class axis: the one-hot of the reshaped ids);
   * the top-k logits scattered in place into a fresh ``full_like(logits, -inf)`` before any read;
-  * in-place bias adds on the fresh bmm outputs, ``h = bmm(z, w1); h += b1``.
+  * in-place bias adds on the fresh bmm outputs, ``h = bmm(z, w1); h += b1``;
+  * (exactness) a combine factor multiplied in place by a real weight is one factor, and a factor
+    written after the block read it is declined.
+
+fairscale (``top2gate.py`` / ``moe_layer.py``, without ``_AllToAll``: world size 1):
+  * ``one_hot`` as ``zeros(i.shape + (n,)).scatter_(-1, i.unsqueeze(-1), 1)``;
+  * one ModuleList FFN per ``chunk`` of ``z.reshape(1, E, C, d)``, ``cat`` along the experts,
+    ``reshape(E, -1, d)``.
 """
 from __future__ import annotations
 
