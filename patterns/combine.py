@@ -4,10 +4,11 @@ Recognisers (``moe_inductor.parts.register``), each mapping a write to a canonic
   ``index_add_``       ``acc.index_add_(0, idx, v)`` (transformers 4.x loops, most research code)
   ``indexed_iadd``     ``acc[idx] += v`` / ``acc[idx] = acc[idx] + v``: Dynamo records getitem, add,
                        setitem (mistral-inference ``moe.py``, DeepSeek-V3 ``inference/model.py``)
+                       (also ``acc[idx, :]``: trailing full slices select every column, ``dispatch.rows_index``)
   ``index_put_``       ``acc.index_put_((idx,), v, accumulate=True)`` (accumulate=False: an assignment)
   ``scatter_add_``     ``acc.scatter_add_(0, idx[:, None].expand(-1, d), v)`` (and ``.unsqueeze(-1).expand_as(v)``)
-  ``setitem``          ``acc[idx] = v`` / ``acc[mask] = v`` (an assignment: DeepSeek-MoE/V2/V3 training
-                       branch, Switch Transformers 4.x)
+  ``setitem``          ``acc[idx] = v`` / ``acc[mask] = v`` / ``acc[idx, :] = v`` (an assignment:
+                       DeepSeek-MoE/V2/V3 training branch, Switch Transformers 4.x, labml's Switch)
 """
 from __future__ import annotations
 
@@ -19,7 +20,9 @@ import torch.fx as fx
 
 from moe_inductor import safety
 from moe_inductor.parts import Write, register
-from moe_inductor.rewrite import shape_of
+from moe_inductor.rewrite import dtype_of, int_value, same, shape_of
+
+from .dispatch import rows_index
 
 
 def _arg(node: fx.Node, pos: int, name: str, default=None):
@@ -40,15 +43,15 @@ def index_add(node) -> Optional[Write]:
 
 def _read_of(node, acc, idx) -> bool:
     return (isinstance(node, fx.Node) and node.op == "call_function" and node.target is operator.getitem
-            and node.args[0] is acc and safety.equivalent(node.args[1], idx))
+            and node.args[0] is acc and safety.equivalent(rows_index(node.args[1]), idx))
 
 
 @register("combine", "indexed_iadd", "acc[idx] += v; acc[idx] = acc[idx] + v")
 def indexed_iadd(node) -> Optional[Write]:
     if not (node.op == "call_function" and node.target is operator.setitem and len(node.args) == 3):
         return None
-    acc, idx, new = node.args
-    if not isinstance(new, fx.Node) or not (new.op == "call_function" and new.target in (
+    acc, idx, new = node.args[0], rows_index(node.args[1]), node.args[2]
+    if idx is None or not isinstance(new, fx.Node) or not (new.op == "call_function" and new.target in (
             operator.iadd, operator.add, torch.add) and len(new.args) == 2 and not new.kwargs):
         return None
     a, b = new.args
@@ -104,11 +107,41 @@ def scatter_add(node) -> Optional[Write]:
     return Write(kind="add", acc=acc, index=idx, value=v, anchor=node, nodes=[node], duplicates_add=True)
 
 
-@register("combine", "setitem", "acc[idx] = v; acc[mask] = v")
+@register("combine", "setitem", "acc[idx] = v; acc[mask] = v; acc[idx, :] = v")
 def setitem(node) -> Optional[Write]:
     if not (node.op == "call_function" and node.target is operator.setitem and len(node.args) == 3):
         return None
-    acc, idx, v = node.args
-    if not isinstance(idx, fx.Node) or not isinstance(v, fx.Node):
+    acc, idx, v = node.args[0], rows_index(node.args[1]), node.args[2]
+    if idx is None or not isinstance(v, fx.Node):
         return None
     return Write(kind="assign", acc=acc, index=idx, value=v, anchor=node, nodes=[node], duplicates_add=False)
+
+
+_MUL = (operator.mul, torch.mul)
+
+
+def token_scale(acc: fx.Node, writes, x: fx.Node) -> Optional[tuple]:
+    """(m, s) when the combined result is scaled per token after the loop: the one reader of the
+    (R, d) accumulator ``acc`` (views included) outside its ``writes`` is ``m = acc * s`` (or
+    ``s * acc``, ``acc.mul(s)``) with s an (R, 1) tensor of the dtype of acc and of the tokens ``x``
+    (the fused op multiplies in that dtype, as the graph does), e.g. labml's
+    ``final_output * route_prob_max.view(-1, 1)`` or ``* (p / p.detach()).view(-1, 1)``. Since
+    ``(sum_a w_a f(x_t)) * s_t = sum_a (w_a s_t) f(x_t)``, a composition may fold s into the
+    scores of token t's assignments, exactly when every token has at least one assignment (a
+    token with none is ``0 * s_t`` in the graph: not 0 for a non-finite s_t). None otherwise."""
+    accs = shape_of(acc)
+    if accs is None or len(accs) != 2:
+        return None
+    readers = {u for a in safety.aliases(acc) for u in a.users if u not in writes}
+    if len(readers) != 1:
+        return None
+    m = readers.pop()
+    is_mul = (m.op == "call_function" and m.target in _MUL) or (m.op == "call_method" and m.target == "mul")
+    if not is_mul or len(m.args) != 2 or m.kwargs or acc not in m.args:
+        return None
+    s = m.args[1] if m.args[0] is acc else m.args[0]
+    ss = shape_of(s) if isinstance(s, fx.Node) else None
+    if ss is None or len(ss) != 2 or not safety.same_shape(acc, m) or int_value(ss[1]) != 1 \
+            or not same(ss[0], accs[0]) or not (dtype_of(s) == dtype_of(acc) == dtype_of(m) == dtype_of(x)):
+        return None
+    return m, s

@@ -18,7 +18,7 @@ scores (how a selected row reads its routing weight)
   ``pair_score``      ``w[tok, k, None]``, ``w[tok, k].unsqueeze(-1)``, ``w[tok, k][:, None]``
   ``row_score``       ``s[m, None]``, ``s[m].unsqueeze(-1)``, ``s[m]`` for s (R, 1), with the selection's mask or index
 gather (the expert's input)
-  ``x[index]``, ``x[None, index].reshape(-1, d)``, ``index_select(x, 0, index)``
+  ``x[index]``, ``x[index, :]``, ``x[None, index].reshape(-1, d)``, ``index_select(x, 0, index)``
 """
 from __future__ import annotations
 
@@ -45,14 +45,59 @@ def _one_hot():
                  F(torch._C._nn.one_hot, KA("index"), KA("E")), F(Fn.one_hot, KA("index"), KA("E")))
 
 
+def rows_index(index):
+    """The row index of ``t[index]`` when ``index`` is one tensor or one tensor followed only by full
+    slices / an Ellipsis (``t[idx, :]``, ``t[mask, ...]``: the trailing entries select every
+    element, so the result is ``t[idx]``'s); None otherwise."""
+    if isinstance(index, fx.Node):
+        return index
+    if not (isinstance(index, tuple) and len(index) >= 2 and isinstance(index[0], fx.Node)):
+        return None
+    rest = index[1:]
+    if sum(p is Ellipsis for p in rest) > 1 or not all(p is Ellipsis or p == _ALL for p in rest):
+        return None
+    return index[0]
+
+
+def _top1_indices(n) -> Optional[fx.Node]:
+    """The (.., E) tensor whose last dim ``n`` takes the position of the maximum along:
+    ``torch.max(t, dim=-1)[1]`` / ``t.max(-1)[1]`` (``.indices`` records the same getitem) or
+    ``torch.argmax(t, dim=-1)`` / ``t.argmax(-1)`` (keepdim or not). None otherwise. Each index is a
+    position in [0, E): a top-1 table (K = 1)."""
+    if not isinstance(n, fx.Node) or n.op not in ("call_function", "call_method"):
+        return None
+    if n.op == "call_function" and n.target is operator.getitem and n.args[1] == 1:
+        mx, pos = n.args[0], 1
+        is_max = isinstance(mx, fx.Node) and ((mx.op == "call_function" and mx.target is torch.max)
+                                             or (mx.op == "call_method" and mx.target == "max"))
+        if not is_max:
+            return None
+    elif (n.op == "call_function" and n.target is torch.argmax) or (n.op == "call_method" and n.target == "argmax"):
+        mx, pos = n, None
+    else:
+        return None
+    if set(mx.kwargs) - {"dim", "keepdim"} or len(mx.args) > 3 or not isinstance(mx.args[0], fx.Node):
+        return None
+    dim = mx.kwargs.get("dim", mx.args[1] if len(mx.args) > 1 else None)
+    src = shape_of(mx.args[0])
+    # torch.max(a, b) (elementwise) or torch.max(t) / argmax(t) (over every element): not per row
+    if isinstance(dim, bool) or not isinstance(dim, int) or src is None or dim not in (-1, len(src) - 1):
+        return None
+    return mx.args[0]
+
+
 def topk_columns(node) -> Optional[int]:
     """E when ``node`` (through casts, reshapes and flattening) holds indices of ``torch.topk``
     over the last dim of a (.., E) tensor: its values are then provably in [0, E) and distinct
-    along the top-k dim. None otherwise."""
+    along the top-k dim. Top-1 indices ``torch.max(t, dim=-1)[1]`` and ``torch.argmax(t, -1)`` are
+    a K = 1 table (one index per row: distinct trivially). None otherwise."""
     n = safety.strip_casts(node)
     while isinstance(n, fx.Node) and n.op == "call_method" and n.target in ("view", "reshape", "flatten", "long",
                                                                               "int", "contiguous"):
         n = safety.strip_casts(n.args[0])
+    top1 = _top1_indices(n)
+    if top1 is not None:
+        return int_value(shape_of(top1)[-1])
     if not (isinstance(n, fx.Node) and n.op == "call_function" and n.target is operator.getitem and n.args[1] == 1):
         return None
     tk = n.args[0]
@@ -306,14 +351,14 @@ def row_score(node, sel: Selection) -> Optional[Score]:
 
 # --------------------------------------------------------------------------- gather
 
-@register("gather", "index_rows", "x[index], x[None, index].reshape(-1, d), index_select(x, 0, index)")
+@register("gather", "index_rows", "x[index], x[index, :], x[None, index].reshape(-1, d), index_select(x, 0, index)")
 def gather_rows(node) -> Optional[tuple]:
     """(x, index) if ``node`` gathers rows of a 2-D ``x``."""
     if not isinstance(node, fx.Node):
         return None
     if node.op == "call_function" and node.target is operator.getitem and isinstance(node.args[0], fx.Node):
-        x, idx = node.args
-        if isinstance(idx, fx.Node) and len(shape_of(x) or ()) == 2:
+        x, idx = node.args[0], rows_index(node.args[1])
+        if idx is not None and len(shape_of(x) or ()) == 2:
             return x, idx
         return None
     if node.op == "call_method" and node.target == "reshape" and len(node.args) == 3 and node.args[1] == -1:

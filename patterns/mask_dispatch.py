@@ -29,7 +29,7 @@ Declined (with the reason), because the fused op would not compute the same thin
 - anything random or in place between the gathered tokens and the assigned value (dropout with
   p > 0 in training: NLLB-MoE's ``moe_token_dropout``, Switch's expert dropout; ``y *= 1 - p``);
 - masks not provably disjoint (thresholds, top-k masks: later experts overwrite earlier ones);
-- indexing other than ``buf[mask]`` (NLLB-MoE 4.x writes per-expert slices ``buf[e, mask]`` of an
+- indexing other than ``buf[mask]`` (or ``buf[mask, :]``: trailing full slices) (NLLB-MoE 4.x writes per-expert slices ``buf[e, mask]`` of an
   (E, T, d) buffer and sums them; its top-2 masks come from ``router_probs.bool()``, whose row
   count is not provable from the graph);
 - the loop reading the buffer it writes, the buffer written elsewhere, experts sharing weights,
@@ -91,6 +91,15 @@ def _bool_cast_pattern():
 
 def _buffer_pattern():
     return AnyOf(M("clone", KA("src")), F(torch.clone, KA("src")), F(torch.zeros_like, KA("zeros_of")))
+
+
+def _buffer_start(buf: fx.Node):
+    """The tensor ``buf`` is a clone of, or None for zeros (``zeros_like``, ``new_zeros``,
+    ``torch.zeros``); declines anything else."""
+    if (buf.op == "call_method" and buf.target == "new_zeros") or \
+            (buf.op == "call_function" and buf.target is torch.zeros):
+        return None
+    return _match(_buffer_pattern(), buf, "buffer (clone or zeros of the tokens)").get("src")
 
 
 def _weighted_pattern():
@@ -165,7 +174,7 @@ def _mask_source(mask: fx.Node):
 
 def analyse_one(node: fx.Node) -> dict:
     si = _match(_setitem_pattern(), node, "masked assignment")
-    buf, mask, value = si["buf"], si["mask"], si["value"]
+    buf, mask, value = si["buf"], _dispatch.rows_index(si["mask"]), si["value"]  # buf[mask, :]: buf[mask]
     _need(isinstance(mask, fx.Node), "index is not a tensor")
     v = value
     if v.op == "call_method" and v.target == "to" and len(v.args) == 2 and isinstance(v.args[1], torch.dtype):
@@ -182,7 +191,7 @@ def analyse_one(node: fx.Node) -> dict:
         _need(ws is not None and ms is not None and len(ws) == want and all(same(a, b) for a, b in zip(ws, ms))
               and (not plain or int_value(ws[-1]) == 1), "router weights are not one per token, per row")
     # the gathered tokens: the x[mask] that feeds the expert
-    gathered, g = nearest_upstream(out, _gather_pattern(), lambda kw: kw["gmask"] is mask)
+    gathered, g = nearest_upstream(out, _gather_pattern(), lambda kw: _dispatch.rows_index(kw["gmask"]) is mask)
     x = g["x"] if g else None
     _need(x is not buf, "the loop reads the buffer it writes")
     _need(gathered is not None, "assigned value is not computed from x[mask] with the same mask")
@@ -228,8 +237,7 @@ def analyse_group(members: list, graph: fx.Graph) -> MoEBlock:
               "expert numbers outside the routing mask")
 
     # the buffer: a fresh clone / zeros of (T.., d), written only by this loop, not read inside it
-    bm = _match(_buffer_pattern(), buf, "buffer (clone or zeros_like of the tokens)")
-    init = bm.get("src")
+    init = _buffer_start(buf)
     bs, xs, ms = shape_of(buf), shape_of(x), shape_of(first["mask"])
     _need(bs is not None and xs is not None and ms is not None and len(bs) == len(ms) + 1 and len(xs) == len(bs)
           and all(same(a, b) for a, b in zip(bs, xs)) and all(same(a, b) for a, b in zip(bs, ms)),
@@ -254,7 +262,11 @@ def analyse_group(members: list, graph: fx.Graph) -> MoEBlock:
     E = len(members)
     wd_shape = shape_of(first["mlp"][5])
     anchor = last["node"]
-    insert_point = anchor.next
+    post = _folded_scale(buf, nodes, x, init, kind, source, experts, ms)
+    if post is not None and any(t is not None and mutated_between(t, start, post[0]) is not None
+                                for t in (x, source, weights, *(m["mask"] for m in members))):
+        post = None  # something the fused op reads changes before the scale: not folded
+    insert_point = post[0] if post is not None else anchor.next
     with graph.inserting_before(insert_point):
         d = method(graph, "size", x, -1, like=anchor)
         x2 = method(graph, "reshape", x, -1, d, like=anchor)
@@ -281,9 +293,12 @@ def analyse_group(members: list, graph: fx.Graph) -> MoEBlock:
     def scores(graph):
         routed = state["routed"]
         if weights is None:
-            return method(graph, "to", routed, dtype_of(x2), like=anchor)
-        wflat = method(graph, "reshape", weights, -1, like=anchor)
-        return call(graph, torch.where, routed, wflat, 0.0, like=anchor)
+            s = method(graph, "to", routed, dtype_of(x2), like=anchor)
+        else:
+            s = call(graph, torch.where, routed, method(graph, "reshape", weights, -1, like=anchor), 0.0, like=anchor)
+        if post is not None:  # (w_t f(x_t)) * s_t = (w_t s_t) f(x_t)
+            s = call(graph, operator.mul, s, method(graph, "reshape", post[1], -1, like=anchor), like=anchor)
+        return s
 
     def replace(out):
         graph = out.graph
@@ -297,6 +312,9 @@ def analyse_group(members: list, graph: fx.Graph) -> MoEBlock:
                 merged = call(graph, torch.where, keep, out, method(graph, "reshape", init, -1, d, like=anchor),
                               like=anchor)
             result = method(graph, "reshape_as", merged, x, like=anchor)
+        if post is not None:
+            post[0].replace_all_uses_with(result)
+            return
         for u in list(buf.users):
             if u not in nodes and order.get(u, -1) > order[anchor]:
                 u.replace_input_with(buf, result)
@@ -313,7 +331,22 @@ def analyse_group(members: list, graph: fx.Graph) -> MoEBlock:
         intermediate=int_value(wd_shape[1]) if wd_shape and int_value(wd_shape[1]) is not None else None,
         dtype=dtype_of(x), insert_before=insert_point, orphans=orphans, location=buf,
         autocast_like=gemm_name(_LINEAR[0]),  # the experts are nn.Linear calls
+        parts=f"then scaled per token by {post[1].name} (folded into the scores)" if post is not None else "",
     )
+
+
+def _folded_scale(buf, writes, x, init, kind, source, experts, mask_shape):
+    """(m, s): ``m = buf * s`` scales the (T, d) result per token after the loop
+    (``combine.token_scale``), folded into the scores when exact: the buffer starts at zeros and
+    every token is in one mask (masks ``v == e`` for v provably in [0, E), ``dispatch.topk_columns``,
+    v of the masks' shape, the loop over experts 0..E-1): a token in none would be ``0 * s_t``."""
+    if init is not None or kind != "eq" or _dispatch.topk_columns(source) != len(experts) \
+            or sorted(experts) != list(range(len(experts))):
+        return None
+    vs = shape_of(source)
+    if vs is None or len(vs) != len(mask_shape) or not all(same(a, b) for a, b in zip(vs, mask_shape)):
+        return None
+    return _combine.token_scale(buf, writes, x)
 
 
 def same_shape(a, b) -> bool:
@@ -348,7 +381,7 @@ def find(gm: fx.GraphModule):
         if _combine.indexed_iadd(node) is not None:
             continue  # out[m] = out[m] + y: an accumulation, the per_expert composition
         try:
-            if isinstance(node.args[1], (tuple, list)):
+            if isinstance(node.args[1], (tuple, list)) and _dispatch.rows_index(node.args[1]) is None:
                 value, gathered = node.args[2], _find_gather(node.args[2], node.args[1])
                 if isinstance(value, fx.Node) and gathered is not None:
                     _check_expert_path(value, gathered)

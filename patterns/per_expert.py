@@ -25,6 +25,12 @@ with a reason naming the part or the proof:
   * a read-modify-write ``acc[idx] += v`` (last duplicate wins) needs selections without duplicate
     rows (``where(ids == e)`` of top-k ids, boolean masks); an assignment needs selections that are
     disjoint (``v == e`` for one v, columns of a one-hot mask).
+A per-token scale of the result after the loop, ``out * s`` with s (T, 1) (labml's Switch:
+``final_output * route_prob_max.view(-1, 1)`` or ``* (p / p.detach()).view(-1, 1)``;
+``combine.token_scale``), is folded into the scores, ``(sum_a w_a f(x_t)) s_t = sum_a (w_a s_t) f(x_t)``,
+when the accumulator starts at zeros (or empty), only that multiply reads it, and every token has an
+assignment (top-k / top-1 ids over exactly the looped experts 0..E-1); the fused op then runs
+where the multiply was (nothing it reads may change in between). Otherwise the multiply stays.
 Assignments (flat, for the fused op): a (T, K) top-k table gives ``token = t``, ``expert = ids[t, k]``;
 boolean row masks give one candidate assignment per (row, expert) with expert -1 where the mask is
 false (rows routed nowhere keep the accumulator's start value).
@@ -305,8 +311,33 @@ def analyse_group(units: list, graph: fx.Graph) -> MoEBlock:
                            "proof: the tokens, the routing or the scores")
 
     lift = _lift_assignment_rows(units, acc, x, layout, kind, order) if kind == "assign" else None
+    post = None
+    if lift is None and on == "output" and identity is None and start_kind in ("zeros", "empty") \
+            and _every_row_assigned(units, layout, lo, E, rows[0]):
+        post = _combine.token_scale(acc, writes, x)
+    if post is not None:  # the fused op runs where the scale was: nothing in between may change what it reads
+        masks = [n for u in units for n in (u["sel"].mask, u["sel"].value) if n is not None]
+        start = min((u["gathered"] for u in units), key=order.__getitem__)
+        if any(safety.mutated_between(v, start, post[0]) is not None for v in srcs + masks):
+            post = None  # not folded: the fused op replaces the loop, the scale stays a graph op
     return _block(mlp_units, acc, x, layout, kind, start_kind, base, lo, E, act, scored, on, lift, order,
-                  all_units=units, identity=identity, scale=scale)
+                  all_units=units, identity=identity, scale=scale, post=post)
+
+
+def _every_row_assigned(units, layout, lo, E, R) -> bool:
+    """Every row of x has at least one assignment to a looped expert: ids provably in [0, E) (top-k
+    or top-1 indices over E columns, ``dispatch.topk_columns``), one id table (T, K) or one id
+    vector (R,) selected by ``v == e``, T = R rows, and the loop runs experts 0..E-1."""
+    sel = units[0]["sel"]
+    if lo != 0 or {u["sel"].num_classes for u in units} != {E}:
+        return False
+    if layout == "pairs" and sel.routing_kind == "ids":
+        ids = sel.routing
+    elif layout == "rows" and sel.value is not None and len({u["sel"].value for u in units}) == 1:
+        ids = sel.value
+    else:
+        return False
+    return same((shape_of(ids) or (None,))[0], R)
 
 
 def _identity_experts(id_units: list, mlp_units: list, layout: str, kind: str) -> Optional[tuple]:
@@ -427,9 +458,11 @@ def _remap(graph, ids, lo, E, ncls, like):
 
 
 def _block(units, acc, x, layout, kind, start_kind, base, lo, E, act, scored, on, lift, order,
-           all_units=None, identity=None, scale: float = 1.0) -> MoEBlock:
+           all_units=None, identity=None, scale: float = 1.0, post=None) -> MoEBlock:
     """``units``: the MLP experts' units; ``all_units``: those and the identity experts' (whose
-    writes go too), ``identity``: (first, end) of the identity experts' ids, or None."""
+    writes go too), ``identity``: (first, end) of the identity experts' ids, or None; ``post``:
+    (m, s) for the result scaled per token after the loop, ``m = acc * s`` (``combine.token_scale``):
+    s is folded into each assignment's score and the fused op, emitted at m, replaces m."""
     all_units = units if all_units is None else all_units
     by_e = sorted(units, key=lambda u: u["sel"].expert)
     first = by_e[0]
@@ -571,6 +604,9 @@ def _block(units, acc, x, layout, kind, start_kind, base, lo, E, act, scored, on
         if lift is not None:
             lift["anchor"].replace_all_uses_with(result)
             return
+        if post is not None:
+            post[0].replace_all_uses_with(result)
+            return
         for u in list(acc.users):
             if u not in writes and order.get(u, -1) > order[last_anchor]:
                 u.replace_input_with(acc, result)
@@ -628,17 +664,28 @@ def _block(units, acc, x, layout, kind, start_kind, base, lo, E, act, scored, on
         def scores(graph):  # noqa: F811
             return call(graph, operator.mul, weight_scores(graph), scale, like=last_anchor)
 
+    if post is not None:  # (sum_a w_a f(x_t)) * s_t = sum_a (w_a s_t) f(x_t): s_t times each of t's scores
+        unscaled = scores
+
+        def scores(graph):  # noqa: F811
+            per_token = method(graph, "reshape", post[1], -1, like=last_anchor)
+            if layout == "pairs":
+                per_token = method(graph, "repeat_interleave", per_token,
+                                   method(graph, "size", sel0.routing, 1, like=last_anchor), like=last_anchor)
+            return call(graph, operator.mul, unscaled(graph), per_token, like=last_anchor)
+
     K = int_value(shape_of(sel0.routing)[1]) if layout == "pairs" else (lift["K"] if lift is not None else 1)
     desc = f"dispatch={sel0.spelling}, experts={mlp0.spelling}, combine={first['write'].spelling}" + \
         (f", scores={first['score'].spelling}" if scored else "") + (", then a weighted per-token sum" if lift else "") + \
-        (f", outputs scaled by {scale!r} in place" if scale != 1.0 else "")
+        (f", outputs scaled by {scale!r} in place" if scale != 1.0 else "") + \
+        (f", then scaled per token by {post[1].name} (folded into the scores)" if post is not None else "")
     return MoEBlock(
         idiom=IDIOM, anchor=lift["anchor"] if lift is not None else last_anchor, x=x_rows,
         token_ids=token_ids, expert_ids=expert_ids, scores=scores,
         build_weights=build_weights, replace=replace, activation=act, interleaved=units[0]["mlp"].interleaved,
         num_experts=E, top_k=K, hidden=int_value(xs[1]) if int_value(xs[1]) is not None else xs[1],
         intermediate=int_value(n_dim) if n_dim is not None and int_value(n_dim) is not None else n_dim,
-        dtype=dtype_of(x_in), insert_before=(lift["anchor"] if lift is not None else
+        dtype=dtype_of(x_in), insert_before=(lift["anchor"] if lift is not None else post[0] if post is not None else
                                              x_rows.next if x_rows is not x_in else last_anchor.next),
         orphans=orphans, location=acc, autocast_like=mlp0.gemm, parts=desc,
     )
@@ -658,8 +705,8 @@ def find(gm: fx.GraphModule):
             continue
         if write is None or not isinstance(write.acc, fx.Node):
             continue
-        if write.kind == "assign" and (_acc_start(write.acc) or ("",))[0] != "empty" \
-                and not _summed_per_token(write.acc):
+        if write.kind == "assign" and dtype_of(write.index) == torch.bool \
+                and (_acc_start(write.acc) or ("",))[0] != "empty" and not _summed_per_token(write.acc):
             continue  # masked assignment into a zeros/copy buffer of tokens: the mask_dispatch composition
         claimed.update(write.nodes)
         if write.acc in declined:

@@ -146,7 +146,7 @@ _SRC = "labmlai/annotated_deep_learning_paper_implementations labml_nn/transform
 ENTRIES = [
     Idiom("labml_switch_default", _SRC + " (experiment Configs defaults: capacity_factor 1.0, drop_tokens False, "
           "is_scale_prob True; ReLU FeedForward experts with biases)",
-          seeded(320, _switch(1.0, False, True)), _x3d, expect="pending", faithful=True,
+          seeded(320, _switch(1.0, False, True)), _x3d, expect=1, faithful=True,
           note="top-1 by torch.max, nonzero index lists, x.new_tensor of their host lengths (counts), route_prob.sum(0), "
                "the router's bias, index-put assignment into new_zeros, scaling after the combine"),
     Idiom("labml_switch_drop", _SRC + " (experiment main: capacity_factor 1.2, drop_tokens True, is_scale_prob True)",
@@ -155,6 +155,6 @@ ENTRIES = [
           note="host capacity int(cf * T / E), data-dependent `len(idx) <= capacity` per expert, dropped tokens passed "
                "through by final_output[dropped, :] = x[dropped, :] and then scaled by their max probability"),
     Idiom("labml_switch_unscaled", _SRC + " (is_scale_prob False: outputs times p / p.detach(); no dropping)",
-          seeded(322, _switch(1.0, False, False)), _x3d, expect="pending", faithful=True,
+          seeded(322, _switch(1.0, False, False)), _x3d, expect=1, faithful=True,
           note="the p / p.detach() factor (value 1, gradient to the router) instead of the probability"),
 ]
