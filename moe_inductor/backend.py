@@ -222,6 +222,23 @@ def _reads_shape_only(user: fx.Node, target: fx.Node) -> bool:
         and user.args[0] is not target and not user.kwargs
 
 
+def _tokens_written_after(block) -> Optional[fx.Node]:
+    """A write into the block's token tensor (or a view of it) after the block: the original's
+    backward kept its own gathered copies of the rows, the fused op keeps the tokens themselves, so
+    such a write would fail autograd's version check in backward. None if there is none."""
+    from . import safety
+
+    x = block.x
+    if not isinstance(x, fx.Node):
+        return None
+    order = safety.node_order(gm_graph := x.graph)
+    end = order.get(block.anchor, -1)
+    for w in safety.writes_to(x):
+        if w.graph is gm_graph and order[w] > end:
+            return w
+    return None
+
+
 def rewrite_moe(gm: fx.GraphModule, opts: SonicOptions) -> CompileReport:
     """Replace every recognised MoE block of ``gm`` in place, and of the nested regions it enters
     (bodies of activation checkpointing and other wrappers: ``moe_inductor/regions.py``); return
@@ -285,6 +302,12 @@ def _rewrite_graph(gm: fx.GraphModule, opts: SonicOptions, report: CompileReport
                 declines.append((node, Candidate(idiom=idiom.IDIOM, where=where, status="declined", reason=block + inside)))
                 continue
             where = module_path_of(block.location or node)
+            written = _tokens_written_after(block)
+            if written is not None:
+                declines.append((node, Candidate(idiom=idiom.IDIOM, where=where, status="declined", reason=(
+                    f"proof: the tokens {block.x.name} are modified in place after the block ({written.name}), "
+                    f"and the fused op keeps them for backward where the original kept copies{inside}"))))
+                continue
             before = set(gm.graph.nodes)
             notes: list = []
             try:

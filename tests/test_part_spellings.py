@@ -238,3 +238,37 @@ def test_fused_gate_up_halves_near_misses_not_rewritten(form):
     torch.manual_seed(0)
     cands = rewrite_and_compare(FusedHalvesLoop(form), d)  # equal to eager whatever happens
     assert not any(c.status == "rewritten" for c in cands), [(c.status, c.reason) for c in cands]
+
+
+# --------------------------------------------------------------------------- tokens written after the block
+class TokensWrittenAfter(_Routed):
+    """The block's tokens are modified in place after it (``x.mul_(2)``). The loop's backward kept its
+    own gathered copies ``x[tok]``; the fused op keeps ``x`` itself, so rewriting would fail
+    autograd's version check in backward: declined with the reason (found in review of labml's form)."""
+
+    def __init__(self, write_after: bool):
+        super().__init__("where")
+        self.write_after = write_after
+        self.experts = nn.ModuleList(nn.Sequential(nn.Linear(d, n), nn.SiLU(), nn.Linear(n, d)) for _ in range(E))
+
+    def forward(self, x):
+        x = x * 1.0
+        w, ids = self.route(x.clone())
+        out = torch.zeros_like(x)
+        for e in range(E):
+            tok, k = torch.where(ids == e)
+            out.index_add_(0, tok, self.experts[e](x[tok]) * w[tok, k, None])
+        if self.write_after:
+            x.mul_(2.0)
+        return out + x
+
+
+@pytest.mark.parametrize("write_after", [False, True])
+def test_tokens_written_in_place_after_the_block(write_after):
+    torch.manual_seed(0)
+    cands = rewrite_and_compare(TokensWrittenAfter(write_after), d)  # backward runs: no version error
+    if write_after:
+        assert cands and all(c.status == "declined" and "modified in place after the block" in c.reason
+                             for c in cands), [(c.status, c.reason) for c in cands]
+    else:
+        assert [c.status for c in cands] == ["rewritten"] * 2
