@@ -53,9 +53,16 @@ proved when M comes from ``one_hot``, a comparison or ``.bool()``; for a mask co
 
 A loop that is not rewritten gets a ``LoopNote`` saying which line breaks the graph and why, and
 so does each host read outside a loop (JetMoE's router ``.tolist()``, DeepSeek-MoE's
-``.cpu().numpy()`` counts); they are what ``moe_inductor.explain`` shows. Out of reach today:
-loops whose slice bounds carry from one expert to the next (DeepSeek-MoE/V2 ``moe_infer``,
-torchtitan's for-loop experts with ``split`` by host counts), host capacity arithmetic
+``.cpu().numpy()`` counts); they are what ``moe_inductor.explain`` shows.
+
+*Segment loops* (``_segment_loop``; DeepSeek-V2/V3 Hub ``moe_infer``, rxlm): rows ``R[start:end]``
+with ``end = start + n``, ``start = end`` carried to the next expert, counts from one host copy
+(``for i, n in enumerate(T.cpu().numpy())``) or read per expert (``n = T[i]``), outputs appended
+and ``torch.cat``-ed over dimension 0: rewritten as ``R.split(T.tolist(), 0)`` and one output per
+expert (see there why that is exact); the frame is then traced with the counts as symbolic sizes
+(``host_count_splits`` sees the split). Out of reach today: segment loops whose offset and list are
+bound together (``outputs, start = [], 0``), torchtitan's for-loop experts with ``split`` by host
+counts, host capacity arithmetic
 (DeepSpeed's ``_capacity``: a tensor compared in an ``if``, then used as ``topk``'s ``k``). Nothing here runs at import; ``analyse`` is called for the
 forward methods of the modules of frames compiled with the sonic backend (``moe_inductor.capture``).
 """
@@ -984,6 +991,269 @@ def _rewrite_loop(fdef, loop, self_name, stores, counts) -> tuple:
     return stmts, prelude, checker.counts_used, form
 
 
+
+# --------------------------------------------------------------------------- segment loops
+
+def _host_copy_of(value):
+    """The expression T of a host copy of a tensor: ``T.tolist()``, ``T.cpu()``, ``T.cpu().numpy()``,
+    ``T.cpu().tolist()``, ``T.numpy()``, ``T.cpu().numpy().tolist()``, else None."""
+    v, seen = value, 0
+    while _is_method(v, {"tolist", "cpu", "numpy"}) and not v.args and not v.keywords:
+        v, seen = v.func.value, seen + 1
+    return v if seen else None
+
+
+def _block_of(fdef, stmt) -> Optional[list]:
+    for parent in ast.walk(fdef):
+        for field in ("body", "orelse", "finalbody"):
+            block = getattr(parent, field, None)
+            if isinstance(block, list) and any(s is stmt for s in block):
+                return block
+    return None
+
+
+def _last_store_before(block, loop, name):
+    """The last statement of ``block`` before ``loop`` that binds ``name`` (None if none), provided it
+    binds it at the top level of the block (a plain ``name = ...``)."""
+    last = None
+    for s in block:
+        if s is loop:
+            break
+        if name in _names_stored(s):
+            last = s
+    if last is None or not (isinstance(last, ast.Assign) and len(last.targets) == 1
+                            and isinstance(last.targets[0], ast.Name) and last.targets[0].id == name):
+        return None
+    return last
+
+
+def _is_name(node, name) -> bool:
+    return isinstance(node, ast.Name) and node.id == name
+
+
+def _sum_of(node, a, b) -> bool:
+    """``a + b`` or ``b + a`` (names)."""
+    return isinstance(node, ast.BinOp) and isinstance(node.op, ast.Add) and (
+        (_is_name(node.left, a) and _is_name(node.right, b)) or (_is_name(node.left, b) and _is_name(node.right, a)))
+
+
+def _zero_test(test, n) -> bool:
+    """``n == 0`` / ``0 == n`` / ``not n``."""
+    if isinstance(test, ast.UnaryOp) and isinstance(test.op, ast.Not):
+        return _is_name(test.operand, n)
+    if isinstance(test, ast.Compare) and len(test.ops) == 1 and isinstance(test.ops[0], ast.Eq):
+        l, r = test.left, test.comparators[0]
+        return (_is_name(l, n) and _const_int(r) == 0) or (_is_name(r, n) and _const_int(l) == 0)
+    return False
+
+
+def _segment_loop(fdef, loop, self_name, stores, glb) -> Optional[tuple]:
+    """A *segment loop*: rows ``R[start:end]`` of consecutive segments whose sizes are per-expert
+    counts, ``end = start + n``, ``start = end`` carried to the next expert, one output appended per
+    expert to a list ``L`` that is only ``torch.cat(L, 0)``-ed after the loop, an optional
+    ``if n == 0: continue``. The counts are either a host copy ``C = T.cpu().numpy()`` (``.tolist()``,
+    ``.cpu()``) iterated as ``for i, n in enumerate(C)``, or read per expert ``n = T[i]`` in
+    ``for i in range(...)``. Rewritten (plan as ``_rewrite_loop``'s) into::
+
+        sizes = T.tolist(); chunks = R.split(sizes, 0)
+        for i in range(len(sizes)):     # or the original range(...)
+            <body without the offsets and the skip, R[start:end] -> chunks[i]>
+
+    Exact: chunk i is ``R[c_0 + .. + c_{i-1} : c_0 + .. + c_i]``, the rows the original sliced for
+    expert i (the offset is the running sum of the counts whether or not empty experts are
+    skipped: for them end == start); the split checks at run time that the counts are >= 0 and sum
+    to R's rows, so counts that do not tile R raise instead of giving another result. An expert
+    that was skipped now runs on its empty chunk: its output must have no rows, checked
+    (``torch._check``: static for row-wise experts, the sizes being the same symbol), so the
+    concatenation over dimension 0 is unchanged; ``len(L)`` (``cat(L) if len(L) else ...``) is then
+    ``R.shape[0] > 0``. The rest of the body is checked as a skip loop's (``_Body``: only bindings
+    local to the iteration, no host reads, no side effects). None when the loop is not
+    segment-shaped; Decline when it is but a condition fails."""
+    body = loop.body
+    # the carry: `start = end` (last statement) with `end = start + n`
+    if not body or not (isinstance(body[-1], ast.Assign) and len(body[-1].targets) == 1
+                        and isinstance(body[-1].targets[0], ast.Name) and isinstance(body[-1].value, ast.Name)):
+        return None
+    start, end = body[-1].targets[0].id, body[-1].value.id
+    end_defs = [s for s in body if isinstance(s, ast.Assign) and len(s.targets) == 1 and _is_name(s.targets[0], end)]
+    if len(end_defs) != 1 or not isinstance(end_defs[0].value, ast.BinOp):
+        return None
+    ev = end_defs[0].value
+    n = ev.right.id if _is_name(ev.left, start) and isinstance(ev.right, ast.Name) else \
+        ev.left.id if _is_name(ev.right, start) and isinstance(ev.left, ast.Name) else None
+    if n is None or not _sum_of(ev, start, n):
+        raise Decline(ev, f"the offset `{start}` is advanced by `{_short(ev)}`, not by the expert's count")
+    if loop.orelse:
+        raise Decline(loop, "the loop has an `else:` clause")
+    block = _block_of(fdef, loop)
+    if block is None:
+        raise Decline(loop, "the loop is not in a plain block")
+    init = _last_store_before(block, loop, start)
+    if init is None:
+        return None  # not bound by a plain `start = ...` before the loop (`outputs, start = [], 0`): not read
+    if _const_int(init.value) != 0 or stores.get(start, 0) != 2 or stores.get(end, 0) != 1:
+        raise Decline(loop, f"the offset `{start}` does not start at 0 right before the loop (or is bound elsewhere)")
+    # the counts and the expert id
+    prelude, counts_def, sizes_stmt = None, None, None
+    tag = f"_{loop.lineno}"
+    sizes = f"_sonic_sizes{tag}"
+    it, tgt = loop.iter, loop.target
+    if isinstance(it, ast.Call) and _is_name(it.func, "enumerate") and len(it.args) == 1 and not it.keywords \
+            and isinstance(it.args[0], ast.Name) and isinstance(tgt, ast.Tuple) and len(tgt.elts) == 2 \
+            and all(isinstance(e, ast.Name) for e in tgt.elts) and tgt.elts[1].id == n:
+        i, C = tgt.elts[0].id, it.args[0].id
+        host = _last_store_before(block, loop, C)
+        T = _host_copy_of(host.value) if host is not None else None
+        if T is None:
+            raise Decline(loop, f"the counts `{C}` are not one host copy (`.tolist()`, `.cpu()`, `.cpu().numpy()`) "
+                                f"of a tensor right before the loop")
+        if any(x is not it.args[0] and x.lineno > host.lineno for x in _loads(fdef, C)):
+            raise Decline(loop, f"the host counts `{C}` are read elsewhere than by the loop")
+        sizes = C
+        prelude = (host, ast.Call(func=ast.Attribute(value=copy.deepcopy(T), attr="tolist", ctx=ast.Load()),
+                                  args=[], keywords=[]))
+        T = _short(T)
+        header = ast.parse(f"range(len({C}))", mode="eval").body
+    elif isinstance(it, ast.Call) and _is_name(it.func, "range") and len(it.args) == 1 and isinstance(tgt, ast.Name):
+        i, header = tgt.id, copy.deepcopy(it)
+        counts_def = [s for s in body if isinstance(s, ast.Assign) and len(s.targets) == 1 and _is_name(s.targets[0], n)]
+        v = counts_def[0].value if len(counts_def) == 1 else None
+        if v is not None and _is_method(v, {"item"}) and not v.args:
+            v = v.func.value
+        if v is not None and isinstance(v, ast.Call) and _is_name(v.func, "int") and len(v.args) == 1:
+            v = v.args[0]
+        if not (isinstance(v, ast.Subscript) and isinstance(v.value, ast.Name) and _is_name(v.slice, i)):
+            raise Decline(loop, f"the count `{n}` is not `T[{i}]` of a tensor of per-expert counts")
+        T = v.value.id
+        if stores.get(n, 0) != 1 or body.index(counts_def[0]) > body.index(end_defs[0]):
+            raise Decline(counts_def[0], f"the count `{n}` is bound elsewhere or after its use")
+        sizes_stmt = ast.Assign(targets=[ast.Name(sizes, ast.Store())],
+                                value=ast.parse(f"{T}.tolist()", mode="eval").body)
+        counts_def = counts_def[0]
+    else:
+        raise Decline(loop, f"`for {_short(tgt)} in {_short(it)}` is not `enumerate(host counts)` or `range(E)`")
+    if stores.get(n, 0) != 1:
+        raise Decline(loop, f"the count `{n}` is bound elsewhere in the function")
+    # the body: the offsets, the skip, the slices, one append; the rest checked as local bindings
+    rows, L, append, rest = None, None, None, []
+    chunks = f"_sonic_chunks{tag}"
+    for s in body:
+        if s is body[-1] or s is end_defs[0] or s is counts_def:
+            continue
+        if isinstance(s, ast.If) and _zero_test(s.test, n) and len(s.body) == 1 \
+                and isinstance(s.body[0], ast.Continue) and not s.orelse:
+            continue
+        if isinstance(s, ast.Expr) and _is_method(s.value, {"append"}) and isinstance(s.value.func.value, ast.Name) \
+                and len(s.value.args) == 1 and not s.value.keywords:
+            if append is not None:
+                raise Decline(s, "more than one output is appended per expert")
+            append, L = s, s.value.func.value.id
+        for sub in ast.walk(s):
+            if isinstance(sub, (ast.Continue, ast.Break, ast.Return)):
+                raise Decline(sub, f"`{_short(sub)}` other than the skip of an expert with no rows")
+        seg = _SegmentSlices(start, end, f"{chunks}[{i}]")
+        s = seg.visit(copy.deepcopy(s))
+        for r in seg.rows:
+            if rows not in (None, r):
+                raise Decline(s, f"rows are sliced from `{rows}` and `{r}`")
+            rows = r
+        for name in (start, end, n):
+            if name in _names_loaded(s):
+                raise Decline(s, f"`{name}` is used other than as the bounds `[{start}:{end}]` of one tensor's rows")
+        rest.append(s)
+    if rows is None or append is None:
+        raise Decline(loop, "no rows are sliced by the running offsets, or no output is appended")
+    if stores.get(rows, 0) and any(rows in _names_stored(s) for s in body):
+        raise Decline(loop, f"the rows `{rows}` are rebound in the loop")
+    linit = _last_store_before(block, loop, L)
+    if linit is None or not (isinstance(linit.value, ast.List) and not linit.value.elts) or stores.get(L, 0) != 1:
+        raise Decline(loop, f"the outputs `{L}` are not an empty list made right before the loop")
+    # after the loop: L only as `torch.cat(L, 0)`, possibly under `if len(L)`
+    nonempty = f"_sonic_nonempty{tag}"
+    edits = []
+    inside = {id(x) for x in ast.walk(loop)}
+    for node in ast.walk(fdef):
+        for field, child in ast.iter_fields(node):
+            if isinstance(child, ast.Call) and _is_name(child.func, "len") and len(child.args) == 1 \
+                    and _is_name(child.args[0], L) and isinstance(node, ast.IfExp) and field == "test":
+                edits.append((node, field, ast.Name(nonempty, ast.Load())))
+                child.args[0]._sonic_seg_ok = True
+            if isinstance(child, ast.Call) and _is_torch_fn(child, {"cat", "concat", "concatenate"}) \
+                    and isinstance(child.func, ast.Attribute) and _is_name(child.func.value, "torch") \
+                    and child.args and _is_name(child.args[0], L):
+                dim = _kwarg(child, "dim", 1)
+                if (dim is None or _const_int(dim) == 0) and len(child.args) + len(child.keywords) <= 2:
+                    child.args[0]._sonic_seg_ok = True
+    for x in _loads(fdef, L):
+        if id(x) not in inside and not getattr(x, "_sonic_seg_ok", False):
+            raise Decline(x, f"the outputs `{L}` are used other than by `torch.cat({L}, dim=0)`")
+    if glb.get("torch") is None or getattr(glb.get("torch"), "cat", None) is not _torch_cat():
+        raise Decline(loop, "`torch` is not the torch module in the function's globals")
+    # the rest of the body: bindings local to the iteration only
+    out = f"_sonic_out{tag}"
+    rest_wo_append = [s for s in rest if not (isinstance(s, ast.Expr) and _is_method(s.value, {"append"})
+                                                and _is_name(s.value.func.value, L))]
+    body_names = set().union(*(set(_names_stored(s)) for s in body)) | {i, n}
+    outer = {k for k in stores if k not in body_names} | {chunks}
+    checker = _Body(self_name, {}, outer, {i}, None, [])
+    checker._body_names = set().union(*(set(_names_stored(s)) for s in rest_wo_append)) if rest_wo_append else set()
+    checker.block(rest_wo_append, [])
+    checker.check_expr(append.value.args[0])
+    for s in _following(fdef, loop):
+        for name in sorted((body_names - {L}) & _names_loaded(s)):
+            raise Decline(loop, f"`{name}`, bound in the loop, is read after it (line {s.lineno})")
+    new_body = []
+    for s in rest:
+        if isinstance(s, ast.Expr) and _is_method(s.value, {"append"}) and _is_name(s.value.func.value, L):
+            new_body += ast.parse(
+                f"{out} = None\n"
+                f"torch._check(({chunks}[{i}].shape[0] != 0) | ({out}.shape[0] == 0), "
+                f"lambda: 'an expert without rows returned rows')\n"
+                f"{L}.append({out})").body
+            new_body[-3].value = s.value.args[0]
+        else:
+            new_body.append(s)
+    new_loop = ast.For(target=ast.Name(i, ast.Store()), iter=header, body=new_body, orelse=[])
+    pre = ([sizes_stmt] if sizes_stmt is not None else []) + ast.parse(
+        f"{chunks} = {rows}.split({sizes}, 0)\n{nonempty} = {rows}.shape[0] > 0").body
+    stmts = [ast.copy_location(s, loop) for s in pre + [new_loop]]
+
+    if sizes_stmt is not None:
+        sizes_stmt._sonic_segment_sizes = True
+
+    def apply():
+        if prelude is not None:
+            prelude[0].value = prelude[1]
+            prelude[0]._sonic_segment_sizes = True
+        for node, field, value in edits:
+            setattr(node, field, value)
+
+    form = (f"segment loop `for {_short(tgt)} in {_short(it)}` over `{rows}[{start}:{end}]` with offsets "
+            f"carried across experts, as `{rows}.split({T}.tolist(), 0)` and one output per expert")
+    return stmts, apply, set(), form
+
+
+class _SegmentSlices(ast.NodeTransformer):
+    """``R[start:end]`` (R a name) -> ``chunks[i]``; ``rows`` collects the R seen."""
+
+    def __init__(self, start, end, chunk):
+        self.start, self.end, self.chunk, self.rows = start, end, chunk, []
+
+    def visit_Subscript(self, node):
+        sl = node.slice
+        if isinstance(sl, ast.Slice) and _is_name(sl.lower, self.start) and _is_name(sl.upper, self.end) \
+                and sl.step is None and isinstance(node.value, ast.Name) and isinstance(node.ctx, ast.Load):
+            self.rows.append(node.value.id)
+            return ast.copy_location(ast.parse(self.chunk, mode="eval").body, node)
+        return self.generic_visit(node)
+
+
+def _torch_cat():
+    import torch
+
+    return torch.cat
+
+
 def _in_range_guard(checker, body, loop, hit) -> list:
     """``if not (S < len(X) and ...): continue`` for every ``X[S]`` of the body that indexes a
     loop-invariant container (a weight, a ModuleList, the mask) by the expert id S. The original
@@ -1235,7 +1505,9 @@ def analyse(fn, depth: int = 0) -> Analysis:
     plans = []
     for loop in loops:
         try:
-            plan = _rewrite_loop(fdef, loop, self_name, stores, counts)
+            plan = _segment_loop(fdef, loop, self_name, stores, fn.__globals__)
+            if plan is None:
+                plan = _rewrite_loop(fdef, loop, self_name, stores, counts)
         except Decline as d:
             if _looks_graph_breaking(loop, fdef):
                 line = d.lineno or loop.lineno
@@ -1254,7 +1526,9 @@ def analyse(fn, depth: int = 0) -> Analysis:
     used_counts = set().union(*(p[2] for _, p in plans))
     for loop, (stmts, prelude, cused, form) in plans:
         _replace_stmt(fdef, loop, stmts)
-        if prelude is not None:
+        if callable(prelude):
+            prelude()
+        elif prelude is not None:
             prelude[0].value = prelude[1]
     drop = []
     for name in used_counts:
@@ -1309,19 +1583,61 @@ def analyse(fn, depth: int = 0) -> Analysis:
     return result
 
 
-def host_count_splits(fn) -> list:
+def host_count_splits(fn, depth: int = 0) -> list:
     """``LoopNote`` (rewritten=True) for each ``rows.split(sizes, ...)`` of ``fn`` whose sizes are host
     data: a parameter of ``fn`` (the sizes a router returned, JetMoE's ``JetMoeParallelExperts``) or a
     local assigned from ``.tolist()``, in a function that also concatenates (``torch.cat``) what it
     computes per chunk. Such a frame is traced with the counts as symbolic sizes and
     ``moe_inductor.host_splits`` proves, on the graph, whether split + per-expert GEMM + cat is a
-    grouped GEMM on device offsets; this only says where it is worth trying. Empty if none."""
+    grouped GEMM on device offsets; this only says where it is worth trying. Empty if none.
+    The source read is the rewritten one when ``analyse`` rewrites a loop of ``fn`` (a segment loop
+    becomes such a split), and the methods ``fn`` calls on its first argument (``self.moe_infer(...)``,
+    looked up on the class that defines ``fn``) are read too (depth 2)."""
     try:
         filename = inspect.getsourcefile(fn) or "<unknown>"
         _, fdef = _function_tree(fn)
     except (OSError, TypeError, SyntaxError, IndentationError, Decline):
         return []
     qual = getattr(fn, "__qualname__", getattr(fn, "__name__", "?"))
+    out = []
+    if depth < 2:
+        for method in _self_methods(fn, fdef):
+            out += host_count_splits(method, depth + 1)
+    try:
+        new = analyse(fn).replacement
+    except Exception:  # never fail over this
+        new = None
+    if new is not None and getattr(new, "_sonic_source", None):
+        fdef = ast.parse(new._sonic_source).body[0]
+        if isinstance(fdef, ast.FunctionDef) and fdef.name == "_sonic_factory":
+            fdef = fdef.body[0]
+    return out + _split_notes(fdef, filename, qual)
+
+
+def _self_methods(fn, fdef) -> list:
+    """The plain functions of the methods ``fn`` calls as ``self.name(...)``, looked up on the class
+    that defines ``fn`` (found by its qualified name in ``fn``'s module globals), decorators unwrapped."""
+    if not fdef.args.args or "." not in getattr(fn, "__qualname__", ""):
+        return []
+    owner = fn.__qualname__.rsplit(".", 1)[0]
+    cls = fn.__globals__.get(owner) if "<" not in owner else None
+    if not isinstance(cls, type):
+        return []
+    me = fdef.args.args[0].arg
+    out = []
+    for n in ast.walk(fdef):
+        if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute) and _is_name(n.func.value, me):
+            m = inspect.getattr_static(cls, n.func.attr, None)
+            if isinstance(m, (staticmethod, classmethod)) or not callable(m):
+                continue
+            while getattr(m, "__wrapped__", None) is not None:
+                m = m.__wrapped__
+            if isinstance(m, types.FunctionType) and m is not fn and m not in out:
+                out.append(m)
+    return out
+
+
+def _split_notes(fdef, filename, qual) -> list:
     args = fdef.args
     params = {a.arg for a in args.posonlyargs + args.args + args.kwonlyargs}
     host = {n.targets[0].id for n in ast.walk(fdef) if isinstance(n, ast.Assign) and len(n.targets) == 1
@@ -1355,6 +1671,8 @@ def _host_reads(fdef, filename, qual) -> list:
                                                                                 ast.FunctionDef, ast.Try)):
             continue
         reads = [c for c in ast.walk(n) if _is_method(c, {"tolist", "item", "numpy"})]
+        if getattr(n, "_sonic_segment_sizes", False):
+            continue  # the sizes of a rewritten segment loop's split: traced as symbolic sizes
         if reads and n.lineno not in seen:
             seen.add(n.lineno)
             out.append(LoopNote(filename, n.lineno, qual, False, reason=(
