@@ -9,7 +9,8 @@ composition that proves the parts fit together (``patterns/per_expert.py``, the 
 - dtypes: casts that change nothing (``strip_identity``), casts in general (``strip_casts``);
 - ``autograd.Function`` calls that are the identity (``identity_function_input``: collectives at
   world size 1 wrapped in a Function, fairscale/DeepSpeed ``_AllToAll``, Megatron's TP regions),
-  which ``strip_identity`` reads through;
+  which ``strip_identity`` reads through; Function calls that are ``F.linear`` in value and gradient
+  (``linear_function_operands``: Megatron-Core's parallel linears), read by the experts recogniser;
 - symbolic shapes: sizes provably equal (``moe_inductor.rewrite.same``, sympy, no guards added);
 - is a path pure: nothing random and nothing in place between the gathered tokens and the value an
   expert produces (``need_pure_path``);
@@ -344,6 +345,267 @@ def identity_function_input(node) -> Optional[fx.Node]:
         return None
     x = operands[i]
     return x if isinstance(x, fx.Node) and same_shape(x, node) and dtype_of(x) == dtype_of(node) else None
+
+
+# --------------------------------------------------------------------------- linear autograd.Functions
+#
+# Megatron-Core's parallel linears (``LinearWithGradAccumulationAndAsyncCommunication``, the router's
+# ``RouterGatingLinearFunction``) are Functions whose forward is ``x @ w.t() (+ b)`` and whose backward
+# writes out linear's derivative by hand. Such a call is ``F.linear(x, w, b)`` by value and by gradient
+# when both bodies are proven to compute exactly that (``linear_function_operands``).
+
+_MM_FUNCTIONS = {torch.matmul, torch.mm, operator.matmul}
+_MM_METHODS = {"matmul", "mm", "__matmul__"}
+
+
+def _row_reshape(node: fx.Node):
+    """``t.view(...)`` / ``t.reshape(...)`` / ``t.flatten(...)`` keeping the size of the last dimension:
+    element i of the row-major order is row i // L, column i % L on both sides, so the rows of t are
+    regrouped, not changed (a matmul on the last dimension commutes with it). Returns t, else None."""
+    is_reshape = (node.op == "call_method" and node.target in ("view", "reshape", "flatten")) or \
+        (node.op == "call_function" and node.target in (torch.reshape, torch.flatten))
+    if not is_reshape or len(node.args) < 2 or not isinstance(node.args[0], fx.Node) or \
+            any(isinstance(a, torch.dtype) for a in node.args[1:]) or node.kwargs:
+        return None
+    a, b = shape_of(node.args[0]), shape_of(node)
+    return node.args[0] if a and b and same(a[-1], b[-1]) else None
+
+
+def _rows_source(node, used: set):
+    """The placeholder whose rows ``node`` holds (copies, same-dtype casts, identities and row-keeping
+    reshapes of it, inside a body), else None. A node of the placeholder's own shape *is* its value."""
+    while isinstance(node, fx.Node):
+        used.add(node)
+        if node.op == "placeholder":
+            return node
+        inner = _body_step(node, used)
+        node = inner if inner is not None else _row_reshape(node)
+    return None
+
+
+def _mm_args(node):
+    """(a, b) of a 2-operand matmul spelling, else None."""
+    if not isinstance(node, fx.Node) or len(node.args) != 2 or node.kwargs:
+        return None
+    if (node.op == "call_function" and node.target in _MM_FUNCTIONS) or \
+            (node.op == "call_method" and node.target in _MM_METHODS):
+        return node.args
+    return None
+
+
+def _transposed(node):
+    """t when ``node`` is the 2-D transpose ``t.t()``, ``t.T``, ``t.transpose(0, 1)``, else None."""
+    if not isinstance(node, fx.Node) or len(shape_of(node) or ()) != 2:
+        return None
+    if (node.op == "call_method" and node.target == "t" and len(node.args) == 1) or \
+            (node.op == "call_function" and node.target is torch.t and len(node.args) == 1):
+        return node.args[0]
+    if node.op == "call_method" and node.target == "transpose" and len(node.args) == 3 \
+            and sorted(a % 2 for a in node.args[1:] if isinstance(a, int)) == [0, 1]:
+        return node.args[0]
+    if node.op == "call_function" and node.target is getattr and node.args[1] in ("T", "mT"):
+        return node.args[0]
+    return None
+
+
+def _linear_forward(out, used: set, fwd_in: list):
+    """(x, w, b) placeholders when ``out`` is ``x @ w.t() (+ b)``: ``matmul``/``mm`` of rows of x by
+    the transpose of w, ``F.linear``, ``addmm(b, x2d, w.t())``, bias added after; else None."""
+    node, bias = out, None
+    while True:
+        used.add(node)
+        if node.op == "call_function" and node.target in (operator.add, torch.add) and len(node.args) == 2 \
+                and not node.kwargs and bias is None:
+            for a, b in (node.args, node.args[::-1]):
+                seen: set = set()
+                src = _rows_source(b, seen) if isinstance(b, fx.Node) and len(shape_of(b) or ()) == 1 else None
+                if isinstance(a, fx.Node) and src in fwd_in and len(shape_of(src) or ()) == 1:
+                    node, bias = a, src
+                    used.update(seen)
+                    break
+            else:
+                return None
+            continue
+        if node.op == "call_function" and node.target is torch.addmm and len(node.args) == 3 and not node.kwargs \
+                and bias is None and len(shape_of(node.args[0]) or ()) == 1:
+            bias, mm = _rows_source(node.args[0], used), node.args[1:]
+            if bias is None or len(shape_of(bias) or ()) != 1:
+                return None
+            break
+        if node.op == "call_function" and node.target is Fn.linear and 2 <= len(node.args) <= 3 and not node.kwargs:
+            w = _rows_source(node.args[1], used)
+            if w is None or not same_shape(w, node.args[1]):
+                return None
+            if len(node.args) == 3 and node.args[2] is not None:
+                if bias is not None:
+                    return None
+                bias = _rows_source(node.args[2], used)
+            return _rows_source(node.args[0], used), w, bias
+        mm = _mm_args(node)
+        if mm is not None:
+            break
+        inner = _body_step(node, used)
+        node = inner if inner is not None else _row_reshape(node)
+        if node is None:
+            return None
+    wt = _transposed(mm[1])
+    used.add(mm[1])
+    w = _rows_source(wt, used) if wt is not None else None
+    if w is None or not same_shape(w, wt):
+        return None
+    return _rows_source(mm[0], used), w, bias
+
+
+def _grad_bias(g, used, grad_out):
+    """``g`` is ``go2.sum(0)`` with go2 the 2-D row view of the incoming gradient."""
+    node = g
+    while isinstance(node, fx.Node) and node.target not in ("sum", torch.sum):
+        used.add(node)
+        node = _body_step(node, used)
+    if node is None:
+        return False
+    used.add(node)
+    args = dict(zip(("input", "dim", "keepdim"), node.args))
+    args.update(node.kwargs)
+    return set(args) <= {"input", "dim", "keepdim"} and args.get("dim") in (0, (0,), [0]) \
+        and not args.get("keepdim", False) and len(shape_of(args["input"]) or ()) == 2 \
+        and _rows_source(args["input"], used) is grad_out
+
+
+def _disabled_autocast(node: fx.Node) -> bool:
+    """``torch.amp.autocast_mode._enter_autocast(device, dtype, False, ...)`` and its exit: a region
+    with autocast off (``custom_bwd`` around a backward whose forward ran without autocast)."""
+    from torch.amp import autocast_mode
+    if node.op != "call_function":
+        return False
+    if node.target is autocast_mode._enter_autocast:
+        return len(node.args) >= 3 and node.args[2] is False
+    return node.target is autocast_mode._exit_autocast and len(node.args) == 1 \
+        and _disabled_autocast(node.args[0])
+
+
+def linear_function_operands(node) -> Optional[tuple]:
+    """(x, w, b) (b None when the Function has no bias operand) when ``node`` is
+    ``getitem(autograd_function_apply(fwd, bwd, ...), 0)`` of a Function that is, provably,
+    ``F.linear(x, w, b)`` by value and by gradient:
+
+    - forward: output 0 is ``matmul(x, w.t())`` (``mm`` of rows of x reshaped keeping the last
+      dimension, reshaped back; ``F.linear``; ``addmm``), ``+ b`` with b 1-D; the only output;
+    - backward: x gets ``g @ w`` (rows of g), w gets ``g2.t() @ x2`` (the 2-D row views of g and x),
+      b gets ``g2.sum(0)``; nothing else in either body (same-dtype casts, copies and row reshapes
+      only, grad-mode switches, an autocast region that is *off*); every operand is x, w or b;
+    - x, w, b and the output of one dtype, shapes those of linear; nothing dirty, output differentiable.
+
+    A Function whose backward differs (scaled, a missing weight gradient, another dtype, a write into
+    ``main_grad``) is not read as linear. Megatron-Core's ``LinearWithGradAccumulationAndAsyncCommunication``
+    without gradient-accumulation fusion at world size 1, its ``RouterGatingLinearFunction`` in the
+    input's dtype."""
+    if not (isinstance(node, fx.Node) and node.op == "call_function" and node.target is operator.getitem
+            and len(node.args) == 2 and node.args[1] == 0 and _is_function_apply(node.args[0])):
+        return None
+    call = node.args[0]
+    bodies = _bodies(call)
+    if bodies is None or call.kwargs.get("dirty_idx") or call.kwargs.get("non_differentiable_idx") \
+            or set(call.kwargs) - {"non_differentiable_idx", "saved_for_backward_idx", "dirty_idx"}:
+        return None
+    operands = list(call.args[2:])
+    (fwd_in, fwd_out), (bwd_in, grads) = _body_io(bodies[0]), _body_io(bodies[1])
+    if not (isinstance(fwd_out, (tuple, list)) and len(fwd_out) == 2 and isinstance(fwd_out[0], (tuple, list))
+            and len(fwd_out[0]) >= 1 and isinstance(fwd_out[1], (tuple, list))) \
+            or not isinstance(grads, (tuple, list)) or len(grads) != len(operands) or len(fwd_in) != len(operands) \
+            or len(bwd_in) != len(fwd_out[0]) + len(fwd_out[1]):
+        return None
+    # torch 2.11 also returns forward intermediates (``w.t()``) as outputs: allowed when nothing reads
+    # them (no getitem but output 0's) and their gradients are unused by the backward body
+    n_out = len(fwd_out[0])
+    if any(u.op != "call_function" or u.target is not operator.getitem or u.args[1] != 0 for u in call.users) \
+            or any(p.users for p in bwd_in[1:n_out]):
+        return None
+    # tensor operands: x, w (and b); others are sizes Dynamo lifted (unbacked row counts), no gradient
+    tensors = [p for p in fwd_in if isinstance(example_value(p), torch.Tensor)]
+    if len(tensors) not in (2, 3) or any(g is not None for p, g in zip(fwd_in, grads) if p not in tensors):
+        return None
+    used_f: set = set()
+    found = _linear_forward(fwd_out[0][0], used_f, fwd_in)
+    if found is None or None in found[:2] or {n for n in found if n is not None} != set(tensors) \
+            or len(set(found)) != 3:
+        return None
+    idx = [fwd_in.index(n) if n is not None else None for n in found]
+    x, w, b = (operands[i] if i is not None else None for i in idx)
+    if not _linear_shapes(node, x, w, b):
+        return None
+    saved = {}  # backward placeholder -> forward placeholder whose rows it holds
+    for p, v in zip(bwd_in[n_out:], fwd_out[1]):
+        src = _rows_source(v, used_f)
+        if src is None:
+            return None
+        saved[p] = (src, v)
+    if not _only(bodies[0], used_f):
+        return None
+    grad_out, used_b = bwd_in[0], set()
+    if not _linear_backward(grads, idx, found, saved, grad_out, used_b) or not _only_linear(bodies[1], used_b):
+        return None
+    return x, w, b
+
+
+def _linear_backward(grads, idx, found, saved, grad_out, used) -> bool:
+    """The backward body's gradients are linear's (``linear_function_operands``)."""
+    def source(p):  # a backward node's forward placeholder, through the saved tensors
+        s = _rows_source(p, used)
+        return saved[s][0] if s in saved else None
+
+    def rows_of(node, fwd_placeholder, like):
+        return source(node) is fwd_placeholder and same_shape(node, like)
+
+    ix, iw, ib = idx
+    gx, gw = grads[ix], grads[iw]
+    if not isinstance(gx, fx.Node) or not isinstance(gw, fx.Node):
+        return False
+    # x's gradient: rows of g times w, reshaped to x's shape
+    node = gx
+    while isinstance(node, fx.Node) and _mm_args(node) is None:
+        used.add(node)
+        inner = _body_step(node, used)
+        node = inner if inner is not None else _row_reshape(node)
+    mm = _mm_args(node)
+    if mm is None or _rows_source(mm[0], used) is not grad_out or not rows_of(mm[1], found[1], found[1]) \
+            or not same_shape(gx, found[0]):
+        return False
+    used.add(node)
+    # w's gradient: g2.t() @ x2
+    node = gw
+    while isinstance(node, fx.Node) and _mm_args(node) is None:
+        used.add(node)
+        node = _body_step(node, used)
+    mm = _mm_args(node)
+    go2 = _transposed(mm[0]) if mm is not None else None
+    if go2 is None or len(shape_of(go2) or ()) != 2 or len(shape_of(mm[1]) or ()) != 2 \
+            or _rows_source(go2, used) is not grad_out or source(mm[1]) is not found[0] \
+            or not same_shape(gw, found[1]):
+        return False
+    used.update((node, mm[0]))
+    if ib is None:
+        return True
+    return isinstance(grads[ib], fx.Node) and _grad_bias(grads[ib], used, grad_out) \
+        and same_shape(grads[ib], found[2])
+
+
+def _linear_shapes(node, x, w, b) -> bool:
+    """x (.., d), w (n, d), b (n,), output (.., n), one dtype."""
+    sx, sw, so = shape_of(x), shape_of(w), shape_of(node)
+    if not (sx and sw and so and len(sw) == 2 and len(so) == len(sx) and same(sx[-1], sw[1])
+            and same(so[-1], sw[0]) and all(same(p, q) for p, q in zip(sx[:-1], so[:-1]))):
+        return False
+    if b is not None and not (isinstance(b, fx.Node) and len(shape_of(b) or ()) == 1
+                              and same(shape_of(b)[0], sw[0])):
+        return False
+    return len({dtype_of(t) for t in (x, w, b, node) if t is not None}) == 1 and dtype_of(x) is not None
+
+
+def _only_linear(gm: fx.GraphModule, used: set) -> bool:
+    """``_only``, an autocast region that is off allowed too."""
+    return all(n in used or n.op in ("placeholder", "output", "get_attr") or _disabled_autocast(n)
+               or (n.op == "call_function" and n.target is torch._C._set_grad_enabled) for n in gm.graph.nodes)
 
 
 # --------------------------------------------------------------------------- purity

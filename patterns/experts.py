@@ -5,6 +5,9 @@ One projection (``projection``) is any of
   ``linear(z, P[e][, b])``                   stacked parameters indexed per expert
   ``z @ W.t()``, ``matmul(z, W.T)``, ``mm(z, W.transpose(0, 1))``   the same, spelled as a GEMM
   ``z @ P[e]``, ``mm(z, P[e])``              weights stored (in, out): used transposed
+  ``LinearFn.apply(z, W[, b])[0]``           an autograd.Function proven to be ``F.linear`` in value and
+                                             gradient (``safety.linear_function_operands``: Megatron-Core's
+                                             parallel linears at world size 1)
 each optionally followed by ``+ b``. The MLP (``mlp``) is
   ``down(act(gate(z)) * up(z))``             gated (SwiGLU, GeGLU), either operand order, ``x * sigmoid(x)`` for silu
   ``down(act(gate_up(z).chunk(2, -1)[0]) * gate_up(z).chunk(2, -1)[1])``   fused gate/up weights (gate first)
@@ -59,6 +62,9 @@ def projection(node) -> Optional[tuple]:
     if not isinstance(node, fx.Node):
         return None
     bias = None
+    linear = safety.linear_function_operands(node)  # an autograd.Function proven to be F.linear
+    if linear is not None:
+        return linear[0], linear[1], False, linear[2]
     if node.op == "call_function" and node.target in (operator.add, torch.add) and len(node.args) == 2 \
             and not node.kwargs:
         for a, b in (node.args, node.args[::-1]):
@@ -90,7 +96,7 @@ def _gemm_of(node: fx.Node) -> str:
     n = node
     if n.op == "call_function" and n.target in (operator.add, torch.add):
         n = next(a for a in n.args if isinstance(a, fx.Node) and projection(a) is not None)
-    if n.op == "call_function" and n.target in _LINEAR:
+    if n.op == "call_function" and n.target in _LINEAR or safety.linear_function_operands(n) is not None:
         return gemm_name(_LINEAR[0])
     if n.op == "call_function" and n.target is torch.mm or (n.op == "call_method" and n.target == "mm"):
         return "aten::mm"
