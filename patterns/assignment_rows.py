@@ -83,7 +83,7 @@ from moe_inductor.rewrite import (
 )
 
 from .common import GATED_OF, after_gemm_reason, expert_activation, expert_bias, unary_activation
-from .dispatch import topk_columns
+from .dispatch import routing_map_sorted, topk_columns
 
 IDIOM = "assignment_rows"
 
@@ -693,8 +693,25 @@ def _counts_of(offsets) -> tuple:
     raise Declined(f"dispatch: the per-expert counts {counts.name} are not histc/bincount of the expert ids")
 
 
+def _routing_map_proof(gather: RowsGather, mlp: RowsMLP, score, E: int) -> Optional[dict]:
+    """Megatron-Core's permute of a (T, E) routing map (``dispatch.routing_map_sorted``): rows
+    ``x.index_select(0, perm[:A] % T)`` grouped by the offsets ``cumsum(map.sum(0))``; None if not that form."""
+    o = safety.strip_casts(mlp.group[1])
+    col = _column(score) if score is not None else None
+    if gather.index is None or not (_is(o, "call_function", torch.cumsum) or _is(o, "call_method", "cumsum")) \
+            or _arg(o, 1, "dim") != 0 or (score is not None and col is None):
+        return None
+    proof = routing_map_sorted(gather.index, o.args[0], col, shape_of(gather.x)[0])
+    if proof is not None:
+        need(proof["E"] == E, f"proof: the routing map has {proof['E']} experts, the weights {E}")
+    return proof
+
+
 def _prove_sorted(gather: RowsGather, mlp: RowsMLP, score, E: int) -> dict:
     """The torchtitan proofs; returns {perm, ids, K, counts}."""
+    mapped = _routing_map_proof(gather, mlp, score, E)
+    if mapped is not None:
+        return mapped
     need(gather.index is not None, "dispatch: rows grouped by offsets are not gathered through one permutation "
                                    "(x[perm // K])")
     fd = _floordiv(gather.index)

@@ -32,7 +32,8 @@ from torch._inductor.pattern_matcher import KeywordArg as KA, is_match
 
 from moe_inductor import safety
 from moe_inductor.parts import Score, Selection, decline, need, register
-from moe_inductor.rewrite import AnyOf, F, M, arange_onehot, dtype_of, eq_constant, getitem, int_value, same, shape_of
+from moe_inductor.rewrite import (AnyOf, F, M, arange_onehot, dtype_of, eq_constant, getitem, int_value, same,
+                                  shape_of, to_sympy)
 
 _ALL = slice(None, None, None)
 
@@ -371,4 +372,192 @@ def gather_rows(node) -> Optional[tuple]:
             (node.op == "call_function" and node.target is torch.index_select):
         if len(node.args) == 3 and node.args[1] == 0:
             return node.args[0], node.args[2]
+    return None
+
+
+# --------------------------------------------------------------------------- rows sorted from a routing map
+#
+# Megatron-Core's permute (``moe_utils.permute``, unfused, dropless): a (T, E) boolean routing map,
+# the one-hot of the top-k ids (``zeros_like(logits).int().scatter(1, ids, 1).bool()``), its column-major
+# flat view sorted descending and stably, the first A entries, rows ``x.index_select(0, perm % T)``,
+# counts ``map.sum(0)``, scores ``probs.T.contiguous().masked_select(map.T.contiguous())``. The map has
+# exactly K ones per row (top-k ids are distinct), so its T*K ones come first in the sort, in flat order
+# e * T + t: the assignments grouped by expert (expert order), tokens ascending within an expert, and
+# the counts are the group sizes. ``routing_map_sorted`` proves that form for ``patterns/assignment_rows``.
+
+def _method_or_function(node, names: tuple, functions: tuple) -> bool:
+    return isinstance(node, fx.Node) and ((node.op == "call_method" and node.target in names)
+                                          or (node.op == "call_function" and node.target in functions))
+
+
+def _zero_one_casts(node):
+    """Through casts of a 0/1 table (any dtype holds 0 and 1 exactly: ``.bool()``, ``.int()``, ``.long()``,
+    ``.to(dtype)``), ``contiguous`` and a slice of every column ``m[:, 0:E]``, back to the table."""
+    while isinstance(node, fx.Node):
+        if node.op == "call_method" and node.target in ("bool", "int", "long", "float", "contiguous") \
+                and len(node.args) == 1 and not node.kwargs:
+            node = node.args[0]
+        elif node.op == "call_method" and node.target == "to" and len(node.args) == 2 and not node.kwargs \
+                and isinstance(node.args[1], torch.dtype):
+            node = node.args[0]
+        elif node.op == "call_function" and node.target is operator.getitem and isinstance(node.args[1], tuple) \
+                and len(node.args[1]) == 2 and node.args[1][0] == _ALL and isinstance(node.args[1][1], slice) \
+                and len(shape_of(node.args[0]) or ()) == 2 and _full_columns(node):
+            node = node.args[0]
+        else:
+            return node
+    return node
+
+
+def _full_columns(node) -> bool:
+    """``m[:, a:b]`` keeps every column of the 2-D m."""
+    s, full = node.args[1][1], shape_of(node.args[0])
+    return s.step in (None, 1) and s.start in (None, 0) and (s.stop is None or (int_value(full[1]) is not None
+                                                                                and s.stop >= int_value(full[1])))
+
+
+def one_hot_map(node) -> Optional[tuple]:
+    """(ids (T, K), E) when ``node`` is the (T, E) 0/1 map of top-k ids: ``zeros(T, E).scatter(1, ids, 1)``
+    (``zeros_like``/``zeros``/``new_zeros``, 0/1 casts on either side), ids top-k indices over E columns."""
+    g = _zero_one_casts(node)
+    if not (_method_or_function(g, ("scatter",), (torch.scatter,)) and len(g.args) == 4 and not g.kwargs
+            and g.args[1] in (1, -1) and type(g.args[3]) is int and g.args[3] == 1):
+        return None
+    z, ids = _zero_one_casts(g.args[0]), g.args[2]
+    zs, s = shape_of(z), shape_of(node)
+    if not (_method_or_function(z, ("new_zeros",), (torch.zeros, torch.zeros_like))
+            and not z.kwargs.get("requires_grad", False) and zs is not None and len(zs) == 2 and s is not None
+            and len(s) == 2 and isinstance(ids, fx.Node) and topk_columns(ids) == int_value(zs[1])
+            and same(zs[0], shape_of(ids)[0]) and same(s[1], zs[1])):
+        return None
+    return ids, int_value(zs[1])
+
+
+def _transposed_flat(node) -> Optional[fx.Node]:
+    """m of ``m.T.contiguous().reshape(-1)`` (``.t()``, ``transpose(0, 1)``, ``permute(1, 0)``; ``view(-1)``,
+    ``flatten()``; ``contiguous`` optional): the column-major flat view of a 2-D m."""
+    if not (_method_or_function(node, ("reshape", "view", "flatten"), (torch.reshape, torch.flatten))):
+        return None
+    if node.target in ("reshape", "view", torch.reshape) and tuple(node.args[1:]) not in ((-1,), ((-1,),)) \
+            or node.target in ("flatten", torch.flatten) and len(node.args) != 1 or node.kwargs:
+        return None
+    t = node.args[0]
+    if _method_or_function(t, ("contiguous",), ()) and len(t.args) == 1:
+        t = t.args[0]
+    if not isinstance(t, fx.Node) or len(shape_of(t) or ()) != 2:
+        return None
+    if (t.op == "call_function" and t.target is getattr and t.args[1] == "T") or \
+            (_method_or_function(t, ("t",), (torch.t,)) and len(t.args) == 1) or \
+            (_method_or_function(t, ("transpose",), (torch.transpose,)) and len(t.args) == 3
+             and {a % 2 for a in t.args[1:] if isinstance(a, int)} == {0, 1}) or \
+            (_method_or_function(t, ("permute",), (torch.permute,)) and tuple(t.args[1:]) in ((1, 0), ((1, 0),))):
+        return t.args[0]
+    return None
+
+
+def _descending_stable_perm(node) -> Optional[fx.Node]:
+    """v of ``argsort(v, descending=True, stable=True)`` / ``sort(v, descending=True, stable=True)[1]`` (1-D v)."""
+    s = node
+    if isinstance(node, fx.Node) and node.op == "call_function" and node.target is operator.getitem \
+            and node.args[1] == 1 and _method_or_function(node.args[0], ("sort",), (torch.sort,)):
+        s = node.args[0]
+    elif not _method_or_function(node, ("argsort",), (torch.argsort,)):
+        return None
+    if len(s.args) != 1 or s.kwargs.get("descending") is not True or s.kwargs.get("stable") is not True \
+            or set(s.kwargs) - {"descending", "stable", "dim"} or s.kwargs.get("dim", -1) not in (-1, 0) \
+            or len(shape_of(s.args[0]) or ()) != 1:
+        return None
+    return s.args[0]
+
+
+def _strip_counts(node):
+    """Through same-valued copies of a counts vector: integer casts, ``.cpu()``."""
+    while isinstance(node, fx.Node) and node.op == "call_method" and len(node.args) == 1 and not node.kwargs \
+            and node.target in ("long", "int", "cpu", "contiguous"):
+        node = node.args[0]
+    return safety.strip_casts(node)
+
+
+def map_counts(counts) -> Optional[fx.Node]:
+    """The 0/1 map m when ``counts`` is ``m.sum(0)`` (``sum(dim=0)``, casts, ``.cpu()``): expert e's column count."""
+    c = _strip_counts(counts)
+    if not _method_or_function(c, ("sum",), (torch.sum,)):
+        return None
+    dim = c.args[1] if len(c.args) == 2 else c.kwargs.get("dim")
+    if len(c.args) not in (1, 2) or dim not in (0, (0,)) or set(c.kwargs) - {"dim"} or \
+            len(shape_of(c.args[0]) or ()) != 2:
+        return None
+    return c.args[0]
+
+
+def _same_map(a, b) -> bool:
+    a, b = _zero_one_casts(a), _zero_one_casts(b)
+    return a is b or safety.equivalent(a, b)
+
+
+def _rows_taken(A, counts, T, K) -> bool:
+    """A, the number of sorted entries kept, is T*K (the map's ones), or the host copy ``c.sum().item()``
+    of the counts (their sum is the number of ones)."""
+    if isinstance(A, fx.Node) and A.op == "call_method" and A.target == "item" and len(A.args) == 1:
+        s = A.args[0]
+        if not (_method_or_function(s, ("sum",), (torch.sum,)) and len(s.args) == 1 and not s.kwargs):
+            return False
+        c = _strip_counts(s.args[0])
+        return c is _strip_counts(counts) or (map_counts(c) is not None
+                                              and _same_map(map_counts(c), map_counts(counts)))
+    return A is not None and to_sympy(T) is not None and same(A, to_sympy(T) * K)
+
+
+def routing_map_sorted(index, counts, score_column, T_x) -> Optional[dict]:
+    """The proof that rows gathered at ``index`` are Megatron-Core's permutation of a routing map, grouped
+    by ``counts``: index = ``perm[:A] % T`` with perm the descending stable sort of ``m.T.contiguous()
+    .reshape(-1)``, m the one-hot map of top-k ids (T, E), A = T*K (or ``counts.sum().item()`` of the same
+    counts), counts ``m.sum(0)`` of the same map, the scores (when given, the 1-D per-row column)
+    ``P.T.contiguous().masked_select(m.T.contiguous())``. Returns dict(perm, ids, K, counts, counted, E) or None.
+    Row i then is token perm[i] % T of expert perm[i] // T, experts in order, each expert's rows the
+    counted ones: the grouping the grouped GEMM's offsets give."""
+    if not (_method_or_function(index, ("remainder", "__mod__"), (operator.mod, torch.remainder))
+            and len(index.args) == 2 and not index.kwargs and isinstance(index.args[0], fx.Node)):
+        return None
+    flat, T = index.args
+    A = None
+    if flat.op == "call_function" and flat.target is operator.getitem and isinstance(flat.args[1], slice):
+        sl = flat.args[1]
+        if sl.start not in (None, 0) or sl.step not in (None, 1):
+            return None
+        flat, A = flat.args[0], sl.stop
+    m_flat = _descending_stable_perm(flat)
+    m = _transposed_flat(m_flat) if m_flat is not None else None
+    found = one_hot_map(m) if m is not None else None
+    counted = map_counts(counts)
+    if found is None or counted is None or not _same_map(counted, m):
+        return None
+    ids, E = found
+    ms, K = shape_of(m), int_value(shape_of(ids)[1])
+    if K is None or not same(T, ms[0]) or not same(T, T_x):
+        return None
+    if not (_rows_taken(A, counts, T, K) if A is not None else E == K):
+        return None
+    if score_column is not None:
+        if not (_method_or_function(score_column, ("masked_select",), (torch.masked_select,))
+                and len(score_column.args) == 2 and not score_column.kwargs):
+            return None
+        p, mask = (_transposed_flat_2d(a) for a in score_column.args)
+        if p is None or mask is None or not _same_map(mask, m) or not safety.same_shape(p, m):
+            return None
+    return dict(perm=flat, ids=m, K=K, counts=counts, counted=counted, E=E)
+
+
+def _transposed_flat_2d(node) -> Optional[fx.Node]:
+    """m of ``m.T.contiguous()`` / ``m.t()`` / ``m.transpose(0, 1)`` (2-D m), else None."""
+    t = node
+    if _method_or_function(t, ("contiguous",), ()) and len(t.args) == 1:
+        t = t.args[0]
+    if not isinstance(t, fx.Node) or len(shape_of(t) or ()) != 2:
+        return None
+    if (t.op == "call_function" and t.target is getattr and t.args[1] == "T") or \
+            (_method_or_function(t, ("t",), (torch.t,)) and len(t.args) == 1) or \
+            (_method_or_function(t, ("transpose",), (torch.transpose,)) and len(t.args) == 3
+             and {a % 2 for a in t.args[1:] if isinstance(a, int)} == {0, 1}):
+        return t.args[0]
     return None

@@ -15,6 +15,13 @@ regions); the same loop with ``F.linear``-bodied Functions with biases; a top-1 
 (gathered rows ``x[m]`` written back into a clone) with plain linear Functions. Near misses, not
 rewritten and exact: a backward that doubles the input's gradient, a forward that adds 1, a backward
 without the weight's gradient, a bias without its gradient.
+
+Rows sorted from a routing map (``patterns/dispatch.py::routing_map_sorted``, read by
+``patterns/assignment_rows.py``'s sorted-rows proof): Megatron-Core's router and unfused ``permute``
+(the (T, E) bool map as the ``scatter`` one-hot of the top-k ids, its column-major flat view sorted
+descending and stably, ``[:T * K]``, rows ``index_select(0, perm % T)``, scores by ``masked_select``,
+counts ``map.sum(0)``) with grouped-GEMM experts and ``scatter_add_`` back: rewritten and exact.
+Near misses, not rewritten: an unstable sort, counts of another map, an ascending sort.
 """
 from __future__ import annotations
 
@@ -303,3 +310,64 @@ def test_router_in_another_dtype_not_linear():
     x = torch.randn(5, D, dtype=torch.bfloat16, requires_grad=True)
     w = torch.randn(N, D, dtype=torch.bfloat16, requires_grad=True)
     assert _linears(lambda x, w: RouterLinear.apply(x, w, torch.float32), x, w) == [None]
+
+
+# --------------------------------------------------------------------------- rows sorted from a routing map
+
+import moe_inductor.host_splits  # noqa: E402,F401  (registers moe_inductor::grouped_mm)
+
+GROUPED_MM = torch.ops.moe_inductor.grouped_mm.default
+
+
+class RoutingMapRows(nn.Module):
+    """Megatron-Core's router and ``permute`` (unfused, dropless) with grouped-GEMM experts: the dense
+    probabilities and bool routing map by ``scatter`` of the top-k, the map's column-major flat view
+    sorted descending and stably, ``[:T * K]`` (the all-to-all dispatcher's ``num_out_tokens``),
+    rows ``index_select(0, perm % T)``, scores by ``masked_select``, counts ``map.sum(0)``, the experts
+    on ``cumsum(counts)`` offsets, ``scatter_add_`` back (``unpermute``). ``kind`` makes near misses."""
+
+    def __init__(self, kind="megatron"):
+        super().__init__()
+        self.kind = kind
+        self.gate = nn.Linear(D, E, bias=False)
+        self.w13 = nn.Parameter(torch.randn(E, 2 * N, D) / D ** 0.5)
+        self.w2 = nn.Parameter(torch.randn(E, D, N) / N ** 0.5)
+
+    def forward(self, x):
+        T = x.shape[0]
+        logits = self.gate(x)
+        vals, ids = torch.topk(logits, K, dim=1)
+        probs = torch.softmax(vals, dim=-1, dtype=torch.float32).type_as(logits)
+        routing_probs = torch.zeros_like(logits).scatter(1, ids, probs)
+        routing_map = torch.zeros_like(logits).int().scatter(1, ids, 1).bool()
+        counts = routing_map.sum(dim=0)
+        flat_map = routing_map.T.contiguous().reshape(-1)
+        perm = flat_map.argsort(descending=self.kind != "ascending", stable=self.kind != "unstable")
+        idx = perm[:T * K] % T
+        rows = x.index_select(0, idx)
+        p = routing_probs.T.contiguous().masked_select(routing_map.T.contiguous())
+        if self.kind == "counts_of_other_map":
+            counts = torch.zeros_like(logits).int().scatter(1, torch.topk(-logits, K, dim=1)[1], 1).bool().sum(0)
+        offs = torch.cumsum(counts, 0, dtype=torch.int32)
+        gate, up = GROUPED_MM(rows, self.w13.transpose(-2, -1), offs=offs).chunk(2, dim=-1)
+        y = GROUPED_MM(F.silu(gate) * up, self.w2.transpose(-2, -1), offs=offs)
+        y = y * p.unsqueeze(-1)
+        out = torch.zeros(T, D, dtype=x.dtype)
+        out.scatter_add_(0, idx.unsqueeze(1).expand(-1, D), y)
+        return out
+
+
+def test_routing_map_rows_rewritten():
+    torch.manual_seed(0)
+    cands = _run(RoutingMapRows())
+    assert cands and all(c.status == "rewritten" for c in cands), [(c.status, c.reason) for c in cands]
+
+
+@pytest.mark.parametrize("kind", ["unstable", "counts_of_other_map", "ascending"])
+def test_routing_map_near_misses_not_rewritten(kind):
+    """An unstable sort (tokens within an expert in any order: the proof asks for the stable one), counts
+    of another map (the groups are not the sorted experts'), an ascending sort (the map's zeros first: rows of
+    unrouted (token, expert) pairs)."""
+    torch.manual_seed(0)
+    cands = _run(RoutingMapRows(kind))
+    assert not any(c.status == "rewritten" for c in cands), [(c.status, c.reason) for c in cands]
