@@ -371,3 +371,33 @@ def test_routing_map_near_misses_not_rewritten(kind):
     torch.manual_seed(0)
     cands = _run(RoutingMapRows(kind))
     assert not any(c.status == "rewritten" for c in cands), [(c.status, c.reason) for c in cands]
+
+
+def test_faithful_megatron_dispatch_proved():
+    """The faithful Megatron-Core allgather dispatcher's graph (``tests/faithful/megatron_core.py``: the
+    local map ``routing_map[:, 0:E].contiguous()``, counts ``.sum(dim=0).long().cpu()``, A the host copy
+    ``counts.sum().item()``): its rows are proven the routing map's sorted assignments, grouped by those
+    counts. (The entry stays pending: its experts are per-expert MLPs on host-count splits.)"""
+    import moe_inductor.backend  # noqa: F401  (sonic's Dynamo scope: the host counts as symbolic sizes)
+    from faithful import megatron_core as mc
+    from moe_inductor.dynamo_scope import mark_sonic
+    from moe_inductor.patterns.dispatch import routing_map_sorted
+
+    found = []
+
+    @mark_sonic
+    def backend(gm, example_inputs):
+        sel = [n for n in gm.graph.nodes if n.op == "call_method" and n.target == "index_select"]
+        cpu = [n for n in gm.graph.nodes if n.op == "call_method" and n.target == "cpu"]
+        if sel and cpu:
+            found.append(routing_map_sorted(sel[0].args[2], cpu[0], None, shape_of_rows(sel[0].args[0])))
+        return gm.forward
+
+    torch._dynamo.reset()
+    entry = mc.ENTRIES[0]
+    torch.compile(entry.build(), backend=backend)(*entry.inputs(5, 0))
+    assert found and found[-1] is not None and (found[-1]["K"], found[-1]["E"]) == (K, E), found
+
+
+def shape_of_rows(node):
+    return node.meta["example_value"].shape[0]
