@@ -390,10 +390,13 @@ def _method_or_function(node, names: tuple, functions: tuple) -> bool:
                                           or (node.op == "call_function" and node.target in functions))
 
 
-def _zero_one_casts(node):
+def _zero_one_casts(node, passed: Optional[list] = None):
     """Through casts of a 0/1 table (any dtype holds 0 and 1 exactly: ``.bool()``, ``.int()``, ``.long()``,
-    ``.to(dtype)``), ``contiguous`` and a slice of every column ``m[:, 0:E]``, back to the table."""
+    ``.to(dtype)``), ``contiguous`` and a slice of every column ``m[:, 0:E]``, back to the table (the
+    nodes passed, the table included, appended to ``passed``)."""
     while isinstance(node, fx.Node):
+        if passed is not None:
+            passed.append(node)
         if node.op == "call_method" and node.target in ("bool", "int", "long", "float", "contiguous") \
                 and len(node.args) == 1 and not node.kwargs:
             node = node.args[0]
@@ -412,23 +415,27 @@ def _zero_one_casts(node):
 def _full_columns(node) -> bool:
     """``m[:, a:b]`` keeps every column of the 2-D m."""
     s, full = node.args[1][1], shape_of(node.args[0])
-    return s.step in (None, 1) and s.start in (None, 0) and (s.stop is None or (int_value(full[1]) is not None
-                                                                                and s.stop >= int_value(full[1])))
+    return s.step in (None, 1) and s.start in (None, 0) and (s.stop is None or (
+        type(s.stop) is int and int_value(full[1]) is not None and s.stop >= int_value(full[1])))
 
 
 def one_hot_map(node) -> Optional[tuple]:
     """(ids (T, K), E) when ``node`` is the (T, E) 0/1 map of top-k ids: ``zeros(T, E).scatter(1, ids, 1)``
     (``zeros_like``/``zeros``/``new_zeros``, 0/1 casts on either side), ids top-k indices over E columns."""
-    g = _zero_one_casts(node)
+    chain: list = []
+    g = _zero_one_casts(node, chain)
     if not (_method_or_function(g, ("scatter",), (torch.scatter,)) and len(g.args) == 4 and not g.kwargs
             and g.args[1] in (1, -1) and type(g.args[3]) is int and g.args[3] == 1):
         return None
-    z, ids = _zero_one_casts(g.args[0]), g.args[2]
+    z, ids = _zero_one_casts(g.args[0], chain), g.args[2]
     zs, s = shape_of(z), shape_of(node)
     if not (_method_or_function(z, ("new_zeros",), (torch.zeros, torch.zeros_like))
             and not z.kwargs.get("requires_grad", False) and zs is not None and len(zs) == 2 and s is not None
             and len(s) == 2 and isinstance(ids, fx.Node) and topk_columns(ids) == int_value(zs[1])
             and same(zs[0], shape_of(ids)[0]) and same(s[1], zs[1])):
+        return None
+    # K ones per row holds for the table as made: nothing writes it (or the zeros, or the ids) in place
+    if any(safety.writes_to(n) for n in chain + [ids]):
         return None
     return ids, int_value(zs[1])
 
@@ -491,8 +498,11 @@ def map_counts(counts) -> Optional[fx.Node]:
 
 
 def _same_map(a, b) -> bool:
-    a, b = _zero_one_casts(a), _zero_one_casts(b)
-    return a is b or safety.equivalent(a, b)
+    """a and b are the same 0/1 table (through 0/1 casts, copies, full column slices), none of them
+    written in place."""
+    chain: list = []
+    a, b = _zero_one_casts(a, chain), _zero_one_casts(b, chain)
+    return (a is b or safety.equivalent(a, b)) and not any(safety.writes_to(n) for n in chain)
 
 
 def _rows_taken(A, counts, T, K) -> bool:
