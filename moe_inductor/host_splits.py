@@ -34,6 +34,19 @@ really are grouped by the experts counted (a sort of the same ids) is what the M
 proves before it replaces the block by the fused op (``patterns/assignment_rows.py``); this step
 alone changes no value.
 
+The same split with one ModuleList expert module per chunk (DeepSeek-V2/V3 ``moe_infer`` once
+``loop_capture`` has rewritten its segment loop: ``torch.cat([experts[i](chunks[i]) for i ...])``)
+is rewritten when every expert is the same MLP (``patterns.experts.mlp``: the same nodes in the same
+order, ``F.linear`` projections without bias, weights of one shape per role) reading only its chunk
+and its weights, nothing else reading its intermediates: expert 0's nodes are emitted once on all
+the rows with each projection a ``grouped_mm`` on the experts' weights stacked (``torch.stack``, so
+gradients reach every expert's own parameter). Exact: each projection is the per-expert ``F.linear``
+of the chunk (grouped_mm runs exactly that), and everything else in the MLP works row by row
+(activations, products, same-dtype casts, ``chunk`` of columns), so on the concatenated rows it
+gives the concatenation of the per-chunk results. The result is the form ``patterns/assignment_rows``
+recognises as grouped experts on offsets. Biased experts are left as they are (a grouped GEMM here
+has no bias).
+
 ``moe_inductor::grouped_mm`` has ``torch._grouped_mm``'s calling convention (b is (E, in, out), offs
 the int32 end offsets, rows past ``offs[-1]`` are zero) without its dtype and alignment limits
 (``torch._grouped_mm`` in fp32 does not compile on CPU and asks for 16-byte aligned strides): its
@@ -236,14 +249,167 @@ def _match(split: fx.Node, shape_of) -> tuple:
     return counts, rows, W, cat, erase + [split]
 
 
+# --------------------------------------------------------------------------- per-expert MLP modules
+
+def _expert_nodes(out: fx.Node, chunk: fx.Node, params: set) -> Optional[list]:
+    """The nodes computing ``out`` from ``chunk`` and ``params`` (the expert's weights), in graph
+    order, ``out`` last; None if ``out`` reads any other node."""
+    seen, stack = set(), [out]
+    while stack:
+        n = stack.pop()
+        if n in seen or n is chunk or n in params:
+            continue
+        if n.op not in ("call_function", "call_method"):
+            return None
+        seen.add(n)
+        stack.extend(n.all_input_nodes)
+    order = {n: i for i, n in enumerate(out.graph.nodes)}
+    return sorted(seen, key=order.__getitem__)
+
+
+def _signature(nodes: list, chunk: fx.Node, roles: dict) -> tuple:
+    """The expert's computation with its nodes numbered, its input as "rows" and its weights by
+    role: equal signatures compute the same function of (rows, weights)."""
+    index = {n: i for i, n in enumerate(nodes)}
+
+    def arg(a):
+        if isinstance(a, fx.Node):
+            return ("rows",) if a is chunk else ("w", roles[a]) if a in roles else ("n", index[a])
+        if isinstance(a, (list, tuple)):
+            return (type(a).__name__,) + tuple(arg(x) for x in a)
+        if isinstance(a, dict):
+            return ("dict",) + tuple(sorted((k, arg(v)) for k, v in a.items()))
+        return ("c", type(a).__name__, repr(a))
+
+    return tuple((n.op, str(n.target), arg(n.args), arg(n.kwargs)) for n in nodes)
+
+
+def _match_mlp(split: fx.Node, shape_of) -> object:
+    """(counts, rows, E, [ExpertMLP per expert], [nodes of expert 0], cat, erasable) for split by host
+    counts + the same ModuleList MLP on every chunk (``patterns.experts.mlp``: linear projections
+    without bias, the same activation) + cat over dim 0 in chunk order; a reason string; or None."""
+    from moe_inductor.patterns.experts import mlp as expert_mlp
+
+    from .safety import writes_to
+
+    parts = _split_parts(split)
+    if parts is None:
+        return None
+    rows, sizes, dim = parts
+    counts = _is_item_of(sizes[0], None, 0)
+    if counts is None:
+        return None
+    E = len(sizes)
+    if any(_is_item_of(s, counts, i) is None for i, s in enumerate(sizes)):
+        return f"{split.name}: the split sizes are not counts[0].item() .. counts[{E - 1}].item() of one tensor in order"
+    cs, xs = shape_of(counts), shape_of(rows)
+    if cs is None or len(cs) != 1 or cs[0] != E:
+        return f"{split.name}: the split uses {E} of the counts {counts.name} (shape {cs}), not all of them"
+    if xs is None or len(xs) != 2 or dim not in (0, -2):
+        return f"{split.name}: not a split of 2-D rows over dimension 0"
+    for value in (counts, rows):
+        if writes_to(value):
+            return f"{writes_to(value)[0].name} writes into {value.name} in place"
+    chunks: dict = {}
+    for u in split.users:
+        if not (u.op == "call_function" and u.target is operator.getitem and type(u.args[1]) is int
+                and 0 <= u.args[1] < E and u.args[1] not in chunks):
+            return f"{split.name}: the chunks are used other than one by one ({u.name})"
+        chunks[u.args[1]] = u
+    if len(chunks) != E:
+        return f"{split.name}: only {len(chunks)} of the {E} chunks are used"
+    cats = {u for c in chunks.values() for n in _downstream(c) for u in n.users
+            if u.op == "call_function" and u.target is torch.cat}
+    if len(cats) != 1:
+        return f"{split.name}: the experts' outputs do not meet in one torch.cat"
+    cat = cats.pop()
+    outs = list(cat.args[0]) if cat.args and isinstance(cat.args[0], (list, tuple)) else []
+    cdim = cat.args[1] if len(cat.args) > 1 else cat.kwargs.get("dim", 0)
+    if len(outs) != E or cdim not in (0, -2) or len(cat.args) + len(cat.kwargs) > 2:
+        return f"{cat.name}: not one output per expert concatenated over dimension 0"
+    mlps, erase, sig0, nodes0 = [], [], None, None
+    for i in range(E):
+        out, c = outs[i], chunks[i]
+        try:
+            m = expert_mlp(out) if isinstance(out, fx.Node) else None
+        except Exception as e:  # a declined MLP: its reason
+            return f"chunk {i}: {e}"
+        if m is None or m.input is not c:
+            return f"{getattr(out, 'name', out)}: output {i} of the cat is not an MLP of chunk {i}"
+        if any(b is not None for b in (m.b_gate, m.b_up, m.b_down)):
+            return f"{out.name}: expert {i} has biases (a grouped GEMM here has none)"
+        roles = {w: r for r, w in (("gate", m.gate), ("up", m.up), ("down", m.down)) if w is not None}
+        nodes = _expert_nodes(out, c, set(roles))
+        if nodes is None:
+            return f"{out.name}: expert {i} reads other tensors than its chunk and its weights"
+        inside = set(nodes)
+        for n in nodes + [c]:
+            extra = [u for u in n.users if u not in inside and not (n is out and u is cat)]
+            if extra:
+                return f"{n.name}: expert {i}'s {n.name} is also read by {extra[0].name}"
+        for n in nodes:
+            if n.op == "call_function" and n.target in (torch._C._nn.linear, torch.nn.functional.linear):
+                got = _linear_of(n)
+                if got is None or got[1] not in roles:
+                    return f"{n.name}: expert {i} has a projection other than F.linear(rows, W) without bias"
+            elif any(isinstance(a, fx.Node) and a in roles for a in n.all_input_nodes):
+                return f"{n.name}: expert {i} uses a weight other than in F.linear"
+        sig = _signature(nodes, c, roles)
+        if sig0 is None:
+            sig0, nodes0 = sig, nodes
+        elif sig != sig0:
+            return f"{out.name}: expert {i} computes another function than expert 0"
+        for w, r in roles.items():
+            if shape_of(w) != shape_of(getattr(mlps[0], r)) if mlps else len(shape_of(w) or ()) != 2:
+                return f"{w.name}: expert {i}'s {r} weight differs in shape"
+        mlps.append(m)
+        erase += list(reversed(nodes)) + [c]
+    return counts, rows, E, mlps, nodes0, chunks[0], cat, erase + [split]
+
+
+def _downstream(node: fx.Node, limit: int = 64) -> list:
+    out, stack = [], [node]
+    while stack and len(out) < limit:
+        n = stack.pop()
+        out.append(n)
+        stack.extend(u for u in n.users if u not in out and u.op in ("call_function", "call_method")
+                     and u.target is not torch.cat)
+    return out
+
+
+def _emit_mlp(graph, plan, offs, call, method, emitted: list) -> fx.Node:
+    """Expert 0's nodes on all the rows, each projection a grouped GEMM on the stacked weights (the
+    new nodes are appended to ``emitted``: their fake values are expert 0's until refreshed)."""
+    counts, rows, E, mlps, nodes0, chunk0, cat, _ = plan
+    roles = {w: r for r, w in (("gate", mlps[0].gate), ("up", mlps[0].up), ("down", mlps[0].down)) if w is not None}
+    stacked = {}
+    env = {chunk0: rows}
+    for n in nodes0:
+        got = _linear_of(n) if n.op == "call_function" and n.target in (torch._C._nn.linear,
+                                                                          torch.nn.functional.linear) else None
+        if got is not None:
+            r = roles[got[1]]
+            if r not in stacked:
+                W = call(graph, torch.stack, [getattr(m, r) for m in mlps], 0, like=cat)
+                stacked[r] = method(graph, "transpose", W, -2, -1, like=cat)
+            env[n] = call(graph, torch.ops.moe_inductor.grouped_mm.default, env[got[0]], stacked[r], offs=offs,
+                          like=n)
+        else:
+            env[n] = graph.node_copy(n, lambda a: env[a])
+        emitted.append(env[n])
+    return env[nodes0[-1]]
+
+
 _SYM_OPS = {operator.ge, operator.gt, operator.le, operator.lt, operator.eq, operator.ne, operator.add,
-            operator.sub, operator.mul, operator.and_, operator.or_, operator.not_}
+            operator.sub, operator.mul, operator.and_, operator.or_, operator.not_,
+            operator.mod, operator.floordiv}  # (mod / floordiv: a view of the rows into (T, K, d) checks sum(u) % K == 0)
 
 
 def _checks_only(items: list) -> Optional[list]:
     """The nodes that use ``items`` (the host counts) only to check them (Dynamo's ``_assert_scalar``
-    chains: ``u >= 0``, ``sum(u) == A``), if that is all they are used for; else None."""
-    seen, order, stack = set(items), [], list(items)
+    chains: ``u >= 0``, ``sum(u) == A``), if that is all they are used for; else None. In graph
+    order (a check that reads two others, ``(u != 0) | (u == 0)``, is accepted whichever is seen first)."""
+    seen, stack = set(), list(items)
     while stack:
         n = stack.pop()
         for u in n.users:
@@ -255,14 +421,15 @@ def _checks_only(items: list) -> Optional[list]:
                 or u.target is getattr(torch, "_check", None))
             if not ok:
                 return None
-            # every input of a check is one of the counts, a check, or a constant
-            for a in u.all_input_nodes:
-                if a not in seen and a not in items:
-                    return None
             seen.add(u)
-            order.append(u)
             stack.append(u)
-    return order
+    # every input of a check is one of the counts, a check, or a constant
+    if any(a not in seen and a not in items for u in seen for a in u.all_input_nodes):
+        return None
+    if not seen:
+        return []
+    order = {n: k for k, n in enumerate(next(iter(seen)).graph.nodes)}
+    return sorted(seen, key=order.__getitem__)
 
 
 def rewrite(gm: fx.GraphModule, shape_of=None) -> list:
@@ -276,8 +443,12 @@ def rewrite(gm: fx.GraphModule, shape_of=None) -> list:
     for node in list(graph.nodes):
         if node.op not in ("call_method", "call_function"):
             continue
+        shapes = lambda n: tuple(_int(s) for s in (shape_of(n) or ())) if shape_of(n) is not None else None  # noqa: E731
         try:
-            got = _match(node, lambda n: tuple(_int(s) for s in (shape_of(n) or ())) if shape_of(n) is not None else None)
+            got = _match(node, shapes)
+            if isinstance(got, str):  # not one F.linear per chunk: the same ModuleList MLP per chunk?
+                mlp = _match_mlp(node, shapes)
+                got = mlp if not isinstance(mlp, str) else f"{got}; as expert MLPs: {mlp}"
         except Exception as e:  # a look-alike we do not understand: leave it
             got = f"{node.name}: {type(e).__name__}: {e}"
         if got is None:
@@ -292,13 +463,17 @@ def rewrite(gm: fx.GraphModule, shape_of=None) -> list:
     rows_of: dict = {}
     first_of: dict = {}
     changed: list = []
-    for counts, rows, W, cat, erase in plans:
+    for plan in plans:
+        counts, rows, cat, erase = plan[0], plan[1], plan[-2], plan[-1]
         with graph.inserting_before(cat):
             if counts not in offsets:
                 with graph.inserting_after(counts):
                     offsets[counts] = call(graph, torch.cumsum, counts, 0, dtype=torch.int32, like=counts)
-            wt = method(graph, "transpose", W, -2, -1, like=cat)
-            y = call(graph, torch.ops.moe_inductor.grouped_mm.default, rows, wt, offs=offsets[counts], like=cat)
+            if len(plan) == 5:  # one F.linear per chunk on W[i]
+                wt = method(graph, "transpose", plan[2], -2, -1, like=cat)
+                y = call(graph, torch.ops.moe_inductor.grouped_mm.default, rows, wt, offs=offsets[counts], like=cat)
+            else:  # the same MLP module per chunk: its nodes once, each projection a grouped GEMM
+                y = _emit_mlp(graph, plan, offsets[counts], call, method, changed)
         rows_of.setdefault(counts, rows)
         first_of.setdefault(counts, y)
         cat.replace_all_uses_with(y)
@@ -307,8 +482,12 @@ def rewrite(gm: fx.GraphModule, shape_of=None) -> list:
             if not n.users:
                 graph.erase_node(n)
         changed.append(y)
-        notes.append(f"split of {rows.name} by host counts {counts.name} with per-expert F.linear on {W.name}: "
-                     f"one grouped GEMM with device offsets")
+        if len(plan) == 5:
+            notes.append(f"split of {rows.name} by host counts {counts.name} with per-expert F.linear on {plan[2].name}: "
+                         f"one grouped GEMM with device offsets")
+        else:
+            notes.append(f"split of {rows.name} by host counts {counts.name} with the same MLP in each of {plan[2]} "
+                         f"experts: one grouped GEMM per projection with device offsets")
     # the host copies: gone when nothing but the splits (now rewritten) and their checks read them
     for counts, offs in offsets.items():
         items = [u2 for g in counts.users if g.op == "call_function" and g.target is operator.getitem

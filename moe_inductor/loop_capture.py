@@ -1173,17 +1173,17 @@ def _segment_loop(fdef, loop, self_name, stores, glb) -> Optional[tuple]:
     edits = []
     inside = {id(x) for x in ast.walk(loop)}
     for node in ast.walk(fdef):
-        for field, child in ast.iter_fields(node):
-            if isinstance(child, ast.Call) and _is_name(child.func, "len") and len(child.args) == 1 \
-                    and _is_name(child.args[0], L) and isinstance(node, ast.IfExp) and field == "test":
-                edits.append((node, field, ast.Name(nonempty, ast.Load())))
-                child.args[0]._sonic_seg_ok = True
-            if isinstance(child, ast.Call) and _is_torch_fn(child, {"cat", "concat", "concatenate"}) \
-                    and isinstance(child.func, ast.Attribute) and _is_name(child.func.value, "torch") \
-                    and child.args and _is_name(child.args[0], L):
-                dim = _kwarg(child, "dim", 1)
-                if (dim is None or _const_int(dim) == 0) and len(child.args) + len(child.keywords) <= 2:
-                    child.args[0]._sonic_seg_ok = True
+        t = node.test if isinstance(node, ast.IfExp) else None
+        if isinstance(t, ast.Call) and _is_name(t.func, "len") and len(t.args) == 1 and _is_name(t.args[0], L) \
+                and _is_torch_fn(node.body, {"cat", "concat", "concatenate"}):
+            edits.append((node, "test", ast.Name(nonempty, ast.Load())))  # `cat(L) if len(L) else ...`
+            t.args[0]._sonic_seg_ok = True
+        if isinstance(node, ast.Call) and _is_torch_fn(node, {"cat", "concat", "concatenate"}) \
+                and isinstance(node.func, ast.Attribute) and _is_name(node.func.value, "torch") \
+                and node.args and _is_name(node.args[0], L):
+            dim = _kwarg(node, "dim", 1)
+            if (dim is None or _const_int(dim) == 0) and len(node.args) + len(node.keywords) <= 2:
+                node.args[0]._sonic_seg_ok = True
     for x in _loads(fdef, L):
         if id(x) not in inside and not getattr(x, "_sonic_seg_ok", False):
             raise Decline(x, f"the outputs `{L}` are used other than by `torch.cat({L}, dim=0)`")
@@ -1505,11 +1505,13 @@ def analyse(fn, depth: int = 0) -> Analysis:
     plans = []
     for loop in loops:
         try:
+            segment = True  # a segment-shaped loop declined: counts read on the host, worth a note
             plan = _segment_loop(fdef, loop, self_name, stores, fn.__globals__)
             if plan is None:
+                segment = False
                 plan = _rewrite_loop(fdef, loop, self_name, stores, counts)
         except Decline as d:
-            if _looks_graph_breaking(loop, fdef):
+            if segment or _looks_graph_breaking(loop, fdef):
                 line = d.lineno or loop.lineno
                 head = f"`for {_short(loop.target)} in {_short(loop.iter)}`"
                 result.notes.append(LoopNote(filename, loop.lineno, qual, False, reason=(

@@ -23,6 +23,10 @@ Parts (registered in ``moe_inductor.parts``; each maps a spelling to a canonical
   (0, idx.reshape(-1, 1).expand(-1, d), y)``, ``scatter_reduce(_)(..., "sum")``,
   ``index_add(_)(0, idx, y)``; per-token sums: ``inverse_perm_sum`` (``inv = empty_like(perm);
   inv[perm] = arange(A); y[inv].view(T, K, d).sum(1)``: row i reaches token perm[i] // K),
+  ``setitem_perm_sum`` (``new = empty_like(y); new[perm] = y; new.view(T, K, d)[.type(w.dtype)]
+  .mul_(w.unsqueeze(-1)).sum(1)``, DeepSeek-V2/V3 ``moe_infer``: the setitem at a sort permutation
+  writes every row once, row i to position perm[i]; the weighting of a fresh view nobody else reads;
+  scores (T, K) in (token, k) order, same dtype as the rows),
   ``token_k_sum`` (``y.view(T, K, d).sum(1)``: row i reaches token i // K), ``einsum_tk``
   (``einsum('tai,ta->ti', y, w)``: the scores applied by the combine itself).
 
@@ -32,6 +36,7 @@ Blocks (``find``):
    of 64 families, GPT-OSS's biases and clamped gate included)::
 
        counts = histc(flat.float(), bins=E, min=0, max=E)  | bincount(flat, minlength=E)
+                | zeros(T, E).scatter(1, ids, 1).sum(0) (also scatter_ in place) | one_hot(flat, E).sum(0)
                 (of flat or of the sorted ids sort(flat)[0])
        perm = argsort(flat, stable=True)                    | sort(flat)[1]
        rows = x[perm // K]  (or gather / index_select);  s = w.view(-1)[perm]
@@ -193,6 +198,9 @@ class RowsScatter:
     perm: Optional[fx.Node] = None
     score: Optional[fx.Node] = None
     orphans: list = dataclasses.field(default_factory=list)
+    #: scores (T, K) applied by the combine after the rows are back in (token, k) order
+    #: (``setitem_perm_sum``); the score of assignment j is ``score_tk.reshape(-1)[j]``
+    score_tk: Optional[fx.Node] = None
 
 
 # --------------------------------------------------------------------------- small helpers
@@ -572,6 +580,67 @@ def token_k_sum(node) -> Optional[RowsScatter]:
     return RowsScatter(acc=None, value=rows, anchor=node, inplace=False, replicated=K, T=T)
 
 
+def _same_type(node) -> Optional[fx.Node]:
+    """x of ``x.type(dtype)`` / ``x.to(dtype)`` when x already has that dtype (the same tensor), else None."""
+    if _is(node, "call_method", ("type", "to")) and len(node.args) == 2 and not node.kwargs \
+            and isinstance(node.args[1], torch.dtype) and isinstance(node.args[0], fx.Node) \
+            and dtype_of(node.args[0]) == node.args[1]:
+        return node.args[0]
+    return None
+
+
+@register("rows_combine", "setitem_perm_sum", "new = empty_like(y); new[perm] = y; new.view(T, K, d)"
+          "[.type(w.dtype)].mul_(w.unsqueeze(-1)).sum(1): rows in the order of perm back to (token, k) order by "
+          "a setitem, weighted per (token, slot), summed per token (DeepSeek-V2/V3 Hub moe_infer)")
+def setitem_perm_sum(node) -> Optional[RowsScatter]:
+    if not (_is(node, "call_method", "sum") and len(node.args) in (1, 2) and isinstance(node.args[0], fx.Node)):
+        return None
+    dim = node.args[1] if len(node.args) == 2 else node.kwargs.get("dim")
+    if dim not in (1, (1,)) or set(node.kwargs) - {"dim"}:
+        return None
+    m = node.args[0]
+    if not ((_is(m, "call_method", ("mul_", "mul")) or _is(m, "call_function", (operator.mul, torch.mul)))
+            and len(m.args) == 2 and not m.kwargs
+            and all(isinstance(a, fx.Node) for a in m.args)):
+        return None
+    t, wu = m.args
+    v = _same_type(t) or t
+    if not (_is(v, "call_method", ("view", "reshape")) and _is(v.args[0], "call_function", torch.empty_like)):
+        return None
+    new = v.args[0]
+    y = new.args[0] if new.args else None
+    vs, ys = shape_of(v), shape_of(y) if isinstance(y, fx.Node) else None
+    part_need("rows_combine", len(new.args) == 1 and not set(new.kwargs) - {"device"} and ys is not None
+              and len(ys) == 2 and vs is not None and len(vs) == 3 and int_value(vs[1]) is not None
+              and same(vs[2], ys[1]) and same(to_sympy(vs[0]) * int_value(vs[1]), ys[0]),
+              f"{new.name}: not empty_like of the (A, d) rows viewed as (T, K, d)")
+    T, K = vs[0], int_value(vs[1])
+    setters = [u for u in new.users if _is(u, "call_function", operator.setitem)]
+    part_need("rows_combine", len(setters) == 1 and set(new.users) == {setters[0], v} and setters[0].args[0] is new
+              and setters[0].args[2] is y and isinstance(setters[0].args[1], fx.Node),
+              f"{new.name}: not filled by one new[perm] = rows of the rows it was made from, or read elsewhere")
+    st, perm = setters[0], setters[0].args[1]
+    part_need("rows_combine", _sort_perm(perm) is not None and len(shape_of(perm) or ()) == 1
+              and same(shape_of(perm)[0], ys[0]),
+              f"{perm.name}: the rows are written back at something other than a sort permutation of all of them "
+              "(every row written once)")
+    order = node_order(node.graph)
+    part_need("rows_combine", order[st] < order[v], f"{new.name}: read before it is filled")
+    # the weighting: in place on the fresh (T, K, d) view (nothing else reads it), same dtype
+    chain = [v] + ([t] if t is not v else [])
+    part_need("rows_combine", all(set(n.users) == {nxt} for n, nxt in zip(chain, chain[1:] + [m]))
+              and set(m.users) == {node},
+              f"{m.name}: the weighted (T, K, d) rows are read by something else than the per-token sum")
+    w = wu.args[0] if _is(wu, "call_method", "unsqueeze") and _arg(wu, 1, "dim") in (-1, 2) else None
+    ws = shape_of(w) if isinstance(w, fx.Node) else None
+    part_need("rows_combine", ws is not None and len(ws) == 2 and same(ws[0], T) and same(ws[1], K),
+              f"{wu.name}: the rows are weighted by something else than w.unsqueeze(-1) of (T, K) scores")
+    part_need("rows_combine", dtype_of(w) == dtype_of(y) and dtype_of(t) == dtype_of(y),
+              f"{m.name}: the scores ({dtype_of(w)}) and the rows ({dtype_of(y)}) differ in dtype")
+    return RowsScatter(acc=None, value=y, anchor=node, inplace=False, replicated=K, T=T, perm=perm,
+                       orphans=[st] + ([m] if m.target == "mul_" else []), score_tk=w)
+
+
 @register("rows_combine", "einsum_tk", "einsum('tai,ta->ti', y, w): expert outputs (T, K, d) weighted by the "
           "scores (T, K) and summed per token (gpt-fast)")
 def einsum_tk(node) -> Optional[RowsScatter]:
@@ -654,14 +723,19 @@ def _topk_ids(node) -> Optional[fx.Node]:
 def _scatter_counts(counts) -> Optional[tuple]:
     """(ids (T, K), E) of JetMoE's ``zeros(T, E).scatter(1, ids, 1).long().sum(0)`` with ids top-k ids
     (distinct per row, so the 0/1 table sums to the histogram of the ids)."""
-    if not ((_is(counts, "call_method", "sum") or _is(counts, "call_function", torch.sum)) and len(counts.args) == 2
-            and counts.args[1] == 0 and not counts.kwargs):
+    if not ((_is(counts, "call_method", "sum") or _is(counts, "call_function", torch.sum)) and (
+            (len(counts.args) == 2 and counts.args[1] == 0 and not counts.kwargs)
+            or (len(counts.args) == 1 and counts.kwargs == {"dim": 0}))):
         return None
     g = counts.args[0]
+    inplace = _inplace_scatter(g, counts)
+    if inplace is not None:
+        g = inplace  # z.scatter_(1, ids, 1) then z.sum(0): the same table
     if _is(g, "call_method", ("long", "int")) and len(g.args) == 1:
         g = g.args[0]  # the table holds 0 and 1: exact in any dtype
-    g = safety.strip_casts(g)
-    if not ((_is(g, "call_method", "scatter") or _is(g, "call_function", torch.scatter)) and len(g.args) == 4
+    g = safety.strip_casts(g) if inplace is None else g
+    if not ((_is(g, "call_method", "scatter" if inplace is None else "scatter_")
+             or (inplace is None and _is(g, "call_function", torch.scatter))) and len(g.args) == 4
             and not g.kwargs and g.args[1] in (1, -1) and g.args[3] == 1 and type(g.args[3]) is int):
         return None
     z, ids = g.args[0], g.args[2]
@@ -670,6 +744,41 @@ def _scatter_counts(counts) -> Optional[tuple]:
             and _topk_ids(ids) is not None and same(zs[0], shape_of(ids)[0])):
         return None
     return ids, zs[1]
+
+
+def _inplace_scatter(z, counts) -> Optional[fx.Node]:
+    """The ``z.scatter_(1, ids, 1)`` node when ``z`` (zeros) is written by it alone, before ``counts``
+    reads it, and read by nothing else (DeepSeek-V2/V3 ``cnts.scatter_(1, topk_ids, 1)``)."""
+    if not (isinstance(z, fx.Node) and _zeros_start(z)):
+        return None
+    writes = safety.writes_to(z)
+    if len(writes) != 1 or not _is(writes[0], "call_method", "scatter_") or writes[0].args[0] is not z:
+        return None
+    w = writes[0]
+    order = node_order(z.graph)
+    if set(z.users) != {w, counts} or w.users or order[w] > order[counts]:
+        return None
+    return w
+
+
+def _one_hot_counts(counts) -> Optional[tuple]:
+    """(ids, E) of ``one_hot(ids, E).sum(0)`` with 1-D ids (rxlm): row j of the table is 1 at column
+    ids[j] (one_hot raises for an id outside [0, E)), so its column sums are the histogram of the ids
+    over E bins, as ``bincount(ids, minlength=E)``."""
+    if not ((_is(counts, "call_method", "sum") or _is(counts, "call_function", torch.sum)) and (
+            (len(counts.args) == 2 and counts.args[1] == 0 and not counts.kwargs)
+            or (len(counts.args) == 1 and counts.kwargs == {"dim": 0}))):
+        return None
+    oh = counts.args[0]
+    if _is(oh, "call_method", ("long", "int")) and len(oh.args) == 1:
+        oh = oh.args[0]
+    if not (_is(oh, "call_function", (torch.nn.functional.one_hot, torch._C._nn.one_hot)) and oh.args
+            and isinstance(oh.args[0], fx.Node)):
+        return None
+    E = _arg(oh, 1, "num_classes", -1)
+    if len(shape_of(oh.args[0]) or ()) != 1 or int_value(E) is None or int_value(E) < 0:
+        return None
+    return oh.args[0], int_value(E)
 
 
 def _counts_of(offsets) -> tuple:
@@ -690,6 +799,9 @@ def _counts_of(offsets) -> tuple:
     sc = _scatter_counts(counts)
     if sc is not None:
         return counts, sc[0], sc[1], ("scatter",)
+    oh = _one_hot_counts(counts)
+    if oh is not None:
+        return counts, oh[0], oh[1], ("one_hot",)
     raise Declined(f"dispatch: the per-expert counts {counts.name} are not histc/bincount of the expert ids")
 
 
@@ -923,6 +1035,8 @@ def analyse_combine(c: RowsScatter, mlp: RowsMLP, score_after) -> MoEBlock:
                                                                          "gathered row")
     E, n = _check_weights(mlp, xs[1])
     score = score_after if score_after is not None else score_before
+    if c.score_tk is not None:
+        need(score is None, "scores: routing weights are applied twice (to the rows and by the combine)")
     if score is not None:
         ss = shape_of(score)
         need(ss is not None and len(ss) == 2 and
@@ -947,7 +1061,7 @@ def analyse_combine(c: RowsScatter, mlp: RowsMLP, score_after) -> MoEBlock:
             for u in a.users:
                 if u is not c.anchor and order[u] < order[c.anchor] and not safety.is_view_of(u, a):
                     raise Declined(f"combine: the result is read before the rows are added ({u.format_node()})")
-    srcs = [x, g.index, g.index2d, c.index, c.index2d, c.perm, score, mlp.group[1]] + \
+    srcs = [x, g.index, g.index2d, c.index, c.index2d, c.perm, score, c.score_tk, mlp.group[1]] + \
         [p.bias_ids for p in mlp.projections()]
     if sorted_proof is not None:
         srcs += [sorted_proof["perm"], sorted_proof["ids"], sorted_proof["counts"], sorted_proof["counted"]]
@@ -990,6 +1104,11 @@ def analyse_combine(c: RowsScatter, mlp: RowsMLP, score_after) -> MoEBlock:
                                and len(shape_of(flat_scores.args[0]) or ()) == 1
                                and same(shape_of(flat_scores.args[0])[0], A))):
         unsorted = dict(ids=sorted_proof["ids"], scores=flat_scores.args[0] if score is not None else None)
+    # scores the combine applies in (token, k) order: the assignments' own order, so the ids must be
+    # the sorted top-k ids taken in that order too
+    need(c.score_tk is None or unsorted is not None,
+         "proof: the combine weights the rows in (token, k) order, and the sorted ids are not proven top-k ids "
+         "over the experts")
 
     def A_of(graph):  # from the routing, never from the rows (which would keep them alive)
         if g.index is not None:
@@ -1010,6 +1129,8 @@ def analyse_combine(c: RowsScatter, mlp: RowsMLP, score_after) -> MoEBlock:
         return _expert_ids_of(graph, mlp, A_of, E, anchor)
 
     def scores(graph):
+        if c.score_tk is not None:  # w[t, k] is the score of assignment t * K + k
+            return method(graph, "reshape", c.score_tk, -1, like=anchor)
         if unsorted is not None and unsorted["scores"] is not None:
             return unsorted["scores"]
         if flat_scores is not None:  # s of s.unsqueeze(-1): the column's own 1-D source

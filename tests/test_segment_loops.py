@@ -206,7 +206,7 @@ class OffsetPlusOne(DeepseekForm):
             end = start + n
             outputs.append(self.experts[i](sorted_tokens[start:end]))
             start = end - 1 if i == 99 else end  # not the carried end: advanced by something else
-        return _combine(outputs, idxs, topk_ids, topk_weight)
+        return _combine(torch.cat(outputs, dim=0), idxs, topk_ids, topk_weight)
 
 
 class OffsetTwice(DeepseekForm):
@@ -242,7 +242,7 @@ class TwoRowTensors(DeepseekForm):
             h = sorted_tokens[start:end] if i % 2 else other[start:end]  # rows from another tensor
             outputs.append(self.experts[i](h))
             start = end
-        return _combine(outputs, idxs, topk_ids, topk_weight)
+        return _combine(torch.cat(outputs, dim=0), idxs, topk_ids, topk_weight)
 
 
 class Reversed(DeepseekForm):
@@ -261,7 +261,7 @@ class Reversed(DeepseekForm):
                 continue
             outputs.append(self.experts[i](sorted_tokens[start:end]))
             start = end
-        return _combine(outputs[::-1], idxs, topk_ids, topk_weight)  # another order
+        return _combine(torch.cat(outputs[::-1], dim=0), idxs, topk_ids, topk_weight)  # another order
 
 
 class CountedOutputs(DeepseekForm):
@@ -280,7 +280,7 @@ class CountedOutputs(DeepseekForm):
                 continue
             outputs.append(self.experts[i](sorted_tokens[start:end]))
             start = end
-        return _combine(outputs, idxs, topk_ids, topk_weight) * len(outputs)  # how many experts had rows
+        return _combine(torch.cat(outputs, dim=0), idxs, topk_ids, topk_weight) * len(outputs)  # how many experts had rows
 
 
 class ConcatOtherDim(DeepseekForm):
@@ -302,8 +302,7 @@ class ConcatOtherDim(DeepseekForm):
         return torch.cat(outputs, -1).sum().expand(x.shape[0], D)
 
 
-def _combine(outputs, idxs, topk_ids, topk_weight):
-    outs = torch.cat(outputs, dim=0)
+def _combine(outs, idxs, topk_ids, topk_weight):
     new_x = torch.empty_like(outs)
     new_x[idxs] = outs
     return (new_x.view(*topk_ids.shape, -1) * topk_weight.unsqueeze(-1)).sum(1)
@@ -332,3 +331,147 @@ def test_near_miss_is_not_rewritten(cls, why):
 def test_explain_notes_name_the_segment_loop():
     notes = [n for n in capture.notes_for(DeepseekForm()) if n.rewritten]
     assert any("segment loop" in n.form for n in notes), [str(n) for n in notes]
+
+
+# --------------------------------------------------------------------------- the whole block: one fused op
+
+def _fused(backend) -> int:
+    return sum(g.code.count("torch.ops.moe_inductor.fused_moe") for g in backend.graphs)
+
+
+def _blocks(backend) -> list:
+    """The whole blocks rewritten (router to combine); the grouped MLP alone on rows already grouped
+    by expert (``local_experts``, score 1, the graph's own combine kept) is exact for any rows."""
+    return [c for r in backend.reports for c in r.candidates if c.status == "rewritten" and c.idiom == "sorted_rows"]
+
+
+@pytest.mark.parametrize("cls", [DeepseekForm, TolistNoSkip])
+def test_sorted_segment_block_is_fused_and_exact(cls):
+    """split + the same ModuleList MLP per chunk + cat -> grouped GEMMs on device offsets
+    (host_splits); scatter_ / one_hot counts of the sorted ids; new_x[perm] = y combine weighted
+    per (token, slot): one fused op, output and every gradient equal to eager."""
+    torch.manual_seed(0)
+    model = cls()
+    for x in (_tokens(7, 1), _skewed(model)):
+        backend = _compare(model, x)
+        assert len(backend.graphs) == 1 and _fused(backend) == 1 and len(_blocks(backend)) == 1, \
+            backend.graphs[0].code
+        torch._dynamo.reset()
+
+
+class CountsOfOtherIds(DeepseekForm):
+    """The counts are taken of other top-k ids than the ones sorted: the chunks are not the
+    experts' rows."""
+
+    def forward(self, x):
+        return self.moe_infer(x, *self.route(x))
+
+    def moe_infer(self, x, topk_ids, topk_weight):
+        other = (-self.gate(x)).topk(K, dim=-1)[1]
+        cnts = other.new_zeros((other.shape[0], len(self.experts)))
+        cnts.scatter_(1, other, 1)
+        tokens_per_expert = cnts.sum(dim=0)
+        idxs = topk_ids.view(-1).argsort()
+        sorted_tokens = x[idxs // topk_ids.shape[1]]
+        tokens_per_expert = tokens_per_expert.cpu().numpy()
+        outputs = []
+        start_idx = 0
+        for i, num_tokens in enumerate(tokens_per_expert):
+            end_idx = start_idx + num_tokens
+            if num_tokens == 0:
+                continue
+            outputs.append(self.experts[i](sorted_tokens[start_idx:end_idx]))
+            start_idx = end_idx
+        return _combine(torch.cat(outputs, dim=0), idxs, topk_ids, topk_weight)
+
+
+class WrittenBackElsewhere(DeepseekForm):
+    """The rows are written back at another permutation than the one they were gathered with."""
+
+    def forward(self, x):
+        return self.moe_infer(x, *self.route(x))
+
+    def moe_infer(self, x, topk_ids, topk_weight):
+        cnts = topk_ids.new_zeros((topk_ids.shape[0], len(self.experts)))
+        cnts.scatter_(1, topk_ids, 1)
+        idxs = topk_ids.view(-1).argsort()
+        sorted_tokens = x[idxs // K]
+        counts = cnts.sum(dim=0).tolist()
+        outputs = []
+        start = 0
+        for i, n in enumerate(counts):
+            end = start + n
+            outputs.append(self.experts[i](sorted_tokens[start:end]))
+            start = end
+        return _combine(torch.cat(outputs, dim=0), idxs.flip(0), topk_ids, topk_weight)
+
+
+class UnsortedRows(DeepseekForm):
+    """Segments of rows that were not sorted by expert (the rewritten loop is exact, the block is
+    not the sorted-rows MoE)."""
+
+    def forward(self, x):
+        return self.moe_infer(x, *self.route(x))
+
+    def moe_infer(self, x, topk_ids, topk_weight):
+        cnts = topk_ids.new_zeros((topk_ids.shape[0], len(self.experts)))
+        cnts.scatter_(1, topk_ids, 1)
+        idxs = topk_ids.view(-1).argsort()
+        rows = x.repeat_interleave(K, 0)
+        counts = cnts.sum(dim=0).tolist()
+        outputs = []
+        start = 0
+        for i, n in enumerate(counts):
+            end = start + n
+            outputs.append(self.experts[i](rows[start:end]))
+            start = end
+        return _combine(torch.cat(outputs, dim=0), idxs, topk_ids, topk_weight)
+
+
+class GeluExpert(MLP):
+    def forward(self, x):
+        return self.down_proj(F.gelu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class MixedExperts(DeepseekForm):
+    """Expert 1 computes another function (gelu): no grouped GEMM over all experts."""
+
+    def __init__(self):
+        super().__init__()
+        self.experts[1] = GeluExpert()
+
+    def forward(self, x):
+        return self.moe_infer(x, *self.route(x))
+
+
+class ScoresAppliedTwice(DeepseekForm):
+    def forward(self, x):
+        return self.moe_infer(x, *self.route(x))
+
+    def moe_infer(self, x, topk_ids, topk_weight):
+        idxs = topk_ids.view(-1).argsort()
+        cnts = topk_ids.new_zeros((topk_ids.shape[0], len(self.experts)))
+        cnts.scatter_(1, topk_ids, 1)
+        counts = cnts.sum(dim=0).tolist()
+        sorted_tokens = x[idxs // K]
+        s = topk_weight.view(-1)[idxs].unsqueeze(-1)
+        outputs = []
+        start = 0
+        for i, n in enumerate(counts):
+            end = start + n
+            outputs.append(self.experts[i](sorted_tokens[start:end]))
+            start = end
+        y = torch.cat(outputs, 0) * s
+        new_x = torch.empty_like(y)
+        new_x[idxs] = y
+        return (new_x.view(*topk_ids.shape, -1) * topk_weight.unsqueeze(-1)).sum(1)
+
+
+@pytest.mark.parametrize("cls", [CountsOfOtherIds, WrittenBackElsewhere, UnsortedRows, MixedExperts,
+                                 ScoresAppliedTwice])
+def test_block_near_miss_is_not_fused_and_exact(cls):
+    torch.manual_seed(0)
+    model = cls()
+    assert loop_capture.analyse(cls.moe_infer).replacement is not None  # the loop itself is rewritten
+    backend = _compare(model, _skewed(model))
+    assert len(backend.graphs) == 1 and not _blocks(backend), backend.graphs[0].code

@@ -370,16 +370,16 @@ _NOTE = ("@torch.no_grad() moe_infer: scatter_ counts, argsort, x[idxs // K], .c
 ENTRIES = [
     Idiom("deepseek_moe_infer_v3", "DeepSeek-V3 Hub modeling_deepseek.py DeepseekV3MoE.moe_infer + MoEGate "
           "(sigmoid, noaux_tc) + DeepseekV3MLP, eval mode, ep_size 1",
-          seeded(105, v3), _x3d, expect="pending", faithful=True, fullgraph=False, other_gemms=4,
+          seeded(105, v3), _x3d, expect=1, faithful=True, fullgraph=False, other_gemms=4,
           note=_NOTE + "; the noaux_tc gate (correction bias as a parameter, top-2-sum group scores, masked_fill "
                        "0.0, renormalise + 1e-20, scale)"),
     Idiom("deepseek_moe_infer_v2", "DeepSeek-V2 Hub modeling_deepseek.py DeepseekV2MoE.moe_infer + MoEGate "
           "(softmax, group_limited_greedy) + DeepseekV2MLP, eval mode, ep_size 1",
-          seeded(106, v2), _x3d, expect="pending", faithful=True, fullgraph=False, other_gemms=4,
+          seeded(106, v2), _x3d, expect=1, faithful=True, fullgraph=False, other_gemms=4,
           note=_NOTE + "; the group-limited gate (max group score, scatter_ mask, masked_fill 0.0, x16 scale "
                        "without renormalisation), aux loss None in eval"),
     Idiom("deepseek_moe_infer_v2_lite", "DeepSeek-V2-Lite Hub modeling_deepseek.py DeepseekV2MoE.moe_infer + "
           "MoEGate (softmax, greedy) + DeepseekV2MLP, eval mode, ep_size 1",
-          seeded(107, v2_lite), _x3d, expect="pending", faithful=True, fullgraph=False, other_gemms=4,
+          seeded(107, v2_lite), _x3d, expect=1, faithful=True, fullgraph=False, other_gemms=4,
           note=_NOTE + "; the greedy softmax gate with topk(sorted=False)"),
 ]
