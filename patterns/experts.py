@@ -31,7 +31,7 @@ import torch.fx as fx
 
 from moe_inductor import safety
 from moe_inductor.parts import ExpertMLP, IdentityExpert, decline, need, recognise, register
-from moe_inductor.rewrite import gemm_name, shape_of
+from moe_inductor.rewrite import dtype_of, gemm_name, shape_of
 
 from moe_inductor.rewrite import Declined
 
@@ -103,6 +103,20 @@ def _gemm_of(node: fx.Node) -> str:
     return "aten::matmul"
 
 
+def _zero_offset(node):
+    """x of ``x + 0`` / ``0 + x`` / ``x - 0`` (a Python zero, same shape and dtype: Megatron-Core's
+    ``x_linear + glu_linear_offset`` with the default offset 0.0), else ``node``. The value is x's (a
+    negative zero becomes +0, equal as a number) and so is the gradient."""
+    if isinstance(node, fx.Node) and node.op == "call_function" and node.target in (operator.add, operator.sub) \
+            and len(node.args) == 2 and not node.kwargs:
+        a, b = node.args
+        for x, z in ((a, b), (b, a)) if node.target is operator.add else ((a, b),):
+            if isinstance(x, fx.Node) and type(z) in (int, float) and z == 0 and safety.same_shape(x, node) \
+                    and dtype_of(x) == dtype_of(node):
+                return safety.strip_identity(x)
+    return node
+
+
 def _chunk_halves(a, b) -> Optional[fx.Node]:
     """The fused gate_up output h if a, b are its concatenated halves (``common.halves``)."""
     found = halves(a, b)
@@ -147,7 +161,7 @@ def walk_mlp(out, proj, part: str, gemm: str, check=None, more_activations: bool
             name, inner = unary_activation(a)
             if name is None:
                 continue
-            h = _chunk_halves(inner, safety.strip_identity(b))
+            h = _chunk_halves(inner, _zero_offset(safety.strip_identity(b)))
             if h is not None:
                 g = proj(safety.strip_identity(h))
                 if g is None:
@@ -157,7 +171,7 @@ def walk_mlp(out, proj, part: str, gemm: str, check=None, more_activations: bool
                 return _with_layout(ExpertMLP(input=g[0], output=out, activation=GATED_OF[name], gate=g[1],
                                               down=down[1], b_gate=g[3], b_down=down[3], gemm=gemm), transposed)
             g = proj(safety.strip_identity(inner))
-            u = proj(safety.strip_identity(b))
+            u = proj(_zero_offset(safety.strip_identity(b)))
             if g is not None and u is not None and safety.equivalent(g[0], u[0]):
                 need(part, name in GATED_OF, f"{a.name}: gated activation {name} is not supported")
                 need(part, (g[3] is None) == (u[3] is None), "gate and up projections differ in having a bias")

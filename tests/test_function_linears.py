@@ -201,25 +201,27 @@ class FnLinear(nn.Module):
 
 
 class GluExpert(nn.Module):
-    """Megatron's ``MLP``: fc1 2N wide (gate | up), ``chunk(2, -1)``, ``silu(gate) * up``, fc2."""
+    """Megatron's ``MLP``: fc1 2N wide (gate | up), ``chunk(2, -1)``, ``silu(gate) * (up + offset)``
+    (``glu_linear_offset``, default 0.0: Megatron writes the add; None: no add), fc2."""
 
-    def __init__(self, fn, bias=False):
+    def __init__(self, fn, bias=False, offset=None):
         super().__init__()
+        self.offset = offset
         self.fc1 = FnLinear(fn, D, 2 * N, bias)
         self.fc2 = FnLinear(fn, N, D, bias)
 
     def forward(self, x):
         gate, up = torch.chunk(self.fc1(x), 2, dim=-1)
-        return self.fc2(F.silu(gate) * up)
+        return self.fc2(F.silu(gate) * (up if self.offset is None else up + self.offset))
 
 
 class LoopMoE(nn.Module):
     """Top-k softmax router, per-expert loop over ``where(ids == e)`` rows, ``index_add_``."""
 
-    def __init__(self, fn, bias=False):
+    def __init__(self, fn, bias=False, offset=None):
         super().__init__()
         self.gate = nn.Linear(D, E, bias=False)
-        self.experts = nn.ModuleList(GluExpert(fn, bias) for _ in range(E))
+        self.experts = nn.ModuleList(GluExpert(fn, bias, offset) for _ in range(E))
 
     def forward(self, x):
         w, ids = torch.topk(torch.softmax(self.gate(x), dim=-1), K, dim=-1)
@@ -256,12 +258,19 @@ def _run(module):
 
 
 @pytest.mark.parametrize("build", [lambda: LoopMoE(MegatronLinear), lambda: LoopMoE(PlainLinear, bias=True),
-                                   lambda: Top1Masked(PlainLinear)],
-                         ids=["loop_megatron", "loop_plain_bias", "top1_masked"])
+                                   lambda: Top1Masked(PlainLinear), lambda: LoopMoE(MegatronLinear, offset=0.0)],
+                         ids=["loop_megatron", "loop_plain_bias", "top1_masked", "loop_megatron_zero_offset"])
 def test_function_linears_rewritten(build):
     torch.manual_seed(0)
     cands = _run(build())
     assert cands and all(c.status == "rewritten" for c in cands), [(c.status, c.reason) for c in cands]
+
+
+def test_nonzero_glu_offset_not_rewritten():
+    """Near miss: ``silu(gate) * (up + 1.0)`` is not the SwiGLU of the halves (only a zero offset is read through)."""
+    torch.manual_seed(0)
+    cands = _run(LoopMoE(MegatronLinear, offset=1.0))
+    assert not any(c.status == "rewritten" for c in cands), [(c.status, c.reason) for c in cands]
 
 
 @pytest.mark.parametrize("fn", [ScaledGrad, PlusOne, NoWeightGrad, NoBiasGrad])
