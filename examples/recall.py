@@ -116,7 +116,11 @@ def main(argv=None) -> int:
     p.add_argument("--all", action="store_true", help="every catalogue entry, not only the faithful ones")
     p.add_argument("--light", action="store_true", help="rewrite only, no Inductor code generation")
     p.add_argument("--json", default="", help="write the records here")
+    p.add_argument("--markdown", default="", help="print the table of a --json file (the README's) and exit")
     a = p.parse_args(argv)
+    if a.markdown:
+        print(markdown(a.markdown))
+        return 0
     from idiom_catalogue import BY_NAME, CATALOGUE
 
     if a.names:
@@ -146,6 +150,30 @@ def main(argv=None) -> int:
             json.dump(dict(torch=torch.__version__, backend="light" if a.light else "sonic",
                            recalled=n, total=len(records), records=records), f, indent=1)
     return 0
+
+
+def markdown(path: str) -> str:
+    """The README's catalogue table from a --json file: entry, source, result, what was kept."""
+    from idiom_catalogue import BY_NAME
+
+    with open(path) as f:
+        data = json.load(f)
+    rows = ["| entry | source | result | kept (what a quick re-spelling drops) |", "|---|---|---|---|"]
+    for r in data["records"]:
+        idiom = BY_NAME.get(r["name"])
+        if r.get("crash"):
+            result = f"crash: {r['crash'][:80]}"
+        elif r["recalled"]:
+            result = "rewritten from the first call, exact"
+        elif r["exact"] and r["fused_calls"][-1] == r["expected"]:
+            result = "rewritten from the second call, exact"
+        else:
+            why = (r.get("declined") or r.get("break_reasons") or ["no candidate"])[0]
+            why = why.split("\n")[0].split(": ", 1)[-1][:110].replace("|", "/")
+            result = f"not rewritten ({'exact' if r['exact'] else 'NOT EXACT'}): {why}"
+        note = (idiom.note if idiom else "").replace("|", "/")
+        rows.append(f"| `{r['name']}` | {r['source'].replace('|', '/')} | {result} | {note} |")
+    return "\n".join(rows)
 
 
 if __name__ == "__main__":
