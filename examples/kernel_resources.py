@@ -91,9 +91,17 @@ class Scenario:
 
 
 # (T, d, n, E, K). All multiples of 16 like real model sizes, so Triton's divisibility
-# specialisations match a real launch. "prefill": ~256 rows per expert (full row tiles);
-# "decode": ~1 row per expert (where a kernel may choose a small row tile from static shapes).
-SHAPES = {"prefill": (512, 256, 128, 4, 2), "decode": (16, 256, 128, 64, 4)}
+# specialisations match a real launch. One shape per row tile that config.kernel_tile_m can choose
+# (the GEMMs' BLOCK_M, part of their autotune key): "prefill" ~256 rows per expert (128-row tiles);
+# "decode" ~1 row per expert (16-row tiles); "decode_m32" / "decode_m64" 32 / 64 rows per expert
+# (small batches, the graph tests' shapes: 32- and 64-row tiles).
+SHAPES = {
+    "prefill": (512, 256, 128, 4, 2),
+    "decode": (16, 256, 128, 64, 4),
+    "decode_m32": (64, 256, 128, 8, 4),
+    "decode_m64": (128, 256, 128, 8, 4),
+}
+SHAPE_TILE_M = {"prefill": 128, "decode": 16, "decode_m32": 32, "decode_m64": 64}
 
 
 @dataclasses.dataclass
@@ -307,6 +315,11 @@ def record_launches(scenarios, archs, jits, tuners) -> tuple[list[Launch], list[
 
 def _run_scenario(sc: Scenario, parse_activation, fused_moe) -> None:
     T, d, n, E, K = SHAPES[sc.shape]
+    from moe_inductor.kernels import config
+
+    tile = config.kernel_tile_m(T * K, E)
+    if tile != SHAPE_TILE_M[sc.shape]:
+        raise RuntimeError(f"shape {sc.shape} gives row tile {tile}, not {SHAPE_TILE_M[sc.shape]}: update SHAPES")
     act = parse_activation(sc.activation)
     dt = DTYPES[sc.dtype]
     g = torch.Generator().manual_seed(0)
@@ -327,7 +340,7 @@ def _run_scenario(sc: Scenario, parse_activation, fused_moe) -> None:
 def default_scenarios(dtypes, acts, shapes=tuple(SHAPES), kinds=("plain", "flags")) -> list[Scenario]:
     """Every dtype x activation in the plain layout, and per dtype the flags that add code: biases,
     interleaved gate/up and recomputed H (with the heaviest gated epilogue, GPT-OSS, and with a
-    non-gated one), each at the prefill and the decode shape."""
+    non-gated one), each at every shape (row tiles 128, 16, 32, 64)."""
     out = []
     for dt in dtypes:
         for a in acts if "plain" in kinds else ():
@@ -516,6 +529,7 @@ def collect(archs, dtypes, acts, kernels=None, jobs=2, shapes=tuple(SHAPES), kin
                      "ptxas": {str(a): _ptxas_version(a) for a in archs}},
         "limits": {str(a): ARCH_LIMITS[a] for a in archs},
         "shapes": SHAPES,
+        "shape_tile_m": {k: SHAPE_TILE_M[k] for k in shapes},
         "scenarios": [dataclasses.asdict(s) for s in scenarios],
         "discovery_errors": errors,
         "never_launched": never,

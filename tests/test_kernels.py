@@ -805,8 +805,8 @@ asms = [
 compile_sm90(cb._gather_sum_kernel, "bf16", dict(HAS_SCALE=True, INTERPRET=False, BLOCK_J=8, BLOCK_D=1024), 4, 1)
 compile_sm90(rm._sorted_rows_kernel, "fp32", dict(WRITE_ORDER=True, BLOCK=1024), 4, 1)
 compile_sm90(rm._schedule_kernel, "fp32", dict(BLOCK=1024, BLOCK_P=128, BLOCK_E=64), 4, 1)
-compile_sm90(cb._segment_colsum_kernel, "bf16", dict(GATHER=True, HAS_SCALE=True, INTERPRET=False, BLOCK_R=64,
-             BLOCK_C=256), 4, 1)
+compile_sm90(cb._segment_colsum_kernel, "bf16", dict(GATHER=True, HAS_SCALE=True, INTERPRET=False, BLOCK_R=cb._COLSUM_BLOCK_R,
+             BLOCK_C=cb._COLSUM_BLOCK_C), cb._COLSUM_WARPS, 1)
 print("PIPELINED", *[a["ttgir"].count("async_copy_global_to_local") for a in asms])
 # the fp32 specialisation (IEEE=True, what dot_flags gives fp32 by default) must not use tf32
 print("FP32_TF32", int("tf32" in asms[2]["ptx"]))

@@ -24,8 +24,17 @@ from .jit_utils import cast
 from .launch_utils import INTERPRET, alloc, autotune_configs
 from .routing_meta import RoutingMeta
 
-_COLSUM_BLOCK_R = 16 if INTERPRET else 64
-_COLSUM_BLOCK_C = 64 if INTERPRET else 256
+# Per-expert column sums (db1, db2): a program owns BLOCK_C columns of one expert and adds the
+# expert's rows in blocks of BLOCK_R (each block summed, then added to the fp32 total). Fixed
+# constants, not autotuned: the summation order follows them, so results stay bitwise reproducible.
+# The gathered variant (db2: rows of dY read through tok_sorted, scaled) holds BLOCK_R * BLOCK_C /
+# (32 * warps) loaded elements and as many 64-bit addresses per thread: (64, 256) at 4 warps spilled
+# about 3 KB under triton 3.6 / ptxas 12.8 for sm_90 (none under triton 3.9), (64, 128) at 4 warps
+# and (64, 256) at 8 warps spilled under 3.6 too; (32, 128) at 4 warps uses 128 registers, no
+# spills under either (examples/kernel_resources.py, all dtypes, row tiles 16-128).
+_COLSUM_BLOCK_R = 16 if INTERPRET else 32
+_COLSUM_BLOCK_C = 64 if INTERPRET else 128
+_COLSUM_WARPS = 4
 
 
 # The gather-and-sum is bandwidth bound (each of a token's rows of D elements read once). A program
@@ -148,6 +157,6 @@ def segment_colsum(
         out.stride(0), out.stride(1),
         GATHER=src_rows is not None, HAS_SCALE=scale_sorted is not None, INTERPRET=INTERPRET,
         BLOCK_R=_COLSUM_BLOCK_R, BLOCK_C=_COLSUM_BLOCK_C,
-        num_warps=4,
+        num_warps=_COLSUM_WARPS,
     )
     return out
