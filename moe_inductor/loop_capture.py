@@ -1127,8 +1127,9 @@ def _segment_loop(fdef, loop, self_name, stores, glb) -> Optional[tuple]:
         T = v.value.id
         if stores.get(n, 0) != 1 or body.index(counts_def[0]) > body.index(end_defs[0]):
             raise Decline(counts_def[0], f"the count `{n}` is bound elsewhere or after its use")
-        sizes_stmt = ast.Assign(targets=[ast.Name(sizes, ast.Store())],
-                                value=ast.parse(f"{T}.tolist()", mode="eval").body)
+        # T[i] of a tensor (a list of ints, read the same way, is split by itself)
+        sizes_stmt = ast.Assign(targets=[ast.Name(sizes, ast.Store())], value=ast.parse(
+            f"{T}.tolist() if isinstance({T}, torch.Tensor) else list({T})", mode="eval").body)
         counts_def = counts_def[0]
     else:
         raise Decline(loop, f"`for {_short(tgt)} in {_short(it)}` is not `enumerate(host counts)` or `range(E)`")
@@ -1610,9 +1611,13 @@ def host_count_splits(fn, depth: int = 0) -> list:
     except Exception:  # never fail over this
         new = None
     if new is not None and getattr(new, "_sonic_source", None):
+        line = fdef.lineno
         fdef = ast.parse(new._sonic_source).body[0]
         if isinstance(fdef, ast.FunctionDef) and fdef.name == "_sonic_factory":
             fdef = fdef.body[0]
+        for n in ast.walk(fdef):  # the rewritten source has no lines of its own: the function's line
+            if hasattr(n, "lineno"):
+                n.lineno = line
     return out + _split_notes(fdef, filename, qual)
 
 
@@ -1643,7 +1648,8 @@ def _split_notes(fdef, filename, qual) -> list:
     args = fdef.args
     params = {a.arg for a in args.posonlyargs + args.args + args.kwonlyargs}
     host = {n.targets[0].id for n in ast.walk(fdef) if isinstance(n, ast.Assign) and len(n.targets) == 1
-            and isinstance(n.targets[0], ast.Name) and _is_method(n.value, {"tolist"})}
+            and isinstance(n.targets[0], ast.Name) and (_is_method(n.value, {"tolist"}) or (
+                isinstance(n.value, ast.IfExp) and _is_method(n.value.body, {"tolist"})))}  # a segment loop's sizes
     if not any(_is_torch_fn(n, {"cat", "concat", "concatenate"}) for n in ast.walk(fdef)):
         return []
     out = []
