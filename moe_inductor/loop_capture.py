@@ -1194,12 +1194,24 @@ def _segment_loop(fdef, loop, self_name, stores, glb) -> Optional[tuple]:
     out = f"_sonic_out{tag}"
     rest_wo_append = [s for s in rest if not (isinstance(s, ast.Expr) and _is_method(s.value, {"append"})
                                                 and _is_name(s.value.func.value, L))]
+    # an expert that was skipped now runs: nothing it does may outlive the iteration but its output
+    for st in (x for s in rest_wo_append for x in ast.walk(s)):
+        if isinstance(st, (ast.Assign, ast.AugAssign, ast.AnnAssign)):
+            targets = st.targets if isinstance(st, ast.Assign) else [st.target]
+            if any(not isinstance(t, (ast.Name, ast.Tuple)) or isinstance(t, ast.Tuple)
+                   and not all(isinstance(e, ast.Name) for e in t.elts) for t in targets):
+                raise Decline(st, f"`{_short(st)}` writes outside the iteration (an expert without rows now runs)")
+        elif isinstance(st, ast.Expr) and not isinstance(st.value, ast.Constant):
+            raise Decline(st, f"`{_short(st)}`: a call whose result is not used (an expert without rows now runs)")
     body_names = set().union(*(set(_names_stored(s)) for s in body)) | {i, n}
     outer = {k for k in stores if k not in body_names} | {chunks}
     checker = _Body(self_name, {}, outer, {i}, None, [])
     checker._body_names = set().union(*(set(_names_stored(s)) for s in rest_wo_append)) if rest_wo_append else set()
     checker.block(rest_wo_append, [])
     checker.check_expr(append.value.args[0])
+    if checker.accumulators:
+        raise Decline(loop, f"`{sorted(checker.accumulators)[0]}` accumulates across experts (an expert without rows "
+                            f"now runs)")
     for s in _following(fdef, loop):
         for name in sorted((body_names - {L}) & _names_loaded(s)):
             raise Decline(loop, f"`{name}`, bound in the loop, is read after it (line {s.lineno})")

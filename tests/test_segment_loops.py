@@ -302,6 +302,47 @@ class ConcatOtherDim(DeepseekForm):
         return torch.cat(outputs, -1).sum().expand(x.shape[0], D)
 
 
+class CountsCalls(DeepseekForm):
+    """Besides its output, each expert that ran adds to a tally: running the skipped experts on
+    empty chunks would add more."""
+
+    def moe_infer(self, x, topk_ids, topk_weight):
+        idxs = topk_ids.view(-1).argsort()
+        sorted_tokens = x[idxs // K]
+        counts = torch.bincount(topk_ids.view(-1), minlength=E).tolist()
+        tally = torch.zeros(())
+        outputs = []
+        start = 0
+        for i, n in enumerate(counts):
+            end = start + n
+            if n == 0:
+                continue
+            outputs.append(self.experts[i](sorted_tokens[start:end]))
+            tally += 1.0
+            start = end
+        return _combine(torch.cat(outputs, dim=0), idxs, topk_ids, topk_weight) * tally
+
+
+class TallyInPlace(CountsCalls):
+    """The same tally as an ``index_add_`` into a tensor from outside the loop."""
+
+    def moe_infer(self, x, topk_ids, topk_weight):
+        idxs = topk_ids.view(-1).argsort()
+        sorted_tokens = x[idxs // K]
+        counts = torch.bincount(topk_ids.view(-1), minlength=E).tolist()
+        tally = torch.zeros(1)
+        outputs = []
+        start = 0
+        for i, n in enumerate(counts):
+            end = start + n
+            if n == 0:
+                continue
+            outputs.append(self.experts[i](sorted_tokens[start:end]))
+            tally.index_add_(0, torch.zeros(1, dtype=torch.long), torch.ones(1))
+            start = end
+        return _combine(torch.cat(outputs, dim=0), idxs, topk_ids, topk_weight) * tally
+
+
 def _combine(outs, idxs, topk_ids, topk_weight):
     new_x = torch.empty_like(outs)
     new_x[idxs] = outs
@@ -315,6 +356,8 @@ def _combine(outs, idxs, topk_ids, topk_weight):
     (Reversed, "torch.cat"),
     (CountedOutputs, "torch.cat"),
     (ConcatOtherDim, "torch.cat"),
+    (CountsCalls, "accumulates"),
+    (TallyInPlace, "an expert without rows now runs"),
 ])
 def test_near_miss_is_not_rewritten(cls, why):
     torch.manual_seed(0)
