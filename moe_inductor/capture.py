@@ -225,6 +225,8 @@ def _frame_modules(f_locals: dict):
     """The nn.Modules among ``f_locals`` and their submodules (each top-level module walked once)."""
     seen: set = set()
     for value in list(f_locals.values()):
+        if isinstance(value, CapturableForward):  # the capturable forward's own frame: its module
+            value = value.module
         if not isinstance(value, torch.nn.Module) or id(value) in seen:
             continue
         seen.add(id(value))
