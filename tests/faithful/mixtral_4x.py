@@ -147,7 +147,7 @@ ENTRIES = [
     Idiom("mixtral_4x_expert_hit", "transformers v4.55.0 models/mixtral/modeling_mixtral.py MixtralSparseMoeBlock "
           "(loop over greater(expert_mask.sum((-1, -2)), 0).nonzero())",
           seeded(150, lambda: KeepRouterLogits(MixtralSparseMoeBlockExpertHit(MixtralConfigLite()))), _x3d,
-          expect="pending", fullgraph=False, faithful=True,
+          expect=1, fullgraph=False, faithful=True,
           note="the loop over the nonzero() tensor of hit experts, the ModuleList indexed by a 1-element "
                "tensor and expert_mask[expert_idx].squeeze(0)"),
 ]
