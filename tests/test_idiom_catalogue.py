@@ -110,7 +110,26 @@ def close(got, want, idiom, what: str) -> None:
     assert worst <= 0.25 * w.abs().max().item() + 1e-6, f"{what}: an element is off by {worst:.3g}"
 
 
-@pytest.mark.parametrize("name", [i.name for i in CATALOGUE])
+#: entries that torch 2.11's Dynamo itself gets wrong (checked with backend="eager" too), not the rewrite:
+#: strict xfail there, so that a torch that fixes them is noticed
+_TORCH_211_DYNAMO = {
+    "deepspeed_moe_top1": "torch 2.11 compiles DeepSpeed's _AllToAll (empty_like + copy_ in an autograd.Function, "
+                          "kept since the block is not rewritten) with zero input gradients, backend='eager' too",
+    "deepspeed_moe_top2": "as deepspeed_moe_top1",
+    "labml_switch_default": "torch 2.11's Dynamo cannot build new_tensor from len() of a data-dependent nonzero "
+                            "under fullgraph (UserError u0); 2.13 can",
+    "labml_switch_unscaled": "as labml_switch_default",
+}
+_OLD_TORCH = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2]) < (2, 12)
+
+
+def _param(name):
+    if _OLD_TORCH and name in _TORCH_211_DYNAMO:
+        return pytest.param(name, marks=pytest.mark.xfail(reason=_TORCH_211_DYNAMO[name], strict=True))
+    return name
+
+
+@pytest.mark.parametrize("name", [_param(i.name) for i in CATALOGUE])
 def test_idiom(name, record_property):
     idiom = BY_NAME[name]
     backend = check_against_eager(idiom)
