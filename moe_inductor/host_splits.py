@@ -180,8 +180,12 @@ def _linear_of(node) -> Optional[tuple]:
     return inp, weight
 
 
-def _match(split: fx.Node, shape_of) -> tuple:
-    """(counts, rows, W, cat, erasable nodes) or a reason string."""
+def _split_by_counts(split: fx.Node, shape_of) -> object:
+    """(counts, rows, E, {i: chunk i}) of a split of 2-D rows over dimension 0 by the host counts
+    ``counts[0].item() .. counts[E-1].item()`` of one unwritten 1-D tensor with E entries, each chunk
+    used one by one; a reason string; or None when the split is not by host counts at all."""
+    from .safety import writes_to
+
     parts = _split_parts(split)
     if parts is None:
         return None
@@ -192,14 +196,11 @@ def _match(split: fx.Node, shape_of) -> tuple:
     E = len(sizes)
     if any(_is_item_of(s, counts, i) is None for i, s in enumerate(sizes)):
         return f"{split.name}: the split sizes are not counts[0].item() .. counts[{E - 1}].item() of one tensor in order"
-    cs = shape_of(counts)
+    cs, xs = shape_of(counts), shape_of(rows)
     if cs is None or len(cs) != 1 or cs[0] != E:
         return f"{split.name}: the split uses {E} of the counts {counts.name} (shape {cs}), not all of them"
-    xs = shape_of(rows)
     if xs is None or len(xs) != 2 or dim not in (0, -2):
         return f"{split.name}: not a split of 2-D rows over dimension 0"
-    from .safety import writes_to
-
     for value in (counts, rows):  # the grouped GEMM reads both later than the split and the host copy did
         w = writes_to(value)
         if w:
@@ -212,6 +213,15 @@ def _match(split: fx.Node, shape_of) -> tuple:
         chunks[u.args[1]] = u
     if len(chunks) != E:
         return f"{split.name}: only {len(chunks)} of the {E} chunks are used"
+    return counts, rows, E, chunks
+
+
+def _match(split: fx.Node, shape_of) -> tuple:
+    """(counts, rows, W, cat, erasable nodes) or a reason string."""
+    found = _split_by_counts(split, shape_of)
+    if not isinstance(found, tuple):
+        return found
+    counts, rows, E, chunks = found
     W = cat = None
     erase = []
     outs = []
@@ -290,34 +300,10 @@ def _match_mlp(split: fx.Node, shape_of) -> object:
     without bias, the same activation) + cat over dim 0 in chunk order; a reason string; or None."""
     from moe_inductor.patterns.experts import mlp as expert_mlp
 
-    from .safety import writes_to
-
-    parts = _split_parts(split)
-    if parts is None:
-        return None
-    rows, sizes, dim = parts
-    counts = _is_item_of(sizes[0], None, 0)
-    if counts is None:
-        return None
-    E = len(sizes)
-    if any(_is_item_of(s, counts, i) is None for i, s in enumerate(sizes)):
-        return f"{split.name}: the split sizes are not counts[0].item() .. counts[{E - 1}].item() of one tensor in order"
-    cs, xs = shape_of(counts), shape_of(rows)
-    if cs is None or len(cs) != 1 or cs[0] != E:
-        return f"{split.name}: the split uses {E} of the counts {counts.name} (shape {cs}), not all of them"
-    if xs is None or len(xs) != 2 or dim not in (0, -2):
-        return f"{split.name}: not a split of 2-D rows over dimension 0"
-    for value in (counts, rows):
-        if writes_to(value):
-            return f"{writes_to(value)[0].name} writes into {value.name} in place"
-    chunks: dict = {}
-    for u in split.users:
-        if not (u.op == "call_function" and u.target is operator.getitem and type(u.args[1]) is int
-                and 0 <= u.args[1] < E and u.args[1] not in chunks):
-            return f"{split.name}: the chunks are used other than one by one ({u.name})"
-        chunks[u.args[1]] = u
-    if len(chunks) != E:
-        return f"{split.name}: only {len(chunks)} of the {E} chunks are used"
+    found = _split_by_counts(split, shape_of)
+    if not isinstance(found, tuple):
+        return found
+    counts, rows, E, chunks = found
     cats = {u for c in chunks.values() for n in _downstream(c) for u in n.users
             if u.op == "call_function" and u.target is torch.cat}
     if len(cats) != 1:
