@@ -231,12 +231,9 @@ def _tokens_written_after(block) -> Optional[fx.Node]:
     x = block.x
     if not isinstance(x, fx.Node):
         return None
-    order = safety.node_order(gm_graph := x.graph)
+    order = safety.node_order(x.graph)
     end = order.get(block.anchor, -1)
-    for w in safety.writes_to(x):
-        if w.graph is gm_graph and order[w] > end:
-            return w
-    return None
+    return next((w for w in safety.writes_to(x) if order[w] > end), None)
 
 
 def rewrite_moe(gm: fx.GraphModule, opts: SonicOptions) -> CompileReport:

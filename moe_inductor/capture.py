@@ -99,10 +99,15 @@ def _methods(cls) -> dict:
     return found
 
 
-def _has_loop(code) -> bool:
-    import dis
+_loops: dict = {}  # code object -> whether it has a for loop
 
-    return any(ins.opname == "FOR_ITER" for ins in dis.get_instructions(code))
+
+def _has_loop(code) -> bool:
+    if code not in _loops:
+        import dis
+
+        _loops[code] = any(ins.opname == "FOR_ITER" for ins in dis.get_instructions(code))
+    return _loops[code]
 
 
 def _skip_class(cls) -> bool:
@@ -141,20 +146,15 @@ def _analyse(forward) -> tuple:
 
 def replacement_for(cls) -> object:
     """The capturable replacement of ``cls.forward`` (a function taking the module first), or None."""
-    forward = getattr(cls, "forward", None)
-    if forward is None or _skip_class(cls):
-        return None
-    return _analyse(forward)[0]
+    return replacements_for(cls).get("forward")
 
 
 def replacements_for(cls) -> dict:
     """{method name: capturable replacement} for ``forward`` and the other methods of ``cls`` with a
-    rewritten per-expert loop (only methods whose source has a loop are analysed in full)."""
+    rewritten per-expert loop (only methods whose code loops are analysed; each function once).
+    Read from the class each time, so a method replaced on the class later is seen."""
     if _skip_class(cls):
         return {}
-    with _lock:
-        if cls in _by_class:
-            return _by_class[cls]
     out = {}
     try:
         for name, fn in _methods(cls).items():
@@ -163,12 +163,7 @@ def replacements_for(cls) -> dict:
                 out[name] = replacement
     except Exception as e:  # never fail a compile over this
         log.debug("sonic: could not read the methods of %s: %s", cls.__qualname__, e)
-    with _lock:
-        _by_class[cls] = out
     return out
-
-
-_by_class: dict = {}  # module class -> replacements_for
 
 
 def notes_for(module: torch.nn.Module) -> list:
@@ -253,13 +248,20 @@ def needs_trampoline(code, f_locals: dict) -> bool:
     """The frame Dynamo is about to trace is the class ``forward`` (code ``code``) of a module that
     ``prepare`` just gave a capturable one (the compiled module is itself the loop's owner:
     ``torch.compile(moe_block)``), and a trampoline can stand in for it (``trampoline_for``)."""
+    return _owner_of(code, f_locals) is not None and trampoline_for(code) is not None
+
+
+def _owner_of(code, f_locals: dict):
+    """The module whose original class ``forward`` (code ``code``) the frame runs, when the module
+    has a capturable forward; else None."""
     names = code.co_varnames[:1]
     module = f_locals.get(names[0]) if names else None
     if not isinstance(module, torch.nn.Module):
-        return False
+        return None
     mine = module.__dict__.get("forward")
-    return isinstance(mine, CapturableForward) and getattr(mine.original, "__code__", None) is code \
-        and trampoline_for(code) is not None
+    if not isinstance(mine, CapturableForward) or getattr(mine.original, "__code__", None) is not code:
+        return None
+    return module
 
 
 #: the constant a trampoline's template calls, replaced by ``_enter_capturable`` in its co_consts
@@ -353,12 +355,8 @@ def restart_error(code, f_locals: dict):
     would trace the original loop. Returns a soft Dynamo error that runs this one call eagerly and
     lets Dynamo compile again on the next call, which goes through the instance ``forward``; None
     otherwise (and on a torch without frame execution strategies)."""
-    names = code.co_varnames[:1]
-    module = f_locals.get(names[0]) if names else None
-    if not isinstance(module, torch.nn.Module):
-        return None
-    mine = module.__dict__.get("forward")
-    if not isinstance(mine, CapturableForward) or getattr(mine.original, "__code__", None) is not code:
+    module = _owner_of(code, f_locals)
+    if module is None:
         return None
     try:
         from torch._dynamo.exc import Unsupported

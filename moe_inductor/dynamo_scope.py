@@ -229,9 +229,7 @@ def _bytecode_hook(code, out_code):
     ``_Start`` marked): the code Dynamo made of a module's class forward is replaced by a trampoline
     into the module's capturable forward (``moe_inductor.capture.trampoline_for``)."""
     try:
-        stack = _stack()
-        entry = stack[-1] if stack else None
-        if entry is None or not entry.get("trampoline") or entry["code"] is not code:
+        if not throwaway_trace() or _stack()[-1]["code"] is not code:
             return None
         from . import capture
 

@@ -257,8 +257,8 @@ def _split_half(node) -> Optional[fx.Node]:
         return None
     width = shape[-1]
     if isinstance(size, (list, tuple)):
-        return h if len(size) == 2 and all(same_size(c * 2, width) for c in size) else None
-    return h if not isinstance(size, (fx.Node, type(None))) and same_size(size * 2, width) else None
+        return h if len(size) == 2 and all(same(c * 2, width) for c in size) else None
+    return h if not isinstance(size, (fx.Node, type(None))) and same(size * 2, width) else None
 
 
 def _slice_half(index, width, rank: Optional[int]) -> Optional[int]:
@@ -270,19 +270,11 @@ def _slice_half(index, width, rank: Optional[int]) -> Optional[int]:
         return None
     if not isinstance(last, slice) or last.step not in (None, 1):
         return None
-    if last.start in (None, 0) and isinstance(last.stop, int) and same_size(last.stop * 2, width):
+    if last.start in (None, 0) and isinstance(last.stop, int) and same(last.stop * 2, width):
         return 0
-    if last.stop is None and isinstance(last.start, int) and same_size(last.start * 2, width):
+    if last.stop is None and isinstance(last.start, int) and same(last.start * 2, width):
         return 1
     return None
-
-
-def same_size(a, b) -> bool:
-    """a == b for ints and symbolic sizes (proved, not assumed: an undecidable comparison is False)."""
-    try:
-        return bool(a == b)
-    except Exception:
-        return False
 
 
 def halves(g_in, u_in) -> Optional[tuple]:

@@ -441,25 +441,14 @@ def one_hot_map(node) -> Optional[tuple]:
 
 
 def _transposed_flat(node) -> Optional[fx.Node]:
-    """m of ``m.T.contiguous().reshape(-1)`` (``.t()``, ``transpose(0, 1)``, ``permute(1, 0)``; ``view(-1)``,
-    ``flatten()``; ``contiguous`` optional): the column-major flat view of a 2-D m."""
+    """m of ``m.T.contiguous().reshape(-1)`` (``view(-1)``, ``flatten()``; the transpose as
+    ``_transposed_2d`` reads it): the column-major flat view of a 2-D m."""
     if not (_method_or_function(node, ("reshape", "view", "flatten"), (torch.reshape, torch.flatten))):
         return None
     if node.target in ("reshape", "view", torch.reshape) and tuple(node.args[1:]) not in ((-1,), ((-1,),)) \
             or node.target in ("flatten", torch.flatten) and len(node.args) != 1 or node.kwargs:
         return None
-    t = node.args[0]
-    if _method_or_function(t, ("contiguous",), ()) and len(t.args) == 1:
-        t = t.args[0]
-    if not isinstance(t, fx.Node) or len(shape_of(t) or ()) != 2:
-        return None
-    if (t.op == "call_function" and t.target is getattr and t.args[1] == "T") or \
-            (_method_or_function(t, ("t",), (torch.t,)) and len(t.args) == 1) or \
-            (_method_or_function(t, ("transpose",), (torch.transpose,)) and len(t.args) == 3
-             and {a % 2 for a in t.args[1:] if isinstance(a, int)} == {0, 1}) or \
-            (_method_or_function(t, ("permute",), (torch.permute,)) and tuple(t.args[1:]) in ((1, 0), ((1, 0),))):
-        return t.args[0]
-    return None
+    return _transposed_2d(node.args[0])
 
 
 def _descending_stable_perm(node) -> Optional[fx.Node]:
@@ -552,14 +541,15 @@ def routing_map_sorted(index, counts, score_column, T_x) -> Optional[dict]:
         if not (_method_or_function(score_column, ("masked_select",), (torch.masked_select,))
                 and len(score_column.args) == 2 and not score_column.kwargs):
             return None
-        p, mask = (_transposed_flat_2d(a) for a in score_column.args)
+        p, mask = (_transposed_2d(a) for a in score_column.args)
         if p is None or mask is None or not _same_map(mask, m) or not safety.same_shape(p, m):
             return None
     return dict(perm=flat, ids=m, K=K, counts=counts, counted=counted, E=E)
 
 
-def _transposed_flat_2d(node) -> Optional[fx.Node]:
-    """m of ``m.T.contiguous()`` / ``m.t()`` / ``m.transpose(0, 1)`` (2-D m), else None."""
+def _transposed_2d(node) -> Optional[fx.Node]:
+    """m of ``m.T`` / ``m.t()`` / ``m.transpose(0, 1)`` / ``m.permute(1, 0)`` of a 2-D m, optionally
+    followed by ``contiguous()``; else None."""
     t = node
     if _method_or_function(t, ("contiguous",), ()) and len(t.args) == 1:
         t = t.args[0]
@@ -568,6 +558,7 @@ def _transposed_flat_2d(node) -> Optional[fx.Node]:
     if (t.op == "call_function" and t.target is getattr and t.args[1] == "T") or \
             (_method_or_function(t, ("t",), (torch.t,)) and len(t.args) == 1) or \
             (_method_or_function(t, ("transpose",), (torch.transpose,)) and len(t.args) == 3
-             and {a % 2 for a in t.args[1:] if isinstance(a, int)} == {0, 1}):
+             and {a % 2 for a in t.args[1:] if isinstance(a, int)} == {0, 1}) or \
+            (_method_or_function(t, ("permute",), (torch.permute,)) and tuple(t.args[1:]) in ((1, 0), ((1, 0),))):
         return t.args[0]
     return None
