@@ -27,6 +27,7 @@ import torch.fx as fx
 from torch._dynamo.utils import counters
 
 from . import dynamo_scope as _scope
+from . import idioms as _idioms
 from . import cache_key as _cache_key
 from . import inductor_workarounds as _workarounds
 from . import op as _op  # noqa: F401  (registers torch.ops.moe_inductor)
@@ -40,26 +41,6 @@ log = logging.getLogger("moe_inductor")
 # The scoped settings: an inert Dynamo compile-start/end callback that acts on sonic frames only
 # (torch.compile drops a backend's backend_ctx_ctor; see dynamo_scope's docstring).
 _scope.install()
-
-
-def _idioms():
-    try:
-        from moe_inductor.patterns import IDIOMS
-    except ModuleNotFoundError:
-        # Running from a source checkout without an install: the patterns live in the top-level
-        # patterns/ folder that installs as moe_inductor.patterns; load it under that name.
-        import importlib.util
-        import sys
-        from pathlib import Path
-
-        folder = Path(__file__).resolve().parents[1] / "patterns"
-        spec = importlib.util.spec_from_file_location(
-            "moe_inductor.patterns", folder / "__init__.py", submodule_search_locations=[str(folder)])
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["moe_inductor.patterns"] = module
-        spec.loader.exec_module(module)
-        IDIOMS = module.IDIOMS
-    return IDIOMS
 
 
 def _module_of(path: str):
@@ -254,7 +235,7 @@ def rewrite_moe(gm: fx.GraphModule, opts: SonicOptions) -> CompileReport:
 def _report_not_entered(region, report: CompileReport) -> None:
     """An MoE block inside a higher-order op whose body the rewrite does not enter: declined."""
     why = f"inside a {region.describe()}, which the rewrite does not enter (see moe_inductor/regions.py)"
-    for idiom in _idioms():
+    for idiom in _idioms.load():
         try:
             found = list(idiom.find(region.gm))
         except Exception as e:
@@ -279,7 +260,7 @@ def _rewrite_graph(gm: fx.GraphModule, opts: SonicOptions, report: CompileReport
     declines: list = []
     claimed: set = set()
     dead_before = {n for n in gm.graph.nodes if not n.users}
-    for idiom in _idioms():
+    for idiom in _idioms.load():
         try:
             found = list(idiom.find(gm))
         except Exception as e:  # a broken matcher must never break compilation

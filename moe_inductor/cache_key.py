@@ -47,20 +47,15 @@ def set_extra(value: str) -> None:
     _extra = str(value)
 
 
-def _package_dirs() -> list[Path]:
+def package_dirs() -> list[Path]:
     """Folders of moe_inductor and of moe_inductor.patterns as imported in this process."""
     import moe_inductor
 
     dirs = [Path(moe_inductor.__file__).resolve().parent]
     try:
-        from .backend import _idioms  # imports moe_inductor.patterns, from a checkout too
+        from . import idioms  # imports moe_inductor.patterns, from a checkout too
 
-        _idioms()
-        import sys
-
-        patterns = sys.modules.get("moe_inductor.patterns")
-        for p in getattr(patterns, "__path__", []) or []:
-            p = Path(p).resolve()
+        for p in idioms.folders():
             if not any(p == d or d in p.parents for d in dirs):
                 dirs.append(p)
     except Exception as e:  # pragma: no cover - the key must never break compilation
@@ -73,7 +68,7 @@ def package_hash() -> str:
     """sha256 over the relative path and contents of every .py file of the package (computed once
     per process: the code a process runs is the code it imported)."""
     h = hashlib.sha256()
-    for root in _package_dirs():
+    for root in package_dirs():
         for path in sorted(root.rglob("*.py")):
             if "__pycache__" in path.parts:
                 continue

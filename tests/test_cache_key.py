@@ -96,7 +96,7 @@ def _copy_package(dest):
     """A snapshot of moe_inductor as imported here (with its patterns subpackage) under ``dest``:
     the processes below import it through PYTHONPATH, so edits made to the working tree while the
     test runs cannot change their key."""
-    pkg, *extra = cache_key._package_dirs()
+    pkg, *extra = cache_key.package_dirs()
     target = dest / "moe_inductor"
     shutil.copytree(pkg, target, ignore=shutil.ignore_patterns("__pycache__"))
     for folder in extra:  # the patterns folder of a checkout install (moe_inductor.patterns)
@@ -168,7 +168,7 @@ def test_package_hash_covers_every_python_file(tmp_path, monkeypatch):
     patterns.mkdir()
     for f in (pkg / "op.py", pkg / "kernels" / "k.py", patterns / "idiom.py"):
         f.write_text("x = 1\n")
-    monkeypatch.setattr(cache_key, "_package_dirs", lambda: [pkg, patterns])
+    monkeypatch.setattr(cache_key, "package_dirs", lambda: [pkg, patterns])
 
     def digest():
         cache_key.package_hash.cache_clear()
@@ -190,7 +190,7 @@ def test_package_hash_covers_every_python_file(tmp_path, monkeypatch):
 
 
 def test_real_package_dirs_include_patterns_and_kernels():
-    dirs = cache_key._package_dirs()
+    dirs = cache_key.package_dirs()
     files = {p.name for d in dirs for p in d.rglob("*.py")}
     assert {"op.py", "backend.py", "cache_key.py", "grouped_gemm.py", "activation_jit.py"} <= files
     import moe_inductor.patterns as patterns
