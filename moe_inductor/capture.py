@@ -35,11 +35,12 @@ it was. ``notes_for(module)`` gives, per loop, what was rewritten or why not (us
 from __future__ import annotations
 
 import logging
+from typing import Optional
 import threading
 
 import torch
 
-from . import loop_capture
+from . import loop_capture, side_effects
 
 log = logging.getLogger("moe_inductor")
 
@@ -71,7 +72,9 @@ class CapturableForward:
 def _restore(module, name: str = "forward"):
     method = getattr(type(module), name)
     replacement, _ = _analyse(method)
-    return CapturableForward(module, method, replacement, name) if replacement is not None else method.__get__(module)
+    if replacement is None or _called_modules_impurity(module, name):
+        return method.__get__(module)
+    return CapturableForward(module, method, replacement, name)
 
 
 def _methods(cls) -> dict:
@@ -173,6 +176,7 @@ def notes_for(module: torch.nn.Module) -> list:
     for sub in module.modules():
         if _skip_class(type(sub)):
             continue
+        out.extend(side_effects.declines_for(sub))  # loops kept for this instance (side effects)
         for name, fn in _methods(type(sub)).items():
             if fn in seen:
                 continue
@@ -237,11 +241,37 @@ def prepare(f_locals: dict) -> int:
         for name, replacement in replacements_for(type(module)).items():
             if name in module.__dict__:
                 continue  # already given one (or the user set their own)
+            kept = _called_modules_impurity(module, name)
+            if kept:
+                for note in kept:
+                    side_effects.record_decline(module, note)
+                log.info("sonic: %s.%s keeps its per-expert loop: %s", type(module).__qualname__, name, kept[0].reason)
+                continue
             setattr(module, name, CapturableForward(module, getattr(type(module), name), replacement, name))
             done += 1
             log.debug("sonic: Dynamo traces %s.%s with its per-expert loop over every expert",
                       type(module).__qualname__, name)
     return done
+
+
+def _called_modules_impurity(module: torch.nn.Module, name: str) -> list:
+    """A kept-loop ``LoopNote`` per rewritten loop of ``module.<name>`` when a module the loops call
+    may not run for experts with no tokens (``side_effects``); [] when all are proved free of side
+    effects. Every submodule is checked where the loop cannot be read."""
+    method = getattr(type(module), name)
+    rewritten = [n for n in _analyse(method)[1] if n.rewritten]
+    roots = side_effects.loop_module_roots(method, [n.lineno for n in rewritten])
+    subs = [(f"self.{r}", getattr(module, r, None)) for r in sorted(roots)] if roots is not None \
+        else [(f"self.{r}", sub) for r, sub in module.named_children()]
+    for path, sub in subs:
+        if isinstance(sub, torch.nn.Module):
+            reason = side_effects.impurity(sub, path)
+            if reason is not None:
+                reason = (f"not traced as a loop over every expert: {reason}; running it for experts with no "
+                          "tokens would change state that eager leaves alone")
+                return [loop_capture.LoopNote(n.filename, n.lineno, n.function, False, reason=reason)
+                        for n in rewritten]
+    return []
 
 
 def needs_trampoline(code, f_locals: dict) -> bool:
