@@ -46,6 +46,8 @@ import weakref
 
 import torch
 
+from . import listeners
+
 log = logging.getLogger("moe_inductor")
 
 #: Dynamo settings applied while a sonic frame is traced
@@ -79,7 +81,6 @@ _lock = threading.RLock()
 _tls = threading.local()
 _without_settings: set = set()  # code objects of frames compiled without SETTINGS (after a failure)
 _fallbacks: list = []
-_listeners: list = []
 
 
 def _settings_text() -> str:
@@ -91,8 +92,7 @@ def record(fallback: Fallback) -> None:
     log.warning("sonic: %s", fallback)
     with _lock:
         _fallbacks.append(fallback)
-        for listener in _listeners:
-            listener.append(fallback)
+    listeners.publish(listeners.FALLBACKS, fallback)
 
 
 def fallbacks() -> list:
@@ -101,18 +101,9 @@ def fallbacks() -> list:
         return list(_fallbacks)
 
 
-class capture_fallbacks:
+def capture_fallbacks():
     """``with capture_fallbacks() as found:`` collects the fallbacks recorded inside the block."""
-
-    def __enter__(self) -> list:
-        self.found: list = []
-        with _lock:
-            _listeners.append(self.found)
-        return self.found
-
-    def __exit__(self, *exc) -> None:
-        with _lock:
-            _listeners.remove(self.found)
+    return listeners.listen(listeners.FALLBACKS)
 
 
 def mark_sonic(backend):

@@ -3,15 +3,23 @@
 Layering: kernels (``moe_inductor.kernels``) and the PyTorch path (``moe_inductor.reference``)
 -> this op (validation, dispatch, fake, autograd) -> the graph rewrite, which emits calls of it.
 
-Schema (shape legend in ``moe_inductor.reference``)::
+Schemas (shape legend in ``moe_inductor.reference``), both built from one description
+(``FUSED_MOE``, ``FUSED_MOE_EXPERTS``: the routing, then the op's weights, then the options, which
+are keyword-only; custom ops cannot take keyword-only tensors)::
 
-  fused_moe(x, token_ids, expert_ids, scores, w1, w2, b1?, b2?, activation, interleaved,
-            recompute_h, impl, autocast_like="aten::mm", compute_dtype=None)
+  fused_moe(Tensor x, Tensor token_ids, Tensor expert_ids, Tensor scores, Tensor w1, Tensor w2,
+            Tensor? b1=None, Tensor? b2=None, *, str activation="swiglu", bool interleaved=False,
+            bool recompute_h=False, str impl="auto", str autocast_like="aten::mm",
+            ScalarType? compute_dtype=None)
       -> (out (T, d), h_sorted (A, 2n) | (0, 2n), order (A,) int32)
-  fused_moe_experts(x, token_ids, expert_ids, scores, w_gate[], w_up[], w_down[], b_gate[],
-                    b_up[], b_down[], activation, recompute_h, impl, autocast_like, compute_dtype,
-                    interleaved=False)
+  fused_moe_experts(Tensor x, Tensor token_ids, Tensor expert_ids, Tensor scores,
+                    Tensor[] w_gate, Tensor[] w_down, Tensor[] w_up, Tensor[] b_gate, Tensor[] b_up,
+                    Tensor[] b_down, *, <the same options>)
       -> the same three outputs
+
+The Python entry points ``moe_inductor.fused_moe`` and ``moe_inductor.fused_moe_experts`` take the
+same arguments in the same order (the lists may be left out there: a schema cannot give a
+``Tensor[]`` a default) and return ``out``.
 
 ``fused_moe_experts`` takes the experts' weights as per-expert lists (w_gate[e] (2n|n, d) or
 gate and up halves (n, d) each, w_down[e] (d, n)): it stacks them inside its implementation (a
@@ -25,8 +33,12 @@ routing, that is all the backward keeps (SonicMoE's memory-lean set). With
 ``recompute_h=True`` H is not kept either and is recomputed from X in backward.
 
 ``impl``: "auto" (Triton on CUDA where the kernels serve the shape, else PyTorch), "torch", or
-"triton" (on CPU tensors only under TRITON_INTERPRET=1, for testing the kernels). The
-environment variable ``MOE_INDUCTOR_IMPL`` overrides "auto" for direct calls.
+"triton" (on CPU tensors only under TRITON_INTERPRET=1, for testing the kernels). It is decided at
+run time, by the op, for every call: the rewrite writes the backend's ``impl`` option into the
+graph unresolved, and the op resolves it (``requested_impl``: the environment variable
+``MOE_INDUCTOR_IMPL`` replaces "auto" when set, for direct calls and compiled graphs alike; then
+``_resolve_impl`` picks Triton or PyTorch for "auto" from the call's tensors). The backend's report
+(``report.runs_on``) predicts that decision at rewrite time through the same ``requested_impl``.
 
 Autocast. The GEMMs run in ``compute_dtype`` (None: x's dtype, and the weights must have it too).
 Given a ``compute_dtype``, x must already have it and the weights and biases may be any floating
@@ -36,24 +48,27 @@ eager autocast does to the GEMM named ``autocast_like`` (the op the fused block 
 GEMM has an autocast rule on the device and autocast is on, x is cast to the autocast dtype
 (autograd then keeps that copy, as eager does) and ``compute_dtype`` is set to it; a GEMM without
 one ("aten::_grouped_mm" in torch 2.13, "transformers::grouped_mm_fallback", or "") leaves the op
-in its inputs' dtype, as eager leaves that GEMM.
+in its inputs' dtype, as eager leaves that GEMM. The Autocast kernels find x, the weights,
+``autocast_like`` and ``compute_dtype`` by name in the description (``Arg.role``).
 """
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import logging
 import os
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 from torch import Tensor
 
 from .activations import parse_activation
 from . import reference
-from . import stats as _stats
+from . import stats
+from .options import IMPLS
 
 log = logging.getLogger(__name__)
 
-IMPLS = ("auto", "torch", "triton")
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 INDEX_DTYPES = (torch.int32, torch.int64)
 #: the GEMM whose autocast rule the op follows unless told otherwise (mm, linear, bmm, matmul all
@@ -62,6 +77,121 @@ DEFAULT_AUTOCAST_LIKE = "aten::mm"
 #: dtypes eager autocast casts (float64 it leaves alone)
 _AUTOCAST_ELIGIBLE = (torch.float32, torch.float16, torch.bfloat16)
 _AUTOCAST_KEYS = {"cpu": "AutocastCPU", "cuda": "AutocastCUDA"}
+
+
+# --------------------------------------------------------------------------- the one description
+
+REQUIRED = inspect.Parameter.empty
+
+
+@dataclasses.dataclass(frozen=True)
+class Arg:
+    """One argument of the fused ops: its schema type, its default (``REQUIRED``: none), whether it
+    is keyword-only, and its ``role`` for the Autocast kernels ("x", "weight", "autocast_like",
+    "compute_dtype", or "")."""
+
+    name: str
+    type: str
+    default: Any = REQUIRED
+    kw_only: bool = False
+    role: str = ""
+    #: the Python entry point's default where the schema cannot hold one (``Tensor[]``: ``()``)
+    py_default: Any = REQUIRED
+
+    def schema(self) -> str:
+        if self.default is REQUIRED:
+            return f"{self.type} {self.name}"
+        value = self.default
+        text = "None" if value is None else str(value) if isinstance(value, bool) else f'"{value}"'
+        return f"{self.type} {self.name}={text}"
+
+    def parameter(self, python: bool) -> inspect.Parameter:
+        default = self.py_default if python and self.py_default is not REQUIRED else self.default
+        kind = inspect.Parameter.KEYWORD_ONLY if self.kw_only else inspect.Parameter.POSITIONAL_OR_KEYWORD
+        return inspect.Parameter(self.name, kind, default=default)
+
+
+def _opt(name: str, type_: str, default: Any, role: str = "") -> Arg:
+    return Arg(name, type_, default, kw_only=True, role=role)
+
+
+#: the assignments: rows of x routed to experts with scores (int32/int64 ids, -1: dropped)
+ROUTING_ARGS = (Arg("x", "Tensor", role="x"), Arg("token_ids", "Tensor"), Arg("expert_ids", "Tensor"),
+                Arg("scores", "Tensor"))
+#: ``fused_moe``'s stacked weights (w1 (E, 2n|n, d), w2 (E, d, n), biases (E, 2n|n), (E, d))
+STACKED_ARGS = (Arg("w1", "Tensor", role="weight"), Arg("w2", "Tensor", role="weight"),
+                Arg("b1", "Tensor?", None, role="weight"), Arg("b2", "Tensor?", None, role="weight"))
+#: ``fused_moe_experts``' per-expert lists, required ones first as in ``STACKED_ARGS``
+LIST_ARGS = (Arg("w_gate", "Tensor[]", role="weight"), Arg("w_down", "Tensor[]", role="weight")) + tuple(
+    Arg(name, "Tensor[]", role="weight", py_default=()) for name in ("w_up", "b_gate", "b_up", "b_down"))
+#: the options, keyword-only, shared by both ops
+OPTION_ARGS = (
+    _opt("activation", "str", "swiglu"),
+    _opt("interleaved", "bool", False),
+    _opt("recompute_h", "bool", False),
+    _opt("impl", "str", "auto"),
+    _opt("autocast_like", "str", DEFAULT_AUTOCAST_LIKE, role="autocast_like"),
+    _opt("compute_dtype", "ScalarType?", None, role="compute_dtype"),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class OpDescription:
+    """A fused op's arguments: its schema, the Python signature of its entry point, and binding of
+    a call's (args, kwargs) to names (what every kernel of the op does first)."""
+
+    name: str
+    args: tuple
+    returns: str = "(Tensor, Tensor, Tensor)"
+
+    @property
+    def qualname(self) -> str:
+        return f"moe_inductor::{self.name}"
+
+    def schema(self) -> str:
+        positional = [a.schema() for a in self.args if not a.kw_only]
+        keyword = [a.schema() for a in self.args if a.kw_only]
+        return f"({', '.join(positional + (['*'] + keyword if keyword else []))}) -> {self.returns}"
+
+    def signature(self, python: bool = False) -> inspect.Signature:
+        """The schema as a Python signature; ``python``: with the entry point's extra defaults."""
+        return inspect.Signature([a.parameter(python) for a in self.args])
+
+    def names(self, role: str) -> tuple:
+        return tuple(a.name for a in self.args if a.role == role)
+
+    def bind(self, args: Sequence, kwargs: dict) -> dict:
+        """{name: value} of a call, defaults filled in (the dispatcher leaves defaults out)."""
+        try:
+            bound = self.signature().bind(*args, **kwargs)
+        except TypeError as e:
+            raise TypeError(f"{self.name}: {e}; signature: {self.name}{self.signature(python=True)}") from None
+        bound.apply_defaults()
+        return dict(bound.arguments)
+
+    def split(self, values: dict) -> tuple[tuple, dict]:
+        """(args, kwargs) to call the op with ``values`` (by name): keyword-only ones as keywords."""
+        return (tuple(values[a.name] for a in self.args if not a.kw_only),
+                {a.name: values[a.name] for a in self.args if a.kw_only})
+
+
+FUSED_MOE = OpDescription("fused_moe", ROUTING_ARGS + STACKED_ARGS + OPTION_ARGS)
+FUSED_MOE_EXPERTS = OpDescription("fused_moe_experts", ROUTING_ARGS + LIST_ARGS + OPTION_ARGS)
+DESCRIPTIONS = (FUSED_MOE, FUSED_MOE_EXPERTS)
+
+
+def requested_impl(impl: str) -> str:
+    """The implementation a caller asked for: ``impl``, except that "auto" yields to the environment
+    variable ``MOE_INDUCTOR_IMPL`` when that is set. The op calls it at run time on every call;
+    ``report.runs_on`` calls it to predict the op's choice."""
+    if impl not in IMPLS:
+        raise ValueError(f"fused_moe: unknown impl {impl!r}; valid: {', '.join(IMPLS)}")
+    if impl == "auto":
+        impl = os.environ.get("MOE_INDUCTOR_IMPL", "auto")
+        if impl not in IMPLS:
+            raise ValueError(f"MOE_INDUCTOR_IMPL={impl!r}; valid: {', '.join(IMPLS)}")
+    return impl
+
 
 
 def check_inputs(x, token_ids, expert_ids, scores, w1, w2, b1, b2, activation, impl, compute_dtype=None) -> None:
@@ -132,10 +262,7 @@ def _check_routing_values(token_ids: Tensor, expert_ids: Tensor, T: int, E: int)
 
 
 def _resolve_impl(impl: str, x: Tensor, w1: Tensor, w2: Tensor, act, num_assignments: int = 0) -> str:
-    if impl == "auto":
-        impl = os.environ.get("MOE_INDUCTOR_IMPL", "auto")
-        if impl not in IMPLS:
-            raise ValueError(f"MOE_INDUCTOR_IMPL={impl!r}; valid: {', '.join(IMPLS)}")
+    impl = requested_impl(impl)
     if impl == "auto":
         if x.is_cuda:
             from .kernels import unsupported_reason
@@ -185,8 +312,7 @@ def _forward(x, token_ids, expert_ids, scores, w1, w2, b1, b2, act, interleaved,
         T, E = x.shape[0], w1.shape[0]
         torch._assert_async(((token_ids >= 0) & (token_ids < T)).all(), "fused_moe: token_ids outside [0, T)")
         torch._assert_async(((expert_ids >= -1) & (expert_ids < E)).all(), "fused_moe: expert_ids outside [-1, E)")
-    if _stats._routing_listeners:
-        _stats._record_routing(expert_ids, x.shape[0], w1.shape[0])
+    stats.record_routing(expert_ids, x.shape[0], w1.shape[0])  # only while someone listens
     if which == "triton":
         from .kernels import triton_moe_forward
 
@@ -208,38 +334,33 @@ def _backward_grads(grad_out, x, token_ids, expert_ids, scores, w1, w2, b1, b2, 
 
 # --------------------------------------------------------------------------- stacked weights
 
-@torch.library.custom_op("moe_inductor::fused_moe", mutates_args=())
-def _fused_moe(
-    x: Tensor,
-    token_ids: Tensor,
-    expert_ids: Tensor,
-    scores: Tensor,
-    w1: Tensor,
-    w2: Tensor,
-    b1: Optional[Tensor],
-    b2: Optional[Tensor],
-    activation: str,
-    interleaved: bool,
-    recompute_h: bool,
-    impl: str,
-    autocast_like: str = DEFAULT_AUTOCAST_LIKE,
-    compute_dtype: Optional[torch.dtype] = None,
-) -> tuple[Tensor, Tensor, Tensor]:
-    check_inputs(x, token_ids, expert_ids, scores, w1, w2, b1, b2, activation, impl, compute_dtype)
-    dt = x.dtype
-    return _forward(x, token_ids, expert_ids, scores, _cast(w1, dt), _cast(w2, dt), _cast(b1, dt), _cast(b2, dt),
-                    parse_activation(activation), interleaved, recompute_h, impl)
+def _fused_moe_impl(*args, **kwargs) -> tuple[Tensor, Tensor, Tensor]:
+    a = FUSED_MOE.bind(args, kwargs)
+    x, activation, impl, dt = a["x"], a["activation"], a["impl"], a["x"].dtype
+    check_inputs(x, a["token_ids"], a["expert_ids"], a["scores"], a["w1"], a["w2"], a["b1"], a["b2"], activation,
+                 impl, a["compute_dtype"])
+    return _forward(x, a["token_ids"], a["expert_ids"], a["scores"], _cast(a["w1"], dt), _cast(a["w2"], dt),
+                    _cast(a["b1"], dt), _cast(a["b2"], dt), parse_activation(activation), a["interleaved"],
+                    a["recompute_h"], impl)
 
 
-@_fused_moe.register_fake
-def _fused_moe_fake(x, token_ids, expert_ids, scores, w1, w2, b1, b2, activation, interleaved, recompute_h, impl,
-                    autocast_like=DEFAULT_AUTOCAST_LIKE, compute_dtype=None):
+def _stacked_fake(x, token_ids, expert_ids, scores, w1, w2, b1, b2, activation, recompute_h, impl, compute_dtype):
     check_inputs(x, token_ids, expert_ids, scores, w1, w2, b1, b2, activation, impl, compute_dtype)
     A = token_ids.shape[0]
     out = x.new_empty(x.shape)
     h = x.new_empty((0 if recompute_h else A, w1.shape[1]))
     order = token_ids.new_empty((A,), dtype=torch.int32)
     return out, h, order
+
+
+def _fused_moe_fake(*args, **kwargs):
+    a = FUSED_MOE.bind(args, kwargs)
+    return _stacked_fake(a["x"], a["token_ids"], a["expert_ids"], a["scores"], a["w1"], a["w2"], a["b1"], a["b2"],
+                         a["activation"], a["recompute_h"], a["impl"], a["compute_dtype"])
+
+
+_fused_moe = torch.library.custom_op(FUSED_MOE.qualname, _fused_moe_impl, mutates_args=(), schema=FUSED_MOE.schema())
+_fused_moe.register_fake(_fused_moe_fake)
 
 
 @torch.library.custom_op("moe_inductor::fused_moe_backward", mutates_args=())
@@ -287,17 +408,24 @@ def _fused_moe_backward_fake(grad_out, x, token_ids, expert_ids, scores, w1, w2,
     )
 
 
-def _pad(ctx, grads: tuple) -> tuple:
-    # one entry per input the op was called with: trailing arguments left at their defaults may be
-    # absent (ctx.needs_input_grad has the caller's structure)
-    return grads + (None,) * (len(ctx.needs_input_grad) - len(grads))
+def _fit(ctx, grads: tuple) -> tuple:
+    # one entry per positional input the op was called with (ctx.needs_input_grad has the caller's
+    # structure): trailing arguments left at their defaults are absent (their gradient is None)
+    n = len(ctx.needs_input_grad)
+    return (tuple(grads) + (None,) * n)[:n]
 
 
-def _setup_context(ctx, inputs, output):
-    x, token_ids, expert_ids, scores, w1, w2, b1, b2, activation, interleaved, recompute_h, impl = inputs[:12]
+def _inputs(description: OpDescription, inputs: tuple, keyword_only_inputs: dict) -> dict:
+    """{name: value} of the inputs ``register_autograd`` hands ``setup_context``."""
+    return description.bind(inputs, keyword_only_inputs)
+
+
+def _setup_context(ctx, inputs, keyword_only_inputs, output):
+    a = _inputs(FUSED_MOE, inputs, keyword_only_inputs)
     _, h_sorted, order = output
-    ctx.save_for_backward(x, token_ids, expert_ids, scores, w1, w2, b1, b2, h_sorted, order)
-    ctx.config = (activation, interleaved, recompute_h, impl)
+    ctx.save_for_backward(*(a[k] for k in ("x", "token_ids", "expert_ids", "scores", "w1", "w2", "b1", "b2")),
+                          h_sorted, order)
+    ctx.config = (a["activation"], a["interleaved"], a["recompute_h"], a["impl"])
 
 
 def _backward(ctx, grad_out, _grad_h, _grad_order):
@@ -308,7 +436,7 @@ def _backward(ctx, grad_out, _grad_h, _grad_order):
         activation, interleaved, recompute_h, impl,
     )
     grads = (dx, None, None, dscores, dw1, dw2, db1 if b1 is not None else None, db2 if b2 is not None else None)
-    return _pad(ctx, grads)
+    return _fit(ctx, grads)
 
 
 _fused_moe.register_autograd(_backward, setup_context=_setup_context)
@@ -391,32 +519,21 @@ def _expert_stacks(x, w_gate, w_up, w_down, b_gate, b_up, b_down, activation, re
     return stack(w_gate, w_up), stack(w_down, []), stack(b_gate, b_up), stack(b_down, [])
 
 
-@torch.library.custom_op("moe_inductor::fused_moe_experts", mutates_args=())
-def _fused_moe_experts(
-    x: Tensor,
-    token_ids: Tensor,
-    expert_ids: Tensor,
-    scores: Tensor,
-    w_gate: list[Tensor],
-    w_up: list[Tensor],
-    w_down: list[Tensor],
-    b_gate: list[Tensor],
-    b_up: list[Tensor],
-    b_down: list[Tensor],
-    activation: str,
-    recompute_h: bool,
-    impl: str,
-    autocast_like: str = DEFAULT_AUTOCAST_LIKE,
-    compute_dtype: Optional[torch.dtype] = None,
-    interleaved: bool = False,
-) -> tuple[Tensor, Tensor, Tensor]:
-    shapes = _expert_stacks(x, w_gate, w_up, w_down, b_gate, b_up, b_down, activation, real=False)
-    _check_interleaved(interleaved, w_up)
-    check_inputs(x, token_ids, expert_ids, scores, *shapes, activation, impl, compute_dtype)
-    which, (w1, w2, b1, b2) = _experts_weights(x, token_ids, impl, activation,
-                                               (w_gate, w_up, w_down, b_gate, b_up, b_down), shapes)
-    return _forward(x, token_ids, expert_ids, scores, w1, w2, b1, b2, parse_activation(activation), interleaved,
-                    recompute_h, which)
+def _list_values(a: dict) -> tuple:
+    """The six lists of a bound ``fused_moe_experts`` call, in the order the helpers take them."""
+    return tuple(list(a[k]) for k in ("w_gate", "w_up", "w_down", "b_gate", "b_up", "b_down"))
+
+
+def _fused_moe_experts_impl(*args, **kwargs) -> tuple[Tensor, Tensor, Tensor]:
+    a = FUSED_MOE_EXPERTS.bind(args, kwargs)
+    x, token_ids, activation, impl = a["x"], a["token_ids"], a["activation"], a["impl"]
+    lists = _list_values(a)
+    shapes = _expert_stacks(x, *lists, activation, real=False)
+    _check_interleaved(a["interleaved"], a["w_up"])
+    check_inputs(x, token_ids, a["expert_ids"], a["scores"], *shapes, activation, impl, a["compute_dtype"])
+    which, (w1, w2, b1, b2) = _experts_weights(x, token_ids, impl, activation, lists, shapes)
+    return _forward(x, token_ids, a["expert_ids"], a["scores"], w1, w2, b1, b2, parse_activation(activation),
+                    a["interleaved"], a["recompute_h"], which)
 
 
 def _check_interleaved(interleaved: bool, w_up) -> None:
@@ -425,14 +542,17 @@ def _check_interleaved(interleaved: bool, w_up) -> None:
                          "(2n, d) per expert and no w_up")
 
 
-@_fused_moe_experts.register_fake
-def _fused_moe_experts_fake(x, token_ids, expert_ids, scores, w_gate, w_up, w_down, b_gate, b_up, b_down, activation,
-                            recompute_h, impl, autocast_like=DEFAULT_AUTOCAST_LIKE, compute_dtype=None,
-                            interleaved=False):
-    w1, w2, b1, b2 = _expert_stacks(x, w_gate, w_up, w_down, b_gate, b_up, b_down, activation, real=False)
-    _check_interleaved(interleaved, w_up)
-    return _fused_moe_fake(x, token_ids, expert_ids, scores, w1, w2, b1, b2, activation, interleaved, recompute_h,
-                           impl, autocast_like, compute_dtype)
+def _fused_moe_experts_fake(*args, **kwargs):
+    a = FUSED_MOE_EXPERTS.bind(args, kwargs)
+    w1, w2, b1, b2 = _expert_stacks(a["x"], *_list_values(a), a["activation"], real=False)
+    _check_interleaved(a["interleaved"], a["w_up"])
+    return _stacked_fake(a["x"], a["token_ids"], a["expert_ids"], a["scores"], w1, w2, b1, b2, a["activation"],
+                         a["recompute_h"], a["impl"], a["compute_dtype"])
+
+
+_fused_moe_experts = torch.library.custom_op(FUSED_MOE_EXPERTS.qualname, _fused_moe_experts_impl, mutates_args=(),
+                                             schema=FUSED_MOE_EXPERTS.schema())
+_fused_moe_experts.register_fake(_fused_moe_experts_fake)
 
 
 @torch.library.custom_op("moe_inductor::fused_moe_experts_backward", mutates_args=())
@@ -477,15 +597,15 @@ def _fused_moe_experts_backward_fake(grad_out, x, token_ids, expert_ids, scores,
             b2.new_empty(b2.shape) if b2 is not None else x.new_empty(0))
 
 
-def _experts_setup_context(ctx, inputs, output):
-    x, token_ids, expert_ids, scores, w_gate, w_up, w_down, b_gate, b_up, b_down, activation, recompute_h, impl = \
-        inputs[:13]
+def _experts_setup_context(ctx, inputs, keyword_only_inputs, output):
+    a = _inputs(FUSED_MOE_EXPERTS, inputs, keyword_only_inputs)
     _, h_sorted, order = output
-    lists = (w_gate, w_up, w_down, b_gate, b_up, b_down)
+    lists = _list_values(a)
     # the per-expert weights themselves (parameters), not a stacked copy
-    ctx.save_for_backward(x, token_ids, expert_ids, scores, h_sorted, order, *[t for l in lists for t in l])
+    ctx.save_for_backward(a["x"], a["token_ids"], a["expert_ids"], a["scores"], h_sorted, order,
+                          *[t for l in lists for t in l])
     ctx.lengths = [len(l) for l in lists]
-    ctx.config = (activation, recompute_h, impl, bool(inputs[15]) if len(inputs) > 15 else False)
+    ctx.config = (a["activation"], a["recompute_h"], a["impl"], bool(a["interleaved"]))
 
 
 def _per_expert(stacked: Tensor, halves: bool) -> tuple[list, list]:
@@ -514,8 +634,8 @@ def _experts_backward(ctx, grad_out, _grad_h, _grad_order):
     dbg, dbu = _per_expert(db1, bool(b_up)) if b_gate else ([], [])
     ddown = _per_expert(dw2, False)[0]
     dbd = _per_expert(db2, False)[0] if b_down else []
-    grads = (dx, None, None, dscores, dgate, dup, ddown, dbg, dbu, dbd)
-    return _pad(ctx, grads)
+    grads = (dx, None, None, dscores, dgate, ddown, dup, dbg, dbu, dbd)  # FUSED_MOE_EXPERTS' order
+    return _fit(ctx, grads)
 
 
 _fused_moe_experts.register_autograd(_experts_backward, setup_context=_experts_setup_context)
@@ -523,41 +643,45 @@ _fused_moe_experts.register_autograd(_experts_backward, setup_context=_experts_s
 
 # --------------------------------------------------------------------------- autocast
 
-def _register_autocast(op, x_index: int, weight_slots: tuple, like_index: int, dtype_index: int):
+def _register_autocast(op, description: OpDescription):
     """Autocast kernels (CPU, CUDA) for ``op``: what eager autocast does to the GEMM named by the
     ``autocast_like`` argument. x is cast here, above autograd, so autograd keeps the cast copy
     (as for an autocast-listed GEMM); the weights are passed on uncast with ``compute_dtype`` set,
-    and the op casts them transiently, so no weight-sized copy is kept for backward."""
+    and the op casts them transiently, so no weight-sized copy is kept for backward. Arguments are
+    found by their role in ``description``, by name."""
     lib = torch.library.Library("moe_inductor", "FRAGMENT")
-    schema_args = op._schemas[""].arguments if hasattr(op, "_schemas") else op.default._schema.arguments
-    defaults = [a.default_value for a in schema_args]
+    (x_name,), (like_name,), (dtype_name,) = (description.names(r) for r in ("x", "autocast_like", "compute_dtype"))
+    weight_names = description.names("weight")
     for device_type, key in _AUTOCAST_KEYS.items():
         keyset = torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, key))
 
-        def kernel(*args, _device_type=device_type, _keyset=keyset):
-            args = list(args) + defaults[len(args):]
-            x = args[x_index]
-            dt = autocast_dtype(args[like_index], _device_type)
-            weights = [t for i in weight_slots for t in (args[i] if isinstance(args[i], (list, tuple)) else [args[i]])
-                       if t is not None]
-            if (dt is not None and args[dtype_index] is None and x.dtype in _AUTOCAST_ELIGIBLE
+        def kernel(*args, _device_type=device_type, _keyset=keyset, **kwargs):
+            a = description.bind(args, kwargs)
+            x = a[x_name]
+            dt = autocast_dtype(a[like_name], _device_type)
+            weights = [t for name in weight_names
+                       for t in (a[name] if isinstance(a[name], (list, tuple)) else [a[name]]) if t is not None]
+            if (dt is not None and a[dtype_name] is None and x.dtype in _AUTOCAST_ELIGIBLE
                     and all(w.dtype in _AUTOCAST_ELIGIBLE for w in weights)):
-                args[x_index] = x.to(dt)
-                args[dtype_index] = dt
+                a[x_name] = x.to(dt)
+                a[dtype_name] = dt
+            call_args, call_kwargs = description.split(a)
             with torch._C._ExcludeDispatchKeyGuard(_keyset):
-                return op.default(*args)
+                return op.default(*call_args, **call_kwargs)
 
-        lib.impl(op.default._schema.name.split("::")[1], kernel, key)
+        lib.impl(description.name, kernel, key)
     return lib
 
 
 _AUTOCAST_LIBS = [
-    _register_autocast(torch.ops.moe_inductor.fused_moe, 0, (4, 5, 6, 7), 12, 13),
-    _register_autocast(torch.ops.moe_inductor.fused_moe_experts, 0, (4, 5, 6, 7, 8, 9), 13, 14),
+    _register_autocast(torch.ops.moe_inductor.fused_moe, FUSED_MOE),
+    _register_autocast(torch.ops.moe_inductor.fused_moe_experts, FUSED_MOE_EXPERTS),
 ]
 
 
 # --------------------------------------------------------------------------- Python entry points
+# Their parameters are the descriptions' (names, order, keyword-only tail, defaults; the lists of
+# fused_moe_experts may be left out here): tests/test_op_surface.py checks it.
 
 def fused_moe(
     x: Tensor,
@@ -566,9 +690,9 @@ def fused_moe(
     scores: Tensor,
     w1: Tensor,
     w2: Tensor,
-    *,
     b1: Optional[Tensor] = None,
     b2: Optional[Tensor] = None,
+    *,
     activation: str = "swiglu",
     interleaved: bool = False,
     recompute_h: bool = False,
@@ -576,7 +700,8 @@ def fused_moe(
     autocast_like: str = DEFAULT_AUTOCAST_LIKE,
     compute_dtype: Optional[torch.dtype] = None,
 ) -> Tensor:
-    """Mixture-of-experts MLP over general routing assignments.
+    """Mixture-of-experts MLP over general routing assignments (``torch.ops.moe_inductor.fused_moe``,
+    returning ``out`` alone).
 
     out[t] = sum over assignments a with token_ids[a] == t of
              scores[a] * (act(x[t] @ w1[e].T + b1[e]) @ w2[e].T + b2[e]),  e = expert_ids[a]
@@ -596,8 +721,8 @@ def fused_moe(
     if compute_dtype is not None and x.dtype != compute_dtype:
         x = x.to(compute_dtype)
     out, _, _ = torch.ops.moe_inductor.fused_moe(
-        x, token_ids, expert_ids, scores, w1, w2, b1, b2, activation, interleaved, recompute_h, impl,
-        autocast_like, compute_dtype,
+        x, token_ids, expert_ids, scores, w1, w2, b1, b2, activation=activation, interleaved=interleaved,
+        recompute_h=recompute_h, impl=impl, autocast_like=autocast_like, compute_dtype=compute_dtype,
     )
     return out
 
@@ -609,20 +734,21 @@ def fused_moe_experts(
     scores: Tensor,
     w_gate: Sequence[Tensor],
     w_down: Sequence[Tensor],
-    *,
     w_up: Sequence[Tensor] = (),
     b_gate: Sequence[Tensor] = (),
     b_up: Sequence[Tensor] = (),
     b_down: Sequence[Tensor] = (),
+    *,
     activation: str = "swiglu",
+    interleaved: bool = False,
     recompute_h: bool = False,
     impl: str = "auto",
     autocast_like: str = DEFAULT_AUTOCAST_LIKE,
     compute_dtype: Optional[torch.dtype] = None,
-    interleaved: bool = False,
 ) -> Tensor:
     """``fused_moe`` with the experts' weights as per-expert lists (e.g. the ``weight`` of each
-    expert's ``nn.Linear``): w_gate[e] (n, d) with w_up[e] (n, d) for gated activations (or
+    expert's ``nn.Linear``; ``torch.ops.moe_inductor.fused_moe_experts``, returning ``out``):
+    w_gate[e] (n, d) with w_up[e] (n, d) for gated activations (or
     w_gate[e] (2n, d) holding both halves, gate first, and no w_up), w_gate[e] (n, d) alone
     otherwise; w_down[e] (d, n); optional biases per list. ``interleaved``: w_gate[e] (2n, d)
     holds the gate and up rows interleaved (gate at even rows, GPT-OSS's layout), with no w_up.
@@ -631,7 +757,8 @@ def fused_moe_experts(
     if compute_dtype is not None and x.dtype != compute_dtype:
         x = x.to(compute_dtype)
     out, _, _ = torch.ops.moe_inductor.fused_moe_experts(
-        x, token_ids, expert_ids, scores, list(w_gate), list(w_up), list(w_down), list(b_gate), list(b_up),
-        list(b_down), activation, recompute_h, impl, autocast_like, compute_dtype, interleaved,
+        x, token_ids, expert_ids, scores, list(w_gate), list(w_down), list(w_up), list(b_gate), list(b_up),
+        list(b_down), activation=activation, interleaved=interleaved, recompute_h=recompute_h, impl=impl,
+        autocast_like=autocast_like, compute_dtype=compute_dtype,
     )
     return out

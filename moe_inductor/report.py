@@ -3,17 +3,16 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 from typing import Any, Optional
 
 import torch
 
+from . import listeners
 from .rewrite import Candidate
-from .stats import RoutingStats, _listening, capture_routing_stats  # noqa: F401  (re-exported)
+from .stats import RoutingStats, capture_routing_stats  # noqa: F401  (re-exported)
 
 log = logging.getLogger("moe_inductor")
 
-_listeners: list = []
 #: (where, runs on) pairs already warned about, so that recompiles do not repeat the warning
 _warned: set = set()
 
@@ -38,20 +37,19 @@ class CompileReport:
 
 def record_report(report: CompileReport, gm) -> None:
     report.graph_name = getattr(gm, "_sonic_name", type(gm).__name__)
-    if _listeners:  # explain is listening: which parts of not-rewritten blocks were found
+    if listeners.active(listeners.REPORTS):  # explain is listening: which parts of not-rewritten blocks were found
         try:
             from .parts import census
 
             report.census = census(gm)
         except Exception as e:  # a report must never break compilation
             log.debug("sonic: parts census failed: %s", e)
-    for listener in _listeners:
-        listener.append(report)
+    listeners.publish(listeners.REPORTS, report)
 
 
 def capture_reports():
     """Collect the CompileReports of every graph the sonic backend compiles in this block."""
-    return _listening(_listeners)
+    return listeners.listen(listeners.REPORTS)
 
 
 # --------------------------------------------------------------------------- what a block runs on
@@ -61,14 +59,14 @@ PYTORCH_PATH = "PyTorch path"
 
 def runs_on(device: Optional[torch.device], dtype: Optional[torch.dtype], activation: str, impl: str) -> str:
     """What the fused op of a block will run on, decided at rewrite time from what the graph says
-    (device, dtype, activation, the ``impl`` option; ``MOE_INDUCTOR_IMPL`` as set now): "triton",
-    "PyTorch path (<reason>)", or "error: ..." for impl='triton' where the kernels cannot serve."""
+    (device, dtype, activation, the ``impl`` option): "triton", "PyTorch path (<reason>)", or
+    "error: ..." for impl='triton' where the kernels cannot serve. A prediction: the op decides at
+    run time, through the same ``op.requested_impl`` (``MOE_INDUCTOR_IMPL`` as set now)."""
     from .activations import parse_activation
     from .kernels import unsupported_reason_meta
-    from .op import IMPLS
+    from .op import requested_impl
 
-    if impl == "auto" and os.environ.get("MOE_INDUCTOR_IMPL", "auto") in IMPLS:
-        impl = os.environ.get("MOE_INDUCTOR_IMPL", "auto")
+    impl = requested_impl(impl)
     if impl == "torch":
         return f"{PYTORCH_PATH} (impl='torch')"
     if device is None or dtype is None:

@@ -602,21 +602,20 @@ def emit_fused_moe(gm: fx.GraphModule, block: MoEBlock, recompute_h: bool, impl:
                 w1, w2, b1, b2 = weights
                 out = call(graph, gathered_experts, x, token_ids, expert_ids, scores, w1, w2, b1, b2,
                            block.activation, block.interleaved, like=like)
-            elif per_expert:
-                fused = call(
-                    graph, torch.ops.moe_inductor.fused_moe_experts.default,
-                    x, token_ids, expert_ids, scores, list(weights.gate), list(weights.up), list(weights.down),
-                    list(weights.b_gate), list(weights.b_up), list(weights.b_down),
-                    block.activation, recompute_h, impl, block.autocast_like, like=like,
-                    **({"interleaved": True} if block.interleaved else {}),
-                )
             else:
-                w1, w2, b1, b2 = weights
-                fused = call(
-                    graph, torch.ops.moe_inductor.fused_moe.default,
-                    x, token_ids, expert_ids, scores, w1, w2, b1, b2,
-                    block.activation, block.interleaved, recompute_h, impl, block.autocast_like, like=like,
-                )
+                # the op's options are keyword-only (moe_inductor.op.OPTION_ARGS); the weights
+                # positional, in the order of the op's description
+                options = dict(activation=block.activation, interleaved=block.interleaved, recompute_h=recompute_h,
+                               impl=impl, autocast_like=block.autocast_like)
+                if per_expert:
+                    fused = call(
+                        graph, torch.ops.moe_inductor.fused_moe_experts.default,
+                        x, token_ids, expert_ids, scores, list(weights.gate), list(weights.down), list(weights.up),
+                        list(weights.b_gate), list(weights.b_up), list(weights.b_down), like=like, **options)
+                else:
+                    w1, w2, b1, b2 = weights
+                    fused = call(graph, torch.ops.moe_inductor.fused_moe.default,
+                                 x, token_ids, expert_ids, scores, w1, w2, b1, b2, like=like, **options)
         if block.choice is None:
             out = call(graph, operator.getitem, fused, 0, like=like)
         want = dtype_of(block.anchor)

@@ -5,13 +5,11 @@ imports this module, and ``import moe_inductor.op`` must stay light (no triton i
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 
 import torch
 
-#: lists that the fused op appends a RoutingStats to on every call (see capture_routing_stats)
-_routing_listeners: list = []
+from . import listeners
 
 
 @dataclasses.dataclass
@@ -27,23 +25,16 @@ class RoutingStats:
     padding_waste: float  # sum_e (ceil(f_e/M)*M - f_e) / sum_e f_e
 
 
-@contextlib.contextmanager
-def _listening(listeners: list):
-    found: list = []
-    listeners.append(found)
-    try:
-        yield found
-    finally:
-        listeners.remove(found)
-
-
 def capture_routing_stats():
     """Collect a RoutingStats for every fused-op call (eager or inside compiled graphs) run in
     this block. Costs one device-to-host read per call, so only while capturing."""
-    return _listening(_routing_listeners)
+    return listeners.listen(listeners.ROUTING)
 
 
-def _record_routing(expert_ids, num_tokens: int, num_experts: int) -> None:
+def record_routing(expert_ids, num_tokens: int, num_experts: int) -> None:
+    """Publish the RoutingStats of one fused-op call if anyone listens (``listeners.ROUTING``)."""
+    if not listeners.active(listeners.ROUTING):
+        return
     from .kernels.config import TILE_M
     from .routing import padding_waste
 
@@ -52,7 +43,6 @@ def _record_routing(expert_ids, num_tokens: int, num_experts: int) -> None:
     counts.scatter_add_(0, ids.clamp(min=0), (ids >= 0).long())
     rec = RoutingStats(num_tokens=num_tokens, num_experts=num_experts, assignments=int(counts.sum()),
                        counts=counts.tolist(), tile_m=TILE_M, padding_waste=padding_waste(counts, TILE_M))
-    for listener in _routing_listeners:
-        listener.append(rec)
+    listeners.publish(listeners.ROUTING, rec)
 
 

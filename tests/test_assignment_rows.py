@@ -353,7 +353,7 @@ class GraphModule(torch.nn.Module):
         reshape_2: "f32[12]" = reshape_1.reshape(-1);  reshape_1 = None
         to: "i32[12]" = tok.to(torch.int32);  tok = None
         to_1: "i32[12]" = idx.to(torch.int32);  idx = None
-        fused_moe_experts_default = torch.ops.moe_inductor.fused_moe_experts.default(l_x_, to, to_1, reshape_2, [getitem_6, getitem_7, getitem_8, getitem_9], [getitem_10, getitem_11, getitem_12, getitem_13], [getitem_14, getitem_15, getitem_16, getitem_17], [], [], [], 'swiglu', False, 'auto', 'aten::bmm');  l_x_ = to = to_1 = reshape_2 = getitem_6 = getitem_7 = getitem_8 = getitem_9 = getitem_10 = getitem_11 = getitem_12 = getitem_13 = getitem_14 = getitem_15 = getitem_16 = getitem_17 = None
+        fused_moe_experts_default = torch.ops.moe_inductor.fused_moe_experts.default(l_x_, to, to_1, reshape_2, [getitem_6, getitem_7, getitem_8, getitem_9], [getitem_14, getitem_15, getitem_16, getitem_17], [getitem_10, getitem_11, getitem_12, getitem_13], [], [], [], activation = 'swiglu', interleaved = False, recompute_h = False, impl = 'auto', autocast_like = 'aten::bmm');  l_x_ = to = to_1 = reshape_2 = getitem_6 = getitem_7 = getitem_8 = getitem_9 = getitem_14 = getitem_15 = getitem_16 = getitem_17 = getitem_10 = getitem_11 = getitem_12 = getitem_13 = None
         getitem_18: "f32[6, 16]" = fused_moe_experts_default[0];  fused_moe_experts_default = None
         return (getitem_18,)
 """)

@@ -68,7 +68,7 @@ def test_small_forward_is_the_sorted_path(dtype, activation, bias, T, K, dropped
         reference.SMALL_A = old if small else 0
         try:
             out = torch.ops.moe_inductor.fused_moe(leaves[0], tok, exp, leaves[3], leaves[1], leaves[2], b1, b2,
-                                                   activation, False, False, "torch")[0]
+                                                   activation=activation, impl="torch")[0]
         finally:
             reference.SMALL_A = old
         out.float().pow(2).sum().backward()
@@ -225,14 +225,16 @@ def test_expert_lists_are_read_in_place_on_the_pytorch_path(small, layout, monke
             b1 = torch.stack([torch.cat([a, b]) for a, b in zip(bg, bu)]) if biases else None
             out = torch.ops.moe_inductor.fused_moe(
                 x, tok, exp, s, w1.to(xdtype), torch.stack(down).to(xdtype), None if b1 is None else b1.to(xdtype),
-                torch.stack(bd).to(xdtype) if biases else None, "swiglu", interleaved, False, "torch")[0]
+                torch.stack(bd).to(xdtype) if biases else None, activation="swiglu", interleaved=interleaved,
+                impl="torch")[0]
         else:
             calls = []
             real = op_module._stacked
             monkeypatch.setattr(op_module, "_stacked", lambda *a: calls.append(a[-1]) or real(*a))
             kw = {"compute_dtype": xdtype} if layout == "compute_dtype" else {}
-            out = torch.ops.moe_inductor.fused_moe_experts(x, tok, exp, s, gate, up, down, bg, bu, bd, "swiglu",
-                                                           False, "torch", interleaved=interleaved, **kw)[0]
+            out = torch.ops.moe_inductor.fused_moe_experts(x, tok, exp, s, gate, down, up, bg, bu, bd,
+                                                           activation="swiglu", impl="torch",
+                                                           interleaved=interleaved, **kw)[0]
             out.float().pow(2).sum().backward()
             assert True not in calls, "the weights were stacked"  # shape-only views (False) are fine
             monkeypatch.setattr(op_module, "_stacked", real)

@@ -506,7 +506,7 @@ class GraphModule(torch.nn.Module):
         reshape_4: "f32[8]" = unsqueeze.reshape(-1);  unsqueeze = None
         to: "i32[8]" = reshape_3.to(torch.int32);  reshape_3 = None
         to_1: "i32[8]" = repeat_interleave.to(torch.int32);  repeat_interleave = None
-        fused_moe_default = torch.ops.moe_inductor.fused_moe.default(l_x_, to, to_1, reshape_4, transpose, transpose_1, reshape_2, None, 'relu', False, False, 'auto', 'aten::bmm');  l_x_ = to = to_1 = reshape_4 = transpose = transpose_1 = reshape_2 = None
+        fused_moe_default = torch.ops.moe_inductor.fused_moe.default(l_x_, to, to_1, reshape_4, transpose, transpose_1, reshape_2, None, activation = 'relu', interleaved = False, recompute_h = False, impl = 'auto', autocast_like = 'aten::bmm');  l_x_ = to = to_1 = reshape_4 = transpose = transpose_1 = reshape_2 = None
         getitem_3: "f32[5, 8]" = fused_moe_default[0];  fused_moe_default = None
         return (getitem_3,)
 """)
@@ -553,7 +553,7 @@ class GraphModule(torch.nn.Module):
         ones_like: "f32[10]" = torch.ones_like(reshape_4);  reshape_4 = None
         to_1: "i32[10]" = arange.to(torch.int32);  arange = None
         to_2: "i32[10]" = reshape_3.to(torch.int32);  reshape_3 = None
-        fused_moe_default = torch.ops.moe_inductor.fused_moe.default(reshape_2, to_1, to_2, ones_like, transpose_1, transpose_2, None, None, 'swiglu', False, False, 'auto', 'aten::bmm');  reshape_2 = to_1 = to_2 = ones_like = transpose_1 = transpose_2 = None
+        fused_moe_default = torch.ops.moe_inductor.fused_moe.default(reshape_2, to_1, to_2, ones_like, transpose_1, transpose_2, None, None, activation = 'swiglu', interleaved = False, recompute_h = False, impl = 'auto', autocast_like = 'aten::bmm');  reshape_2 = to_1 = to_2 = ones_like = transpose_1 = transpose_2 = None
         getitem_4: "f32[10, 8]" = fused_moe_default[0];  fused_moe_default = None
         size_2 = l_x_.size(0)
         size_3 = l_x_.size(1);  l_x_ = None

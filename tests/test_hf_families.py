@@ -204,7 +204,7 @@ class GraphModule(torch.nn.Module):
         repeat_interleave: "i64[8]" = arange_1.repeat_interleave(2);  arange_1 = None
         to: "i32[8]" = repeat_interleave.to(torch.int32);  repeat_interleave = None
         to_1: "i32[8]" = expert_ids.to(torch.int32);  expert_ids = None
-        fused_moe_default = torch.ops.moe_inductor.fused_moe.default(l_x_, to, to_1, sample_weights, transpose, transpose_1, l_self_parameters_gate_up_proj_bias_, l_self_parameters_down_proj_bias_, 'gptoss:1.702:7.0', True, False, 'auto', 'transformers::grouped_mm_fallback');  l_x_ = to = to_1 = sample_weights = transpose = transpose_1 = l_self_parameters_gate_up_proj_bias_ = l_self_parameters_down_proj_bias_ = None
+        fused_moe_default = torch.ops.moe_inductor.fused_moe.default(l_x_, to, to_1, sample_weights, transpose, transpose_1, l_self_parameters_gate_up_proj_bias_, l_self_parameters_down_proj_bias_, activation = 'gptoss:1.702:7.0', interleaved = True, recompute_h = False, impl = 'auto', autocast_like = 'transformers::grouped_mm_fallback');  l_x_ = to = to_1 = sample_weights = transpose = transpose_1 = l_self_parameters_gate_up_proj_bias_ = l_self_parameters_down_proj_bias_ = None
         getitem_11: "f32[4, 8]" = fused_moe_default[0];  fused_moe_default = None
         return (getitem_11,)
 """)

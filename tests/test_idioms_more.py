@@ -163,7 +163,7 @@ class GraphModule(torch.nn.Module):
         repeat_interleave_1: "i64[12]" = arange.repeat_interleave(2);  arange = None
         to: "i32[12]" = repeat_interleave_1.to(torch.int32);  repeat_interleave_1 = None
         to_1: "i32[12]" = ids.to(torch.int32);  ids = None
-        fused_moe_default = torch.ops.moe_inductor.fused_moe.default(l_hidden_, to, to_1, s, l_self_parameters_gate_up_proj_, l_self_parameters_down_proj_, None, None, 'swiglu', False, False, 'auto', 'aten::bmm');  l_hidden_ = to = to_1 = s = l_self_parameters_gate_up_proj_ = l_self_parameters_down_proj_ = None
+        fused_moe_default = torch.ops.moe_inductor.fused_moe.default(l_hidden_, to, to_1, s, l_self_parameters_gate_up_proj_, l_self_parameters_down_proj_, None, None, activation = 'swiglu', interleaved = False, recompute_h = False, impl = 'auto', autocast_like = 'aten::bmm');  l_hidden_ = to = to_1 = s = l_self_parameters_gate_up_proj_ = l_self_parameters_down_proj_ = None
         getitem_4: "f32[6, 16]" = fused_moe_default[0];  fused_moe_default = None
         return (getitem_4,)
 """)
@@ -210,7 +210,7 @@ class GraphModule(torch.nn.Module):
         reshape_1: "f32[12]" = expert_weights_1.reshape(-1);  expert_weights_1 = None
         to: "i32[12]" = repeat_interleave.to(torch.int32);  repeat_interleave = None
         to_1: "i32[12]" = reshape.to(torch.int32);  reshape = None
-        fused_moe_experts_default = torch.ops.moe_inductor.fused_moe_experts.default(l_x_, to, to_1, reshape_1, [getitem_5, getitem_6, getitem_7, getitem_8], [getitem_9, getitem_10, getitem_11, getitem_12], [getitem_13, getitem_14, getitem_15, getitem_16], [], [], [], 'swiglu', False, 'auto', 'aten::bmm');  l_x_ = to = to_1 = reshape_1 = getitem_5 = getitem_6 = getitem_7 = getitem_8 = getitem_9 = getitem_10 = getitem_11 = getitem_12 = getitem_13 = getitem_14 = getitem_15 = getitem_16 = None
+        fused_moe_experts_default = torch.ops.moe_inductor.fused_moe_experts.default(l_x_, to, to_1, reshape_1, [getitem_5, getitem_6, getitem_7, getitem_8], [getitem_13, getitem_14, getitem_15, getitem_16], [getitem_9, getitem_10, getitem_11, getitem_12], [], [], [], activation = 'swiglu', interleaved = False, recompute_h = False, impl = 'auto', autocast_like = 'aten::bmm');  l_x_ = to = to_1 = reshape_1 = getitem_5 = getitem_6 = getitem_7 = getitem_8 = getitem_13 = getitem_14 = getitem_15 = getitem_16 = getitem_9 = getitem_10 = getitem_11 = getitem_12 = None
         getitem_17: "f32[6, 16]" = fused_moe_experts_default[0];  fused_moe_experts_default = None
         return (getitem_17,)
 """)
@@ -370,7 +370,7 @@ def test_clamped_gate_layouts_in_expert_loops(block, layout):
              if n.target in (torch.ops.moe_inductor.fused_moe_experts.default, torch.ops.moe_inductor.fused_moe.default)]
     assert len(calls) == 1
     assert calls[0].kwargs.get("interleaved", False) is (layout == "interleaved")
-    assert calls[0].args[10] == "gptoss:1.702:0.5"
+    assert calls[0].kwargs["activation"] == "gptoss:1.702:0.5"
 
 
 # --------------------------------------------------------------------------- constant scale of expert outputs

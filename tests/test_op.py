@@ -99,7 +99,8 @@ def test_opcheck():
         torch.library.opcheck(
             torch.ops.moe_inductor.fused_moe.default,
             (x.requires_grad_(), tok, ex, s.requires_grad_(), w1.requires_grad_(), w2.requires_grad_(),
-             b1.requires_grad_(), b2.requires_grad_(), "swiglu", False, recompute, "torch"),
+             b1.requires_grad_(), b2.requires_grad_()),
+            dict(activation="swiglu", recompute_h=recompute, impl="torch"),
         )
 
 
@@ -247,13 +248,13 @@ def test_expert_lists_opcheck():
     for recompute in (False, True):
         torch.library.opcheck(
             torch.ops.moe_inductor.fused_moe_experts.default,
-            (x.requires_grad_(), tok, ex, s.requires_grad_(), lists["w_gate"], lists["w_up"], lists["w_down"],
-             lists["b_gate"], lists["b_up"], lists["b_down"], "swiglu", recompute, "torch"))
+            (x.requires_grad_(), tok, ex, s.requires_grad_(), lists["w_gate"], lists["w_down"], lists["w_up"],
+             lists["b_gate"], lists["b_up"], lists["b_down"]), dict(activation="swiglu", recompute_h=recompute, impl="torch"))
     fused = expert_lists(w1, w2, b1, b2, split_up=False)  # GPT-OSS's interleaved (2n, d) per expert
     torch.library.opcheck(
         torch.ops.moe_inductor.fused_moe_experts.default,
-        (x, tok, ex, s, fused["w_gate"], [], fused["w_down"], fused["b_gate"], [], fused["b_down"],
-         "gptoss:1.702:7.0", False, "torch"), dict(interleaved=True))
+        (x, tok, ex, s, fused["w_gate"], fused["w_down"], [], fused["b_gate"], [], fused["b_down"]),
+        dict(activation="gptoss:1.702:7.0", impl="torch", interleaved=True))
 
 
 @pytest.mark.parametrize("change,err", [
@@ -333,7 +334,6 @@ def test_compute_dtype_keeps_no_weight_copy(lists):
 def test_compute_dtype_errors():
     x, tok, ex, s, w1, w2, _, _ = make(8, 8, 4, 4, 2)
     with pytest.raises(TypeError, match="compute_dtype"):
-        torch.ops.moe_inductor.fused_moe(x, tok, ex, s, w1, w2, None, None, "swiglu", False, False, "auto",
-                                         "aten::mm", torch.bfloat16)
+        torch.ops.moe_inductor.fused_moe(x, tok, ex, s, w1, w2, compute_dtype=torch.bfloat16)
     with pytest.raises(TypeError, match="w1 has dtype"):
         fused_moe(x, tok, ex, s, w1.bfloat16(), w2)

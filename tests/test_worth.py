@@ -37,7 +37,8 @@ def _case(T, E, K, d, n, dtype, activation, bias, dropped, seed=0):
                          [("swiglu", False, False, False), ("swiglu", True, True, True), ("gelu", False, True, False)])
 def test_gathered_experts_computes_what_the_op_computes(dtype, activation, interleaved, bias, dropped):
     x, tok, ids, s, w1, w2, b1, b2 = _case(5, 6, 2, 16, 8, dtype, activation, bias, dropped)
-    want = torch.ops.moe_inductor.fused_moe(x, tok, ids, s, w1, w2, b1, b2, activation, interleaved, False, "torch")[0]
+    want = torch.ops.moe_inductor.fused_moe(x, tok, ids, s, w1, w2, b1, b2, activation=activation,
+                                            interleaved=interleaved, impl="torch")[0]
     got = gathered_experts(x, tok, ids, s, w1, w2, b1, b2, activation, interleaved)
     assert got.dtype == want.dtype and got.shape == want.shape
     if dtype == torch.float32:
@@ -98,7 +99,7 @@ def test_non_finite_row_stays_in_its_token():
     the op computes them (a 0/1 product in the combine would spread NaN to every token)."""
     x, tok, ids, s, w1, w2, b1, b2 = _case(4, 6, 2, 16, 8, torch.float32, "swiglu", False, False)
     x[1, 3] = float("inf")
-    want = torch.ops.moe_inductor.fused_moe(x, tok, ids, s, w1, w2, None, None, "swiglu", False, False, "torch")[0]
+    want = torch.ops.moe_inductor.fused_moe(x, tok, ids, s, w1, w2, activation="swiglu", impl="torch")[0]
     compiled = torch.compile(gathered_experts, fullgraph=True, dynamic=False)
     for got in (gathered_experts(x, tok, ids, s, w1, w2, None, None, "swiglu", False),
                 compiled(x, tok, ids, s, w1, w2, None, None, "swiglu", False)):
