@@ -282,6 +282,113 @@ def index_of_rows(index) -> Optional[Selection]:
     return sel
 
 
+# --------------------------------------------------------------------------- every assignment's token
+#
+# ``arange(T).repeat_interleave(K)`` holds, at position j of the T*K assignments in (token, k) order,
+# token j // K; indexed by a permutation ``perm`` of range(T*K) (a sort of T*K values) it holds
+# perm[i] // K. Either is the token of every assignment, not one expert's selection of rows: a write at
+# it combines the rows of all experts at once (rxlm's MoeFeedForward: ``token_indices[sorted_order]``
+# gathers, ``scatter_add_`` at ``token_indices`` of the rows put back by ``argsort``), the flat-rows form.
+
+_INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+
+
+def _arange_rows(node) -> Optional[object]:
+    """T (sympy) of ``torch.arange(T)`` / ``torch.arange(0, T)`` (step 1, integer dtype): values 0..T-1."""
+    if not (isinstance(node, fx.Node) and node.op == "call_function" and node.target is torch.arange):
+        return None
+    if set(node.kwargs) - {"device", "dtype"} or len(node.args) not in (1, 2) or dtype_of(node) not in _INT_DTYPES:
+        return None
+    if len(node.args) == 2 and int_value(node.args[0]) != 0:
+        return None
+    s = shape_of(node)
+    return s[0] if s is not None and len(s) == 1 else None
+
+
+def replicated_tokens(node) -> Optional[tuple]:
+    """(T, K) when ``node`` is ``arange(T).repeat_interleave(K)`` (method or ``torch.repeat_interleave``,
+    K a Python int >= 1, no dim or dim 0 of the 1-D arange), nothing writing either in place: element j
+    is j // K, for j in [0, T*K)."""
+    if not _method_or_function(node, ("repeat_interleave",), (torch.repeat_interleave,)):
+        return None
+    if len(node.args) != 2 or set(node.kwargs) - {"dim", "output_size"} or node.kwargs.get("dim", 0) not in (0, -1):
+        return None
+    ar, K = node.args
+    T = _arange_rows(ar)
+    if T is None or type(K) is not int or K < 1 or any(safety.writes_to(n) for n in (ar, node)):
+        return None
+    s = shape_of(node)
+    if s is None or len(s) != 1 or not same(s[0], T * K):
+        return None
+    return T, K
+
+
+def _sort_permutation(node) -> Optional[fx.Node]:
+    """v of ``sort(v)[1]`` / ``v.sort(...)[1]`` / ``argsort(v)`` (1-D v, any order or stability): a
+    permutation of range(len(v))."""
+    s = node
+    if isinstance(node, fx.Node) and node.op == "call_function" and node.target is operator.getitem \
+            and node.args[1] == 1 and _method_or_function(node.args[0], ("sort",), (torch.sort,)):
+        s = node.args[0]
+    elif not _method_or_function(node, ("argsort",), (torch.argsort,)):
+        return None
+    if not isinstance(s.args[0], fx.Node) or len(shape_of(s.args[0]) or ()) != 1 or \
+            set(s.kwargs) - {"dim", "descending", "stable"}:
+        return None
+    dim = s.kwargs.get("dim", s.args[1] if len(s.args) > 1 else -1)
+    if dim not in (0, -1) or len(s.args) > 3 or safety.writes_to(node):
+        return None
+    return s.args[0]
+
+
+def assignment_tokens(index) -> Optional[dict]:
+    """The proof that ``index`` holds the token of every assignment: ``arange(T).repeat_interleave(K)``
+    (row j: token j // K) or that indexed by a permutation of its T*K positions, ``tok[perm]`` /
+    ``tok.index_select(0, perm)`` with perm ``sort(v)[1]`` / ``argsort(v)`` of a 1-D v of T*K values
+    (row i: token perm[i] // K). Returns dict(T, K, perm (None when unpermuted), tokens) or None."""
+    rt = replicated_tokens(index)
+    if rt is not None:
+        return dict(T=rt[0], K=rt[1], perm=None, tokens=index)
+    tok = perm = None
+    if isinstance(index, fx.Node) and index.op == "call_function" and index.target is operator.getitem:
+        tok, perm = index.args[0], index.args[1]
+    elif _method_or_function(index, ("index_select",), (torch.index_select,)) and len(index.args) == 3 \
+            and index.args[1] == 0 and not index.kwargs:
+        tok, perm = index.args[0], index.args[2]
+    rt = replicated_tokens(tok) if isinstance(perm, fx.Node) else None
+    v = _sort_permutation(perm) if rt is not None else None
+    if v is None or not same(shape_of(v)[0], rt[0] * rt[1]):
+        return None
+    return dict(T=rt[0], K=rt[1], perm=perm, tokens=tok)
+
+
+@register("dispatch", "assignment_tokens", "arange(T).repeat_interleave(K) [indexed by a sort permutation]: "
+          "every assignment's token, declined as a per-expert selection")
+def every_assignment(index) -> Optional[Selection]:
+    found = assignment_tokens(index) if isinstance(index, fx.Node) else None
+    if found is None:
+        return None
+    how = f" indexed by the sort permutation {found['perm'].name}" if found["perm"] is not None else ""
+    decline("dispatch", f"{index.name} is arange(T).repeat_interleave({found['K']}){how}: the token of every one of "
+                        "the T*K assignments, not one expert's selection of rows; this write puts the rows of all "
+                        "experts back at once (a flat-rows block, the assignment_rows composition's form), not one "
+                        "unit of a per-expert loop")
+
+
+@register("dispatch", "graph_input", "an index that is an input of the graph: declined (its rows cannot be proven)")
+def graph_input(index) -> Optional[Selection]:
+    base = index
+    while isinstance(base, fx.Node) and base.op == "call_function" and base.target is operator.getitem \
+            and isinstance(base.args[1], slice):
+        base = base.args[0]
+    if not (isinstance(base, fx.Node) and base.op == "placeholder"):
+        return None
+    decline("dispatch", f"{index.name} is an input of this graph ({base.target}): the rows it selects were computed "
+                        "in another graph (Dynamo split the block there, e.g. at a data-dependent branch on an index's "
+                        "length such as labml's capacity check `if len(idx) <= capacity`), so which expert's rows they "
+                        "are cannot be proven here")
+
+
 # --------------------------------------------------------------------------- scores
 
 def _unsqueezed(node: fx.Node):

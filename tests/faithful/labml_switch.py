@@ -142,6 +142,11 @@ def _switch(capacity_factor, drop_tokens, is_scale_prob):
 
 _x3d = tokens(lambda T: (1, T, D))  # [seq_len, batch_size, d_model] = (1, T, d): viewed to (T, d) first thing
 
+# labml_switch_drop is pending (issue 18): Dynamo splits the forward at `if len(indexes_list[i]) <= capacity`
+# (data-dependent branching on a nonzero's length), so the graph with the experts and the index-put writes
+# receives the kept index lists as inputs: "dispatch: l_stack0_0_ is an input of this graph ...". Capacity
+# dropping itself is expressible (dropped assignments get expert -1; the dropped tokens' x * route_prob_max
+# as graph ops), but only once the loop is one graph.
 _SRC = "labmlai/annotated_deep_learning_paper_implementations labml_nn/transformers/switch/__init__.py SwitchFeedForward"
 ENTRIES = [
     Idiom("labml_switch_default", _SRC + " (experiment Configs defaults: capacity_factor 1.0, drop_tokens False, "

@@ -216,6 +216,14 @@ class WithRouterLoss(nn.Module):
 
 
 _x3d = tokens(lambda T: (1, T, D))
+# Pending (issue 18): the block is the flat-rows form (rows x[arange(T).repeat_interleave(K)[perm]] of a
+# sort, expert chunks split by host counts, scatter_add_ at arange(T).repeat_interleave(K) of the rows put
+# back by argsort), not a per-expert loop; expert_loop declines its scatter_add_ as a unit ("dispatch:
+# token_indices is arange(T).repeat_interleave(2): the token of every one of the T*K assignments ...",
+# dispatch.assignment_tokens). What stops the flat-rows composition: host_splits leaves the chunks' experts
+# as they are (biased Linears: "expert 0 has biases (a grouped GEMM here has none)"; the GLU experts put the
+# activation on the second chunk half: "the expert body is not a supported MLP"), and assignment_rows does
+# not read the gather index tok[perm] (= perm // K) nor the combine at tok of y[argsort(perm)].
 _SRC = "RxAI-dev/rxlm python/src/rxlm/transformers/moe.py MoeRouter + {} (ff.py experts) @bed8777"
 
 ENTRIES = [
