@@ -18,7 +18,10 @@ Parts (recognisers registered in ``moe_inductor.parts``):
 
                        spelled with ``einsum("se,sc->sec", ...)`` outer products or broadcast multiplies
                        of unsqueezed factors, any casts of 0/1 masks; caps are any 0/1 factors
-                       (``lt(loc, C)``: tokens over capacity dropped); the cumsum may count a 0/1 mask
+                       (``lt(loc, C)``: tokens over capacity dropped; DeepSpeed top-1's keep mask, ones
+                       scattered once into fresh zeros, ``zeros_like(m).scatter_(0, top_idx, 1)``); the
+                       dispatch tensor is the nonzero pattern (``bool()``, ``!= 0``) cast to any dtype
+                       (``type_as``, ``to``, ``float``: 0/1 is exact in each); the cumsum may count a 0/1 mask
                        (the one-hot times flags the term is also multiplied by); in-place ``+=``, ``*=``,
                        ``/=`` on routing tensors (DeepSpeed) are read as values when nothing reads the
                        old value after the write (``inplace_as``). Stacked choices (nanoMoE): the K
@@ -50,7 +53,8 @@ Parts (recognisers registered in ``moe_inductor.parts``):
                        summed over the experts, after row-major reshapes that give back y's (E, C, d) layout.
 
 Proof (``analyse``), which declines naming the part or the proof:
-  * capacity: the dispatch mask is the nonzero pattern of the very combine weights the output uses;
+  * capacity: the dispatch mask is the nonzero pattern of the very combine weights the output uses,
+    nothing written into it (or the casts between) before the dispatch reads it;
     each term is zero outside column ``idx_k[s]`` and slot ``L_k[s]``; within a term the slot
     positions of expert e are a cumsum of a 0/1 column that is 1 at every token choosing e, so
     they are distinct; term k's positions start after the counts of terms 0..k-1, so terms never
@@ -316,12 +320,33 @@ def _one_hot(node, reshaped: bool = True) -> Optional[tuple]:
     return None
 
 
+def _scattered_ones(node) -> bool:
+    """``node`` is ``z`` or ``z.scatter_(dim, index, 1)`` for a fresh zeros tensor ``z`` that this
+    scatter is the only write into, before every read (``_initialised``): zeros with ones written at
+    some places, 0/1 whatever the index (DeepSpeed ``top1gating``'s random token selection:
+    ``zeros_like(mask1).scatter_(0, top_idx, 1)``, the C kept rows of each expert)."""
+    z = node.args[0] if node.op == "call_method" and node.target == "scatter_" and node.args else node
+    if not (isinstance(z, fx.Node) and ((z.op == "call_function" and z.target in _ZEROS_F)
+                                        or (z.op == "call_method" and z.target == "new_zeros"))):
+        return False
+    writes = safety.writes_to(z)
+    if len(writes) != 1 or (node is not z and writes[0] is not node):
+        return False
+    w = writes[0]
+    if not (w.op == "call_method" and w.target == "scatter_" and w.args[0] is z) or \
+            set(w.kwargs) - {"dim", "index", "value"} or len(w.args) + len(w.kwargs) != 4:
+        return False
+    value = _arg(w, 3, "value")
+    return type(value) in (int, float, bool) and value in (0, 1) and _initialised(w, node_order(z.graph))
+
+
 def _is_flag(node) -> bool:
-    """A 0/1-valued tensor: a one-hot, a comparison, a bool tensor or their products."""
+    """A 0/1-valued tensor: a one-hot, a comparison, a bool tensor, ones scattered into zeros or their
+    products."""
     node = _strip_exact_casts(node)
     if not isinstance(node, fx.Node):
         return False
-    if dtype_of(node) == torch.bool or _one_hot(node) is not None:
+    if dtype_of(node) == torch.bool or _one_hot(node) is not None or _scattered_ones(node):
         return True
     if node.op == "call_function" and node.target in _COMPARE:
         return True
@@ -731,6 +756,22 @@ def _nonzero_source(d) -> Optional[fx.Node]:
     return None
 
 
+def _need_unwritten_dispatch(m: fx.Node, src: fx.Node, slots: fx.Node) -> None:
+    """The einsum reads ``m`` as the nonzero pattern of ``src`` through the nodes between them (casts,
+    ``bool()``, ``!= 0``, identities): decline if one of them (or a view of it) is written in place before
+    the einsum reads it (``d = combine.bool().type_as(x); d[:, 0] = 0`` dispatches another mask)."""
+    order, n, seen = node_order(slots.graph), m, set()
+    while isinstance(n, fx.Node) and n is not src and n not in seen:
+        seen.add(n)
+        early = [w for w in safety.writes_to(n) if order[w] < order[slots]]
+        if early:
+            decline("slots_dispatch", f"{m.name}: the dispatch mask {n.name} is modified in place by "
+                                      f"{early[0].format_node()} before the dispatch reads it")
+        inner = safety.identity_function_input(n)
+        n = inner if inner is not None else (n.args[0] if n.args else n.kwargs.get("input"))
+    need("slots_dispatch", n is src, f"{m.name}: the dispatch mask's computation from {src.name} is not followed")
+
+
 def _matmul_args(node) -> Optional[tuple]:
     if isinstance(node, fx.Node) and len(node.args) == 2 and not node.kwargs and (
             (node.op == "call_function" and node.target in (torch.matmul, operator.matmul))
@@ -766,10 +807,15 @@ def capacity_einsum(slots) -> Optional[SlotsDispatch]:
         return None
     src = _nonzero_source(d)
     if not isinstance(src, fx.Node):
+        given = safety.strip_casts(d)
+        need("slots_dispatch", given.op != "placeholder",
+             f"{m.name}: the dispatch tensor {given.name} is an input of this graph (computed in another graph, "
+             "e.g. before a graph break): that it is the nonzero pattern of the combine weights cannot be proved here")
         twice = " (it scales the expert inputs by routing weights: with the combine weights, scores are applied " \
                 "twice)" if not _is_flag(d) else ""
         decline("slots_dispatch", f"{m.name}: the dispatch tensor is not the nonzero pattern of combine weights "
                                   f"(combine.bool()){twice}")
+    _need_unwritten_dispatch(m, src, slots)
     ss, xs = shape_of(src), shape_of(x)
     need("slots_dispatch", ss is not None and len(ss) == 3 and xs is not None and len(xs) == 2,
          f"{slots.name}: dispatch is not (S, E, C) x (S, d)")

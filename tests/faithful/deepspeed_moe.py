@@ -394,6 +394,12 @@ def build(k: int) -> MoEOutput:
 _SOURCE = ("DeepSpeed deepspeed/moe/layer.py MoE, deepspeed/moe/sharded_moe.py MOELayer + TopKGate + {} + "
            "_capacity/_top_idx/_one_hot_to_float (TorchScript) + _AllToAll, deepspeed/moe/experts.py Experts")
 
+# pending (torch 2.13): Dynamo breaks the graph at _capacity's tensor ``if`` inside the gate, so the
+# graph that holds the dispatch/experts/combine einsums receives dispatch_mask and combine_weights as
+# inputs, computed in other graphs: that the mask is combine_weights' nonzero pattern, and how the
+# weights place tokens in slots, cannot be proved there (expert_slots declines, saying so). On a
+# break-free reduction (capacity a Python int) both gates are rewritten and exact
+# (tests/test_deepspeed_dispatch.py holds that spelling).
 ENTRIES = [
     # top-1 with use_rts on: the uniform priorities only matter when an expert gets more than C tokens;
     # with this seed the counts are [1, 2, 1, 1] (T=5) and [2, 4, 1, 1] (T=8) against C = min_capacity = 4,
