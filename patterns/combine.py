@@ -20,7 +20,7 @@ import torch.fx as fx
 
 from moe_inductor import safety
 from moe_inductor.parts import Write, register
-from moe_inductor.rewrite import dtype_of, int_value, same, shape_of
+from moe_inductor.rewrite import dtype_of, int_value, node_order, same, shape_of
 
 from .dispatch import rows_index
 
@@ -115,6 +115,35 @@ def setitem(node) -> Optional[Write]:
     if idx is None or not isinstance(v, fx.Node):
         return None
     return Write(kind="assign", acc=acc, index=idx, value=v, anchor=node, nodes=[node], duplicates_add=False)
+
+
+def bias_after_assign(node) -> Optional[tuple]:
+    """(b, read, added, end) when the assignment ``node``, ``acc[m] = v`` with m a boolean mask, is
+    followed by ``acc[m] = acc[m] + b`` (or ``acc[m] += b``) with the very same mask node: vLLM's
+    ``torch_experts``, ``out[mask] = tmp2 @ w2[i].T`` then ``out[mask] = out[mask] + b2[i].view(1, -1)``
+    (``read = acc[m]``, ``added = read + b``, ``end`` the second assignment). A boolean mask selects
+    each row once, so reading ``acc[m]`` back gives the assigned rows ``v`` in order, and the pair
+    writes ``v + b`` into ``acc[m]``, exactly, when: the second assignment is the next write into acc
+    (or an alias) after the first, the mask is not written between them, the read and the sum have
+    no other reader, and v, acc, the read and the sum have one dtype (the assignment does not round
+    v). ``b`` is returned as the graph adds it: the caller proves it is a bias (``experts.row_bias``)."""
+    first = setitem(node)
+    if first is None or not isinstance(first.index, fx.Node) or dtype_of(first.index) != torch.bool:
+        return None
+    acc = first.acc
+    if not isinstance(acc, fx.Node):
+        return None
+    later = [w for w in safety.writes_to(acc) if node_order(acc.graph)[w] > node_order(acc.graph)[node]]
+    second = indexed_iadd(later[0]) if later else None
+    if second is None or second.acc is not acc or second.index is not first.index:
+        return None
+    end, added, read = second.nodes
+    if safety.mutated_between(first.index, node, end) is not None or set(read.users) != {added} \
+            or set(added.users) != {end} or node_order(acc.graph)[read] < node_order(acc.graph)[node]:
+        return None
+    if not dtype_of(first.value) == dtype_of(acc) == dtype_of(read) == dtype_of(added):
+        return None
+    return second.value, read, added, end
 
 
 _MUL = (operator.mul, torch.mul)

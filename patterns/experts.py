@@ -31,7 +31,7 @@ import torch.fx as fx
 
 from moe_inductor import safety
 from moe_inductor.parts import ExpertMLP, IdentityExpert, decline, need, recognise, register
-from moe_inductor.rewrite import dtype_of, gemm_name, shape_of
+from moe_inductor.rewrite import dtype_of, gemm_name, int_value, same, shape_of
 
 from moe_inductor.rewrite import Declined
 
@@ -69,8 +69,9 @@ def projection(node) -> Optional[tuple]:
             and not node.kwargs:
         for a, b in (node.args, node.args[::-1]):
             inner = projection(a) if isinstance(a, fx.Node) else None
-            if inner is not None and inner[3] is None and isinstance(b, fx.Node) and len(shape_of(b) or ()) == 1:
-                return inner[0], inner[1], inner[2], b
+            bias = row_bias(b, a, node) if inner is not None and inner[3] is None else None
+            if bias is not None:
+                return inner[0], inner[1], inner[2], bias
         return None
     if node.op == "call_function" and node.target in _LINEAR:
         args = list(node.args) + [None] * (3 - len(node.args))
@@ -90,6 +91,44 @@ def projection(node) -> Optional[tuple]:
             return z, w, False, None
         return z, wt, True, None
     return None
+
+
+def _unit_row_source(b: fx.Node) -> Optional[fx.Node]:
+    """B when ``b`` is a 1-D B of length n seen as one (1, n) row: ``B.view(1, -1)``, ``B.reshape(1, n)``
+    (a 1-D tensor viewed as (1, n) keeps its elements in order), ``B.unsqueeze(0)``, ``B[None]``,
+    ``B[None, :]``; None otherwise."""
+    if not isinstance(b, fx.Node) or not b.args or not isinstance(b.args[0], fx.Node):
+        return None
+    src, s = b.args[0], shape_of(b.args[0])
+    if s is None or len(s) != 1:
+        return None
+    if b.op == "call_method" and b.target in ("view", "reshape") or \
+            (b.op == "call_method" and b.target == "unsqueeze" and len(b.args) == 2 and b.args[1] in (0, -2)) or \
+            (b.op == "call_function" and b.target is operator.getitem
+             and b.args[1] in (None, (None,), (None, slice(None)), (None, Ellipsis))):
+        return src
+    return None
+
+
+def row_bias(b, out, added) -> Optional[fx.Node]:
+    """The 1-D bias B (n,) when ``added = out + b`` adds B to every row of the (.., n) tensor ``out``:
+    ``b`` is B itself or B seen as one (1, n) row (``B.view(1, -1)``, ``unsqueeze(0)``, ``B[None]``:
+    vLLM's ``b_bias[i].view(1, -1).to(dtype)``), through same-dtype casts, in ``out``'s dtype, and the
+    sum has ``out``'s shape. None otherwise: a bias of another width (a per-expert scalar broadcast over
+    the columns), a (rows, 1) or (n, 1) tensor (broadcast over the other axis), a bias in another
+    dtype (the add would round it). A 1-D ``b`` is returned as the graph adds it (casts kept)."""
+    if not isinstance(b, fx.Node) or not isinstance(out, fx.Node):
+        return None
+    s = shape_of(b)
+    if s is not None and len(s) == 2 and int_value(s[0]) == 1:  # one row: its 1-D source, one dtype
+        b = safety.strip_identity(_unit_row_source(safety.strip_identity(b)))
+        s = shape_of(b) if isinstance(b, fx.Node) else None
+        if not dtype_of(b) == dtype_of(out) == dtype_of(added):
+            return None
+    so = shape_of(out)
+    if s is None or len(s) != 1 or not so or not same(s[0], so[-1]) or not safety.same_shape(added, out):
+        return None
+    return b
 
 
 def _gemm_of(node: fx.Node) -> str:
@@ -197,6 +236,7 @@ def walk_mlp(out, proj, part: str, gemm: str, check=None, more_activations: bool
             return _with_layout(ExpertMLP(input=g[0], output=out, activation=spec, gate=g[1], down=down[1],
                                           b_gate=g[3], b_down=down[3], gemm=gemm, interleaved=bool(interleaved)),
                                 transposed)
+        _decline_scaled_hidden(mid, part)
         # an activation that was recognised in shape but not proven (a near miss) keeps its own reason
         detail = f": {why}" if why and why != NO_ACTIVATION else ""
         decline(part, f"{mid.name}: the expert body is not a supported MLP (projection -> activation "
@@ -207,6 +247,36 @@ def walk_mlp(out, proj, part: str, gemm: str, check=None, more_activations: bool
     transposed["gate"] = up[2]
     return _with_layout(ExpertMLP(input=up[0], output=out, activation=name, gate=up[1], down=down[1], b_gate=up[3],
                                   b_down=down[3], gemm=gemm), transposed)
+
+
+def _line_of(node: fx.Node) -> str:
+    """``File "...", line N, in f: <code>`` of the user code that made ``node`` (Dynamo's stack trace)."""
+    lines = [l.strip() for l in (node.meta.get("stack_trace") or "").strip().splitlines()]
+    at = [i for i, l in enumerate(lines) if l.startswith("File")]
+    if not at:
+        return f"node {node.name}"
+    i = at[-1]
+    return lines[i] + (f": `{lines[i + 1]}`" if i + 1 < len(lines) else "")
+
+
+def _decline_scaled_hidden(mid: fx.Node, part: str) -> None:
+    """Decline, naming the line, when the down projection's input is ``h * s`` with ``s`` one factor per
+    row ((.., 1): the router's scores, Megatron-Core's ``MLP`` ``per_token_scale``, applied before fc2).
+    ``down(s * h) == s * down(h)`` holds for a linear ``down`` only up to rounding (each ``s * h_j``
+    is rounded before the sum; in bf16 the product is also cast back before fc2) and, with a down
+    bias b, only when b is scaled too (Megatron adds ``b * s``); and the score would be read from
+    inside the expert, where no composition takes its scores from: not an expert MLP, declined."""
+    if not (mid.op == "call_function" and mid.target in _MUL and len(mid.args) == 2) or mid.kwargs:
+        return
+    ms = shape_of(mid)
+    for h, sc in (mid.args, mid.args[::-1]):
+        ss = shape_of(sc) if isinstance(sc, fx.Node) else None
+        if ms and ss and len(ss) == len(ms) and int_value(ss[-1]) == 1 and int_value(ms[-1]) != 1 \
+                and all(same(a, b) for a, b in zip(ss[:-1], ms[:-1])) and safety.same_shape(h, mid):
+            decline(part, f"{mid.name} at {_line_of(mid)}: the rows are multiplied by {sc.name}, one factor per "
+                          f"row (the router's scores), before the down projection: down(h * s) is s * down(h) "
+                          f"only up to rounding and without an unscaled down bias, and no composition takes the "
+                          f"scores from inside the expert (score on the input rows or on the output only)")
 
 
 def _with_layout(m: ExpertMLP, transposed: dict) -> ExpertMLP:

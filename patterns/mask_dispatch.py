@@ -198,8 +198,32 @@ def analyse_one(node: fx.Node) -> dict:
     _check_expert_path(value, gathered)
     kind, source, e = _mask_source(mask)
     mlp = _expert_mlp(out, gathered)
+    mlp, extra = _down_bias_after(node, mlp, weights, out)
     return dict(node=node, buf=buf, mask=mask, x=x, gathered=gathered, weights=weights, kind=kind,
-                source=source, e=e, mlp=mlp)
+                source=source, e=e, mlp=mlp, extra=extra, end=extra[-1] if extra else node)
+
+
+def _down_bias_after(node: fx.Node, mlp: tuple, weights, out: fx.Node):
+    """(mlp, extra nodes): the expert's down bias when the assignment ``buf[m] = y`` is followed by
+    ``buf[m] = buf[m] + b`` (``combine.bias_after_assign``: the pair writes ``y + b``) with ``b`` a
+    1-D bias of the output width, or one (1, d) row of it (``experts.row_bias``); then
+    ``down(h) + b`` is the expert's output, as the fused op computes it. Declined when the rows were
+    already weighted by the router (``w * y + b`` is not ``w * (y + b)``), when the down projection
+    has its own bias, when the expert's output ``out`` was cast to the buffer's dtype before the bias
+    (the op adds the bias in the experts' dtype), or when what is added is not such a bias."""
+    found = _combine.bias_after_assign(node)
+    if found is None:
+        return mlp, []
+    b, read, added, end = found
+    _need(weights is None, f"experts: {added.name}: a bias added after the rows were weighted by the router "
+                           f"(w * y + b, not w * (y + b))")
+    _need(mlp[6] is None, f"experts: {added.name}: a second down bias added to rows whose projection has one")
+    _need(dtype_of(out) == dtype_of(added), f"experts: {added.name}: the bias is added to the expert's output "
+                                            f"after a cast to the buffer's dtype (the fused op adds it before)")
+    bias = _experts.row_bias(b, read, added)
+    _need(bias is not None, f"experts: {added.name}: what is added to the assigned rows is not a bias of the "
+                            f"output width in their dtype (B or B.view(1, -1) of a 1-D B)")
+    return mlp[:6] + (bias,) + mlp[7:], [read, added, end]
 
 
 # --------------------------------------------------------------------------- grouping and checks
@@ -244,24 +268,28 @@ def analyse_group(members: list, graph: fx.Graph) -> MoEBlock:
           "buffer, tokens and masks do not have shapes (T.., d), (T.., d), (T..)")
     for m in members:
         _need(all(same(a, b) for a, b in zip(shape_of(m["mask"]) or (), ms)), "masks of different shapes")
-    nodes = {m["node"] for m in members}
+    nodes = {m["node"] for m in members} | {n for m in members for n in m["extra"]}
+    anchor = last["end"]  # the last write of the loop (a bias added after the assignment: its second write)
     writes = {u for u in buf.users if is_mutation(u, buf)}
-    _need(writes == nodes, "buffer is modified by something other than the expert loop")
+    _need(writes == {m[k] for m in members for k in ("node", "end")},
+          "buffer is modified by something other than the expert loop")
     for u in buf.users:
-        _need(u in nodes or order[u] > order[last["node"]], "buffer is read or aliased inside the loop")
+        _need(u in nodes or order[u] > order[anchor], "buffer is read or aliased inside the loop")
     if init is not None:
-        _need(mutated_between(init, buf, last["node"]) is None, "cloned input is modified inside the loop")
+        _need(mutated_between(init, buf, anchor) is None, "cloned input is modified inside the loop")
         _need(same_shape(init, buf) and dtype_of(init) == dtype_of(buf), "clone source is not the buffer's shape")
     start = min((m["mask"] for m in members), key=order.__getitem__)
     for tensor in (x, source, weights):
-        _need(tensor is None or mutated_between(tensor, start, last["node"]) is None,
+        _need(tensor is None or mutated_between(tensor, start, anchor) is None,
               "tokens or routing are modified in place inside the loop")
+    # a down bias added through the buffer is read by the fused op after the loop, not where it was added
+    safety.need_unmodified([m["mlp"][6] for m in members if m["extra"]], start, anchor, "experts: a down bias")
 
-    _need(not gated or (first["mlp"][2] is None) == (first["mlp"][4] is None),
+    # (a fused gate|up weight, up None, has one bias for both halves)
+    _need(not gated or first["mlp"][3] is None or (first["mlp"][2] is None) == (first["mlp"][4] is None),
           "gate and up projections differ in having a bias")
     E = len(members)
     wd_shape = shape_of(first["mlp"][5])
-    anchor = last["node"]
     post = _folded_scale(buf, nodes, x, init, kind, source, experts, ms)
     if post is not None and any(t is not None and mutated_between(t, start, post[0]) is not None
                                 for t in (x, source, weights, *(m["mask"] for m in members))):

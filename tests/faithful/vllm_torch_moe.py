@@ -115,8 +115,8 @@ ENTRIES = [
                "expert, fp32 softmax and the fp32 slot sum cast back"),
     Idiom("vllm_torch_moe_bias", "vllm-project/vllm tests/kernels/utils.py torch_moe with b_bias1/b_bias2 "
           "(the biased-experts test), behind a router linear",
-          seeded(102, lambda: VllmTorchMoE(with_bias=True)), tokens(), expect="pending", faithful=True,
+          seeded(102, lambda: VllmTorchMoE(with_bias=True)), tokens(), expect=1, faithful=True,
           fullgraph=False,
-          note="per-expert biases after each GEMM, the second one as out[mask] = out[mask] + b2[i] (a read-"
-               "modify-write of the masked rows)"),
+          note="per-expert biases after each GEMM as (1, n) views b[i].view(1, -1).to(dtype), the second one as "
+               "out[mask] = out[mask] + b2[i] (a read-modify-write of the masked rows just assigned)"),
 ]
