@@ -365,6 +365,12 @@ def sonic(gm: fx.GraphModule, example_inputs, options: Optional[dict] = None, mo
         _scope.record(_scope.Fallback("without rewrite", _graph_name(gm), f"{type(e).__name__}: {_first_line(e)}"))
         return compile_fx(original, example_inputs, config_patches=patches or None)
     record_report(report, gm)
+    if _drop_declined_captures(gm):
+        # the graph holds a per-expert loop unrolled over every expert for nothing: this call runs it
+        # as it is (exact: the capture only adds empty experts), and the frame compiles again on the
+        # next call from the loop as written, as plain Inductor compiles it (an unrolled loop of many
+        # experts costs Inductor minutes; the original's graph breaks keep its graphs small)
+        return gm.forward
     if not report.rewritten:
         return compile_fx(gm, example_inputs, config_patches=patches or None)
     try:
@@ -381,6 +387,46 @@ def sonic(gm: fx.GraphModule, example_inputs, options: Optional[dict] = None, mo
 
 
 setattr(sonic, _scope.MARKER, True)  # how dynamo_scope recognises frames compiled with this backend
+
+
+def _drop_declined_captures(gm: fx.GraphModule) -> list:
+    """The modules whose captured per-expert loop (``moe_inductor.capture``) this graph traced and
+    which hold no rewritten block: their capture is given up (``capture.drop``). Never raises."""
+    from . import capture
+
+    try:
+        from torch._dynamo.symbolic_convert import InstructionTranslator
+
+        tx = InstructionTranslator.current_tx()
+        f_locals = dict(tx.f_locals) if tx is not None else {}
+        paths, rewritten_paths, any_rewritten = set(), set(), False
+        for node in gm.graph.nodes:
+            stack = [v[0] for v in (node.meta.get("nn_module_stack") or {}).values()]
+            paths.update(stack)
+            if node.op == "call_function" and getattr(node.target, "namespace", None) == "moe_inductor":
+                rewritten_paths.update(stack)
+                any_rewritten = True
+        by_path = {}
+        for path in paths:
+            found = _module_of(path)
+            if found is not None:
+                by_path.setdefault(found[0], set()).add(path)
+        dropped = []
+        for owner in capture.owners_in(f_locals, by_path):
+            # an owner met only as the frame's own module holds every node of the graph
+            rewritten = (by_path.get(owner, set()) & rewritten_paths) if owner in by_path else any_rewritten
+            if rewritten:
+                continue
+            reason = ("traced as a loop over every expert, but no MoE block in it was rewritten (see the declined "
+                      "blocks); compiled as written from the next call on, as plain Inductor compiles it")
+            _scope.after_this_compile(functools.partial(capture.drop, owner, reason))
+            counters["sonic"]["capture_dropped"] += 1
+            log.info("sonic: %s: %s", type(owner).__qualname__, reason)
+            dropped.append(owner)
+        return dropped
+    except Exception as e:  # never fail a compile over this
+        log.debug("sonic: could not check the captured loops: %s", e)
+        return []
 
 
 def _copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:

@@ -37,6 +37,7 @@ from __future__ import annotations
 import logging
 from typing import Optional
 import threading
+import weakref
 
 import torch
 
@@ -45,6 +46,7 @@ from . import loop_capture, side_effects
 log = logging.getLogger("moe_inductor")
 
 _lock = threading.RLock()
+_dropped = weakref.WeakKeyDictionary()  # module -> reason: its capture was given up (``drop``)
 _analysed: dict = {}  # class forward (the function object) -> (replacement or None, [LoopNote])
 
 
@@ -239,8 +241,8 @@ def prepare(f_locals: dict) -> int:
     done = 0
     for module in _frame_modules(f_locals):
         for name, replacement in replacements_for(type(module)).items():
-            if name in module.__dict__:
-                continue  # already given one (or the user set their own)
+            if name in module.__dict__ or module in _dropped:
+                continue  # already given one (or the user set their own), or given up (drop)
             kept = _called_modules_impurity(module, name)
             if kept:
                 for note in kept:
@@ -272,6 +274,39 @@ def _called_modules_impurity(module: torch.nn.Module, name: str) -> list:
                 return [loop_capture.LoopNote(n.filename, n.lineno, n.function, False, reason=reason)
                         for n in rewritten]
     return []
+
+
+def owners_in(f_locals: dict, modules) -> list:
+    """The modules among ``modules`` and the frame's (``f_locals``: a capturable forward's own frame,
+    or a module whose instance attributes hold one) that have a capturable method."""
+    out = []
+    candidates = list(modules) + [v.module if isinstance(v, CapturableForward) else v for v in f_locals.values()]
+    for m in candidates:
+        if isinstance(m, torch.nn.Module) and m not in out \
+                and any(isinstance(v, CapturableForward) for v in m.__dict__.values()):
+            out.append(m)
+    return out
+
+
+def drop(module: torch.nn.Module, reason: str) -> None:
+    """Give up the capture of ``module``: its capturable methods are removed (Dynamo guards on the
+    instance attribute, so the frames that traced them compile again) and never given back; the
+    class's own forward is traced from then on, as plain Inductor would. A kept-loop note with
+    ``reason`` is recorded for ``notes_for``/explain."""
+    with _lock:
+        _dropped[module] = reason
+    for name, value in list(module.__dict__.items()):
+        if not isinstance(value, CapturableForward):
+            continue
+        del module.__dict__[name]
+        try:  # a trampoline into this forward is cached for the class's forward code: compile it again
+            torch._dynamo.reset_code(getattr(value.original, "__code__", None) or value.original.__func__.__code__)
+        except Exception as e:
+            log.debug("sonic: could not reset the code of %s: %s", name, e)
+        for n in _analyse(value.original)[1]:
+            if n.rewritten:
+                side_effects.record_decline(module, loop_capture.LoopNote(n.filename, n.lineno, n.function, False,
+                                                                          reason=reason))
 
 
 def needs_trampoline(code, f_locals: dict) -> bool:

@@ -215,6 +215,17 @@ def throwaway_trace() -> bool:
     return bool(stack) and stack[-1] is not None and bool(stack[-1].get("trampoline"))
 
 
+def after_this_compile(fn) -> None:
+    """Run ``fn()`` when Dynamo has finished compiling the current sonic frame (its guards built),
+    or now when no sonic frame is being compiled. Used to change what a guard checks (a capturable
+    forward given up) without that change being what the guard is built from."""
+    stack = _stack()
+    if stack and stack[-1] is not None:
+        stack[-1].setdefault("after", []).append(fn)
+        return
+    fn()
+
+
 def _bytecode_hook(code, out_code):
     """Dynamo's bytecode hook (registered for every backend; it acts only on the sonic frames that
     ``_Start`` marked): the code Dynamo made of a module's class forward is replaced by a trampoline
@@ -243,6 +254,11 @@ class _End:
         entry = stack.pop()
         if entry is None:
             return
+        for fn in entry.get("after", ()):
+            try:
+                fn()
+            except Exception as e:  # never fail a compile over this
+                log.debug("sonic: after-compile action failed: %s", e)
         if entry["patch"] is not None:
             entry["patch"].__exit__(None, None, None)
         if entry.get("logging"):
