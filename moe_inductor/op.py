@@ -54,6 +54,7 @@ in its inputs' dtype, as eager leaves that GEMM. The Autocast kernels find x, th
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import logging
 import os
@@ -160,14 +161,29 @@ class OpDescription:
     def names(self, role: str) -> tuple:
         return tuple(a.name for a in self.args if a.role == role)
 
+    @functools.cached_property
+    def _plan(self) -> tuple:
+        positional = tuple(a.name for a in self.args if not a.kw_only)
+        defaults = {a.name: a.default for a in self.args if a.default is not REQUIRED}
+        return positional, defaults, frozenset(a.name for a in self.args)
+
     def bind(self, args: Sequence, kwargs: dict) -> dict:
-        """{name: value} of a call, defaults filled in (the dispatcher leaves defaults out)."""
+        """{name: value} of a call, defaults filled in (the dispatcher leaves defaults out). Runs on
+        every call of the op, so by hand; a bad call gets ``inspect``'s error message."""
+        positional, defaults, names = self._plan
+        if len(args) <= len(positional) and names.issuperset(kwargs) and kwargs.keys().isdisjoint(
+                positional[:len(args)]):
+            values = dict(defaults)
+            values.update(zip(positional, args))
+            values.update(kwargs)
+            if len(values) == len(names):
+                return values
         try:
-            bound = self.signature().bind(*args, **kwargs)
+            self.signature().bind(*args, **kwargs)
+            problem = "cannot bind the arguments"  # not reached: the checks above are bind's
         except TypeError as e:
-            raise TypeError(f"{self.name}: {e}; signature: {self.name}{self.signature(python=True)}") from None
-        bound.apply_defaults()
-        return dict(bound.arguments)
+            problem = str(e)
+        raise TypeError(f"{self.name}: {problem}; signature: {self.name}{self.signature(python=True)}")
 
     def split(self, values: dict) -> tuple[tuple, dict]:
         """(args, kwargs) to call the op with ``values`` (by name): keyword-only ones as keywords."""
@@ -415,13 +431,8 @@ def _fit(ctx, grads: tuple) -> tuple:
     return (tuple(grads) + (None,) * n)[:n]
 
 
-def _inputs(description: OpDescription, inputs: tuple, keyword_only_inputs: dict) -> dict:
-    """{name: value} of the inputs ``register_autograd`` hands ``setup_context``."""
-    return description.bind(inputs, keyword_only_inputs)
-
-
 def _setup_context(ctx, inputs, keyword_only_inputs, output):
-    a = _inputs(FUSED_MOE, inputs, keyword_only_inputs)
+    a = FUSED_MOE.bind(inputs, keyword_only_inputs)
     _, h_sorted, order = output
     ctx.save_for_backward(*(a[k] for k in ("x", "token_ids", "expert_ids", "scores", "w1", "w2", "b1", "b2")),
                           h_sorted, order)
@@ -598,7 +609,7 @@ def _fused_moe_experts_backward_fake(grad_out, x, token_ids, expert_ids, scores,
 
 
 def _experts_setup_context(ctx, inputs, keyword_only_inputs, output):
-    a = _inputs(FUSED_MOE_EXPERTS, inputs, keyword_only_inputs)
+    a = FUSED_MOE_EXPERTS.bind(inputs, keyword_only_inputs)
     _, h_sorted, order = output
     lists = _list_values(a)
     # the per-expert weights themselves (parameters), not a stacked copy

@@ -83,6 +83,27 @@ def test_bad_keywords_raise_clear_errors():
         op.FUSED_MOE_EXPERTS.bind((x, tok, ex, s), {"w_gate": [], "nope": 1})
 
 
+@pytest.mark.parametrize("name", sorted(OPS))
+def test_bind_is_inspect_binding(name):
+    """The hand-written bind (it runs on every call) agrees with inspect's, for every split of the
+    arguments into positional ones and keywords, with and without the defaulted ones."""
+    desc = OPS[name]
+    sig = desc.signature()
+    values = {a.name: object() for a in desc.args}
+    positional = [a.name for a in desc.args if not a.kw_only]
+    for n_pos in range(len(positional) + 1):
+        for drop_defaults in (False, True):
+            kept = {k: v for k, v in values.items()
+                    if not (drop_defaults and sig.parameters[k].default is not inspect.Parameter.empty)}
+            args = [kept[k] for k in positional[:n_pos] if k in kept]
+            if len(args) < n_pos:
+                continue
+            kwargs = {k: v for k, v in kept.items() if k not in positional[:n_pos]}
+            want = sig.bind(*args, **kwargs)
+            want.apply_defaults()
+            assert desc.bind(args, kwargs) == dict(want.arguments)
+
+
 def test_package_exports_the_entry_points():
     assert moe_inductor.fused_moe is op.fused_moe
     assert moe_inductor.fused_moe_experts is op.fused_moe_experts
