@@ -234,9 +234,10 @@ def _loop_notes(m: torch.nn.Module) -> str:
 def _remedy(m: torch.nn.Module) -> str:
     notes = _loop_notes(m)
     if notes and not _is_transformers_dispatched(m):
-        return (f"{notes}. sonic traces a per-expert loop as one graph when its host reads only decide which "
-                f"experts to skip and its body only accumulates into a tensor through the expert's selection; "
-                f"otherwise loop over range(num_experts) with torch.where(expert_mask[e])")
+        return (f"{notes}. The loop is compiled as written, with the graph breaks plain Inductor has (sonic "
+                f"traces a per-expert loop as one graph when its host reads only decide which experts to skip, "
+                f"its body only accumulates into a tensor through the expert's selection, and the modules it "
+                f"calls change no state)")
     if _is_transformers_dispatched(m):
         return ('model.set_experts_implementation("grouped_mm") (or config._experts_implementation = '
                 '"grouped_mm" before building the model): the default transformers experts code, one graph, '
