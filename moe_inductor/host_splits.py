@@ -37,18 +37,23 @@ alone changes no value.
 The same split with one ModuleList expert module per chunk (DeepSeek-V2/V3 ``moe_infer`` once
 ``loop_capture`` has rewritten its segment loop: ``torch.cat([experts[i](chunks[i]) for i ...])``)
 is rewritten when every expert is the same MLP (``patterns.experts.mlp``: the same nodes in the same
-order, ``F.linear`` projections without bias, weights of one shape per role) reading only its chunk
-and its weights, nothing else reading its intermediates: expert 0's nodes are emitted once on all
-the rows with each projection a ``grouped_mm`` on the experts' weights stacked (``torch.stack``, so
-gradients reach every expert's own parameter). Exact: each projection is the per-expert ``F.linear``
-of the chunk (grouped_mm runs exactly that), and everything else in the MLP works row by row
-(activations, products, same-dtype casts, ``chunk`` of columns), so on the concatenated rows it
-gives the concatenation of the per-chunk results. The result is the form ``patterns/assignment_rows``
-recognises as grouped experts on offsets. Biased experts are left as they are (a grouped GEMM here
-has no bias).
+order, ``F.linear`` projections, weights of one shape per role) reading only its chunk and its
+weights, nothing else reading its intermediates: expert 0's nodes are emitted once on all the rows
+with each projection a ``grouped_mm`` on the experts' weights stacked (``torch.stack``, so gradients
+reach every expert's own parameter). Biased projections (rxlm's ``FeedForward``: ``nn.Linear`` with
+bias) are accepted when every expert has the bias on the same projections (equal signatures), each
+bias is the one the expert description gives that projection (``ExpertMLP.b_*``), read by nothing
+else in the expert, shaped (out,) in its weight's dtype: the biases are stacked too and ``grouped_mm(..., bias=)``
+adds ``bias[e]`` to the rows of group e, which is the chunk's own ``F.linear(chunk, W_e, b_e)``.
+Exact: each projection is the per-expert ``F.linear`` of the chunk (grouped_mm runs exactly that),
+and everything else in the MLP works row by row (activations, products, same-dtype casts, ``chunk``
+of columns), so on the concatenated rows it gives the concatenation of the per-chunk results. The
+result is the form ``patterns/assignment_rows`` recognises as grouped experts on offsets (a bias in
+the grouped GEMM follows the GEMM's own grouping, so no ids index it).
 
 ``moe_inductor::grouped_mm`` has ``torch._grouped_mm``'s calling convention (b is (E, in, out), offs
-the int32 end offsets, rows past ``offs[-1]`` are zero) without its dtype and alignment limits
+the int32 end offsets, rows past ``offs[-1]`` are zero; an optional per-expert ``bias`` (E, out))
+without its dtype and alignment limits
 (``torch._grouped_mm`` in fp32 does not compile on CPU and asks for 16-byte aligned strides): its
 implementation is the per-expert ``F.linear`` loop of the original code (bitwise the same values),
 with a backward of the same loops.
@@ -67,13 +72,17 @@ log = logging.getLogger("moe_inductor")
 
 # --------------------------------------------------------------------------- the grouped GEMM op
 
-def _check(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> None:
+def _check(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, bias: Optional[torch.Tensor] = None) -> None:
     torch._check(a.dim() == 2, lambda: f"grouped_mm: rows must be 2-D, got {tuple(a.shape)}")
     torch._check(b.dim() == 3, lambda: f"grouped_mm: weights must be (E, in, out), got {tuple(b.shape)}")
     torch._check(offs.dim() == 1 and offs.shape[0] == b.shape[0],
                  lambda: f"grouped_mm: offs must be ({b.shape[0]},), got {tuple(offs.shape)}")
     torch._check(a.shape[1] == b.shape[1], lambda: f"grouped_mm: rows have {a.shape[1]} columns, weights {b.shape[1]}")
     torch._check(a.dtype == b.dtype, lambda: f"grouped_mm: rows are {a.dtype}, weights {b.dtype}")
+    if bias is not None:
+        torch._check(bias.dim() == 2 and bias.shape[0] == b.shape[0] and bias.shape[1] == b.shape[2],
+                     lambda: f"grouped_mm: bias must be ({b.shape[0]}, {b.shape[2]}), got {tuple(bias.shape)}")
+        torch._check(bias.dtype == a.dtype, lambda: f"grouped_mm: rows are {a.dtype}, bias {bias.dtype}")
 
 
 def _groups(offs: torch.Tensor):
@@ -86,21 +95,22 @@ def _groups(offs: torch.Tensor):
 
 
 @torch.library.custom_op("moe_inductor::grouped_mm", mutates_args=())
-def grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-    """out[r] = a[r] @ b[e] for r in [offs[e-1], offs[e]) (offs[-1] = 0); rows past offs[-1] are zero.
-    a (A, in), b (E, in, out), offs (E,) int32; out (A, out) in a's dtype."""
-    _check(a, b, offs)
+def grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """out[r] = a[r] @ b[e] (+ bias[e]) for r in [offs[e-1], offs[e]) (offs[-1] = 0); rows past offs[-1] are
+    zero. a (A, in), b (E, in, out), offs (E,) int32, bias (E, out) or None; out (A, out) in a's dtype."""
+    _check(a, b, offs, bias)
     out = a.new_zeros(a.shape[0], b.shape[2])
     for e, start, end in _groups(offs):
         if end > start:
-            # the expert's own F.linear on its chunk, as the split/cat code computed it
-            out[start:end] = torch.nn.functional.linear(a[start:end], b[e].transpose(0, 1))
+            # the expert's own F.linear on its chunk (with its bias), as the split/cat code computed it
+            out[start:end] = torch.nn.functional.linear(a[start:end], b[e].transpose(0, 1),
+                                                        None if bias is None else bias[e])
     return out
 
 
 @grouped_mm.register_fake
-def _(a, b, offs):
-    _check(a, b, offs)
+def _(a, b, offs, bias=None):
+    _check(a, b, offs, bias)
     return a.new_empty(a.shape[0], b.shape[2])
 
 
@@ -119,20 +129,38 @@ def _(a, grad, offs, experts):
     return a.new_empty(experts, a.shape[1], grad.shape[1])
 
 
+@torch.library.custom_op("moe_inductor::grouped_bias_grad", mutates_args=())
+def grouped_bias_grad(grad: torch.Tensor, offs: torch.Tensor, experts: int) -> torch.Tensor:
+    """d out / d bias: (E, out) with grad_bias[e] = grad[rows of e].sum(0) (what F.linear's bias gets)."""
+    out = grad.new_zeros(experts, grad.shape[1])
+    for e, start, end in _groups(offs):
+        if end > start:
+            out[e] = grad[start:end].sum(0)
+    return out
+
+
+@grouped_bias_grad.register_fake
+def _(grad, offs, experts):
+    return grad.new_empty(experts, grad.shape[1])
+
+
 def _setup(ctx, inputs, output):
-    a, b, offs = inputs
+    a, b, offs, bias = inputs
     ctx.save_for_backward(a, b, offs)
+    ctx.bias_dtype = None if bias is None else bias.dtype
 
 
 def _backward(ctx, grad):
     a, b, offs = ctx.saved_tensors
     grad = grad.contiguous()
-    grad_a = grad_b = None
+    grad_a = grad_b = grad_bias = None
     if ctx.needs_input_grad[0]:
         grad_a = torch.ops.moe_inductor.grouped_mm(grad, b.transpose(-2, -1), offs)
     if ctx.needs_input_grad[1]:
         grad_b = torch.ops.moe_inductor.grouped_mm_weight_grad(a, grad, offs, b.shape[0])
-    return grad_a, grad_b, None
+    if ctx.bias_dtype is not None and ctx.needs_input_grad[3]:
+        grad_bias = torch.ops.moe_inductor.grouped_bias_grad(grad, offs, b.shape[0]).to(ctx.bias_dtype)
+    return grad_a, grad_b, None, grad_bias
 
 
 grouped_mm.register_autograd(_backward, setup_context=_setup)
@@ -178,6 +206,18 @@ def _linear_of(node) -> Optional[tuple]:
     if bias is not None or not isinstance(inp, fx.Node) or not isinstance(weight, fx.Node):
         return None
     return inp, weight
+
+
+def _linear_parts(node) -> Optional[tuple]:
+    """(input, weight, bias or None) of ``F.linear(input, weight[, bias])`` with node operands."""
+    if node.op != "call_function" or node.target not in (torch._C._nn.linear, torch.nn.functional.linear):
+        return None
+    args = list(node.args) + [None] * (3 - len(node.args))
+    bias = node.kwargs.get("bias", args[2])
+    inp, weight = node.kwargs.get("input", args[0]), node.kwargs.get("weight", args[1])
+    if not all(isinstance(v, fx.Node) for v in (inp, weight)) or not (bias is None or isinstance(bias, fx.Node)):
+        return None
+    return inp, weight, bias
 
 
 def _split_by_counts(split: fx.Node, shape_of) -> object:
@@ -294,10 +334,42 @@ def _signature(nodes: list, chunk: fx.Node, roles: dict) -> tuple:
     return tuple((n.op, str(n.target), arg(n.args), arg(n.kwargs)) for n in nodes)
 
 
+def _roles(m) -> tuple:
+    """({weight: role}, {bias: "b_" + role}) of an ``ExpertMLP``, or a reason string when one tensor
+    plays two roles (a bias that is also a weight, or the bias of two projections)."""
+    roles = {w: r for r, w in (("gate", m.gate), ("up", m.up), ("down", m.down)) if w is not None}
+    named = [(b, "b_" + r) for r, b in (("gate", m.b_gate), ("up", m.b_up), ("down", m.b_down)) if b is not None]
+    biases = dict(named)
+    if len(biases) != len(named) or set(biases) & set(roles):
+        return "one tensor is the bias of two projections, or a bias and a weight"
+    return roles, biases
+
+
+def _projection_reason(n: fx.Node, i: int, roles: dict, biases: dict, shape_of) -> Optional[str]:
+    """Why expert ``i``'s node ``n`` is not a projection the grouped GEMM computes, else None:
+    ``F.linear(rows, W)`` with W one of its weights, or ``F.linear(rows, W, b)`` with b the bias the
+    expert description gives that very projection, shaped (out,) and of W's dtype (added per row,
+    as ``grouped_mm``'s per-expert bias adds it)."""
+    got = _linear_parts(n)
+    if got is None or got[1] not in roles:
+        return f"{n.name}: expert {i} has a projection other than F.linear(rows, W[, b]) on its weights"
+    w, b = got[1], got[2]
+    if b is None:
+        return None
+    ws, bs = shape_of(w), shape_of(b)
+    if biases.get(b) != "b_" + roles[w]:
+        return f"{n.name}: expert {i}'s {roles[w]} projection adds {b.name}, not its own bias"
+    if ws is None or bs is None or len(ws) != 2 or tuple(bs) != (ws[0],) or \
+            b.meta["example_value"].dtype != w.meta["example_value"].dtype:
+        return f"{n.name}: expert {i}'s bias {b.name} is not one value per output column of its weight's dtype"
+    return None
+
+
 def _match_mlp(split: fx.Node, shape_of) -> object:
     """(counts, rows, E, [ExpertMLP per expert], [nodes of expert 0], cat, erasable) for split by host
-    counts + the same ModuleList MLP on every chunk (``patterns.experts.mlp``: linear projections
-    without bias, the same activation) + cat over dim 0 in chunk order; a reason string; or None."""
+    counts + the same ModuleList MLP on every chunk (``patterns.experts.mlp``: linear projections,
+    each with or without its bias (the same for every expert), the same activation) + cat over dim 0
+    in chunk order; a reason string; or None."""
     from moe_inductor.patterns.experts import mlp as expert_mlp
 
     found = _split_by_counts(split, shape_of)
@@ -322,10 +394,12 @@ def _match_mlp(split: fx.Node, shape_of) -> object:
             return f"chunk {i}: {e}"
         if m is None or m.input is not c:
             return f"{getattr(out, 'name', out)}: output {i} of the cat is not an MLP of chunk {i}"
-        if any(b is not None for b in (m.b_gate, m.b_up, m.b_down)):
-            return f"{out.name}: expert {i} has biases (a grouped GEMM here has none)"
-        roles = {w: r for r, w in (("gate", m.gate), ("up", m.up), ("down", m.down)) if w is not None}
-        nodes = _expert_nodes(out, c, set(roles))
+        got = _roles(m)
+        if isinstance(got, str):
+            return f"{out.name}: expert {i}: {got}"
+        roles, biases = got
+        tensors = {**roles, **biases}
+        nodes = _expert_nodes(out, c, set(tensors))
         if nodes is None:
             return f"{out.name}: expert {i} reads other tensors than its chunk and its weights"
         inside = set(nodes)
@@ -335,19 +409,20 @@ def _match_mlp(split: fx.Node, shape_of) -> object:
                 return f"{n.name}: expert {i}'s {n.name} is also read by {extra[0].name}"
         for n in nodes:
             if n.op == "call_function" and n.target in (torch._C._nn.linear, torch.nn.functional.linear):
-                got = _linear_of(n)
-                if got is None or got[1] not in roles:
-                    return f"{n.name}: expert {i} has a projection other than F.linear(rows, W) without bias"
-            elif any(isinstance(a, fx.Node) and a in roles for a in n.all_input_nodes):
-                return f"{n.name}: expert {i} uses a weight other than in F.linear"
-        sig = _signature(nodes, c, roles)
+                why = _projection_reason(n, i, roles, biases, shape_of)
+                if why is not None:
+                    return why
+            elif any(isinstance(a, fx.Node) and a in tensors for a in n.all_input_nodes):
+                return f"{n.name}: expert {i} uses a weight or bias other than in F.linear"
+        sig = _signature(nodes, c, tensors)
         if sig0 is None:
             sig0, nodes0 = sig, nodes
         elif sig != sig0:
-            return f"{out.name}: expert {i} computes another function than expert 0"
-        for w, r in roles.items():
-            if shape_of(w) != shape_of(getattr(mlps[0], r)) if mlps else len(shape_of(w) or ()) != 2:
-                return f"{w.name}: expert {i}'s {r} weight differs in shape"
+            return f"{out.name}: expert {i} computes another function than expert 0 (or has other biases)"
+        for w, r in tensors.items():
+            if shape_of(w) != shape_of(getattr(mlps[0], r)) if mlps else len(shape_of(w) or ()) != (2 if r in
+                                                                                                    roles.values() else 1):
+                return f"{w.name}: expert {i}'s {r} {'weight' if r in roles.values() else ''} differs in shape"
         mlps.append(m)
         erase += list(reversed(nodes)) + [c]
     return counts, rows, E, mlps, nodes0, chunks[0], cat, erase + [split]
@@ -364,22 +439,28 @@ def _downstream(node: fx.Node, limit: int = 64) -> list:
 
 
 def _emit_mlp(graph, plan, offs, call, method, emitted: list) -> fx.Node:
-    """Expert 0's nodes on all the rows, each projection a grouped GEMM on the stacked weights (the
-    new nodes are appended to ``emitted``: their fake values are expert 0's until refreshed)."""
+    """Expert 0's nodes on all the rows, each projection a grouped GEMM on the stacked weights (and
+    the stacked biases, when the projection has one; the new nodes are appended to ``emitted``: their
+    fake values are expert 0's until refreshed)."""
     counts, rows, E, mlps, nodes0, chunk0, cat, _ = plan
-    roles = {w: r for r, w in (("gate", mlps[0].gate), ("up", mlps[0].up), ("down", mlps[0].down)) if w is not None}
+    roles, biases = _roles(mlps[0])
     stacked = {}
+
+    def stack(r):
+        if r not in stacked:
+            W = call(graph, torch.stack, [getattr(m, r) for m in mlps], 0, like=cat)
+            stacked[r] = W if r.startswith("b_") else method(graph, "transpose", W, -2, -1, like=cat)
+        return stacked[r]
+
     env = {chunk0: rows}
     for n in nodes0:
-        got = _linear_of(n) if n.op == "call_function" and n.target in (torch._C._nn.linear,
-                                                                          torch.nn.functional.linear) else None
+        got = _linear_parts(n) if n.op == "call_function" and n.target in (torch._C._nn.linear,
+                                                                           torch.nn.functional.linear) else None
         if got is not None:
-            r = roles[got[1]]
-            if r not in stacked:
-                W = call(graph, torch.stack, [getattr(m, r) for m in mlps], 0, like=cat)
-                stacked[r] = method(graph, "transpose", W, -2, -1, like=cat)
-            env[n] = call(graph, torch.ops.moe_inductor.grouped_mm.default, env[got[0]], stacked[r], offs=offs,
-                          like=n)
+            inp, w, b = got
+            extra = {} if b is None else {"bias": stack(biases[b])}
+            env[n] = call(graph, torch.ops.moe_inductor.grouped_mm.default, env[inp], stack(roles[w]), offs=offs,
+                          like=n, **extra)
         else:
             env[n] = graph.node_copy(n, lambda a: env[a])
         emitted.append(env[n])

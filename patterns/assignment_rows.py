@@ -8,7 +8,8 @@ Parts (registered in ``moe_inductor.parts``; each maps a spelling to a canonical
 
 - **rows_dispatch** (``RowsGather``): how the rows are read from the tokens: ``x[idx]``,
   ``torch.gather(x, 0, idx.reshape(-1, 1).expand(-1, d))``, ``x.index_select(0, idx)``,
-  ``x.repeat_interleave(K, dim=0)``;
+  ``x.repeat_interleave(K, dim=0)``; a sorted row's token as ``perm // K`` or as ``tok[perm]`` /
+  ``tok.index_select(0, perm)`` with ``tok = arange(T).repeat_interleave(K)`` (rxlm; ``_row_tokens``);
 - **rows_experts** (``RowsMLP``): the expert MLP applied to every row with the expert of that
   row: ``torch._grouped_mm(rows, W.transpose(-2, -1), offs=offsets)`` (rows grouped by expert,
   bf16 casts of rows and weights as torchtitan writes them, the output cast back with
@@ -18,7 +19,9 @@ Parts (registered in ``moe_inductor.parts``; each maps a spelling to a canonical
   (E, in, out) used as they are (GPT-OSS); gated (``silu(g) * u`` over two GEMMs, ``chunk(2, -1)``
   of one, GPT-OSS's clamped gate on interleaved columns) or plain activations; a per-expert bias
   added in place after a GEMM, ``out.add_(bias[ids])`` (``common.expert_bias``: the only in-place
-  write the proof admits; which ids index it is proven by the composition);
+  write the proof admits; which ids index it is proven by the composition), or inside
+  ``moe_inductor::grouped_mm(rows, W, offs, bias=b)`` (host_splits' biased chunk experts: row r of
+  group e gets b[e], the GEMM's own grouping, so no ids to prove);
 - **rows_combine** (``RowsScatter``): how the rows reach their tokens: ``zeros(T, d).scatter_add(_)
   (0, idx.reshape(-1, 1).expand(-1, d), y)``, ``scatter_reduce(_)(..., "sum")``,
   ``index_add(_)(0, idx, y)``; per-token sums: ``inverse_perm_sum`` (``inv = empty_like(perm);
@@ -27,6 +30,9 @@ Parts (registered in ``moe_inductor.parts``; each maps a spelling to a canonical
   .mul_(w.unsqueeze(-1)).sum(1)``, DeepSeek-V2/V3 ``moe_infer``: the setitem at a sort permutation
   writes every row once, row i to position perm[i]; the weighting of a fresh view nobody else reads;
   scores (T, K) in (token, k) order, same dtype as the rows),
+  ``unpermute_scatter`` (``acc.scatter_add_(0, tok[:, None].expand(-1, d), y[argsort(perm)])`` with
+  ``tok = arange(T).repeat_interleave(K)``, rxlm: row i of y is at position perm[i] of the unpermuted
+  rows, added at token perm[i] // K),
   ``token_k_sum`` (``y.view(T, K, d).sum(1)``: row i reaches token i // K), ``einsum_tk``
   (``einsum('tai,ta->ti', y, w)``: the scores applied by the combine itself).
 
@@ -88,7 +94,7 @@ from moe_inductor.rewrite import (
 )
 
 from .common import GATED_OF, after_gemm_reason, expert_activation, expert_bias, unary_activation
-from .dispatch import routing_map_sorted, topk_columns
+from .dispatch import assignment_tokens, routing_map_sorted, topk_columns
 
 IDIOM = "assignment_rows"
 
@@ -295,8 +301,11 @@ def _score_column(node):
 def _grouped_proj(node) -> Optional[Proj]:
     if not (isinstance(node, fx.Node) and node.op == "call_function" and _is_grouped_target(node.target)):
         return None
-    # torch.nn.functional.grouped_mm traces to torch._grouped_mm(a, b, offs=, bias=None, out_dtype=None)
-    if set(node.kwargs) - {"offs", "bias", "out_dtype"} or node.kwargs.get("bias") is not None or \
+    # torch.nn.functional.grouped_mm traces to torch._grouped_mm(a, b, offs=, bias=None, out_dtype=None);
+    # moe_inductor::grouped_mm (host_splits) may carry a per-expert bias (E, out): row r of group e gets bias[e]
+    bias = node.kwargs.get("bias")
+    own_bias = node.target is torch.ops.moe_inductor.grouped_mm.default and isinstance(bias, fx.Node)
+    if set(node.kwargs) - {"offs", "bias", "out_dtype"} or (bias is not None and not own_bias) or \
             node.kwargs.get("out_dtype") is not None or len(node.args) != 2 or \
             not isinstance(node.kwargs.get("offs"), fx.Node):
         return None
@@ -305,7 +314,8 @@ def _grouped_proj(node) -> Optional[Proj]:
         return None
     w = _untranspose(b)
     return Proj(input=safety.strip_casts(a), weight=w if w is not None else b, transposed=w is None,
-                group=("offsets", node.kwargs["offs"]), node=node, gemm=gemm_name(node.target), out=node)
+                group=("offsets", node.kwargs["offs"]), node=node, gemm=gemm_name(node.target), out=node,
+                bias=bias if own_bias else None)
 
 
 def _bmm_proj(node) -> Optional[Proj]:
@@ -424,11 +434,15 @@ def rows_mlp(out) -> Optional[RowsMLP]:
         if p is None:
             continue
         try:  # which ids index the bias is the composition's proof (it knows the rows' expert ids)
-            p.bias, p.bias_add = expert_bias(p.out, lambda ids: True, E, what)
+            added, p.bias_add = expert_bias(p.out, lambda ids: True, E, what)
         except Declined as e:
             raise PartDeclined("rows_experts", str(e)) from None
-        if p.bias is not None:
+        part_need("rows_experts", added is None or p.bias is None,
+                  f"{what}: a per-expert bias added in place after a GEMM that adds its own")
+        p.bias = p.bias if added is None else added
+        if p.bias_add is not None:
             p.bias_ids = p.bias_add.args[1].args[1]
+        if p.bias is not None:
             part_need("rows_experts", up is None, f"{what}: biases on separate gate and up GEMMs are not supported")
             part_need("rows_experts", dtype_of(p.bias) == dtype_of(p.weight), "expert biases and weights differ in dtype")
     return RowsMLP(input=gate.input, output=out, activation=act, interleaved=interleaved, gate=gate, up=up,
@@ -482,6 +496,56 @@ def _replicated_tokens(idx) -> Optional[tuple]:
 
 
 # --------------------------------------------------------------------------- combine: rows to tokens
+
+def _same_dtype_to(node):
+    """v of ``v.to(dtype=D)`` (the keyword spelling ``safety`` does not follow) when v already has
+    dtype D: the same values; ``node`` otherwise."""
+    if _is(node, "call_method", "to") and len(node.args) == 1 and set(node.kwargs) == {"dtype"} \
+            and isinstance(node.args[0], fx.Node) and dtype_of(node.args[0]) == node.kwargs["dtype"]:
+        return node.args[0]
+    return node
+
+
+def _inverse_of(inv) -> Optional[fx.Node]:
+    """p of ``argsort(p)`` / ``p.argsort(0)`` / ``sort(p)[1]`` (ascending, 1-D p) when p is a sort
+    permutation (``_sort_perm``: every index once): then inv[j] is the position of j in p, the inverse
+    permutation (distinct values: stability plays no part)."""
+    p = None
+    if (_is(inv, "call_function", torch.argsort) or _is(inv, "call_method", "argsort")) and inv.args:
+        p, dims = inv.args[0], inv.args[1:]
+    elif _is(inv, "call_function", operator.getitem) and inv.args[1] == 1 and \
+            (_is(inv.args[0], "call_function", torch.sort) or _is(inv.args[0], "call_method", "sort")):
+        p, dims, inv = inv.args[0].args[0], inv.args[0].args[1:], inv.args[0]
+    if not isinstance(p, fx.Node) or len(dims) > 1 or set(inv.kwargs) - {"dim", "stable", "descending"} \
+            or inv.kwargs.get("descending", False) or inv.kwargs.get("dim", dims[0] if dims else -1) not in (0, -1):
+        return None
+    return p if len(shape_of(p) or ()) == 1 and _sort_perm(p) is not None and not safety.writes_to(inv) else None
+
+
+@register("rows_combine", "unpermute_scatter", "acc.scatter_add(_)(0, tok[:, None].expand(-1, d), y[argsort(perm)]) "
+          "with tok = arange(T).repeat_interleave(K): rows in the order of the sort permutation perm put back in "
+          "(token, k) order by its inverse and added at their tokens (rxlm)")
+def unpermute_scatter(node) -> Optional[RowsScatter]:
+    """Row i of ``y`` is at position perm[i] of ``y[argsort(perm)]``, which the scatter adds at token
+    perm[i] // K: the per-token sum of ``inverse_perm_sum`` into the scatter's accumulator."""
+    if not (_is(node, "call_method", ("scatter_add", "scatter_add_", "index_add", "index_add_"))
+            or _is(node, "call_function", (torch.scatter_add, torch.index_add))):
+        return None
+    c = row_scatter(node)
+    back = safety.strip_identity(_same_dtype_to(c.value)) if c is not None and c.index is not None else None
+    if not (_is(back, "call_function", operator.getitem) and isinstance(back.args[1], fx.Node)):
+        return None
+    tok = assignment_tokens(c.index)
+    if tok is None or tok["perm"] is not None:
+        return None
+    perm = _inverse_of(back.args[1])
+    part_need("rows_combine", perm is not None and same(shape_of(perm)[0], tok["T"] * tok["K"]),
+              f"{node.name}: the rows added at every assignment's token are {back.name} = "
+              f"{back.args[0].name}[{back.args[1].name}], not the rows of a sort permutation of the T*K "
+              "assignments put back by its inverse (argsort of that permutation)")
+    c.value, c.perm, c.replicated, c.T, c.index, c.index2d = back.args[0], perm, tok["K"], tok["T"], None, None
+    return c
+
 
 @register("rows_combine", "row_scatter", "zeros(T, d).scatter_add(_)(0, idx[:, None].expand(-1, d), y), "
           "scatter_reduce(_)(..., 'sum'), index_add(_)(0, idx, y)")
@@ -709,6 +773,22 @@ def _floordiv(idx) -> Optional[tuple]:
     return None
 
 
+def _row_tokens(idx) -> Optional[tuple]:
+    """(perm, K) when row i of a gather at ``idx`` is token perm[i] // K: ``perm // K``
+    (``_floordiv``) or ``tok[perm]`` / ``tok.index_select(0, perm)`` with tok = arange(T).repeat_interleave(K)
+    and perm a sort permutation of its T*K positions (``dispatch.assignment_tokens``: tok[perm[i]] =
+    perm[i] // K)."""
+    if not isinstance(idx, fx.Node):
+        return None
+    fd = _floordiv(idx)
+    if fd is not None:
+        return fd
+    found = assignment_tokens(idx)
+    if found is None or found["perm"] is None:
+        return None
+    return found["perm"], found["K"]
+
+
 def _topk_ids(node) -> Optional[fx.Node]:
     """``node`` itself if it is ``topk(scores (T, E), K, dim=-1|1)[1]`` (K distinct ids per row), else None."""
     if not (_is(node, "call_function", operator.getitem) and node.args[1] == 1):
@@ -826,9 +906,10 @@ def _prove_sorted(gather: RowsGather, mlp: RowsMLP, score, E: int) -> dict:
         return mapped
     need(gather.index is not None, "dispatch: rows grouped by offsets are not gathered through one permutation "
                                    "(x[perm // K])")
-    fd = _floordiv(gather.index)
+    fd = _row_tokens(gather.index)
     need(fd is not None and fd[1] is not None, f"dispatch: rows are gathered at {gather.index.name}, not at "
-                                                "perm // K of a sort permutation")
+                                                "perm // K (or arange(T).repeat_interleave(K)[perm]) of a sort "
+                                                "permutation")
     perm, K = fd
     ids = _sort_perm(perm)
     need(ids is not None, f"dispatch: {perm.name} is not an ascending argsort/sort of the expert ids")
@@ -966,7 +1047,7 @@ def same_shape_rows(node, xs) -> bool:
 def _same_token_map(g: RowsGather, c: RowsScatter, T_x) -> bool:
     """The combine writes row i back to the token the dispatch read it from."""
     if c.perm is not None:  # row i reaches position perm[i] of the (token, k) order: token perm[i] // K
-        fd = _floordiv(g.index) if g.index is not None else None
+        fd = _row_tokens(g.index) if g.index is not None else None
         return fd is not None and fd[1] == c.replicated and (fd[0] is c.perm or safety.equivalent(fd[0], c.perm)) \
             and _sort_perm(c.perm) is not None
     if c.acc is None:  # rows in (token, k) order: row i reaches token i // K
@@ -977,16 +1058,21 @@ def _same_token_map(g: RowsGather, c: RowsScatter, T_x) -> bool:
     if g.replicated is not None and c.index is not None:
         rt = _replicated_tokens(c.index)
         return rt is not None and rt[1] == g.replicated and same(rt[0], T_x)
-    return (c.index2d is not None and c.index2d is g.index2d) or \
-        (c.index is not None and g.index is not None and (c.index is g.index or safety.equivalent(c.index, g.index)))
+    if (c.index2d is not None and c.index2d is g.index2d) or \
+            (c.index is not None and g.index is not None and (c.index is g.index or safety.equivalent(c.index, g.index))):
+        return True
+    # two spellings of token perm[i] // K (perm // K, tok[perm]) of one permutation
+    gt, ct = _row_tokens(g.index), _row_tokens(c.index)
+    return gt is not None and ct is not None and gt[1] == ct[1] is not None and \
+        (gt[0] is ct[0] or safety.equivalent(gt[0], ct[0])) and _sort_perm(gt[0]) is not None
 
 
 def _prove_biases(mlp: RowsMLP, sorted_proof) -> None:
     """Each in-place bias is indexed by the expert ids of its GEMM's rows: the very index the
     weights are gathered with, or the sorted ids of the sort that grouped the rows."""
     for p in mlp.projections():
-        if p.bias is None:
-            continue
+        if p.bias_add is None:
+            continue  # no bias, or the grouped GEMM's own: added by the group the GEMM puts the row in
         if mlp.group[0] == "index":
             ok = p.bias_ids is mlp.group[1] or safety.equivalent(p.bias_ids, mlp.group[1])
         else:
@@ -1074,14 +1160,16 @@ def analyse_combine(c: RowsScatter, mlp: RowsMLP, score_after) -> MoEBlock:
     idiom = "sorted_rows" if mlp.group[0] == "offsets" else "gathered_weights"
     how = {"offsets": "grouped GEMMs on offsets", "index": "weights gathered per row"}[mlp.group[0]]
     parts = f"rows_dispatch:{g.spelling} + rows_experts:{mlp.spelling} ({how}" + \
-        (", per-expert biases" if bias_adds else "") + f") + rows_combine:{c.spelling}" + \
+        (", per-expert biases" if any(p.bias is not None for p in mlp.projections()) else "") + \
+        f") + rows_combine:{c.spelling}" + \
         (", scores on the rows before the experts (fed pre-scaled, score 1)" if score_before is not None else
          (", scores after the experts" if score_after is not None else ""))
 
     if score_before is not None:
         # f(s * x) is not s * f(x) for a non-linear expert: the fused op takes the pre-scaled rows
         # with score 1; the graph's own scatter stays
-        need(not bias_adds, "experts: biased experts on pre-scaled rows are not supported")
+        need(not any(p.bias is not None for p in mlp.projections()),
+             "experts: biased experts on pre-scaled rows are not supported")
         return _rows_block(mlp, z, mlp.output, idiom, parts)
 
     if tk:

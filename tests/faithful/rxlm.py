@@ -218,12 +218,16 @@ class WithRouterLoss(nn.Module):
 _x3d = tokens(lambda T: (1, T, D))
 # Pending (issue 18): the block is the flat-rows form (rows x[arange(T).repeat_interleave(K)[perm]] of a
 # sort, expert chunks split by host counts, scatter_add_ at arange(T).repeat_interleave(K) of the rows put
-# back by argsort), not a per-expert loop; expert_loop declines its scatter_add_ as a unit ("dispatch:
-# token_indices is arange(T).repeat_interleave(2): the token of every one of the T*K assignments ...",
-# dispatch.assignment_tokens). What stops the flat-rows composition: host_splits leaves the chunks' experts
-# as they are (biased Linears: "expert 0 has biases (a grouped GEMM here has none)"; the GLU experts put the
-# activation on the second chunk half: "the expert body is not a supported MLP"), and assignment_rows does
-# not read the gather index tok[perm] (= perm // K) nor the combine at tok of y[argsort(perm)].
+# back by argsort), not a per-expert loop; expert_loop declines its scatter_add_ as a unit (dispatch.
+# assignment_tokens). rxlm_moe_ff: host_splits turns the biased chunk experts into grouped GEMMs with
+# per-expert biases and assignment_rows composes the block (rows_dispatch tok[perm], rows_combine
+# unpermute_scatter): rewritten, exact, one fused call, from the SECOND call on. The first call runs
+# eagerly: the forward has a cell variable (x, read by the shared experts' list comprehension), so
+# capture.trampoline_for builds no trampoline and dynamo_scope restarts the frame (capture.restart_error);
+# test_idiom_catalogue asserts a graph at the first length, so the entry stays pending until capture can
+# stand in for a forward with cell variables. The gated variants: the GLU experts put the activation on
+# the SECOND chunk half (lin * act(gate)), which patterns.experts.mlp does not read ("the expert body is
+# not a supported MLP"), so host_splits leaves their chunks as they are.
 _SRC = "RxAI-dev/rxlm python/src/rxlm/transformers/moe.py MoeRouter + {} (ff.py experts) @bed8777"
 
 ENTRIES = [
