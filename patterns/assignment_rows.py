@@ -544,6 +544,7 @@ def unpermute_scatter(node) -> Optional[RowsScatter]:
               f"{back.args[0].name}[{back.args[1].name}], not the rows of a sort permutation of the T*K "
               "assignments put back by its inverse (argsort of that permutation)")
     c.value, c.perm, c.replicated, c.T, c.index, c.index2d = back.args[0], perm, tok["K"], tok["T"], None, None
+    c.spelling = f"unpermute_scatter ({c.spelling} of y[argsort(perm)])"
     return c
 
 
