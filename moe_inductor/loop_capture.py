@@ -76,6 +76,8 @@ import textwrap
 import types
 from typing import Optional
 
+from .fx.targets import ALIASING_METHODS, CAST_METHODS
+
 #: name of the loop variable of a rewritten loop (the expert id, a Python int)
 EXPERT = "_sonic_expert"
 
@@ -91,10 +93,10 @@ _SAME_EMPTINESS = {"view", "reshape", "flatten", "squeeze", "unsqueeze", "contig
                    "transpose", "t", "long", "int", "detach", "clone", "ravel", "view_as", "reshape_as"}
 # methods whose result is empty when the receiver is (not the converse)
 _EMPTY_IF_EMPTY = {"expand", "expand_as", "repeat", "unsqueeze", "__getitem__"}
-_VIEWS = {"view", "reshape", "squeeze", "unsqueeze", "transpose", "permute", "expand", "expand_as", "t", "narrow",
-          "select", "flatten", "unflatten", "detach", "as_strided", "chunk", "split", "unbind", "contiguous", "to",
-          "type_as", "view_as", "reshape_as", "movedim", "swapaxes", "diagonal", "real", "imag", "float", "half",
-          "bfloat16", "double", "type"}
+# methods whose result may be (a view of) their receiver. Read on source code, without dtypes, so
+# every cast counts (``x.float()`` is ``x`` when x is float32), with every aliasing view
+# (``unfold`` was missing from the list kept here before)
+_VIEWS = ALIASING_METHODS | CAST_METHODS
 _ACCUMULATING_METHODS = {"index_add_", "index_put_", "scatter_add_", "scatter_reduce_", "index_copy_",
                          "masked_scatter_", "index_fill_", "index_reduce_"}
 _STATIC_CONTEXTS = ("no_grad", "enable_grad", "inference_mode", "autocast")

@@ -31,7 +31,9 @@ from typing import Any, Callable, Optional
 
 import torch.fx as fx
 
-from .rewrite import Declined
+from .fx import decline as fx_decline
+from .fx.decline import Declined, PartDeclined  # noqa: F401  (PartDeclined: read as parts.PartDeclined)
+from .fx.nodes import module_path_of
 
 PARTS = ("dispatch", "experts", "combine", "scores", "gather",
          # an expert that returns its input rows (LongCat-Flash's zero-computation experts): patterns/experts.py
@@ -42,21 +44,15 @@ PARTS = ("dispatch", "experts", "combine", "scores", "gather",
          "rows_dispatch", "rows_experts", "rows_combine")
 
 
-class PartDeclined(Declined):
-    """A part recogniser saw its spelling but could not prove it; ``part`` names the part."""
-
-    def __init__(self, part: str, reason: str) -> None:
-        super().__init__(f"{part}: {reason}")
-        self.part = part
-
-
 def decline(part: str, reason: str):
     raise PartDeclined(part, reason)
 
 
 def need(part: str, cond: Any, reason: str) -> None:
-    if not cond:
-        raise PartDeclined(part, reason)
+    """``moe_inductor.fx.decline.need(cond, reason, part=part)``, spelled with the part first as
+    patterns/assignment_rows.py (owned elsewhere) still imports it; every other caller uses
+    ``fx.decline.need``. Remove once assignment_rows.py does too."""
+    fx_decline.need(cond, reason, part=part)
 
 
 # --------------------------------------------------------------------------- canonical descriptions
@@ -224,8 +220,6 @@ def census(gm) -> dict:
     recognise in ``gm``, node by node (for ``explain``: which parts of an MoE block that was not
     rewritten were found, and so which one was not). Never raises."""
     from collections import Counter
-
-    from .rewrite import module_path_of
 
     out: dict = {}
     for node in gm.graph.nodes:

@@ -35,7 +35,10 @@ import torch.fx as fx
 import torch.nn.functional as Fn
 from torch._inductor.pattern_matcher import KeywordArg as KA, is_match
 
-from .rewrite import AnyOf, Declined, F, M, int_value, is_mutation, need as _need, same, shape_of
+from .fx.decline import Declined, need
+from .fx.matching import AnyOf, F, M
+from .fx.nodes import is_mutation
+from .fx.shapes import int_value, same, shape_of
 from . import routing
 
 
@@ -113,25 +116,25 @@ def analyse_router(expert_ids: fx.Node, scores: fx.Node, num_experts: int, top_k
 
 def _analyse(expert_ids, scores, E, K) -> RouterSpec:
     m = _flat("idx").match(expert_ids) if isinstance(expert_ids, fx.Node) else None
-    _need(m is not None and is_match(m), "expert ids are not a flattened (T, K) tensor")
+    need(m is not None and is_match(m), "expert ids are not a flattened (T, K) tensor")
     idx, _ = _strip(m.kwargs["idx"], "to", "long", "int")
-    _need(isinstance(idx, fx.Node) and idx.op == "call_function" and idx.target is operator.getitem
+    need(isinstance(idx, fx.Node) and idx.op == "call_function" and idx.target is operator.getitem
           and idx.args[1] == 1, "expert ids do not come from a top-k")
     topk = idx.args[0]
     t = _topk().match(topk)
-    _need(is_match(t), "expert ids do not come from torch.topk (e.g. group-limited or capacity routing)")
+    need(is_match(t), "expert ids do not come from torch.topk (e.g. group-limited or capacity routing)")
     src = t.kwargs["src"]
     k = int_value(t.kwargs["k"])
     src_shape = shape_of(src)
-    _need(src_shape is not None and len(src_shape) == 2, "router scores are not a (T, E) matrix")
-    _need(_last_dim(t.kwargs.get("dim", -1), 2), "top-k is not over the experts axis")
-    _need(k is not None and (K is None or k == K), "top-k size unknown or different from the block's K")
-    _need(same(src_shape[1], E), f"router has {src_shape[1]} columns for {E} experts")
+    need(src_shape is not None and len(src_shape) == 2, "router scores are not a (T, E) matrix")
+    need(_last_dim(t.kwargs.get("dim", -1), 2), "top-k is not over the experts axis")
+    need(k is not None and (K is None or k == K), "top-k size unknown or different from the block's K")
+    need(same(src_shape[1], E), f"router has {src_shape[1]} columns for {E} experts")
     topk_users = [u for u in topk.users if not (u.op == "call_function" and u.target is operator.getitem)]
-    _need(not topk_users, "top-k result is used whole")
+    need(not topk_users, "top-k result is used whole")
 
     m = _flat("w").match(scores) if isinstance(scores, fx.Node) else None
-    _need(m is not None and is_match(m), "scores are not a flattened (T, K) tensor")
+    need(m is not None and is_match(m), "scores are not a flattened (T, K) tensor")
     w = m.kwargs["w"]
 
     scale = 1.0
@@ -139,7 +142,7 @@ def _analyse(expert_ids, scores, E, K) -> RouterSpec:
     if isinstance(w, fx.Node) and w.op == "call_function" and w.target is operator.mul:
         a, b = w.args
         const, other = (a, b) if isinstance(a, numbers.Real) else (b, a)
-        _need(isinstance(const, numbers.Real) and not isinstance(const, bool) and isinstance(other, fx.Node),
+        need(isinstance(const, numbers.Real) and not isinstance(const, bool) and isinstance(other, fx.Node),
               "scores are scaled by a tensor, not a constant")
         scale, w = float(const), other
     w, inner_dtype = _strip(w, "to", "float", "type_as")
@@ -151,19 +154,19 @@ def _analyse(expert_ids, scores, E, K) -> RouterSpec:
     # (c) top-k of the logits, softmax over the K values
     sm = _softmax("v").match(w) if isinstance(w, fx.Node) else None
     if sm is not None and is_match(sm):
-        _need(sm.kwargs["v"] is vals, "softmax is over something other than the top-k values")
-        _need(_last_dim(sm.kwargs["sm_dim"], 2), "softmax over the top-k values is not over the K axis")
+        need(sm.kwargs["v"] is vals, "softmax is over something other than the top-k values")
+        need(_last_dim(sm.kwargs["sm_dim"], 2), "softmax over the top-k values is not over the K axis")
         logits, _ = _strip(src, "to", "float")
-        _need(not _is_softmax(src), "softmax of already normalised probabilities")
+        need(not _is_softmax(src), "softmax of already normalised probabilities")
         return RouterSpec(probs=logits, softmax_of_logits=True, top_k=k, renormalize=True, scale=scale,
                           score_dtype=score_dtype or _dtype(w), form="top-k then softmax")
     # (a)/(b) softmax over experts, top-k of the probabilities, optional renormalisation
-    _need(_is_softmax(src), "router scores are not a softmax over the experts (e.g. sigmoid scores or "
+    need(_is_softmax(src), "router scores are not a softmax over the experts (e.g. sigmoid scores or "
                             "a correction bias used for the choice)")
     if w is vals:
         form = "softmax then top-k"
     else:
-        _need(isinstance(w, fx.Node) and w.op == "call_function"
+        need(isinstance(w, fx.Node) and w.op == "call_function"
               and w.target in (operator.truediv, operator.itruediv, torch.div) and len(w.args) == 2
               and w.args[0] is vals and not w.kwargs,
               "top-k weights are transformed in a way token rounding cannot reproduce")
@@ -171,10 +174,10 @@ def _analyse(expert_ids, scores, E, K) -> RouterSpec:
         ok = isinstance(den, fx.Node) and den.op == "call_method" and den.target == "sum" and den.args[0] is vals \
             and den.kwargs.get("keepdim", False) is True \
             and _last_dim(den.kwargs.get("dim", den.args[1] if len(den.args) > 1 else None), 2)
-        _need(ok, "top-k weights are divided by something other than their sum (e.g. sum + eps)")
+        need(ok, "top-k weights are divided by something other than their sum (e.g. sum + eps)")
         renormalize, form = True, "softmax then top-k, renormalised"
     for u in vals.users:
-        _need(u is w or not is_mutation(u, vals), f"top-k values are modified in place by {u.format_node()}")
+        need(u is w or not is_mutation(u, vals), f"top-k values are modified in place by {u.format_node()}")
     return RouterSpec(probs=src, softmax_of_logits=False, top_k=k, renormalize=renormalize, scale=scale,
                       score_dtype=score_dtype, form=form)
 

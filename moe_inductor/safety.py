@@ -4,14 +4,15 @@ A part recogniser (``patterns/dispatch.py``, ``patterns/experts.py``, ``patterns
 composition that proves the parts fit together (``patterns/per_expert.py``, the idiom modules) ask:
 
 - mutation and aliasing: is a tensor written, directly or through a view of it (``view``,
-  ``reshape``, ``permute``, basic indexing, ``chunk`` ...), between two points of the graph
-  (``writes_to``, ``mutated_between``, ``need_unmodified``);
+  ``reshape``, ``permute``, basic indexing, ``chunk``, a cast that keeps the dtype ...), between two
+  points of the graph (``writes_to``, ``mutated_between``, ``need_unmodified``: defined in
+  ``moe_inductor.fx.aliasing``, read here as ``safety.<name>``);
 - dtypes: casts that change nothing (``strip_identity``), casts in general (``strip_casts``);
 - ``autograd.Function`` calls that are the identity (``identity_function_input``: collectives at
   world size 1 wrapped in a Function, fairscale/DeepSpeed ``_AllToAll``, Megatron's TP regions),
   which ``strip_identity`` reads through; Function calls that are ``F.linear`` in value and gradient
   (``linear_function_operands``: Megatron-Core's parallel linears), read by the experts recogniser;
-- symbolic shapes: sizes provably equal (``moe_inductor.rewrite.same``, sympy, no guards added);
+- symbolic shapes: sizes provably equal (``moe_inductor.fx.shapes.same``, sympy, no guards added);
 - is a path pure: nothing random and nothing in place between the gathered tokens and the value an
   expert produces (``need_pure_path``);
 - are two index computations the same value (``equivalent``: Dynamo records ``flat == e`` once
@@ -29,116 +30,13 @@ import torch.fx as fx
 import torch.nn.functional as Fn
 
 from .regions import hop_name
-from .rewrite import Declined, dtype_of, example_value, is_mutation, node_order, same, shape_of
-
-# methods / functions whose result may share memory with their first argument
-_VIEW_METHODS = {
-    "view", "reshape", "permute", "transpose", "unsqueeze", "squeeze", "expand", "t", "flatten", "unflatten",
-    "narrow", "select", "view_as", "reshape_as", "expand_as", "as_strided", "chunk", "split", "unbind",
-    "contiguous", "detach", "movedim", "swapaxes", "diagonal", "unfold", "real", "imag", "__getitem__",
-}
-_VIEW_FUNCTIONS = {
-    torch.reshape, torch.transpose, torch.permute, torch.squeeze, torch.unsqueeze, torch.flatten, torch.narrow,
-    torch.select, torch.chunk, torch.split, torch.unbind, torch.t, torch.detach, torch.movedim, torch.swapaxes,
-    torch.diagonal, torch.as_strided,
-}
-
-
-# ops whose tuple outputs are fresh tensors: no output aliases an input or another output (top-k
-# values and indices, sort, max/min along a dim, nonzero-style where): ``vals /= vals.sum()`` on
-# top-k values does not write the ids
-_FRESH_TUPLE_METHODS = {"topk", "sort", "max", "min", "kthvalue", "median", "mode", "nonzero", "unique", "aminmax"}
-_FRESH_TUPLE_FUNCTIONS = {torch.topk, torch.sort, torch.max, torch.min, torch.kthvalue, torch.median, torch.mode,
-                          torch.where, torch.nonzero, torch.unique, torch.aminmax}
-
-
-def _fresh_tuple(node: fx.Node) -> bool:
-    """``node`` returns a tuple of freshly allocated tensors."""
-    if node.op == "call_method":
-        return node.target in _FRESH_TUPLE_METHODS
-    return node.op == "call_function" and node.target in _FRESH_TUPLE_FUNCTIONS
-
-
-def _basic_index(index) -> bool:
-    """An index made only of ints, slices, None and Ellipsis: ``t[index]`` is a view of t."""
-    parts = index if isinstance(index, tuple) else (index,)
-    return all(p is None or p is Ellipsis or isinstance(p, (int, slice)) for p in parts)
-
-
-def is_view_of(node: fx.Node, base: fx.Node) -> bool:
-    """``node`` may share memory with its argument ``base``."""
-    if not node.args or node.args[0] is not base:
-        return False
-    if node.op == "call_method":
-        return node.target in _VIEW_METHODS
-    if node.op == "call_function":
-        if node.target is operator.getitem:
-            # tuple outputs (chunk/split results) are views when their producer is; those of ops that
-            # allocate their outputs (topk, sort, max(dim), where(mask)) are not
-            if isinstance(example_value(base), (tuple, list)):
-                return not _fresh_tuple(base)
-            return _basic_index(node.args[1])
-        return node.target in _VIEW_FUNCTIONS
-    return False
-
-
-def is_fresh(node) -> bool:
-    """``node`` is a tensor the graph computed into memory of its own: not an input, a parameter or
-    a buffer (placeholder / get_attr), not a view of its argument, not the result of an in-place op
-    (which is its argument). Writing into it in place changes nothing the caller can see."""
-    if not isinstance(node, fx.Node) or node.op not in ("call_function", "call_method") \
-            or not isinstance(example_value(node), torch.Tensor):
-        return False
-    src = node.args[0] if node.args else None
-    return not (isinstance(src, fx.Node) and (is_view_of(node, src) or is_mutation(node, src)))
-
-
-def aliases(node: fx.Node) -> set:
-    """``node`` and every node of the graph that may share its memory: views of it, views of those,
-    and, when ``node`` is itself a view, its bases and their views."""
-    root = node
-    while isinstance(root, fx.Node) and root.op in ("call_function", "call_method") and root.args \
-            and isinstance(root.args[0], fx.Node) and is_view_of(root, root.args[0]):
-        root = root.args[0]
-    found, stack = {root}, [root]
-    while stack:
-        n = stack.pop()
-        for u in n.users:
-            if u not in found and is_view_of(u, n):
-                found.add(u)
-                stack.append(u)
-    found.add(node)
-    return found
-
-
-def writes_to(value: fx.Node) -> list:
-    """Nodes that write into ``value`` or into anything aliasing it (in-place methods, setitem,
-    augmented assignment, mutating ops), in graph order."""
-    out = []
-    for a in aliases(value):
-        out += [u for u in a.users if is_mutation(u, a)]
-    order = node_order(value.graph)
-    return sorted(set(out), key=order.__getitem__)
-
-
-def mutated_between(value: fx.Node, start: fx.Node, end: fx.Node, allowed: Iterable = ()) -> Optional[fx.Node]:
-    """A write into ``value`` (or an alias) strictly between ``start`` and ``end`` in graph order,
-    other than the nodes in ``allowed``; None if there is none."""
-    order = node_order(value.graph)
-    lo, hi, allowed = order[start], order[end], set(allowed)
-    for w in writes_to(value):
-        if lo < order[w] < hi and w not in allowed:
-            return w
-    return None
-
-
-def need_unmodified(values: Iterable, start: fx.Node, end: fx.Node, what: str, allowed: Iterable = ()) -> None:
-    """Decline if any of ``values`` is written (directly or through an alias) between start and end."""
-    for v in values:
-        if isinstance(v, fx.Node):
-            w = mutated_between(v, start, end, allowed)
-            if w is not None:
-                raise Declined(f"{what} ({v.name}) is modified in place by {w.format_node()} inside the block")
+from .fx.aliasing import (  # noqa: F401  (the aliasing checks, read as safety.<name> by the recognisers)
+    aliases, is_fresh, is_view_of, mutated_between, need_unmodified, writes_to,
+)
+from .fx.decline import Declined
+from .fx.nodes import is_mutation, node_order
+from .fx.shapes import dtype_of, example_value, same, shape_of
+from .fx.targets import FLOAT_CAST_DTYPES, MATMUL_FUNCTIONS, MATMUL_METHODS
 
 
 # --------------------------------------------------------------------------- dtypes and identities
@@ -160,8 +58,8 @@ def _same_dtype_cast(node: fx.Node) -> bool:
         return dtype_of(node.args[0]) == node.args[1]
     if node.target == "type_as" and len(node.args) == 2:
         return dtype_of(node.args[0]) == dtype_of(node.args[1])
-    names = {"float": torch.float32, "double": torch.float64, "half": torch.float16, "bfloat16": torch.bfloat16}
-    return node.target in names and len(node.args) == 1 and dtype_of(node.args[0]) == names[node.target]
+    return node.target in FLOAT_CAST_DTYPES and len(node.args) == 1 \
+        and dtype_of(node.args[0]) == FLOAT_CAST_DTYPES[node.target]
 
 
 def _same_shape_view(node: fx.Node) -> bool:
@@ -204,7 +102,7 @@ def strip_casts(node):
         if node.op == "call_method" and node.args and (
                 (node.target == "to" and len(node.args) == 2 and isinstance(node.args[1], torch.dtype)
                  and not node.kwargs)
-                or (node.target in ("float", "double", "half", "bfloat16") and len(node.args) == 1)
+                or (node.target in FLOAT_CAST_DTYPES and len(node.args) == 1)
                 or (node.target == "type_as" and len(node.args) == 2)):
             node = node.args[0]
             continue
@@ -354,8 +252,6 @@ def identity_function_input(node) -> Optional[fx.Node]:
 # writes out linear's derivative by hand. Such a call is ``F.linear(x, w, b)`` by value and by gradient
 # when both bodies are proven to compute exactly that (``linear_function_operands``).
 
-_MM_FUNCTIONS = {torch.matmul, torch.mm, operator.matmul}
-_MM_METHODS = {"matmul", "mm", "__matmul__"}
 
 
 def _row_reshape(node: fx.Node):
@@ -387,8 +283,8 @@ def _mm_args(node):
     """(a, b) of a 2-operand matmul spelling, else None."""
     if not isinstance(node, fx.Node) or len(node.args) != 2 or node.kwargs:
         return None
-    if (node.op == "call_function" and node.target in _MM_FUNCTIONS) or \
-            (node.op == "call_method" and node.target in _MM_METHODS):
+    if (node.op == "call_function" and node.target in MATMUL_FUNCTIONS) or \
+            (node.op == "call_method" and node.target in MATMUL_METHODS):
         return node.args
     return None
 

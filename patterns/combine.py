@@ -19,23 +19,18 @@ import torch
 import torch.fx as fx
 
 from moe_inductor import safety
+from moe_inductor.fx.nodes import arg, node_order
+from moe_inductor.fx.shapes import dtype_of, int_value, same, shape_of
 from moe_inductor.parts import Write, register
-from moe_inductor.rewrite import dtype_of, int_value, node_order, same, shape_of
 
 from .dispatch import rows_index
-
-
-def _arg(node: fx.Node, pos: int, name: str, default=None):
-    if len(node.args) > pos:
-        return node.args[pos]
-    return node.kwargs.get(name, default)
 
 
 @register("combine", "index_add_", "acc.index_add_(0, idx, v)")
 def index_add(node) -> Optional[Write]:
     if not (node.op == "call_method" and node.target == "index_add_"):
         return None
-    acc, dim, idx, v = node.args[0], _arg(node, 1, "dim"), _arg(node, 2, "index"), _arg(node, 3, "source")
+    acc, dim, idx, v = node.args[0], arg(node, 1, "dim"), arg(node, 2, "index"), arg(node, 3, "source")
     if dim != 0 or not isinstance(idx, fx.Node) or not isinstance(v, fx.Node) or "alpha" in node.kwargs:
         return None
     return Write(kind="add", acc=acc, index=idx, value=v, anchor=node, nodes=[node], duplicates_add=True)
@@ -67,15 +62,15 @@ def index_put(node) -> Optional[Write]:
     if not ((node.op == "call_method" and node.target == "index_put_")
             or (node.op == "call_function" and node.target is torch.index_put_)):
         return None
-    acc, indices, v = node.args[0], _arg(node, 1, "indices"), _arg(node, 2, "values")
-    acc_flag = _arg(node, 3, "accumulate", False)
+    acc, indices, v = node.args[0], arg(node, 1, "indices"), arg(node, 2, "values")
+    acc_flag = arg(node, 3, "accumulate", False)
     if not isinstance(indices, (tuple, list)) or len(indices) != 1 or not isinstance(v, fx.Node):
         return None
     return Write(kind="add" if acc_flag else "assign", acc=acc, index=indices[0], value=v, anchor=node,
                  nodes=[node], duplicates_add=bool(acc_flag))
 
 
-def _expanded_rows(node) -> Optional[fx.Node]:
+def expanded_rows(node) -> Optional[fx.Node]:
     """idx if ``node`` is idx (R,) broadcast to (R, d): ``idx[:, None].expand(-1, d)``,
     ``idx.unsqueeze(-1).expand_as(v)``, ``idx.view(-1, 1).expand(R, d)``, ``.repeat(1, d)``."""
     if not (isinstance(node, fx.Node) and node.op == "call_method" and node.target in ("expand", "expand_as",
@@ -98,8 +93,8 @@ def _expanded_rows(node) -> Optional[fx.Node]:
 def scatter_add(node) -> Optional[Write]:
     if not (node.op == "call_method" and node.target == "scatter_add_"):
         return None
-    acc, dim, index, v = node.args[0], _arg(node, 1, "dim"), _arg(node, 2, "index"), _arg(node, 3, "src")
-    idx = _expanded_rows(index)
+    acc, dim, index, v = node.args[0], arg(node, 1, "dim"), arg(node, 2, "index"), arg(node, 3, "src")
+    idx = expanded_rows(index)
     if dim != 0 or idx is None or not isinstance(v, fx.Node) or len(shape_of(idx) or ()) != 1:
         return None
     if not safety.same_shape(index, v):

@@ -12,10 +12,11 @@ import torch.fx as fx
 import torch.nn.functional as Fn
 
 from moe_inductor.activations import Activation
-from moe_inductor.rewrite import (
-    node_order,
-    F, M, getitem, AnyOf, Declined, is_mutation, match_or_decline, need, same, shape_of, dtype_of,
-)
+from moe_inductor.fx.aliasing import is_view_of
+from moe_inductor.fx.decline import Declined, need
+from moe_inductor.fx.matching import AnyOf, F, getitem, M, match_or_decline
+from moe_inductor.fx.nodes import is_mutation, node_order
+from moe_inductor.fx.shapes import dtype_of, same, shape_of
 from torch._inductor.pattern_matcher import KeywordArg, is_match
 
 # torch-level callables Dynamo leaves in the graph for an activation -> our unary name
@@ -550,19 +551,20 @@ def expert_activation(act_out: fx.Node) -> tuple[str, bool, fx.Node]:
 
 # --------------------------------------------------------------------------- biases
 
-_VIEW_METHODS = ("squeeze", "unsqueeze", "view", "reshape", "transpose", "permute", "flatten", "contiguous")
-
-
 def _sole_owner(out: fx.Node) -> bool:
     """``out`` is a fresh GEMM result, or a view chain of one whose every base has ``out``'s
-    chain as its only user: an in-place write to ``out`` is then seen by ``out``'s readers only."""
+    chain as its only user: an in-place write to ``out`` is then seen by ``out``'s readers only.
+    The chain is followed through every op that may alias (``fx.aliasing.is_view_of``: a write into
+    ``out`` reaches each base), not only the reshapes: a shorter list let ``torch.reshape`` or a
+    basic index of a shared tensor pass as fresh."""
     node = out
-    while node.op == "call_method" and node.target in _VIEW_METHODS:
+    while node.op in ("call_function", "call_method") and node.args and isinstance(node.args[0], fx.Node) \
+            and is_view_of(node, node.args[0]):
         base = node.args[0]
-        if not isinstance(base, fx.Node) or len(base.users) != 1:
+        if len(base.users) != 1:
             return False
         node = base
-    return node.op == "call_function"
+    return node.op == "call_function" and not (node.args and is_mutation(node, node.args[0]))
 
 
 def expert_bias(out: fx.Node, same_ids: Callable[[fx.Node], bool], num_experts: int, what: str):

@@ -31,9 +31,10 @@ import torch.nn.functional as Fn
 from torch._inductor.pattern_matcher import KeywordArg as KA, is_match
 
 from moe_inductor import safety
-from moe_inductor.parts import Score, Selection, decline, need, register
-from moe_inductor.rewrite import (AnyOf, F, M, arange_onehot, dtype_of, eq_constant, getitem, int_value, same,
-                                  shape_of, to_sympy)
+from moe_inductor.fx.decline import need
+from moe_inductor.fx.matching import AnyOf, arange_onehot, eq_constant, F, getitem, M
+from moe_inductor.fx.shapes import dtype_of, int_value, same, shape_of, to_sympy
+from moe_inductor.parts import Score, Selection, decline, register
 
 _ALL = slice(None, None, None)
 
@@ -112,7 +113,7 @@ def topk_columns(node) -> Optional[int]:
     return int_value(src[-1])
 
 
-def _at_most_one_per_row(node: fx.Node) -> Optional[int]:
+def at_most_one_per_row(node: fx.Node) -> Optional[int]:
     """E if ``node``'s rows (last dim) provably hold at most one nonzero: ``one_hot(i, E)``,
     optionally times an integer/bool tensor of its own shape, optionally reshaped keeping the last
     dim. None otherwise."""
@@ -174,7 +175,7 @@ def where_pairs(index) -> Optional[Selection]:
     eq = eq_constant(mask)
     if eq is not None:
         ids, e = eq
-        need("dispatch", len(shape_of(ids) or ()) == 2, f"{mask.name}: expert ids are not a (T, K) table")
+        need(len(shape_of(ids) or ()) == 2, f"{mask.name}: expert ids are not a (T, K) table", part="dispatch")
         roles = {0: "token", 1: "k"}
         routing, kind, E = ids, "ids", topk_columns(ids)
         unique = E is not None  # top-k indices are distinct along K: a token appears once per expert
@@ -183,8 +184,8 @@ def where_pairs(index) -> Optional[Selection]:
         if not is_match(sel):
             return None
         perm = (sel.kwargs["p0"], sel.kwargs["p1"], sel.kwargs["p2"])
-        need("dispatch", sorted(perm) == [0, 1, 2] and perm[0] == 2,
-             f"{mask.name}: expert mask is not a (T, K, E) mask permuted to (E, ., .)")
+        need(sorted(perm) == [0, 1, 2] and perm[0] == 2,
+             f"{mask.name}: expert mask is not a (T, K, E) mask permuted to (E, ., .)", part="dispatch")
         roles = {i: ("token" if perm[1 + i] == 0 else "k") for i in range(2)}
         e = int_value(sel.kwargs["e"])
         m = sel.kwargs["m"]
@@ -194,15 +195,15 @@ def where_pairs(index) -> Optional[Selection]:
             routing, E = (oh.kwargs["index"], int_value(oh.kwargs["E"])) if is_match(oh) else arange_onehot(m)
             kind, unique = "ids", topk_columns(routing) is not None
         else:
-            E = _at_most_one_per_row(m)
-            need("dispatch", E is not None, f"{m.name}: routing mask rows may hold several experts (not one_hot(ids) "
-                                           "or one_hot(...) times a mask of its shape)")
+            E = at_most_one_per_row(m)
+            need(E is not None, f"{m.name}: routing mask rows may hold several experts (not one_hot(ids) "
+                                           "or one_hot(...) times a mask of its shape)", part="dispatch")
             routing, kind, unique = m, "onehot_mask", True
-    need("dispatch", e is not None and e >= 0, f"{mask.name}: expert number is not a constant")
+    need(e is not None and e >= 0, f"{mask.name}: expert number is not a constant", part="dispatch")
     token = index
     k = next((outs[i] for i, r in roles.items() if r == "k" and i in outs), None)
-    need("dispatch", roles.get(pos) == "token",
-         f"{index.name}: rows are indexed with the k output of {where.name}, not its token output")
+    need(roles.get(pos) == "token",
+         f"{index.name}: rows are indexed with the k output of {where.name}, not its token output", part="dispatch")
     return Selection(expert=e, layout="pairs", index=token, routing=routing, routing_kind=kind, token=token, k=k,
                      unique=unique, num_classes=E, nodes=[where, mask])
 
@@ -234,8 +235,8 @@ def _bool_rows(mask) -> Optional[Selection]:
         cast = AnyOf(M("bool", KA("src")), M("to", KA("src"), torch.bool)).match(rows)
         if is_match(cast):
             src = cast.kwargs["src"]
-        E = _at_most_one_per_row(src) if isinstance(src, fx.Node) else None
-        need("dispatch", e is not None, f"{mask.name}: mask column is not a constant expert number")
+        E = at_most_one_per_row(src) if isinstance(src, fx.Node) else None
+        need(e is not None, f"{mask.name}: mask column is not a constant expert number", part="dispatch")
         return Selection(expert=e, layout="rows", index=mask, mask=mask, unique=True,
                          disjoint_key=rows if E is not None else None, num_classes=E, nodes=[mask])
     # (ids == e).any(-1): the tokens that chose e among their K
@@ -391,7 +392,7 @@ def graph_input(index) -> Optional[Selection]:
 
 # --------------------------------------------------------------------------- scores
 
-def _unsqueezed(node: fx.Node):
+def unsqueezed(node: fx.Node):
     """(inner, True) for ``a[..., None]``-like trailing unsqueezes: ``a.unsqueeze(-1)``,
     ``a[:, None]``, ``a.view(-1, 1)``; (node, False) otherwise."""
     if node.op == "call_method" and node.target == "unsqueeze" and len(node.args) == 2 and node.args[1] in (-1, 1):
@@ -412,7 +413,7 @@ def pair_score(node, sel: Selection) -> Optional[Score]:
             and len(node.args[1]) == 3 and node.args[1][2] is None:
         src, (a, b, _) = node.args[0], node.args[1]
     else:
-        inner, unsq = _unsqueezed(node)
+        inner, unsq = unsqueezed(node)
         if not unsq or not (inner.op == "call_function" and inner.target is operator.getitem
                             and isinstance(inner.args[1], tuple) and len(inner.args[1]) == 2):
             return None
@@ -421,7 +422,7 @@ def pair_score(node, sel: Selection) -> Optional[Score]:
         decline("scores", f"{node.name}: routing weights are read at other (token, k) positions than the "
                           "selection's (swapped roles, or another torch.where)")
     ss = shape_of(src)
-    need("scores", ss is not None and len(ss) == 2, f"{src.name}: routing weights are not a (T, K) table")
+    need(ss is not None and len(ss) == 2, f"{src.name}: routing weights are not a (T, K) table", part="scores")
     return Score(source=src, layout="pairs", index=(a, b), node=node)
 
 
@@ -433,7 +434,7 @@ def row_score(node, sel: Selection) -> Optional[Score]:
             and len(node.args[1]) == 2 and node.args[1][1] is None:
         src, idx, shape_ok = node.args[0], node.args[1][0], 1
     else:
-        inner, unsq = _unsqueezed(node)
+        inner, unsq = unsqueezed(node)
         if not (inner.op == "call_function" and inner.target is operator.getitem):
             return None
         src, idx = inner.args[0], inner.args[1]

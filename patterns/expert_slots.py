@@ -93,16 +93,16 @@ import torch.fx as fx
 import torch.nn.functional as Fn
 
 from moe_inductor import safety
-from moe_inductor.parts import ExpertMLP, PartDeclined, decline, need, recognise, register
-from moe_inductor.rewrite import (
-    node_order,
-    Declined, ExpertWeights, MoEBlock, call, dtype_of, int_value, is_mutation, method, same, shape_of,
-)
-from moe_inductor.rewrite import need as prove
+from moe_inductor.fx.build import call, method
+from moe_inductor.fx.decline import Declined, need
+from moe_inductor.fx.matching import transpose_of
+from moe_inductor.fx.nodes import arg, is_mutation, node_order
+from moe_inductor.fx.shapes import dtype_of, int_value, same, shape_of
+from moe_inductor.parts import ExpertMLP, PartDeclined, decline, recognise, register
+from moe_inductor.rewrite import ExpertWeights, MoEBlock
 
 from . import experts as _experts_part
 from .common import GATED_OF
-from .experts import _transposed_weight
 
 IDIOM = "expert_slots"
 
@@ -181,12 +181,6 @@ class SlotsCombine:
 
 
 # --------------------------------------------------------------------------- small helpers
-
-def _arg(node: fx.Node, pos: int, name: str, default=None):
-    if len(node.args) > pos:
-        return node.args[pos]
-    return node.kwargs.get(name, default)
-
 
 def _einsum(node) -> Optional[tuple]:
     """(input letter strings, output letters, operands) of an einsum node, else None."""
@@ -292,7 +286,7 @@ def _scattered_one_hot(node) -> Optional[tuple]:
     if w is None or not (w.op == "call_method" and w.target == "scatter_" and w.args[0] is node) or \
             set(w.kwargs) - {"dim", "index", "value"} or len(w.args) + len(w.kwargs) != 4:
         return None
-    dim, index, value = _arg(w, 1, "dim"), _arg(w, 2, "index"), _arg(w, 3, "value")
+    dim, index, value = arg(w, 1, "dim"), arg(w, 2, "index"), arg(w, 3, "value")
     s, i = shape_of(node), _last_axis_column(index)
     si = shape_of(i)
     if s is None or dim not in (-1, len(s) - 1) or type(value) not in (int, float) or value != 1 or \
@@ -313,7 +307,7 @@ def _one_hot(node, reshaped: bool = True) -> Optional[tuple]:
     if _scattered_one_hot(node) is not None:
         return _scattered_one_hot(node)
     if isinstance(node, fx.Node) and node.op == "call_function" and node.target in _ONE_HOT:
-        idx, n = _arg(node, 0, "tensor", _arg(node, 0, "input")), _arg(node, 1, "num_classes", -1)
+        idx, n = arg(node, 0, "tensor", arg(node, 0, "input")), arg(node, 1, "num_classes", -1)
         # num_classes: a constant, or a size computed from T (capacity factor * T / E)
         if isinstance(idx, fx.Node) and (isinstance(n, fx.Node) or (int_value(n) is not None and int_value(n) > 0)):
             return idx, n
@@ -336,7 +330,7 @@ def _scattered_ones(node) -> bool:
     if not (w.op == "call_method" and w.target == "scatter_" and w.args[0] is z) or \
             set(w.kwargs) - {"dim", "index", "value"} or len(w.args) + len(w.kwargs) != 4:
         return False
-    value = _arg(w, 3, "value")
+    value = arg(w, 3, "value")
     return type(value) in (int, float, bool) and value in (0, 1) and _initialised(w, node_order(z.graph))
 
 
@@ -501,12 +495,12 @@ def _reduce(node, fn_name: str, dims: tuple, keepdim: Optional[bool] = None) -> 
     if not ((node.op == "call_function" and node.target is fn)
             or (node.op == "call_method" and node.target == fn_name)):
         return None
-    dim = _arg(node, 1, "dim")
+    dim = arg(node, 1, "dim")
     if isinstance(dim, (tuple, list)) and len(dim) == 1:
         dim = dim[0]
     if dim not in dims:
         return None
-    if keepdim is not None and bool(_arg(node, 2, "keepdim", False)) != keepdim:
+    if keepdim is not None and bool(arg(node, 2, "keepdim", False)) != keepdim:
         return None
     extra = set(node.kwargs) - {"dim", "keepdim", "dtype"}
     return node.args[0] if not extra and isinstance(node.args[0], fx.Node) else None
@@ -579,14 +573,15 @@ def _positions(loc, axes: tuple) -> _Positions:
     nanoMoE). Declines otherwise."""
     loc = _strip_exact_casts(loc)
     stacked, outer = len(axes) == 3, loc
-    need("slots_dispatch", axes in (("s", "e"), ("k", "s", "e"), ("s", "k", "e")),
-         f"slot positions {loc.name} are not counted over the tokens for each expert (axes {axes})")
+    need(axes in (("s", "e"), ("k", "s", "e"), ("s", "k", "e")),
+         f"slot positions {loc.name} are not counted over the tokens for each expert (axes {axes})",
+         part="slots_dispatch")
     if stacked:
         flat = loc.args[0] if loc.op == "call_method" and loc.target in ("reshape", "view") else None
         fs, ls = shape_of(flat), shape_of(loc)
-        need("slots_dispatch", fs is not None and len(fs) == 2 and ls is not None and same(fs[0], ls[0] * ls[1])
+        need(fs is not None and len(fs) == 2 and ls is not None and same(fs[0], ls[0] * ls[1])
              and same(fs[1], ls[2]), f"slot positions {loc.name} are not a count over the flattened (choice, "
-                                     "token) rows reshaped back")
+                                     "token) rows reshaped back", part="slots_dispatch")
         loc = flat
     terms: list = []
     _signed_sum(loc, 1, terms)
@@ -610,20 +605,21 @@ def _positions(loc, axes: tuple) -> _Positions:
         decline("slots_dispatch", f"slot positions {loc.name}: {t.name} is neither a cumsum over the tokens of the "
                                   "chosen experts' one-hot nor the counts of earlier choices "
                                   "(one_hot.sum(0, keepdim=True))")
-    need("slots_dispatch", len(cums) == 1, f"slot positions {loc.name} are not one cumsum over the tokens minus 1")
-    need("slots_dispatch", consts == -1, f"slot positions {loc.name} are cumsum {consts:+} (not cumsum - 1)")
+    need(len(cums) == 1, f"slot positions {loc.name} are not one cumsum over the tokens minus 1", part="slots_dispatch")
+    need(consts == -1, f"slot positions {loc.name} are cumsum {consts:+} (not cumsum - 1)", part="slots_dispatch")
     src = cums[0]
     if stacked:
         inner = _strip_exact_casts(src)
         inner = inner.args[0] if inner.op == "call_method" and inner.target in ("reshape", "view") else None
-        need("slots_dispatch", inner is not None and safety.same_shape(inner, outer),
-             f"slot positions {loc.name}: the cumsum is not over the (choice, token) rows of a (K, S, E) mask")
+        need(inner is not None and safety.same_shape(inner, outer),
+             f"slot positions {loc.name}: the cumsum is not over the (choice, token) rows of a (K, S, E) mask",
+             part="slots_dispatch")
         src = inner
     counted = _mask(src, axes)
     choice = _choice_of(counted) if counted is not None else None
-    need("slots_dispatch", choice is not None, f"slot positions {loc.name}: the cumsum is not over a 0/1 mask of the "
+    need(choice is not None, f"slot positions {loc.name}: the cumsum is not over a 0/1 mask of the "
                                                "chosen experts (one_hot(ids, E), times flags): distinct positions "
-                                               "are proven for such a column only")
+                                               "are proven for such a column only", part="slots_dispatch")
     return _Positions(choice=choice, counted=counted, offsets=offsets)
 
 
@@ -639,38 +635,40 @@ def _slot_of(L, L_labels: tuple, choice: tuple, term_flags: list) -> _Positions:
             break
     if inner is not None:
         axes = L_labels[:d] + ("e",) + L_labels[d:]
-        need("slots_dispatch", None not in axes, f"slot index {L.name}: positions of a size-1 axis")
+        need(None not in axes, f"slot index {L.name}: positions of a size-1 axis", part="slots_dispatch")
         factors = _factors(inner, axes)
         locs = [(f, a) for f, a in factors if isinstance(f, fx.Node) and not _is_flag(f)]
         flags = [(f, a) for f, a in factors if isinstance(f, fx.Node) and _is_flag(f)]
-        need("slots_dispatch", len(locs) == 1 and len(flags) + 1 == len(factors) and tuple(locs[0][1]) == axes,
-             f"slot index {L.name} is not sum(positions * mask) over the experts with a 0/1 mask")
+        need(len(locs) == 1 and len(flags) + 1 == len(factors) and tuple(locs[0][1]) == axes,
+             f"slot index {L.name} is not sum(positions * mask) over the experts with a 0/1 mask",
+             part="slots_dispatch")
         loc = locs[0][0]
-        need("slots_dispatch", _same_ids(_choice_of(flags), choice),
-             f"slot index {L.name}: the mask it reads positions with is not the term's one-hot of its experts")
-        need("slots_dispatch", _within(flags, term_flags),
+        need(_same_ids(_choice_of(flags), choice),
+             f"slot index {L.name}: the mask it reads positions with is not the term's one-hot of its experts",
+             part="slots_dispatch")
+        need(_within(flags, term_flags),
              f"slot index {L.name}: reads positions under a mask the combine weights are not multiplied by (a slot "
-             "could then hold a token it was not given)")
+             "could then hold a token it was not given)", part="slots_dispatch")
     else:
         g = L
         if g.op == "call_method" and g.target == "squeeze" and len(g.args) in (1, 2):
             g = g.args[0]
-        need("slots_dispatch", L_labels == ("s",) and isinstance(g, fx.Node) and g.op in ("call_method",
-             "call_function") and g.target in ("gather", torch.gather) and _arg(g, 1, "dim") in (1, -1),
+        need(L_labels == ("s",) and isinstance(g, fx.Node) and g.op in ("call_method",
+             "call_function") and g.target in ("gather", torch.gather) and arg(g, 1, "dim") in (1, -1),
              f"slot index {L.name} is not the slot positions read at the chosen expert "
-             "(sum(positions * mask, 1) or positions.gather(1, ids))")
-        loc, gi = g.args[0], _arg(g, 2, "index")
+             "(sum(positions * mask, 1) or positions.gather(1, ids))", part="slots_dispatch")
+        loc, gi = g.args[0], arg(g, 2, "index")
         gi = gi.args[0] if isinstance(gi, fx.Node) and gi.op == "call_method" and gi.target in (
             "unsqueeze", "view", "reshape") else gi
-        need("slots_dispatch", _same_choice(gi, choice[0]), f"slot index {L.name} reads positions at other experts "
-                                                            "than the term's")
+        need(_same_choice(gi, choice[0]), f"slot index {L.name} reads positions at other experts "
+                                                            "than the term's", part="slots_dispatch")
         axes = ("s", "e")
     pos = _positions(loc, axes)
-    need("slots_dispatch", _same_ids(pos.choice, choice), f"slot positions {loc.name} count another choice of "
-                                                          "experts than the term that uses them")
-    need("slots_dispatch", _within(pos.counted, term_flags),
+    need(_same_ids(pos.choice, choice), f"slot positions {loc.name} count another choice of "
+                                                          "experts than the term that uses them", part="slots_dispatch")
+    need(_within(pos.counted, term_flags),
          f"slot positions {loc.name} count tokens under a mask the combine weights are not multiplied by (two kept "
-         "tokens could share a position)")
+         "tokens could share a position)", part="slots_dispatch")
     return pos
 
 
@@ -688,14 +686,15 @@ def _term(t: fx.Node, axes: tuple, cw: fx.Node):
             flags.append((f, lab))
         else:
             weights.append((f, lab))
-    need("slots_dispatch", len(slots) == 1, f"combine weights {cw.name}: a term is not placed by one one-hot of "
-                                            "slot positions (one_hot(locations, C))")
+    need(len(slots) == 1, f"combine weights {cw.name}: a term is not placed by one one-hot of "
+                                            "slot positions (one_hot(locations, C))", part="slots_dispatch")
     choice = _choice_of(flags)
     per_token = set(axes) - {"e", "c"}
-    need("slots_dispatch", choice is not None and set(choice[1]) - {None} <= per_token,
-         f"combine weights {cw.name}: a term is not restricted to one chosen expert per token (one_hot(ids, E))")
-    need("slots_dispatch", set(slots[0][1]) - {None} <= per_token, f"combine weights {cw.name}: slot positions do "
-                                                                   "not follow the tokens")
+    need(choice is not None and set(choice[1]) - {None} <= per_token,
+         f"combine weights {cw.name}: a term is not restricted to one chosen expert per token (one_hot(ids, E))",
+         part="slots_dispatch")
+    need(set(slots[0][1]) - {None} <= per_token, f"combine weights {cw.name}: slot positions do "
+                                                                   "not follow the tokens", part="slots_dispatch")
     pos = _slot_of(slots[0][0], slots[0][1], choice, flags)
     width = 1
     if "k" in axes:
@@ -716,8 +715,8 @@ def _terms(cw: fx.Node) -> list:
     _signed_sum(cw, 1, sums)
     terms = []
     for sign, t in sums:
-        need("slots_dispatch", sign == 1 and isinstance(t, fx.Node) and safety.same_shape(t, cw),
-             f"combine weights {cw.name}: a term is subtracted or broadcast along an axis")
+        need(sign == 1 and isinstance(t, fx.Node) and safety.same_shape(t, cw),
+             f"combine weights {cw.name}: a term is subtracted or broadcast along an axis", part="slots_dispatch")
         terms.append(_term(t, ("s", "e", "c"), cw))
     # Kept positions of term j lie in [off_j, off_j + count(B_j)), B_j the mask its cumsum counts. Term k
     # adds the counts of masks Y_kj for j < k; off_k >= off_j + count(B_j) when Y_kj covers B_j and Y_ki
@@ -725,22 +724,23 @@ def _terms(cw: fx.Node) -> list:
     ordered = sorted(terms, key=lambda tp: len(tp[1].offsets))
     matched: list = []  # per term: {j: offset mask}
     for k, (t, pos) in enumerate(ordered):
-        need("slots_dispatch", len(pos.offsets) == k,
+        need(len(pos.offsets) == k,
              f"combine weights {cw.name}: the slot positions of choice {k + 1} do not start after the positions of "
-             "the choices before it (a slot could hold two tokens)")
+             "the choices before it (a slot could hold two tokens)", part="slots_dispatch")
         rest, by_term = list(pos.offsets), {}
         for j, (tj, pj) in enumerate(ordered[:k]):
             hit = next((m for m in rest if _same_ids(_choice_of(m), (tj.choice, tj.choice_labels))
                         and _within(m, pj.counted)), None)
-            need("slots_dispatch", hit is not None,
+            need(hit is not None,
                  f"combine weights {cw.name}: the slot positions of choice {k + 1} do not start after the "
-                 f"positions of choice {j + 1} (a slot could hold two tokens)")
+                 f"positions of choice {j + 1} (a slot could hold two tokens)", part="slots_dispatch")
             rest.remove(hit)
             by_term[j] = hit
         for j in range(k):
             for i in range(j):
-                need("slots_dispatch", _within(by_term[i], matched[j][i]),
-                     f"combine weights {cw.name}: choices {j + 1} and {k + 1} count the earlier choices differently")
+                need(_within(by_term[i], matched[j][i]),
+                     f"combine weights {cw.name}: choices {j + 1} and {k + 1} count the earlier choices differently",
+                     part="slots_dispatch")
         matched.append(by_term)
     return [t for t, _ in ordered]
 
@@ -769,7 +769,7 @@ def _need_unwritten_dispatch(m: fx.Node, src: fx.Node, slots: fx.Node) -> None:
                                       f"{early[0].format_node()} before the dispatch reads it")
         inner = safety.identity_function_input(n)
         n = inner if inner is not None else (n.args[0] if n.args else n.kwargs.get("input"))
-    need("slots_dispatch", n is src, f"{m.name}: the dispatch mask's computation from {src.name} is not followed")
+    need(n is src, f"{m.name}: the dispatch mask's computation from {src.name} is not followed", part="slots_dispatch")
 
 
 def _matmul_args(node) -> Optional[tuple]:
@@ -808,19 +808,20 @@ def capacity_einsum(slots) -> Optional[SlotsDispatch]:
     src = _nonzero_source(d)
     if not isinstance(src, fx.Node):
         given = safety.strip_casts(d)
-        need("slots_dispatch", given.op != "placeholder",
+        need(given.op != "placeholder",
              f"{m.name}: the dispatch tensor {given.name} is an input of this graph (computed in another graph, "
-             "e.g. before a graph break): that it is the nonzero pattern of the combine weights cannot be proved here")
+             "e.g. before a graph break): that it is the nonzero pattern of the combine weights cannot be proved here",
+             part="slots_dispatch")
         twice = " (it scales the expert inputs by routing weights: with the combine weights, scores are applied " \
                 "twice)" if not _is_flag(d) else ""
         decline("slots_dispatch", f"{m.name}: the dispatch tensor is not the nonzero pattern of combine weights "
                                   f"(combine.bool()){twice}")
     _need_unwritten_dispatch(m, src, slots)
     ss, xs = shape_of(src), shape_of(x)
-    need("slots_dispatch", ss is not None and len(ss) == 3 and xs is not None and len(xs) == 2,
-         f"{slots.name}: dispatch is not (S, E, C) x (S, d)")
+    need(ss is not None and len(ss) == 3 and xs is not None and len(xs) == 2,
+         f"{slots.name}: dispatch is not (S, E, C) x (S, d)", part="slots_dispatch")
     E = int_value(ss[1])
-    need("slots_dispatch", E is not None, f"{src.name}: the number of experts is not a constant")
+    need(E is not None, f"{src.name}: the number of experts is not a constant", part="slots_dispatch")
     terms = _terms(src)
     return SlotsDispatch(kind="capacity", x=x, slots=slots, num_experts=E, combine_weights=src, terms=terms)
 
@@ -849,8 +850,8 @@ def gathered_rows(slots) -> Optional[SlotsDispatch]:
         if isinstance(inner, fx.Node) and inner.op == "call_function" and inner.target is operator.getitem:
             idx, x = _flat_of(inner.args[1]), inner.args[0]
         elif isinstance(inner, fx.Node) and inner.target in ("index_select", torch.index_select) \
-                and _arg(inner, 1, "dim") == 0:
-            idx, x = _flat_of(_arg(inner, 2, "index")), inner.args[0]
+                and arg(inner, 1, "dim") == 0:
+            idx, x = _flat_of(arg(inner, 2, "index")), inner.args[0]
     elif node.op == "call_function" and node.target is operator.getitem and isinstance(node.args[1], fx.Node):
         idx, x = node.args[1], node.args[0]
     if idx is None or not isinstance(x, fx.Node):
@@ -858,10 +859,10 @@ def gathered_rows(slots) -> Optional[SlotsDispatch]:
     xs, ix = shape_of(x), shape_of(idx)
     if xs is None or len(xs) != 2 or ix is None or len(ix) != 2 or not _is_integral(idx) or dtype_of(idx) == torch.bool:
         return None
-    need("slots_dispatch", same(ix[0], s[0]) and same(ix[1], s[1]) and same(xs[1], s[2]),
-         f"{slots.name}: the gathered rows are not (E, C, d) for an (E, C) index table")
+    need(same(ix[0], s[0]) and same(ix[1], s[1]) and same(xs[1], s[2]),
+         f"{slots.name}: the gathered rows are not (E, C, d) for an (E, C) index table", part="slots_dispatch")
     E = int_value(ix[0])
-    need("slots_dispatch", E is not None, f"{idx.name}: the number of experts is not a constant")
+    need(E is not None, f"{idx.name}: the number of experts is not a constant", part="slots_dispatch")
     return SlotsDispatch(kind="gathered", x=x, slots=slots, num_experts=E, index=idx)
 
 
@@ -887,7 +888,7 @@ def _transposed_2d(node) -> Optional[fx.Node]:
     """R if ``node`` is ``R.transpose(0, 1)`` / ``R.t()`` / ``R.T`` / ``R.permute(1, 0)`` of a 2-D R."""
     if not isinstance(node, fx.Node):
         return None
-    inner = _transposed_weight(node)
+    inner = transpose_of(node)
     if inner is None and node.op == "call_method" and node.target == "permute":
         dims = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (tuple, list)) else node.args[1:]
         inner = node.args[0] if tuple(dims) in ((1, 0), (-1, -2), (1, -2), (-1, 0)) else None
@@ -934,14 +935,14 @@ def _zero_off_top_k(R: fx.Node) -> tuple:
     scatter = isinstance(inner, fx.Node) and not set(inner.kwargs) - {"dim", "index", "src", "value"} and (
         (inner.op == "call_method" and inner.target in ("scatter_", "scatter"))
         or (inner.op == "call_function" and inner.target is torch.scatter))
-    need("slots_dispatch", scatter,
+    need(scatter,
          f"the dense scores {R.name} that scale the experts' inputs are not a scatter of the top-k values into a "
          f"constant matrix ({R.name} is computed from {getattr(inner, 'name', inner)}): the unselected (expert, "
-         "token) scores are not provably 0, so every expert would have to run on every token")
-    base, dim, idx = inner.args[0], _arg(inner, 1, "dim"), _arg(inner, 2, "index")
-    need("slots_dispatch", len(inner.args) + len(inner.kwargs) == 4, f"{inner.name}: not scatter(dim, index, src)")
-    need("slots_dispatch", dim in (1, -1), f"{inner.name}: the router scores are scattered along axis {dim}, not "
-                                           "along the experts")
+         "token) scores are not provably 0, so every expert would have to run on every token", part="slots_dispatch")
+    base, dim, idx = inner.args[0], arg(inner, 1, "dim"), arg(inner, 2, "index")
+    need(len(inner.args) + len(inner.kwargs) == 4, f"{inner.name}: not scatter(dim, index, src)", part="slots_dispatch")
+    need(dim in (1, -1), f"{inner.name}: the router scores are scattered along axis {dim}, not "
+                                           "along the experts", part="slots_dispatch")
     fill = None
     if isinstance(base, fx.Node) and base.op == "call_function" and base.target in _CONST_BASE:
         kind = _CONST_BASE[base.target]
@@ -954,37 +955,39 @@ def _zero_off_top_k(R: fx.Node) -> tuple:
     elif isinstance(base, fx.Node) and base.op == "call_method" and base.target in ("new_zeros", "new_full"):
         fill = 0.0 if base.target == "new_zeros" else (base.args[2] if len(base.args) > 2 else
                                                         base.kwargs.get("fill_value"))
-    need("slots_dispatch", isinstance(fill, (int, float)) and not isinstance(fill, bool),
-         f"{inner.name}: the matrix the top-k scores are scattered into is not a constant (zeros / full_like)")
+    need(isinstance(fill, (int, float)) and not isinstance(fill, bool),
+         f"{inner.name}: the matrix the top-k scores are scattered into is not a constant (zeros / full_like)",
+         part="slots_dispatch")
     if squash is not None:
-        need("slots_dispatch", fill == -math.inf, f"the unselected router scores are sigmoid({fill}), not exactly 0 "
-                                                  f"({squash.name}): every expert would have to run on every token")
+        need(fill == -math.inf, f"the unselected router scores are sigmoid({fill}), not exactly 0 "
+                                                  f"({squash.name}): every expert would have to run on every token",
+                                                  part="slots_dispatch")
     else:
-        need("slots_dispatch", fill == 0, f"the unselected router scores are {fill}, not exactly 0: every expert "
-                                          "would have to run on every token")
+        need(fill == 0, f"the unselected router scores are {fill}, not exactly 0: every expert "
+                                          "would have to run on every token", part="slots_dispatch")
     tk = _top_k_indices(safety.strip_identity(idx))
-    need("slots_dispatch", tk is not None, f"{inner.name}: the scores are scattered at {getattr(idx, 'name', idx)}, "
-                                           "not at the indices of a top-k (distinct per token)")
+    need(tk is not None, f"{inner.name}: the scores are scattered at {getattr(idx, 'name', idx)}, "
+                                           "not at the indices of a top-k (distinct per token)", part="slots_dispatch")
     logits, K, tk_dim = tk
     ls, Rs, ix = shape_of(logits), shape_of(R), shape_of(idx)
-    need("slots_dispatch", K is not None and tk_dim in (1, -1) and ls is not None and len(ls) == 2,
-         f"{idx.name}: not a constant top-k over the experts of (S, E) logits")
-    need("slots_dispatch", Rs is not None and ix is not None and len(ix) == 2 and same(ix[0], Rs[0])
+    need(K is not None and tk_dim in (1, -1) and ls is not None and len(ls) == 2,
+         f"{idx.name}: not a constant top-k over the experts of (S, E) logits", part="slots_dispatch")
+    need(Rs is not None and ix is not None and len(ix) == 2 and same(ix[0], Rs[0])
          and same(ls[1], Rs[1]) and same(ls[0], Rs[0]) and int_value(ix[1]) == K,
-         f"{idx.name}: the top-k indices are not (S, K) for the (S, E) score matrix {R.name}")
+         f"{idx.name}: the top-k indices are not (S, K) for the (S, E) score matrix {R.name}", part="slots_dispatch")
     # nothing else writes the score matrix, nor what it is computed from (through any view)
     path, n = [], R
     while isinstance(n, fx.Node) and n is not base:
         path.append(n)
         n = n.args[0] if n.args else n.kwargs.get("input")
-    need("slots_dispatch", n is base, f"the dense score matrix {R.name} is not computed from {base.name} alone")
+    need(n is base, f"the dense score matrix {R.name} is not computed from {base.name} alone", part="slots_dispatch")
     path.append(base)
     own = [inner] if inner.op == "call_method" and inner.target == "scatter_" else []
     for p in path:
         for w in safety.writes_to(p):
-            need("slots_dispatch", w in own, f"the dense score matrix {R.name} is written by something else than "
+            need(w in own, f"the dense score matrix {R.name} is written by something else than "
                                              f"the top-k scatter ({w.format_node()}): its unselected scores are not "
-                                             "provably 0")
+                                             "provably 0", part="slots_dispatch")
     return idx, K, own, logits
 
 
@@ -1007,11 +1010,11 @@ def dense_scores(slots) -> Optional[SlotsDispatch]:
         return None
     x = rep.args[0]
     xs, Rs = shape_of(x), shape_of(R)
-    need("slots_dispatch", int_value(Rs[1]) == E and same(Rs[0], xs[0]),
+    need(int_value(Rs[1]) == E and same(Rs[0], xs[0]),
          f"{xin.name}: the tokens are repeated {E} times but scaled by {R.name} of shape {tuple(Rs)}, not (S, E) for "
-         f"x {tuple(xs)}")
-    need("slots_dispatch", int_value(s[0]) == E and same(s[1], xs[0]) and same(s[2], xs[1]),
-         f"{slots.name}: the scaled copies of the tokens are not viewed (E, S, d), expert-major")
+         f"x {tuple(xs)}", part="slots_dispatch")
+    need(int_value(s[0]) == E and same(s[1], xs[0]) and same(s[2], xs[1]),
+         f"{slots.name}: the scaled copies of the tokens are not viewed (E, S, d), expert-major", part="slots_dispatch")
     idx, K, own, logits = _zero_off_top_k(R)
     return SlotsDispatch(kind="dense", x=x, slots=slots, num_experts=E, scores=R, choices=idx, top_k=K, writes=own,
                          inputs=[logits])
@@ -1064,7 +1067,7 @@ def _batched_projection(node) -> Optional[tuple]:
         return None
     if len(shape_of(z) or ()) != 3 or len(shape_of(w) or ()) != 3:
         return None
-    inner = _transposed_weight(w)
+    inner = transpose_of(w)
     if inner is None and w.op == "call_method" and w.target == "transpose" and len(w.args) == 3 and \
             set(w.args[1:]) in ({1, 2}, {-1, -2}, {1, -1}, {2, -2}):
         inner = w.args[0]
@@ -1114,7 +1117,7 @@ def _chunk_of(node) -> Optional[tuple]:
     ch = node.args[0]
     if not ((ch.op == "call_method" and ch.target == "chunk") or (ch.op == "call_function" and ch.target is torch.chunk)):
         return None
-    src, n, dim = ch.args[0], _arg(ch, 1, "chunks"), _arg(ch, 2, "dim", 0)
+    src, n, dim = ch.args[0], arg(ch, 1, "chunks"), arg(ch, 2, "dim", 0)
     rank = len(shape_of(src) or ())
     if not isinstance(src, fx.Node) or not isinstance(dim, int) or not rank:
         return None
@@ -1141,33 +1144,36 @@ def chunked_mlps(out) -> Optional[SlotsMLPs]:
             and isinstance(cat.args[0], (list, tuple)) and len(shape_of(out) or ()) == 3):
         return None
     pieces, axis = list(cat.args[0]), _expert_axis(cat, out)
-    dim = _arg(cat, 1, "dim", 0)
-    need("slots_experts", axis is not None and isinstance(dim, int) and dim % len(shape_of(cat)) == axis,
+    dim = arg(cat, 1, "dim", 0)
+    need(axis is not None and isinstance(dim, int) and dim % len(shape_of(cat)) == axis,
          f"{cat.name}: the concatenated expert outputs are not (1, .., E, C, d) joined along the experts, "
-         f"reshaped to {out.name} (E, C, d)")
+         f"reshaped to {out.name} (E, C, d)", part="slots_experts")
     E = len(pieces)
-    need("slots_experts", int_value(shape_of(out)[0]) == E, f"{cat.name}: {E} pieces for {shape_of(out)[0]} experts")
+    need(int_value(shape_of(out)[0]) == E, f"{cat.name}: {E} pieces for {shape_of(out)[0]} experts",
+         part="slots_experts")
     mlps, slots = [], None
     for e, p in enumerate(pieces):
         m = recognise("experts", p, required=f"{getattr(p, 'name', p)}: expert {e} on its chunk of the slots")
         ch = _chunk_of(safety.strip_identity(m.input))
-        need("slots_experts", ch is not None and ch[3] == e and int_value(ch[2]) == E,
-             f"{m.input.name}: expert {e} does not run on chunk {e} of {E} of the slots")
+        need(ch is not None and ch[3] == e and int_value(ch[2]) == E,
+             f"{m.input.name}: expert {e} does not run on chunk {e} of {E} of the slots", part="slots_experts")
         src = _strip_layout(ch[0])
-        need("slots_experts", (slots is None or src is slots) and _expert_axis(ch[0], out) == ch[1],
-             f"{m.input.name}: the chunks are not taken along the experts of one (E, C, d) slots tensor")
+        need((slots is None or src is slots) and _expert_axis(ch[0], out) == ch[1],
+             f"{m.input.name}: the chunks are not taken along the experts of one (E, C, d) slots tensor",
+             part="slots_experts")
         slots = src
-        need("slots_experts", safety.same_shape(slots, out), f"{slots.name}: the chunked slots are not (E, C, d) "
-                                                             f"like the experts' outputs {out.name}")
+        need(safety.same_shape(slots, out), f"{slots.name}: the chunked slots are not (E, C, d) "
+                                                             f"like the experts' outputs {out.name}",
+                                                             part="slots_experts")
         mlps.append(m)
     m0 = mlps[0]
     for m in mlps[1:]:
-        need("slots_experts", (m.activation, m.interleaved, m.transposed, m.gemm) == (m0.activation, m0.interleaved,
+        need((m.activation, m.interleaved, m.transposed, m.gemm) == (m0.activation, m0.interleaved,
                                                                                      m0.transposed, m0.gemm),
-             "the experts differ in activation, weight layout or GEMM")
-        need("slots_experts", all((a is None) == (b is None) and (a is None or safety.same_shape(a, b))
+             "the experts differ in activation, weight layout or GEMM", part="slots_experts")
+        need(all((a is None) == (b is None) and (a is None or safety.same_shape(a, b))
                                   for a, b in zip(m.weights(), m0.weights())),
-             "the experts have weights (or biases) of different shapes")
+             "the experts have weights (or biases) of different shapes", part="slots_experts")
     return SlotsMLPs(input=slots, output=out, activation=m0.activation, gate=m0.gate, up=m0.up, down=m0.down,
                      b_gate=m0.b_gate, b_up=m0.b_up, b_down=m0.b_down, gemm=m0.gemm, transposed=set(m0.transposed),
                      interleaved=m0.interleaved, experts=mlps)
@@ -1218,8 +1224,8 @@ def combine_matmul(node) -> Optional[SlotsCombine]:
 
 def _slot_rows(index) -> Optional[fx.Node]:
     """The (E, C) token table behind a scatter/index_add index over the R = E*C slot rows."""
-    from .combine import _expanded_rows
-    r = _expanded_rows(index) if isinstance(index, fx.Node) else None
+    from .combine import expanded_rows
+    r = expanded_rows(index) if isinstance(index, fx.Node) else None
     if r is not None and len(shape_of(r) or ()) == 2:
         return r
     return _flat_of(r if r is not None else index)
@@ -1241,13 +1247,13 @@ def _scored(v) -> tuple:
 def scatter_slots(node) -> Optional[SlotsCombine]:
     if node.op != "call_method" or node.target not in ("scatter_add_", "scatter_add", "index_add_", "index_add"):
         return None
-    acc, dim = node.args[0], _arg(node, 1, "dim")
+    acc, dim = node.args[0], arg(node, 1, "dim")
     if node.target.startswith("scatter"):
-        index, v = _arg(node, 2, "index"), _arg(node, 3, "src")
+        index, v = arg(node, 2, "index"), arg(node, 3, "src")
         if not (isinstance(index, fx.Node) and safety.same_shape(index, v)):
             return None
     else:
-        index, v = _arg(node, 2, "index"), _arg(node, 3, "source")
+        index, v = arg(node, 2, "index"), arg(node, 3, "source")
         if "alpha" in node.kwargs or len(node.args) > 4:
             return None
     idx = _slot_rows(index)
@@ -1272,7 +1278,7 @@ def scatter_slots(node) -> Optional[SlotsCombine]:
         n = 1
         for p in ss:
             n = n * p
-        need("slots_combine", same(n, ix[0] * ix[1]), f"{score.name}: the weight of each slot is not one number")
+        need(same(n, ix[0] * ix[1]), f"{score.name}: the weight of each slot is not one number", part="slots_combine")
     return SlotsCombine(kind="scatter", anchor=node, experts_out=y, index=idx, score=score, acc=acc,
                         inplace=node.target.endswith("_"))
 
@@ -1301,17 +1307,18 @@ def expert_sum(node) -> Optional[SlotsCombine]:
     y, steps = _row_major_source(r)
     if steps == 0 or len(shape_of(y) or ()) != 3 or _batched_projection(safety.strip_identity(y)) is None:
         return None
-    dim = _arg(node, 1, "dim")
+    dim = arg(node, 1, "dim")
     if isinstance(dim, (tuple, list)) and len(dim) == 1:
         dim = dim[0]
     if not isinstance(dim, int):  # a total sum (a loss), or over several axes: not a combine
         return None
     ys, rs = shape_of(y), shape_of(r)
-    need("slots_combine", all(same(p, q) for p, q in zip(ys, rs)),
+    need(all(same(p, q) for p, q in zip(ys, rs)),
          f"{r.name} regroups the rows of the experts' outputs {y.name} {tuple(ys)} as {tuple(rs)}, not in the "
-         "(E, C, d) layout they were computed in: its sum does not add the outputs of one slot across the experts")
-    need("slots_combine", dim in (0, -3), f"{node.name} sums the (E, C, d) experts' outputs over axis {dim}, not over "
-                                          "the experts (axis 0)")
+         "(E, C, d) layout they were computed in: its sum does not add the outputs of one slot across the experts",
+         part="slots_combine")
+    need(dim in (0, -3), f"{node.name} sums the (E, C, d) experts' outputs over axis {dim}, not over "
+                                          "the experts (axis 0)", part="slots_combine")
     for w in safety.writes_to(y):
         decline("slots_combine", f"the experts' outputs {y.name} are modified in place by {w.format_node()} before "
                                  "they are summed")
@@ -1321,8 +1328,8 @@ def expert_sum(node) -> Optional[SlotsCombine]:
 # --------------------------------------------------------------------------- the composition
 
 def _acc_start(acc: fx.Node):
-    from .per_expert import _acc_start as start
-    return start(acc)
+    from .per_expert import acc_start
+    return acc_start(acc)
 
 
 def _base_of(node: fx.Node) -> fx.Node:
@@ -1369,9 +1376,9 @@ def _need_stable_leaves(term: SlotTerm, anchor: fx.Node, order: dict) -> None:
             if order[w] < first or order[w] >= order[anchor]:
                 continue
             b = w.args[1] if inplace_as(w) == "mul" else None
-            need("proof", isinstance(b, fx.Node) and any(b is g for g in flags),
+            need(isinstance(b, fx.Node) and any(b is g for g in flags),
                  f"{f.name}, a factor of the combine weights, is modified in place by {w.format_node()} after "
-                 "the block read it: where the fused op reads it, it holds another value")
+                 "the block read it: where the fused op reads it, it holds another value", part="proof")
 
 
 def _upstream(roots, stop: set) -> list:
@@ -1410,36 +1417,36 @@ def analyse(node: fx.Node) -> MoEBlock:
     disp = recognise("slots_dispatch", z, required=f"{z.name}: how the slots are filled from the tokens")
     E = disp.num_experts
     if isinstance(mlp, SlotsMLPs):
-        prove(len(mlp.experts) == E, f"proof: {len(mlp.experts)} expert modules for the dispatch's {E} experts")
+        need(len(mlp.experts) == E, f"proof: {len(mlp.experts)} expert modules for the dispatch's {E} experts")
     else:
         ws = {k: shape_of(w) for k, w in (("gate", mlp.gate), ("up", mlp.up), ("down", mlp.down)) if w is not None}
-        prove(all(s is not None and len(s) == 3 and int_value(s[0]) == E for s in ws.values()),
+        need(all(s is not None and len(s) == 3 and int_value(s[0]) == E for s in ws.values()),
              f"proof: the stacked expert weights do not have {E} experts (the dispatch's)")
     if disp.kind == "capacity":
-        prove(comb.kind == "einsum", "proof: capacity slots are combined by something else than the combine einsum")
-        prove(safety.strip_casts(comb.weights) is disp.combine_weights,
+        need(comb.kind == "einsum", "proof: capacity slots are combined by something else than the combine einsum")
+        need(safety.strip_casts(comb.weights) is disp.combine_weights,
              f"proof: the output is combined with {comb.weights.name}, not with the combine weights "
              f"{disp.combine_weights.name} whose nonzeros dispatched the tokens")
-        prove(safety.same_shape(disp.x, node), "proof: the output is not (tokens, d)")
+        need(safety.same_shape(disp.x, node), "proof: the output is not (tokens, d)")
         for t in disp.terms:
             _need_stable_leaves(t, node, node_order(node.graph))
     elif disp.kind == "dense":
-        prove(comb.kind == "sum", "proof: dense slots (every token in every expert's slots) are combined by something "
+        need(comb.kind == "sum", "proof: dense slots (every token in every expert's slots) are combined by something "
                                   "else than a sum over the experts")
-        prove(safety.same_shape(disp.x, node), "proof: the output is not (tokens, d)")
+        need(safety.same_shape(disp.x, node), "proof: the output is not (tokens, d)")
         # the unselected (expert, token) pairs compute f_e(0): dropping them is exact only if f_e(0) == 0
         biases = [k for k, b in (("gate", mlp.b_gate), ("up", mlp.b_up), ("down", mlp.b_down)) if b is not None]
-        prove(not biases, f"proof: the experts (slots_experts {mlp.spelling}) add biases ({', '.join(biases)}), so "
+        need(not biases, f"proof: the experts (slots_experts {mlp.spelling}) add biases ({', '.join(biases)}), so "
                           "f_e(0) != 0: the zero rows the dense dispatch gives the unselected (expert, token) pairs "
                           "contribute to the output, and dropping them would change it")
-        prove(mlp.activation in _ZERO_AT_ZERO, f"proof: the experts' activation {mlp.activation} is not known to map "
+        need(mlp.activation in _ZERO_AT_ZERO, f"proof: the experts' activation {mlp.activation} is not known to map "
                                                "0 to 0: dropping the unselected (expert, token) pairs of the dense "
                                                "dispatch is not proven exact")
     else:
-        prove(comb.kind == "scatter", "proof: gathered slots are combined by something else than a scatter/index add")
-        prove(safety.equivalent(comb.index, disp.index),
+        need(comb.kind == "scatter", "proof: gathered slots are combined by something else than a scatter/index add")
+        need(safety.equivalent(comb.index, disp.index),
              f"proof: the slots are gathered at {disp.index.name} but written back at {comb.index.name}")
-        prove(safety.same_shape(comb.acc, disp.x), "proof: the result is not (tokens, d)")
+        need(safety.same_shape(comb.acc, disp.x), "proof: the result is not (tokens, d)")
     # in place on the experts' path: only the bias adds read as h + b (``_inplace_bias``)
     biases = [n for n in _upstream([comb.experts_out], {disp.slots}) if _inplace_bias(n)]
     safety.need_pure_path(comb.experts_out, disp.slots, biases)
@@ -1468,13 +1475,13 @@ def analyse(node: fx.Node) -> MoEBlock:
         start = _acc_start(comb.acc)
         if start is None and not comb.inplace:
             start = ("copy", comb.acc)  # acc.scatter_add(...) out of place: acc + the block
-        prove(start is not None and start[0] != "empty",
+        need(start is not None and start[0] != "empty",
               f"combine: the result {comb.acc.name} does not start as zeros or a copy")
         start_kind, base = start
         if comb.inplace:
-            prove(safety.writes_to(comb.acc) == [node], f"combine: {comb.acc.name} is written by something else too")
+            need(safety.writes_to(comb.acc) == [node], f"combine: {comb.acc.name} is written by something else too")
             early = [u for u in comb.acc.users if u is not node and order[u] < order[node]]
-            prove(not early, f"combine: the result is read or viewed before the experts' outputs are added "
+            need(not early, f"combine: the result is read or viewed before the experts' outputs are added "
                              f"({early[0].format_node() if early else ''})")
     return _block(node, comb, mlp, disp, start_kind, base, order, biases)
 
@@ -1609,7 +1616,7 @@ def _block(node, comb, mlp, disp, start_kind, base, order, bias_adds=()) -> MoEB
         def scores(graph):
             return per_term(graph)[1]
         widths = [int_value(t.width) for t in terms]
-        prove(None not in widths, "proof: the number of choices per token is not a constant")
+        need(None not in widths, "proof: the number of choices per token is not a constant")
         K = sum(widths)
         desc = f"dispatch=capacity_einsum ({K} choice{'s' if K > 1 else ''}{', stacked' if len(terms) < K else ''})"
 

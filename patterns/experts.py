@@ -30,31 +30,16 @@ import torch
 import torch.fx as fx
 
 from moe_inductor import safety
-from moe_inductor.parts import ExpertMLP, IdentityExpert, decline, need, recognise, register
-from moe_inductor.rewrite import dtype_of, gemm_name, int_value, same, shape_of
-
-from moe_inductor.rewrite import Declined
+from moe_inductor.fx.decline import Declined, need
+from moe_inductor.fx.matching import transpose_of
+from moe_inductor.fx.shapes import dtype_of, int_value, same, shape_of
+from moe_inductor.fx.targets import MATMUL_FUNCTIONS, MATMUL_METHODS
+from moe_inductor.parts import ExpertMLP, IdentityExpert, decline, recognise, register
+from moe_inductor.rewrite import gemm_name
 
 from .common import GATED_OF, NO_ACTIVATION, expert_activation, halves, unary_activation
 
 _LINEAR = (torch._C._nn.linear, torch.nn.functional.linear)
-_MATMUL_F = (torch.matmul, torch.mm, operator.matmul)
-
-
-def _transposed_weight(w) -> Optional[fx.Node]:
-    """W if ``w`` is ``W.t()``, ``W.T``, ``W.transpose(0, 1)`` / ``(-1, -2)`` of a 2-D W."""
-    if not isinstance(w, fx.Node):
-        return None
-    if w.op == "call_method" and w.target == "t" and len(w.args) == 1:
-        return w.args[0]
-    if w.op == "call_function" and w.target is torch.t and len(w.args) == 1:
-        return w.args[0]
-    if w.op == "call_method" and w.target == "transpose" and len(w.args) == 3 and \
-            set(w.args[1:]) in ({0, 1}, {-1, -2}, {-2, -1}):
-        return w.args[0]
-    if w.op == "call_function" and w.target is getattr and w.args[1] in ("T", "mT"):
-        return w.args[0]
-    return None
 
 
 def projection(node) -> Optional[tuple]:
@@ -79,14 +64,14 @@ def projection(node) -> Optional[tuple]:
         if isinstance(z, fx.Node) and isinstance(w, fx.Node) and len(shape_of(w) or ()) == 2:
             return z, w, False, b
         return None
-    if (node.op == "call_function" and node.target in _MATMUL_F and len(node.args) == 2) or \
-            (node.op == "call_method" and node.target in ("matmul", "mm", "__matmul__") and len(node.args) == 2):
+    if (node.op == "call_function" and node.target in MATMUL_FUNCTIONS and len(node.args) == 2) or \
+            (node.op == "call_method" and node.target in MATMUL_METHODS and len(node.args) == 2):
         z, wt = node.args
         if not isinstance(z, fx.Node) or not isinstance(wt, fx.Node) or len(shape_of(wt) or ()) != 2:
             return None
         if len(shape_of(z) or ()) != 2:
             return None
-        w = _transposed_weight(wt)
+        w = transpose_of(wt)
         if w is not None:
             return z, w, False, None
         return z, wt, True, None
@@ -205,15 +190,15 @@ def walk_mlp(out, proj, part: str, gemm: str, check=None, more_activations: bool
                 g = proj(safety.strip_identity(h))
                 if g is None:
                     continue
-                need(part, name in GATED_OF, f"{a.name}: gated activation {name} is not supported")
+                need(name in GATED_OF, f"{a.name}: gated activation {name} is not supported", part=part)
                 transposed["gate"] = g[2]
                 return _with_layout(ExpertMLP(input=g[0], output=out, activation=GATED_OF[name], gate=g[1],
                                               down=down[1], b_gate=g[3], b_down=down[3], gemm=gemm), transposed)
             g = proj(safety.strip_identity(inner))
             u = proj(_zero_offset(safety.strip_identity(b)))
             if g is not None and u is not None and safety.equivalent(g[0], u[0]):
-                need(part, name in GATED_OF, f"{a.name}: gated activation {name} is not supported")
-                need(part, (g[3] is None) == (u[3] is None), "gate and up projections differ in having a bias")
+                need(name in GATED_OF, f"{a.name}: gated activation {name} is not supported", part=part)
+                need((g[3] is None) == (u[3] is None), "gate and up projections differ in having a bias", part=part)
                 transposed.update(gate=g[2], up=u[2])
                 return _with_layout(ExpertMLP(input=g[0], output=out, activation=GATED_OF[name], gate=g[1],
                                               up=u[1], down=down[1], b_gate=g[3], b_up=u[3], b_down=down[3],

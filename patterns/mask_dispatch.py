@@ -52,15 +52,16 @@ import torch.fx as fx
 import torch.nn.functional as Fn
 from torch._inductor.pattern_matcher import KeywordArg as KA, is_match
 
-from moe_inductor.rewrite import (
-    node_order,
-    AnyOf, Declined, ExpertWeights, F, M, MoEBlock, call, dtype_of, eq_constant, gemm_name, getitem, int_value,
-    is_mutation,
-    match_or_decline as _match,
-    method, mutated_between, nearest_upstream, need as _need, same, shape_of, size_asserts_of,
-)
 from moe_inductor import safety
+from moe_inductor.fx.build import call, method
+from moe_inductor.fx.decline import Declined, need
+from moe_inductor.fx.matching import (
+    AnyOf, eq_constant, F, getitem, M, match_or_decline, nearest_upstream, size_asserts_of,
+)
+from moe_inductor.fx.nodes import is_mutation, node_order
+from moe_inductor.fx.shapes import dtype_of, int_value, same, shape_of
 from moe_inductor.parts import recognise
+from moe_inductor.rewrite import ExpertWeights, gemm_name, MoEBlock
 from . import combine as _combine
 from . import dispatch as _dispatch
 from . import experts as _experts  # noqa: F401  (registers the expert recognisers)
@@ -99,7 +100,7 @@ def _buffer_start(buf: fx.Node):
     if (buf.op == "call_method" and buf.target == "new_zeros") or \
             (buf.op == "call_function" and buf.target is torch.zeros):
         return None
-    return _match(_buffer_pattern(), buf, "buffer (clone or zeros of the tokens)").get("src")
+    return match_or_decline(_buffer_pattern(), buf, "buffer (clone or zeros of the tokens)").get("src")
 
 
 def _weighted_pattern():
@@ -119,8 +120,8 @@ def _gather_pattern():
 def _expert_mlp(out: fx.Node, gathered: fx.Node):
     """(activation, w_gate|w1, b_gate|b1, w_up, b_up, w_down, b_down, interleaved) of out = expert(gathered)."""
     m = recognise("experts", safety.strip_identity(out), required="expert MLP (linear -> activation [* linear] -> linear)")
-    _need(safety.equivalent(m.input, gathered), "expert MLP does not read the gathered tokens")
-    _need(not m.transposed, "expert weights are used transposed (z @ W): not the Linear layout this composition emits")
+    need(safety.equivalent(m.input, gathered), "expert MLP does not read the gathered tokens")
+    need(not m.transposed, "expert weights are used transposed (z @ W): not the Linear layout this composition emits")
     return m.activation, m.gate, m.b_gate, m.up, m.b_up, m.down, m.b_down, m.interleaved
 
 
@@ -129,7 +130,7 @@ def _check_expert_path(value, gathered):
 
 
 def _at_most_one_per_row(node) -> bool:
-    return _dispatch._at_most_one_per_row(node) is not None
+    return _dispatch.at_most_one_per_row(node) is not None
 
 
 def _find_gather(value: fx.Node, index):
@@ -153,16 +154,16 @@ def _find_gather(value: fx.Node, index):
 def _mask_source(mask: fx.Node):
     """('rows', R, e) for m = R[..., e] with R's rows holding at most one nonzero,
     ('eq', i, e) for m = (i == e); declines anything else."""
-    _need(dtype_of(mask) == torch.bool, "index is not a boolean mask")
+    need(dtype_of(mask) == torch.bool, "index is not a boolean mask")
     col = _column_pattern().match(mask)
     if is_match(col):
         rows, e = col.kwargs["rows"], int_value(col.kwargs["e"])
-        _need(e is not None and e >= 0, "mask column is not a constant expert number")
+        need(e is not None and e >= 0, "mask column is not a constant expert number")
         src = rows
         cast = _bool_cast_pattern().match(rows)
         if is_match(cast):
             src = cast.kwargs["src"]
-        _need(_at_most_one_per_row(src), "routing mask is not one-hot per token (masks may overlap: later "
+        need(_at_most_one_per_row(src), "routing mask is not one-hot per token (masks may overlap: later "
                                          "experts overwrite earlier ones, not expressible as a sum)")
         return "rows", rows, e
     eq = eq_constant(mask)  # expert_index == e, in whichever spelling this torch's Dynamo records
@@ -173,9 +174,9 @@ def _mask_source(mask: fx.Node):
 
 
 def analyse_one(node: fx.Node) -> dict:
-    si = _match(_setitem_pattern(), node, "masked assignment")
+    si = match_or_decline(_setitem_pattern(), node, "masked assignment")
     buf, mask, value = si["buf"], _dispatch.rows_index(si["mask"]), si["value"]  # buf[mask, :]: buf[mask]
-    _need(isinstance(mask, fx.Node), "index is not a tensor")
+    need(isinstance(mask, fx.Node), "index is not a tensor")
     v = value
     if v.op == "call_method" and v.target == "to" and len(v.args) == 2 and isinstance(v.args[1], torch.dtype):
         v = v.args[0]  # setitem casts to the buffer's dtype anyway
@@ -188,13 +189,13 @@ def analyse_one(node: fx.Node) -> dict:
         ws, ms = shape_of(weights), shape_of(mask)
         plain = any(a.target is operator.getitem and a.args[1] is mask for a in v.args if isinstance(a, fx.Node))
         want = len(ms) + 1 if plain else len(ms)
-        _need(ws is not None and ms is not None and len(ws) == want and all(same(a, b) for a, b in zip(ws, ms))
+        need(ws is not None and ms is not None and len(ws) == want and all(same(a, b) for a, b in zip(ws, ms))
               and (not plain or int_value(ws[-1]) == 1), "router weights are not one per token, per row")
     # the gathered tokens: the x[mask] that feeds the expert
     gathered, g = nearest_upstream(out, _gather_pattern(), lambda kw: _dispatch.rows_index(kw["gmask"]) is mask)
     x = g["x"] if g else None
-    _need(x is not buf, "the loop reads the buffer it writes")
-    _need(gathered is not None, "assigned value is not computed from x[mask] with the same mask")
+    need(x is not buf, "the loop reads the buffer it writes")
+    need(gathered is not None, "assigned value is not computed from x[mask] with the same mask")
     _check_expert_path(value, gathered)
     kind, source, e = _mask_source(mask)
     mlp = _expert_mlp(out, gathered)
@@ -215,13 +216,13 @@ def _down_bias_after(node: fx.Node, mlp: tuple, weights, out: fx.Node):
     if found is None:
         return mlp, []
     b, read, added, end = found
-    _need(weights is None, f"experts: {added.name}: a bias added after the rows were weighted by the router "
+    need(weights is None, f"experts: {added.name}: a bias added after the rows were weighted by the router "
                            f"(w * y + b, not w * (y + b))")
-    _need(mlp[6] is None, f"experts: {added.name}: a second down bias added to rows whose projection has one")
-    _need(dtype_of(out) == dtype_of(added), f"experts: {added.name}: the bias is added to the expert's output "
+    need(mlp[6] is None, f"experts: {added.name}: a second down bias added to rows whose projection has one")
+    need(dtype_of(out) == dtype_of(added), f"experts: {added.name}: the bias is added to the expert's output "
                                             f"after a cast to the buffer's dtype (the fused op adds it before)")
     bias = _experts.row_bias(b, read, added)
-    _need(bias is not None, f"experts: {added.name}: what is added to the assigned rows is not a bias of the "
+    need(bias is not None, f"experts: {added.name}: what is added to the assigned rows is not a bias of the "
                             f"output width in their dtype (B or B.view(1, -1) of a 1-D B)")
     return mlp[:6] + (bias,) + mlp[7:], [read, added, end]
 
@@ -233,65 +234,65 @@ def analyse_group(members: list, graph: fx.Graph) -> MoEBlock:
     members = sorted(members, key=lambda m: order[m["node"]])
     first, last = members[0], members[-1]
     buf, x, source, kind = first["buf"], first["x"], first["source"], first["kind"]
-    _need(all(m["source"] is source and m["kind"] == kind for m in members),
+    need(all(m["source"] is source and m["kind"] == kind for m in members),
           "experts are selected by masks from different routing tensors")
     experts = [m["e"] for m in members]
-    _need(len(set(experts)) == len(experts), f"an expert mask is used twice ({experts})")
-    _need(all(m["x"] is x for m in members), "experts read different token tensors")
-    _need(x is not buf, "experts read the buffer they write")
+    need(len(set(experts)) == len(experts), f"an expert mask is used twice ({experts})")
+    need(all(m["x"] is x for m in members), "experts read different token tensors")
+    need(x is not buf, "experts read the buffer they write")
     ws = {m["weights"] for m in members}
-    _need(len(ws) == 1, "experts are weighted by different router tensors (or only some are weighted)")
+    need(len(ws) == 1, "experts are weighted by different router tensors (or only some are weighted)")
     weights = ws.pop()
     acts = {m["mlp"][0] for m in members}
-    _need(len(acts) == 1, f"experts use different activations {sorted(acts)}")
+    need(len(acts) == 1, f"experts use different activations {sorted(acts)}")
     act = acts.pop()
-    _need(len({m["mlp"][7] for m in members}) == 1, "some experts interleave gate and up columns and others not")
+    need(len({m["mlp"][7] for m in members}) == 1, "some experts interleave gate and up columns and others not")
     gated = act in GATED_OF.values()
     for i in range(1, 7):
         present = {m["mlp"][i] is not None for m in members}
-        _need(len(present) == 1, "some experts have biases (or gates) and others not")
+        need(len(present) == 1, "some experts have biases (or gates) and others not")
         if members[0]["mlp"][i] is not None:
             shapes = {tuple(map(str, shape_of(m["mlp"][i]) or ())) for m in members}
-            _need(len(shapes) == 1, "experts have weights of different shapes")
-    _need(len({m["mlp"][1] for m in members}) == len(members) and len({m["mlp"][5] for m in members}) == len(members),
+            need(len(shapes) == 1, "experts have weights of different shapes")
+    need(len({m["mlp"][1] for m in members}) == len(members) and len({m["mlp"][5] for m in members}) == len(members),
           "experts share weights: not an MoE (each iteration must use its own expert's weights)")
     if kind == "rows":
         rs = shape_of(source)
-        _need(rs is not None and all(0 <= e and (int_value(rs[-1]) is None or e < int_value(rs[-1])) for e in experts),
+        need(rs is not None and all(0 <= e and (int_value(rs[-1]) is None or e < int_value(rs[-1])) for e in experts),
               "expert numbers outside the routing mask")
 
     # the buffer: a fresh clone / zeros of (T.., d), written only by this loop, not read inside it
     init = _buffer_start(buf)
     bs, xs, ms = shape_of(buf), shape_of(x), shape_of(first["mask"])
-    _need(bs is not None and xs is not None and ms is not None and len(bs) == len(ms) + 1 and len(xs) == len(bs)
+    need(bs is not None and xs is not None and ms is not None and len(bs) == len(ms) + 1 and len(xs) == len(bs)
           and all(same(a, b) for a, b in zip(bs, xs)) and all(same(a, b) for a, b in zip(bs, ms)),
           "buffer, tokens and masks do not have shapes (T.., d), (T.., d), (T..)")
     for m in members:
-        _need(all(same(a, b) for a, b in zip(shape_of(m["mask"]) or (), ms)), "masks of different shapes")
+        need(all(same(a, b) for a, b in zip(shape_of(m["mask"]) or (), ms)), "masks of different shapes")
     nodes = {m["node"] for m in members} | {n for m in members for n in m["extra"]}
     anchor = last["end"]  # the last write of the loop (a bias added after the assignment: its second write)
     writes = {u for u in buf.users if is_mutation(u, buf)}
-    _need(writes == {m[k] for m in members for k in ("node", "end")},
+    need(writes == {m[k] for m in members for k in ("node", "end")},
           "buffer is modified by something other than the expert loop")
     for u in buf.users:
-        _need(u in nodes or order[u] > order[anchor], "buffer is read or aliased inside the loop")
+        need(u in nodes or order[u] > order[anchor], "buffer is read or aliased inside the loop")
     if init is not None:
-        _need(mutated_between(init, buf, anchor) is None, "cloned input is modified inside the loop")
-        _need(same_shape(init, buf) and dtype_of(init) == dtype_of(buf), "clone source is not the buffer's shape")
+        need(safety.mutated_between(init, buf, anchor) is None, "cloned input is modified inside the loop")
+        need(same_shape(init, buf) and dtype_of(init) == dtype_of(buf), "clone source is not the buffer's shape")
     start = min((m["mask"] for m in members), key=order.__getitem__)
     for tensor in (x, source, weights):
-        _need(tensor is None or mutated_between(tensor, start, anchor) is None,
+        need(tensor is None or safety.mutated_between(tensor, start, anchor) is None,
               "tokens or routing are modified in place inside the loop")
     # a down bias added through the buffer is read by the fused op after the loop, not where it was added
     safety.need_unmodified([m["mlp"][6] for m in members if m["extra"]], start, anchor, "experts: a down bias")
 
     # (a fused gate|up weight, up None, has one bias for both halves)
-    _need(not gated or first["mlp"][3] is None or (first["mlp"][2] is None) == (first["mlp"][4] is None),
+    need(not gated or first["mlp"][3] is None or (first["mlp"][2] is None) == (first["mlp"][4] is None),
           "gate and up projections differ in having a bias")
     E = len(members)
     wd_shape = shape_of(first["mlp"][5])
     post = _folded_scale(buf, nodes, x, init, kind, source, experts, ms)
-    if post is not None and any(t is not None and mutated_between(t, start, post[0]) is not None
+    if post is not None and any(t is not None and safety.mutated_between(t, start, post[0]) is not None
                                 for t in (x, source, weights, *(m["mask"] for m in members))):
         post = None  # something the fused op reads changes before the scale: not folded
     insert_point = post[0] if post is not None else anchor.next

@@ -59,11 +59,13 @@ import torch
 import torch.fx as fx
 
 from moe_inductor import safety
+from moe_inductor.fx.build import call, method
+from moe_inductor.fx.decline import Declined, need
+from moe_inductor.fx.matching import size_asserts_of
+from moe_inductor.fx.nodes import is_mutation, node_order
+from moe_inductor.fx.shapes import dtype_of, int_value, same, shape_of, sympy_prod
 from moe_inductor.parts import PartDeclined, recognise
-from moe_inductor.rewrite import (
-    node_order,
-    Declined, is_mutation, sympy_prod, ExpertWeights, MoEBlock, call, dtype_of, int_value, method, need, same, shape_of, size_asserts_of,
-)
+from moe_inductor.rewrite import ExpertWeights, MoEBlock
 
 from . import combine as _combine  # noqa: F401  (registers the recognisers)
 from . import dispatch as _dispatch
@@ -174,7 +176,7 @@ def analyse_unit(write) -> dict:
     return dict(write=write, sel=sel, mlp=mlp, score=score, x=x, gathered=z, scale=scale)
 
 
-def _acc_start(acc: fx.Node):
+def acc_start(acc: fx.Node):
     """('zeros', None) | ('copy', v0) | ('empty', None) | ('base', acc) | None for how the
     accumulator starts (``base``: a tensor the graph computed, ``safety.is_fresh``, that the loop adds
     into: it ends as ``acc + sum of expert rows``)."""
@@ -265,7 +267,7 @@ def analyse_group(units: list, graph: fx.Graph) -> MoEBlock:
              "(ids not provably distinct per token: not torch.topk indices)")
 
     # the accumulator
-    start = _acc_start(acc)
+    start = acc_start(acc)
     need(start is not None, f"combine: the result {acc.name} does not start as zeros, a copy, an empty tensor "
                             "or a tensor the graph computed")
     start_kind, base = start
@@ -359,7 +361,7 @@ def _identity_experts(id_units: list, mlp_units: list, layout: str, kind: str) -
 def _lift_assignment_rows(units, acc, x, layout, kind, order) -> Optional[dict]:
     """For rows that are replicated top-k assignments summed per token with the top-k weights
     after the loop: {x0, ids, w, anchor, T, K}; None if the result is used otherwise."""
-    if layout != "rows" or _acc_start(acc)[0] == "copy":
+    if layout != "rows" or acc_start(acc)[0] == "copy":
         return None
     vals = {u["sel"].value for u in units}
     if len(vals) != 1 or None in vals:
@@ -390,7 +392,7 @@ def _lift_assignment_rows(units, acc, x, layout, kind, order) -> Optional[dict]:
     w = None
     for a, b in _mul_operands(mul):
         if a is view:
-            inner, unsq = _dispatch._unsqueezed(safety.strip_casts(b))
+            inner, unsq = _dispatch.unsqueezed(safety.strip_casts(b))
             ws = shape_of(inner)
             if unsq and ws is not None and len(ws) == 2 and same(ws[0], ids_shape[0]) and int_value(ws[1]) == K:
                 w = inner
@@ -706,7 +708,7 @@ def find(gm: fx.GraphModule):
         if write is None or not isinstance(write.acc, fx.Node):
             continue
         if write.kind == "assign" and dtype_of(write.index) == torch.bool \
-                and (_acc_start(write.acc) or ("",))[0] != "empty" and not _summed_per_token(write.acc):
+                and (acc_start(write.acc) or ("",))[0] != "empty" and not _summed_per_token(write.acc):
             continue  # masked assignment into a zeros/copy buffer of tokens: the mask_dispatch composition
         claimed.update(write.nodes)
         if write.acc in declined:

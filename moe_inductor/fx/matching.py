@@ -1,0 +1,231 @@
+"""Matching: the additions to Inductor's pattern matcher the recognisers spell their patterns with
+(``AnyOf``, ``F``, ``M``, ``getitem``), small matched forms (``t == e``, a column of
+``ids[..., None] == arange(E)``), and searches (``match_or_decline``, ``nearest_upstream``,
+``size_asserts_of``)."""
+from __future__ import annotations
+
+import operator
+from typing import Any, Callable, Optional
+
+import torch
+import torch.fx as fx
+from torch._inductor.pattern_matcher import (
+    MULTIPLE,
+    CallFunction,
+    CallMethod,
+    FailedMatch,
+    Match,
+    MatchContext,
+    PatternExpr,
+    is_match,
+)
+
+from .decline import Declined
+from .shapes import example_value, int_value, shape_of
+
+
+class AnyOf(PatternExpr):
+    """Matches if any alternative matches (first wins). The alternatives' captures join the
+    enclosing match, so a KeywordArg used elsewhere in the pattern must bind the same node."""
+
+    def __init__(self, *alternatives: PatternExpr) -> None:
+        super().__init__()
+        self.alternatives = alternatives
+
+    def __repr__(self) -> str:
+        return f"AnyOf({', '.join(map(repr, self.alternatives))})"
+
+    def _match(self, node, ctx: MatchContext):
+        failures = []
+        for alt in self.alternatives:
+            m = alt.match(node) if isinstance(node, fx.Node) else alt._match(node, ctx)
+            if is_match(m):
+                res = Match(ctx, self, kwargs=dict(m.kwargs))
+                res.nodes.extend(m.nodes)
+                return res
+            failures.append(str(m))
+        return FailedMatch("no alternative matched: {}", "; ".join(failures))
+
+
+def F(fn, *args, **kwargs) -> CallFunction:
+    """CallFunction that tolerates other users of the matched node: the rewrite adds a new
+    node and leaves dead code elimination to drop what nothing uses any more, so a shared
+    intermediate is never a correctness problem."""
+    return CallFunction(fn, *args, _users=MULTIPLE, **kwargs)
+
+
+class MethodCall(CallMethod):
+    """CallMethod that fails to match, instead of raising, a call spelled with fewer keyword
+    arguments than the pattern: Inductor's matcher would normalise such a call through the
+    target's signature, which a method name does not have (AssertionError). Without this, one
+    ``h.sum()`` anywhere in a graph broke every idiom whose pattern has ``M("sum", ..., dim=1)``."""
+
+    def _match(self, node, ctx: MatchContext):
+        if len(node.kwargs) < len(self.kwargs):
+            return FailedMatch("{} has fewer keyword arguments than {}", node, self)
+        return super()._match(node, ctx)
+
+
+def M(method: str, *args, **kwargs) -> CallMethod:
+    return MethodCall(method, *args, _users=MULTIPLE, **kwargs)
+
+
+def getitem(obj, index) -> CallFunction:
+    return F(operator.getitem, obj, index)
+
+
+# --------------------------------------------------------------------------- matched forms
+
+def _is_eq(node: Any) -> bool:
+    return isinstance(node, fx.Node) and not node.kwargs and len(node.args) == 2 and (
+        (node.op == "call_function" and node.target in (operator.eq, torch.eq))
+        or (node.op == "call_method" and node.target in ("eq", "__eq__")))
+
+
+def eq_constant(node: Any) -> Optional[tuple]:
+    """(tensor node, int) if ``node`` is ``tensor == constant``, else None. Dynamo spells it
+    differently by version: ``operator.eq(t, e)`` (2.13, which also puts the tensor first for
+    ``e == t``), ``t.__eq__(e)`` as a method call and ``operator.eq(e, t)`` as written (2.11),
+    ``torch.eq(t, e)`` and ``t.eq(e)`` as the user wrote them (both). Column ``e`` of a mask
+    ``ids[..., None] == arange(E)`` is ``ids == e`` too (``arange_column``)."""
+    if not _is_eq(node):
+        return arange_column(node)
+    for t, v in (node.args, node.args[::-1]):
+        if isinstance(t, fx.Node) and isinstance(example_value(t), torch.Tensor) and int_value(v) is not None:
+            return t, int_value(v)
+    return None
+
+
+def _arange_E(node: Any) -> Optional[int]:
+    """E if ``node`` is ``torch.arange(E)`` or ``torch.arange(0, E)`` (step 1)."""
+    if not (isinstance(node, fx.Node) and node.op == "call_function" and node.target is torch.arange):
+        return None
+    if set(node.kwargs) - {"device", "dtype"}:
+        return None
+    ends = [int_value(a) for a in node.args]
+    if len(ends) == 1:
+        return ends[0]
+    if len(ends) == 2 and ends[0] == 0:
+        return ends[1]
+    return None
+
+
+def _last_axis_added(node: Any) -> Optional[fx.Node]:
+    """t if ``node`` is ``t.unsqueeze(-1)`` / ``t[..., None]`` / ``t[:, :, None]`` (a new last axis)."""
+    if not isinstance(node, fx.Node):
+        return None
+    t = node.args[0] if node.args else None
+    ts = shape_of(t) if isinstance(t, fx.Node) else None
+    if ts is None:
+        return None
+    if node.op == "call_method" and node.target == "unsqueeze" and len(node.args) == 2 and not node.kwargs:
+        return t if node.args[1] in (-1, len(ts)) else None
+    if node.op == "call_function" and node.target is torch.unsqueeze and len(node.args) == 2 and not node.kwargs:
+        return t if node.args[1] in (-1, len(ts)) else None
+    if node.op == "call_function" and node.target is operator.getitem and isinstance(node.args[1], tuple):
+        idx = node.args[1]
+        if idx and idx[-1] is None and (idx[:-1] == (Ellipsis,) or
+                                        (len(idx) == len(ts) + 1 and all(i == slice(None) for i in idx[:-1]))):
+            return t
+    return None
+
+
+def arange_column(node: Any) -> Optional[tuple]:
+    """(ids, e) if ``node`` is column ``e`` along the expert axis of ``M = ids[..., None] == arange(E)``
+    (either side of the ``==``), read as ``M[..., e]``, ``M[:, :, e]``, ``M.select(-1, e)`` or
+    ``M.permute(last, *rest)[e]`` (the expert axis first, the others in order): elementwise
+    ``ids == e``, the same shape and layout as ``ids``."""
+    if not isinstance(node, fx.Node) or node.kwargs:
+        return None
+    m, e = None, None
+    if node.op == "call_function" and node.target is operator.getitem and isinstance(node.args[0], fx.Node):
+        src, idx = node.args
+        ms = shape_of(src)
+        if isinstance(idx, tuple) and idx and int_value(idx[-1]) is not None and ms is not None and (
+                idx[:-1] == (Ellipsis,) or (len(idx) == len(ms) and all(i == slice(None) for i in idx[:-1]))):
+            m, e = src, int_value(idx[-1])
+        elif int_value(idx) is not None and src.op == "call_method" and src.target == "permute" and ms is not None:
+            perm = [int_value(p) for p in (src.args[1:] if len(src.args) > 2 else src.args[1])]
+            n = len(ms)
+            if perm == [n - 1] + list(range(n - 1)):
+                m, e = src.args[0], int_value(idx)
+    elif node.op == "call_method" and node.target == "select" and len(node.args) == 3:
+        src = node.args[0]
+        ms = shape_of(src) if isinstance(src, fx.Node) else None
+        if ms is not None and node.args[1] in (-1, len(ms) - 1):
+            m, e = src, int_value(node.args[2])
+    found = arange_onehot(m) if m is not None and e is not None else None
+    if found is None or not 0 <= e < found[1]:
+        return None
+    return found[0], e
+
+
+def arange_onehot(node: Any) -> Optional[tuple]:
+    """(ids, E) if ``node`` is ``ids[..., None] == arange(E)`` (either side of the ``==``): the
+    boolean ``one_hot(ids, E)``, at most one True along its last axis."""
+    if not _is_eq(node):
+        return None
+    for a, b in (node.args, node.args[::-1]):
+        ids, E = _last_axis_added(a), _arange_E(b)
+        if ids is not None and E is not None:
+            return ids, E
+    return None
+
+
+def transpose_of(w) -> Optional[fx.Node]:
+    """W if ``w`` is ``W.t()``, ``W.T``, ``W.transpose(0, 1)`` / ``(-1, -2)`` of a 2-D W."""
+    if not isinstance(w, fx.Node):
+        return None
+    if w.op == "call_method" and w.target == "t" and len(w.args) == 1:
+        return w.args[0]
+    if w.op == "call_function" and w.target is torch.t and len(w.args) == 1:
+        return w.args[0]
+    if w.op == "call_method" and w.target == "transpose" and len(w.args) == 3 and \
+            set(w.args[1:]) in ({0, 1}, {-1, -2}, {-2, -1}):
+        return w.args[0]
+    if w.op == "call_function" and w.target is getattr and w.args[1] in ("T", "mT"):
+        return w.args[0]
+    return None
+
+
+# --------------------------------------------------------------------------- searches
+
+def match_or_decline(pattern: PatternExpr, node: Any, what: str, detail: bool = False) -> dict:
+    """Match ``pattern`` at ``node`` and return the captured KeywordArgs, or decline with
+    "<what> not recognised" (with the matcher's own failure text when ``detail``)."""
+    m = pattern.match(node) if isinstance(node, fx.Node) else None
+    if m is None or not is_match(m):
+        raise Declined(f"{what} not recognised" + (f" ({m})" if detail and m is not None else ""))
+    return m.kwargs
+
+
+def size_asserts_of(roots, through) -> list:
+    """Dynamo's runtime asserts (``aten._assert_scalar``) on sizes derived from ``roots`` via
+    users whose target is in ``through`` or ``aten.sym_size``: they die with the block that
+    produced those sizes, so an idiom lists them among its orphans."""
+    found, stack = [], list(roots)
+    while stack:
+        n = stack.pop()
+        for u in n.users:
+            if u.op == "call_function" and u.target is torch.ops.aten._assert_scalar.default:
+                found.append(u)
+            elif u.op == "call_function" and (u.target in through or u.target is torch.ops.aten.sym_size.int):
+                stack.append(u)
+    return found
+
+def nearest_upstream(start: Any, pattern: PatternExpr, accept: Callable[[dict], bool]):
+    """Walk from ``start`` through the inputs of call nodes (depth first) to the first node where
+    ``pattern`` matches with captures that ``accept`` approves; returns (node, captures) or
+    (None, None). For finding, e.g., the token gather that feeds an expert's MLP."""
+    stack, seen = [start], set()
+    while stack:
+        n = stack.pop()
+        if n in seen or not isinstance(n, fx.Node):
+            continue
+        seen.add(n)
+        m = pattern.match(n)
+        if is_match(m) and accept(m.kwargs):
+            return n, m.kwargs
+        if n.op in ("call_function", "call_method"):
+            stack.extend(n.all_input_nodes)
+    return None, None
