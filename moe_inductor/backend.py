@@ -256,6 +256,11 @@ def _rewrite_graph(gm: fx.GraphModule, opts: SonicOptions, report: CompileReport
 
     for note in host_splits.rewrite(gm):
         log.info("sonic: %s%s", note, inside)
+    from .normal_form import functionalize  # in-place arithmetic on fresh tensors made functional
+
+    made = functionalize(gm)
+    if made:
+        log.debug("sonic: %d in-place op(s) made functional%s", made, inside)
     orphans: list = []
     declines: list = []
     claimed: set = set()
@@ -371,8 +376,8 @@ def sonic(gm: fx.GraphModule, example_inputs, options: Optional[dict] = None, mo
         # next call from the loop as written, as plain Inductor compiles it (an unrolled loop of many
         # experts costs Inductor minutes; the original's graph breaks keep its graphs small)
         return gm.forward
-    if not report.rewritten:
-        return compile_fx(gm, example_inputs, config_patches=patches or None)
+    if not report.rewritten:  # the graph as Dynamo gave it (no normal form, no partial edits)
+        return compile_fx(original, example_inputs, config_patches=patches or None)
     try:
         return compile_fx(gm, example_inputs, config_patches=patches or None)
     except Exception as e:

@@ -117,10 +117,18 @@ _FRESH_FUNCTIONS = (operator.mul, torch.mul, operator.matmul, torch.matmul, torc
 
 
 def _constant_scale(v: fx.Node) -> tuple:
-    """(c, the scaled node, the in-place node) if ``v`` is ``y *= c`` / ``y.mul_(c)`` for a Python
-    number c on a fresh result y (a product or a projection, read by nothing but that multiply): NLLB-MoE's eval-mode
+    """(c, the scaled node, the in-place node or None) if ``v`` is ``y * c`` / ``c * y`` (the form the
+    normal form gives ``y *= c`` on a fresh y) or ``y *= c`` / ``y.mul_(c)`` for a Python number c on a fresh result y (a product or a projection, read by nothing but that multiply): NLLB-MoE's eval-mode
     ``*= 1 - moe_token_dropout``. The scale is then folded into the routing weights (the combine is
     linear in each expert's output). (1.0, v, None) otherwise."""
+    number = lambda c: isinstance(c, (int, float)) and not isinstance(c, bool)
+    functional = (v.op == "call_function" and v.target in (operator.mul, torch.mul)) or \
+        (v.op == "call_method" and v.target == "mul")
+    if functional and len(v.args) == 2 and not v.kwargs:  # y * c, c * y: a new tensor, nothing aliased
+        a, b = v.args
+        y, c = (a, b) if number(b) else (b, a) if number(a) else (None, None)
+        if isinstance(y, fx.Node) and c is not None:
+            return float(c), safety.strip_casts(y), None
     inplace = (v.op == "call_function" and v.target in _INPLACE_MUL) or (v.op == "call_method" and v.target == "mul_")
     if not inplace or len(v.args) != 2 or v.kwargs:
         return 1.0, v, None

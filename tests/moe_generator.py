@@ -35,6 +35,8 @@ spelling per part:
 - ``base``: the combine adds into a shared projection's output instead of zeros (torchtitan's
   shared experts; layouts with an accumulator);
 - ``halves`` (with extras): a fused gate|up split by ``chunk``, slices or ``split``;
+- ``inplace`` (with extras): the expert's own tensors written in place (an in-place activation,
+  the gated product ``h.mul_(up)`` / ``h *= up``), made functional by the normal form;
 - ``side_effects``: load statistics written into a buffer under ``no_grad`` (torchtitan's
   ``tokens_per_expert.add_``) and an auxiliary loss from the router probabilities stored as an
   attribute in ``forward`` (Switch / fairseq style), both beside the block.
@@ -68,6 +70,7 @@ LAYOUTS = {
 ACTIVATIONS = {"silu": Fn.silu, "gelu": Fn.gelu, "relu": Fn.relu}
 E_CHOICES, T_CHOICES = (1, 2, 3, 5, 8), (1, 2, 3, 7, 13)
 ROUTERS = ("softmax", "sigmoid_bias", "group_limited", "softmax_inplace")
+INPLACE = ("none", "act_inplace", "mul_", "imul")  # in-place spellings of the expert body (extras)
 HALVES = ("chunk", "slice", "split")  # spellings of a fused gate|up's halves (drawn with extras)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 #: per dtype: (atol, rtol) for the elementwise check in fp32, else the largest relative error
@@ -181,6 +184,11 @@ class Spec:
     #: gathered_fused experts: how h is split into gate and up (``chunk(2, -1)``; ``slice``:
     #: ``h[..., :w // 2]`` / ``h[..., w // 2:]`` as vLLM's reference SiluAndMul; ``split(w // 2, -1)``)
     halves: str = "chunk"
+    #: the expert's own tensors written in place (drawn with extras; made functional by
+    #: moe_inductor/normal_form.py): ``none``; ``act_inplace`` (``F.silu/relu(h, inplace=True)``);
+    #: ``mul_`` / ``imul``: the gated product ``h.mul_(up)`` / ``h *= up`` (not after relu, whose
+    #: backward reads its output: eager itself would fail)
+    inplace: str = "none"
 
     @property
     def combo(self) -> tuple:
@@ -191,7 +199,8 @@ class Spec:
         return (f"{self.layout}/{self.dispatch}/{self.experts}/{self.combine} score_on={self.score_on} "
                 f"bias={self.bias} gated={self.gated} act={self.act} E={self.E} K={self.K} T={self.T} "
                 f"skew={self.skew} router={self.router} dtype={self.dtype}"
-                + (" base" if self.base else "") + (" side_effects" if self.side_effects else "") + f" seed={self.seed}{m}")
+                + (" base" if self.base else "") + (" side_effects" if self.side_effects else "")
+                + (f" inplace={self.inplace}" if self.inplace != "none" else "") + f" seed={self.seed}{m}")
 
 
 def applies(mutation: str, layout: str, combine: str, E: int, T: int, K: int = 2) -> bool:
@@ -236,6 +245,7 @@ def sample(rng: random.Random, mutation_rate: float = 0.4, seed: int = 0, dtypes
         spec["base"] = rng.random() < 0.3
         spec["side_effects"] = rng.random() < 0.3
         spec["halves"] = rng.choice(HALVES)
+        spec["inplace"] = rng.choice(INPLACE)
     return Spec(**spec)
 
 
@@ -298,10 +308,23 @@ class GeneratedMoE(nn.Module):
         h = lin1(z)
         if self.spec.mutation == "inplace_expert":
             h.mul_(1.5)  # in place on the pre-activation (nothing saved for backward is written)
-        h = ACTIVATIONS[self.spec.act](h)
+        h = self._act(h)
         if self.spec.gated:
-            h = h * lin3(z)
+            h = self._gate_product(h, lin3(z))
         return self._mlp_tail(h, lin2)
+
+    def _act(self, h):
+        if self.spec.inplace == "act_inplace" and self.spec.act in ("silu", "relu"):
+            return ACTIVATIONS[self.spec.act](h, inplace=True)
+        return ACTIVATIONS[self.spec.act](h)
+
+    def _gate_product(self, a, up):
+        if self.spec.act != "relu" and self.spec.inplace == "mul_":
+            return a.mul_(up)
+        if self.spec.act != "relu" and self.spec.inplace == "imul":
+            a *= up
+            return a
+        return a * up
 
     def expert(self, e: int, z):
         if self.spec.experts == "modulelist":
@@ -333,7 +356,7 @@ class GeneratedMoE(nn.Module):
                 g, u = h.split(half, dim=-1)
             else:
                 g, u = h.chunk(2, dim=-1)
-            return self._mlp_tail(ACTIVATIONS[s.act](g) * u, lambda v: lin(v, "2"))
+            return self._mlp_tail(self._gate_product(ACTIVATIONS[s.act](g), u), lambda v: lin(v, "2"))
         return self._mlp(z, lambda v: lin(v, "1"), lambda v: lin(v, "3"), lambda v: lin(v, "2"))
 
     def _mlp_tail(self, h, lin2):

@@ -144,9 +144,9 @@ class GraphModule(torch.nn.Module):
         selected: "i64[4, 1]" = topk[1];  topk = None
 
         sum_1: "f32[4, 1]" = weights_1.sum(dim = -1, keepdim = True)
-        weights_1 /= sum_1;  weights_2: "f32[4, 1]" = weights_1;  weights_1 = sum_1 = None
+        truediv: "f32[4, 1]" = weights_1 / sum_1;  weights_1 = sum_1 = None
 
-        weights_3: "f32[4, 1]" = weights_2.to(torch.float32);  weights_2 = None
+        weights_3: "f32[4, 1]" = truediv.to(torch.float32);  truediv = None
 
         size = x.size(0)
         arange: "i64[4]" = torch.arange(size, device = device(type='cpu'));  size = None

@@ -75,6 +75,21 @@ def test_fused_gate_up_halves_in_every_spelling(halves):
     assert outcome.rewritten == 1
 
 
+_INPLACE_LAYOUTS = [("loop", "where_eq", "modulelist", "index_add", "output", False),
+                    ("flat", "flat_mask", "stacked", "view_sum", "output", False),
+                    ("gathered", "interleave", "gathered_fused", "view_sum", "output", False)]
+
+
+@pytest.mark.parametrize("inplace", [i for i in G.INPLACE if i != "none"])
+@pytest.mark.parametrize("combo", _INPLACE_LAYOUTS, ids=lambda c: c[0])
+def test_expert_written_in_place_in_every_layout(combo, inplace):
+    # in-place activation / gated product on the expert's own tensors: made functional by the
+    # normal form (moe_inductor/normal_form.py), then recognised as in any other spelling
+    outcome = G.run_case(_base(combo, inplace=inplace, gated=True, act="silu"))
+    check(outcome)
+    assert outcome.rewritten == 1
+
+
 # Inference (no_grad) at decode size: blocks over stacked weights take the gathered decomposition
 # (moe_inductor/worth.py) instead of the fused op, the others the op; outputs equal eager, through
 # the rewrite alone and through the whole backend (Inductor compiles the decomposition).

@@ -173,7 +173,8 @@ def test_read_modify_write_accumulation_rewritten():
 
 @pytest.mark.parametrize("kw, reason", [
     (dict(mask="threshold"), "masks not provably disjoint"),       # probs[:, e] > 1/E: masks overlap
-    (dict(inplace_expert=True), "modifies y in place"),              # y.mul_(2) on the expert output
+    (dict(inplace_expert=True), "expert MLP"),                       # y.mul_(2) on the expert output: made
+                                                                     # functional, y * 2 is not an expert MLP
     (dict(read_inside=True), "reads the buffer it writes"),          # out[m] = y - out[m]
     (dict(expert=functools.partial(BiasedMLP, p=0.5)), "dropout with p > 0 in training"),
 ])
@@ -277,7 +278,8 @@ def test_hf_switch_expert_dropout_in_training_declined():
 @_ROUTER_BREAKS_ON_211
 @pytest.mark.parametrize("mode, token_dropout, reason", [
     ("train", 0.2, "dropout with p > 0 in training"),  # NLLB default moe_token_dropout, training
-    ("eval", 0.2, "modifies"),                          # eval: expert_output *= 1 - p, in place
+    ("eval", 0.2, "NLLB-MoE 4.x layout"),              # eval: expert_output *= 1 - p (made functional by the
+                                                        # normal form), then the layout declines it
     ("train", 0.0, "NLLB-MoE 4.x layout"),             # buf[e, mask] slices of an (E, T, d) buffer
 ])
 def test_hf_nllb_moe_4x_blocks_declined(mode, token_dropout, reason):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import operator
 
 import torch
+import torch.nn.functional as F
 
 # --------------------------------------------------------------------------- aliasing
 
@@ -68,3 +69,42 @@ INPLACE_FUNCTIONS = frozenset({
 #: matrix products of two operands (no bias), as torch functions and as methods
 MATMUL_FUNCTIONS = frozenset({torch.matmul, torch.mm, operator.matmul})
 MATMUL_METHODS = frozenset({"matmul", "mm", "__matmul__"})
+
+# --------------------------------------------------------------------------- the normal form
+
+#: in-place elementwise methods -> their functional method (the normal form's rewrite)
+FUNCTIONAL_OF_METHOD = {
+    "add_": "add", "sub_": "sub", "mul_": "mul", "div_": "div", "neg_": "neg", "pow_": "pow",
+    "exp_": "exp", "sigmoid_": "sigmoid", "tanh_": "tanh", "relu_": "relu", "sqrt_": "sqrt",
+    "rsqrt_": "rsqrt", "abs_": "abs", "square_": "square", "clamp_": "clamp", "clamp_min_": "clamp_min",
+    "clamp_max_": "clamp_max", "masked_fill_": "masked_fill", "reciprocal_": "reciprocal",
+}
+#: binary in-place methods whose functional form is the Python operator (without kwargs: alpha,
+#: rounding_mode), the form Dynamo records for ``a * b``
+OPERATOR_OF_METHOD = {"add_": operator.add, "sub_": operator.sub, "mul_": operator.mul, "div_": operator.truediv}
+#: in-place functions -> their functional function
+FUNCTIONAL_OF_FUNCTION = {
+    operator.iadd: operator.add, operator.isub: operator.sub, operator.imul: operator.mul,
+    operator.itruediv: operator.truediv, torch.relu_: torch.relu, torch.sigmoid_: torch.sigmoid,
+    torch.tanh_: torch.tanh, torch.exp_: torch.exp, torch.sqrt_: torch.sqrt, torch.rsqrt_: torch.rsqrt,
+}
+#: functions with an ``inplace=`` flag (in place when it is True)
+INPLACE_FLAG_FUNCTIONS = {F.relu, F.silu, F.gelu, F.leaky_relu, F.elu, F.hardtanh, F.relu6, F.selu, F.celu,
+                 F.hardswish, F.hardsigmoid, F.mish, F.threshold, F.dropout}
+
+#: ops whose result is always memory of its own, never an argument's (the normal form writes into
+#: their results functionally); casts, views, ``contiguous`` and zeros/empty buffers are not here
+ALLOCATING_FUNCTIONS = {
+    torch.matmul, torch.mm, torch.bmm, torch.einsum, F.linear, torch.addmm, torch.baddbmm,
+    operator.add, operator.sub, operator.mul, operator.truediv, operator.neg, operator.matmul, operator.pow,
+    torch.add, torch.sub, torch.mul, torch.div, torch.neg, torch.pow, torch.exp, torch.log, torch.sqrt,
+    torch.rsqrt, torch.sigmoid, torch.tanh, torch.relu, torch.softmax, torch.log_softmax, torch.clamp,
+    torch.masked_fill, torch.where, torch.sum, torch.mean, torch.cat, torch.stack, torch.clone, torch.square,
+    torch.reciprocal, F.softmax, F.log_softmax, F.silu, F.gelu, F.relu, F.sigmoid, F.tanh, F.leaky_relu,
+    F.elu, F.relu6, F.mish, F.hardswish, F.softplus, F.normalize,
+}
+ALLOCATING_METHODS = {
+    "add", "sub", "mul", "div", "neg", "pow", "exp", "log", "sqrt", "rsqrt", "sigmoid", "tanh", "relu",
+    "softmax", "log_softmax", "clamp", "clamp_min", "clamp_max", "masked_fill", "matmul", "mm", "bmm",
+    "sum", "mean", "clone", "square", "reciprocal", "abs",
+}
