@@ -359,11 +359,16 @@ def _build_trampoline(code):
     import warnings
 
     flags = code.co_flags
-    if code.co_cellvars or code.co_freevars or flags & (_inspect.CO_GENERATOR | _inspect.CO_COROUTINE |
-                                                        _inspect.CO_ASYNC_GENERATOR | _inspect.CO_ITERABLE_COROUTINE):
+    if code.co_freevars or flags & (_inspect.CO_GENERATOR | _inspect.CO_COROUTINE |
+                                    _inspect.CO_ASYNC_GENERATOR | _inspect.CO_ITERABLE_COROUTINE):
         return None
     names = code.co_varnames
     npos, nkw = code.co_argcount, code.co_kwonlyargcount
+    nargs = npos + nkw + bool(flags & _inspect.CO_VARARGS) + bool(flags & _inspect.CO_VARKEYWORDS)
+    # cells: only arguments a nested scope reads (a comprehension over ``x`` on Python 3.11: rxlm);
+    # the trampoline makes the same arguments cells, so the frame's slots line up one for one
+    if any(c not in names[:nargs] for c in code.co_cellvars):
+        return None
     pos, kwonly = list(names[:npos]), list(names[npos:npos + nkw])
     at = npos + nkw
     star = names[at] if flags & _inspect.CO_VARARGS else None
@@ -384,14 +389,16 @@ def _build_trampoline(code):
     kwargs = "{" + ", ".join(f"{n!r}: {n}" for n in kwonly) + "}"
     if starstar:
         kwargs = f"{{**{kwargs}, **{starstar}}}"
-    src = f"def {code.co_name}({', '.join(params)}):\n    return {_PLACEHOLDER!r}({pos[0]}, {args}, {kwargs})\n"
+    cells = "".join(f"    (lambda: {c})\n" for c in code.co_cellvars)
+    src = f"def {code.co_name}({', '.join(params)}):\n{cells}    return {_PLACEHOLDER!r}({pos[0]}, {args}, {kwargs})\n"
     namespace: dict = {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", SyntaxWarning)  # "'str' object is not callable": replaced below
         exec(compile(src, code.co_filename, "exec"), {}, namespace)
     tmpl = namespace[code.co_name].__code__
     consts = tuple(_enter_capturable if c == _PLACEHOLDER else c for c in tmpl.co_consts)
-    if consts == tmpl.co_consts or tmpl.co_varnames != names[:len(tmpl.co_varnames)]:
+    if consts == tmpl.co_consts or tmpl.co_varnames != names[:len(tmpl.co_varnames)] \
+            or tmpl.co_cellvars != code.co_cellvars:
         return None
     # the original's local slots: Dynamo copies the frame's locals into the new code slot by slot
     extra = {"co_qualname": code.co_qualname} if hasattr(code, "co_qualname") else {}

@@ -190,6 +190,8 @@ class _Start:
                 # the retry gets Dynamo's own defaults, whatever else set them
                 patch = torch._dynamo.config.patch(**({k: False for k in SETTINGS} if retry or trampoline else settings))
                 patch.__enter__()
+                if trampoline:
+                    _throwaway_breaks_anywhere(True)
                 from . import trace_logging
 
                 logging_entered = trace_logging.enter()
@@ -206,6 +208,40 @@ class _Start:
         _stack().append(entry)  # one entry per start (None: not a sonic frame), popped by _End
         if entry is not None and entry.get("restart") is not None:
             raise entry["restart"]  # Dynamo runs the end callbacks (popping the entry) as it unwinds
+
+
+_BACKEDGE = {"depth": 0, "original": None}
+
+
+def _throwaway_breaks_anywhere(enter: bool) -> None:
+    """While a throwaway trace runs (its code is replaced by a trampoline, its graphs never run),
+    a graph break inside a loop does not make Dynamo skip the frame: Dynamo would otherwise run the
+    frame eagerly and the trampoline would not be installed until the next call (a loop that skips
+    empty experts with ``if mask.any():``, rxlm's host-sized slices). Dynamo's private
+    ``InstructionTranslatorBase.maybe_has_backedge`` is answered False for the duration (checked on
+    torch 2.11 and 2.13); nested throwaway traces are counted."""
+    try:
+        from torch._dynamo.symbolic_convert import InstructionTranslatorBase as tx
+    except ImportError:
+        return
+    with _lock:
+        if enter:
+            _BACKEDGE["depth"] += 1
+            if _BACKEDGE["depth"] == 1 and hasattr(tx, "maybe_has_backedge"):
+                _BACKEDGE["original"] = tx.__dict__.get("maybe_has_backedge")
+                original = _BACKEDGE["original"]
+
+                def maybe_has_backedge(self):
+                    if throwaway_trace():
+                        return False
+                    return original(self)
+
+                tx.maybe_has_backedge = maybe_has_backedge
+        elif _BACKEDGE["depth"] > 0:
+            _BACKEDGE["depth"] -= 1
+            if _BACKEDGE["depth"] == 0 and _BACKEDGE["original"] is not None:
+                tx.maybe_has_backedge = _BACKEDGE["original"]
+                _BACKEDGE["original"] = None
 
 
 def throwaway_trace() -> bool:
@@ -261,6 +297,8 @@ class _End:
                 log.debug("sonic: after-compile action failed: %s", e)
         if entry["patch"] is not None:
             entry["patch"].__exit__(None, None, None)
+        if entry.get("trampoline"):
+            _throwaway_breaks_anywhere(False)
         if entry.get("logging"):
             from . import trace_logging
 

@@ -44,6 +44,14 @@ class InplaceActivation(loop_forms.SwiGLU):
         return self.w2(F.silu(self.w1(x), inplace=True) * self.w3(x))
 
 
+class NormedHidden(loop_forms.SwiGLU):
+    """Pure, but not an MLP the fused op computes (a layer norm on the hidden activation)."""
+
+    def forward(self, x):
+        h = F.silu(self.w1(x)) * self.w3(x)
+        return self.w2(F.layer_norm(h, h.shape[-1:]))
+
+
 class DecayWeight(loop_forms.SwiGLU):
     """Writes its weight in place (weight decay written in forward)."""
 
@@ -154,6 +162,8 @@ class Graphs:
         dynamo_scope.mark_sonic(self)
 
     def __call__(self, gm, example_inputs):
+        if dynamo_scope.throwaway_trace():  # as sonic: a trace a trampoline replaces never runs
+            return gm.forward
         self.graphs.append(gm)
         rewrite_moe(gm, SonicOptions())
         return gm.forward
@@ -200,11 +210,9 @@ def test_pure_expert_is_still_captured(expert_cls):
     backend, comp = _steps_equal(loop_forms.HitLoopMoE, expert_cls, seed=2, steps=2)
     assert isinstance(comp.__dict__.get("forward"), capture.CapturableForward)
     assert len(backend.graphs) == 1  # captured whole
-    # the block is seen in the one graph (the in-place `h.mul_` spelling is declined by the experts
-    # recogniser today: a recall gap, not a side effect)
-    assert counters["sonic"]["moe_rewrites"] + counters["sonic"]["moe_declined"] == 1
-    if expert_cls is loop_forms.SwiGLU:
-        assert counters["sonic"]["moe_rewrites"] == 1
+    # and rewritten: in-place arithmetic on the expert's own tensors is made functional first
+    # (moe_inductor/normal_form.py)
+    assert counters["sonic"]["moe_rewrites"] == 1
 
 
 def test_reasons_name_the_line_and_module():
@@ -248,12 +256,11 @@ def test_fuzz_state_matches_eager(form, expert_cls, seed):
 
 
 def test_captured_then_declined_loop_is_compiled_as_written(monkeypatch):
-    """A loop captured whole whose block no recogniser rewrites (here: an in-place `h.mul_` inside
-    the expert, declined by the experts part) must not cost more than plain Inductor: the unrolled
+    """A loop captured whole whose block no recogniser rewrites (here: a layer norm inside the
+    expert, declined by the experts part) must not cost more than plain Inductor: the unrolled
     graph is run as it is for that call and never given to Inductor; the capture is given up and
     the frame compiles from the loop as written. (Measured before this: 64 experts, 352 s to the
-    second call's result under sonic against 8.5 s under plain Inductor, /tmp-style script in the
-    commit message.)"""
+    second call's result under sonic against 8.5 s under plain Inductor: commit beb8447.)"""
     import torch._inductor.compile_fx as cfx
 
     given = []
@@ -264,7 +271,7 @@ def test_captured_then_declined_loop_is_compiled_as_written(monkeypatch):
         return real(gm, *args, **kwargs)
 
     monkeypatch.setattr(cfx, "compile_fx", spy)
-    eager = _build(loop_forms.HitLoopMoE, LocalInPlace, seed=5)
+    eager = _build(loop_forms.HitLoopMoE, NormedHidden, seed=5)
     comp = copy.deepcopy(eager)
     compiled = torch.compile(nn.Sequential(comp), backend="sonic")
     for step in range(3):

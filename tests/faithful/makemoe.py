@@ -139,7 +139,7 @@ _NB = "AviSoori1x/makeMoE makeMoE_from_Scratch.ipynb / makeMoE_Concise.ipynb Noi
 _PY = "AviSoori1x/makeMoE makeMoE.py NoisyTopkRouter, Expert, SparseMoE(capacity_factor=1.0) @0d68228"
 
 ENTRIES = [
-    Idiom("makemoe_mask_loop", _NB, seeded(144, lambda: SparseMoE(D, E, K)), _x3d, expect="pending",
+    Idiom("makemoe_mask_loop", _NB, seeded(144, lambda: SparseMoE(D, E, K)), _x3d, expect=1,
           fullgraph=False, other_gemms=2, faithful=True,
           note="the noise linear + softplus in the router, softmax over a -inf-scattered table, the "
                "data-dependent 'if flat_mask.any()' skip, boolean-mask gathers and the 3-D boolean-mask "

@@ -216,16 +216,15 @@ class WithRouterLoss(nn.Module):
 
 
 _x3d = tokens(lambda T: (1, T, D))
-# Pending (issue 18): the block is the flat-rows form (rows x[arange(T).repeat_interleave(K)[perm]] of a
+# rxlm_moe_ff recognised, the gated ones pending (issue 18): the block is the flat-rows form (rows x[arange(T).repeat_interleave(K)[perm]] of a
 # sort, expert chunks split by host counts, scatter_add_ at arange(T).repeat_interleave(K) of the rows put
 # back by argsort), not a per-expert loop; expert_loop declines its scatter_add_ as a unit (dispatch.
 # assignment_tokens). rxlm_moe_ff: host_splits turns the biased chunk experts into grouped GEMMs with
 # per-expert biases and assignment_rows composes the block (rows_dispatch tok[perm], rows_combine
 # unpermute_scatter): rewritten, exact, one fused call, from the SECOND call on. The first call runs
-# eagerly: the forward has a cell variable (x, read by the shared experts' list comprehension), so
-# capture.trampoline_for builds no trampoline and dynamo_scope restarts the frame (capture.restart_error);
-# test_idiom_catalogue asserts a graph at the first length, so the entry stays pending until capture can
-# stand in for a forward with cell variables. The gated variants: the GLU experts put the activation on
+# eagerly until the trampoline stood in for forwards whose arguments are cells (x, read by the shared
+# experts' list comprehension) and the throwaway trace stopped skipping the frame at the loop's graph
+# break (moe_inductor/dynamo_scope.py): rewritten from the first call since. The gated variants: the GLU experts put the activation on
 # the SECOND chunk half (lin * act(gate)), which patterns.experts.mlp does not read ("the expert body is
 # not a supported MLP"), so host_splits leaves their chunks as they are.
 _SRC = "RxAI-dev/rxlm python/src/rxlm/transformers/moe.py MoeRouter + {} (ff.py experts) @bed8777"
@@ -233,7 +232,7 @@ _SRC = "RxAI-dev/rxlm python/src/rxlm/transformers/moe.py MoeRouter + {} (ff.py 
 ENTRIES = [
     Idiom("rxlm_moe_ff", _SRC.format("MoeFeedForward"),
           seeded(146, lambda: MoeFeedForward(D, N, E, nn.GELU(), top_k=K, dropout=0.0)), _x3d,
-          expect="pending", fullgraph=False, faithful=True,
+          expect=1, fullgraph=False, faithful=True,
           note="the aux-loss buffer written in forward (scatter_add_ counts, gather, clamp), '+ 1e-9' "
                "renormalisation, sort + repeat_interleave dispatch, the per-expert loop with tensor counts "
                "('if count == 0: continue', tensor slice bounds), cat, argsort inverse, scatter_add_"),
