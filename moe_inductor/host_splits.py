@@ -198,14 +198,8 @@ def _split_parts(node) -> Optional[tuple]:
 
 def _linear_of(node) -> Optional[tuple]:
     """(input, weight) of ``F.linear(input, weight)`` with no bias."""
-    if node.op != "call_function" or node.target not in (torch._C._nn.linear, torch.nn.functional.linear):
-        return None
-    args = list(node.args) + [None] * (3 - len(node.args))
-    bias = node.kwargs.get("bias", args[2])
-    inp, weight = node.kwargs.get("input", args[0]), node.kwargs.get("weight", args[1])
-    if bias is not None or not isinstance(inp, fx.Node) or not isinstance(weight, fx.Node):
-        return None
-    return inp, weight
+    parts = _linear_parts(node)
+    return parts[:2] if parts is not None and parts[2] is None else None
 
 
 def _linear_parts(node) -> Optional[tuple]:

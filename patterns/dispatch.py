@@ -324,14 +324,19 @@ def replicated_tokens(node) -> Optional[tuple]:
     return T, K
 
 
+def _sort_call(node) -> Optional[fx.Node]:
+    """The ``sort`` / ``argsort`` call whose permutation ``node`` is (``sort(v)[1]``, ``argsort(v)``)."""
+    if isinstance(node, fx.Node) and node.op == "call_function" and node.target is operator.getitem \
+            and node.args[1] == 1 and _method_or_function(node.args[0], ("sort",), (torch.sort,)):
+        return node.args[0]
+    return node if _method_or_function(node, ("argsort",), (torch.argsort,)) else None
+
+
 def _sort_permutation(node) -> Optional[fx.Node]:
     """v of ``sort(v)[1]`` / ``v.sort(...)[1]`` / ``argsort(v)`` (1-D v, any order or stability): a
     permutation of range(len(v))."""
-    s = node
-    if isinstance(node, fx.Node) and node.op == "call_function" and node.target is operator.getitem \
-            and node.args[1] == 1 and _method_or_function(node.args[0], ("sort",), (torch.sort,)):
-        s = node.args[0]
-    elif not _method_or_function(node, ("argsort",), (torch.argsort,)):
+    s = _sort_call(node)
+    if s is None:
         return None
     if not isinstance(s.args[0], fx.Node) or len(shape_of(s.args[0]) or ()) != 1 or \
             set(s.kwargs) - {"dim", "descending", "stable"}:
@@ -561,11 +566,8 @@ def _transposed_flat(node) -> Optional[fx.Node]:
 
 def _descending_stable_perm(node) -> Optional[fx.Node]:
     """v of ``argsort(v, descending=True, stable=True)`` / ``sort(v, descending=True, stable=True)[1]`` (1-D v)."""
-    s = node
-    if isinstance(node, fx.Node) and node.op == "call_function" and node.target is operator.getitem \
-            and node.args[1] == 1 and _method_or_function(node.args[0], ("sort",), (torch.sort,)):
-        s = node.args[0]
-    elif not _method_or_function(node, ("argsort",), (torch.argsort,)):
+    s = _sort_call(node)
+    if s is None:
         return None
     if len(s.args) != 1 or s.kwargs.get("descending") is not True or s.kwargs.get("stable") is not True \
             or set(s.kwargs) - {"descending", "stable", "dim"} or s.kwargs.get("dim", -1) not in (-1, 0) \

@@ -46,3 +46,23 @@ def rewrite_and_compare(module: torch.nn.Module, d: int, lengths=(5, 8), tol: fl
         for got, want in zip(res[1], res[0]):
             torch.testing.assert_close(got, want, atol=tol, rtol=tol)
     return [c for r in reports for c in r.candidates]
+
+
+class CaptureGraphs:
+    """A sonic-marked backend (frames get sonic's scoped settings and loop capture) that runs the
+    MoE rewrite and then the graph as it is (no Inductor code generation: the capture is what the
+    loop tests check), records each graph and its report; throwaway traces are skipped as sonic
+    skips them."""
+
+    def __init__(self):
+        self.graphs = []
+        mark_sonic(self)
+
+    def __call__(self, gm, example_inputs):
+        from moe_inductor.report import record_report
+
+        if throwaway_trace():  # as sonic: a trace a trampoline replaces never runs
+            return gm.forward
+        self.graphs.append(gm)
+        record_report(rewrite_moe(gm, SonicOptions()), gm)
+        return gm.forward

@@ -11,30 +11,13 @@ import torch
 from torch._dynamo.utils import counters
 
 import loop_forms
+from rewrite_check import CaptureGraphs
 from moe_inductor import capture, dynamo_scope, loop_capture
-from moe_inductor.backend import rewrite_moe
-from moe_inductor.options import SonicOptions
 
 pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 
 
-class Graphs:
-    """A sonic-marked backend (frames get sonic's scoped settings and loop capture) that runs the
-    MoE rewrite and then the graph as it is (no Inductor code generation: the capture is what is
-    tested here), and counts the graphs."""
-
-    def __init__(self):
-        self.graphs = []
-        dynamo_scope.mark_sonic(self)
-
-    def __call__(self, gm, example_inputs):
-        if dynamo_scope.throwaway_trace():  # as sonic: a trace a trampoline replaces never runs
-            return gm.forward
-        from moe_inductor.report import record_report
-
-        self.graphs.append(gm)
-        record_report(rewrite_moe(gm, SonicOptions()), gm)
-        return gm.forward
+Graphs = CaptureGraphs  # tests/rewrite_check.py
 
 
 def _compare(model, x, atol=1e-4):

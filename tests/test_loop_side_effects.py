@@ -20,9 +20,8 @@ import torch.nn.functional as F
 from torch._dynamo.utils import counters
 
 import loop_forms
-from moe_inductor import capture, dynamo_scope, side_effects
-from moe_inductor.backend import rewrite_moe
-from moe_inductor.options import SonicOptions
+from rewrite_check import CaptureGraphs
+from moe_inductor import capture, side_effects
 
 pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 
@@ -154,19 +153,7 @@ def _state(model):
     return out
 
 
-class Graphs:
-    """A sonic-marked backend that runs the MoE rewrite and then the graph as it is."""
-
-    def __init__(self):
-        self.graphs = []
-        dynamo_scope.mark_sonic(self)
-
-    def __call__(self, gm, example_inputs):
-        if dynamo_scope.throwaway_trace():  # as sonic: a trace a trampoline replaces never runs
-            return gm.forward
-        self.graphs.append(gm)
-        rewrite_moe(gm, SonicOptions())
-        return gm.forward
+Graphs = CaptureGraphs  # tests/rewrite_check.py
 
 
 def _steps_equal(form, expert_cls, seed, steps=3):
