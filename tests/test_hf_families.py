@@ -102,7 +102,9 @@ def test_family_rewritten_and_matches_eager(family, impl):
         assert len(calls) == len(blocks)
         experts = blocks[0][1].experts
         for n in calls:
-            b1, b2, activation, interleaved = n.args[6:10]
+            # fused_moe(x, token_ids, expert_ids, scores, w1, w2, b1, b2, *, activation, interleaved, ...)
+            b1, b2 = n.args[6:8]
+            activation, interleaved = n.kwargs["activation"], n.kwargs["interleaved"]
             assert b1 is not None and b2 is not None
             assert activation == f"gptoss:{float(experts.alpha)!r}:{float(experts.limit)!r}" and interleaved is True
 
