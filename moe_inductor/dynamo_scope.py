@@ -227,7 +227,7 @@ def _throwaway_breaks_anywhere(enter: bool) -> None:
     with _lock:
         if enter:
             _BACKEDGE["depth"] += 1
-            if _BACKEDGE["depth"] == 1 and hasattr(tx, "maybe_has_backedge"):
+            if _BACKEDGE["depth"] == 1 and callable(tx.__dict__.get("maybe_has_backedge")):
                 _BACKEDGE["original"] = tx.__dict__.get("maybe_has_backedge")
                 original = _BACKEDGE["original"]
 

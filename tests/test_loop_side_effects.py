@@ -272,3 +272,31 @@ def test_captured_then_declined_loop_is_compiled_as_written(monkeypatch):
     assert kept and "no MoE block in it was rewritten" in kept[0].reason, kept
     # Inductor never compiled the loop unrolled over the experts (one index_add_ per expert)
     assert given and max(given) <= 1, given
+
+
+@pytest.mark.parametrize("form", [loop_forms.NotAnyContinueMoE, loop_forms.MaskAnyMoE], ids=["range", "enumerate"])
+def test_compiled_block_with_a_skip_in_its_loop_is_rewritten_on_the_first_call(form):
+    """``torch.compile(block)`` whose loop skips empty experts with a data-dependent ``if`` (``if not
+    mask.any(): continue`` over ``range(E)``; makeMoE's ``if flat_mask.any():`` over ``enumerate``): the throwaway trace of the original forward must not make Dynamo skip
+    the frame at that graph break, or the first call runs eagerly. Relies on Dynamo's private
+    ``InstructionTranslatorBase.maybe_has_backedge`` (moe_inductor/dynamo_scope.py), checked on torch
+    2.11 and 2.13: if a release removes it, this test says so."""
+    from torch._dynamo.symbolic_convert import InstructionTranslatorBase
+
+    assert callable(InstructionTranslatorBase.__dict__.get("maybe_has_backedge")), (
+        f"torch {torch.__version__}: Dynamo's maybe_has_backedge moved; dynamo_scope's throwaway traces "
+        "no longer stop the frame from being skipped at a graph break in a loop")
+    if form is loop_forms.MaskAnyMoE and tuple(int(v) for v in torch.__version__.split(".")[:2]) < (2, 12):
+        pytest.skip("torch 2.11's Dynamo cannot resume inside a loop over enumerate(ModuleList) ('Cannot "
+                    "reconstruct a generator with variable mutations'): the first call runs eagerly there")
+    torch.manual_seed(0)
+    model = form()
+    with torch.no_grad():
+        model.gate.weight[-2:, 0] = -5.0
+    x = torch.randn(2, 5, 32)
+    x[..., 0] = 5.0
+    backend = Graphs()
+    out = torch.compile(model, backend=backend)(x)  # the block itself: the trampoline path
+    torch.testing.assert_close(out, model(x), atol=1e-5, rtol=1e-5)
+    assert counters["sonic"]["moe_rewrites"] == 1, dict(counters["sonic"])  # on the first call
+    assert InstructionTranslatorBase.__dict__.get("maybe_has_backedge").__name__ == "maybe_has_backedge"
