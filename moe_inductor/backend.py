@@ -33,7 +33,9 @@ from . import inductor_workarounds as _workarounds
 from . import op as _op  # noqa: F401  (registers torch.ops.moe_inductor)
 from .options import SonicOptions
 from .report import CompileReport, note_runs_on, record_report
-from .rewrite import _INPLACE_FUNCTIONS, Candidate, MoEBlock, call, emit_fused_moe, module_path_of, same, shape_of
+from .fx.nodes import clean_module_path
+from .fx.targets import INPLACE_FUNCTIONS
+from .rewrite import Candidate, MoEBlock, call, emit_fused_moe, module_path_of, same, shape_of
 from .router import analyse_router, graph_token_rounding
 
 log = logging.getLogger("moe_inductor")
@@ -88,9 +90,7 @@ def _training_mode(block: MoEBlock) -> tuple[bool, str]:
 
 
 def _clean(path: str) -> str:
-    from .rewrite import _clean_module_path
-
-    return _clean_module_path(path)
+    return clean_module_path(path)
 
 
 def _rounding_hook(block: MoEBlock, opts: SonicOptions, notes: list):
@@ -140,7 +140,7 @@ def _pure(node: fx.Node) -> bool:
         return False
     if node.op == "call_method":
         return not (node.target.endswith("_") and not node.target.startswith("__"))
-    if node.target in _INPLACE_FUNCTIONS:
+    if node.target in INPLACE_FUNCTIONS:
         return False
     schema = getattr(node.target, "_schema", None)
     if schema is not None and schema.is_mutable:

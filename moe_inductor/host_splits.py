@@ -496,7 +496,7 @@ def _checks_only(items: list) -> Optional[list]:
 def rewrite(gm: fx.GraphModule, shape_of=None) -> list:
     """Replace the split-by-host-counts GEMM loops of ``gm`` by ``grouped_mm`` (see the module
     docstring). Returns notes (str), one per split seen: rewritten, or why not."""
-    from .rewrite import _fake_run, call, method, shape_of as _shape_of
+    from .rewrite import call, method, shape_of as _shape_of
 
     shape_of = shape_of or _shape_of
     graph = gm.graph
@@ -593,7 +593,7 @@ def _int(s):
 
 
 def _refresh(graph: fx.Graph, starts: list) -> None:
-    from .rewrite import _fake_run
+    from .fx.build import fake_run as _fake_run
 
     dirty = set(starts)
     for n in graph.nodes:

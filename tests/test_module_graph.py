@@ -14,13 +14,9 @@ import sys
 from pathlib import Path
 
 PACKAGE = "moe_inductor"
-#: private names still imported across modules, from rewrite.py, which another session owns
-#: (issue 19's FX-vocabulary layer replaces them). Nothing may be added here.
-KNOWN_PRIVATE = {
-    ("moe_inductor.backend", "moe_inductor.rewrite", "_INPLACE_FUNCTIONS"),
-    ("moe_inductor.backend", "moe_inductor.rewrite", "_clean_module_path"),
-    ("moe_inductor.host_splits", "moe_inductor.rewrite", "_fake_run"),
-}
+#: private names still imported across modules (the last three moved to the public fx layer).
+#: Nothing may be added here.
+KNOWN_PRIVATE: set = set()
 
 
 def _package_dir() -> Path:
