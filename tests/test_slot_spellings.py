@@ -122,7 +122,12 @@ def test_nanomoe_spellings_rewritten(form):
     ("weight_written_late", "modified in place"),
 ])
 def test_nanomoe_near_misses_declined(form, reason):
-    cands = _run(NanoSlots(form))
+    cands = _run(NanoSlots(form))  # equal to eager whatever happens
+    if form == "bias_alpha" and tuple(int(v) for v in torch.__version__.split(".")[:2]) < (2, 12):
+        # torch 2.11's Dynamo records h.add_(b1, alpha=2) as h.add_(torch.mul(b1, 2)): the normal form
+        # makes it h + 2 * b1, an expert bias the op takes as it is (rewritten, and exact: checked above)
+        assert [c.status for c in cands] == ["rewritten"] * 2, [(c.status, c.reason) for c in cands]
+        return
     assert cands and all(c.status != "rewritten" for c in cands), [(c.status, c.reason) for c in cands]
     assert any(reason in (c.reason or "") for c in cands), [c.reason for c in cands]
 
