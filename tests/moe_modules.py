@@ -302,3 +302,29 @@ class BiasedMLP(nn.Module):
 
     def forward(self, x):
         return self.fc2(self.dropout(self.act(self.fc1(x))))
+
+
+def deepspeed_top2_in_place(gates, num_experts: int, capacity: int):
+    """The (S, E, C) combine weights of DeepSpeed's top-2 gating in its own spelling (read from
+    ``deepspeed/moe/sharded_moe.py`` ``top2gating``; no noise, drop_tokens on): one-hot masks from two
+    ``argmax`` rounds, slot positions by ``cumsum``, in-place ``+=``, ``*=``, ``/=`` on the routing
+    tensors, gate sums by a contracting einsum, weights spread by ``einsum("s,se->se")``. Shared by
+    tests/test_expert_slots.py and tests/test_deepspeed_dispatch.py."""
+    import torch.nn.functional as Fn
+
+    mask1 = Fn.one_hot(torch.argmax(gates, dim=1), num_classes=num_experts)
+    mask2 = Fn.one_hot(torch.argmax(gates.masked_fill(mask1.bool(), float("-inf")), dim=1), num_classes=num_experts)
+    loc1 = torch.cumsum(mask1, dim=0) - 1
+    loc2 = torch.cumsum(mask2, dim=0) - 1
+    loc2 += torch.sum(mask1, dim=0, keepdim=True)
+    mask1 *= torch.lt(loc1, capacity)
+    mask2 *= torch.lt(loc2, capacity)
+    slot1, slot2 = torch.sum(loc1 * mask1, dim=1), torch.sum(loc2 * mask2, dim=1)
+    g1 = torch.einsum("se,se->s", gates, mask1.float())
+    g2 = torch.einsum("se,se->s", gates, mask2.float())
+    denom = torch.clamp(g1 + g2, min=torch.finfo(g1.dtype).eps)
+    g1 /= denom
+    g2 /= denom
+    c1 = torch.einsum("se,sc->sec", torch.einsum("s,se->se", g1, mask1.float()), Fn.one_hot(slot1, capacity).float())
+    c2 = torch.einsum("se,sc->sec", torch.einsum("s,se->se", g2, mask2.float()), Fn.one_hot(slot2, capacity).float())
+    return c1 + c2

@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as Fn
 
+from moe_modules import deepspeed_top2_in_place
 from rewrite_check import light_backend, rewrite_and_compare
 
 D, N, E, C = 8, 6, 4, 2
@@ -59,22 +60,7 @@ class DeepSpeedLikeMoE(nn.Module):
         return torch.einsum("se,sc->sec", gates, Fn.one_hot(locations1_s, num_classes=self.slots).float())
 
     def top2(self, gates):
-        mask1 = Fn.one_hot(torch.argmax(gates, dim=1), num_classes=E)
-        mask2 = Fn.one_hot(torch.argmax(gates.masked_fill(mask1.bool(), float("-inf")), dim=1), num_classes=E)
-        locations1 = torch.cumsum(mask1, dim=0) - 1
-        locations2 = torch.cumsum(mask2, dim=0) - 1
-        locations2 += torch.sum(mask1, dim=0, keepdim=True)
-        mask1 *= torch.lt(locations1, C)
-        mask2 *= torch.lt(locations2, C)
-        l1, l2 = torch.sum(locations1 * mask1, dim=1), torch.sum(locations2 * mask2, dim=1)
-        g1 = torch.einsum("se,se->s", gates, mask1.float())
-        g2 = torch.einsum("se,se->s", gates, mask2.float())
-        denom = torch.clamp(g1 + g2, min=torch.finfo(g1.dtype).eps)
-        g1 /= denom
-        g2 /= denom
-        c1 = torch.einsum("se,sc->sec", torch.einsum("s,se->se", g1, mask1.float()), Fn.one_hot(l1, C).float())
-        c2 = torch.einsum("se,sc->sec", torch.einsum("s,se->se", g2, mask2.float()), Fn.one_hot(l2, C).float())
-        return c1 + c2
+        return deepspeed_top2_in_place(gates, E, C)
 
     def dispatch_of(self, combine, x):
         kind = self.dispatch

@@ -27,6 +27,7 @@ from moe_inductor.dynamo_scope import mark_sonic
 from moe_inductor.options import SonicOptions
 
 from idiom_catalogue import BY_NAME
+from moe_modules import deepspeed_top2_in_place
 
 D, N, E = 8, 4, 4
 K_DENSE = 2  # choices per token of the dense-scores (Llama4) modules
@@ -118,25 +119,8 @@ class CapacityMoE(nn.Module):
                 + torch.einsum("se,sc->sec", w2, Fn.one_hot(slot2, C).to(gates.dtype)))
 
     def gating_in_place(self, x, C):
-        """Top-2 in DeepSpeed's spelling: in-place ``+=``, ``*=``, ``/=`` on the routing tensors,
-        gate sums by a contracting einsum, weights spread by ``einsum("s,se->se")``."""
-        gates = Fn.softmax(self.router(x), dim=1)
-        mask1 = Fn.one_hot(torch.argmax(gates, dim=1), num_classes=E)
-        mask2 = Fn.one_hot(torch.argmax(gates.masked_fill(mask1.bool(), float("-inf")), dim=1), num_classes=E)
-        loc1 = torch.cumsum(mask1, dim=0) - 1
-        loc2 = torch.cumsum(mask2, dim=0) - 1
-        loc2 += torch.sum(mask1, dim=0, keepdim=True)
-        mask1 *= torch.lt(loc1, C)
-        mask2 *= torch.lt(loc2, C)
-        slot1, slot2 = torch.sum(loc1 * mask1, dim=1), torch.sum(loc2 * mask2, dim=1)
-        g1 = torch.einsum("se,se->s", gates, mask1.float())
-        g2 = torch.einsum("se,se->s", gates, mask2.float())
-        denom = torch.clamp(g1 + g2, min=torch.finfo(g1.dtype).eps)
-        g1 /= denom
-        g2 /= denom
-        c1 = torch.einsum("se,sc->sec", torch.einsum("s,se->se", g1, mask1.float()), Fn.one_hot(slot1, C).float())
-        c2 = torch.einsum("se,sc->sec", torch.einsum("s,se->se", g2, mask2.float()), Fn.one_hot(slot2, C).float())
-        return c1 + c2
+        """Top-2 in DeepSpeed's spelling (``moe_modules.deepspeed_top2_in_place``)."""
+        return deepspeed_top2_in_place(Fn.softmax(self.router(x), dim=1), E, C)
 
     def forward(self, x):
         C = math.ceil(1.25 * x.size(0) / E) if self.capacity == "auto" else self.capacity
