@@ -35,6 +35,7 @@ from .options import SonicOptions
 from .report import CompileReport, note_runs_on, record_report
 from .fx.nodes import clean_module_path
 from .fx.targets import INPLACE_FUNCTIONS
+from .normal_form import functionalize
 from .rewrite import Candidate, MoEBlock, call, emit_fused_moe, module_path_of, same, shape_of
 from .router import analyse_router, graph_token_rounding
 
@@ -256,9 +257,7 @@ def _rewrite_graph(gm: fx.GraphModule, opts: SonicOptions, report: CompileReport
 
     for note in host_splits.rewrite(gm):
         log.info("sonic: %s%s", note, inside)
-    from .normal_form import functionalize  # in-place arithmetic on fresh tensors made functional
-
-    made = functionalize(gm)
+    made = functionalize(gm)  # in-place arithmetic on fresh tensors made functional (normal_form.py)
     if made:
         log.debug("sonic: %d in-place op(s) made functional%s", made, inside)
     orphans: list = []

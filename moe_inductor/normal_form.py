@@ -36,7 +36,7 @@ import torch.fx as fx
 from .fx.aliasing import aliases, fresh_tuple
 from .fx.build import emit
 from .fx.nodes import invalidate_order
-from .fx.shapes import example_value
+from .fx.shapes import example_value, same
 from .fx.targets import (ALLOCATING_FUNCTIONS, ALLOCATING_METHODS, FUNCTIONAL_OF_FUNCTION, FUNCTIONAL_OF_METHOD,
                          INPLACE_FLAG_FUNCTIONS, OPERATOR_OF_METHOD)
 
@@ -84,9 +84,7 @@ def _functional(node: fx.Node) -> Optional[tuple]:
 def _same_meta(a, b) -> bool:
     va, vb = example_value(a), example_value(b)
     return isinstance(va, torch.Tensor) and isinstance(vb, torch.Tensor) and va.dtype == vb.dtype \
-        and va.device == vb.device and va.dim() == vb.dim() \
-        and all(x is y or bool(x == y) for x, y in zip(va.shape, vb.shape)) if isinstance(va, torch.Tensor) \
-        and isinstance(vb, torch.Tensor) else False
+        and va.device == vb.device and va.dim() == vb.dim() and all(same(x, y) for x, y in zip(va.shape, vb.shape))
 
 
 def _views_before(t: fx.Node, n: fx.Node, order: dict) -> bool:

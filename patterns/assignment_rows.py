@@ -584,14 +584,21 @@ def row_scatter(node) -> Optional[RowsScatter]:
                        index2d=index, spelling=name)
 
 
-def _token_k_sum(node) -> Optional[tuple]:
-    """(rows (A, d), T, K) of ``rows.view(T, K, d).sum(dim=1)`` (``reshape``; ``sum(1)``), else None."""
+def _summed_over_dim1(node) -> Optional[fx.Node]:
+    """x of ``x.sum(1)`` / ``x.sum(dim=1)`` / ``x.sum((1,))``, else None."""
     if not (_is(node, "call_method", "sum") and len(node.args) in (1, 2) and isinstance(node.args[0], fx.Node)):
         return None
     dim = node.args[1] if len(node.args) == 2 else node.kwargs.get("dim")
     if dim not in (1, (1,)) or set(node.kwargs) - {"dim"}:
         return None
-    v = node.args[0]
+    return node.args[0]
+
+
+def _token_k_sum(node) -> Optional[tuple]:
+    """(rows (A, d), T, K) of ``rows.view(T, K, d).sum(dim=1)`` (``reshape``; ``sum(1)``), else None."""
+    v = _summed_over_dim1(node)
+    if v is None:
+        return None
     if not _is(v, "call_method", ("view", "reshape")) or not isinstance(v.args[0], fx.Node):
         return None
     dims = tuple(v.args[1]) if len(v.args) == 2 and isinstance(v.args[1], (tuple, list)) else tuple(v.args[1:])
@@ -658,12 +665,9 @@ def _same_type(node) -> Optional[fx.Node]:
           "[.type(w.dtype)].mul_(w.unsqueeze(-1)).sum(1): rows in the order of perm back to (token, k) order by "
           "a setitem, weighted per (token, slot), summed per token (DeepSeek-V2/V3 Hub moe_infer)")
 def setitem_perm_sum(node) -> Optional[RowsScatter]:
-    if not (_is(node, "call_method", "sum") and len(node.args) in (1, 2) and isinstance(node.args[0], fx.Node)):
+    m = _summed_over_dim1(node)
+    if m is None:
         return None
-    dim = node.args[1] if len(node.args) == 2 else node.kwargs.get("dim")
-    if dim not in (1, (1,)) or set(node.kwargs) - {"dim"}:
-        return None
-    m = node.args[0]
     if not ((_is(m, "call_method", ("mul_", "mul")) or _is(m, "call_function", (operator.mul, torch.mul)))
             and len(m.args) == 2 and not m.kwargs
             and all(isinstance(a, fx.Node) for a in m.args)):
