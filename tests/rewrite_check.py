@@ -55,7 +55,7 @@ class CaptureGraphs:
     skips them."""
 
     def __init__(self):
-        self.graphs = []
+        self.graphs, self.reports = [], []
         mark_sonic(self)
 
     def __call__(self, gm, example_inputs):
@@ -64,5 +64,6 @@ class CaptureGraphs:
         if throwaway_trace():  # as sonic: a trace a trampoline replaces never runs
             return gm.forward
         self.graphs.append(gm)
-        record_report(rewrite_moe(gm, SonicOptions()), gm)
+        self.reports.append(rewrite_moe(gm, SonicOptions()))
+        record_report(self.reports[-1], gm)
         return gm.forward

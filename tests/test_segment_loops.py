@@ -9,26 +9,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from moe_inductor import capture, dynamo_scope, loop_capture
-from moe_inductor.backend import rewrite_moe
-from moe_inductor.options import SonicOptions
+from moe_inductor import capture, loop_capture
+from rewrite_check import CaptureGraphs
 
 pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 
 D, N, E, K = 16, 24, 4, 2
 
 
-class Graphs:
-    """A sonic-marked backend running the MoE rewrite, then the graph as it is; keeps the graphs."""
-
-    def __init__(self):
-        self.graphs, self.reports = [], []
-        dynamo_scope.mark_sonic(self)
-
-    def __call__(self, gm, example_inputs):
-        self.reports.append(rewrite_moe(gm, SonicOptions()))
-        self.graphs.append(gm)
-        return gm.forward
+Graphs = CaptureGraphs  # tests/rewrite_check.py
 
 
 class MLP(nn.Module):
