@@ -185,27 +185,30 @@ def notes_for(module: torch.nn.Module) -> list:
             seen.add(fn)
             out.extend(_analyse(fn)[1])
             if name == "forward":
-                out.extend(_host_splits_of(fn))
+                out.extend(_host_splits_of(fn, type(sub)))
     return out
 
 
-_splits: dict = {}  # class forward -> host_count_splits notes
+_splits: dict = {}  # (class forward, module class) -> host_count_splits notes
 
 
-def _host_splits_of(forward) -> list:
+def _host_splits_of(forward, cls: Optional[type] = None) -> list:
+    """``loop_capture.host_count_splits`` of ``forward`` with the methods it calls on ``self`` looked
+    up on ``cls``, the module's own class (an inherited forward may call an overridden method)."""
+    key = (forward, cls)
     with _lock:
-        if forward in _splits:
-            return _splits[forward]
+        if key in _splits:
+            return _splits[key]
     try:
         fn = forward
         while getattr(fn, "__wrapped__", None) is not None:
             fn = fn.__wrapped__
-        notes = loop_capture.host_count_splits(fn)
+        notes = loop_capture.host_count_splits(fn, cls=cls)
     except Exception as e:  # never fail a compile over this
         log.debug("sonic: could not read %s: %s", getattr(forward, "__qualname__", forward), e)
         notes = []
     with _lock:
-        _splits[forward] = notes
+        _splits[key] = notes
     return notes
 
 
@@ -217,7 +220,7 @@ def wants_host_counts(f_locals: dict) -> bool:
     ``moe_inductor.dynamo_scope``; a failure retries the frame without the settings)."""
     for module in _frame_modules(f_locals):
         forward = getattr(type(module), "forward", None)
-        if forward is not None and not _skip_class(type(module)) and _host_splits_of(forward):
+        if forward is not None and not _skip_class(type(module)) and _host_splits_of(forward, type(module)):
             return True
     return False
 

@@ -1600,7 +1600,7 @@ def analyse(fn, depth: int = 0) -> Analysis:
     return result
 
 
-def host_count_splits(fn, depth: int = 0) -> list:
+def host_count_splits(fn, depth: int = 0, cls: Optional[type] = None) -> list:
     """``LoopNote`` (rewritten=True) for each ``rows.split(sizes, ...)`` of ``fn`` whose sizes are host
     data: a parameter of ``fn`` (the sizes a router returned, JetMoE's ``JetMoeParallelExperts``) or a
     local assigned from ``.tolist()``, in a function that also concatenates (``torch.cat``) what it
@@ -1609,7 +1609,9 @@ def host_count_splits(fn, depth: int = 0) -> list:
     grouped GEMM on device offsets; this only says where it is worth trying. Empty if none.
     The source read is the rewritten one when ``analyse`` rewrites a loop of ``fn`` (a segment loop
     becomes such a split), and the methods ``fn`` calls on its first argument (``self.moe_infer(...)``,
-    looked up on the class that defines ``fn``) are read too (depth 2)."""
+    looked up on ``cls``, the class of the module being compiled, when given: a subclass may override
+    a method an inherited ``forward`` calls; else on the class that defines ``fn``) are read too
+    (depth 2)."""
     try:
         filename = inspect.getsourcefile(fn) or "<unknown>"
         _, fdef = _function_tree(fn)
@@ -1618,8 +1620,8 @@ def host_count_splits(fn, depth: int = 0) -> list:
     qual = getattr(fn, "__qualname__", getattr(fn, "__name__", "?"))
     out = []
     if depth < 2:
-        for method in _self_methods(fn, fdef):
-            out += host_count_splits(method, depth + 1)
+        for method in _self_methods(fn, fdef, cls):
+            out += host_count_splits(method, depth + 1, cls)
     try:
         new = analyse(fn).replacement
     except Exception:  # never fail over this
@@ -1635,13 +1637,15 @@ def host_count_splits(fn, depth: int = 0) -> list:
     return out + _split_notes(fdef, filename, qual)
 
 
-def _self_methods(fn, fdef) -> list:
-    """The plain functions of the methods ``fn`` calls as ``self.name(...)``, looked up on the class
-    that defines ``fn`` (found by its qualified name in ``fn``'s module globals), decorators unwrapped."""
+def _self_methods(fn, fdef, cls: Optional[type] = None) -> list:
+    """The plain functions of the methods ``fn`` calls as ``self.name(...)``, looked up on ``cls``
+    (the runtime class: its overrides win) or else on the class that defines ``fn`` (found by its
+    qualified name in ``fn``'s module globals), decorators unwrapped."""
     if not fdef.args.args or "." not in getattr(fn, "__qualname__", ""):
         return []
-    owner = fn.__qualname__.rsplit(".", 1)[0]
-    cls = fn.__globals__.get(owner) if "<" not in owner else None
+    if cls is None:
+        owner = fn.__qualname__.rsplit(".", 1)[0]
+        cls = fn.__globals__.get(owner) if "<" not in owner else None
     if not isinstance(cls, type):
         return []
     me = fdef.args.args[0].arg

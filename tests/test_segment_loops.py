@@ -391,6 +391,36 @@ def test_sorted_segment_block_is_fused_and_exact(cls):
         torch._dynamo.reset()
 
 
+class PlainInfer(Base):
+    """A base class whose ``forward`` calls ``self.moe_infer``, itself a dense stand-in with no split."""
+
+    def forward(self, x):
+        return self.moe_infer(x, *self.route(x))
+
+    def moe_infer(self, x, ids, w):
+        return x * 0
+
+
+class InheritedForward(PlainInfer):
+    """``forward`` inherited from ``PlainInfer``; ``moe_infer`` overridden with DeepSeek's segment loop
+    (a subclass of a generic layer, as model code often is): the split is found through the
+    instance's class, not the class that defines ``forward``."""
+
+    moe_infer = DeepseekForm.moe_infer
+
+
+def test_inherited_forward_calling_an_overridden_method():
+    torch.manual_seed(0)
+    model = InheritedForward()
+    assert not loop_capture.host_count_splits(PlainInfer.forward)
+    assert loop_capture.host_count_splits(PlainInfer.forward, cls=InheritedForward)
+    assert capture.wants_host_counts({"self": model})
+    for x in (_tokens(7, 1), _skewed(model)):
+        backend = _compare(model, x)
+        assert len(backend.graphs) == 1 and _fused(backend) == 1, [g.code for g in backend.graphs]
+        torch._dynamo.reset()
+
+
 class CountsOfOtherIds(DeepseekForm):
     """The counts are taken of other top-k ids than the ones sorted: the chunks are not the
     experts' rows."""
