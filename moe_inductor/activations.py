@@ -23,10 +23,14 @@ here); GATED_TORCH_ONLY / NON_GATED_TORCH_ONLY would list kinds served by the Py
 (``kernels.unsupported_reason`` says so) and are empty.
 
 Gate/up layout of the 2n columns: "concat" (gate = [:n], up = [n:]) or interleaved
-(gate = [0::2], up = [1::2]).
+(gate = [0::2], up = [1::2]). A gated spec may end in "+up_first" (e.g. "swiglu+up_first",
+"gptoss:1.702:7.0+up_first"): the up half comes first, the gate second (rxlm's
+``lin, gate = h.chunk(2, -1); lin * act(gate)``): concat up = [:n], gate = [n:]; interleaved
+up = [0::2], gate = [1::2]. Same formula, the fused weight used as it is (no column copy).
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from dataclasses import dataclass
@@ -47,6 +51,8 @@ FORMS = {
     "softcap_swiglu": "'softcap_swiglu:<gate cap>:<up cap>' (e.g. 'softcap_swiglu:30.0:30.0')",
 }
 ALL_KINDS = GATED + NON_GATED + GATED_TORCH_ONLY + NON_GATED_TORCH_ONLY
+#: the spec suffix of the "up half first" layout of a gated activation's 2n columns
+UP_FIRST = "+up_first"
 
 
 @dataclass(frozen=True)
@@ -54,6 +60,8 @@ class Activation:
     kind: str
     alpha: float = 1.702
     limit: float = 7.0
+    #: gated only: the up half comes before the gate half (see the module docstring)
+    up_first: bool = False
 
     @property
     def gated(self) -> bool:
@@ -66,6 +74,10 @@ class Activation:
 
     @property
     def spec(self) -> str:
+        return self._base_spec + (UP_FIRST if self.up_first else "")
+
+    @property
+    def _base_spec(self) -> str:
         if self.kind == "gptoss":
             return f"gptoss:{self.alpha!r}:{self.limit!r}"
         if self.kind in ("swiglu_limit", "swiglu_limit_after"):
@@ -97,6 +109,23 @@ def _numbers(spec: str, kind: str, parts: list, names: tuple) -> list:
 def parse_activation(spec: str) -> Activation:
     if not isinstance(spec, str):
         raise TypeError(f"activation must be a string such as 'swiglu', got {type(spec).__name__} {spec!r}")
+    up_first = spec.endswith(UP_FIRST)
+    base = spec[:-len(UP_FIRST)] if up_first else spec
+    tail = base.rpartition("+")[2]
+    if "+" in base and not tail[:1].isdigit():  # not the exponent sign of a number ("1e+3")
+        raise ValueError(f"activation {spec!r}: unknown suffix {'+' + tail!r}; the only suffix is "
+                         f"{UP_FIRST!r} (gated kinds: up half first, gate half second), once")
+    act = _parse_base(base)
+    if not up_first:
+        return act
+    if not act.gated:
+        raise ValueError(f"activation {spec!r}: {UP_FIRST!r} needs a gated activation "
+                         f"({', '.join(GATED)}); {act.kind!r} has no gate and up halves")
+    return dataclasses.replace(act, up_first=True)
+
+
+def _parse_base(spec: str) -> Activation:
+    """``parse_activation`` of a spec without a layout suffix."""
     parts = spec.split(":")
     kind = parts[0]
     if kind not in ALL_KINDS:
@@ -120,17 +149,22 @@ def parse_activation(spec: str) -> Activation:
     return Activation(kind)
 
 
-def split_gate_up(h: torch.Tensor, interleaved: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def split_gate_up(h: torch.Tensor, interleaved: bool, up_first: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(gate, up) views of h's 2n columns; ``up_first``: the up half is the first one."""
     if interleaved:
-        return h[..., 0::2], h[..., 1::2]
-    n = h.shape[-1] // 2
-    return h[..., :n], h[..., n:]
+        first, second = h[..., 0::2], h[..., 1::2]
+    else:
+        n = h.shape[-1] // 2
+        first, second = h[..., :n], h[..., n:]
+    return (second, first) if up_first else (first, second)
 
 
-def join_gate_up(dg: torch.Tensor, du: torch.Tensor, interleaved: bool) -> torch.Tensor:
+def join_gate_up(dg: torch.Tensor, du: torch.Tensor, interleaved: bool, up_first: bool = False) -> torch.Tensor:
+    """The 2n columns holding dg and du in ``split_gate_up``'s layout."""
+    first, second = (du, dg) if up_first else (dg, du)
     if interleaved:
-        return torch.stack((dg, du), dim=-1).flatten(-2)
-    return torch.cat((dg, du), dim=-1)
+        return torch.stack((first, second), dim=-1).flatten(-2)
+    return torch.cat((first, second), dim=-1)
 
 
 def _up(t: torch.Tensor) -> torch.Tensor:
@@ -181,7 +215,7 @@ def act_forward(h: torch.Tensor, act: Activation, interleaved: bool) -> torch.Te
     hf = _up(h)
     if not act.gated:
         return _unary(act.kind, hf).to(h.dtype)
-    g, u = split_gate_up(hf, interleaved)
+    g, u = split_gate_up(hf, interleaved, act.up_first)
     if act.kind == "gptoss":
         g = g.clamp(max=act.limit)
         u = u.clamp(-act.limit, act.limit)
@@ -201,7 +235,7 @@ def act_forward_keeping(h: torch.Tensor, act: Activation, interleaved: bool):
     of recomputing (SwiGLU: silu(gate) in fp32; None for the others)."""
     if act.kind != "swiglu":
         return act_forward(h, act, interleaved), None
-    g, u = split_gate_up(_up(h), interleaved)
+    g, u = split_gate_up(_up(h), interleaved, act.up_first)
     sg = F.silu(g)
     return (sg * u).to(h.dtype), sg
 
@@ -212,7 +246,7 @@ def act_backward(h: torch.Tensor, da: torch.Tensor, act: Activation, interleaved
     hf, daf = _up(h), _up(da)
     if not act.gated:
         return (daf * _unary_grad(act.kind, hf)).to(h.dtype)
-    g, u = split_gate_up(hf, interleaved)
+    g, u = split_gate_up(hf, interleaved, act.up_first)
     if act.kind == "gptoss":
         gc = g.clamp(max=act.limit)
         uc = u.clamp(-act.limit, act.limit)
@@ -243,11 +277,11 @@ def act_backward(h: torch.Tensor, da: torch.Tensor, act: Activation, interleaved
     elif act.kind == "swiglu":
         # written into the halves of one dH: aten's fused silu_backward, no concatenation
         dh = torch.empty(hf.shape, dtype=hf.dtype, device=hf.device)
-        dg, du = split_gate_up(dh, interleaved)
+        dg, du = split_gate_up(dh, interleaved, act.up_first)
         torch.ops.aten.silu_backward.grad_input(daf * u, g, grad_input=dg)
         torch.mul(daf, F.silu(g) if kept is None else kept, out=du)
         return dh.to(h.dtype)
     else:
         dg = daf * u * _unary_grad(act.kind, g)
         du = daf * _unary(act.kind, g)
-    return join_gate_up(dg, du, interleaved).to(h.dtype)
+    return join_gate_up(dg, du, interleaved, act.up_first).to(h.dtype)

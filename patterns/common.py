@@ -1,6 +1,6 @@
-"""Pieces shared by the idiom modules: activation recognition (plain, gated via chunk(2), the
-GPT-OSS clamped gate on interleaved columns), per-expert biases added in place, and
-grouped-GEMM spellings."""
+"""Pieces shared by the idiom modules: activation recognition (plain, gated via chunk(2) with the
+gate half first or second (``"+up_first"`` specs), the GPT-OSS clamped gate on interleaved columns),
+per-expert biases added in place, and grouped-GEMM spellings."""
 from __future__ import annotations
 
 import math
@@ -11,7 +11,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as Fn
 
-from moe_inductor.activations import Activation
+from moe_inductor.activations import UP_FIRST, Activation
 from moe_inductor.fx.aliasing import is_view_of
 from moe_inductor.fx.decline import Declined, need
 from moe_inductor.fx.matching import AnyOf, F, getitem, M, match_or_decline
@@ -217,9 +217,9 @@ def gptoss_activation(act_out: fx.Node) -> Optional[tuple[str, bool, fx.Node]]:
     need(_number(u_min) and _number(u_max) and u_max == limit and u_min == -limit,
          f"up clamp is clamp(min={u_min!r}, max={u_max!r}), not clamp(min=-{limit!r}, max={limit!r})")
 
-    h, interleaved, src = gate_up_source(g_in, u_in)
+    h, interleaved, up_first, src = gate_up_source(g_in, u_in)
     _unwritten([*m.nodes, gate, up, k["scaled"], g_in, u_in, *src], "GPT-OSS gate")
-    return Activation("gptoss", float(alpha), float(limit)).spec, interleaved, h
+    return with_layout(Activation("gptoss", float(alpha), float(limit)).spec, up_first), interleaved, h
 
 
 def _chunk2(node) -> Optional[fx.Node]:
@@ -310,15 +310,33 @@ def halves(g_in, u_in) -> Optional[tuple]:
     return None
 
 
-def gate_up_source(g_in: fx.Node, u_in: fx.Node) -> tuple[fx.Node, bool, list]:
-    """``halves`` (h, interleaved, intermediate nodes) of gate/up, or a decline with the reason."""
+def gate_up_halves(g_in, u_in) -> Optional[tuple]:
+    """(h, interleaved, up_first, intermediate nodes) when gate / up are the two halves of one tensor h
+    (``halves``) in either order: gate first (up_first False), or up first (rxlm's
+    ``lin, gate = h.chunk(2, -1); lin * act(gate)``: up_first True, ``Activation.up_first``). The same
+    halves taken in the other order, nothing else: the same half twice is neither."""
+    found = halves(g_in, u_in)
+    if found is not None:
+        return found[0], found[1], False, found[2]
+    found = halves(u_in, g_in)
+    return None if found is None else (found[0], found[1], True, found[2])
+
+
+def with_layout(spec: str, up_first: bool) -> str:
+    """The activation spec of a gated activation whose up half comes first when ``up_first``."""
+    return spec + UP_FIRST if up_first else spec
+
+
+def gate_up_source(g_in: fx.Node, u_in: fx.Node) -> tuple[fx.Node, bool, bool, list]:
+    """``gate_up_halves`` (h, interleaved, up_first, intermediate nodes) of gate/up, or a decline with the
+    reason."""
     gi = match_or_decline(getitem(KeywordArg("h"), KeywordArg("index")), g_in, "gate columns of h")
     ui = match_or_decline(getitem(KeywordArg("h"), KeywordArg("index")), u_in, "up columns of h")
     need(ui["h"] is gi["h"], "gate and up are taken from different tensors")
-    found = halves(g_in, u_in)
+    found = gate_up_halves(g_in, u_in)
     need(found is not None,
-         f"gate/up columns are [{gi['index']!r}] / [{ui['index']!r}] of one tensor, not its first / second "
-         "halves nor interleaved [..., ::2] / [..., 1::2]")
+         f"gate/up columns are [{gi['index']!r}] / [{ui['index']!r}] of one tensor, not its two halves "
+         "(first / second in either order) nor interleaved [..., ::2] / [..., 1::2] (either order)")
     return found
 
 
@@ -402,13 +420,13 @@ def softcap_swiglu_activation(act_out: fx.Node):
             g_in, g_cast = _peel_float(gate)
             u_in, u_cast = _peel_float(up)
             need((g_cast is None) == (u_cast is None), "only one of gate/up is cast with .float()")
-            h, interleaved, src = gate_up_source(g_in, u_in)
+            h, interleaved, up_first, src = gate_up_source(g_in, u_in)
             casts = [c for c in (g_cast, u_cast) if c is not None]
             nodes = [act_out, left, right, sc, sg, *[a for n in (sc, right) for a in n.all_input_nodes],
                      gate, up, g_in, u_in, *src, *casts]
             _unwritten(nodes, "softcapped SwiGLU")
             spec = Activation("softcap_swiglu", _const(cgv, "gate softcap"), _const(cuv, "up softcap")).spec
-            return spec, interleaved, h, casts
+            return with_layout(spec, up_first), interleaved, h, casts
     return None
 
 
@@ -474,7 +492,8 @@ def _swiglu_limit(gate_bounds, up_bounds, what: str) -> float:
 def expert_activation(act_out: fx.Node) -> tuple[str, bool, fx.Node]:
     """(activation spec, interleaved, pre-activation h) of the expert body's activation:
     GPT-OSS's clamped gate (interleaved or concatenated), Inkling2's softcapped SwiGLU,
-    act(gate) * up with gate, up the halves of h (``halves``: chunk, split, slices) (or ``.float()`` of each, optionally the
+    act(gate) * up with gate, up the halves of h in either order (``gate_up_halves``: chunk, split, slices;
+    up first gives the spec ``"<kind>+up_first"``) (or ``.float()`` of each, optionally the
     clamped SwiGLU ``silu(gate.clamp(max=L)) * up.clamp(-L, L)`` or the SwiGLU clamped after the
     activation ``silu(gate).clamp(max=L) * up.clamp(-L, L)`` (Step-3.7); L = inf is plain SwiGLU),
     relu(h)**2, or a plain act(h), optionally followed by ``.to(h.dtype)``. Declines otherwise."""
@@ -508,7 +527,7 @@ def expert_activation(act_out: fx.Node) -> tuple[str, bool, fx.Node]:
             g_in, g_cast = _peel_float(g_c)
             u_in, u_cast = _peel_float(u_c)
             try:
-                h, interleaved, src = gate_up_source(g_in, u_in)
+                h, interleaved, up_first, src = gate_up_source(g_in, u_in)
             except Declined:
                 continue
             if interleaved or h is None:
@@ -524,19 +543,20 @@ def expert_activation(act_out: fx.Node) -> tuple[str, bool, fx.Node]:
                 _unwritten(inter, "clamped SwiGLU")
                 _check_casts(outer, h, [], out_cast)
                 spec = "swiglu" if limit == math.inf else Activation("swiglu_limit_after", limit=limit).spec
-                return spec, False, h
+                return with_layout(spec, up_first), False, h
             if gb is not None and ub is not None:
                 need(name == "silu", f"clamped gated activation {name}: only the clamped SwiGLU is supported")
                 need(not casts, "clamped SwiGLU with .float() casts inside the clamps is not supported")
                 limit = _swiglu_limit(gb[1:], ub[1:], "gate clamp")
                 _unwritten(inter, "clamped SwiGLU")
                 _check_casts(outer, h, [], out_cast)
-                return ("swiglu" if limit == math.inf else Activation("swiglu_limit", limit=limit).spec), False, h
+                spec = "swiglu" if limit == math.inf else Activation("swiglu_limit", limit=limit).spec
+                return with_layout(spec, up_first), False, h
             need(gb is None and ub is None, "only one of gate/up is clamped")
             need(name in GATED_OF, f"gated activation {name} unsupported")
             _unwritten(inter, "gated activation")
             _check_casts(outer, h, casts, out_cast)
-            return GATED_OF[name], False, h
+            return with_layout(GATED_OF[name], up_first), False, h
     r2 = _relu2(act_out)
     if r2 is not None:
         h, relu_node = r2

@@ -1395,7 +1395,7 @@ def _upstream(roots, stop: set) -> list:
 
 #: activations with act(0) == 0 (plain) or gated ones (act(gate) * up, up(0) == 0): an expert without
 #: biases then maps 0 to 0
-_ZERO_AT_ZERO = {"silu", "relu", "gelu", "gelu_tanh"} | set(GATED_OF.values())
+_ZERO_AT_ZERO = {"silu", "relu", "gelu", "gelu_tanh"} | set(GATED_OF.values()) | {g + "+up_first" for g in GATED_OF.values()}
 
 
 def analyse(node: fx.Node) -> MoEBlock:

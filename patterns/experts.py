@@ -11,6 +11,8 @@ One projection (``projection``) is any of
 each optionally followed by ``+ b``. The MLP (``mlp``) is
   ``down(act(gate(z)) * up(z))``             gated (SwiGLU, GeGLU), either operand order, ``x * sigmoid(x)`` for silu
   ``down(act(gate_up(z).chunk(2, -1)[0]) * gate_up(z).chunk(2, -1)[1])``   fused gate/up weights (gate first)
+  ``down(gate_up(z).chunk(2, -1)[0] * act(gate_up(z).chunk(2, -1)[1]))``   fused, up first (rxlm's
+                                             ``GatedLinearUnit``): activation spec ``"<kind>+up_first"``
   ``down(act(up(z)))``                       plain (silu, gelu, gelu-tanh, relu)
 with identity dropout (eval or p == 0), casts to the same dtype and ``contiguous`` allowed between.
 Weights are returned in Linear layout (out, in); ``transposed`` names those the composition must
@@ -37,7 +39,7 @@ from moe_inductor.fx.targets import MATMUL_FUNCTIONS, MATMUL_METHODS
 from moe_inductor.parts import ExpertMLP, IdentityExpert, decline, recognise, register
 from moe_inductor.rewrite import gemm_name
 
-from .common import GATED_OF, NO_ACTIVATION, expert_activation, halves, unary_activation
+from .common import GATED_OF, NO_ACTIVATION, expert_activation, gate_up_halves, unary_activation, with_layout
 
 _LINEAR = (torch._C._nn.linear, torch.nn.functional.linear)
 
@@ -141,10 +143,11 @@ def _zero_offset(node):
     return node
 
 
-def _chunk_halves(a, b) -> Optional[fx.Node]:
-    """The fused gate_up output h if a, b are its concatenated halves (``common.halves``)."""
-    found = halves(a, b)
-    return found[0] if found is not None and not found[1] else None
+def _chunk_halves(a, b) -> tuple[Optional[fx.Node], bool]:
+    """(h, up_first): the fused gate_up output h if gate a and up b are its concatenated halves in either
+    order (``common.gate_up_halves``), up_first when b is the first half; (None, False) otherwise."""
+    found = gate_up_halves(a, b)
+    return (found[0], found[2]) if found is not None and not found[1] else (None, False)
 
 
 @register("experts", "mlp", "ModuleList of Linears (any names, biases), fused gate_up, stacked P[e], z @ W.t()")
@@ -185,14 +188,15 @@ def walk_mlp(out, proj, part: str, gemm: str, check=None, more_activations: bool
             name, inner = unary_activation(a)
             if name is None:
                 continue
-            h = _chunk_halves(inner, _zero_offset(safety.strip_identity(b)))
+            h, up_first = _chunk_halves(inner, _zero_offset(safety.strip_identity(b)))
             if h is not None:
                 g = proj(safety.strip_identity(h))
                 if g is None:
                     continue
                 need(name in GATED_OF, f"{a.name}: gated activation {name} is not supported", part=part)
                 transposed["gate"] = g[2]
-                return _with_layout(ExpertMLP(input=g[0], output=out, activation=GATED_OF[name], gate=g[1],
+                spec = with_layout(GATED_OF[name], up_first)
+                return _with_layout(ExpertMLP(input=g[0], output=out, activation=spec, gate=g[1],
                                               down=down[1], b_gate=g[3], b_down=down[3], gemm=gemm), transposed)
             g = proj(safety.strip_identity(inner))
             u = proj(_zero_offset(safety.strip_identity(b)))

@@ -787,9 +787,9 @@ def compile_sm90(kernel, dt, consts, warps, stages):
 
 asms = [
     compile_sm90(gg._up_proj_kernel, "bf16", dict(HAS_B1=True, KEEP_H=True, WRITE_A=True, GATED=True,
-                 INTERLEAVED=True, ACT=4, IEEE=False, INTERPRET=False, GROUP_M=8, BLOCK_M=128, BLOCK_N=64,
+                 INTERLEAVED=True, UP_FIRST=False, ACT=4, IEEE=False, INTERPRET=False, GROUP_M=8, BLOCK_M=128, BLOCK_N=64,
                  BLOCK_K=64), 4, 4),
-    compile_sm90(gg._dh_kernel, "bf16", dict(HAS_B2=True, GATED=True, INTERLEAVED=True, ACT=4, IEEE=False,
+    compile_sm90(gg._dh_kernel, "bf16", dict(HAS_B2=True, GATED=True, INTERLEAVED=True, UP_FIRST=False, ACT=4, IEEE=False,
                  INTERPRET=False, GROUP_M=8, PART_N=64, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64), 8, 4),
     compile_sm90(gg._sorted_gemm_kernel, "fp32", dict(HAS_BIAS=True, IEEE=True, INTERPRET=False, GROUP_M=8,
                  BLOCK_M=128, BLOCK_N=64, BLOCK_K=64), 4, 3),
@@ -799,7 +799,7 @@ asms = [
                  INTERPRET=False, BLOCK_I=128, BLOCK_J=128, BLOCK_R=64), 8, 3),
     # the small-row-tile specialisation (decode, many experts: config.kernel_tile_m)
     compile_sm90(gg._up_proj_kernel, "bf16", dict(HAS_B1=False, KEEP_H=True, WRITE_A=True, GATED=True,
-                 INTERLEAVED=False, ACT=0, IEEE=False, INTERPRET=False, GROUP_M=8, BLOCK_M=16, BLOCK_N=64,
+                 INTERLEAVED=False, UP_FIRST=False, ACT=0, IEEE=False, INTERPRET=False, GROUP_M=8, BLOCK_M=16, BLOCK_N=64,
                  BLOCK_K=64), 4, 4),
 ]
 compile_sm90(cb._gather_sum_kernel, "bf16", dict(HAS_SCALE=True, INTERPRET=False, BLOCK_J=8, BLOCK_D=1024), 4, 1)

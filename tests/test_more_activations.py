@@ -147,16 +147,19 @@ def test_swiglu_limit_asymmetric_up_clamp_declines(monkeypatch, fresh_dynamo):
     _only(reasons, "up clamp is clamp(min=-10.0, max=20.0), not clamp(min=-10.0, max=10.0)")
 
 
-def test_gptoss_concat_swapped_chunks_declines(monkeypatch, fresh_dynamo):
+def test_gptoss_concat_swapped_chunks_is_up_first(monkeypatch, fresh_dynamo):
+    """Halves swapped: the up-first layout ("gptoss:1.702:7.0+up_first", tests/test_glu_halves.py),
+    rewritten and exact (was a near miss before that layout existed)."""
     def gate(self, gate_up):
         up, g = gate_up.chunk(2, dim=-1)  # halves swapped
         g = g.clamp(max=self.swiglu_limit)
         up = up.clamp(min=-self.swiglu_limit, max=self.swiglu_limit)
         return (up + 1.0) * (g * torch.sigmoid(g * self.swiglu_alpha))
 
-    reasons = _reasons("minimax_m3_vl", "MiniMaxM3VLExperts", gate, monkeypatch)
-    _only(reasons, "gate/up columns are [1] / [0] of one tensor, not its first / second halves nor "
-                   "interleaved [..., ::2] / [..., 1::2]")
+    model, ids = hf_models.build("minimax_m3_vl")
+    monkeypatch.setattr(type(hf_models.moe_modules(model)[0][1].experts), "_apply_gate", gate)
+    run_and_compare(model, ids, len(hf_models.moe_modules(model)), atol=1e-4, rtol=1e-4,
+                    backend=sonic_without_codegen)
 
 
 def test_softcap_with_mismatched_constants_declines(monkeypatch, fresh_dynamo):

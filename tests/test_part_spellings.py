@@ -17,8 +17,9 @@ lengths (fp32, 1e-4), what was rewritten or declined asserted.
   ``arange(1, E + 1)`` (column e is expert e + 1) is not rewritten.
 - Halves of a fused gate|up output: ``h[..., :w // 2]`` / ``h[..., w // 2:]`` (vLLM's reference
   ``SiluAndMul``), ``split(w // 2, -1)``, ``torch.split(h, [w // 2] * 2, -1)``, ``torch.chunk``: one
-  part recogniser (``patterns.common.halves``) read by every experts recogniser. Near misses not
-  rewritten: the activation on the second half, overlapping halves, both factors from one half.
+  part recogniser (``patterns.common.halves``) read by every experts recogniser; the activation on
+  the second half is the up-first layout (``"swiglu+up_first"``, tests/test_glu_halves.py). Near
+  misses not rewritten: overlapping halves, both factors from one half.
 """
 from __future__ import annotations
 
@@ -206,9 +207,9 @@ class FusedHalvesLoop(_Routed):
         if f == "torch_chunk":
             g, u = torch.chunk(h, 2, dim=-1)
             return F.silu(g) * u
-        # near misses
-        if f == "swapped":  # the activation on the second half: another function
+        if f == "swapped":  # the activation on the second half: the up-first layout ("swiglu+up_first")
             return F.silu(h[..., half:]) * h[..., :half]
+        # near misses
         if f == "off_by_one":  # halves that overlap: not a gate|up split
             return F.silu(h[..., :half + 1])[..., :half] * h[..., half:]
         if f == "same_half":  # both factors from the second half
@@ -226,14 +227,14 @@ class FusedHalvesLoop(_Routed):
         return out
 
 
-@pytest.mark.parametrize("form", ["slice", "slice_2d", "split", "split_sections", "torch_chunk"])
+@pytest.mark.parametrize("form", ["slice", "slice_2d", "split", "split_sections", "torch_chunk", "swapped"])
 def test_fused_gate_up_halves_rewritten(form):
     torch.manual_seed(0)
     cands = rewrite_and_compare(FusedHalvesLoop(form), d)
     assert [c.status for c in cands] == ["rewritten"] * 2, [(c.status, c.reason) for c in cands]
 
 
-@pytest.mark.parametrize("form", ["swapped", "off_by_one", "same_half"])
+@pytest.mark.parametrize("form", ["off_by_one", "same_half"])
 def test_fused_gate_up_halves_near_misses_not_rewritten(form):
     torch.manual_seed(0)
     cands = rewrite_and_compare(FusedHalvesLoop(form), d)  # equal to eager whatever happens

@@ -129,15 +129,18 @@ def _tile_rows(tile_row_start_ptr, tile_row_end_ptr, pid_m, BLOCK_M: tl.constexp
 
 
 @triton.jit
-def _gate_up_cols(cols, n_act, INTERLEAVED: tl.constexpr):
-    """Columns of H holding gate and up for activation columns cols (interleaved or concatenated)."""
+def _gate_up_cols(cols, n_act, INTERLEAVED: tl.constexpr, UP_FIRST: tl.constexpr):
+    """Columns of H holding gate and up for activation columns cols (interleaved or concatenated;
+    UP_FIRST: the up half is the first one, ``Activation.up_first``)."""
     if INTERLEAVED:
-        gate_cols = 2 * cols
-        up_cols = 2 * cols + 1
+        first_cols = 2 * cols
+        second_cols = 2 * cols + 1
     else:
-        gate_cols = cols
-        up_cols = cols + n_act
-    return gate_cols, up_cols
+        first_cols = cols
+        second_cols = cols + n_act
+    if UP_FIRST:
+        return second_cols, first_cols
+    return first_cols, second_cols
 
 
 @triton.jit
@@ -177,7 +180,7 @@ def _up_proj_kernel(
     stride_ar, stride_ac,
     alpha, limit,
     HAS_B1: tl.constexpr, KEEP_H: tl.constexpr, WRITE_A: tl.constexpr,
-    GATED: tl.constexpr, INTERLEAVED: tl.constexpr, ACT: tl.constexpr,
+    GATED: tl.constexpr, INTERLEAVED: tl.constexpr, UP_FIRST: tl.constexpr, ACT: tl.constexpr,
     IEEE: tl.constexpr, INTERPRET: tl.constexpr, GROUP_M: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -191,7 +194,7 @@ def _up_proj_kernel(
                 rows, row_mask, rows64 = _tile_rows(tile_row_start_ptr, tile_row_end_ptr, pid_m, BLOCK_M)
                 cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
                 if GATED:
-                    gate_cols, up_cols = _gate_up_cols(cols, n_act, INTERLEAVED)
+                    gate_cols, up_cols = _gate_up_cols(cols, n_act, INTERLEAVED, UP_FIRST)
                 else:
                     gate_cols = cols
                 zmask = row_mask[:, None] & (cols < n_act)[None, :]
@@ -206,7 +209,7 @@ def _up_proj_kernel(
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cols < n_act
     if GATED:
-        gate_cols, up_cols = _gate_up_cols(cols, n_act, INTERLEAVED)
+        gate_cols, up_cols = _gate_up_cols(cols, n_act, INTERLEAVED, UP_FIRST)
     else:
         gate_cols = cols
     w_base = w1_ptr + e.to(tl.int64) * stride_we
@@ -283,7 +286,7 @@ def up_proj(
         a.stride(0) if a_out is not None else 0, a.stride(1) if a_out is not None else 0,
         float(act.alpha), float(act.limit),
         HAS_B1=b1 is not None, KEEP_H=h_out is not None, WRITE_A=a_out is not None,
-        GATED=act.gated, INTERLEAVED=interleaved, ACT=act_code(act),
+        GATED=act.gated, INTERLEAVED=interleaved, UP_FIRST=act.up_first, ACT=act_code(act),
         GROUP_M=GROUP_M, BLOCK_M=meta.tile_m, **dot_flags(x.dtype),
     )
 
@@ -377,7 +380,7 @@ def _dh_kernel(
     stride_ar, stride_ac,
     stride_dsr, num_parts,
     alpha, limit,
-    HAS_B2: tl.constexpr, GATED: tl.constexpr, INTERLEAVED: tl.constexpr, ACT: tl.constexpr,
+    HAS_B2: tl.constexpr, GATED: tl.constexpr, INTERLEAVED: tl.constexpr, UP_FIRST: tl.constexpr, ACT: tl.constexpr,
     IEEE: tl.constexpr, INTERPRET: tl.constexpr, GROUP_M: tl.constexpr,
     PART_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -421,7 +424,7 @@ def _dh_kernel(
     s = tl.load(s_sorted_ptr + rows, mask=row_mask, other=0.0)
     h_row = h_ptr + rows64[:, None] * stride_hr
     if GATED:
-        gate_cols, up_cols = _gate_up_cols(cols, n_act, INTERLEAVED)
+        gate_cols, up_cols = _gate_up_cols(cols, n_act, INTERLEAVED, UP_FIRST)
         g = tl.load(h_row + gate_cols[None, :] * stride_hc, mask=mask2, other=0.0).to(tl.float32)
         u = tl.load(h_row + up_cols[None, :] * stride_hc, mask=mask2, other=0.0).to(tl.float32)
         a = cast(gated_fwd(g, u, alpha, limit, ACT), dt, INTERPRET).to(tl.float32)
@@ -491,7 +494,7 @@ def dh_backward(
         a_scaled.stride(0), a_scaled.stride(1),
         ds_part.stride(0), ds_part.shape[1],
         float(act.alpha), float(act.limit),
-        HAS_B2=b2 is not None, GATED=act.gated, INTERLEAVED=interleaved, ACT=act_code(act),
+        HAS_B2=b2 is not None, GATED=act.gated, INTERLEAVED=interleaved, UP_FIRST=act.up_first, ACT=act_code(act),
         GROUP_M=GROUP_M, PART_N=_DH_MIN_BLOCK_N, BLOCK_M=meta.tile_m, **dot_flags(dt),
     )
     return dh, a_scaled, ds_part.sum(dim=1)

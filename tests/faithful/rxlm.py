@@ -216,7 +216,7 @@ class WithRouterLoss(nn.Module):
 
 
 _x3d = tokens(lambda T: (1, T, D))
-# rxlm_moe_ff recognised, the gated ones pending (issue 18): the block is the flat-rows form (rows x[arange(T).repeat_interleave(K)[perm]] of a
+# rxlm_moe_ff and the gated ones recognised: the block is the flat-rows form (rows x[arange(T).repeat_interleave(K)[perm]] of a
 # sort, expert chunks split by host counts, scatter_add_ at arange(T).repeat_interleave(K) of the rows put
 # back by argsort), not a per-expert loop; expert_loop declines its scatter_add_ as a unit (dispatch.
 # assignment_tokens). rxlm_moe_ff: host_splits turns the biased chunk experts into grouped GEMMs with
@@ -225,8 +225,9 @@ _x3d = tokens(lambda T: (1, T, D))
 # eagerly until the trampoline stood in for forwards whose arguments are cells (x, read by the shared
 # experts' list comprehension) and the throwaway trace stopped skipping the frame at the loop's graph
 # break (moe_inductor/dynamo_scope.py): rewritten from the first call since. The gated variants: the GLU experts put the activation on
-# the SECOND chunk half (lin * act(gate)), which patterns.experts.mlp does not read ("the expert body is
-# not a supported MLP"), so host_splits leaves their chunks as they are.
+# the SECOND chunk half (lin * act(gate)): patterns.common.gate_up_halves reads it as the fused gate|up
+# weight with the up half first (activation "swiglu+up_first", the op's kernels take the gate from the
+# second half, no weight copy), so host_splits and assignment_rows compose them as rxlm_moe_ff.
 _SRC = "RxAI-dev/rxlm python/src/rxlm/transformers/moe.py MoeRouter + {} (ff.py experts) @bed8777"
 
 ENTRIES = [
@@ -239,11 +240,11 @@ ENTRIES = [
     Idiom("rxlm_gated_moe_ff_shared", _SRC.format("GatedMoeFeedForward(num_shared_experts=1)"),
           seeded(147, lambda: GatedMoeFeedForward(D, N, E, nn.SiLU(), top_k=K, dropout=0.0,  # dropout 0: train-mode determinism (default 0.1)
                                                   num_shared_experts=1)), _x3d,
-          expect="pending", fullgraph=False, other_gemms=3, faithful=True,
+          expect=1, fullgraph=False, other_gemms=3, faithful=True,
           note="GLU experts with one biased fused linear chunked as (linear, gate), a shared GLU expert "
                "added after the scatter_add_, and the MoeFeedForward loop and aux loss"),
     Idiom("rxlm_gated_moe_ff_router_loss", _SRC.format("GatedMoeFeedForward") + " + router_loss() read after forward",
           seeded(148, lambda: WithRouterLoss(GatedMoeFeedForward(D, N, E, nn.SiLU(), top_k=K, dropout=0.0))), _x3d,
-          expect="pending", fullgraph=False, faithful=True,
+          expect=1, fullgraph=False, faithful=True,
           note="the router_loss() read after the forward (a wrapper keeps it as self.aux_loss), GLU experts"),
 ]
