@@ -295,13 +295,16 @@ def _match(split: fx.Node, shape_of) -> tuple:
 
 # --------------------------------------------------------------------------- per-expert MLP modules
 
-def _expert_nodes(out: fx.Node, chunk: fx.Node, params: set) -> Optional[list]:
-    """The nodes computing ``out`` from ``chunk`` and ``params`` (the expert's weights), in graph
-    order, ``out`` last; None if ``out`` reads any other node."""
+def _expert_nodes(out: fx.Node, leaves: set) -> Optional[list]:
+    """The nodes computing ``out`` from ``leaves`` (its chunk, the side chunks, its weights, the split
+    sizes), in graph order, ``out`` last; ``get_attr`` nodes (autograd.Function bodies) are followed
+    but not listed. None if ``out`` reads any other node."""
     seen, stack = set(), [out]
     while stack:
         n = stack.pop()
-        if n in seen or n is chunk or n in params:
+        if n in seen or n in leaves:
+            continue
+        if n.op == "get_attr":
             continue
         if n.op not in ("call_function", "call_method"):
             return None
@@ -311,21 +314,113 @@ def _expert_nodes(out: fx.Node, chunk: fx.Node, params: set) -> Optional[list]:
     return sorted(seen, key=order.__getitem__)
 
 
-def _signature(nodes: list, chunk: fx.Node, roles: dict) -> tuple:
-    """The expert's computation with its nodes numbered, its input as "rows" and its weights by
-    role: equal signatures compute the same function of (rows, weights)."""
-    index = {n: i for i, n in enumerate(nodes)}
+def _kind(n: fx.Node) -> tuple:
+    """How the grouped form treats an expert node: ("linear", x, w, b) for ``F.linear`` or an
+    autograd.Function proven to be it (``safety.linear_function_operands``: Megatron-Core's parallel
+    linears), ("identity", x) for a Function proven to be the identity (its tensor-parallel regions at
+    size 1), ("call",) for the ``autograd_function_apply`` call under one of those, ("plain",) else."""
+    from . import safety
+
+    got = _linear_parts(n) if n.op == "call_function" and n.target in (torch._C._nn.linear,
+                                                                       torch.nn.functional.linear) else None
+    if got is None:
+        got = safety.linear_function_operands(n)
+    if got is not None:
+        return ("linear",) + tuple(got)
+    x = safety.identity_function_input(n)
+    if x is not None:
+        return ("identity", x)
+    if safety._is_function_apply(n):
+        return ("call",)
+    return ("plain",)
+
+
+def _signature(nodes: list, chunk: fx.Node, roles: dict, sides: dict) -> tuple:
+    """The expert's computation with its nodes numbered, its input as "rows", its side chunks by
+    side, its weights by role (Function calls by what they are proven to compute): equal signatures
+    compute the same function of (rows, side rows, weights)."""
+    kinds = {n: _kind(n) for n in nodes}
+    kept = [n for n in nodes if kinds[n][0] != "call"]
+    index = {n: i for i, n in enumerate(kept)}
 
     def arg(a):
         if isinstance(a, fx.Node):
-            return ("rows",) if a is chunk else ("w", roles[a]) if a in roles else ("n", index[a])
+            if a is chunk:
+                return ("rows",)
+            if a in sides:
+                return ("side", sides[a])
+            return ("w", roles[a]) if a in roles else ("n", index[a])
         if isinstance(a, (list, tuple)):
             return (type(a).__name__,) + tuple(arg(x) for x in a)
         if isinstance(a, dict):
             return ("dict",) + tuple(sorted((k, arg(v)) for k, v in a.items()))
         return ("c", type(a).__name__, repr(a))
 
-    return tuple((n.op, str(n.target), arg(n.args), arg(n.kwargs)) for n in nodes)
+    return tuple((kinds[n][0],) + tuple(arg(a) for a in kinds[n][1:]) if kinds[n][0] != "plain"
+                 else (n.op, str(n.target), arg(n.args), arg(n.kwargs)) for n in kept)
+
+
+#: ops that make a per-row column of a 1-D side chunk (or keep one): the only way an expert may read
+#: its side chunks (Megatron-Core's ``probs.unsqueeze(-1)``, then a cast)
+_COLUMN_METHODS = {"unsqueeze", "view", "reshape", "to", "float", "half", "bfloat16", "type_as", "type"}
+
+
+def _side_splits(split: fx.Node, sizes: list, rows: fx.Node, E: int, shape_of) -> object:
+    """{chunk i of every other split by the very same sizes: (side number, i)}, [side tensors]: tensors
+    row-aligned with the split rows (Megatron-Core splits the permuted probabilities as it splits the
+    permuted tokens); a reason string when such a split is not used chunk by chunk."""
+    from .safety import writes_to
+
+    out, tensors = {}, []
+    users = [u for u in sizes[0].users if u is not split] if isinstance(sizes[0], fx.Node) else []
+    for u in users:
+        parts = _split_parts(u)
+        if parts is None or parts[1] != sizes:
+            continue
+        side, _, dim = parts
+        ss = shape_of(side)
+        if ss is None or len(ss) not in (1, 2) or dim not in (0, -len(ss)):
+            return f"{u.name}: another split by the same counts, not of rows over dimension 0"
+        if writes_to(side):
+            return f"{side.name}: split by the same counts and written in place"
+        for g in u.users:
+            if not (g.op == "call_function" and g.target is operator.getitem and type(g.args[1]) is int
+                    and 0 <= g.args[1] < E):
+                return f"{u.name}: the chunks of {side.name} are used other than one by one ({g.name})"
+            out[g] = (len(tensors), g.args[1])
+        tensors.append((side, u))
+    return out, tensors
+
+
+def _side_reason(m, i: int, nodes: list, sides: dict, chunk: fx.Node) -> Optional[str]:
+    """Why expert ``i`` reads its side chunks other than as the per-row scale of its hidden rows
+    (``ExpertMLP.row_scale``, a column made of one side chunk), else None. On the concatenated rows
+    that column is the whole side tensor's, row for row."""
+    inside = set(nodes)
+    mine = [c for c, (_, e) in sides.items() if e == i and any(u in inside for u in c.users)]
+    if not mine:
+        return None if m.row_scale is None else f"expert {i} scales its rows by something else than a side chunk"
+    if m.row_scale is None:
+        return f"{mine[0].name}: expert {i} reads a side chunk other than as a per-row scale before its down projection"
+    col_nodes = set()
+    n = m.row_scale
+    while isinstance(n, fx.Node) and n not in sides:
+        if not (n.op == "call_method" and n.target in _COLUMN_METHODS or
+                n.op == "call_function" and n.target is operator.getitem and n.args[1] in ((slice(None), None),)):
+            return f"{n.name}: expert {i}'s row scale is not a column of a side chunk"
+        col_nodes.add(n)
+        n = n.args[0]
+    if n not in mine or len(n.users) != 1:
+        return f"{m.row_scale.name}: expert {i}'s row scale is not a column of its own side chunk"
+    for c in col_nodes:
+        if any(u not in inside or (u not in col_nodes and u is not _scaled_product(m)) for u in c.users):
+            return f"{c.name}: expert {i}'s row scale is read by something else than the product it scales"
+    return None
+
+
+def _scaled_product(m):
+    """The ``h * scale`` node of an ExpertMLP with a row scale (its scale's only user), else None."""
+    return next(iter(m.row_scale.users)) if len(m.row_scale.users) == 1 else None
 
 
 def _roles(m) -> tuple:
@@ -339,12 +434,11 @@ def _roles(m) -> tuple:
     return roles, biases
 
 
-def _projection_reason(n: fx.Node, i: int, roles: dict, biases: dict, shape_of) -> Optional[str]:
-    """Why expert ``i``'s node ``n`` is not a projection the grouped GEMM computes, else None:
-    ``F.linear(rows, W)`` with W one of its weights, or ``F.linear(rows, W, b)`` with b the bias the
-    expert description gives that very projection, shaped (out,) and of W's dtype (added per row,
-    as ``grouped_mm``'s per-expert bias adds it)."""
-    got = _linear_parts(n)
+def _projection_reason(n: fx.Node, got: tuple, i: int, roles: dict, biases: dict, shape_of) -> Optional[str]:
+    """Why expert ``i``'s projection ``n`` ((input, weight, bias) ``got``: ``F.linear`` or a Function
+    proven to be it) is not one the grouped GEMM computes, else None: W one of its weights, and b
+    None or the bias the expert description gives that very projection, shaped (out,) and of W's
+    dtype (added per row, as ``grouped_mm``'s per-expert bias adds it)."""
     if got is None or got[1] not in roles:
         return f"{n.name}: expert {i} has a projection other than F.linear(rows, W[, b]) on its weights"
     w, b = got[1], got[2]
@@ -364,12 +458,19 @@ def _match_mlp(split: fx.Node, shape_of) -> object:
     counts + the same ModuleList MLP on every chunk (``patterns.experts.mlp``: linear projections,
     each with or without its bias (the same for every expert), the same activation) + cat over dim 0
     in chunk order; a reason string; or None."""
-    from moe_inductor.patterns.experts import mlp as expert_mlp
+    from moe_inductor.patterns.experts import mlp_scaled as expert_mlp
+
+    from . import safety
 
     found = _split_by_counts(split, shape_of)
     if not isinstance(found, tuple):
         return found
     counts, rows, E, chunks = found
+    sizes = _split_parts(split)[1]
+    got = _side_splits(split, sizes, rows, E, shape_of)
+    if isinstance(got, str):
+        return got
+    sides, side_tensors = got
     cats = {u for c in chunks.values() for n in _downstream(c) for u in n.users
             if u.op == "call_function" and u.target is torch.cat}
     if len(cats) != 1:
@@ -386,29 +487,20 @@ def _match_mlp(split: fx.Node, shape_of) -> object:
             m = expert_mlp(out) if isinstance(out, fx.Node) else None
         except Exception as e:  # a declined MLP: its reason
             return f"chunk {i}: {e}"
-        if m is None or m.input is not c:
+        if m is None or safety.strip_identity(m.input) is not c:  # (through identity Functions: TP copy regions)
             return f"{getattr(out, 'name', out)}: output {i} of the cat is not an MLP of chunk {i}"
         got = _roles(m)
         if isinstance(got, str):
             return f"{out.name}: expert {i}: {got}"
         roles, biases = got
         tensors = {**roles, **biases}
-        nodes = _expert_nodes(out, c, set(tensors))
+        nodes = _expert_nodes(out, {c, *tensors, *sides, *(z for z in sizes if isinstance(z, fx.Node))})
         if nodes is None:
             return f"{out.name}: expert {i} reads other tensors than its chunk and its weights"
-        inside = set(nodes)
-        for n in nodes + [c]:
-            extra = [u for u in n.users if u not in inside and not (n is out and u is cat)]
-            if extra:
-                return f"{n.name}: expert {i}'s {n.name} is also read by {extra[0].name}"
-        for n in nodes:
-            if n.op == "call_function" and n.target in (torch._C._nn.linear, torch.nn.functional.linear):
-                why = _projection_reason(n, i, roles, biases, shape_of)
-                if why is not None:
-                    return why
-            elif any(isinstance(a, fx.Node) and a in tensors for a in n.all_input_nodes):
-                return f"{n.name}: expert {i} uses a weight or bias other than in F.linear"
-        sig = _signature(nodes, c, tensors)
+        why = _expert_reason(m, i, out, c, cat, nodes, tensors, roles, biases, sides, sizes, shape_of)
+        if why is not None:
+            return why
+        sig = _signature(nodes, c, tensors, {z: k for z, (k, e) in sides.items() if e == i})
         if sig0 is None:
             sig0, nodes0 = sig, nodes
         elif sig != sig0:
@@ -419,7 +511,39 @@ def _match_mlp(split: fx.Node, shape_of) -> object:
                 return f"{w.name}: expert {i}'s {r} {'weight' if r in roles.values() else ''} differs in shape"
         mlps.append(m)
         erase += list(reversed(nodes)) + [c]
-    return counts, rows, E, mlps, nodes0, chunks[0], cat, erase + [split]
+    side0 = {z: side_tensors[k][0] for z, (k, e) in sides.items() if e == 0}
+    erase += [z for z in sides if z not in erase] + [u for _, u in side_tensors]
+    return counts, rows, E, mlps, nodes0, chunks[0], side0, cat, erase + [split]
+
+
+def _expert_reason(m, i, out, c, cat, nodes, tensors, roles, biases, sides, sizes, shape_of) -> Optional[str]:
+    """Why expert ``i`` (its ``nodes``, from chunk ``c`` to ``out``) is not one the grouped form
+    computes, else None: nothing outside reads its intermediates, its projections are linear on its
+    own weights, weights and biases are read only by them, the split sizes only by the Function calls
+    (Dynamo passes a chunk's symbolic size to them), side chunks only as its row scale."""
+    inside = set(nodes)
+    for n in nodes + [c]:
+        extra = [u for u in n.users if u not in inside and not (n is out and u is cat)]
+        if extra:
+            return f"{n.name}: expert {i}'s {n.name} is also read by {extra[0].name}"
+    size_nodes = {z for z in sizes if isinstance(z, fx.Node)}
+    for n in nodes:
+        kind = _kind(n)
+        if kind[0] == "linear":
+            why = _projection_reason(n, kind[1:], i, roles, biases, shape_of)
+            if why is not None:
+                return why
+            continue
+        if kind[0] == "call":
+            if [u for u in n.users] != [u for u in n.users if _kind(u)[0] in ("linear", "identity")] or \
+                    len(n.users) != 1:
+                return f"{n.name}: expert {i} calls an autograd.Function that is not a linear or an identity"
+            continue
+        if any(isinstance(a, fx.Node) and a in tensors for a in n.all_input_nodes):
+            return f"{n.name}: expert {i} uses a weight or bias other than in a linear projection"
+        if any(a in size_nodes or a.op == "get_attr" for a in n.all_input_nodes):
+            return f"{n.name}: expert {i} reads the split sizes"
+    return _side_reason(m, i, nodes, sides, c)
 
 
 def _downstream(node: fx.Node, limit: int = 64) -> list:
@@ -436,7 +560,7 @@ def _emit_mlp(graph, plan, offs, call, method, emitted: list) -> fx.Node:
     """Expert 0's nodes on all the rows, each projection a grouped GEMM on the stacked weights (and
     the stacked biases, when the projection has one; the new nodes are appended to ``emitted``: their
     fake values are expert 0's until refreshed)."""
-    counts, rows, E, mlps, nodes0, chunk0, cat, _ = plan
+    counts, rows, E, mlps, nodes0, chunk0, side0, cat, _ = plan
     roles, biases = _roles(mlps[0])
     stacked = {}
 
@@ -446,12 +570,25 @@ def _emit_mlp(graph, plan, offs, call, method, emitted: list) -> fx.Node:
             stacked[r] = W if r.startswith("b_") else method(graph, "transpose", W, -2, -1, like=cat)
         return stacked[r]
 
-    env = {chunk0: rows}
+    for side in set(side0.values()):
+        # split by the same sizes as the rows, so as long as they (the split checked it; Dynamo may
+        # give the two lengths two symbols): said once in the graph (the shape environment learns it:
+        # rows and side combine without a data-dependent broadcast, ``fx.shapes.same_dim`` proves it)
+        n_rows = call(graph, torch.ops.aten.sym_size.int, rows, 0, like=cat)
+        n_side = call(graph, torch.ops.aten.sym_size.int, side, 0, like=cat)
+        same_n = call(graph, operator.eq, n_side, n_rows, like=cat)
+        call(graph, torch.ops.aten._assert_scalar.default, same_n,
+             f"sonic: {side.name} and {rows.name} are split by the same counts: their lengths must agree", like=cat)
+    env = {chunk0: rows, **side0}
     for n in nodes0:
-        got = _linear_parts(n) if n.op == "call_function" and n.target in (torch._C._nn.linear,
-                                                                           torch.nn.functional.linear) else None
-        if got is not None:
-            inp, w, b = got
+        kind = _kind(n)
+        if kind[0] == "call":  # the Function call under a linear or an identity: replaced with it
+            continue
+        if kind[0] == "identity":
+            env[n] = env[kind[1]]
+            continue
+        if kind[0] == "linear":
+            inp, w, b = kind[1:]
             extra = {} if b is None else {"bias": stack(biases[b])}
             env[n] = call(graph, torch.ops.moe_inductor.grouped_mm.default, env[inp], stack(roles[w]), offs=offs,
                           like=n, **extra)
@@ -464,6 +601,10 @@ def _emit_mlp(graph, plan, offs, call, method, emitted: list) -> fx.Node:
 _SYM_OPS = {operator.ge, operator.gt, operator.le, operator.lt, operator.eq, operator.ne, operator.add,
             operator.sub, operator.mul, operator.and_, operator.or_, operator.not_,
             operator.mod, operator.floordiv}  # (mod / floordiv: a view of the rows into (T, K, d) checks sum(u) % K == 0)
+
+
+def _is_sym_size(node: fx.Node) -> bool:
+    return node.op == "call_function" and node.target is torch.ops.aten.sym_size.int
 
 
 def _checks_only(items: list) -> Optional[list]:
@@ -484,8 +625,9 @@ def _checks_only(items: list) -> Optional[list]:
                 return None
             seen.add(u)
             stack.append(u)
-    # every input of a check is one of the counts, a check, or a constant
-    if any(a not in seen and a not in items for u in seen for a in u.all_input_nodes):
+    # every input of a check is one of the counts, a check, a constant or a tensor's size (the length
+    # of a tensor split by the counts, ``sum(u) == n``)
+    if any(a not in seen and a not in items and not _is_sym_size(a) for u in seen for a in u.all_input_nodes):
         return None
     if not seen:
         return []
@@ -515,9 +657,12 @@ def rewrite(gm: fx.GraphModule, shape_of=None) -> list:
         if got is None:
             continue
         if isinstance(got, str):
-            notes.append(f"split by host counts not rewritten: {got}")
+            notes.append((node, f"split by host counts not rewritten: {got}"))
             continue
         plans.append(got)
+    # a split read alongside a rewritten one (its chunks the experts' row scales) is no separate split
+    absorbed = {n for plan in plans if len(plan) != 5 for n in plan[-1]}
+    notes = [note for node, note in notes if node not in absorbed]
     if not plans:
         return notes
     offsets: dict = {}

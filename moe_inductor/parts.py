@@ -111,6 +111,11 @@ class ExpertMLP:
     #: the fused gate/up weight ``gate`` holds gate and up columns interleaved ([..., ::2] / [..., 1::2],
     #: GPT-OSS's layout) rather than one half after the other
     interleaved: bool = False
+    #: the (rows, 1) factor the hidden rows are multiplied by before the down projection (Megatron-Core's
+    #: ``per_token_scale``: the router's probabilities): the output is ``row_scale * down(...)`` up to
+    #: rounding (no down bias). Only ``patterns.experts.mlp_scaled`` fills it, for callers that take the
+    #: scores from there; every other recogniser declines such an expert
+    row_scale: Optional[fx.Node] = None
 
     def weights(self) -> tuple:
         return (self.gate, self.up, self.down, self.b_gate, self.b_up, self.b_down)

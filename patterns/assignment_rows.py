@@ -95,6 +95,8 @@ from moe_inductor.rewrite import (
 
 from .common import GATED_OF, after_gemm_reason, expert_activation, expert_bias, unary_activation
 from .dispatch import assignment_tokens, routing_map_sorted, topk_columns
+from .experts import row_scaled
+from moe_inductor.fx.shapes import same_dim
 
 IDIOM = "assignment_rows"
 
@@ -157,6 +159,10 @@ class RowsMLP:
     #: "rows": (A, d) rows in, (A, d) out; "tk": tokens (T, d) in, broadcast over the K slots of a
     #: (T, K) index (gpt-fast's einsum), (T, K, d) out
     layout: str = "rows"
+    #: the (A, 1) factor the hidden rows are multiplied by before the down projection (Megatron-Core's
+    #: probabilities applied inside the expert, ``experts.row_scaled``): the composition takes it as the
+    #: scores applied after the experts (``down(h * s) == s * down(h)`` for a down without bias, up to rounding)
+    row_scale: Optional[fx.Node] = None
 
     @property
     def group(self) -> tuple:
@@ -398,6 +404,9 @@ def rows_mlp(out) -> Optional[RowsMLP]:
     if down is None or len(shape_of(out) or ()) != (3 if tk else 2):
         return None
     mid = safety.strip_identity(down.input)
+    scaled = row_scaled(mid) if not tk else None
+    if scaled is not None:
+        mid, row_scale = safety.strip_identity(scaled[0]), scaled[1]
     gate = up = None
     act, interleaved = None, False
     if _is(mid, "call_function", (operator.mul, torch.mul)) and len(mid.args) == 2 and not mid.kwargs:
@@ -445,8 +454,10 @@ def rows_mlp(out) -> Optional[RowsMLP]:
         if p.bias is not None:
             part_need("rows_experts", up is None, f"{what}: biases on separate gate and up GEMMs are not supported")
             part_need("rows_experts", dtype_of(p.bias) == dtype_of(p.weight), "expert biases and weights differ in dtype")
+    part_need("rows_experts", scaled is None or down.bias is None,
+              "the rows are scaled before a down projection with a bias: the op would scale the bias too")
     return RowsMLP(input=gate.input, output=out, activation=act, interleaved=interleaved, gate=gate, up=up,
-                   down=down, layout="tk" if tk else "rows")
+                   down=down, layout="tk" if tk else "rows", row_scale=row_scale if scaled is not None else None)
 
 
 def _linear_shape(p: Proj):
@@ -1014,6 +1025,7 @@ def _intermediates_unwritten(mlp: RowsMLP, start: fx.Node, allowed=()) -> None:
 
 def _rows_block(mlp: RowsMLP, x_rows: fx.Node, anchor: fx.Node, idiom: str, parts: str) -> MoEBlock:
     """Rows in, rows out: fused op over ``x_rows`` (A, d) with token_ids = arange(A), score 1."""
+    need(mlp.row_scale is None, "experts: the rows are scaled inside the experts, and no combine takes those scores")
     xs = shape_of(x_rows)
     need(xs is not None and len(xs) == 2 and same_shape_rows(anchor, xs), "proof: the expert output is not "
                                                                            "(rows, d) of its input rows")
@@ -1091,6 +1103,10 @@ def analyse_combine(c: RowsScatter, mlp: RowsMLP, score_after) -> MoEBlock:
     z = mlp.input
     tk = mlp.layout == "tk"
     need(tk == (c.score is not None), "proof: experts on (token, slot) pairs combined as rows, or the reverse")
+    if mlp.row_scale is not None:  # scores applied inside the experts, before the down projection
+        if score_after is not None or c.score_tk is not None:
+            raise PartDeclined("scores", "routing weights are applied twice (inside the experts and to their outputs)")
+        score_after = mlp.row_scale
     score_before, inner = _score_column(z) if not tk else (None, z)
     if score_before is not None and score_after is not None:
         raise PartDeclined("scores", "routing weights are applied twice (to the rows before the experts and to "
@@ -1131,7 +1147,8 @@ def analyse_combine(c: RowsScatter, mlp: RowsMLP, score_after) -> MoEBlock:
     if score is not None:
         ss = shape_of(score)
         need(ss is not None and len(ss) == 2 and
-             ((same(ss[0], xs[0]) and same(ss[1], g.replicated)) if tk else same(ss[0], A)),
+             ((same(ss[0], xs[0]) and same(ss[1], g.replicated)) if tk else
+              (same(ss[0], A) or same_dim(score, 0, z, 0))),
              "scores: not one routing weight per row")
     sorted_proof = _prove_sorted(g, mlp, score, E) if mlp.group[0] == "offsets" else None
     if mlp.group[0] == "index":

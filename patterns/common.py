@@ -11,6 +11,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as Fn
 
+from moe_inductor import safety
 from moe_inductor.activations import UP_FIRST, Activation
 from moe_inductor.fx.aliasing import is_view_of
 from moe_inductor.fx.decline import Declined, need
@@ -489,6 +490,20 @@ def _swiglu_limit(gate_bounds, up_bounds, what: str) -> float:
     return float(g_max)
 
 
+def zero_offset(node):
+    """x of ``x + 0`` / ``0 + x`` / ``x - 0`` (a Python zero, same shape and dtype: Megatron-Core's
+    ``x_linear + glu_linear_offset`` with the default offset 0.0), else ``node``. The value is x's (a
+    negative zero becomes +0, equal as a number) and so is the gradient."""
+    if isinstance(node, fx.Node) and node.op == "call_function" and node.target in (operator.add, operator.sub) \
+            and len(node.args) == 2 and not node.kwargs:
+        a, b = node.args
+        for x, z in ((a, b), (b, a)) if node.target is operator.add else ((a, b),):
+            if isinstance(x, fx.Node) and type(z) in (int, float) and z == 0 and safety.same_shape(x, node) \
+                    and dtype_of(x) == dtype_of(node):
+                return safety.strip_identity(x)
+    return node
+
+
 def expert_activation(act_out: fx.Node) -> tuple[str, bool, fx.Node]:
     """(activation spec, interleaved, pre-activation h) of the expert body's activation:
     GPT-OSS's clamped gate (interleaved or concatenated), Inkling2's softcapped SwiGLU,
@@ -518,6 +533,7 @@ def expert_activation(act_out: fx.Node) -> tuple[str, bool, fx.Node]:
             name, gate = unary_activation(act_node) if isinstance(act_node, fx.Node) else (None, None)
             if not name or not isinstance(u, fx.Node):
                 continue
+            u = zero_offset(u)  # Megatron-Core's ``x_linear + glu_linear_offset`` (0.0 by default)
             gb, ub = _clamp_bounds(gate), _clamp_bounds(u)
             if post is not None:
                 need(gb is None, "gate is clamped both before and after the activation")

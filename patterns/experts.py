@@ -34,12 +34,13 @@ import torch.fx as fx
 from moe_inductor import safety
 from moe_inductor.fx.decline import Declined, need
 from moe_inductor.fx.matching import transpose_of
-from moe_inductor.fx.shapes import dtype_of, int_value, same, shape_of
+from moe_inductor.fx.shapes import dtype_of, int_value, same, same_dim, shape_of
 from moe_inductor.fx.targets import MATMUL_FUNCTIONS, MATMUL_METHODS
 from moe_inductor.parts import ExpertMLP, IdentityExpert, decline, recognise, register
 from moe_inductor.rewrite import gemm_name
 
-from .common import GATED_OF, NO_ACTIVATION, expert_activation, gate_up_halves, unary_activation, with_layout
+from .common import GATED_OF, NO_ACTIVATION, expert_activation, gate_up_halves, unary_activation, with_layout, \
+    zero_offset
 
 _LINEAR = (torch._C._nn.linear, torch.nn.functional.linear)
 
@@ -129,20 +130,6 @@ def _gemm_of(node: fx.Node) -> str:
     return "aten::matmul"
 
 
-def _zero_offset(node):
-    """x of ``x + 0`` / ``0 + x`` / ``x - 0`` (a Python zero, same shape and dtype: Megatron-Core's
-    ``x_linear + glu_linear_offset`` with the default offset 0.0), else ``node``. The value is x's (a
-    negative zero becomes +0, equal as a number) and so is the gradient."""
-    if isinstance(node, fx.Node) and node.op == "call_function" and node.target in (operator.add, operator.sub) \
-            and len(node.args) == 2 and not node.kwargs:
-        a, b = node.args
-        for x, z in ((a, b), (b, a)) if node.target is operator.add else ((a, b),):
-            if isinstance(x, fx.Node) and type(z) in (int, float) and z == 0 and safety.same_shape(x, node) \
-                    and dtype_of(x) == dtype_of(node):
-                return safety.strip_identity(x)
-    return node
-
-
 def _chunk_halves(a, b) -> tuple[Optional[fx.Node], bool]:
     """(h, up_first): the fused gate_up output h if gate a and up b are its concatenated halves in either
     order (``common.gate_up_halves``), up_first when b is the first half; (None, False) otherwise."""
@@ -169,11 +156,14 @@ def identity(out) -> Optional[IdentityExpert]:
 _MUL = (operator.mul, torch.mul)
 
 
-def walk_mlp(out, proj, part: str, gemm: str, check=None, more_activations: bool = False) -> Optional[ExpertMLP]:
+def walk_mlp(out, proj, part: str, gemm: str, check=None, more_activations: bool = False,
+             scaled: bool = False) -> Optional[ExpertMLP]:
     """``down(act(gate(z)) [* up(z)])`` ending at ``out``, with ``proj`` recognising one projection
     ((input, weight, transposed, bias) or None): the per-expert ``projection`` above, or a batched
     one over expert slots (``patterns/expert_slots.py``). ``check(node)`` may decline intermediate
-    nodes (dropout); ``more_activations``: also the fused-gate_up activations of ``common.py``."""
+    nodes (dropout); ``more_activations``: also the fused-gate_up activations of ``common.py``;
+    ``scaled``: also ``down(act(...) * s)`` with s one factor per row (``row_scaled``), returned as
+    ``ExpertMLP.row_scale`` (only for a caller that takes the scores from there)."""
     down = proj(safety.strip_identity(out))
     if down is None:
         return None
@@ -181,6 +171,13 @@ def walk_mlp(out, proj, part: str, gemm: str, check=None, more_activations: bool
     if check is not None:
         check(mid)
     transposed = {"down": down[2]}
+    found = row_scaled(mid) if scaled else None
+    if found is not None:
+        need(down[3] is None, f"{mid.name}: the rows are scaled before a down projection with a bias: the op "
+                              f"scales the bias too, the graph does not", part=part)
+        mid, transposed["row_scale"] = safety.strip_identity(found[0]), found[1]
+        if check is not None:
+            check(mid)
     if mid.op == "call_function" and mid.target in _MUL and len(mid.args) == 2:
         for a, b in (mid.args, mid.args[::-1]):
             if not isinstance(a, fx.Node) or not isinstance(b, fx.Node):
@@ -188,7 +185,7 @@ def walk_mlp(out, proj, part: str, gemm: str, check=None, more_activations: bool
             name, inner = unary_activation(a)
             if name is None:
                 continue
-            h, up_first = _chunk_halves(inner, _zero_offset(safety.strip_identity(b)))
+            h, up_first = _chunk_halves(inner, zero_offset(safety.strip_identity(b)))
             if h is not None:
                 g = proj(safety.strip_identity(h))
                 if g is None:
@@ -199,7 +196,7 @@ def walk_mlp(out, proj, part: str, gemm: str, check=None, more_activations: bool
                 return _with_layout(ExpertMLP(input=g[0], output=out, activation=spec, gate=g[1],
                                               down=down[1], b_gate=g[3], b_down=down[3], gemm=gemm), transposed)
             g = proj(safety.strip_identity(inner))
-            u = proj(_zero_offset(safety.strip_identity(b)))
+            u = proj(zero_offset(safety.strip_identity(b)))
             if g is not None and u is not None and safety.equivalent(g[0], u[0]):
                 need(name in GATED_OF, f"{a.name}: gated activation {name} is not supported", part=part)
                 need((g[3] is None) == (u[3] is None), "gate and up projections differ in having a bias", part=part)
@@ -250,11 +247,10 @@ def _line_of(node: fx.Node) -> str:
 
 def _decline_scaled_hidden(mid: fx.Node, part: str) -> None:
     """Decline, naming the line, when the down projection's input is ``h * s`` with ``s`` one factor per
-    row ((.., 1): the router's scores, Megatron-Core's ``MLP`` ``per_token_scale``, applied before fc2).
-    ``down(s * h) == s * down(h)`` holds for a linear ``down`` only up to rounding (each ``s * h_j``
-    is rounded before the sum; in bf16 the product is also cast back before fc2) and, with a down
-    bias b, only when b is scaled too (Megatron adds ``b * s``); and the score would be read from
-    inside the expert, where no composition takes its scores from: not an expert MLP, declined."""
+    row ((.., 1): the router's scores, Megatron-Core's ``MLP`` ``per_token_scale``, applied before fc2)
+    and the caller does not take its scores from there. Only the grouped rows of a split by host
+    counts do (``mlp_scaled``: ``host_splits`` and ``assignment_rows``, Megatron-Core's
+    ``SequentialMLP``); the per-expert compositions take their scores from the combine."""
     if not (mid.op == "call_function" and mid.target in _MUL and len(mid.args) == 2) or mid.kwargs:
         return
     ms = shape_of(mid)
@@ -263,11 +259,47 @@ def _decline_scaled_hidden(mid: fx.Node, part: str) -> None:
         if ms and ss and len(ss) == len(ms) and int_value(ss[-1]) == 1 and int_value(ms[-1]) != 1 \
                 and all(same(a, b) for a, b in zip(ss[:-1], ms[:-1])) and safety.same_shape(h, mid):
             decline(part, f"{mid.name} at {_line_of(mid)}: the rows are multiplied by {sc.name}, one factor per "
-                          f"row (the router's scores), before the down projection: down(h * s) is s * down(h) "
-                          f"only up to rounding and without an unscaled down bias, and no composition takes the "
-                          f"scores from inside the expert (score on the input rows or on the output only)")
+                          f"row (the router's scores), before the down projection: this composition takes the "
+                          f"scores from the combine (on the input rows or on the output), not from inside the "
+                          f"expert (read there only for rows split by host counts, as Megatron-Core's "
+                          f"SequentialMLP splits them)")
 
 
 def _with_layout(m: ExpertMLP, transposed: dict) -> ExpertMLP:
+    m.row_scale = transposed.pop("row_scale", None)
     m.transposed = {k for k, v in transposed.items() if v}
     return m
+
+
+def row_scaled(mid) -> Optional[tuple]:
+    """(h, column) when ``mid`` is ``h * column`` (either order) with ``column`` one factor per row of
+    h ((.., 1) against (.., n), the same leading sizes, no broadcast of h), in h's dtype or cast back to
+    it after the product (Megatron-Core: ``(h * probs.unsqueeze(-1)).to(h.dtype)``); else None.
+    ``down(h * s)`` is ``s * down(h)`` for a linear ``down`` without bias, up to rounding (each
+    ``s * h_j`` is rounded before the GEMM's sum, and again by a cast back to h's dtype)."""
+    if not isinstance(mid, fx.Node):
+        return None
+    prod = safety.strip_casts(mid)
+    if not (prod.op == "call_function" and prod.target in _MUL and len(prod.args) == 2) or prod.kwargs:
+        return None
+    ms = shape_of(mid)
+    for h, col in (prod.args, prod.args[::-1]):
+        if not isinstance(h, fx.Node) or not isinstance(col, fx.Node):
+            continue
+        cs, hs = shape_of(col), shape_of(h)
+        if ms and cs and hs and len(cs) == len(hs) == len(ms) >= 2 and int_value(cs[-1]) == 1 \
+                and int_value(hs[-1]) != 1 and all(same_dim(col, k, h, k) for k in range(len(cs) - 1)) \
+                and safety.same_shape(h, prod) and dtype_of(mid) == dtype_of(h):
+            return h, col
+    return None
+
+
+def mlp_scaled(out) -> Optional[ExpertMLP]:
+    """``mlp``, also accepting the hidden rows scaled per row before the down projection (``row_scaled``;
+    ``ExpertMLP.row_scale``): for ``moe_inductor.host_splits``, which keeps that product as it is, and
+    the compositions that read the scores from it. Not a registered spelling: a composition that does
+    not look at ``row_scale`` must never see such an expert."""
+    if projection(safety.strip_identity(out)) is None:
+        return None
+    return walk_mlp(out, projection, "experts", _gemm_of(safety.strip_identity(out)), more_activations=True,
+                    scaled=True)

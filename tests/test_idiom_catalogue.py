@@ -38,9 +38,20 @@ _GEMM_METHODS = {"bmm", "mm", "matmul", "__matmul__"}
 
 
 def gemm_nodes(gm: torch.fx.GraphModule) -> list:
+    """GEMM nodes at the graph's top level, and ``autograd.Function`` calls whose forward body runs one
+    (Megatron-Core's parallel linears: their GEMMs live in the Function's body)."""
     return [n for n in gm.graph.nodes
             if (n.op == "call_function" and n.target in _GEMM_FUNCTIONS)
-            or (n.op == "call_method" and n.target in _GEMM_METHODS)]
+            or (n.op == "call_method" and n.target in _GEMM_METHODS)
+            or _function_with_gemm(gm, n)]
+
+
+def _function_with_gemm(gm: torch.fx.GraphModule, n: torch.fx.Node) -> bool:
+    if not (n.op == "call_function" and n.target is torch.ops.higher_order.autograd_function_apply):
+        return False
+    body = n.args[0]
+    fwd = getattr(gm, body.target, None) if isinstance(body, torch.fx.Node) and body.op == "get_attr" else None
+    return isinstance(fwd, torch.fx.GraphModule) and bool(gemm_nodes(fwd))
 
 
 def fused_calls(gm: torch.fx.GraphModule) -> int:

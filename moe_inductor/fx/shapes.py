@@ -55,6 +55,27 @@ def same(a: Any, b: Any) -> bool:
     return sympy.simplify(ea - eb) == 0
 
 
+def same_dim(a: fx.Node, i: int, b: fx.Node, j: int) -> bool:
+    """Size ``i`` of ``a`` and size ``j`` of ``b`` provably equal: ``same``, or a fact the graph's shape
+    environment holds (Dynamo's runtime asserts, ``Eq(u2, u1)`` for two lengths of data-dependent
+    size that the program checks equal; ``statically_known_true`` adds no guard)."""
+    va, vb = example_value(a), example_value(b)
+    if not isinstance(va, torch.Tensor) or not isinstance(vb, torch.Tensor) or \
+            not (-va.dim() <= i < va.dim() and -vb.dim() <= j < vb.dim()):
+        return False
+    x, y = va.shape[i], vb.shape[j]
+    if same(x, y):
+        return True
+    if isinstance(x, torch.SymInt) or isinstance(y, torch.SymInt):
+        from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+        try:
+            return bool(statically_known_true(x == y))
+        except Exception:  # a size the environment cannot reason about: not proven
+            return False
+    return False
+
+
 def int_value(v: Any) -> Optional[int]:
     e = to_sympy(v)
     if e is not None and e.is_Integer:
