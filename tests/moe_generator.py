@@ -34,7 +34,8 @@ spelling per part:
 - dtype of the module and its input: float32, bfloat16 or float16;
 - ``base``: the combine adds into a shared projection's output instead of zeros (torchtitan's
   shared experts; layouts with an accumulator);
-- ``halves`` (with extras): a fused gate|up split by ``chunk``, slices or ``split``;
+- ``halves`` (with extras): a fused gate|up split by ``chunk``, slices or ``split``, or with the up half
+  first (``u, g = h.chunk(2, -1)``: rxlm's GatedLinearUnit, the ``+up_first`` layout);
 - ``inplace`` (with extras): the expert's own tensors written in place (an in-place activation,
   the gated product ``h.mul_(up)`` / ``h *= up``), made functional by the normal form;
 - ``side_effects``: load statistics written into a buffer under ``no_grad`` (torchtitan's
@@ -71,7 +72,7 @@ ACTIVATIONS = {"silu": Fn.silu, "gelu": Fn.gelu, "relu": Fn.relu}
 E_CHOICES, T_CHOICES = (1, 2, 3, 5, 8), (1, 2, 3, 7, 13)
 ROUTERS = ("softmax", "sigmoid_bias", "group_limited", "softmax_inplace")
 INPLACE = ("none", "act_inplace", "mul_", "imul")  # in-place spellings of the expert body (extras)
-HALVES = ("chunk", "slice", "split")  # spellings of a fused gate|up's halves (drawn with extras)
+HALVES = ("chunk", "slice", "split", "up_first")  # spellings of a fused gate|up's halves (drawn with extras)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 #: per dtype: (atol, rtol) for the elementwise check in fp32, else the largest relative error
 #: ||compiled - eager|| / ||eager|| allowed per tensor. bf16 has 8 significand bits (eps 2^-8 =
@@ -354,6 +355,8 @@ class GeneratedMoE(nn.Module):
                 g, u = h[..., :half], h[..., half:]
             elif s.halves == "split":
                 g, u = h.split(half, dim=-1)
+            elif s.halves == "up_first":  # the activation on the second half
+                u, g = h.chunk(2, dim=-1)
             else:
                 g, u = h.chunk(2, dim=-1)
             return self._mlp_tail(self._gate_product(ACTIVATIONS[s.act](g), u), lambda v: lin(v, "2"))

@@ -68,7 +68,7 @@ def test_supported_combination_rewritten(combo):
 
 @pytest.mark.parametrize("halves", G.HALVES)
 def test_fused_gate_up_halves_in_every_spelling(halves):
-    # the gathered fused gate|up split by chunk, slices or split: one recogniser (common.halves)
+    # the gathered fused gate|up split by chunk, slices or split, or up half first: one recogniser (common.gate_up_halves)
     outcome = G.run_case(_base(("gathered", "interleave", "gathered_fused", "view_sum", "output", False),
                                halves=halves, gated=True))
     check(outcome)
