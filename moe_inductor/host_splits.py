@@ -330,7 +330,7 @@ def _kind(n: fx.Node) -> tuple:
     x = safety.identity_function_input(n)
     if x is not None:
         return ("identity", x)
-    if safety._is_function_apply(n):
+    if safety.is_function_apply(n):
         return ("call",)
     return ("plain",)
 

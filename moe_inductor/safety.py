@@ -126,7 +126,7 @@ def strip_casts(node):
 _BODY_ONLY_STEPS = {"view_as", "clone"}  # value identities inside a body (no autograd there)
 
 
-def _is_function_apply(node) -> bool:
+def is_function_apply(node) -> bool:
     return isinstance(node, fx.Node) and hop_name(node) == "autograd_function_apply"
 
 
@@ -181,7 +181,7 @@ def _body_step(node: fx.Node, used: set):
         used.add(filled[1])
         return filled[0]
     inner = _identity_step(node)
-    if inner is not None and _is_function_apply(node.args[0] if node.args else None):
+    if inner is not None and is_function_apply(node.args[0] if node.args else None):
         used.add(node.args[0])  # a nested identity Function (the backward calling the Function again)
     return inner
 
@@ -220,7 +220,7 @@ def identity_function_input(node) -> Optional[fx.Node]:
     scatter regions at tensor-parallel size 1. Reading through such a call is exact for values and
     gradients, and dropping it when nothing else reads it loses nothing."""
     if not (isinstance(node, fx.Node) and node.op == "call_function" and node.target is operator.getitem
-            and len(node.args) == 2 and isinstance(node.args[1], int) and _is_function_apply(node.args[0])):
+            and len(node.args) == 2 and isinstance(node.args[1], int) and is_function_apply(node.args[0])):
         return None
     call, k = node.args
     bodies = _bodies(call)
@@ -397,7 +397,7 @@ def linear_function_operands(node) -> Optional[tuple]:
     without gradient-accumulation fusion at world size 1, its ``RouterGatingLinearFunction`` in the
     input's dtype."""
     if not (isinstance(node, fx.Node) and node.op == "call_function" and node.target is operator.getitem
-            and len(node.args) == 2 and node.args[1] == 0 and _is_function_apply(node.args[0])):
+            and len(node.args) == 2 and node.args[1] == 0 and is_function_apply(node.args[0])):
         return None
     call = node.args[0]
     bodies = _bodies(call)
