@@ -290,7 +290,7 @@ def _linears(fn, *args):
     def backend(gm, example_inputs):
         places = [n for n in gm.graph.nodes if n.op == "placeholder"]
         for n in gm.graph.nodes:
-            if n.op == "call_function" and safety._is_function_apply(n.args[0] if n.args else None):
+            if n.op == "call_function" and safety.is_function_apply(n.args[0] if n.args else None):
                 got = safety.linear_function_operands(n)
                 found.append(None if got is None else tuple(places.index(t) if t is not None else None for t in got))
         return gm.forward

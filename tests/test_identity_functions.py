@@ -207,7 +207,7 @@ def _calls(fn, *args):
 
     def backend(gm, example_inputs):
         for n in gm.graph.nodes:
-            if n.op == "call_function" and safety._is_function_apply(n.args[0] if n.args else None):
+            if n.op == "call_function" and safety.is_function_apply(n.args[0] if n.args else None):
                 src = safety.identity_function_input(n)
                 found.append(src is not None and src in n.args[0].args[2:])
         return gm.forward
