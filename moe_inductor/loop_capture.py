@@ -211,19 +211,57 @@ def _with_parents(tree):
 
 @dataclasses.dataclass
 class _Hit:
-    """``for V in <nonzero of SRC>``: SRC reduces the mask M over ``dims``, keeping dimension 0."""
+    """``for V in <nonzero of SRC>``: SRC reduces the mask M over every dimension but its expert
+    axis: dimension 0 (``M.sum(dims)``, then ``ndim`` = len(dims) + 1) or the last one
+    (``M.reshape(A, E).sum(0)``, ``axis`` "last", ``ndim`` None: any M.dim())."""
 
     mask: str  # name of M
-    ndim: int  # M.dim() the reduction implies (len(dims) + 1)
+    ndim: Optional[int]  # M.dim() the reduction implies (len(dims) + 1); None for the last-axis form
     src: ast.AST  # the SRC expression (a node inside the loop's iterable or the hit assignment)
     vector: bool  # V is a row of nonzero() (shape (1,)); else a scalar id
+    axis: object = 0  # M's expert axis: 0 or "last"
 
 
-def _hit_source(src) -> Optional[tuple]:
-    """(M name, dims) for ``M.sum(dims) > 0`` / ``torch.greater(M.sum(dims), 0)`` / ``M.any(dims)`` and
-    spellings (``gt``, ``!= 0``, ``ne``, ``torch.sum(M, dims)``, ``torch.any(M, dims)``)."""
+def _last_axis_source(src) -> Optional[tuple]:
+    """(M name, None, "last") for ``M.reshape(A, E).sum(0)`` (``view``, ``sum(dim=0)``, ``sum(-2)``,
+    ``torch.sum(M.reshape(A, E), 0)``; transformers 4.x Switch Transformers): a 2-D reshape summed over
+    its rows. Column j of a reshape of M to (A, E) holds exactly the elements of M whose last index is
+    j when E == M.shape[-1] (row-major order), so SRC[j] sums M[..., j]; the rewritten code checks
+    that at trace time (``hit.shape[0] == M.shape[-1]``: SRC is 1-D, so the reshape was 2-D)."""
+    red = src
+    if _is_method(red, {"sum", "any", "amax"}) and _src(red.func.value) != "torch":
+        flat, dim = red.func.value, _kwarg(red, "dim", 0)
+    elif _is_torch_fn(red, {"sum", "any", "amax"}) and isinstance(red.func, ast.Attribute) \
+            and _src(red.func.value) == "torch" and len(red.args) >= 1:
+        flat, dim = red.args[0], _kwarg(red, "dim", 1)
+    else:
+        return None
+    if any(k.arg not in ("dim",) for k in red.keywords) or len(red.args) > (2 if flat is not red.func.value else 1) \
+            or _dims(dim) not in ((0,), (-2,)):
+        return None
+    if not _is_method(flat, {"reshape", "view"}) or flat.keywords or not isinstance(flat.func.value, ast.Name):
+        return None
+    shape = flat.args[0].elts if len(flat.args) == 1 and isinstance(flat.args[0], (ast.Tuple, ast.List)) else flat.args
+    if len(shape) != 2 or any(isinstance(a, ast.Starred) for a in shape):
+        return None
+    return flat.func.value.id, None, "last"
+
+
+def _hit_source(src, bare: bool = False) -> Optional[tuple]:
+    """(M name, ndim, expert axis) for ``M.sum(dims) > 0`` / ``torch.greater(M.sum(dims), 0)`` /
+    ``M.any(dims)`` and spellings (``gt``, ``!= 0``, ``ne``, ``torch.sum(M, dims)``, ``torch.any(M,
+    dims)``), keeping dimension 0 (axis 0). ``bare``: SRC is read by ``nonzero``, so the reduction
+    itself (``nonzero(M.sum(dims))``) is the same set as ``nonzero(M.sum(dims) > 0)`` for M >= 0
+    (which the caller proves or checks, as for ``> 0``: a sum of nonnegative numbers is 0 exactly
+    when all of them are); then also ``M.reshape(A, E).sum(0)`` (``_last_axis_source``)."""
+    if bare:
+        last = _last_axis_source(src)
+        if last is not None:
+            return last
     reduced = None
-    if isinstance(src, ast.Compare) and len(src.ops) == 1 and isinstance(src.ops[0], (ast.Gt, ast.NotEq)) \
+    if bare and (_is_method(src, {"sum", "amax"}) or _is_torch_fn(src, {"sum", "amax"})):
+        reduced = src
+    elif isinstance(src, ast.Compare) and len(src.ops) == 1 and isinstance(src.ops[0], (ast.Gt, ast.NotEq)) \
             and _const_int(src.comparators[0]) == 0:
         reduced = src.left
     elif _is_torch_fn(src, {"greater", "gt", "ne", "not_equal"}) and len(src.args) == 2 \
@@ -252,7 +290,7 @@ def _hit_source(src) -> Optional[tuple]:
     ndim = len(dims) + 1
     if any(d % ndim == 0 for d in dims) or any(not -ndim <= d < ndim for d in dims):
         return None  # the reduction must keep dimension 0 (the expert)
-    return mask, ndim
+    return mask, ndim, 0
 
 
 def _nonzero_of(it) -> Optional[tuple]:
@@ -274,7 +312,8 @@ def _nonzero_of(it) -> Optional[tuple]:
             node, scalar = node.value, True
         elif _const_int(sl) == 0:
             inner = node.value
-            if _is_method(inner, {"nonzero"}) and _src(_kwarg(inner, "as_tuple") or ast.Constant(False)) == "True":
+            if _is_method(inner, {"nonzero"}) and _src(inner.func.value) != "torch" \
+                    and _src(_kwarg(inner, "as_tuple") or ast.Constant(False)) == "True":
                 return inner.func.value, False, True
             if _is_torch_fn(inner, {"where", "nonzero"}) and isinstance(inner.func, ast.Attribute) \
                     and _src(inner.func.value) == "torch" and len(inner.args) == 1 \
@@ -302,6 +341,7 @@ class _Sel:
     key: tuple
     exact: bool
     kind: str
+    dtype: str = "bool"  # of a "mask": "bool", "same" (M's own dtype: M[S]) or "other" (cast)
 
 
 class _Body:
@@ -321,6 +361,8 @@ class _Body:
         self.counts_used: set = set()
         self.accumulators: set = set()  # names rebound by `acc = acc.index_add(...)`
         self.fresh: set = set()  # names holding a tensor computed in this iteration (not a view of another)
+        self.dim_checks: set = set()  # (M, ndim): M[:, .., S] matched as M's last axis needs M.dim() == ndim
+        self.bool_masks: set = set()  # M whose selection M[..S] indexes a write directly: must be bool
 
     # ----- expressions
     def _scalar_expr(self, node) -> bool:
@@ -399,14 +441,16 @@ class _Body:
             if attr == "any" and s.kind == "mask":
                 return _Sel(s.key, s.exact, "mask")
             if attr in _SAME_EMPTINESS and s.kind != "tuple":
-                return s
+                dtype = "bool" if attr == "bool" else "other" if attr in ("to", "long", "int") else s.dtype
+                return dataclasses.replace(s, dtype=dtype)
             if attr in _EMPTY_IF_EMPTY and s.kind != "tuple":
-                return _Sel(s.key, False, s.kind)
+                return _Sel(s.key, False, s.kind, s.dtype)
             return None
         if isinstance(node, ast.Subscript):
             name = self._outer_stable(node.value)
-            if name is not None and self._scalar_expr(node.slice):
-                return _Sel(("idx", name), True, "mask")  # M[S]
+            axis = self._expert_axis(node.slice) if name is not None else None
+            if axis is not None:
+                return _Sel(("idx", name, axis), True, "mask", "same")  # M[S], M[:, :, S], M[..., S]
             s = self.selection(node.value)
             if s is None:
                 return None
@@ -418,14 +462,42 @@ class _Body:
                     and sl.elts[0].lower is None and sl.elts[0].upper is None and sl.elts[0].step is None
                 return _Sel(s.key, bool(rows_kept) and s.exact, "index")
             if s.kind == "mask":
-                return _Sel(s.key, False, "mask")
+                return _Sel(s.key, False, "mask", s.dtype)
             return None
         if isinstance(node, ast.BinOp) and isinstance(node.op, ast.BitAnd):
-            for side in (node.left, node.right):
+            for side, other in ((node.left, node.right), (node.right, node.left)):
                 s = self.selection(side)
                 if s is not None and s.kind == "mask":
-                    return _Sel(s.key, False, "mask")
+                    o = self.selection(other)
+                    both = s.dtype == "bool" and (isinstance(other, ast.Compare) or o is not None and o.dtype == "bool")
+                    return _Sel(s.key, False, "mask", "bool" if both else "other")
         return None
+
+    def _expert_axis(self, sl) -> object:
+        """The axis an index selects the expert id S on: 0 for ``[S]``, k for ``[:, .. (k), S]``,
+        "last" for ``[..., S]``; None for any other index."""
+        if self._scalar_expr(sl):
+            return 0
+        if not isinstance(sl, ast.Tuple) or len(sl.elts) < 2 or not self._scalar_expr(sl.elts[-1]):
+            return None
+        lead = sl.elts[:-1]
+        if len(lead) == 1 and isinstance(lead[0], ast.Constant) and lead[0].value is Ellipsis:
+            return "last"
+        full = all(isinstance(e, ast.Slice) and e.lower is None and e.upper is None and e.step is None for e in lead)
+        return len(lead) if full else None
+
+    def same_key(self, key, reason) -> bool:
+        """The selection ``key`` is the one ``reason`` proves empty. ``M[:, :, S]`` (axis 2) is M's last
+        axis when M.dim() == 3: recorded in ``dim_checks``, which the rewritten code checks."""
+        if key == reason:
+            return True
+        if key[0] == reason[0] == "idx" and key[1] == reason[1]:
+            axes = {key[2], reason[2]}
+            if "last" in axes and len(axes) == 2:
+                k = next(a for a in axes if a != "last")
+                self.dim_checks.add((key[1], k + 1))
+                return True
+        return False
 
     def emptiness_test(self, test) -> Optional[tuple]:
         """(key, True) if ``test`` is true exactly when the selection ``key`` is empty, (key, False)
@@ -620,10 +692,15 @@ class _Body:
                 raise Decline(e, f"{what} is indexed by `{_short(e)}`, which is not derived from this expert's "
                                  f"selection")
             keys.append(s.key)
+            if s.kind == "mask" and s.dtype == "other":
+                raise Decline(e, f"{what} is indexed by `{_short(e)}`, a mask cast to another dtype (an integer "
+                                 f"index selects rows by value, not by mask)")
+            if s.kind == "mask" and s.dtype == "same" and s.key[0] == "idx":
+                self.bool_masks.add(s.key[1])  # an integer M[S] would index rows by value, not select
         if not keys:
             raise Decline(node, f"{what} is not indexed by this expert's selection")
         for r in reasons:
-            if any(k != r for k in keys):
+            if any(not self.same_key(k, r) for k in keys):
                 raise Decline(node, f"{what} selects by `{_short(node)}`, and the skipped condition does not "
                                     f"prove that selection empty")
 
@@ -795,13 +872,38 @@ def _loads(fdef, name, exclude=None) -> list:
             and isinstance(n.ctx, ast.Load) and id(n) not in skip]
 
 
-def _mask_proven_nonnegative(fdef, mask) -> bool:
-    a = _assignment_of(fdef, mask)
-    if a is None:
+# casts and views that keep every value's sign (>= 0 stays >= 0)
+_SIGN_KEEPING = {"bool", "long", "int", "float", "double", "half", "bfloat16", "to", "view", "reshape", "permute",
+                 "transpose", "flatten", "unsqueeze", "squeeze", "contiguous", "clone", "detach", "t", "type_as"}
+
+
+def _mask_proven_nonnegative(fdef, mask, before, depth: int = 4) -> bool:
+    """M >= 0 everywhere, proved from its last binding before ``before`` (a plain ``M = value`` in the
+    same block, so that it is the binding that reaches ``before``):
+    ``one_hot(...)``, a comparison, ``.bool()``, a product of such, casts and views of such, or a
+    name proved so by its own last binding."""
+    lines = [line for line in _store_lines(fdef, mask) if line < before.lineno]
+    if not lines or depth <= 0:
         return False
-    for n in ast.walk(a.value):
-        if _is_torch_fn(n, {"one_hot"}) or isinstance(n, ast.Compare) or _is_method(n, {"bool"}):
-            return True
+    last = max(lines)
+    a = [n for n in ast.walk(fdef) if isinstance(n, ast.Assign) and n.lineno == last and len(n.targets) == 1
+         and _is_name(n.targets[0], mask)]
+    block = _block_of(fdef, before)
+    if len(a) != 1 or block is None or not any(s is a[0] for s in block):
+        return False  # bound on a branch or in another block: another binding may reach `before`
+    return _nonnegative(fdef, a[0].value, a[0], depth)
+
+
+def _nonnegative(fdef, v, at, depth) -> bool:
+    if isinstance(v, ast.Compare) or _is_method(v, {"bool"}) or _is_torch_fn(v, {"one_hot", "eq", "ne", "gt", "lt",
+                                                                                  "ge", "le", "isin"}):
+        return True
+    if isinstance(v, ast.BinOp) and isinstance(v.op, (ast.Mult, ast.BitAnd)):
+        return _nonnegative(fdef, v.left, at, depth) and _nonnegative(fdef, v.right, at, depth)
+    if isinstance(v, ast.Call) and isinstance(v.func, ast.Attribute) and v.func.attr in _SIGN_KEEPING:
+        return _nonnegative(fdef, v.func.value, at, depth)
+    if isinstance(v, ast.Name):
+        return _mask_proven_nonnegative(fdef, v.id, at, depth - 1)
     return False
 
 
@@ -865,6 +967,37 @@ def _counts_sources(fdef) -> dict:
     return out
 
 
+def _rebound_hit(fdef, loop, name, stores) -> Optional[tuple]:
+    """(first, second, nonzero_of) for a hit name bound twice (transformers 4.x Switch Transformers)::
+
+        hit = SRC                                          # first
+        hit = torch.nonzero(hit, as_tuple=True)[0].tolist()  # second: the nonzero of the first
+        for e in hit: ...
+
+    both plain assignments in the loop's block, in that order before it, and ``hit`` read nowhere
+    else (no in-place write or other reader of SRC between them): the loop iterates over the
+    nonzero of SRC, as with one binding. None for anything else."""
+    if stores.get(name) != 2:
+        return None
+    block = _block_of(fdef, loop)
+    if block is None:
+        return None
+    binds = [i for i, s in enumerate(block) if name in _names_stored(s)]
+    pos = next(i for i, s in enumerate(block) if s is loop)
+    if len(binds) != 2 or not binds[1] < pos:
+        return None
+    first, second = block[binds[0]], block[binds[1]]
+    for s in (first, second):
+        if not (isinstance(s, ast.Assign) and len(s.targets) == 1 and _is_name(s.targets[0], name)):
+            return None
+    found = _nonzero_of(second.value)
+    if found is None or not _is_name(found[0], name) or name in _names_loaded(first.value):
+        return None
+    if len(_loads(fdef, name, exclude=second)) != 1 or len(_loads(second, name)) != 1:
+        return None  # read elsewhere (the loop's iterable is the one read allowed)
+    return first, second, (first.value,) + tuple(found[1:])
+
+
 def _rewrite_loop(fdef, loop, self_name, stores, counts) -> tuple:
     """(replacement statements, prelude edits, counts names used, form) or raises Decline."""
     if loop.orelse:
@@ -881,10 +1014,14 @@ def _rewrite_loop(fdef, loop, self_name, stores, counts) -> tuple:
 
     hit = None
     hit_assign = None
+    first = None  # the first of two bindings of the hit name (`hit = SRC; hit = nonzero(hit)...`)
     it = loop.iter
     if isinstance(it, ast.Name):
         a = _assignment_of(fdef, it.id)
-        if a is not None and stores.get(it.id) == 1 and _nonzero_of(a.value) is not None:
+        rebound = _rebound_hit(fdef, loop, it.id, stores)
+        if rebound is not None:
+            first, hit_assign, found = rebound
+        elif a is not None and stores.get(it.id) == 1 and _nonzero_of(a.value) is not None:
             if len(_loads(fdef, it.id)) != 1:
                 raise Decline(loop, f"`{it.id}` (the experts that have tokens) is also used outside the loop")
             hit_assign, found = a, _nonzero_of(a.value)
@@ -894,19 +1031,19 @@ def _rewrite_loop(fdef, loop, self_name, stores, counts) -> tuple:
         found = _nonzero_of(it)
     if found is not None:
         src, vector, _ = found
-        hs = _hit_source(src)
+        hs = _hit_source(src, bare=True)
         if hs is None:
             raise Decline(loop, f"`for {_short(loop.target)} in {_short(loop.iter)}` iterates over a "
                                 f"data-dependent list, and `{_short(src)}` is not a recognised 'has tokens' test "
-                                f"(M.sum(dims) > 0 / M.any(dims) keeping dimension 0)")
-        mask, ndim = hs
-        at = hit_assign.lineno if hit_assign is not None else loop.lineno
+                                f"(M.sum(dims) > 0 / M.any(dims) keeping dimension 0, M.reshape(A, E).sum(0))")
+        mask, ndim, axis = hs
+        at = (first or hit_assign).lineno if hit_assign is not None else loop.lineno
         if any(line >= at for line in _store_lines(fdef, mask)):
             raise Decline(loop, f"the mask `{mask}` is assigned again after the experts that have tokens are "
                                 f"read from it")
         if not isinstance(loop.target, ast.Name):
             raise Decline(loop, "the loop variable is not a single name")
-        hit = _Hit(mask, ndim, src, vector)
+        hit = _Hit(mask, ndim, src, vector, axis)
 
     scalars = set()
     vector_name = None
@@ -915,7 +1052,7 @@ def _rewrite_loop(fdef, loop, self_name, stores, counts) -> tuple:
             vector_name = loop.target.id
         else:
             scalars.add(loop.target.id)
-        reasons = [("idx", mask)]
+        reasons = [("idx", mask, axis)]
     else:
         # any other loop keeps its header (it iterates exactly as before); only skips inside the body
         # go. The expert id is the variable of a range() or the count of an enumerate().
@@ -959,10 +1096,14 @@ def _rewrite_loop(fdef, loop, self_name, stores, counts) -> tuple:
         if isinstance(s, ast.Assign):
             bound -= set(_names_stored(s))
 
+    checks = [f"{name}.dim() == {ndim}" for name, ndim in sorted(checker.dim_checks)] + \
+        [f"str({name}.dtype) == 'torch.bool'" for name in sorted(checker.bool_masks)]
     if hit is None:
         new_loop = copy.copy(loop)
         new_loop.body = checked or [ast.Pass()]
         form = f"`for {_short(loop.target)} in {_short(loop.iter)}` without " + ", ".join(checker.removed)
+        if checks:  # checked at trace time (static); else the original loop runs
+            new_loop = ast.If(test=ast.parse(" and ".join(checks), mode="eval").body, body=[new_loop], orelse=[copy.deepcopy(loop)])
         return [new_loop], None, checker.counts_used, form
 
     # the hit loop: for EXPERT in range(SRC.shape[0]) under a static shape check, else the original
@@ -974,8 +1115,13 @@ def _rewrite_loop(fdef, loop, self_name, stores, counts) -> tuple:
     new_for = ast.For(target=ast.Name(EXPERT, ast.Store()),
                       iter=ast.parse(f"range({hit_name}.shape[0])", mode="eval").body, body=body or [ast.Pass()],
                       orelse=[])
-    cond = f"{hit_name}.dim() == 1 and {hit.mask}.dim() == {hit.ndim}"
-    if not _mask_proven_nonnegative(fdef, hit.mask):
+    if hit.axis == "last":
+        cond = f"{hit_name}.dim() == 1 and {hit_name}.shape[0] == {hit.mask}.shape[-1]"
+    else:
+        cond = f"{hit_name}.dim() == 1 and {hit.mask}.dim() == {hit.ndim}"
+    # M[:, :, S] read as the last axis: M.dim() == 3; acc[M[..S]] = v: a mask index only when M is bool
+    cond += "".join(f" and {c}" for c in checks)
+    if not _mask_proven_nonnegative(fdef, hit.mask, first or hit_assign or loop):
         cond += f" and not {hit.mask}.is_floating_point()"
     old_iter = copy.deepcopy(hit_assign.value if hit_assign is not None else loop.iter)
     old_iter = _Replace(hit.src, ast.Name(hit_name, ast.Load())).visit(old_iter)
@@ -983,7 +1129,9 @@ def _rewrite_loop(fdef, loop, self_name, stores, counts) -> tuple:
     guarded = ast.If(test=ast.parse(cond, mode="eval").body, body=[new_for], orelse=[old_for])
     stmts = [guarded]
     prelude = None
-    if hit_assign is not None:
+    if first is not None:  # `hit = SRC; hit = nonzero(hit)`: the second binding keeps SRC
+        prelude = (hit_assign, ast.Name(hit_name, ast.Load()))
+    elif hit_assign is not None:
         prelude = (hit_assign, copy.deepcopy(hit.src))
     else:
         stmts.insert(0, ast.Assign(targets=[ast.Name(hit_name, ast.Store())], value=copy.deepcopy(hit.src)))
@@ -1430,9 +1578,9 @@ def _looks_graph_breaking(loop, fdef) -> bool:
     skip or host read in its body."""
     if _nonzero_of(loop.iter) is not None:
         return True
-    if isinstance(loop.iter, ast.Name):
-        a = _assignment_of(fdef, loop.iter.id)
-        if a is not None and _nonzero_of(a.value) is not None:
+    if isinstance(loop.iter, ast.Name):  # any binding of the name (`hit = SRC; hit = nonzero(hit)...`)
+        if any(isinstance(a, ast.Assign) and len(a.targets) == 1 and _is_name(a.targets[0], loop.iter.id)
+               and _nonzero_of(a.value) is not None for a in ast.walk(fdef)):
             return True
     for name in _names_loaded(loop.iter):  # iterating over host data (counts read with .tolist())
         a = _assignment_of(fdef, name)

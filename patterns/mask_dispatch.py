@@ -180,19 +180,24 @@ def analyse_one(node: fx.Node) -> dict:
     v = value
     if v.op == "call_method" and v.target == "to" and len(v.args) == 2 and isinstance(v.args[1], torch.dtype):
         v = v.args[0]  # setitem casts to the buffer's dtype anyway
-    weights, out = None, v
+    weights, out, wmask = None, v, mask
     w = _weighted_pattern().match(v)
-    if is_match(w) and w.kwargs["wmask"] is mask:
-        weights, out = w.kwargs["weights"], w.kwargs["expert_out"]
+    if is_match(w) and safety.equivalent(w.kwargs["wmask"], mask):
+        weights, out, wmask = w.kwargs["weights"], w.kwargs["expert_out"], w.kwargs["wmask"]
         # w[mask] is (n,) for w of the mask's shape, (n, 1) for w with a trailing 1: the first must be
         # unsqueezed to scale rows (else it broadcasts against d)
         ws, ms = shape_of(weights), shape_of(mask)
-        plain = any(a.target is operator.getitem and a.args[1] is mask for a in v.args if isinstance(a, fx.Node))
+        plain = any(a.target is operator.getitem and safety.equivalent(a.args[1], mask) for a in v.args
+                    if isinstance(a, fx.Node))
         want = len(ms) + 1 if plain else len(ms)
         need(ws is not None and ms is not None and len(ws) == want and all(same(a, b) for a, b in zip(ws, ms))
               and (not plain or int_value(ws[-1]) == 1), "router weights are not one per token, per row")
     # the gathered tokens: the x[mask] that feeds the expert
-    gathered, g = nearest_upstream(out, _gather_pattern(), lambda kw: _dispatch.rows_index(kw["gmask"]) is mask)
+    # the same mask, or one computed the same way (``x[M[:, :, e]]`` and ``buf[M[:, :, e]]`` are two
+    # nodes): equal values when M is not written between them, which analyse_group proves from the
+    # earliest of the masks (``start``)
+    gathered, g = nearest_upstream(out, _gather_pattern(),
+                                   lambda kw: safety.equivalent(_dispatch.rows_index(kw["gmask"]), mask))
     x = g["x"] if g else None
     need(x is not buf, "the loop reads the buffer it writes")
     need(gathered is not None, "assigned value is not computed from x[mask] with the same mask")
@@ -200,7 +205,8 @@ def analyse_one(node: fx.Node) -> dict:
     kind, source, e = _mask_source(mask)
     mlp = _expert_mlp(out, gathered)
     mlp, extra = _down_bias_after(node, mlp, weights, out)
-    return dict(node=node, buf=buf, mask=mask, x=x, gathered=gathered, weights=weights, kind=kind,
+    gmask = _dispatch.rows_index(g["gmask"])
+    return dict(node=node, buf=buf, mask=mask, gmask=gmask, wmask=wmask, x=x, gathered=gathered, weights=weights, kind=kind,
                 source=source, e=e, mlp=mlp, extra=extra, end=extra[-1] if extra else node)
 
 
@@ -279,7 +285,7 @@ def analyse_group(members: list, graph: fx.Graph) -> MoEBlock:
     if init is not None:
         need(safety.mutated_between(init, buf, anchor) is None, "cloned input is modified inside the loop")
         need(same_shape(init, buf) and dtype_of(init) == dtype_of(buf), "clone source is not the buffer's shape")
-    start = min((m["mask"] for m in members), key=order.__getitem__)
+    start = min((m[k] for m in members for k in ("mask", "gmask", "wmask")), key=order.__getitem__)
     for tensor in (x, source, weights):
         need(tensor is None or safety.mutated_between(tensor, start, anchor) is None,
               "tokens or routing are modified in place inside the loop")
