@@ -96,6 +96,7 @@ from moe_inductor.rewrite import (
 from .common import GATED_OF, after_gemm_reason, expert_activation, expert_bias, unary_activation
 from .dispatch import assignment_tokens, routing_map_sorted, topk_columns
 from .experts import row_scaled
+from moe_inductor.fx.nodes import arg
 from moe_inductor.fx.shapes import same_dim
 
 IDIOM = "assignment_rows"
@@ -216,12 +217,6 @@ class RowsScatter:
 
 
 # --------------------------------------------------------------------------- small helpers
-
-def _arg(node: fx.Node, pos: int, name: str, default=None):
-    if len(node.args) > pos:
-        return node.args[pos]
-    return node.kwargs.get(name, default)
-
 
 def _is(node, op: str, target) -> bool:
     return isinstance(node, fx.Node) and node.op == op and (
@@ -476,18 +471,18 @@ def row_gather(z) -> Optional[RowsGather]:
             len(shape_of(z.args[0]) or ()) == 2 and len(shape_of(z.args[1]) or ()) == 1 and _is_int(z.args[1]):
         return RowsGather(x=z.args[0], node=z, index=z.args[1])
     if _is(z, "call_function", torch.gather) or _is(z, "call_method", "gather"):
-        x, dim, index = _arg(z, 0, "input"), _arg(z, 1, "dim"), _arg(z, 2, "index")
+        x, dim, index = arg(z, 0, "input"), arg(z, 1, "dim"), arg(z, 2, "index")
         if dim == 0 and isinstance(index, fx.Node) and len(shape_of(x) or ()) == 2 and \
                 not z.kwargs.get("sparse_grad", False) and same(shape_of(z)[1], shape_of(x)[1]):
             return RowsGather(x=x, node=z, index=_row_index(index), index2d=index)
         return None
     if _is(z, "call_function", torch.index_select) or _is(z, "call_method", "index_select"):
-        x, dim, index = _arg(z, 0, "input"), _arg(z, 1, "dim"), _arg(z, 2, "index")
+        x, dim, index = arg(z, 0, "input"), arg(z, 1, "dim"), arg(z, 2, "index")
         if dim == 0 and isinstance(index, fx.Node) and len(shape_of(x) or ()) == 2:
             return RowsGather(x=x, node=z, index=index)
         return None
     if _is(z, "call_method", "repeat_interleave") or _is(z, "call_function", torch.repeat_interleave):
-        x, reps = z.args[0], _arg(z, 1, "repeats")
+        x, reps = z.args[0], arg(z, 1, "repeats")
         dim = z.kwargs.get("dim", z.args[2] if len(z.args) > 2 else None)
         if dim == 0 and int_value(reps) is not None and len(shape_of(x) or ()) == 2:
             return RowsGather(x=x, node=z, replicated=int_value(reps))
@@ -569,15 +564,15 @@ def row_scatter(node) -> Optional[RowsScatter]:
         return None
     if name not in ("scatter_add", "scatter_add_", "scatter_reduce", "scatter_reduce_", "index_add", "index_add_"):
         return None
-    acc, dim, index = node.args[0] if node.args else None, _arg(node, 1, "dim"), _arg(node, 2, "index")
-    value = _arg(node, 3, "src" if name.startswith("scatter") else "source")
+    acc, dim, index = node.args[0] if node.args else None, arg(node, 1, "dim"), arg(node, 2, "index")
+    value = arg(node, 3, "src" if name.startswith("scatter") else "source")
     if dim != 0 or not all(isinstance(v, fx.Node) for v in (acc, index, value)):
         return None
     if len(shape_of(acc) or ()) != 2 or len(shape_of(value) or ()) != 2:
         return None
     inplace = name.endswith("_")
     if name.startswith("scatter_reduce"):
-        reduce = _arg(node, 4, "reduce")
+        reduce = arg(node, 4, "reduce")
         if reduce != "sum":
             raise PartDeclined("rows_combine", f"{node.name}: scatter_reduce with reduce={reduce!r}, not 'sum'")
         if set(node.kwargs) - {"reduce", "include_self", "dim", "index", "src"} or len(node.args) > 6 or \
@@ -711,7 +706,7 @@ def setitem_perm_sum(node) -> Optional[RowsScatter]:
     part_need("rows_combine", all(set(n.users) == {nxt} for n, nxt in zip(chain, chain[1:] + [m]))
               and set(m.users) == {node},
               f"{m.name}: the weighted (T, K, d) rows are read by something else than the per-token sum")
-    w = wu.args[0] if _is(wu, "call_method", "unsqueeze") and _arg(wu, 1, "dim") in (-1, 2) else None
+    w = wu.args[0] if _is(wu, "call_method", "unsqueeze") and arg(wu, 1, "dim") in (-1, 2) else None
     ws = shape_of(w) if isinstance(w, fx.Node) else None
     part_need("rows_combine", ws is not None and len(ws) == 2 and same(ws[0], T) and same(ws[1], K),
               f"{wu.name}: the rows are weighted by something else than w.unsqueeze(-1) of (T, K) scores")
@@ -744,7 +739,7 @@ def _combine_base(c: RowsScatter) -> Optional[fx.Node]:
     module state, an input or a tensor with views (they would see the sum)."""
     if c.acc is None or _zeros_start(c.acc):
         return None
-    need(c.spelling != "scatter_reduce(sum)" or _arg(c.anchor, 5, "include_self", True) is True,
+    need(c.spelling != "scatter_reduce(sum)" or arg(c.anchor, 5, "include_self", True) is True,
          f"combine: scatter_reduce into {c.acc.name} with include_self=False (the rows replace the base)")
     if c.inplace:  # the rewrite drops the in-place write: nobody may see it but the combine's readers
         need(safety.is_fresh(c.acc), f"combine: the rows are added in place into {c.acc.name}, an input, parameter, "
@@ -812,7 +807,7 @@ def _topk_ids(node) -> Optional[fx.Node]:
     t = node.args[0]
     if not (_is(t, "call_function", torch.topk) or _is(t, "call_method", "topk")):
         return None
-    dim = _arg(t, 2, "dim", -1)
+    dim = arg(t, 2, "dim", -1)
     return node if len(shape_of(t.args[0]) or ()) == 2 and dim in (-1, 1) else None
 
 
@@ -871,7 +866,7 @@ def _one_hot_counts(counts) -> Optional[tuple]:
     if not (_is(oh, "call_function", (torch.nn.functional.one_hot, torch._C._nn.one_hot)) and oh.args
             and isinstance(oh.args[0], fx.Node)):
         return None
-    E = _arg(oh, 1, "num_classes", -1)
+    E = arg(oh, 1, "num_classes", -1)
     if len(shape_of(oh.args[0]) or ()) != 1 or int_value(E) is None or int_value(E) < 0:
         return None
     return oh.args[0], int_value(E)
@@ -883,15 +878,15 @@ def _counts_of(offsets) -> tuple:
     o = safety.strip_casts(offsets)
     need(_is(o, "call_function", torch.cumsum) or _is(o, "call_method", "cumsum"),
          f"dispatch: the grouped GEMM offsets {offsets.name} are not a cumsum of per-expert counts")
-    need(_arg(o, 1, "dim") == 0, "dispatch: offsets are not a cumsum over dim 0")
+    need(arg(o, 1, "dim") == 0, "dispatch: offsets are not a cumsum over dim 0")
     counts = safety.strip_casts(o.args[0])
     if _is(counts, "call_function", torch.histc) or _is(counts, "call_method", "histc"):
         ids = safety.strip_casts(counts.args[0])
-        bins, lo, hi = _arg(counts, 1, "bins", 100), _arg(counts, 2, "min", 0), _arg(counts, 3, "max", 0)
+        bins, lo, hi = arg(counts, 1, "bins", 100), arg(counts, 2, "min", 0), arg(counts, 3, "max", 0)
         return counts, ids, bins, ("histc", lo, hi)
     if _is(counts, "call_function", torch.bincount) or _is(counts, "call_method", "bincount"):
-        need(_arg(counts, 1, "weights") is None, "dispatch: bincount with weights is not a count of assignments")
-        return counts, safety.strip_casts(counts.args[0]), _arg(counts, 2, "minlength", 0), ("bincount",)
+        need(arg(counts, 1, "weights") is None, "dispatch: bincount with weights is not a count of assignments")
+        return counts, safety.strip_casts(counts.args[0]), arg(counts, 2, "minlength", 0), ("bincount",)
     sc = _scatter_counts(counts)
     if sc is not None:
         return counts, sc[0], sc[1], ("scatter",)
@@ -907,7 +902,7 @@ def _routing_map_proof(gather: RowsGather, mlp: RowsMLP, score, E: int) -> Optio
     o = safety.strip_casts(mlp.group[1])
     col = _column(score) if score is not None else None
     if gather.index is None or not (_is(o, "call_function", torch.cumsum) or _is(o, "call_method", "cumsum")) \
-            or _arg(o, 1, "dim") != 0 or (score is not None and col is None):
+            or arg(o, 1, "dim") != 0 or (score is not None and col is None):
         return None
     proof = routing_map_sorted(gather.index, o.args[0], col, shape_of(gather.x)[0])
     if proof is not None:
