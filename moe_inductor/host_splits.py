@@ -166,6 +166,17 @@ def _backward(ctx, grad):
 grouped_mm.register_autograd(_backward, setup_context=_setup)
 
 
+def _autocast_library():
+    # under autocast the per-expert F.linear calls this op replaces cast rows, weights and bias to the
+    # autocast dtype: so does the op (its Autocast kernels, moe_inductor.op.register_gemm_autocast)
+    from .op import register_gemm_autocast
+
+    return register_gemm_autocast("moe_inductor::grouped_mm", ("a", "b", "bias"))
+
+
+_AUTOCAST_LIB = _autocast_library()
+
+
 # --------------------------------------------------------------------------- the graph rewrite
 
 def _is_item_of(node, counts: Optional[fx.Node], i: int) -> Optional[fx.Node]:

@@ -299,6 +299,35 @@ def _resolve_impl(impl: str, x: Tensor, w1: Tensor, w2: Tensor, act, num_assignm
     return impl
 
 
+def register_gemm_autocast(qualname: str, cast: Sequence[str], like: str = "aten::linear") -> Any:
+    """Autocast kernels (CPU, CUDA) for the operator ``qualname`` ("moe_inductor::name"): when eager
+    autocast would cast the GEMM named ``like`` on that device, the floating arguments named in
+    ``cast`` (float32/16, bfloat16; None left alone) go to the autocast dtype, then the operator runs
+    below autocast. For ops standing in for a per-expert ``F.linear`` (``host_splits.grouped_mm``):
+    what eager autocast did to each ``F.linear`` (both operands cast, kept by autograd as eager keeps
+    them). Returns the library that holds the kernels (keep it alive)."""
+    namespace, name = qualname.split("::")
+    lib = torch.library.Library(namespace, "FRAGMENT")
+    op = getattr(getattr(torch.ops, namespace), name).default
+    params = [a.name for a in op._schema.arguments]
+    for device_type, key in _AUTOCAST_KEYS.items():
+        keyset = torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, key))
+
+        def kernel(*args, _device_type=device_type, _keyset=keyset, **kwargs):
+            bound = dict(zip(params, args), **kwargs)
+            dt = autocast_dtype(like, _device_type)
+            tensors = [bound.get(n) for n in cast if bound.get(n) is not None]
+            if dt is not None and all(t.dtype in _AUTOCAST_ELIGIBLE for t in tensors):
+                for n in cast:
+                    if bound.get(n) is not None:
+                        bound[n] = bound[n].to(dt)
+            with torch._C._ExcludeDispatchKeyGuard(_keyset):
+                return op(**bound)
+
+        lib.impl(name, kernel, key)
+    return lib
+
+
 def autocast_dtype(autocast_like: str, device_type: str) -> Optional[torch.dtype]:
     """The dtype eager autocast gives the GEMM named ``autocast_like`` (an operator's qualified
     name, e.g. "aten::linear") on ``device_type`` right now, or None: autocast is off, or that

@@ -148,3 +148,27 @@ def test_same_dim_reads_the_shape_environment():
     assert not same_dim(na, 0, nb, 0)
     torch._check(a.shape[0] == b.shape[0])
     assert same_dim(na, 0, nb, 0) and not same_dim(na, 0, nc, 0)
+
+
+def test_under_autocast_the_grouped_gemms_cast_as_each_linear_did():
+    """Under CPU autocast (bf16) each expert's F.linear casts rows, weights and bias: the grouped GEMM
+    standing in for them does too (its Autocast kernels), so the block is rewritten and close to eager
+    (bf16 rounding); before, Inductor refused the rewritten graph (bf16 rows, fp32 weights) and the
+    frame fell back to plain Inductor."""
+    from moe_inductor.stats import capture_routing_stats
+
+    torch.manual_seed(0)
+    model = MegatronLike()
+    x = torch.randn(7, D, generator=torch.Generator().manual_seed(7))
+    params = list(model.parameters())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = model(x)
+    ref_grads = torch.autograd.grad(ref.float().pow(2).sum(), params)
+    compiled = torch.compile(model, backend="sonic")
+    with capture_routing_stats() as calls, torch.autocast("cpu", dtype=torch.bfloat16):
+        out = compiled(x)
+    grads = torch.autograd.grad(out.float().pow(2).sum(), params)
+    assert len(calls) == 1 and out.dtype == ref.dtype
+    for got, want in [(out, ref), *zip(grads, ref_grads)]:
+        g, w = got.double(), want.double()
+        assert (g - w).norm() <= 2e-2 * w.norm(), ((g - w).norm() / w.norm()).item()
