@@ -16,7 +16,7 @@ entry the script records:
 An entry counts as recalled when it is exact, rewritten from the first call (fused calls equal to
 ``expected`` in both calls) and recompiles at most once.
 
-    python examples/recall.py [--names a,b] [--all] [--light] [--json out.json]
+    python examples/recall.py [--names a,b] [--all] [--light] [--autocast bfloat16] [--json out.json]
 
 ``--light`` runs the rewrite only (no Inductor code generation: fast, for development); the
 figures in the README come from the full backend.
@@ -42,10 +42,17 @@ from moe_inductor.stats import capture_routing_stats  # noqa: E402
 LENGTHS = ((5, 0), (8, 1))
 
 
+AUTOCAST = None  # --autocast: the dtype both eager and compiled forwards run under CPU autocast
+
+
 def fwd_bwd(fn, module, args):
     ins = [a.detach().clone().requires_grad_(a.is_floating_point()) for a in args]
     module.zero_grad(set_to_none=True)
-    out = fn(*ins)
+    if AUTOCAST is not None:
+        with torch.autocast("cpu", dtype=AUTOCAST):
+            out = fn(*ins)
+    else:
+        out = fn(*ins)
     out = out[0] if isinstance(out, (tuple, list)) else out
     out.float().pow(2).sum().backward()
     grads = [(n, p.grad if p.grad is not None else torch.zeros_like(p)) for n, p in module.named_parameters()]
@@ -66,6 +73,10 @@ def mismatch(got, want, dtype, tol):
     return None if err <= tol * max(scale, 1e-6) else f"relative norm error {err / max(scale, 1e-30):.3g}"
 
 
+class EagerFails(Exception):
+    """The entry's own eager forward or backward raises in this setting: not applicable."""
+
+
 def run_entry(idiom, light: bool) -> dict:
     from rewrite_check import light_backend
 
@@ -82,13 +93,18 @@ def run_entry(idiom, light: bool) -> dict:
     with capture_reports() as reports:
         for T, seed in LENGTHS:
             args = idiom.inputs(T, seed)
-            ref_out, ref_grads = fwd_bwd(module, module, args)
+            try:
+                ref_out, ref_grads = fwd_bwd(module, module, args)
+            except Exception as e:  # the source itself fails in this setting (e.g. not autocast-safe)
+                raise EagerFails(f"{type(e).__name__}: {str(e)[:200]}") from e
             with capture_routing_stats() as calls:
                 out, grads = fwd_bwd(compiled, module, args)
             rec["fused_calls"].append(len(calls))
             rec["graphs_after"].append(int(counters["stats"]["unique_graphs"]))
             for name, g, r in [("output", out, ref_out)] + [(n, g, r) for (n, g), (_, r) in zip(grads, ref_grads)]:
-                bad = mismatch(g, r, idiom.dtype, idiom.tol)
+                # under autocast the GEMMs run in the autocast dtype: its relative-norm tolerance
+                bad = mismatch(g, r, AUTOCAST, max(idiom.tol, 3e-2)) if AUTOCAST is not None else \
+                    mismatch(g, r, idiom.dtype, idiom.tol)
                 if bad:
                     rec["errors"].append(f"T={T} {name}: {bad}")
     for rep in list(reports) + light_reports:
@@ -117,7 +133,11 @@ def main(argv=None) -> int:
     p.add_argument("--light", action="store_true", help="rewrite only, no Inductor code generation")
     p.add_argument("--json", default="", help="write the records here")
     p.add_argument("--markdown", default="", help="print the table of a --json file (the README's) and exit")
+    p.add_argument("--autocast", default="", choices=("", "bfloat16", "float16"),
+                   help="run eager and compiled forwards under CPU autocast to this dtype (as people train)")
     a = p.parse_args(argv)
+    global AUTOCAST
+    AUTOCAST = getattr(torch, a.autocast) if a.autocast else None
     if a.markdown:
         print(markdown(a.markdown))
         return 0
@@ -131,10 +151,15 @@ def main(argv=None) -> int:
     for idiom in chosen:
         try:
             rec = run_entry(idiom, a.light)
+        except EagerFails as e:  # not counted: eager itself fails here
+            rec = dict(name=idiom.name, source=idiom.source, recalled=False, not_applicable=f"eager fails: {e}")
         except Exception as e:  # a crash is a result too
             rec = dict(name=idiom.name, source=idiom.source, recalled=False, crash=f"{type(e).__name__}: {e}",
                        trace=traceback.format_exc(limit=-3))
         records.append(rec)
+        if rec.get("not_applicable"):
+            print(f"{'n/a':9s} {idiom.name}: {rec['not_applicable']}", flush=True)
+            continue
         status = "recalled" if rec["recalled"] else "MISSED"
         detail = rec.get("crash") or (f"fused calls {rec['fused_calls']} (expected {rec['expected']}), "
                                       f"exact {rec['exact']}, recompiles {rec['recompiles']}, "
@@ -144,11 +169,16 @@ def main(argv=None) -> int:
             for line in rec.get("errors", [])[:3] + rec.get("declined", [])[:4] + rec.get("break_reasons", []):
                 print(f"          {line}", flush=True)
     n = sum(r["recalled"] for r in records)
-    print(f"recalled {n} of {len(records)} ({'light' if a.light else 'full'} backend, torch {torch.__version__})")
+    counted = [r for r in records if not r.get("not_applicable")]
+    under = f", under autocast {a.autocast}" if a.autocast else ""
+    skipped = f"; {len(records) - len(counted)} not applicable (eager fails)" if len(counted) < len(records) else ""
+    print(f"recalled {n} of {len(counted)} ({'light' if a.light else 'full'} backend, torch {torch.__version__}{under})"
+          f"{skipped}")
     if a.json:
         with open(a.json, "w") as f:
-            json.dump(dict(torch=torch.__version__, backend="light" if a.light else "sonic",
-                           recalled=n, total=len(records), records=records), f, indent=1)
+            json.dump(dict(torch=torch.__version__, backend="light" if a.light else "sonic", autocast=a.autocast or None,
+                           recalled=n, total=len(counted), not_applicable=len(records) - len(counted),
+                           records=records), f, indent=1)
     return 0
 
 
@@ -161,7 +191,9 @@ def markdown(path: str) -> str:
     rows = ["| entry | source | result | kept (what a quick re-spelling drops) |", "|---|---|---|---|"]
     for r in data["records"]:
         idiom = BY_NAME.get(r["name"])
-        if r.get("crash"):
+        if r.get("not_applicable"):
+            result = f"n/a: {r['not_applicable'][:100]}"
+        elif r.get("crash"):
             result = f"crash: {r['crash'][:80]}"
         elif r["recalled"]:
             result = "rewritten from the first call, exact"
