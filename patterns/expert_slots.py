@@ -16,8 +16,11 @@ Parts (recognisers registered in ``moe_inductor.parts``):
                                    + sum_{j<k} one_hot(idx_j, E).sum(0, keepdim=True)
                            L_k = (loc_k * Q_k).sum(1)    (Q_k: 0/1 factors of the term, one_hot(idx_k) among them)
 
-                       spelled with ``einsum("se,sc->sec", ...)`` outer products or broadcast multiplies
-                       of unsqueezed factors, any casts of 0/1 masks; caps are any 0/1 factors
+                       spelled with ``einsum("se,sc->sec", ...)`` outer products, ``bmm(a.unsqueeze(-1),
+                       b.unsqueeze(1))`` (a contraction over one term: the product, fairseq) or broadcast
+                       multiplies of unsqueezed factors, any casts of 0/1 masks; one-hots by ``one_hot`` or
+                       ones scattered into zeros at ``i.unsqueeze(-1)`` or at an (S, 1) column
+                       (``argmax(..., keepdim=True)``, fairseq); caps are any 0/1 factors
                        (``lt(loc, C)``: tokens over capacity dropped; DeepSpeed top-1's keep mask, ones
                        scattered once into fresh zeros, ``zeros_like(m).scatter_(0, top_idx, 1)``); the
                        dispatch tensor is the nonzero pattern (``bool()``, ``!= 0``) cast to any dtype
@@ -27,7 +30,10 @@ Parts (recognisers registered in ``moe_inductor.parts``):
                        old value after the write (``inplace_as``). Stacked choices (nanoMoE): the K
                        choices on their own axis, ``combine = sum(P, 0)`` over a (K, S, E, C) product,
                        positions by one cumsum over the flattened (choice, token) rows, dispatch
-                       ``combine.bool().permute(1, 2, 0) @ x``.
+                       ``combine.bool().permute(1, 2, 0) @ x``. fairseq: ``torch.mm(d.permute(1, 2, 0)
+                       .view(E * C, S), x)``, the slots as (E * C, d) rows, row e * C + c slot (e, c)
+                       (the row-major merge of the (E, C) axes; the experts read them regrouped row-major,
+                       a (E, C, d) view or fairscale's chunks, so the same row is the same slot).
   ``gathered_rows``    expert-choice routing: ``x[idx]`` with an (E, C) table of token ids (``topk(scores.T, C)``
                        indices, or any other), also ``x[idx.reshape(-1)].view(E, C, d)``.
   ``dense_scores``     every token in every expert's slots (C = S), inputs scaled by a dense (S, E) score matrix
@@ -43,10 +49,14 @@ Parts (recognisers registered in ``moe_inductor.parts``):
 ``slots_experts``: ``bmm_mlp``: one MLP on all slots with stacked weights: ``bmm(z, W)`` / ``z @ W`` /
   ``einsum("ecm,emh->ech", z, W)`` with W (E, in, out), or W (E, out, in) transposed/contracted on its
   last axis; optional (E, 1, out) biases; gated (``chunk(2, -1)`` of one projection, or two projections)
-  or plain activations.
+  or plain activations. ``chunked_mlps``: one ModuleList MLP per chunk of the slots (fairscale), also
+  behind a row flatten of the chunk and the unflatten of its output (fairseq's ``x.reshape(-1, d)`` ...
+  ``.view(x_shape)``: same last dimension, the output back in the chunk's leading shape; the MLP is
+  row-wise, so each row lands where it came from).
 ``slots_combine``:
   ``combine_einsum``   ``einsum("sec,ecm->sm", combine.type_as(x), y)``
-  ``combine_matmul``   ``combine.view(S, -1) @ y.view(-1, d)`` (nanoMoE)
+  ``combine_matmul``   ``combine.view(S, -1) @ y.view(-1, d)`` (nanoMoE), ``.mm(...)`` (fairseq): columns
+                       e * C + c of the weights meet rows e * C + c of the outputs (both row-major merges)
   ``scatter_slots``    ``zeros.scatter_add_(0, idx.reshape(-1, 1).expand(-1, d), (y * g[..., None]).reshape(-1, d))``,
                        ``index_add_(0, idx.reshape(-1), ...)`` (in place or not), score g (E, C) optional.
   ``expert_sum``       ``y.view(-1, d).reshape(E, -1, d).sum(0)`` (Llama4; ``.sum(dim=0)``): each slot's outputs
@@ -273,11 +283,13 @@ def _last_axis_column(index) -> Optional[fx.Node]:
     return None
 
 
-def _scattered_one_hot(node) -> Optional[tuple]:
+def _scattered_one_hot(node, column: bool = False) -> Optional[tuple]:
     """(index, num_classes) of ``ret = zeros(i.shape + (n,)); ret.scatter_(-1, i.unsqueeze(-1), 1)``
     (fairscale's ``one_hot``, ``torch.zeros_like``/``new_zeros`` too): the scatter writes 1 at column
     i[r] of each row r of zeros, which is ``one_hot(i, n)``; it is the tensor's first write and comes
-    before every read (``_initialised``), so every reader sees the one-hot."""
+    before every read (``_initialised``), so every reader sees the one-hot. With ``column``, also of an
+    index that is a column already, (..., 1) (fairseq: ``argmax(g, dim=1, keepdim=True)``): the one-hot
+    of its values, index ``_ReshapedIds(column, ret)`` (the column read in ret's leading shape)."""
     if not (isinstance(node, fx.Node) and ((node.op == "call_function" and node.target in _ZEROS_F)
                                            or (node.op == "call_method" and node.target == "new_zeros"))):
         return None
@@ -288,14 +300,19 @@ def _scattered_one_hot(node) -> Optional[tuple]:
         return None
     dim, index, value = arg(w, 1, "dim"), arg(w, 2, "index"), arg(w, 3, "value")
     s, i = shape_of(node), _last_axis_column(index)
+    ids = i
+    if i is None and column and isinstance(index, fx.Node) and _size_one((shape_of(index) or [None])[-1]):
+        i, ids = index, _ReshapedIds(index, node)  # its trailing unit axis dropped below
     si = shape_of(i)
+    if ids is not i and si is not None:
+        si = si[:-1]
     if s is None or dim not in (-1, len(s) - 1) or type(value) not in (int, float) or value != 1 or \
             si is None or not _is_integral(i) or dtype_of(i) == torch.bool or len(si) != len(s) - 1 \
             or not all(same(p, q) for p, q in zip(si, s[:-1])):
         return None
     if not _initialised(w, node_order(node.graph)):
         return None
-    return i, s[-1]
+    return ids, s[-1]
 
 
 def _one_hot(node, reshaped: bool = True) -> Optional[tuple]:
@@ -304,8 +321,8 @@ def _one_hot(node, reshaped: bool = True) -> Optional[tuple]:
     node = _strip_exact_casts(node)
     if reshaped and _reshaped_one_hot(node) is not None:
         return _reshaped_one_hot(node)
-    if _scattered_one_hot(node) is not None:
-        return _scattered_one_hot(node)
+    if _scattered_one_hot(node, column=reshaped) is not None:
+        return _scattered_one_hot(node, column=reshaped)
     if isinstance(node, fx.Node) and node.op == "call_function" and node.target in _ONE_HOT:
         idx, n = arg(node, 0, "tensor", arg(node, 0, "input")), arg(node, 1, "num_classes", -1)
         # num_classes: a constant, or a size computed from T (capacity factor * T / E)
@@ -406,6 +423,23 @@ def inplace_as(node) -> Optional[str]:
     return kind
 
 
+def _unit_contraction(node) -> Optional[tuple]:
+    """(a, b) of ``bmm(a, b)`` (``matmul``, ``@``) with a (B, n, 1) and b (B, 1, m) of the same batch B:
+    a contraction over one term, out[i, j, k] = a[i, j, 0] * b[i, 0, k], the broadcast product
+    ``a * b`` (fairseq's ``bmm(gates.unsqueeze(-1), locations_sc.unsqueeze(1))``); the one product is
+    rounded once either way."""
+    if not (isinstance(node, fx.Node) and node.op in ("call_function", "call_method") and len(node.args) == 2
+            and not node.kwargs and node.target in (torch.bmm, "bmm", torch.matmul, operator.matmul, "matmul",
+                                                     "__matmul__")):
+        return None
+    a, b = node.args
+    sa, sb = shape_of(a), shape_of(b)
+    if not (isinstance(a, fx.Node) and isinstance(b, fx.Node) and sa is not None and sb is not None
+            and len(sa) == 3 and len(sb) == 3 and same(sa[0], sb[0]) and _size_one(sa[2]) and _size_one(sb[1])):
+        return None
+    return a, b
+
+
 def _product(node, axes: tuple, out: list) -> None:
     """Flatten a product of broadcast factors (``*``, ``unsqueeze``, outer-product einsums, exact
     casts) into ``out``: (leaf node or number, its axes)."""
@@ -447,6 +481,12 @@ def _product(node, axes: tuple, out: list) -> None:
             i += 1
         else:
             return _product(node.args[0], tuple(kept) + tuple(axes[i:]), out)
+    unit = _unit_contraction(node)
+    if unit is not None and len(axes) == 3:
+        a, b = unit
+        _product(a, (axes[0], axes[1], None), out)
+        _product(b, (axes[0], None, axes[2]), out)
+        return
     es = _einsum(node)
     if es is not None:
         ins, outl, ops = es
@@ -773,17 +813,66 @@ def _need_unwritten_dispatch(m: fx.Node, src: fx.Node, slots: fx.Node) -> None:
 
 
 def _matmul_args(node) -> Optional[tuple]:
+    """(a, b) of ``a @ b`` (``matmul``), or of ``torch.mm(a, b)`` / ``a.mm(b)`` (2-D only: the matmul of
+    two matrices)."""
     if isinstance(node, fx.Node) and len(node.args) == 2 and not node.kwargs and (
-            (node.op == "call_function" and node.target in (torch.matmul, operator.matmul))
-            or (node.op == "call_method" and node.target in ("matmul", "__matmul__"))):
+            (node.op == "call_function" and node.target in (torch.matmul, operator.matmul, torch.mm))
+            or (node.op == "call_method" and node.target in ("matmul", "__matmul__", "mm"))):
         return node.args
     return None
 
 
+def _merged_rows(node) -> Optional[fx.Node]:
+    """t if ``node`` is ``t.view(A * B, n)`` (``reshape``) of a 3-D t (A, B, n): a row-major reshape
+    merging the two leading axes, so row a * B + b of ``node`` is t[a, b]."""
+    t = _flattened(node, 3)
+    s, st = shape_of(node), shape_of(t)
+    if t is None or s is None or len(s) != 2 or not (same(s[0], st[0] * st[1]) and same(s[1], st[2])):
+        return None
+    return t
+
+
+def _slot_major(m, rank: int) -> Optional[fx.Node]:
+    """d when the dispatch operand ``m`` is ``d.permute(1, 2, 0)`` (E, C, S) (``rank`` 3) or that permute
+    with its (E, C) axes merged, ``.view(E * C, S)`` (``rank`` 2: row e * C + c is slot (e, c), the
+    order the slots have in (E, C, d)); exact casts of the 0/1 mask around either."""
+    p = _strip_exact_casts(m)
+    if rank == 2:
+        p = _merged_rows(p)
+        if p is None:
+            return None
+        p = _strip_exact_casts(p)
+    if p.op == "call_method" and p.target == "permute" and tuple(
+            p.args[1] if len(p.args) == 2 and isinstance(p.args[1], (tuple, list)) else p.args[1:]) in (
+            (1, 2, 0), (-2, -1, 0)):
+        return p.args[0]
+    return None
+
+
+def _mm_slots_view(slots) -> Optional[fx.Node]:
+    """The 2-D ``mm`` dispatch (E * C, d) that the 3-D ``slots`` is a row-major reshape of, else None."""
+    inner, steps = _row_major_source(slots)
+    mm = _matmul_args(inner)
+    if steps == 0 or len(shape_of(slots) or ()) != 3 or mm is None or len(shape_of(inner) or ()) != 2:
+        return None
+    return inner
+
+
 @register("slots_dispatch", "capacity_einsum",
-          'einsum("sec,sm->ecm", combine.bool(), x) or combine.bool().permute(1, 2, 0) @ x: one-hot/cumsum '
-          'capacity slots (GShard/Switch, nanoMoE)')
+          'einsum("sec,sm->ecm", combine.bool(), x) or combine.bool().permute(1, 2, 0) @ x, or '
+          'torch.mm(combine.bool().permute(1, 2, 0).view(E * C, S), x) (rows e * C + c, fairseq): one-hot/cumsum '
+          'capacity slots (GShard/Switch, nanoMoE, fairseq)')
 def capacity_einsum(slots) -> Optional[SlotsDispatch]:
+    flat = _mm_slots_view(slots)
+    if flat is not None:  # mm(...).view(E, C, d): the (E * C, d) rows regrouped row-major into the slots
+        disp = capacity_einsum(flat)
+        if disp is None:
+            return None
+        cs, ss = shape_of(disp.combine_weights), shape_of(slots)
+        need(all(same(p, q) for p, q in zip(ss, (cs[1], cs[2], shape_of(flat)[1]))),
+             f"{slots.name}: the (E * C, d) dispatch rows are regrouped as {tuple(ss)}, not as the (E, C, d) slots",
+             part="slots_dispatch")
+        return dataclasses.replace(disp, slots=slots)
     es = _einsum(slots)
     mm = _matmul_args(slots)
     if es is not None and len(es[2]) == 2:
@@ -795,14 +884,11 @@ def capacity_einsum(slots) -> Optional[SlotsDispatch]:
         else:
             return None
         d = m
-    elif mm is not None and len(shape_of(mm[0]) or ()) == 3 and len(shape_of(mm[1]) or ()) == 2:
+    elif mm is not None and len(shape_of(mm[0]) or ()) in (2, 3) and len(shape_of(mm[1]) or ()) == 2:
         m, x = mm
-        p = _strip_exact_casts(m)
-        if not (p.op == "call_method" and p.target == "permute" and tuple(
-                p.args[1] if len(p.args) == 2 and isinstance(p.args[1], (tuple, list)) else p.args[1:]) in (
-                (1, 2, 0), (-2, -1, 0))):
+        d = _slot_major(m, len(shape_of(m)))
+        if d is None:
             return None
-        d = p.args[0]
     else:
         return None
     src = _nonzero_source(d)
@@ -1100,6 +1186,13 @@ class SlotsMLPs(ExpertMLP):
         return tuple(w for m in self.experts for w in m.weights())
 
 
+def _merged_rows_of(rows, like) -> bool:
+    """``rows`` is (E * C, d) for ``like`` (E, C, d): the same elements row-major, row e * C + c is (e, c)."""
+    s, ls = shape_of(rows), shape_of(like)
+    return s is not None and ls is not None and len(s) == 2 and len(ls) == 3 and same(s[0], ls[0] * ls[1]) \
+        and same(s[1], ls[2])
+
+
 def _strip_layout(node) -> fx.Node:
     """Follow row-major reshapes (``_row_major_source``) and identities back to the producer."""
     while True:
@@ -1135,9 +1228,42 @@ def _expert_axis(node, like) -> Optional[int]:
     return None
 
 
+def _lead_rows(node) -> Optional[fx.Node]:
+    """t if ``node`` is a row-major reshape (``_row_major_source``) of t with the same last dimension:
+    both hold the same rows (length n) in the same order, only the leading dimensions are regrouped."""
+    t, steps = _row_major_source(node)
+    s, st = shape_of(node), shape_of(t)
+    if steps == 0 or not s or not st or not same(s[-1], st[-1]):
+        return None
+    return t
+
+
+def _row_wise_expert(piece, e: int) -> ExpertMLP:
+    """The expert MLP whose output is ``piece``, and its input: also through a row-major flatten of its
+    input's leading dimensions and the unflatten of its output back to them (fairseq's
+    ``x.reshape(-1, d) ... x.view(x_shape)``): the MLP maps each row on its own (linear, activation,
+    linear over the last axis), so when the flatten keeps the last dimension and the unflatten gives the
+    output the input's leading shape, each output row is the MLP of the input row at the same place."""
+    what = f"{getattr(piece, 'name', piece)}: expert {e} on its chunk of the slots"
+    inner = _lead_rows(piece) if isinstance(piece, fx.Node) else None
+    if inner is None or recognise("experts", piece) is not None:
+        return recognise("experts", piece, required=what)
+    m = recognise("experts", inner, required=what)
+    t = _lead_rows(safety.strip_identity(m.input))
+    need(t is not None and m.row_scale is None, f"{m.input.name}: expert {e}'s output is reshaped ({piece.name}) "
+                                                "but its input is not its chunk's rows flattened the same way",
+         part="slots_experts")
+    sp, st = shape_of(piece), shape_of(t)
+    need(len(sp) == len(st) and all(same(p, q) for p, q in zip(sp[:-1], st[:-1])),
+         f"{piece.name}: expert {e}'s output rows are regrouped as {tuple(sp)}, not in the leading shape "
+         f"{tuple(st)} of the input rows", part="slots_experts")
+    return dataclasses.replace(m, input=t, output=piece)
+
+
 @register("slots_experts", "chunked_mlps",
           "torch.cat([f_e(c) for c, f_e in zip(z.reshape(1, E, C, d).chunk(E, 1), experts)], 1).reshape(E, C, d): "
-          "one ModuleList expert per slot chunk (fairscale MOELayer)")
+          "one ModuleList expert per slot chunk (fairscale MOELayer; fairseq's experts flatten each chunk's rows, "
+          "x.reshape(-1, d) ... .view(x_shape)); z may be the (E * C, d) rows of an mm dispatch")
 def chunked_mlps(out) -> Optional[SlotsMLPs]:
     cat = _strip_layout(out)
     if not (isinstance(cat, fx.Node) and cat.op == "call_function" and cat.target is torch.cat
@@ -1153,7 +1279,7 @@ def chunked_mlps(out) -> Optional[SlotsMLPs]:
          part="slots_experts")
     mlps, slots = [], None
     for e, p in enumerate(pieces):
-        m = recognise("experts", p, required=f"{getattr(p, 'name', p)}: expert {e} on its chunk of the slots")
+        m = _row_wise_expert(p, e)
         ch = _chunk_of(safety.strip_identity(m.input))
         need(ch is not None and ch[3] == e and int_value(ch[2]) == E,
              f"{m.input.name}: expert {e} does not run on chunk {e} of {E} of the slots", part="slots_experts")
@@ -1162,9 +1288,9 @@ def chunked_mlps(out) -> Optional[SlotsMLPs]:
              f"{m.input.name}: the chunks are not taken along the experts of one (E, C, d) slots tensor",
              part="slots_experts")
         slots = src
-        need(safety.same_shape(slots, out), f"{slots.name}: the chunked slots are not (E, C, d) "
-                                                             f"like the experts' outputs {out.name}",
-                                                             part="slots_experts")
+        need(safety.same_shape(slots, out) or _merged_rows_of(slots, out),
+             f"{slots.name}: the chunked slots are not (E, C, d) like the experts' outputs {out.name}, nor "
+             "their (E * C, d) rows", part="slots_experts")
         mlps.append(m)
     m0 = mlps[0]
     for m in mlps[1:]:
