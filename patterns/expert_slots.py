@@ -1109,13 +1109,19 @@ def dense_scores(slots) -> Optional[SlotsDispatch]:
 # --------------------------------------------------------------------------- slots_experts
 
 def _inplace_bias(node) -> bool:
-    """``h += b`` (``h.add_(b)``) of an (E, 1, out) bias of h's dtype on a projection output h that
+    """``h += b`` (``h.add_(b)``) of an (E, 1, out) floating bias on a projection output h that
     nothing reads before (``inplace_as``) and that is the projection's own fresh result (no view
-    of something else): the value ``h + b`` (nanoMoE's ``x = bmm(x, c_fc); x += fc_bias``)."""
+    of something else): the value ``h + b`` (nanoMoE's ``x = bmm(x, c_fc); x += fc_bias``). The bias
+    may have another floating dtype than h: under autocast the GEMM gives bf16 and the fp32 bias
+    parameter is added in place into it (nanoMoE trains so), which rounds the sum to h's dtype; the
+    fused op adds the bias in its compute dtype (a difference of one rounding, as every GEMM of the
+    op accumulates differently from eager)."""
     if inplace_as(node) != "add" or node.target not in (operator.iadd, "add_"):
         return False
     h, b = node.args
-    if not (isinstance(b, fx.Node) and safety.is_fresh(h)) or dtype_of(b) != dtype_of(h):
+    if not (isinstance(b, fx.Node) and safety.is_fresh(h)) or not (
+            dtype_of(b) is not None and dtype_of(b).is_floating_point and dtype_of(h) is not None
+            and dtype_of(h).is_floating_point):
         return False
     inner = _batched_projection(h)
     bs = shape_of(b)
