@@ -266,6 +266,8 @@ def _called_modules_impurity(module: torch.nn.Module, name: str) -> list:
     method = getattr(type(module), name)
     rewritten = [n for n in _analyse(method)[1] if n.rewritten]
     roots = side_effects.loop_module_roots(method, [n.lineno for n in rewritten])
+    if roots is not None:  # a rewritten list comprehension is no `for` statement: its modules come with its note
+        roots = roots | frozenset().union(*(n.modules for n in rewritten))
     subs = [(f"self.{r}", getattr(module, r, None)) for r in sorted(roots)] if roots is not None \
         else [(f"self.{r}", sub) for r, sub in module.named_children()]
     for path, sub in subs:

@@ -113,6 +113,8 @@ class LoopNote:
     rewritten: bool
     form: str = ""
     reason: str = ""
+    #: attributes ``self.X`` whose modules a rewritten comprehension calls (``capture`` proves them pure)
+    modules: frozenset = frozenset()
 
     def __str__(self) -> str:
         where = f"{self.filename}:{self.lineno} in {self.function}"
@@ -1396,6 +1398,178 @@ def _segment_loop(fdef, loop, self_name, stores, glb) -> Optional[tuple]:
     return stmts, apply, set(), form
 
 
+# --------------------------------------------------------------------------- filtered comprehensions
+
+# Module methods that change the module (a tensor has methods of the same names): not called on a
+# local that could be a module passed in (``capture`` proves only ``self``'s submodules pure)
+_MODULE_METHODS = set(dir(__import__("torch").nn.Module))
+
+
+def _chunk_measure(node, i) -> Optional[tuple]:
+    """(C[i] node, kind) for ``C[i].shape[0]`` / ``C[i].size(0)`` / ``len(C[i])`` (kind "rows") or
+    ``C[i].numel()`` (kind "numel"), C a name and i the comprehension's variable; else None."""
+    item, kind = None, None
+    if isinstance(node, ast.Subscript) and isinstance(node.value, ast.Attribute) and node.value.attr == "shape" \
+            and _const_int(node.slice) == 0:
+        item, kind = node.value.value, "rows"
+    elif _is_method(node, {"size"}) and len(node.args) + len(node.keywords) == 1 \
+            and _const_int(_kwarg(node, "dim", 0)) == 0:
+        item, kind = node.func.value, "rows"
+    elif _is_method(node, {"numel"}) and not node.args and not node.keywords:
+        item, kind = node.func.value, "numel"
+    elif isinstance(node, ast.Call) and _is_name(node.func, "len") and len(node.args) == 1 and not node.keywords:
+        item, kind = node.args[0], "rows"
+    if isinstance(item, ast.Subscript) and isinstance(item.value, ast.Name) and _is_name(item.slice, i) \
+            and item.value.id != i:
+        return item, kind
+    return None
+
+
+def _nonempty_filter(test, i) -> Optional[tuple]:
+    """(C[i] node, kind) when ``test`` says "C[i] is not empty": ``m > 0``, ``m != 0``, ``m >= 1``
+    (either side), or ``m`` alone, m a ``_chunk_measure``."""
+    if isinstance(test, ast.Compare) and len(test.ops) == 1:
+        l, op, r = test.left, test.ops[0], test.comparators[0]
+        for m, c, o in ((l, r, op), (r, l, {ast.Lt: ast.Gt(), ast.Gt: ast.Lt(), ast.LtE: ast.GtE(),
+                                            ast.GtE: ast.LtE()}.get(type(op), op))):
+            k = _const_int(c)
+            ok = (isinstance(o, ast.Gt) and k == 0) or (isinstance(o, ast.NotEq) and k == 0) \
+                or (isinstance(o, ast.GtE) and k == 1)
+            found = _chunk_measure(m, i) if ok else None
+            if found is not None:
+                return found
+        return None
+    return _chunk_measure(test, i)
+
+
+def _cat_reads_only(fdef, stmt, L) -> Optional[object]:
+    """None when every read of ``L`` after its binding ``stmt`` is ``torch.cat(L, 0)`` (``dim=0``,
+    ``torch.concat``/``concatenate``, dimension left out); else the first other read."""
+    ok = set()
+    for node in ast.walk(fdef):
+        if isinstance(node, ast.Call) and _is_torch_fn(node, {"cat", "concat", "concatenate"}) \
+                and isinstance(node.func, ast.Attribute) and _is_name(node.func.value, "torch") \
+                and node.args and _is_name(node.args[0], L) and len(node.args) + len(node.keywords) <= 2:
+            dim = _kwarg(node, "dim", 1)
+            if (dim is None or _const_int(dim) == 0) and all(k.arg == "dim" for k in node.keywords):
+                ok.add(id(node.args[0]))
+    return next((x for x in _loads(fdef, L) if id(x) not in ok), None)
+
+
+def _self_aliases(fdef, self_name) -> dict:
+    """{local: attribute X} for locals bound as ``local = self.X...``."""
+    out = {}
+    for n in ast.walk(fdef):
+        if isinstance(n, ast.Assign) and len(n.targets) == 1 and isinstance(n.targets[0], ast.Name):
+            root = n.value
+            while isinstance(root, (ast.Attribute, ast.Subscript)):
+                if isinstance(root, ast.Attribute) and _is_name(root.value, self_name):
+                    out[n.targets[0].id] = root.attr
+                    break
+                root = root.value
+    return out
+
+
+def _callee_roots(elt, fdef, self_name, local: set, i) -> set:
+    """The attributes ``self.X`` whose modules ``elt`` may call (directly or through a local alias
+    ``m = self.X``): ``capture`` proves them free of side effects. Decline when a call goes through
+    a local that may be a module from elsewhere (an argument), which nothing here proves pure."""
+    aliases = _self_aliases(fdef, self_name)
+    roots = set()
+    for n in ast.walk(elt):
+        if isinstance(n, ast.Attribute) and _is_name(n.value, self_name):
+            roots.add(n.attr)
+        if isinstance(n, ast.Name) and n.id in aliases:
+            roots.add(aliases[n.id])
+        if not isinstance(n, ast.Call):
+            continue
+        f, depth = n.func, 0
+        while isinstance(f, (ast.Attribute, ast.Subscript)):
+            f, depth = f.value, depth + 1
+        if not isinstance(f, ast.Name) or (self_name is not None and (f.id == self_name or f.id in aliases)) \
+                or f.id not in local:
+            continue  # self, an alias of self.X, a global (torch, F, a module-level function), an expression
+        last = n.func.attr if isinstance(n.func, ast.Attribute) else None
+        if depth != 1 or last is None or last in _MODULE_METHODS or f.id == i:
+            raise Decline(n, f"`{_short(n)}` calls through the local `{f.id}`, which may be a module whose "
+                             f"freedom from side effects cannot be proved")
+    return roots
+
+
+def _filtered_comprehension(fdef, stmt, self_name, stores, glb) -> Optional[tuple]:
+    """``L = [ELT for i in ITER if <C[i] is not empty>]`` (``C[i].shape[0] > 0``, ``C[i].size(0) != 0``,
+    ``len(C[i]) > 0``, ``C[i].numel() > 0``, ...) with ``L`` read only by ``torch.cat(L, 0)``: the
+    filter on an unbacked size stops Dynamo (LLaMA-MoE's ``UniversalCalculator``). Rewritten into::
+
+        pairs = [(C[i], ELT) for i in ITER]          # ELT for every expert: proved pure
+        L = [o for c, o in pairs if keep(c, o, pairs)]
+
+    where ``keep`` is True, without reading data, when the dropped output can only be empty and
+    harmless to the concatenation: o and c are tensors of at least one dimension, ``o.shape[0] ==
+    c.shape[0]`` is known (``guard_or_false``: for a row-wise expert on a split chunk the same
+    symbol; False when it is data-dependent), for ``numel`` C[i]'s other dimensions are nonzero, and
+    every output has o's dimensions past 0, dtype, device and ``requires_grad`` (so cat's result is
+    the same with o or without it); otherwise ``keep`` is the original filter on c. Exact: an output
+    kept that the original dropped has zero rows and changes neither values, dtype nor autograd
+    (its expert gets a zero gradient instead of None, as in the rewritten loops). ELT runs for every
+    expert: it may read no host data nor mutate (``_Body.check_expr``), and the modules it calls
+    through ``self`` are proved free of side effects by ``capture`` (``LoopNote.modules``)."""
+    if not (isinstance(stmt, ast.Assign) and len(stmt.targets) == 1 and isinstance(stmt.targets[0], ast.Name)
+            and isinstance(stmt.value, ast.ListComp) and len(stmt.value.generators) == 1):
+        return None
+    comp, L = stmt.value.generators[0], stmt.targets[0].id
+    if comp.is_async or len(comp.ifs) != 1 or not isinstance(comp.target, ast.Name):
+        return None
+    i = comp.target.id
+    found = _nonempty_filter(comp.ifs[0], i)
+    if found is None:
+        return None
+    item, kind = found
+    elt = stmt.value.elt
+    if stores.get(L, 0) != 1:
+        raise Decline(stmt, f"the list `{L}` is bound more than once in the function")
+    other = _cat_reads_only(fdef, stmt, L)
+    if other is not None:
+        raise Decline(other, f"the list `{L}` is read other than by `torch.cat({L}, 0)` (line {other.lineno}), "
+                             f"which would see the outputs of experts with no rows")
+    if glb.get("torch") is None or getattr(glb.get("torch"), "cat", None) is not _torch_cat():
+        raise Decline(stmt, "`torch` is not the torch module in the function's globals")
+    checker = _Body(self_name, {}, set(stores), {i}, None, [])
+    checker._body_names = set()
+    checker.check_expr(elt)
+    checker.check_expr(comp.iter)
+    local = set(stores) - {L}
+    roots = _callee_roots(elt, fdef, self_name, local, i)
+    tag = f"_{stmt.lineno}"
+    pairs, keep = f"_sonic_pairs{tag}", f"_sonic_keep{tag}"
+    original = _Replace(item, ast.Name("_c", ast.Load())).visit(copy.deepcopy(comp.ifs[0]))
+    numel = " and all(_d != 0 for _d in _c.shape[1:])" if kind == "numel" else ""
+    helper = ast.parse(
+        f"def {keep}(_c, _o, _pairs):\n"
+        f"    if isinstance(_c, torch.Tensor) and isinstance(_o, torch.Tensor) and _c.dim() >= 1 and _o.dim() >= 1"
+        f"{numel} and torch.fx.experimental.symbolic_shapes.guard_or_false(_o.shape[0] == _c.shape[0]) and all("
+        f"isinstance(_p, torch.Tensor) and _p.dim() == _o.dim() and _p.dtype == _o.dtype and _p.device == _o.device"
+        f" and _p.requires_grad == _o.requires_grad and _p.shape[1:] == _o.shape[1:] for _, _p in _pairs):\n"
+        f"        return True\n"
+        f"    return ORIGINAL\n").body[0]
+    helper.body[-1].value = original
+    first = ast.ListComp(elt=ast.Tuple([copy.deepcopy(item), copy.deepcopy(elt)], ast.Load()),
+                         generators=[copy.deepcopy(comp)])
+    first.generators[0].ifs = []
+    stmts = [helper, ast.Assign(targets=[ast.Name(pairs, ast.Store())], value=first),
+             ast.parse(f"{L} = [_o for _c, _o in {pairs} if {keep}(_c, _o, {pairs})]").body[0]]
+    stmts = [ast.fix_missing_locations(ast.copy_location(s, stmt)) for s in stmts]
+    form = (f"list comprehension `[{_short(elt, 40)} for {i} in {_short(comp.iter, 30)} if {_short(comp.ifs[0], 40)}]`"
+            f" read only by `torch.cat({L}, 0)`: every expert's output computed, the empty ones kept where provably "
+            f"empty and harmless to the concatenation")
+    return stmts, None, set(), form, frozenset(roots)
+
+
+def _comprehension_statements(fdef) -> list:
+    return [s for s in ast.walk(fdef) if isinstance(s, ast.Assign) and isinstance(s.value, ast.ListComp)
+            and s.value.generators and s.value.generators[0].ifs and not _inside_loop(fdef, s)]
+
+
 class _SegmentSlices(ast.NodeTransformer):
     """``R[start:end]`` (R a name) -> ``chunks[i]``; ``rows`` collects the R seen."""
 
@@ -1650,7 +1824,7 @@ def analyse(fn, depth: int = 0) -> Analysis:
         tree, fdef = _function_tree(fn)
     except (OSError, TypeError, SyntaxError, IndentationError, Decline):
         return result
-    loops = [l for l in _candidate_loops(fdef) if not _inside_loop(fdef, l)]
+    loops = [l for l in _candidate_loops(fdef) if not _inside_loop(fdef, l)] + _comprehension_statements(fdef)
     callees = {} if fn.__closure__ else _callee_replacements(fn, fdef, depth, result.notes)
     if not loops and not callees:
         result.notes.extend(_host_reads(fdef, filename, qual))
@@ -1669,6 +1843,12 @@ def analyse(fn, depth: int = 0) -> Analysis:
     for loop in loops:
         try:
             segment = True  # a segment-shaped loop declined: counts read on the host, worth a note
+            if isinstance(loop, ast.Assign):  # a filtered list comprehension
+                owner = self_name if "." in qual and depth == 0 else None  # a method: its modules are proved pure
+                plan = _filtered_comprehension(fdef, loop, owner, stores, fn.__globals__)
+                if plan is not None:
+                    plans.append((loop, plan))
+                continue
             plan = _segment_loop(fdef, loop, self_name, stores, fn.__globals__)
             if plan is None:
                 segment = False
@@ -1676,7 +1856,8 @@ def analyse(fn, depth: int = 0) -> Analysis:
         except Decline as d:
             if segment or _looks_graph_breaking(loop, fdef):
                 line = d.lineno or loop.lineno
-                head = f"`for {_short(loop.target)} in {_short(loop.iter)}`"
+                head = f"`{_short(loop.value)}`" if isinstance(loop, ast.Assign) else \
+                    f"`for {_short(loop.target)} in {_short(loop.iter)}`"
                 result.notes.append(LoopNote(filename, loop.lineno, qual, False, reason=(
                     f"line {loop.lineno}: {head} breaks the graph (data-dependent iteration or skip); not "
                     f"rewritten because line {line}: {d.text}, so running every expert on zero rows cannot "
@@ -1689,7 +1870,7 @@ def analyse(fn, depth: int = 0) -> Analysis:
         return result
     # host counts: their `.tolist()` assignment goes only when nothing but removed skips read it
     used_counts = set().union(*(p[2] for _, p in plans))
-    for loop, (stmts, prelude, cused, form) in plans:
+    for loop, (stmts, prelude, cused, form, *_) in plans:
         _replace_stmt(fdef, loop, stmts)
         if callable(prelude):
             prelude()
@@ -1740,7 +1921,8 @@ def analyse(fn, depth: int = 0) -> Analysis:
     new._sonic_source = ast.unparse(fdef)  # what Dynamo traces, for a reader (and the tests)
     result.replacement = new
     for loop, plan in plans:
-        result.notes.append(LoopNote(filename, loop.lineno, qual, True, form=plan[3]))
+        result.notes.append(LoopNote(filename, loop.lineno, qual, True, form=plan[3],
+                                     modules=plan[4] if len(plan) > 4 else frozenset()))
     for name in callees:
         result.notes.append(LoopNote(filename, fdef.lineno, qual, True, form=(
             f"calls `{name}(...)`, whose per-expert loop is rewritten, through its rewritten copy")))
@@ -1849,12 +2031,31 @@ def _host_reads(fdef, filename, qual) -> list:
             continue  # the sizes of a rewritten segment loop's split: traced as symbolic sizes
         if reads and n.lineno not in seen:
             seen.add(n.lineno)
+            counted = _bincount_copied(reads[0])
+            if counted is not None:
+                out.append(LoopNote(filename, n.lineno, qual, False, reason=(
+                    f"line {n.lineno}: `{_short(n)}` copies `{_short(counted)}` to the host: its length is "
+                    f"max(minlength, largest id + 1), known only from the data, so Dynamo breaks the graph at "
+                    f"`bincount` (a data-dependent length has no `.tolist()` as symbolic sizes, and nothing here "
+                    f"proves every id below minlength, which an error or a shorter list would change where eager "
+                    f"succeeds); counts of a fixed length E, `one_hot(ids, E).sum(0).tolist()`, are traced on the "
+                    f"device (moe_inductor.host_splits)")))
+                continue
             out.append(LoopNote(filename, n.lineno, qual, False, reason=(
                 f"line {n.lineno}: `{_short(n)}` reads tensor data on the host (`.{reads[0].func.attr}()`), which "
                 f"breaks the graph; it is not a skip of experts without tokens that the loop capture can remove "
                 f"(counts read with `.tolist()` that only size splits of rows by expert are traced on the device in "
                 f"sonic frames: moe_inductor.host_splits; anything else they feed stays out of reach)")))
     return out
+
+
+def _bincount_copied(read):
+    """The ``bincount(...)`` call a host read ``X.bincount(...).tolist()`` / ``torch.bincount(...).cpu()...``
+    copies, else None."""
+    v = read
+    while _is_method(v, {"tolist", "cpu", "numpy", "item"}) and not v.args:
+        v = v.func.value
+    return v if _is_torch_fn(v, {"bincount"}) else None
 
 
 def _replace_stmt(fdef, old, new_stmts) -> None:
