@@ -36,7 +36,10 @@ from .report import CompileReport, note_runs_on, record_report
 from .fx.nodes import clean_module_path
 from .fx.targets import INPLACE_FUNCTIONS
 from .normal_form import functionalize
-from .rewrite import Candidate, MoEBlock, call, emit_fused_moe, module_path_of, same, shape_of
+from .fx.build import call
+from .fx.nodes import module_path_of
+from .fx.shapes import same, shape_of
+from .rewrite import Candidate, MoEBlock, emit_fused_moe
 from .router import analyse_router, graph_token_rounding
 
 log = logging.getLogger("moe_inductor")

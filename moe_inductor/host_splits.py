@@ -649,7 +649,8 @@ def _checks_only(items: list) -> Optional[list]:
 def rewrite(gm: fx.GraphModule, shape_of=None) -> list:
     """Replace the split-by-host-counts GEMM loops of ``gm`` by ``grouped_mm`` (see the module
     docstring). Returns notes (str), one per split seen: rewritten, or why not."""
-    from .rewrite import call, method, shape_of as _shape_of
+    from .fx.build import call, method
+    from .fx.shapes import shape_of as _shape_of
 
     shape_of = shape_of or _shape_of
     graph = gm.graph

@@ -1,6 +1,6 @@
 """Keep the rewrite's own work away from the user's autograd hooks.
 
-The rewrite runs ops on Dynamo's fake example values (``rewrite._fake_run``). Where those record
+The rewrite runs ops on Dynamo's fake example values (``fx.build.fake_run``). Where those record
 autograd (parameters require grad), autograd calls the pack hook of any
 ``torch.autograd.graph.saved_tensors_hooks`` the user has active while the model compiles; memory
 profilers and offloaders read ``untyped_storage().data_ptr()`` there, which raises on a fake tensor,

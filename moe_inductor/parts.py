@@ -31,7 +31,6 @@ from typing import Any, Callable, Optional
 
 import torch.fx as fx
 
-from .fx import decline as fx_decline
 from .fx.decline import Declined, PartDeclined  # noqa: F401  (PartDeclined: read as parts.PartDeclined)
 from .fx.nodes import module_path_of
 
@@ -46,13 +45,6 @@ PARTS = ("dispatch", "experts", "combine", "scores", "gather",
 
 def decline(part: str, reason: str):
     raise PartDeclined(part, reason)
-
-
-def need(part: str, cond: Any, reason: str) -> None:
-    """``moe_inductor.fx.decline.need(cond, reason, part=part)``, spelled with the part first as
-    patterns/assignment_rows.py (owned elsewhere) still imports it; every other caller uses
-    ``fx.decline.need``. Remove once assignment_rows.py does too."""
-    fx_decline.need(cond, reason, part=part)
 
 
 # --------------------------------------------------------------------------- canonical descriptions

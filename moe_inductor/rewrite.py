@@ -21,29 +21,12 @@ from typing import Any, Callable, Optional
 import torch
 import torch.fx as fx
 
-# The FX vocabulary lives in moe_inductor.fx. Besides what emission uses here, the names marked
-# below are re-exported only for modules that still import them from rewrite and are edited
-# elsewhere (backend.py, host_splits.py, normal_form.py, patterns/assignment_rows.py): new code
-# imports them from moe_inductor.fx.
-from .fx.build import call, emit, fake_run, method  # noqa: F401  (emit: normal_form)
-from .fx.decline import Declined, need  # noqa: F401  (assignment_rows)
-from .fx.nodes import clean_module_path, module_path_of, node_order  # noqa: F401  (backend, assignment_rows)
-from .fx.shapes import dtype_of, example_value, int_value, same, shape_of, to_sympy  # noqa: F401
-from .fx.targets import INPLACE_FUNCTIONS
-
-# private spellings still imported by backend.py and host_splits.py (tests/test_module_graph.py's
-# KNOWN_PRIVATE): remove once they import INPLACE_FUNCTIONS, clean_module_path, fake_run from fx
-_INPLACE_FUNCTIONS = INPLACE_FUNCTIONS
-_clean_module_path = clean_module_path
-_fake_run = fake_run
+# The FX vocabulary lives in moe_inductor.fx; this module imports what emission uses.
+from .fx.build import call, method
+from .fx.shapes import dtype_of, example_value, int_value, shape_of
 
 from .worth import Choice, choose_gathered, gathered_experts
 
-# private spellings still imported by backend.py and host_splits.py (owned elsewhere; see
-# tests/test_module_graph.py's KNOWN_PRIVATE): remove once they import from moe_inductor.fx
-_INPLACE_FUNCTIONS = INPLACE_FUNCTIONS
-_clean_module_path = clean_module_path
-_fake_run = fake_run
 
 
 # --------------------------------------------------------------------------- blocks and reports

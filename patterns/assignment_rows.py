@@ -87,17 +87,16 @@ import torch.fx as fx
 
 from moe_inductor import safety
 from moe_inductor.activations import parse_activation
-from moe_inductor.parts import PartDeclined, need as part_need, recognise, register
-from moe_inductor.rewrite import (
-    node_order,
-    Declined, ExpertWeights, MoEBlock, call, dtype_of, gemm_name, int_value, method, need, same, shape_of, to_sympy,
-)
+from moe_inductor.parts import PartDeclined, recognise, register
+from moe_inductor.fx.build import call, method
+from moe_inductor.fx.decline import Declined, need
+from moe_inductor.fx.nodes import arg, node_order
+from moe_inductor.fx.shapes import dtype_of, int_value, same, same_dim, shape_of, to_sympy
+from moe_inductor.rewrite import ExpertWeights, MoEBlock, gemm_name
 
 from .common import GATED_OF, after_gemm_reason, expert_activation, expert_bias, unary_activation
 from .dispatch import assignment_tokens, routing_map_sorted, topk_columns
 from .experts import row_scaled
-from moe_inductor.fx.nodes import arg
-from moe_inductor.fx.shapes import same_dim
 
 IDIOM = "assignment_rows"
 
@@ -412,7 +411,7 @@ def rows_mlp(out) -> Optional[RowsMLP]:
             g = _proj(inner) if name else None
             u = _proj(b)
             if g is not None and u is not None:
-                part_need("rows_experts", name in GATED_OF, f"{a.name}: gated activation {name} is not supported")
+                need(name in GATED_OF, f"{a.name}: gated activation {name} is not supported", part="rows_experts")
                 act, gate, up = GATED_OF[name], g, u
                 break
     if act is None:
@@ -421,17 +420,13 @@ def rows_mlp(out) -> Optional[RowsMLP]:
         except Declined as e:
             raise PartDeclined("rows_experts", f"{mid.name}: {e}")
         gate = _proj(h)
-        part_need("rows_experts", gate is not None, f"{h.name}: the expert's first projection is not a grouped "
-                                                    "GEMM or a GEMM with weights gathered per row")
+        need(gate is not None, f"{h.name}: the expert's first projection is not a grouped "
+                                                    "GEMM or a GEMM with weights gathered per row", part="rows_experts")
     projs = [p for p in (gate, up, down) if p is not None]
-    part_need("rows_experts", all(_same_group(p.group, down.group) for p in projs),
-              "the projections group their rows differently (other offsets, or weights gathered with other ids)")
-    part_need("rows_experts", up is None or safety.equivalent(gate.input, up.input),
-              "gate and up projections read different rows")
-    part_need("rows_experts", len({p.transposed for p in projs}) == 1 or down.group[0] == "offsets",
-              "the GEMMs use different weight layouts")
-    part_need("rows_experts", not tk or len(shape_of(gate.input) or ()) == 2,
-              "the einsum experts do not read the tokens (T, d) broadcast over the k slots")
+    need(all(_same_group(p.group, down.group) for p in projs), "the projections group their rows differently (other offsets, or weights gathered with other ids)", part="rows_experts")
+    need(up is None or safety.equivalent(gate.input, up.input), "gate and up projections read different rows", part="rows_experts")
+    need(len({p.transposed for p in projs}) == 1 or down.group[0] == "offsets", "the GEMMs use different weight layouts", part="rows_experts")
+    need(not tk or len(shape_of(gate.input) or ()) == 2, "the einsum experts do not read the tokens (T, d) broadcast over the k slots", part="rows_experts")
     E = int_value((shape_of(down.weight) or (None,))[0])
     for p, what in ((gate, "up-projection output" if up is None else "gate projection output"),
                     (up, "up projection output"), (down, "down-projection output")):
@@ -441,16 +436,14 @@ def rows_mlp(out) -> Optional[RowsMLP]:
             added, p.bias_add = expert_bias(p.out, lambda ids: True, E, what)
         except Declined as e:
             raise PartDeclined("rows_experts", str(e)) from None
-        part_need("rows_experts", added is None or p.bias is None,
-                  f"{what}: a per-expert bias added in place after a GEMM that adds its own")
+        need(added is None or p.bias is None, f"{what}: a per-expert bias added in place after a GEMM that adds its own", part="rows_experts")
         p.bias = p.bias if added is None else added
         if p.bias_add is not None:
             p.bias_ids = p.bias_add.args[1].args[1]
         if p.bias is not None:
-            part_need("rows_experts", up is None, f"{what}: biases on separate gate and up GEMMs are not supported")
-            part_need("rows_experts", dtype_of(p.bias) == dtype_of(p.weight), "expert biases and weights differ in dtype")
-    part_need("rows_experts", scaled is None or down.bias is None,
-              "the rows are scaled before a down projection with a bias: the op would scale the bias too")
+            need(up is None, f"{what}: biases on separate gate and up GEMMs are not supported", part="rows_experts")
+            need(dtype_of(p.bias) == dtype_of(p.weight), "expert biases and weights differ in dtype", part="rows_experts")
+    need(scaled is None or down.bias is None, "the rows are scaled before a down projection with a bias: the op would scale the bias too", part="rows_experts")
     return RowsMLP(input=gate.input, output=out, activation=act, interleaved=interleaved, gate=gate, up=up,
                    down=down, layout="tk" if tk else "rows", row_scale=row_scale if scaled is not None else None)
 
@@ -545,10 +538,9 @@ def unpermute_scatter(node) -> Optional[RowsScatter]:
     if tok is None or tok["perm"] is not None:
         return None
     perm = _inverse_of(back.args[1])
-    part_need("rows_combine", perm is not None and same(shape_of(perm)[0], tok["T"] * tok["K"]),
-              f"{node.name}: the rows added at every assignment's token are {back.name} = "
+    need(perm is not None and same(shape_of(perm)[0], tok["T"] * tok["K"]), f"{node.name}: the rows added at every assignment's token are {back.name} = "
               f"{back.args[0].name}[{back.args[1].name}], not the rows of a sort permutation of the T*K "
-              "assignments put back by its inverse (argsort of that permutation)")
+              "assignments put back by its inverse (argsort of that permutation)", part="rows_combine")
     c.value, c.perm, c.replicated, c.T, c.index, c.index2d = back.args[0], perm, tok["K"], tok["T"], None, None
     c.spelling = f"unpermute_scatter ({c.spelling} of y[argsort(perm)])"
     return c
@@ -627,21 +619,17 @@ def inverse_perm_sum(node) -> Optional[RowsScatter]:
         return None
     value, inv = back.args
     perm = inv.args[0] if inv.args else None
-    part_need("rows_combine", isinstance(perm, fx.Node) and len(inv.args) == 1 and not set(inv.kwargs) - {"device"}
-              and len(shape_of(perm) or ()) == 1 and _is_int(perm),
-              f"{inv.name}: the inverse permutation is not empty_like(perm) of a 1-D integer permutation")
+    need(isinstance(perm, fx.Node) and len(inv.args) == 1 and not set(inv.kwargs) - {"device"}
+              and len(shape_of(perm) or ()) == 1 and _is_int(perm), f"{inv.name}: the inverse permutation is not empty_like(perm) of a 1-D integer permutation", part="rows_combine")
     setters = [u for u in inv.users if _is(u, "call_function", operator.setitem)]
-    part_need("rows_combine", len(setters) == 1 and set(inv.users) == {setters[0], back},
-              f"{inv.name}: the inverse permutation has other readers or writers than inv[perm] = arange(A)")
+    need(len(setters) == 1 and set(inv.users) == {setters[0], back}, f"{inv.name}: the inverse permutation has other readers or writers than inv[perm] = arange(A)", part="rows_combine")
     st = setters[0]
-    part_need("rows_combine", st.args[0] is inv and (st.args[1] is perm or safety.equivalent(st.args[1], perm)),
-              f"{inv.name}: the inverse permutation is not filled at the permutation it was made from ({perm.name})")
+    need(st.args[0] is inv and (st.args[1] is perm or safety.equivalent(st.args[1], perm)), f"{inv.name}: the inverse permutation is not filled at the permutation it was made from ({perm.name})", part="rows_combine")
     ar = st.args[2]
-    part_need("rows_combine", _is(ar, "call_function", torch.arange) and len(ar.args) == 1
-              and not set(ar.kwargs) - {"device", "dtype"} and same(ar.args[0], shape_of(perm)[0]),
-              f"{inv.name}: the inverse permutation is not filled with arange(A) over the {perm.name} rows")
+    need(_is(ar, "call_function", torch.arange) and len(ar.args) == 1
+              and not set(ar.kwargs) - {"device", "dtype"} and same(ar.args[0], shape_of(perm)[0]), f"{inv.name}: the inverse permutation is not filled with arange(A) over the {perm.name} rows", part="rows_combine")
     order = node_order(node.graph)
-    part_need("rows_combine", order[st] < order[back], f"{inv.name}: the inverse permutation is read before it is filled")
+    need(order[st] < order[back], f"{inv.name}: the inverse permutation is read before it is filled", part="rows_combine")
     return RowsScatter(acc=None, value=value, anchor=node, inplace=False, replicated=K, T=T, perm=perm,
                        orphans=[st])
 
@@ -685,33 +673,27 @@ def setitem_perm_sum(node) -> Optional[RowsScatter]:
     new = v.args[0]
     y = new.args[0] if new.args else None
     vs, ys = shape_of(v), shape_of(y) if isinstance(y, fx.Node) else None
-    part_need("rows_combine", len(new.args) == 1 and not set(new.kwargs) - {"device"} and ys is not None
+    need(len(new.args) == 1 and not set(new.kwargs) - {"device"} and ys is not None
               and len(ys) == 2 and vs is not None and len(vs) == 3 and int_value(vs[1]) is not None
-              and same(vs[2], ys[1]) and same(to_sympy(vs[0]) * int_value(vs[1]), ys[0]),
-              f"{new.name}: not empty_like of the (A, d) rows viewed as (T, K, d)")
+              and same(vs[2], ys[1]) and same(to_sympy(vs[0]) * int_value(vs[1]), ys[0]), f"{new.name}: not empty_like of the (A, d) rows viewed as (T, K, d)", part="rows_combine")
     T, K = vs[0], int_value(vs[1])
     setters = [u for u in new.users if _is(u, "call_function", operator.setitem)]
-    part_need("rows_combine", len(setters) == 1 and set(new.users) == {setters[0], v} and setters[0].args[0] is new
-              and setters[0].args[2] is y and isinstance(setters[0].args[1], fx.Node),
-              f"{new.name}: not filled by one new[perm] = rows of the rows it was made from, or read elsewhere")
+    need(len(setters) == 1 and set(new.users) == {setters[0], v} and setters[0].args[0] is new
+              and setters[0].args[2] is y and isinstance(setters[0].args[1], fx.Node), f"{new.name}: not filled by one new[perm] = rows of the rows it was made from, or read elsewhere", part="rows_combine")
     st, perm = setters[0], setters[0].args[1]
-    part_need("rows_combine", _sort_perm(perm) is not None and len(shape_of(perm) or ()) == 1
-              and same(shape_of(perm)[0], ys[0]),
-              f"{perm.name}: the rows are written back at something other than a sort permutation of all of them "
-              "(every row written once)")
+    need(_sort_perm(perm) is not None and len(shape_of(perm) or ()) == 1
+              and same(shape_of(perm)[0], ys[0]), f"{perm.name}: the rows are written back at something other than a sort permutation of all of them "
+              "(every row written once)", part="rows_combine")
     order = node_order(node.graph)
-    part_need("rows_combine", order[st] < order[v], f"{new.name}: read before it is filled")
+    need(order[st] < order[v], f"{new.name}: read before it is filled", part="rows_combine")
     # the weighting: in place on the fresh (T, K, d) view (nothing else reads it), same dtype
     chain = [v] + ([t] if t is not v else [])
-    part_need("rows_combine", all(set(n.users) == {nxt} for n, nxt in zip(chain, chain[1:] + [m]))
-              and set(m.users) == {node},
-              f"{m.name}: the weighted (T, K, d) rows are read by something else than the per-token sum")
+    need(all(set(n.users) == {nxt} for n, nxt in zip(chain, chain[1:] + [m]))
+              and set(m.users) == {node}, f"{m.name}: the weighted (T, K, d) rows are read by something else than the per-token sum", part="rows_combine")
     w = wu.args[0] if _is(wu, "call_method", "unsqueeze") and arg(wu, 1, "dim") in (-1, 2) else None
     ws = shape_of(w) if isinstance(w, fx.Node) else None
-    part_need("rows_combine", ws is not None and len(ws) == 2 and same(ws[0], T) and same(ws[1], K),
-              f"{wu.name}: the rows are weighted by something else than w.unsqueeze(-1) of (T, K) scores")
-    part_need("rows_combine", dtype_of(w) == dtype_of(y) and dtype_of(t) == dtype_of(y),
-              f"{m.name}: the scores ({dtype_of(w)}) and the rows ({dtype_of(y)}) differ in dtype")
+    need(ws is not None and len(ws) == 2 and same(ws[0], T) and same(ws[1], K), f"{wu.name}: the rows are weighted by something else than w.unsqueeze(-1) of (T, K) scores", part="rows_combine")
+    need(dtype_of(w) == dtype_of(y) and dtype_of(t) == dtype_of(y), f"{m.name}: the scores ({dtype_of(w)}) and the rows ({dtype_of(y)}) differ in dtype", part="rows_combine")
     return RowsScatter(acc=None, value=y, anchor=node, inplace=False, replicated=K, T=T, perm=perm,
                        orphans=[st] + ([m] if m.target == "mul_" else []), score_tk=w)
 
@@ -726,8 +708,7 @@ def einsum_tk(node) -> Optional[RowsScatter]:
     ys, ws = shape_of(y), shape_of(w)
     if ys is None or ws is None or len(ys) != 3 or len(ws) != 2 or int_value(ys[1]) is None:
         return None
-    part_need("rows_combine", same(ys[0], ws[0]) and same(ys[1], ws[1]),
-              f"{node.name}: the scores {w.name} are not one per (token, slot) of the expert outputs")
+    need(same(ys[0], ws[0]) and same(ys[1], ws[1]), f"{node.name}: the scores {w.name} are not one per (token, slot) of the expert outputs", part="rows_combine")
     return RowsScatter(acc=None, value=y, anchor=node, inplace=False, replicated=int_value(ys[1]), T=ys[0], score=w)
 
 

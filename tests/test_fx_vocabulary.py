@@ -36,11 +36,7 @@ SETS = {n for n in dir(targets) if n.isupper()} | {
     "_VIEW_METHODS", "_VIEW_FUNCTIONS", "_VIEWS", "_INPLACE_FUNCTIONS", "_FRESH_TUPLE_METHODS",
     "_FRESH_TUPLE_FUNCTIONS", "_MM_FUNCTIONS", "_MM_METHODS", "_MATMUL_F"}
 #: second definitions left in files another session owns; each must go (the test then says so)
-KNOWN = {
-    ("patterns/assignment_rows.py", "def _arg"),
-    # part-first spelling of fx.decline.need that assignment_rows.py imports as part_need
-    ("moe_inductor/parts.py", "def need"),
-}
+KNOWN: set = set()
 
 
 def _definitions(sources=SOURCES, root=ROOT):
@@ -80,14 +76,14 @@ def test_definition_check_can_fail(tmp_path):
 
 
 def test_no_renamed_need():
-    """``need`` goes by one name: no ``need as <alias>`` outside the one file another session owns."""
+    """``need`` goes by one name: no ``need as <alias>`` anywhere."""
     bad = []
     for path in SOURCES:
         rel = path.relative_to(ROOT).as_posix()
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom):
                 bad += [(rel, a.asname) for a in node.names if a.name == "need" and a.asname]
-    assert sorted(bad) == [("patterns/assignment_rows.py", "part_need")], bad
+    assert not bad, bad
 
 
 def test_fx_imports_nothing_above_it():
@@ -207,9 +203,7 @@ def test_need():
         decline.need(0, "why", part="dispatch")
     assert e.value.part == "dispatch" and str(e.value) == "dispatch: why"
     from moe_inductor import parts
-    assert parts.PartDeclined is decline.PartDeclined
-    with pytest.raises(decline.PartDeclined, match="combine: no"):
-        parts.need("combine", False, "no")
+    assert parts.PartDeclined is decline.PartDeclined and not hasattr(parts, "need")
 
 
 def test_arg():

@@ -11,7 +11,7 @@ lengths (fp32, 1e-4), what was rewritten or declined asserted.
   gathered rows ``index_add_``-ed in place into a whole module buffer (the rewrite would drop the
   buffer's update: it was rewritten before ``safety.is_fresh`` was asked in both compositions).
 - Expert masks spelled ``ids[..., None] == torch.arange(E)``: the boolean ``one_hot(ids, E)``, a
-  column of which is ``ids == e``. One part recogniser (``rewrite.arange_onehot`` /
+  column of which is ``ids == e``. One part recogniser (``fx.matching.arange_onehot`` /
   ``arange_column``, read by ``eq_constant`` and the one-hot paths of ``patterns/dispatch.py``)
   makes every composition that reads ``ids == e`` or ``one_hot`` read these. Near miss:
   ``arange(1, E + 1)`` (column e is expert e + 1) is not rewritten.
