@@ -137,6 +137,94 @@ def at_most_one_per_row(node: fx.Node) -> Optional[int]:
                 # a float factor could turn 0 into nan (0 * inf): a nonzero torch.where would select
                 if dt is not None and not dt.is_floating_point and not dt.is_complex:
                     return int_value(m.kwargs["E"])
+        # (one_hot * m1) * m2 (NLLB-MoE: the padding column, then the capacity mask): an integer
+        # product of something already at most one per row, of the product's shape
+        found = _integer_factor_of(src)
+        if found is not None:
+            return found
+    return None
+
+
+def _integer(node) -> bool:
+    dt = dtype_of(node)
+    return dt is not None and not dt.is_floating_point and not dt.is_complex
+
+
+def _integer_factor_of(src: fx.Node) -> Optional[int]:
+    """E if ``src = a * b`` is integer/bool and one factor has ``src``'s shape and at most one
+    nonzero per row (integer arithmetic: 0 * b == 0 for every b)."""
+    if not _integer(src):
+        return None
+    for a in src.args:
+        if isinstance(a, fx.Node) and safety.same_shape(a, src) and a.op == "call_function" \
+                and a.target is operator.mul:
+            E = at_most_one_per_row(a)
+            if E is not None:
+                return E
+    return None
+
+
+_ADD = (operator.add, torch.add)
+_MUL = (operator.mul, torch.mul)
+
+
+def _binary(node, targets, method_name) -> Optional[tuple]:
+    if not isinstance(node, fx.Node) or node.kwargs or len(node.args) != 2:
+        return None
+    if (node.op == "call_function" and node.target in targets) or (node.op == "call_method" and node.target == method_name):
+        return node.args
+    return None
+
+
+def nonzero_pattern_of(node) -> Optional[fx.Node]:
+    """S if ``node`` is S's nonzero pattern as booleans: ``S.bool()``, ``S.to(torch.bool)``,
+    ``S != 0``, ``S.ne(0)``. None otherwise."""
+    if not isinstance(node, fx.Node) or dtype_of(node) != torch.bool:
+        return None
+    cast = AnyOf(M("bool", KA("src")), M("to", KA("src"), torch.bool), M("to", KA("src"), dtype=torch.bool)).match(node)
+    if is_match(cast):
+        return cast.kwargs["src"]
+    ne = _binary(node, (operator.ne, torch.ne), "ne")
+    if ne is not None and isinstance(ne[0], fx.Node) and ne[1] == 0 and not isinstance(ne[1], bool):
+        return ne[0]
+    return None
+
+
+def at_most_k_per_row(node) -> Optional[tuple]:
+    """(E, k, finite) if ``node``'s rows (last dim, E columns) hold at most k nonzeros, provided
+    every floating factor is finite when ``finite`` (0 * inf is nan, which is nonzero):
+
+    - ``at_most_one_per_row``: k = 1 (integer: no proviso);
+    - ``a * t`` / ``t * a`` with t at most k per row of the product's shape (a broadcasts, e.g. the
+      per-row gate ``p[:, None] * one_hot(i, E)``): k, and ``finite`` when the product is floating;
+    - ``t1 + t2`` of two such tensors of the sum's shape: k1 + k2 (the nonzeros of a sum lie in
+      the union of the terms' nonzeros);
+    - the nonzero pattern of such a tensor (``.bool()``, ``!= 0``): the same.
+    Each tensor the proof reads must not be written in place anywhere (the proof reads its
+    definition); None otherwise."""
+    if not isinstance(node, fx.Node) or any(safety.writes_to(n) for n in [node] + node.all_input_nodes):
+        return None
+    src = nonzero_pattern_of(node)
+    if src is not None:
+        return at_most_k_per_row(src)
+    E = at_most_one_per_row(node)
+    if E is not None:
+        return E, 1, False
+    ns = shape_of(node)
+    if ns is None or not ns or int_value(ns[-1]) is None:
+        return None
+    add = _binary(node, _ADD, "add")
+    if add is not None:
+        parts = [at_most_k_per_row(a) if safety.same_shape(a, node) else None for a in add]
+        if any(p is None for p in parts) or parts[0][0] != parts[1][0]:
+            return None
+        return parts[0][0], parts[0][1] + parts[1][1], parts[0][2] or parts[1][2]
+    mul = _binary(node, _MUL, "mul")
+    if mul is not None:
+        for t in mul:
+            got = at_most_k_per_row(t) if isinstance(t, fx.Node) and safety.same_shape(t, node) else None
+            if got is not None:
+                return got[0], got[1], got[2] or not _integer(node)
     return None
 
 
@@ -671,4 +759,93 @@ def _transposed_2d(node) -> Optional[fx.Node]:
              and {a % 2 for a in t.args[1:] if isinstance(a, int)} == {0, 1}) or \
             (_method_or_function(t, ("permute",), (torch.permute,)) and tuple(t.args[1:]) in ((1, 0), ((1, 0),))):
         return t.args[0]
+    return None
+
+
+# --------------------------------------------------------------------------- per-expert slices of a masked copy
+# (NLLB-MoE 4.x: ``buf = einsum("bm,be->ebm", x, R)``, expert e reads ``buf[e, R[:, e]]`` and writes its
+# weighted output back there, the result is ``buf.sum(0)``; the composition is patterns/mask_dispatch.py)
+
+_EINSUM = (torch.einsum, torch.functional.einsum)
+
+
+def einsum_parts(node) -> Optional[tuple]:
+    """(operand letter strings, output letters, operands) of an einsum call, None otherwise."""
+    if not (isinstance(node, fx.Node) and node.op == "call_function" and node.target in _EINSUM and node.args):
+        return None
+    eq, ops = node.args[0], node.args[1:]
+    if len(ops) == 1 and isinstance(ops[0], (list, tuple)):
+        ops = tuple(ops[0])
+    if not isinstance(eq, str) or "->" not in eq or "." in eq or node.kwargs:
+        return None
+    lhs, out = eq.replace(" ", "").split("->")
+    ins = lhs.split(",")
+    if len(ins) != len(ops) or not all(isinstance(o, fx.Node) for o in ops):
+        return None
+    return ins, out, ops
+
+
+def masked_copies(buf) -> Optional[tuple]:
+    """(x, R) if ``buf = einsum("bm,be->ebm", x, R)`` (any letters, either operand order) with x
+    (T, d) floating and R (T, E) boolean: slice e of ``buf`` is ``x * R[:, e, None]``, a pure
+    product (no letter is summed), so its rows where R is true are x's rows exactly (x * 1) and
+    the others are 0 (x * 0; for a finite x, as the capacity einsum's dispatch assumes: an inf
+    or nan token makes them nan in eager, where the fused op adds nothing for an unrouted slot).
+    None otherwise."""
+    p = einsum_parts(buf)
+    if p is None or len(p[2]) != 2:
+        return None
+    ins, out, ops = p
+    for (xl, rl), (x, R) in (((ins[0], ins[1]), ops), ((ins[1], ins[0]), ops[::-1])):
+        if len(xl) != 2 or len(rl) != 2 or len(set(xl + rl[1])) != 3 or rl[0] != xl[0] or out != rl[1] + xl:
+            continue
+        xs, rs, dx = shape_of(x), shape_of(R), dtype_of(x)
+        if dtype_of(R) == torch.bool and dx is not None and dx.is_floating_point and xs is not None \
+                and rs is not None and len(xs) == 2 and len(rs) == 2 and same(xs[0], rs[0]):
+            return x, R
+    return None
+
+
+def slice_index(index) -> Optional[tuple]:
+    """(e, mask) for ``t[e, mask]`` / ``t[e, mask, :]`` with e a Python int and mask a tensor."""
+    if not (isinstance(index, tuple) and len(index) in (2, 3) and isinstance(index[1], fx.Node)):
+        return None
+    e = index[0]
+    if not isinstance(e, int) or isinstance(e, bool) or (len(index) == 3 and index[2] != _ALL):
+        return None
+    return e, index[1]
+
+
+def slice_score(node) -> Optional[tuple]:
+    """(W, mask, e, y) if ``node`` weights the rows y of slice e by ``W[mask, e]``:
+    ``einsum("b,be->be", W[mask, e], y)`` (either order, any letters), ``W[mask, e, None] * y``,
+    ``W[mask, e].unsqueeze(-1) * y`` (either order). None otherwise."""
+    def weight(w, trailing):
+        if not (isinstance(w, fx.Node) and w.op == "call_function" and w.target is operator.getitem):
+            return None
+        idx = w.args[1]
+        if trailing and isinstance(idx, tuple) and len(idx) == 3 and idx[2] is None:
+            idx = idx[:2]
+        elif trailing:
+            return None
+        got = slice_index((idx[1], idx[0]) if isinstance(idx, tuple) and len(idx) == 2 else None)
+        return (w.args[0], got[1], got[0]) if got is not None else None
+
+    p = einsum_parts(node)
+    if p is not None and len(p[2]) == 2:
+        ins, out, ops = p
+        for (wl, yl), (w, y) in (((ins[0], ins[1]), ops), ((ins[1], ins[0]), ops[::-1])):
+            if len(wl) == 1 and len(yl) == 2 and yl[0] == wl and yl[1] != wl and out == yl:
+                got = weight(w, False)
+                if got is not None:
+                    return got + (y,)
+        return None
+    mul = _binary(node, _MUL, "mul")
+    for w, y in ((mul or ())[:2], (mul or ())[::-1][:2]) if mul else ():
+        if isinstance(w, fx.Node) and w.op == "call_method" and w.target == "unsqueeze" and tuple(w.args[1:]) == (-1,):
+            got = weight(w.args[0], False)
+        else:
+            got = weight(w, True)
+        if got is not None and isinstance(y, fx.Node):
+            return got + (y,)
     return None

@@ -29,9 +29,10 @@ Declined (with the reason), because the fused op would not compute the same thin
 - anything random or in place between the gathered tokens and the assigned value (dropout with
   p > 0 in training: NLLB-MoE's ``moe_token_dropout``, Switch's expert dropout; ``y *= 1 - p``);
 - masks not provably disjoint (thresholds, top-k masks: later experts overwrite earlier ones);
-- indexing other than ``buf[mask]`` (or ``buf[mask, :]``: trailing full slices) (NLLB-MoE 4.x writes per-expert slices ``buf[e, mask]`` of an
-  (E, T, d) buffer and sums them; its top-2 masks come from ``router_probs.bool()``, whose row
-  count is not provable from the graph);
+- indexing other than ``buf[mask]`` (or ``buf[mask, :]``: trailing full slices), except NLLB-MoE
+  4.x's per-expert slices ``buf[e, R[:, e]]`` of ``buf = einsum("bm,be->ebm", x, R)`` summed by
+  ``buf.sum(0)`` (``analyse_slices`` below: K per token from R's definition, a sum of K terms each
+  at most one nonzero per row, ``dispatch.at_most_k_per_row``);
 - the loop reading the buffer it writes, the buffer written elsewhere, experts sharing weights,
   experts of different shapes or activations, router weights that differ between experts.
 
@@ -44,6 +45,7 @@ Shape legend: T tokens (flattened leading dims), d hidden, n expert intermediate
 """
 from __future__ import annotations
 
+import math
 import operator
 from collections import defaultdict
 
@@ -235,6 +237,23 @@ def _down_bias_after(node: fx.Node, mlp: tuple, weights, out: fx.Node):
 
 # --------------------------------------------------------------------------- grouping and checks
 
+def _experts_agree(members: list) -> tuple:
+    """(activation, gated): every expert the same structure and shapes, each its own weights."""
+    acts = {m["mlp"][0] for m in members}
+    need(len(acts) == 1, f"experts use different activations {sorted(acts)}")
+    act = acts.pop()
+    need(len({m["mlp"][7] for m in members}) == 1, "some experts interleave gate and up columns and others not")
+    for i in range(1, 7):
+        present = {m["mlp"][i] is not None for m in members}
+        need(len(present) == 1, "some experts have biases (or gates) and others not")
+        if members[0]["mlp"][i] is not None:
+            shapes = {tuple(map(str, shape_of(m["mlp"][i]) or ())) for m in members}
+            need(len(shapes) == 1, "experts have weights of different shapes")
+    need(len({m["mlp"][1] for m in members}) == len(members) and len({m["mlp"][5] for m in members}) == len(members),
+          "experts share weights: not an MoE (each iteration must use its own expert's weights)")
+    return act, act in GATED_OF.values()
+
+
 def analyse_group(members: list, graph: fx.Graph) -> MoEBlock:
     order = node_order(graph)
     members = sorted(members, key=lambda m: order[m["node"]])
@@ -249,19 +268,7 @@ def analyse_group(members: list, graph: fx.Graph) -> MoEBlock:
     ws = {m["weights"] for m in members}
     need(len(ws) == 1, "experts are weighted by different router tensors (or only some are weighted)")
     weights = ws.pop()
-    acts = {m["mlp"][0] for m in members}
-    need(len(acts) == 1, f"experts use different activations {sorted(acts)}")
-    act = acts.pop()
-    need(len({m["mlp"][7] for m in members}) == 1, "some experts interleave gate and up columns and others not")
-    gated = act in GATED_OF.values()
-    for i in range(1, 7):
-        present = {m["mlp"][i] is not None for m in members}
-        need(len(present) == 1, "some experts have biases (or gates) and others not")
-        if members[0]["mlp"][i] is not None:
-            shapes = {tuple(map(str, shape_of(m["mlp"][i]) or ())) for m in members}
-            need(len(shapes) == 1, "experts have weights of different shapes")
-    need(len({m["mlp"][1] for m in members}) == len(members) and len({m["mlp"][5] for m in members}) == len(members),
-          "experts share weights: not an MoE (each iteration must use its own expert's weights)")
+    act, gated = _experts_agree(members)
     if kind == "rows":
         rs = shape_of(source)
         need(rs is not None and all(0 <= e and (int_value(rs[-1]) is None or e < int_value(rs[-1])) for e in experts),
@@ -384,6 +391,178 @@ def _folded_scale(buf, writes, x, init, kind, source, experts, mask_shape):
     return _combine.token_scale(buf, writes, x)
 
 
+# --------------------------------------------------------------------------- per-expert slices (NLLB-MoE 4.x)
+#
+#     buf = einsum("bm,be->ebm", x, R)             # (E, T, d): slice e is x * R[:, e, None]
+#     for e, expert in enumerate(experts):
+#         m = R[:, e]
+#         buf[e, m] = einsum("b,be->be", W[m, e], c * expert(buf[e, m]))     (W, c optional)
+#     out = buf.sum(0)
+#
+# Parts: dispatch ``buf[e, R[:, e]]`` read before slice e is written is x[R[:, e]] * 1 = x's rows
+# (``dispatch.masked_copies``); scores ``W[m, e]`` (``dispatch.slice_score``) and a constant c on the
+# expert's fresh output, folded into the scores; combine: every slice 0..E-1 written once at the rows
+# it was read at, its other rows x * 0 = 0, so ``buf.sum(0)[t] = sum over e with R[t, e] of
+# W[t, e] c f_e(x[t])``: the fused op over (t, e) for the nonzeros of R's row t, at most K of them
+# (``dispatch.at_most_k_per_row``), taken as ``topk(R.int(), K)`` with expert -1 (nothing added) for the
+# slots topk fills with a false column.
+
+def _constant_factor(v: fx.Node) -> tuple:
+    """(c, y) for ``v = y * c`` / ``c * y`` with c a finite Python number (the normal form's
+    spelling of ``y *= c`` on a fresh y: NLLB-MoE's eval ``*= 1 - moe_token_dropout``); (1.0, v)."""
+    if (v.op == "call_function" and v.target in (operator.mul, torch.mul)) or (v.op == "call_method" and v.target == "mul"):
+        if len(v.args) == 2 and not v.kwargs:
+            for y, c in (v.args, v.args[::-1]):
+                if isinstance(y, fx.Node) and isinstance(c, (int, float)) and not isinstance(c, bool) \
+                        and math.isfinite(c):
+                    return float(c), y
+    return 1.0, v
+
+
+def analyse_slice(node: fx.Node) -> dict:
+    """One expert's write ``buf[e, R[:, e]] = [W[m, e] *] [c *] expert(buf[e, m])`` (raises Declined)."""
+    buf, index, value = node.args
+    found = _dispatch.masked_copies(buf)
+    need(found is not None, "dispatch: buf[e, mask] writes into a buffer that is not einsum('bm,be->ebm', x, R) "
+                            "of the tokens and a boolean (T, E) routing mask")
+    x, R = found
+    e, mask = _dispatch.slice_index(index)
+    col = _column_pattern().match(mask)
+    need(is_match(col) and safety.equivalent(col.kwargs["rows"], R) and int_value(col.kwargs["e"]) == e,
+         f"dispatch: slice {e} is written at rows that are not column {e} of the routing mask R of the buffer")
+    v = value
+    if v.op == "call_method" and v.target == "to" and len(v.args) == 2 and isinstance(v.args[1], torch.dtype):
+        v = v.args[0]  # setitem casts to the buffer's dtype anyway
+    weights, out = None, v
+    sc = _dispatch.slice_score(v)
+    if sc is not None:
+        weights, wmask, we, out = sc
+        need(we == e and safety.equivalent(wmask, mask), f"scores: slice {e} is weighted by W[m, {we}] at another "
+                                                         "mask or expert than it is written at")
+        need(same_shape(weights, R), "scores: the router weights are not (T, E) like the routing mask")
+    scale, out = _constant_factor(out)
+
+    def own_slice(kw):
+        g = _dispatch.slice_index(kw["gmask"])
+        return kw["x"] is buf and g is not None and g[0] == e and safety.equivalent(g[1], mask)
+
+    gathered, _ = nearest_upstream(out, _gather_pattern(), own_slice)
+    need(gathered is not None,
+         f"dispatch: expert {e} does not read slice {e} of the buffer at the rows its output is written at")
+    _check_expert_path(value, gathered)
+    mlp = _expert_mlp(out, gathered)
+    return dict(node=node, buf=buf, x=x, R=R, e=e, mask=mask, gathered=gathered, weights=weights, scale=scale,
+                mlp=mlp, slices=True)
+
+
+def _sum_over_experts(node: fx.Node, buf: fx.Node) -> bool:
+    """``buf.sum(0)`` / ``buf.sum(dim=0)`` / ``torch.sum(buf, 0)`` (no keepdim, no dtype)."""
+    if not ((node.op == "call_method" and node.target == "sum") or (node.op == "call_function" and node.target is torch.sum)):
+        return False
+    if node.args[:1] != (buf,) or set(node.kwargs) - {"dim"}:
+        return False
+    dim = node.kwargs.get("dim", node.args[1] if len(node.args) == 2 else None)
+    return len(node.args) <= 2 and (dim == 0 or dim == (0,) or dim == [0])
+
+
+def analyse_slices(members: list, graph: fx.Graph) -> MoEBlock:
+    order = node_order(graph)
+    members = sorted(members, key=lambda m: order[m["node"]])
+    first, last = members[0], members[-1]
+    buf, x, R = first["buf"], first["x"], first["R"]
+    E = int_value((shape_of(R) or (None,))[-1])
+    bs = shape_of(buf)
+    need(E is not None and bs is not None and int_value(bs[0]) == E, "dispatch: the routing mask's expert count "
+                                                                    "is not a constant")
+    experts = sorted(m["e"] for m in members)
+    need(experts == list(range(E)), f"combine: the loop writes slices {experts}, not each of the {E} slices once "
+                                    "(an unwritten slice keeps x at its routed rows)")
+    ws = {m["weights"] for m in members}
+    need(len(ws) == 1, "scores: experts are weighted by different router tensors (or only some are weighted)")
+    weights = ws.pop()
+    scales = {m["scale"] for m in members}
+    need(len(scales) == 1, f"scores: the experts scale their outputs by different constants {sorted(scales)}")
+    scale = scales.pop()
+    act, gated = _experts_agree(members)
+    K = _dispatch.at_most_k_per_row(R)
+    need(K is not None and K[0] == E, "dispatch: the routing mask's rows are not provably at most K nonzeros (a sum "
+                                      "of K terms each at most one per row: one_hot(i, E) times factors)")
+    _, K, finite = K
+    # A non-finite float factor makes 0 * inf = nan, a nonzero: the row may then hold more than K. Only
+    # such a factor can, and the nan lands in W's row when the experts are weighted by the very tensor W
+    # that R is the nonzero pattern of (nan + anything is nan): eager then adds nan * f to that token's
+    # output, which is nan. The fused op gets nan scores for a row with more than K nonzeros, so it
+    # gives nan there too; every other row is exact.
+    need(not finite or (weights is not None and _dispatch.nonzero_pattern_of(R) is weights),
+         "dispatch: the routing mask counts at most K experts per token only for finite router factors, and the "
+         "experts are not weighted by the tensor it is the nonzero pattern of")
+    anchor = last["node"]
+    gathers, writes = {m["gathered"] for m in members}, {m["node"] for m in members}
+    rest = [u for u in buf.users if u not in gathers and u not in writes]
+    need(len(rest) == 1 and _sum_over_experts(rest[0], buf) and order[rest[0]] > order[anchor],
+         "combine: the buffer is read by something other than the experts' slices and one buf.sum(0) after the loop")
+    total = rest[0]
+    safety.need_unmodified([x, R, weights], buf, total, "dispatch: the tokens or the routing")
+    safety.need_unmodified([_dispatch.nonzero_pattern_of(R)], R, total, "dispatch: the routing weights")
+    wd_shape = shape_of(first["mlp"][5])
+    k = min(K, E)
+    state: dict = {}
+
+    def build_weights(graph):
+        def each(i):
+            return [m["mlp"][i] for m in members] if first["mlp"][i] is not None else []
+
+        return ExpertWeights(gate=each(1), up=each(3) if gated else [], down=each(5),
+                             b_gate=each(2), b_up=each(4) if gated else [], b_down=each(6))
+
+    def token_ids(graph):
+        t = method(graph, "size", x, 0, like=anchor)
+        rows = call(graph, torch.arange, t, device=x.meta["example_value"].device, like=anchor)
+        return method(graph, "repeat_interleave", rows, k, like=anchor)
+
+    def expert_ids(graph):
+        top = call(graph, torch.topk, method(graph, "to", R, torch.int32, like=anchor), k, -1, like=anchor)
+        state["top"] = call(graph, operator.getitem, top, 1, like=anchor)                  # (T, k)
+        state["valid"] = call(graph, torch.gather, R, -1, state["top"], like=anchor)       # (T, k) bool
+        ids = call(graph, torch.where, state["valid"], state["top"], -1, like=anchor)
+        return method(graph, "reshape", ids, -1, like=anchor)
+
+    def scores(graph):
+        valid = state["valid"]
+        if weights is None:
+            s = method(graph, "to", valid, dtype_of(x), like=anchor)
+        else:
+            w = call(graph, torch.gather, weights, -1, state["top"], like=anchor)
+            s = call(graph, torch.where, valid, w, 0.0, like=anchor)
+        if scale != 1.0:  # W (c f) = (W c) f: the constant folded into the scores
+            s = call(graph, operator.mul, s, scale, like=anchor)
+        if finite:  # a row with more than K nonzeros (a non-finite router factor): nan, as in eager
+            count = method(graph, "sum", R, -1, keepdim=True, like=anchor)
+            over = call(graph, operator.gt, count, k, like=anchor)
+            s = call(graph, torch.where, over, float("nan"), s, like=anchor)
+        return method(graph, "reshape", s, -1, like=anchor)
+
+    def replace(out):
+        with out.graph.inserting_before(out.next):
+            if dtype_of(out) != dtype_of(total):
+                out = method(out.graph, "to", out, dtype_of(total), like=anchor)
+        total.replace_all_uses_with(out)
+
+    orphans = list(writes) + list(gathers) + size_asserts_of(
+        [m["gathered"] for m in members] + [u for m in members for u in m["mask"].users],
+        (operator.ge, operator.le, operator.lt, operator.gt))
+    return MoEBlock(
+        idiom=IDIOM, anchor=anchor, x=x, token_ids=token_ids, expert_ids=expert_ids, scores=scores,
+        build_weights=build_weights, replace=replace, activation=act, interleaved=first["mlp"][7], num_experts=E,
+        top_k=k, hidden=int_value(bs[-1]) if int_value(bs[-1]) is not None else bs[-1],
+        intermediate=int_value(wd_shape[1]) if wd_shape and int_value(wd_shape[1]) is not None else None,
+        dtype=dtype_of(x), insert_before=total, orphans=orphans, location=buf,
+        autocast_like=gemm_name(_LINEAR[0]),
+        parts=f"per-expert slices of einsum('bm,be->ebm', x, R) summed over the experts, at most {K} per token"
+              + (f", outputs scaled by {scale} (folded into the scores)" if scale != 1.0 else ""),
+    )
+
+
 def same_shape(a, b) -> bool:
     sa, sb = shape_of(a), shape_of(b)
     return sa is not None and sb is not None and len(sa) == len(sb) and all(same(p, q) for p, q in zip(sa, sb))
@@ -416,14 +595,16 @@ def find(gm: fx.GraphModule):
         if _combine.indexed_iadd(node) is not None:
             continue  # out[m] = out[m] + y: an accumulation, the per_expert composition
         try:
-            if isinstance(node.args[1], (tuple, list)) and _dispatch.rows_index(node.args[1]) is None:
+            if _dispatch.slice_index(node.args[1]) is not None and _dispatch.masked_copies(buf) is not None:
+                info = analyse_slice(node)  # buf[e, R[:, e]] of einsum("bm,be->ebm", x, R): NLLB-MoE 4.x
+            elif isinstance(node.args[1], (tuple, list)) and _dispatch.rows_index(node.args[1]) is None:
                 value, gathered = node.args[2], _find_gather(node.args[2], node.args[1])
                 if isinstance(value, fx.Node) and gathered is not None:
                     _check_expert_path(value, gathered)
-                raise Declined("index is not a single boolean mask (buf[e, mask]: per-expert output slices, "
-                               "the NLLB-MoE 4.x layout, whose top-2 masks come from router_probs.bool() and "
-                               "are not provably K per token)")
-            info = analyse_one(node)
+                raise Declined("index is not a single boolean mask (buf[e, mask] is read only as a slice of "
+                               "einsum('bm,be->ebm', x, R), the NLLB-MoE 4.x layout)")
+            else:
+                info = analyse_one(node)
         except Declined as e:
             declined[buf] = (node, str(e))
             groups.pop(buf, None)
@@ -433,6 +614,9 @@ def find(gm: fx.GraphModule):
         yield (buf if isinstance(buf, fx.Node) else node), reason
     for members in groups.values():
         try:
-            yield members[-1]["node"], analyse_group(members, gm.graph)
+            analyse = analyse_slices if members[0].get("slices") else analyse_group
+            need(len({bool(m.get("slices")) for m in members}) == 1, "combine: the buffer is written both as "
+                                                                     "slices buf[e, mask] and through row masks")
+            yield members[-1]["node"], analyse(members, gm.graph)
         except Declined as e:
             yield members[-1]["node"], str(e)

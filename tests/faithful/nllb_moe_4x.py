@@ -265,18 +265,20 @@ def _build(**kw):
 
 
 _x3d = tokens(lambda T: (1, T, D))
-_GEMMS = 2 + E  # the classifier, the dispatch einsum "bm,be->ebm", one gating einsum "b,be->be" per expert
+# left after the rewrite: the classifier (the dispatch einsum "bm,be->ebm" and the gating einsums
+# "b,be->be" are replaced with the experts)
+_GEMMS = 1
 
 ENTRIES = [
     Idiom("nllb_moe_4x_no_mask", "transformers v4.50.0 / v4.55.0 models/nllb_moe/modeling_nllb_moe.py NllbMoeSparseMLP "
           "+ NllbMoeTop2Router + NllbMoeDenseActDense (eval, padding_mask None)",
-          seeded(340, _build), _x3d, expect="pending", other_gemms=_GEMMS, faithful=True,
+          seeded(340, _build), _x3d, expect=1, other_gemms=_GEMMS, faithful=True,
           note="argmax / masked_fill(-inf) / argmax top-2, cumsum capacity positions with the eval capacity "
                "stored on the module, renormalisation after dropping, router_probs.bool() masks, the (E, T, d) "
                "einsum dispatch buffer written per expert, eval token-dropout '*= 0.8', einsum gating, sum(0)"),
     Idiom("nllb_moe_4x_encoder_mask", "transformers v4.50.0 / v4.55.0 models/nllb_moe/modeling_nllb_moe.py "
           "NllbMoeSparseMLP + NllbMoeTop2Router, called with the encoder's 4-D additive attention mask",
-          seeded(341, lambda: _build(four_d=True)), _x3d, expect="pending", other_gemms=_GEMMS, faithful=True,
+          seeded(341, lambda: _build(four_d=True)), _x3d, expect=1, other_gemms=_GEMMS, faithful=True,
           note="the router's padding path: the last row of the 4-D additive mask, ~bool(), both pick masks "
                "multiplied by the non-padding column, on top of everything nllb_moe_4x_no_mask keeps"),
 ]
