@@ -32,7 +32,7 @@ from torch._inductor.pattern_matcher import KeywordArg as KA, is_match
 
 from moe_inductor import safety
 from moe_inductor.fx.decline import need
-from moe_inductor.fx.matching import AnyOf, arange_onehot, eq_constant, F, getitem, M
+from moe_inductor.fx.matching import AnyOf, arange_onehot, einsum_parts, eq_constant, F, getitem, M
 from moe_inductor.fx.shapes import dtype_of, int_value, same, shape_of, to_sympy
 from moe_inductor.parts import Score, Selection, decline, register
 
@@ -765,25 +765,6 @@ def _transposed_2d(node) -> Optional[fx.Node]:
 # --------------------------------------------------------------------------- per-expert slices of a masked copy
 # (NLLB-MoE 4.x: ``buf = einsum("bm,be->ebm", x, R)``, expert e reads ``buf[e, R[:, e]]`` and writes its
 # weighted output back there, the result is ``buf.sum(0)``; the composition is patterns/mask_dispatch.py)
-
-_EINSUM = (torch.einsum, torch.functional.einsum)
-
-
-def einsum_parts(node) -> Optional[tuple]:
-    """(operand letter strings, output letters, operands) of an einsum call, None otherwise."""
-    if not (isinstance(node, fx.Node) and node.op == "call_function" and node.target in _EINSUM and node.args):
-        return None
-    eq, ops = node.args[0], node.args[1:]
-    if len(ops) == 1 and isinstance(ops[0], (list, tuple)):
-        ops = tuple(ops[0])
-    if not isinstance(eq, str) or "->" not in eq or "." in eq or node.kwargs:
-        return None
-    lhs, out = eq.replace(" ", "").split("->")
-    ins = lhs.split(",")
-    if len(ins) != len(ops) or not all(isinstance(o, fx.Node) for o in ops):
-        return None
-    return ins, out, ops
-
 
 def masked_copies(buf) -> Optional[tuple]:
     """(x, R) if ``buf = einsum("bm,be->ebm", x, R)`` (any letters, either operand order) with x

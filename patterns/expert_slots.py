@@ -105,7 +105,7 @@ import torch.nn.functional as Fn
 from moe_inductor import safety
 from moe_inductor.fx.build import call, method
 from moe_inductor.fx.decline import Declined, need
-from moe_inductor.fx.matching import transpose_of
+from moe_inductor.fx.matching import einsum_parts, transpose_of
 from moe_inductor.fx.nodes import arg, is_mutation, node_order
 from moe_inductor.fx.shapes import dtype_of, int_value, same, shape_of
 from moe_inductor.parts import ExpertMLP, PartDeclined, decline, recognise, register
@@ -192,20 +192,7 @@ class SlotsCombine:
 
 # --------------------------------------------------------------------------- small helpers
 
-def _einsum(node) -> Optional[tuple]:
-    """(input letter strings, output letters, operands) of an einsum node, else None."""
-    if not (isinstance(node, fx.Node) and node.op == "call_function" and node.target in _EINSUM and node.args):
-        return None
-    eq, ops = node.args[0], node.args[1:]
-    if len(ops) == 1 and isinstance(ops[0], (list, tuple)):
-        ops = tuple(ops[0])
-    if not isinstance(eq, str) or "->" not in eq or "." in eq or node.kwargs:
-        return None
-    lhs, out = eq.replace(" ", "").split("->")
-    ins = lhs.split(",")
-    if len(ins) != len(ops) or not all(isinstance(o, fx.Node) for o in ops):
-        return None
-    return ins, out, ops
+_einsum = einsum_parts  # (input letters, output letters, operands): moe_inductor.fx.matching
 
 
 def _is_integral(node) -> bool:

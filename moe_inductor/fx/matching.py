@@ -229,3 +229,24 @@ def nearest_upstream(start: Any, pattern: PatternExpr, accept: Callable[[dict], 
         if n.op in ("call_function", "call_method"):
             stack.extend(n.all_input_nodes)
     return None, None
+
+
+_EINSUM_FUNCTIONS = (torch.einsum, torch.functional.einsum)
+
+
+def einsum_parts(node: Any) -> Optional[tuple]:
+    """(input letter strings, output letters, operands) of an ``einsum`` call with an explicit
+    ``->`` equation, no ellipsis and node operands (given as varargs or as one list); else None."""
+    if not (isinstance(node, fx.Node) and node.op == "call_function" and node.target in _EINSUM_FUNCTIONS
+            and node.args):
+        return None
+    eq, ops = node.args[0], node.args[1:]
+    if len(ops) == 1 and isinstance(ops[0], (list, tuple)):
+        ops = tuple(ops[0])
+    if not isinstance(eq, str) or "->" not in eq or "." in eq or node.kwargs:
+        return None
+    lhs, out = eq.replace(" ", "").split("->")
+    ins = lhs.split(",")
+    if len(ins) != len(ops) or not all(isinstance(o, fx.Node) for o in ops):
+        return None
+    return ins, out, ops
