@@ -254,6 +254,21 @@ def _experts_agree(members: list) -> tuple:
     return act, act in GATED_OF.values()
 
 
+def _member_weights(members: list, gated: bool):
+    """``build_weights`` of a group: the per-expert Linear weights and biases themselves (``ExpertWeights``;
+    the fused op stacks them transiently), from each member's ``mlp`` tuple."""
+    first = members[0]
+
+    def build_weights(graph):
+        def each(i):
+            return [m["mlp"][i] for m in members] if first["mlp"][i] is not None else []
+
+        return ExpertWeights(gate=each(1), up=each(3) if gated else [], down=each(5),
+                             b_gate=each(2), b_up=each(4) if gated else [], b_down=each(6))
+
+    return build_weights
+
+
 def analyse_group(members: list, graph: fx.Graph) -> MoEBlock:
     order = node_order(graph)
     members = sorted(members, key=lambda m: order[m["node"]])
@@ -314,13 +329,7 @@ def analyse_group(members: list, graph: fx.Graph) -> MoEBlock:
         x2 = method(graph, "reshape", x, -1, d, like=anchor)
     state: dict = {}
 
-    def build_weights(graph):
-        # the per-expert Linear weights and biases themselves: the fused op stacks them transiently
-        def each(i):
-            return [m["mlp"][i] for m in members] if first["mlp"][i] is not None else []
-
-        return ExpertWeights(gate=each(1), up=each(3) if gated else [], down=each(5),
-                             b_gate=each(2), b_up=each(4) if gated else [], b_down=each(6))
+    build_weights = _member_weights(members, gated)
 
     def token_ids(graph):
         t = method(graph, "size", x2, 0, like=anchor)
@@ -508,12 +517,7 @@ def analyse_slices(members: list, graph: fx.Graph) -> MoEBlock:
     k = min(K, E)
     state: dict = {}
 
-    def build_weights(graph):
-        def each(i):
-            return [m["mlp"][i] for m in members] if first["mlp"][i] is not None else []
-
-        return ExpertWeights(gate=each(1), up=each(3) if gated else [], down=each(5),
-                             b_gate=each(2), b_up=each(4) if gated else [], b_down=each(6))
+    build_weights = _member_weights(members, gated)
 
     def token_ids(graph):
         t = method(graph, "size", x, 0, like=anchor)
