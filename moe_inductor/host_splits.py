@@ -546,8 +546,7 @@ def _expert_reason(m, i, out, c, cat, nodes, tensors, roles, biases, sides, size
                 return why
             continue
         if kind[0] == "call":
-            if [u for u in n.users] != [u for u in n.users if _kind(u)[0] in ("linear", "identity")] or \
-                    len(n.users) != 1:
+            if len(n.users) != 1 or _kind(next(iter(n.users)))[0] not in ("linear", "identity"):
                 return f"{n.name}: expert {i} calls an autograd.Function that is not a linear or an identity"
             continue
         if any(isinstance(a, fx.Node) and a in tensors for a in n.all_input_nodes):

@@ -307,24 +307,35 @@ def register_gemm_autocast(qualname: str, cast: Sequence[str], like: str = "aten
     what eager autocast did to each ``F.linear`` (both operands cast, kept by autograd as eager keeps
     them). Returns the library that holds the kernels (keep it alive)."""
     namespace, name = qualname.split("::")
-    lib = torch.library.Library(namespace, "FRAGMENT")
     op = getattr(getattr(torch.ops, namespace), name).default
     params = [a.name for a in op._schema.arguments]
+
+    def kernel(device_type, below, *args, **kwargs):
+        bound = dict(zip(params, args), **kwargs)
+        dt = autocast_dtype(like, device_type)
+        tensors = [bound.get(n) for n in cast if bound.get(n) is not None]
+        if dt is not None and all(t.dtype in _AUTOCAST_ELIGIBLE for t in tensors):
+            for n in cast:
+                if bound.get(n) is not None:
+                    bound[n] = bound[n].to(dt)
+        with below():
+            return op(**bound)
+
+    return _autocast_kernels(namespace, name, kernel)
+
+
+def _autocast_kernels(namespace: str, name: str, kernel) -> Any:
+    """Register ``kernel(device_type, below, *args, **kwargs)`` as the AutocastCPU / AutocastCUDA kernel
+    of ``namespace::name``; ``below()`` is the context in which a call skips that Autocast key (the one
+    place the dispatcher's private key guard is used). Returns the library (keep it alive)."""
+    lib = torch.library.Library(namespace, "FRAGMENT")
     for device_type, key in _AUTOCAST_KEYS.items():
         keyset = torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, key))
 
-        def kernel(*args, _device_type=device_type, _keyset=keyset, **kwargs):
-            bound = dict(zip(params, args), **kwargs)
-            dt = autocast_dtype(like, _device_type)
-            tensors = [bound.get(n) for n in cast if bound.get(n) is not None]
-            if dt is not None and all(t.dtype in _AUTOCAST_ELIGIBLE for t in tensors):
-                for n in cast:
-                    if bound.get(n) is not None:
-                        bound[n] = bound[n].to(dt)
-            with torch._C._ExcludeDispatchKeyGuard(_keyset):
-                return op(**bound)
+        def impl(*args, _device_type=device_type, _keyset=keyset, **kwargs):
+            return kernel(_device_type, lambda: torch._C._ExcludeDispatchKeyGuard(_keyset), *args, **kwargs)
 
-        lib.impl(name, kernel, key)
+        lib.impl(name, impl, key)
     return lib
 
 
@@ -689,28 +700,24 @@ def _register_autocast(op, description: OpDescription):
     (as for an autocast-listed GEMM); the weights are passed on uncast with ``compute_dtype`` set,
     and the op casts them transiently, so no weight-sized copy is kept for backward. Arguments are
     found by their role in ``description``, by name."""
-    lib = torch.library.Library("moe_inductor", "FRAGMENT")
     (x_name,), (like_name,), (dtype_name,) = (description.names(r) for r in ("x", "autocast_like", "compute_dtype"))
     weight_names = description.names("weight")
-    for device_type, key in _AUTOCAST_KEYS.items():
-        keyset = torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, key))
 
-        def kernel(*args, _device_type=device_type, _keyset=keyset, **kwargs):
-            a = description.bind(args, kwargs)
-            x = a[x_name]
-            dt = autocast_dtype(a[like_name], _device_type)
-            weights = [t for name in weight_names
-                       for t in (a[name] if isinstance(a[name], (list, tuple)) else [a[name]]) if t is not None]
-            if (dt is not None and a[dtype_name] is None and x.dtype in _AUTOCAST_ELIGIBLE
-                    and all(w.dtype in _AUTOCAST_ELIGIBLE for w in weights)):
-                a[x_name] = x.to(dt)
-                a[dtype_name] = dt
-            call_args, call_kwargs = description.split(a)
-            with torch._C._ExcludeDispatchKeyGuard(_keyset):
-                return op.default(*call_args, **call_kwargs)
+    def kernel(device_type, below, *args, **kwargs):
+        a = description.bind(args, kwargs)
+        x = a[x_name]
+        dt = autocast_dtype(a[like_name], device_type)
+        weights = [t for name in weight_names
+                   for t in (a[name] if isinstance(a[name], (list, tuple)) else [a[name]]) if t is not None]
+        if (dt is not None and a[dtype_name] is None and x.dtype in _AUTOCAST_ELIGIBLE
+                and all(w.dtype in _AUTOCAST_ELIGIBLE for w in weights)):
+            a[x_name] = x.to(dt)
+            a[dtype_name] = dt
+        call_args, call_kwargs = description.split(a)
+        with below():
+            return op.default(*call_args, **call_kwargs)
 
-        lib.impl(description.name, kernel, key)
-    return lib
+    return _autocast_kernels("moe_inductor", description.name, kernel)
 
 
 _AUTOCAST_LIBS = [

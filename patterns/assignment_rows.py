@@ -1124,7 +1124,7 @@ def analyse_combine(c: RowsScatter, mlp: RowsMLP, score_after) -> MoEBlock:
         ss = shape_of(score)
         need(ss is not None and len(ss) == 2 and
              ((same(ss[0], xs[0]) and same(ss[1], g.replicated)) if tk else
-              (same(ss[0], A) or same_dim(score, 0, z, 0))),
+              same_dim(score, 0, z, 0)),
              "scores: not one routing weight per row")
     sorted_proof = _prove_sorted(g, mlp, score, E) if mlp.group[0] == "offsets" else None
     if mlp.group[0] == "index":

@@ -192,7 +192,6 @@ class SlotsCombine:
 
 # --------------------------------------------------------------------------- small helpers
 
-_einsum = einsum_parts  # (input letters, output letters, operands): moe_inductor.fx.matching
 
 
 def _is_integral(node) -> bool:
@@ -474,7 +473,7 @@ def _product(node, axes: tuple, out: list) -> None:
         _product(a, (axes[0], axes[1], None), out)
         _product(b, (axes[0], None, axes[2]), out)
         return
-    es = _einsum(node)
+    es = einsum_parts(node)
     if es is not None:
         ins, outl, ops = es
         letters = dict(zip(outl, axes))
@@ -860,7 +859,7 @@ def capacity_einsum(slots) -> Optional[SlotsDispatch]:
              f"{slots.name}: the (E * C, d) dispatch rows are regrouped as {tuple(ss)}, not as the (E, C, d) slots",
              part="slots_dispatch")
         return dataclasses.replace(disp, slots=slots)
-    es = _einsum(slots)
+    es = einsum_parts(slots)
     mm = _matmul_args(slots)
     if es is not None and len(es[2]) == 2:
         ins, outl, ops = es
@@ -1135,7 +1134,7 @@ def _batched_projection(node) -> Optional[tuple]:
             (node.op == "call_method" and node.target in ("bmm", "matmul", "__matmul__")):
         if len(node.args) == 2 and not node.kwargs:
             z, w = node.args
-    es = _einsum(node)
+    es = einsum_parts(node)
     if es is not None and len(es[2]) == 2:
         (zl, wl), outl, (z0, w0) = es
         if len(zl) == 3 and len(wl) == 3 and len(outl) == 3 and len(set(zl)) == 3 and outl[:2] == zl[:2] \
@@ -1302,7 +1301,7 @@ def chunked_mlps(out) -> Optional[SlotsMLPs]:
 
 @register("slots_combine", "combine_einsum", 'einsum("sec,ecm->sm", combine_weights, expert_outputs)')
 def combine_einsum(node) -> Optional[SlotsCombine]:
-    es = _einsum(node)
+    es = einsum_parts(node)
     if es is None or len(es[2]) != 2:
         return None
     ins, outl, ops = es
