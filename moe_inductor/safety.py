@@ -92,6 +92,42 @@ def strip_identity(node):
     return node
 
 
+_NARROW_FLOATS = (torch.bfloat16, torch.float16)
+_LINEAR_TARGETS = (torch._C._nn.linear, Fn.linear)
+_WIDE_FLOATS = (torch.float32, torch.float64)
+
+
+def _widening_cast_input(node) -> Optional[fx.Node]:
+    """x of ``x.to(D)`` / ``x.float()`` / ``x.double()`` that widens a bf16/fp16 x to fp32/fp64
+    (exact: every narrow value is representable), else None."""
+    if not (isinstance(node, fx.Node) and node.op == "call_method" and not node.kwargs and node.args
+            and isinstance(node.args[0], fx.Node)):
+        return None
+    if node.target == "to" and len(node.args) == 2 and isinstance(node.args[1], torch.dtype):
+        to = node.args[1]
+    elif node.target in FLOAT_CAST_DTYPES and len(node.args) == 1:
+        to = FLOAT_CAST_DTYPES[node.target]
+    else:
+        return None
+    return node.args[0] if dtype_of(node.args[0]) in _NARROW_FLOATS and to in _WIDE_FLOATS \
+        and dtype_of(node) == to else None
+
+
+def autocast_round_trip(node):
+    """x when ``node`` widens a bf16/fp16 x (``h.to(fc2.weight.dtype)`` under autocast: NLLB-MoE's
+    expert) and its only reader is a GEMM whose recorded result has x's dtype: only autocast makes
+    an fp32 operand give a bf16 GEMM result, and it casts that operand back to x's dtype first, so
+    the GEMM reads x's values exactly (widening then narrowing to the same dtype is the identity, in
+    value and gradient). ``node`` itself otherwise."""
+    x = _widening_cast_input(node)
+    if x is None or len(node.users) != 1:
+        return node
+    (gemm,) = node.users
+    is_gemm = (gemm.op == "call_function" and (gemm.target in MATMUL_FUNCTIONS or gemm.target in _LINEAR_TARGETS)) \
+        or (gemm.op == "call_method" and gemm.target in MATMUL_METHODS)
+    return x if is_gemm and dtype_of(gemm) == dtype_of(x) else node
+
+
 def strip_casts(node):
     """Follow any dtype cast (``.to(dtype)``, ``.float()``, ``type_as``) and identities back."""
     while isinstance(node, fx.Node):

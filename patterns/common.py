@@ -454,10 +454,15 @@ def _relu2(node):
 
 
 def _out_cast(node: fx.Node):
-    """(y, D) for ``y.to(D)`` with D a dtype constant, else (node, None)."""
+    """(y, D) for ``y.to(D)`` with D a dtype constant, or ``y.type_as(t)`` (fairseq's
+    ``gelu(x.float()).type_as(x)``: D is the cast's recorded dtype), else (node, None)."""
     if (node.op == "call_method" and node.target == "to" and len(node.args) == 2 and not node.kwargs
             and isinstance(node.args[0], fx.Node) and isinstance(node.args[1], torch.dtype)):
         return node.args[0], node.args[1]
+    if (node.op == "call_method" and node.target == "type_as" and len(node.args) == 2 and not node.kwargs
+            and isinstance(node.args[0], fx.Node) and isinstance(node.args[1], fx.Node)
+            and dtype_of(node) is not None):
+        return node.args[0], dtype_of(node)
     return node, None
 
 
@@ -581,7 +586,8 @@ def expert_activation(act_out: fx.Node) -> tuple[str, bool, fx.Node]:
         return "relu2", False, h
     name, inner = unary_activation(act_out)
     need(name is not None, NO_ACTIVATION)
-    _check_casts(outer, inner, [], out_cast)
+    inner, cast = _peel_float(inner)  # act(h.float()), cast back by ``out_cast``
+    _check_casts(outer, inner, [cast] if cast is not None else [], out_cast)
     return name, False, inner
 
 

@@ -167,7 +167,7 @@ def walk_mlp(out, proj, part: str, gemm: str, check=None, more_activations: bool
     down = proj(safety.strip_identity(out))
     if down is None:
         return None
-    mid = safety.strip_identity(down[0])
+    mid = safety.strip_identity(safety.autocast_round_trip(down[0]))
     if check is not None:
         check(mid)
     transposed = {"down": down[2]}

@@ -168,7 +168,8 @@ def test_transformers_mixtral_autocast(experts_impl, x_dtype):
     assert nbytes < ref_bytes
 
 
-@pytest.mark.parametrize("name", ["nanomoe_train", "megatron_core_allgather", "rxlm_gated_moe_ff_shared"])
+@pytest.mark.parametrize("name", ["nanomoe_train", "megatron_core_allgather", "rxlm_gated_moe_ff_shared",
+                                  "nllb_moe_4x_no_mask"])
 def test_faithful_entries_under_autocast(name):
     """Faithful public layers as people train them, under CPU bf16 autocast around the call: nanoMoE's
     experts add their fp32 bias parameters in place into the bf16 bmm outputs (``x += fc_bias``), the
