@@ -20,7 +20,12 @@ triton.testing.do_bench (return_mode="median"; the 20th/80th percentiles beside 
 from the FLOPs actually needed by that row's assignments A: 6*A*d*n forward, 12*A*d*n backward
 (A = T*K for top-k; sum of the rounded counts for sonic_tr; never padded FLOPs); activation bytes
 saved for backward (autograd saved tensors, unique storages, parameters and inputs excluded);
-relative error of the output against a reference row (--ref, default sonic). Results go to JSON
+relative error of the output against a reference row (--ref, default sonic). Correctness gate:
+before it is timed, every row's output and gradients (x, scores, and the weights of the first
+GATE_EXPERTS experts: the whole weight gradient of the largest shape would not fit twice) are
+compared with the op's PyTorch path (impl="torch", same bf16 inputs, the row's own routing) by
+relative Frobenius error; a row above GATE_TOL is recorded "failed: correctness gate ..." and its
+speed is not measured (the dense GEMM computes something else and is not gated). Results go to JSON
 (device name, versions, shapes and run id beside every figure), rewritten after every row so a
 run stopped early keeps what it measured, and a PNG bar chart (if matplotlib is installed).
 
@@ -70,7 +75,11 @@ SHAPES = [
 ]
 SMOKE_SHAPE = (32, 32, 16, 4, 2)
 SMOKE_TILE_M = 8  # token rounding tile in the smoke run (T = 32 is far below the kernels' tile)
-STATISTIC = "median of triton.testing.do_bench(return_mode='median'); q20/q80 = its 20th/80th percentiles"
+STATISTIC = ("median of triton.testing.do_bench(quantiles=[0.5, 0.2, 0.8], rep=REP_MS); q20/q80 = its 20th/80th "
+             "percentiles; samples = do_bench's repetition count (rep / estimated time)")
+REP_MS = 500  # do_bench's rep: a 10-15 ms forward+backward gets 30-50 samples (the default 100 ms gives 5-10)
+GATE_TOL = 2e-2  # bf16: ||row - torch path|| / ||torch path||, output and every gradient compared
+GATE_EXPERTS = 4  # weight gradients compared on these first experts (memory: see the docstring)
 
 
 @dataclass(frozen=True)
@@ -106,6 +115,9 @@ class BenchResult:
     err_ref: Optional[str] = None
     assignments: Optional[int] = None  # the (token, expert) pairs computed: the needed FLOPs' A
     fwd_bwd_ms_q20_q80: Optional[list] = None
+    samples: Optional[dict] = None  # do_bench repetitions per measurement (fwd, bwd, fwd_bwd)
+    gate: Optional[dict] = None  # relative error vs the PyTorch path per tensor (out, x, scores, ...)
+    gate_tol: Optional[float] = None
     notes: list = field(default_factory=list)
 
 
@@ -204,6 +216,7 @@ def impl_sonic_tr(pb: Problem):
         return fused_moe(xs, r.token_ids, r.expert_ids, s, w1, w2, activation="swiglu", impl="triton")
 
     fwd.assignments = int(r.token_ids.numel())
+    fwd.routing = (r.token_ids, r.expert_ids, scores)  # its correctness gate uses this routing
     fwd.note = (f"token rounding 'nearest', tile_m={pb.tile_m}: {fwd.assignments} assignments vs "
                 f"{pb.top_i.numel()} for top-k")
     return fwd, params
@@ -300,6 +313,47 @@ NO_REF = {"sonic_tr", "dense"}
 
 
 # ----------------------------------------------------------------------------------------------
+# correctness gate
+# ----------------------------------------------------------------------------------------------
+def topk_routing(pb: Problem) -> tuple:
+    """(token_ids, expert_ids, scores leaf source) of the problem's top-k routing."""
+    T, K = pb.top_i.shape
+    token_ids = torch.arange(T, device=pb.x.device, dtype=torch.int32).repeat_interleave(K)
+    return token_ids, pb.top_i.flatten().to(torch.int32), pb.top_w
+
+
+def _gated(grads: dict) -> dict:
+    """The tensors the gate compares: weight gradients cut to the first GATE_EXPERTS experts."""
+    return {k: (v[:GATE_EXPERTS] if k in ("gate_up", "down") and v is not None else v) for k, v in grads.items()}
+
+
+def torch_reference(pb: Problem, routing: tuple) -> dict:
+    """Output and gradients of the op's PyTorch path (impl="torch") on ``routing`` with the
+    problem's bf16 tensors and output gradient: the row's expected values."""
+    token_ids, expert_ids, scores = routing
+    x, w1, w2, s = leaves(pb.x, pb.gate_up, pb.down, scores)
+    out = fused_moe(x, token_ids, expert_ids, s.flatten(), w1, w2, activation="swiglu", impl="torch")
+    out.backward(pb.grad_out)
+    ref = _gated({"out": out.detach(), "x": x.grad, "scores": s.grad, "gate_up": w1.grad, "down": w2.grad})
+    return {k: v.clone() for k, v in ref.items()}  # the clones free the full weight gradients
+
+
+def gate_errors(ref: dict, out: torch.Tensor, params: list) -> dict:
+    """Relative error per tensor of a row (``params`` = its leaves x, gate_up, down, scores, after
+    its backward) against ``ref``; a missing gradient counts as error inf."""
+    got = _gated({"out": out.detach(), "x": params[0].grad, "gate_up": params[1].grad, "down": params[2].grad,
+                  "scores": params[3].grad})
+    return {k: (rel_err(got[k].reshape(ref[k].shape), ref[k]) if got[k] is not None else float("inf"))
+            for k in ref}
+
+
+def gate_failure(errors: dict) -> Optional[str]:
+    bad = {k: e for k, e in errors.items() if not e <= GATE_TOL}
+    return None if not bad else "failed: correctness gate: " + ", ".join(
+        f"{k} rel. error {e:.2e} > {GATE_TOL:g}" for k, e in bad.items())
+
+
+# ----------------------------------------------------------------------------------------------
 # measurement
 # ----------------------------------------------------------------------------------------------
 class RowTimeout(Exception):
@@ -346,14 +400,24 @@ def bench_one(cfg: BenchConfig, name: str, pb: Problem, ref_out, ref_name, smoke
         if ref_out is not None and name not in NO_REF:
             err = rel_err(out.detach(), ref_out)
         result = dict(rel_err_vs_ref=err, err_ref=ref_name if err is not None else None, assignments=assignments)
+        if name != "dense":  # the gate: checked before any timing, a failing row is not timed
+            errors = gate_errors(torch_reference(pb, getattr(fwd, "routing", None) or topk_routing(pb)), out, params)
+            result.update(gate=errors, gate_tol=GATE_TOL)
+            failure = gate_failure(errors)
+            if failure is not None:
+                return BenchResult(cfg, name, failure, notes=notes, **result), out.detach()
         saved = saved_activation_bytes(fwd, params + [pb.x, pb.top_i, pb.top_w])
         if smoke:  # interpreter timings mean nothing: exercise the paths, record correctness/bytes
             return BenchResult(cfg, name, "ok", saved_activation_bytes=saved,
                                notes=["interpret smoke run: no timings"] + notes, **result), out.detach()
         import triton.testing
 
-        def bench(fn, **kw):  # (median, q20, q80) in ms
-            return triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8], **kw)
+        samples = {}
+
+        def bench(fn, what, **kw):  # (median, q20, q80) in ms; do_bench runs max(1, rep / estimate) times
+            q = triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8], rep=REP_MS, **kw)
+            samples[what] = max(1, int(REP_MS / max(q[0], 1e-6)))
+            return q
 
         def run_fwd():
             with torch.no_grad():
@@ -367,18 +431,18 @@ def bench_one(cfg: BenchConfig, name: str, pb: Problem, ref_out, ref_name, smoke
         def run_fwd_bwd():
             fwd().backward(grad)
 
-        fwd_ms = bench(run_fwd)[0]
+        fwd_ms = bench(run_fwd, "fwd")[0]
         holder["out"] = fwd()
-        bwd_ms = bench(run_bwd, grad_to_none=params)[0]
+        bwd_ms = bench(run_bwd, "bwd", grad_to_none=params)[0]
         holder.clear()
-        fb = bench(run_fwd_bwd, grad_to_none=params)
+        fb = bench(run_fwd_bwd, "fwd_bwd", grad_to_none=params)
         for t in params:  # free this implementation's weight gradients before the next one
             t.grad = None
         tf = lambda flops, ms: flops / (ms * 1e-3) / 1e12
         fl_f, fl_b = cfg.fwd_flops(assignments), cfg.bwd_flops(assignments)
         return BenchResult(
             cfg, name, "ok", fwd_ms, bwd_ms, fb[0], tf(fl_f, fwd_ms), tf(fl_b, bwd_ms), tf(fl_f + fl_b, fb[0]),
-            saved, fwd_bwd_ms_q20_q80=[fb[1], fb[2]], notes=notes, **result,
+            saved, fwd_bwd_ms_q20_q80=[fb[1], fb[2]], samples=samples, notes=notes, **result,
         ), out.detach()
     except RowTimeout as exc:
         return BenchResult(cfg, name, f"timeout: {exc}"), None
