@@ -72,6 +72,7 @@ ACTIVATIONS = {"silu": Fn.silu, "gelu": Fn.gelu, "relu": Fn.relu}
 E_CHOICES, T_CHOICES = (1, 2, 3, 5, 8), (1, 2, 3, 7, 13)
 ROUTERS = ("softmax", "sigmoid_bias", "group_limited", "softmax_inplace")
 INPLACE = ("none", "act_inplace", "mul_", "imul")  # in-place spellings of the expert body (extras)
+ACT_CASTS = ("none", "fp32")  # a plain activation as act(h.float()).type_as(h) (drawn with extras)
 HALVES = ("chunk", "slice", "split", "up_first")  # spellings of a fused gate|up's halves (drawn with extras)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 #: per dtype: (atol, rtol) for the elementwise check in fp32, else the largest relative error
@@ -190,6 +191,9 @@ class Spec:
     #: ``mul_`` / ``imul``: the gated product ``h.mul_(up)`` / ``h *= up`` (not after relu, whose
     #: backward reads its output: eager itself would fail)
     inplace: str = "none"
+    #: a plain (not gated) activation computed in fp32 and rounded back, fairseq's
+    #: ``F.gelu(h.float()).type_as(h)`` (drawn with extras): ``none`` or ``fp32``
+    act_cast: str = "none"
 
     @property
     def combo(self) -> tuple:
@@ -201,7 +205,8 @@ class Spec:
                 f"bias={self.bias} gated={self.gated} act={self.act} E={self.E} K={self.K} T={self.T} "
                 f"skew={self.skew} router={self.router} dtype={self.dtype}"
                 + (" base" if self.base else "") + (" side_effects" if self.side_effects else "")
-                + (f" inplace={self.inplace}" if self.inplace != "none" else "") + f" seed={self.seed}{m}")
+                + (f" inplace={self.inplace}" if self.inplace != "none" else "")
+                + (f" act_cast={self.act_cast}" if self.act_cast != "none" else "") + f" seed={self.seed}{m}")
 
 
 def applies(mutation: str, layout: str, combine: str, E: int, T: int, K: int = 2) -> bool:
@@ -247,6 +252,7 @@ def sample(rng: random.Random, mutation_rate: float = 0.4, seed: int = 0, dtypes
         spec["side_effects"] = rng.random() < 0.3
         spec["halves"] = rng.choice(HALVES)
         spec["inplace"] = rng.choice(INPLACE)
+        spec["act_cast"] = rng.choice(ACT_CASTS)
     return Spec(**spec)
 
 
@@ -315,6 +321,8 @@ class GeneratedMoE(nn.Module):
         return self._mlp_tail(h, lin2)
 
     def _act(self, h):
+        if self.spec.act_cast == "fp32" and not self.spec.gated and self.spec.inplace != "act_inplace":
+            return ACTIVATIONS[self.spec.act](h.float()).type_as(h)
         if self.spec.inplace == "act_inplace" and self.spec.act in ("silu", "relu"):
             return ACTIVATIONS[self.spec.act](h, inplace=True)
         return ACTIVATIONS[self.spec.act](h)
