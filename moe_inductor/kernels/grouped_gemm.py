@@ -613,7 +613,8 @@ def weight_grad(
     assert p.shape[1] == I and q.shape[1] == J
     dummy = meta.tok_sorted
     S = meta.num_slots
-    ws = torch.empty((S, I, J), dtype=torch.float32, device=p.device) if S else p
+    # NaN-filled under launch_utils.DEBUG_FILL_NAN: a slot read before it was written shows up
+    ws = alloc((S, I, J), torch.float32, p.device) if S else p
     args = (
         p, q, p_rows if p_rows is not None else dummy, q_rows if q_rows is not None else dummy,
         meta.expert_offsets, meta.slot_start, meta.slot_expert, meta.slot_row_start, meta.slot_row_end, ws, out,
