@@ -21,7 +21,7 @@ from torch._inductor.pattern_matcher import (
 )
 
 from .decline import Declined
-from .shapes import example_value, int_value, shape_of
+from .shapes import example_value, int_value, same_dim, shape_of
 
 
 class AnyOf(PatternExpr):
@@ -236,17 +236,51 @@ _EINSUM_FUNCTIONS = (torch.einsum, torch.functional.einsum)
 
 def einsum_parts(node: Any) -> Optional[tuple]:
     """(input letter strings, output letters, operands) of an ``einsum`` call with an explicit
-    ``->`` equation, no ellipsis and node operands (given as varargs or as one list); else None."""
+    ``->`` equation and node operands (given as varargs or as one list); else None. An ellipsis is
+    read as the letters it stands for (``_expand_ellipsis``), so ``"...nd,...dh->...nh"`` on 3-D
+    operands reads as ``"And,Adh->Anh"``; where that is not provably the same einsum, None."""
     if not (isinstance(node, fx.Node) and node.op == "call_function" and node.target in _EINSUM_FUNCTIONS
             and node.args):
         return None
     eq, ops = node.args[0], node.args[1:]
     if len(ops) == 1 and isinstance(ops[0], (list, tuple)):
         ops = tuple(ops[0])
-    if not isinstance(eq, str) or "->" not in eq or "." in eq or node.kwargs:
+    if not isinstance(eq, str) or "->" not in eq or node.kwargs:
         return None
     lhs, out = eq.replace(" ", "").split("->")
     ins = lhs.split(",")
     if len(ins) != len(ops) or not all(isinstance(o, fx.Node) for o in ops):
         return None
+    if "." in eq:
+        expanded = _expand_ellipsis(ins, out, ops)
+        if expanded is None:
+            return None
+        ins, out = expanded
     return ins, out, ops
+
+
+def _expand_ellipsis(ins: list, out: str, ops: tuple) -> Optional[tuple]:
+    """The equation with each ``...`` replaced by fresh letters, one per dimension it covers, when
+    that is the same einsum: every operand and the output hold one ``...``, each covering the same
+    number k of leading-or-inner dimensions, of provably equal sizes across the operands (no size-1
+    broadcast, which letters would not express), and no other dots. Then dimension i of every
+    ellipsis is the same index, kept in the output, which is what a letter says."""
+    terms = ins + [out]
+    if any(t.count("...") != 1 or t.replace("...", "").count(".") for t in terms):
+        return None
+    ranks = [len(shape_of(o) or ()) if shape_of(o) is not None else None for o in ops]
+    if None in ranks:
+        return None
+    covers = {r - (len(t) - 3) for r, t in zip(ranks, ins)}
+    if len(covers) != 1 or min(covers) < 0:
+        return None
+    k = covers.pop()
+    fresh = [c for c in "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz" if c not in "".join(terms)][:k]
+    if len(fresh) < k:
+        return None
+    for i in range(k):
+        pos = [ins[j].index("...") + i for j in range(len(ops))]
+        if not all(same_dim(ops[0], pos[0], o, p) for o, p in zip(ops[1:], pos[1:])):
+            return None
+    letters = "".join(fresh)
+    return [t.replace("...", letters) for t in ins], out.replace("...", letters)

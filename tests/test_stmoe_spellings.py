@@ -1,0 +1,86 @@
+"""Spellings from lucidrains' ``mixture-of-experts`` / ``st-moe-pytorch`` (issue 18), through the
+sonic rewrite (output and every gradient against eager), with near misses that must not be rewritten.
+
+* einsums written with an ellipsis (``fx.matching.einsum_parts`` reads ``...`` as the letters it
+  stands for, so every composition that reads einsums accepts them): the stacked experts
+  ``einsum("...nd,...dh->...nh", x, w1)`` / ``einsum("...nh,...hd->...nd", h, w2)`` on (E, C, d)
+  slots (the ellipsis covers the expert axis), and the capacity dispatch / combine
+  ``einsum("...sec,...sm->...ecm")`` / ``einsum("...sec,...ecm->...sm")`` on 2-D tokens (the
+  ellipsis covers no dimension);
+* near miss: a (1, d, n) weight broadcast over the experts by the ellipsis (one shared weight, not
+  one per expert; letters cannot say a size-1 broadcast, so the equation is not read).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as Fn
+
+from rewrite_check import rewrite_and_compare
+
+E, d, n, C = 4, 16, 32, 3
+
+
+class EllipsisSlots(nn.Module):
+    """GShard top-2 capacity dispatch (positions by cumsum, the second choice after the first's
+    counts, tokens over capacity dropped) with lucidrains' ellipsis einsum experts. ``form``:
+    ``experts`` (ellipsis in the experts only), ``all`` (also in the dispatch and the combine),
+    ``shared_w1`` (near miss: w1 is (1, d, n), broadcast over the experts by the ellipsis)."""
+
+    def __init__(self, form: str, dtype=torch.float32):
+        super().__init__()
+        self.form = form
+        self.router = nn.Linear(d, E, bias=False, dtype=dtype)
+        self.w1 = nn.Parameter((torch.randn(1 if form == "shared_w1" else E, d, n) / d ** 0.5).to(dtype))
+        self.w2 = nn.Parameter((torch.randn(E, n, d) / n ** 0.5).to(dtype))
+
+    def combine_weights(self, x):
+        gates = Fn.softmax(self.router(x), dim=-1)
+        first = torch.argmax(gates, dim=-1)
+        mask1 = Fn.one_hot(first, E)
+        second = torch.argmax(gates.masked_fill(mask1.bool(), float("-inf")), dim=-1)
+        mask2 = Fn.one_hot(second, E)
+        loc1 = torch.cumsum(mask1, dim=0) - 1
+        loc2 = torch.cumsum(mask2, dim=0) - 1 + mask1.sum(dim=0, keepdim=True)
+        kept1, kept2 = mask1 * (loc1 < C).long(), mask2 * (loc2 < C).long()
+        slot1, slot2 = (loc1 * kept1).sum(dim=1), (loc2 * kept2).sum(dim=1)
+        g1, g2 = (gates * kept1).sum(dim=1), (gates * kept2).sum(dim=1)
+        w1 = (g1 / (g1 + g2).clamp(min=1e-6)).unsqueeze(1) * kept1.to(gates.dtype)
+        w2 = (g2 / (g1 + g2).clamp(min=1e-6)).unsqueeze(1) * kept2.to(gates.dtype)
+        return (w1.unsqueeze(2) * Fn.one_hot(slot1, C).to(gates.dtype).unsqueeze(1)
+                + w2.unsqueeze(2) * Fn.one_hot(slot2, C).to(gates.dtype).unsqueeze(1))
+
+    def forward(self, x):
+        combine = self.combine_weights(x)
+        dispatch = combine.bool().type_as(x)
+        ell = self.form == "all"
+        slots = torch.einsum("...sec,...sm->...ecm" if ell else "sec,sm->ecm", dispatch, x)
+        h = Fn.gelu(torch.einsum("...nd,...dh->...nh", slots, self.w1))
+        y = torch.einsum("...nh,...hd->...nd", h, self.w2)
+        return torch.einsum("...sec,...ecm->...sm" if ell else "sec,ecm->sm", combine.type_as(x), y)
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-4), (torch.bfloat16, 3e-2)])
+@pytest.mark.parametrize("form", ["experts", "all"])
+def test_ellipsis_einsums_rewritten(form, dtype, tol):
+    torch.manual_seed(0)
+    module = EllipsisSlots(form, dtype)
+    if dtype != torch.float32:
+        module.forward = _in_dtype(module, dtype)
+    cands = rewrite_and_compare(module, d, lengths=(8, 11), tol=tol)
+    assert [c.status for c in cands] == ["rewritten"] * 2, [(c.status, c.reason) for c in cands]
+
+
+def _in_dtype(module, dtype):
+    forward = module.forward
+
+    def run(x):
+        return forward(x.to(dtype))
+    return run
+
+
+def test_broadcast_weight_not_rewritten():
+    torch.manual_seed(0)
+    cands = rewrite_and_compare(EllipsisSlots("shared_w1"), d, lengths=(8, 11))
+    assert all(c.status != "rewritten" for c in cands), [(c.status, c.reason) for c in cands]
