@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import linecache
 import logging
 import os
 import re
@@ -173,16 +174,27 @@ def _experts_impl(m: torch.nn.Module) -> Optional[str]:
 
 
 def _code_spans(m: torch.nn.Module) -> list:
-    """(file, first line, last line) of the forward methods of ``m`` and its submodules."""
-    spans = []
+    """(file, first line, last line) of the forward methods of ``m`` and its submodules (``m``'s own
+    forward first), then of the other methods their classes define outside torch (a graph break in
+    a helper method that the forward calls is traced as that method's own frame after the break)."""
+    spans, rest = [], []
     for sub in m.modules():
-        fn = inspect.unwrap(type(sub).forward)
+        spans += _spans_of([type(sub).forward])
+        rest += _spans_of([f for c in type(sub).__mro__ if not c.__module__.startswith("torch.")
+                           for k, f in vars(c).items() if k != "forward" and inspect.isfunction(f)])
+    return spans + rest
+
+
+def _spans_of(functions: list) -> list:
+    out = []
+    for fn in functions:
+        fn = inspect.unwrap(fn)
         try:
             lines, start = inspect.getsourcelines(fn)
-            spans.append((os.path.realpath(inspect.getsourcefile(fn)), start, start + len(lines) - 1))
+            out.append((os.path.realpath(inspect.getsourcefile(fn)), start, start + len(lines) - 1))
         except (OSError, TypeError):
             continue
-    return spans
+    return out
 
 
 def _break_inside(b: GraphBreak, spans: list) -> bool:
@@ -231,8 +243,48 @@ def _loop_notes(m: torch.nn.Module) -> str:
     return "; ".join(f"{os.path.basename(n.filename)}: {n.reason}" for n in kept)
 
 
-def _remedy(m: torch.nn.Module) -> str:
+#: Dynamo's words for a host read of a tensor's value (``.item()``, ``int()``, an int argument)
+_HOST_READ = ("Data dependent operator", "_local_scalar_dense", "data-dependent expression", "Tensor.item()",
+              "Data-dependent branching")
+
+
+def _source_line(b: GraphBreak) -> str:
+    """The text of the innermost user line of a graph break ('' when unknown)."""
+    if not b.frames:
+        return ""
+    filename, lineno = b.frames[-1]
+    return linecache.getline(filename, lineno).strip()
+
+
+def _one_hot_width(b: GraphBreak) -> bool:
+    """A host read on a line that calls ``one_hot``: its ``num_classes`` computed from tensor values."""
+    return any(w in b.reason for w in _HOST_READ) and "one_hot(" in _source_line(b)
+
+
+def _break_text(b: GraphBreak) -> str:
+    """The break's summary with, for a host read, the source line and why Dynamo stops there."""
+    if not any(w in b.reason for w in _HOST_READ):
+        return b.summary
+    line = _source_line(b)
+    if _one_hot_width(b):
+        why = ("one_hot's num_classes is computed from tensor values (e.g. safe_one_hot's max(indexes.max() + k, C)); "
+               "aten::one_hot takes a plain int, so Dynamo reads the width on the host and breaks the graph there")
+    else:
+        why = "a tensor's value is read on the host (.item(), int(), bool() or an int argument computed from it)"
+    return f"{b.summary}: `{line}`: {why}" if line else f"{b.summary}: {why}"
+
+
+#: the static-width spelling of a one-hot whose width was read from the indexes
+_ONE_HOT_REMEDY = ("give one_hot a width that does not depend on data: for indexes >= 0, "
+                   "F.one_hot(idx, max(idx.max() + k, C))[..., :C] (k >= 1) equals "
+                   "(idx.unsqueeze(-1) == torch.arange(C, device=idx.device)).long() (indexes >= C give zero rows), "
+                   "which Dynamo traces in the block's graph")
+
+
+def _remedy(m: torch.nn.Module, inside: tuple = ()) -> str:
     notes = _loop_notes(m)
+    if not notes and any(_one_hot_width(b) for b in inside):
+        return _ONE_HOT_REMEDY
     if notes and not _is_transformers_dispatched(m):
         return (f"{notes}. The loop is compiled as written, with the graph breaks plain Inductor has (sonic "
                 f"traces a per-expert loop as one graph when its host reads only decide which experts to skip, "
@@ -347,24 +399,38 @@ def explain(model: torch.nn.Module, *args, options: Optional[dict] = None, induc
             runs_on=getattr(c, "runs_on", "")))
 
     for name, m in moe_like_modules(model):
-        if any(_covers(e.where, name, m) for e in rep.entries if e.idiom != "-"):
-            continue
         spans = _code_spans(m)
         inside = [b for b in breaks if _break_inside(b, spans)]
+        covering = [e for e in rep.entries if e.idiom != "-" and _covers(e.where, name, m)]
+        if covering:
+            _note_breaks(covering, inside, m)
+            continue
         impl = _experts_impl(m)
         if inside:
             status = "graph break"
-            reason = "not in any compiled graph: " + "; ".join(dict.fromkeys(b.summary for b in inside))
+            reason = "not in any compiled graph: " + "; ".join(dict.fromkeys(_break_text(b) for b in inside))
         else:
             status = "not recognised"
             reason = _parts_found(name, reports) + (" (or a graph break listed below kept it out)" if breaks else "")
         if impl is not None:
             reason += f" [experts implementation {impl!r}]"
-        remedy = "" if status == "not recognised" and impl in ("grouped_mm", "batched_mm") else _remedy(m)
+        remedy = "" if status == "not recognised" and impl in ("grouped_mm", "batched_mm") else _remedy(m, inside)
         rep.entries.append(ExplainEntry(where=name or "<root>", idiom="-", status=status, reason=reason,
                                         remedy=remedy, num_experts=_num_experts(m), dtype=_param_dtype(m)))
     log.info("%s", rep)
     return rep
+
+
+def _note_breaks(entries: list, inside: list, m: torch.nn.Module) -> None:
+    """Declined candidates of a block that also has host-read graph breaks: the break (line, why)
+    is said with the decline, since what the candidate's graph reads as inputs was computed in
+    another graph, and the block gets the break's remedy."""
+    hosts = [b for b in inside if any(w in b.reason for w in _HOST_READ)]
+    for e in entries:
+        if e.status == "declined" and hosts:
+            e.reason += " (graph break in this block before it: " + "; ".join(
+                dict.fromkeys(_break_text(b) for b in hosts)) + ")"
+            e.remedy = e.remedy or _remedy(m, tuple(hosts))
 
 
 def _num_experts(m: torch.nn.Module) -> Optional[int]:

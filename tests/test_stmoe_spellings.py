@@ -9,6 +9,10 @@ sonic rewrite (output and every gradient against eager), with near misses that m
   ellipsis covers no dimension);
 * near miss: a (1, d, n) weight broadcast over the experts by the ellipsis (one shared weight, not
   one per expert; letters cannot say a size-1 broadcast, so the equation is not read).
+
+``explain`` on the graph break of lucidrains' ``safe_one_hot`` (``F.one_hot(idx, max(idx.max() + 2,
+C))[..., :C]``: a width read from the data on the host) names the source line, says why Dynamo
+stops there and gives the static-width spelling; another host read (``.item()``) is not given it.
 """
 from __future__ import annotations
 
@@ -20,6 +24,12 @@ import torch.nn.functional as Fn
 from rewrite_check import rewrite_and_compare
 
 E, d, n, C = 4, 16, 32, 3
+
+
+def _safe_one_hot(indexes, max_length):
+    # lucidrains' safe_one_hot: the width is read from the indexes on the host
+    max_index = indexes.max() + 1
+    return Fn.one_hot(indexes, max(max_index + 1, max_length))[..., :max_length]
 
 
 class EllipsisSlots(nn.Module):
@@ -45,11 +55,14 @@ class EllipsisSlots(nn.Module):
         loc2 = torch.cumsum(mask2, dim=0) - 1 + mask1.sum(dim=0, keepdim=True)
         kept1, kept2 = mask1 * (loc1 < C).long(), mask2 * (loc2 < C).long()
         slot1, slot2 = (loc1 * kept1).sum(dim=1), (loc2 * kept2).sum(dim=1)
+        if self.form == "item":
+            slot1 = slot1 * int(slot1.max().item() >= 0)  # a host read that is not a one_hot width
         g1, g2 = (gates * kept1).sum(dim=1), (gates * kept2).sum(dim=1)
         w1 = (g1 / (g1 + g2).clamp(min=1e-6)).unsqueeze(1) * kept1.to(gates.dtype)
         w2 = (g2 / (g1 + g2).clamp(min=1e-6)).unsqueeze(1) * kept2.to(gates.dtype)
-        return (w1.unsqueeze(2) * Fn.one_hot(slot1, C).to(gates.dtype).unsqueeze(1)
-                + w2.unsqueeze(2) * Fn.one_hot(slot2, C).to(gates.dtype).unsqueeze(1))
+        one_hot = _safe_one_hot if self.form == "safe_one_hot" else Fn.one_hot
+        return (w1.unsqueeze(2) * one_hot(slot1, C).to(gates.dtype).unsqueeze(1)
+                + w2.unsqueeze(2) * one_hot(slot2, C).to(gates.dtype).unsqueeze(1))
 
     def forward(self, x):
         combine = self.combine_weights(x)
@@ -84,3 +97,24 @@ def test_broadcast_weight_not_rewritten():
     torch.manual_seed(0)
     cands = rewrite_and_compare(EllipsisSlots("shared_w1"), d, lengths=(8, 11))
     assert all(c.status != "rewritten" for c in cands), [(c.status, c.reason) for c in cands]
+
+
+class SafeOneHotMoE(EllipsisSlots):
+    """``EllipsisSlots`` with the slot one-hots by ``_safe_one_hot`` (``safe_one_hot``) or with an
+    ``.item()`` host read (``item``); the class name marks it as an MoE block for ``explain``."""
+
+
+@pytest.mark.parametrize("form", ["safe_one_hot", "item"])
+def test_explain_names_host_read(form):
+    import moe_inductor
+
+    torch.manual_seed(0)
+    rep = moe_inductor.explain(SafeOneHotMoE(form), torch.randn(8, d), inductor=False)
+    entry = next(e for e in rep.entries if "graph break" in e.status + e.reason)
+    if form == "safe_one_hot":
+        assert "`return Fn.one_hot(indexes, max(max_index + 1, max_length))[..., :max_length]`" in entry.reason
+        assert "num_classes is computed from tensor values" in entry.reason, entry.reason
+        assert "torch.arange(C" in entry.remedy, entry.remedy
+    else:
+        assert "int(slot1.max().item() >= 0)" in entry.reason and "read on the host" in entry.reason, entry.reason
+        assert "torch.arange(C" not in entry.remedy, entry.remedy
