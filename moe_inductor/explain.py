@@ -270,7 +270,8 @@ def _break_text(b: GraphBreak) -> str:
         why = ("one_hot's num_classes is computed from tensor values (e.g. safe_one_hot's max(indexes.max() + k, C)); "
                "aten::one_hot takes a plain int, so Dynamo reads the width on the host and breaks the graph there")
     else:
-        why = "a tensor's value is read on the host (.item(), int(), bool() or an int argument computed from it)"
+        why = ("a tensor's value is read on the host (.item(), int(), bool(), a Python max/min/if comparing it, "
+               "or an int argument computed from it)")
     return f"{b.summary}: `{line}`: {why}" if line else f"{b.summary}: {why}"
 
 

@@ -81,8 +81,9 @@ def test_ellipsis_einsums_rewritten(form, dtype, tol):
     module = EllipsisSlots(form, dtype)
     if dtype != torch.float32:
         module.forward = _in_dtype(module, dtype)
-    cands = rewrite_and_compare(module, d, lengths=(8, 11), tol=tol)
-    assert [c.status for c in cands] == ["rewritten"] * 2, [(c.status, c.reason) for c in cands]
+    lengths = (8, 11) if dtype == torch.float32 else (11,)  # bf16: one length keeps the file fast
+    cands = rewrite_and_compare(module, d, lengths=lengths, tol=tol)
+    assert cands and all(c.status == "rewritten" for c in cands), [(c.status, c.reason) for c in cands]
 
 
 def _in_dtype(module, dtype):
@@ -95,7 +96,7 @@ def _in_dtype(module, dtype):
 
 def test_broadcast_weight_not_rewritten():
     torch.manual_seed(0)
-    cands = rewrite_and_compare(EllipsisSlots("shared_w1"), d, lengths=(8, 11))
+    cands = rewrite_and_compare(EllipsisSlots("shared_w1"), d, lengths=(11,))
     assert all(c.status != "rewritten" for c in cands), [(c.status, c.reason) for c in cands]
 
 
