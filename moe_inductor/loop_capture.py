@@ -175,6 +175,58 @@ def _const_int(node) -> Optional[int]:
     return None
 
 
+def _length_of(node) -> tuple:
+    """(X, by_numel) when ``node`` counts the rows of X: ``len(X)``, ``X.shape[0]``, ``X.size(0)``,
+    ``X.size()[0]`` (by_numel False), ``X.numel()``, ``X.nelement()`` (by_numel True: the row count
+    only when X is 1-D); (None, False) for anything else."""
+    if _is_method(node, {"numel", "nelement"}) and not node.args:
+        return node.func.value, True
+    if _is_method(node, {"size"}) and len(node.args) == 1 and _const_int(node.args[0]) == 0:
+        return node.func.value, False
+    if isinstance(node, ast.Subscript) and _const_int(node.slice) == 0 and (
+            (isinstance(node.value, ast.Attribute) and node.value.attr == "shape")
+            or (_is_method(node.value, {"size"}) and not node.value.args)):
+        return (node.value.value if isinstance(node.value, ast.Attribute) else node.value.func.value), False
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "len" \
+            and len(node.args) == 1:
+        return node.args[0], False
+    return None, False
+
+
+_PURE_NODES = (ast.Name, ast.Attribute, ast.Constant, ast.BinOp, ast.UnaryOp, ast.operator, ast.unaryop,
+               ast.expr_context)
+
+
+def _capacity_truncation(node) -> Optional[tuple]:
+    """(X, c, by_numel) when ``node`` keeps the first c rows of X only when X has more than c:
+    ``X[:c] if len(X) > c else X`` (``>=``, or the test reversed: ``X if len(X) <= c else X[:c]``,
+    ``<``; any row count of ``_length_of``). Whenever the whole X is chosen, len(X) <= c, and then
+    ``X[:c]`` holds the same rows as X: the expression equals ``X[:c]`` for an integer c (c is
+    evaluated twice in the source, so it must be free of calls and indexing). None otherwise."""
+    if not isinstance(node, ast.IfExp) or not isinstance(node.test, ast.Compare) or len(node.test.ops) != 1:
+        return None
+    left, op, c = node.test.left, type(node.test.ops[0]), node.test.comparators[0]
+    x, by_numel = _length_of(left)
+    if x is None:
+        x, by_numel = _length_of(c)
+        left, c = c, left
+        op = {ast.Gt: ast.Lt, ast.Lt: ast.Gt, ast.GtE: ast.LtE, ast.LtE: ast.GtE}.get(op, op)
+    if op in (ast.Gt, ast.GtE):
+        cut, whole = node.body, node.orelse
+    elif op in (ast.Lt, ast.LtE):
+        cut, whole = node.orelse, node.body
+    else:
+        return None
+    if not isinstance(x, ast.Name) or not _is_name(whole, x.id) or not isinstance(cut, ast.Subscript) \
+            or not _is_name(cut.value, x.id) or not isinstance(cut.slice, ast.Slice):
+        return None
+    sl = cut.slice
+    if sl.lower is not None or sl.step is not None or sl.upper is None or _src(sl.upper) != _src(c) \
+            or not all(isinstance(n, _PURE_NODES) for n in ast.walk(c)):
+        return None
+    return x, c, by_numel
+
+
 def _dims(node) -> Optional[tuple]:
     v = _const_int(node)
     if v is not None:
@@ -458,6 +510,9 @@ class _Body:
                 return None
             if s.kind == "tuple" and _const_int(node.slice) is not None:
                 return _Sel(s.key, s.exact, "index")
+            cut = self._cut(node.slice) if s.kind == "index" else None
+            if cut is not None:  # X[:c]: its own key (see _truncation)
+                return _Sel(("trunc", s.key, cut), True, "index")
             if s.kind == "index":
                 sl = node.slice
                 rows_kept = isinstance(sl, ast.Tuple) and sl.elts and isinstance(sl.elts[0], ast.Slice) \
@@ -474,6 +529,37 @@ class _Body:
                     both = s.dtype == "bool" and (isinstance(other, ast.Compare) or o is not None and o.dtype == "bool")
                     return _Sel(s.key, False, "mask", "bool" if both else "other")
         return None
+
+    def _cut(self, sl) -> Optional[str]:
+        """The source of c for a slice ``[:c]`` whose c is free of calls and indexing and of names the
+        loop body binds (the same value wherever it is written in one iteration); None otherwise."""
+        if not isinstance(sl, ast.Slice) or sl.lower is not None or sl.step is not None or sl.upper is None:
+            return None
+        if not all(isinstance(n, _PURE_NODES) for n in ast.walk(sl.upper)) or \
+                any(isinstance(n, ast.Name) and n.id in self._body_names for n in ast.walk(sl.upper)):
+            return None
+        return _src(sl.upper)
+
+    def _truncation(self, node) -> Optional[tuple]:
+        """(selection, replacement) for a capacity truncation (``_capacity_truncation``) of this expert's
+        index tensor X: the replacement is ``X[:c]`` when c is an int (and X is 1-D where the test
+        counts ``numel()``), checked at trace time, else the original expression. The truncated rows
+        get their own selection key: empty exactly when they are (a test of their emptiness is a skip
+        of exactly that), and empty whenever X is (``same_key``)."""
+        found = _capacity_truncation(node)
+        if found is None:
+            return None
+        x, c, by_numel = found
+        s = self.selection(x)
+        if s is None or s.kind != "index" or self._cut(ast.Slice(upper=c)) is None:
+            return None
+        check = f"isinstance({_src(c)}, int)" + (f" and {x.id}.dim() == 1" if by_numel else "")
+        value = ast.IfExp(test=ast.parse(check, mode="eval").body,
+                          body=ast.Subscript(value=ast.Name(x.id, ast.Load()),
+                                             slice=ast.Slice(upper=copy.deepcopy(c)), ctx=ast.Load()),
+                          orelse=node)
+        self.removed.append(f"`{_short(node)}` (as {x.id}[:{_short(c)}])")
+        return _Sel(("trunc", s.key, _src(c)), True, "index"), ast.fix_missing_locations(value)
 
     def _expert_axis(self, sl) -> object:
         """The axis an index selects the expert id S on: 0 for ``[S]``, k for ``[:, .. (k), S]``,
@@ -493,6 +579,8 @@ class _Body:
         axis when M.dim() == 3: recorded in ``dim_checks``, which the rewritten code checks."""
         if key == reason:
             return True
+        if key[0] == "trunc":  # the first rows of a selection: empty whenever it is
+            return self.same_key(key[1], reason)
         if key[0] == reason[0] == "idx" and key[1] == reason[1]:
             axes = {key[2], reason[2]}
             if "last" in axes and len(axes) == 2:
@@ -549,18 +637,7 @@ class _Body:
                 and self._scalar_expr(node.slice):
             self.counts_used.add(node.value.id)
             return ("eq", self.counts[node.value.id])
-        target = None
-        if _is_method(node, {"numel", "nelement"}) and not node.args:
-            target = node.func.value
-        elif _is_method(node, {"size"}) and len(node.args) == 1 and _const_int(node.args[0]) == 0:
-            target = node.func.value
-        elif isinstance(node, ast.Subscript) and _const_int(node.slice) == 0 and (
-                (isinstance(node.value, ast.Attribute) and node.value.attr == "shape")
-                or (_is_method(node.value, {"size"}) and not node.value.args)):
-            target = node.value.value if isinstance(node.value, ast.Attribute) else node.value.func.value
-        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "len" \
-                and len(node.args) == 1:
-            target = node.args[0]
+        target = _length_of(node)[0]
         if target is not None:
             s = self.selection(target)
             return s.key if s is not None and s.exact and s.kind == "index" else None
@@ -749,6 +826,10 @@ class _Body:
                     return [s]
             self.check_expr(s.value)
             sel = self.selection(s.value)
+            trunc = self._truncation(s.value) if len(names) == 1 else None
+            if trunc is not None:  # `X[:c] if len(X) > c else X`: X[:c] under a trace-time type check
+                sel, value = trunc
+                s = ast.Assign(targets=[target], value=value, lineno=s.lineno, col_offset=s.col_offset)
             fresh = len(names) == 1 and self._computes_new_tensor(s.value)
             for n in names:
                 self.sel.pop(n.id, None)

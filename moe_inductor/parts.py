@@ -63,7 +63,11 @@ class Selection:
     ``safety.equivalent``). ``unique``: no row is selected twice by this expert. ``disjoint_key``:
     selections with the same key never share a row (``v == e`` for one tensor v and distinct e).
     ``value``/``value_e``: for ``v == e`` masks, the tensor v and e (assignment ids then are v).
-    ``covers``: ``v`` provably takes only values in [0, E) (top-k indices over E columns)."""
+    ``covers``: ``v`` provably takes only values in [0, E) (top-k indices over E columns).
+    ``capacity``: for "rows", only the first ``capacity`` rows of the mask (in row order) are
+    taken (``m.nonzero().squeeze(-1)[:c]``, c an int or a graph node holding a SymInt, provably
+    >= 0); ``mask`` is then the mask before that cut, and the rows taken are ``mask & (cumsum(mask)
+    <= capacity)``."""
 
     expert: int
     layout: str
@@ -79,6 +83,7 @@ class Selection:
     num_classes: Optional[int] = None
     nodes: list = dataclasses.field(default_factory=list)
     spelling: str = ""
+    capacity: Any = None
 
 
 @dataclasses.dataclass

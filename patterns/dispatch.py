@@ -22,6 +22,7 @@ gather (the expert's input)
 """
 from __future__ import annotations
 
+import dataclasses
 import operator
 from typing import Optional
 
@@ -33,7 +34,7 @@ from torch._inductor.pattern_matcher import KeywordArg as KA, is_match
 from moe_inductor import safety
 from moe_inductor.fx.decline import need
 from moe_inductor.fx.matching import AnyOf, arange_onehot, einsum_parts, eq_constant, F, getitem, M
-from moe_inductor.fx.shapes import dtype_of, int_value, same, shape_of, to_sympy
+from moe_inductor.fx.shapes import dtype_of, int_value, known_nonnegative, same, shape_of, to_sympy
 from moe_inductor.parts import Score, Selection, decline, register
 
 _ALL = slice(None, None, None)
@@ -310,6 +311,12 @@ def _bool_rows(mask) -> Optional[Selection]:
             if eq is not None and len(shape_of(eq[0]) or ()) == len(ms) + 1:
                 return Selection(expert=eq[1], layout="rows", index=mask, mask=mask, unique=True, nodes=[mask])
         return None
+    # m.view(-1) / reshape(-1) / flatten() of a (B, S) token mask (ids == e).any(-1): the same rows,
+    # flattened as x.view(-1, d) is (makeMoE's capacity loop)
+    flat = AnyOf(M("view", KA("m"), -1), M("reshape", KA("m"), -1), M("flatten", KA("m"))).match(mask)
+    if is_match(flat) and isinstance(flat.kwargs["m"], fx.Node) and len(shape_of(flat.kwargs["m"]) or ()) > 1:
+        sel = _bool_rows(flat.kwargs["m"])
+        return dataclasses.replace(sel, index=mask, mask=mask, nodes=sel.nodes + [mask]) if sel is not None else None
     eq = eq_constant(mask)
     if eq is not None and len(shape_of(eq[0]) or ()) == 1:
         v, e = eq
@@ -369,6 +376,32 @@ def index_of_rows(index) -> Optional[Selection]:
                             "mask or (ids == e).any(-1)")
     sel.index = index
     return sel
+
+
+@register("dispatch", "capacity_rows", "idx[:c] of an index of rows (m.nonzero().squeeze(-1)[:c], torch.where(m)[0][:c]): "
+          "the first c selected rows, a capacity")
+def capacity_rows(index) -> Optional[Selection]:
+    """``idx[:c]`` with idx an ``index_of_rows`` of a 1-D mask m: nonzero/where list the selected rows
+    in increasing order, so the first c of them are the rows r with m[r] and cumsum(m)[r] <= c, for
+    c >= 0 (proved: an int, or a SymInt the shape environment knows is >= 0; a negative c would cut
+    from the end). The selection keeps m as its mask and the cut as ``capacity``; assignments past
+    it are dropped (expert -1). Not a ``v == e`` selection any more (``value``/``disjoint_key``
+    cleared: v no longer tells which rows are taken)."""
+    if not (isinstance(index, fx.Node) and index.op == "call_function" and index.target is operator.getitem
+            and isinstance(index.args[1], slice)):
+        return None
+    base, cut = index.args
+    if cut.start is not None or cut.step is not None or cut.stop is None or not isinstance(base, fx.Node):
+        return None
+    sel = index_of_rows(base)
+    if sel is None:
+        return None
+    need(known_nonnegative(cut.stop), f"{index.name}: the capacity {getattr(cut.stop, 'name', cut.stop)} of "
+                                      f"{base.name}[:c] is not provably >= 0 (a negative c cuts from the end)",
+         part="dispatch")
+    need(not safety.writes_to(base), f"{base.name}: the selected rows are modified in place", part="dispatch")
+    return dataclasses.replace(sel, index=index, capacity=cut.stop, value=None, disjoint_key=None, num_classes=None,
+                               nodes=sel.nodes + [base])
 
 
 # --------------------------------------------------------------------------- every assignment's token
@@ -539,7 +572,7 @@ def row_score(node, sel: Selection) -> Optional[Score]:
         shape_ok = 2
     if not isinstance(src, fx.Node) or not isinstance(idx, fx.Node):
         return None
-    if not (safety.same_rows(idx, sel.index) or safety.same_rows(idx, sel.mask)):
+    if not (safety.same_rows(idx, sel.index) or (sel.capacity is None and safety.same_rows(idx, sel.mask))):
         return None
     ss = shape_of(src)
     if column is not None:

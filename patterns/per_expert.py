@@ -174,7 +174,7 @@ def analyse_unit(write) -> dict:
         raise PartDeclined("gather", f"{z.name}: the expert's input is not a gather of token rows x[index]")
     x, gidx = g
     if not (safety.same_rows(gidx, write.index) or safety.same_rows(gidx, sel.index)
-            or (sel.mask is not None and safety.same_rows(gidx, sel.mask))):
+            or (sel.mask is not None and sel.capacity is None and safety.same_rows(gidx, sel.mask))):
         raise Declined(f"proof: the expert reads rows {getattr(gidx, 'name', gidx)} but its output is written at "
                        f"{getattr(write.index, 'name', write.index)}: not the same selection")
     allowed = [scale_node] if scale_node is not None else []
@@ -467,6 +467,16 @@ def _remap(graph, ids, lo, E, ncls, like):
     return call(graph, torch.where, inside, shifted, -1, like=like)
 
 
+def _taken_rows(graph, sel, like):
+    """The rows a "rows" selection takes, flat: its mask, and under a capacity c only the first c of
+    them, ``mask & (cumsum(mask) <= c)`` (``dispatch.capacity_rows``)."""
+    m = method(graph, "reshape", sel.mask, -1, like=like)
+    if sel.capacity is None:
+        return m
+    pos = call(graph, torch.cumsum, m, 0, like=like)
+    return call(graph, operator.and_, m, call(graph, operator.le, pos, sel.capacity, like=like), like=like)
+
+
 def _block(units, acc, x, layout, kind, start_kind, base, lo, E, act, scored, on, lift, order,
            all_units=None, identity=None, scale: float = 1.0, post=None) -> MoEBlock:
     """``units``: the MLP experts' units; ``all_units``: those and the identity experts' (whose
@@ -536,7 +546,7 @@ def _block(units, acc, x, layout, kind, start_kind, base, lo, E, act, scored, on
             pos = method(graph, "argmax", method(graph, "to", nz, torch.int32, like=last_anchor), -1, like=last_anchor)
             ids = call(graph, torch.where, method(graph, "any", nz, -1, like=last_anchor), pos, -1, like=last_anchor)
             return _remap(graph, method(graph, "reshape", ids, -1, like=last_anchor), lo, E, ncls, last_anchor)
-        masks = [method(graph, "reshape", u["sel"].mask, -1, like=last_anchor) for u in by_e]
+        masks = [_taken_rows(graph, u["sel"], last_anchor) for u in by_e]
         stacked = call(graph, torch.stack, masks, 1, like=last_anchor)                   # (R, E) bool
         state["routed"] = method(graph, "any", stacked, -1, like=last_anchor)
         if single_value is not None:
@@ -566,7 +576,7 @@ def _block(units, acc, x, layout, kind, start_kind, base, lo, E, act, scored, on
                 # one expert per row: its own expert's score
                 stacked = call(graph, torch.stack, srcs, 1, like=last_anchor)
                 s = method(graph, "sum", call(graph, torch.where, call(graph, torch.stack, [
-                    method(graph, "reshape", u["sel"].mask, -1, like=last_anchor) for u in by_e], 1, like=last_anchor),
+                    _taken_rows(graph, u["sel"], last_anchor) for u in by_e], 1, like=last_anchor),
                     stacked, 0.0, like=last_anchor), -1, like=last_anchor)
             else:
                 s = method(graph, "reshape", call(graph, torch.stack, srcs, 1, like=last_anchor), -1, like=last_anchor)

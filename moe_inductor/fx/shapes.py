@@ -76,6 +76,23 @@ def same_dim(a: fx.Node, i: int, b: fx.Node, j: int) -> bool:
     return False
 
 
+def known_nonnegative(v: Any) -> bool:
+    """An int, SymInt or a graph node holding one that is provably >= 0 (no guard added)."""
+    v = example_value(v)
+    if isinstance(v, bool):
+        return False
+    if isinstance(v, int):
+        return v >= 0
+    if isinstance(v, torch.SymInt):
+        from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+        try:
+            return bool(statically_known_true(v >= 0))
+        except Exception:  # not something the environment can decide: not proven
+            return False
+    return False
+
+
 def int_value(v: Any) -> Optional[int]:
     e = to_sympy(v)
     if e is not None and e.is_Integer:

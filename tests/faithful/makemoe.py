@@ -144,7 +144,7 @@ ENTRIES = [
           note="the noise linear + softplus in the router, softmax over a -inf-scattered table, the "
                "data-dependent 'if flat_mask.any()' skip, boolean-mask gathers and the 3-D boolean-mask "
                "in-place '+=', biased ReLU experts with Dropout"),
-    Idiom("makemoe_capacity", _PY, seeded(145, lambda: SparseMoECapacity(D, E, K)), _x3d, expect="pending",
+    Idiom("makemoe_capacity", _PY, seeded(145, lambda: SparseMoECapacity(D, E, K)), _x3d, expect=1,
           fullgraph=False, other_gemms=2, faithful=True,
           note="the host-side capacity from the shape, torch.nonzero, the numel() > capacity truncation "
                "and numel() > 0 skip, updates.index_add_ and the in-place 'final_output += updates.view'"),
