@@ -740,6 +740,10 @@ class _Body:
             self.fresh = fresh_body & self.fresh  # what holds on both paths
             return [new]
         t = self.emptiness_test(s.test)
+        if t is None and self._capacity_test(s.test):
+            raise Decline(s, f"`if {_short(s.test)}` compares the length of this expert's rows with a capacity, "
+                             f"not with 0, and guards statements (not one expression `X[:c] if len(X) > c else X`, "
+                             f"which is traced as X[:c]): whether they run depends on how many tokens the expert got")
         if t is None:
             raise Decline(s, f"`if {_short(s.test)}` branches on tensor data that is not the emptiness of "
                              f"this expert's selection")
@@ -755,6 +759,15 @@ class _Body:
             return inner
         raise Decline(s, f"`if {_short(s.test)}` has a form other than a skip (`continue`) or a guard "
                          f"around the expert's work")
+
+    @staticmethod
+    def _capacity_test(test) -> bool:
+        """``len(X) <= c``-like: a row count of X compared (<, <=, >, >=) with a non-constant bound."""
+        if not (isinstance(test, ast.Compare) and len(test.ops) == 1
+                and isinstance(test.ops[0], (ast.Lt, ast.LtE, ast.Gt, ast.GtE))):
+            return False
+        a, b = test.left, test.comparators[0]
+        return any(_length_of(m)[0] is not None and _const_int(o) is None for m, o in ((a, b), (b, a)))
 
     def _accumulation_index(self, node, reasons, what) -> None:
         if not reasons:

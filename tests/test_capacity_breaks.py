@@ -202,3 +202,27 @@ def test_negative_capacity_declined():
     backend, _ = _compile_compare(CutPlain(capacity=-1), torch.float32, lengths=(12,))
     assert _rewritten(backend) == 0
     assert any("not provably >= 0" in r for r in _declined(backend)), _declined(backend)
+
+
+class LenSkip(CapacityLoop):
+    """labml Switch's dropping: ``if len(idx) <= capacity: continue`` guarding list and name updates."""
+
+    def forward(self, x):
+        probs, ids, out, cap = self.route(x)
+        idx = [torch.eq(ids[:, 0], i).nonzero(as_tuple=True)[0] for i in range(E)]
+        dropped = []
+        for i in range(E):
+            if len(idx[i]) <= cap:
+                continue
+            dropped.append(idx[i][cap:])
+            idx[i] = idx[i][:cap]
+        for i in range(E):
+            out[idx[i], :] = self.experts[i](x[idx[i], :])
+        return out, dropped
+
+
+def test_capacity_skip_explained():
+    """A capacity test guarding statements is not rewritten; the note names the line and says why."""
+    notes = loop_capture.analyse(LenSkip.forward).notes
+    assert len(notes) == 1 and not notes[0].rewritten
+    assert "`if len(idx[i]) <= cap` compares the length of this expert's rows with a capacity" in notes[0].reason
