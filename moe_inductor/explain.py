@@ -282,7 +282,33 @@ _ONE_HOT_REMEDY = ("give one_hot a width that does not depend on data: for index
                    "which Dynamo traces in the block's graph")
 
 
+_BRANCH_REASONS = ("Data-dependent branching", "generic_jump TensorVariable")
+
+
+def _branch_remedy(inside: list) -> str:
+    """For graph breaks at a Python ``if`` on a tensor value (Dynamo's "Data-dependent branching"):
+    the source line of each and why it splits the block, or "" when there is none."""
+    said = []
+    for b in inside:
+        # Dynamo's words for it: "Data-dependent branching" (the explanation) or "generic_jump
+        # TensorVariable()" (the reason a graph compiled at the break carries)
+        if not b.reason.lstrip().startswith(_BRANCH_REASONS) or not b.frames:
+            continue
+        filename, lineno = b.frames[-1]
+        line = linecache.getline(filename, lineno).strip()
+        said.append(f"{os.path.basename(filename)}:{lineno} `{line}` branches on a tensor's value")
+    if not said:
+        return ""
+    return ("; ".join(dict.fromkeys(said)) + ": Dynamo ends the graph there and the rest of the block runs in "
+            "another graph, whose inputs (e.g. the dispatch mask) cannot be proved to be what the routing made; "
+            "where the value depends only on shapes and constants (a capacity such as ceil(tokens / experts * "
+            "factor)), compute it with Python numbers (math.ceil, max) so that the branch is decided while tracing")
+
+
 def _remedy(m: torch.nn.Module, inside: tuple = ()) -> str:
+    branch = _branch_remedy(list(inside))
+    if branch:
+        return branch
     notes = _loop_notes(m)
     if not notes and any(_one_hot_width(b) for b in inside):
         return _ONE_HOT_REMEDY

@@ -434,10 +434,21 @@ class _Body:
             and isinstance(node.comparators[0], ast.Constant) and node.comparators[0].value is None \
             and self._outer_stable(node.left) is not None
 
+    @staticmethod
+    def _type_test(node) -> bool:
+        """``isinstance(name, T)`` / ``isinstance(name, (T1, T2))`` with T dotted names: a Python type,
+        known while tracing (DeepSpeed's ``Experts``: ``if isinstance(out, tuple)``); no tensor data read."""
+        if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "isinstance"
+                and len(node.args) == 2 and not node.keywords and isinstance(node.args[0], ast.Name)):
+            return False
+        types_ = node.args[1].elts if isinstance(node.args[1], ast.Tuple) else [node.args[1]]
+        return all(isinstance(t, (ast.Name, ast.Attribute)) and all(isinstance(n, (ast.Name, ast.Attribute, ast.Load))
+                                                                     for n in ast.walk(t)) for t in types_)
+
     def _static(self, node) -> bool:
         """Only the expert id, ``self`` attributes, constants and ``is None`` tests of names bound
         before the loop: the same in eager and traced."""
-        if self._none_test(node):
+        if self._none_test(node) or self._type_test(node):
             return True
         if isinstance(node, ast.BoolOp):
             return all(self._static(v) for v in node.values)

@@ -226,3 +226,49 @@ def test_capacity_skip_explained():
     notes = loop_capture.analyse(LenSkip.forward).notes
     assert len(notes) == 1 and not notes[0].rewritten
     assert "`if len(idx[i]) <= cap` compares the length of this expert's rows with a capacity" in notes[0].reason
+
+
+class TypeTestInLoop(CapacityLoop):
+    """An ``isinstance`` test in the loop body (DeepSpeed ``Experts``: ``if isinstance(out, tuple)``)."""
+
+    def forward(self, x):
+        probs, ids, out, cap = self.route(x)
+        for i, expert in enumerate(self.experts):
+            kept = torch.nonzero((ids == i).any(dim=-1)).squeeze(-1)
+            if kept.numel() == 0:
+                continue
+            y = expert(x[kept])
+            if isinstance(y, tuple):
+                y = y[0]
+            out.index_add_(0, kept, y * probs[kept, i].unsqueeze(1))
+        return out
+
+
+class TensorCapacity(CapacityLoop):
+    """DeepSpeed ``_capacity``'s spelling: the capacity a tensor, raised to a minimum by a tensor ``if``."""
+
+    def forward(self, x):
+        probs, ids, out, _ = self.route(x)
+        cap = torch.ceil(torch.tensor(x.shape[0] / E) * 0.5).to(torch.int64)
+        if cap < 2:
+            cap = torch.tensor(2)
+        for i, expert in enumerate(self.experts):
+            kept = torch.nonzero((ids == i).any(dim=-1)).squeeze(-1)[:cap]
+            if kept.numel() > 0:
+                out.index_add_(0, kept, expert(x[kept]) * probs[kept, i].unsqueeze(1))
+        return out
+
+
+def test_type_test_is_static():
+    notes = loop_capture.analyse(TypeTestInLoop.forward).notes
+    assert len(notes) == 1 and notes[0].rewritten, notes
+
+
+def test_tensor_branch_explained():
+    """explain names the line of a Python branch on a tensor value and why it keeps the block out."""
+    import moe_inductor
+
+    torch.manual_seed(0)
+    rep = moe_inductor.explain(TensorCapacity(), torch.randn(12, D), inductor=False)
+    remedies = [e.remedy for e in rep.entries if e.status == "graph break"]
+    assert any("`if cap < 2:` branches on a tensor's value" in r for r in remedies), str(rep)
