@@ -35,6 +35,13 @@ the source (``_Body``):
   ``.tolist()``, ``.cpu()``, ``.append``, in-place ``*_`` methods), updates in place (``y *= s``)
   only tensors the iteration computed (not views of tensors from outside the loop), writes no
   attribute, and branches only on static values (the expert id, ``self`` attributes, constants);
+- a capacity cut of the selection, ``X[:c] if len(X) > c else X`` (any row count, either
+  orientation: ``X if X.numel() <= c else X[:c]``), is ``X[:c]``: the whole X is taken only when it
+  has at most c rows, and then ``X[:c]`` holds the same rows. It is written ``X[:c]`` under a
+  trace-time ``isinstance(c, int)`` (and ``X.dim() == 1`` when the test counts ``numel()``), else
+  the original expression; c must be free of calls, indexing and names the body binds. ``X[:c]``
+  gets its own selection (a test of its emptiness is a skip of exactly it; a write at it writes
+  nothing when X is empty), so makeMoE's capacity loop loses its data-dependent branch;
 - the rewritten loop leaves out an expert past the end of a container the body indexes by the
   expert id (``len(weight)``, ``key in module_dict``; static under Dynamo): the original never
   ran it (DBRX's ``one_hot(..., num_experts + 1)`` has a padding class and no weights for it).

@@ -9,7 +9,9 @@
   ``m & (cumsum(m) <= c)`` for c >= 0: the per-expert composition gives the assignments past the
   capacity expert -1 (dropped).
 Checked against eager: output and every gradient, fp32 and bf16, two sequence lengths, inputs
-where experts do receive more tokens than their capacity; near misses are left alone.
+where experts do receive more tokens than their capacity; near misses are left alone. Out of reach,
+explained: a capacity skip guarding statements (labml's ``if len(idx) <= capacity: continue``), and a
+Python branch on a tensor value (DeepSpeed's ``_capacity``), whose line ``explain`` names.
 """
 import ast
 
