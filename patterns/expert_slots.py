@@ -34,6 +34,15 @@ Parts (recognisers registered in ``moe_inductor.parts``):
                        .view(E * C, S), x)``, the slots as (E * C, d) rows, row e * C + c slot (e, c)
                        (the row-major merge of the (E, C) axes; the experts read them regrouped row-major,
                        a (E, C, d) view or fairscale's chunks, so the same row is the same slot).
+                       OpenMoE (``HFOpenMoeTop2Router``): the combine weights and the dispatch mask each
+                       written term by term into zeros, ``cw[i, ids_k[i], L_k[i]] += W_k[i, ids_k[i]]`` and
+                       ``mask[i, ids_k[i], L_k[i]] |= F_k.bool()[i, ids_k[i]]`` with i = ``arange(S)``
+                       (``_indexed_writes``: each write places term k at (s, ids_k[s], L_k[s]) for every token
+                       once, nothing reads the tensor before its last write); the terms are those above
+                       (W_k's factors: the one-hot of ids_k, flags, weights; L_k proven as above) and the
+                       mask's terms must place the tokens at the same (expert, slot) under the same flags as
+                       the weights' (``_with_combine_weights``), so the mask is the weights' nonzero pattern
+                       up to a zero weight (the slot then holds its token and gets weight 0: exact).
   ``gathered_rows``    expert-choice routing: ``x[idx]`` with an (E, C) table of token ids (``topk(scores.T, C)``
                        indices, or any other), also ``x[idx.reshape(-1)].view(E, C, d)``.
   ``dense_scores``     every token in every expert's slots (C = S), inputs scaled by a dense (S, E) score matrix
@@ -49,14 +58,18 @@ Parts (recognisers registered in ``moe_inductor.parts``):
 ``slots_experts``: ``bmm_mlp``: one MLP on all slots with stacked weights: ``bmm(z, W)`` / ``z @ W`` /
   ``einsum("ecm,emh->ech", z, W)`` with W (E, in, out), or W (E, out, in) transposed/contracted on its
   last axis; optional (E, 1, out) biases; gated (``chunk(2, -1)`` of one projection, or two projections)
-  or plain activations. ``chunked_mlps``: one ModuleList MLP per chunk of the slots (fairscale), also
+  or plain activations. ``chunked_mlps``: one ModuleList MLP per chunk of the slots (fairscale), or per
+  slice ``z[e]`` put back by ``.unsqueeze(0)`` before the ``cat`` (ColossalAI's ``MLPExperts``; layout steps
+  that only move size-1 axes, ``_order_step``, are followed on both sides), also
   behind a row flatten of the chunk and the unflatten of its output (fairseq's ``x.reshape(-1, d)`` ...
   ``.view(x_shape)``: same last dimension, the output back in the chunk's leading shape; the MLP is
   row-wise, so each row lands where it came from).
 ``slots_combine``:
   ``combine_einsum``   ``einsum("sec,ecm->sm", combine.type_as(x), y)``
   ``combine_matmul``   ``combine.view(S, -1) @ y.view(-1, d)`` (nanoMoE), ``.mm(...)`` (fairseq): columns
-                       e * C + c of the weights meet rows e * C + c of the outputs (both row-major merges)
+                       e * C + c of the weights meet rows e * C + c of the outputs (both row-major merges);
+                       y may be (1, E, C, d) or any layout that only adds or moves size-1 axes of the (E, C, d)
+                       outputs (ColossalAI's ``transpose(0, 1).contiguous()``, ``_slots_behind``)
   ``scatter_slots``    ``zeros.scatter_add_(0, idx.reshape(-1, 1).expand(-1, d), (y * g[..., None]).reshape(-1, d))``,
                        ``index_add_(0, idx.reshape(-1), ...)`` (in place or not), score g (E, C) optional.
   ``expert_sum``       ``y.view(-1, d).reshape(E, -1, d).sum(0)`` (Llama4; ``.sum(dim=0)``): each slot's outputs
@@ -107,7 +120,7 @@ from moe_inductor.fx.build import call, method
 from moe_inductor.fx.decline import Declined, need
 from moe_inductor.fx.matching import einsum_parts, transpose_of
 from moe_inductor.fx.nodes import arg, is_mutation, node_order
-from moe_inductor.fx.shapes import dtype_of, int_value, same, shape_of
+from moe_inductor.fx.shapes import dtype_of, example_value, int_value, same, shape_of
 from moe_inductor.parts import ExpertMLP, PartDeclined, decline, recognise, register
 from moe_inductor.rewrite import ExpertWeights, MoEBlock
 
@@ -115,6 +128,7 @@ from . import experts as _experts_part
 from .common import GATED_OF
 
 IDIOM = "expert_slots"
+_line_of = _experts_part._line_of
 
 _EINSUM = (torch.einsum, torch.functional.einsum)
 _ONE_HOT = (torch._C._nn.one_hot, Fn.one_hot)
@@ -162,7 +176,7 @@ class SlotsDispatch:
     combine_weights: Optional[fx.Node] = None
     terms: list = dataclasses.field(default_factory=list)
     index: Optional[fx.Node] = None
-    nodes: list = dataclasses.field(default_factory=list)
+    nodes: list = dataclasses.field(default_factory=list)  # read by indexed writes (``_written_nodes``)
     scores: Optional[fx.Node] = None
     choices: Optional[fx.Node] = None
     top_k: Optional[int] = None
@@ -623,7 +637,10 @@ def _positions(loc, axes: tuple) -> _Positions:
         if c is not None and sign == 1:
             cums.append(c)
             continue
-        counted = _reduce(t, "sum", (0,)) if not stacked else None  # (1, E) or (E,): broadcast over tokens
+        # (1, E) or (E,): broadcast over tokens; the axis of the tokens as 0 or as -2 of the (S, E) mask
+        counted = _reduce(t, "sum", (0, -2)) if not stacked else None
+        if counted is not None and len(shape_of(counted) or ()) != 2 and arg(t, 1, "dim") not in (0, (0,), [0]):
+            counted = None
         mask = _mask(counted, ("s", "e")) if counted is not None else None
         if mask is not None and _choice_of(mask) is not None and sign == 1:
             offsets.append(mask)
@@ -737,6 +754,9 @@ def _terms(cw: fx.Node) -> list:
     if stacked is not None and len(shape_of(stacked) or ()) == 4 and not inplace_as(cw):
         term, _ = _term(stacked, ("k", "s", "e", "c"), cw)
         return [term]
+    written = _indexed_writes(cw)
+    if written is not None:  # zeros written term by term at (token, expert, slot) (OpenMoE)
+        return _ordered([_indexed_term(ids, pos, W, cw, True) for ids, pos, W, _ in written], cw)
     sums: list = []
     _signed_sum(cw, 1, sums)
     terms = []
@@ -744,6 +764,12 @@ def _terms(cw: fx.Node) -> list:
         need(sign == 1 and isinstance(t, fx.Node) and safety.same_shape(t, cw),
              f"combine weights {cw.name}: a term is subtracted or broadcast along an axis", part="slots_dispatch")
         terms.append(_term(t, ("s", "e", "c"), cw))
+    return _ordered(terms, cw)
+
+
+def _ordered(terms: list, cw: fx.Node) -> list:
+    """The terms [(SlotTerm, _Positions)] ordered so that term k's positions start after the positions of
+    the terms before it (declines otherwise)."""
     # Kept positions of term j lie in [off_j, off_j + count(B_j)), B_j the mask its cumsum counts. Term k
     # adds the counts of masks Y_kj for j < k; off_k >= off_j + count(B_j) when Y_kj covers B_j and Y_ki
     # covers Y_ji for i < j (a mask covers another when its factors are among the other's).
@@ -769,6 +795,135 @@ def _terms(cw: fx.Node) -> list:
                      part="slots_dispatch")
         matched.append(by_term)
     return [t for t, _ in ordered]
+
+
+# --------------------------------------------------------------------------- slots_dispatch: indexed writes
+
+#: the op of a read-modify-write ``t[i] op= v`` (the normal form makes ``+=`` on the copy ``t[i]`` a ``+``)
+_RMW = {operator.iadd: "add", operator.add: "add", torch.add: "add", operator.ior: "or", operator.or_: "or",
+        torch.bitwise_or: "or", torch.logical_or: "or"}
+#: readers of a tensor's metadata only (its shape, dtype, device), never of its values
+_META_READERS = (torch.zeros_like, torch.empty_like, torch.ones_like)
+
+
+def _arange_rows(i, rows) -> bool:
+    """``i`` is ``torch.arange(rows)`` / ``arange(0, rows[, 1])``: every row index once, in order."""
+    if not (isinstance(i, fx.Node) and i.op == "call_function" and i.target is torch.arange) or \
+            set(i.kwargs) - {"device", "dtype"} or not 1 <= len(i.args) <= 3:
+        return False
+    a, s = i.args, shape_of(i)
+    start, step = (0 if len(a) == 1 else a[0]), (a[2] if len(a) == 3 else 1)
+    return type(start) is int and start == 0 and type(step) is int and step == 1 and s is not None \
+        and len(s) == 1 and same(s[0], rows)
+
+
+def _per_row(v, I, rows) -> Optional[fx.Node]:
+    """u when ``v`` is ``u[I]`` (I the rows' arange: u itself) or u, a 1-D integral (rows,) tensor."""
+    if isinstance(v, fx.Node) and v.op == "call_function" and v.target is operator.getitem and v.args[1] is I:
+        v = v.args[0]
+    s = shape_of(v) if isinstance(v, fx.Node) else None
+    if s is None or len(s) != 1 or not same(s[0], rows) or not _is_integral(v) or dtype_of(v) == torch.bool:
+        return None
+    return v
+
+
+def _meta_only(u: fx.Node) -> bool:
+    return (u.op == "call_function" and u.target in _META_READERS) or \
+        (u.op == "call_method" and u.target in ("size", "dim", "new_zeros", "new_empty"))
+
+
+def _written_value(w: fx.Node, t: fx.Node, I, choice, rows) -> fx.Node:
+    """W of the read-modify-write ``t[I, J, L] op= W[I, choice[I]]`` that ``w`` (the setitem) ends."""
+    op, idx = w.args[2], w.args[1]
+    kind = _RMW.get(op.target) if isinstance(op, fx.Node) and op.op == "call_function" else None
+    g = op.args[0] if kind else None
+    need(kind is not None and len(op.args) == 2 and not op.kwargs and list(op.users) == [w]
+         and isinstance(g, fx.Node) and g.op == "call_function" and g.target is operator.getitem
+         and g.args[0] is t and isinstance(g.args[1], tuple) and len(g.args[1]) == 3
+         and all(a is b for a, b in zip(g.args[1], idx)) and list(g.users) == [op],
+         f"{w.name} at {_line_of(w)}: a write into {t.name} is not the read-modify-write t[i, e, c] += v "
+         "(|= for a bool mask) of the same places", part="slots_dispatch")
+    need((kind == "or") == (dtype_of(t) == torch.bool), f"{w.name}: {op.target.__name__} into a {dtype_of(t)} "
+                                                         "tensor (+= for weights, |= for a bool mask)",
+         part="slots_dispatch")
+    v = op.args[1]
+    ok = isinstance(v, fx.Node) and v.op == "call_function" and v.target is operator.getitem and \
+        isinstance(v.args[1], tuple) and len(v.args[1]) == 2 and v.args[1][0] is I and \
+        safety.equivalent(_per_row(v.args[1][1], I, rows), choice)
+    W = v.args[0] if ok else None
+    sw, st = shape_of(W), shape_of(t)
+    need(ok and sw is not None and len(sw) == 2 and same(sw[0], st[0]) and same(sw[1], st[1]),
+         f"{w.name} at {_line_of(w)}: the value written is not an (S, E) tensor read at each token's chosen "
+         "expert (w[i, ids[i]])", part="slots_dispatch")
+    return W
+
+
+def _indexed_writes(t) -> Optional[list]:
+    """[(ids, positions, W, setitem), ...] when ``t`` is fresh zeros (S, E, C) computed only by
+    read-modify-writes ``t[I, ids[I], pos[I]] += W[I, ids[I]]`` (``|=`` into a bool t) with I =
+    ``arange(S)`` (OpenMoE's ``HFOpenMoeTop2Router``): each writes W[s, ids[s]] at (s, ids[s], pos[s]) for
+    every token s once (the rows are distinct, so no place is written twice by one write), reading the
+    value the writes before it left, and nothing reads t's values before the last write: t is the sum
+    (the or) of the written terms wherever it is read. None when t is not zeros written by setitems."""
+    if not (isinstance(t, fx.Node) and ((t.op == "call_function" and t.target in _ZEROS_F)
+                                        or (t.op == "call_method" and t.target == "new_zeros"))):
+        return None
+    writes, st = safety.writes_to(t), shape_of(t)
+    if not writes or st is None or len(st) != 3 or not all(
+            w.op == "call_function" and w.target is operator.setitem and w.args[0] is t for w in writes):
+        return None
+    order, out = node_order(t.graph), []
+    for prev, w in zip([None] + writes[:-1], writes):
+        idx = w.args[1]
+        ok = isinstance(idx, tuple) and len(idx) == 3 and _arange_rows(idx[0], st[0])
+        ids, pos = (_per_row(idx[1], idx[0], st[0]), _per_row(idx[2], idx[0], st[0])) if ok else (None, None)
+        need(ids is not None and pos is not None,
+             f"{w.name} at {_line_of(w)}: {t.name} is written at places that are not (arange(S), ids, positions) "
+             "with one expert and one slot per token", part="slots_dispatch")
+        W = _written_value(w, t, idx[0], ids, st[0])
+        # the proof reads how these were computed: a write into one (even a first one) changes that
+        for n in (*idx, ids, pos, w.args[2].args[1], W):
+            early = [u for u in safety.writes_to(n) if order[u] < order[w]] if isinstance(n, fx.Node) else []
+            need(not early, f"{n.name}, which {w.name} at {_line_of(w)} writes with, is modified in place by "
+                            f"{early[0].format_node() if early else ''}", part="slots_dispatch")
+        need(prev is None or order[w.args[2].args[0]] > order[prev],
+             f"{w.name}: reads {t.name} before the write {prev.name if prev else ''} before it", part="slots_dispatch")
+        out.append((ids, pos, W, w))
+    own = {n for w in writes for n in (w, w.args[2].args[0])}
+    late = [u for a in safety.aliases(t) for u in a.users
+            if u not in own and not _meta_only(u) and order[u] < order[writes[-1]]]
+    need(not late, f"{t.name} is read ({late[0].format_node() if late else ''}) before its last write "
+                   f"{writes[-1].name}", part="slots_dispatch")
+    return out
+
+
+def _written_nodes(written: list) -> list:
+    """What indexed writes read (the rows' arange, ids, positions, values): the composition checks that
+    nothing writes into them in place, as it checks what the block reads."""
+    return [n for ids, pos, W, w in written for n in (w.args[1][0], ids, pos, W)]
+
+
+def _written_flags(W) -> list:
+    """The factors of W over (s, e): a 0/1 product read through ``.bool()`` (exact on 0/1 values)."""
+    if isinstance(W, fx.Node) and W.op == "call_method" and W.target == "bool" and len(W.args) == 1:
+        inner = _mask(W.args[0], ("s", "e"))
+        if inner is not None:
+            return inner
+    return _factors(W, ("s", "e"))
+
+
+def _indexed_term(ids, pos, W, cw, prove: bool):
+    """The SlotTerm of one indexed write (and, with ``prove``, its positions' proof, ``_slot_of``)."""
+    flags, weights = [], []
+    for f, lab in _written_flags(W):
+        (flags if isinstance(f, fx.Node) and _is_flag(f) else weights).append((f, lab))
+    need(_same_ids(_choice_of(flags), (ids, ("s",))),
+         f"{cw.name}, written term by term: the value written at each token's expert {ids.name} is not multiplied "
+         "by the one-hot of those experts (the positions are proven for that column)", part="slots_dispatch")
+    pos_proof = _slot_of(pos, ("s",), (ids, ("s",)), flags) if prove else None
+    term = SlotTerm(choice=ids, weights=weights, flags=flags, slot=pos,
+                    offsets=pos_proof.offsets if pos_proof else [])
+    return term, pos_proof
 
 
 def _nonzero_source(d) -> Optional[fx.Node]:
@@ -878,6 +1033,18 @@ def capacity_einsum(slots) -> Optional[SlotsDispatch]:
     else:
         return None
     src = _nonzero_source(d)
+    written = _indexed_writes(_strip_exact_casts(d)) if not isinstance(src, fx.Node) else None
+    if written is not None:  # a mask written on its own, matched with the combine weights' writes (analyse)
+        mask = _strip_exact_casts(d)
+        _need_unwritten_dispatch(m, mask, slots)
+        ms, xs = shape_of(mask), shape_of(x)
+        need(xs is not None and len(xs) == 2 and int_value(ms[1]) is not None,
+             f"{slots.name}: dispatch is not (S, E, C) x (S, d) with a constant E", part="slots_dispatch")
+        terms = [_indexed_term(ids, pos, W, mask, False)[0] for ids, pos, W, _ in written]
+        need(all(not t.weights for t in terms), f"{mask.name}: the dispatch mask is written with values that are "
+                                                "not 0/1 flags", part="slots_dispatch")
+        return SlotsDispatch(kind="capacity", x=x, slots=slots, num_experts=int_value(ms[1]), terms=terms,
+                             writes=[w for *_, w in written], inputs=[mask], nodes=_written_nodes(written))
     if not isinstance(src, fx.Node):
         given = safety.strip_casts(d)
         need(given.op != "placeholder",
@@ -895,7 +1062,31 @@ def capacity_einsum(slots) -> Optional[SlotsDispatch]:
     E = int_value(ss[1])
     need(E is not None, f"{src.name}: the number of experts is not a constant", part="slots_dispatch")
     terms = _terms(src)
-    return SlotsDispatch(kind="capacity", x=x, slots=slots, num_experts=E, combine_weights=src, terms=terms)
+    written = _indexed_writes(src) or []
+    return SlotsDispatch(kind="capacity", x=x, slots=slots, num_experts=E, combine_weights=src, terms=terms,
+                         writes=[w for *_, w in written], nodes=_written_nodes(written))
+
+
+def _with_combine_weights(disp: SlotsDispatch, cw: fx.Node) -> SlotsDispatch:
+    """``disp`` (a dispatch mask written term by term, ``disp.terms`` flags only) with the combine
+    weights ``cw`` the output uses: proven to be written term by term too, each term at the same (token,
+    expert, slot) as a term of the mask, under the same 0/1 flags (so the mask holds a token in a slot
+    exactly where the combine weights are nonzero there, up to a zero weight, and its positions are the
+    ones proven distinct for the weights)."""
+    written = _indexed_writes(cw)
+    need(written is not None, f"proof: the dispatch mask {disp.inputs[0].name} is written term by term but the "
+                              f"combine weights {cw.name} are not", part="proof")
+    terms = _terms(cw)
+    need(len(terms) == len(disp.terms), f"proof: {len(disp.terms)} dispatch terms for {len(terms)} combine terms",
+         part="proof")
+    for t in terms:
+        hit = [m for m in disp.terms if _same_choice(m.choice, t.choice) and safety.equivalent(m.slot, t.slot)
+               and _within(m.flags, t.flags) and _within(t.flags, m.flags)]
+        need(hit, f"proof: no term of the dispatch mask {disp.inputs[0].name} places the tokens at expert "
+                  f"{t.choice.name}, slot {t.slot.name} under the combine weights' flags", part="proof")
+    return dataclasses.replace(disp, combine_weights=cw, terms=terms, inputs=[],
+                               writes=list(disp.writes) + [w for *_, w in written],
+                               nodes=list(disp.nodes) + _written_nodes(written))
 
 
 # --------------------------------------------------------------------------- slots_dispatch: gathered rows
@@ -1185,17 +1376,96 @@ def _merged_rows_of(rows, like) -> bool:
         and same(s[1], ls[2])
 
 
+def _order_step(node) -> Optional[fx.Node]:
+    """The input of ``node`` when ``node`` keeps the row-major order of its input's elements: a row-major
+    reshape (``_ROW_MAJOR``), ``unsqueeze``/``squeeze``, or a ``transpose``/``permute`` that moves only
+    size-1 axes (the axes of other sizes keep their order: ColossalAI's ``MLPExperts``
+    ``x.unsqueeze(0).transpose(0, 1)`` of (E, C, d)); else None. A size that is not a constant 1 counts
+    as an axis of its own, so a symbolic size never lets a real transpose through."""
+    if not (isinstance(node, fx.Node) and node.op == "call_method" and node.args
+            and isinstance(node.args[0], fx.Node)) or node.kwargs:
+        return None
+    src = node.args[0]
+    if node.target in _ROW_MAJOR + ("unsqueeze", "squeeze"):
+        return src
+    s = shape_of(src)
+    if s is None or node.target not in ("transpose", "permute"):
+        return None
+    rank, dims = len(s), list(node.args[1:])
+    if node.target == "permute" and len(dims) == 1 and isinstance(dims[0], (tuple, list)):
+        dims = list(dims[0])
+    if not all(isinstance(d, int) for d in dims):
+        return None
+    if node.target == "transpose":
+        if len(dims) != 2:
+            return None
+        perm = list(range(rank))
+        a, b = dims[0] % rank, dims[1] % rank
+        perm[a], perm[b] = perm[b], perm[a]
+    else:
+        perm = [d % rank for d in dims]
+    if sorted(perm) != list(range(rank)):
+        return None
+    moved = [d for d in perm if not _size_one(s[d])]
+    return src if moved == sorted(moved) else None
+
+
 def _strip_layout(node) -> fx.Node:
-    """Follow row-major reshapes (``_row_major_source``) and identities back to the producer."""
+    """Follow order-keeping layout steps (``_order_step``) and identities back to the producer."""
     while True:
-        inner = _row_major_source(safety.strip_identity(node))[0]
+        inner = safety.strip_identity(node)
+        step = _order_step(inner)
+        inner = inner if step is None else step
         if inner is node:
             return node
         node = inner
 
 
+def _slots_behind(rows, E, C, d) -> Optional[fx.Node]:
+    """The first (E, C, d) tensor behind ``rows`` through order-keeping steps (``_order_step``), each step
+    unwritten in place: ``rows`` holds its elements in row-major order (ColossalAI's experts' (1, E, C, d)
+    output viewed ``(-1, d)``: row e * C + c is slot (e, c))."""
+    node, chain = rows, []
+    while isinstance(node, fx.Node):
+        chain.append(node)
+        st = shape_of(node)
+        if node is not rows and st is not None and len(st) == 3 and same(st[0], E) and same(st[1], C) \
+                and same(st[2], d):
+            if any(safety.writes_to(n) for n in chain):
+                return None
+            return node
+        node = _order_step(node)
+    return None
+
+
+def _selected(node) -> Optional[tuple]:
+    """(source, axis, size of the axis, position) of ``src[i]`` (an int index: axis 0) or
+    ``src.select(axis, i)``: one slice along the axis, the axis dropped."""
+    if not (isinstance(node, fx.Node) and node.args and isinstance(node.args[0], fx.Node)):
+        return None
+    src = node.args[0]
+    s = shape_of(src)
+    if node.op == "call_function" and node.target is operator.getitem and isinstance(node.args[1], int) \
+            and not isinstance(example_value(src), (tuple, list)):
+        axis, i = 0, node.args[1]
+    elif node.op == "call_method" and node.target == "select" and len(node.args) == 3 and not node.kwargs \
+            and all(isinstance(v, int) for v in node.args[1:]):
+        axis, i = node.args[1], node.args[2]
+    else:
+        return None
+    if not s:
+        return None
+    n = int_value(s[axis % len(s)])
+    return (src, axis % len(s), n, i % n) if n is not None and -n <= i < n else None
+
+
 def _chunk_of(node) -> Optional[tuple]:
-    """(source, axis, chunks, position) of ``src.chunk(n, axis)[i]`` (``torch.chunk`` too)."""
+    """(source, axis, chunks, position, kept) of ``src.chunk(n, axis)[i]`` (``torch.chunk`` too; the axis
+    kept, size 1) or of ``_selected`` ``src[i]`` / ``src.select(axis, i)`` (one slice each: the axis
+    dropped, ``kept`` False)."""
+    sel = _selected(node)
+    if sel is not None:
+        return sel + (False,)
     if not (isinstance(node, fx.Node) and node.op == "call_function" and node.target is operator.getitem
             and isinstance(node.args[1], int) and isinstance(node.args[0], fx.Node)):
         return None
@@ -1206,7 +1476,7 @@ def _chunk_of(node) -> Optional[tuple]:
     rank = len(shape_of(src) or ())
     if not isinstance(src, fx.Node) or not isinstance(dim, int) or not rank:
         return None
-    return src, dim % rank, n, node.args[1]
+    return src, dim % rank, n, node.args[1], True
 
 
 def _expert_axis(node, like) -> Optional[int]:
@@ -1228,6 +1498,16 @@ def _lead_rows(node) -> Optional[fx.Node]:
     if steps == 0 or not s or not st or not same(s[-1], st[-1]):
         return None
     return t
+
+
+def _unsqueezed(piece, axis) -> Optional[fx.Node]:
+    """q if ``piece`` is ``q.unsqueeze(axis)`` (``axis`` of the result, negative counted too)."""
+    if isinstance(piece, fx.Node) and piece.op == "call_method" and piece.target == "unsqueeze" and \
+            len(piece.args) == 2 and not piece.kwargs and isinstance(piece.args[1], int) and axis is not None:
+        rank = len(shape_of(piece) or ())
+        if rank and piece.args[1] % rank == axis:
+            return piece.args[0]
+    return None
 
 
 def _row_wise_expert(piece, e: int) -> ExpertMLP:
@@ -1271,10 +1551,15 @@ def chunked_mlps(out) -> Optional[SlotsMLPs]:
          part="slots_experts")
     mlps, slots = [], None
     for e, p in enumerate(pieces):
-        m = _row_wise_expert(p, e)
+        q = _unsqueezed(p, axis)
+        m = _row_wise_expert(p if q is None else q, e)
         ch = _chunk_of(safety.strip_identity(m.input))
         need(ch is not None and ch[3] == e and int_value(ch[2]) == E,
              f"{m.input.name}: expert {e} does not run on chunk {e} of {E} of the slots", part="slots_experts")
+        # a slice that drops the experts' axis (x[e]) comes back through unsqueeze(axis), a chunk keeps it
+        need(ch[4] == (q is None), f"{p.name}: expert {e}'s output is not put back along the axis its input "
+                                   "was taken from (x[e] needs .unsqueeze(axis), a chunk keeps its axis)",
+             part="slots_experts")
         src = _strip_layout(ch[0])
         need((slots is None or src is slots) and _expert_axis(ch[0], out) == ch[1],
              f"{m.input.name}: the chunks are not taken along the experts of one (E, C, d) slots tensor",
@@ -1330,6 +1615,13 @@ def combine_matmul(node) -> Optional[SlotsCombine]:
     if sa is None or sb is None or len(sa) != 2 or len(sb) != 2:
         return None
     w, y = _flattened(safety.strip_casts(a), 3), _flattened(b, 3)
+    if w is not None and y is None:  # the outputs behind unit axes, (1, E, C, d) viewed (-1, d)
+        sw = shape_of(w)
+        y = _slots_behind(b, sw[1], sw[2], sb[1])
+        need(y is not None or not (same(sa[0], sw[0]) and same(sa[1], sw[1] * sw[2]) and same(sb[0], sa[1])),
+             f"{node.name}: the combine weights {w.name} (S, E, C) meet rows {b.name} that are not an (E, C, d) "
+             "tensor in row-major order (a transpose of axes other than size-1 ones, or a write in place, between)",
+             part="slots_combine")
     if w is None or y is None:
         return None
     sw, sy = shape_of(w), shape_of(y)
@@ -1542,6 +1834,8 @@ def analyse(node: fx.Node) -> MoEBlock:
              f"proof: the stacked expert weights do not have {E} experts (the dispatch's)")
     if disp.kind == "capacity":
         need(comb.kind == "einsum", "proof: capacity slots are combined by something else than the combine einsum")
+        if disp.combine_weights is None:
+            disp = _with_combine_weights(disp, safety.strip_casts(comb.weights))
         need(safety.strip_casts(comb.weights) is disp.combine_weights,
              f"proof: the output is combined with {comb.weights.name}, not with the combine weights "
              f"{disp.combine_weights.name} whose nonzeros dispatched the tokens")
@@ -1571,7 +1865,7 @@ def analyse(node: fx.Node) -> MoEBlock:
 
     # nothing the block reads is written in place (through any view), except the combine's own write
     order = node_order(node.graph)
-    roots = [disp.slots] + [n for n in (comb.weights, comb.score, comb.index) if n is not None]
+    roots = [disp.slots] + [n for n in (comb.weights, comb.score, comb.index) if n is not None] + list(disp.nodes)
     stop = set(mlp.weights()) - {None}
     # the tokens and the dispatch's inputs (the router logits of a dense dispatch) are checked themselves
     # (with their views and bases); what they are computed from (earlier layers, with their own in-place
@@ -1775,7 +2069,10 @@ def _is_candidate(node: fx.Node) -> bool:
     if node.op == "call_function" and node.target in _EINSUM:
         return combine_einsum(node) is not None
     if _matmul_args(node) is not None:
-        return combine_matmul(node) is not None
+        try:
+            return combine_matmul(node) is not None
+        except Declined:
+            return True
     if node.op == "call_method" and node.target in ("scatter_add_", "scatter_add", "index_add_", "index_add"):
         try:
             return scatter_slots(node) is not None

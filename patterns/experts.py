@@ -223,10 +223,11 @@ def walk_mlp(out, proj, part: str, gemm: str, check=None, more_activations: bool
                                           b_gate=g[3], b_down=down[3], gemm=gemm, interleaved=bool(interleaved)),
                                 transposed)
         _decline_scaled_hidden(mid, part)
+        _decline_three_factors(mid, part)
         # an activation that was recognised in shape but not proven (a near miss) keeps its own reason
         detail = f": {why}" if why and why != NO_ACTIVATION else ""
-        decline(part, f"{mid.name}: the expert body is not a supported MLP (projection -> activation "
-                      f"[* projection] -> projection){detail}")
+        decline(part, f"{mid.name} at {_line_of(mid)}: the expert body is not a supported MLP (projection -> "
+                      f"activation [* projection] -> projection){detail}")
     up = proj(safety.strip_identity(inner))
     if up is None:
         decline(part, f"{inner.name}: the expert's first projection is not a linear/matmul/bmm")
@@ -263,6 +264,32 @@ def _decline_scaled_hidden(mid: fx.Node, part: str) -> None:
                           f"scores from the combine (on the input rows or on the output), not from inside the "
                           f"expert (read there only for rows split by host counts, as Megatron-Core's "
                           f"SequentialMLP splits them)")
+
+
+def _mul_leaves(node, out: list) -> None:
+    """The factors of a tree of two-tensor multiplies ``a * b * ...`` (an activation ``x * sigmoid(x)``
+    is one factor)."""
+    if isinstance(node, fx.Node) and node.op == "call_function" and node.target in _MUL and len(node.args) == 2 \
+            and not node.kwargs and all(isinstance(a, fx.Node) for a in node.args) \
+            and unary_activation(node)[0] is None:
+        for a in node.args:
+            _mul_leaves(a, out)
+        return
+    out.append(node)
+
+
+def _decline_three_factors(mid: fx.Node, part: str) -> None:
+    """Decline, naming the line, when the down projection's input is a product of three or more tensors
+    one of which is an activation (OpenMoE's ``swiglu_act_fn(gate(x)) * up(x)``: x1 * silu(x2) * up with x1,
+    x2 the halves of one projection): the fused op's gated activations multiply two factors."""
+    leaves: list = []
+    _mul_leaves(mid, leaves)
+    acts = [n for n in leaves if unary_activation(n)[0] is not None]
+    if len(leaves) >= 3 and acts:
+        decline(part, f"{mid.name} at {_line_of(mid)}: the hidden rows are a product of {len(leaves)} factors "
+                      f"({', '.join(n.name for n in leaves)}), {acts[0].name} an activation: a gated activation "
+                      "of the fused op multiplies two (act(gate) * up); three-factor experts (x1 * act(x2) * up, "
+                      "OpenMoE's swiglu_act_fn(gate(x)) * up(x)) are not an activation it has")
 
 
 def _with_layout(m: ExpertMLP, transposed: dict) -> ExpertMLP:
