@@ -82,7 +82,9 @@ def test_ellipsis_einsums_rewritten(form, dtype, tol):
     if dtype != torch.float32:
         module.forward = _in_dtype(module, dtype)
     lengths = (8, 11) if dtype == torch.float32 else (11,)  # bf16: one length keeps the file fast
-    cands = rewrite_and_compare(module, d, lengths=lengths, tol=tol)
+    # bf16: relative norm (the router's gradient differs elementwise by bf16 steps: 2.11 and 2.13 round
+    # eager's einsum products differently)
+    cands = rewrite_and_compare(module, d, lengths=lengths, tol=tol, rel_norm=dtype != torch.float32)
     assert cands and all(c.status == "rewritten" for c in cands), [(c.status, c.reason) for c in cands]
 
 
