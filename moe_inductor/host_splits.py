@@ -469,6 +469,7 @@ def _match_mlp(split: fx.Node, shape_of) -> object:
     counts + the same ModuleList MLP on every chunk (``patterns.experts.mlp``: linear projections,
     each with or without its bias (the same for every expert), the same activation) + cat over dim 0
     in chunk order; a reason string; or None."""
+    from moe_inductor.parts import LowRankWeight
     from moe_inductor.patterns.experts import mlp_scaled as expert_mlp
 
     from . import safety
@@ -500,6 +501,9 @@ def _match_mlp(split: fx.Node, shape_of) -> object:
             return f"chunk {i}: {e}"
         if m is None or safety.strip_identity(m.input) is not c:  # (through identity Functions: TP copy regions)
             return f"{getattr(out, 'name', out)}: output {i} of the cat is not an MLP of chunk {i}"
+        if any(isinstance(w, LowRankWeight) for w in m.weights()):
+            return f"{out.name}: expert {i}'s projections are linears plus low-rank products (W x + s * B(A x)): " \
+                   f"the grouped GEMMs group plain linears only"
         got = _roles(m)
         if isinstance(got, str):
             return f"{out.name}: expert {i}: {got}"

@@ -27,12 +27,16 @@ the part).
 from __future__ import annotations
 
 import dataclasses
+import operator
 from typing import Any, Callable, Optional
 
+import torch
 import torch.fx as fx
 
+from .fx.build import call, method
 from .fx.decline import Declined, PartDeclined  # noqa: F401  (PartDeclined: read as parts.PartDeclined)
 from .fx.nodes import module_path_of
+from .fx.shapes import example_value
 
 PARTS = ("dispatch", "experts", "combine", "scores", "gather",
          # an expert that returns its input rows (LongCat-Flash's zero-computation experts): patterns/experts.py
@@ -90,7 +94,8 @@ class Selection:
 class ExpertMLP:
     """Experts, one expert: ``output = down(act(gate(input)) [* up(input)])`` with weights in
     Linear layout (out, in) and optional biases; ``gemm`` is the GEMM the code calls (its autocast
-    rule is the fused op's)."""
+    rule is the fused op's). A weight is a graph node or a ``LowRankWeight`` (a merged weight the
+    composition builds with ``weight_node``)."""
 
     input: fx.Node
     output: fx.Node
@@ -116,6 +121,70 @@ class ExpertMLP:
 
     def weights(self) -> tuple:
         return (self.gate, self.up, self.down, self.b_gate, self.b_up, self.b_down)
+
+
+@dataclasses.dataclass(frozen=True)
+class LowRankWeight:
+    """An expert projection's weight that the graph never forms: ``W + scale * (B @ A)``, read from a
+    linear spelled as a base linear plus a scaled low-rank product, ``W x + s * B(A x)`` (LoRA:
+    ``patterns.experts.low_rank``). ``base`` is W in the layout its projection uses (the projection's
+    ``transposed`` says which), ``a`` (r, in) and ``b`` (out, r) in Linear layout unless ``a_t`` /
+    ``b_t`` (stored transposed). It stands in an ``ExpertMLP`` where a weight node stands, with W's
+    shape, dtype and device (``shaped_like``: ``fx.shapes`` reads it), and ``build`` emits the merged
+    weight in the graph, differentiably: autograd of the merge gives W, A and B their gradients (bf16 /
+    fp16 weights are merged in fp32 and rounded once, so are the gradients of A and B).
+    ``at``: the add that computes the adapted projection (the emitted nodes take its source line)."""
+
+    base: fx.Node
+    a: fx.Node
+    b: fx.Node
+    scale: float
+    base_t: bool = False
+    a_t: bool = False
+    b_t: bool = False
+    at: Optional[fx.Node] = dataclasses.field(default=None, compare=False)
+
+    @property
+    def shaped_like(self) -> fx.Node:
+        return self.base
+
+    @property
+    def name(self) -> str:
+        return f"{self.base.name} + {self.scale!r} * {self.b.name} @ {self.a.name}"
+
+    def nodes(self) -> tuple:
+        return self.base, self.a, self.b
+
+    def build(self, graph: fx.Graph, like: Optional[fx.Node] = None) -> fx.Node:
+        like = like if like is not None else self.at
+        dtype = example_value(self.base).dtype
+        wide = dtype in (torch.bfloat16, torch.float16)  # merged in fp32, rounded once to W's dtype
+
+        def lin(w, t):
+            w = method(graph, "float", w, like=like) if wide else w
+            return method(graph, "t", w, like=like) if t else w
+
+        ba = call(graph, torch.mm, lin(self.b, self.b_t), lin(self.a, self.a_t), like=like)
+        if self.base_t:
+            ba = method(graph, "t", ba, like=like)
+        if self.scale != 1.0:
+            ba = call(graph, operator.mul, ba, self.scale, like=like)
+        merged = call(graph, operator.add, lin(self.base, False), ba, like=like)
+        return method(graph, "to", merged, dtype, like=like) if wide else merged
+
+
+def weight_node(graph: fx.Graph, w, like: Optional[fx.Node] = None):
+    """The graph node of an expert weight (or bias) of an ``ExpertMLP``: the node itself, None, or the
+    merged weight of a ``LowRankWeight``, built before the graph's insertion point."""
+    return w.build(graph, like) if isinstance(w, LowRankWeight) else w
+
+
+def weight_nodes(ws) -> list:
+    """The graph nodes the expert weights ``ws`` read (a ``LowRankWeight``: W, A and B), Nones left out."""
+    out = []
+    for w in ws:
+        out += list(w.nodes()) if isinstance(w, LowRankWeight) else [w] if w is not None else []
+    return out
 
 
 @dataclasses.dataclass

@@ -121,7 +121,7 @@ from moe_inductor.fx.decline import Declined, need
 from moe_inductor.fx.matching import einsum_parts, transpose_of
 from moe_inductor.fx.nodes import arg, is_mutation, node_order
 from moe_inductor.fx.shapes import dtype_of, example_value, int_value, same, shape_of
-from moe_inductor.parts import ExpertMLP, PartDeclined, decline, recognise, register
+from moe_inductor.parts import ExpertMLP, PartDeclined, decline, recognise, register, weight_node, weight_nodes
 from moe_inductor.rewrite import ExpertWeights, MoEBlock
 
 from . import experts as _experts_part
@@ -1866,7 +1866,7 @@ def analyse(node: fx.Node) -> MoEBlock:
     # nothing the block reads is written in place (through any view), except the combine's own write
     order = node_order(node.graph)
     roots = [disp.slots] + [n for n in (comb.weights, comb.score, comb.index) if n is not None] + list(disp.nodes)
-    stop = set(mlp.weights()) - {None}
+    stop = set(weight_nodes(mlp.weights()))
     # the tokens and the dispatch's inputs (the router logits of a dense dispatch) are checked themselves
     # (with their views and bases); what they are computed from (earlier layers, with their own in-place
     # accumulations) is not what the block reads
@@ -1912,7 +1912,7 @@ def _block(node, comb, mlp, disp, start_kind, base, order, bias_adds=()) -> MoEB
     def build_weights(graph):
         if isinstance(mlp, SlotsMLPs):  # per-expert modules: lists, stacked inside the op
             def each(role, name):
-                ws = [m.weights()[role] for m in mlp.experts]
+                ws = [weight_node(graph, m.weights()[role], node) for m in mlp.experts]  # LoRA: merged
                 if ws[0] is None:
                     return []
                 return [method(graph, "t", w, like=node) for w in ws] if name in tr else ws

@@ -25,6 +25,7 @@ or a dtype-changing cast makes it something else.
 """
 from __future__ import annotations
 
+import math
 import operator
 from typing import Optional
 
@@ -34,9 +35,10 @@ import torch.fx as fx
 from moe_inductor import safety
 from moe_inductor.fx.decline import Declined, need
 from moe_inductor.fx.matching import transpose_of
+from moe_inductor.fx.nodes import node_order
 from moe_inductor.fx.shapes import dtype_of, int_value, same, same_dim, shape_of
 from moe_inductor.fx.targets import MATMUL_FUNCTIONS, MATMUL_METHODS
-from moe_inductor.parts import ExpertMLP, IdentityExpert, decline, recognise, register
+from moe_inductor.parts import ExpertMLP, IdentityExpert, LowRankWeight, decline, recognise, register
 from moe_inductor.rewrite import gemm_name
 
 from .common import GATED_OF, NO_ACTIVATION, expert_activation, gate_up_halves, unary_activation, with_layout, \
@@ -53,13 +55,17 @@ def projection(node) -> Optional[tuple]:
     linear = safety.linear_function_operands(node)  # an autograd.Function proven to be F.linear
     if linear is not None:
         return linear[0], linear[1], False, linear[2]
-    if node.op == "call_function" and node.target in (operator.add, torch.add) and len(node.args) == 2 \
-            and not node.kwargs:
+    if _is_add(node):
         for a, b in (node.args, node.args[::-1]):
-            inner = projection(a) if isinstance(a, fx.Node) else None
-            bias = row_bias(b, a, node) if inner is not None and inner[3] is None else None
+            inner = projection(a) if isinstance(a, fx.Node) else None  # once per operand: linear recursion
+            if inner is None:
+                continue
+            bias = row_bias(b, a, node) if inner[3] is None else None
             if bias is not None:
                 return inner[0], inner[1], inner[2], bias
+            merged = low_rank(node, a, inner, b)
+            if isinstance(merged, tuple):
+                return merged
         return None
     if node.op == "call_function" and node.target in _LINEAR:
         args = list(node.args) + [None] * (3 - len(node.args))
@@ -78,6 +84,147 @@ def projection(node) -> Optional[tuple]:
         if w is not None:
             return z, w, False, None
         return z, wt, True, None
+    return None
+
+
+def _is_add(node) -> bool:
+    return isinstance(node, fx.Node) and node.op == "call_function" and node.target in (operator.add, torch.add) \
+        and len(node.args) == 2 and not node.kwargs
+
+
+def _number(c) -> bool:
+    return isinstance(c, (int, float)) and not isinstance(c, bool)
+
+
+def _factor(node) -> tuple:
+    """(c, inner, why) for ``node`` = c * inner through identities (``safety.strip_identity``) and
+    products by Python numbers (``y * c``, ``c * y``, ``y.mul(c)``, ``torch.mul``), c their product
+    (1.0 for none); a product by a tensor is followed to its operand that is a plain projection, with
+    ``why`` saying so (a near miss, never accepted)."""
+    c, why = 1.0, None
+    while isinstance(node, fx.Node):
+        node = safety.strip_identity(node)
+        if not ((node.op == "call_function" and node.target in _MUL) or (node.op == "call_method"
+                                                                          and node.target == "mul")) \
+                or len(node.args) != 2 or node.kwargs:
+            break
+        y, k = node.args if not _number(node.args[0]) else node.args[::-1]
+        if _number(k) and isinstance(y, fx.Node):
+            c, node = c * k, y
+            continue
+        ops = [(p, q) for p, q in (node.args, node.args[::-1])
+               if _plain_projection(safety.strip_identity(p)) is not None and isinstance(q, fx.Node)]
+        if len(ops) != 1:
+            break
+        why = why or f"{node.name}: the low-rank product is multiplied by {ops[0][1].name}, a tensor, not one " \
+                     f"Python constant"
+        node = ops[0][0]
+    return c, node, why
+
+
+def _plain_projection(node) -> Optional[tuple]:
+    """``projection`` of a GEMM without bias on a weight node (a low-rank factor): never an add, so the
+    search of ``low_rank`` does not recurse through sums."""
+    if not isinstance(node, fx.Node) or _is_add(node):
+        return None
+    p = projection(node)
+    return p if p is not None and p[3] is None and isinstance(p[1], fx.Node) else None
+
+
+def _linear_dims(p) -> Optional[tuple]:
+    """(out, in) of projection ``p``'s weight in Linear layout."""
+    s = shape_of(p[1])
+    return None if s is None or len(s) != 2 else (s[1], s[0]) if p[2] else (s[0], s[1])
+
+
+def _outside_reader(top: fx.Node, bottom: fx.Node, reader: fx.Node) -> Optional[tuple]:
+    """(n, u): a node n on a path from ``bottom`` to ``top`` (both included) read by a node u off
+    those paths (``top`` may be read by ``reader`` only); None when the paths are private."""
+    order = node_order(top.graph)
+    down, stack = {bottom}, [bottom]
+    while stack:
+        for u in stack.pop().users:
+            if u not in down and order[u] <= order[top]:
+                down.add(u)
+                stack.append(u)
+    on, stack = {top}, [top]
+    while stack:
+        for a in stack.pop().all_input_nodes:
+            if a in down and a not in on:
+                on.add(a)
+                stack.append(a)
+    for n in sorted(on, key=order.__getitem__):
+        for u in n.users:
+            if u not in on and not (n is top and u is reader):
+                return n, u
+    return None
+
+
+def low_rank(node: fx.Node, base_out: fx.Node, base: tuple, term) -> Optional[object]:
+    """The projection ``node = base_out + term`` = ``W x + s * B(A x)`` (a linear adapted by a scaled
+    low-rank product, LoRA: mistral-inference's ``LoRALinear``, PEFT's ``Linear``) as (x, LowRankWeight,
+    transposed, bias): ``base`` = projection(base_out) (x, W, transposed, bias), ``term`` = ``s * B(A
+    x)`` with A and B plain projections without bias (``F.linear``, ``z @ A.T``, ``z @ A``), s a finite
+    Python number applied before B, after it, or not at all (1.0). Equal to ``(W + s * B @ A) x`` up to
+    rounding. None when ``term`` is not shaped so; a reason string when it is but not proven (``
+    _low_rank_reason``)."""
+    c, yb, why = _factor(term)
+    pb = _plain_projection(yb)
+    if pb is None or not isinstance(base[1], fx.Node):
+        return None
+    c2, ya, why2 = _factor(pb[0])
+    pa = _plain_projection(ya)
+    if pa is None:
+        return None
+    scale = float(c * c2)
+    why = why or why2 or _low_rank_reason(node, base_out, base, term, scale, pa, pb, ya)
+    if why is not None:
+        return f"{node.name}: a linear plus a low-rank product, not merged: {why}"
+    return base[0], LowRankWeight(base=base[1], a=pa[1], b=pb[1], scale=scale, base_t=base[2], a_t=pa[2],
+                                  b_t=pb[2], at=node), base[2], base[3]
+
+
+def _low_rank_reason(node, base_out, base, term, scale, pa, pb, ya) -> Optional[str]:
+    """Why ``base_out + term`` is not provably ``(W + scale * B @ A) x``, else None."""
+    if not math.isfinite(scale):
+        return f"the scale {scale!r} is not finite"
+    if not safety.equivalent(safety.strip_identity(pa[0]), safety.strip_identity(base[0])):
+        return f"the low-rank branch reads {pa[0].name}, the linear reads {base[0].name}"
+    w, a, b = _linear_dims(base), _linear_dims(pa), _linear_dims(pb)
+    if w is None or a is None or b is None or not (same(a[1], w[1]) and same(b[0], w[0]) and same(a[0], b[1])):
+        return f"the factors {pa[1].name}, {pb[1].name} are not (r, in) and (out, r) for the weight {base[1].name}"
+    if not dtype_of(base[1]) == dtype_of(pa[1]) == dtype_of(pb[1]) or \
+            not dtype_of(node) == dtype_of(base_out) == dtype_of(term):
+        return "the weights or the summands differ in dtype"
+    if not (safety.same_shape(node, base_out) and safety.same_shape(term, base_out)):
+        return "the sum broadcasts"
+    if set(base_out.users) != {node}:
+        return f"the linear's output {base_out.name} is read by something else too"
+    other = _outside_reader(term, ya, node)
+    if other is not None:
+        return f"{other[0].name} of the low-rank branch is also read by {other[1].name}"
+    return None
+
+
+def low_rank_miss(out, limit: int = 48) -> Optional[str]:
+    """The reason of the first linear plus low-rank product (``low_rank``) among the ``limit`` nodes
+    nearest up the graph from the expert output ``out`` (not beyond a gather of rows: the expert's
+    input) that is shaped so but not proven."""
+    seen, stack = set(), [out]
+    while stack and len(seen) < limit:
+        n = stack.pop(0)
+        if not isinstance(n, fx.Node) or n in seen:
+            continue
+        seen.add(n)
+        if recognise("gather", n) is not None:
+            continue
+        if _is_add(n):
+            for a, b in (n.args, n.args[::-1]):
+                inner = projection(a) if isinstance(a, fx.Node) else None
+                got = low_rank(n, a, inner, b) if inner is not None else None
+                if isinstance(got, str):
+                    return got
+        stack += n.all_input_nodes
     return None
 
 
@@ -121,7 +268,7 @@ def row_bias(b, out, added) -> Optional[fx.Node]:
 
 def _gemm_of(node: fx.Node) -> str:
     n = node
-    if n.op == "call_function" and n.target in (operator.add, torch.add):
+    while n.op == "call_function" and n.target in (operator.add, torch.add):  # + bias, + low-rank product
         n = next(a for a in n.args if isinstance(a, fx.Node) and projection(a) is not None)
     if n.op == "call_function" and n.target in _LINEAR or safety.linear_function_operands(n) is not None:
         return gemm_name(_LINEAR[0])
@@ -139,10 +286,23 @@ def _chunk_halves(a, b) -> tuple[Optional[fx.Node], bool]:
 
 @register("experts", "mlp", "ModuleList of Linears (any names, biases), fused gate_up, stacked P[e], z @ W.t()")
 def mlp(out) -> Optional[ExpertMLP]:
-    """The expert MLP whose output is ``out``; its ``input`` is the node both projections read."""
-    if projection(safety.strip_identity(out)) is None:
+    """The expert MLP whose output is ``out``; its ``input`` is the node both projections read. A linear
+    plus a low-rank product that is not proven (``low_rank``) declines with its reason."""
+    core = safety.strip_identity(out)
+    if projection(core) is None:
+        _decline_low_rank_miss(core, 1)
         return None
-    return walk_mlp(out, projection, "experts", _gemm_of(safety.strip_identity(out)), more_activations=True)
+    try:
+        return walk_mlp(out, projection, "experts", _gemm_of(core), more_activations=True)
+    except Declined:
+        _decline_low_rank_miss(core)
+        raise
+
+
+def _decline_low_rank_miss(out, limit: int = 48) -> None:
+    why = low_rank_miss(out, limit)
+    if why is not None:
+        decline("experts", why)
 
 
 @register("identity_experts", "identity", "the expert returns its input rows x[index] (LongCat-Flash zero experts)")

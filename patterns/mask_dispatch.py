@@ -62,7 +62,7 @@ from moe_inductor.fx.matching import (
 )
 from moe_inductor.fx.nodes import is_mutation, node_order
 from moe_inductor.fx.shapes import dtype_of, int_value, same, shape_of
-from moe_inductor.parts import recognise
+from moe_inductor.parts import recognise, weight_node
 from moe_inductor.rewrite import ExpertWeights, gemm_name, MoEBlock
 from . import combine as _combine
 from . import dispatch as _dispatch
@@ -261,7 +261,7 @@ def _member_weights(members: list, gated: bool):
 
     def build_weights(graph):
         def each(i):
-            return [m["mlp"][i] for m in members] if first["mlp"][i] is not None else []
+            return [weight_node(graph, m["mlp"][i]) for m in members] if first["mlp"][i] is not None else []
 
         return ExpertWeights(gate=each(1), up=each(3) if gated else [], down=each(5),
                              b_gate=each(2), b_up=each(4) if gated else [], b_down=each(6))

@@ -64,7 +64,7 @@ from moe_inductor.fx.decline import Declined, need
 from moe_inductor.fx.matching import size_asserts_of
 from moe_inductor.fx.nodes import is_mutation, node_order
 from moe_inductor.fx.shapes import dtype_of, int_value, same, shape_of, sympy_prod
-from moe_inductor.parts import PartDeclined, recognise
+from moe_inductor.parts import PartDeclined, recognise, weight_node
 from moe_inductor.rewrite import ExpertWeights, MoEBlock
 
 from . import combine as _combine  # noqa: F401  (registers the recognisers)
@@ -495,7 +495,7 @@ def _block(units, acc, x, layout, kind, start_kind, base, lo, E, act, scored, on
 
     def build_weights(graph):
         def each(role, name):
-            ws = [u["mlp"].weights()[role] for u in by_e]
+            ws = [weight_node(graph, u["mlp"].weights()[role], last_anchor) for u in by_e]  # LoRA: merged
             if ws[0] is None:
                 return []
             if name in transposed:

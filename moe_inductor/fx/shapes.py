@@ -11,6 +11,9 @@ import torch.fx as fx
 def example_value(node_or_value: Any) -> Any:
     if isinstance(node_or_value, fx.Node):
         return node_or_value.meta.get("example_value", node_or_value.meta.get("val"))
+    like = getattr(node_or_value, "shaped_like", None)  # a value the rewrite builds later (parts.LowRankWeight)
+    if isinstance(like, fx.Node):
+        return example_value(like)
     return node_or_value
 
 

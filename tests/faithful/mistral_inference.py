@@ -117,7 +117,8 @@ ENTRIES = [
                "enumerate(experts) loop with torch.where(selected == i) and the indexed in-place '+='"),
     Idiom("mistral_inference_moe_lora", _SOURCE + " (experts built with lora=LoraArgs(rank=2, scaling=2.0))",
           seeded(142, lambda: build_moe_layer(lora=LoraArgs(rank=2, scaling=2.0))), tokens(),
-          expect="pending", faithful=True,
+          expect=1, faithful=True,
+          other_gemms=1 + 3 * E,  # the router's, and per expert projection the merge W + s * (B @ A) (weight-sized)
           note="LoRALinear experts (TransformerBlock passes lora to every expert FeedForward): each expert "
                "projection is linear(x) + lora_B(lora_A(x)) * scaling"),
     Idiom("mistral_inference_moe_bf16", _SOURCE + " (bf16 weights and activations, as the model is loaded)",
