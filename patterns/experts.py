@@ -8,7 +8,11 @@ One projection (``projection``) is any of
   ``LinearFn.apply(z, W[, b])[0]``           an autograd.Function proven to be ``F.linear`` in value and
                                              gradient (``safety.linear_function_operands``: Megatron-Core's
                                              parallel linears at world size 1)
-each optionally followed by ``+ b``. The MLP (``mlp``) is
+each optionally followed by ``+ b``, and each also adapted by a scaled low-rank product (LoRA)
+  ``W z [+ b] + s * B(A z)``                 read as one projection with the weight ``W + s * (B @ A)``
+                                             (``low_rank``: ``parts.LowRankWeight``, built in the graph by
+                                             the composition; proven, or declined with its reason)
+The MLP (``mlp``) is
   ``down(act(gate(z)) * up(z))``             gated (SwiGLU, GeGLU), either operand order, ``x * sigmoid(x)`` for silu
   ``down(act(gate_up(z).chunk(2, -1)[0]) * gate_up(z).chunk(2, -1)[1])``   fused gate/up weights (gate first)
   ``down(gate_up(z).chunk(2, -1)[0] * act(gate_up(z).chunk(2, -1)[1]))``   fused, up first (rxlm's
