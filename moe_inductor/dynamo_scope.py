@@ -192,12 +192,14 @@ class _Start:
                 patch.__enter__()
                 if trampoline:
                     _throwaway_breaks_anywhere(True)
-                from . import trace_logging
+                from . import shape_items, trace_logging
 
                 logging_entered = trace_logging.enter()
+                items_entered = shape_items.enter()
                 # an exception being handled around the compile is not a compile failure
                 entry = {"code": code, "one_graph": one_graph, "patch": patch, "retry": retry or trampoline,
-                         "handled": sys.exc_info()[1], "logging": logging_entered, "trampoline": trampoline}
+                         "handled": sys.exc_info()[1], "logging": logging_entered, "trampoline": trampoline,
+                         "items": items_entered}
                 try:
                     if not one_graph and not trampoline:  # a capturable forward, no trampoline: start over
                         entry["restart"] = capture.restart_error(code, f_locals)
@@ -303,6 +305,10 @@ class _End:
             from . import trace_logging
 
             trace_logging.leave()
+        if entry.get("items"):
+            from . import shape_items
+
+            shape_items.leave()
         if entry.get("restart") is not None:
             return
         error = sys.exc_info()[1]

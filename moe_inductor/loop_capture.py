@@ -2157,7 +2157,9 @@ def _host_reads(fdef, filename, qual) -> list:
                 f"line {n.lineno}: `{_short(n)}` reads tensor data on the host (`.{reads[0].func.attr}()`), which "
                 f"breaks the graph; it is not a skip of experts without tokens that the loop capture can remove "
                 f"(counts read with `.tolist()` that only size splits of rows by expert are traced on the device in "
-                f"sonic frames: moe_inductor.host_splits; anything else they feed stays out of reach)")))
+                f"sonic frames: moe_inductor.host_splits; an `.item()` of a value computed only from sizes and "
+                f"integer constants is read at trace time: moe_inductor.shape_items; anything else stays out of "
+                f"reach)")))
     return out
 
 

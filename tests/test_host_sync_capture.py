@@ -1,0 +1,121 @@
+"""Host reads that only look like host syncs, read at trace time in sonic frames (moe_inductor/shape_items.py).
+
+``int((n_tokens * torch.ones((1,), dtype=torch.long)).item())`` (fairseq ``MOELayer``'s --max-tokens
+padding: the all-reduced token count) is a function of a size only: in a frame compiled with sonic it
+is answered at trace time with that size, so the padding and the MoE block after it stay in one graph
+(no graph break, the block rewritten from the first call). Near misses, whose value depends on tensor
+data or is a float, are left to Dynamo (a graph break, as plain Inductor), with the reason recorded;
+frames of other backends never see the change.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+from torch._dynamo.utils import counters
+
+from moe_inductor import shape_items
+from rewrite_check import light_backend
+from test_fairseq_spellings import ALL, FairseqSlots, d
+
+
+class PaddedCount(nn.Module):
+    """fairseq MOELayer's padding around a block: the row count read back from a one-element tensor,
+    a zeros buffer of that many rows, the rows copied in, the block's output sliced back.
+    ``form``: "item" (fairseq's), "full" (``torch.full`` + integer ops + a view), and near misses
+    "data" (the count plus 0 * a sum of the input: data-dependent), "float" (a float count)."""
+
+    def __init__(self, block, form="item"):
+        super().__init__()
+        self.block, self.form = block, form
+
+    def count(self, x):
+        S = x.shape[0]
+        if self.form == "item":
+            return int((S * torch.ones((1,), dtype=torch.long, device=x.device)).item())
+        if self.form == "full":
+            t = torch.full((1,), S, dtype=torch.long) * 3 + torch.tensor([2])
+            return int(torch.maximum(t // 3, torch.zeros(1, dtype=torch.long)).view(()).item())
+        if self.form == "data":
+            return int((S + (x.detach().abs().sum() * 0).long()).item())
+        return int((S * torch.ones((1,))).item())  # "float"
+
+    def forward(self, x):
+        S = x.shape[0]
+        m = self.count(x)
+        padded = torch.zeros((m, x.shape[1]), dtype=x.dtype, device=x.device)
+        padded[:S] = x
+        return self.block(padded)[:S]
+
+
+def _run(module, lengths=(8, 12), tol=1e-4):
+    """Compile ``module`` with the rewrite only (no fullgraph: breaks allowed, as a user compiles),
+    compare output and every gradient with eager per length; returns (candidates, graph breaks)."""
+    reports: list = []
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(module, backend=light_backend(reports))
+    for T in lengths:
+        x = torch.randn(T, d, generator=torch.Generator().manual_seed(T))
+        res = []
+        for fn in (module, compiled):
+            module.zero_grad(set_to_none=True)
+            xi = x.clone().requires_grad_(True)
+            out = fn(xi)
+            out.float().pow(2).sum().backward()
+            res.append([out.detach(), xi.grad] + [p.grad if p.grad is not None else torch.zeros_like(p)
+                                                   for p in module.parameters()])
+        for got, want in zip(res[1], res[0]):
+            torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
+    return [c for r in reports for c in r.candidates], int(sum(counters["graph_break"].values()))
+
+
+@pytest.mark.parametrize("form", ["item", "full"])
+def test_size_only_item_read_at_trace_time(form):
+    torch.manual_seed(0)
+    cands, breaks = _run(PaddedCount(FairseqSlots(ALL), form))
+    assert breaks == 0, dict(counters["graph_break"])
+    assert cands and all(c.status == "rewritten" for c in cands), [(c.status, c.reason) for c in cands]
+
+
+def test_size_only_item_read_at_trace_time_bf16():
+    torch.manual_seed(0)
+    cands, breaks = _run(PaddedCount(FairseqSlots(ALL, torch.bfloat16)), tol=3e-2)
+    assert breaks == 0, dict(counters["graph_break"])
+    assert cands and all(c.status == "rewritten" for c in cands), [(c.status, c.reason) for c in cands]
+
+
+@pytest.mark.parametrize("form, why", [("data", "sum"), ("float", "ones")])
+def test_data_or_float_item_left_to_dynamo(form, why):
+    torch.manual_seed(0)
+    _, breaks = _run(PaddedCount(FairseqSlots(ALL), form), lengths=(8,))
+    assert breaks > 0  # Dynamo's own graph break, as plain Inductor
+    # the producer that stopped the proof is named (a float tensor on the way)
+    assert any(why in r and "not a one-element int64 tensor" in r for _, r in shape_items.reasons()), \
+        shape_items.reasons()[-3:]
+
+
+def test_other_backends_untouched():
+    from torch._dynamo.variables.tensor import TensorVariable
+
+    original = TensorVariable.method_item
+    graphs = []
+
+    def plain(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    def f(x):
+        return x * (x.shape[0] * torch.ones((1,), dtype=torch.long)).item()
+
+    torch._dynamo.reset()
+    counters.clear()
+    x = torch.randn(4, 3)
+    torch.testing.assert_close(torch.compile(f, backend=plain)(x), f(x))
+    assert sum(counters["graph_break"].values()) > 0  # not a sonic frame: Dynamo's break
+    assert TensorVariable.method_item is original
+    torch._dynamo.reset()
+    counters.clear()
+    torch.testing.assert_close(torch.compile(f, backend=light_backend([]))(x), f(x))
+    assert sum(counters["graph_break"].values()) == 0
+    assert TensorVariable.method_item is original  # left again after the sonic frame
