@@ -2147,11 +2147,11 @@ def _host_reads(fdef, filename, qual) -> list:
             if counted is not None:
                 out.append(LoopNote(filename, n.lineno, qual, False, reason=(
                     f"line {n.lineno}: `{_short(n)}` copies `{_short(counted)}` to the host: its length is "
-                    f"max(minlength, largest id + 1), known only from the data, so Dynamo breaks the graph at "
-                    f"`bincount` (a data-dependent length has no `.tolist()` as symbolic sizes, and nothing here "
-                    f"proves every id below minlength, which an error or a shorter list would change where eager "
-                    f"succeeds); counts of a fixed length E, `one_hot(ids, E).sum(0).tolist()`, are traced on the "
-                    f"device (moe_inductor.host_splits)")))
+                    f"max(minlength, largest id + 1), known only from the data unless the ids are positions along "
+                    f"an axis of at most minlength (topk/sort/max/argmax indices, in the same graph: "
+                    f"moe_inductor.shape_items pins the length then, and the counts are traced as sizes); else "
+                    f"Dynamo breaks the graph at `bincount`; counts of a fixed length E, "
+                    f"`one_hot(ids, E).sum(0).tolist()`, are traced on the device (moe_inductor.host_splits)")))
                 continue
             out.append(LoopNote(filename, n.lineno, qual, False, reason=(
                 f"line {n.lineno}: `{_short(n)}` reads tensor data on the host (`.{reads[0].func.attr}()`), which "

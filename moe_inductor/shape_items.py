@@ -17,6 +17,14 @@ is the value eager reads: every tensor on the way is a one-element ``int64`` ten
 Python's integer arithmetic (sizes are far below 2**63). Anything else (a float, an input tensor,
 a random or data-dependent op, another reader of nothing) is left to Dynamo unchanged, with
 ``reasons()`` saying which producer stopped the proof.
+
+``bincount(ids, minlength=M)`` (no weights) whose ids are proved in [0, M) from the graph (each a
+position along an axis of static size at most M: the index output of ``topk``/``sort``/``max``/
+``min`` with a dim, ``argmax``/``argmin`` with a dim, through views, slices and copies) has length
+exactly M, which eager computes too; Dynamo only knows ``len >= M`` (an unbacked size), so a
+``.tolist()`` of the counts (LLaMA-MoE's split sizes) fails to trace. In sonic frames the length is
+told to Dynamo's shape environment (``torch._check(len == M)``, kept as a runtime assert that the
+proof says always holds), so the counts are M symbolic sizes ``moe_inductor.host_splits`` reads.
 """
 from __future__ import annotations
 
@@ -30,7 +38,7 @@ log = logging.getLogger("moe_inductor")
 
 _lock = threading.RLock()
 _depth = 0
-_original = None
+_originals: dict = {}  # attribute -> Dynamo's own function, while installed
 _reasons: list = []  # (where, why) of the .item() calls left to Dynamo, newest last (bounded)
 
 _FACTORIES = {torch.ones: 1, torch.zeros: 0}
@@ -169,6 +177,87 @@ def _sonic_frame() -> bool:
     return bool(stack) and stack[-1] is not None
 
 
+# -- bincount(ids, minlength=M) with every id proved below M: its length is M ------------------------
+
+#: ops whose index output (``[1]``) is a position along ``dim`` of their input
+_INDEX_PAIRS = {"topk": ("dim", 2, -1), torch.topk: ("dim", 2, -1), "sort": ("dim", 1, -1),
+                torch.sort: ("dim", 1, -1), "max": ("dim", 1, None), torch.max: ("dim", 1, None),
+                "min": ("dim", 1, None), torch.min: ("dim", 1, None)}
+_INDEX_OPS = {"argmax": ("dim", 1, None), torch.argmax: ("dim", 1, None), "argmin": ("dim", 1, None),
+              torch.argmin: ("dim", 1, None)}
+#: ops that keep a subset of their first argument's values (views, slices, copies)
+_SUBSET = {"flatten", "view", "reshape", "contiguous", "clone", "squeeze", "unsqueeze", "t", "permute",
+           "transpose", "long", "detach", torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze,
+           torch.t, torch.permute, torch.transpose, torch.clone}
+
+
+def _dim_size(producer, spec):
+    """The static size of the axis ``producer`` (topk/sort/max/min/argmax/argmin) indexes, or None."""
+    kw, pos, default = spec
+    dim = producer.kwargs.get(kw, producer.args[pos] if len(producer.args) > pos else default)
+    x = producer.args[0].meta.get("example_value") if isinstance(producer.args[0], torch.fx.Node) else None
+    if not isinstance(dim, int) or not isinstance(x, torch.Tensor) or not x.dim():
+        return None
+    size = x.shape[dim]
+    return size if type(size) is int else None
+
+
+def ids_bound(node, depth: int = 0):
+    """A static bound B with every value of the int64 tensor ``node`` in [0, B), proved from its
+    producers (positions along an axis of static size), else None."""
+    v = node.meta.get("example_value") if isinstance(node, torch.fx.Node) else None
+    if depth > 16 or not isinstance(v, torch.Tensor) or v.dtype != torch.int64 or node.op not in (
+            "call_function", "call_method"):
+        return None
+    t = node.target
+    if t in _INDEX_OPS:
+        return _dim_size(node, _INDEX_OPS[t])
+    if t is operator.getitem and isinstance(node.args[0], torch.fx.Node) and node.args[1] == 1 \
+            and not isinstance(node.args[0].meta.get("example_value"), torch.Tensor):
+        producer = node.args[0]
+        spec = _INDEX_PAIRS.get(producer.target) if producer.op in ("call_function", "call_method") else None
+        return _dim_size(producer, spec) if spec is not None else None
+    if t in _SUBSET or t is operator.getitem:  # a view, copy or slice of the ids: a subset of their values
+        return ids_bound(node.args[0], depth + 1)
+    return None
+
+
+def _pin_bincount(tx, out, ids, kwargs) -> None:
+    """``out = bincount(ids, minlength=M)`` (no weights) with ids proved in [0, M): its length is M,
+    told to the shape environment (a runtime assert Dynamo keeps), so that ``.tolist()`` has M sizes."""
+    try:
+        minlength = kwargs.get("minlength")
+        m = minlength.as_python_constant() if minlength is not None else None
+        node = ids.as_proxy().node
+        fake = out.as_proxy().node.meta.get("example_value")
+        if not isinstance(m, int) or set(kwargs) - {"minlength"} or not isinstance(fake, torch.Tensor) \
+                or not isinstance(fake.shape[0], torch.SymInt):
+            return
+        bound = ids_bound(node)
+        if bound is None or bound > m:
+            _note(_where(tx), f"bincount of `{_describe(node)}`: no id proved below minlength {m}; its length "
+                              f"is known only from the data")
+            return
+        torch._check(fake.shape[0] == m)
+        log.debug("sonic: bincount at %s has length %d (ids below %d)", _where(tx), m, bound)
+    except Exception as e:  # never fail a compile over this
+        log.debug("sonic: bincount length not pinned: %s", e)
+
+
+def _tensor_call_method(self, tx, name, args, kwargs):
+    out = _originals["call_method"](self, tx, name, args, kwargs)
+    if name == "bincount" and not args and _sonic_frame():
+        _pin_bincount(tx, out, self, kwargs)
+    return out
+
+
+def _torch_call_function(self, tx, args, kwargs):
+    out = _originals["call_function"](self, tx, args, kwargs)
+    if getattr(self, "value", None) is torch.bincount and len(args) == 1 and _sonic_frame():
+        _pin_bincount(tx, out, args[0], kwargs)
+    return out
+
+
 def _method_item(self, tx, *args, **kwargs):
     if not args and not kwargs:
         try:
@@ -178,39 +267,43 @@ def _method_item(self, tx, *args, **kwargs):
             found = None
         if found is not None:
             return found
-    return _original(self, tx, *args, **kwargs)
+    return _originals["method_item"](self, tx, *args, **kwargs)
 
 
-def _target():
+def _targets() -> list:
+    """(class, attribute, replacement) of the Dynamo methods wrapped while a sonic frame is traced."""
     try:
         from torch._dynamo.variables.tensor import TensorVariable
+        from torch._dynamo.variables.torch import TorchInGraphFunctionVariable
     except ImportError:
-        return None
-    return TensorVariable if callable(TensorVariable.__dict__.get("method_item")) else None
+        return []
+    out = [(TensorVariable, "method_item", _method_item), (TensorVariable, "call_method", _tensor_call_method),
+           (TorchInGraphFunctionVariable, "call_function", _torch_call_function)]
+    return out if all(callable(c.__dict__.get(a)) for c, a, _ in out) else []
 
 
 def enter() -> bool:
-    """Install the trace-time ``.item()`` for the sonic frame being traced; returns whether it did
-    (then ``leave()`` must follow). Nested sonic traces share one installation."""
-    global _depth, _original
-    cls = _target()
-    if cls is None:
+    """Install the trace-time ``.item()`` and bincount lengths for the sonic frame being traced;
+    returns whether it did (then ``leave()`` must follow). Nested sonic traces share one installation."""
+    global _depth
+    targets = _targets()
+    if not targets:
         return False
     with _lock:
         if _depth == 0:
-            _original = cls.method_item
-            cls.method_item = _method_item
+            for cls, attr, replacement in targets:
+                _originals[attr] = cls.__dict__[attr]
+                setattr(cls, attr, replacement)
         _depth += 1
     return True
 
 
 def leave() -> None:
-    global _depth, _original
-    cls = _target()
+    global _depth
     with _lock:
-        if _depth == 0 or cls is None:
+        if _depth == 0:
             return
         _depth -= 1
         if _depth == 0:
-            cls.method_item = _original
-            _original = None
+            for cls, attr, _ in _targets():
+                setattr(cls, attr, _originals.pop(attr))

@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 from torch._dynamo.utils import counters
 
+import loop_forms
 from moe_inductor import shape_items
 from rewrite_check import light_backend
 from test_fairseq_spellings import ALL, FairseqSlots, d
@@ -119,3 +120,45 @@ def test_other_backends_untouched():
     torch.testing.assert_close(torch.compile(f, backend=light_backend([]))(x), f(x))
     assert sum(counters["graph_break"].values()) == 0
     assert TensorVariable.method_item is original  # left again after the sonic frame
+
+
+# -- bincount(ids, minlength=E).tolist() sizing a split: the ids proved below E (topk positions) ------
+
+class BincountSplitMoE(loop_forms.HostCountsSplitMoE):
+    """LLaMA-MoE's counts spelling on the host-split block: ``ids.flatten().bincount(minlength=E)``;
+    ``shift`` (near miss): the counts of ``(ids + shift) % E`` (other experts' counts; below E, but
+    ``%`` is not a position the bound is read from: its length is left to the data, as Dynamo does)."""
+
+    def __init__(self, shift=0, dtype=torch.float32):
+        super().__init__()
+        self.shift = shift
+        self.to(dtype)
+
+    def counts(self, ids, T):
+        flat = (ids.flatten() + self.shift) % self.num_experts if self.shift else ids.flatten()
+        return flat.bincount(minlength=self.num_experts)
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-4), (torch.bfloat16, 3e-2)])
+def test_bincount_counts_split_is_one_graph_rewritten(dtype, tol):
+    from test_loop_capture import _compare
+
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    model = BincountSplitMoE(dtype=dtype)
+    backend = _compare(model, torch.randn(2, 5, 32, dtype=dtype), atol=tol)
+    assert len(backend.graphs) == 1 and not counters["graph_break"], dict(counters["graph_break"])
+    assert counters["sonic"]["moe_rewrites"] == 1, dict(counters["sonic"])
+    assert "fused_moe" in backend.graphs[0].code
+
+
+def test_bincount_of_ids_not_below_minlength_is_left_to_dynamo():
+    from test_loop_capture import _compare
+
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    _compare(BincountSplitMoE(shift=1), torch.randn(2, 5, 32))  # exact, as plain Inductor
+    assert counters["sonic"]["moe_rewrites"] == 0, dict(counters["sonic"])
+    assert any("no id proved below minlength" in r for _, r in shape_items.reasons()), shape_items.reasons()[-3:]
