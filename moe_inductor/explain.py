@@ -74,6 +74,9 @@ class ExplainReport:
     #: moe_inductor.dynamo_scope.Fallback: frames compiled without sonic's Dynamo setting, graphs
     #: compiled without the MoE rewrite (so that compilation would not fail)
     fallbacks: list = dataclasses.field(default_factory=list)
+    #: (file:line, why) of host reads in sonic frames not read at trace time (moe_inductor.shape_items):
+    #: Dynamo's own handling (a graph break, or an unbacked size) followed
+    host_reads: list = dataclasses.field(default_factory=list)
     #: moe_inductor.report.RoutingStats of every fused-op call of the explain run, in call order
     routing: list = dataclasses.field(default_factory=list)
     #: GEMM row tile the padding waste is computed for (the backend option tile_m)
@@ -129,6 +132,10 @@ class ExplainReport:
             lines.append("")
             lines.append("fallbacks (compiled differently so that compilation would not fail):")
             lines.extend(f"  {f}" for f in self.fallbacks)
+        if self.host_reads:
+            lines.append("")
+            lines.append("host reads left to Dynamo (not proved a function of sizes):")
+            lines.extend(f"  {where}: {why}" for where, why in dict.fromkeys(self.host_reads))
         if self.graph_breaks:
             lines.append("")
             lines.append("graph breaks:")
@@ -402,6 +409,9 @@ def explain(model: torch.nn.Module, *args, options: Optional[dict] = None, induc
     torch._dynamo.reset()
     dynamo_scope.install()
     before = {k: dict(counters[k]) for k in ("graph_break", "unimplemented")}
+    from . import shape_items
+
+    reads_mark = shape_items.mark()
     with capture_reports() as reports, capture_routing_stats() as routing_stats, \
             dynamo_scope.capture_fallbacks() as fallbacks:
         torch.compile(model, backend=backend, fullgraph=False)(*args, **kwargs)
@@ -417,7 +427,7 @@ def explain(model: torch.nn.Module, *args, options: Optional[dict] = None, induc
                 breaks.append(GraphBreak(reason=msg, where=where, frames=frames))
 
     rep = ExplainReport(graph_breaks=breaks, graph_count=graph_count, routing=routing_stats, tile_m=opts.tile_m,
-                        fallbacks=fallbacks)
+                        fallbacks=fallbacks, host_reads=shape_items.reasons(since=reads_mark))
     candidates = [c for r in reports for c in r.candidates]
     for c in candidates:
         rep.entries.append(ExplainEntry(

@@ -39,7 +39,8 @@ log = logging.getLogger("moe_inductor")
 _lock = threading.RLock()
 _depth = 0
 _originals: dict = {}  # attribute -> Dynamo's own function, while installed
-_reasons: list = []  # (where, why) of the .item() calls left to Dynamo, newest last (bounded)
+_reasons: list = []  # (seq, where, why) of the host reads left to Dynamo, newest last (bounded)
+_seq = 0
 
 _FACTORIES = {torch.ones: 1, torch.zeros: 0}
 _BINARY = {operator.mul: operator.mul, operator.add: operator.add, operator.sub: operator.sub,
@@ -139,15 +140,24 @@ def _where(tx) -> str:
 
 
 def _note(where: str, why: str) -> None:
+    global _seq
     with _lock:
-        _reasons.append((where, why))
+        _seq += 1
+        _reasons.append((_seq, where, why))
         del _reasons[:-50]
 
 
-def reasons() -> list:
-    """(file:line, why) of the recent ``.item()`` calls in sonic frames left to Dynamo."""
+def mark() -> int:
+    """A position in the notes: ``reasons(since=mark())`` gives only the later ones."""
     with _lock:
-        return list(_reasons)
+        return _seq
+
+
+def reasons(since: int = 0) -> list:
+    """(file:line, why) of the recent host reads in sonic frames left to Dynamo (an ``.item()`` not
+    proved a function of sizes, a ``bincount`` whose ids are not proved below minlength)."""
+    with _lock:
+        return [(where, why) for seq, where, why in _reasons if seq > since]
 
 
 def _answer(tx, tensor_var):

@@ -162,3 +162,12 @@ def test_bincount_of_ids_not_below_minlength_is_left_to_dynamo():
     _compare(BincountSplitMoE(shift=1), torch.randn(2, 5, 32))  # exact, as plain Inductor
     assert counters["sonic"]["moe_rewrites"] == 0, dict(counters["sonic"])
     assert any("no id proved below minlength" in r for _, r in shape_items.reasons()), shape_items.reasons()[-3:]
+
+
+def test_explain_names_the_host_read_left_to_dynamo():
+    from moe_inductor import explain
+
+    torch.manual_seed(0)
+    rep = explain(PaddedCount(FairseqSlots(ALL), "data"), torch.randn(8, d), inductor=False)
+    assert any("test_host_sync_capture.py" in where and "sum" in why for where, why in rep.host_reads), rep.host_reads
+    assert "host reads left to Dynamo" in str(rep)
