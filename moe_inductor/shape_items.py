@@ -262,6 +262,13 @@ def _tensor_call_method(self, tx, name, args, kwargs):
 
 
 def _torch_call_function(self, tx, args, kwargs):
+    if "requires_grad" in kwargs and _sonic_frame():
+        try:
+            from . import grad_leaves
+
+            kwargs = grad_leaves.drop_flag(tx, getattr(self, "value", None), kwargs) or kwargs
+        except Exception as e:  # never fail a compile over this: Dynamo's own handling follows
+            log.debug("sonic: requires_grad creation check failed: %s", e)
     out = _originals["call_function"](self, tx, args, kwargs)
     if getattr(self, "value", None) is torch.bincount and len(args) == 1 and _sonic_frame():
         _pin_bincount(tx, out, args[0], kwargs)

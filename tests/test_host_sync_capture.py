@@ -12,6 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch._dynamo.utils import counters
 
 import loop_forms
@@ -171,3 +172,83 @@ def test_explain_names_the_host_read_left_to_dynamo():
     rep = explain(PaddedCount(FairseqSlots(ALL), "data"), torch.randn(8, d), inductor=False)
     assert any("test_host_sync_capture.py" in where and "sum" in why for where, why in rep.host_reads), rep.host_reads
     assert "host reads left to Dynamo" in str(rep)
+
+
+# -- a requires_grad=True creation whose gradient nobody reads (LLaMA-MoE's importance scores) --------
+
+class RequiresGradLeafMoE(BincountSplitMoE):
+    """The bincount block with LLaMA-MoE's gate statistic before it:
+    ``zeros = torch.zeros_like(probs, requires_grad=True)`` then ``zeros.scatter(dim=1, index=ids,
+    src=weights)``, summed into ``self.importance``."""
+
+    def forward(self, x):
+        h = x.reshape(-1, x.shape[-1])
+        probs = F.softmax(self.gate(h), dim=-1, dtype=torch.float)
+        weights, ids = torch.topk(probs, self.top_k, dim=-1)
+        zeros = torch.zeros_like(probs, requires_grad=True)
+        filtered = zeros.scatter(dim=1, index=ids, src=weights)
+        self.importance = filtered.sum(0)
+        return self.block(x, h, weights, ids)
+
+    def block(self, x, h, weights, ids):
+        sizes = self.counts(ids, h.shape[0]).tolist()
+        order = ids.flatten().argsort(stable=True)
+        token = order // self.top_k
+        g, u = self.up(h[token], sizes).chunk(2, dim=-1)
+        y = self.down(F.silu(g) * u, sizes) * weights.flatten()[order][:, None].to(x.dtype)
+        return torch.zeros_like(h).index_add(0, token, y).view(x.shape)
+
+
+class EscapingLeafMoE(RequiresGradLeafMoE):
+    """Near miss: the leaf is also kept on the module (its ``.grad`` is readable after backward):
+    Dynamo's graph break stays."""
+
+    def forward(self, x):
+        h = x.reshape(-1, x.shape[-1])
+        probs = F.softmax(self.gate(h), dim=-1, dtype=torch.float)
+        weights, ids = torch.topk(probs, self.top_k, dim=-1)
+        zeros = torch.zeros_like(probs, requires_grad=True)
+        filtered = zeros.scatter(dim=1, index=ids, src=weights)
+        self.importance, self.leaf = filtered.sum(0), zeros
+        return self.block(x, h, weights, ids)
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-4), (torch.bfloat16, 3e-2)])
+def test_unread_requires_grad_leaf_keeps_one_graph(dtype, tol):
+    # LLaMA-MoE's gate (tests/faithful/llama_moe.py): zeros_like(logits, requires_grad=True).scatter(...)
+    # then the calculator's bincount(minlength=E).tolist() split: one graph, rewritten, exact
+    from faithful.llama_moe import ENTRIES
+
+    entry = ENTRIES[0]
+    module = entry.build().to(dtype)
+    reports: list = []
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(module, backend=light_backend(reports))
+    for T in (5, 8):
+        x = entry.inputs(T, 0)[0].to(dtype)
+        res = []
+        for fn in (module, compiled):
+            module.zero_grad(set_to_none=True)
+            xi = x.clone().requires_grad_(True)
+            out = fn(xi)
+            out.float().pow(2).sum().backward()
+            res.append([out.detach(), xi.grad] + [p.grad if p.grad is not None else torch.zeros_like(p)
+                                                   for p in module.parameters()])
+        for got, want in zip(res[1], res[0]):
+            torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    cands = [c for r in reports for c in r.candidates]
+    assert cands and all(c.status == "rewritten" for c in cands), [(c.status, c.reason) for c in cands]
+
+
+def test_escaping_requires_grad_leaf_keeps_the_break():
+    from test_loop_capture import _compare
+
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    _compare(EscapingLeafMoE(), torch.randn(2, 5, 32))
+    assert counters["graph_break"], "expected Dynamo's break at the requires_grad creation"
+    assert any("requires_grad=True) kept" in r and "read exactly once" in r for _, r in shape_items.reasons()), \
+        shape_items.reasons()[-3:]
