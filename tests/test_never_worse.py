@@ -77,14 +77,16 @@ class HostCountsMoE(OfficialStyleMoE):
     """The official form with the host counts also read inside the loop (``* (counts[i] > 0)``, a
     factor 1): sonic's loop capture (``moe_inductor/capture.py``) must keep the ``.tolist()``, so the
     frame still fails in Dynamo under sonic's setting. (The official form itself is traced as one
-    loop over every expert: tests/test_loop_capture.py.)"""
+    loop over every expert: tests/test_loop_capture.py.) The ids are counted as ``indices.flatten() * 1``:
+    arithmetic the bincount length proof (``moe_inductor/shape_items.py``) does not follow, so the
+    counts' length stays data-dependent as well."""
 
     def forward(self, x):
         shape = x.size()
         x = x.view(-1, shape[-1])
         weights, indices = self.gate(x)
         y = torch.zeros_like(x)
-        counts = torch.bincount(indices.flatten(), minlength=self.E).tolist()
+        counts = torch.bincount(indices.flatten() * 1, minlength=self.E).tolist()
         for i in range(self.E):
             if counts[i] == 0:
                 continue
