@@ -31,7 +31,7 @@ import torch.nn.functional as Fn
 
 from .regions import hop_name
 from .fx.aliasing import (  # noqa: F401  (the aliasing checks, read as safety.<name> by the recognisers)
-    aliases, is_fresh, is_view_of, mutated_between, need_unmodified, writes_to,
+    aliases, is_allocation, is_fresh, is_view_of, mutated_between, need_unmodified, writes_to,
 )
 from .fx.decline import Declined
 from .fx.nodes import is_mutation, node_order

@@ -1751,15 +1751,18 @@ def _base_of(node: fx.Node) -> fx.Node:
 
 
 def _initialised(w: fx.Node, order: dict) -> bool:
-    """``w`` is the first write into a tensor the graph allocated itself (``safety.is_fresh``: not an
-    input, a parameter, a buffer or a view) and comes before anything reads it: every user of it and of
-    its views, except the writes and the views themselves, comes after ``w``, and nothing writes into
-    what ``w`` returns (nanoMoE: ``probs = full_like(logits, -inf); probs.scatter_(-1, idx, v);
-    softmax(probs)``; fairscale's ``one_hot``: ``zeros(...).scatter_(-1, idx[..., None], 1)``). Every
-    read then sees the written value: the write is how the value is computed, not a change to it.
-    Later writes are the caller's to prove (``inplace_as``, ``_need_stable_leaves``)."""
+    """``w`` is the first write into a tensor the graph allocated itself, filled with a constant or
+    nothing (``safety.is_allocation``: zeros, full_like, new_zeros, empty, ...), and comes before
+    anything reads it: every user of it and of its views, except the writes and the views themselves,
+    comes after ``w``, and nothing writes into what ``w`` returns (nanoMoE: ``probs = full_like(logits,
+    -inf); probs.scatter_(-1, idx, v); softmax(probs)``; fairscale's ``one_hot``: ``zeros(...).scatter_(-1,
+    idx[..., None], 1)``). Every read then sees the written value: the write is how the value is
+    computed, not a change to it. A tensor computed from something (``cumsum(m) - 1``, ``one_hot(i)``,
+    a product, a sum) is not excused: the proof reads it as its computation, which a write changes
+    (``loc = cumsum(m) - 1; loc[0] = 2``). Later writes are the caller's to prove (``inplace_as``,
+    ``_need_stable_leaves``)."""
     base = _base_of(w.args[0]) if w.args and isinstance(w.args[0], fx.Node) else None
-    if base is None or not safety.is_fresh(base):
+    if base is None or not (safety.is_fresh(base) and safety.is_allocation(base)):
         return False
     writes = safety.writes_to(base)
     if not writes or writes[0] is not w or any(is_mutation(u, w) for u in w.users):
@@ -1773,12 +1776,18 @@ def _need_stable_leaves(term: SlotTerm, anchor: fx.Node, order: dict) -> None:
     prove that each holds there the value the block read. A write into a factor (or a view of it)
     before the anchor must come before every reader of it (it computes the value), or be ``a *= b``
     with a 0/1 ``b`` the term is multiplied by too (``mask *= lt(loc, C)``: the composition then
-    gets mask * b * b == mask * b)."""
+    gets mask * b * b == mask * b). Nothing may write a weight after the anchor: the fused op saves it
+    for its backward pass."""
     flags = [f for f, _ in term.flags]
     ids = term.choice.ids if isinstance(term.choice, _ReshapedIds) else term.choice
-    for f in [ids] + flags + [g for g, _ in term.weights]:
+    weights = [g for g, _ in term.weights]
+    for f in [ids] + flags + weights:
         if not isinstance(f, fx.Node):
             continue
+        late = [w for w in safety.writes_to(f) if order[w] > order[anchor]] if f in weights else []
+        need(not late, f"{f.name}, a factor of the combine weights, is modified in place by "
+                       f"{late[0].format_node() if late else ''} after the block: the fused op saves the weights "
+                       "for the backward pass, which would then fail (eager does not save them)", part="proof")
         readers = [order[u] for a in safety.aliases(f) for u in a.users
                    if not safety.is_view_of(u, a) and not is_mutation(u, a)]
         first = min(readers, default=order[anchor])
@@ -1791,8 +1800,11 @@ def _need_stable_leaves(term: SlotTerm, anchor: fx.Node, order: dict) -> None:
                  "the block read it: where the fused op reads it, it holds another value", part="proof")
 
 
-def _upstream(roots, stop: set) -> list:
-    """Nodes that ``roots`` are computed from, not past ``stop``."""
+def _upstream(roots, stop: set, own: Optional[set] = None) -> list:
+    """Nodes that ``roots`` are computed from, not past ``stop``; with ``own`` (the writes a dispatch
+    interprets itself, whose reads it lists in ``nodes``), also what the other in-place writes into them
+    read (fairscale's ``zeros(...).scatter_(-1, slot.unsqueeze(-1), 1)``: the one-hot's value is computed
+    from ``slot``, which no argument of the zeros names)."""
     seen, stack = [], list(roots)
     while stack:
         n = stack.pop()
@@ -1800,6 +1812,8 @@ def _upstream(roots, stop: set) -> list:
             continue
         seen.append(n)
         stack.extend(n.all_input_nodes)
+        if own is not None:
+            stack.extend(a for w in safety.writes_to(n) if w not in own for a in w.all_input_nodes)
     return seen
 
 
@@ -1871,9 +1885,10 @@ def analyse(node: fx.Node) -> MoEBlock:
     # (with their views and bases); what they are computed from (earlier layers, with their own in-place
     # accumulations) is not what the block reads
     inputs = [disp.x] + list(disp.inputs)
-    # exempt: in-place arithmetic the block reads as a value (its result is read: ``inplace_as``), a fresh
-    # tensor written before any read (``_initialised``), the dispatch's own writes
-    upstream = _upstream(roots, stop | set(inputs))
+    # exempt: in-place arithmetic the block reads as a value (its result is read: ``inplace_as``), the first
+    # write into an allocated (zeros / full) tensor before any read (``_initialised``), the dispatch's own
+    # writes; what the other writes into a read tensor read is read too (``_upstream``'s ``own``)
+    upstream = _upstream(roots, stop | set(inputs), own=set(disp.writes) | {node})
     as_value = set(upstream)
     for n in upstream + inputs:
         for w in safety.writes_to(n):

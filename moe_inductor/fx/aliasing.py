@@ -66,6 +66,24 @@ def is_fresh(node) -> bool:
     return not (isinstance(src, fx.Node) and (is_view_of(node, src) or is_mutation(node, src)))
 
 
+#: factories whose result holds no value computed from anything (a constant, or nothing: ``empty``)
+_ALLOCATING_FUNCTIONS = (torch.zeros, torch.zeros_like, torch.ones, torch.ones_like, torch.full, torch.full_like,
+                         torch.empty, torch.empty_like)
+_ALLOCATING_METHODS = ("new_zeros", "new_ones", "new_full", "new_empty")
+
+
+def is_allocation(node) -> bool:
+    """``node`` allocates a tensor filled with a constant (``zeros``, ``full_like``, ``new_zeros``, ...)
+    or with nothing (``empty``): unlike a computed fresh tensor (``cumsum(m) - 1``, ``one_hot(i)``, a
+    product), its value is not a function of anything, so a first write into it, before any read, is
+    how its value is computed rather than a change to a value computed before."""
+    if not isinstance(node, fx.Node):
+        return False
+    if node.op == "call_function":
+        return node.target in _ALLOCATING_FUNCTIONS
+    return node.op == "call_method" and node.target in _ALLOCATING_METHODS
+
+
 def aliases(node: fx.Node) -> set:
     """``node`` and every node of the graph that may share its memory: views of it, views of those,
     and, when ``node`` is itself a view, its bases and their views."""
