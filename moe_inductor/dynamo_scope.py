@@ -152,6 +152,12 @@ def _describe(code) -> str:
     return f"{code.co_name} ({code.co_filename}:{code.co_firstlineno})"
 
 
+def _tracing_sonic_frame() -> bool:
+    """Is the innermost frame being traced a sonic one (``shape_items`` acts only there)?"""
+    stack = _stack()
+    return bool(stack) and stack[-1] is not None
+
+
 def _stack() -> list:
     s = getattr(_tls, "stack", None)
     if s is None:
@@ -195,7 +201,7 @@ class _Start:
                 from . import shape_items, trace_logging
 
                 logging_entered = trace_logging.enter()
-                items_entered = shape_items.enter()
+                items_entered = shape_items.enter(_tracing_sonic_frame)
                 # an exception being handled around the compile is not a compile failure
                 entry = {"code": code, "one_graph": one_graph, "patch": patch, "retry": retry or trampoline,
                          "handled": sys.exc_info()[1], "logging": logging_entered, "trampoline": trampoline,

@@ -86,24 +86,23 @@ def source_of_use(code, line: int):
 
 
 def drop_flag(tx, fn, kwargs):
-    """kwargs without ``requires_grad`` when the flag is proved unread (see the module docstring),
-    else None; the reason is recorded (``shape_items.reasons``)."""
-    from . import shape_items
-
+    """(kwargs without ``requires_grad``, None) when the flag is proved unread (see the module
+    docstring); (None, why) when a flagged creation is kept; (None, None) when there is nothing to
+    decide. The caller (``shape_items``) records the reason."""
     flag = kwargs.get("requires_grad")
     try:
         if fn not in FACTORIES or flag is None or flag.as_python_constant() is not True:
-            return None
+            return None, None
     except Exception:
-        return None
+        return None, None
+    name = getattr(fn, "__name__", fn)
     src, why = source_of_use(tx.f_code, tx.lineno)
     if src is not None:
         var = tx.symbolic_locals.get(src)
         value = var.as_proxy().node.meta.get("example_value") if hasattr(var, "as_proxy") else None
         if isinstance(value, torch.Tensor) and value.requires_grad:
-            log.debug("sonic: %s(requires_grad=True) at %s traced without the flag (its gradient is unread)",
-                      getattr(fn, "__name__", fn), shape_items._where(tx))
-            return {k: v for k, v in kwargs.items() if k != "requires_grad"}
+            log.debug("sonic: %s(requires_grad=True) at %s:%s traced without the flag (its gradient is unread)",
+                      name, tx.f_code.co_filename, tx.lineno)
+            return {k: v for k, v in kwargs.items() if k != "requires_grad"}, None
         why = f"the source `{src}` of its one use does not require grad here"
-    shape_items._note(shape_items._where(tx), f"{getattr(fn, '__name__', fn)}(requires_grad=True) kept: {why}")
-    return None
+    return None, f"{name}(requires_grad=True) kept: {why}"

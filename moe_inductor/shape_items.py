@@ -122,24 +122,24 @@ def evaluate(node, depth: int = 0):
     raise NotShapeOnly(f"`{_describe(node)}` is not a size-only integer op")
 
 
-def _emit(tx, recipe):
+def recipe_proxy(tx, recipe):
     """A proxy (or int) computing ``recipe`` in Dynamo's graph."""
     if isinstance(recipe, int):
         return recipe
     if isinstance(recipe, torch.fx.Node):
         return torch.fx.Proxy(recipe, tx.output.current_tracer)
     fn, parts = recipe
-    return tx.output.create_proxy("call_function", fn, tuple(_emit(tx, p) for p in parts), {})
+    return tx.output.create_proxy("call_function", fn, tuple(recipe_proxy(tx, p) for p in parts), {})
 
 
-def _where(tx) -> str:
+def where(tx) -> str:
     try:
         return f"{tx.f_code.co_filename}:{tx.lineno}"
     except Exception:
         return "?"
 
 
-def _note(where: str, why: str) -> None:
+def note(where: str, why: str) -> None:
     global _seq
     with _lock:
         _seq += 1
@@ -170,21 +170,23 @@ def _answer(tx, tensor_var):
     try:
         value, recipe = evaluate(tensor_var.as_proxy().node)
     except NotShapeOnly as e:
-        _note(_where(tx), str(e))
+        note(where(tx), str(e))
         return None
     if isinstance(recipe, int):
-        log.debug("sonic: .item() at %s read at trace time: %s", _where(tx), recipe)
+        log.debug("sonic: .item() at %s read at trace time: %s", where(tx), recipe)
         return ConstantVariable.create(recipe)
-    proxy = _emit(tx, recipe)
-    log.debug("sonic: .item() at %s read at trace time as the size %s", _where(tx), value)
+    proxy = recipe_proxy(tx, recipe)
+    log.debug("sonic: .item() at %s read at trace time as the size %s", where(tx), value)
     return SymNodeVariable.create(tx, proxy, value)
 
 
-def _sonic_frame() -> bool:
-    from . import dynamo_scope
+#: whether the innermost frame Dynamo is tracing is a sonic one (given by ``enter``: dynamo_scope
+#: owns the frame stack, and importing it here would make an import cycle)
+_in_sonic_frame = [lambda: False]
 
-    stack = dynamo_scope._stack()
-    return bool(stack) and stack[-1] is not None
+
+def _sonic_frame() -> bool:
+    return _in_sonic_frame[0]()
 
 
 # -- bincount(ids, minlength=M) with every id proved below M: its length is M ------------------------
@@ -245,11 +247,11 @@ def _pin_bincount(tx, out, ids, kwargs) -> None:
             return
         bound = ids_bound(node)
         if bound is None or bound > m:
-            _note(_where(tx), f"bincount of `{_describe(node)}`: no id proved below minlength {m}; its length "
+            note(where(tx), f"bincount of `{_describe(node)}`: no id proved below minlength {m}; its length "
                               f"is known only from the data")
             return
         torch._check(fake.shape[0] == m)
-        log.debug("sonic: bincount at %s has length %d (ids below %d)", _where(tx), m, bound)
+        log.debug("sonic: bincount at %s has length %d (ids below %d)", where(tx), m, bound)
     except Exception as e:  # never fail a compile over this
         log.debug("sonic: bincount length not pinned: %s", e)
 
@@ -266,7 +268,10 @@ def _torch_call_function(self, tx, args, kwargs):
         try:
             from . import grad_leaves
 
-            kwargs = grad_leaves.drop_flag(tx, getattr(self, "value", None), kwargs) or kwargs
+            dropped, why = grad_leaves.drop_flag(tx, getattr(self, "value", None), kwargs)
+            if why is not None:
+                note(where(tx), why)
+            kwargs = dropped or kwargs
         except Exception as e:  # never fail a compile over this: Dynamo's own handling follows
             log.debug("sonic: requires_grad creation check failed: %s", e)
     out = _originals["call_function"](self, tx, args, kwargs)
@@ -299,13 +304,15 @@ def _targets() -> list:
     return out if all(callable(c.__dict__.get(a)) for c, a, _ in out) else []
 
 
-def enter() -> bool:
-    """Install the trace-time ``.item()`` and bincount lengths for the sonic frame being traced;
-    returns whether it did (then ``leave()`` must follow). Nested sonic traces share one installation."""
+def enter(in_sonic_frame) -> bool:
+    """Install the trace-time ``.item()`` and bincount lengths for the sonic frame being traced
+    (``in_sonic_frame()``: whether the innermost frame being traced is sonic's); returns whether it
+    did (then ``leave()`` must follow). Nested sonic traces share one installation."""
     global _depth
     targets = _targets()
     if not targets:
         return False
+    _in_sonic_frame[0] = in_sonic_frame
     with _lock:
         if _depth == 0:
             for cls, attr, replacement in targets:
