@@ -703,6 +703,10 @@ def _worse_than_eager(name, got, want, truth, all_truth, dtype) -> str:
     """'' unless ``got`` is further from the fp32 truth than eager's ``want`` is (by more than 2x)
     and than the dtype's roundoff of the case's largest tensor; else why."""
     g, w, t = got.double(), want.double(), truth.double()
+    if not torch.isfinite(w).all() and torch.isfinite(t).all():
+        # eager itself overflows in its dtype (fp16 gradients past 65504 where fp32 has them finite):
+        # nothing in that dtype to compare with; fp32 cases check the rewrite's arithmetic
+        return ""
     scale = max(v.double().norm().item() for v in all_truth)
     err_got, err_eager = (g - t).norm().item(), (w - t).norm().item()
     if err_got <= max(2 * err_eager, EPS[dtype] * scale, 1e-4):
