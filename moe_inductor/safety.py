@@ -34,7 +34,7 @@ from .fx.aliasing import (  # noqa: F401  (the aliasing checks, read as safety.<
     aliases, is_allocation, is_fresh, is_view_of, mutated_between, need_unmodified, writes_to,
 )
 from .fx.decline import Declined
-from .fx.nodes import is_mutation, node_order
+from .fx.nodes import downstream, is_mutation, node_order
 from .fx.shapes import dtype_of, example_value, same, shape_of
 from .fx.targets import FLOAT_CAST_DTYPES, MATMUL_FUNCTIONS, MATMUL_METHODS
 
@@ -550,14 +550,7 @@ def need_pure_path(value: fx.Node, source: fx.Node, allowed: Iterable = ()) -> N
     """Nothing random and nothing in place on the path from ``source`` (the gathered tokens) to
     ``value`` (what the expert produces), except the in-place nodes ``allowed`` (proven parts of
     the block, e.g. a per-expert bias ``add_``)."""
-    order = node_order(value.graph)
-    downstream, stack = {source}, [source]
-    while stack:
-        for u in stack.pop().users:
-            if u not in downstream and order[u] <= order[value]:
-                downstream.add(u)
-                stack.append(u)
-    for n in downstream:
+    for n in downstream(source, value, node_order(value.graph)):
         if n.op == "call_function" and n.target is Fn.dropout and not is_identity_dropout(n):
             raise Declined(f"expert path applies dropout with p > 0 in training ({n.name}: random per element): "
                            "the fused op cannot reproduce it")

@@ -39,7 +39,7 @@ import torch.fx as fx
 from moe_inductor import safety
 from moe_inductor.fx.decline import Declined, need
 from moe_inductor.fx.matching import transpose_of
-from moe_inductor.fx.nodes import node_order
+from moe_inductor.fx.nodes import downstream, node_order
 from moe_inductor.fx.shapes import dtype_of, int_value, same, same_dim, shape_of
 from moe_inductor.fx.targets import MATMUL_FUNCTIONS, MATMUL_METHODS
 from moe_inductor.parts import ExpertMLP, IdentityExpert, LowRankWeight, decline, recognise, register
@@ -145,12 +145,7 @@ def _outside_reader(top: fx.Node, bottom: fx.Node, reader: fx.Node) -> Optional[
     """(n, u): a node n on a path from ``bottom`` to ``top`` (both included) read by a node u off
     those paths (``top`` may be read by ``reader`` only); None when the paths are private."""
     order = node_order(top.graph)
-    down, stack = {bottom}, [bottom]
-    while stack:
-        for u in stack.pop().users:
-            if u not in down and order[u] <= order[top]:
-                down.add(u)
-                stack.append(u)
+    down = downstream(bottom, top, order)
     on, stack = {top}, [top]
     while stack:
         for a in stack.pop().all_input_nodes:

@@ -49,6 +49,18 @@ def node_order(graph: fx.Graph) -> dict:
 
 # --------------------------------------------------------------------------- module paths
 
+def downstream(source: fx.Node, until: fx.Node, order: dict) -> set:
+    """``source`` and every node reachable from it through users, up to ``until`` in graph order
+    (``order``: ``node_order`` of the graph)."""
+    down, stack = {source}, [source]
+    while stack:
+        for u in stack.pop().users:
+            if u not in down and order[u] <= order[until]:
+                down.add(u)
+                stack.append(u)
+    return down
+
+
 def source_of(node: fx.Node) -> str:
     """Module path of a node (from Dynamo's nn_module_stack), else its source line."""
     stack = node.meta.get("nn_module_stack")
