@@ -25,12 +25,12 @@ def light_backend(reports: list):
 
 
 def rewrite_and_compare(module: torch.nn.Module, d: int, lengths=(5, 8), tol: float = 1e-4, before_each=None,
-                        rel_norm: bool = False) -> list:
+                        rel_norm: bool = False, close=None) -> list:
     """Compile ``module`` with the rewrite only, run it and eager on (T, d) inputs for each T in
     ``lengths`` (``before_each(module)`` first, to reset state); assert output and gradients equal
     (elementwise within ``tol``, or with ``rel_norm`` by relative Frobenius error <= ``tol``: bf16,
-    where the fused op rounds once what eager rounds per op); return the candidates of every
-    compiled graph."""
+    where the fused op rounds once what eager rounds per op, or by ``close(got, want)`` when given);
+    return the candidates of every compiled graph."""
     reports: list = []
     torch._dynamo.reset()
     compiled = torch.compile(module, backend=light_backend(reports), fullgraph=True)
@@ -47,7 +47,9 @@ def rewrite_and_compare(module: torch.nn.Module, d: int, lengths=(5, 8), tol: fl
             res.append([out.detach(), xi.grad] + [p.grad if p.grad is not None else torch.zeros_like(p)
                                                    for p in module.parameters()])
         for i, (got, want) in enumerate(zip(res[1], res[0])):
-            if rel_norm:
+            if close is not None:
+                close(got, want)
+            elif rel_norm:
                 err = ((got.float() - want.float()).norm() / want.float().norm().clamp_min(1e-12)).item()
                 assert got.dtype == want.dtype and err <= tol, f"tensor {i}: relative error {err:.3e} > {tol}"
             else:

@@ -167,24 +167,9 @@ def _compare_bf16(module, lengths=(16, 32)) -> list:
     3e-2 on some low-rank factors' gradients, so the two differ by more than the rule allows; the fused
     op on plain Linears holding the merged weights differs from float64 as much: rounding, not the
     merge.)"""
-    from rewrite_check import light_backend
+    from rewrite_check import rewrite_and_compare
 
-    reports: list = []
-    torch._dynamo.reset()
-    compiled = torch.compile(module, backend=light_backend(reports), fullgraph=True)
-    for T in lengths:
-        x = torch.randn(T, d, generator=torch.Generator().manual_seed(T))
-        res = []
-        for fn in (module, compiled):
-            module.zero_grad(set_to_none=True)
-            xi = x.clone().requires_grad_(True)
-            out = fn(xi)
-            out.pow(2).sum().backward()
-            res.append([out.detach(), xi.grad] + [p.grad for p in module.parameters() if p.grad is not None])
-        assert len(res[0]) == len(res[1])
-        for got, want in zip(res[1], res[0]):
-            _close_bf16(got, want)
-    return [c for r in reports for c in r.candidates]
+    return rewrite_and_compare(module, d, lengths=lengths, close=_close_bf16)
 
 
 def test_loop_of_lora_experts_rewritten_bf16():
