@@ -7,10 +7,10 @@ grouped_mm experts, fp32), forward only (eval, ``torch.no_grad``) and forward+ba
 Every measurement runs in a fresh subprocess with a fresh, empty ``TORCHINDUCTOR_CACHE_DIR`` and
 ``TORCHINDUCTOR_FX_GRAPH_CACHE=0``, ``TORCHINDUCTOR_AUTOGRAD_CACHE=0``, so that neither backend
 profits from the other's caches. The order sonic/inductor alternates between repeats. Imports
-(torch, transformers, ``torch._inductor.compile_fx``, and for sonic ``moe_inductor.backend``) and
+(torch, transformers, ``torch._inductor.compile_fx``, and for sonic ``moe_inductor.compile.backend``) and
 building the model happen before the clock starts; the plain-Inductor child never imports
 moe_inductor (importing its backend sets a global Dynamo flag). In the sonic child
-``moe_inductor.backend.rewrite_moe`` is wrapped to time the rewrite itself.
+``moe_inductor.compile.backend.rewrite_moe`` is wrapped to time the rewrite itself.
 
     python examples/bench_compile_time.py [--reps 3] [--families mixtral,qwen3_moe]
                                           [--out examples/results/compile_time_cpu.json]
@@ -52,7 +52,7 @@ def child(family, backend, mode):
     t_import = 0.0
     if backend == "sonic":
         t = time.perf_counter()
-        import moe_inductor.backend as sonic_backend
+        import moe_inductor.compile.backend as sonic_backend
         t_import = time.perf_counter() - t
         original = sonic_backend.rewrite_moe
 

@@ -37,7 +37,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from moe_layers import block_output, mixtral_block, olmoe_block  # noqa: E402
 
 import moe_inductor  # noqa: E402,F401  (registers the backend)
-from moe_inductor.memory import saved_activation_bytes, sonic_minimum_bytes  # noqa: E402
+from moe_inductor.diagnostics.memory import saved_activation_bytes, sonic_minimum_bytes  # noqa: E402
 
 VARIANTS = (("eager", None), ("plain Inductor", "inductor"), ("sonic", "sonic"))
 STATISTIC = "min over rounds of the per-round median (variants alternate within a round)"

@@ -1,9 +1,9 @@
 """GPU benchmark of the fused MoE kernels against the usual ways of running MoE experts.
 
 Compared side by side, per shape (T, d, n, E, K), bf16, SwiGLU, top-K routing from a random router:
-  sonic            moe_inductor.op.fused_moe(..., impl="triton")  (this package's Triton kernels)
+  sonic            moe_inductor.ops.op.fused_moe(..., impl="triton")  (this package's Triton kernels)
   sonic_tr         the same kernels on token-rounding routing of the same router probabilities
-                   (moe_inductor.routing.token_rounding_routing, "nearest", tile_m = the kernels'
+                   (moe_inductor.ops.routing.token_rounding_routing, "nearest", tile_m = the kernels'
                    row tile; routing computed outside the timed region: kernel time vs top-k)
   hf_grouped_mm    transformers' MixtralExperts with the "grouped_mm" experts implementation
                    (sort, gather, torch._grouped_mm, SwiGLU, torch._grouped_mm, weight, unsort, sum)
@@ -62,7 +62,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from moe_inductor.op import fused_moe  # noqa: E402
+from moe_inductor.ops.op import fused_moe  # noqa: E402
 
 # (T, d, n, E, K), from the issue: fine-grained 64/128 experts, DeepSeek-V3-like, Mixtral-like, and
 # a very fine-grained high-sparsity shape where token rounding matters most (SonicMoE's +1.16x).
@@ -204,7 +204,7 @@ def impl_sonic(pb: Problem):
 def impl_sonic_tr(pb: Problem):
     """Token rounding: routing (one host sync for its exact length) is computed here, untimed; the
     timed region is the fused op on the rounded assignments, as for top-k above."""
-    from moe_inductor.routing import token_rounding_routing
+    from moe_inductor.ops.routing import token_rounding_routing
 
     K = pb.top_i.shape[1]
     r = token_rounding_routing(pb.probs, K, pb.tile_m, "nearest")

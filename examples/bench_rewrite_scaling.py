@@ -49,9 +49,9 @@ def _model(kind: str, layers: int):
 
 def scaling(kind: str, layers: int, reps: int) -> dict:
     import torch
-    from moe_inductor.backend import rewrite_moe
-    from moe_inductor.dynamo_scope import mark_sonic
-    from moe_inductor.options import SonicOptions
+    from moe_inductor.compile.backend import rewrite_moe
+    from moe_inductor.dynamo.dynamo_scope import mark_sonic
+    from moe_inductor.compile.options import SonicOptions
 
     model, ids = _model(kind, layers)
     graphs = []
@@ -80,7 +80,7 @@ def scaling(kind: str, layers: int, reps: int) -> dict:
 def first_call_child(kind: str, layers: int) -> None:
     import torch
     import torch._inductor.compile_fx  # noqa: F401  (import cost outside the clock)
-    import moe_inductor.backend as sonic_backend
+    import moe_inductor.compile.backend as sonic_backend
     from torch._dynamo.utils import counters
 
     spent = dict(s=0.0)

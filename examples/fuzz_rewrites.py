@@ -68,7 +68,7 @@ def main(argv=None) -> int:
                     help="light: the rewritten graph run eagerly; sonic: the whole backend, Inductor included")
     ap.add_argument("--inference", action="store_true",
                     help="run eager and compiled under no_grad and compare outputs only (CPU decode-sized blocks "
-                         "then take the gathered decomposition, moe_inductor/worth.py)")
+                         "then take the gathered decomposition, moe_inductor/lower/worth.py)")
     ap.add_argument("--dtypes", default="float32", help=f"comma-separated, of {sorted(G.DTYPES)}")
     ap.add_argument("--routers", default="softmax", help=f"comma-separated, of {list(G.ROUTERS)}")
     ap.add_argument("--extras", action="store_true",

@@ -279,8 +279,8 @@ def record_launches(scenarios, archs, jits, tuners) -> tuple[list[Launch], list[
                     state["config"], state["autotuned"] = None, False
         return run
 
-    from moe_inductor.activations import parse_activation
-    from moe_inductor.op import fused_moe
+    from moe_inductor.ops.activations import parse_activation
+    from moe_inductor.ops.op import fused_moe
 
     saved_env = os.environ.get("TRITON_INTERPRET")
     saved_driver = driver._active  # None until a real driver was created (none on a CPU machine)
@@ -361,7 +361,7 @@ def default_scenarios(dtypes, acts, shapes=tuple(SHAPES), kinds=("plain", "flags
 
 
 def triton_activations() -> list[str]:
-    from moe_inductor.activations import ALL_KINDS, Activation
+    from moe_inductor.ops.activations import ALL_KINDS, Activation
 
     return [Activation(kind).spec for kind in ALL_KINDS if Activation(kind).triton]
 

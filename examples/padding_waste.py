@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from moe_inductor.kernels.config import TILE_M  # noqa: E402
-from moe_inductor.routing import MODES, padding_waste, token_rounding_routing, topk_routing  # noqa: E402
+from moe_inductor.ops.routing import MODES, padding_waste, token_rounding_routing, topk_routing  # noqa: E402
 
 # (T, d, n, E, K): a fine-grained MoE layer (many small experts) and a DeepSeek-V3-like layer.
 SHAPES = [(16384, 1536, 256, 256, 8), (8192, 7168, 2048, 256, 8)]

@@ -14,8 +14,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 from transformers import MixtralConfig, MixtralForCausalLM  # noqa: E402
 
-from moe_inductor.memory import saved_activation_bytes, sonic_minimum_bytes  # noqa: E402
-from moe_inductor.report import capture_reports  # noqa: E402
+from moe_inductor.diagnostics.memory import saved_activation_bytes, sonic_minimum_bytes  # noqa: E402
+from moe_inductor.diagnostics.report import capture_reports  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from moe_layers import block_output, olmoe_block  # noqa: E402

@@ -36,8 +36,8 @@ sys.path.insert(0, os.path.join(HERE, "..", "tests"))
 import torch  # noqa: E402
 from torch._dynamo.utils import counters  # noqa: E402
 
-from moe_inductor.report import capture_reports  # noqa: E402
-from moe_inductor.stats import capture_routing_stats  # noqa: E402
+from moe_inductor.diagnostics.report import capture_reports  # noqa: E402
+from moe_inductor.diagnostics.stats import capture_routing_stats  # noqa: E402
 
 LENGTHS = ((5, 0), (8, 1))
 

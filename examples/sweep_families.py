@@ -101,11 +101,11 @@ def _compare(model, ids):
     ref = _first_tensor(model(ids))
     g = torch.randn_like(ref)
     ref_grads = torch.autograd.grad(ref, params, g, allow_unused=True)
-    from moe_inductor import dynamo_scope
+    from moe_inductor.dynamo import dynamo_scope
 
     # the full backend (Inductor's code generation included), called twice: a frame that sonic had
     # to compile again without its Dynamo setting runs eagerly on the first call and compiled on
-    # the second (moe_inductor.dynamo_scope), so the second call's values are the ones checked
+    # the second (moe_inductor.dynamo.dynamo_scope), so the second call's values are the ones checked
     compiled = torch.compile(model, backend="sonic")
     with dynamo_scope.capture_fallbacks() as fallbacks:
         torch.autograd.grad(_first_tensor(compiled(ids)), params, g, allow_unused=True)

@@ -10,14 +10,14 @@ vocab 256 (bytes), hidden 128, 2 layers, 16 experts of intermediate 256, top-2; 
 
 How token rounding is applied. The intended user path is
 ``torch.compile(model, backend="sonic", options={"token_rounding": mode, "tile_m": M})``.
-The script first probes whether ``moe_inductor.backend`` both accepts that option (it raises
+The script first probes whether ``moe_inductor.compile.backend`` both accepts that option (it raises
 ValueError on unknown options) and actually applies it: a tiny MoE block compiled with
 ``token_rounding="down"`` and a tile larger than every expert's count must return all zeros
 (every expert rounds down to 0 tokens). If the probe passes, both runs are compiled with the
 backend (``token_rounding="off"`` for the top-k run). Otherwise both runs use the explicit eager
 path of this script, ``replace_moe_blocks_with_fused_routing``: every ``MixtralSparseMoeBlock``
-is wrapped so that routing comes from ``moe_inductor.routing`` (``topk_routing`` or
-``token_rounding_routing``) and the experts run as one ``moe_inductor.op.fused_moe`` call.
+is wrapped so that routing comes from ``moe_inductor.ops.routing`` (``topk_routing`` or
+``token_rounding_routing``) and the experts run as one ``moe_inductor.ops.op.fused_moe`` call.
 Either way the two runs differ only in the routing. Which path ran is printed and recorded.
 
 Validation loss is computed in eval mode, where both models route with plain top-k (token
@@ -47,8 +47,8 @@ import torch.nn as nn  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from moe_inductor.op import fused_moe  # noqa: E402
-from moe_inductor.routing import padding_waste, token_rounding_routing, topk_routing  # noqa: E402
+from moe_inductor.ops.op import fused_moe  # noqa: E402
+from moe_inductor.ops.routing import padding_waste, token_rounding_routing, topk_routing  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -113,7 +113,7 @@ def build_model(cfg: Config) -> nn.Module:
 
 class FusedRoutingMoEBlock(nn.Module):
     """Drop-in for ``MixtralSparseMoeBlock``: same parameters (``gate``, ``experts``), routing from
-    ``moe_inductor.routing`` and the expert MLP as one ``fused_moe`` call.
+    ``moe_inductor.ops.routing`` and the expert MLP as one ``fused_moe`` call.
 
     Mixtral's experts store ``gate_up_proj (E, 2n, d)`` with gate rows first, then up rows (its
     forward does ``linear(x, gate_up_proj[e]).chunk(2)``), and ``down_proj (E, d, n)``: exactly
@@ -175,7 +175,7 @@ def check_fused_block_matches_mixtral(cfg: Config) -> float:
 def sonic_backend():
     """The sonic backend as torch.compile takes it: its registered name when the package is
     installed (entry point), else the function itself (running from a checkout)."""
-    import moe_inductor.backend as backend_module
+    import moe_inductor.compile.backend as backend_module
 
     if "sonic" in torch._dynamo.list_backends(exclude_tags=()):
         return "sonic"
@@ -187,7 +187,7 @@ def probe_backend_token_rounding(cfg: Config) -> tuple[bool, str]:
     try:
         backend = sonic_backend()
     except Exception as e:  # not written yet, or broken mid-edit by a concurrent change
-        return False, f"moe_inductor.backend not importable: {type(e).__name__}: {e}"
+        return False, f"moe_inductor.compile.backend not importable: {type(e).__name__}: {e}"
     small = Config(**{**asdict(cfg), "layers": 1})
     block = build_model(small).model.layers[0].mlp
     block.train()

@@ -2,20 +2,20 @@
 
 Public names (imported on first use, so that ``import moe_inductor`` stays cheap):
 
-- ``fused_moe``, ``fused_moe_experts``: the fused op's Python entry points (``moe_inductor.op``);
-- ``explain``: which MoE blocks of a model the backend rewrites (``moe_inductor.explain``);
+- ``fused_moe``, ``fused_moe_experts``: the fused op's Python entry points (``moe_inductor.ops.op``);
+- ``explain``: which MoE blocks of a model the backend rewrites (``moe_inductor.diagnostics.explain``);
 - ``capture_routing_stats``, ``capture_reports``, ``capture_fallbacks``: collect what the op and
-  the backend record (all through ``moe_inductor.listeners``).
+  the backend record (all through ``moe_inductor.diagnostics.listeners``).
 """
 import importlib
 
 #: public name -> (submodule, attribute)
 _LAZY = {
-    "fused_moe": ("op", "fused_moe"),
-    "fused_moe_experts": ("op", "fused_moe_experts"),
-    "capture_routing_stats": ("stats", "capture_routing_stats"),
-    "capture_reports": ("report", "capture_reports"),
-    "capture_fallbacks": ("dynamo_scope", "capture_fallbacks"),
+    "fused_moe": ("ops.op", "fused_moe"),
+    "fused_moe_experts": ("ops.op", "fused_moe_experts"),
+    "capture_routing_stats": ("diagnostics.stats", "capture_routing_stats"),
+    "capture_reports": ("diagnostics.report", "capture_reports"),
+    "capture_fallbacks": ("dynamo.dynamo_scope", "capture_fallbacks"),
 }
 
 __all__ = ["explain", *_LAZY]
@@ -35,12 +35,7 @@ def __dir__():
 
 
 def explain(*args, **kwargs):
-    """Report which MoE blocks of a model the sonic backend rewrites: see ``moe_inductor.explain``.
+    """Report which MoE blocks of a model the sonic backend rewrites: see ``moe_inductor.diagnostics.explain``.
     Imported lazily so that ``import moe_inductor`` stays cheap."""
-    module = importlib.import_module(".explain", __name__)
-    # importing the submodule binds its name on this package, over this function: bind it back
-    globals()["explain"] = _entry
+    module = importlib.import_module(".diagnostics.explain", __name__)
     return module.explain(*args, **kwargs)
-
-
-_entry = explain

@@ -1,6 +1,6 @@
 """MoE recognition: part recognisers and the compositions that use them.
 
-Part recognisers (registered in ``moe_inductor.parts``): ``dispatch`` (which rows an expert takes,
+Part recognisers (registered in ``moe_inductor.recognize.parts``): ``dispatch`` (which rows an expert takes,
 how a row reads its score, how the expert gathers its rows), ``experts`` (the expert MLP), ``combine``
 (how weighted expert outputs reach their tokens), and ``common`` (activations, biases).
 

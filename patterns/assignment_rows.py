@@ -4,7 +4,7 @@ expert) assignment), recognised in parts and proven once.
 Shape legend: T tokens, d hidden, n expert intermediate, E experts, K experts per token,
 A assignment rows (T*K, or R rows received by a rank under expert parallelism).
 
-Parts (registered in ``moe_inductor.parts``; each maps a spelling to a canonical description):
+Parts (registered in ``moe_inductor.recognize.parts``; each maps a spelling to a canonical description):
 
 - **rows_dispatch** (``RowsGather``): how the rows are read from the tokens: ``x[idx]``,
   ``torch.gather(x, 0, idx.reshape(-1, 1).expand(-1, d))``, ``x.index_select(0, idx)``,
@@ -85,14 +85,14 @@ from typing import Optional
 import torch
 import torch.fx as fx
 
-from moe_inductor import safety
-from moe_inductor.activations import parse_activation
-from moe_inductor.parts import PartDeclined, recognise, register
+from moe_inductor.fx import safety
+from moe_inductor.ops.activations import parse_activation
+from moe_inductor.recognize.parts import PartDeclined, recognise, register
 from moe_inductor.fx.build import call, method
 from moe_inductor.fx.decline import Declined, need
 from moe_inductor.fx.nodes import arg, node_order
 from moe_inductor.fx.shapes import dtype_of, int_value, same, same_dim, shape_of, to_sympy
-from moe_inductor.rewrite import ExpertWeights, MoEBlock, gemm_name
+from moe_inductor.lower.rewrite import ExpertWeights, MoEBlock, gemm_name
 
 from .common import GATED_OF, after_gemm_reason, expert_activation, expert_bias, unary_activation
 from .dispatch import assignment_tokens, routing_map_sorted, topk_columns
@@ -101,7 +101,7 @@ from .experts import row_scaled
 IDIOM = "assignment_rows"
 
 _GROUPED = [torch._grouped_mm]
-import moe_inductor.host_splits  # noqa: E402  (registers moe_inductor::grouped_mm: splits by host counts)
+import moe_inductor.dynamo.host_splits  # noqa: E402  (registers moe_inductor::grouped_mm: splits by host counts)
 _GROUPED += [torch.ops.moe_inductor.grouped_mm.default]
 
 

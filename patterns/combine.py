@@ -1,6 +1,6 @@
 """Combine part (per expert): how an expert's (weighted) output reaches its rows of the result.
 
-Recognisers (``moe_inductor.parts.register``), each mapping a write to a canonical ``Write``:
+Recognisers (``moe_inductor.recognize.parts.register``), each mapping a write to a canonical ``Write``:
   ``index_add_``       ``acc.index_add_(0, idx, v)`` (transformers 4.x loops, most research code)
   ``indexed_iadd``     ``acc[idx] += v`` / ``acc[idx] = acc[idx] + v``: Dynamo records getitem, add,
                        setitem (mistral-inference ``moe.py``, DeepSeek-V3 ``inference/model.py``)
@@ -18,10 +18,10 @@ from typing import Optional
 import torch
 import torch.fx as fx
 
-from moe_inductor import safety
+from moe_inductor.fx import safety
 from moe_inductor.fx.nodes import arg, node_order
 from moe_inductor.fx.shapes import dtype_of, int_value, same, shape_of
-from moe_inductor.parts import Write, register
+from moe_inductor.recognize.parts import Write, register
 
 from .dispatch import rows_index
 

@@ -11,8 +11,8 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as Fn
 
-from moe_inductor import safety
-from moe_inductor.activations import UP_FIRST, Activation
+from moe_inductor.fx import safety
+from moe_inductor.ops.activations import UP_FIRST, Activation
 from moe_inductor.fx.aliasing import is_view_of
 from moe_inductor.fx.decline import Declined, need
 from moe_inductor.fx.matching import AnyOf, F, getitem, M, match_or_decline
@@ -186,7 +186,7 @@ def gptoss_activation(act_out: fx.Node) -> Optional[tuple[str, bool, fx.Node]]:
         gate = gate.clamp(min=None, max=limit); up = up.clamp(min=-limit, max=limit)
         out = (up + 1) * (gate * sigmoid(gate * alpha))
 
-    -> ("gptoss:<alpha>:<limit>", interleaved, h): the same formula as ``moe_inductor.activations`` (g *
+    -> ("gptoss:<alpha>:<limit>", interleaved, h): the same formula as ``moe_inductor.ops.activations`` (g *
     sigmoid(alpha * g) * (u + 1); products commute exactly in IEEE arithmetic). None when
     ``act_out`` does not have this shape at all; Declined when it has it but a piece is not
     proven (a constant that is a tensor, other clamp bounds, other columns, ...)."""

@@ -1,6 +1,6 @@
 """Dispatch part (per expert): which rows expert e takes, and the score each selected row reads.
 
-Recognisers registered here (``moe_inductor.parts.register``), each returning a canonical
+Recognisers registered here (``moe_inductor.recognize.parts.register``), each returning a canonical
 ``Selection`` / ``Score`` / gather, or None when the node is not its spelling:
 
 dispatch (what ``x`` and the output are indexed with for expert e)
@@ -31,11 +31,11 @@ import torch.fx as fx
 import torch.nn.functional as Fn
 from torch._inductor.pattern_matcher import KeywordArg as KA, is_match
 
-from moe_inductor import safety
+from moe_inductor.fx import safety
 from moe_inductor.fx.decline import need
 from moe_inductor.fx.matching import AnyOf, arange_onehot, einsum_parts, eq_constant, F, getitem, M
 from moe_inductor.fx.shapes import dtype_of, int_value, known_nonnegative, same, shape_of, to_sympy
-from moe_inductor.parts import Score, Selection, decline, register
+from moe_inductor.recognize.parts import Score, Selection, decline, register
 
 _ALL = slice(None, None, None)
 

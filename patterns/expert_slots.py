@@ -4,7 +4,7 @@ expert batches (expert e's batch is row e; C slots per expert).
 Shape legend: S tokens (T), d hidden, n expert width, E experts, C slots per expert (capacity),
 K choices per token (terms of a capacity dispatch), R = E * C slots.
 
-Parts (recognisers registered in ``moe_inductor.parts``):
+Parts (recognisers registered in ``moe_inductor.recognize.parts``):
 
 ``slots_dispatch`` fills the slots:
   ``capacity_einsum``  GShard/Switch capacity dispatch (fairseq/fairscale ``top1gating``/``top2gating``,
@@ -115,14 +115,14 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as Fn
 
-from moe_inductor import safety
+from moe_inductor.fx import safety
 from moe_inductor.fx.build import call, method
 from moe_inductor.fx.decline import Declined, need
 from moe_inductor.fx.matching import einsum_parts, transpose_of
 from moe_inductor.fx.nodes import arg, is_mutation, node_order
 from moe_inductor.fx.shapes import dtype_of, example_value, int_value, same, shape_of
-from moe_inductor.parts import ExpertMLP, PartDeclined, decline, recognise, register, weight_node, weight_nodes
-from moe_inductor.rewrite import ExpertWeights, MoEBlock
+from moe_inductor.recognize.parts import ExpertMLP, PartDeclined, decline, recognise, register, weight_node, weight_nodes
+from moe_inductor.lower.rewrite import ExpertWeights, MoEBlock
 
 from . import experts as _experts_part
 from .common import GATED_OF

@@ -36,14 +36,14 @@ from typing import Optional
 import torch
 import torch.fx as fx
 
-from moe_inductor import safety
+from moe_inductor.fx import safety
 from moe_inductor.fx.decline import Declined, need
 from moe_inductor.fx.matching import transpose_of
 from moe_inductor.fx.nodes import downstream, node_order
 from moe_inductor.fx.shapes import dtype_of, int_value, same, same_dim, shape_of
 from moe_inductor.fx.targets import MATMUL_FUNCTIONS, MATMUL_METHODS
-from moe_inductor.parts import ExpertMLP, IdentityExpert, LowRankWeight, decline, recognise, register
-from moe_inductor.rewrite import gemm_name
+from moe_inductor.recognize.parts import ExpertMLP, IdentityExpert, LowRankWeight, decline, recognise, register
+from moe_inductor.lower.rewrite import gemm_name
 
 from .common import GATED_OF, NO_ACTIVATION, expert_activation, gate_up_halves, unary_activation, with_layout, \
     zero_offset
@@ -482,7 +482,7 @@ def row_scaled(mid) -> Optional[tuple]:
 
 def mlp_scaled(out) -> Optional[ExpertMLP]:
     """``mlp``, also accepting the hidden rows scaled per row before the down projection (``row_scaled``;
-    ``ExpertMLP.row_scale``): for ``moe_inductor.host_splits``, which keeps that product as it is, and
+    ``ExpertMLP.row_scale``): for ``moe_inductor.dynamo.host_splits``, which keeps that product as it is, and
     the compositions that read the scores from it. Not a registered spelling: a composition that does
     not look at ``row_scale`` must never see such an expert."""
     if projection(safety.strip_identity(out)) is None:

@@ -39,7 +39,7 @@ Declined (with the reason), because the fused op would not compute the same thin
 transformers 5.x Switch Transformers and NLLB-MoE loop over the data-dependent ``expert_hit``
 (``nonzero``): Dynamo cannot capture that loop in one graph, so no idiom sees NLLB-MoE's blocks
 (``moe_inductor.explain`` reports the graph break); Switch's loop is traced as a loop over
-``range(num_experts)`` (``moe_inductor/capture.py``) and rewritten by ``expert_loop``.
+``range(num_experts)`` (``moe_inductor/dynamo/capture.py``) and rewritten by ``expert_loop``.
 
 Shape legend: T tokens (flattened leading dims), d hidden, n expert intermediate, E experts.
 """
@@ -54,7 +54,7 @@ import torch.fx as fx
 import torch.nn.functional as Fn
 from torch._inductor.pattern_matcher import KeywordArg as KA, is_match
 
-from moe_inductor import safety
+from moe_inductor.fx import safety
 from moe_inductor.fx.build import call, method
 from moe_inductor.fx.decline import Declined, need
 from moe_inductor.fx.matching import (
@@ -62,8 +62,8 @@ from moe_inductor.fx.matching import (
 )
 from moe_inductor.fx.nodes import is_mutation, node_order
 from moe_inductor.fx.shapes import dtype_of, int_value, same, shape_of
-from moe_inductor.parts import recognise, weight_node
-from moe_inductor.rewrite import ExpertWeights, gemm_name, MoEBlock
+from moe_inductor.recognize.parts import recognise, weight_node
+from moe_inductor.lower.rewrite import ExpertWeights, gemm_name, MoEBlock
 from . import combine as _combine
 from . import dispatch as _dispatch
 from . import experts as _experts  # noqa: F401  (registers the expert recognisers)
@@ -117,7 +117,7 @@ def _gather_pattern():
 
 # --------------------------------------------------------------------------- one expert block
 # (the expert MLP, identities, the purity of the expert path and one-hot rows are the shared parts:
-# patterns/experts.py, moe_inductor/safety.py, patterns/dispatch.py)
+# patterns/experts.py, moe_inductor/fx/safety.py, patterns/dispatch.py)
 
 def _expert_mlp(out: fx.Node, gathered: fx.Node):
     """(activation, w_gate|w1, b_gate|b1, w_up, b_up, w_down, b_down, interleaved) of out = expert(gathered)."""

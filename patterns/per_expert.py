@@ -1,6 +1,6 @@
 """Composition: an MoE block written as a Python loop over the experts, unrolled by Dynamo into
 one (dispatch, expert, combine) unit per expert. The parts come from the registries
-(``moe_inductor.parts``: ``patterns/dispatch.py``, ``patterns/experts.py``, ``patterns/combine.py``); this
+(``moe_inductor.recognize.parts``: ``patterns/dispatch.py``, ``patterns/experts.py``, ``patterns/combine.py``); this
 module proves once that the units form one MoE block and describes it for the fused op.
 
 A unit, recognised from each write into an accumulator (combine part)::
@@ -58,14 +58,14 @@ from typing import Optional
 import torch
 import torch.fx as fx
 
-from moe_inductor import safety
+from moe_inductor.fx import safety
 from moe_inductor.fx.build import call, method
 from moe_inductor.fx.decline import Declined, need
 from moe_inductor.fx.matching import size_asserts_of
 from moe_inductor.fx.nodes import is_mutation, node_order
 from moe_inductor.fx.shapes import dtype_of, int_value, same, shape_of, sympy_prod
-from moe_inductor.parts import PartDeclined, recognise, weight_node
-from moe_inductor.rewrite import ExpertWeights, MoEBlock
+from moe_inductor.recognize.parts import PartDeclined, recognise, weight_node
+from moe_inductor.lower.rewrite import ExpertWeights, MoEBlock
 
 from . import combine as _combine  # noqa: F401  (registers the recognisers)
 from . import dispatch as _dispatch

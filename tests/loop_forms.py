@@ -357,7 +357,7 @@ class HostCountsSplitMoE(nn.Module):
     """Rows sorted by expert, split by a host copy of the per-expert counts (``counts.tolist()``),
     one GEMM per chunk, concatenated; the counts come from a 0/1 (T, E) table of the top-k picks.
     Dynamo breaks the graph at ``.tolist()``; in sonic frames it is traced as symbolic sizes and
-    ``moe_inductor.host_splits`` makes the chunks' GEMMs one grouped GEMM on device offsets."""
+    ``moe_inductor.dynamo.host_splits`` makes the chunks' GEMMs one grouped GEMM on device offsets."""
 
     def __init__(self, d=32, n=16, E=6, K=2):
         super().__init__()

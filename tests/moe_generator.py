@@ -187,7 +187,7 @@ class Spec:
     #: ``h[..., :w // 2]`` / ``h[..., w // 2:]`` as vLLM's reference SiluAndMul; ``split(w // 2, -1)``)
     halves: str = "chunk"
     #: the expert's own tensors written in place (drawn with extras; made functional by
-    #: moe_inductor/normal_form.py): ``none``; ``act_inplace`` (``F.silu/relu(h, inplace=True)``);
+    #: moe_inductor/recognize/normal_form.py): ``none``; ``act_inplace`` (``F.silu/relu(h, inplace=True)``);
     #: ``mul_`` / ``imul``: the gated product ``h.mul_(up)`` / ``h *= up`` (not after relu, whose
     #: backward reads its output: eager itself would fail)
     inplace: str = "none"
@@ -613,7 +613,7 @@ def compare(name: str, got: torch.Tensor, want: torch.Tensor, tol) -> str:
 
 
 def _fwd_only(fn, module, x, rng_seed):
-    """Inference: the output under no_grad (where ``moe_inductor.worth`` may choose the gathered
+    """Inference: the output under no_grad (where ``moe_inductor.lower.worth`` may choose the gathered
     decomposition instead of the fused op); no gradients."""
     torch.manual_seed(rng_seed)
     with torch.no_grad():
@@ -650,7 +650,7 @@ def run_case(spec: Spec, atol: Optional[float] = None, rtol: Optional[float] = N
         tol = (atol if atol is not None else tol[0], rtol if rtol is not None else tol[1])
     try:
         if backend == "sonic":
-            from moe_inductor.report import capture_reports
+            from moe_inductor.diagnostics.report import capture_reports
 
             listening = capture_reports()
             # fallback_random: dropout (a near miss) draws eager's numbers under Inductor too

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import torch
 
-from moe_inductor.backend import rewrite_moe
-from moe_inductor.dynamo_scope import mark_sonic, throwaway_trace
-from moe_inductor.options import SonicOptions
+from moe_inductor.compile.backend import rewrite_moe
+from moe_inductor.dynamo.dynamo_scope import mark_sonic, throwaway_trace
+from moe_inductor.compile.options import SonicOptions
 
 
 def light_backend(reports: list):
@@ -68,7 +68,7 @@ class CaptureGraphs:
         mark_sonic(self)
 
     def __call__(self, gm, example_inputs):
-        from moe_inductor.report import record_report
+        from moe_inductor.diagnostics.report import record_report
 
         if throwaway_trace():  # as sonic: a trace a trampoline replaces never runs
             return gm.forward

@@ -16,9 +16,9 @@ import os
 import pytest
 import torch
 
-from moe_inductor import reference
-from moe_inductor.activations import ALL_KINDS, parse_activation
-from moe_inductor.op import fused_moe
+from moe_inductor.ops import reference
+from moe_inductor.ops.activations import ALL_KINDS, parse_activation
+from moe_inductor.ops.op import fused_moe
 
 from test_kernels import DEVICE, HAS_CUDA, make_case, run_and_compare  # noqa: E402
 

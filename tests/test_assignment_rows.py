@@ -25,9 +25,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as Fn
 
-from moe_inductor.backend import rewrite_moe
-from moe_inductor.dynamo_scope import mark_sonic
-from moe_inductor.options import SonicOptions
+from moe_inductor.compile.backend import rewrite_moe
+from moe_inductor.dynamo.dynamo_scope import mark_sonic
+from moe_inductor.compile.options import SonicOptions
 
 from idiom_catalogue import BY_NAME
 

@@ -16,8 +16,8 @@ import torch
 import torch.nn as nn
 from torch._dynamo.utils import counters
 
-import moe_inductor.backend  # noqa: F401  (registers the op and the backend)
-from moe_inductor.memory import saved_activation_bytes, sonic_minimum_bytes
+import moe_inductor.compile.backend  # noqa: F401  (registers the op and the backend)
+from moe_inductor.diagnostics.memory import saved_activation_bytes, sonic_minimum_bytes
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from moe_modules import LoopMoE  # noqa: E402
@@ -30,8 +30,8 @@ def sonic_aot(gm, example_inputs):
     """The sonic rewrite, then AOTAutograd running the graphs as they are (aot_eager)."""
     from torch._dynamo.backends.debugging import aot_eager
 
-    from moe_inductor.backend import rewrite_moe
-    from moe_inductor.options import SonicOptions
+    from moe_inductor.compile.backend import rewrite_moe
+    from moe_inductor.compile.options import SonicOptions
 
     rewrite_moe(gm, SonicOptions())
     return aot_eager(gm, example_inputs)
@@ -178,7 +178,7 @@ def test_faithful_entries_under_autocast(name):
     own eager code fails under autocast (Megatron-Core's linear Function backward: bf16 gradient times
     fp32 weight) is skipped with that reason."""
     from idiom_catalogue import BY_NAME
-    from moe_inductor.stats import capture_routing_stats
+    from moe_inductor.diagnostics.stats import capture_routing_stats
 
     idiom = BY_NAME[name]
     model = idiom.build()

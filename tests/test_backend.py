@@ -9,8 +9,8 @@ from expecttest import assert_expected_inline
 from torch._dynamo.testing import normalize_gm
 from torch._dynamo.utils import counters
 
-from moe_inductor.backend import rewrite_moe
-from moe_inductor.options import SonicOptions
+from moe_inductor.compile.backend import rewrite_moe
+from moe_inductor.compile.options import SonicOptions
 from moe_modules import DenseMLPBlock, GatedMLP, LoopMoE, PlainMLP, SharedWeightLoop
 
 

@@ -11,7 +11,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
 import bench_kernels as bk  # noqa: E402
-from moe_inductor.op import fused_moe  # noqa: E402
+from moe_inductor.ops.op import fused_moe  # noqa: E402
 
 
 def _row(mode):

@@ -2,7 +2,7 @@
 
 The rewrite itself was right (run eagerly, the rewritten graph gave the right gradient); Inductor's
 scheduler lost the dependency of a fused kernel on the top-k backward's scatter and could run it
-first (``moe_inductor/inductor_workarounds.py`` says how, and holds the scoped fix). Everything here therefore goes through the
+first (``moe_inductor/compile/inductor_workarounds.py`` says how, and holds the scoped fix). Everything here therefore goes through the
 whole sonic backend, Inductor included, and compares the output and every gradient with eager in
 the dtype people train in: bf16 and fp16, sigmoid and softmax routers, with and without the bias
 buffer, per-expert loops and the sorted (grouped) and bmm (batched) forms. A lost gradient is a
@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch._dynamo.utils import counters
 
 import moe_generator as G
-from moe_inductor import inductor_workarounds
+from moe_inductor.compile import inductor_workarounds
 
 E, K, d, n, T = 4, 2, 32, 16, 12
 
@@ -157,7 +157,7 @@ def test_fix_scoped_to_sonic_compiles(monkeypatch):
 def test_the_inductor_defect_is_still_there():
     """Plain Inductor (torch 2.11.0, 2.13.0), whole graph, its peak-memory reordering off, zeroes the
     router gradient of the fuzz case. When a torch release fixes the scheduler this fails: then
-    moe_inductor/inductor_workarounds.py can go."""
+    moe_inductor/compile/inductor_workarounds.py can go."""
     m, x = _fuzz_case()
     ref = dict(G._fwd_bwd(m, m, x, 0)[1])
     torch._dynamo.reset()

@@ -1,5 +1,5 @@
 """Inductor's FX-graph cache and the AOTAutograd cache are keyed on this package's code, the
-backend options and the versions (issue 11, item 2; ``moe_inductor/cache_key.py``).
+backend options and the versions (issue 11, item 2; ``moe_inductor/compile/cache_key.py``).
 
 The end-to-end test compiles a tiny MoE forward + backward in fresh processes that share one
 temporary cache directory (FX-graph and AOTAutograd caches on, remote caches off):
@@ -25,8 +25,8 @@ import textwrap
 import pytest
 import torch
 
-from moe_inductor import cache_key
-from moe_inductor.options import SonicOptions
+from moe_inductor.compile import cache_key
+from moe_inductor.compile.options import SonicOptions
 
 DRIVER = textwrap.dedent('''
     import json, sys
@@ -58,7 +58,7 @@ DRIVER = textwrap.dedent('''
             return torch.einsum("tai,ta->ti", y, w)
 
     def run(extra):
-        import moe_inductor.cache_key as ck
+        import moe_inductor.compile.cache_key as ck
         if extra:
             ck.set_extra(extra)
         torch._dynamo.reset()
@@ -108,7 +108,7 @@ def _double_the_backward(root):
     """Make op.py's autograd backwards (``_backward`` of fused_moe, ``_experts_backward`` of
     fused_moe_experts) multiply the incoming gradient by 2: a code change that shows only in the
     traced (and cached) backward graph."""
-    op = root / "moe_inductor" / "op.py"
+    op = root / "moe_inductor" / "ops" / "op.py"
     new, count = re.subn(r"(\ndef _(?:experts_)?backward\w*\(ctx, grad_out\b[^)]*\):\n)",
                          r"\1    grad_out = grad_out * 2\n", op.read_text())
     assert count >= 1, "op.py has no 'def _backward(ctx, grad_out, ...)' to modify: update this test"

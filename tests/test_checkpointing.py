@@ -16,9 +16,9 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
-from moe_inductor.backend import rewrite_moe
-from moe_inductor.memory import saved_activation_bytes
-from moe_inductor.options import SonicOptions
+from moe_inductor.compile.backend import rewrite_moe
+from moe_inductor.diagnostics.memory import saved_activation_bytes
+from moe_inductor.compile.options import SonicOptions
 from moe_modules import LoopMoE
 
 pytestmark = pytest.mark.usefixtures("fresh_dynamo")

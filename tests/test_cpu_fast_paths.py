@@ -17,11 +17,12 @@ import torch
 import torch.fx as fx
 from torch._dynamo.utils import counters
 
-from moe_inductor import explain, reference
-from moe_inductor import op as _op  # noqa: F401  (registers the ops)
-from moe_inductor.activations import parse_activation
-from moe_inductor.dynamo_scope import mark_sonic
-from moe_inductor.rewrite import stacked_source
+from moe_inductor import explain
+from moe_inductor.ops import reference
+from moe_inductor.ops import op as _op  # noqa: F401  (registers the ops)
+from moe_inductor.ops.activations import parse_activation
+from moe_inductor.dynamo.dynamo_scope import mark_sonic
+from moe_inductor.lower.rewrite import stacked_source
 
 from rewrite_check import light_backend
 
@@ -196,7 +197,7 @@ def test_expert_lists_are_read_in_place_on_the_pytorch_path(small, layout, monke
     """fused_moe_experts on the PyTorch path reads each expert's own tensors (the gate and up halves
     multiplied into their columns): nothing stacked, in forward or backward; the same values as
     the op on the stacked weights."""
-    from moe_inductor import op as op_module
+    from moe_inductor.ops import op as op_module
 
     E, d, n, T, K = 5, 16, 8, 9, 2
     g = torch.Generator().manual_seed(3)

@@ -74,7 +74,7 @@ def _rewrites():
 def _why_not():
     """What the backend reports about frames it compiled differently (for assertion messages)."""
     try:
-        from moe_inductor import dynamo_scope
+        from moe_inductor.dynamo import dynamo_scope
 
         return [str(f) for f in dynamo_scope.fallbacks()]
     except Exception as e:  # the module is optional here

@@ -22,9 +22,9 @@ import torch.nn.functional as Fn
 from torch._dynamo.testing import normalize_gm
 from torch.testing._internal.common_utils import TestCase
 
-from moe_inductor.backend import rewrite_moe
-from moe_inductor.dynamo_scope import mark_sonic
-from moe_inductor.options import SonicOptions
+from moe_inductor.compile.backend import rewrite_moe
+from moe_inductor.dynamo.dynamo_scope import mark_sonic
+from moe_inductor.compile.options import SonicOptions
 
 from idiom_catalogue import BY_NAME
 from moe_modules import deepspeed_top2_in_place

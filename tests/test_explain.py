@@ -33,7 +33,7 @@ def test_default_experts_all_rewritten(caplog):
 
 def test_eager_experts_captured_and_rewritten():
     # the "eager" experts loop over the data-dependent expert_hit is traced as a loop over every
-    # expert in sonic frames (moe_inductor/capture.py): one graph, both blocks rewritten
+    # expert in sonic frames (moe_inductor/dynamo/capture.py): one graph, both blocks rewritten
     model, ids = hf_models.build("mixtral", experts_impl="eager")
     report = moe_inductor.explain(model, ids, inductor=False)
     assert [(e.where, e.idiom) for e in report.rewritten] == [

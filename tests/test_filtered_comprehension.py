@@ -1,4 +1,4 @@
-"""Filtered list comprehensions over experts (``moe_inductor.loop_capture._filtered_comprehension``):
+"""Filtered list comprehensions over experts (``moe_inductor.dynamo.loop_capture._filtered_comprehension``):
 LLaMA-MoE's ``UniversalCalculator`` writes ``[self.experts(split_x[i], i) for i in range(E) if
 split_x[i].shape[0] > 0]`` and concatenates the list; the filter guards on an unbacked size and stops
 Dynamo. With the list read only by ``torch.cat(list, 0)`` and row-wise experts, the outputs of the
@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from moe_inductor import capture, loop_capture, side_effects
+from moe_inductor.dynamo import capture, loop_capture, side_effects
 from rewrite_check import CaptureGraphs, rewrite_and_compare
 
 pytestmark = pytest.mark.usefixtures("fresh_dynamo")

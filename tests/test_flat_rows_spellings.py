@@ -1,6 +1,6 @@
 """Flat assignment rows as rxlm's ``MoeFeedForward`` spells them (issue 18).
 
-- ``moe_inductor/host_splits.py``: rows split by host counts with the same ModuleList MLP on every
+- ``moe_inductor/dynamo/host_splits.py``: rows split by host counts with the same ModuleList MLP on every
   chunk, the experts' ``nn.Linear`` projections WITH biases: each projection one grouped GEMM on the
   stacked weights and the stacked biases (``moe_inductor::grouped_mm(rows, W, offs, bias=)``: row r of
   group e gets ``r W_e^T + b_e``, the expert's own ``F.linear`` on its chunk). Near misses: one expert
@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from moe_inductor import host_splits  # noqa: F401  (registers moe_inductor::grouped_mm)
+from moe_inductor.dynamo import host_splits  # noqa: F401  (registers moe_inductor::grouped_mm)
 from rewrite_check import rewrite_and_compare
 
 D, N, E, K = 16, 8, 4, 2

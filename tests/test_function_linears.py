@@ -1,5 +1,5 @@
 """``autograd.Function`` calls that are ``F.linear``, read as such by the experts recogniser
-(``moe_inductor.safety.linear_function_operands``, used by ``patterns/experts.py::projection``).
+(``moe_inductor.fx.safety.linear_function_operands``, used by ``patterns/experts.py::projection``).
 
 Megatron-Core runs every parallel linear through ``LinearWithGradAccumulationAndAsyncCommunication``
 (and its router through ``RouterGatingLinearFunction``): Dynamo records ``Fn.apply(x, w, ...)`` as
@@ -33,7 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from idiom_catalogue import D, E, K, N
-from moe_inductor import safety
+from moe_inductor.fx import safety
 from rewrite_check import rewrite_and_compare
 
 custom_fwd = functools.partial(torch.amp.custom_fwd, device_type="cuda")
@@ -323,7 +323,7 @@ def test_router_in_another_dtype_not_linear():
 
 # --------------------------------------------------------------------------- rows sorted from a routing map
 
-import moe_inductor.host_splits  # noqa: E402,F401  (registers moe_inductor::grouped_mm)
+import moe_inductor.dynamo.host_splits  # noqa: E402,F401  (registers moe_inductor::grouped_mm)
 
 GROUPED_MM = torch.ops.moe_inductor.grouped_mm.default
 
@@ -387,9 +387,9 @@ def test_faithful_megatron_dispatch_proved():
     local map ``routing_map[:, 0:E].contiguous()``, counts ``.sum(dim=0).long().cpu()``, A the host copy
     ``counts.sum().item()``): its rows are proven the routing map's sorted assignments, grouped by those
     counts. (The entry stays pending: its experts are per-expert MLPs on host-count splits.)"""
-    import moe_inductor.backend  # noqa: F401  (sonic's Dynamo scope: the host counts as symbolic sizes)
+    import moe_inductor.compile.backend  # noqa: F401  (sonic's Dynamo scope: the host counts as symbolic sizes)
     from faithful import megatron_core as mc
-    from moe_inductor.dynamo_scope import mark_sonic
+    from moe_inductor.dynamo.dynamo_scope import mark_sonic
     from moe_inductor.patterns.dispatch import routing_map_sorted
 
     found = []

@@ -91,11 +91,10 @@ def test_fx_imports_nothing_above_it():
     for path in sorted((ROOT / "moe_inductor" / "fx").glob("*.py")):
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom):
-                assert node.level == 1 or (node.module or "").split(".")[0] in ("torch", "sympy", "__future__",
-                                                                                  "typing"), (path.name, node.module)
                 assert node.level <= 1, (path.name, node.module)
+                assert node.level == 1 or (node.module or "").split(".")[0] != "moe_inductor", (path.name, node.module)
             elif isinstance(node, ast.Import):
-                assert all(a.name.split(".")[0] in ("torch", "sympy", "operator") for a in node.names), path.name
+                assert all(a.name.split(".")[0] != "moe_inductor" for a in node.names), path.name
 
 
 def test_each_module_imports_alone():
@@ -169,7 +168,7 @@ def test_every_augmented_assignment_writes():
 
 
 def test_view_sets_are_one():
-    from moe_inductor import loop_capture
+    from moe_inductor.dynamo import loop_capture
     assert loop_capture._VIEWS == targets.ALIASING_METHODS | targets.CAST_METHODS
     assert "unfold" in loop_capture._VIEWS and "float" in loop_capture._VIEWS
     assert targets.FLOAT_CAST_DTYPES["bfloat16"] is torch.bfloat16
@@ -202,7 +201,7 @@ def test_need():
     with pytest.raises(decline.PartDeclined) as e:
         decline.need(0, "why", part="dispatch")
     assert e.value.part == "dispatch" and str(e.value) == "dispatch: why"
-    from moe_inductor import parts
+    from moe_inductor.recognize import parts
     assert parts.PartDeclined is decline.PartDeclined and not hasattr(parts, "need")
 
 

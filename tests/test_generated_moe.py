@@ -84,14 +84,14 @@ _INPLACE_LAYOUTS = [("loop", "where_eq", "modulelist", "index_add", "output", Fa
 @pytest.mark.parametrize("combo", _INPLACE_LAYOUTS, ids=lambda c: c[0])
 def test_expert_written_in_place_in_every_layout(combo, inplace):
     # in-place activation / gated product on the expert's own tensors: made functional by the
-    # normal form (moe_inductor/normal_form.py), then recognised as in any other spelling
+    # normal form (moe_inductor/recognize/normal_form.py), then recognised as in any other spelling
     outcome = G.run_case(_base(combo, inplace=inplace, gated=True, act="silu"))
     check(outcome)
     assert outcome.rewritten == 1
 
 
 # Inference (no_grad) at decode size: blocks over stacked weights take the gathered decomposition
-# (moe_inductor/worth.py) instead of the fused op, the others the op; outputs equal eager, through
+# (moe_inductor/lower/worth.py) instead of the fused op, the others the op; outputs equal eager, through
 # the rewrite alone and through the whole backend (Inductor compiles the decomposition).
 _INFERENCE = [_base(c, E=8, K=2, T=2, skew=False, seed=11) for c in _SUPPORTED_SAMPLE]
 _INFERENCE_GATHERED = ("gathered", "interleave", "gathered_fused", "view_sum", "output", False)

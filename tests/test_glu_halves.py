@@ -1,7 +1,7 @@
 """GLU experts whose fused gate|up output has the UP half first and the gate half second (rxlm's
 ``GatedLinearUnit``: ``lin, gate = fc(x).chunk(2, -1); lin * act(gate)``).
 
-The activation spec ``"<kind>+up_first"`` (``moe_inductor.activations``) names that layout of the
+The activation spec ``"<kind>+up_first"`` (``moe_inductor.ops.activations``) names that layout of the
 fused weight (no column copy); ``patterns.common.gate_up_halves`` reads the halves in either order.
 Here: the spelling rewritten and exact (output and every gradient vs eager) in a per-expert
 ModuleList loop and in stacked weights gathered per assignment, fp32 and bf16, with and without a
@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from moe_inductor.activations import parse_activation
+from moe_inductor.ops.activations import parse_activation
 from rewrite_check import rewrite_and_compare
 
 E, K, d, n = 4, 2, 16, 8
@@ -180,9 +180,9 @@ def test_mask_dispatch_up_first_rewritten():
 
 def test_the_recognised_activation_is_up_first():
     """The expert description carries the layout: the op is called with ``"swiglu+up_first"``."""
-    from moe_inductor.backend import rewrite_moe
-    from moe_inductor.dynamo_scope import mark_sonic, throwaway_trace
-    from moe_inductor.options import SonicOptions
+    from moe_inductor.compile.backend import rewrite_moe
+    from moe_inductor.dynamo.dynamo_scope import mark_sonic, throwaway_trace
+    from moe_inductor.compile.options import SonicOptions
 
     torch.manual_seed(0)
     specs = []
@@ -246,7 +246,7 @@ def _case(bias: bool, dtype, seed=0, T=9, n_=8, d_=12):
 
 
 def _op_vs_naive(impl: str, bias: bool, dtype, tol: float):
-    from moe_inductor.op import fused_moe
+    from moe_inductor.ops.op import fused_moe
 
     tok, eid, s, (x, w1, w2, b1, b2) = _case(bias, dtype)
     keep = eid >= 0
@@ -294,7 +294,7 @@ def test_triton_kernels_up_first_interpreted(bias):
 
 
 def test_op_rejects_up_first_on_a_plain_activation():
-    from moe_inductor.op import fused_moe
+    from moe_inductor.ops.op import fused_moe
 
     tok, eid, s, (x, w1, w2, _, _) = _case(False, torch.float32)
     with pytest.raises(Exception, match=r"'\+up_first' needs a gated activation"):

@@ -14,9 +14,9 @@ from torch._dynamo.utils import counters
 pytest.importorskip("transformers")
 import hf_models  # noqa: E402
 import moe_inductor  # noqa: E402
-from moe_inductor.dynamo_scope import mark_sonic
-from moe_inductor.backend import rewrite_moe  # noqa: E402
-from moe_inductor.options import SonicOptions  # noqa: E402
+from moe_inductor.dynamo.dynamo_scope import mark_sonic
+from moe_inductor.compile.backend import rewrite_moe  # noqa: E402
+from moe_inductor.compile.options import SonicOptions  # noqa: E402
 from test_hf_models import run_and_compare, sonic_without_codegen  # noqa: E402
 
 # registers torch.ops.transformers.grouped_mm_fallback, the fp32 grouped GEMM of the HF code

@@ -25,8 +25,8 @@ def sonic_without_codegen(gm, example_inputs):
     generation (several times faster; the full backend is covered by the default-experts tests)."""
     from torch._dynamo.backends.debugging import aot_eager
 
-    from moe_inductor.backend import rewrite_moe
-    from moe_inductor.options import SonicOptions
+    from moe_inductor.compile.backend import rewrite_moe
+    from moe_inductor.compile.options import SonicOptions
 
     rewrite_moe(gm, SonicOptions())
     return aot_eager(gm, example_inputs)

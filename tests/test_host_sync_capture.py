@@ -1,4 +1,4 @@
-"""Host reads that only look like host syncs, read at trace time in sonic frames (moe_inductor/shape_items.py).
+"""Host reads that only look like host syncs, read at trace time in sonic frames (moe_inductor/dynamo/shape_items.py).
 
 ``int((n_tokens * torch.ones((1,), dtype=torch.long)).item())`` (fairseq ``MOELayer``'s --max-tokens
 padding: the all-reduced token count) is a function of a size only: in a frame compiled with sonic it
@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch._dynamo.utils import counters
 
 import loop_forms
-from moe_inductor import shape_items
+from moe_inductor.dynamo import shape_items
 from rewrite_check import light_backend
 from test_fairseq_spellings import ALL, FairseqSlots, d
 

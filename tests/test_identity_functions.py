@@ -1,5 +1,5 @@
 """``autograd.Function`` calls that are the identity, read through by the rewrite
-(``moe_inductor.safety.identity_function_input``, followed by ``strip_identity``).
+(``moe_inductor.fx.safety.identity_function_input``, followed by ``strip_identity``).
 
 Dynamo records ``MyFn.apply(x)`` as ``autograd_function_apply(fwd_body, bwd_body, x, ...)[k]``.
 Public MoE code wraps its dispatch in such Functions: fairscale / DeepSpeed ``_AllToAll`` (at world
@@ -26,7 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from idiom_catalogue import CAPACITY, D, E, K, N, _top2_capacity
-from moe_inductor import safety
+from moe_inductor.fx import safety
 from rewrite_check import rewrite_and_compare
 
 

@@ -24,9 +24,9 @@ import torch
 import torch.nn.functional as Fn
 from torch._dynamo.utils import counters
 
-from moe_inductor.backend import rewrite_moe
-from moe_inductor.dynamo_scope import mark_sonic, throwaway_trace
-from moe_inductor.options import SonicOptions
+from moe_inductor.compile.backend import rewrite_moe
+from moe_inductor.dynamo.dynamo_scope import mark_sonic, throwaway_trace
+from moe_inductor.compile.options import SonicOptions
 
 from idiom_catalogue import BY_NAME, CATALOGUE
 

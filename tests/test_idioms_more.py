@@ -11,9 +11,9 @@ from torch._dynamo.testing import normalize_gm
 from torch._dynamo.utils import counters
 from torch.testing._internal.common_utils import TestCase
 
-from moe_inductor.backend import rewrite_moe
-from moe_inductor.dynamo_scope import mark_sonic
-from moe_inductor.options import SonicOptions
+from moe_inductor.compile.backend import rewrite_moe
+from moe_inductor.dynamo.dynamo_scope import mark_sonic
+from moe_inductor.compile.options import SonicOptions
 
 T, D, N, E, K = 6, 16, 8, 4, 2  # 6 tokens, hidden 16, expert width 8, 4 experts, top-2
 

@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch._dynamo.utils import counters
 
-from moe_inductor import isolation
+from moe_inductor.compile import isolation
 
 E, K, d, n, T = 4, 2, 16, 8, 10
 
@@ -88,9 +88,9 @@ class ExpLogCombine(nn.Module):
 
 
 def test_constant_masked_fill_does_not_break_a_matcher(caplog):
-    from moe_inductor.backend import rewrite_moe
-    from moe_inductor.dynamo_scope import mark_sonic
-    from moe_inductor.options import SonicOptions
+    from moe_inductor.compile.backend import rewrite_moe
+    from moe_inductor.dynamo.dynamo_scope import mark_sonic
+    from moe_inductor.compile.options import SonicOptions
 
     @mark_sonic
     def light(gm, example_inputs):  # the rewrite alone (plain Inductor miscompiles this log combine)

@@ -1,6 +1,6 @@
 """Rows split by host copies of per-expert counts (JetMoE's router ``expert_size.tolist()`` and
 ``JetMoeParallelExperts``' split + per-expert F.linear + cat): one graph under sonic, the splits
-turned into grouped GEMMs on device offsets (``moe_inductor/host_splits.py``), the MoE block
+turned into grouped GEMMs on device offsets (``moe_inductor/dynamo/host_splits.py``), the MoE block
 rewritten by the sorted-rows composition, output and every gradient equal to eager."""
 import logging
 
@@ -113,7 +113,7 @@ def test_jetmoe_one_graph_blocks_rewritten_and_exact(caplog):
 def test_jetmoe_notes_name_the_splits():
     hf_models = pytest.importorskip("hf_models")
     pytest.importorskip("transformers")
-    from moe_inductor import capture
+    from moe_inductor.dynamo import capture
 
     model, _ = hf_models.build("jetmoe")
     notes = capture.notes_for(model)

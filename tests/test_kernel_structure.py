@@ -143,7 +143,7 @@ def test_grouped_program_order(num_tiles, num_cols):
 # ---------------------------------------------------------------------------------------------
 def test_kernel_tile_m_rule():
     from moe_inductor.kernels import config
-    from moe_inductor.options import SonicOptions
+    from moe_inductor.compile.options import SonicOptions
 
     assert SonicOptions().tile_m == config.TILE_M == 128  # what token rounding rounds to
     assert config.kernel_tile_m(8192 * 8, 64) == 128      # training shapes: the full tile
@@ -317,7 +317,7 @@ def test_transposed_weight_grads_keep_parameter_layout():
                                order[:0], c.act, True)
     assert zero[2].stride() == c.w1.stride() and zero[3].stride() == c.w2.stride()
     # through autograd: the parameters' gradients equal the PyTorch path's
-    from moe_inductor.op import fused_moe
+    from moe_inductor.ops.op import fused_moe
 
     def param_grads(impl):
         p1 = c.w1.transpose(1, 2).detach().clone().requires_grad_(True)  # (E, d, 2n) storage

@@ -26,10 +26,10 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from moe_inductor import reference
-from moe_inductor.activations import parse_activation
+from moe_inductor.ops import reference
+from moe_inductor.ops.activations import parse_activation
 from moe_inductor.kernels import triton_moe_backward, triton_moe_forward, unsupported_reason
-from moe_inductor.op import fused_moe
+from moe_inductor.ops.op import fused_moe
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if HAS_CUDA else "cpu"
@@ -154,7 +154,7 @@ def assert_close_scaled(name, got, want, tol, dtype=None):
 # ---------------------------------------------------------------------------------------------
 # The kernels' reference: an independent float64 MoE written here (one assignment at a time, the
 # formulas of the activations spelled out again), differentiated by autograd. Nothing of
-# moe_inductor.reference / activations is reused, so a mistake shared by the kernels and the
+# moe_inductor.ops.reference / activations is reused, so a mistake shared by the kernels and the
 # package's PyTorch path cannot cancel out.
 # ---------------------------------------------------------------------------------------------
 def _gelu64(z, tanh=False):
@@ -324,7 +324,7 @@ def test_forward_backward_match_reference(kwargs):
 def test_cases_cover_every_activation_dtype_and_layout():
     """The parametrization above keeps covering the whole matrix of the issue: every activation
     (gated and not), every dtype, concat/interleaved, transposed/plain weights, biases, T = 1."""
-    from moe_inductor.activations import GATED, NON_GATED
+    from moe_inductor.ops.activations import GATED, NON_GATED
     from test_activation_epilogues import EPILOGUE_KINDS  # the later epilogues are tested there
 
     kw = [p.values[0] for p in CASES]
@@ -650,7 +650,7 @@ def test_auto_impl_falls_back_with_log(case, monkeypatch, caplog):
     import logging
 
     from moe_inductor import kernels as kernels_pkg
-    from moe_inductor import op as op_mod
+    from moe_inductor.ops import op as op_mod
 
     dtype = torch.float64 if case == "float64" else torch.bfloat16
     c = make_case()
@@ -674,7 +674,7 @@ def test_auto_impl_fallback_end_to_end(monkeypatch, caplog):
     tensors report is_cuda: it runs, logs the fallback, and matches the PyTorch path."""
     import logging
 
-    from moe_inductor import op as op_mod
+    from moe_inductor.ops import op as op_mod
 
     c = make_case(bias=True)
     leaves64 = [t.detach().double().requires_grad_(True) for t in (c.x, c.scores, c.w1, c.w2, c.b1, c.b2)]
@@ -702,7 +702,7 @@ def test_auto_impl_fallback_end_to_end(monkeypatch, caplog):
 def test_triton_path_saves_same_activations_as_torch_path(recompute_h):
     """Activation memory: forward + autograd with impl='triton' keeps exactly what impl='torch'
     keeps (X, H or nothing, scores, int routing, order), tensor by tensor and byte for byte."""
-    from moe_inductor.memory import saved_activation_bytes
+    from moe_inductor.diagnostics.memory import saved_activation_bytes
 
     c = make_case(T=13, E=5, K=3, bias=True, act="swiglu", dtype=torch.bfloat16, index_dtype=torch.int32)
     x = c.x.detach().clone().requires_grad_(True)
@@ -780,7 +780,7 @@ def test_tile_m_is_shared_with_token_rounding(monkeypatch):
     divisor of it, so token-rounded counts fill whole kernel tiles. The kernels serve any row tile
     (here 16: experts span several tiles at T=40)."""
     from moe_inductor.kernels import config
-    from moe_inductor.options import SonicOptions
+    from moe_inductor.compile.options import SonicOptions
 
     assert SonicOptions().tile_m == config.TILE_M
     assert config.kernel_tile_m(8192 * 8, 64) == config.TILE_M
@@ -793,7 +793,7 @@ def test_import_moe_inductor_does_not_import_triton():
     import subprocess
     import sys
 
-    code = "import sys, moe_inductor, moe_inductor.op, moe_inductor.kernels; print('triton' in sys.modules)"
+    code = "import sys, moe_inductor, moe_inductor.ops.op, moe_inductor.kernels; print('triton' in sys.modules)"
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert res.stdout.strip() == "False"
 
@@ -1006,7 +1006,7 @@ def test_kernels_compile_for_hopper():
 
 
 def test_unsupported_reason_counts_assignments_for_int32_tables():
-    from moe_inductor.activations import parse_activation
+    from moe_inductor.ops.activations import parse_activation
     from moe_inductor.kernels import unsupported_reason
 
     x, w1, w2 = torch.empty(4, 8), torch.empty(2, 16, 8), torch.empty(2, 8, 8)

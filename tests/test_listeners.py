@@ -1,5 +1,5 @@
 """One listener mechanism (issue 19): routing statistics, compile reports and fallbacks all reach
-whoever listens through ``moe_inductor.listeners``, and no other module keeps listener lists."""
+whoever listens through ``moe_inductor.diagnostics.listeners``, and no other module keeps listener lists."""
 import ast
 import importlib.util
 from pathlib import Path
@@ -8,8 +8,9 @@ import pytest
 import torch
 import torch.fx as fx
 
-from moe_inductor import dynamo_scope, listeners, report, stats
-from moe_inductor.op import fused_moe
+from moe_inductor.dynamo import dynamo_scope
+from moe_inductor.diagnostics import listeners, report, stats
+from moe_inductor.ops.op import fused_moe
 
 from test_op import make
 

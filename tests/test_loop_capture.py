@@ -1,5 +1,5 @@
 """Graph-breaking per-expert loops are traced as one loop over every expert under sonic
-(``moe_inductor.loop_capture``, applied by ``moe_inductor.capture`` in sonic frames only): one graph,
+(``moe_inductor.dynamo.loop_capture``, applied by ``moe_inductor.dynamo.capture`` in sonic frames only): one graph,
 output and every gradient equal to eager; loops whose body cannot be proved to do nothing for an
 expert without tokens are left alone, with the reason. Modules: tests/loop_forms.py (hand-written
 after the public code each names) and tiny transformers models (tests/hf_models.py)."""
@@ -12,7 +12,7 @@ from torch._dynamo.utils import counters
 
 import loop_forms
 from rewrite_check import CaptureGraphs
-from moe_inductor import capture, dynamo_scope, loop_capture
+from moe_inductor.dynamo import capture, dynamo_scope, loop_capture
 
 pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 
@@ -150,7 +150,7 @@ def test_compiled_block_itself():
     # before the block got its capturable forward. Dynamo's code for that frame is replaced by a
     # trampoline into the capturable forward (its own trace of the original, which graph-breaks at
     # the host counts, is thrown away): the first call already runs the captured loop, fused
-    from moe_inductor.stats import capture_routing_stats
+    from moe_inductor.diagnostics.stats import capture_routing_stats
 
     torch.manual_seed(0)
     model = loop_forms.BincountSkipMoE()
@@ -181,7 +181,7 @@ def test_compiled_block_whose_original_cannot_be_traced():
     # the original forward's trace fails as a whole (a data-dependent `if` inside the loop: Dynamo
     # cannot resume inside it), so there is no code to replace: that one call runs eagerly, and
     # from the next call on the capturable forward is traced (one graph, fused)
-    from moe_inductor.stats import capture_routing_stats
+    from moe_inductor.diagnostics.stats import capture_routing_stats
 
     torch.manual_seed(0)
     model = loop_forms.MaskAnyMoE()

@@ -1,6 +1,6 @@
 """A captured per-expert loop runs every expert, the empty ones on zero rows: exact for the values,
 but not for experts whose ``forward`` changes state that outlives the call. Such a loop is kept as
-the user wrote it (``moe_inductor.side_effects``), with the reason in ``capture.notes_for`` and
+the user wrote it (``moe_inductor.dynamo.side_effects``), with the reason in ``capture.notes_for`` and
 explain; pure experts, including in-place arithmetic on tensors they computed themselves, are still
 captured.
 
@@ -21,7 +21,7 @@ from torch._dynamo.utils import counters
 
 import loop_forms
 from rewrite_check import CaptureGraphs
-from moe_inductor import capture, side_effects
+from moe_inductor.dynamo import capture, side_effects
 
 pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 
@@ -198,7 +198,7 @@ def test_pure_expert_is_still_captured(expert_cls):
     assert isinstance(comp.__dict__.get("forward"), capture.CapturableForward)
     assert len(backend.graphs) == 1  # captured whole
     # and rewritten: in-place arithmetic on the expert's own tensors is made functional first
-    # (moe_inductor/normal_form.py)
+    # (moe_inductor/recognize/normal_form.py)
     assert counters["sonic"]["moe_rewrites"] == 1
 
 
@@ -279,7 +279,7 @@ def test_compiled_block_with_a_skip_in_its_loop_is_rewritten_on_the_first_call(f
     """``torch.compile(block)`` whose loop skips empty experts with a data-dependent ``if`` (``if not
     mask.any(): continue`` over ``range(E)``; makeMoE's ``if flat_mask.any():`` over ``enumerate``): the throwaway trace of the original forward must not make Dynamo skip
     the frame at that graph break, or the first call runs eagerly. Relies on Dynamo's private
-    ``InstructionTranslatorBase.maybe_has_backedge`` (moe_inductor/dynamo_scope.py), checked on torch
+    ``InstructionTranslatorBase.maybe_has_backedge`` (moe_inductor/dynamo/dynamo_scope.py), checked on torch
     2.11 and 2.13: if a release removes it, this test says so."""
     from torch._dynamo.symbolic_convert import InstructionTranslatorBase
 

@@ -238,7 +238,7 @@ def _operands():
 
 
 def test_projection_gives_the_merged_weight():
-    from moe_inductor.parts import LowRankWeight
+    from moe_inductor.recognize.parts import LowRankWeight
     from moe_inductor.patterns.experts import projection
 
     g = _graph(lambda x, W, A, B: F.linear(x, W) + F.linear(F.linear(x, A) * 0.5, B) * 3.0, *_operands())

@@ -14,9 +14,9 @@ from torch._dynamo.testing import normalize_gm
 from torch._dynamo.utils import counters
 from torch.testing._internal.common_utils import TestCase
 
-from moe_inductor.backend import rewrite_moe
-from moe_inductor.dynamo_scope import mark_sonic
-from moe_inductor.options import SonicOptions
+from moe_inductor.compile.backend import rewrite_moe
+from moe_inductor.dynamo.dynamo_scope import mark_sonic
+from moe_inductor.compile.options import SonicOptions
 from moe_modules import BiasedMLP, LoopMoE, MaskDispatchMoE, PlainMLP
 
 
@@ -315,7 +315,7 @@ def test_hf_nllb_moe_4x_blocks(mode, token_dropout, rewritten):
 @pytest.mark.parametrize("family", ["nllb_moe"])
 def test_hf_5x_expert_hit_loop_captured(family):
     # transformers 5.x loops over the data-dependent expert_hit: in a sonic frame the loop is traced
-    # over every expert (moe_inductor/loop_capture.py), so one graph holds each block and the
+    # over every expert (moe_inductor/dynamo/loop_capture.py), so one graph holds each block and the
     # recognisers see it; in eval mode NLLB-MoE scales the expert output in place
     # (``*= 1 - moe_token_dropout``): a constant the composition folds into the routing weights
     hf_models = _hf(family)

@@ -11,7 +11,7 @@ pytest.importorskip("transformers")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 from moe_layers import block_output, olmoe_block  # noqa: E402
 
-from moe_inductor.memory import saved_activation_bytes, sonic_minimum_bytes  # noqa: E402
+from moe_inductor.diagnostics.memory import saved_activation_bytes, sonic_minimum_bytes  # noqa: E402
 
 
 def saved_bytes(block, x, backend, options=None):

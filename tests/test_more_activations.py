@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from moe_inductor.activations import act_backward, act_forward, parse_activation, split_gate_up
+from moe_inductor.ops.activations import act_backward, act_forward, parse_activation, split_gate_up
 
 pytest.importorskip("transformers")
 import hf_models  # noqa: E402

@@ -1,6 +1,6 @@
 """Never worse than Inductor: a module plain Inductor compiles, sonic compiles too, with the same
 numerics; where sonic's Dynamo setting (``capture_dynamic_output_shape_ops``) makes Dynamo fail on
-a frame, the frame is compiled again without it (``moe_inductor.dynamo_scope``), and a graph on
+a frame, the frame is compiled again without it (``moe_inductor.dynamo.dynamo_scope``), and a graph on
 which Inductor fails after the MoE rewrite is compiled without the rewrite (``sonic()``); both
 are logged and listed by ``explain``."""
 import logging
@@ -11,7 +11,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch._dynamo.utils import counters
 
-from moe_inductor import backend as sonic_backend, dynamo_scope
+from moe_inductor.compile import backend as sonic_backend
+from moe_inductor.dynamo import dynamo_scope
 
 pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 
@@ -75,10 +76,10 @@ class OfficialStyleMoE(nn.Module):
 
 class HostCountsMoE(OfficialStyleMoE):
     """The official form with the host counts also read inside the loop (``* (counts[i] > 0)``, a
-    factor 1): sonic's loop capture (``moe_inductor/capture.py``) must keep the ``.tolist()``, so the
+    factor 1): sonic's loop capture (``moe_inductor/dynamo/capture.py``) must keep the ``.tolist()``, so the
     frame still fails in Dynamo under sonic's setting. (The official form itself is traced as one
     loop over every expert: tests/test_loop_capture.py.) The ids are counted as ``indices.flatten() * 1``:
-    arithmetic the bincount length proof (``moe_inductor/shape_items.py``) does not follow, so the
+    arithmetic the bincount length proof (``moe_inductor/dynamo/shape_items.py``) does not follow, so the
     counts' length stays data-dependent as well."""
 
     def forward(self, x):

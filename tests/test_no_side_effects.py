@@ -48,7 +48,7 @@ SCRIPT = textwrap.dedent(r"""
 
     before, fwd_before = configs(), forwards()
     if use_sonic:
-        import moe_inductor.backend  # noqa: F401
+        import moe_inductor.compile.backend  # noqa: F401
         from moe_modules import LoopMoE
         torch.manual_seed(1)
         m = LoopMoE(d=8, n=8, E=2, K=1)

@@ -1,4 +1,4 @@
-"""The normal form (moe_inductor/normal_form.py): in-place elementwise ops on tensors the graph
+"""The normal form (moe_inductor/recognize/normal_form.py): in-place elementwise ops on tensors the graph
 allocated are made functional before recognition, and nothing else is.
 
 - Spellings real code uses inside the block (``h.mul_(up)``, ``h *= up``, ``F.silu(g, inplace=True)``,
@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from moe_inductor.normal_form import functionalize
+from moe_inductor.recognize.normal_form import functionalize
 from rewrite_check import rewrite_and_compare
 
 pytestmark = pytest.mark.usefixtures("fresh_dynamo")

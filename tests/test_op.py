@@ -3,9 +3,9 @@ opcheck, input errors and the memory-lean saved set."""
 import pytest
 import torch
 
-from moe_inductor.memory import saved_activation_bytes, sonic_minimum_bytes
-from moe_inductor.op import fused_moe
-from moe_inductor.reference import naive_moe
+from moe_inductor.diagnostics.memory import saved_activation_bytes, sonic_minimum_bytes
+from moe_inductor.ops.op import fused_moe
+from moe_inductor.ops.reference import naive_moe
 
 
 def make(T, d, n, E, K, dtype=torch.float32, gated=True, bias=False, seed=0, logits_bias=None):
@@ -142,7 +142,7 @@ def test_saved_set_is_sonic_minimum(recompute_h):
 
 # --------------------------------------------------------------------------- per-expert weight lists
 
-from moe_inductor.op import fused_moe_experts  # noqa: E402
+from moe_inductor.ops.op import fused_moe_experts  # noqa: E402
 
 
 def expert_lists(w1, w2, b1, b2, split_up):

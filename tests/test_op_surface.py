@@ -11,8 +11,9 @@ import pytest
 import torch
 
 import moe_inductor
-from moe_inductor import op, report
-from moe_inductor.reference import naive_moe
+from moe_inductor.ops import op
+from moe_inductor.diagnostics import report
+from moe_inductor.ops.reference import naive_moe
 
 from test_op import expert_lists, make
 
@@ -118,10 +119,10 @@ def test_package_exports_the_entry_points():
 
 
 def test_package_import_stays_light():
-    code = ("import sys, moe_inductor; assert 'moe_inductor.op' not in sys.modules; "
-            "f = moe_inductor.fused_moe; assert 'moe_inductor.op' in sys.modules; print(f.__module__)")
+    code = ("import sys, moe_inductor; assert 'moe_inductor.ops.op' not in sys.modules; "
+            "f = moe_inductor.fused_moe; assert 'moe_inductor.ops.op' in sys.modules; print(f.__module__)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0 and proc.stdout.strip() == "moe_inductor.op", proc.stderr[-2000:]
+    assert proc.returncode == 0 and proc.stdout.strip() == "moe_inductor.ops.op", proc.stderr[-2000:]
 
 
 @pytest.mark.parametrize("name", sorted(OPS))

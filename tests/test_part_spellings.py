@@ -247,7 +247,7 @@ class TokensWrittenAfter(_Routed):
     own gathered copies ``x[tok]``; the fused op keeps ``x`` itself, so rewriting would fail
     autograd's version check in backward: declined with the reason (found in review of labml's form).
     ``write_after="fresh"``: the tokens are a product the graph computed (``x * 1.0``): the normal form
-    (moe_inductor/normal_form.py) makes the write functional, the block reads the unwritten tokens
+    (moe_inductor/recognize/normal_form.py) makes the write functional, the block reads the unwritten tokens
     and is rewritten. ``"normed"``: tokens from a layer norm, outside the normal form's list of
     allocating ops: the write stays in place and the block is declined."""
 

@@ -1,4 +1,4 @@
-"""The part recognisers (moe_inductor/parts.py registries) and the per-expert composition.
+"""The part recognisers (moe_inductor/recognize/parts.py registries) and the per-expert composition.
 
 Each part recogniser is checked on a tiny Dynamo graph holding its spelling; the composition on
 whole blocks: rewritten ones (snapshot of the rewritten graph, output and every gradient vs
@@ -18,10 +18,10 @@ from torch._dynamo.testing import normalize_gm
 from torch._dynamo.utils import counters
 from torch.testing._internal.common_utils import TestCase
 
-from moe_inductor import parts
-from moe_inductor.backend import rewrite_moe
-from moe_inductor.dynamo_scope import mark_sonic
-from moe_inductor.options import SonicOptions
+from moe_inductor.recognize import parts
+from moe_inductor.compile.backend import rewrite_moe
+from moe_inductor.dynamo.dynamo_scope import mark_sonic
+from moe_inductor.compile.options import SonicOptions
 
 D, N, E, K = 8, 12, 4, 2
 

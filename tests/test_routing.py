@@ -1,4 +1,4 @@
-"""Invariants of top-k routing and SonicMoE token rounding (moe_inductor.routing), on CPU.
+"""Invariants of top-k routing and SonicMoE token rounding (moe_inductor.ops.routing), on CPU.
 
 The vectorised implementation is checked against a per-expert Python loop written straight from
 the algorithm (``bruteforce_token_rounding``), and against the properties the algorithm promises.
@@ -10,9 +10,9 @@ import math
 import pytest
 import torch
 
-from moe_inductor.op import fused_moe
-from moe_inductor.reference import naive_moe
-from moe_inductor.routing import (
+from moe_inductor.ops.op import fused_moe
+from moe_inductor.ops.reference import naive_moe
+from moe_inductor.ops.routing import (
     MODES,
     expert_counts,
     max_token_rounding_assignments,

@@ -16,10 +16,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from moe_inductor import reference, report
-from moe_inductor.activations import parse_activation
-from moe_inductor.op import fused_moe
-from moe_inductor.rewrite import Candidate
+from moe_inductor.ops import reference
+from moe_inductor.diagnostics import report
+from moe_inductor.ops.activations import parse_activation
+from moe_inductor.ops.op import fused_moe
+from moe_inductor.lower.rewrite import Candidate
 
 from test_kernels import _NoHostSyncMode  # noqa: E402
 

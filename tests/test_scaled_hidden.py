@@ -2,7 +2,7 @@
 ``tokens_per_expert.tolist()``, ``torch.split`` of the permuted rows AND of the permuted probabilities
 by the same counts, each ``MLP`` computing ``fc2((act(fc1(x)) * probs.unsqueeze(-1)).to(dtype))``).
 
-``moe_inductor.host_splits`` turns the per-expert modules into grouped GEMMs on all the rows, the
+``moe_inductor.dynamo.host_splits`` turns the per-expert modules into grouped GEMMs on all the rows, the
 probabilities split alongside read as one per-row column (``host_splits._side_splits``), and
 ``patterns/assignment_rows`` takes that column as the scores applied after the experts:
 ``down(h * s) == s * down(h)`` for a down projection without bias (up to rounding). Checked here:
@@ -155,7 +155,7 @@ def test_under_autocast_the_grouped_gemms_cast_as_each_linear_did():
     standing in for them does too (its Autocast kernels), so the block is rewritten and close to eager
     (bf16 rounding); before, Inductor refused the rewritten graph (bf16 rows, fp32 weights) and the
     frame fell back to plain Inductor."""
-    from moe_inductor.stats import capture_routing_stats
+    from moe_inductor.diagnostics.stats import capture_routing_stats
 
     torch.manual_seed(0)
     model = MegatronLike()

@@ -1,4 +1,4 @@
-"""Segment loops (``moe_inductor.loop_capture._segment_loop``): per-expert loops that slice sorted
+"""Segment loops (``moe_inductor.dynamo.loop_capture._segment_loop``): per-expert loops that slice sorted
 rows ``R[start:end]`` with a running offset carried from one expert to the next (DeepSeek-V2/V3 Hub
 ``moe_infer``, rxlm's ``MoeFeedForward``) are traced as ``R.split(counts.tolist(), 0)`` and one
 output per expert: one graph under sonic, output and every gradient equal to eager. Near misses
@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from moe_inductor import capture, loop_capture
+from moe_inductor.dynamo import capture, loop_capture
 from rewrite_check import CaptureGraphs
 
 pytestmark = pytest.mark.usefixtures("fresh_dynamo")

@@ -22,11 +22,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch._dynamo.utils import counters
 
-from moe_inductor import dynamo_scope
-from moe_inductor.activations import act_backward, act_forward, parse_activation, split_gate_up
-from moe_inductor.backend import rewrite_moe
-from moe_inductor.op import fused_moe
-from moe_inductor.options import SonicOptions
+from moe_inductor.dynamo import dynamo_scope
+from moe_inductor.ops.activations import act_backward, act_forward, parse_activation, split_gate_up
+from moe_inductor.compile.backend import rewrite_moe
+from moe_inductor.ops.op import fused_moe
+from moe_inductor.compile.options import SonicOptions
 
 pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 
@@ -41,7 +41,7 @@ class Graphs:
         dynamo_scope.mark_sonic(self)
 
     def __call__(self, gm, example_inputs):
-        from moe_inductor.report import record_report
+        from moe_inductor.diagnostics.report import record_report
 
         record_report(rewrite_moe(gm, SonicOptions()), gm)
         self.graphs.append(gm)

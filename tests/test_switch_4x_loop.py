@@ -1,4 +1,4 @@
-"""transformers 4.x Switch Transformers' hit loop (``moe_inductor.loop_capture`` +
+"""transformers 4.x Switch Transformers' hit loop (``moe_inductor.dynamo.loop_capture`` +
 ``patterns/mask_dispatch.py``)::
 
     hit = mask.reshape(B * S, E).sum(dim=0)                 # expert axis LAST, no `> 0`
@@ -14,7 +14,7 @@ import torch.nn as nn
 from torch._dynamo.utils import counters
 
 from rewrite_check import CaptureGraphs
-from moe_inductor import capture
+from moe_inductor.dynamo import capture
 
 pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 
@@ -211,7 +211,7 @@ def test_hit_name_rebound_to_another_list_is_not_rewritten():
 def test_last_axis_check_is_in_the_rewritten_source():
     # the reshape reads M's last axis only when E == M.shape[-1] and M[:, :, e] is that axis only
     # for a 3-D M; both are checked (static) before the range loop, and the mask must be bool to index
-    from moe_inductor import loop_capture
+    from moe_inductor.dynamo import loop_capture
 
     text = loop_capture.analyse(Switch4x.forward).replacement._sonic_source
     assert "idx_mask.shape[0] == router_mask.shape[-1]" in text and "router_mask.dim() == 3" in text, text

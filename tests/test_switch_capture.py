@@ -1,5 +1,5 @@
 """transformers 5.x Switch Transformers: the experts loop over the data-dependent ``expert_hit`` is
-traced as a loop over ``range(num_experts)`` (``moe_inductor.capture`` / ``loop_capture``, from the
+traced as a loop over ``range(num_experts)`` (``moe_inductor.dynamo.capture`` / ``loop_capture``, from the
 code, no per-class list), so the whole MoE block is one graph and the ``expert_loop`` idiom rewrites it (routing from the one-hot x capacity mask,
 tokens over capacity as dropped assignments). Exact vs eager, logits and every gradient."""
 import pytest
@@ -9,7 +9,7 @@ from torch._dynamo.utils import counters
 pytest.importorskip("transformers")
 import hf_models  # noqa: E402
 import moe_inductor  # noqa: E402
-from moe_inductor import capture  # noqa: E402
+from moe_inductor.dynamo import capture  # noqa: E402
 from test_hf_models import close  # noqa: E402
 from test_mask_dispatch import no_dropout  # noqa: E402
 
@@ -57,7 +57,7 @@ def test_substitution_scoped_to_the_modules_sonic_compiles():
     # experts modules (only) an instance-level forward; the class keeps its own
     from transformers.models.switch_transformers import modeling_switch_transformers as m
 
-    import moe_inductor.backend  # noqa: F401
+    import moe_inductor.compile.backend  # noqa: F401
 
     original = m.SwitchTransformersExperts.forward
     model, ids, blocks = _switch()

@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from torch._dynamo.utils import counters
 
 import moe_inductor
-from moe_inductor.op import fused_moe
-from moe_inductor.routing import token_rounding_routing
+from moe_inductor.ops.op import fused_moe
+from moe_inductor.ops.routing import token_rounding_routing
 from moe_modules import GatedMLP
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))

@@ -11,8 +11,8 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-from moe_inductor.backend import rewrite_moe
-from moe_inductor.options import SonicOptions
+from moe_inductor.compile.backend import rewrite_moe
+from moe_inductor.compile.options import SonicOptions
 from moe_modules import LoopMoE, MaskDispatchMoE
 
 pytestmark = pytest.mark.usefixtures("fresh_dynamo")

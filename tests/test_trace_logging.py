@@ -1,5 +1,5 @@
 """Logging calls inside frames compiled with sonic are carried out at trace time, not graph breaks
-(``moe_inductor.trace_logging``); other backends keep Dynamo's behaviour, and a call Dynamo would
+(``moe_inductor.dynamo.trace_logging``); other backends keep Dynamo's behaviour, and a call Dynamo would
 have to evaluate on tensors still breaks the graph."""
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import moe_inductor
-from moe_inductor import trace_logging
+from moe_inductor.dynamo import trace_logging
 from moe_modules import StackedLoopMoE
 
 pytestmark = pytest.mark.usefixtures("fresh_dynamo")

@@ -1,4 +1,4 @@
-"""The "worth it" choice (``moe_inductor.worth``): CPU inference with few assignments per distinct
+"""The "worth it" choice (``moe_inductor.lower.worth``): CPU inference with few assignments per distinct
 expert runs the gathered decomposition (Inductor-compiled GEMVs, no fused op); everything that
 autograd needs, dynamic token counts, autocast, CUDA and per-expert weight lists keep the fused
 op. The decomposition computes what the op computes."""
@@ -8,9 +8,9 @@ import pytest
 import torch
 
 import moe_inductor
-from moe_inductor import op as _op  # noqa: F401  (registers the ops)
+from moe_inductor.ops import op as _op  # noqa: F401  (registers the ops)
 from moe_modules import StackedLoopMoE
-from moe_inductor.worth import GATHER_MAX_SHARING, choose_gathered, expected_sharing, gathered_experts
+from moe_inductor.lower.worth import GATHER_MAX_SHARING, choose_gathered, expected_sharing, gathered_experts
 
 pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 

@@ -9,6 +9,6 @@
 - ``build``: creating nodes with example values (``emit``, ``call``, ``method``);
 - ``decline``: ``Declined``/``PartDeclined`` and ``need``, the one way a proof says no.
 
-Everything above (``moe_inductor.safety``, ``moe_inductor.rewrite``, ``patterns/``) imports these
+Everything above (``moe_inductor.fx.safety``, ``moe_inductor.lower.rewrite``, ``patterns/``) imports these
 names from here; modules of this package import only torch and each other.
 """

@@ -10,7 +10,7 @@ Exports:
       -> (out (T, d) x.dtype, h_sorted (A, H) or (0, H), order (A,) int32)
   triton_moe_backward(grad_out, x, token_ids, expert_ids, scores, w1, w2, b1, b2, h_sorted|None,
                       order, act, interleaved) -> (dx, dscores, dw1, dw2, db1|None, db2|None)
-Semantics: exactly ``moe_inductor.reference.moe_forward`` / ``moe_backward``.
+Semantics: exactly ``moe_inductor.ops.reference.moe_forward`` / ``moe_backward``.
 
 Layout: routing_meta (device-side routing tables and tile schedule) -> grouped_gemm (up-proj,
 grouped GEMM, dH, weight-grad kernels and launchers) + combine (gather-and-sum, per-expert column
@@ -81,7 +81,7 @@ def _require_supported(x, w1, w2, act) -> None:
 
 def triton_moe_forward(x, token_ids, expert_ids, scores, w1, w2, b1, b2, act, interleaved, keep_h):
     _require_supported(x, w1, w2, act)
-    from .fused_moe_triton import forward
+    from moe_inductor.kernels.fused_moe_triton import forward
 
     return forward(x, token_ids, expert_ids, scores, w1, w2, b1, b2, act, interleaved, keep_h)
 
@@ -89,7 +89,7 @@ def triton_moe_forward(x, token_ids, expert_ids, scores, w1, w2, b1, b2, act, in
 def triton_moe_backward(grad_out, x, token_ids, expert_ids, scores, w1, w2, b1, b2, h_sorted, order, act,
                         interleaved):
     _require_supported(x, w1, w2, act)
-    from .fused_moe_triton import backward
+    from moe_inductor.kernels.fused_moe_triton import backward
 
     return backward(grad_out, x, token_ids, expert_ids, scores, w1, w2, b1, b2, h_sorted, order, act, interleaved)
 

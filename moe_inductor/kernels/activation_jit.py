@@ -1,6 +1,6 @@
 """Expert activations as @triton.jit helpers for the GEMM epilogues (forward and derivative).
 
-Mirrors ``moe_inductor.activations`` (the PyTorch source of truth) formula by formula; the
+Mirrors ``moe_inductor.ops.activations`` (the PyTorch source of truth) formula by formula; the
 activation kind is a constexpr so each kernel specialisation contains only its own math.
 All inputs are fp32 tiles.
 """
@@ -9,7 +9,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ..activations import Activation
+from moe_inductor.ops.activations import Activation
 
 SILU = 0
 GELU = 1

@@ -19,10 +19,10 @@ import torch
 import triton
 import triton.language as tl
 
-from . import config
-from .jit_utils import cast
-from .launch_utils import INTERPRET, alloc, autotune_configs
-from .routing_meta import RoutingMeta
+from moe_inductor.kernels import config
+from moe_inductor.kernels.jit_utils import cast
+from moe_inductor.kernels.launch_utils import INTERPRET, alloc, autotune_configs
+from moe_inductor.kernels.routing_meta import RoutingMeta
 
 # Per-expert column sums (db1, db2): a program owns BLOCK_C columns of one expert and adds the
 # expert's rows in blocks of BLOCK_R (each block summed, then added to the fp32 total). Fixed

@@ -1,7 +1,7 @@
 """Tile sizes of the kernels and of token rounding, chosen from static shapes only.
 
 Shape legend: T tokens, E experts, A assignments (sorted rows). Pure Python (no torch, no triton):
-``moe_inductor.options`` imports it, and every choice here is a function of shapes that are known
+``moe_inductor.compile.options`` imports it, and every choice here is a function of shapes that are known
 at launch, never of device data (no host sync).
 
 Everything here was reasoned, not measured: no GPU was available when it was written. Re-check

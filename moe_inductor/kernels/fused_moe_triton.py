@@ -1,6 +1,6 @@
 """Forward and backward of the fused MoE op on Triton kernels (SonicMoE's dataflow).
 
-Shape legend as in ``moe_inductor.reference`` (T, d, n, H = 2n or n, E, A). Semantics are exactly
+Shape legend as in ``moe_inductor.ops.reference`` (T, d, n, H = 2n or n, E, A). Semantics are exactly
 ``reference.moe_forward`` / ``reference.moe_backward``; this module only sequences the launches:
 
   forward   routing meta -> up_proj (gather X, write H if kept, A = act(H)) -> sorted_gemm
@@ -25,12 +25,12 @@ from typing import Optional
 
 import torch
 
-from ..activations import Activation
-from . import config, launch_utils
-from .combine import gather_sum, segment_colsum
-from .grouped_gemm import dh_backward, sorted_gemm, up_proj, weight_grad
-from .launch_utils import alloc
-from .routing_meta import build_routing_meta
+from moe_inductor.ops.activations import Activation
+from moe_inductor.kernels import config, launch_utils
+from moe_inductor.kernels.combine import gather_sum, segment_colsum
+from moe_inductor.kernels.grouped_gemm import dh_backward, sorted_gemm, up_proj, weight_grad
+from moe_inductor.kernels.launch_utils import alloc
+from moe_inductor.kernels.routing_meta import build_routing_meta
 
 
 def _grad_like(w: torch.Tensor) -> torch.Tensor:

@@ -46,11 +46,11 @@ import torch
 import triton
 import triton.language as tl
 
-from ..activations import Activation
-from .activation_jit import act_code, gated_bwd, gated_fwd, unary_fwd, unary_grad
-from .jit_utils import cast, mma
-from .launch_utils import DtypeConfigs, alloc, dot_flags
-from .routing_meta import RoutingMeta
+from moe_inductor.ops.activations import Activation
+from moe_inductor.kernels.activation_jit import act_code, gated_bwd, gated_fwd, unary_fwd, unary_grad
+from moe_inductor.kernels.jit_utils import cast, mma
+from moe_inductor.kernels.launch_utils import DtypeConfigs, alloc, dot_flags
+from moe_inductor.kernels.routing_meta import RoutingMeta
 
 
 def _cfg(bn, bk, warps, stages):

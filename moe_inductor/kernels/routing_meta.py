@@ -1,6 +1,6 @@
 """Routing metadata for the grouped-GEMM kernels, built on the device without a host sync.
 
-Shape legend (as in ``moe_inductor.reference``): T tokens, E experts, A assignments,
+Shape legend (as in ``moe_inductor.ops.reference``): T tokens, E experts, A assignments,
 M = tile_m (rows of one grouped-GEMM tile, ``config.kernel_tile_m``), P = cdiv(A, M) + min(E, A - 1),
 C = wgrad chunk (``config.wgrad_chunk``), S = A // C weight-gradient partial slots.
 
@@ -34,8 +34,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from . import config
-from .launch_utils import INTERPRET, alloc
+from moe_inductor.kernels import config
+from moe_inductor.kernels.launch_utils import INTERPRET, alloc
 
 UNUSED_TILE = -1
 DROPPED_TILE = -2

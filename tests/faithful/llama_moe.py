@@ -377,7 +377,7 @@ _SRC = ("pjlab-sys4nlp/llama-moe smoe/modules/moe/moe_layers.py LinearGLUMoELaye
 ENTRIES = [
     Idiom("llama_moe_eval", _SRC + ", default config in eval mode (no router noise)",
           seeded(370, lambda: _build(gate_add_noise=True).eval()), _x3d, expect=1, faithful=True,
-          fullgraph=False,  # (one graph under sonic: moe_inductor/shape_items.py, grad_leaves.py)
+          fullgraph=False,  # (one graph under sonic: moe_inductor/dynamo/shape_items.py, grad_leaves.py)
           other_gemms=2,  # the mlp gate network: Linear(d, E) -> Tanh -> Linear(E, E)
           note="tanh MLP gate network, topk(k+1) sliced to k, fp32 softmax cast back, zeros_like(requires_grad=True)"
                ".scatter importance, cv_squared balance loss with a host length check and in-place *=, "
@@ -385,7 +385,7 @@ ENTRIES = [
                "ParameterList experts, score_scale_factor multiply, zeros.index_add, MoEMlpOutput kept"),
     Idiom("llama_moe_train_nonoise", _SRC + ", training mode with gate_add_noise=False",
           seeded(371, lambda: _build(gate_add_noise=False)), _x3d, expect=1, faithful=True,
-          fullgraph=False,  # (one graph under sonic: moe_inductor/shape_items.py, grad_leaves.py)
+          fullgraph=False,  # (one graph under sonic: moe_inductor/dynamo/shape_items.py, grad_leaves.py)
           other_gemms=2,  # the mlp gate network
           note="as llama_moe_eval in training mode: load by (scores > 0).sum(0) with the one-time warnings.warn "
                "and self.warned = True attribute store in forward"),

@@ -224,7 +224,7 @@ _x3d = tokens(lambda T: (1, T, D))
 # unpermute_scatter): rewritten, exact, one fused call, from the SECOND call on. The first call runs
 # eagerly until the trampoline stood in for forwards whose arguments are cells (x, read by the shared
 # experts' list comprehension) and the throwaway trace stopped skipping the frame at the loop's graph
-# break (moe_inductor/dynamo_scope.py): rewritten from the first call since. The gated variants: the GLU experts put the activation on
+# break (moe_inductor/dynamo/dynamo_scope.py): rewritten from the first call since. The gated variants: the GLU experts put the activation on
 # the SECOND chunk half (lin * act(gate)): patterns.common.gate_up_halves reads it as the fused gate|up
 # weight with the up half first (activation "swiglu+up_first", the op's kernels take the gate from the
 # second half, no weight copy), so host_splits and assignment_rows compose them as rxlm_moe_ff.

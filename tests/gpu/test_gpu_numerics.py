@@ -34,9 +34,9 @@ from typing import Optional
 import pytest
 import torch
 
-from moe_inductor.activations import parse_activation
-from moe_inductor.op import fused_moe
-from moe_inductor.routing import token_rounding_routing
+from moe_inductor.ops.activations import parse_activation
+from moe_inductor.ops.op import fused_moe
+from moe_inductor.ops.routing import token_rounding_routing
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/ (hf_models)
 
@@ -224,7 +224,7 @@ def _check_case(case: Case, record_property):
 # CUDA graphs: capture fails on a host sync. CPU stand-in: a dispatch mode that fails on every op
 # that would sync a GPU (reading a value, data-dependent output sizes, cross-device copies).
 # ---------------------------------------------------------------------------------------------
-# Host-side value checks that run only for CPU tensors, by design (moe_inductor/op.py: "on CPU that
+# Host-side value checks that run only for CPU tensors, by design (moe_inductor/ops/op.py: "on CPU that
 # is free, on GPU it would be a host sync"): allowed in the CPU stand-in only.
 CPU_ONLY_CHECKS = {"_check_routing_values"}
 
@@ -348,8 +348,8 @@ def _sonic_rewrite_then_aot_eager(gm, example_inputs, mode=None, options=None):
     of the backend the dry run leaves out; ``mode`` has no meaning without Inductor."""
     from torch._dynamo.backends.debugging import aot_eager
 
-    from moe_inductor.backend import rewrite_moe
-    from moe_inductor.options import SonicOptions
+    from moe_inductor.compile.backend import rewrite_moe
+    from moe_inductor.compile.options import SonicOptions
 
     rewrite_moe(gm, SonicOptions.from_dict(options))
     return aot_eager(gm, example_inputs)
@@ -360,7 +360,7 @@ def _backend():
     where the "sonic" entry point is not registered."""
     if not HAS_CUDA:
         return _sonic_rewrite_then_aot_eager
-    from moe_inductor.backend import sonic
+    from moe_inductor.compile.backend import sonic
 
     return sonic
 

@@ -53,7 +53,7 @@ def package_dirs() -> list[Path]:
 
     dirs = [Path(moe_inductor.__file__).resolve().parent]
     try:
-        from . import idioms  # imports moe_inductor.patterns, from a checkout too
+        from moe_inductor.compile import idioms  # imports moe_inductor.patterns, from a checkout too
 
         for p in idioms.folders():
             if not any(p == d or d in p.parents for d in dirs):

@@ -15,7 +15,7 @@ its compile-start callback (``torch._dynamo.callback_handler``). So:
 - ``install()`` registers a start and an end callback (an inert registration: no torch config and
   no class changes). The start callback finds the frame Dynamo is about to trace and its backend
   (the ``_compile`` call on the stack); for a sonic frame only, it enters
-  ``torch._dynamo.config.patch(**SETTINGS)`` and lets ``moe_inductor.capture`` make the
+  ``torch._dynamo.config.patch(**SETTINGS)`` and lets ``moe_inductor.dynamo.capture`` make the
   graph-breaking per-expert loops of the frame's modules capturable; the end callback leaves the
   patch. When the frame is itself such a module's original forward (``torch.compile(block)``: the
   frame exists before the block got its capturable forward), Dynamo still traces it, without the
@@ -46,7 +46,7 @@ import weakref
 
 import torch
 
-from . import listeners
+from moe_inductor.diagnostics import listeners
 
 log = logging.getLogger("moe_inductor")
 
@@ -54,7 +54,7 @@ log = logging.getLogger("moe_inductor")
 SETTINGS = {"capture_dynamic_output_shape_ops": True}
 
 #: added for frames whose modules split rows by host copies of per-expert counts (JetMoE): the
-#: ``.tolist()`` is traced as symbolic sizes, which ``moe_inductor.host_splits`` moves to the device
+#: ``.tolist()`` is traced as symbolic sizes, which ``moe_inductor.dynamo.host_splits`` moves to the device
 HOST_COUNTS_SETTINGS = {"capture_scalar_outputs": True}
 
 #: marks a backend function (or the object torch.compile wraps it in) as the sonic backend
@@ -179,7 +179,7 @@ class _Start:
                 code, f_locals, _, one_graph = found
                 retry = code in _without_settings
                 settings = SETTINGS
-                from . import capture
+                from moe_inductor.dynamo import capture
 
                 # the frame is a forward that has a capturable one: Dynamo's code for it is replaced
                 # by a trampoline into that one (_bytecode_hook); this trace is thrown away (its
@@ -198,7 +198,7 @@ class _Start:
                 patch.__enter__()
                 if trampoline:
                     _throwaway_breaks_anywhere(True)
-                from . import shape_items, trace_logging
+                from moe_inductor.dynamo import shape_items, trace_logging
 
                 logging_entered = trace_logging.enter()
                 items_entered = shape_items.enter(_tracing_sonic_frame)
@@ -273,11 +273,11 @@ def after_this_compile(fn) -> None:
 def _bytecode_hook(code, out_code):
     """Dynamo's bytecode hook (registered for every backend; it acts only on the sonic frames that
     ``_Start`` marked): the code Dynamo made of a module's class forward is replaced by a trampoline
-    into the module's capturable forward (``moe_inductor.capture.trampoline_for``)."""
+    into the module's capturable forward (``moe_inductor.dynamo.capture.trampoline_for``)."""
     try:
         if not throwaway_trace() or _stack()[-1]["code"] is not code:
             return None
-        from . import capture
+        from moe_inductor.dynamo import capture
 
         return capture.trampoline_for(code)
     except Exception as e:  # never fail a compile over this
@@ -308,11 +308,11 @@ class _End:
         if entry.get("trampoline"):
             _throwaway_breaks_anywhere(False)
         if entry.get("logging"):
-            from . import trace_logging
+            from moe_inductor.dynamo import trace_logging
 
             trace_logging.leave()
         if entry.get("items"):
-            from . import shape_items
+            from moe_inductor.dynamo import shape_items
 
             shape_items.leave()
         if entry.get("restart") is not None:

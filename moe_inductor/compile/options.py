@@ -4,7 +4,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping, Optional
 
-from .kernels.config import TILE_M
+from moe_inductor.kernels.config import TILE_M
 
 TOKEN_ROUNDING_MODES = ("off", "nearest", "up", "down")
 IMPLS = ("auto", "torch", "triton")

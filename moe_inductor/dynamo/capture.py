@@ -3,12 +3,12 @@
 Many experts modules loop over the experts that received tokens (``for e in (mask.sum(...) > 0)
 .nonzero()``) or skip the others (``if counts[e] == 0: continue``, ``if mask.any():``): Dynamo cannot
 trace that as one graph, so no compiled graph holds the MoE block and no recogniser can rewrite
-it. ``moe_inductor.loop_capture`` reads a forward's source, proves that running every expert (the
+it. ``moe_inductor.dynamo.loop_capture`` reads a forward's source, proves that running every expert (the
 empty ones on zero rows) computes the same thing, and writes an equivalent forward whose loop runs
 over ``range(E)``; this file decides where that forward is used.
 
 Scope: nothing happens at import, and no class is changed. ``prepare(f_locals)`` runs when Dynamo
-starts tracing a frame compiled with the sonic backend (``moe_inductor.dynamo_scope``): it gives
+starts tracing a frame compiled with the sonic backend (``moe_inductor.dynamo.dynamo_scope``): it gives
 each submodule of that frame's modules (``self``, arguments) whose class forward (or another
 method of the class whose code loops, such as DeepSeek's ``moe_infer`` that the forward calls as
 ``self.moe_infer(...)``; the definition the instance sees, decorators such as ``@torch.no_grad()``
@@ -41,7 +41,7 @@ import weakref
 
 import torch
 
-from . import loop_capture, side_effects
+from moe_inductor.dynamo import loop_capture, side_effects
 
 log = logging.getLogger("moe_inductor")
 
@@ -216,8 +216,8 @@ def wants_host_counts(f_locals: dict) -> bool:
     """Whether a module of the frame (``self``, arguments, their submodules) splits rows by host
     sizes in its forward (``loop_capture.host_count_splits``): Dynamo then traces the frame with
     ``capture_scalar_outputs`` so that the counts' ``.tolist()`` stays in the graph as symbolic
-    sizes, which ``moe_inductor.host_splits`` turns into device offsets (scoped by
-    ``moe_inductor.dynamo_scope``; a failure retries the frame without the settings)."""
+    sizes, which ``moe_inductor.dynamo.host_splits`` turns into device offsets (scoped by
+    ``moe_inductor.dynamo.dynamo_scope``; a failure retries the frame without the settings)."""
     for module in _frame_modules(f_locals):
         forward = getattr(type(module), "forward", None)
         if forward is not None and not _skip_class(type(module)) and _host_splits_of(forward, type(module)):

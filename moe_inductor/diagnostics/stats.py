@@ -1,7 +1,7 @@
 """Routing statistics of the fused op's calls, for ``explain`` and benchmarks.
 
 Kept apart from ``report`` (which imports the rewrite machinery and so Inductor): the fused op
-imports this module, and ``import moe_inductor.op`` must stay light (no triton import).
+imports this module, and ``import moe_inductor.ops.op`` must stay light (no triton import).
 """
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import dataclasses
 
 import torch
 
-from . import listeners
+from moe_inductor.diagnostics import listeners
 
 
 @dataclasses.dataclass
@@ -35,8 +35,8 @@ def record_routing(expert_ids, num_tokens: int, num_experts: int) -> None:
     """Publish the RoutingStats of one fused-op call if anyone listens (``listeners.ROUTING``)."""
     if not listeners.active(listeners.ROUTING):
         return
-    from .kernels.config import TILE_M
-    from .routing import padding_waste
+    from moe_inductor.kernels.config import TILE_M
+    from moe_inductor.ops.routing import padding_waste
 
     ids = expert_ids.detach().long()
     counts = torch.zeros(num_experts, dtype=torch.int64, device=ids.device)

@@ -40,7 +40,7 @@ from typing import Optional
 
 import torch
 
-from .activations import Activation, act_backward, act_forward, act_forward_keeping
+from moe_inductor.ops.activations import Activation, act_backward, act_forward, act_forward_keeping
 
 
 def sort_assignments(expert_ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -416,7 +416,7 @@ def naive_moe(
     interleaved: bool = False,
 ) -> torch.Tensor:
     """Obviously-correct loop over experts; autograd gives its gradients. For tests only."""
-    from .activations import parse_activation
+    from moe_inductor.ops.activations import parse_activation
 
     if isinstance(act, str):
         act = parse_activation(act)

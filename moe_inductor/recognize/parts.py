@@ -16,8 +16,8 @@ A recogniser of one part maps one spelling to the part's canonical description b
 (``Selection``, ``ExpertMLP``, ``Write``, ``Score``); a composition (``patterns/per_expert.py``) asks the
 registries for the parts of a candidate, proves once that they fit together (the same
 assignments, the same rows gathered and written, scores applied exactly once, nothing else
-touching the intermediates: ``moe_inductor/safety.py``) and describes the block as a
-``moe_inductor.rewrite.MoEBlock`` for ``emit_fused_moe``. A new spelling costs one recogniser
+touching the intermediates: ``moe_inductor/fx/safety.py``) and describes the block as a
+``moe_inductor.lower.rewrite.MoEBlock`` for ``emit_fused_moe``. A new spelling costs one recogniser
 registered here (``register``), not a new idiom.
 
 A recogniser returns None when the node is not its spelling at all, and raises ``PartDeclined``
@@ -33,10 +33,10 @@ from typing import Any, Callable, Optional
 import torch
 import torch.fx as fx
 
-from .fx.build import call, method
-from .fx.decline import Declined, PartDeclined  # noqa: F401  (PartDeclined: read as parts.PartDeclined)
-from .fx.nodes import module_path_of
-from .fx.shapes import example_value
+from moe_inductor.fx.build import call, method
+from moe_inductor.fx.decline import Declined, PartDeclined  # noqa: F401  (PartDeclined: read as parts.PartDeclined)
+from moe_inductor.fx.nodes import module_path_of
+from moe_inductor.fx.shapes import example_value
 
 PARTS = ("dispatch", "experts", "combine", "scores", "gather",
          # an expert that returns its input rows (LongCat-Flash's zero-computation experts): patterns/experts.py

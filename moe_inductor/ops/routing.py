@@ -79,7 +79,7 @@ MODES = ("nearest", "up", "down")
 
 
 class Routing(NamedTuple):
-    """Routing assignments in the form ``moe_inductor.op.fused_moe`` takes.
+    """Routing assignments in the form ``moe_inductor.ops.op.fused_moe`` takes.
 
     token_ids, expert_ids: (A,) int32; scores: (A,) probs.dtype, differentiable in probs;
     counts: (E,) int64, assignments per expert (padding of ``static_shape=True`` not counted).

@@ -1,6 +1,6 @@
 """Is it safe to run a module for an expert that received no tokens?
 
-The loop capture (``moe_inductor.loop_capture`` / ``capture``) turns a loop over the experts that
+The loop capture (``moe_inductor.dynamo.loop_capture`` / ``capture``) turns a loop over the experts that
 received tokens into a loop over every expert, the empty ones on zero rows. For the values that is
 exact; for the modules the loop calls it is exact only if calling them changes nothing that
 outlives the call. An expert whose ``forward`` writes its own state (a weight scaled in place, a

@@ -4,9 +4,9 @@ Compiles ``model`` with the sonic backend (``fullgraph=False``), runs it once on
 and returns an ``ExplainReport`` with one entry per MoE block:
 
 - every candidate an idiom module saw in a compiled graph: "rewritten", or the reason it was
-  declined (from ``moe_inductor.report.capture_reports``); a rewritten block also says what it
+  declined (from ``moe_inductor.diagnostics.report.capture_reports``); a rewritten block also says what it
   runs on ("runs on": "triton" or "PyTorch path (<reason>)", decided at rewrite time by
-  ``moe_inductor.report.runs_on``);
+  ``moe_inductor.diagnostics.report.runs_on``);
 - every MoE-looking module of ``model`` that no compiled graph contained, typically because a
   Dynamo graph break or a skipped frame kept it out (transformers' eager experts loop over the
   data-dependent ``expert_hit``, DBRX), with the graph break that explains it and a remedy.
@@ -71,13 +71,13 @@ class ExplainReport:
     entries: list = dataclasses.field(default_factory=list)
     graph_breaks: list = dataclasses.field(default_factory=list)
     graph_count: int = 0
-    #: moe_inductor.dynamo_scope.Fallback: frames compiled without sonic's Dynamo setting, graphs
+    #: moe_inductor.dynamo.dynamo_scope.Fallback: frames compiled without sonic's Dynamo setting, graphs
     #: compiled without the MoE rewrite (so that compilation would not fail)
     fallbacks: list = dataclasses.field(default_factory=list)
-    #: (file:line, why) of host reads in sonic frames not read at trace time (moe_inductor.shape_items):
+    #: (file:line, why) of host reads in sonic frames not read at trace time (moe_inductor.dynamo.shape_items):
     #: Dynamo's own handling (a graph break, or an unbacked size) followed
     host_reads: list = dataclasses.field(default_factory=list)
-    #: moe_inductor.report.RoutingStats of every fused-op call of the explain run, in call order
+    #: moe_inductor.diagnostics.report.RoutingStats of every fused-op call of the explain run, in call order
     routing: list = dataclasses.field(default_factory=list)
     #: GEMM row tile the padding waste is computed for (the backend option tile_m)
     tile_m: int = 128
@@ -238,9 +238,9 @@ def _normalise_path(path: str) -> str:
 
 
 def _loop_notes(m: torch.nn.Module) -> str:
-    """Why sonic's loop capture (moe_inductor/capture.py) left a per-expert loop of ``m`` as it is:
+    """Why sonic's loop capture (moe_inductor/dynamo/capture.py) left a per-expert loop of ``m`` as it is:
     the line that breaks the graph and what in the loop stops the rewrite."""
-    from . import capture
+    from moe_inductor.dynamo import capture
 
     try:
         kept = [n for n in capture.notes_for(m) if not n.rewritten]
@@ -382,9 +382,9 @@ def explain(model: torch.nn.Module, *args, options: Optional[dict] = None, induc
     graph break and a remedy). ``options``: sonic backend options. ``inductor=False`` stops after
     the rewrite and runs the graphs eagerly (same report, much faster: for tests and quick looks).
     """
-    from .backend import rewrite_moe, sonic
-    from .options import SonicOptions
-    from .report import capture_reports, capture_routing_stats, record_report
+    from moe_inductor.compile.backend import rewrite_moe, sonic
+    from moe_inductor.compile.options import SonicOptions
+    from moe_inductor.diagnostics.report import capture_reports, capture_routing_stats, record_report
 
     opts = SonicOptions.from_dict(options)
     breaks: list[GraphBreak] = []
@@ -403,13 +403,13 @@ def explain(model: torch.nn.Module, *args, options: Optional[dict] = None, induc
             record_report(rewrite_moe(gm, opts), gm)
         return gm.forward
 
-    from . import dynamo_scope
+    from moe_inductor.dynamo import dynamo_scope
 
     setattr(backend, dynamo_scope.MARKER, True)  # sonic's scoped Dynamo settings apply to its frames
     torch._dynamo.reset()
     dynamo_scope.install()
     before = {k: dict(counters[k]) for k in ("graph_break", "unimplemented")}
-    from . import shape_items
+    from moe_inductor.dynamo import shape_items
 
     reads_mark = shape_items.mark()
     with capture_reports() as reports, capture_routing_stats() as routing_stats, \

@@ -30,13 +30,13 @@ import torch.fx as fx
 import torch.nn.functional as Fn
 
 from .regions import hop_name
-from .fx.aliasing import (  # noqa: F401  (the aliasing checks, read as safety.<name> by the recognisers)
+from .aliasing import (  # noqa: F401  (the aliasing checks, read as safety.<name> by the recognisers)
     aliases, is_allocation, is_fresh, is_view_of, mutated_between, need_unmodified, writes_to,
 )
-from .fx.decline import Declined
-from .fx.nodes import downstream, is_mutation, node_order
-from .fx.shapes import dtype_of, example_value, same, shape_of
-from .fx.targets import FLOAT_CAST_DTYPES, MATMUL_FUNCTIONS, MATMUL_METHODS
+from .decline import Declined
+from .nodes import downstream, is_mutation, node_order
+from .shapes import dtype_of, example_value, same, shape_of
+from .targets import FLOAT_CAST_DTYPES, MATMUL_FUNCTIONS, MATMUL_METHODS
 
 
 # --------------------------------------------------------------------------- dtypes and identities

@@ -6,7 +6,7 @@ device=d)).item())`` where ``n_tokens`` is a size. Dynamo breaks the graph at ``
 ``capture_scalar_outputs``), or makes it an unbacked symbol (with it) that the padding and the
 capacity arithmetic after it then guard on: either way the MoE block is split or not traced.
 
-In a frame compiled with sonic (scoped by ``moe_inductor.dynamo_scope``: installed between
+In a frame compiled with sonic (scoped by ``moe_inductor.dynamo.dynamo_scope``: installed between
 Dynamo's compile-start and compile-end callbacks of that frame, and only acting while the innermost
 frame being traced is a sonic one), ``Tensor.item()`` on a tensor whose value the graph computes
 only from sizes (SymInts Dynamo tracks) and Python integers is answered at trace time with that
@@ -24,7 +24,7 @@ position along an axis of static size at most M: the index output of ``topk``/``
 exactly M, which eager computes too; Dynamo only knows ``len >= M`` (an unbacked size), so a
 ``.tolist()`` of the counts (LLaMA-MoE's split sizes) fails to trace. In sonic frames the length is
 told to Dynamo's shape environment (``torch._check(len == M)``, kept as a runtime assert that the
-proof says always holds), so the counts are M symbolic sizes ``moe_inductor.host_splits`` reads.
+proof says always holds), so the counts are M symbolic sizes ``moe_inductor.dynamo.host_splits`` reads.
 """
 from __future__ import annotations
 
@@ -266,7 +266,7 @@ def _tensor_call_method(self, tx, name, args, kwargs):
 def _torch_call_function(self, tx, args, kwargs):
     if "requires_grad" in kwargs and _sonic_frame():
         try:
-            from . import grad_leaves
+            from moe_inductor.dynamo import grad_leaves
 
             dropped, why = grad_leaves.drop_flag(tx, getattr(self, "value", None), kwargs)
             if why is not None:

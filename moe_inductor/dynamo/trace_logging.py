@@ -6,7 +6,7 @@ logs in its forward (transformers' experts dispatch calls ``logger.warning_once`
 ``config._experts_implementation`` is unset, e.g. a block used on its own), and the break splits
 the MoE block over several graphs, where no recogniser sees all of it.
 
-In a frame compiled with sonic (scoped by ``moe_inductor.dynamo_scope``: applied between Dynamo's
+In a frame compiled with sonic (scoped by ``moe_inductor.dynamo.dynamo_scope``: applied between Dynamo's
 compile-start and compile-end callbacks of that frame, and only there), a logger method call whose
 arguments are all Python constants at trace time is carried out by Dynamo while it traces (the
 record is emitted then, once per compilation) and leaves nothing in the graph; any other call

@@ -22,10 +22,10 @@ import torch
 import torch.fx as fx
 
 # The FX vocabulary lives in moe_inductor.fx; this module imports what emission uses.
-from .fx.build import call, method
-from .fx.shapes import dtype_of, example_value, int_value, shape_of
+from moe_inductor.fx.build import call, method
+from moe_inductor.fx.shapes import dtype_of, example_value, int_value, shape_of
 
-from .worth import Choice, choose_gathered, gathered_experts
+from moe_inductor.lower.worth import Choice, choose_gathered, gathered_experts
 
 
 
@@ -104,7 +104,7 @@ class MoEBlock:
     #: the parts the block was recognised from (dispatch, experts, combine spellings), for reports
     parts: str = ""
     #: set by ``emit_fused_moe``: the gathered decomposition chosen instead of the fused op
-    #: (``moe_inductor.worth``), or None
+    #: (``moe_inductor.lower.worth``), or None
     choice: Optional[Choice] = None
 
 
@@ -268,7 +268,7 @@ def emit_fused_moe(gm: fx.GraphModule, block: MoEBlock, recompute_h: bool, impl:
                 out = call(graph, gathered_experts, x, token_ids, expert_ids, scores, w1, w2, b1, b2,
                            block.activation, block.interleaved, like=like)
             else:
-                # the op's options are keyword-only (moe_inductor.op.OPTION_ARGS); the weights
+                # the op's options are keyword-only (moe_inductor.ops.op.OPTION_ARGS); the weights
                 # positional, in the order of the op's description
                 options = dict(activation=block.activation, interleaved=block.interleaved, recompute_h=recompute_h,
                                impl=impl, autocast_like=block.autocast_like)

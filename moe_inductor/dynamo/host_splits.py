@@ -10,8 +10,8 @@ The form (JetMoE's router and ``JetMoeParallelExperts``, ScatterMoE-style code):
     out = torch.cat([F.linear(chunks[i], W[i]) for i in range(E)], dim=0)
 
 Without help Dynamo breaks the graph at ``.tolist()``. In the frames sonic compiles whose modules
-hold such a split (``moe_inductor.capture.wants_host_counts``), Dynamo runs with
-``capture_scalar_outputs`` (scoped by ``moe_inductor.dynamo_scope``): the counts become unbacked
+hold such a split (``moe_inductor.dynamo.capture.wants_host_counts``), Dynamo runs with
+``capture_scalar_outputs`` (scoped by ``moe_inductor.dynamo.dynamo_scope``): the counts become unbacked
 symbolic sizes ``u0 .. u{E-1}`` (``counts[i].item()``) and the block is one graph. ``rewrite``
 then replaces, in that graph, each such split/linear/cat by one grouped GEMM that reads the counts
 on the device::
@@ -168,8 +168,8 @@ grouped_mm.register_autograd(_backward, setup_context=_setup)
 
 def _autocast_library():
     # under autocast the per-expert F.linear calls this op replaces cast rows, weights and bias to the
-    # autocast dtype: so does the op (its Autocast kernels, moe_inductor.op.register_gemm_autocast)
-    from .op import register_gemm_autocast
+    # autocast dtype: so does the op (its Autocast kernels, moe_inductor.ops.op.register_gemm_autocast)
+    from moe_inductor.ops.op import register_gemm_autocast
 
     return register_gemm_autocast("moe_inductor::grouped_mm", ("a", "b", "bias"))
 
@@ -229,7 +229,7 @@ def _split_by_counts(split: fx.Node, shape_of) -> object:
     """(counts, rows, E, {i: chunk i}) of a split of 2-D rows over dimension 0 by the host counts
     ``counts[0].item() .. counts[E-1].item()`` of one unwritten 1-D tensor with E entries, each chunk
     used one by one; a reason string; or None when the split is not by host counts at all."""
-    from .safety import writes_to
+    from moe_inductor.fx.safety import writes_to
 
     parts = _split_parts(split)
     if parts is None:
@@ -330,7 +330,7 @@ def _kind(n: fx.Node) -> tuple:
     autograd.Function proven to be it (``safety.linear_function_operands``: Megatron-Core's parallel
     linears), ("identity", x) for a Function proven to be the identity (its tensor-parallel regions at
     size 1), ("call",) for the ``autograd_function_apply`` call under one of those, ("plain",) else."""
-    from . import safety
+    from moe_inductor.fx import safety
 
     got = _linear_parts(n) if n.op == "call_function" and n.target in (torch._C._nn.linear,
                                                                        torch.nn.functional.linear) else None
@@ -380,7 +380,7 @@ def _side_splits(split: fx.Node, sizes: list, rows: fx.Node, E: int, shape_of) -
     """{chunk i of every other split by the very same sizes: (side number, i)}, [side tensors]: tensors
     row-aligned with the split rows (Megatron-Core splits the permuted probabilities as it splits the
     permuted tokens); a reason string when such a split is not used chunk by chunk."""
-    from .safety import writes_to
+    from moe_inductor.fx.safety import writes_to
 
     out, tensors = {}, []
     users = [u for u in sizes[0].users if u is not split] if isinstance(sizes[0], fx.Node) else []
@@ -469,10 +469,10 @@ def _match_mlp(split: fx.Node, shape_of) -> object:
     counts + the same ModuleList MLP on every chunk (``patterns.experts.mlp``: linear projections,
     each with or without its bias (the same for every expert), the same activation) + cat over dim 0
     in chunk order; a reason string; or None."""
-    from moe_inductor.parts import LowRankWeight
+    from moe_inductor.recognize.parts import LowRankWeight
     from moe_inductor.patterns.experts import mlp_scaled as expert_mlp
 
-    from . import safety
+    from moe_inductor.fx import safety
 
     found = _split_by_counts(split, shape_of)
     if not isinstance(found, tuple):
@@ -652,8 +652,8 @@ def _checks_only(items: list) -> Optional[list]:
 def rewrite(gm: fx.GraphModule, shape_of=None) -> list:
     """Replace the split-by-host-counts GEMM loops of ``gm`` by ``grouped_mm`` (see the module
     docstring). Returns notes (str), one per split seen: rewritten, or why not."""
-    from .fx.build import call, method
-    from .fx.shapes import shape_of as _shape_of
+    from moe_inductor.fx.build import call, method
+    from moe_inductor.fx.shapes import shape_of as _shape_of
 
     shape_of = shape_of or _shape_of
     graph = gm.graph
@@ -753,7 +753,7 @@ def _int(s):
 
 
 def _refresh(graph: fx.Graph, starts: list) -> None:
-    from .fx.build import fake_run as _fake_run
+    from moe_inductor.fx.build import fake_run as _fake_run
 
     dirty = set(starts)
     for n in graph.nodes:

@@ -1,9 +1,9 @@
 """The fused MoE operator: ``torch.ops.moe_inductor.fused_moe`` with fake and autograd.
 
-Layering: kernels (``moe_inductor.kernels``) and the PyTorch path (``moe_inductor.reference``)
+Layering: kernels (``moe_inductor.kernels``) and the PyTorch path (``moe_inductor.ops.reference``)
 -> this op (validation, dispatch, fake, autograd) -> the graph rewrite, which emits calls of it.
 
-Schemas (shape legend in ``moe_inductor.reference``), both built from one description
+Schemas (shape legend in ``moe_inductor.ops.reference``), both built from one description
 (``FUSED_MOE``, ``FUSED_MOE_EXPERTS``: the routing, then the op's weights, then the options, which
 are keyword-only; custom ops cannot take keyword-only tensors)::
 
@@ -63,10 +63,10 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import Tensor
 
-from .activations import parse_activation
-from . import reference
-from . import stats
-from .options import IMPLS
+from moe_inductor.ops.activations import parse_activation
+from moe_inductor.ops import reference
+from moe_inductor.diagnostics import stats
+from moe_inductor.compile.options import IMPLS
 
 log = logging.getLogger(__name__)
 
@@ -281,7 +281,7 @@ def _resolve_impl(impl: str, x: Tensor, w1: Tensor, w2: Tensor, act, num_assignm
     impl = requested_impl(impl)
     if impl == "auto":
         if x.is_cuda:
-            from .kernels import unsupported_reason
+            from moe_inductor.kernels import unsupported_reason
 
             reason = unsupported_reason(x, w1, w2, act, num_assignments)
             if reason is None:
@@ -291,7 +291,7 @@ def _resolve_impl(impl: str, x: Tensor, w1: Tensor, w2: Tensor, act, num_assignm
     if impl == "triton" and not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         raise RuntimeError("fused_moe: impl='triton' on CPU tensors needs TRITON_INTERPRET=1 set before triton is imported")
     if impl == "triton":
-        from .kernels import unsupported_reason
+        from moe_inductor.kernels import unsupported_reason
 
         reason = unsupported_reason(x, w1, w2, act, num_assignments)
         if reason is not None:
@@ -370,7 +370,7 @@ def _forward(x, token_ids, expert_ids, scores, w1, w2, b1, b2, act, interleaved,
         torch._assert_async(((expert_ids >= -1) & (expert_ids < E)).all(), "fused_moe: expert_ids outside [-1, E)")
     stats.record_routing(expert_ids, x.shape[0], w1.shape[0])  # only while someone listens
     if which == "triton":
-        from .kernels import triton_moe_forward
+        from moe_inductor.kernels import triton_moe_forward
 
         return triton_moe_forward(x, token_ids, expert_ids, scores, w1, w2, b1, b2, act, interleaved, not recompute_h)
     return reference.moe_forward(x, token_ids, expert_ids, scores, w1, w2, b1, b2, act, interleaved, not recompute_h)
@@ -382,7 +382,7 @@ def _backward_grads(grad_out, x, token_ids, expert_ids, scores, w1, w2, b1, b2, 
     which = _resolve_impl(impl, x, w1, w2, act, token_ids.shape[0])
     h = None if recompute_h else h_sorted
     if which == "triton":
-        from .kernels import triton_moe_backward
+        from moe_inductor.kernels import triton_moe_backward
 
         return triton_moe_backward(grad_out, x, token_ids, expert_ids, scores, w1, w2, b1, b2, h, order, act, interleaved)
     return reference.moe_backward(grad_out, x, token_ids, expert_ids, scores, w1, w2, b1, b2, h, order, act, interleaved)
@@ -755,7 +755,7 @@ def fused_moe(
 
     x (T, d); token_ids, expert_ids (A,) int32/int64; scores (A,). An expert id of -1 marks a
     dropped (padding) assignment: it adds nothing and its score gets gradient 0, so routings of
-    a static length (``moe_inductor.routing.token_rounding_routing(static_shape=True)``) cost no
+    a static length (``moe_inductor.ops.routing.token_rounding_routing(static_shape=True)``) cost no
     GEMM rows for their padding. w1 (E, 2n, d) for gated
     activations (gate then up, or interleaved), (E, n, d) otherwise; w2 (E, d, n). Weights may be
     transposed views. Differentiable in x, scores, w1, w2, b1, b2.

@@ -7,9 +7,9 @@ from typing import Any, Optional
 
 import torch
 
-from . import listeners
-from .rewrite import Candidate
-from .stats import RoutingStats, capture_routing_stats  # noqa: F401  (re-exported)
+from moe_inductor.diagnostics import listeners
+from moe_inductor.lower.rewrite import Candidate
+from moe_inductor.diagnostics.stats import RoutingStats, capture_routing_stats  # noqa: F401  (re-exported)
 
 log = logging.getLogger("moe_inductor")
 
@@ -39,7 +39,7 @@ def record_report(report: CompileReport, gm) -> None:
     report.graph_name = getattr(gm, "_sonic_name", type(gm).__name__)
     if listeners.active(listeners.REPORTS):  # explain is listening: which parts of not-rewritten blocks were found
         try:
-            from .parts import census
+            from moe_inductor.recognize.parts import census
 
             report.census = census(gm)
         except Exception as e:  # a report must never break compilation
@@ -62,9 +62,9 @@ def runs_on(device: Optional[torch.device], dtype: Optional[torch.dtype], activa
     (device, dtype, activation, the ``impl`` option): "triton", "PyTorch path (<reason>)", or
     "error: ..." for impl='triton' where the kernels cannot serve. A prediction: the op decides at
     run time, through the same ``op.requested_impl`` (``MOE_INDUCTOR_IMPL`` as set now)."""
-    from .activations import parse_activation
-    from .kernels import unsupported_reason_meta
-    from .op import requested_impl
+    from moe_inductor.ops.activations import parse_activation
+    from moe_inductor.kernels import unsupported_reason_meta
+    from moe_inductor.ops.op import requested_impl
 
     impl = requested_impl(impl)
     if impl == "torch":
@@ -93,7 +93,7 @@ def note_runs_on(candidate: Candidate, block: Any, impl: str) -> str:
     where = candidate.where
     try:
         choice = getattr(block, "choice", None)
-        if choice is not None:  # moe_inductor.worth: no fused op for this block
+        if choice is not None:  # moe_inductor.lower.worth: no fused op for this block
             decided = f"{choice.impl}: {choice.reason}"
         else:
             decided = runs_on(device, dtype, block.activation, impl)

@@ -1,5 +1,5 @@
 """Which implementation a rewritten block's experts run, and why: the "worth it" decision next
-to the "safe" proof (the recognisers and ``moe_inductor.safety``), as Inductor's ``pad_mm``
+to the "safe" proof (the recognisers and ``moe_inductor.fx.safety``), as Inductor's ``pad_mm``
 separates ``should_pad`` from ``can_pad``. Decided per block at rewrite time from what the graph
 says statically (device, dtype, whether autograd needs the result, the number of assignments and
 experts), recorded in the report (``explain``'s "runs on" column) with its reason.
@@ -28,7 +28,7 @@ from typing import Optional
 
 import torch
 
-from .activations import act_forward, parse_activation
+from moe_inductor.ops.activations import act_forward, parse_activation
 
 #: the gathered decomposition is chosen while the expected assignments per distinct expert (random
 #: routing) stay at or below this. Measured on the project's CPU machine, one thread, Qwen3-MoE

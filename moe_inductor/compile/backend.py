@@ -10,7 +10,7 @@ No global side effects: importing this module changes no torch config and no cla
 setting sonic needs (``capture_dynamic_output_shape_ops``, so that per-expert loops over
 ``torch.where(mask)`` / ``nonzero`` are captured as one graph) applies only while Dynamo traces a
 frame compiled with this backend, and known transformers expert loops are made capturable only
-for the modules of those frames (``moe_inductor/dynamo_scope.py``, ``moe_inductor/capture.py``).
+for the modules of those frames (``moe_inductor/dynamo/dynamo_scope.py``, ``moe_inductor/dynamo/capture.py``).
 Never worse than Inductor: a sonic frame that fails to compile with that setting is compiled
 without it from its next call on; a graph on which Inductor fails after the MoE rewrite is compiled
 without the rewrite (``sonic()``); both are logged as warnings and listed by ``explain``.
@@ -26,21 +26,21 @@ import torch
 import torch.fx as fx
 from torch._dynamo.utils import counters
 
-from . import dynamo_scope as _scope
-from . import idioms as _idioms
-from . import cache_key as _cache_key
-from . import inductor_workarounds as _workarounds
-from . import op as _op  # noqa: F401  (registers torch.ops.moe_inductor)
-from .options import SonicOptions
-from .report import CompileReport, note_runs_on, record_report
-from .fx.nodes import clean_module_path
-from .fx.targets import INPLACE_FUNCTIONS
-from .normal_form import functionalize
-from .fx.build import call
-from .fx.nodes import module_path_of
-from .fx.shapes import same, shape_of
-from .rewrite import Candidate, MoEBlock, emit_fused_moe
-from .router import analyse_router, graph_token_rounding
+from moe_inductor.dynamo import dynamo_scope as _scope
+from moe_inductor.compile import idioms as _idioms
+from moe_inductor.compile import cache_key as _cache_key
+from moe_inductor.compile import inductor_workarounds as _workarounds
+from moe_inductor.ops import op as _op  # noqa: F401  (registers torch.ops.moe_inductor)
+from moe_inductor.compile.options import SonicOptions
+from moe_inductor.diagnostics.report import CompileReport, note_runs_on, record_report
+from moe_inductor.fx.nodes import clean_module_path
+from moe_inductor.fx.targets import INPLACE_FUNCTIONS
+from moe_inductor.recognize.normal_form import functionalize
+from moe_inductor.fx.build import call
+from moe_inductor.fx.nodes import module_path_of
+from moe_inductor.fx.shapes import same, shape_of
+from moe_inductor.lower.rewrite import Candidate, MoEBlock, emit_fused_moe
+from moe_inductor.recognize.router import analyse_router, graph_token_rounding
 
 log = logging.getLogger("moe_inductor")
 
@@ -211,7 +211,7 @@ def _tokens_written_after(block) -> Optional[fx.Node]:
     """A write into the block's token tensor (or a view of it) after the block: the original's
     backward kept its own gathered copies of the rows, the fused op keeps the tokens themselves, so
     such a write would fail autograd's version check in backward. None if there is none."""
-    from . import safety
+    from moe_inductor.fx import safety
 
     x = block.x
     if not isinstance(x, fx.Node):
@@ -223,10 +223,10 @@ def _tokens_written_after(block) -> Optional[fx.Node]:
 
 def rewrite_moe(gm: fx.GraphModule, opts: SonicOptions) -> CompileReport:
     """Replace every recognised MoE block of ``gm`` in place, and of the nested regions it enters
-    (bodies of activation checkpointing and other wrappers: ``moe_inductor/regions.py``); return
+    (bodies of activation checkpointing and other wrappers: ``moe_inductor/fx/regions.py``); return
     what was seen. A block in a region that is not entered is reported as declined."""
-    from .isolation import user_hooks_deferred
-    from .regions import rewrite_nested
+    from moe_inductor.compile.isolation import user_hooks_deferred
+    from moe_inductor.fx.regions import rewrite_nested
 
     report = CompileReport()
     with user_hooks_deferred():  # the fake runs must not call the user's saved-tensor hooks
@@ -238,7 +238,7 @@ def rewrite_moe(gm: fx.GraphModule, opts: SonicOptions) -> CompileReport:
 
 def _report_not_entered(region, report: CompileReport) -> None:
     """An MoE block inside a higher-order op whose body the rewrite does not enter: declined."""
-    why = f"inside a {region.describe()}, which the rewrite does not enter (see moe_inductor/regions.py)"
+    why = f"inside a {region.describe()}, which the rewrite does not enter (see moe_inductor/fx/regions.py)"
     for idiom in _idioms.load():
         try:
             found = list(idiom.find(region.gm))
@@ -256,7 +256,7 @@ def _report_not_entered(region, report: CompileReport) -> None:
 def _rewrite_graph(gm: fx.GraphModule, opts: SonicOptions, report: CompileReport, region: str = "") -> None:
     """Rewrite the blocks of one graph (the backend's, or a region's body named ``region``)."""
     inside = f" (in {region})" if region else ""
-    from . import host_splits  # split by host counts + per-expert GEMMs + cat -> one grouped GEMM
+    from moe_inductor.dynamo import host_splits  # split by host counts + per-expert GEMMs + cat -> one grouped GEMM
 
     for note in host_splits.rewrite(gm):
         log.info("sonic: %s%s", note, inside)
@@ -338,7 +338,7 @@ def _rewrite_graph(gm: fx.GraphModule, opts: SonicOptions, report: CompileReport
 
 
 def sonic(gm: fx.GraphModule, example_inputs, options: Optional[dict] = None, mode: Optional[str] = None, **kwargs: Any):
-    """The torch.compile backend. ``options``: see ``moe_inductor.options.SonicOptions``."""
+    """The torch.compile backend. ``options``: see ``moe_inductor.compile.options.SonicOptions``."""
     try:
         opts = SonicOptions.from_dict(options)
         if kwargs:
@@ -354,14 +354,14 @@ def sonic(gm: fx.GraphModule, example_inputs, options: Optional[dict] = None, mo
     if opts.inductor:
         patches.update(opts.inductor)
     # key Inductor's and AOTAutograd's caches on this package's code, the options and the versions
-    # (forward and backward compiles: config_patches reach both; moe_inductor/cache_key.py)
+    # (forward and backward compiles: config_patches reach both; moe_inductor/compile/cache_key.py)
     patches = _cache_key.config_patch(opts, patches)
     from torch._inductor.compile_fx import compile_fx
 
     if not opts.rewrite:
         return compile_fx(gm, example_inputs, config_patches=patches or None)
     # Inductor's inner compiles (forward and backward) with the fix of a scheduler defect that
-    # zeroes router gradients, on every graph sonic compiles (moe_inductor/inductor_workarounds.py)
+    # zeroes router gradients, on every graph sonic compiles (moe_inductor/compile/inductor_workarounds.py)
     compile_fx = functools.partial(compile_fx, inner_compile=_workarounds.inner_compile)
     # keep the graph as Dynamo gave it: if the rewrite or Inductor on the rewritten graph fails,
     # compile that instead (compilation must never fail because of the rewrite)
@@ -397,9 +397,9 @@ setattr(sonic, _scope.MARKER, True)  # how dynamo_scope recognises frames compil
 
 
 def _drop_declined_captures(gm: fx.GraphModule) -> list:
-    """The modules whose captured per-expert loop (``moe_inductor.capture``) this graph traced and
+    """The modules whose captured per-expert loop (``moe_inductor.dynamo.capture``) this graph traced and
     which hold no rewritten block: their capture is given up (``capture.drop``). Never raises."""
-    from . import capture
+    from moe_inductor.dynamo import capture
 
     try:
         from torch._dynamo.symbolic_convert import InstructionTranslator

@@ -1,6 +1,6 @@
 """The router of a matched MoE block, for token rounding inside compiled graphs.
 
-Token rounding (``moe_inductor.routing.token_rounding_routing``) needs the router's probabilities
+Token rounding (``moe_inductor.ops.routing.token_rounding_routing``) needs the router's probabilities
 over all experts, not just the top-k the model kept, so with the backend option
 ``token_rounding`` on, the rewrite takes the router into the fused computation: it recognises how
 the block's (expert ids, scores) came from the router, and replaces the model's top-k by the
@@ -35,11 +35,11 @@ import torch.fx as fx
 import torch.nn.functional as Fn
 from torch._inductor.pattern_matcher import KeywordArg as KA, is_match
 
-from .fx.decline import Declined, need
-from .fx.matching import AnyOf, F, M
-from .fx.nodes import is_mutation
-from .fx.shapes import int_value, same, shape_of
-from . import routing
+from moe_inductor.fx.decline import Declined, need
+from moe_inductor.fx.matching import AnyOf, F, M
+from moe_inductor.fx.nodes import is_mutation
+from moe_inductor.fx.shapes import int_value, same, shape_of
+from moe_inductor.ops import routing
 
 
 @dataclasses.dataclass

@@ -32,7 +32,7 @@ def _lists(channel: str) -> list:
     try:
         return _listening[channel]
     except KeyError:
-        raise ValueError(f"moe_inductor.listeners: unknown channel {channel!r}; valid: {', '.join(CHANNELS)}") from None
+        raise ValueError(f"moe_inductor.diagnostics.listeners: unknown channel {channel!r}; valid: {', '.join(CHANNELS)}") from None
 
 
 def active(channel: str) -> bool:

@@ -20,7 +20,7 @@ def load() -> list:
     except ModuleNotFoundError:
         # Running from a source checkout without an install: the patterns live in the top-level
         # patterns/ folder that installs as moe_inductor.patterns; load it under that name.
-        folder = Path(__file__).resolve().parents[1] / "patterns"
+        folder = Path(__file__).resolve().parents[2] / "patterns"
         spec = importlib.util.spec_from_file_location(
             PACKAGE, folder / "__init__.py", submodule_search_locations=[str(folder)])
         module = importlib.util.module_from_spec(spec)

@@ -71,7 +71,7 @@ expert (see there why that is exact); the frame is then traced with the counts a
 bound together (``outputs, start = [], 0``), torchtitan's for-loop experts with ``split`` by host
 counts, host capacity arithmetic
 (DeepSpeed's ``_capacity``: a tensor compared in an ``if``, then used as ``topk``'s ``k``). Nothing here runs at import; ``analyse`` is called for the
-forward methods of the modules of frames compiled with the sonic backend (``moe_inductor.capture``).
+forward methods of the modules of frames compiled with the sonic backend (``moe_inductor.dynamo.capture``).
 """
 from __future__ import annotations
 
@@ -83,7 +83,7 @@ import textwrap
 import types
 from typing import Optional
 
-from .fx.targets import ALIASING_METHODS, CAST_METHODS
+from moe_inductor.fx.targets import ALIASING_METHODS, CAST_METHODS
 
 #: name of the loop variable of a rewritten loop (the expert id, a Python int)
 EXPERT = "_sonic_expert"
@@ -2047,7 +2047,7 @@ def host_count_splits(fn, depth: int = 0, cls: Optional[type] = None) -> list:
     data: a parameter of ``fn`` (the sizes a router returned, JetMoE's ``JetMoeParallelExperts``) or a
     local assigned from ``.tolist()``, in a function that also concatenates (``torch.cat``) what it
     computes per chunk. Such a frame is traced with the counts as symbolic sizes and
-    ``moe_inductor.host_splits`` proves, on the graph, whether split + per-expert GEMM + cat is a
+    ``moe_inductor.dynamo.host_splits`` proves, on the graph, whether split + per-expert GEMM + cat is a
     grouped GEMM on device offsets; this only says where it is worth trying. Empty if none.
     The source read is the rewritten one when ``analyse`` rewrites a loop of ``fn`` (a segment loop
     becomes such a split), and the methods ``fn`` calls on its first argument (``self.moe_infer(...)``,
@@ -2124,7 +2124,7 @@ def _split_notes(fdef, filename, qual) -> list:
             out.append(LoopNote(filename, n.lineno, qual, True, form=(
                 f"`{_short(n)}` splits rows by host sizes `{sizes.id}`: traced with the counts as symbolic sizes, and "
                 f"split + per-expert GEMM + cat proved a grouped GEMM on device offsets in the graph "
-                f"(moe_inductor.host_splits)")))
+                f"(moe_inductor.dynamo.host_splits)")))
     return out
 
 
@@ -2149,16 +2149,16 @@ def _host_reads(fdef, filename, qual) -> list:
                     f"line {n.lineno}: `{_short(n)}` copies `{_short(counted)}` to the host: its length is "
                     f"max(minlength, largest id + 1), known only from the data unless the ids are positions along "
                     f"an axis of at most minlength (topk/sort/max/argmax indices, in the same graph: "
-                    f"moe_inductor.shape_items pins the length then, and the counts are traced as sizes); else "
+                    f"moe_inductor.dynamo.shape_items pins the length then, and the counts are traced as sizes); else "
                     f"Dynamo breaks the graph at `bincount`; counts of a fixed length E, "
-                    f"`one_hot(ids, E).sum(0).tolist()`, are traced on the device (moe_inductor.host_splits)")))
+                    f"`one_hot(ids, E).sum(0).tolist()`, are traced on the device (moe_inductor.dynamo.host_splits)")))
                 continue
             out.append(LoopNote(filename, n.lineno, qual, False, reason=(
                 f"line {n.lineno}: `{_short(n)}` reads tensor data on the host (`.{reads[0].func.attr}()`), which "
                 f"breaks the graph; it is not a skip of experts without tokens that the loop capture can remove "
                 f"(counts read with `.tolist()` that only size splits of rows by expert are traced on the device in "
-                f"sonic frames: moe_inductor.host_splits; an `.item()` of a value computed only from sizes and "
-                f"integer constants is read at trace time: moe_inductor.shape_items; anything else stays out of "
+                f"sonic frames: moe_inductor.dynamo.host_splits; an `.item()` of a value computed only from sizes and "
+                f"integer constants is read at trace time: moe_inductor.dynamo.shape_items; anything else stays out of "
                 f"reach)")))
     return out
 

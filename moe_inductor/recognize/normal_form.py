@@ -33,11 +33,11 @@ from typing import Optional
 import torch
 import torch.fx as fx
 
-from .fx.aliasing import aliases, fresh_tuple
-from .fx.build import emit
-from .fx.nodes import invalidate_order
-from .fx.shapes import example_value, same
-from .fx.targets import (ALLOCATING_FUNCTIONS, ALLOCATING_METHODS, FUNCTIONAL_OF_FUNCTION, FUNCTIONAL_OF_METHOD,
+from moe_inductor.fx.aliasing import aliases, fresh_tuple
+from moe_inductor.fx.build import emit
+from moe_inductor.fx.nodes import invalidate_order
+from moe_inductor.fx.shapes import example_value, same
+from moe_inductor.fx.targets import (ALLOCATING_FUNCTIONS, ALLOCATING_METHODS, FUNCTIONAL_OF_FUNCTION, FUNCTIONAL_OF_METHOD,
                          INPLACE_FLAG_FUNCTIONS, OPERATOR_OF_METHOD)
 
 

@@ -1,0 +1,1 @@
+"""What the backend and the op report: explain, reports, routing statistics, listeners, memory."""

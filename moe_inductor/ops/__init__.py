@@ -1,0 +1,1 @@
+"""The fused MoE operator: schema, fake and autograd, the PyTorch path, activations, routing."""

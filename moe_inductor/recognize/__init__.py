@@ -1,0 +1,1 @@
+"""What an MoE block computes, in parts: the descriptions, the normal form, the router reader."""
