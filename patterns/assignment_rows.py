@@ -85,6 +85,7 @@ from typing import Optional
 import torch
 import torch.fx as fx
 
+from moe_inductor.fx.targets import ONE_HOT_FUNCTIONS
 from moe_inductor.fx import safety
 from moe_inductor.ops.activations import parse_activation
 from moe_inductor.recognize.parts import PartDeclined, recognise, register
@@ -844,7 +845,7 @@ def _one_hot_counts(counts) -> Optional[tuple]:
     oh = counts.args[0]
     if _is(oh, "call_method", ("long", "int")) and len(oh.args) == 1:
         oh = oh.args[0]
-    if not (_is(oh, "call_function", (torch.nn.functional.one_hot, torch._C._nn.one_hot)) and oh.args
+    if not (_is(oh, "call_function", ONE_HOT_FUNCTIONS) and oh.args
             and isinstance(oh.args[0], fx.Node)):
         return None
     E = arg(oh, 1, "num_classes", -1)

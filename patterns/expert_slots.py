@@ -115,6 +115,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as Fn
 
+from moe_inductor.fx.targets import ONE_HOT_FUNCTIONS
 from moe_inductor.fx import safety
 from moe_inductor.fx.build import call, method
 from moe_inductor.fx.decline import Declined, need
@@ -131,7 +132,7 @@ IDIOM = "expert_slots"
 _line_of = _experts_part._line_of
 
 _EINSUM = (torch.einsum, torch.functional.einsum)
-_ONE_HOT = (torch._C._nn.one_hot, Fn.one_hot)
+_ONE_HOT = ONE_HOT_FUNCTIONS
 _MUL = (operator.mul, torch.mul)
 _ADD = (operator.add, torch.add)
 _COMPARE = {operator.lt, operator.le, operator.gt, operator.ge, operator.eq, operator.ne, torch.lt, torch.le,

@@ -41,14 +41,14 @@ from moe_inductor.fx.decline import Declined, need
 from moe_inductor.fx.matching import transpose_of
 from moe_inductor.fx.nodes import downstream, node_order
 from moe_inductor.fx.shapes import dtype_of, int_value, same, same_dim, shape_of
-from moe_inductor.fx.targets import MATMUL_FUNCTIONS, MATMUL_METHODS
+from moe_inductor.fx.targets import LINEAR_FUNCTIONS, MATMUL_FUNCTIONS, MATMUL_METHODS
 from moe_inductor.recognize.parts import ExpertMLP, IdentityExpert, LowRankWeight, decline, recognise, register
 from moe_inductor.lower.rewrite import gemm_name
 
 from .common import GATED_OF, NO_ACTIVATION, expert_activation, gate_up_halves, unary_activation, with_layout, \
     zero_offset
 
-_LINEAR = (torch._C._nn.linear, torch.nn.functional.linear)
+_LINEAR = LINEAR_FUNCTIONS
 
 
 def projection(node) -> Optional[tuple]:

@@ -51,9 +51,9 @@ from collections import defaultdict
 
 import torch
 import torch.fx as fx
-import torch.nn.functional as Fn
 from torch._inductor.pattern_matcher import KeywordArg as KA, is_match
 
+from moe_inductor.fx.targets import LINEAR_FUNCTIONS
 from moe_inductor.fx import safety
 from moe_inductor.fx.build import call, method
 from moe_inductor.fx.decline import Declined, need
@@ -74,7 +74,7 @@ IDIOM = "mask_dispatch"
 
 # --------------------------------------------------------------------------- patterns
 
-_LINEAR = (torch._C._nn.linear, Fn.linear)
+_LINEAR = LINEAR_FUNCTIONS
 _ALL = slice(None, None, None)
 
 

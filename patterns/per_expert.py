@@ -58,6 +58,7 @@ from typing import Optional
 import torch
 import torch.fx as fx
 
+from moe_inductor.fx.targets import LINEAR_FUNCTIONS, MATMUL_FUNCTIONS
 from moe_inductor.fx import safety
 from moe_inductor.fx.build import call, method
 from moe_inductor.fx.decline import Declined, need
@@ -73,7 +74,7 @@ from . import experts as _experts  # noqa: F401
 
 IDIOM = "expert_loop"
 
-_GEMMS = {torch._C._nn.linear, torch.nn.functional.linear, torch.matmul, torch.mm, torch.bmm, operator.matmul}
+_GEMMS = {*LINEAR_FUNCTIONS, *MATMUL_FUNCTIONS, torch.bmm}
 
 
 def _has_gemm_upstream(node, depth: int = 10) -> bool:
@@ -112,8 +113,7 @@ def _score_of(v: fx.Node, sel, on: str):
 
 _INPLACE_MUL = (operator.imul, torch.Tensor.mul_)
 # results that are always new tensors (never an alias of an argument)
-_FRESH_FUNCTIONS = (operator.mul, torch.mul, operator.matmul, torch.matmul, torch.nn.functional.linear,
-                    torch._C._nn.linear)
+_FRESH_FUNCTIONS = (operator.mul, torch.mul, operator.matmul, torch.matmul, *LINEAR_FUNCTIONS)
 
 
 def _constant_scale(v: fx.Node) -> tuple:

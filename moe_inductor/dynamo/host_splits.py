@@ -67,6 +67,8 @@ from typing import Optional
 import torch
 import torch.fx as fx
 
+from moe_inductor.fx.targets import LINEAR_FUNCTIONS
+
 log = logging.getLogger("moe_inductor")
 
 
@@ -215,7 +217,7 @@ def _linear_of(node) -> Optional[tuple]:
 
 def _linear_parts(node) -> Optional[tuple]:
     """(input, weight, bias or None) of ``F.linear(input, weight[, bias])`` with node operands."""
-    if node.op != "call_function" or node.target not in (torch._C._nn.linear, torch.nn.functional.linear):
+    if node.op != "call_function" or node.target not in LINEAR_FUNCTIONS:
         return None
     args = list(node.args) + [None] * (3 - len(node.args))
     bias = node.kwargs.get("bias", args[2])
@@ -332,8 +334,7 @@ def _kind(n: fx.Node) -> tuple:
     size 1), ("call",) for the ``autograd_function_apply`` call under one of those, ("plain",) else."""
     from moe_inductor.fx import safety
 
-    got = _linear_parts(n) if n.op == "call_function" and n.target in (torch._C._nn.linear,
-                                                                       torch.nn.functional.linear) else None
+    got = _linear_parts(n) if n.op == "call_function" and n.target in LINEAR_FUNCTIONS else None
     if got is None:
         got = safety.linear_function_operands(n)
     if got is not None:

@@ -36,7 +36,7 @@ from .aliasing import (  # noqa: F401  (the aliasing checks, read as safety.<nam
 from .decline import Declined
 from .nodes import downstream, is_mutation, node_order
 from .shapes import dtype_of, example_value, same, shape_of
-from .targets import FLOAT_CAST_DTYPES, MATMUL_FUNCTIONS, MATMUL_METHODS
+from .targets import FLOAT_CAST_DTYPES, LINEAR_FUNCTIONS, MATMUL_FUNCTIONS, MATMUL_METHODS
 
 
 # --------------------------------------------------------------------------- dtypes and identities
@@ -93,7 +93,7 @@ def strip_identity(node):
 
 
 _NARROW_FLOATS = (torch.bfloat16, torch.float16)
-_LINEAR_TARGETS = (torch._C._nn.linear, Fn.linear)
+_LINEAR_TARGETS = LINEAR_FUNCTIONS
 _WIDE_FLOATS = (torch.float32, torch.float64)
 
 

@@ -69,6 +69,11 @@ INPLACE_FUNCTIONS = frozenset({
 #: matrix products of two operands (no bias), as torch functions and as methods
 MATMUL_FUNCTIONS = frozenset({torch.matmul, torch.mm, operator.matmul})
 MATMUL_METHODS = frozenset({"matmul", "mm", "__matmul__"})
+#: the functional linear as Dynamo records it (``torch._C._nn.linear``) and as written; a tuple whose
+#: first entry is the name the op's autocast rule follows (``lower.rewrite.gemm_name``)
+LINEAR_FUNCTIONS = (torch._C._nn.linear, F.linear)
+#: ``F.one_hot`` as Dynamo records it and as written
+ONE_HOT_FUNCTIONS = (torch._C._nn.one_hot, F.one_hot)
 
 # --------------------------------------------------------------------------- the normal form
 
