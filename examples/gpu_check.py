@@ -56,18 +56,31 @@ BENCH = os.path.join(ROOT, "examples", "bench_kernels.py")
 # Shares of the budget. A step's limit is fixed when it starts: the time left times its fraction
 # of the fractions still to run, so time a step does not use flows to the later ones. The report
 # step takes what it needs (a few seconds).
-SHARES = {"environment": 0.04, "gpu_tests": 0.36, "bench": 0.58}
+SHARES = {"environment": 0.04, "precompile": 0.20, "gpu_tests": 0.30, "bench": 0.46}
 # The bench's share over its passes: every shape's core comparison first.
 BENCH_PASSES = [
     ("core", "sonic,hf_grouped_mm,liger,sonic_tr,dense", 0.55),  # in order of the targets
     ("compiled", "hf_compiled", 0.20),
     ("max_autotune", "hf_max_autotune", 0.25),
 ]
+PRECOMPILE = os.path.join(ROOT, "examples", "precompile.py")
+#: the dry run compiles this many kernels (the cheapest) with this many workers: the mechanism, not the set
+DRY_PRECOMPILE = {"limit": 3, "workers": 2}
 MIN_START_S = 5.0  # a step (or bench run) with less time than this left is skipped
 #: what stays loose in OUTDIR after packing (the rest goes into ARCHIVE): at most 3 files come back
 KEEP = ("gpu_check.json", "bench.png")
 ARCHIVE = "results.tar.gz"
 STOP_GRACE_S = 10.0  # after SIGTERM at the limit, wait this long before SIGKILL
+
+
+def share_of(left_s: float, name: str, names_left: list) -> float:
+    """A step's limit: the time left times its fraction of the fractions still to run."""
+    return left_s * SHARES[name] / sum(SHARES[n] for n in names_left)
+
+
+def pass_share(left_s: float, frac: float, fracs_left: float) -> float:
+    """A bench pass's part of the time left in the bench step."""
+    return left_s * frac / fracs_left
 
 
 @dataclass
@@ -82,8 +95,9 @@ class Step:
 
 class Driver:
     def __init__(self, outdir: str, dry_run: bool, budget_s: float, shapes: Optional[str],
-                 only: Optional[list] = None, pack: bool = True):
+                 only: Optional[list] = None, pack: bool = True, workers: Optional[int] = None):
         self.pack = pack
+        self.workers = workers
         self.outdir = os.path.abspath(outdir)
         self.dry_run = dry_run
         self.budget_s = budget_s
@@ -206,6 +220,24 @@ class Driver:
                 step.detail = json.load(f)
         step.status = "timeout" if timed_out else "ok" if rc == 0 and step.detail else "failed"
 
+    def step_precompile(self, step: Step) -> None:
+        """Every kernel x config the later steps launch, compiled in parallel into Triton's cache
+        (examples/precompile.py); it prints the plan (steps x compile and run estimates) first."""
+        path = os.path.join(self.outdir, "precompile.json")
+        env = {k: v for k, v in self.env.items() if k != "TRITON_INTERPRET"}  # it compiles for the GPU
+        cmd = precompile_cmd(path, self.dry_run, self.workers, self.shapes, self.budget_s)
+        rc, timed_out = self.run(cmd, min(step.share_s, self.left()),
+                                 os.path.join(self.outdir, "precompile.log"), env)
+        step.files = ["precompile.json", "precompile.log"]
+        record = {}
+        if os.path.exists(path):
+            with open(path) as f:
+                record = json.load(f)
+        self.summary["plan"] = record.get("plan")
+        step.detail = {k: record.get(k) for k in ("device", "jobs", "compile_wall_s", "errors", "discovery_errors")}
+        step.detail["returncode"] = rc
+        step.status = "timeout" if timed_out else "ok" if rc == 0 and "compiled" in record else "failed"
+
     def step_gpu_tests(self, step: Step) -> None:
         jsonl = os.path.join(self.outdir, "gpu_tests.jsonl")
         if os.path.exists(jsonl):
@@ -248,7 +280,7 @@ class Driver:
         runs = []
         passes_left = sum(p[2] for p in BENCH_PASSES)
         for pass_name, impls, frac in BENCH_PASSES:
-            pass_end = time.time() + (step_end - time.time()) * frac / passes_left
+            pass_end = time.time() + pass_share(step_end - time.time(), frac, passes_left)
             passes_left -= frac
             for i, shape in enumerate(shapes):
                 remaining = pass_end - time.time()
@@ -322,7 +354,7 @@ class Driver:
             if step.name in SHARES:
                 later = [s.name for s in self.steps[self.steps.index(step):] if s.name in SHARES
                          and (self.only is None or s.name in self.only)]
-                step.share_s = round(left * SHARES[step.name] / sum(SHARES[n] for n in later), 1)
+                step.share_s = round(share_of(left, step.name, later), 1)
             self.log(f"step {step.name}: start (share {step.share_s:.0f} s, {left:.0f} s left in the budget)")
             try:
                 getattr(self, "step_" + step.name)(step)
@@ -339,6 +371,19 @@ class Driver:
         print(json.dumps(self.summary, indent=1))
         selected = [s for s in self.steps if self.only is None or s.name in self.only or s.name == "report"]
         return 0 if all(s.status == "ok" for s in selected) else 1
+
+
+def precompile_cmd(out_json: str, dry_run: bool, workers: Optional[int], shapes: Optional[str],
+                   budget_s: float, plan_only: bool = False) -> list:
+    """examples/precompile.py's command line for this check (the dry run: DRY_PRECOMPILE)."""
+    cmd = [sys.executable, PRECOMPILE, "--out", out_json, "--budget", str(budget_s)]
+    workers = workers or (DRY_PRECOMPILE["workers"] if dry_run else os.cpu_count() or 1)
+    cmd += ["--workers", str(workers)]
+    if dry_run:
+        cmd += ["--dry-run", "--limit", str(DRY_PRECOMPILE["limit"])]
+    if shapes:
+        cmd += ["--shapes", shapes]
+    return cmd + (["--plan-only"] if plan_only else [])
 
 
 def _signal_group(proc: subprocess.Popen, sig) -> None:
@@ -517,6 +562,10 @@ def main(argv=None) -> int:
                    help="comma-separated subset of " + ",".join(SHARES) + " (default: all; the budget is shared by those)")
     p.add_argument("--no-pack", action="store_true",
                    help=f"leave every result file loose in OUTDIR (default: all but {', '.join(KEEP)} go into {ARCHIVE})")
+    p.add_argument("--workers", type=int, default=None,
+                   help="precompile worker processes (default: every core; dry run: 2)")
+    p.add_argument("--plan", action="store_true",
+                   help="print the plan (steps x kernels to compile, estimated compile and run s) and exit")
     p.add_argument("--probe-environment", metavar="JSON", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.probe_environment:
@@ -530,11 +579,19 @@ def main(argv=None) -> int:
         unknown = set(only) - set(SHARES)
         if unknown:
             p.error(f"unknown steps {sorted(unknown)}; valid: {', '.join(SHARES)}")
+    if args.plan:
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        env["PYTHONPATH"] = ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        os.makedirs(args.outdir, exist_ok=True)
+        cmd = precompile_cmd(os.path.join(args.outdir, "plan.json"), args.dry_run, args.workers, args.shapes,
+                             budget, plan_only=True)
+        return subprocess.run(cmd, cwd=ROOT, env=env).returncode
     if not args.dry_run:  # what the lent machine's run call needs (library's device tool)
         print(f"[gpu_check] device run: give the run call timeout_s >= {int(budget) + 90} (budget {int(budget)} s "
               f"+ start-up and packing); carry .whl if the comparator wheels are there; results: "
               f"{', '.join(KEEP)} and {ARCHIVE} under OUTDIR", flush=True)
-    return Driver(args.outdir, args.dry_run, budget, args.shapes, only, pack=not args.no_pack).main()
+    return Driver(args.outdir, args.dry_run, budget, args.shapes, only, pack=not args.no_pack,
+                  workers=args.workers).main()
 
 
 if __name__ == "__main__":

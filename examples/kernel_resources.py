@@ -92,7 +92,12 @@ class Scenario:
     bias: bool
     interleaved: bool
     recompute_h: bool
-    shape: str            # key of SHAPES
+    shape: object         # key of SHAPES, or a (T, d, n, E, K) tuple (a caller's own shape)
+    routing: str = "topk"  # topk | dropped | skewed | token_rounding (static) | token_rounding_dynamic
+    tr_tile_m: int = 128   # token rounding's tile (routing token_rounding*)
+
+    def dims(self) -> tuple:
+        return tuple(SHAPES[self.shape]) if isinstance(self.shape, str) else tuple(self.shape)
 
 
 # (T, d, n, E, K). All multiples of 16 like real model sizes, so Triton's divisibility
@@ -121,6 +126,7 @@ class Launch:
     config: dict               # BLOCK_* / tile constexprs of the autotune config (or the launch), warps, stages
     autotuned: bool
     dtype: str
+    tune_key: tuple = ()       # the autotuner's cache key of the launch (() when not autotuned)
 
     @property
     def kernel(self) -> str:
@@ -234,16 +240,21 @@ def _zero_fill_empty():
         torch.empty, torch.empty_like, torch.Tensor.new_empty = saved
 
 
-def record_launches(scenarios, archs, jits, tuners) -> tuple[list[Launch], list[str]]:
-    """Runs every scenario once per arch; returns the recorded launches and scenario errors."""
-    from triton import knobs
+def record_launches(scenarios, archs, jits, tuners, device: str = "cpu",
+                    skip_compile: bool = True) -> tuple[list[Launch], list[str]]:
+    """Runs every scenario once per arch; returns the recorded launches and scenario errors.
+
+    device "cpu": CPU tensors and a stand-in driver per arch (no GPU needed). "cuda": the real
+    driver and CUDA tensors (archs is then the device's own arch): what the launch on that GPU
+    binds, by construction. skip_compile=False lets Triton go on to compile each launch itself
+    (precompile's check of its cache keys against the JIT's own)."""
     from triton.runtime import driver
 
     from moe_inductor.kernels import launch_utils
 
     launches: list[Launch] = []
     errors: list[str] = []
-    state = {"config": None, "autotuned": False, "dtype": None, "arch": None}
+    state = {"config": None, "autotuned": False, "dtype": None, "arch": None, "tune_key": ()}
 
     def hook(*, key, repr, fn, compile, is_manual_warmup, already_compiled):
         jf = fn.jit_function
@@ -260,86 +271,123 @@ def record_launches(scenarios, archs, jits, tuners) -> tuple[list[Launch], list[
         launches.append(Launch(
             arch=state["arch"], fn=jf, signature=dict(compile["signature"]), constants=dict(constants),
             attrs=dict(compile["configs"][0]), options=_tuples(spec["options"]), config=config,
-            autotuned=state["autotuned"], dtype=state["dtype"],
+            autotuned=state["autotuned"], dtype=state["dtype"], tune_key=state["tune_key"],
         ))
-        return True  # skip compilation and the launch
-
-    def tuner_run(tuner):
-        def run(*args, **kwargs):
-            tuner.nargs = dict(zip(tuner.arg_names, args))
-            try:
-                configs = tuner.prune_configs(kwargs) if len(tuner.configs) > 1 else list(tuner.configs)
-            finally:
-                tuner.nargs = None
-            for cfg in configs:
-                state["config"], state["autotuned"] = dict(cfg.kwargs), True
-                try:
-                    tuner.fn.run(*args, **kwargs, **cfg.all_kwargs())
-                finally:
-                    state["config"], state["autotuned"] = None, False
-        return run
+        return skip_compile  # True: skip compilation and the launch
 
     from moe_inductor.ops.activations import parse_activation
     from moe_inductor.ops.op import fused_moe
 
+    with _discovery_hooks(device, hook, tuners, state), _zero_fill_empty():
+        for arch in archs:
+            if device == "cpu":
+                driver.set_active(_StandInDriver(arch))
+            state["arch"] = driver.active.get_current_target().arch
+            for sc in scenarios:
+                state["dtype"] = sc.dtype
+                launch_utils.ALLOW_TF32 = sc.dtype == "fp32_tf32"
+                try:
+                    _run_scenario(sc, parse_activation, fused_moe, device)
+                except Exception as exc:  # noqa: BLE001 - reported, the other scenarios still run
+                    errors.append(f"sm_{arch} {sc}: {type(exc).__name__}: {exc}")
+    return launches, errors
+
+
+def _tuner_run(tuner, state: dict):
+    """Autotuner.run replaced: every candidate its (per-dtype) pruning keeps is "launched" in turn,
+    with the same keyword arguments Autotuner._bench gives it (config.all_kwargs())."""
+    def run(*args, **kwargs):
+        tuner.nargs = dict(zip(tuner.arg_names, args))
+        try:
+            configs = tuner.prune_configs(kwargs) if len(tuner.configs) > 1 else list(tuner.configs)
+        finally:
+            tuner.nargs = None
+        named = {**dict(zip(tuner.arg_names, args)), **kwargs}
+        tune_key = (tuner.base_fn.__name__,) + tuple(repr(named.get(k)) for k in tuner.keys) + tuple(
+            str(a.dtype) for a in named.values() if hasattr(a, "dtype"))
+        for cfg in configs:
+            state["config"], state["autotuned"], state["tune_key"] = dict(cfg.kwargs), True, tune_key
+            try:
+                tuner.fn.run(*args, **kwargs, **cfg.all_kwargs())
+            finally:
+                state["config"], state["autotuned"], state["tune_key"] = None, False, ()
+    return run
+
+
+@contextlib.contextmanager
+def _discovery_hooks(device: str, hook, tuners: dict, state: dict):
+    """The jit_cache_hook and the autotuners' run installed, and everything restored after."""
+    from triton import knobs
+    from triton.runtime import driver
+
+    from moe_inductor.kernels import launch_utils
+
     saved_env = os.environ.get("TRITON_INTERPRET")
     saved_driver = driver._active  # None until a real driver was created (none on a CPU machine)
-    saved_hook = knobs.runtime.jit_cache_hook
-    saved_tf32 = launch_utils.ALLOW_TF32
-    saved_fill = launch_utils.DEBUG_FILL_NAN
-    os.environ["TRITON_INTERPRET"] = "1"  # the op's CPU-tensor check only; triton is already imported
+    saved = knobs.runtime.jit_cache_hook, launch_utils.ALLOW_TF32, launch_utils.DEBUG_FILL_NAN
+    if device == "cpu":
+        os.environ["TRITON_INTERPRET"] = "1"  # the op's CPU-tensor check only; triton is already imported
     knobs.runtime.jit_cache_hook = hook
     launch_utils.DEBUG_FILL_NAN = False
     for tuner in tuners.values():
-        tuner.run = tuner_run(tuner)
+        tuner.run = _tuner_run(tuner, state)
     try:
-        with _zero_fill_empty():
-            for arch in archs:
-                driver.set_active(_StandInDriver(arch))
-                state["arch"] = arch
-                for sc in scenarios:
-                    state["dtype"] = sc.dtype
-                    launch_utils.ALLOW_TF32 = sc.dtype == "fp32_tf32"
-                    try:
-                        _run_scenario(sc, parse_activation, fused_moe)
-                    except Exception as exc:  # noqa: BLE001 - reported, the other scenarios still run
-                        errors.append(f"sm_{arch} {sc}: {type(exc).__name__}: {exc}")
+        yield
     finally:
-        driver._active = saved_driver
-        knobs.runtime.jit_cache_hook = saved_hook
-        launch_utils.ALLOW_TF32 = saved_tf32
-        launch_utils.DEBUG_FILL_NAN = saved_fill
+        if device == "cpu":
+            driver._active = saved_driver
+        knobs.runtime.jit_cache_hook, launch_utils.ALLOW_TF32, launch_utils.DEBUG_FILL_NAN = saved
         for tuner in tuners.values():
             del tuner.run
         if saved_env is None:
             os.environ.pop("TRITON_INTERPRET", None)
         else:
             os.environ["TRITON_INTERPRET"] = saved_env
-    return launches, errors
 
 
-def _run_scenario(sc: Scenario, parse_activation, fused_moe) -> None:
-    T, d, n, E, K = SHAPES[sc.shape]
+def _run_scenario(sc: Scenario, parse_activation, fused_moe, device: str = "cpu") -> None:
+    T, d, n, E, K = sc.dims()
     from moe_inductor.kernels import config
 
     tile = config.kernel_tile_m(T * K, E)
-    if tile != SHAPE_TILE_M[sc.shape]:
+    if isinstance(sc.shape, str) and tile != SHAPE_TILE_M[sc.shape]:
         raise RuntimeError(f"shape {sc.shape} gives row tile {tile}, not {SHAPE_TILE_M[sc.shape]}: update SHAPES")
     act = parse_activation(sc.activation)
     dt = DTYPES[sc.dtype]
     g = torch.Generator().manual_seed(0)
     h_cols = 2 * n if act.gated else n
-    x = torch.randn(T, d, generator=g).to(dt).requires_grad_()
-    w1 = torch.randn(E, h_cols, d, generator=g).to(dt).requires_grad_()
-    w2 = torch.randn(E, d, n, generator=g).to(dt).requires_grad_()
-    b1 = torch.randn(E, h_cols, generator=g).to(dt).requires_grad_() if sc.bias else None
-    b2 = torch.randn(E, d, generator=g).to(dt).requires_grad_() if sc.bias else None
-    expert_ids = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)]).reshape(-1).to(torch.int32)
-    token_ids = torch.arange(T, dtype=torch.int32).repeat_interleave(K)
-    scores = torch.rand(T * K, generator=g).to(dt).requires_grad_()
-    out = fused_moe(x, token_ids, expert_ids, scores, w1, w2, b1=b1, b2=b2, activation=act.spec,
-                    interleaved=sc.interleaved, recompute_h=sc.recompute_h, impl="triton")
+
+    def param(*shape):
+        return torch.randn(*shape, generator=g).to(device, dt).requires_grad_()
+
+    x, w1, w2 = param(T, d), param(E, h_cols, d), param(E, d, n)
+    b1, b2 = (param(E, h_cols), param(E, d)) if sc.bias else (None, None)
+    token_ids, expert_ids, scores = _scenario_routing(sc, T, E, K, g)
+    scores = scores.to(device, dt).requires_grad_()
+    out = fused_moe(x, token_ids.to(device), expert_ids.to(device), scores, w1, w2, b1=b1, b2=b2,
+                    activation=act.spec, interleaved=sc.interleaved, recompute_h=sc.recompute_h, impl="triton")
     out.sum().backward()
+
+
+def _scenario_routing(sc: Scenario, T: int, E: int, K: int, g) -> tuple:
+    """(token_ids, expert_ids, scores) of the scenario's routing kind, on CPU."""
+    if sc.routing.startswith("token_rounding"):
+        from moe_inductor.routing import token_rounding_routing
+
+        probs = torch.randn(T, E, generator=g).softmax(-1)
+        r = token_rounding_routing(probs, K, sc.tr_tile_m, "nearest", static_shape=sc.routing == "token_rounding")
+        return r.token_ids, r.expert_ids, r.scores
+    if sc.routing == "skewed":  # every token on experts 0..K-1, the others empty
+        expert_ids = torch.arange(K).repeat(T)
+    else:
+        expert_ids = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)]).reshape(-1)
+    expert_ids = expert_ids.to(torch.int32)
+    if sc.routing == "dropped":  # every third assignment dropped (-1)
+        expert_ids[::3] = -1
+    elif sc.routing not in ("topk", "skewed"):
+        raise ValueError(f"unknown routing {sc.routing!r}")
+    token_ids = torch.arange(T, dtype=torch.int32).repeat_interleave(K)
+    return token_ids, expert_ids, torch.rand(T * K, generator=g)
 
 
 def default_scenarios(dtypes, acts, shapes=tuple(SHAPES), kinds=("plain", "flags")) -> list[Scenario]:
@@ -385,18 +433,44 @@ def _cache_dir() -> Path:
     return d
 
 
+def compile_launch(fn, signature: dict, constants: dict, attrs: dict, options: dict, arch: int):
+    """What JITFunction._do_compile does for a launch (triton 3.6 and 3.9 alike): compile
+    ``ASTSource(fn, signature, constexprs, attrs)`` for the target with the launch's options. The
+    on-disk cache key is a function of exactly these (plus Triton's version, the backend's ptxas
+    version and arch, and the cache-invalidating environment), so a JIT launch with the same
+    specialisation on that target finds the result in TRITON_CACHE_DIR."""
+    src = ASTSource(fn, signature, constants, attrs)
+    return triton.compile(src, target=GPUTarget("cuda", arch, WARP_SIZE), options=options)
+
+
+def unique_launches(launches: list) -> tuple[list, list]:
+    """(one Launch per distinct compile, [(index into the first list, launch)] per distinct
+    (compile, dtype label))."""
+    by_spec: dict[str, int] = {}
+    unique: list[Launch] = []
+    entry_of: list[tuple[int, Launch]] = []
+    seen_entries = set()
+    for l in launches:
+        key = l.spec_key()
+        if key not in by_spec:
+            by_spec[key] = len(unique)
+            unique.append(l)
+        if (key, l.dtype) not in seen_entries:
+            seen_entries.add((key, l.dtype))
+            entry_of.append((by_spec[key], l))
+    return unique, entry_of
+
+
 def _compile_job(i: int) -> dict:
     job = _JOBS[i]
     from triton import knobs
 
-    src = ASTSource(job.fn, job.signature, job.constants, job.attrs)
-    target = GPUTarget("cuda", job.arch, WARP_SIZE)
     captured = io.StringIO()
     t0 = time.time()
     knobs.nvidia.dump_ptxas_log = True  # Triton prints its own `ptxas -v` log when it compiles
     try:
         with contextlib.redirect_stdout(captured):
-            k = triton.compile(src, target=target, options=job.options)
+            k = compile_launch(job.fn, job.signature, job.constants, job.attrs, job.options, job.arch)
     except Exception as exc:  # noqa: BLE001 - a config that does not compile is a finding
         return {"error": f"{type(exc).__name__}: {str(exc)[:400]}", "compile_s": time.time() - t0}
     finally:
@@ -495,18 +569,7 @@ def collect(archs, dtypes, acts, kernels=None, jobs=2, shapes=tuple(SHAPES), kin
     if kernels:
         launches = [l for l in launches if l.kernel.split(".")[-1] in kernels or l.kernel in kernels]
     # one compile per distinct specialisation; one entry per (specialisation, dtype label)
-    by_spec: dict[str, int] = {}
-    unique: list[Launch] = []
-    entry_of: list[tuple[int, Launch]] = []
-    seen_entries = set()
-    for l in launches:
-        key = l.spec_key()
-        if key not in by_spec:
-            by_spec[key] = len(unique)
-            unique.append(l)
-        if (key, l.dtype) not in seen_entries:
-            seen_entries.add((key, l.dtype))
-            entry_of.append((by_spec[key], l))
+    unique, entry_of = unique_launches(launches)
     log(f"discovery: {len(scenarios)} scenarios x {len(archs)} arch(s), {len(launches)} launches, "
         f"{len(unique)} distinct compiles ({time.time() - t0:.1f} s)")
     _JOBS = unique

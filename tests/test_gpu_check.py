@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.join(ROOT, "examples"))
 
 import gpu_check  # noqa: E402
 
-STEPS = ["environment", "gpu_tests", "bench", "report"]
+STEPS = ["environment", "precompile", "gpu_tests", "bench", "report"]
 
 
 def _clean_env():
@@ -56,6 +56,14 @@ def test_dry_run(tmp_path):
     for name in STEPS:  # elapsed time printed per step
         assert f"step {name}: ok in " in res.stdout, name
 
+    # the precompile step: discovery of the check's launches, the plan printed before compiling, the
+    # cheapest kernels compiled by its worker pool (the dry run's small count)
+    pre = json.loads((out / "precompile.json").read_text())
+    assert pre["dry_run"] and pre["jobs"] == gpu_check.DRY_PRECOMPILE["limit"] and not pre["errors"], pre.get("errors")
+    assert len(pre["compiled"]) == pre["jobs"] and all(len(r["hash"]) == 64 for r in pre["compiled"])
+    assert record["summary"]["plan"]["rows"][1]["step"] == "precompile"
+    assert res.stdout.index("plan at ") < res.stdout.index("step gpu_tests: start")
+
     env = json.loads((out / "environment.json").read_text())
     assert env["torch"] and env["triton"] and env["device"].startswith("cpu") and env["triton_interpret"]
 
@@ -82,6 +90,23 @@ def test_dry_run(tmp_path):
     assert rows["hf_grouped_mm"]["rel_err_vs_ref"] < 2e-2 and rows["hf_compiled"]["rel_err_vs_ref"] < 2e-2
     assert rows["sonic_tr"]["assignments"] > 0 and rows["sonic_tr"]["err_ref"] is None
     assert all(r["complete"] and "median" in r["statistic"] for r in bench["runs"])
+
+
+def test_default_plan_fits_the_budget(tmp_path):
+    """The plan of the default GPU check (every test case, the five benchmark shapes, 16 compile
+    workers), made on CPU (discovery at shapes with d and n / 16, the same launches otherwise):
+    every step's estimate within the limit the driver will give it, the total within 480 s."""
+    res = subprocess.run([sys.executable, os.path.join(ROOT, "examples", "gpu_check.py"), str(tmp_path), "--plan",
+                          "--workers", "16"], capture_output=True, text=True, timeout=600, cwd=ROOT, env=_clean_env())
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    plan = json.loads((tmp_path / "plan.json").read_text())["plan"]
+    assert "plan at 16 compile workers" in res.stdout
+    assert [r["step"] for r in plan["rows"]] == ["environment", "precompile", "gpu_tests", "bench:core",
+                                                 "bench:compiled", "bench:max_autotune"]
+    pre = plan["rows"][1]
+    assert pre["compiles"] > 100  # every GEMM config of every dtype / row tile the check launches
+    assert plan["serial_compile_s"] > 4 * pre["compile_s"]  # what the pool saves
+    assert plan["total_s"] <= 480 and plan["within_limit"], json.dumps(plan, indent=1)
 
 
 def test_results_are_packed_into_one_archive(tmp_path):
