@@ -7,6 +7,11 @@ Steps, each in its own subprocess with its own share of the time budget (--budge
 1500 s for the dry run, a ceiling for slow shared CI machines):
 
   environment  device, driver, torch/triton/transformers/liger versions    (environment.json)
+  precompile   examples/precompile.py: the plan (steps x kernels to compile,  (precompile.json)
+               estimated compile and run s, limits) printed, then every
+               Triton kernel x config the later steps launch compiled in
+               --workers processes into Triton's cache (dry run: the 3
+               cheapest, 2 workers); --plan prints the plan alone
   gpu_tests    pytest tests/gpu: Triton path vs PyTorch path, CUDA graphs,  (gpu_tests.json,
                the sonic backend on tiny transformers models                 gpu_tests.jsonl)
   bench        examples/bench_kernels.py, one subprocess per (pass, shape):  (bench.json, bench.png,

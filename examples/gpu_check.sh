@@ -2,7 +2,7 @@
 # One command for a lent GPU (H100/H200, no network): environment, GPU tests, benchmark, all as
 # JSON (+ PNG where matplotlib exists) in OUTDIR, time-boxed per step (default budget 480 s).
 #
-#   bash examples/gpu_check.sh OUTDIR [--dry-run] [--budget SECONDS] [--shapes 0,4]
+#   bash examples/gpu_check.sh OUTDIR [--dry-run] [--budget SECONDS] [--shapes 0,4] [--steps a,b] [--workers N] [--plan]
 #
 # --dry-run: the same steps on CPU under the Triton interpreter at tiny shapes (what CI runs).
 # The package runs from this checkout (PYTHONPATH), no install needed. Wheels to carry in .whl/

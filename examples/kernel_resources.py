@@ -357,8 +357,9 @@ def _run_scenario(sc: Scenario, parse_activation, fused_moe, device: str = "cpu"
     g = torch.Generator().manual_seed(0)
     h_cols = 2 * n if act.gated else n
 
-    def param(*shape):
-        return torch.randn(*shape, generator=g).to(device, dt).requires_grad_()
+    def param(*shape):  # on a GPU: zeros made there (values do not matter, the kernels are skipped)
+        t = torch.randn(*shape, generator=g).to(dt) if device == "cpu" else torch.zeros(*shape, dtype=dt, device=device)
+        return t.requires_grad_()
 
     x, w1, w2 = param(T, d), param(E, h_cols, d), param(E, d, n)
     b1, b2 = (param(E, h_cols), param(E, d)) if sc.bias else (None, None)
