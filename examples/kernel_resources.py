@@ -373,7 +373,7 @@ def _run_scenario(sc: Scenario, parse_activation, fused_moe, device: str = "cpu"
 def _scenario_routing(sc: Scenario, T: int, E: int, K: int, g) -> tuple:
     """(token_ids, expert_ids, scores) of the scenario's routing kind, on CPU."""
     if sc.routing.startswith("token_rounding"):
-        from moe_inductor.routing import token_rounding_routing
+        from moe_inductor.ops.routing import token_rounding_routing
 
         probs = torch.randn(T, E, generator=g).softmax(-1)
         r = token_rounding_routing(probs, K, sc.tr_tile_m, "nearest", static_shape=sc.routing == "token_rounding")

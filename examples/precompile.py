@@ -104,7 +104,7 @@ def gpu_test_scenarios(scale: int = 1, as_on_gpu: bool = False) -> list:
     the CUDA-graph test's two (T = 1024, bf16, biases; dropped and static token rounding)."""
     kr = _kernel_resources()
     tg = _gpu_test_module(as_on_gpu)
-    from moe_inductor.activations import parse_activation
+    from moe_inductor.ops.activations import parse_activation
 
     base = (tg.BASE.T, tg.BASE.d, tg.BASE.n, tg.BASE.E, tg.BASE.K)
     out = []
