@@ -385,14 +385,17 @@ def capacity_rows(index) -> Optional[Selection]:
     in increasing order, so the first c of them are the rows r with m[r] and cumsum(m)[r] <= c, for
     c >= 0 (proved: an int, or a SymInt the shape environment knows is >= 0; a negative c would cut
     from the end). The selection keeps m as its mask and the cut as ``capacity``; assignments past
-    it are dropped (expert -1). Not a ``v == e`` selection any more (``value``/``disjoint_key``
-    cleared: v no longer tells which rows are taken)."""
+    it are dropped (expert -1). Not a ``v == e`` selection any more (``value`` cleared: v no longer
+    tells which rows are taken), but ``disjoint_key`` stays: the cut keeps a subset of m's rows, and
+    subsets of selections that never share a row never share one either (labml's kept index lists
+    assigned into ``final_output``)."""
     if not (isinstance(index, fx.Node) and index.op == "call_function" and index.target is operator.getitem
             and isinstance(index.args[1], slice)):
         return None
     base, cut = index.args
     if cut.start is not None or cut.step is not None or cut.stop is None or not isinstance(base, fx.Node):
         return None
+    base = in_order(base)
     sel = index_of_rows(base)
     if sel is None:
         return None
@@ -400,8 +403,23 @@ def capacity_rows(index) -> Optional[Selection]:
                                       f"{base.name}[:c] is not provably >= 0 (a negative c cuts from the end)",
          part="dispatch")
     need(not safety.writes_to(base), f"{base.name}: the selected rows are modified in place", part="dispatch")
-    return dataclasses.replace(sel, index=index, capacity=cut.stop, value=None, disjoint_key=None, num_classes=None,
+    return dataclasses.replace(sel, index=index, capacity=cut.stop, value=None, num_classes=None,
                                nodes=sel.nodes + [base])
+
+
+def in_order(node: fx.Node) -> fx.Node:
+    """X for ``X[torch.arange(n)]`` with X 1-D and n its length, provably (the shapes), neither written
+    in place: position j holds X[j], the same values in the same order (labml's Switch with its
+    shuffle before dropping, ``idx[torch.randperm(len(idx))]``, made deterministic as an identity
+    permutation); ``node`` itself otherwise."""
+    if not (node.op == "call_function" and node.target is operator.getitem and isinstance(node.args[0], fx.Node)):
+        return node
+    x, perm = node.args
+    n, xs = _arange_rows(perm), shape_of(x)
+    if n is None or xs is None or len(xs) != 1 or not same(n, xs[0]) or safety.writes_to(perm) \
+            or safety.writes_to(x):
+        return node
+    return x
 
 
 # --------------------------------------------------------------------------- every assignment's token

@@ -305,8 +305,8 @@ def analyse_group(units: list, graph: fx.Graph) -> MoEBlock:
             need(lo == 0 and ncls == {E}, "proof: the result starts empty and the selections are not proven to "
                                            "cover every row (ids from torch.topk over exactly the looped experts)")
     writes = {n for u in units for n in u["write"].nodes}
-    need(set(safety.writes_to(acc)) <= writes, "combine: the result is written by something other than the expert loop")
     last_anchor = last["write"].anchor
+    later = _later_writes(acc, writes, order, last_anchor)
     first_write = min((n for n in writes), key=order.__getitem__)
     views = safety.aliases(acc)
     for a in views:
@@ -322,7 +322,7 @@ def analyse_group(units: list, graph: fx.Graph) -> MoEBlock:
 
     lift = _lift_assignment_rows(units, acc, x, layout, kind, order) if kind == "assign" else None
     post = None
-    if lift is None and on == "output" and identity is None and start_kind in ("zeros", "empty") \
+    if lift is None and on == "output" and identity is None and start_kind in ("zeros", "empty") and not later \
             and _every_row_assigned(units, layout, lo, E, rows[0]):
         post = _combine.token_scale(acc, writes, x)
     if post is not None:  # the fused op runs where the scale was: nothing in between may change what it reads
@@ -331,7 +331,20 @@ def analyse_group(units: list, graph: fx.Graph) -> MoEBlock:
         if any(safety.mutated_between(v, start, post[0]) is not None for v in srcs + masks):
             post = None  # not folded: the fused op replaces the loop, the scale stays a graph op
     return _block(mlp_units, acc, x, layout, kind, start_kind, base, lo, E, act, scored, on, lift, order,
-                  all_units=units, identity=identity, scale=scale, post=post)
+                  all_units=units, identity=identity, scale=scale, post=post, later=later)
+
+
+def _later_writes(acc, writes, order, last_anchor) -> list:
+    """The writes into the result other than the loop's ``writes``: allowed only after the loop's last
+    write and straight into ``acc`` (not through a view), e.g. labml's pass-through of the tokens a
+    capacity dropped, ``final_output[dropped, :] = x[dropped, :]``. They are later code working on
+    the loop's result: the rewrite hands them the fused result (a fresh tensor) in place of acc, in
+    the same order, so they change the same rows to the same values. Declines any other write."""
+    later = [w for w in safety.writes_to(acc) if w not in writes]
+    for w in later:
+        need(order[w] > order[last_anchor] and w.args and w.args[0] is acc,
+             f"combine: the result is written by something other than the expert loop ({w.format_node()})")
+    return later
 
 
 def _every_row_assigned(units, layout, lo, E, R) -> bool:
@@ -478,7 +491,7 @@ def _taken_rows(graph, sel, like):
 
 
 def _block(units, acc, x, layout, kind, start_kind, base, lo, E, act, scored, on, lift, order,
-           all_units=None, identity=None, scale: float = 1.0, post=None) -> MoEBlock:
+           all_units=None, identity=None, scale: float = 1.0, post=None, later=()) -> MoEBlock:
     """``units``: the MLP experts' units; ``all_units``: those and the identity experts' (whose
     writes go too), ``identity``: (first, end) of the identity experts' ids, or None; ``post``:
     (m, s) for the result scaled per token after the loop, ``m = acc * s`` (``combine.token_scale``):
@@ -621,6 +634,9 @@ def _block(units, acc, x, layout, kind, start_kind, base, lo, E, act, scored, on
                     keep = method(graph, "unsqueeze", state["routed"], -1, like=last_anchor)
                     other = base if start_kind == "copy" else 0.0
                     result = call(graph, torch.where, keep, result, other, like=last_anchor)
+        if later and (result is out or result.target == "reshape_as"):  # written in place: not the op's output
+            with graph.inserting_before(result.next):
+                result = method(graph, "clone", result, like=last_anchor)
         if lift is not None:
             lift["anchor"].replace_all_uses_with(result)
             return
@@ -711,6 +727,16 @@ def _block(units, acc, x, layout, kind, start_kind, base, lo, E, act, scored, on
     )
 
 
+def _passes_rows_through(write) -> bool:
+    """``acc[i] = x[i]`` (rows of a tensor copied to the same rows of the result), after some expert
+    units of the loop: labml's ``final_output[dropped, :] = x[dropped, :]`` for the tokens a capacity
+    dropped. Not an expert unit: the rewrite keeps it as graph code working on the fused result."""
+    if write.kind != "assign" or not isinstance(write.value, fx.Node):
+        return False
+    g = recognise("gather", write.value)
+    return g is not None and safety.same_rows(g[1], write.index)
+
+
 def find(gm: fx.GraphModule):
     """Yield (anchor node, MoEBlock or decline reason) for every per-expert loop in the graph."""
     groups: dict = defaultdict(list)
@@ -731,6 +757,8 @@ def find(gm: fx.GraphModule):
         claimed.update(write.nodes)
         if write.acc in declined:
             continue
+        if groups.get(write.acc) and _passes_rows_through(write):
+            continue  # stays graph code on the loop's result (analyse_group: _later_writes)
         try:
             groups[write.acc].append(analyse_unit(write))
         except Declined as e:

@@ -1961,7 +1961,7 @@ def analyse(fn, depth: int = 0) -> Analysis:
                 if plan is not None:
                     plans.append((loop, plan))
                 continue
-            plan = _segment_loop(fdef, loop, self_name, stores, fn.__globals__)
+            plan = _segment_loop(fdef, loop, self_name, stores, fn.__globals__) or capacity_skip_loop(fdef, loop)
             if plan is None:
                 segment = False
                 plan = _rewrite_loop(fdef, loop, self_name, stores, counts)
@@ -2211,3 +2211,6 @@ def _cell_full(cell) -> bool:
     except ValueError:
         return False
     return True
+
+
+from .drop_lists import capacity_skip_loop  # noqa: E402  (it reads this module's helpers)

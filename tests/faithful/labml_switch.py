@@ -142,11 +142,11 @@ def _switch(capacity_factor, drop_tokens, is_scale_prob):
 
 _x3d = tokens(lambda T: (1, T, D))  # [seq_len, batch_size, d_model] = (1, T, d): viewed to (T, d) first thing
 
-# labml_switch_drop is pending (issue 18): Dynamo splits the forward at `if len(indexes_list[i]) <= capacity`
-# (data-dependent branching on a nonzero's length), so the graph with the experts and the index-put writes
-# receives the kept index lists as inputs: "dispatch: l_stack0_0_ is an input of this graph ...". Capacity
-# dropping itself is expressible (dropped assignments get expert -1; the dropped tokens' x * route_prob_max
-# as graph ops), but only once the loop is one graph.
+# labml_switch_drop: Dynamo would split the forward at `if len(indexes_list[i]) <= capacity` (data-dependent
+# branching on a nonzero's length); the loop capture removes that skip (moe_inductor/drop_lists.py: for an expert
+# under capacity the statements change nothing observable), so the block is one graph: kept rows
+# `nonzero(...)[0][arange][:capacity]` (dispatch capacity_rows), assigned into new_zeros, the dropped rows'
+# pass-through `final_output[dropped, :] = x[dropped, :]` left as graph code on the fused result.
 _SRC = "labmlai/annotated_deep_learning_paper_implementations labml_nn/transformers/switch/__init__.py SwitchFeedForward"
 ENTRIES = [
     Idiom("labml_switch_default", _SRC + " (experiment Configs defaults: capacity_factor 1.0, drop_tokens False, "
@@ -155,7 +155,7 @@ ENTRIES = [
           note="top-1 by torch.max, nonzero index lists, x.new_tensor of their host lengths (counts), route_prob.sum(0), "
                "the router's bias, index-put assignment into new_zeros, scaling after the combine"),
     Idiom("labml_switch_drop", _SRC + " (experiment main: capacity_factor 1.2, drop_tokens True, is_scale_prob True)",
-          seeded(321, _switch(1.2, True, True)), _x3d, expect="pending", faithful=True,
+          seeded(321, _switch(1.2, True, True)), _x3d, expect=1, faithful=True,
           fullgraph=False,  # `if len(idx) <= capacity`: data-dependent branching
           note="host capacity int(cf * T / E), data-dependent `len(idx) <= capacity` per expert, dropped tokens passed "
                "through by final_output[dropped, :] = x[dropped, :] and then scaled by their max probability"),
