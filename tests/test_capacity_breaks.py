@@ -10,7 +10,8 @@
   capacity expert -1 (dropped).
 Checked against eager: output and every gradient, fp32 and bf16, two sequence lengths, inputs
 where experts do receive more tokens than their capacity; near misses are left alone. Out of reach,
-explained: a capacity skip guarding statements (labml's ``if len(idx) <= capacity: continue``), and a
+explained: a capacity skip guarding statements whose dropped list is used as a whole (labml's
+``if len(idx) <= capacity: continue`` form is captured otherwise: ``tests/test_switch_drop_lists.py``), and a
 Python branch on a tensor value (DeepSpeed's ``_capacity``), whose line ``explain`` names.
 """
 import ast
@@ -224,10 +225,12 @@ class LenSkip(CapacityLoop):
 
 
 def test_capacity_skip_explained():
-    """A capacity test guarding statements is not rewritten; the note names the line and says why."""
+    """A capacity skip whose list of dropped rows is returned as a list (with the skip removed it would
+    also hold the empty tensors of the experts under capacity) is not rewritten; the note names the
+    line and says why (``drop_lists``)."""
     notes = loop_capture.analyse(LenSkip.forward).notes
     assert len(notes) == 1 and not notes[0].rewritten
-    assert "`if len(idx[i]) <= cap` compares the length of this expert's rows with a capacity" in notes[0].reason
+    assert "`dropped` (the dropped rows) is read other than by" in notes[0].reason, notes[0].reason
 
 
 class TypeTestInLoop(CapacityLoop):

@@ -150,10 +150,23 @@ def test_rxlm_scatter_at_every_assignment_declined_as_a_unit(gated):
         [(c.idiom, c.status, c.reason) for c in cands]
 
 
-def test_labml_drop_index_from_another_graph_declined():
-    """labml's Switch with capacity dropping: the experts' graph reads the index lists as inputs."""
+def test_labml_drop_index_from_another_graph_declined(monkeypatch):
+    """labml's Switch with capacity dropping, its capacity loop left as written (the loop capture's
+    form for it, ``drop_lists.capacity_skip_loop``, switched off here): Dynamo splits the block at the
+    skip and the experts' graph reads the index lists as inputs (``dispatch.graph_input``)."""
+    from moe_inductor import capture, loop_capture
+
+    monkeypatch.setattr(loop_capture, "capacity_skip_loop", lambda fdef, loop: None)
+    monkeypatch.setattr(capture, "_analysed", {})
     entry = next(e for e in labml_switch.ENTRIES if e.name == "labml_switch_drop")
     cands = _light_run(entry.build(), [entry.inputs(T, 0)[0] for T in (8, 5, 8)])
     reasons = [c.reason for c in cands if c.status == "declined"]
     assert reasons and any("is an input of this graph" in r and r.startswith("dispatch: ") for r in reasons), reasons
     assert not [c for c in cands if c.status == "rewritten"]
+
+
+def test_labml_drop_captured_and_rewritten():
+    """The same block with the loop capture on (issue 18): one graph, the block rewritten, exact."""
+    entry = next(e for e in labml_switch.ENTRIES if e.name == "labml_switch_drop")
+    cands = _light_run(entry.build(), [entry.inputs(T, 0)[0] for T in (8, 5, 8)])
+    assert cands and all(c.status == "rewritten" for c in cands), [(c.status, c.reason) for c in cands]

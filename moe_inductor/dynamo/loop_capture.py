@@ -42,6 +42,8 @@ the source (``_Body``):
   the original expression; c must be free of calls, indexing and names the body binds. ``X[:c]``
   gets its own selection (a test of its emptiness is a skip of exactly it; a write at it writes
   nothing when X is empty), so makeMoE's capacity loop loses its data-dependent branch;
+- labml's capacity skip of per-expert index lists, ``if len(L[i]) <= c: continue`` followed by
+  ``D.append(L[i][c:])`` / ``L[i] = L[i][:c]``, is a form of its own (``moe_inductor.drop_lists``);
 - the rewritten loop leaves out an expert past the end of a container the body indexes by the
   expert id (``len(weight)``, ``key in module_dict``; static under Dynamo): the original never
   ran it (DBRX's ``one_hot(..., num_experts + 1)`` has a padding class and no weights for it).
