@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 
 from rewrite_check import CaptureGraphs
-from moe_inductor import loop_capture
+from moe_inductor.dynamo import loop_capture
 
 pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 

@@ -43,7 +43,7 @@ the source (``_Body``):
   gets its own selection (a test of its emptiness is a skip of exactly it; a write at it writes
   nothing when X is empty), so makeMoE's capacity loop loses its data-dependent branch;
 - labml's capacity skip of per-expert index lists, ``if len(L[i]) <= c: continue`` followed by
-  ``D.append(L[i][c:])`` / ``L[i] = L[i][:c]``, is a form of its own (``moe_inductor.drop_lists``);
+  ``D.append(L[i][c:])`` / ``L[i] = L[i][:c]``, is a form of its own (``moe_inductor.dynamo.drop_lists``);
 - the rewritten loop leaves out an expert past the end of a container the body indexes by the
   expert id (``len(weight)``, ``key in module_dict``; static under Dynamo): the original never
   ran it (DBRX's ``one_hot(..., num_experts + 1)`` has a padding class and no weights for it).
@@ -148,21 +148,21 @@ class Decline(Exception):
         self.text = text
 
 
-def _src(node) -> str:
+def source_text(node) -> str:
     try:
         return ast.unparse(node)
     except Exception:  # pragma: no cover
         return ast.dump(node)
 
 
-def _short(node, limit: int = 60) -> str:
-    s = _src(node).replace("\n", " ")
+def short(node, limit: int = 60) -> str:
+    s = source_text(node).replace("\n", " ")
     return s if len(s) <= limit else s[:limit - 3] + "..."
 
 
 def _is_method(node, names, receiver=None) -> bool:
     return isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in names \
-        and (receiver is None or _src(node.func.value) == receiver)
+        and (receiver is None or source_text(node.func.value) == receiver)
 
 
 def _is_torch_fn(node, names) -> bool:
@@ -184,7 +184,7 @@ def _const_int(node) -> Optional[int]:
     return None
 
 
-def _length_of(node) -> tuple:
+def length_of(node) -> tuple:
     """(X, by_numel) when ``node`` counts the rows of X: ``len(X)``, ``X.shape[0]``, ``X.size(0)``,
     ``X.size()[0]`` (by_numel False), ``X.numel()``, ``X.nelement()`` (by_numel True: the row count
     only when X is 1-D); (None, False) for anything else."""
@@ -202,22 +202,22 @@ def _length_of(node) -> tuple:
     return None, False
 
 
-_PURE_NODES = (ast.Name, ast.Attribute, ast.Constant, ast.BinOp, ast.UnaryOp, ast.operator, ast.unaryop,
+PURE_NODES = (ast.Name, ast.Attribute, ast.Constant, ast.BinOp, ast.UnaryOp, ast.operator, ast.unaryop,
                ast.expr_context)
 
 
 def _capacity_truncation(node) -> Optional[tuple]:
     """(X, c, by_numel) when ``node`` keeps the first c rows of X only when X has more than c:
     ``X[:c] if len(X) > c else X`` (``>=``, or the test reversed: ``X if len(X) <= c else X[:c]``,
-    ``<``; any row count of ``_length_of``). Whenever the whole X is chosen, len(X) <= c, and then
+    ``<``; any row count of ``length_of``). Whenever the whole X is chosen, len(X) <= c, and then
     ``X[:c]`` holds the same rows as X: the expression equals ``X[:c]`` for an integer c (c is
     evaluated twice in the source, so it must be free of calls and indexing). None otherwise."""
     if not isinstance(node, ast.IfExp) or not isinstance(node.test, ast.Compare) or len(node.test.ops) != 1:
         return None
     left, op, c = node.test.left, type(node.test.ops[0]), node.test.comparators[0]
-    x, by_numel = _length_of(left)
+    x, by_numel = length_of(left)
     if x is None:
-        x, by_numel = _length_of(c)
+        x, by_numel = length_of(c)
         left, c = c, left
         op = {ast.Gt: ast.Lt, ast.Lt: ast.Gt, ast.GtE: ast.LtE, ast.LtE: ast.GtE}.get(op, op)
     if op in (ast.Gt, ast.GtE):
@@ -226,12 +226,12 @@ def _capacity_truncation(node) -> Optional[tuple]:
         cut, whole = node.orelse, node.body
     else:
         return None
-    if not isinstance(x, ast.Name) or not _is_name(whole, x.id) or not isinstance(cut, ast.Subscript) \
-            or not _is_name(cut.value, x.id) or not isinstance(cut.slice, ast.Slice):
+    if not isinstance(x, ast.Name) or not is_name(whole, x.id) or not isinstance(cut, ast.Subscript) \
+            or not is_name(cut.value, x.id) or not isinstance(cut.slice, ast.Slice):
         return None
     sl = cut.slice
-    if sl.lower is not None or sl.step is not None or sl.upper is None or _src(sl.upper) != _src(c) \
-            or not all(isinstance(n, _PURE_NODES) for n in ast.walk(c)):
+    if sl.lower is not None or sl.step is not None or sl.upper is None or source_text(sl.upper) != source_text(c) \
+            or not all(isinstance(n, PURE_NODES) for n in ast.walk(c)):
         return None
     return x, c, by_numel
 
@@ -292,10 +292,10 @@ def _last_axis_source(src) -> Optional[tuple]:
     j when E == M.shape[-1] (row-major order), so SRC[j] sums M[..., j]; the rewritten code checks
     that at trace time (``hit.shape[0] == M.shape[-1]``: SRC is 1-D, so the reshape was 2-D)."""
     red = src
-    if _is_method(red, {"sum", "any", "amax"}) and _src(red.func.value) != "torch":
+    if _is_method(red, {"sum", "any", "amax"}) and source_text(red.func.value) != "torch":
         flat, dim = red.func.value, _kwarg(red, "dim", 0)
     elif _is_torch_fn(red, {"sum", "any", "amax"}) and isinstance(red.func, ast.Attribute) \
-            and _src(red.func.value) == "torch" and len(red.args) >= 1:
+            and source_text(red.func.value) == "torch" and len(red.args) >= 1:
         flat, dim = red.args[0], _kwarg(red, "dim", 1)
     else:
         return None
@@ -329,7 +329,7 @@ def _hit_source(src, bare: bool = False) -> Optional[tuple]:
         reduced = src.left
     elif _is_torch_fn(src, {"greater", "gt", "ne", "not_equal"}) and len(src.args) == 2 \
             and _const_int(src.args[1]) == 0 and isinstance(src.func, ast.Attribute) \
-            and _src(src.func.value) in ("torch",):
+            and source_text(src.func.value) in ("torch",):
         reduced = src.args[0]
     elif _is_method(src, {"gt", "greater", "ne"}) and len(src.args) == 1 and _const_int(src.args[0]) == 0:
         reduced = src.func.value
@@ -341,9 +341,9 @@ def _hit_source(src, bare: bool = False) -> Optional[tuple]:
         return None
     if reduced.func.attr not in ("sum", "any", "amax"):
         return None
-    if isinstance(reduced.func.value, ast.Name) and _src(reduced.func.value) != "torch":
+    if isinstance(reduced.func.value, ast.Name) and source_text(reduced.func.value) != "torch":
         mask, dims = reduced.func.value.id, _kwarg(reduced, "dim", 0)
-    elif _src(reduced.func.value) == "torch" and reduced.args and isinstance(reduced.args[0], ast.Name):
+    elif source_text(reduced.func.value) == "torch" and reduced.args and isinstance(reduced.args[0], ast.Name):
         mask, dims = reduced.args[0].id, _kwarg(reduced, "dim", 1)
     else:
         return None
@@ -375,20 +375,20 @@ def _nonzero_of(it) -> Optional[tuple]:
             node, scalar = node.value, True
         elif _const_int(sl) == 0:
             inner = node.value
-            if _is_method(inner, {"nonzero"}) and _src(inner.func.value) != "torch" \
-                    and _src(_kwarg(inner, "as_tuple") or ast.Constant(False)) == "True":
+            if _is_method(inner, {"nonzero"}) and source_text(inner.func.value) != "torch" \
+                    and source_text(_kwarg(inner, "as_tuple") or ast.Constant(False)) == "True":
                 return inner.func.value, False, True
             if _is_torch_fn(inner, {"where", "nonzero"}) and isinstance(inner.func, ast.Attribute) \
-                    and _src(inner.func.value) == "torch" and len(inner.args) == 1 \
-                    and (inner.func.attr == "where" or _src(_kwarg(inner, "as_tuple") or ast.Constant(False)) == "True"):
+                    and source_text(inner.func.value) == "torch" and len(inner.args) == 1 \
+                    and (inner.func.attr == "where" or source_text(_kwarg(inner, "as_tuple") or ast.Constant(False)) == "True"):
                 return inner.args[0], False, True
             return None
     if _is_method(node, {"nonzero", "argwhere"}) and not node.args \
-            and _src(_kwarg(node, "as_tuple") or ast.Constant(False)) == "False":
+            and source_text(_kwarg(node, "as_tuple") or ast.Constant(False)) == "False":
         return node.func.value, not scalar, scalar
-    if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and _src(node.func.value) == "torch" \
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and source_text(node.func.value) == "torch" \
             and node.func.attr in ("nonzero", "argwhere") and len(node.args) == 1 \
-            and _src(_kwarg(node, "as_tuple") or ast.Constant(False)) == "False":
+            and source_text(_kwarg(node, "as_tuple") or ast.Constant(False)) == "False":
         return node.args[0], not scalar, scalar
     return None
 
@@ -491,14 +491,14 @@ class _Body:
             return None
         if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
             attr, recv = node.func.attr, node.func.value
-            if _src(recv) == "torch":
+            if source_text(recv) == "torch":
                 if attr == "eq" and len(node.args) == 2:
                     return self.selection(ast.Compare(node.args[0], [ast.Eq()], [node.args[1]]))
                 if attr in ("where", "nonzero", "argwhere") and len(node.args) == 1:
                     s = self.selection(node.args[0])
                     if s is None or s.kind != "mask":
                         return None
-                    as_tuple = attr == "where" or _src(_kwarg(node, "as_tuple") or ast.Constant(False)) == "True"
+                    as_tuple = attr == "where" or source_text(_kwarg(node, "as_tuple") or ast.Constant(False)) == "True"
                     return _Sel(s.key, s.exact, "tuple" if as_tuple else "index")
                 if attr == "any" and node.args:
                     s = self.selection(node.args[0])
@@ -510,7 +510,7 @@ class _Body:
             if s is None:
                 return None
             if attr in ("nonzero", "argwhere") and s.kind == "mask":
-                as_tuple = _src(_kwarg(node, "as_tuple") or ast.Constant(False)) == "True"
+                as_tuple = source_text(_kwarg(node, "as_tuple") or ast.Constant(False)) == "True"
                 return _Sel(s.key, s.exact, "tuple" if as_tuple else "index")
             if attr == "any" and s.kind == "mask":
                 return _Sel(s.key, s.exact, "mask")
@@ -555,10 +555,10 @@ class _Body:
         loop body binds (the same value wherever it is written in one iteration); None otherwise."""
         if not isinstance(sl, ast.Slice) or sl.lower is not None or sl.step is not None or sl.upper is None:
             return None
-        if not all(isinstance(n, _PURE_NODES) for n in ast.walk(sl.upper)) or \
+        if not all(isinstance(n, PURE_NODES) for n in ast.walk(sl.upper)) or \
                 any(isinstance(n, ast.Name) and n.id in self._body_names for n in ast.walk(sl.upper)):
             return None
-        return _src(sl.upper)
+        return source_text(sl.upper)
 
     def _truncation(self, node) -> Optional[tuple]:
         """(selection, replacement) for a capacity truncation (``_capacity_truncation``) of this expert's
@@ -573,13 +573,13 @@ class _Body:
         s = self.selection(x)
         if s is None or s.kind != "index" or self._cut(ast.Slice(upper=c)) is None:
             return None
-        check = f"isinstance({_src(c)}, int)" + (f" and {x.id}.dim() == 1" if by_numel else "")
+        check = f"isinstance({source_text(c)}, int)" + (f" and {x.id}.dim() == 1" if by_numel else "")
         value = ast.IfExp(test=ast.parse(check, mode="eval").body,
                           body=ast.Subscript(value=ast.Name(x.id, ast.Load()),
                                              slice=ast.Slice(upper=copy.deepcopy(c)), ctx=ast.Load()),
                           orelse=node)
-        self.removed.append(f"`{_short(node)}` (as {x.id}[:{_short(c)}])")
-        return _Sel(("trunc", s.key, _src(c)), True, "index"), ast.fix_missing_locations(value)
+        self.removed.append(f"`{short(node)}` (as {x.id}[:{short(c)}])")
+        return _Sel(("trunc", s.key, source_text(c)), True, "index"), ast.fix_missing_locations(value)
 
     def _expert_axis(self, sl) -> object:
         """The axis an index selects the expert id S on: 0 for ``[S]``, k for ``[:, .. (k), S]``,
@@ -640,7 +640,7 @@ class _Body:
             s = self.selection(node.func.value)
             if s is not None and s.exact and s.kind == "mask":
                 return s.key, False
-        if _is_torch_fn(node, {"any"}) and isinstance(node.func, ast.Attribute) and _src(node.func.value) == "torch" \
+        if _is_torch_fn(node, {"any"}) and isinstance(node.func, ast.Attribute) and source_text(node.func.value) == "torch" \
                 and len(node.args) == 1 and not node.keywords:
             s = self.selection(node.args[0])
             if s is not None and s.exact and s.kind == "mask":
@@ -657,7 +657,7 @@ class _Body:
                 and self._scalar_expr(node.slice):
             self.counts_used.add(node.value.id)
             return ("eq", self.counts[node.value.id])
-        target = _length_of(node)[0]
+        target = length_of(node)[0]
         if target is not None:
             s = self.selection(target)
             return s.key if s is not None and s.exact and s.kind == "index" else None
@@ -690,21 +690,21 @@ class _Body:
     def check_expr(self, node) -> None:
         for n in ast.walk(node):
             if isinstance(n, (ast.Lambda, ast.NamedExpr, ast.Yield, ast.YieldFrom, ast.Await)):
-                raise Decline(n, f"`{_short(n)}` inside the loop")
+                raise Decline(n, f"`{short(n)}` inside the loop")
             if isinstance(n, ast.Call):
                 f = n.func
                 if isinstance(f, ast.Attribute):
                     if f.attr in _HOST_OR_MUTATING_METHODS:
                         what = "reads a tensor on the host" if f.attr in ("item", "tolist", "cpu", "numpy") \
                             else "has a side effect"
-                        raise Decline(n, f"`{_short(n)}` {what}")
+                        raise Decline(n, f"`{short(n)}` {what}")
                     if f.attr.endswith("_") and not f.attr.endswith("__"):
-                        raise Decline(n, f"`{_short(n)}` modifies a tensor in place")
+                        raise Decline(n, f"`{short(n)}` modifies a tensor in place")
                 elif isinstance(f, ast.Name) and f.id in _FORBIDDEN_FUNCTIONS:
-                    raise Decline(n, f"`{_short(n)}` has a side effect")
+                    raise Decline(n, f"`{short(n)}` has a side effect")
             if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load):
                 if n.id == self.vector:
-                    raise Decline(n, f"the nonzero() row `{n.id}` is used as a tensor (`{_short(node)}`), "
+                    raise Decline(n, f"the nonzero() row `{n.id}` is used as a tensor (`{short(node)}`), "
                                      f"not as the expert id `{n.id}[0]`")
                 if n.id in self.aliases and not self._inside_index(n, node):
                     raise Decline(n, f"`{n.id}` (a host list of token ids) is used other than as an index")
@@ -761,23 +761,23 @@ class _Body:
             return [new]
         t = self.emptiness_test(s.test)
         if t is None and self._capacity_test(s.test):
-            raise Decline(s, f"`if {_short(s.test)}` compares the length of this expert's rows with a capacity, "
+            raise Decline(s, f"`if {short(s.test)}` compares the length of this expert's rows with a capacity, "
                              f"not with 0, and guards statements (not one expression `X[:c] if len(X) > c else X`, "
                              f"which is traced as X[:c]): whether they run depends on how many tokens the expert got")
         if t is None:
-            raise Decline(s, f"`if {_short(s.test)}` branches on tensor data that is not the emptiness of "
+            raise Decline(s, f"`if {short(s.test)}` branches on tensor data that is not the emptiness of "
                              f"this expert's selection")
         key, true_when_empty = t
         if true_when_empty and len(s.body) == 1 and isinstance(s.body[0], ast.Continue) and not s.orelse:
-            self.removed.append(f"`if {_short(s.test)}: continue`")
+            self.removed.append(f"`if {short(s.test)}: continue`")
             return (key,)
         if not true_when_empty and not s.orelse:
-            self.removed.append(f"`if {_short(s.test)}:`")
+            self.removed.append(f"`if {short(s.test)}:`")
             before = set(self.assigned)
             inner = self.block(s.body, reasons + [key])
             self.assigned = before  # names bound only on that path do not count as bound after it
             return inner
-        raise Decline(s, f"`if {_short(s.test)}` has a form other than a skip (`continue`) or a guard "
+        raise Decline(s, f"`if {short(s.test)}` has a form other than a skip (`continue`) or a guard "
                          f"around the expert's work")
 
     @staticmethod
@@ -787,7 +787,7 @@ class _Body:
                 and isinstance(test.ops[0], (ast.Lt, ast.LtE, ast.Gt, ast.GtE))):
             return False
         a, b = test.left, test.comparators[0]
-        return any(_length_of(m)[0] is not None and _const_int(o) is None for m, o in ((a, b), (b, a)))
+        return any(length_of(m)[0] is not None and _const_int(o) is None for m, o in ((a, b), (b, a)))
 
     def _accumulation_index(self, node, reasons, what) -> None:
         if not reasons:
@@ -801,11 +801,11 @@ class _Body:
             if s is None:
                 if self._static(e):
                     continue
-                raise Decline(e, f"{what} is indexed by `{_short(e)}`, which is not derived from this expert's "
+                raise Decline(e, f"{what} is indexed by `{short(e)}`, which is not derived from this expert's "
                                  f"selection")
             keys.append(s.key)
             if s.kind == "mask" and s.dtype == "other":
-                raise Decline(e, f"{what} is indexed by `{_short(e)}`, a mask cast to another dtype (an integer "
+                raise Decline(e, f"{what} is indexed by `{short(e)}`, a mask cast to another dtype (an integer "
                                  f"index selects rows by value, not by mask)")
             if s.kind == "mask" and s.dtype == "same" and s.key[0] == "idx":
                 self.bool_masks.add(s.key[1])  # an integer M[S] would index rows by value, not select
@@ -813,25 +813,25 @@ class _Body:
             raise Decline(node, f"{what} is not indexed by this expert's selection")
         for r in reasons:
             if any(not self.same_key(k, r) for k in keys):
-                raise Decline(node, f"{what} selects by `{_short(node)}`, and the skipped condition does not "
+                raise Decline(node, f"{what} selects by `{short(node)}`, and the skipped condition does not "
                                     f"prove that selection empty")
 
     def _accumulator(self, node, what) -> str:
         if not isinstance(node, ast.Name) or node.id in self._body_names and node.id not in self.outer:
-            raise Decline(node, f"{what} writes into `{_short(node)}`, not a tensor defined outside the loop")
+            raise Decline(node, f"{what} writes into `{short(node)}`, not a tensor defined outside the loop")
         return node.id
 
     def stmt(self, s, reasons) -> list:
         _with_parents(s)
         if isinstance(s, ast.Assign):
             if len(s.targets) != 1:
-                raise Decline(s, f"`{_short(s)}`: chained assignment in the loop")
+                raise Decline(s, f"`{short(s)}`: chained assignment in the loop")
             target = s.targets[0]
             if isinstance(target, ast.Subscript):  # acc[mask] = v
                 self.check_expr(s.value)
                 self.check_expr(target.slice)
-                self._accumulator(target.value, f"`{_short(s)}`")
-                self._accumulation_index(target.slice, reasons, f"`{_short(s)}`")
+                self._accumulator(target.value, f"`{short(s)}`")
+                self._accumulation_index(target.slice, reasons, f"`{short(s)}`")
                 return [s]
             if isinstance(target, ast.Name) and target.id in self.outer and target.id in self._body_names \
                     and _is_method(s.value, {"index_add", "index_put", "scatter_add"}, receiver=target.id):
@@ -843,10 +843,10 @@ class _Body:
             names = [target] if isinstance(target, ast.Name) else \
                 list(target.elts) if isinstance(target, ast.Tuple) else None
             if names is None or not all(isinstance(n, ast.Name) for n in names):
-                raise Decline(s, f"`{_short(s)}` writes an attribute or an element outside the loop")
+                raise Decline(s, f"`{short(s)}` writes an attribute or an element outside the loop")
             for n in names:
                 if n.id in self.outer and n.id not in self.scalars:
-                    raise Decline(s, f"`{_short(s)}` rebinds `{n.id}`, a name defined outside the loop")
+                    raise Decline(s, f"`{short(s)}` rebinds `{n.id}`, a name defined outside the loop")
             # index.tolist() used as an index: the index tensor itself selects the same rows
             if len(names) == 1 and _is_method(s.value, {"tolist"}) and not s.value.args:
                 sel = self.selection(s.value.func.value)
@@ -889,31 +889,31 @@ class _Body:
             self.check_expr(s.value)
             if isinstance(s.target, ast.Subscript):  # acc[idx] += v
                 self.check_expr(s.target.slice)
-                self._accumulator(s.target.value, f"`{_short(s)}`")
-                self._accumulation_index(s.target.slice, reasons, f"`{_short(s)}`")
+                self._accumulator(s.target.value, f"`{short(s)}`")
+                self._accumulation_index(s.target.slice, reasons, f"`{short(s)}`")
                 return [s]
             if isinstance(s.target, ast.Name) and s.target.id in self.assigned and s.target.id not in self.outer:
                 if s.target.id not in self.fresh:
-                    raise Decline(s, f"`{_short(s)}` updates in place a tensor that may share memory with one "
+                    raise Decline(s, f"`{short(s)}` updates in place a tensor that may share memory with one "
                                      f"defined outside the loop")
                 return [s]  # in place on a tensor this iteration computed
-            raise Decline(s, f"`{_short(s)}` accumulates across experts outside a tensor")
+            raise Decline(s, f"`{short(s)}` accumulates across experts outside a tensor")
         if isinstance(s, ast.Expr):
             if isinstance(s.value, ast.Constant):
                 return [s]
             if _is_method(s.value, _ACCUMULATING_METHODS):
-                self._accumulator(s.value.func.value, f"`{_short(s)}`")
+                self._accumulator(s.value.func.value, f"`{short(s)}`")
                 for a in list(s.value.args) + [k.value for k in s.value.keywords]:
                     self.check_expr(a)
                 self._method_accumulation(s.value, reasons)
                 return [s]
-            raise Decline(s, f"`{_short(s)}`: a call whose result is not used (a side effect)")
+            raise Decline(s, f"`{short(s)}`: a call whose result is not used (a side effect)")
         if isinstance(s, ast.With):
             for item in s.items:
                 ctx = item.context_expr
                 if not (isinstance(ctx, ast.Call) and isinstance(ctx.func, ast.Attribute)
                         and ctx.func.attr in _STATIC_CONTEXTS) or item.optional_vars is not None:
-                    raise Decline(s, f"`with {_short(ctx)}` inside the loop")
+                    raise Decline(s, f"`with {short(ctx)}` inside the loop")
             new = copy.copy(s)
             new.body = self.block(s.body, reasons) or [ast.Pass()]
             return [new]
@@ -922,11 +922,11 @@ class _Body:
         if isinstance(s, (ast.For, ast.While, ast.AsyncFor)):
             raise Decline(s, "a nested loop inside the per-expert loop")
         kind = type(s).__name__.lower()
-        raise Decline(s, f"`{_short(s)}` ({kind}) inside the loop")
+        raise Decline(s, f"`{short(s)}` ({kind}) inside the loop")
 
     def _method_accumulation(self, call, reasons) -> None:
         attr = call.func.attr.rstrip("_")
-        what = f"`{_short(call)}`"
+        what = f"`{short(call)}`"
         if attr in ("index_add", "index_copy", "index_fill", "index_reduce"):
             dim = _kwarg(call, "dim", 0)
             idx = _kwarg(call, "index", 1)
@@ -962,7 +962,7 @@ def _function_tree(fn):
     return tree, fdef
 
 
-def _stores(fdef) -> dict:
+def stores_of(fdef) -> dict:
     count: dict = {}
     for n in ast.walk(fdef):
         if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store):
@@ -982,7 +982,7 @@ def _assignment_of(fdef, name):
     return None
 
 
-def _loads(fdef, name, exclude=None) -> list:
+def loads(fdef, name, exclude=None) -> list:
     skip = {id(n) for n in ast.walk(exclude)} if exclude is not None else set()
     return [n for n in ast.walk(fdef) if isinstance(n, ast.Name) and n.id == name
             and isinstance(n.ctx, ast.Load) and id(n) not in skip]
@@ -1003,7 +1003,7 @@ def _mask_proven_nonnegative(fdef, mask, before, depth: int = 4) -> bool:
         return False
     last = max(lines)
     a = [n for n in ast.walk(fdef) if isinstance(n, ast.Assign) and n.lineno == last and len(n.targets) == 1
-         and _is_name(n.targets[0], mask)]
+         and is_name(n.targets[0], mask)]
     block = _block_of(fdef, before)
     if len(a) != 1 or block is None or not any(s is a[0] for s in block):
         return False  # bound on a branch or in another block: another binding may reach `before`
@@ -1023,7 +1023,7 @@ def _nonnegative(fdef, v, at, depth) -> bool:
     return False
 
 
-def _following(fdef, loop):
+def following(fdef, loop):
     """Statements that run after ``loop`` (the rest of its block, then of each enclosing block)."""
     out = []
 
@@ -1047,7 +1047,7 @@ def _following(fdef, loop):
     return out
 
 
-def _inside_loop(fdef, loop) -> bool:
+def inside_loop(fdef, loop) -> bool:
     for n in ast.walk(fdef):
         if isinstance(n, (ast.For, ast.While, ast.AsyncFor)) and n is not loop:
             if any(m is loop for m in ast.walk(n)):
@@ -1071,7 +1071,7 @@ def _counts_sources(fdef) -> dict:
             v = v.func.value
         if not (_is_torch_fn(v, {"bincount"}) and isinstance(v.func, ast.Attribute)):
             continue
-        r = v.args[0] if _src(v.func.value) == "torch" and v.args else v.func.value
+        r = v.args[0] if source_text(v.func.value) == "torch" and v.args else v.func.value
         if _is_method(r, {"flatten", "view", "reshape", "ravel"}):
             args = [_const_int(a) for a in r.args]
             if not (not r.args or args == [-1]):
@@ -1104,12 +1104,12 @@ def _rebound_hit(fdef, loop, name, stores) -> Optional[tuple]:
         return None
     first, second = block[binds[0]], block[binds[1]]
     for s in (first, second):
-        if not (isinstance(s, ast.Assign) and len(s.targets) == 1 and _is_name(s.targets[0], name)):
+        if not (isinstance(s, ast.Assign) and len(s.targets) == 1 and is_name(s.targets[0], name)):
             return None
     found = _nonzero_of(second.value)
-    if found is None or not _is_name(found[0], name) or name in _names_loaded(first.value):
+    if found is None or not is_name(found[0], name) or name in _names_loaded(first.value):
         return None
-    if len(_loads(fdef, name, exclude=second)) != 1 or len(_loads(second, name)) != 1:
+    if len(loads(fdef, name, exclude=second)) != 1 or len(loads(second, name)) != 1:
         return None  # read elsewhere (the loop's iterable is the one read allowed)
     return first, second, (first.value,) + tuple(found[1:])
 
@@ -1118,7 +1118,7 @@ def _rewrite_loop(fdef, loop, self_name, stores, counts) -> tuple:
     """(replacement statements, prelude edits, counts names used, form) or raises Decline."""
     if loop.orelse:
         raise Decline(loop, "the loop has an `else:` clause")
-    if _inside_loop(fdef, loop):
+    if inside_loop(fdef, loop):
         raise Decline(loop, "the per-expert loop is inside another loop")
     body_names = set()
     for s in loop.body:
@@ -1138,7 +1138,7 @@ def _rewrite_loop(fdef, loop, self_name, stores, counts) -> tuple:
         if rebound is not None:
             first, hit_assign, found = rebound
         elif a is not None and stores.get(it.id) == 1 and _nonzero_of(a.value) is not None:
-            if len(_loads(fdef, it.id)) != 1:
+            if len(loads(fdef, it.id)) != 1:
                 raise Decline(loop, f"`{it.id}` (the experts that have tokens) is also used outside the loop")
             hit_assign, found = a, _nonzero_of(a.value)
         else:
@@ -1149,8 +1149,8 @@ def _rewrite_loop(fdef, loop, self_name, stores, counts) -> tuple:
         src, vector, _ = found
         hs = _hit_source(src, bare=True)
         if hs is None:
-            raise Decline(loop, f"`for {_short(loop.target)} in {_short(loop.iter)}` iterates over a "
-                                f"data-dependent list, and `{_short(src)}` is not a recognised 'has tokens' test "
+            raise Decline(loop, f"`for {short(loop.target)} in {short(loop.iter)}` iterates over a "
+                                f"data-dependent list, and `{short(src)}` is not a recognised 'has tokens' test "
                                 f"(M.sum(dims) > 0 / M.any(dims) keeping dimension 0, M.reshape(A, E).sum(0))")
         mask, ndim, axis = hs
         at = (first or hit_assign).lineno if hit_assign is not None else loop.lineno
@@ -1204,7 +1204,7 @@ def _rewrite_loop(fdef, loop, self_name, stores, counts) -> tuple:
     checked = _in_range_guard(checker, checked, loop, hit is not None) + checked
     # names the body binds must not be read after the loop (the last iteration's values would differ)
     bound = (set(body_names) | set(target_names)) - checker.accumulators
-    for s in _following(fdef, loop):
+    for s in following(fdef, loop):
         loaded = _names_loaded(s)
         for name in sorted(bound & loaded):
             raise Decline(loop, f"`{name}`, bound in the loop, is read after it (line {s.lineno}); "
@@ -1217,7 +1217,7 @@ def _rewrite_loop(fdef, loop, self_name, stores, counts) -> tuple:
     if hit is None:
         new_loop = copy.copy(loop)
         new_loop.body = checked or [ast.Pass()]
-        form = f"`for {_short(loop.target)} in {_short(loop.iter)}` without " + ", ".join(checker.removed)
+        form = f"`for {short(loop.target)} in {short(loop.iter)}` without " + ", ".join(checker.removed)
         if checks:  # checked at trace time (static); else the original loop runs
             new_loop = ast.If(test=ast.parse(" and ".join(checks), mode="eval").body, body=[new_loop], orelse=[copy.deepcopy(loop)])
         return [new_loop], None, checker.counts_used, form
@@ -1251,7 +1251,7 @@ def _rewrite_loop(fdef, loop, self_name, stores, counts) -> tuple:
         prelude = (hit_assign, copy.deepcopy(hit.src))
     else:
         stmts.insert(0, ast.Assign(targets=[ast.Name(hit_name, ast.Store())], value=copy.deepcopy(hit.src)))
-    form = f"`for {_short(loop.target)} in {_short(loop.iter)}`"
+    form = f"`for {short(loop.target)} in {short(loop.iter)}`"
     if checker.removed:
         form += " without " + ", ".join(checker.removed)
     return stmts, prelude, checker.counts_used, form
@@ -1293,23 +1293,23 @@ def _last_store_before(block, loop, name):
     return last
 
 
-def _is_name(node, name) -> bool:
+def is_name(node, name) -> bool:
     return isinstance(node, ast.Name) and node.id == name
 
 
 def _sum_of(node, a, b) -> bool:
     """``a + b`` or ``b + a`` (names)."""
     return isinstance(node, ast.BinOp) and isinstance(node.op, ast.Add) and (
-        (_is_name(node.left, a) and _is_name(node.right, b)) or (_is_name(node.left, b) and _is_name(node.right, a)))
+        (is_name(node.left, a) and is_name(node.right, b)) or (is_name(node.left, b) and is_name(node.right, a)))
 
 
 def _zero_test(test, n) -> bool:
     """``n == 0`` / ``0 == n`` / ``not n``."""
     if isinstance(test, ast.UnaryOp) and isinstance(test.op, ast.Not):
-        return _is_name(test.operand, n)
+        return is_name(test.operand, n)
     if isinstance(test, ast.Compare) and len(test.ops) == 1 and isinstance(test.ops[0], ast.Eq):
         l, r = test.left, test.comparators[0]
-        return (_is_name(l, n) and _const_int(r) == 0) or (_is_name(r, n) and _const_int(l) == 0)
+        return (is_name(l, n) and _const_int(r) == 0) or (is_name(r, n) and _const_int(l) == 0)
     return False
 
 
@@ -1341,14 +1341,14 @@ def _segment_loop(fdef, loop, self_name, stores, glb) -> Optional[tuple]:
                         and isinstance(body[-1].targets[0], ast.Name) and isinstance(body[-1].value, ast.Name)):
         return None
     start, end = body[-1].targets[0].id, body[-1].value.id
-    end_defs = [s for s in body if isinstance(s, ast.Assign) and len(s.targets) == 1 and _is_name(s.targets[0], end)]
+    end_defs = [s for s in body if isinstance(s, ast.Assign) and len(s.targets) == 1 and is_name(s.targets[0], end)]
     if len(end_defs) != 1 or not isinstance(end_defs[0].value, ast.BinOp):
         return None
     ev = end_defs[0].value
-    n = ev.right.id if _is_name(ev.left, start) and isinstance(ev.right, ast.Name) else \
-        ev.left.id if _is_name(ev.right, start) and isinstance(ev.left, ast.Name) else None
+    n = ev.right.id if is_name(ev.left, start) and isinstance(ev.right, ast.Name) else \
+        ev.left.id if is_name(ev.right, start) and isinstance(ev.left, ast.Name) else None
     if n is None or not _sum_of(ev, start, n):
-        raise Decline(ev, f"the offset `{start}` is advanced by `{_short(ev)}`, not by the expert's count")
+        raise Decline(ev, f"the offset `{start}` is advanced by `{short(ev)}`, not by the expert's count")
     if loop.orelse:
         raise Decline(loop, "the loop has an `else:` clause")
     block = _block_of(fdef, loop)
@@ -1364,7 +1364,7 @@ def _segment_loop(fdef, loop, self_name, stores, glb) -> Optional[tuple]:
     tag = f"_{loop.lineno}"
     sizes = f"_sonic_sizes{tag}"
     it, tgt = loop.iter, loop.target
-    if isinstance(it, ast.Call) and _is_name(it.func, "enumerate") and len(it.args) == 1 and not it.keywords \
+    if isinstance(it, ast.Call) and is_name(it.func, "enumerate") and len(it.args) == 1 and not it.keywords \
             and isinstance(it.args[0], ast.Name) and isinstance(tgt, ast.Tuple) and len(tgt.elts) == 2 \
             and all(isinstance(e, ast.Name) for e in tgt.elts) and tgt.elts[1].id == n:
         i, C = tgt.elts[0].id, it.args[0].id
@@ -1373,22 +1373,22 @@ def _segment_loop(fdef, loop, self_name, stores, glb) -> Optional[tuple]:
         if T is None:
             raise Decline(loop, f"the counts `{C}` are not one host copy (`.tolist()`, `.cpu()`, `.cpu().numpy()`) "
                                 f"of a tensor right before the loop")
-        if any(x is not it.args[0] and x.lineno > host.lineno for x in _loads(fdef, C)):
+        if any(x is not it.args[0] and x.lineno > host.lineno for x in loads(fdef, C)):
             raise Decline(loop, f"the host counts `{C}` are read elsewhere than by the loop")
         sizes = C
         prelude = (host, ast.Call(func=ast.Attribute(value=copy.deepcopy(T), attr="tolist", ctx=ast.Load()),
                                   args=[], keywords=[]))
-        T = _short(T)
+        T = short(T)
         header = ast.parse(f"range(len({C}))", mode="eval").body
-    elif isinstance(it, ast.Call) and _is_name(it.func, "range") and len(it.args) == 1 and isinstance(tgt, ast.Name):
+    elif isinstance(it, ast.Call) and is_name(it.func, "range") and len(it.args) == 1 and isinstance(tgt, ast.Name):
         i, header = tgt.id, copy.deepcopy(it)
-        counts_def = [s for s in body if isinstance(s, ast.Assign) and len(s.targets) == 1 and _is_name(s.targets[0], n)]
+        counts_def = [s for s in body if isinstance(s, ast.Assign) and len(s.targets) == 1 and is_name(s.targets[0], n)]
         v = counts_def[0].value if len(counts_def) == 1 else None
         if v is not None and _is_method(v, {"item"}) and not v.args:
             v = v.func.value
-        if v is not None and isinstance(v, ast.Call) and _is_name(v.func, "int") and len(v.args) == 1:
+        if v is not None and isinstance(v, ast.Call) and is_name(v.func, "int") and len(v.args) == 1:
             v = v.args[0]
-        if not (isinstance(v, ast.Subscript) and isinstance(v.value, ast.Name) and _is_name(v.slice, i)):
+        if not (isinstance(v, ast.Subscript) and isinstance(v.value, ast.Name) and is_name(v.slice, i)):
             raise Decline(loop, f"the count `{n}` is not `T[{i}]` of a tensor of per-expert counts")
         T = v.value.id
         if stores.get(n, 0) != 1 or body.index(counts_def[0]) > body.index(end_defs[0]):
@@ -1398,7 +1398,7 @@ def _segment_loop(fdef, loop, self_name, stores, glb) -> Optional[tuple]:
             f"{T}.tolist() if isinstance({T}, torch.Tensor) else list({T})", mode="eval").body)
         counts_def = counts_def[0]
     else:
-        raise Decline(loop, f"`for {_short(tgt)} in {_short(it)}` is not `enumerate(host counts)` or `range(E)`")
+        raise Decline(loop, f"`for {short(tgt)} in {short(it)}` is not `enumerate(host counts)` or `range(E)`")
     if stores.get(n, 0) != 1:
         raise Decline(loop, f"the count `{n}` is bound elsewhere in the function")
     # the body: the offsets, the skip, the slices, one append; the rest checked as local bindings
@@ -1417,7 +1417,7 @@ def _segment_loop(fdef, loop, self_name, stores, glb) -> Optional[tuple]:
             append, L = s, s.value.func.value.id
         for sub in ast.walk(s):
             if isinstance(sub, (ast.Continue, ast.Break, ast.Return)):
-                raise Decline(sub, f"`{_short(sub)}` other than the skip of an expert with no rows")
+                raise Decline(sub, f"`{short(sub)}` other than the skip of an expert with no rows")
         seg = _SegmentSlices(start, end, f"{chunks}[{i}]")
         s = seg.visit(copy.deepcopy(s))
         for r in seg.rows:
@@ -1441,17 +1441,17 @@ def _segment_loop(fdef, loop, self_name, stores, glb) -> Optional[tuple]:
     inside = {id(x) for x in ast.walk(loop)}
     for node in ast.walk(fdef):
         t = node.test if isinstance(node, ast.IfExp) else None
-        if isinstance(t, ast.Call) and _is_name(t.func, "len") and len(t.args) == 1 and _is_name(t.args[0], L) \
+        if isinstance(t, ast.Call) and is_name(t.func, "len") and len(t.args) == 1 and is_name(t.args[0], L) \
                 and _is_torch_fn(node.body, {"cat", "concat", "concatenate"}):
             edits.append((node, "test", ast.Name(nonempty, ast.Load())))  # `cat(L) if len(L) else ...`
             t.args[0]._sonic_seg_ok = True
         if isinstance(node, ast.Call) and _is_torch_fn(node, {"cat", "concat", "concatenate"}) \
-                and isinstance(node.func, ast.Attribute) and _is_name(node.func.value, "torch") \
-                and node.args and _is_name(node.args[0], L):
+                and isinstance(node.func, ast.Attribute) and is_name(node.func.value, "torch") \
+                and node.args and is_name(node.args[0], L):
             dim = _kwarg(node, "dim", 1)
             if (dim is None or _const_int(dim) == 0) and len(node.args) + len(node.keywords) <= 2:
                 node.args[0]._sonic_seg_ok = True
-    for x in _loads(fdef, L):
+    for x in loads(fdef, L):
         if id(x) not in inside and not getattr(x, "_sonic_seg_ok", False):
             raise Decline(x, f"the outputs `{L}` are used other than by `torch.cat({L}, dim=0)`")
     if glb.get("torch") is None or getattr(glb.get("torch"), "cat", None) is not _torch_cat():
@@ -1459,16 +1459,16 @@ def _segment_loop(fdef, loop, self_name, stores, glb) -> Optional[tuple]:
     # the rest of the body: bindings local to the iteration only
     out = f"_sonic_out{tag}"
     rest_wo_append = [s for s in rest if not (isinstance(s, ast.Expr) and _is_method(s.value, {"append"})
-                                                and _is_name(s.value.func.value, L))]
+                                                and is_name(s.value.func.value, L))]
     # an expert that was skipped now runs: nothing it does may outlive the iteration but its output
     for st in (x for s in rest_wo_append for x in ast.walk(s)):
         if isinstance(st, (ast.Assign, ast.AugAssign, ast.AnnAssign)):
             targets = st.targets if isinstance(st, ast.Assign) else [st.target]
             if any(not isinstance(t, (ast.Name, ast.Tuple)) or isinstance(t, ast.Tuple)
                    and not all(isinstance(e, ast.Name) for e in t.elts) for t in targets):
-                raise Decline(st, f"`{_short(st)}` writes outside the iteration (an expert without rows now runs)")
+                raise Decline(st, f"`{short(st)}` writes outside the iteration (an expert without rows now runs)")
         elif isinstance(st, ast.Expr) and not isinstance(st.value, ast.Constant):
-            raise Decline(st, f"`{_short(st)}`: a call whose result is not used (an expert without rows now runs)")
+            raise Decline(st, f"`{short(st)}`: a call whose result is not used (an expert without rows now runs)")
     body_names = set().union(*(set(_names_stored(s)) for s in body)) | {i, n}
     outer = {k for k in stores if k not in body_names} | {chunks}
     checker = _Body(self_name, {}, outer, {i}, None, [])
@@ -1478,12 +1478,12 @@ def _segment_loop(fdef, loop, self_name, stores, glb) -> Optional[tuple]:
     if checker.accumulators:
         raise Decline(loop, f"`{sorted(checker.accumulators)[0]}` accumulates across experts (an expert without rows "
                             f"now runs)")
-    for s in _following(fdef, loop):
+    for s in following(fdef, loop):
         for name in sorted((body_names - {L}) & _names_loaded(s)):
             raise Decline(loop, f"`{name}`, bound in the loop, is read after it (line {s.lineno})")
     new_body = []
     for s in rest:
-        if isinstance(s, ast.Expr) and _is_method(s.value, {"append"}) and _is_name(s.value.func.value, L):
+        if isinstance(s, ast.Expr) and _is_method(s.value, {"append"}) and is_name(s.value.func.value, L):
             new_body += ast.parse(
                 f"{out} = None\n"
                 f"torch._check(({chunks}[{i}].shape[0] != 0) | ({out}.shape[0] == 0), "
@@ -1507,7 +1507,7 @@ def _segment_loop(fdef, loop, self_name, stores, glb) -> Optional[tuple]:
         for node, field, value in edits:
             setattr(node, field, value)
 
-    form = (f"segment loop `for {_short(tgt)} in {_short(it)}` over `{rows}[{start}:{end}]` with offsets "
+    form = (f"segment loop `for {short(tgt)} in {short(it)}` over `{rows}[{start}:{end}]` with offsets "
             f"carried across experts, as `{rows}.split({T}.tolist(), 0)` and one output per expert")
     return stmts, apply, set(), form
 
@@ -1531,9 +1531,9 @@ def _chunk_measure(node, i) -> Optional[tuple]:
         item, kind = node.func.value, "rows"
     elif _is_method(node, {"numel"}) and not node.args and not node.keywords:
         item, kind = node.func.value, "numel"
-    elif isinstance(node, ast.Call) and _is_name(node.func, "len") and len(node.args) == 1 and not node.keywords:
+    elif isinstance(node, ast.Call) and is_name(node.func, "len") and len(node.args) == 1 and not node.keywords:
         item, kind = node.args[0], "rows"
-    if isinstance(item, ast.Subscript) and isinstance(item.value, ast.Name) and _is_name(item.slice, i) \
+    if isinstance(item, ast.Subscript) and isinstance(item.value, ast.Name) and is_name(item.slice, i) \
             and item.value.id != i:
         return item, kind
     return None
@@ -1562,12 +1562,12 @@ def _cat_reads_only(fdef, stmt, L) -> Optional[object]:
     ok = set()
     for node in ast.walk(fdef):
         if isinstance(node, ast.Call) and _is_torch_fn(node, {"cat", "concat", "concatenate"}) \
-                and isinstance(node.func, ast.Attribute) and _is_name(node.func.value, "torch") \
-                and node.args and _is_name(node.args[0], L) and len(node.args) + len(node.keywords) <= 2:
+                and isinstance(node.func, ast.Attribute) and is_name(node.func.value, "torch") \
+                and node.args and is_name(node.args[0], L) and len(node.args) + len(node.keywords) <= 2:
             dim = _kwarg(node, "dim", 1)
             if (dim is None or _const_int(dim) == 0) and all(k.arg == "dim" for k in node.keywords):
                 ok.add(id(node.args[0]))
-    return next((x for x in _loads(fdef, L) if id(x) not in ok), None)
+    return next((x for x in loads(fdef, L) if id(x) not in ok), None)
 
 
 def _self_aliases(fdef, self_name) -> dict:
@@ -1577,7 +1577,7 @@ def _self_aliases(fdef, self_name) -> dict:
         if isinstance(n, ast.Assign) and len(n.targets) == 1 and isinstance(n.targets[0], ast.Name):
             root = n.value
             while isinstance(root, (ast.Attribute, ast.Subscript)):
-                if isinstance(root, ast.Attribute) and _is_name(root.value, self_name):
+                if isinstance(root, ast.Attribute) and is_name(root.value, self_name):
                     out[n.targets[0].id] = root.attr
                     break
                 root = root.value
@@ -1591,7 +1591,7 @@ def _callee_roots(elt, fdef, self_name, local: set, i) -> set:
     aliases = _self_aliases(fdef, self_name)
     roots = set()
     for n in ast.walk(elt):
-        if isinstance(n, ast.Attribute) and _is_name(n.value, self_name):
+        if isinstance(n, ast.Attribute) and is_name(n.value, self_name):
             roots.add(n.attr)
         if isinstance(n, ast.Name) and n.id in aliases:
             roots.add(aliases[n.id])
@@ -1605,7 +1605,7 @@ def _callee_roots(elt, fdef, self_name, local: set, i) -> set:
             continue  # self, an alias of self.X, a global (torch, F, a module-level function), an expression
         last = n.func.attr if isinstance(n.func, ast.Attribute) else None
         if depth != 1 or last is None or last in _MODULE_METHODS or f.id == i:
-            raise Decline(n, f"`{_short(n)}` calls through the local `{f.id}`, which may be a module whose "
+            raise Decline(n, f"`{short(n)}` calls through the local `{f.id}`, which may be a module whose "
                              f"freedom from side effects cannot be proved")
     return roots
 
@@ -1673,7 +1673,7 @@ def _filtered_comprehension(fdef, stmt, self_name, stores, glb) -> Optional[tupl
     stmts = [helper, ast.Assign(targets=[ast.Name(pairs, ast.Store())], value=first),
              ast.parse(f"{L} = [_o for _c, _o in {pairs} if {keep}(_c, _o, {pairs})]").body[0]]
     stmts = [ast.fix_missing_locations(ast.copy_location(s, stmt)) for s in stmts]
-    form = (f"list comprehension `[{_short(elt, 40)} for {i} in {_short(comp.iter, 30)} if {_short(comp.ifs[0], 40)}]`"
+    form = (f"list comprehension `[{short(elt, 40)} for {i} in {short(comp.iter, 30)} if {short(comp.ifs[0], 40)}]`"
             f" read only by `torch.cat({L}, 0)`: every expert's output computed, the empty ones kept where provably "
             f"empty and harmless to the concatenation")
     return stmts, None, set(), form, frozenset(roots)
@@ -1681,7 +1681,7 @@ def _filtered_comprehension(fdef, stmt, self_name, stores, glb) -> Optional[tupl
 
 def _comprehension_statements(fdef) -> list:
     return [s for s in ast.walk(fdef) if isinstance(s, ast.Assign) and isinstance(s.value, ast.ListComp)
-            and s.value.generators and s.value.generators[0].ifs and not _inside_loop(fdef, s)]
+            and s.value.generators and s.value.generators[0].ifs and not inside_loop(fdef, s)]
 
 
 class _SegmentSlices(ast.NodeTransformer):
@@ -1692,7 +1692,7 @@ class _SegmentSlices(ast.NodeTransformer):
 
     def visit_Subscript(self, node):
         sl = node.slice
-        if isinstance(sl, ast.Slice) and _is_name(sl.lower, self.start) and _is_name(sl.upper, self.end) \
+        if isinstance(sl, ast.Slice) and is_name(sl.lower, self.start) and is_name(sl.upper, self.end) \
                 and sl.step is None and isinstance(node.value, ast.Name) and isinstance(node.ctx, ast.Load):
             self.rows.append(node.value.id)
             return ast.copy_location(ast.parse(self.chunk, mode="eval").body, node)
@@ -1733,7 +1733,7 @@ def _in_range_guard(checker, body, loop, hit) -> list:
     def statements(block, conds):
         for s in block:
             if isinstance(s, ast.If):  # a static test (the others were removed or declined)
-                test = _src(rename.visit(copy.deepcopy(s.test)))
+                test = source_text(rename.visit(copy.deepcopy(s.test)))
                 statements(s.body, conds + [f"({test})"])
                 statements(s.orelse, conds + [f"not ({test})"])
             elif isinstance(s, ast.With):
@@ -1754,7 +1754,7 @@ def _in_range_guard(checker, body, loop, hit) -> list:
                     isinstance(m, (ast.Subscript, ast.Lambda)) for m in ast.walk(n.value)):
                 continue
             index = rename.visit(copy.deepcopy(n.slice))
-            text = f"{_src(index)} in {_src(n.value)}" if keyed else f"{_src(index)} < len({_src(n.value)})"
+            text = f"{source_text(index)} in {source_text(n.value)}" if keyed else f"{source_text(index)} < len({source_text(n.value)})"
             if conds:  # indexed only on a static branch: only when that branch runs
                 text = f"not ({' and '.join(conds)}) or {text}"
             guards.setdefault(text, None)
@@ -1778,10 +1778,10 @@ class _Rename(ast.NodeTransformer):
 
 class _Replace(ast.NodeTransformer):
     def __init__(self, old, new):
-        self.old, self.new = _src(old), new
+        self.old, self.new = source_text(old), new
 
     def visit(self, node):
-        if isinstance(node, ast.expr) and _src(node) == self.old:
+        if isinstance(node, ast.expr) and source_text(node) == self.old:
             return copy.deepcopy(self.new)
         return self.generic_visit(node)
 
@@ -1867,7 +1867,7 @@ def _looks_graph_breaking(loop, fdef) -> bool:
     if _nonzero_of(loop.iter) is not None:
         return True
     if isinstance(loop.iter, ast.Name):  # any binding of the name (`hit = SRC; hit = nonzero(hit)...`)
-        if any(isinstance(a, ast.Assign) and len(a.targets) == 1 and _is_name(a.targets[0], loop.iter.id)
+        if any(isinstance(a, ast.Assign) and len(a.targets) == 1 and is_name(a.targets[0], loop.iter.id)
                and _nonzero_of(a.value) is not None for a in ast.walk(fdef)):
             return True
     for name in _names_loaded(loop.iter):  # iterating over host data (counts read with .tolist())
@@ -1898,7 +1898,7 @@ def _callee_replacements(fn, fdef, depth: int, notes: list) -> dict:
     followed, nor names ``fn`` binds itself."""
     if depth >= CALLEE_DEPTH:
         return {}
-    local = set(_stores(fdef)) | {a.arg for a in fdef.args.posonlyargs + fdef.args.args + fdef.args.kwonlyargs}
+    local = set(stores_of(fdef)) | {a.arg for a in fdef.args.posonlyargs + fdef.args.args + fdef.args.kwonlyargs}
     out: dict = {}
     for n in ast.walk(fdef):
         if not (isinstance(n, ast.Call) and isinstance(n.func, ast.Name)) or n.func.id in local or n.func.id in out:
@@ -1938,7 +1938,7 @@ def analyse(fn, depth: int = 0) -> Analysis:
         tree, fdef = _function_tree(fn)
     except (OSError, TypeError, SyntaxError, IndentationError, Decline):
         return result
-    loops = [l for l in _candidate_loops(fdef) if not _inside_loop(fdef, l)] + _comprehension_statements(fdef)
+    loops = [l for l in _candidate_loops(fdef) if not inside_loop(fdef, l)] + _comprehension_statements(fdef)
     callees = {} if fn.__closure__ else _callee_replacements(fn, fdef, depth, result.notes)
     if not loops and not callees:
         result.notes.extend(_host_reads(fdef, filename, qual))
@@ -1951,7 +1951,7 @@ def analyse(fn, depth: int = 0) -> Analysis:
                     "recompiled with a rewritten loop")))
         return result
     self_name = fdef.args.args[0].arg if fdef.args.args else None
-    stores = _stores(fdef)
+    stores = stores_of(fdef)
     counts = _counts_sources(fdef)
     plans = []
     for loop in loops:
@@ -1970,8 +1970,8 @@ def analyse(fn, depth: int = 0) -> Analysis:
         except Decline as d:
             if segment or _looks_graph_breaking(loop, fdef):
                 line = d.lineno or loop.lineno
-                head = f"`{_short(loop.value)}`" if isinstance(loop, ast.Assign) else \
-                    f"`for {_short(loop.target)} in {_short(loop.iter)}`"
+                head = f"`{short(loop.value)}`" if isinstance(loop, ast.Assign) else \
+                    f"`for {short(loop.target)} in {short(loop.iter)}`"
                 result.notes.append(LoopNote(filename, loop.lineno, qual, False, reason=(
                     f"line {loop.lineno}: {head} breaks the graph (data-dependent iteration or skip); not "
                     f"rewritten because line {line}: {d.text}, so running every expert on zero rows cannot "
@@ -1992,7 +1992,7 @@ def analyse(fn, depth: int = 0) -> Analysis:
             prelude[0].value = prelude[1]
     drop = []
     for name in used_counts:
-        if _loads(fdef, name):
+        if loads(fdef, name):
             for loop, plan in plans:
                 if name in plan[2]:
                     result.notes.append(LoopNote(filename, loop.lineno, qual, False, reason=(
@@ -2095,7 +2095,7 @@ def _self_methods(fn, fdef, cls: Optional[type] = None) -> list:
     me = fdef.args.args[0].arg
     out = []
     for n in ast.walk(fdef):
-        if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute) and _is_name(n.func.value, me):
+        if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute) and is_name(n.func.value, me):
             m = inspect.getattr_static(cls, n.func.attr, None)
             if isinstance(m, (staticmethod, classmethod)) or not callable(m):
                 continue
@@ -2117,14 +2117,14 @@ def _split_notes(fdef, filename, qual) -> list:
     out = []
     for n in ast.walk(fdef):
         sizes = None
-        if _is_method(n, {"split", "split_with_sizes"}) and n.args and _src(n.func.value) != "torch":
+        if _is_method(n, {"split", "split_with_sizes"}) and n.args and source_text(n.func.value) != "torch":
             sizes = n.args[0]
-        elif _is_torch_fn(n, {"split"}) and isinstance(n.func, ast.Attribute) and _src(n.func.value) == "torch" \
+        elif _is_torch_fn(n, {"split"}) and isinstance(n.func, ast.Attribute) and source_text(n.func.value) == "torch" \
                 and len(n.args) >= 2:
             sizes = n.args[1]
         if isinstance(sizes, ast.Name) and (sizes.id in host or sizes.id in params and sizes.id != fdef.args.args[0].arg):
             out.append(LoopNote(filename, n.lineno, qual, True, form=(
-                f"`{_short(n)}` splits rows by host sizes `{sizes.id}`: traced with the counts as symbolic sizes, and "
+                f"`{short(n)}` splits rows by host sizes `{sizes.id}`: traced with the counts as symbolic sizes, and "
                 f"split + per-expert GEMM + cat proved a grouped GEMM on device offsets in the graph "
                 f"(moe_inductor.dynamo.host_splits)")))
     return out
@@ -2148,7 +2148,7 @@ def _host_reads(fdef, filename, qual) -> list:
             counted = _bincount_copied(reads[0])
             if counted is not None:
                 out.append(LoopNote(filename, n.lineno, qual, False, reason=(
-                    f"line {n.lineno}: `{_short(n)}` copies `{_short(counted)}` to the host: its length is "
+                    f"line {n.lineno}: `{short(n)}` copies `{short(counted)}` to the host: its length is "
                     f"max(minlength, largest id + 1), known only from the data unless the ids are positions along "
                     f"an axis of at most minlength (topk/sort/max/argmax indices, in the same graph: "
                     f"moe_inductor.dynamo.shape_items pins the length then, and the counts are traced as sizes); else "
@@ -2156,7 +2156,7 @@ def _host_reads(fdef, filename, qual) -> list:
                     f"`one_hot(ids, E).sum(0).tolist()`, are traced on the device (moe_inductor.dynamo.host_splits)")))
                 continue
             out.append(LoopNote(filename, n.lineno, qual, False, reason=(
-                f"line {n.lineno}: `{_short(n)}` reads tensor data on the host (`.{reads[0].func.attr}()`), which "
+                f"line {n.lineno}: `{short(n)}` reads tensor data on the host (`.{reads[0].func.attr}()`), which "
                 f"breaks the graph; it is not a skip of experts without tokens that the loop capture can remove "
                 f"(counts read with `.tolist()` that only size splits of rows by expert are traced on the device in "
                 f"sonic frames: moe_inductor.dynamo.host_splits; an `.item()` of a value computed only from sizes and "

@@ -143,7 +143,7 @@ def _switch(capacity_factor, drop_tokens, is_scale_prob):
 _x3d = tokens(lambda T: (1, T, D))  # [seq_len, batch_size, d_model] = (1, T, d): viewed to (T, d) first thing
 
 # labml_switch_drop: Dynamo would split the forward at `if len(indexes_list[i]) <= capacity` (data-dependent
-# branching on a nonzero's length); the loop capture removes that skip (moe_inductor/drop_lists.py: for an expert
+# branching on a nonzero's length); the loop capture removes that skip (moe_inductor/dynamo/drop_lists.py: for an expert
 # under capacity the statements change nothing observable), so the block is one graph: kept rows
 # `nonzero(...)[0][arange][:capacity]` (dispatch capacity_rows), assigned into new_zeros, the dropped rows'
 # pass-through `final_output[dropped, :] = x[dropped, :]` left as graph code on the fused result.
