@@ -1963,6 +1963,8 @@ def analyse(fn, depth: int = 0) -> Analysis:
                 if plan is not None:
                     plans.append((loop, plan))
                 continue
+            from moe_inductor.dynamo.drop_lists import capacity_skip_loop  # it reads this module's helpers
+
             plan = _segment_loop(fdef, loop, self_name, stores, fn.__globals__) or capacity_skip_loop(fdef, loop)
             if plan is None:
                 segment = False
@@ -2213,6 +2215,3 @@ def _cell_full(cell) -> bool:
     except ValueError:
         return False
     return True
-
-
-from .drop_lists import capacity_skip_loop  # noqa: E402  (it reads this module's helpers)
