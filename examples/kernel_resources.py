@@ -355,7 +355,7 @@ def _run_scenario(sc: Scenario, parse_activation, fused_moe, device: str = "cpu"
     act = parse_activation(sc.activation)
     dt = DTYPES[sc.dtype]
     g = torch.Generator().manual_seed(0)
-    h_cols = 2 * n if act.gated else n
+    h_cols = act.width * n
 
     def param(*shape):  # on a GPU: zeros made there (values do not matter, the kernels are skipped)
         t = torch.randn(*shape, generator=g).to(dt) if device == "cpu" else torch.zeros(*shape, dtype=dt, device=device)
@@ -403,7 +403,7 @@ def default_scenarios(dtypes, acts, shapes=tuple(SHAPES), kinds=("plain", "flags
         flag_acts = [a for a in acts if a.startswith("gptoss")] or acts[:1]
         flag_acts += [a for a in acts if a in ("gelu", "silu")][:1]
         for a in flag_acts if "flags" in kinds else ():
-            gated = a not in ("silu", "gelu", "gelu_tanh", "relu")
+            gated = a not in ("silu", "gelu", "gelu_tanh", "relu", "relu2", "swiglu3")  # interleaved halves
             for shape in shapes:
                 out.append(Scenario(dt, a, bias=True, interleaved=gated, recompute_h=True, shape=shape))
     return out

@@ -106,7 +106,7 @@ def test_every_activation_has_an_epilogue():
         act = parse_activation(specs.get(kind, kind))
         assert act.triton, kind
         codes[kind] = act_code(act)
-        cols = 16 if act.gated else 8
+        cols = 8 * act.width
         w1 = torch.zeros(2, cols, 8, device=DEVICE)
         assert unsupported_reason(torch.zeros(4, 8, device=DEVICE), w1, torch.zeros(2, 8, 8, device=DEVICE), act) \
             is None, kind

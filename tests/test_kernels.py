@@ -97,7 +97,7 @@ def make_case(T=16, d=32, n=16, E=4, K=2, dtype=torch.float32, act="swiglu", int
     output gradient of tokens routed to no expert."""
     gen = torch.Generator().manual_seed(seed)
     a = parse_activation(act)
-    h_cols = 2 * n if a.gated else n
+    h_cols = a.width * n
     x = torch.randn(T, d, generator=gen)
     if transposed:  # storage (E, d, H) / (E, n, d) as some checkpoints keep it; kernels see views
         w1 = (torch.randn(E, d, h_cols, generator=gen) / d**0.5).transpose(1, 2)
@@ -169,6 +169,9 @@ def _act64(h, act, interleaved):
              "relu": lambda z: torch.clamp(z, min=0), "relu2": lambda z: torch.clamp(z, min=0) ** 2}
     if act.kind in unary:
         return unary[act.kind](h)
+    if act.kind == "swiglu3":  # H = [x1 | x2 | up]
+        x1, x2, u = h.chunk(3)
+        return x1 * (x2 * torch.sigmoid(x2)) * u
     first, second = (h[0::2], h[1::2]) if interleaved else (h[: h.shape[0] // 2], h[h.shape[0] // 2:])
     g, u = (second, first) if act.up_first else (first, second)
     lim = act.limit
@@ -313,6 +316,13 @@ CASES = [
     # E = 512 (most experts empty) with K = 16: per-expert kernels run 512 programs. No bias: the
     # bias column sums would add two more 512-program launches (~4 s interpreted) for no new path.
     pytest.param(dict(T=2, E=512, K=16, d=16, n=8), id="fp32-E512-K16"),
+    # three factors x1 * silu(x2) * up (OpenMoE): the third accumulator and column block of H
+    pytest.param(dict(act="swiglu3", bias=True), id="fp32-swiglu3-bias"),
+    pytest.param(dict(T=13, E=4, K=2, d=16, n=12, dtype=torch.float16, act="swiglu3", transposed=True),
+                 id="fp16-swiglu3-transposed-T13"),
+    pytest.param(dict(T=9, E=3, K=2, d=72, n=40, dtype=torch.bfloat16, act="swiglu3", bias=True),
+                 id="bf16-swiglu3-multi-block-d72-n40"),
+    pytest.param(dict(routing="general", T=12, E=5, act="swiglu3"), id="fp32-swiglu3-general-routing"),
 ]
 
 
@@ -324,12 +334,13 @@ def test_forward_backward_match_reference(kwargs):
 def test_cases_cover_every_activation_dtype_and_layout():
     """The parametrization above keeps covering the whole matrix of the issue: every activation
     (gated and not), every dtype, concat/interleaved, transposed/plain weights, biases, T = 1."""
-    from moe_inductor.ops.activations import GATED, NON_GATED
+    from moe_inductor.ops.activations import GATED, NON_GATED, TRIPLE
     from test_activation_epilogues import EPILOGUE_KINDS  # the later epilogues are tested there
 
     kw = [p.values[0] for p in CASES]
     acts = {parse_activation(k.get("act", "swiglu")).kind for k in kw} | EPILOGUE_KINDS
-    assert acts == set(GATED + NON_GATED), f"activations without a kernel test: {set(GATED + NON_GATED) - acts}"
+    kinds = set(GATED + NON_GATED + TRIPLE)
+    assert acts == kinds, f"activations without a kernel test: {kinds - acts}"
     assert {k.get("dtype", torch.float32) for k in kw} == {torch.float32, torch.float16, torch.bfloat16}
     for dt in (torch.float32, torch.float16, torch.bfloat16):
         of_dt = [k for k in kw if k.get("dtype", torch.float32) == dt]
@@ -346,6 +357,7 @@ def test_cases_cover_every_activation_dtype_and_layout():
     [
         pytest.param(dict(bias=True), id="fp32-swiglu-bias"),  # recompute must add b1 like the forward
         pytest.param(dict(dtype=torch.bfloat16, act="geglu", interleaved=True), id="bf16-geglu-interleaved"),
+        pytest.param(dict(act="swiglu3", bias=True), id="fp32-swiglu3-bias"),  # the third block recomputed
     ],
 )
 def test_recompute_h(kwargs):

@@ -62,8 +62,8 @@ def unsupported_reason(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, act,
     n = w2.shape[2]
     if E == 0 or d == 0 or n == 0 or h_cols == 0:
         return "empty expert weights"
-    if act.gated and h_cols != 2 * n:
-        return "gated activation needs w1 with 2n rows"
+    if h_cols != act.width * n:
+        return f"activation {act.spec} needs w1 with {act.width}n rows"
     if x.shape[0] >= 2**31 or num_assignments >= 2**31:
         return "2**31 or more tokens or assignments (int32 routing tables)"
     if num_assignments * max(h_cols, d) >= 2**62:

@@ -20,6 +20,7 @@ SWIGLU_LIMIT = 5  # clamped SwiGLU; the clamp is the runtime scalar `limit`
 SOFTCAP_SWIGLU = 6  # softcapped SwiGLU; gate cap = runtime `alpha`, up cap = runtime `limit`
 RELU2 = 7
 SWIGLU_LIMIT_AFTER = 8  # SwiGLU clamped after the activation (Step-3.7); the clamp is the runtime `limit`
+SWIGLU3 = 9  # three factors x1 * silu(x2) * up of H = [x1 | x2 | up]; the kernels' third column block
 
 _KIND_CODE = {
     "swiglu": SILU, "silu": SILU,
@@ -31,6 +32,7 @@ _KIND_CODE = {
     "swiglu_limit_after": SWIGLU_LIMIT_AFTER,
     "softcap_swiglu": SOFTCAP_SWIGLU,
     "relu2": RELU2,
+    "swiglu3": SWIGLU3,
 }
 
 

@@ -1,7 +1,7 @@
 """Grouped GEMMs over expert-sorted assignment rows: @triton.jit kernels and their launchers.
 
-Shape legend: T tokens, d hidden, n expert intermediate, H = 2n (gated) or n columns of the first
-projection, E experts, A assignments, M = tile_m rows per tile, P row tiles (see routing_meta).
+Shape legend: T tokens, d hidden, n expert intermediate, H = 2n (gated), 3n (swiglu3: [x1 | x2 | up],
+a third accumulator and column block in up_proj and dh) or n columns of the first projection, E experts, A assignments, M = tile_m rows per tile, P row tiles (see routing_meta).
 
   up_proj       H_sorted = gather(X) W1^T (+b1), A_sorted = act(H_sorted)   rows gathered in-kernel
   sorted_gemm   Out_sorted = In_sorted W[e] (+bias)                         Y = A W2^T ; dX' = dH W1
@@ -134,9 +134,12 @@ def _tile_rows(tile_row_start_ptr, tile_row_end_ptr, pid_m, BLOCK_M: tl.constexp
 
 
 @triton.jit
-def _gate_up_cols(cols, n_act, INTERLEAVED: tl.constexpr, UP_FIRST: tl.constexpr):
+def _gate_up_cols(cols, n_act, INTERLEAVED: tl.constexpr, UP_FIRST: tl.constexpr, ACT: tl.constexpr):
     """Columns of H holding gate and up for activation columns cols (interleaved or concatenated;
-    UP_FIRST: the up half is the first one, ``Activation.up_first``)."""
+    UP_FIRST: the up half is the first one, ``Activation.up_first``). SWIGLU3 (H = [x1 | x2 | up]):
+    x2 and up, the second and third blocks (x1 is at cols)."""
+    if ACT == 9:
+        return cols + n_act, cols + 2 * n_act
     if INTERLEAVED:
         first_cols = 2 * cols
         second_cols = 2 * cols + 1
@@ -199,7 +202,7 @@ def _up_proj_kernel(
                 rows, row_mask, rows64 = _tile_rows(tile_row_start_ptr, tile_row_end_ptr, pid_m, BLOCK_M)
                 cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
                 if GATED:
-                    gate_cols, up_cols = _gate_up_cols(cols, n_act, INTERLEAVED, UP_FIRST)
+                    gate_cols, up_cols = _gate_up_cols(cols, n_act, INTERLEAVED, UP_FIRST, ACT)
                 else:
                     gate_cols = cols
                 zmask = row_mask[:, None] & (cols < n_act)[None, :]
@@ -207,6 +210,8 @@ def _up_proj_kernel(
                 tl.store(h_ptr + rows64[:, None] * stride_hr + gate_cols[None, :] * stride_hc, zero, mask=zmask)
                 if GATED:
                     tl.store(h_ptr + rows64[:, None] * stride_hr + up_cols[None, :] * stride_hc, zero, mask=zmask)
+                if ACT == 9:
+                    tl.store(h_ptr + rows64[:, None] * stride_hr + cols[None, :] * stride_hc, zero, mask=zmask)
         return
     rows, row_mask, rows64 = _tile_rows(tile_row_start_ptr, tile_row_end_ptr, pid_m, BLOCK_M)
     # the gather: A-operand rows come straight from X via the sorted token ids (no A x d copy)
@@ -214,13 +219,15 @@ def _up_proj_kernel(
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cols < n_act
     if GATED:
-        gate_cols, up_cols = _gate_up_cols(cols, n_act, INTERLEAVED, UP_FIRST)
+        gate_cols, up_cols = _gate_up_cols(cols, n_act, INTERLEAVED, UP_FIRST, ACT)
     else:
         gate_cols = cols
     w_base = w1_ptr + e.to(tl.int64) * stride_we
     acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if GATED:
         acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if ACT == 9:
+        acc_x = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, d, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         k_mask = ks < d
@@ -232,6 +239,9 @@ def _up_proj_kernel(
         if GATED:
             wu = tl.load(w_base + up_cols[None, :] * stride_wh + ks[:, None] * stride_wd, mask=wmask, other=0.0)
             acc_u = mma(xb, wu, acc_u, IEEE, INTERPRET)
+        if ACT == 9:
+            wx = tl.load(w_base + cols[None, :] * stride_wh + ks[:, None] * stride_wd, mask=wmask, other=0.0)
+            acc_x = mma(xb, wx, acc_x, IEEE, INTERPRET)
 
     dt = x_ptr.dtype.element_ty
     out_mask = row_mask[:, None] & col_mask[None, :]
@@ -240,6 +250,8 @@ def _up_proj_kernel(
         acc_g += tl.load(b_base + gate_cols * stride_bh, mask=col_mask, other=0.0).to(tl.float32)[None, :]
         if GATED:
             acc_u += tl.load(b_base + up_cols * stride_bh, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+        if ACT == 9:
+            acc_x += tl.load(b_base + cols * stride_bh, mask=col_mask, other=0.0).to(tl.float32)[None, :]
     # H is rounded to the input dtype first and A computed from the rounded H: the backward
     # recomputes A from the stored H and must see the same values.
     hg = cast(acc_g, dt, INTERPRET)
@@ -249,8 +261,14 @@ def _up_proj_kernel(
         hu = cast(acc_u, dt, INTERPRET)
         if KEEP_H:
             tl.store(h_ptr + rows64[:, None] * stride_hr + up_cols[None, :] * stride_hc, hu, mask=out_mask)
+    if ACT == 9:
+        hx = cast(acc_x, dt, INTERPRET)
+        if KEEP_H:
+            tl.store(h_ptr + rows64[:, None] * stride_hr + cols[None, :] * stride_hc, hx, mask=out_mask)
     if WRITE_A:
-        if GATED:
+        if ACT == 9:  # (x1 * silu(x2)) * up, the reference's order
+            act = hx.to(tl.float32) * unary_fwd(hg.to(tl.float32), 0) * hu.to(tl.float32)
+        elif GATED:
             act = gated_fwd(hg.to(tl.float32), hu.to(tl.float32), alpha, limit, ACT)
         else:
             act = unary_fwd(hg.to(tl.float32), ACT)
@@ -269,7 +287,7 @@ def up_proj(
 ) -> None:
     """Writes H_sorted (A, H) into h_out and/or act(H_sorted) (A, n) into a_out."""
     E, h_cols, d = w1.shape
-    n_act = h_cols // 2 if act.gated else h_cols
+    n_act = h_cols // act.width
     assert x.shape[1] == d and (h_out is not None or a_out is not None)
     if h_out is not None:
         assert h_out.shape == (meta.tok_sorted.shape[0], h_cols) and h_out.dtype == x.dtype
@@ -291,7 +309,7 @@ def up_proj(
         a.stride(0) if a_out is not None else 0, a.stride(1) if a_out is not None else 0,
         float(act.alpha), float(act.limit),
         HAS_B1=b1 is not None, KEEP_H=h_out is not None, WRITE_A=a_out is not None,
-        GATED=act.gated, INTERLEAVED=interleaved, UP_FIRST=act.up_first, ACT=act_code(act),
+        GATED=act.width > 1, INTERLEAVED=interleaved, UP_FIRST=act.up_first, ACT=act_code(act),
         GROUP_M=GROUP_M, BLOCK_M=meta.tile_m, **dot_flags(x.dtype),
     )
 
@@ -429,12 +447,21 @@ def _dh_kernel(
     s = tl.load(s_sorted_ptr + rows, mask=row_mask, other=0.0)
     h_row = h_ptr + rows64[:, None] * stride_hr
     if GATED:
-        gate_cols, up_cols = _gate_up_cols(cols, n_act, INTERLEAVED, UP_FIRST)
+        gate_cols, up_cols = _gate_up_cols(cols, n_act, INTERLEAVED, UP_FIRST, ACT)
         g = tl.load(h_row + gate_cols[None, :] * stride_hc, mask=mask2, other=0.0).to(tl.float32)
         u = tl.load(h_row + up_cols[None, :] * stride_hc, mask=mask2, other=0.0).to(tl.float32)
-        a = cast(gated_fwd(g, u, alpha, limit, ACT), dt, INTERPRET).to(tl.float32)
-        dg, du = gated_bwd(g, u, da * s[:, None], alpha, limit, ACT)
         dh_row = dh_ptr + rows64[:, None] * stride_dhr
+        if ACT == 9:  # x1 * silu(x2) * up: d x1 = dA' silu(x2) up, d x2 = dA' x1 up silu'(x2), d up = dA' x1 silu(x2)
+            x1 = tl.load(h_row + cols[None, :] * stride_hc, mask=mask2, other=0.0).to(tl.float32)
+            sg = unary_fwd(g, 0)
+            a = cast(x1 * sg * u, dt, INTERPRET).to(tl.float32)
+            das = da * s[:, None]
+            tl.store(dh_row + cols[None, :] * stride_dhc, cast(das * sg * u, dt, INTERPRET), mask=mask2)
+            dg = das * x1 * u * unary_grad(g, 0)
+            du = das * x1 * sg
+        else:
+            a = cast(gated_fwd(g, u, alpha, limit, ACT), dt, INTERPRET).to(tl.float32)
+            dg, du = gated_bwd(g, u, da * s[:, None], alpha, limit, ACT)
         tl.store(dh_row + gate_cols[None, :] * stride_dhc, cast(dg, dt, INTERPRET), mask=mask2)
         tl.store(dh_row + up_cols[None, :] * stride_dhc, cast(du, dt, INTERPRET), mask=mask2)
     else:
@@ -499,7 +526,7 @@ def dh_backward(
         a_scaled.stride(0), a_scaled.stride(1),
         ds_part.stride(0), ds_part.shape[1],
         float(act.alpha), float(act.limit),
-        HAS_B2=b2 is not None, GATED=act.gated, INTERLEAVED=interleaved, UP_FIRST=act.up_first, ACT=act_code(act),
+        HAS_B2=b2 is not None, GATED=act.width > 1, INTERLEAVED=interleaved, UP_FIRST=act.up_first, ACT=act_code(act),
         GROUP_M=GROUP_M, PART_N=_DH_MIN_BLOCK_N, BLOCK_M=meta.tile_m, **dot_flags(dt),
     )
     return dh, a_scaled, ds_part.sum(dim=1)

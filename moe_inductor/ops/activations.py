@@ -14,6 +14,10 @@ An activation spec is a string so that the fused op's schema never changes when 
                             silu(gate).clamp(max=limit) * up.clamp(-limit, limit)
     "softcap_swiglu:<cg>:<cu>" Inkling2: softcap(gate, cg) * sigmoid(gate) * softcap(up, cu),
                             softcap(z, c) = tanh(z / c) * c
+  three-factor (the first projection yields x1, x2 and up, 3n columns [x1 | x2 | up], concatenated):
+    "swiglu3"               x1 * silu(x2) * up            (OpenMoE's ``swiglu_act_fn(gate(z)) * up(z)``:
+                            gate's 2n columns split in halves x1, x2; the fused weight is gate's
+                            rows with up's below them, as for a gated kind with separate weights)
   non-gated (n columns):
     "silu", "gelu", "gelu_tanh", "relu"
     "relu2"                 relu(z) ** 2 (Nemotron-H's "relu2")
@@ -41,6 +45,8 @@ import torch.nn.functional as F
 
 GATED = ("swiglu", "geglu", "geglu_tanh", "gptoss", "swiglu_limit", "swiglu_limit_after", "softcap_swiglu")
 NON_GATED = ("silu", "gelu", "gelu_tanh", "relu", "relu2")
+#: three factors of one 3n-column H (``Activation.width`` 3)
+TRIPLE = ("swiglu3",)
 GATED_TORCH_ONLY: tuple = ()
 NON_GATED_TORCH_ONLY: tuple = ()
 #: the form of each parameterised kind, for error messages
@@ -50,7 +56,7 @@ FORMS = {
     "swiglu_limit_after": "'swiglu_limit_after:<limit>' (e.g. 'swiglu_limit_after:7.0')",
     "softcap_swiglu": "'softcap_swiglu:<gate cap>:<up cap>' (e.g. 'softcap_swiglu:30.0:30.0')",
 }
-ALL_KINDS = GATED + NON_GATED + GATED_TORCH_ONLY + NON_GATED_TORCH_ONLY
+ALL_KINDS = GATED + NON_GATED + TRIPLE + GATED_TORCH_ONLY + NON_GATED_TORCH_ONLY
 #: the spec suffix of the "up half first" layout of a gated activation's 2n columns
 UP_FIRST = "+up_first"
 
@@ -68,9 +74,14 @@ class Activation:
         return self.kind in GATED or self.kind in GATED_TORCH_ONLY
 
     @property
+    def width(self) -> int:
+        """Columns of H per activation column: 3 (``TRIPLE``), 2 (gated) or 1."""
+        return 3 if self.kind in TRIPLE else 2 if self.gated else 1
+
+    @property
     def triton(self) -> bool:
         """Whether the Triton epilogue implements this kind."""
-        return self.kind in GATED or self.kind in NON_GATED
+        return self.kind in GATED or self.kind in NON_GATED or self.kind in TRIPLE
 
     @property
     def spec(self) -> str:
@@ -167,6 +178,18 @@ def join_gate_up(dg: torch.Tensor, du: torch.Tensor, interleaved: bool, up_first
     return torch.cat((first, second), dim=-1)
 
 
+def split_triple(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(x1, x2, up) views of a three-factor activation's 3n columns [x1 | x2 | up]."""
+    n = h.shape[-1] // 3
+    return h[..., :n], h[..., n:2 * n], h[..., 2 * n:]
+
+
+def _check_triple(h: torch.Tensor, interleaved: bool) -> None:
+    if interleaved or h.shape[-1] % 3:
+        raise ValueError(f"activation swiglu3 needs H of 3n concatenated columns [x1 | x2 | up], got "
+                         f"{h.shape[-1]} columns{' interleaved' if interleaved else ''}")
+
+
 def _up(t: torch.Tensor) -> torch.Tensor:
     """Upcast half precisions to fp32 for elementwise math; keep fp32/fp64 as they are."""
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
@@ -213,6 +236,10 @@ def _unary_grad(kind: str, z: torch.Tensor) -> torch.Tensor:
 def act_forward(h: torch.Tensor, act: Activation, interleaved: bool) -> torch.Tensor:
     """A = act(H). H: (..., 2n) gated or (..., n); computed in fp32, returned in H's dtype."""
     hf = _up(h)
+    if act.kind in TRIPLE:
+        _check_triple(h, interleaved)
+        x1, x2, u = split_triple(hf)
+        return (x1 * F.silu(x2) * u).to(h.dtype)
     if not act.gated:
         return _unary(act.kind, hf).to(h.dtype)
     g, u = split_gate_up(hf, interleaved, act.up_first)
@@ -244,6 +271,8 @@ def act_backward(h: torch.Tensor, da: torch.Tensor, act: Activation, interleaved
                  kept: Optional[torch.Tensor] = None) -> torch.Tensor:
     """dH from dA and H (fp32 math, result in H's dtype). ``kept``: from ``act_forward_keeping``."""
     hf, daf = _up(h), _up(da)
+    if act.kind in TRIPLE:
+        return _triple_backward(hf, daf, interleaved).to(h.dtype)
     if not act.gated:
         return (daf * _unary_grad(act.kind, hf)).to(h.dtype)
     g, u = split_gate_up(hf, interleaved, act.up_first)
@@ -285,3 +314,12 @@ def act_backward(h: torch.Tensor, da: torch.Tensor, act: Activation, interleaved
         dg = daf * u * _unary_grad(act.kind, g)
         du = daf * _unary(act.kind, g)
     return join_gate_up(dg, du, interleaved, act.up_first).to(h.dtype)
+
+
+def _triple_backward(hf: torch.Tensor, daf: torch.Tensor, interleaved: bool) -> torch.Tensor:
+    """dH (fp32) of A = x1 * silu(x2) * up: d x1 = dA silu(x2) up, d x2 = dA x1 up silu'(x2),
+    d up = dA x1 silu(x2)."""
+    _check_triple(hf, interleaved)
+    x1, x2, u = split_triple(hf)
+    sg = F.silu(x2)
+    return torch.cat((daf * sg * u, daf * x1 * u * _unary_grad("silu", x2), daf * x1 * sg), dim=-1)

@@ -237,11 +237,10 @@ def check_inputs(x, token_ids, expert_ids, scores, w1, w2, b1, b2, activation, i
     n = w2.shape[2]
     if d != x.shape[1]:
         raise ValueError(f"fused_moe: w1 is (E, 2n, d) = {tuple(w1.shape)} but x has d = {x.shape[1]}")
-    want_cols = 2 * n if act.gated else n
-    if tuple(w2.shape) != (E, d, n) or h_cols != want_cols:
+    if tuple(w2.shape) != (E, d, n) or h_cols != act.width * n:
         raise ValueError(
             f"fused_moe: inconsistent expert weights for activation {activation!r}: "
-            f"w1 {tuple(w1.shape)} (expected (E, {'2n' if act.gated else 'n'}, d)), w2 {tuple(w2.shape)} "
+            f"w1 {tuple(w1.shape)} (expected (E, {'' if act.width == 1 else act.width}n, d)), w2 {tuple(w2.shape)} "
             "(expected (E, d, n))"
         )
     if b1 is not None and tuple(b1.shape) != (E, h_cols):
@@ -360,6 +359,9 @@ def _cast(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
 
 def _forward(x, token_ids, expert_ids, scores, w1, w2, b1, b2, act, interleaved, recompute_h, impl):
     """Forward of both ops, on stacked weights already in x's dtype."""
+    if interleaved and act.width == 3:
+        raise ValueError(f"fused_moe: activation {act.spec!r} takes H = [x1 | x2 | up] concatenated; "
+                         "interleaved=True is not a layout it has")
     which = _resolve_impl(impl, x, w1, w2, act, token_ids.shape[0])
     if not x.is_cuda:
         _check_routing_values(token_ids, expert_ids, x.shape[0], w1.shape[0])
@@ -495,14 +497,16 @@ _fused_moe.register_autograd(_backward, setup_context=_setup_context)
 
 # --------------------------------------------------------------------------- per-expert weight lists
 
-def _check_expert_lists(x, w_gate, w_up, w_down, b_gate, b_up, b_down, gated: bool) -> None:
+def _check_expert_lists(x, w_gate, w_up, w_down, b_gate, b_up, b_down, width: int) -> None:
+    """``width``: ``Activation.width``; w_up only for 2 (gate and up alike) or 3 (w_gate has twice
+    w_up's rows: the x1 and x2 halves)."""
     E = len(w_gate)
     if E == 0:
         raise ValueError("fused_moe_experts: w_gate is empty (one weight per expert expected)")
     if len(w_down) != E or len(w_up) not in (0, E):
         raise ValueError(f"fused_moe_experts: inconsistent expert lists: {E} w_gate, {len(w_up)} w_up, "
                          f"{len(w_down)} w_down (w_up: one per expert, or none)")
-    if w_up and not gated:
+    if w_up and width == 1:
         raise ValueError("fused_moe_experts: w_up given for a non-gated activation")
     if len(b_gate) not in (0, E) or len(b_down) not in (0, E) or len(b_up) != (len(w_up) if b_gate else 0):
         raise ValueError(f"fused_moe_experts: inconsistent bias lists: {len(b_gate)} b_gate, {len(b_up)} b_up, "
@@ -518,9 +522,13 @@ def _check_expert_lists(x, w_gate, w_up, w_down, b_gate, b_up, b_down, gated: bo
             raise ValueError(f"fused_moe_experts: the {name} entries differ in shape, dtype or device "
                                  f"(or are not on x's device {x.device})")
     for (a, b), (ta, tb) in ((("w_gate", "w_up"), (w_gate, w_up)), (("b_gate", "b_up"), (b_gate, b_up))):
-        if tb and (ta[0].shape != tb[0].shape or ta[0].dtype != tb[0].dtype):
+        if not tb:
+            continue
+        want = tb[0].shape if width != 3 else torch.Size((2 * tb[0].shape[0],) + tuple(tb[0].shape[1:]))
+        if (ta[0].shape != want or ta[0].dtype != tb[0].dtype):
             raise ValueError(f"fused_moe_experts: {a} {tuple(ta[0].shape)} {ta[0].dtype} and {b} "
-                             f"{tuple(tb[0].shape)} {tb[0].dtype} differ in shape or dtype")
+                             f"{tuple(tb[0].shape)} {tb[0].dtype} differ in shape or dtype"
+                             + (f" (swiglu3: {a} has twice {b}'s rows)" if width == 3 else ""))
 
 
 def _stacked(first, second, dtype, real: bool) -> Optional[Tensor]:
@@ -529,10 +537,12 @@ def _stacked(first, second, dtype, real: bool) -> Optional[Tensor]:
     only, as a zero-stride view (for checks and fake tensors)."""
     if not first:
         return None
-    E, rows = len(first), first[0].shape[0] * (2 if second else 1)
+    E, rows = len(first), first[0].shape[0] + (second[0].shape[0] if second else 0)
     shape = (E, rows) + tuple(first[0].shape[1:])
     if not real:
         return first[0].new_empty((), dtype=dtype).expand(shape)
+    if second and second[0].shape != first[0].shape:  # swiglu3: [x1 | x2] rows above the up rows
+        return torch.stack([torch.cat((f.to(dtype), u.to(dtype))) for f, u in zip(first, second)])
     pieces = [t for pair in zip(first, second) for t in pair] if second else list(first)
     out = first[0].new_empty((len(pieces),) + tuple(first[0].shape), dtype=dtype)
     torch.stack(pieces, 0, out=out)  # [g0, u0, g1, u1, ...]: (E, gate rows then up rows, ...)
@@ -562,7 +572,7 @@ def _experts_weights(x, token_ids, impl, activation, lists, shapes=None):
 def _expert_stacks(x, w_gate, w_up, w_down, b_gate, b_up, b_down, activation, real: bool):
     """Validated (w1, w2, b1, b2) stacks: in x's dtype (``real``), or shape-only views in the
     weights' own dtypes (for ``check_inputs`` and the fake kernels)."""
-    _check_expert_lists(x, w_gate, w_up, w_down, b_gate, b_up, b_down, parse_activation(activation).gated)
+    _check_expert_lists(x, w_gate, w_up, w_down, b_gate, b_up, b_down, parse_activation(activation).width)
 
     def stack(first, second):
         return _stacked(first, second, x.dtype if real else first[0].dtype, real) if first else None
@@ -659,14 +669,13 @@ def _experts_setup_context(ctx, inputs, keyword_only_inputs, output):
     ctx.config = (a["activation"], a["recompute_h"], a["impl"], bool(a["interleaved"]))
 
 
-def _per_expert(stacked: Tensor, halves: bool) -> tuple[list, list]:
+def _per_expert(stacked: Tensor, up: list) -> tuple[list, list]:
     """Per-expert gradients (views) of a stacked (E, rows, ...) gradient: (all rows, []) or, with
-    ``halves``, (gate rows, up rows)."""
-    if not halves:
+    ``up`` the per-expert up weights (or biases), (gate rows, the last ``up[0].shape[0]`` rows)."""
+    if not up:
         return list(stacked.unbind(0)), []
-    E, rows = stacked.shape[:2]
-    v = stacked.view(E, 2, rows // 2, *stacked.shape[2:])
-    return list(v[:, 0].unbind(0)), list(v[:, 1].unbind(0))
+    split = stacked.shape[1] - up[0].shape[0]
+    return list(stacked[:, :split].unbind(0)), list(stacked[:, split:].unbind(0))
 
 
 def _experts_backward(ctx, grad_out, _grad_h, _grad_order):
@@ -681,10 +690,10 @@ def _experts_backward(ctx, grad_out, _grad_h, _grad_order):
     dx, dscores, dw1, dw2, db1, db2 = torch.ops.moe_inductor.fused_moe_experts_backward(
         grad_out, x, token_ids, expert_ids, scores, w_gate, w_up, w_down, b_gate, b_up, b_down, h_sorted, order,
         activation, recompute_h, impl, interleaved)
-    dgate, dup = _per_expert(dw1, bool(w_up))
-    dbg, dbu = _per_expert(db1, bool(b_up)) if b_gate else ([], [])
-    ddown = _per_expert(dw2, False)[0]
-    dbd = _per_expert(db2, False)[0] if b_down else []
+    dgate, dup = _per_expert(dw1, w_up)
+    dbg, dbu = _per_expert(db1, b_up) if b_gate else ([], [])
+    ddown = _per_expert(dw2, [])[0]
+    dbd = _per_expert(db2, [])[0] if b_down else []
     grads = (dx, None, None, dscores, dgate, ddown, dup, dbg, dbu, dbd)  # FUSED_MOE_EXPERTS' order
     return _fit(ctx, grads)
 
