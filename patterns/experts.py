@@ -45,8 +45,8 @@ from moe_inductor.fx.targets import LINEAR_FUNCTIONS, MATMUL_FUNCTIONS, MATMUL_M
 from moe_inductor.recognize.parts import ExpertMLP, IdentityExpert, LowRankWeight, decline, recognise, register
 from moe_inductor.lower.rewrite import gemm_name
 
-from .common import GATED_OF, NO_ACTIVATION, expert_activation, gate_up_halves, unary_activation, with_layout, \
-    zero_offset
+from .common import GATED_OF, NO_ACTIVATION, expert_activation, gate_up_halves, halves, unary_activation, \
+    with_layout, zero_offset
 
 _LINEAR = LINEAR_FUNCTIONS
 
@@ -382,6 +382,15 @@ def walk_mlp(out, proj, part: str, gemm: str, check=None, more_activations: bool
                                           b_gate=g[3], b_down=down[3], gemm=gemm, interleaved=bool(interleaved)),
                                 transposed)
         _decline_scaled_hidden(mid, part)
+        found = three_factors(mid, proj, part, check)
+        if found is not None:
+            g, u = found
+            need((g[3] is None) == (u[3] is None), f"{mid.name}: the x1/x2 and up projections differ in having a "
+                                                   "bias", part=part)
+            transposed.update(gate=g[2], up=u[2])
+            return _with_layout(ExpertMLP(input=g[0], output=out, activation="swiglu3", gate=g[1], up=u[1],
+                                          down=down[1], b_gate=g[3], b_up=u[3], b_down=down[3], gemm=gemm),
+                                transposed)
         _decline_three_factors(mid, part)
         # an activation that was recognised in shape but not proven (a near miss) keeps its own reason
         detail = f": {why}" if why and why != NO_ACTIVATION else ""
@@ -437,18 +446,56 @@ def _mul_leaves(node, out: list) -> None:
     out.append(node)
 
 
+def three_factors(mid: fx.Node, proj, part: str, check=None) -> Optional[tuple]:
+    """(g, u): the projections of three-factor experts ``mid = x1 * silu(x2) * up`` (activation
+    "swiglu3"; OpenMoE's ``swiglu_act_fn(gate(z)) * up(z)``), the factors multiplied in any order and
+    grouping: x1 and x2 the first and second halves of the last axis of one projection g(z)
+    (``common.halves``: chunk, split, slices), up a projection u(z) of the same rows. Every factor has
+    ``mid``'s shape and dtype (no broadcast, no promotion), so each element of ``mid`` is the product of
+    its three factors, which the op computes from H = [g(z) | u(z)]. None when ``mid`` is not a product
+    of three factors one of which is an activation; a decline naming the part when it is, unproven."""
+    leaves: list = []
+    _mul_leaves(mid, leaves)
+    acts = [n for n in leaves if isinstance(n, fx.Node) and unary_activation(n)[0] is not None]
+    if len(leaves) != 3 or len(acts) != 1:
+        return None
+    name, x2 = unary_activation(acts[0])
+    need(name == "silu", f"{acts[0].name}: three-factor experts with activation {name}: the fused op has x1 * "
+                         "silu(x2) * up only (swiglu3)", part=part)
+    others = [n for n in leaves if n is not acts[0]]
+    for n in leaves:
+        need(safety.same_shape(n, mid) and dtype_of(n) == dtype_of(mid),
+             f"{n.name}: a factor of {mid.name} differs from the product in shape or dtype (broadcast or type "
+             "promotion)", part=part)
+        if check is not None:
+            check(n)
+    for x1, up in (others, others[::-1]):
+        h = halves(x1, x2)
+        if h is None or h[1]:
+            continue
+        g, u = proj(safety.strip_identity(h[0])), proj(zero_offset(safety.strip_identity(up)))
+        need(g is not None, f"{h[0].name}: the tensor split into x1 and x2 is not a projection", part=part)
+        need(u is not None, f"{up.name}: the third factor of {mid.name} is not a projection", part=part)
+        need(safety.equivalent(g[0], u[0]), f"{mid.name}: x1/x2 project {g[0].name}, up projects {u[0].name}: "
+                                           "different rows", part=part)
+        return g, u
+    decline(part, f"{mid.name} at {_line_of(mid)}: three factors ({', '.join(n.name for n in leaves)}) but x1 "
+                  f"and x2 = the input of {acts[0].name} are not the first and second halves (concatenated) of "
+                  "one projection")
+
+
 def _decline_three_factors(mid: fx.Node, part: str) -> None:
     """Decline, naming the line, when the down projection's input is a product of three or more tensors
-    one of which is an activation (OpenMoE's ``swiglu_act_fn(gate(x)) * up(x)``: x1 * silu(x2) * up with x1,
-    x2 the halves of one projection): the fused op's gated activations multiply two factors."""
+    one of which is an activation and ``three_factors`` did not read it (more factors, or more than one
+    activation): the fused op's activations multiply two factors, or exactly x1 * silu(x2) * up."""
     leaves: list = []
     _mul_leaves(mid, leaves)
     acts = [n for n in leaves if unary_activation(n)[0] is not None]
     if len(leaves) >= 3 and acts:
         decline(part, f"{mid.name} at {_line_of(mid)}: the hidden rows are a product of {len(leaves)} factors "
                       f"({', '.join(n.name for n in leaves)}), {acts[0].name} an activation: a gated activation "
-                      "of the fused op multiplies two (act(gate) * up); three-factor experts (x1 * act(x2) * up, "
-                      "OpenMoE's swiglu_act_fn(gate(x)) * up(x)) are not an activation it has")
+                      "of the fused op multiplies two (act(gate) * up), or three with one silu (x1 * silu(x2) * "
+                      "up, swiglu3); this product is neither")
 
 
 def _with_layout(m: ExpertMLP, transposed: dict) -> ExpertMLP:

@@ -226,7 +226,7 @@ _SRC = "pingzhili/openmoe-pt hf_openmoe/modeling_hf_openmoe.py HFOpenMoeSparseML
 
 ENTRIES = [
     Idiom("openmoe_sparse_mlp", _SRC + ", training mode (capacity factor 1.25)",
-          seeded(380, lambda: HFOpenMoeSparseMLP(_config())), _x3d, expect="pending", faithful=True,
+          seeded(380, lambda: HFOpenMoeSparseMLP(_config())), _x3d, expect=1, faithful=True,
           other_gemms=1,  # the fp32 gate Linear
           note="gate module re-assigned by .to(float) in forward, int32 one-hots with in-place rank2 += and mask *=, "
                "even-rounded host capacity, no renormalisation, combine weights and a separate bool dispatch mask "
@@ -234,7 +234,7 @@ ENTRIES = [
                "(split halves x1 * silu(x2) * up), ColossalAI MLPExperts transposes and per-expert list + cat"),
     Idiom("openmoe_ffn_sublayers_eval", _SRC + ", the MoE decoder layer's FFN half (RMSNorm, sparse MLP, residual, "
           "RMSNorm, dense extra_mlp, residual), eval mode (capacity factor 2.0)",
-          seeded(381, lambda: HFOpenMoeFFNSublayers(_config()).eval()), _x3d, expect="pending", faithful=True,
+          seeded(381, lambda: HFOpenMoeFFNSublayers(_config()).eval()), _x3d, expect=1, faithful=True,
           other_gemms=4,  # the gate Linear + the dense extra_mlp's three projections
           note="as openmoe_sparse_mlp inside the decoder layer: fp32 RMSNorm prenorm, residual, and the dense "
                "extra_mlp sublayer after the MoE; eval capacity factor 2.0"),
