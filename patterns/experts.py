@@ -481,7 +481,8 @@ def three_factors(mid: fx.Node, proj, part: str, check=None) -> Optional[tuple]:
         return g, u
     decline(part, f"{mid.name} at {_line_of(mid)}: three factors ({', '.join(n.name for n in leaves)}) but x1 "
                   f"and x2 = the input of {acts[0].name} are not the first and second halves (concatenated) of "
-                  "one projection")
+                  "one projection (x1 and x2 from two separate projections are not read: their weights would "
+                  "have to be concatenated)")
 
 
 def _decline_three_factors(mid: fx.Node, part: str) -> None:

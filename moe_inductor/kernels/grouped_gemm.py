@@ -67,6 +67,11 @@ def _cfg(bn, bk, warps, stages):
 # tiles are much smaller; shared memory per stage also doubles.
 #
 # Up-projection (gated: two 128 x BN fp32 accumulators, gate and up, share the gathered X tile).
+# swiglu3 (ACT 9, part of the autotune key so it tunes apart from the two-block kinds) adds a third
+# accumulator and W tile: on sm_90 (triton 3.9, examples/kernel_resources.py --acts swiglu3) its
+# BLOCK_K=128 3-stage config needs 240 KB of shared memory (> 227 KB: the autotuner skips it as
+# OutOfResources) and spills 8 B in one variant, and fp32 64x16 w8 spills 248 B; every other
+# up-projection and dH config fits. Not measured on a GPU.
 # Per stage X (M x BK) and two W tiles (BK x BN): (128*BK + 2*BK*BN) * itemsize.
 # bf16: with 4 warps every config spilled (255 registers; 64x64 w4: 64 B, 64x128 w4: 356 B in the
 # H-recompute variant); BN=128 with 8 warps spilled too (556-588 B). 8 warps and BN=64: 133-215
@@ -175,7 +180,7 @@ GROUP_M = 8
 # ----------------------------------------------------------------------------------------------
 # up-projection
 # ----------------------------------------------------------------------------------------------
-@triton.autotune(configs=_UP_CONFIGS.configs, key=["n_act", "d", "GATED", "BLOCK_M"], prune_configs_by=_UP_CONFIGS.prune_by)
+@triton.autotune(configs=_UP_CONFIGS.configs, key=["n_act", "d", "GATED", "ACT", "BLOCK_M"], prune_configs_by=_UP_CONFIGS.prune_by)
 @triton.jit
 def _up_proj_kernel(
     x_ptr, w1_ptr, b1_ptr, h_ptr, a_ptr,
@@ -388,7 +393,7 @@ def sorted_gemm(
 # ----------------------------------------------------------------------------------------------
 # dH kernel (backward of the down-projection and of the activation)
 # ----------------------------------------------------------------------------------------------
-@triton.autotune(configs=_DH_CONFIGS.configs, key=["n_act", "d", "GATED", "BLOCK_M"], prune_configs_by=_DH_CONFIGS.prune_by)
+@triton.autotune(configs=_DH_CONFIGS.configs, key=["n_act", "d", "GATED", "ACT", "BLOCK_M"], prune_configs_by=_DH_CONFIGS.prune_by)
 @triton.jit
 def _dh_kernel(
     dout_ptr, w2_ptr, h_ptr, b2_ptr, s_sorted_ptr,
