@@ -1818,8 +1818,8 @@ def _upstream(roots, stop: set, own: Optional[set] = None) -> list:
     return seen
 
 
-#: activations with act(0) == 0 (plain) or gated ones (act(gate) * up, up(0) == 0): an expert without
-#: biases then maps 0 to 0
+#: activations with act(0) == 0 (plain), gated ones (act(gate) * up, up(0) == 0) and swiglu3 (x1 * silu(x2) * up,
+#: up(0) == 0): an expert without biases then maps 0 to 0
 _ZERO_AT_ZERO = {"silu", "relu", "gelu", "gelu_tanh", "swiglu3"} | set(GATED_OF.values()) | \
     {g + "+up_first" for g in GATED_OF.values()}
 

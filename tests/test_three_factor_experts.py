@@ -97,8 +97,12 @@ def _rewritten(cands):
     assert cands and all(c.status == "rewritten" for c in cands), _statuses(cands)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("form, bias", [("split", False), ("chunk_reordered", True), ("slices", False)])
+@pytest.mark.parametrize("form, bias, dtype", [
+    pytest.param("split", False, torch.float32, id="split-fp32"),
+    pytest.param("split", False, torch.bfloat16, id="split-bf16"),
+    pytest.param("chunk_reordered", True, torch.float32, id="chunk_reordered-bias-fp32"),
+    pytest.param("chunk_reordered", True, torch.bfloat16, id="chunk_reordered-bias-bf16"),
+    pytest.param("slices", False, torch.float32, id="slices-fp32")])
 def test_loop_of_three_factor_experts_rewritten(form, bias, dtype):
     torch.manual_seed(0)
     _rewritten(rewrite_and_compare(LoopTriple(form, bias, dtype=dtype), d, tol=_tol(dtype)))
@@ -112,6 +116,34 @@ def test_openmoe_slots_three_factor_experts_rewritten(dtype):
     torch.manual_seed(0)
     _rewritten(rewrite_and_compare(OpenMoeSlots(("colossal",), "triple", dtype=dtype), d, lengths=(8, 12),
                                    tol=_tol(dtype)))
+
+
+class DenseSlotsTriple(nn.Module):
+    """Every token in every expert's slots, inputs scaled by a dense (T, E) score matrix that is 0 off the
+    top-k, outputs summed over the experts (transformers 5.x ``Llama4TextMoe`` written out), stacked
+    three-factor experts: the dense dispatch drops the unselected (expert, token) pairs only because
+    x1 * silu(x2) * up maps 0 to 0 (no biases)."""
+
+    def __init__(self):
+        super().__init__()
+        self.router = nn.Linear(d, E, bias=False)
+        self.gate_proj = nn.Parameter(torch.randn(E, d, 2 * n) / d**0.5)
+        self.up_proj = nn.Parameter(torch.randn(E, d, n) / d**0.5)
+        self.down_proj = nn.Parameter(torch.randn(E, n, d) / n**0.5)
+
+    def forward(self, x):
+        logits = self.router(x)
+        top_v, top_i = torch.topk(logits, K, dim=1)
+        R = torch.zeros_like(logits).scatter(dim=1, index=top_i, src=F.softmax(top_v, dim=-1))
+        routed_in = (x.repeat(E, 1) * R.transpose(0, 1).reshape(-1, 1)).view(E, -1, d)
+        x1, x2 = torch.bmm(routed_in, self.gate_proj).chunk(2, dim=-1)
+        hid = x1 * F.silu(x2) * torch.bmm(routed_in, self.up_proj)
+        return torch.bmm(hid, self.down_proj).view(-1, d).reshape(E, -1, d).sum(dim=0)
+
+
+def test_dense_slots_three_factor_experts_rewritten():
+    torch.manual_seed(0)
+    _rewritten(rewrite_and_compare(DenseSlotsTriple(), d))
 
 
 def test_the_recognised_activation_is_swiglu3():
