@@ -2,7 +2,7 @@
 ``swiglu_act_fn`` splits gate's 2n columns into x1, x2 and returns ``x1 * silu(x2)``: the hidden rows are
 ``x1 * silu(x2) * up``, three projections of the same rows.
 
-The fused op's activation ``"swiglu3"`` (``moe_inductor.activations``) takes H = [x1 | x2 | up] (3n
+The fused op's activation ``"swiglu3"`` (``moe_inductor.ops.activations``) takes H = [x1 | x2 | up] (3n
 columns): the first projection's weight is gate's (2n, d) rows with up's (n, d) below them, as for a gated
 kind with separate weights (the per-expert lists need no copy; stacked weights a ``cat`` autograd
 differentiates). ``patterns.experts.three_factors`` reads the product in any order and grouping, x1 / x2
@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from moe_inductor.activations import act_backward, act_forward, parse_activation
+from moe_inductor.ops.activations import act_backward, act_forward, parse_activation
 from rewrite_check import rewrite_and_compare
 
 E, K, d, n = 4, 2, 16, 8
@@ -147,9 +147,9 @@ def test_dense_slots_three_factor_experts_rewritten():
 
 
 def test_the_recognised_activation_is_swiglu3():
-    from moe_inductor.backend import rewrite_moe
-    from moe_inductor.dynamo_scope import mark_sonic, throwaway_trace
-    from moe_inductor.options import SonicOptions
+    from moe_inductor.compile.backend import rewrite_moe
+    from moe_inductor.dynamo.dynamo_scope import mark_sonic, throwaway_trace
+    from moe_inductor.compile.options import SonicOptions
 
     torch.manual_seed(0)
     specs = []
@@ -241,7 +241,7 @@ def _grads(out, inputs, g):
 @pytest.mark.parametrize("impl", ["torch", "triton"])
 @pytest.mark.parametrize("stacked", [False, True], ids=["lists", "stacked"])
 def test_op_matches_a_float64_loop(stacked, impl, monkeypatch):
-    from moe_inductor.op import fused_moe, fused_moe_experts
+    from moe_inductor.ops.op import fused_moe, fused_moe_experts
 
     if impl == "triton":
         pytest.importorskip("triton")
@@ -275,7 +275,7 @@ def test_op_matches_a_float64_loop(stacked, impl, monkeypatch):
 
 
 def test_op_rejects_a_first_projection_of_another_width():
-    from moe_inductor.op import fused_moe, fused_moe_experts
+    from moe_inductor.ops.op import fused_moe, fused_moe_experts
 
     x, tok, ex, sc, wg, wu, wd = _case(torch.float32, requires_grad=False)
     w1 = torch.stack(wg)  # 2n rows: the up rows are missing
