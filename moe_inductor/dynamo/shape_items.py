@@ -304,6 +304,14 @@ def _targets() -> list:
     return out if all(callable(c.__dict__.get(a)) for c, a, _ in out) else []
 
 
+def _uniform_branches(on: bool) -> None:
+    """Dynamo's branches on a tensor proved to hold one constant (``moe_inductor.uniform_values``:
+    fairseq's ``if input_mask.any():`` on an all-False padding mask) taken at trace time, while installed."""
+    from . import uniform_values
+
+    uniform_values.install() if on else uniform_values.remove()
+
+
 def enter(in_sonic_frame) -> bool:
     """Install the trace-time ``.item()`` and bincount lengths for the sonic frame being traced
     (``in_sonic_frame()``: whether the innermost frame being traced is sonic's); returns whether it
@@ -318,6 +326,7 @@ def enter(in_sonic_frame) -> bool:
             for cls, attr, replacement in targets:
                 _originals[attr] = cls.__dict__[attr]
                 setattr(cls, attr, replacement)
+            _uniform_branches(True)
         _depth += 1
     return True
 
@@ -331,3 +340,4 @@ def leave() -> None:
         if _depth == 0:
             for cls, attr, _ in _targets():
                 setattr(cls, attr, _originals.pop(attr))
+            _uniform_branches(False)

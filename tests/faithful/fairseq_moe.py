@@ -606,15 +606,12 @@ ENTRIES = [
                "after dropping, combine by bmm outer products, dispatch/combine by mm on permuted views, "
                "metadata dict (entropy, overflow, histc, sort) stored as self.metadata, fp32 gelu cast back"),
     Idiom("fairseq_moe_top1", _SRC.format(gate="fairseq/modules/moe/top1gate.py Top1Gate + top1gating"),
-          seeded(361, lambda: build(top1=True)), _x3d, expect="pending", faithful=True,
-          # pending: top1gating's `if input_mask is not None and input_mask.any():` is a host read of the
-          # padding mask inside the gate, a Dynamo graph break: MOELayer's graph resumes after the gate call
-          # and gets the combine weights and the dispatch mask as graph inputs, so that the dispatch is the
-          # nonzero pattern of the combine weights cannot be proved there (declined: "the dispatch tensor ...
-          # is an input of this graph"). The fairseq spellings top2 needs are accepted
-          # (patterns/expert_slots.py); the break is Dynamo-level, not a recogniser's
+          seeded(361, lambda: build(top1=True)), _x3d, expect=1, faithful=True,
+          # top1gating's `if input_mask is not None and input_mask.any():` branches on the padding mask MOELayer
+          # builds as ones((n,)) with [:n] = False: proved all False for every n (moe_inductor.uniform_values),
+          # so the branch is taken at trace time in sonic frames, without a graph break
           fullgraph=False,  # .item() in MOELayer's padding and input_mask.any() in top1gating
-          other_gemms=2,  # router linear + the bmm outer product that builds the combine tensor
+          other_gemms=1,  # router linear (the bmm outer product of the combine tensor is read as a product)
           note="as fairseq_moe_top2 with top1gating: capacity int(1.0 * ceil(S/E)), the padding mask applied "
                "only if input_mask.any() (a host read), no renormalisation, one bmm outer product"),
 ]
