@@ -45,7 +45,7 @@ import torch.fx as fx
 from .fx.aliasing import aliases, is_view_of
 from .fx.nodes import is_mutation, node_order
 from .fx.shapes import example_value
-from .fx.targets import CAST_METHODS
+from .fx.targets import CAST_METHODS, INPLACE_FLAG_FUNCTIONS
 
 log = logging.getLogger("moe_inductor")
 
@@ -105,13 +105,29 @@ def _scalar(v):
     raise NotUniform(f"{v!r} is not a constant")
 
 
+def _defined_cast(fill: torch.Tensor, dtype: torch.dtype) -> None:
+    """A float converted to an integer type is defined (the same on every device) only when finite and
+    in the type's range."""
+    if fill.is_floating_point() and not (dtype.is_floating_point or dtype.is_complex or dtype == torch.bool):
+        v, info = float(fill.reshape(-1)[0]), torch.iinfo(dtype)
+        if not (info.min <= v <= info.max):
+            raise NotUniform(f"the constant {v} has no defined value as {dtype}")
+
+
 def _one(fake: torch.Tensor, fill) -> torch.Tensor:
-    """The one-element stand-in of ``fake`` holding ``fill`` (0-dim when ``fake`` is)."""
+    """The one-element stand-in of ``fake`` holding ``fill`` (0-dim when ``fake`` is), converted as
+    ``copy_``/``fill_`` convert."""
     from torch._subclasses.fake_tensor import unset_fake_temporarily
 
     with unset_fake_temporarily():
-        out = torch.empty(() if fake.dim() == 0 else (1,), dtype=fake.dtype)
-        return out.copy_(fill.reshape(out.shape)) if isinstance(fill, torch.Tensor) else out.fill_(fill)
+        try:
+            out = torch.empty(() if fake.dim() == 0 else (1,), dtype=fake.dtype)
+            if not isinstance(fill, torch.Tensor):
+                return out.fill_(fill)
+            _defined_cast(fill, fake.dtype)
+            return out.copy_(fill.reshape(out.shape))
+        except (RuntimeError, TypeError, OverflowError) as e:  # as eager would fail: not answered
+            raise NotUniform(f"the constant {fill} does not convert to {fake.dtype}: {e}") from None
 
 
 def _compute(fn, node, *operands) -> torch.Tensor:
@@ -119,7 +135,10 @@ def _compute(fn, node, *operands) -> torch.Tensor:
     from torch._subclasses.fake_tensor import unset_fake_temporarily
 
     with unset_fake_temporarily():
-        out = fn(*operands)
+        try:
+            out = fn(*operands)
+        except (RuntimeError, TypeError) as e:
+            raise NotUniform(f"{_describe(node)} fails on its constants: {e}") from None
     if out.dtype != _fake(node).dtype:
         raise NotUniform(f"{_describe(node)}: its dtype is not the one computed on one element")
     return _one(_fake(node), out)
@@ -213,9 +232,26 @@ def _covers(key, fake: torch.Tensor) -> bool:
     return True
 
 
+def _schema_writes(user: fx.Node, alias: fx.Node) -> bool:
+    """An aten/custom op whose schema (any overload's) writes an argument that ``alias`` is."""
+    t = user.target
+    if isinstance(t, torch._ops.OpOverloadPacket):
+        schemas = [getattr(t, o)._schema for o in t.overloads()]
+    else:
+        schemas = [t._schema] if isinstance(t, torch._ops.OpOverload) else []
+    for schema in schemas:
+        given = list(zip(schema.arguments, user.args)) + [(a, user.kwargs[a.name]) for a in schema.arguments
+                                                           if a.name in user.kwargs]
+        if any(v is alias and a.alias_info is not None and a.alias_info.is_write for a, v in given):
+            return True
+    return False
+
+
 def _may_write(user: fx.Node, alias: fx.Node) -> bool:
-    """``user`` may write into ``alias`` (an in-place op, ``out=``, a module or higher-order op call)."""
-    if user.op == "call_module" or isinstance(user.target, torch._ops.HigherOrderOperator):
+    """``user`` may write into ``alias`` (an in-place op, ``out=``, an ``inplace=`` flag, a module or
+    higher-order op call, an op whose schema writes it)."""
+    if user.op == "call_module" or isinstance(user.target, torch._ops.HigherOrderOperator) \
+            or user.target in INPLACE_FLAG_FUNCTIONS or _schema_writes(user, alias):
         return True
     outs: list = []
     fx.node.map_arg(user.kwargs.get("out"), outs.append)
@@ -229,7 +265,7 @@ def _written(node: fx.Node, rep: torch.Tensor, write: fx.Node, depth: int) -> to
     """The stand-in after ``write``, a constant write over the whole of ``node``, else raise."""
     fake, t, args = _fake(node), write.target, write.args
     if args[0] is not node:
-        raise NotUniform(f"{_describe(write)} writes {node.name} through a view")
+        raise NotUniform(f"{_describe(write)} writes {node.name} through a view or an in-place op's result")
     if t is operator.setitem and len(args) == 3 and not write.kwargs:
         if not _covers(args[1], fake):
             raise NotUniform(f"{_describe(write)} writes a part of {node.name} not proved to be all of it")
@@ -242,6 +278,17 @@ def _written(node: fx.Node, rep: torch.Tensor, write: fx.Node, depth: int) -> to
     if isinstance(value, fx.Node) and isinstance(example_value(value), torch.Tensor):
         value = _value_at(value, write, depth + 1)
     return _one(fake, value if isinstance(value, torch.Tensor) else _scalar(value))
+
+
+def _sharing(node: fx.Node) -> set:
+    """``node``'s aliases (``fx.aliasing.aliases``) and the results of in-place ops on any of them
+    (each is its receiver: ``m.fill_(0)[0] = 1`` writes ``m``), and their aliases, to a fixed point."""
+    found, stack = set(), [node]
+    while stack:
+        for a in aliases(stack.pop()) - found:
+            found.add(a)
+            stack += [u for u in a.users if is_mutation(u, a) and u not in found]
+    return found
 
 
 def _value_at(node, at, depth: int = 0) -> torch.Tensor:
@@ -260,7 +307,7 @@ def _value_at(node, at, depth: int = 0) -> torch.Tensor:
     rep = _produced(node, depth)
     order = node_order(node.graph)
     lo, hi = order[node], order[at] if at is not None else len(order)
-    writes = {u for a in aliases(node) for u in a.users if lo < order[u] < hi and _may_write(u, a)}
+    writes = {u for a in _sharing(node) for u in a.users if lo < order[u] < hi and _may_write(u, a)}
     for w in sorted(writes, key=order.__getitem__):
         rep = _written(node, rep, w, depth)
     return rep
@@ -297,7 +344,7 @@ def _branch_constant(tx, value):
 
     from . import shape_items
 
-    if not isinstance(value, TensorVariable) or getattr(tx, "export", False) or not shape_items._sonic_frame():
+    if type(value) is not TensorVariable or getattr(tx, "export", False) or not shape_items._sonic_frame():
         return None
     try:
         found = truth(value.as_proxy().node)
@@ -346,14 +393,17 @@ def install() -> None:
             table = list(cls.__dict__["dispatch_table"])
             if any(table[c] is None for c in codes):
                 continue
-            _tables[cls] = cls.__dict__["dispatch_table"]
+            _tables[cls] = (cls.__dict__["dispatch_table"], table)
             for c in codes:
                 table[c] = _jump(table[c])
             cls.dispatch_table = table
 
 
 def remove() -> None:
+    """Give each translator class its own dispatch table back (unless another hook replaced ours since:
+    then ours stays, still acting only in sonic frames, rather than dropping theirs)."""
     with _lock:
-        for cls, table in _tables.items():
-            cls.dispatch_table = table
+        for cls, (original, ours) in _tables.items():
+            if cls.__dict__.get("dispatch_table") is ours:
+                cls.dispatch_table = original
         _tables.clear()

@@ -4,7 +4,8 @@ time in sonic frames: fairseq's ``top1gating`` ``if input_mask.any():`` on ``MOE
 rewritten from the first call (one graph, output and every gradient equal to eager, fp32 and bf16);
 look-alikes whose branch is not decided by the graph keep Dynamo's graph break and eager's outcome:
 a write that may not cover the mask (``[:n - 1]``), a mask from the input, a second writer, ``all()``
-of a possibly empty tensor (the block after the break may still be rewritten there, as any graph's). Plain Inductor is unchanged.
+of a possibly empty tensor (the block after the break may still be rewritten there, as any graph's).
+Plain Inductor is unchanged.
 """
 from __future__ import annotations
 
@@ -150,8 +151,11 @@ def _cases(x):
     late = torch.zeros((s,), dtype=torch.bool)
     late_any = late.any()
     late[:s] = True  # after the reduction: not part of its value
-    return (m.any(), (~m).all(), m.logical_not().float().sum(), t.any(), (t == 0).all(), half.any(),
-            viewed.any(), empty.all(), empty.any(), late_any, torch.rand(s).any(), (m | True).all(), x.bool().any())
+    chained = torch.zeros((s,), dtype=torch.bool)
+    chained.fill_(False)[0] = True  # written again through the in-place op's result
+    return (chained.any(), torch.full((s,), 1e20).long().any(), m.any(), (~m).all(), m.logical_not().float().sum(),
+            t.any(), (t == 0).all(), half.any(), viewed.any(), empty.all(), empty.any(), late_any,
+            torch.rand(s).any(), (m | True).all(), x.bool().any())
 
 
 def test_uniform_values_on_graphs():
@@ -162,6 +166,8 @@ def test_uniform_values_on_graphs():
             got.append(uniform_values.truth(node))
         except uniform_values.NotUniform as e:
             got.append(str(e))
+    assert "through a view or an in-place op's result" in got.pop(0)
+    assert "no defined value as torch.int64" in got.pop(0)  # a float out of range cast to an integer
     assert got[:5] == [False, True, got[2], False, True], got
     assert "is not an op whose result is proved uniform" in got[2]  # sum: not an op of the evaluation
     assert "not proved to be all of it" in got[5]
@@ -192,4 +198,6 @@ def test_plain_inductor_keeps_the_graph_break():
     assert counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])  # the break at the branch
     from torch._dynamo.symbolic_convert import InstructionTranslator
 
-    assert InstructionTranslator not in uniform_values._tables  # nothing left installed
+    assert InstructionTranslator not in uniform_values._tables  # nothing left installed after sonic frames
+    ours = [f for f in InstructionTranslator.dispatch_table if getattr(f, "__qualname__", "") == "_jump.<locals>.jump"]
+    assert not ours

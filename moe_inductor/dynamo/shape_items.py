@@ -338,6 +338,6 @@ def leave() -> None:
             return
         _depth -= 1
         if _depth == 0:
+            _uniform_branches(False)  # installed last: removed first
             for cls, attr, _ in _targets():
                 setattr(cls, attr, _originals.pop(attr))
-            _uniform_branches(False)
