@@ -1,4 +1,4 @@
-"""Branches on tensors proved to hold one constant (``moe_inductor.uniform_values``), taken at trace
+"""Branches on tensors proved to hold one constant (``moe_inductor.dynamo.uniform_values``), taken at trace
 time in sonic frames: fairseq's ``top1gating`` ``if input_mask.any():`` on ``MOELayer``'s padding mask
 ``ones((n,), bool)`` with ``[:n] = False`` (all False for every n). The MoE block after such a branch is
 rewritten from the first call (one graph, output and every gradient equal to eager, fp32 and bf16);
@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as Fn
 
-from moe_inductor import shape_items, uniform_values
+from moe_inductor.dynamo import shape_items, uniform_values
 from moe_inductor.fx.shapes import example_value
 from rewrite_check import light_backend, rewrite_and_compare
 

@@ -305,7 +305,7 @@ def _targets() -> list:
 
 
 def _uniform_branches(on: bool) -> None:
-    """Dynamo's branches on a tensor proved to hold one constant (``moe_inductor.uniform_values``:
+    """Dynamo's branches on a tensor proved to hold one constant (``moe_inductor.dynamo.uniform_values``:
     fairseq's ``if input_mask.any():`` on an all-False padding mask) taken at trace time, while installed."""
     from . import uniform_values
 

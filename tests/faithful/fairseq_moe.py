@@ -608,7 +608,7 @@ ENTRIES = [
     Idiom("fairseq_moe_top1", _SRC.format(gate="fairseq/modules/moe/top1gate.py Top1Gate + top1gating"),
           seeded(361, lambda: build(top1=True)), _x3d, expect=1, faithful=True,
           # top1gating's `if input_mask is not None and input_mask.any():` branches on the padding mask MOELayer
-          # builds as ones((n,)) with [:n] = False: proved all False for every n (moe_inductor.uniform_values),
+          # builds as ones((n,)) with [:n] = False: proved all False for every n (moe_inductor.dynamo.uniform_values),
           # so the branch is taken at trace time in sonic frames, without a graph break
           fullgraph=False,  # .item() in MOELayer's padding and input_mask.any() in top1gating
           other_gemms=1,  # router linear (the bmm outer product of the combine tensor is read as a product)

@@ -42,10 +42,10 @@ import threading
 import torch
 import torch.fx as fx
 
-from .fx.aliasing import aliases, is_view_of
-from .fx.nodes import is_mutation, node_order
-from .fx.shapes import example_value
-from .fx.targets import CAST_METHODS, INPLACE_FLAG_FUNCTIONS
+from moe_inductor.fx.aliasing import aliases, is_view_of
+from moe_inductor.fx.nodes import is_mutation, node_order
+from moe_inductor.fx.shapes import example_value
+from moe_inductor.fx.targets import CAST_METHODS, INPLACE_FLAG_FUNCTIONS
 
 log = logging.getLogger("moe_inductor")
 
@@ -342,7 +342,7 @@ def _branch_constant(tx, value):
     from torch._dynamo.variables import ConstantVariable
     from torch._dynamo.variables.tensor import TensorVariable
 
-    from . import shape_items
+    from moe_inductor.dynamo import shape_items
 
     if type(value) is not TensorVariable or getattr(tx, "export", False) or not shape_items._sonic_frame():
         return None
