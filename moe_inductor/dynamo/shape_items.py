@@ -25,12 +25,24 @@ exactly M, which eager computes too; Dynamo only knows ``len >= M`` (an unbacked
 ``.tolist()`` of the counts (LLaMA-MoE's split sizes) fails to trace. In sonic frames the length is
 told to Dynamo's shape environment (``torch._check(len == M)``, kept as a runtime assert that the
 proof says always holds), so the counts are M symbolic sizes ``moe_inductor.dynamo.host_splits`` reads.
+
+The same values are answered where Python reads a tensor otherwise, in sonic frames only: a branch
+on it (``if capacity < min_capacity:``, ``if t:``: Dynamo's conditional jumps, wrapped in each
+instruction translator's dispatch table while installed, get the truth as a constant, a symbolic
+one guarded as Dynamo guards ``if size < 4``), ``__index__``/``int()``, and an argument that every
+overload of a torch op takes as an ``int`` (``topk(k=t)``, ``one_hot(num_classes=t)``: torch reads
+it by ``__index__`` there; nowhere else is a tensor argument replaced, since type promotion of a 0-d
+tensor and of a Python number differ). Values with floats (DeepSpeed's ``ceil((S / E) *
+torch.tensor(factor))``) are folded by ``moe_inductor.trace_values``, exactly as eager computes
+them, with the sizes involved specialized (its docstring says why). Anything not proved keeps
+Dynamo's graph break, ``reasons()`` saying which producer stopped the proof.
 """
 from __future__ import annotations
 
 import logging
 import operator
 import threading
+import types
 
 import torch
 
@@ -160,24 +172,66 @@ def reasons(since: int = 0) -> list:
         return [(where, why) for seq, where, why in _reasons if seq > since]
 
 
-def _answer(tx, tensor_var):
-    """A VariableTracker holding the value of ``tensor_var.item()``, or None (left to Dynamo)."""
+def _answer(tx, tensor_var, kind: str = "item"):
+    """A VariableTracker holding the value of ``tensor_var.item()`` (``kind`` "item"), of its
+    ``__index__``/``int()`` ("index", "int") or of its truth ("bool"), or None (left to Dynamo)."""
     from torch._dynamo.variables import ConstantVariable
     from torch._dynamo.variables.tensor import SymNodeVariable
 
     if getattr(tx, "export", False) or not _sonic_frame():
         return None
+    node = tensor_var.as_proxy().node
     try:
-        value, recipe = evaluate(tensor_var.as_proxy().node)
+        if kind == "bool":
+            return ConstantVariable.create(bool(_symbolic_truth(node)))  # bool() guards a symbolic truth
+        value, recipe = evaluate(node)
     except NotShapeOnly as e:
-        note(where(tx), str(e))
-        return None
+        return _folded(tx, node, kind, str(e))
     if isinstance(recipe, int):
         log.debug("sonic: .item() at %s read at trace time: %s", where(tx), recipe)
         return ConstantVariable.create(recipe)
     proxy = recipe_proxy(tx, recipe)
     log.debug("sonic: .item() at %s read at trace time as the size %s", where(tx), value)
     return SymNodeVariable.create(tx, proxy, value)
+
+
+_COMPARE = {operator.lt: operator.lt, operator.le: operator.le, operator.gt: operator.gt, operator.ge: operator.ge,
+            operator.eq: operator.eq, operator.ne: operator.ne, torch.lt: operator.lt, torch.le: operator.le,
+            torch.gt: operator.gt, torch.ge: operator.ge, torch.eq: operator.eq, torch.ne: operator.ne,
+            "lt": operator.lt, "le": operator.le, "gt": operator.gt, "ge": operator.ge, "eq": operator.eq,
+            "ne": operator.ne, "__lt__": operator.lt, "__le__": operator.le, "__gt__": operator.gt,
+            "__ge__": operator.ge, "__eq__": operator.eq, "__ne__": operator.ne}
+
+
+def _symbolic_truth(node):
+    """The truth of a one-element tensor from the integer path: a comparison of two size-only int64
+    values (a SymBool when symbolic) or ``value != 0``. Raises NotShapeOnly."""
+    v = node.meta.get("example_value")
+    if isinstance(v, torch.Tensor) and v.dtype == torch.bool and v.numel() == 1 and node.op in (
+            "call_function", "call_method") and node.target in _COMPARE and len(node.args) == 2 and not node.kwargs:
+        a, b = (_scalar(x, 0)[0] for x in node.args)
+        return _COMPARE[node.target](a, b)
+    return evaluate(node)[0] != 0
+
+
+def _folded(tx, node, kind: str, int_reason: str):
+    """The answer from ``trace_values.fold`` (floats included; symbolic sizes specialized), or None."""
+    from torch._dynamo.variables import ConstantVariable
+
+    from . import trace_values
+
+    try:
+        value, sizes = trace_values.fold(node)
+        if kind in ("index", "int") and (value.is_floating_point() if kind == "index" else False):
+            raise trace_values.NotFoldable(f"`{_describe(node)}` is a float: not an index")
+    except trace_values.NotFoldable as e:
+        note(where(tx), f"{int_reason}; {e}")
+        return None
+    trace_values.specialize(sizes)
+    out = bool(value.item()) if kind == "bool" else int(value.item()) if kind in ("index", "int") else value.item()
+    log.debug("sonic: %s of `%s` at %s folded at trace time: %s (sizes %s specialized)", kind, _describe(node),
+              where(tx), out, sizes)
+    return ConstantVariable.create(out)
 
 
 #: whether the innermost frame Dynamo is tracing is a sonic one (given by ``enter``: dynamo_scope
@@ -257,10 +311,34 @@ def _pin_bincount(tx, out, ids, kwargs) -> None:
 
 
 def _tensor_call_method(self, tx, name, args, kwargs):
+    if _sonic_frame() and isinstance(getattr(torch.Tensor, str(name), None), types.MethodDescriptorType):
+        args, kwargs = _int_arguments(tx, name, True, args, kwargs)  # a C method: parsed by the op's schema
     out = _originals["call_method"](self, tx, name, args, kwargs)
     if name == "bincount" and not args and _sonic_frame():
         _pin_bincount(tx, out, self, kwargs)
     return out
+
+
+def _int_arguments(tx, name, method: bool, args, kwargs):
+    """``args``/``kwargs`` with each size-only tensor that torch reads as an int (``topk(k=t)``,
+    ``one_hot(num_classes=t)``: every overload of the op takes an int there, so torch calls
+    ``__index__``) replaced by its value, read at trace time (``_answer``)."""
+    from torch._dynamo.variables.tensor import TensorVariable
+
+    from . import trace_values
+
+    if not isinstance(name, str) or not any(isinstance(a, TensorVariable) for a in (*args, *kwargs.values())):
+        return args, kwargs
+    try:
+        positions, names = trace_values.int_params(name, method)
+        swap = lambda i, a: _answer(tx, a, "index") if isinstance(a, TensorVariable) and i in positions else None
+        new_args = [swap(i, a) or a for i, a in enumerate(args)]
+        new_kwargs = {k: (_answer(tx, a, "index") if isinstance(a, TensorVariable) and k in names else None) or a
+                      for k, a in kwargs.items()}
+        return new_args, new_kwargs
+    except Exception as e:  # never fail a compile over this: Dynamo's own handling follows
+        log.debug("sonic: int arguments of %s not read: %s", name, e)
+        return args, kwargs
 
 
 def _torch_call_function(self, tx, args, kwargs):
@@ -274,6 +352,10 @@ def _torch_call_function(self, tx, args, kwargs):
             kwargs = dropped or kwargs
         except Exception as e:  # never fail a compile over this: Dynamo's own handling follows
             log.debug("sonic: requires_grad creation check failed: %s", e)
+    if _sonic_frame():
+        fn = getattr(self, "value", None)
+        if isinstance(fn, types.BuiltinFunctionType):  # a C binding: its arguments parsed by the op's schema
+            args, kwargs = _int_arguments(tx, fn.__name__, False, args, kwargs)
     out = _originals["call_function"](self, tx, args, kwargs)
     if getattr(self, "value", None) is torch.bincount and len(args) == 1 and _sonic_frame():
         _pin_bincount(tx, out, args[0], kwargs)
@@ -292,6 +374,47 @@ def _method_item(self, tx, *args, **kwargs):
     return _originals["method_item"](self, tx, *args, **kwargs)
 
 
+def _converter(kind: str):
+    """``TensorVariable.nb_index_impl`` / ``nb_int_impl`` answered at trace time when proved."""
+    attr = f"nb_{kind}_impl"
+
+    def convert(self, tx):
+        try:
+            found = _answer(tx, self, kind)
+        except Exception as e:  # never fail a compile over this: Dynamo's own handling follows
+            log.debug("sonic: trace-time %s failed: %s", attr, e)
+            found = None
+        return found if found is not None else _originals[attr](self, tx)
+
+    return attr, convert
+
+
+def _jump(original):
+    """Dynamo's conditional jump ``original`` with a one-element tensor on the stack answered at trace time
+    (its truth read when proved, then Dynamo's own jump on that constant)."""
+
+    def jump(self, inst):
+        from torch._dynamo.variables.tensor import TensorVariable
+
+        value = self.stack[-1] if self.stack else None
+        if isinstance(value, TensorVariable) and _sonic_frame():
+            try:
+                found = _answer(self, value, "bool")
+            except Exception as e:  # never fail a compile over this: Dynamo's own handling follows
+                log.debug("sonic: trace-time branch failed: %s", e)
+                found = None
+            if found is not None:
+                self.stack[-1] = found
+        return original(self, inst)
+
+    return jump
+
+
+_JUMPS = ("POP_JUMP_IF_FALSE", "POP_JUMP_IF_TRUE", "JUMP_IF_FALSE_OR_POP", "JUMP_IF_TRUE_OR_POP",
+          "POP_JUMP_FORWARD_IF_TRUE", "POP_JUMP_BACKWARD_IF_TRUE", "POP_JUMP_FORWARD_IF_FALSE",
+          "POP_JUMP_BACKWARD_IF_FALSE")
+
+
 def _targets() -> list:
     """(class, attribute, replacement) of the Dynamo methods wrapped while a sonic frame is traced."""
     try:
@@ -301,15 +424,43 @@ def _targets() -> list:
         return []
     out = [(TensorVariable, "method_item", _method_item), (TensorVariable, "call_method", _tensor_call_method),
            (TorchInGraphFunctionVariable, "call_function", _torch_call_function)]
-    return out if all(callable(c.__dict__.get(a)) for c, a, _ in out) else []
+    if not all(callable(c.__dict__.get(a)) for c, a, _ in out):
+        return []
+    for kind in ("index", "int"):
+        attr, fn = _converter(kind)
+        if callable(TensorVariable.__dict__.get(attr)):
+            out.append((TensorVariable, attr, fn))
+    return out
 
 
-def _uniform_branches(on: bool) -> None:
-    """Dynamo's branches on a tensor proved to hold one constant (``moe_inductor.dynamo.uniform_values``:
-    fairseq's ``if input_mask.any():`` on an all-False padding mask) taken at trace time, while installed."""
-    from . import uniform_values
+def _jump_tables(install: bool) -> None:
+    """Wrap (or restore) the conditional jumps in the bytecode dispatch table of every Dynamo
+    instruction translator class (each class holds its own table, built from its attributes)."""
+    import dis
 
-    uniform_values.install() if on else uniform_values.remove()
+    from torch._dynamo.symbolic_convert import InstructionTranslatorBase
+
+    if not install:
+        for table, i, original in _saved_jumps:
+            table[i] = original
+        _saved_jumps.clear()
+        return
+    classes, todo = [], [InstructionTranslatorBase]
+    while todo:
+        cls = todo.pop()
+        classes.append(cls)
+        todo.extend(cls.__subclasses__())
+    for cls in classes:
+        table = cls.__dict__.get("dispatch_table")
+        for name in _JUMPS:
+            i = dis.opmap.get(name)
+            original = InstructionTranslatorBase.__dict__.get(name)
+            if isinstance(table, list) and i is not None and original is not None and table[i] is original:
+                _saved_jumps.append((table, i, original))
+                table[i] = _jump(original)
+
+
+_saved_jumps: list = []  # (dispatch table, opcode, Dynamo's handler) while installed
 
 
 def enter(in_sonic_frame) -> bool:
@@ -326,7 +477,10 @@ def enter(in_sonic_frame) -> bool:
             for cls, attr, replacement in targets:
                 _originals[attr] = cls.__dict__[attr]
                 setattr(cls, attr, replacement)
-            _uniform_branches(True)
+            try:
+                _jump_tables(True)
+            except Exception as e:  # never fail a compile over this: branches stay Dynamo's
+                log.debug("sonic: trace-time branches not installed: %s", e)
         _depth += 1
     return True
 
@@ -338,6 +492,6 @@ def leave() -> None:
             return
         _depth -= 1
         if _depth == 0:
-            _uniform_branches(False)  # installed last: removed first
             for cls, attr, _ in _targets():
                 setattr(cls, attr, _originals.pop(attr))
+            _jump_tables(False)

@@ -394,18 +394,17 @@ def build(k: int) -> MoEOutput:
 _SOURCE = ("DeepSpeed deepspeed/moe/layer.py MoE, deepspeed/moe/sharded_moe.py MOELayer + TopKGate + {} + "
            "_capacity/_top_idx/_one_hot_to_float (TorchScript) + _AllToAll, deepspeed/moe/experts.py Experts")
 
-# pending (torch 2.13): Dynamo breaks the graph at _capacity's tensor ``if`` inside the gate, so the
-# graph that holds the dispatch/experts/combine einsums receives dispatch_mask and combine_weights as
-# inputs, computed in other graphs: that the mask is combine_weights' nonzero pattern, and how the
-# weights place tokens in slots, cannot be proved there (expert_slots declines, saying so). On a
-# break-free reduction (capacity a Python int) both gates are rewritten and exact
-# (tests/test_deepspeed_dispatch.py holds that spelling).
+# Rewritten from the first call: moe_inductor.dynamo.shape_items / trace_values read the capacity at trace
+# time (the float32 ceil folded as eager computes it, the tensor ``if`` and the topk k / one_hot
+# num_classes answered; the token count specialized on the second length), so the gate, dispatch,
+# experts and combine are one graph (tests/test_trace_time_branches.py). A break-free reduction with
+# a Python-int capacity is in tests/test_deepspeed_dispatch.py.
 ENTRIES = [
     # top-1 with use_rts on: the uniform priorities only matter when an expert gets more than C tokens;
     # with this seed the counts are [1, 2, 1, 1] (T=5) and [2, 4, 1, 1] (T=8) against C = min_capacity = 4,
     # so eager and compiled agree although they draw different random numbers (another seed may drop)
     Idiom("deepspeed_moe_top1", _SOURCE.format("top1gating"), seeded(181, lambda: build(1)),
-          tokens(lambda T: (1, T, D)), expect="pending", faithful=True, fullgraph=False, other_gemms=1,
+          tokens(lambda T: (1, T, D)), expect=1, faithful=True, fullgraph=False, other_gemms=1,
           note="the TorchScript _capacity (tensor compare with min_capacity, a graph break) read on the host as "
                "topk k and one_hot num_classes, random token selection (use_rts, default on) with its uniform "
                "sampler cached in a module dict, the fp32 router on .float() weights, l_aux/exp_counts stored "
@@ -413,7 +412,7 @@ ENTRIES = [
     # other_gemms: the router and the two 's,se->se' gating einsums the fused op's scores are read from
     # (measured on a break-free reduction: 11 GEMM nodes before the rewrite, 3 after)
     Idiom("deepspeed_moe_top2", _SOURCE.format("top2gating"), seeded(182, lambda: build(2)),
-          tokens(lambda T: (1, T, D)), expect="pending", faithful=True, fullgraph=False, other_gemms=3,
+          tokens(lambda T: (1, T, D)), expect=1, faithful=True, fullgraph=False, other_gemms=3,
           note="the TorchScript _capacity tensor compared in place (mask *= lt(locations, capacity)) and read "
                "on the host as one_hot num_classes, in-place locations2 += and gates_s /=, the einsum "
                "wrapper's gating einsums, l_aux/exp_counts stored in forward, _AllToAll autograd.Function, "
