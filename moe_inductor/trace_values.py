@@ -77,9 +77,9 @@ def _constant(a):
         return type(a)(_constant(x) for x in a)
     if isinstance(a, slice):
         return slice(_constant(a.start), _constant(a.stop), _constant(a.step))
-    if a is None or isinstance(a, (bool, int, float, torch.dtype)):
-        return a
-    raise NotFoldable(f"argument {a!r} is not a number or dtype")
+    if a is None or isinstance(a, (bool, int, float, torch.dtype, torch.device, str)):
+        return a  # devices and strings reach only ``.to`` and factories, which drop them
+    raise NotFoldable(f"argument {a!r} is not a number, dtype or device")
 
 
 def _arg(a, leaves: list, depth: int):

@@ -25,7 +25,8 @@ class PaddedCount(nn.Module):
     """fairseq MOELayer's padding around a block: the row count read back from a one-element tensor,
     a zeros buffer of that many rows, the rows copied in, the block's output sliced back.
     ``form``: "item" (fairseq's), "full" (``torch.full`` + integer ops + a view), and near misses
-    "data" (the count plus 0 * a sum of the input: data-dependent), "float" (a float count)."""
+    "data" (the count plus 0 * a sum of the input: data-dependent); "float" (a float32 count: folded as
+    eager computes it by moe_inductor.trace_values, the size specialized)."""
 
     def __init__(self, block, form="item"):
         super().__init__()
@@ -87,8 +88,17 @@ def test_size_only_item_read_at_trace_time_bf16():
     assert cands and all(c.status == "rewritten" for c in cands), [(c.status, c.reason) for c in cands]
 
 
-@pytest.mark.parametrize("form, why", [("data", "sum"), ("float", "ones")])
-def test_data_or_float_item_left_to_dynamo(form, why):
+def test_float_item_folded():
+    """A float32 count of sizes is read as eager reads it (``trace_values``): no break, exact."""
+    torch.manual_seed(0)
+    _, breaks = _run(PaddedCount(FairseqSlots(ALL), "float"), lengths=(8, 12))
+    # one graph per length (the size specialized), none split by a break
+    assert breaks == 0 and counters["stats"]["unique_graphs"] == 2, (dict(counters["graph_break"]),
+                                                                     dict(counters["stats"]))
+
+
+@pytest.mark.parametrize("form, why", [("data", "sum")])
+def test_data_item_left_to_dynamo(form, why):
     torch.manual_seed(0)
     _, breaks = _run(PaddedCount(FairseqSlots(ALL), form), lengths=(8,))
     assert breaks > 0  # Dynamo's own graph break, as plain Inductor

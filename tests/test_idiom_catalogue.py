@@ -126,9 +126,6 @@ def close(got, want, idiom, what: str) -> None:
 #: entries that torch 2.11's Dynamo itself gets wrong (checked with backend="eager" too), and two the rewrite
 #: recognises only on 2.13 (marked below): strict xfail there, so that a change is noticed
 _TORCH_211_DYNAMO = {
-    "deepspeed_moe_top1": "torch 2.11 compiles DeepSpeed's _AllToAll (empty_like + copy_ in an autograd.Function, "
-                          "kept since the block is not rewritten) with zero input gradients, backend='eager' too",
-    "deepspeed_moe_top2": "as deepspeed_moe_top1",
     "labml_switch_default": "torch 2.11's Dynamo cannot build new_tensor from len() of a data-dependent nonzero "
                             "under fullgraph (UserError u0); 2.13 can",
     "labml_switch_unscaled": "as labml_switch_default",

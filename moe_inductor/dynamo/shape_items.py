@@ -195,12 +195,8 @@ def _answer(tx, tensor_var, kind: str = "item"):
     return SymNodeVariable.create(tx, proxy, value)
 
 
-_COMPARE = {operator.lt: operator.lt, operator.le: operator.le, operator.gt: operator.gt, operator.ge: operator.ge,
-            operator.eq: operator.eq, operator.ne: operator.ne, torch.lt: operator.lt, torch.le: operator.le,
-            torch.gt: operator.gt, torch.ge: operator.ge, torch.eq: operator.eq, torch.ne: operator.ne,
-            "lt": operator.lt, "le": operator.le, "gt": operator.gt, "ge": operator.ge, "eq": operator.eq,
-            "ne": operator.ne, "__lt__": operator.lt, "__le__": operator.le, "__gt__": operator.gt,
-            "__ge__": operator.ge, "__eq__": operator.eq, "__ne__": operator.ne}
+_COMPARE = {k: getattr(operator, n) for n in ("lt", "le", "gt", "ge", "eq", "ne")
+            for k in (getattr(operator, n), getattr(torch, n), n, f"__{n}__")}
 
 
 def _symbolic_truth(node):
@@ -214,6 +210,9 @@ def _symbolic_truth(node):
     return evaluate(node)[0] != 0
 
 
+_KINDS = {"item": ".item()", "index": "an int argument", "int": "int()", "bool": "a branch"}
+
+
 def _folded(tx, node, kind: str, int_reason: str):
     """The answer from ``trace_values.fold`` (floats included; symbolic sizes specialized), or None."""
     from torch._dynamo.variables import ConstantVariable
@@ -225,7 +224,7 @@ def _folded(tx, node, kind: str, int_reason: str):
         if kind in ("index", "int") and (value.is_floating_point() if kind == "index" else False):
             raise trace_values.NotFoldable(f"`{_describe(node)}` is a float: not an index")
     except trace_values.NotFoldable as e:
-        note(where(tx), f"{int_reason}; {e}")
+        note(where(tx), f"{_KINDS[kind]} left to Dynamo: {int_reason}; {e}")
         return None
     trace_values.specialize(sizes)
     out = bool(value.item()) if kind == "bool" else int(value.item()) if kind in ("index", "int") else value.item()
@@ -410,9 +409,10 @@ def _jump(original):
     return jump
 
 
-_JUMPS = ("POP_JUMP_IF_FALSE", "POP_JUMP_IF_TRUE", "JUMP_IF_FALSE_OR_POP", "JUMP_IF_TRUE_OR_POP",
-          "POP_JUMP_FORWARD_IF_TRUE", "POP_JUMP_BACKWARD_IF_TRUE", "POP_JUMP_FORWARD_IF_FALSE",
-          "POP_JUMP_BACKWARD_IF_FALSE")
+#: the jumps that pop their condition (``if``/``while``/``assert``); not ``JUMP_IF_*_OR_POP``, which keep
+#: it as the value of ``t or u`` (the tensor itself, not its truth)
+_JUMPS = ("POP_JUMP_IF_FALSE", "POP_JUMP_IF_TRUE", "POP_JUMP_FORWARD_IF_TRUE", "POP_JUMP_BACKWARD_IF_TRUE",
+          "POP_JUMP_FORWARD_IF_FALSE", "POP_JUMP_BACKWARD_IF_FALSE")
 
 
 def _targets() -> list:
