@@ -11,8 +11,9 @@
 Checked against eager: output and every gradient, fp32 and bf16, two sequence lengths, inputs
 where experts do receive more tokens than their capacity; near misses are left alone. Out of reach,
 explained: a capacity skip guarding statements whose dropped list is used as a whole (labml's
-``if len(idx) <= capacity: continue`` form is captured otherwise: ``tests/test_switch_drop_lists.py``), and a
-Python branch on a tensor value (DeepSpeed's ``_capacity``), whose line ``explain`` names.
+``if len(idx) <= capacity: continue`` form is captured otherwise: ``tests/test_switch_drop_lists.py``). A
+Python branch on a tensor computed from sizes (DeepSpeed's ``_capacity``) is answered at trace time
+(``moe_inductor.dynamo.shape_items`` / ``trace_values``; tests/test_trace_time_branches.py).
 """
 import ast
 
@@ -269,11 +270,18 @@ def test_type_test_is_static():
     assert len(notes) == 1 and notes[0].rewritten, notes
 
 
-def test_tensor_branch_explained():
-    """explain names the line of a Python branch on a tensor value and why it keeps the block out."""
+def test_tensor_branch_answered():
+    """The tensor capacity branch (sizes and constants only) is answered at trace time: the loop is
+    rewritten and exact, and explain names no tensor branch."""
     import moe_inductor
+    from rewrite_check import light_backend
 
     torch.manual_seed(0)
-    rep = moe_inductor.explain(TensorCapacity(), torch.randn(12, D), inductor=False)
-    remedies = [e.remedy for e in rep.entries if e.status == "graph break"]
-    assert any("`if cap < 2:` branches on a tensor's value" in r for r in remedies), str(rep)
+    m, x = TensorCapacity(), torch.randn(12, D)
+    rep = moe_inductor.explain(m, x, inductor=False)
+    assert any(e.status == "rewritten" for e in rep.entries), str(rep)
+    assert not any("branches on a tensor's value" in e.remedy for e in rep.entries if e.status == "graph break")
+    torch._dynamo.reset()
+    reports: list = []
+    torch.testing.assert_close(torch.compile(m, backend=light_backend(reports))(x), m(x))
+    assert any(c.status == "rewritten" for r in reports for c in r.candidates)
