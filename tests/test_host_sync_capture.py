@@ -26,7 +26,7 @@ class PaddedCount(nn.Module):
     a zeros buffer of that many rows, the rows copied in, the block's output sliced back.
     ``form``: "item" (fairseq's), "full" (``torch.full`` + integer ops + a view), and near misses
     "data" (the count plus 0 * a sum of the input: data-dependent); "float" (a float32 count: folded as
-    eager computes it by moe_inductor.trace_values, the size specialized)."""
+    eager computes it by moe_inductor.dynamo.trace_values, the size specialized)."""
 
     def __init__(self, block, form="item"):
         super().__init__()

@@ -1,5 +1,5 @@
 """Python branches and int conversions of size-only tensors, answered at trace time in sonic frames
-(``moe_inductor.dynamo.shape_items`` with ``moe_inductor.trace_values``).
+(``moe_inductor.dynamo.shape_items`` with ``moe_inductor.dynamo.trace_values``).
 
 DeepSpeed's ``_capacity`` (read from ``deepspeed/moe/sharded_moe.py``; see
 tests/faithful/deepspeed_moe.py) computes ``ceil((S / E) * torch.tensor(factor)).to(int64)`` in

@@ -198,6 +198,6 @@ def test_plain_inductor_keeps_the_graph_break():
     assert counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])  # the break at the branch
     from torch._dynamo.symbolic_convert import InstructionTranslator
 
-    assert InstructionTranslator not in uniform_values._tables  # nothing left installed after sonic frames
+    # nothing left installed after sonic frames (the one jump hook is shape_items')
     ours = [f for f in InstructionTranslator.dispatch_table if getattr(f, "__qualname__", "") == "_jump.<locals>.jump"]
     assert not ours

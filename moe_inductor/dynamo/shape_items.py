@@ -33,7 +33,7 @@ one guarded as Dynamo guards ``if size < 4``), ``__index__``/``int()``, and an a
 overload of a torch op takes as an ``int`` (``topk(k=t)``, ``one_hot(num_classes=t)``: torch reads
 it by ``__index__`` there; nowhere else is a tensor argument replaced, since type promotion of a 0-d
 tensor and of a Python number differ). Values with floats (DeepSpeed's ``ceil((S / E) *
-torch.tensor(factor))``) are folded by ``moe_inductor.trace_values``, exactly as eager computes
+torch.tensor(factor))``) are folded by ``moe_inductor.dynamo.trace_values``, exactly as eager computes
 them, with the sizes involved specialized (its docstring says why). Anything not proved keeps
 Dynamo's graph break, ``reasons()`` saying which producer stopped the proof.
 """
@@ -178,7 +178,7 @@ def _answer(tx, tensor_var, kind: str = "item"):
     from torch._dynamo.variables import ConstantVariable
     from torch._dynamo.variables.tensor import SymNodeVariable
 
-    if getattr(tx, "export", False) or not _sonic_frame():
+    if getattr(tx, "export", False) or not in_sonic_frame():
         return None
     node = tensor_var.as_proxy().node
     try:
@@ -238,7 +238,7 @@ def _folded(tx, node, kind: str, int_reason: str):
 _in_sonic_frame = [lambda: False]
 
 
-def _sonic_frame() -> bool:
+def in_sonic_frame() -> bool:
     return _in_sonic_frame[0]()
 
 
@@ -310,10 +310,10 @@ def _pin_bincount(tx, out, ids, kwargs) -> None:
 
 
 def _tensor_call_method(self, tx, name, args, kwargs):
-    if _sonic_frame() and isinstance(getattr(torch.Tensor, str(name), None), types.MethodDescriptorType):
+    if in_sonic_frame() and isinstance(getattr(torch.Tensor, str(name), None), types.MethodDescriptorType):
         args, kwargs = _int_arguments(tx, name, True, args, kwargs)  # a C method: parsed by the op's schema
     out = _originals["call_method"](self, tx, name, args, kwargs)
-    if name == "bincount" and not args and _sonic_frame():
+    if name == "bincount" and not args and in_sonic_frame():
         _pin_bincount(tx, out, self, kwargs)
     return out
 
@@ -341,7 +341,7 @@ def _int_arguments(tx, name, method: bool, args, kwargs):
 
 
 def _torch_call_function(self, tx, args, kwargs):
-    if "requires_grad" in kwargs and _sonic_frame():
+    if "requires_grad" in kwargs and in_sonic_frame():
         try:
             from moe_inductor.dynamo import grad_leaves
 
@@ -351,12 +351,12 @@ def _torch_call_function(self, tx, args, kwargs):
             kwargs = dropped or kwargs
         except Exception as e:  # never fail a compile over this: Dynamo's own handling follows
             log.debug("sonic: requires_grad creation check failed: %s", e)
-    if _sonic_frame():
+    if in_sonic_frame():
         fn = getattr(self, "value", None)
         if isinstance(fn, types.BuiltinFunctionType):  # a C binding: its arguments parsed by the op's schema
             args, kwargs = _int_arguments(tx, fn.__name__, False, args, kwargs)
     out = _originals["call_function"](self, tx, args, kwargs)
-    if getattr(self, "value", None) is torch.bincount and len(args) == 1 and _sonic_frame():
+    if getattr(self, "value", None) is torch.bincount and len(args) == 1 and in_sonic_frame():
         _pin_bincount(tx, out, args[0], kwargs)
     return out
 
@@ -396,12 +396,19 @@ def _jump(original):
         from torch._dynamo.variables.tensor import TensorVariable
 
         value = self.stack[-1] if self.stack else None
-        if isinstance(value, TensorVariable) and _sonic_frame():
+        if isinstance(value, TensorVariable) and in_sonic_frame():
             try:
                 found = _answer(self, value, "bool")
             except Exception as e:  # never fail a compile over this: Dynamo's own handling follows
                 log.debug("sonic: trace-time branch failed: %s", e)
                 found = None
+            if found is None:  # not size-only: perhaps a tensor holding one constant (fairseq's padding mask)
+                from moe_inductor.dynamo import uniform_values
+
+                try:
+                    found = uniform_values.branch_constant(self, value)
+                except Exception as e:  # never fail a compile over this
+                    log.debug("sonic: trace-time branch on a uniform tensor failed: %s", e)
             if found is not None:
                 self.stack[-1] = found
         return original(self, inst)
@@ -463,15 +470,15 @@ def _jump_tables(install: bool) -> None:
 _saved_jumps: list = []  # (dispatch table, opcode, Dynamo's handler) while installed
 
 
-def enter(in_sonic_frame) -> bool:
+def enter(is_sonic) -> bool:
     """Install the trace-time ``.item()`` and bincount lengths for the sonic frame being traced
-    (``in_sonic_frame()``: whether the innermost frame being traced is sonic's); returns whether it
+    (``is_sonic()``: whether the innermost frame being traced is sonic's); returns whether it
     did (then ``leave()`` must follow). Nested sonic traces share one installation."""
     global _depth
     targets = _targets()
     if not targets:
         return False
-    _in_sonic_frame[0] = in_sonic_frame
+    _in_sonic_frame[0] = is_sonic
     with _lock:
         if _depth == 0:
             for cls, attr, replacement in targets:

@@ -27,17 +27,15 @@ by the shape environment, ``statically_known_true``: no guard is added). Any oth
 slice, a write through a view, an op that may write: an in-place op, ``out=``, a module call, a
 higher-order op) is refused, as are graph inputs, parameters, random and data ops.
 
-In a frame compiled with sonic, while ``shape_items`` is installed, Dynamo's conditional jumps on a
-tensor (``POP_JUMP_*_IF_TRUE/FALSE``, not those that keep the value on the stack) whose value is a
-proved uniform one-element tensor are given that constant, so the branch is taken at trace time as
+In a frame compiled with sonic, ``shape_items``' conditional-jump hook (``POP_JUMP_*_IF_TRUE/FALSE``,
+not those that keep the value on the stack) asks ``branch_constant`` when the tensor is not a
+size-only value: a proved uniform one-element tensor is given that constant, so the branch is taken at trace time as
 eager takes it, for every input the graph's guards admit.
 """
 from __future__ import annotations
 
-import dis
 import logging
 import operator
-import threading
 
 import torch
 import torch.fx as fx
@@ -331,20 +329,15 @@ def truth(node: fx.Node) -> bool:
 
 #: jumps that pop their condition (those that keep it on the stack, ``x.any() or y``, would leave a
 #: constant where the program has a tensor)
-_POP_JUMPS = ("POP_JUMP_IF_FALSE", "POP_JUMP_IF_TRUE", "POP_JUMP_FORWARD_IF_FALSE", "POP_JUMP_FORWARD_IF_TRUE",
-              "POP_JUMP_BACKWARD_IF_FALSE", "POP_JUMP_BACKWARD_IF_TRUE")
-_lock = threading.RLock()
-_tables: dict = {}  # translator class -> its own dispatch table, while installed
-
-
-def _branch_constant(tx, value):
-    """A ConstantVariable of ``bool(value)`` for a tensor proved uniform with one element, or None."""
+def branch_constant(tx, value):
+    """A ConstantVariable of ``bool(value)`` for a tensor proved uniform with one element, or None (the
+    second answerer of ``shape_items``' conditional jumps, after size-only values)."""
     from torch._dynamo.variables import ConstantVariable
     from torch._dynamo.variables.tensor import TensorVariable
 
     from moe_inductor.dynamo import shape_items
 
-    if type(value) is not TensorVariable or getattr(tx, "export", False) or not shape_items._sonic_frame():
+    if type(value) is not TensorVariable or getattr(tx, "export", False) or not shape_items.in_sonic_frame():
         return None
     try:
         found = truth(value.as_proxy().node)
@@ -353,57 +346,3 @@ def _branch_constant(tx, value):
         return None
     log.debug("sonic: branch on a uniform tensor at %s taken at trace time: %s", shape_items.where(tx), found)
     return ConstantVariable.create(found)
-
-
-def _jump(original):
-    def jump(tx, inst):
-        try:
-            found = _branch_constant(tx, tx.stack[-1]) if tx.stack else None
-        except Exception as e:  # never fail a compile over this: Dynamo's own handling follows
-            log.debug("sonic: branch on a tensor not read: %s", e)
-            found = None
-        if found is not None:
-            tx.stack[-1] = found
-        return original(tx, inst)
-
-    return jump
-
-
-def _translators() -> list:
-    try:
-        from torch._dynamo.symbolic_convert import InstructionTranslatorBase
-    except ImportError:
-        return []
-    out, stack = [], [InstructionTranslatorBase]
-    while stack:
-        cls = stack.pop()
-        out.append(cls)
-        stack.extend(cls.__subclasses__())
-    return [c for c in out if isinstance(c.__dict__.get("dispatch_table"), list)]
-
-
-def install() -> None:
-    """Answer conditional jumps on proved uniform tensors (until ``remove()``): each Dynamo translator
-    class's dispatch table is replaced by a copy whose pop-jumps first look at the condition."""
-    codes = [dis.opmap[n] for n in _POP_JUMPS if n in dis.opmap]
-    with _lock:
-        for cls in _translators():
-            if cls in _tables:
-                continue
-            table = list(cls.__dict__["dispatch_table"])
-            if any(table[c] is None for c in codes):
-                continue
-            _tables[cls] = (cls.__dict__["dispatch_table"], table)
-            for c in codes:
-                table[c] = _jump(table[c])
-            cls.dispatch_table = table
-
-
-def remove() -> None:
-    """Give each translator class its own dispatch table back (unless another hook replaced ours since:
-    then ours stays, still acting only in sonic frames, rather than dropping theirs)."""
-    with _lock:
-        for cls, (original, ours) in _tables.items():
-            if cls.__dict__.get("dispatch_table") is ours:
-                cls.dispatch_table = original
-        _tables.clear()
