@@ -36,6 +36,7 @@ from moe_inductor.diagnostics.report import CompileReport, note_runs_on, record_
 from moe_inductor.fx.nodes import clean_module_path
 from moe_inductor.fx.targets import INPLACE_FUNCTIONS
 from moe_inductor.recognize.normal_form import functionalize
+from moe_inductor.dynamo.one_hot_width import narrow_one_hots
 from moe_inductor.fx.build import call
 from moe_inductor.fx.nodes import module_path_of
 from moe_inductor.fx.shapes import same, shape_of
@@ -261,6 +262,7 @@ def _rewrite_graph(gm: fx.GraphModule, opts: SonicOptions, report: CompileReport
     for note in host_splits.rewrite(gm):
         log.info("sonic: %s%s", note, inside)
     made = functionalize(gm)  # in-place arithmetic on fresh tensors made functional (normal_form.py)
+    made += narrow_one_hots(gm)  # one_hot(ids, N)[..., :L] with N >= L: the width-L one-hot (one_hot_width.py)
     if made:
         log.debug("sonic: %d in-place op(s) made functional%s", made, inside)
     orphans: list = []

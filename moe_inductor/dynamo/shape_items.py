@@ -36,9 +36,13 @@ tensor and of a Python number differ). Values with floats (DeepSpeed's ``ceil((S
 torch.tensor(factor))``) are folded by ``moe_inductor.dynamo.trace_values``, exactly as eager computes
 them, with the sizes involved specialized (its docstring says why). Anything not proved keeps
 Dynamo's graph break, ``reasons()`` saying which producer stopped the proof.
+
+``F.one_hot(ids, n)`` with a tensor ``n`` proved ``>= L`` (a clamp with minimum L: lucidrains'
+``safe_one_hot``) and Python ``max(t, size)`` of a one-element integer tensor: ``moe_inductor.dynamo.one_hot_width``.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import operator
 import threading
@@ -355,14 +359,64 @@ def _torch_call_function(self, tx, args, kwargs):
         fn = getattr(self, "value", None)
         if isinstance(fn, types.BuiltinFunctionType):  # a C binding: its arguments parsed by the op's schema
             args, kwargs = _int_arguments(tx, fn.__name__, False, args, kwargs)
+        if len(args) == 2 and not kwargs:  # one_hot(ids, n) with n not size-only: a clamp proved >= L
+            found = _traced_one_hot(self, tx, args)
+            if found is not None:
+                return found
     out = _originals["call_function"](self, tx, args, kwargs)
     if getattr(self, "value", None) is torch.bincount and len(args) == 1 and in_sonic_frame():
         _pin_bincount(tx, out, args[0], kwargs)
     return out
 
 
+def _traced_one_hot(fn_var, tx, args):
+    """``one_hot(ids, n)`` with a tensor ``n`` proved >= its clamp's minimum: ``one_hot_width``."""
+    from torch._dynamo.variables.tensor import TensorVariable
+
+    from . import one_hot_width
+
+    if not one_hot_width.is_one_hot(getattr(fn_var, "value", None)) or not all(
+            isinstance(a, TensorVariable) for a in args):
+        return None
+    try:
+        return one_hot_width.trace_one_hot(tx, args[0], args[1], _unbacked_item)
+    except Exception as e:  # never fail a compile over this: Dynamo's own handling follows
+        log.debug("sonic: one_hot with a tensor width left to Dynamo: %s", e)
+        return None
+
+
+def _unbacked_item(tensor_var):
+    """``tensor_var.item()`` as an unbacked size (``capture_scalar_outputs`` for this one read)."""
+    from torch._dynamo.variables.tensor import SymNodeVariable
+
+    tx = _current_tx()
+    shape_env = tx.output.shape_env
+    # fake tensors read the frame's own shape environment: its graph now holds a scalar read, which
+    # the backend's trace of this graph must allow too (Dynamo's config, read by every other
+    # ``.item()`` of the frame, is changed for this one read only)
+    if not shape_env.allow_scalar_outputs:
+        shape_env.settings = dataclasses.replace(shape_env.settings, allow_scalar_outputs=True)
+    _PASSTHROUGH.append(1)
+    try:
+        with torch._dynamo.config.patch(capture_scalar_outputs=True):
+            out = tensor_var.call_method(tx, "item", [], {})
+    finally:
+        _PASSTHROUGH.pop()
+    return out if isinstance(out, SymNodeVariable) else None
+
+
+#: non-empty while ``_unbacked_item`` reads an item through Dynamo (the trace-time answer is skipped)
+_PASSTHROUGH: list = []
+
+
+def _current_tx():
+    from torch._dynamo.symbolic_convert import InstructionTranslator
+
+    return InstructionTranslator.current_tx()
+
+
 def _method_item(self, tx, *args, **kwargs):
-    if not args and not kwargs:
+    if not args and not kwargs and not _PASSTHROUGH:
         try:
             found = _answer(tx, self)
         except Exception as e:  # never fail a compile over this: Dynamo's own handling follows
@@ -422,15 +476,31 @@ _JUMPS = ("POP_JUMP_IF_FALSE", "POP_JUMP_IF_TRUE", "POP_JUMP_FORWARD_IF_TRUE", "
           "POP_JUMP_FORWARD_IF_FALSE", "POP_JUMP_BACKWARD_IF_FALSE")
 
 
+def _min_max_binary(self, tx, a, b):
+    if in_sonic_frame() and a is not None and b is not None:
+        from . import one_hot_width
+
+        try:
+            found = one_hot_width.trace_max(tx, getattr(self, "fn", None), a, b)
+        except Exception as e:  # never fail a compile over this: Dynamo's own handling follows
+            log.debug("sonic: max(tensor, size) left to Dynamo: %s", e)
+            found = None
+        if found is not None:
+            return found
+    return _originals["_call_min_max_binary"](self, tx, a, b)
+
+
 def _targets() -> list:
     """(class, attribute, replacement) of the Dynamo methods wrapped while a sonic frame is traced."""
     try:
+        from torch._dynamo.variables.builtin import BuiltinVariable
         from torch._dynamo.variables.tensor import TensorVariable
         from torch._dynamo.variables.torch import TorchInGraphFunctionVariable
     except ImportError:
         return []
     out = [(TensorVariable, "method_item", _method_item), (TensorVariable, "call_method", _tensor_call_method),
-           (TorchInGraphFunctionVariable, "call_function", _torch_call_function)]
+           (TorchInGraphFunctionVariable, "call_function", _torch_call_function),
+           (BuiltinVariable, "_call_min_max_binary", _min_max_binary)]
     if not all(callable(c.__dict__.get(a)) for c, a, _ in out):
         return []
     for kind in ("index", "int"):
