@@ -43,6 +43,13 @@ Parts (recognisers registered in ``moe_inductor.recognize.parts``):
                        mask's terms must place the tokens at the same (expert, slot) under the same flags as
                        the weights' (``_with_combine_weights``), so the mask is the weights' nonzero pattern
                        up to a zero weight (the slot then holds its token and gets weight 0: exact).
+                       Per group (GShard's group axis, lucidrains' ``MoE``): ``einsum("bnd,bnec->ebcd", x,
+                       combine.bool().to(x))`` read by the experts as ``.reshape(E, -1, d)`` and combined by
+                       ``einsum("ebcd,bnec->bnd", y.reshape(E, G, C, d), combine)``: the terms over (g, s, e, c),
+                       positions counted over the tokens of each group (``cumsum(B, 1) - 1 +
+                       B_j.sum(1, keepdim=True)``); slots of different groups are different slots (e, g, c), so
+                       this is flat capacity over G * C slots per expert where token (g, s) takes only slots of
+                       group g; the fused op reads the tokens as G * S rows.
   ``gathered_rows``    expert-choice routing: ``x[idx]`` with an (E, C) table of token ids (``topk(scores.T, C)``
                        indices, or any other), also ``x[idx.reshape(-1)].view(E, C, d)``.
   ``dense_scores``     every token in every expert's slots (C = S), inputs scaled by a dense (S, E) score matrix
@@ -184,6 +191,7 @@ class SlotsDispatch:
     writes: list = dataclasses.field(default_factory=list)
     inputs: list = dataclasses.field(default_factory=list)
     spelling: str = ""
+    groups: Optional[fx.Node] = None  # capacity per group: the (E, G, C, d) slots (``_grouped_capacity``)
 
 
 @dataclasses.dataclass
@@ -203,6 +211,7 @@ class SlotsCombine:
     inplace: bool = False
     dtype: Optional[torch.dtype] = None  # einsum: the dtype the weights are used in
     spelling: str = ""
+    groups: bool = False  # einsum("ebcd,bnec->bnd"): (E, G, C, d) outputs, (G, S, E, C) weights
 
 
 # --------------------------------------------------------------------------- small helpers
@@ -441,6 +450,24 @@ def _unit_contraction(node) -> Optional[tuple]:
     return a, b
 
 
+def _without_ellipsis(node) -> Optional[tuple]:
+    """The index of ``t[index]`` (a tuple) with an ``...`` spelled out as the ``slice(None)``s it
+    stands for (``g[..., None, None]``: unsqueezes after t's axes), else None."""
+    if not (isinstance(node, fx.Node) and node.op == "call_function" and node.target is operator.getitem
+            and isinstance(node.args[1], tuple)):
+        return None
+    index = node.args[1]
+    if Ellipsis not in index:
+        return index
+    st = shape_of(node.args[0])
+    if st is None or index.count(Ellipsis) != 1:
+        return None
+    i, rest = index.index(Ellipsis), len([p for p in index if p is not None and p is not Ellipsis])
+    if rest > len(st):
+        return None
+    return index[:i] + (slice(None),) * (len(st) - rest) + index[i + 1:]
+
+
 def _product(node, axes: tuple, out: list) -> None:
     """Flatten a product of broadcast factors (``*``, ``unsqueeze``, outer-product einsums, exact
     casts) into ``out``: (leaf node or number, its axes)."""
@@ -469,10 +496,9 @@ def _product(node, axes: tuple, out: list) -> None:
             for i, d in enumerate(dims):
                 inner_axes[d % len(axes)] = axes[i]
             return _product(node.args[0], tuple(inner_axes), out)
-    if node.op == "call_function" and node.target is operator.getitem and isinstance(node.args[1], tuple) and \
-            all(p is None or p == slice(None) for p in node.args[1]) and \
-            len(node.args[1]) <= len(axes):
-        index, kept, i = node.args[1], [], 0  # t[None, :]: unsqueezes
+    index = _without_ellipsis(node)
+    if index is not None and all(p is None or p == slice(None) for p in index) and len(index) <= len(axes):
+        kept, i = [], 0  # t[None, :]: unsqueezes
         for p in index:
             if p is None:
                 if axes[i] is not None and not _size_one(shape_of(node)[i]):
@@ -613,8 +639,9 @@ def _positions(loc, axes: tuple) -> _Positions:
     ``cumsum(B.reshape(K * S, E), 0) - 1`` reshaped back (one count over every choice and token:
     nanoMoE). Declines otherwise."""
     loc = _strip_exact_casts(loc)
-    stacked, outer = len(axes) == 3, loc
-    need(axes in (("s", "e"), ("k", "s", "e"), ("s", "k", "e")),
+    stacked, outer = len(axes) == 3 and axes != ("g", "s", "e"), loc
+    grouped = axes == ("g", "s", "e")  # (G, S, E): counted over the tokens of each group, axis 1
+    need(grouped or axes in (("s", "e"), ("k", "s", "e"), ("s", "k", "e")),
          f"slot positions {loc.name} are not counted over the tokens for each expert (axes {axes})",
          part="slots_dispatch")
     if stacked:
@@ -634,15 +661,18 @@ def _positions(loc, axes: tuple) -> _Positions:
                 continue
             decline("slots_dispatch", f"slot positions {loc.name}: a term {t!r} is not a number")
         t = _strip_exact_casts(t)
-        c = _reduce(t, "cumsum", (0,))
-        if c is not None and sign == 1:
+        c = _reduce(t, "cumsum", (1, -2) if grouped else (0,))
+        if c is not None and sign == 1 and (not grouped or len(shape_of(t) or ()) == 3):
             cums.append(c)
             continue
         # (1, E) or (E,): broadcast over tokens; the axis of the tokens as 0 or as -2 of the (S, E) mask
-        counted = _reduce(t, "sum", (0, -2)) if not stacked else None
+        counted = _reduce(t, "sum", (0, -2)) if not stacked and not grouped else None
         if counted is not None and len(shape_of(counted) or ()) != 2 and arg(t, 1, "dim") not in (0, (0,), [0]):
             counted = None
-        mask = _mask(counted, ("s", "e")) if counted is not None else None
+        if grouped:  # (G, 1, E): each group's counts, broadcast over its tokens
+            counted = _reduce(t, "sum", (1, -2), keepdim=True)
+            counted = counted if len(shape_of(counted) or ()) == 3 else None
+        mask = _mask(counted, axes if grouped else ("s", "e")) if counted is not None else None
         if mask is not None and _choice_of(mask) is not None and sign == 1:
             offsets.append(mask)
             continue
@@ -1005,6 +1035,9 @@ def _mm_slots_view(slots) -> Optional[fx.Node]:
           'torch.mm(combine.bool().permute(1, 2, 0).view(E * C, S), x) (rows e * C + c, fairseq): one-hot/cumsum '
           'capacity slots (GShard/Switch, nanoMoE, fairseq)')
 def capacity_einsum(slots) -> Optional[SlotsDispatch]:
+    grouped = _grouped_slots(slots)
+    if grouped is not None:
+        return _grouped_capacity(slots, grouped)
     flat = _mm_slots_view(slots)
     if flat is not None:  # mm(...).view(E, C, d): the (E * C, d) rows regrouped row-major into the slots
         disp = capacity_einsum(flat)
@@ -1066,6 +1099,58 @@ def capacity_einsum(slots) -> Optional[SlotsDispatch]:
     written = _indexed_writes(src) or []
     return SlotsDispatch(kind="capacity", x=x, slots=slots, num_experts=E, combine_weights=src, terms=terms,
                          writes=[w for *_, w in written], nodes=_written_nodes(written))
+
+
+def _group_einsum(node) -> Optional[tuple]:
+    """(mask, x) of ``einsum("bnd,bnec->ebcd", x, mask)`` (operands either way): x (G, S, d) tokens in G
+    groups, mask (G, S, E, C); slot (e, g, c) sums the tokens of group g only."""
+    es = einsum_parts(node)
+    if es is None or len(es[2]) != 2:
+        return None
+    ins, outl, ops = es
+    for (md, xd), (m, x) in ((ins, ops), (ins[::-1], ops[::-1])):
+        if len(md) == 4 and len(xd) == 3 and len(set(md + xd)) == 5 and xd[:2] == md[:2] \
+                and outl == md[2] + md[0] + md[3] + xd[2]:
+            return m, x
+    return None
+
+
+def _grouped_slots(slots) -> Optional[fx.Node]:
+    """g if ``slots`` is ``g.reshape(E, -1, d)`` (``view``) of a group einsum g (E, G, C, d)
+    (``_group_einsum``): the (G, C) slots of each expert merged row-major, row g * C + c is (g, c)."""
+    src, steps = _row_major_source(slots)
+    s, ss = shape_of(slots), shape_of(src)
+    if steps == 0 or _group_einsum(src) is None or s is None or ss is None or len(s) != 3 or len(ss) != 4:
+        return None
+    if not (same(s[0], ss[0]) and same(s[1], ss[1] * ss[2]) and same(s[2], ss[3])):
+        return None
+    return src
+
+
+def _grouped_capacity(slots, g) -> SlotsDispatch:
+    """Capacity slots per group (GShard's group axis, lucidrains' ``einsum("bnd,bnec->ebcd")``): the
+    combine weights (G, S, E, C) as terms over axes (g, s, e, c), each term's positions counted over
+    the tokens of its group (``_positions`` over (g, s, e)); so within a group every slot holds at most
+    one token, and slots of different groups are different slots (e, g, c)."""
+    m, x = _group_einsum(g)
+    src = _nonzero_source(m)
+    need(isinstance(src, fx.Node), f"{m.name}: the dispatch tensor is not the nonzero pattern of combine weights "
+                                   "(combine.bool())", part="slots_dispatch")
+    _need_unwritten_dispatch(m, src, g)
+    ss, xs = shape_of(src), shape_of(x)
+    need(ss is not None and len(ss) == 4 and xs is not None and len(xs) == 3,
+         f"{g.name}: dispatch is not (G, S, E, C) x (G, S, d)", part="slots_dispatch")
+    E = int_value(ss[2])
+    need(E is not None, f"{src.name}: the number of experts is not a constant", part="slots_dispatch")
+    sums: list = []
+    _signed_sum(src, 1, sums)
+    terms = []
+    for sign, t in sums:
+        need(sign == 1 and isinstance(t, fx.Node) and safety.same_shape(t, src),
+             f"combine weights {src.name}: a term is subtracted or broadcast along an axis", part="slots_dispatch")
+        terms.append(_term(t, ("g", "s", "e", "c"), src))
+    return SlotsDispatch(kind="capacity", x=x, slots=slots, num_experts=E, combine_weights=src,
+                         terms=_ordered(terms, src), groups=g)
 
 
 def _with_combine_weights(disp: SlotsDispatch, cw: fx.Node) -> SlotsDispatch:
@@ -1595,6 +1680,10 @@ def combine_einsum(node) -> Optional[SlotsCombine]:
         if len(cl) == 3 and len(yl) == 3 and len(outl) == 2 and yl[:2] == cl[1:] and outl == cl[0] + yl[2] \
                 and len(set(cl + yl)) == 4:
             return SlotsCombine(kind="einsum", anchor=node, experts_out=y, weights=c, dtype=dtype_of(c))
+        # per group: einsum("ebcd,bnec->bnd"): group b's tokens read group b's slots
+        if len(cl) == 4 and len(yl) == 4 and len(outl) == 3 and yl[:3] == cl[2] + cl[0] + cl[3] \
+                and outl == cl[:2] + yl[3] and len(set(cl + yl)) == 5:
+            return SlotsCombine(kind="einsum", anchor=node, experts_out=y, weights=c, dtype=dtype_of(c), groups=True)
     return None
 
 
@@ -1801,6 +1890,20 @@ def _need_stable_leaves(term: SlotTerm, anchor: fx.Node, order: dict) -> None:
                  "the block read it: where the fused op reads it, it holds another value", part="proof")
 
 
+def _grouped_outputs(comb: SlotsCombine) -> fx.Node:
+    """The experts' (E, G * C, d) outputs that a group combine's (E, G, C, d) operand is a row-major
+    reshape of: row g * C + c is slot (g, c), as the dispatch merged them (``_grouped_slots``; the
+    same (G, C) sizes are checked in ``analyse``)."""
+    y4 = safety.strip_identity(comb.experts_out)
+    y, steps = _row_major_source(y4)
+    s, s4 = shape_of(y), shape_of(y4)
+    need(steps > 0 and s is not None and s4 is not None and len(s) == 3 and len(s4) == 4 and same(s[0], s4[0])
+         and same(s[1], s4[1] * s4[2]) and same(s[2], s4[3]),
+         f"combine: {comb.experts_out.name} is not the experts' (E, G * C, d) outputs regrouped row-major into "
+         "(E, G, C, d)", part="slots_combine")
+    return safety.strip_identity(y)
+
+
 def _upstream(roots, stop: set, own: Optional[set] = None) -> list:
     """Nodes that ``roots`` are computed from, not past ``stop``; with ``own`` (the writes a dispatch
     interprets itself, whose reads it lists in ``nodes``), also what the other in-place writes into them
@@ -1833,6 +1936,8 @@ def analyse(node: fx.Node) -> MoEBlock:
         if n.op == "call_function" and n.target is Fn.dropout and not safety.is_identity_dropout(n):
             raise PartDeclined("slots_experts", f"{n.name}: dropout with p > 0 in training on the experts' output: "
                                                 "the fused op cannot reproduce it")
+    if comb.groups:
+        y = _grouped_outputs(comb)
     mlp = recognise("slots_experts", y, required=f"{y.name}: the experts on the slots")
     z = safety.strip_identity(mlp.input)
     core, s_in = _scored(z)
@@ -1848,6 +1953,11 @@ def analyse(node: fx.Node) -> MoEBlock:
         ws = {k: shape_of(w) for k, w in (("gate", mlp.gate), ("up", mlp.up), ("down", mlp.down)) if w is not None}
         need(all(s is not None and len(s) == 3 and int_value(s[0]) == E for s in ws.values()),
              f"proof: the stacked expert weights do not have {E} experts (the dispatch's)")
+    need(comb.groups == (disp.groups is not None), f"proof: the slots are filled {'per' if disp.groups else 'without'} "
+         f"group axis but combined {'per' if comb.groups else 'without'} group axis")
+    if disp.groups is not None:
+        need(safety.same_shape(comb.experts_out, disp.groups), f"proof: the experts' outputs {comb.experts_out.name} "
+             f"are not read back in the (E, G, C, d) layout of the slots {disp.groups.name}")
     if disp.kind == "capacity":
         need(comb.kind == "einsum", "proof: capacity slots are combined by something else than the combine einsum")
         if disp.combine_weights is None:
@@ -1985,6 +2095,11 @@ def _block(node, comb, mlp, disp, start_kind, base, order, bias_adds=()) -> MoEB
         terms = disp.terms
         cw_dtype = comb.dtype or dtype_of(comb.weights)
         state: dict = {}
+        grouped = disp.groups is not None
+        if grouped:  # the (G, S, d) tokens as G * S rows, group-major (created before the anchor, as below)
+            with node.graph.inserting_before(node):
+                x = method(node.graph, "reshape", disp.x, -1, method(node.graph, "size", disp.x, 2, like=node),
+                           like=node)
 
         def align(graph, f, labels, order):
             """``f`` with its dims reordered to ``order`` (size 1 where f has no such axis)."""
@@ -2005,19 +2120,24 @@ def _block(node, comb, mlp, disp, start_kind, base, order, bias_adds=()) -> MoEB
             """(expert ids, scores), flat and token-major: (S, sum of the terms' widths)."""
             if "ids" in state:
                 return state["ids"], state["scores"]
-            S = method(graph, "size", x, 0, like=node)
+            tok = ("g", "s") if grouped else ("s",)  # the token axes, merged row-major (as x's rows are)
+            sizes = [method(graph, "size", disp.x, i, like=node) for i in range(len(tok))]
             ids, ss = [], []
             for t in terms:
                 width = int_value(t.width)
-                chosen = method(graph, "expand", align(graph, _materialise_ids(graph, t.choice, node), t.choice_labels,
-                                                       ("s", "k")), S, width,
-                                like=node)
+
+                def rows(f, labels, inner):
+                    full = method(graph, "expand", align(graph, f, labels, tok + inner), *sizes,
+                                  *(width if a == "k" else E for a in inner), like=node)
+                    return method(graph, "reshape", full, -1, *full.meta["example_value"].shape[len(tok):],
+                                  like=node) if grouped else full
+                chosen = rows(_materialise_ids(graph, t.choice, node), t.choice_labels, ("k",))
                 where = method(graph, "unsqueeze", chosen, -1, like=node)
 
                 def at_choice(f, labels):
                     if not isinstance(f, fx.Node):
                         return f
-                    full = method(graph, "expand", align(graph, f, labels, ("s", "k", "e")), S, width, E, like=node)
+                    full = rows(f, labels, ("k", "e"))
                     return method(graph, "squeeze", method(graph, "gather", full, 2, where, like=node), -1, like=node)
 
                 kept = None
@@ -2062,6 +2182,9 @@ def _block(node, comb, mlp, disp, start_kind, base, order, bias_adds=()) -> MoEB
                     result = method(graph, "to", result, dtype_of(comb.acc), like=node)
                 if start_kind == "copy":
                     result = call(graph, operator.add, base, result, like=node)
+            if disp.groups is not None:  # the G * S rows back as (G, S, d)
+                result = method(graph, "reshape", result, *(method(graph, "size", disp.x, i, like=node)
+                                                            for i in range(3)), like=node)
         if comb.kind == "scatter" and comb.inplace:
             for u in list(comb.acc.users):
                 if u is not node and order.get(u, -1) > order[node]:

@@ -129,7 +129,8 @@ def autocast_round_trip(node):
 
 
 def strip_casts(node):
-    """Follow any dtype cast (``.to(dtype)``, ``.float()``, ``type_as``) and identities back."""
+    """Follow any dtype cast (``.to(dtype)``, ``.float()``, ``type_as``, ``.to(other)``: other's dtype and
+    device, the values cast) and identities back."""
     while isinstance(node, fx.Node):
         inner = strip_identity(node)
         if inner is not node:
@@ -139,7 +140,9 @@ def strip_casts(node):
                 (node.target == "to" and len(node.args) == 2 and isinstance(node.args[1], torch.dtype)
                  and not node.kwargs)
                 or (node.target in FLOAT_CAST_DTYPES and len(node.args) == 1)
-                or (node.target == "type_as" and len(node.args) == 2)):
+                or (node.target in ("type_as", "to") and len(node.args) == 2 and not node.kwargs
+                    and isinstance(node.args[1], fx.Node)
+                    and isinstance(node.args[1].meta.get("example_value"), torch.Tensor))):
             node = node.args[0]
             continue
         return node

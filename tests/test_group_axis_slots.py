@@ -1,0 +1,109 @@
+"""Capacity slots with a group axis (GShard's group dimension; lucidrains mixture-of-experts):
+tokens (G, S, d) in G groups, each with its own C slots per expert and positions counted within the
+group, dispatch ``einsum("bnd,bnec->ebcd", x, combine.bool().to(x))``, the experts on
+``.reshape(E, -1, d)`` (the (G, C) slots of each expert merged row-major), their outputs reshaped back
+to (E, G, C, d) and combined by ``einsum("ebcd,bnec->bnd", y, combine)``. Rewritten and exact (output
+and every gradient, fp32 and bf16); near misses (positions counted across groups, the combine with
+another group's weights, another group's slots) not rewritten. Written from a reading of GShard and
+lucidrains' ``Top2Gating``: not a copy."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as Fn
+
+from rewrite_check import rewrite_and_compare
+
+D, N, E, G = 8, 4, 4, 2
+
+
+class GroupCapacityMoE(nn.Module):
+    """Top-2 GShard gating within each of G groups of the tokens (T, d) viewed (G, T / G, d)."""
+
+    def __init__(self, capacity=2, mutation=None, dtype=torch.float32):
+        super().__init__()
+        self.capacity, self.mutation = capacity, mutation
+        self.router = nn.Linear(D, E, bias=False, dtype=dtype)
+        self.w_in = nn.Parameter((torch.randn(E, D, N) / D ** 0.5).to(dtype))
+        self.b_in = nn.Parameter((torch.randn(E, 1, N) / 4).to(dtype))
+        self.w_out = nn.Parameter((torch.randn(E, N, D) / N ** 0.5).to(dtype))
+
+    def positions(self, mask, offset=None):
+        dim = 0 if self.mutation == "across_groups" else 1
+        loc = torch.cumsum(mask, dim=dim) - 1
+        return loc if offset is None else loc + offset
+
+    def gating(self, x, C):
+        gates = Fn.softmax(self.router(x), dim=-1)  # (G, S, E)
+        first = torch.argmax(gates, dim=-1)
+        mask1 = Fn.one_hot(first, E)
+        loc1 = self.positions(mask1)
+        kept1 = mask1 * (loc1 < C).long()
+        slot1 = (loc1 * kept1).sum(dim=-1)
+        second = torch.argmax(gates.masked_fill(mask1.bool(), float("-inf")), dim=-1)
+        mask2 = Fn.one_hot(second, E)
+        loc2 = self.positions(mask2, mask1.sum(dim=1, keepdim=True))
+        kept2 = mask2 * (loc2 < C).long()
+        slot2 = (loc2 * kept2).sum(dim=-1)
+        g1, g2 = (gates * kept1).sum(dim=-1), (gates * kept2).sum(dim=-1)
+        dt = gates.dtype
+        return (g1[..., None, None] * kept1.to(dt)[..., None] * Fn.one_hot(slot1, C).to(dt)[..., None, :]
+                + g2[..., None, None] * kept2.to(dt)[..., None] * Fn.one_hot(slot2, C).to(dt)[..., None, :])
+
+    def forward(self, tokens):
+        x = tokens.to(self.w_in.dtype).view(G, -1, D)
+        combine = self.gating(x, self.capacity)
+        dispatch = combine.bool().to(x)
+        slots = torch.einsum("bnd,bnec->ebcd", x, dispatch)
+        shape = slots.shape
+        h = torch.relu(torch.bmm(slots.reshape(E, -1, D), self.w_in) + self.b_in)
+        y = torch.bmm(h, self.w_out)
+        if self.mutation == "other_group_slots":
+            y = y.reshape(E, G, -1, D).flip(1)
+        else:
+            y = y.reshape(*shape)
+        weights = combine.flip(0) if self.mutation == "other_group_weights" else combine
+        out = torch.einsum("ebcd,bnec->bnd", y, weights)
+        return out.reshape(-1, D)
+
+
+def _seeded(**kw):
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return GroupCapacityMoE(**kw)
+
+
+def _status(cands):
+    return [(c.idiom, c.status) for c in cands]
+
+
+@pytest.mark.parametrize("capacity", [1, 2, 16])  # drops tokens; some dropped; nothing dropped
+def test_group_axis_rewritten_fp32(capacity):
+    cands = rewrite_and_compare(_seeded(capacity=capacity), D, lengths=(6, 8))
+    assert ("expert_slots", "rewritten") in _status(cands), [(c.idiom, c.status, c.reason) for c in cands]
+
+
+def test_group_axis_rewritten_bf16():
+    m = _seeded(capacity=2, dtype=torch.bfloat16)
+    cands = rewrite_and_compare(m.to(torch.bfloat16), D, lengths=(8,), close=_bf16_close)
+    assert ("expert_slots", "rewritten") in _status(cands), [(c.idiom, c.status, c.reason) for c in cands]
+
+
+def _bf16_close(got, want):
+    if got.dtype != torch.bfloat16:
+        got, want = got.float(), want.float()
+    err = ((got.float() - want.float()).norm() / want.float().norm().clamp_min(1e-12)).item()
+    assert got.dtype == want.dtype and err <= 2e-2, f"relative error {err:.3e}"
+
+
+@pytest.mark.parametrize("mutation,words", [
+    ("across_groups", "slot positions"),
+    ("other_group_weights", "proof"),
+    ("other_group_slots", "regrouped"),
+])
+def test_near_miss_not_rewritten(mutation, words):
+    cands = rewrite_and_compare(_seeded(capacity=2, mutation=mutation), D, lengths=(8,))
+    assert all(c.status != "rewritten" for c in cands), _status(cands)
+    reasons = [c.reason for c in cands if c.idiom == "expert_slots"]
+    assert reasons and all(words in r for r in reasons), reasons
