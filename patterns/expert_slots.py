@@ -631,6 +631,8 @@ class _Positions:
     choice: tuple  # (ids, labels): the experts whose one-hot the cumsum counts
     counted: list  # 0/1 factors of the cumsum's mask (that one-hot among them)
     offsets: list  # 0/1 factor lists: their column counts are added
+    #: (node, labels) equal to the slot index at the term's chosen expert wherever the term is nonzero
+    values: list = dataclasses.field(default_factory=list)
 
 
 def _positions(loc, axes: tuple) -> _Positions:
@@ -738,6 +740,7 @@ def _slot_of(L, L_labels: tuple, choice: tuple, term_flags: list) -> _Positions:
                                                             "than the term's", part="slots_dispatch")
         axes = ("s", "e")
     pos = _positions(loc, axes)
+    pos.values = [(L, L_labels), (loc, axes)] + ([(inner, axes)] if inner is not None else [])
     need(_same_ids(pos.choice, choice), f"slot positions {loc.name} count another choice of "
                                                           "experts than the term that uses them", part="slots_dispatch")
     need(_within(pos.counted, term_flags),
@@ -746,13 +749,76 @@ def _slot_of(L, L_labels: tuple, choice: tuple, term_flags: list) -> _Positions:
     return pos
 
 
+def _arange_length(node):
+    """n of ``torch.arange(n)`` / ``arange(0, n[, 1])`` (0, 1, ..., n - 1), else None."""
+    if not (isinstance(node, fx.Node) and node.op == "call_function" and node.target is torch.arange
+            and set(node.kwargs) <= {"dtype", "device"}):
+        return None
+    a = node.args
+    if len(a) == 1:
+        return a[0]
+    return a[1] if len(a) in (2, 3) and a[0] == 0 and a[2:] in ((), (1,)) else None
+
+
+def _eq_one_hot(node) -> Optional[tuple]:
+    """(L, C) of ``L.unsqueeze(-1) == arange(C)`` (``torch.eq``, either side; exact casts around; the
+    normal form's ``one_hot(L, N)[..., :C]``): row r is one_hot(L[r], C) where 0 <= L[r] < C, and a
+    zero row elsewhere (no error, unlike ``one_hot``): a term placed by it must be proven capped
+    (``_need_capped``)."""
+    node = _strip_exact_casts(node)
+    if not (isinstance(node, fx.Node) and node.op in ("call_function", "call_method") and len(node.args) == 2
+            and not node.kwargs and node.target in (operator.eq, torch.eq, "eq", "__eq__")):
+        return None
+    for a, b in (node.args, node.args[::-1]):
+        L, C = _last_axis_column(a), _arange_length(b)
+        if L is not None and C is not None and len(shape_of(b) or ()) == 1 and dtype_of(L) != torch.bool:
+            return L, C
+    return None
+
+
+def _less_than(f) -> Optional[tuple]:
+    """(p, c) of the flag ``p < c`` (``lt``, or ``c > p``), else None."""
+    if not (isinstance(f, fx.Node) and f.op in ("call_function", "call_method") and len(f.args) == 2
+            and not f.kwargs):
+        return None
+    if f.target in (operator.lt, torch.lt, "lt", "__lt__"):
+        return f.args[0], f.args[1]
+    if f.target in (operator.gt, torch.gt, "gt", "__gt__"):
+        return f.args[1], f.args[0]
+    return None
+
+
+def _need_capped(L, C, pos: _Positions, flags: list, cw) -> None:
+    """A term placed by ``L == arange(C)`` is nonzero only where L < C: one of its flags is ``v < C``
+    for a v equal to L at the chosen expert wherever the term is nonzero (``pos.values``: L, the
+    positions, or the positions times the term's mask), read along the same axes; L >= 0 there (a
+    count of the term's own mask minus 1 plus counts, ``_positions``). So where the eq form gives a zero
+    row (a position over capacity) the term is zero by its flags too: the fused op, which drops by the
+    flags, drops the same tokens."""
+    for f, lab in flags:
+        lt = _less_than(f)
+        if lt is None:
+            continue
+        v, c = _strip_exact_casts(lt[0]), lt[1]
+        same_c = safety.equivalent(c, C) if isinstance(c, fx.Node) or isinstance(C, fx.Node) else \
+            isinstance(c, (int, float)) and not isinstance(c, bool) and c == C
+        if same_c and any(safety.equivalent(v, _strip_exact_casts(n)) and tuple(lab) == tuple(a)
+                          for n, a in pos.values):
+            return
+    decline("slots_dispatch", f"combine weights {cw.name}: slots placed by {L.name} == arange({C}) (a zero row for "
+                              f"a position >= {C}) in a term with no flag {L.name} < {C}: a token over capacity "
+                              "would be dropped by the zero row but kept by the fused op")
+
+
 def _term(t: fx.Node, axes: tuple, cw: fx.Node):
     """One term of the combine weights over ``axes`` ("s", "e", "c") or, stacked, ("k", "s", "e", "c")."""
-    slots, flags, weights = [], [], []
+    slots, flags, weights, bound = [], [], [], None
     for f, lab in _factors(t, axes):
         oh = _one_hot(f, reshaped=False) if isinstance(f, fx.Node) else None
-        if oh is not None and lab and lab[-1] == "c" and "e" not in lab:
-            slots.append((oh[0], lab[:-1]))
+        eq = _eq_one_hot(f) if isinstance(f, fx.Node) and oh is None else None
+        if (oh is not None or eq is not None) and lab and lab[-1] == "c" and "e" not in lab:
+            slots.append(((oh or eq)[0], lab[:-1]))
+            bound = eq[1] if eq is not None else bound
         elif "c" in _varies(f, lab):
             decline("slots_dispatch", f"combine weights {cw.name}: {f.name} varies along the slots and is not a "
                                       "one-hot of slot positions")
@@ -770,6 +836,8 @@ def _term(t: fx.Node, axes: tuple, cw: fx.Node):
     need(set(slots[0][1]) - {None} <= per_token, f"combine weights {cw.name}: slot positions do "
                                                                    "not follow the tokens", part="slots_dispatch")
     pos = _slot_of(slots[0][0], slots[0][1], choice, flags)
+    if bound is not None:
+        _need_capped(slots[0][0], bound, pos, flags, cw)
     width = 1
     if "k" in axes:
         width = shape_of(t)[axes.index("k")]

@@ -48,8 +48,17 @@ class GroupCapacityMoE(nn.Module):
         slot2 = (loc2 * kept2).sum(dim=-1)
         g1, g2 = (gates * kept1).sum(dim=-1), (gates * kept2).sum(dim=-1)
         dt = gates.dtype
-        return (g1[..., None, None] * kept1.to(dt)[..., None] * Fn.one_hot(slot1, C).to(dt)[..., None, :]
-                + g2[..., None, None] * kept2.to(dt)[..., None] * Fn.one_hot(slot2, C).to(dt)[..., None, :])
+        one_hot = Fn.one_hot
+        if self.mutation in ("eq_one_hot", "eq_uncapped"):
+            # positions of every choice (over capacity too), slots by comparison with arange(C): a zero row
+            # for a position >= C; "eq_uncapped" forgets the capacity flag, so only the zero row drops
+            slot1, slot2 = (loc1 * mask1).sum(dim=-1), (loc2 * mask2).sum(dim=-1)
+            one_hot = lambda L, C: L.unsqueeze(-1) == torch.arange(C)  # noqa: E731
+            if self.mutation == "eq_uncapped":
+                kept1, kept2 = mask1, mask2
+                g1, g2 = (gates * kept1).sum(dim=-1), (gates * kept2).sum(dim=-1)
+        return (g1[..., None, None] * kept1.to(dt)[..., None] * one_hot(slot1, C).to(dt)[..., None, :]
+                + g2[..., None, None] * kept2.to(dt)[..., None] * one_hot(slot2, C).to(dt)[..., None, :])
 
     def forward(self, tokens):
         x = tokens.to(self.w_in.dtype).view(G, -1, D)
@@ -97,7 +106,21 @@ def _bf16_close(got, want):
     assert got.dtype == want.dtype and err <= 2e-2, f"relative error {err:.3e}"
 
 
+@pytest.mark.parametrize("capacity", [1, 16])
+def test_eq_slot_one_hot_rewritten(capacity):
+    """Slots by ``L.unsqueeze(-1) == arange(C)`` of uncapped positions, the terms capped by ``loc < C``."""
+    cands = rewrite_and_compare(_seeded(capacity=capacity, mutation="eq_one_hot"), D, lengths=(6, 8))
+    assert ("expert_slots", "rewritten") in _status(cands), [(c.idiom, c.status, c.reason) for c in cands]
+
+
+def test_eq_slot_one_hot_rewritten_bf16():
+    m = _seeded(capacity=1, mutation="eq_one_hot", dtype=torch.bfloat16)
+    cands = rewrite_and_compare(m, D, lengths=(8,), close=_bf16_close)
+    assert ("expert_slots", "rewritten") in _status(cands), [(c.idiom, c.status, c.reason) for c in cands]
+
+
 @pytest.mark.parametrize("mutation,words", [
+    ("eq_uncapped", "over capacity"),
     ("across_groups", "slot positions"),
     ("other_group_weights", "proof"),
     ("other_group_slots", "regrouped"),
