@@ -375,7 +375,19 @@ def _is_flag(node) -> bool:
         return True
     if (node.op == "call_function" and node.target in _MUL and len(node.args) == 2) or inplace_as(node) == "mul":
         return all(isinstance(a, fx.Node) and _is_flag(a) for a in node.args)
-    return False
+    return _row_sum_mask(node) is not None
+
+
+def _row_sum_mask(node) -> Optional[list]:
+    """The factors of M, labelled ("a0", ..., "e"), when ``node`` is ``M.sum(-1)`` of a 0/1 product M
+    with a one-hot over its last axis among its factors (lucidrains' ``mask_1.sum(dim=-1)``): at most
+    one term of the sum is nonzero, so the row sum is 0/1, M at the one-hot's column; else None."""
+    rank = len(shape_of(node) or ()) if isinstance(node, fx.Node) else 0
+    M = _reduce(node, "sum", (-1, rank), keepdim=False) if rank else None
+    if M is None or len(shape_of(M) or ()) != rank + 1:
+        return None
+    mask = _mask(M, tuple(f"a{i}" for i in range(rank)) + ("e",))
+    return mask if mask is not None and _choice_of(mask) is not None else None
 
 
 def _size_one(v) -> bool:
@@ -667,6 +679,11 @@ def _positions(loc, axes: tuple) -> _Positions:
         if c is not None and sign == 1 and (not grouped or len(shape_of(t) or ()) == 3):
             cums.append(c)
             continue
+        c = _exclusive_cumsum(t) if not stacked else None
+        if c is not None and sign == 1:  # cumsum(B) - B: cumsum(B) - 1 where B is 1 (the term's tokens)
+            cums.append(c)
+            consts -= sign
+            continue
         # (1, E) or (E,): broadcast over tokens; the axis of the tokens as 0 or as -2 of the (S, E) mask
         counted = _reduce(t, "sum", (0, -2)) if not stacked and not grouped else None
         if counted is not None and len(shape_of(counted) or ()) != 2 and arg(t, 1, "dim") not in (0, (0,), [0]):
@@ -699,10 +716,31 @@ def _positions(loc, axes: tuple) -> _Positions:
     return _Positions(choice=choice, counted=counted, offsets=offsets)
 
 
+def _exclusive_cumsum(t) -> Optional[fx.Node]:
+    """B of ``F.pad(B, (0, 0, 1, 0)).cumsum(-2)[..., :-1, :]`` (lucidrains' ``cumsum_exclusive`` along the
+    tokens, axis -2 of an (S, E) or (G, S, E) mask): one zero row in front, the running sum, the last row
+    off, so row s is sum_{r<s} B[r] = cumsum(B)[s] - B[s]; else None."""
+    index = _without_ellipsis(t)
+    c = t.args[0] if index is not None else None
+    p = _reduce(c, "cumsum", (-2, len(shape_of(c) or ()) - 2))
+    if p is None or p.op != "call_function" or p.target not in (torch._C._nn.pad, Fn.pad) or \
+            arg(p, 2, "mode", "constant") != "constant" or arg(p, 3, "value", None) not in (None, 0, 0.0):
+        return None
+    B, rank = arg(p, 0, "input"), len(shape_of(c) or ())
+    pad = tuple(arg(p, 1, "pad", ()))
+    ok = rank in (2, 3) and index[:rank] == (slice(None),) * (rank - 2) + (slice(None, -1, None), slice(None)) \
+        and len(index) == rank and pad[:4] == (0, 0, 1, 0) and not any(pad[4:])
+    return B if ok and isinstance(B, fx.Node) and safety.same_shape(B, t) else None
+
+
 def _slot_of(L, L_labels: tuple, choice: tuple, term_flags: list) -> _Positions:
     """Prove that wherever the term is nonzero, L == loc at the chosen expert and loc counts the
-    token (so kept tokens of one expert get distinct positions); return loc's description."""
+    token (so kept tokens of one expert get distinct positions); return loc's description. ``.long()``
+    of fp32/fp64 positions is exact (counts of 0/1 masks: integers, exact below 2**24)."""
     L = _strip_exact_casts(L)
+    if L.op == "call_method" and L.target in ("long", "int") and len(L.args) == 1 and not L.kwargs and \
+            dtype_of(L.args[0]) in (torch.float32, torch.float64):
+        L = _strip_exact_casts(L.args[0])
     red = L if L.op in ("call_function", "call_method") else None
     inner = None
     for d in range(len(L_labels) + 1):
@@ -776,6 +814,16 @@ def _eq_one_hot(node) -> Optional[tuple]:
     return None
 
 
+def _same_bound(a, b) -> bool:
+    """``a`` and ``b`` are the same integer bound: equal numbers (4 and 4.0), equivalent nodes, also
+    through ``torch.sym_float`` of a SymInt (``float(C)``: exact for any capacity below 2**53)."""
+    a, b = (n.args[0] if isinstance(n, fx.Node) and n.op == "call_function" and n.target is torch.sym_float
+            and len(n.args) == 1 else n for n in (a, b))
+    if isinstance(a, fx.Node) or isinstance(b, fx.Node):
+        return safety.equivalent(a, b)
+    return all(isinstance(n, (int, float)) and not isinstance(n, bool) for n in (a, b)) and a == b
+
+
 def _less_than(f) -> Optional[tuple]:
     """(p, c) of the flag ``p < c`` (``lt``, or ``c > p``), else None."""
     if not (isinstance(f, fx.Node) and f.op in ("call_function", "call_method") and len(f.args) == 2
@@ -800,9 +848,7 @@ def _need_capped(L, C, pos: _Positions, flags: list, cw) -> None:
         if lt is None:
             continue
         v, c = _strip_exact_casts(lt[0]), lt[1]
-        same_c = safety.equivalent(c, C) if isinstance(c, fx.Node) or isinstance(C, fx.Node) else \
-            isinstance(c, (int, float)) and not isinstance(c, bool) and c == C
-        if same_c and any(safety.equivalent(v, _strip_exact_casts(n)) and tuple(lab) == tuple(a)
+        if _same_bound(c, C) and any(safety.equivalent(v, _strip_exact_casts(n)) and tuple(lab) == tuple(a)
                           for n, a in pos.values):
             return
     decline("slots_dispatch", f"combine weights {cw.name}: slots placed by {L.name} == arange({C}) (a zero row for "
@@ -813,7 +859,14 @@ def _need_capped(L, C, pos: _Positions, flags: list, cw) -> None:
 def _term(t: fx.Node, axes: tuple, cw: fx.Node):
     """One term of the combine weights over ``axes`` ("s", "e", "c") or, stacked, ("k", "s", "e", "c")."""
     slots, flags, weights, bound = [], [], [], None
-    for f, lab in _factors(t, axes):
+    factors, sums = _factors(t, axes), []
+    for f, lab in factors:
+        rows = _row_sum_mask(f) if isinstance(f, fx.Node) and "e" not in lab else None
+        if rows is not None and len(lab) == len(rows[0][1]) - 1:
+            # M.sum(-1) times the term's one-hot over e is M (at most one nonzero column): M's factors too
+            names = dict(zip([f"a{i}" for i in range(len(lab))] + ["e"], tuple(lab) + ("e",)))
+            sums.append([(g, tuple(names.get(a) for a in la)) for g, la in rows])
+    for f, lab in factors:
         oh = _one_hot(f, reshaped=False) if isinstance(f, fx.Node) else None
         eq = _eq_one_hot(f) if isinstance(f, fx.Node) and oh is None else None
         if (oh is not None or eq is not None) and lab and lab[-1] == "c" and "e" not in lab:
@@ -829,6 +882,11 @@ def _term(t: fx.Node, axes: tuple, cw: fx.Node):
     need(len(slots) == 1, f"combine weights {cw.name}: a term is not placed by one one-hot of "
                                             "slot positions (one_hot(locations, C))", part="slots_dispatch")
     choice = _choice_of(flags)
+    for rows in sums:  # valid only where the term has that one-hot itself
+        need(choice is not None and _same_ids(_choice_of(rows), choice),
+             f"combine weights {cw.name}: a row sum of a mask over the experts is not multiplied by that mask's "
+             "one-hot of the chosen experts", part="slots_dispatch")
+        flags.extend(rows)
     per_token = set(axes) - {"e", "c"}
     need(choice is not None and set(choice[1]) - {None} <= per_token,
          f"combine weights {cw.name}: a term is not restricted to one chosen expert per token (one_hot(ids, E))",
@@ -866,6 +924,32 @@ def _terms(cw: fx.Node) -> list:
     return _ordered(terms, cw)
 
 
+def _capped_by(f, lab, pos: _Positions):
+    """c when the flag ``f`` (labels ``lab``) is ``v < c`` with v the term's positions (``pos.values``)."""
+    lt = _less_than(f)
+    if lt is None:
+        return None
+    v = _strip_exact_casts(lt[0])
+    hit = any(safety.equivalent(v, _strip_exact_casts(n)) and tuple(lab) == tuple(a) for n, a in pos.values)
+    return lt[1] if hit else None
+
+
+def _covers_kept(m: list, term: SlotTerm, pos: _Positions) -> bool:
+    """The count of the offset mask ``m`` is above every kept position of ``term``: m covers the term's
+    counted mask B (its factors among B's), or is B times ``v < C`` with v the term's positions and the
+    term itself capped by a flag ``v' < C`` on its positions (same C): the positions of B's tokens are
+    off, off + 1, ... (distinct, consecutive), so m counts min(count(B), C - off) of them and the kept
+    ones (< C) lie in [off, off + count(m)) (lucidrains' counts of the first choices kept)."""
+    rest = [(f, lab) for f, lab in m if not _within([(f, lab)], pos.counted)]
+    if not rest:
+        return True
+    bounds = [_capped_by(f, lab, pos) for f, lab in rest]
+    if len(rest) != 1 or bounds[0] is None:
+        return False
+    own = [_capped_by(f, lab, pos) for f, lab in term.flags]
+    return any(c is not None and _same_bound(c, bounds[0]) for c in own)
+
+
 def _ordered(terms: list, cw: fx.Node) -> list:
     """The terms [(SlotTerm, _Positions)] ordered so that term k's positions start after the positions of
     the terms before it (declines otherwise)."""
@@ -881,7 +965,7 @@ def _ordered(terms: list, cw: fx.Node) -> list:
         rest, by_term = list(pos.offsets), {}
         for j, (tj, pj) in enumerate(ordered[:k]):
             hit = next((m for m in rest if _same_ids(_choice_of(m), (tj.choice, tj.choice_labels))
-                        and _within(m, pj.counted)), None)
+                        and _covers_kept(m, tj, pj)), None)
             need(hit is not None,
                  f"combine weights {cw.name}: the slot positions of choice {k + 1} do not start after the "
                  f"positions of choice {j + 1} (a slot could hold two tokens)", part="slots_dispatch")

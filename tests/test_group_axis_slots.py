@@ -60,9 +60,42 @@ class GroupCapacityMoE(nn.Module):
         return (g1[..., None, None] * kept1.to(dt)[..., None] * one_hot(slot1, C).to(dt)[..., None, :]
                 + g2[..., None, None] * kept2.to(dt)[..., None] * one_hot(slot2, C).to(dt)[..., None, :])
 
+    def gating_exclusive(self, x, C):
+        """lucidrains' spelling: exclusive cumsum by pad + slice, ``mask *= (pos < C)`` in place, per-token
+        flags as row sums of the capped masks, the second choice after the counts of the kept first
+        choices, slots by ``pos.long().unsqueeze(-1) == arange(C)``. Mutations: "uncapped_first" (the first
+        choice's term not capped, its positions >= C never dropped by a flag), "row_sum_alone" (a row sum of
+        a mask with another one-hot than the term's), "offset_cap_smaller" (the second choice after the first
+        choices counted below C - 1 only: two tokens in one slot)."""
+        gates = Fn.softmax(self.router(x), dim=-1)
+        first = torch.argmax(gates, dim=-1)
+        mask1 = Fn.one_hot(first, E).float()
+        second = torch.argmax(gates * (1.0 - mask1), dim=-1)
+        mask2 = Fn.one_hot(second, E).float()
+        pos1 = _exclusive(mask1) * mask1
+        mask1 *= (pos1 < float(C)).float()
+        flat1 = mask1.sum(dim=-1)
+        if self.mutation == "uncapped_first":
+            flat1 = Fn.one_hot(first, E).float().sum(dim=-1)
+        count1 = mask1.sum(dim=-2, keepdim=True)
+        if self.mutation == "offset_cap_smaller":  # counts of the first choices below C - 1 only: collisions
+            count1 = (Fn.one_hot(first, E).float() * (pos1 < float(C - 1)).float()).sum(dim=-2, keepdim=True)
+        pos2 = (_exclusive(mask2) + count1) * mask2
+        mask2 *= (pos2 < float(C)).float()
+        flat2 = mask2.sum(dim=-1)
+        g1, g2 = gates.max(dim=-1).values * flat1, (gates * mask2).sum(dim=-1)
+        one_hot2 = Fn.one_hot(first if self.mutation == "row_sum_alone" else second, E)
+        dt = gates.dtype
+
+        def slot(p):
+            return (p.sum(dim=-1).long().unsqueeze(-1) == torch.arange(C)).to(dt)[..., None, :]
+        return (g1[..., None, None] * flat1[..., None, None] * Fn.one_hot(first, E)[..., None] * slot(pos1)
+                + g2[..., None, None] * flat2[..., None, None] * one_hot2[..., None] * slot(pos2))
+
     def forward(self, tokens):
         x = tokens.to(self.w_in.dtype).view(G, -1, D)
-        combine = self.gating(x, self.capacity)
+        lucid = self.mutation in ("exclusive", "uncapped_first", "row_sum_alone", "offset_cap_smaller")
+        combine = self.gating_exclusive(x, self.capacity) if lucid else self.gating(x, self.capacity)
         dispatch = combine.bool().to(x)
         slots = torch.einsum("bnd,bnec->ebcd", x, dispatch)
         shape = slots.shape
@@ -73,8 +106,12 @@ class GroupCapacityMoE(nn.Module):
         else:
             y = y.reshape(*shape)
         weights = combine.flip(0) if self.mutation == "other_group_weights" else combine
-        out = torch.einsum("ebcd,bnec->bnd", y, weights)
+        out = torch.einsum("ebcd,bnec->bnd", y, weights.to(y.dtype))
         return out.reshape(-1, D)
+
+
+def _exclusive(t):
+    return Fn.pad(t, (0, 0, 1, 0)).cumsum(dim=-2)[..., :-1, :]
 
 
 def _seeded(**kw):
@@ -119,14 +156,31 @@ def test_eq_slot_one_hot_rewritten_bf16():
     assert ("expert_slots", "rewritten") in _status(cands), [(c.idiom, c.status, c.reason) for c in cands]
 
 
+@pytest.mark.parametrize("capacity", [1, 2, 16])
+def test_exclusive_cumsum_row_sums_rewritten(capacity):
+    """lucidrains' spelling (``gating_exclusive``): rewritten and exact, fp32."""
+    cands = rewrite_and_compare(_seeded(capacity=capacity, mutation="exclusive"), D, lengths=(6, 8))
+    assert ("expert_slots", "rewritten") in _status(cands), [(c.idiom, c.status, c.reason) for c in cands]
+
+
+def test_exclusive_cumsum_row_sums_rewritten_bf16():
+    m = _seeded(capacity=1, mutation="exclusive", dtype=torch.bfloat16)
+    cands = rewrite_and_compare(m, D, lengths=(8,), close=_bf16_close)
+    assert ("expert_slots", "rewritten") in _status(cands), [(c.idiom, c.status, c.reason) for c in cands]
+
+
 @pytest.mark.parametrize("mutation,words", [
+    ("uncapped_first", "over capacity"),
+    ("offset_cap_smaller", "do not start after"),
+    ("row_sum_alone", "row sum"),
     ("eq_uncapped", "over capacity"),
     ("across_groups", "slot positions"),
     ("other_group_weights", "proof"),
     ("other_group_slots", "regrouped"),
 ])
 def test_near_miss_not_rewritten(mutation, words):
-    cands = rewrite_and_compare(_seeded(capacity=2, mutation=mutation), D, lengths=(8,))
+    # 16 tokens per group for 4 experts: choices over capacity and second choices behind the first ones
+    cands = rewrite_and_compare(_seeded(capacity=2, mutation=mutation), D, lengths=(32,))
     assert all(c.status != "rewritten" for c in cands), _status(cands)
     reasons = [c.reason for c in cands if c.idiom == "expert_slots"]
     assert reasons and all(words in r for r in reasons), reasons
