@@ -49,7 +49,15 @@ Parts (recognisers registered in ``moe_inductor.recognize.parts``):
                        positions counted over the tokens of each group (``cumsum(B, 1) - 1 +
                        B_j.sum(1, keepdim=True)``); slots of different groups are different slots (e, g, c), so
                        this is flat capacity over G * C slots per expert where token (g, s) takes only slots of
-                       group g; the fused op reads the tokens as G * S rows.
+                       group g; the fused op reads the tokens as G * S rows. lucidrains' ``Top2Gating``
+                       spells the rest: positions by an exclusive cumsum ``F.pad(B, (0, 0, 1, 0)).cumsum(-2)
+                       [..., :-1, :]`` (cumsum(B) - B, i.e. cumsum - 1 on B's tokens, ``_exclusive_cumsum``),
+                       per-token flags ``M.sum(-1)`` of 0/1 masks with a one-hot over the experts (0/1, and M
+                       itself where the term has that one-hot: ``_row_sum_mask``), the second choice after
+                       the counts of the kept first choices ``B * (pos < C)`` (``_covers_kept``: the first
+                       term capped by the same C keeps only positions below that count), and slots by
+                       ``L.unsqueeze(-1) == arange(C)`` (a zero row, not an error, for L >= C: accepted only
+                       for a term capped by ``v < C`` on its own positions, ``_need_capped``).
   ``gathered_rows``    expert-choice routing: ``x[idx]`` with an (E, C) table of token ids (``topk(scores.T, C)``
                        indices, or any other), also ``x[idx.reshape(-1)].view(E, C, d)``.
   ``dense_scores``     every token in every expert's slots (C = S), inputs scaled by a dense (S, E) score matrix
@@ -647,14 +655,24 @@ class _Positions:
     values: list = dataclasses.field(default_factory=list)
 
 
+def _counts_of(t, grouped: bool) -> Optional[fx.Node]:
+    """The mask whose column counts ``t`` is: (1, E) or (E,), broadcast over the tokens, the axis of the
+    tokens as 0 or as -2 of the (S, E) mask; grouped, (G, 1, E) (``keepdim``), each group's counts."""
+    if grouped:
+        counted = _reduce(t, "sum", (1, -2), keepdim=True)
+        return counted if len(shape_of(counted) or ()) == 3 else None
+    counted = _reduce(t, "sum", (0, -2))
+    if counted is not None and len(shape_of(counted) or ()) != 2 and arg(t, 1, "dim") not in (0, (0,), [0]):
+        return None
+    return counted
+
+
 def _positions(loc, axes: tuple) -> _Positions:
     """``loc = cumsum(B, 0) - 1 + sum_j B_j.sum(0, keepdim=True)`` for 0/1 masks B (the one-hot of the
-    chosen experts, possibly times capacity flags) and B_j, over axes (s, e); or, over (k, s, e),
-    ``cumsum(B.reshape(K * S, E), 0) - 1`` reshaped back (one count over every choice and token:
-    nanoMoE). Declines otherwise."""
-    loc = _strip_exact_casts(loc)
-    stacked, outer = len(axes) == 3 and axes != ("g", "s", "e"), loc
-    grouped = axes == ("g", "s", "e")  # (G, S, E): counted over the tokens of each group, axis 1
+    chosen experts, possibly times capacity flags) and B_j, over axes (s, e) (or (g, s, e): along axis 1,
+    per group); or, over (k, s, e), ``cumsum(B.reshape(K * S, E), 0) - 1`` reshaped back (nanoMoE)."""
+    loc, grouped = _strip_exact_casts(loc), axes == ("g", "s", "e")
+    stacked, outer = len(axes) == 3 and not grouped, loc
     need(grouped or axes in (("s", "e"), ("k", "s", "e"), ("s", "k", "e")),
          f"slot positions {loc.name} are not counted over the tokens for each expert (axes {axes})",
          part="slots_dispatch")
@@ -684,13 +702,7 @@ def _positions(loc, axes: tuple) -> _Positions:
             cums.append(c)
             consts -= sign
             continue
-        # (1, E) or (E,): broadcast over tokens; the axis of the tokens as 0 or as -2 of the (S, E) mask
-        counted = _reduce(t, "sum", (0, -2)) if not stacked and not grouped else None
-        if counted is not None and len(shape_of(counted) or ()) != 2 and arg(t, 1, "dim") not in (0, (0,), [0]):
-            counted = None
-        if grouped:  # (G, 1, E): each group's counts, broadcast over its tokens
-            counted = _reduce(t, "sum", (1, -2), keepdim=True)
-            counted = counted if len(shape_of(counted) or ()) == 3 else None
+        counted = None if stacked else _counts_of(t, grouped)
         mask = _mask(counted, axes if grouped else ("s", "e")) if counted is not None else None
         if mask is not None and _choice_of(mask) is not None and sign == 1:
             offsets.append(mask)
@@ -1187,9 +1199,8 @@ def _mm_slots_view(slots) -> Optional[fx.Node]:
           'torch.mm(combine.bool().permute(1, 2, 0).view(E * C, S), x) (rows e * C + c, fairseq): one-hot/cumsum '
           'capacity slots (GShard/Switch, nanoMoE, fairseq)')
 def capacity_einsum(slots) -> Optional[SlotsDispatch]:
-    grouped = _grouped_slots(slots)
-    if grouped is not None:
-        return _grouped_capacity(slots, grouped)
+    if _grouped_slots(slots) is not None:
+        return _grouped_capacity(slots, _grouped_slots(slots))
     flat = _mm_slots_view(slots)
     if flat is not None:  # mm(...).view(E, C, d): the (E * C, d) rows regrouped row-major into the slots
         disp = capacity_einsum(flat)
