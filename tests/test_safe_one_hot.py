@@ -1,4 +1,4 @@
-"""lucidrains' ``safe_one_hot`` in sonic frames (moe_inductor/one_hot_width.py, shape_items.py).
+"""lucidrains' ``safe_one_hot`` in sonic frames (moe_inductor/dynamo/one_hot_width.py, shape_items.py).
 
 ``F.one_hot(i, max(i.max() + 2, C))[..., :C]`` (mixture-of-experts, st-moe-pytorch) breaks the graph
 under plain Dynamo (the width is a host read of the data). In a sonic frame the width is an unbacked
@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch._dynamo.utils import counters
 
-from moe_inductor import backend as sonic_backend
+from moe_inductor.compile import backend as sonic_backend
 from rewrite_check import light_backend
 
 d, W = 8, 16

@@ -114,7 +114,7 @@ def test_explain_names_host_read(form):
     torch.manual_seed(0)
     rep = moe_inductor.explain(SafeOneHotMoE(form), torch.randn(8, d), inductor=False)
     if form == "safe_one_hot":
-        # no host read any more: safe_one_hot is traced (moe_inductor/one_hot_width.py) and its narrowed
+        # no host read any more: safe_one_hot is traced (moe_inductor/dynamo/one_hot_width.py) and its narrowed
         # ``== arange(C)`` slot one-hot is read as capped slots (patterns/expert_slots.py ``_need_capped``)
         assert [e.status for e in rep.entries] == ["rewritten"], [(e.status, e.reason) for e in rep.entries]
         return

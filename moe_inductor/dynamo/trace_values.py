@@ -82,7 +82,7 @@ def _constant(a):
     raise NotFoldable(f"argument {a!r} is not a number, dtype or device")
 
 
-def _arg(a, leaves: list, depth: int):
+def _operand_value(a, leaves: list, depth: int):
     if isinstance(a, torch.fx.Node):
         return _value(a, leaves, depth + 1)
     return _constant(a)
@@ -94,7 +94,7 @@ def _scalar_node(node, leaves: list, depth: int):
     if not isinstance(v, (torch.SymInt, torch.SymFloat)):
         return v
     if node.op == "call_function" and node.target in _PY_SCALAR_OPS and not node.kwargs:
-        return node.target(*(_arg(a, leaves, depth) for a in node.args))
+        return node.target(*(_operand_value(a, leaves, depth) for a in node.args))
     if isinstance(v, torch.SymInt):
         return _hint(v, leaves)
     raise NotFoldable(f"{_describe(node)} is a symbolic float not computed from sizes")
@@ -116,8 +116,8 @@ def _value(node, leaves: list, depth: int = 0):
         return _factory(node, v, leaves, depth)
     if node.target not in (_METHODS if node.op == "call_method" else _FNS):
         raise NotFoldable(f"{_describe(node)} is not an op folded at trace time")
-    args = [_arg(a, leaves, depth) for a in node.args]
-    kwargs = {k: _arg(a, leaves, depth) for k, a in node.kwargs.items()}
+    args = [_operand_value(a, leaves, depth) for a in node.args]
+    kwargs = {k: _operand_value(a, leaves, depth) for k, a in node.kwargs.items()}
     if node.target in ("to", "view") or set(kwargs) - {"dim"}:
         return _cast(node, args, kwargs, v)
     if node.target in _INT_ONLY and any(isinstance(a, float) or (isinstance(a, torch.Tensor) and a.is_floating_point())
@@ -149,7 +149,7 @@ def _factory(node, fake, leaves: list, depth: int):
     dtype (the default float32 for a Python float, as eager makes it)."""
     if set(node.kwargs) - {"dtype", "device", "layout", "pin_memory", "requires_grad"}:
         raise NotFoldable(f"{_describe(node)} has arguments other than dtype/device")
-    args = [_arg(a, leaves, depth) for a in node.args]
+    args = [_operand_value(a, leaves, depth) for a in node.args]
     if node.target in (torch.ones, torch.zeros):
         fill = 1 if node.target is torch.ones else 0
     elif node.target is torch.full:

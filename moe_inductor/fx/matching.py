@@ -76,7 +76,7 @@ def getitem(obj, index) -> CallFunction:
 
 # --------------------------------------------------------------------------- matched forms
 
-def _is_eq(node: Any) -> bool:
+def is_eq(node: Any) -> bool:
     return isinstance(node, fx.Node) and not node.kwargs and len(node.args) == 2 and (
         (node.op == "call_function" and node.target in (operator.eq, torch.eq))
         or (node.op == "call_method" and node.target in ("eq", "__eq__")))
@@ -88,7 +88,7 @@ def eq_constant(node: Any) -> Optional[tuple]:
     ``e == t``), ``t.__eq__(e)`` as a method call and ``operator.eq(e, t)`` as written (2.11),
     ``torch.eq(t, e)`` and ``t.eq(e)`` as the user wrote them (both). Column ``e`` of a mask
     ``ids[..., None] == arange(E)`` is ``ids == e`` too (``arange_column``)."""
-    if not _is_eq(node):
+    if not is_eq(node):
         return arange_column(node)
     for t, v in (node.args, node.args[::-1]):
         if isinstance(t, fx.Node) and isinstance(example_value(t), torch.Tensor) and int_value(v) is not None:
@@ -110,7 +110,7 @@ def _arange_E(node: Any) -> Optional[int]:
     return None
 
 
-def _last_axis_added(node: Any) -> Optional[fx.Node]:
+def last_axis_added(node: Any) -> Optional[fx.Node]:
     """t if ``node`` is ``t.unsqueeze(-1)`` / ``t[..., None]`` / ``t[:, :, None]`` (a new last axis)."""
     if not isinstance(node, fx.Node):
         return None
@@ -163,10 +163,10 @@ def arange_column(node: Any) -> Optional[tuple]:
 def arange_onehot(node: Any) -> Optional[tuple]:
     """(ids, E) if ``node`` is ``ids[..., None] == arange(E)`` (either side of the ``==``): the
     boolean ``one_hot(ids, E)``, at most one True along its last axis."""
-    if not _is_eq(node):
+    if not is_eq(node):
         return None
     for a, b in (node.args, node.args[::-1]):
-        ids, E = _last_axis_added(a), _arange_E(b)
+        ids, E = last_axis_added(a), _arange_E(b)
         if ids is not None and E is not None:
             return ids, E
     return None

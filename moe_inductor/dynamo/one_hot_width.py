@@ -36,10 +36,10 @@ from typing import Optional
 import torch
 import torch.fx as fx
 
-from .fx.build import call, method
-from .fx.matching import _is_eq, _last_axis_added
-from .fx.nodes import invalidate_order
-from .fx.shapes import example_value, same
+from moe_inductor.fx.build import call, method
+from moe_inductor.fx.matching import is_eq, last_axis_added
+from moe_inductor.fx.nodes import invalidate_order
+from moe_inductor.fx.shapes import example_value, same
 
 log = logging.getLogger("moe_inductor")
 
@@ -140,7 +140,7 @@ _INT_CASTS = ("long", "int", "short", "bool")
 
 def _cast_free(node):
     """The producer of ``node`` under dtype casts (``safety.strip_casts`` and integer casts)."""
-    from .safety import strip_casts
+    from moe_inductor.fx.safety import strip_casts
 
     while isinstance(node, fx.Node):
         inner = strip_casts(node)
@@ -178,10 +178,10 @@ def _one_hot_core(x) -> Optional[tuple]:
         return None
     if core.op == "call_function" and is_one_hot(core.target) and core.args and not core.kwargs:
         return (core, core.args[0]) if isinstance(core.args[0], fx.Node) else None
-    if not _is_eq(core):
+    if not is_eq(core):
         return None
     for a, b in (core.args, core.args[::-1]):
-        ids = _last_axis_added(a)
+        ids = last_axis_added(a)
         if ids is not None and isinstance(b, fx.Node) and b.op == "call_function" and b.target is torch.arange \
                 and len(b.args) == 1 and not set(b.kwargs) - {"device", "dtype"}:
             return core, ids
