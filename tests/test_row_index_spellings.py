@@ -154,9 +154,9 @@ def test_labml_drop_index_from_another_graph_declined(monkeypatch):
     """labml's Switch with capacity dropping, its capacity loop left as written (the loop capture's
     form for it, ``drop_lists.capacity_skip_loop``, switched off here): Dynamo splits the block at the
     skip and the experts' graph reads the index lists as inputs (``dispatch.graph_input``)."""
-    from moe_inductor.dynamo import capture, drop_lists
+    from moe_inductor.dynamo import capture, loop_capture
 
-    monkeypatch.setattr(drop_lists, "capacity_skip_loop", lambda fdef, loop: None)
+    monkeypatch.setattr(loop_capture, "capacity_skip_loop", lambda fdef, loop: None)
     monkeypatch.setattr(capture, "_analysed", {})
     entry = next(e for e in labml_switch.ENTRIES if e.name == "labml_switch_drop")
     cands = _light_run(entry.build(), [entry.inputs(T, 0)[0] for T in (8, 5, 8)])

@@ -29,8 +29,8 @@ from __future__ import annotations
 import ast
 from typing import Optional
 
-from moe_inductor.dynamo.loop_capture import (PURE_NODES, Decline, following, inside_loop, is_name, length_of, loads, short,
-                           source_text, stores_of)
+from moe_inductor.dynamo.source_ast import (PURE_NODES, Decline, following, inside_loop, is_name, length_of, loads, short,
+                                           source_text, stores_of)
 
 
 def _list_item(node, L, i) -> bool:

@@ -86,6 +86,9 @@ import types
 from typing import Optional
 
 from moe_inductor.fx.targets import ALIASING_METHODS, CAST_METHODS
+from moe_inductor.dynamo.drop_lists import capacity_skip_loop
+from moe_inductor.dynamo.source_ast import (PURE_NODES, Decline, const_int, following, inside_loop, is_method,  # noqa: F401
+                                           is_name, is_torch_fn, length_of, loads, short, source_text, stores_of)
 
 #: name of the loop variable of a rewritten loop (the expert id, a Python int)
 EXPERT = "_sonic_expert"
@@ -141,71 +144,6 @@ class Analysis:
     notes: list = dataclasses.field(default_factory=list)
 
 
-class Decline(Exception):
-    def __init__(self, node, text: str):
-        super().__init__(text)
-        self.lineno = getattr(node, "lineno", 0)
-        self.text = text
-
-
-def source_text(node) -> str:
-    try:
-        return ast.unparse(node)
-    except Exception:  # pragma: no cover
-        return ast.dump(node)
-
-
-def short(node, limit: int = 60) -> str:
-    s = source_text(node).replace("\n", " ")
-    return s if len(s) <= limit else s[:limit - 3] + "..."
-
-
-def _is_method(node, names, receiver=None) -> bool:
-    return isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in names \
-        and (receiver is None or source_text(node.func.value) == receiver)
-
-
-def _is_torch_fn(node, names) -> bool:
-    """``torch.<name>(...)`` / ``torch.nn.functional.<name>`` / ``F.<name>`` / bare ``<name>``."""
-    if not isinstance(node, ast.Call):
-        return False
-    f = node.func
-    if isinstance(f, ast.Attribute):
-        return f.attr in names
-    return isinstance(f, ast.Name) and f.id in names
-
-
-def _const_int(node) -> Optional[int]:
-    if isinstance(node, ast.Constant) and type(node.value) is int:
-        return node.value
-    if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
-        v = _const_int(node.operand)
-        return -v if v is not None else None
-    return None
-
-
-def length_of(node) -> tuple:
-    """(X, by_numel) when ``node`` counts the rows of X: ``len(X)``, ``X.shape[0]``, ``X.size(0)``,
-    ``X.size()[0]`` (by_numel False), ``X.numel()``, ``X.nelement()`` (by_numel True: the row count
-    only when X is 1-D); (None, False) for anything else."""
-    if _is_method(node, {"numel", "nelement"}) and not node.args:
-        return node.func.value, True
-    if _is_method(node, {"size"}) and len(node.args) == 1 and _const_int(node.args[0]) == 0:
-        return node.func.value, False
-    if isinstance(node, ast.Subscript) and _const_int(node.slice) == 0 and (
-            (isinstance(node.value, ast.Attribute) and node.value.attr == "shape")
-            or (_is_method(node.value, {"size"}) and not node.value.args)):
-        return (node.value.value if isinstance(node.value, ast.Attribute) else node.value.func.value), False
-    if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "len" \
-            and len(node.args) == 1:
-        return node.args[0], False
-    return None, False
-
-
-PURE_NODES = (ast.Name, ast.Attribute, ast.Constant, ast.BinOp, ast.UnaryOp, ast.operator, ast.unaryop,
-               ast.expr_context)
-
-
 def _capacity_truncation(node) -> Optional[tuple]:
     """(X, c, by_numel) when ``node`` keeps the first c rows of X only when X has more than c:
     ``X[:c] if len(X) > c else X`` (``>=``, or the test reversed: ``X if len(X) <= c else X[:c]``,
@@ -237,11 +175,11 @@ def _capacity_truncation(node) -> Optional[tuple]:
 
 
 def _dims(node) -> Optional[tuple]:
-    v = _const_int(node)
+    v = const_int(node)
     if v is not None:
         return (v,)
     if isinstance(node, (ast.Tuple, ast.List)):
-        out = tuple(_const_int(e) for e in node.elts)
+        out = tuple(const_int(e) for e in node.elts)
         return out if all(d is not None for d in out) else None
     return None
 
@@ -292,9 +230,9 @@ def _last_axis_source(src) -> Optional[tuple]:
     j when E == M.shape[-1] (row-major order), so SRC[j] sums M[..., j]; the rewritten code checks
     that at trace time (``hit.shape[0] == M.shape[-1]``: SRC is 1-D, so the reshape was 2-D)."""
     red = src
-    if _is_method(red, {"sum", "any", "amax"}) and source_text(red.func.value) != "torch":
+    if is_method(red, {"sum", "any", "amax"}) and source_text(red.func.value) != "torch":
         flat, dim = red.func.value, _kwarg(red, "dim", 0)
-    elif _is_torch_fn(red, {"sum", "any", "amax"}) and isinstance(red.func, ast.Attribute) \
+    elif is_torch_fn(red, {"sum", "any", "amax"}) and isinstance(red.func, ast.Attribute) \
             and source_text(red.func.value) == "torch" and len(red.args) >= 1:
         flat, dim = red.args[0], _kwarg(red, "dim", 1)
     else:
@@ -302,7 +240,7 @@ def _last_axis_source(src) -> Optional[tuple]:
     if any(k.arg not in ("dim",) for k in red.keywords) or len(red.args) > (2 if flat is not red.func.value else 1) \
             or _dims(dim) not in ((0,), (-2,)):
         return None
-    if not _is_method(flat, {"reshape", "view"}) or flat.keywords or not isinstance(flat.func.value, ast.Name):
+    if not is_method(flat, {"reshape", "view"}) or flat.keywords or not isinstance(flat.func.value, ast.Name):
         return None
     shape = flat.args[0].elts if len(flat.args) == 1 and isinstance(flat.args[0], (ast.Tuple, ast.List)) else flat.args
     if len(shape) != 2 or any(isinstance(a, ast.Starred) for a in shape):
@@ -322,20 +260,20 @@ def _hit_source(src, bare: bool = False) -> Optional[tuple]:
         if last is not None:
             return last
     reduced = None
-    if bare and (_is_method(src, {"sum", "amax"}) or _is_torch_fn(src, {"sum", "amax"})):
+    if bare and (is_method(src, {"sum", "amax"}) or is_torch_fn(src, {"sum", "amax"})):
         reduced = src
     elif isinstance(src, ast.Compare) and len(src.ops) == 1 and isinstance(src.ops[0], (ast.Gt, ast.NotEq)) \
-            and _const_int(src.comparators[0]) == 0:
+            and const_int(src.comparators[0]) == 0:
         reduced = src.left
-    elif _is_torch_fn(src, {"greater", "gt", "ne", "not_equal"}) and len(src.args) == 2 \
-            and _const_int(src.args[1]) == 0 and isinstance(src.func, ast.Attribute) \
+    elif is_torch_fn(src, {"greater", "gt", "ne", "not_equal"}) and len(src.args) == 2 \
+            and const_int(src.args[1]) == 0 and isinstance(src.func, ast.Attribute) \
             and source_text(src.func.value) in ("torch",):
         reduced = src.args[0]
-    elif _is_method(src, {"gt", "greater", "ne"}) and len(src.args) == 1 and _const_int(src.args[0]) == 0:
+    elif is_method(src, {"gt", "greater", "ne"}) and len(src.args) == 1 and const_int(src.args[0]) == 0:
         reduced = src.func.value
-    elif _is_method(src, {"bool"}) and not src.args:
+    elif is_method(src, {"bool"}) and not src.args:
         reduced = src.func.value
-    elif _is_method(src, {"any"}):
+    elif is_method(src, {"any"}):
         reduced = src
     if reduced is None or not isinstance(reduced, ast.Call) or not isinstance(reduced.func, ast.Attribute):
         return None
@@ -362,28 +300,28 @@ def _nonzero_of(it) -> Optional[tuple]:
     ``.tolist()`` after it (scalar ids), ``SRC.nonzero(as_tuple=True)[0]``, ``torch.where(SRC)[0]``."""
     scalar = False
     node = it
-    if _is_method(node, {"tolist"}) and not node.args:
+    if is_method(node, {"tolist"}) and not node.args:
         node = node.func.value
-    if _is_method(node, {"squeeze", "flatten", "view", "reshape", "ravel"}):
-        args = [_const_int(a) for a in node.args]
+    if is_method(node, {"squeeze", "flatten", "view", "reshape", "ravel"}):
+        args = [const_int(a) for a in node.args]
         if node.func.attr in ("flatten", "ravel") and not node.args or args in ([-1], [1]):
             node, scalar = node.func.value, True
     elif isinstance(node, ast.Subscript):
         sl = node.slice
         if isinstance(sl, ast.Tuple) and len(sl.elts) == 2 and isinstance(sl.elts[0], ast.Slice) \
-                and sl.elts[0].lower is None and sl.elts[0].upper is None and _const_int(sl.elts[1]) == 0:
+                and sl.elts[0].lower is None and sl.elts[0].upper is None and const_int(sl.elts[1]) == 0:
             node, scalar = node.value, True
-        elif _const_int(sl) == 0:
+        elif const_int(sl) == 0:
             inner = node.value
-            if _is_method(inner, {"nonzero"}) and source_text(inner.func.value) != "torch" \
+            if is_method(inner, {"nonzero"}) and source_text(inner.func.value) != "torch" \
                     and source_text(_kwarg(inner, "as_tuple") or ast.Constant(False)) == "True":
                 return inner.func.value, False, True
-            if _is_torch_fn(inner, {"where", "nonzero"}) and isinstance(inner.func, ast.Attribute) \
+            if is_torch_fn(inner, {"where", "nonzero"}) and isinstance(inner.func, ast.Attribute) \
                     and source_text(inner.func.value) == "torch" and len(inner.args) == 1 \
                     and (inner.func.attr == "where" or source_text(_kwarg(inner, "as_tuple") or ast.Constant(False)) == "True"):
                 return inner.args[0], False, True
             return None
-    if _is_method(node, {"nonzero", "argwhere"}) and not node.args \
+    if is_method(node, {"nonzero", "argwhere"}) and not node.args \
             and source_text(_kwarg(node, "as_tuple") or ast.Constant(False)) == "False":
         return node.func.value, not scalar, scalar
     if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and source_text(node.func.value) == "torch" \
@@ -528,7 +466,7 @@ class _Body:
             s = self.selection(node.value)
             if s is None:
                 return None
-            if s.kind == "tuple" and _const_int(node.slice) is not None:
+            if s.kind == "tuple" and const_int(node.slice) is not None:
                 return _Sel(s.key, s.exact, "index")
             cut = self._cut(node.slice) if s.kind == "index" else None
             if cut is not None:  # X[:c]: its own key (see _truncation)
@@ -617,10 +555,10 @@ class _Body:
             return (r[0], not r[1]) if r else None
         if isinstance(test, ast.Compare) and len(test.ops) == 1:
             op, left, right = test.ops[0], test.left, test.comparators[0]
-            if _const_int(left) is not None and _const_int(right) is None:
+            if const_int(left) is not None and const_int(right) is None:
                 left, right = right, left
                 op = {ast.Gt: ast.Lt(), ast.Lt: ast.Gt(), ast.GtE: ast.LtE(), ast.LtE: ast.GtE()}.get(type(op), op)
-            c = _const_int(right)
+            c = const_int(right)
             key = self._measure(left)
             if key is None or c is None:
                 return None
@@ -634,13 +572,13 @@ class _Body:
         if key is not None:
             return key, False
         node = test
-        if _is_method(node, {"item"}) and not node.args:
+        if is_method(node, {"item"}) and not node.args:
             node = node.func.value
-        if _is_method(node, {"any"}) and not node.args and not node.keywords:
+        if is_method(node, {"any"}) and not node.args and not node.keywords:
             s = self.selection(node.func.value)
             if s is not None and s.exact and s.kind == "mask":
                 return s.key, False
-        if _is_torch_fn(node, {"any"}) and isinstance(node.func, ast.Attribute) and source_text(node.func.value) == "torch" \
+        if is_torch_fn(node, {"any"}) and isinstance(node.func, ast.Attribute) and source_text(node.func.value) == "torch" \
                 and len(node.args) == 1 and not node.keywords:
             s = self.selection(node.args[0])
             if s is not None and s.exact and s.kind == "mask":
@@ -651,7 +589,7 @@ class _Body:
         """The selection key of a count that is zero exactly when the selection is empty:
         ``idx.numel()``/``nelement()``/``shape[0]``/``size(0)``/``len(idx)`` of an index tensor,
         ``mask.sum()`` of a mask, ``counts[S]``."""
-        if _is_method(node, {"item"}) and not node.args:
+        if is_method(node, {"item"}) and not node.args:
             node = node.func.value
         if isinstance(node, ast.Subscript) and isinstance(node.value, ast.Name) and node.value.id in self.counts \
                 and self._scalar_expr(node.slice):
@@ -661,7 +599,7 @@ class _Body:
         if target is not None:
             s = self.selection(target)
             return s.key if s is not None and s.exact and s.kind == "index" else None
-        if _is_method(node, {"sum", "count_nonzero"}) and not node.args and not node.keywords:
+        if is_method(node, {"sum", "count_nonzero"}) and not node.args and not node.keywords:
             s = self.selection(node.func.value)
             return s.key if s is not None and s.exact and s.kind == "mask" else None
         return None
@@ -787,7 +725,7 @@ class _Body:
                 and isinstance(test.ops[0], (ast.Lt, ast.LtE, ast.Gt, ast.GtE))):
             return False
         a, b = test.left, test.comparators[0]
-        return any(length_of(m)[0] is not None and _const_int(o) is None for m, o in ((a, b), (b, a)))
+        return any(length_of(m)[0] is not None and const_int(o) is None for m, o in ((a, b), (b, a)))
 
     def _accumulation_index(self, node, reasons, what) -> None:
         if not reasons:
@@ -834,7 +772,7 @@ class _Body:
                 self._accumulation_index(target.slice, reasons, f"`{short(s)}`")
                 return [s]
             if isinstance(target, ast.Name) and target.id in self.outer and target.id in self._body_names \
-                    and _is_method(s.value, {"index_add", "index_put", "scatter_add"}, receiver=target.id):
+                    and is_method(s.value, {"index_add", "index_put", "scatter_add"}, receiver=target.id):
                 # acc = acc.index_add(0, idx, v)
                 self.accumulators.add(target.id)
                 self.check_expr(s.value)
@@ -848,7 +786,7 @@ class _Body:
                 if n.id in self.outer and n.id not in self.scalars:
                     raise Decline(s, f"`{short(s)}` rebinds `{n.id}`, a name defined outside the loop")
             # index.tolist() used as an index: the index tensor itself selects the same rows
-            if len(names) == 1 and _is_method(s.value, {"tolist"}) and not s.value.args:
+            if len(names) == 1 and is_method(s.value, {"tolist"}) and not s.value.args:
                 sel = self.selection(s.value.func.value)
                 if sel is not None and sel.kind == "index":
                     s = ast.Assign(targets=[target], value=s.value.func.value, lineno=s.lineno,
@@ -901,7 +839,7 @@ class _Body:
         if isinstance(s, ast.Expr):
             if isinstance(s.value, ast.Constant):
                 return [s]
-            if _is_method(s.value, _ACCUMULATING_METHODS):
+            if is_method(s.value, _ACCUMULATING_METHODS):
                 self._accumulator(s.value.func.value, f"`{short(s)}`")
                 for a in list(s.value.args) + [k.value for k in s.value.keywords]:
                     self.check_expr(a)
@@ -930,7 +868,7 @@ class _Body:
         if attr in ("index_add", "index_copy", "index_fill", "index_reduce"):
             dim = _kwarg(call, "dim", 0)
             idx = _kwarg(call, "index", 1)
-            if _const_int(dim) is None or idx is None:
+            if const_int(dim) is None or idx is None:
                 raise Decline(call, f"{what}: dimension or index not recognised")
             self._accumulation_index(idx, reasons, what)
         elif attr == "index_put":
@@ -962,30 +900,12 @@ def _function_tree(fn):
     return tree, fdef
 
 
-def stores_of(fdef) -> dict:
-    count: dict = {}
-    for n in ast.walk(fdef):
-        if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store):
-            count[n.id] = count.get(n.id, 0) + 1
-    args = fdef.args
-    for a in args.posonlyargs + args.args + args.kwonlyargs + [args.vararg, args.kwarg]:
-        if a is not None:
-            count[a.arg] = count.get(a.arg, 0) + 1
-    return count
-
-
 def _assignment_of(fdef, name):
     for n in ast.walk(fdef):
         if isinstance(n, ast.Assign) and len(n.targets) == 1 and isinstance(n.targets[0], ast.Name) \
                 and n.targets[0].id == name:
             return n
     return None
-
-
-def loads(fdef, name, exclude=None) -> list:
-    skip = {id(n) for n in ast.walk(exclude)} if exclude is not None else set()
-    return [n for n in ast.walk(fdef) if isinstance(n, ast.Name) and n.id == name
-            and isinstance(n.ctx, ast.Load) and id(n) not in skip]
 
 
 # casts and views that keep every value's sign (>= 0 stays >= 0)
@@ -1011,7 +931,7 @@ def _mask_proven_nonnegative(fdef, mask, before, depth: int = 4) -> bool:
 
 
 def _nonnegative(fdef, v, at, depth) -> bool:
-    if isinstance(v, ast.Compare) or _is_method(v, {"bool"}) or _is_torch_fn(v, {"one_hot", "eq", "ne", "gt", "lt",
+    if isinstance(v, ast.Compare) or is_method(v, {"bool"}) or is_torch_fn(v, {"one_hot", "eq", "ne", "gt", "lt",
                                                                                   "ge", "le", "isin"}):
         return True
     if isinstance(v, ast.BinOp) and isinstance(v.op, (ast.Mult, ast.BitAnd)):
@@ -1020,38 +940,6 @@ def _nonnegative(fdef, v, at, depth) -> bool:
         return _nonnegative(fdef, v.func.value, at, depth)
     if isinstance(v, ast.Name):
         return _mask_proven_nonnegative(fdef, v.id, at, depth - 1)
-    return False
-
-
-def following(fdef, loop):
-    """Statements that run after ``loop`` (the rest of its block, then of each enclosing block)."""
-    out = []
-
-    def visit(body) -> bool:
-        for i, s in enumerate(body):
-            if s is loop:
-                out.extend(body[i + 1:])
-                return True
-            for field in ("body", "orelse", "finalbody"):
-                sub = getattr(s, field, None)
-                if isinstance(sub, list) and visit(sub):
-                    out.extend(body[i + 1:])
-                    return True
-            for h in getattr(s, "handlers", []) or []:
-                if visit(h.body):
-                    out.extend(body[i + 1:])
-                    return True
-        return False
-
-    visit(fdef.body)
-    return out
-
-
-def inside_loop(fdef, loop) -> bool:
-    for n in ast.walk(fdef):
-        if isinstance(n, (ast.For, ast.While, ast.AsyncFor)) and n is not loop:
-            if any(m is loop for m in ast.walk(n)):
-                return True
     return False
 
 
@@ -1067,13 +955,13 @@ def _counts_sources(fdef) -> dict:
         if not (isinstance(n, ast.Assign) and len(n.targets) == 1 and isinstance(n.targets[0], ast.Name)):
             continue
         v = n.value
-        while _is_method(v, {"tolist", "cpu", "numpy", "to"}):
+        while is_method(v, {"tolist", "cpu", "numpy", "to"}):
             v = v.func.value
-        if not (_is_torch_fn(v, {"bincount"}) and isinstance(v.func, ast.Attribute)):
+        if not (is_torch_fn(v, {"bincount"}) and isinstance(v.func, ast.Attribute)):
             continue
         r = v.args[0] if source_text(v.func.value) == "torch" and v.args else v.func.value
-        if _is_method(r, {"flatten", "view", "reshape", "ravel"}):
-            args = [_const_int(a) for a in r.args]
+        if is_method(r, {"flatten", "view", "reshape", "ravel"}):
+            args = [const_int(a) for a in r.args]
             if not (not r.args or args == [-1]):
                 continue
             r = r.func.value
@@ -1264,7 +1152,7 @@ def _host_copy_of(value):
     """The expression T of a host copy of a tensor: ``T.tolist()``, ``T.cpu()``, ``T.cpu().numpy()``,
     ``T.cpu().tolist()``, ``T.numpy()``, ``T.cpu().numpy().tolist()``, else None."""
     v, seen = value, 0
-    while _is_method(v, {"tolist", "cpu", "numpy"}) and not v.args and not v.keywords:
+    while is_method(v, {"tolist", "cpu", "numpy"}) and not v.args and not v.keywords:
         v, seen = v.func.value, seen + 1
     return v if seen else None
 
@@ -1293,10 +1181,6 @@ def _last_store_before(block, loop, name):
     return last
 
 
-def is_name(node, name) -> bool:
-    return isinstance(node, ast.Name) and node.id == name
-
-
 def _sum_of(node, a, b) -> bool:
     """``a + b`` or ``b + a`` (names)."""
     return isinstance(node, ast.BinOp) and isinstance(node.op, ast.Add) and (
@@ -1309,7 +1193,7 @@ def _zero_test(test, n) -> bool:
         return is_name(test.operand, n)
     if isinstance(test, ast.Compare) and len(test.ops) == 1 and isinstance(test.ops[0], ast.Eq):
         l, r = test.left, test.comparators[0]
-        return (is_name(l, n) and _const_int(r) == 0) or (is_name(r, n) and _const_int(l) == 0)
+        return (is_name(l, n) and const_int(r) == 0) or (is_name(r, n) and const_int(l) == 0)
     return False
 
 
@@ -1357,7 +1241,7 @@ def _segment_loop(fdef, loop, self_name, stores, glb) -> Optional[tuple]:
     init = _last_store_before(block, loop, start)
     if init is None:
         return None  # not bound by a plain `start = ...` before the loop (`outputs, start = [], 0`): not read
-    if _const_int(init.value) != 0 or stores.get(start, 0) != 2 or stores.get(end, 0) != 1:
+    if const_int(init.value) != 0 or stores.get(start, 0) != 2 or stores.get(end, 0) != 1:
         raise Decline(loop, f"the offset `{start}` does not start at 0 right before the loop (or is bound elsewhere)")
     # the counts and the expert id
     prelude, counts_def, sizes_stmt = None, None, None
@@ -1384,7 +1268,7 @@ def _segment_loop(fdef, loop, self_name, stores, glb) -> Optional[tuple]:
         i, header = tgt.id, copy.deepcopy(it)
         counts_def = [s for s in body if isinstance(s, ast.Assign) and len(s.targets) == 1 and is_name(s.targets[0], n)]
         v = counts_def[0].value if len(counts_def) == 1 else None
-        if v is not None and _is_method(v, {"item"}) and not v.args:
+        if v is not None and is_method(v, {"item"}) and not v.args:
             v = v.func.value
         if v is not None and isinstance(v, ast.Call) and is_name(v.func, "int") and len(v.args) == 1:
             v = v.args[0]
@@ -1410,7 +1294,7 @@ def _segment_loop(fdef, loop, self_name, stores, glb) -> Optional[tuple]:
         if isinstance(s, ast.If) and _zero_test(s.test, n) and len(s.body) == 1 \
                 and isinstance(s.body[0], ast.Continue) and not s.orelse:
             continue
-        if isinstance(s, ast.Expr) and _is_method(s.value, {"append"}) and isinstance(s.value.func.value, ast.Name) \
+        if isinstance(s, ast.Expr) and is_method(s.value, {"append"}) and isinstance(s.value.func.value, ast.Name) \
                 and len(s.value.args) == 1 and not s.value.keywords:
             if append is not None:
                 raise Decline(s, "more than one output is appended per expert")
@@ -1442,14 +1326,14 @@ def _segment_loop(fdef, loop, self_name, stores, glb) -> Optional[tuple]:
     for node in ast.walk(fdef):
         t = node.test if isinstance(node, ast.IfExp) else None
         if isinstance(t, ast.Call) and is_name(t.func, "len") and len(t.args) == 1 and is_name(t.args[0], L) \
-                and _is_torch_fn(node.body, {"cat", "concat", "concatenate"}):
+                and is_torch_fn(node.body, {"cat", "concat", "concatenate"}):
             edits.append((node, "test", ast.Name(nonempty, ast.Load())))  # `cat(L) if len(L) else ...`
             t.args[0]._sonic_seg_ok = True
-        if isinstance(node, ast.Call) and _is_torch_fn(node, {"cat", "concat", "concatenate"}) \
+        if isinstance(node, ast.Call) and is_torch_fn(node, {"cat", "concat", "concatenate"}) \
                 and isinstance(node.func, ast.Attribute) and is_name(node.func.value, "torch") \
                 and node.args and is_name(node.args[0], L):
             dim = _kwarg(node, "dim", 1)
-            if (dim is None or _const_int(dim) == 0) and len(node.args) + len(node.keywords) <= 2:
+            if (dim is None or const_int(dim) == 0) and len(node.args) + len(node.keywords) <= 2:
                 node.args[0]._sonic_seg_ok = True
     for x in loads(fdef, L):
         if id(x) not in inside and not getattr(x, "_sonic_seg_ok", False):
@@ -1458,7 +1342,7 @@ def _segment_loop(fdef, loop, self_name, stores, glb) -> Optional[tuple]:
         raise Decline(loop, "`torch` is not the torch module in the function's globals")
     # the rest of the body: bindings local to the iteration only
     out = f"_sonic_out{tag}"
-    rest_wo_append = [s for s in rest if not (isinstance(s, ast.Expr) and _is_method(s.value, {"append"})
+    rest_wo_append = [s for s in rest if not (isinstance(s, ast.Expr) and is_method(s.value, {"append"})
                                                 and is_name(s.value.func.value, L))]
     # an expert that was skipped now runs: nothing it does may outlive the iteration but its output
     for st in (x for s in rest_wo_append for x in ast.walk(s)):
@@ -1483,7 +1367,7 @@ def _segment_loop(fdef, loop, self_name, stores, glb) -> Optional[tuple]:
             raise Decline(loop, f"`{name}`, bound in the loop, is read after it (line {s.lineno})")
     new_body = []
     for s in rest:
-        if isinstance(s, ast.Expr) and _is_method(s.value, {"append"}) and is_name(s.value.func.value, L):
+        if isinstance(s, ast.Expr) and is_method(s.value, {"append"}) and is_name(s.value.func.value, L):
             new_body += ast.parse(
                 f"{out} = None\n"
                 f"torch._check(({chunks}[{i}].shape[0] != 0) | ({out}.shape[0] == 0), "
@@ -1524,12 +1408,12 @@ def _chunk_measure(node, i) -> Optional[tuple]:
     ``C[i].numel()`` (kind "numel"), C a name and i the comprehension's variable; else None."""
     item, kind = None, None
     if isinstance(node, ast.Subscript) and isinstance(node.value, ast.Attribute) and node.value.attr == "shape" \
-            and _const_int(node.slice) == 0:
+            and const_int(node.slice) == 0:
         item, kind = node.value.value, "rows"
-    elif _is_method(node, {"size"}) and len(node.args) + len(node.keywords) == 1 \
-            and _const_int(_kwarg(node, "dim", 0)) == 0:
+    elif is_method(node, {"size"}) and len(node.args) + len(node.keywords) == 1 \
+            and const_int(_kwarg(node, "dim", 0)) == 0:
         item, kind = node.func.value, "rows"
-    elif _is_method(node, {"numel"}) and not node.args and not node.keywords:
+    elif is_method(node, {"numel"}) and not node.args and not node.keywords:
         item, kind = node.func.value, "numel"
     elif isinstance(node, ast.Call) and is_name(node.func, "len") and len(node.args) == 1 and not node.keywords:
         item, kind = node.args[0], "rows"
@@ -1546,7 +1430,7 @@ def _nonempty_filter(test, i) -> Optional[tuple]:
         l, op, r = test.left, test.ops[0], test.comparators[0]
         for m, c, o in ((l, r, op), (r, l, {ast.Lt: ast.Gt(), ast.Gt: ast.Lt(), ast.LtE: ast.GtE(),
                                             ast.GtE: ast.LtE()}.get(type(op), op))):
-            k = _const_int(c)
+            k = const_int(c)
             ok = (isinstance(o, ast.Gt) and k == 0) or (isinstance(o, ast.NotEq) and k == 0) \
                 or (isinstance(o, ast.GtE) and k == 1)
             found = _chunk_measure(m, i) if ok else None
@@ -1561,11 +1445,11 @@ def _cat_reads_only(fdef, stmt, L) -> Optional[object]:
     ``torch.concat``/``concatenate``, dimension left out); else the first other read."""
     ok = set()
     for node in ast.walk(fdef):
-        if isinstance(node, ast.Call) and _is_torch_fn(node, {"cat", "concat", "concatenate"}) \
+        if isinstance(node, ast.Call) and is_torch_fn(node, {"cat", "concat", "concatenate"}) \
                 and isinstance(node.func, ast.Attribute) and is_name(node.func.value, "torch") \
                 and node.args and is_name(node.args[0], L) and len(node.args) + len(node.keywords) <= 2:
             dim = _kwarg(node, "dim", 1)
-            if (dim is None or _const_int(dim) == 0) and all(k.arg == "dim" for k in node.keywords):
+            if (dim is None or const_int(dim) == 0) and all(k.arg == "dim" for k in node.keywords):
                 ok.add(id(node.args[0]))
     return next((x for x in loads(fdef, L) if id(x) not in ok), None)
 
@@ -1807,9 +1691,9 @@ class _ScalarForms(ast.NodeTransformer):
         return isinstance(node, ast.Name) and node.id == self.name
 
     def _scalar_of_v(self, node) -> bool:
-        if isinstance(node, ast.Subscript) and self._is_v(node.value) and _const_int(node.slice) == 0:
+        if isinstance(node, ast.Subscript) and self._is_v(node.value) and const_int(node.slice) == 0:
             return True
-        if _is_method(node, {"item"}) and not node.args:
+        if is_method(node, {"item"}) and not node.args:
             return self._is_v(node.func.value) or self._scalar_of_v(node.func.value)
         if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "int" \
                 and len(node.args) == 1:
@@ -1820,7 +1704,7 @@ class _ScalarForms(ast.NodeTransformer):
         if isinstance(node, ast.expr):
             if self._scalar_of_v(node):
                 return ast.copy_location(ast.Name(EXPERT, ast.Load()), node)
-            if _is_method(node, {"squeeze"}) and len(node.args) == 1 and _const_int(node.args[0]) == 0 \
+            if is_method(node, {"squeeze"}) and len(node.args) == 1 and const_int(node.args[0]) == 0 \
                     and isinstance(node.func.value, ast.Subscript) and self._is_v(node.func.value.slice):
                 sub = node.func.value
                 return ast.copy_location(ast.Subscript(value=self.visit(sub.value),
@@ -1842,7 +1726,7 @@ class _ItemOfScalar(ast.NodeTransformer):
 
     def visit_Call(self, node):
         self.generic_visit(node)
-        if _is_method(node, {"item"}) and not node.args and isinstance(node.func.value, ast.Name) \
+        if is_method(node, {"item"}) and not node.args and isinstance(node.func.value, ast.Name) \
                 and node.func.value.id in self.names:
             return node.func.value
         return node
@@ -1872,10 +1756,10 @@ def _looks_graph_breaking(loop, fdef) -> bool:
             return True
     for name in _names_loaded(loop.iter):  # iterating over host data (counts read with .tolist())
         a = _assignment_of(fdef, name)
-        if a is not None and any(_is_method(n, {"tolist", "item", "numpy", "nonzero"}) for n in ast.walk(a.value)):
+        if a is not None and any(is_method(n, {"tolist", "item", "numpy", "nonzero"}) for n in ast.walk(a.value)):
             return True
     for n in ast.walk(loop):
-        if _is_method(n, {"tolist", "item", "cpu", "numpy", "nonzero"}):
+        if is_method(n, {"tolist", "item", "cpu", "numpy", "nonzero"}):
             return True
         if isinstance(n, ast.If) and not _static_test(n.test):
             return True
@@ -1963,8 +1847,6 @@ def analyse(fn, depth: int = 0) -> Analysis:
                 if plan is not None:
                     plans.append((loop, plan))
                 continue
-            from moe_inductor.dynamo.drop_lists import capacity_skip_loop  # it reads this module's helpers
-
             plan = _segment_loop(fdef, loop, self_name, stores, fn.__globals__) or capacity_skip_loop(fdef, loop)
             if plan is None:
                 segment = False
@@ -2112,16 +1994,16 @@ def _split_notes(fdef, filename, qual) -> list:
     args = fdef.args
     params = {a.arg for a in args.posonlyargs + args.args + args.kwonlyargs}
     host = {n.targets[0].id for n in ast.walk(fdef) if isinstance(n, ast.Assign) and len(n.targets) == 1
-            and isinstance(n.targets[0], ast.Name) and (_is_method(n.value, {"tolist"}) or (
-                isinstance(n.value, ast.IfExp) and _is_method(n.value.body, {"tolist"})))}  # a segment loop's sizes
-    if not any(_is_torch_fn(n, {"cat", "concat", "concatenate"}) for n in ast.walk(fdef)):
+            and isinstance(n.targets[0], ast.Name) and (is_method(n.value, {"tolist"}) or (
+                isinstance(n.value, ast.IfExp) and is_method(n.value.body, {"tolist"})))}  # a segment loop's sizes
+    if not any(is_torch_fn(n, {"cat", "concat", "concatenate"}) for n in ast.walk(fdef)):
         return []
     out = []
     for n in ast.walk(fdef):
         sizes = None
-        if _is_method(n, {"split", "split_with_sizes"}) and n.args and source_text(n.func.value) != "torch":
+        if is_method(n, {"split", "split_with_sizes"}) and n.args and source_text(n.func.value) != "torch":
             sizes = n.args[0]
-        elif _is_torch_fn(n, {"split"}) and isinstance(n.func, ast.Attribute) and source_text(n.func.value) == "torch" \
+        elif is_torch_fn(n, {"split"}) and isinstance(n.func, ast.Attribute) and source_text(n.func.value) == "torch" \
                 and len(n.args) >= 2:
             sizes = n.args[1]
         if isinstance(sizes, ast.Name) and (sizes.id in host or sizes.id in params and sizes.id != fdef.args.args[0].arg):
@@ -2142,7 +2024,7 @@ def _host_reads(fdef, filename, qual) -> list:
         if id(n) in in_loops or not isinstance(n, ast.stmt) or isinstance(n, (ast.For, ast.While, ast.If, ast.With,
                                                                                 ast.FunctionDef, ast.Try)):
             continue
-        reads = [c for c in ast.walk(n) if _is_method(c, {"tolist", "item", "numpy"})]
+        reads = [c for c in ast.walk(n) if is_method(c, {"tolist", "item", "numpy"})]
         if getattr(n, "_sonic_segment_sizes", False):
             continue  # the sizes of a rewritten segment loop's split: traced as symbolic sizes
         if reads and n.lineno not in seen:
@@ -2171,9 +2053,9 @@ def _bincount_copied(read):
     """The ``bincount(...)`` call a host read ``X.bincount(...).tolist()`` / ``torch.bincount(...).cpu()...``
     copies, else None."""
     v = read
-    while _is_method(v, {"tolist", "cpu", "numpy", "item"}) and not v.args:
+    while is_method(v, {"tolist", "cpu", "numpy", "item"}) and not v.args:
         v = v.func.value
-    return v if _is_torch_fn(v, {"bincount"}) else None
+    return v if is_torch_fn(v, {"bincount"}) else None
 
 
 def _replace_stmt(fdef, old, new_stmts) -> None:

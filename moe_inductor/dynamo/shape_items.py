@@ -442,6 +442,25 @@ def _converter(kind: str):
     return attr, convert
 
 
+def _uniform_branch(tx, value):
+    """A ConstantVariable of ``bool(value)`` for a tensor proved to hold one constant in its one element
+    (``uniform_values.truth``), or None with the reason noted."""
+    from torch._dynamo.variables import ConstantVariable
+    from torch._dynamo.variables.tensor import TensorVariable
+
+    from moe_inductor.dynamo import uniform_values
+
+    if type(value) is not TensorVariable or getattr(tx, "export", False):
+        return None
+    try:
+        found = uniform_values.truth(value.as_proxy().node)
+    except uniform_values.NotUniform as e:
+        note(where(tx), f"branch on a tensor: {e}")
+        return None
+    log.debug("sonic: branch on a uniform tensor at %s taken at trace time: %s", where(tx), found)
+    return ConstantVariable.create(found)
+
+
 def _jump(original):
     """Dynamo's conditional jump ``original`` with a one-element tensor on the stack answered at trace time
     (its truth read when proved, then Dynamo's own jump on that constant)."""
@@ -457,10 +476,8 @@ def _jump(original):
                 log.debug("sonic: trace-time branch failed: %s", e)
                 found = None
             if found is None:  # not size-only: perhaps a tensor holding one constant (fairseq's padding mask)
-                from moe_inductor.dynamo import uniform_values
-
                 try:
-                    found = uniform_values.branch_constant(self, value)
+                    found = _uniform_branch(self, value)
                 except Exception as e:  # never fail a compile over this
                     log.debug("sonic: trace-time branch on a uniform tensor failed: %s", e)
             if found is not None:

@@ -28,7 +28,7 @@ slice, a write through a view, an op that may write: an in-place op, ``out=``, a
 higher-order op) is refused, as are graph inputs, parameters, random and data ops.
 
 In a frame compiled with sonic, ``shape_items``' conditional-jump hook (``POP_JUMP_*_IF_TRUE/FALSE``,
-not those that keep the value on the stack) asks ``branch_constant`` when the tensor is not a
+not those that keep the value on the stack) asks ``truth`` when the tensor is not a
 size-only value: a proved uniform one-element tensor is given that constant, so the branch is taken at trace time as
 eager takes it, for every input the graph's guards admit.
 """
@@ -329,20 +329,3 @@ def truth(node: fx.Node) -> bool:
 
 #: jumps that pop their condition (those that keep it on the stack, ``x.any() or y``, would leave a
 #: constant where the program has a tensor)
-def branch_constant(tx, value):
-    """A ConstantVariable of ``bool(value)`` for a tensor proved uniform with one element, or None (the
-    second answerer of ``shape_items``' conditional jumps, after size-only values)."""
-    from torch._dynamo.variables import ConstantVariable
-    from torch._dynamo.variables.tensor import TensorVariable
-
-    from moe_inductor.dynamo import shape_items
-
-    if type(value) is not TensorVariable or getattr(tx, "export", False) or not shape_items.in_sonic_frame():
-        return None
-    try:
-        found = truth(value.as_proxy().node)
-    except NotUniform as e:
-        shape_items.note(shape_items.where(tx), f"branch on a tensor: {e}")
-        return None
-    log.debug("sonic: branch on a uniform tensor at %s taken at trace time: %s", shape_items.where(tx), found)
-    return ConstantVariable.create(found)
