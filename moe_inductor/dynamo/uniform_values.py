@@ -34,7 +34,6 @@ eager takes it, for every input the graph's guards admit.
 """
 from __future__ import annotations
 
-import logging
 import operator
 
 import torch
@@ -44,8 +43,6 @@ from moe_inductor.fx.aliasing import aliases, is_view_of
 from moe_inductor.fx.nodes import is_mutation, node_order
 from moe_inductor.fx.shapes import example_value
 from moe_inductor.fx.targets import CAST_METHODS, INPLACE_FLAG_FUNCTIONS
-
-log = logging.getLogger("moe_inductor")
 
 
 class NotUniform(Exception):
