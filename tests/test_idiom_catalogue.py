@@ -138,6 +138,8 @@ _TORCH_211_DYNAMO = {
     # exact; the 2.11 graph of the capacity-masked router mask is not read as one-hot (not investigated)
     "switch_4x_clone": "torch 2.11: the Switch 4.x block is declined (its router mask not proven one-hot), exact",
     "switch_4x_zeros": "as switch_4x_clone",
+    "labml_switch_drop": "torch 2.11: the captured capacity loop's graph is spelled otherwise and the block is "
+                         "declined (the row index the result is written at not recognised), exact; not investigated",
 }
 _OLD_TORCH = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2]) < (2, 12)
 

@@ -165,6 +165,8 @@ def test_labml_drop_index_from_another_graph_declined(monkeypatch):
     assert not [c for c in cands if c.status == "rewritten"]
 
 
+@pytest.mark.xfail(tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2]) < (2, 12), strict=True,
+                   reason="torch 2.11: the captured loop's graph is declined (tests/test_idiom_catalogue.py)")
 def test_labml_drop_captured_and_rewritten():
     """The same block with the loop capture on (issue 18): one graph, the block rewritten, exact."""
     entry = next(e for e in labml_switch.ENTRIES if e.name == "labml_switch_drop")

@@ -64,7 +64,7 @@ _BINARY = {operator.and_: torch.bitwise_and, "__and__": torch.bitwise_and, "bitw
            "logical_and": torch.logical_and, torch.logical_and: torch.logical_and, "logical_or": torch.logical_or,
            torch.logical_or: torch.logical_or, "logical_xor": torch.logical_xor, torch.logical_xor: torch.logical_xor,
            operator.eq: torch.eq, "eq": torch.eq, torch.eq: torch.eq, operator.ne: torch.ne, "ne": torch.ne,
-           torch.ne: torch.ne}
+           torch.ne: torch.ne, "__eq__": torch.eq, "__ne__": torch.ne}  # t.__eq__(u): how torch 2.11 records ==
 _REDUCTIONS = {"any": "any", torch.any: "any", "all": "all", torch.all: "all"}
 
 
