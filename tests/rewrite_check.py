@@ -24,6 +24,18 @@ def light_backend(reports: list):
     return light
 
 
+def outputs_and_grads(fn, module: torch.nn.Module, x: torch.Tensor, before_each=None, upcast: bool = False) -> list:
+    """[output, x's gradient, every parameter's gradient (zeros where none)] of ``fn(x)`` (``module``
+    itself or its compiled form) under the loss ``sum(out ** 2)`` (computed in fp32 with ``upcast``)."""
+    if before_each is not None:
+        before_each(module)
+    module.zero_grad(set_to_none=True)
+    xi = x.clone().requires_grad_(True)
+    out = fn(xi)
+    (out.float() if upcast else out).pow(2).sum().backward()
+    return [out.detach(), xi.grad] + [p.grad if p.grad is not None else torch.zeros_like(p) for p in module.parameters()]
+
+
 def rewrite_and_compare(module: torch.nn.Module, d: int, lengths=(5, 8), tol: float = 1e-4, before_each=None,
                         rel_norm: bool = False, close=None) -> list:
     """Compile ``module`` with the rewrite only, run it and eager on (T, d) inputs for each T in
@@ -36,16 +48,7 @@ def rewrite_and_compare(module: torch.nn.Module, d: int, lengths=(5, 8), tol: fl
     compiled = torch.compile(module, backend=light_backend(reports), fullgraph=True)
     for T in lengths:
         x = torch.randn(T, d, generator=torch.Generator().manual_seed(T))
-        res = []
-        for fn in (module, compiled):
-            if before_each is not None:
-                before_each(module)
-            module.zero_grad(set_to_none=True)
-            xi = x.clone().requires_grad_(True)
-            out = fn(xi)
-            out.pow(2).sum().backward()
-            res.append([out.detach(), xi.grad] + [p.grad if p.grad is not None else torch.zeros_like(p)
-                                                   for p in module.parameters()])
+        res = [outputs_and_grads(fn, module, x, before_each) for fn in (module, compiled)]
         for i, (got, want) in enumerate(zip(res[1], res[0])):
             if close is not None:
                 close(got, want)

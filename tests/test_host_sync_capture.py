@@ -17,7 +17,7 @@ from torch._dynamo.utils import counters
 
 import loop_forms
 from moe_inductor.dynamo import shape_items
-from rewrite_check import light_backend
+from rewrite_check import light_backend, outputs_and_grads
 from test_fairseq_spellings import ALL, FairseqSlots, d
 
 
@@ -60,14 +60,7 @@ def _run(module, lengths=(8, 12), tol=1e-4):
     compiled = torch.compile(module, backend=light_backend(reports))
     for T in lengths:
         x = torch.randn(T, d, generator=torch.Generator().manual_seed(T))
-        res = []
-        for fn in (module, compiled):
-            module.zero_grad(set_to_none=True)
-            xi = x.clone().requires_grad_(True)
-            out = fn(xi)
-            out.float().pow(2).sum().backward()
-            res.append([out.detach(), xi.grad] + [p.grad if p.grad is not None else torch.zeros_like(p)
-                                                   for p in module.parameters()])
+        res = [outputs_and_grads(fn, module, x, upcast=True) for fn in (module, compiled)]
         for got, want in zip(res[1], res[0]):
             torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
     return [c for r in reports for c in r.candidates], int(sum(counters["graph_break"].values()))
@@ -237,14 +230,7 @@ def test_unread_requires_grad_leaf_keeps_one_graph(dtype, tol):
     compiled = torch.compile(module, backend=light_backend(reports))
     for T in (5, 8):
         x = entry.inputs(T, 0)[0].to(dtype)
-        res = []
-        for fn in (module, compiled):
-            module.zero_grad(set_to_none=True)
-            xi = x.clone().requires_grad_(True)
-            out = fn(xi)
-            out.float().pow(2).sum().backward()
-            res.append([out.detach(), xi.grad] + [p.grad if p.grad is not None else torch.zeros_like(p)
-                                                   for p in module.parameters()])
+        res = [outputs_and_grads(fn, module, x, upcast=True) for fn in (module, compiled)]
         for got, want in zip(res[1], res[0]):
             torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
     assert not counters["graph_break"], dict(counters["graph_break"])

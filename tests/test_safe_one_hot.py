@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch._dynamo.utils import counters
 
 from moe_inductor.compile import backend as sonic_backend
-from rewrite_check import light_backend
+from rewrite_check import light_backend, outputs_and_grads
 
 d, W = 8, 16
 
@@ -78,14 +78,7 @@ def _run(module, lengths=(8, 12), tol=1e-5, backend=None):
         compiled = torch.compile(module, backend=backend or light_backend([]))
         for T in lengths:
             x = torch.randn(T, d, generator=torch.Generator().manual_seed(T)).to(module.proj.weight.dtype)
-            res = []
-            for fn in (module, compiled):
-                module.zero_grad(set_to_none=True)
-                xi = x.clone().requires_grad_(True)
-                out = fn(xi)
-                out.float().pow(2).sum().backward()
-                res.append([out.detach(), xi.grad] + [p.grad if p.grad is not None else torch.zeros_like(p)
-                                                       for p in module.parameters()])
+            res = [outputs_and_grads(fn, module, x, upcast=True) for fn in (module, compiled)]
             for got, want in zip(res[1], res[0]):
                 torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
     finally:

@@ -17,7 +17,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from rewrite_check import CaptureGraphs
+from rewrite_check import CaptureGraphs, outputs_and_grads
 from moe_inductor.dynamo import loop_capture
 
 pytestmark = pytest.mark.usefixtures("fresh_dynamo")
@@ -140,14 +140,7 @@ def rewrite_and_compare(module, close=_close) -> list:
     compiled = torch.compile(Layer(module), backend=backend)
     for T in LENGTHS:
         x = torch.randn(T, D, generator=torch.Generator().manual_seed(T))
-        res = []
-        for fn in (module, compiled):
-            module.zero_grad(set_to_none=True)
-            xi = x.clone().requires_grad_(True)
-            out = fn(xi)
-            out.float().pow(2).sum().backward()
-            res.append([out.detach(), xi.grad] + [p.grad if p.grad is not None else torch.zeros_like(p)
-                                                   for p in module.parameters()])
+        res = [outputs_and_grads(fn, module, x, upcast=True) for fn in (module, compiled)]
         for got, want in zip(res[1], res[0]):
             close(got, want)
     assert len(backend.graphs) == len(LENGTHS)
