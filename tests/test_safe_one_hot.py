@@ -95,7 +95,14 @@ def test_truncated_one_hot_one_graph_and_narrowed(form, dtype):
     assert narrowed == 2  # one graph per length (the second dynamic), its one-hot cut to C columns
 
 
-@pytest.mark.parametrize("form", ["wider", "unsliced", "axis"])
+_OLD_TORCH = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2]) < (2, 12)
+_WIDER_211 = pytest.mark.xfail(_OLD_TORCH, strict=True, reason=(
+    "torch 2.11: its shape environment proves the slice's width C (the narrowing's own condition), so this "
+    "form is narrowed there (why 2.11 knows it was not investigated); output and every gradient still equal "
+    "eager (checked by _run first)"))
+
+
+@pytest.mark.parametrize("form", [pytest.param("wider", marks=_WIDER_211), "unsliced", "axis"])
 def test_near_misses_not_narrowed(form):
     torch.manual_seed(0)
     narrowed, _ = _run(Slots(form))
