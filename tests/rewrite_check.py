@@ -60,6 +60,26 @@ def rewrite_and_compare(module: torch.nn.Module, d: int, lengths=(5, 8), tol: fl
     return [c for r in reports for c in r.candidates]
 
 
+def fused_activations(module: torch.nn.Module, x: torch.Tensor) -> tuple:
+    """Compile ``module`` with the rewrite only (fullgraph) and run it on ``x``: the activation spec of
+    every fused-op call the rewrite emitted, and the candidates it reported."""
+    specs, cands = [], []
+
+    @mark_sonic
+    def backend(gm, example_inputs):
+        if throwaway_trace():
+            return gm.forward
+        report = rewrite_moe(gm, SonicOptions())
+        cands.extend(report.candidates)
+        specs.extend(nd.kwargs.get("activation") for nd in gm.graph.nodes
+                     if nd.op == "call_function" and "fused_moe" in str(nd.target))
+        return gm.forward
+
+    torch._dynamo.reset()
+    torch.compile(module, backend=backend, fullgraph=True)(x)
+    return specs, cands
+
+
 class CaptureGraphs:
     """A sonic-marked backend (frames get sonic's scoped settings and loop capture) that runs the
     MoE rewrite and then the graph as it is (no Inductor code generation: the capture is what the

@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from moe_inductor.ops.activations import parse_activation
-from rewrite_check import rewrite_and_compare
+from rewrite_check import rewrite_and_compare, fused_activations
 
 E, K, d, n = 4, 2, 16, 8
 
@@ -180,25 +180,9 @@ def test_mask_dispatch_up_first_rewritten():
 
 def test_the_recognised_activation_is_up_first():
     """The expert description carries the layout: the op is called with ``"swiglu+up_first"``."""
-    from moe_inductor.compile.backend import rewrite_moe
-    from moe_inductor.dynamo.dynamo_scope import mark_sonic, throwaway_trace
-    from moe_inductor.compile.options import SonicOptions
-
     torch.manual_seed(0)
-    specs = []
-
-    @mark_sonic
-    def backend(gm, example_inputs):
-        if throwaway_trace():
-            return gm.forward
-        report = rewrite_moe(gm, SonicOptions())
-        specs.extend(nd.kwargs.get("activation") for nd in gm.graph.nodes
-                     if nd.op == "call_function" and "fused_moe" in str(nd.target))
-        assert [c.status for c in report.candidates] == ["rewritten"], _statuses(report.candidates)
-        return gm.forward
-
-    torch._dynamo.reset()
-    torch.compile(LoopGLU(), backend=backend, fullgraph=True)(torch.randn(6, d))
+    specs, cands = fused_activations(LoopGLU(), torch.randn(6, d))
+    assert [c.status for c in cands] == ["rewritten"], _statuses(cands)
     assert specs == ["swiglu+up_first"], specs
 
 
