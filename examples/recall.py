@@ -16,7 +16,8 @@ entry the script records:
 An entry counts as recalled when it is exact, rewritten from the first call (fused calls equal to
 ``expected`` in both calls) and recompiles at most once.
 
-    python examples/recall.py [--names a,b] [--all] [--light] [--autocast bfloat16] [--json out.json]
+    python examples/recall.py [--names a,b] [--all] [--light] [--autocast bfloat16] [--dtype bfloat16]
+                              [--json out.json]
 
 ``--light`` runs the rewrite only (no Inductor code generation: fast, for development); the
 figures in the README come from the full backend.
@@ -43,6 +44,9 @@ LENGTHS = ((5, 0), (8, 1))
 
 
 AUTOCAST = None  # --autocast: the dtype both eager and compiled forwards run under CPU autocast
+#: --dtype: the whole module (parameters, floating buffers) and its floating inputs cast to this dtype
+#: (``model.to(torch.bfloat16)``, as people train); judged against a float64 copy of the module
+DTYPE = None
 
 
 def fwd_bwd(fn, module, args):
@@ -58,6 +62,32 @@ def fwd_bwd(fn, module, args):
     grads = [(n, p.grad if p.grad is not None else torch.zeros_like(p)) for n, p in module.named_parameters()]
     grads += [(f"input{i}", a.grad) for i, a in enumerate(ins) if a.is_floating_point()]
     return out.detach(), grads
+
+
+def to_dtype(args, dtype):
+    return tuple(a.to(dtype) if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
+
+
+def high_precision(idiom, reference, args):
+    """--dtype: the module's values in float64, or in float32 where the source itself fixes a
+    float32 dtype somewhere (a float64 copy then fails eagerly); returns the module used."""
+    try:
+        return (*fwd_bwd(reference, reference, to_dtype(args, torch.float64)), reference)
+    except Exception:
+        reference = idiom.build().float()
+        return (*fwd_bwd(reference, reference, to_dtype(args, torch.float32)), reference)
+
+
+def mismatch_vs_float64(got, eager, ref):
+    """--dtype: None when the compiled value is as close to the float64 module's as eager's own
+    value is (relative norm error at most twice eager's, plus 1e-2), else a short description."""
+    if got is None or eager is None or ref is None:
+        return None if got is None and eager is None else "one side has no gradient"
+    r = ref.double()
+    scale = max(r.norm().item(), 1e-6)
+    e_got, e_eager = (got.double() - r).norm().item() / scale, (eager.double() - r).norm().item() / scale
+    return None if e_got <= 2 * e_eager + 1e-2 else \
+        f"relative norm error vs float64 {e_got:.3g} (eager {DTYPE} {e_eager:.3g})"
 
 
 def mismatch(got, want, dtype, tol):
@@ -83,6 +113,10 @@ def run_entry(idiom, light: bool) -> dict:
     torch._dynamo.reset()
     counters.clear()
     module = idiom.build()
+    reference = None
+    if DTYPE is not None:
+        reference = idiom.build().double()
+        module = module.to(DTYPE)
     expected = idiom.expect if isinstance(idiom.expect, int) else 1
     light_reports: list = []
     backend = light_backend(light_reports) if light else "sonic"
@@ -94,6 +128,9 @@ def run_entry(idiom, light: bool) -> dict:
         for T, seed in LENGTHS:
             args = idiom.inputs(T, seed)
             try:
+                if DTYPE is not None:
+                    f64_out, f64_grads, reference = high_precision(idiom, reference, args)
+                    args = to_dtype(args, DTYPE)
                 ref_out, ref_grads = fwd_bwd(module, module, args)
             except Exception as e:  # the source itself fails in this setting (e.g. not autocast-safe)
                 raise EagerFails(f"{type(e).__name__}: {str(e)[:200]}") from e
@@ -101,6 +138,14 @@ def run_entry(idiom, light: bool) -> dict:
                 out, grads = fwd_bwd(compiled, module, args)
             rec["fused_calls"].append(len(calls))
             rec["graphs_after"].append(int(counters["stats"]["unique_graphs"]))
+            if DTYPE is not None:
+                pairs = [("output", out, ref_out, f64_out)] + [
+                    (n, g, r, f) for (n, g), (_, r), (_, f) in zip(grads, ref_grads, f64_grads)]
+                for name, g, r, f in pairs:
+                    bad = mismatch_vs_float64(g, r, f)
+                    if bad:
+                        rec["errors"].append(f"T={T} {name}: {bad}")
+                continue
             for name, g, r in [("output", out, ref_out)] + [(n, g, r) for (n, g), (_, r) in zip(grads, ref_grads)]:
                 # under autocast the GEMMs run in the autocast dtype: its relative-norm tolerance
                 bad = mismatch(g, r, AUTOCAST, max(idiom.tol, 3e-2)) if AUTOCAST is not None else \
@@ -135,9 +180,13 @@ def main(argv=None) -> int:
     p.add_argument("--markdown", default="", help="print the table of a --json file (the README's) and exit")
     p.add_argument("--autocast", default="", choices=("", "bfloat16", "float16"),
                    help="run eager and compiled forwards under CPU autocast to this dtype (as people train)")
+    p.add_argument("--dtype", default="", choices=("", "bfloat16", "float16"),
+                   help="cast the module and its inputs to this dtype (model.to(dtype)); each value is judged "
+                        "against a float64 copy: its error at most twice eager's own plus 1e-2 (relative norm)")
     a = p.parse_args(argv)
-    global AUTOCAST
+    global AUTOCAST, DTYPE
     AUTOCAST = getattr(torch, a.autocast) if a.autocast else None
+    DTYPE = getattr(torch, a.dtype) if a.dtype else None
     if a.markdown:
         print(markdown(a.markdown))
         return 0
@@ -171,12 +220,14 @@ def main(argv=None) -> int:
     n = sum(r["recalled"] for r in records)
     counted = [r for r in records if not r.get("not_applicable")]
     under = f", under autocast {a.autocast}" if a.autocast else ""
+    under += f", module and inputs in {a.dtype}" if a.dtype else ""
     skipped = f"; {len(records) - len(counted)} not applicable (eager fails)" if len(counted) < len(records) else ""
     print(f"recalled {n} of {len(counted)} ({'light' if a.light else 'full'} backend, torch {torch.__version__}{under})"
           f"{skipped}")
     if a.json:
         with open(a.json, "w") as f:
             json.dump(dict(torch=torch.__version__, backend="light" if a.light else "sonic", autocast=a.autocast or None,
+                           dtype=a.dtype or None,
                            recalled=n, total=len(counted), not_applicable=len(records) - len(counted),
                            records=records), f, indent=1)
     return 0
