@@ -255,88 +255,125 @@ def _report_not_entered(region, report: CompileReport) -> None:
 
 
 def _rewrite_graph(gm: fx.GraphModule, opts: SonicOptions, report: CompileReport, region: str = "") -> None:
-    """Rewrite the blocks of one graph (the backend's, or a region's body named ``region``)."""
-    inside = f" (in {region})" if region else ""
-    from moe_inductor.dynamo import host_splits  # split by host counts + per-expert GEMMs + cat -> one grouped GEMM
+    """Rewrite the blocks of one graph (the backend's, or a region's body named ``region``), as a
+    pipeline: normal form -> each composition's candidates -> proof and lowering -> one clean-up
+    of what the lowered blocks left dead -> the declines reported on the final graph."""
+    _normal_form(gm, f" (in {region})" if region else "")
+    run = _GraphRewrite(gm, opts, report, region)
+    for idiom in _idioms.load():
+        run.take(idiom)
+    run.finish()
+
+
+def _normal_form(gm: fx.GraphModule, inside: str) -> None:
+    """The spellings recognition reads as one: host-count splits as one grouped GEMM
+    (``dynamo/host_splits.py``), in-place arithmetic on fresh tensors made functional
+    (``recognize/normal_form.py``), ``one_hot(ids, N)[..., :L]`` with N >= L as the width-L one-hot
+    (``dynamo/one_hot_width.py``)."""
+    from moe_inductor.dynamo import host_splits
 
     for note in host_splits.rewrite(gm):
         log.info("sonic: %s%s", note, inside)
-    made = functionalize(gm)  # in-place arithmetic on fresh tensors made functional (normal_form.py)
-    made += narrow_one_hots(gm)  # one_hot(ids, N)[..., :L] with N >= L: the width-L one-hot (one_hot_width.py)
+    made = functionalize(gm) + narrow_one_hots(gm)
     if made:
         log.debug("sonic: %d in-place op(s) made functional%s", made, inside)
-    orphans: list = []
-    declines: list = []
-    claimed: set = set()
-    dead_before = {n for n in gm.graph.nodes if not n.users}
-    for idiom in _idioms.load():
+
+
+class _GraphRewrite:
+    """One graph's rewrite: the blocks the compositions find, the one emission per block, and what
+    the clean-up and the report need at the end."""
+
+    def __init__(self, gm: fx.GraphModule, opts: SonicOptions, report: CompileReport, region: str):
+        self.gm, self.opts, self.report, self.region = gm, opts, report, region
+        self.inside = f" (in {region})" if region else ""
+        self.orphans: list = []
+        self.declines: list = []  # (node, Candidate), reported once the graph is final
+        self.claimed: set = set()
+        self.dead_before = {n for n in gm.graph.nodes if not n.users}
+
+    def take(self, idiom) -> None:
+        """Every block one composition finds: declined, skipped (claimed already) or lowered."""
         try:
-            found = list(idiom.find(gm))
+            found = list(idiom.find(self.gm))
         except Exception as e:  # a broken matcher must never break compilation
             log.warning("sonic: %s matcher failed: %s: %s", idiom.IDIOM, type(e).__name__, e)
-            continue
-        live = _live_nodes(gm.graph) if any(not isinstance(b, str) for _, b in found) else set()
+            return
+        live = _live_nodes(self.gm.graph) if any(not isinstance(b, str) for _, b in found) else set()
         for node, block in found:
             where = module_path_of(node)
-            if not isinstance(block, str) and (block.anchor not in live or block.anchor in claimed):
-                # an earlier composition rewrote this block (its result no longer reaches the output):
-                # two recognisers of one block never both emit
-                log.debug("sonic: %s block at %s was rewritten by an earlier composition", idiom.IDIOM, where)
-                continue
             if isinstance(block, str):
                 # reported once the graph is final: a look-alike that another composition rewrote
                 # (its nodes are gone then) is not a declined block
-                declines.append((node, Candidate(idiom=idiom.IDIOM, where=where, status="declined", reason=block + inside)))
+                self._decline(node, idiom, where, block + self.inside)
+            elif block.anchor not in live or block.anchor in self.claimed:
+                # an earlier composition rewrote this block (its result no longer reaches the output):
+                # two recognisers of one block never both emit
+                log.debug("sonic: %s block at %s was rewritten by an earlier composition", idiom.IDIOM, where)
+            else:
+                self._prove_and_lower(idiom, node, block)
+
+    def _decline(self, node, idiom, where: str, reason: str) -> None:
+        self.declines.append((node, Candidate(idiom=idiom.IDIOM, where=where, status="declined", reason=reason)))
+
+    def _prove_and_lower(self, idiom, node, block: MoEBlock) -> None:
+        """The proof the backend adds to every composition's (the tokens are not written after the
+        block), then the one emission; an emission error leaves the block as it was."""
+        where = module_path_of(block.location or node)
+        written = _tokens_written_after(block)
+        if written is not None:
+            self._decline(node, idiom, where, (
+                f"proof: the tokens {block.x.name} are modified in place after the block ({written.name}), "
+                f"and the fused op keeps them for backward where the original kept copies{self.inside}"))
+            return
+        before = set(self.gm.graph.nodes)
+        notes: list = []
+        try:
+            hook = _rounding_hook(block, self.opts, notes)
+            emit_fused_moe(self.gm, block, recompute_h=self.opts.recompute_h, impl=self.opts.impl, routing_hook=hook)
+        except Exception as e:
+            # emission adds nodes before the anchor and rewires only at its very end: drop what
+            # it added and leave the block as it was
+            for n in reversed(list(self.gm.graph.nodes)):
+                if n not in before and not n.users:
+                    self.gm.graph.erase_node(n)
+            cand = _describe(block, "declined", f"internal error while rewriting: {type(e).__name__}: {e}{self.inside}",
+                             where)
+            self.report.candidates.append(cand)
+            counters["sonic"]["moe_declined"] += 1
+            log.warning("sonic: not rewriting %s block at %s: %s", idiom.IDIOM, where, cand.reason)
+            return
+        self.orphans.extend(block.orphans)
+        self.claimed.update(block.orphans)
+        self.claimed.add(block.anchor)
+        self._report_rewritten(block, where, notes)
+
+    def _report_rewritten(self, block: MoEBlock, where: str, notes: list) -> None:
+        note = "; ".join(notes)
+        shown = "; ".join(notes + [f"in {self.region}"]) if self.region else note
+        self.report.candidates.append(_describe(block, "rewritten", reason=shown, where=where))
+        note_runs_on(self.report.candidates[-1], block, self.opts.impl)  # counted, and warned if a CUDA block won't use Triton
+        counters["sonic"]["moe_rewrites"] += 1
+        if note.startswith("token rounding "):
+            counters["sonic"]["token_rounding" if "to multiples" in note else "token_rounding_skipped"] += 1
+        log.info("sonic: rewrote %s block at %s%s (E=%s, K=%s, d=%s, n=%s, %s, %s)%s", block.idiom, where, self.inside,
+                 block.num_experts, block.top_k, block.hidden, block.intermediate, block.activation, block.dtype,
+                 f": {note}" if note else "")
+        if "refused" in note:
+            log.warning("sonic: %s block at %s: %s", block.idiom, where, note)
+
+    def finish(self) -> None:
+        """Dead code removed once; the declines of candidates still in the final graph reported."""
+        _cleanup(self.gm, self.orphans, self.dead_before)
+        alive = set(self.gm.graph.nodes)
+        for node, cand in self.declines:
+            if isinstance(node, fx.Node) and node not in alive:
+                log.debug("sonic: %s candidate at %s was part of a block rewritten otherwise", cand.idiom, cand.where)
                 continue
-            where = module_path_of(block.location or node)
-            written = _tokens_written_after(block)
-            if written is not None:
-                declines.append((node, Candidate(idiom=idiom.IDIOM, where=where, status="declined", reason=(
-                    f"proof: the tokens {block.x.name} are modified in place after the block ({written.name}), "
-                    f"and the fused op keeps them for backward where the original kept copies{inside}"))))
-                continue
-            before = set(gm.graph.nodes)
-            notes: list = []
-            try:
-                hook = _rounding_hook(block, opts, notes)
-                emit_fused_moe(gm, block, recompute_h=opts.recompute_h, impl=opts.impl, routing_hook=hook)
-            except Exception as e:
-                # emission adds nodes before the anchor and rewires only at its very end: drop what
-                # it added and leave the block as it was
-                for n in reversed(list(gm.graph.nodes)):
-                    if n not in before and not n.users:
-                        gm.graph.erase_node(n)
-                cand = _describe(block, "declined", f"internal error while rewriting: {type(e).__name__}: {e}{inside}", where)
-                report.candidates.append(cand)
-                counters["sonic"]["moe_declined"] += 1
-                log.warning("sonic: not rewriting %s block at %s: %s", idiom.IDIOM, where, cand.reason)
-                continue
-            orphans.extend(block.orphans)
-            claimed.update(block.orphans)
-            claimed.add(block.anchor)
-            note = "; ".join(notes)
-            shown = "; ".join(notes + [f"in {region}"]) if region else note
-            report.candidates.append(_describe(block, "rewritten", reason=shown, where=where))
-            note_runs_on(report.candidates[-1], block, opts.impl)  # counted, and warned if a CUDA block won't use Triton
-            counters["sonic"]["moe_rewrites"] += 1
-            if note.startswith("token rounding "):
-                counters["sonic"]["token_rounding" if "to multiples" in note else "token_rounding_skipped"] += 1
-            log.info("sonic: rewrote %s block at %s%s (E=%s, K=%s, d=%s, n=%s, %s, %s)%s", block.idiom, where, inside,
-                     block.num_experts, block.top_k, block.hidden, block.intermediate, block.activation, block.dtype,
-                     f": {note}" if note else "")
-            if "refused" in note:
-                log.warning("sonic: %s block at %s: %s", block.idiom, where, note)
-    _cleanup(gm, orphans, dead_before)
-    alive = set(gm.graph.nodes)
-    for node, cand in declines:
-        if isinstance(node, fx.Node) and node not in alive:
-            log.debug("sonic: %s candidate at %s was part of a block rewritten otherwise", cand.idiom, cand.where)
-            continue
-        report.candidates.append(cand)
-        counters["sonic"]["moe_declined"] += 1
-        log.info("sonic: not rewriting %s block at %s: %s", cand.idiom, cand.where, cand.reason)
-    gm.graph.lint()
-    gm.recompile()
+            self.report.candidates.append(cand)
+            counters["sonic"]["moe_declined"] += 1
+            log.info("sonic: not rewriting %s block at %s: %s", cand.idiom, cand.where, cand.reason)
+        self.gm.graph.lint()
+        self.gm.recompile()
 
 
 def sonic(gm: fx.GraphModule, example_inputs, options: Optional[dict] = None, mode: Optional[str] = None, **kwargs: Any):
