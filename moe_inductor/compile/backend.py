@@ -421,6 +421,8 @@ def sonic(gm: fx.GraphModule, example_inputs, options: Optional[dict] = None, mo
         return compile_fx(original, example_inputs, config_patches=patches or None)
     try:
         return compile_fx(gm, example_inputs, config_patches=patches or None)
+    except _DYNAMO_CONTROL_FLOW:
+        raise  # Dynamo's own signals (e.g. specialise a float and trace again), not failures
     except Exception as e:
         error = e
     try:
@@ -430,6 +432,15 @@ def sonic(gm: fx.GraphModule, example_inputs, options: Optional[dict] = None, mo
     _scope.record(_scope.Fallback("without rewrite", _graph_name(gm), f"{type(error).__name__}: {_first_line(error)}"))
     counters["sonic"]["fallback_without_rewrite"] += 1
     return compiled
+
+
+#: exceptions that compile_fx raises to steer Dynamo, which Dynamo's own call of a backend lets
+#: through (``OutputGraph.call_user_compiler``): ``TensorifyScalarRestartAnalysis`` (a float input
+#: traced as a SymFloat that a graph op needs as a Python float: Dynamo traces the frame again with
+#: that float specialised; ``dynamic=True`` meets it) and ``ShortenTraceback``. Falling back to the
+#: unrewritten graph on them would compile a frame without its MoE blocks for nothing.
+_DYNAMO_CONTROL_FLOW = tuple(c for c in (getattr(torch._dynamo.exc, "RestartAnalysis", None),
+                                         getattr(torch._dynamo.exc, "ShortenTraceback", None)) if c is not None)
 
 
 setattr(sonic, _scope.MARKER, True)  # how dynamo_scope recognises frames compiled with this backend
