@@ -14,12 +14,15 @@ Parts (registered in ``moe_inductor.recognize.parts``; each maps a spelling to a
   row: ``torch._grouped_mm(rows, W.transpose(-2, -1), offs=offsets)`` (rows grouped by expert,
   bf16 casts of rows and weights as torchtitan writes them, the output cast back with
   ``type_as``), or weights gathered per row ``bmm(W[idx], rows.unsqueeze(-1))`` /
-  ``bmm(rows.unsqueeze(1), W[idx])``, or gpt-fast's ``einsum('ti,taoi->tao', x, W[idx])`` on the
-  tokens broadcast over a (T, K) index; transformers' ``grouped_mm_fallback`` and weights stored
+  ``bmm(rows.unsqueeze(1), W[idx])``, or an einsum of gathered weights with their rows in any
+  letters and operand order (gpt-fast's ``einsum('ti,taoi->tao', x, W[idx])`` on the tokens
+  broadcast over a (T, K) index, GPT-OSS's reference ``einsum('beck,bk->bec', W[idx, ...], x)``); transformers' ``grouped_mm_fallback`` and weights stored
   (E, in, out) used as they are (GPT-OSS); gated (``silu(g) * u`` over two GEMMs, ``chunk(2, -1)``
   of one, GPT-OSS's clamped gate on interleaved columns) or plain activations; a per-expert bias
   added in place after a GEMM, ``out.add_(bias[ids])`` (``common.expert_bias``: the only in-place
-  write the proof admits; which ids index it is proven by the composition), or inside
+  write the proof admits; which ids index it is proven by the composition), or out of place after a
+  gathered-weight GEMM, ``gemm + bias[ids, ...]`` (GPT-OSS's reference; ``+=`` reads so after the
+  normal form; ``_biased_proj``, the ids proven the weights' by the composition), or inside
   ``moe_inductor::grouped_mm(rows, W, offs, bias=b)`` (host_splits' biased chunk experts: row r of
   group e gets b[e], the GEMM's own grouping, so no ids to prove);
 - **rows_combine** (``RowsScatter``): how the rows reach their tokens: ``zeros(T, d).scatter_add(_)

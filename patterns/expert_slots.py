@@ -69,7 +69,16 @@ Parts (recognisers registered in ``moe_inductor.recognize.parts``):
 
                        slot (e, s) holds x[s] * R[s, e]; proven here: R is exactly 0 off the top-k (sigmoid(-inf)
                        or 0 scattered over by the top-k values at the top-k indices, nothing else writing R or
-                       what it is computed from).
+                       what it is computed from). Meta's Llama 4 ``moe.py`` spells the same dispatch::
+
+                           R_T = sigmoid(full_like(logits, -inf).scatter_(1, idx, v).transpose(0, 1))   (E, S)
+                           I = arange(S).view(1, -1).expand(E, -1)
+                           rows = gather(x, 0, I.reshape(-1, 1).expand(-1, d))       (= x.repeat(E, 1))
+                           slots = (rows * R_T.reshape(-1, 1)).detach().view(E, -1, d)
+                           out = shared(x); out.scatter_add_(0, I.reshape(-1, 1).expand(-1, d), y.view(-1, d))
+
+                       (``_replicated_rows``, ``_expert_major_column``; the ``.detach()`` is kept on the emitted
+                       rows; the scatter adds slot (e, s) to token s, the sum over the experts, ``_token_scatter``).
 ``slots_experts``: ``bmm_mlp``: one MLP on all slots with stacked weights: ``bmm(z, W)`` / ``z @ W`` /
   ``einsum("ecm,emh->ech", z, W)`` with W (E, in, out), or W (E, out, in) transposed/contracted on its
   last axis; optional (E, 1, out) biases; gated (``chunk(2, -1)`` of one projection, or two projections)
