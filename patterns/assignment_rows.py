@@ -14,12 +14,15 @@ Parts (registered in ``moe_inductor.recognize.parts``; each maps a spelling to a
   row: ``torch._grouped_mm(rows, W.transpose(-2, -1), offs=offsets)`` (rows grouped by expert,
   bf16 casts of rows and weights as torchtitan writes them, the output cast back with
   ``type_as``), or weights gathered per row ``bmm(W[idx], rows.unsqueeze(-1))`` /
-  ``bmm(rows.unsqueeze(1), W[idx])``, or gpt-fast's ``einsum('ti,taoi->tao', x, W[idx])`` on the
-  tokens broadcast over a (T, K) index; transformers' ``grouped_mm_fallback`` and weights stored
+  ``bmm(rows.unsqueeze(1), W[idx])``, or an einsum of gathered weights with their rows in any
+  letters and operand order (gpt-fast's ``einsum('ti,taoi->tao', x, W[idx])`` on the tokens
+  broadcast over a (T, K) index, GPT-OSS's reference ``einsum('beck,bk->bec', W[idx, ...], x)``); transformers' ``grouped_mm_fallback`` and weights stored
   (E, in, out) used as they are (GPT-OSS); gated (``silu(g) * u`` over two GEMMs, ``chunk(2, -1)``
   of one, GPT-OSS's clamped gate on interleaved columns) or plain activations; a per-expert bias
   added in place after a GEMM, ``out.add_(bias[ids])`` (``common.expert_bias``: the only in-place
-  write the proof admits; which ids index it is proven by the composition), or inside
+  write the proof admits; which ids index it is proven by the composition), or out of place after a
+  gathered-weight GEMM, ``gemm + bias[ids, ...]`` (GPT-OSS's reference; ``+=`` reads so after the
+  normal form; ``_biased_proj``, the ids proven the weights' by the composition), or inside
   ``moe_inductor::grouped_mm(rows, W, offs, bias=b)`` (host_splits' biased chunk experts: row r of
   group e gets b[e], the GEMM's own grouping, so no ids to prove);
 - **rows_combine** (``RowsScatter``): how the rows reach their tokens: ``zeros(T, d).scatter_add(_)
@@ -91,12 +94,13 @@ from moe_inductor.ops.activations import parse_activation
 from moe_inductor.recognize.parts import PartDeclined, recognise, register
 from moe_inductor.fx.build import call, method
 from moe_inductor.fx.decline import Declined, need
+from moe_inductor.fx.matching import einsum_parts
 from moe_inductor.fx.nodes import arg, node_order
 from moe_inductor.fx.shapes import dtype_of, int_value, same, same_dim, shape_of, to_sympy
 from moe_inductor.lower.rewrite import ExpertWeights, MoEBlock, gemm_name
 
 from .common import GATED_OF, after_gemm_reason, expert_activation, expert_bias, unary_activation
-from .dispatch import assignment_tokens, routing_map_sorted, topk_columns
+from .dispatch import assignment_tokens, routing_map_sorted, rows_index, topk_columns
 from .experts import row_scaled
 
 IDIOM = "assignment_rows"
@@ -339,9 +343,8 @@ def _bmm_proj(node) -> Optional[Proj]:
 
 
 _EINSUM = (torch.einsum, torch.functional.einsum)
-#: gpt-fast's equations with letters renamed by first appearance: up 'ti,taoi->tao' (x (T, d),
-#: W[idx] (T, K, out, in)), down 'tao,taio->tai' (a (T, K, n), W[idx] (T, K, d, n)), combine 'tai,ta->ti'
-_UP_EQ, _DOWN_EQ, _COMBINE_EQ = "ab,acdb->acd", "abc,abdc->abd", "abc,ab->ac"
+#: gpt-fast's combine 'tai,ta->ti' with letters renamed by first appearance
+_COMBINE_EQ = "abc,ab->ac"
 
 
 def _canonical(equation: str) -> str:
@@ -361,25 +364,84 @@ def _einsum(node, eq) -> Optional[tuple]:
     return tuple(ops) if len(ops) == 2 and all(isinstance(o, fx.Node) for o in ops) else None
 
 
+def _gathered_weight(g) -> Optional[tuple]:
+    """(W, idx) if ``g`` is ``W[idx]`` (``W[idx, ...]``, ``W[idx, :, :]``: ``dispatch.rows_index``) of a
+    3-D W with an integer index of one or two dimensions (rows, or a (T, K) table)."""
+    if not _is(g, "call_function", operator.getitem):
+        return None
+    idx = rows_index(g.args[1])
+    if not isinstance(idx, fx.Node) or len(shape_of(g.args[0]) or ()) != 3 or \
+            len(shape_of(idx) or ()) not in (1, 2) or not _is_int(idx):
+        return None
+    return g.args[0], idx
+
+
 def _einsum_proj(node) -> Optional[Proj]:
-    """gpt-fast: ``einsum('ti,taoi->tao', x, W[idx])`` (x (T, in)) or ``einsum('tao,taio->tai', a, W[idx])``
-    (a (T, K, in)), W (E, out, in) gathered with a (T, K) integer index."""
-    for eq, rank in ((_UP_EQ, 2), (_DOWN_EQ, 3)):
-        ops = _einsum(node, eq)
-        if ops is None:
+    """An einsum of per-row gathered weights with their rows, in any letters and operand order
+    (gpt-fast ``einsum('ti,taoi->tao', x, W[idx])``, GPT-OSS's reference ``einsum('beck,bk->bec',
+    W[idx, ...], x)``): W[idx] (lead..., p, q) with idx (lead...) of rank r, the rows v (lead..., i)
+    (or, for a (T, K) idx, the tokens (T, i) broadcast over the K slots), i one of p, q and the
+    output exactly (lead..., o) with o the other: row (lead) is ``W[idx[lead]] @ v[lead]`` (W stored
+    (E, out, in) when q is contracted, (E, in, out) when p is). Each letter appears once per term;
+    sizes must agree without broadcasting."""
+    parts = einsum_parts(node)
+    if parts is None or len(parts[2]) != 2:
+        return None
+    ins, out, ops = parts
+    for iw, iv in ((0, 1), (1, 0)):
+        gw = _gathered_weight(ops[iw])
+        if gw is None:
             continue
-        v, g = ops
-        if _is(g, "call_function", operator.getitem) and isinstance(g.args[1], fx.Node) and \
-                len(shape_of(g.args[0]) or ()) == 3 and len(shape_of(g.args[1]) or ()) == 2 and _is_int(g.args[1]) \
-                and len(shape_of(v) or ()) == rank:
-            return Proj(input=v, weight=g.args[0], transposed=False, group=("index", g.args[1]), node=node,
-                        gemm="aten::bmm", out=node)  # einsum runs as bmm under autocast
+        W, idx = gw
+        wl, vl, r = ins[iw], ins[iv], len(shape_of(idx))
+        if len(wl) != r + 2 or any(len(set(t)) != len(t) for t in (wl, vl, out)):
+            return None
+        lead, (p, q) = wl[:r], wl[r:]
+        i = next((c for c in (p, q) if c not in out), None)
+        o = q if i == p else p
+        if i is None or out != lead + o or vl not in (lead + i, lead[0] + i if r == 2 else None):
+            return None
+        vs, gs = shape_of(ops[iv]), shape_of(ops[iw])
+        if vs is None or gs is None or not all(same(vs[k], gs[wl.index(c)]) for k, c in enumerate(vl)):
+            return None
+        return Proj(input=ops[iv], weight=W, transposed=i == p, group=("index", idx), node=node,
+                    gemm="aten::bmm", out=node)  # einsum runs as bmm under autocast
+    return None
+
+
+def _biased_proj(node) -> Optional[Proj]:
+    """``P + B[ids]`` (either order; ``P += B[ids]`` reads so after the normal form): a GEMM P on
+    weights gathered per row plus a per-expert bias B (E, out) gathered per row, of exactly P's
+    shape and B's dtype the weights'. That ``ids`` are the rows' expert ids (the weights' index) is
+    the composition's proof (``_prove_biases``)."""
+    if not (_is(node, "call_function", (operator.add, torch.add)) and len(node.args) == 2 and not node.kwargs):
+        return None
+    for a, b in (node.args, node.args[::-1]):
+        p = _bmm_proj(safety.strip_identity(a)) or _einsum_proj(safety.strip_identity(a)) \
+            if isinstance(a, fx.Node) else None
+        if p is None or not _is(b, "call_function", operator.getitem):
+            continue
+        ids, B = rows_index(b.args[1]), b.args[0]
+        if not isinstance(ids, fx.Node) or len(shape_of(B) or ()) != 2 or not _is_int(ids):
+            continue
+        ws = _linear_shape(p)
+        need(ws is not None and safety.same_shape(b, node) and safety.same_shape(b, p.out)
+             and same(shape_of(B)[0], ws[0]) and same(shape_of(B)[1], ws[1]),
+             f"{node.name}: the bias {B.name} added to the gathered-weight GEMM is not (E, out) gathered per row",
+             part="rows_experts")
+        need(dtype_of(B) == dtype_of(p.weight) == dtype_of(node),
+             f"{node.name}: the expert bias and weights differ in dtype", part="rows_experts")
+        written = safety.writes_to(B) + safety.writes_to(b)
+        need(not written, f"{node.name}: the expert bias {B.name} is modified in place "
+                          f"({written[0].format_node() if written else ''})", part="rows_experts")
+        p.bias, p.bias_ids, p.out = B, ids, node
+        return p
     return None
 
 
 def _proj(node) -> Optional[Proj]:
     node = safety.strip_identity(node)
-    return _grouped_proj(node) or _bmm_proj(node) or _einsum_proj(node)
+    return _grouped_proj(node) or _bmm_proj(node) or _einsum_proj(node) or _biased_proj(node)
 
 
 def _same_group(a: tuple, b: tuple) -> bool:
@@ -1065,13 +1127,13 @@ def _prove_biases(mlp: RowsMLP, sorted_proof) -> None:
     """Each in-place bias is indexed by the expert ids of its GEMM's rows: the very index the
     weights are gathered with, or the sorted ids of the sort that grouped the rows."""
     for p in mlp.projections():
-        if p.bias_add is None:
+        if p.bias_ids is None:
             continue  # no bias, or the grouped GEMM's own: added by the group the GEMM puts the row in
         if mlp.group[0] == "index":
             ok = p.bias_ids is mlp.group[1] or safety.equivalent(p.bias_ids, mlp.group[1])
         else:
             ok = sorted_proof is not None and _sorted_ids(p.bias_ids, sorted_proof["perm"], sorted_proof["ids"])
-        need(ok, f"experts: the bias added in place to {p.out.name} (bias[{p.bias_ids.name}]) is indexed by other "
+        need(ok, f"experts: the bias added to {p.out.name} (bias[{p.bias_ids.name}]) is indexed by other "
                  "ids than the expert ids of its rows")
 
 

@@ -69,7 +69,16 @@ Parts (recognisers registered in ``moe_inductor.recognize.parts``):
 
                        slot (e, s) holds x[s] * R[s, e]; proven here: R is exactly 0 off the top-k (sigmoid(-inf)
                        or 0 scattered over by the top-k values at the top-k indices, nothing else writing R or
-                       what it is computed from).
+                       what it is computed from). Meta's Llama 4 ``moe.py`` spells the same dispatch::
+
+                           R_T = sigmoid(full_like(logits, -inf).scatter_(1, idx, v).transpose(0, 1))   (E, S)
+                           I = arange(S).view(1, -1).expand(E, -1)
+                           rows = gather(x, 0, I.reshape(-1, 1).expand(-1, d))       (= x.repeat(E, 1))
+                           slots = (rows * R_T.reshape(-1, 1)).detach().view(E, -1, d)
+                           out = shared(x); out.scatter_add_(0, I.reshape(-1, 1).expand(-1, d), y.view(-1, d))
+
+                       (``_replicated_rows``, ``_expert_major_column``; the ``.detach()`` is kept on the emitted
+                       rows; the scatter adds slot (e, s) to token s, the sum over the experts, ``_token_scatter``).
 ``slots_experts``: ``bmm_mlp``: one MLP on all slots with stacked weights: ``bmm(z, W)`` / ``z @ W`` /
   ``einsum("ecm,emh->ech", z, W)`` with W (E, in, out), or W (E, out, in) transposed/contracted on its
   last axis; optional (E, 1, out) biases; gated (``chunk(2, -1)`` of one projection, or two projections)
@@ -200,6 +209,11 @@ class SlotsDispatch:
     inputs: list = dataclasses.field(default_factory=list)
     spelling: str = ""
     groups: Optional[fx.Node] = None  # capacity per group: the (E, G, C, d) slots (``_grouped_capacity``)
+    #: dense: ``scores`` is (E, S), expert-major (sigmoid of the transposed scattered matrix)
+    scores_expert_major: bool = False
+    #: dense: the scaled rows are ``.detach()``-ed before the experts (no gradient to the tokens or the
+    #: scores through them; the emitted rows are detached too)
+    detached: bool = False
 
 
 @dataclasses.dataclass
@@ -1396,6 +1410,57 @@ def _repeat_count(node) -> Optional[int]:
     return int_value(reps[0])
 
 
+def _plain_arange(node) -> bool:
+    """``torch.arange(S)``: one argument (the end; start 0, step 1), an integer dtype."""
+    return isinstance(node, fx.Node) and node.op == "call_function" and node.target is torch.arange \
+        and len(node.args) == 1 and not set(node.kwargs) - {"device", "dtype"} and _is_integral(node)
+
+
+def _arange_table(I) -> Optional[tuple]:
+    """(S, E) if ``I`` (E, S) holds I[e, s] == s: ``arange(S)`` viewed (1, S) (``view``/``reshape``
+    (1, -1), ``unsqueeze(0)``) or left 1-D, then broadcast to (E, S) by ``expand``/``expand_as`` (only a
+    size-1 or missing leading axis is broadcast, so every row is the arange) (Llama 4's
+    ``arange(a).view(1, -1).expand(E, -1)``)."""
+    s = shape_of(I)
+    if not (isinstance(I, fx.Node) and I.op == "call_method" and I.target in ("expand", "expand_as")
+            and s is not None and len(s) == 2 and isinstance(I.args[0], fx.Node)):
+        return None
+    J = I.args[0]
+    if J.op == "call_method" and J.target in ("view", "reshape", "unsqueeze") and isinstance(J.args[0], fx.Node) \
+            and len(shape_of(J) or ()) == 2 and _size_one(shape_of(J)[0]) and len(shape_of(J.args[0]) or ()) == 1:
+        J = J.args[0]
+    if not _plain_arange(J) or not same(shape_of(J)[0], s[1]) or int_value(s[0]) is None:
+        return None
+    return s[1], int_value(s[0])
+
+
+def _replicated_rows(node) -> Optional[tuple]:
+    """(x, E) if ``node`` holds the rows of a 2-D x (S, d) E times over, copy e at rows e*S..e*S+S-1:
+    ``x.repeat(E, 1)`` (transformers' Llama4), or ``torch.gather(x, 0, I.reshape(-1, 1).expand(-1, d))``
+    with I an ``_arange_table`` (E, S) of x's S rows (Meta's Llama 4 ``moe.py``): row e*S + s of the
+    row-major flattened I is s, and the expanded index spans all d columns of x, so row e*S + s is
+    x[s] whole."""
+    E = _repeat_count(node)
+    if E is not None:
+        return node.args[0], E
+    if not (isinstance(node, fx.Node) and ((node.op == "call_function" and node.target is torch.gather)
+                                           or (node.op == "call_method" and node.target == "gather"))):
+        return None
+    from .combine import expanded_rows
+    x, dim, index = arg(node, 0, "input"), arg(node, 1, "dim"), arg(node, 2, "index")
+    if dim != 0 or node.kwargs.get("sparse_grad", False) or len(node.args) + len(node.kwargs) != 3 \
+            or not isinstance(x, fx.Node):
+        return None
+    I, xs, gs = expanded_rows(index), shape_of(x), shape_of(node)
+    table = _arange_table(I) if isinstance(I, fx.Node) else None
+    if table is None or xs is None or len(xs) != 2 or gs is None or len(gs) != 2:
+        return None
+    S, E = table
+    if not (same(S, xs[0]) and same(gs[1], xs[1]) and same(gs[0], xs[0] * E)):
+        return None
+    return x, E
+
+
 def _transposed_2d(node) -> Optional[fx.Node]:
     """R if ``node`` is ``R.transpose(0, 1)`` / ``R.t()`` / ``R.T`` / ``R.permute(1, 0)`` of a 2-D R."""
     if not isinstance(node, fx.Node):
@@ -1407,16 +1472,34 @@ def _transposed_2d(node) -> Optional[fx.Node]:
     return inner if isinstance(inner, fx.Node) and len(shape_of(inner) or ()) == 2 else None
 
 
-def _expert_major_column(node) -> Optional[fx.Node]:
-    """R if ``node`` is ``R.transpose(0, 1).reshape(-1, 1)`` (``view``, ``.t()``, ``.T``) of a 2-D R
-    (S, E): a column whose row e*S + s is R[s, e] (the row-major order of R transposed)."""
+def _expert_major_column(node) -> Optional[tuple]:
+    """(R, False) if ``node`` is ``R.transpose(0, 1).reshape(-1, 1)`` (``view``, ``.t()``, ``.T``) of a 2-D
+    R (S, E): a column whose row e*S + s is R[s, e] (the row-major order of R transposed). (C, True) if
+    it is ``C.reshape(-1, 1)`` of C = ``sigmoid(X.transpose(0, 1))`` (casts around either) of a 2-D X
+    (S, E) (Meta's Llama 4): C is (E, S), expert-major already, and C[e, s] is sigmoid(X[s, e]), an
+    elementwise function of X transposed; ``_zero_off_top_k`` proves X's part."""
     if not (isinstance(node, fx.Node) and node.op == "call_method" and node.target in ("reshape", "view")):
         return None
-    R = _transposed_2d(node.args[0])
     s = shape_of(node)
-    if R is None or s is None or len(s) != 2 or not _size_one(s[1]):
+    if s is None or len(s) != 2 or not _size_one(s[1]):
         return None
-    return R
+    R = _transposed_2d(node.args[0])
+    if R is not None:
+        return R, False
+    C = node.args[0]
+    sq = _squash(safety.strip_casts(C))
+    if sq is not None and _transposed_2d(safety.strip_casts(sq.args[0])) is not None:
+        return C, True
+    return None
+
+
+def _squash(node) -> Optional[fx.Node]:
+    """``node`` if it is ``sigmoid(t)`` (function or method, one argument), else None."""
+    if isinstance(node, fx.Node) and ((node.op == "call_function" and node.target in _SIGMOID)
+                                      or (node.op == "call_method" and node.target == "sigmoid")) \
+            and len(node.args) == 1 and not node.kwargs:
+        return node
+    return None
 
 
 def _top_k_indices(idx) -> Optional[tuple]:
@@ -1432,18 +1515,21 @@ def _top_k_indices(idx) -> Optional[tuple]:
     return tk.args[0], int_value(k), dim
 
 
-def _zero_off_top_k(R: fx.Node) -> tuple:
+def _zero_off_top_k(R: fx.Node, expert_major: bool = False) -> tuple:
     """Prove R[s, e] == 0 exactly for every e not among the top-k choices idx[s] (distinct: topk
     indices): R is ``sigmoid`` of a matrix of -inf, or a matrix of zeros, into which the top-k values
     are scattered at the top-k indices, with only casts between and nothing else writing R, the
-    matrix, or anything on the way from one to the other. Returns (idx, K, [the in-place scatter], the
-    logits the top-k was taken of)."""
+    matrix, or anything on the way from one to the other. ``expert_major``: R is (E, S), the sigmoid
+    of that matrix transposed (``_expert_major_column``), and the claim is about R's transpose.
+    Returns (idx, K, [the in-place scatter], the logits the top-k was taken of)."""
     inner = safety.strip_casts(R)
-    squash = None
-    if isinstance(inner, fx.Node) and ((inner.op == "call_function" and inner.target in _SIGMOID)
-                                       or (inner.op == "call_method" and inner.target == "sigmoid")) \
-            and len(inner.args) == 1 and not inner.kwargs:
-        squash, inner = inner, safety.strip_casts(inner.args[0])
+    squash = _squash(inner)
+    if squash is not None:
+        inner = safety.strip_casts(inner.args[0])
+    if expert_major:
+        need(squash is not None and _transposed_2d(inner) is not None,
+             f"{R.name}: not the sigmoid of a transposed score matrix", part="slots_dispatch")
+        inner = safety.strip_casts(_transposed_2d(inner))
     scatter = isinstance(inner, fx.Node) and not set(inner.kwargs) - {"dim", "index", "src", "value"} and (
         (inner.op == "call_method" and inner.target in ("scatter_", "scatter"))
         or (inner.op == "call_function" and inner.target is torch.scatter))
@@ -1482,6 +1568,7 @@ def _zero_off_top_k(R: fx.Node) -> tuple:
                                            "not at the indices of a top-k (distinct per token)", part="slots_dispatch")
     logits, K, tk_dim = tk
     ls, Rs, ix = shape_of(logits), shape_of(R), shape_of(idx)
+    Rs = tuple(Rs)[::-1] if expert_major and Rs is not None else Rs
     need(K is not None and tk_dim in (1, -1) and ls is not None and len(ls) == 2,
          f"{idx.name}: not a constant top-k over the experts of (S, E) logits", part="slots_dispatch")
     need(Rs is not None and ix is not None and len(ix) == 2 and same(ix[0], Rs[0])
@@ -1505,31 +1592,43 @@ def _zero_off_top_k(R: fx.Node) -> tuple:
 
 @register("slots_dispatch", "dense_scores",
           "(x.repeat(E, 1) * R.transpose(0, 1).reshape(-1, 1)).view(E, -1, d): every token in every expert's "
-          "slots, inputs scaled by a dense (S, E) score matrix that is 0 off the top-k (Llama4)")
+          "slots, inputs scaled by a dense (S, E) score matrix that is 0 off the top-k (Llama4); the rows also "
+          "as gather(x, 0, arange(S).expand(E, -1).reshape(-1, 1).expand(-1, d)), the column also as "
+          "sigmoid(X.transpose(0, 1)).reshape(-1, 1), the scaled rows optionally .detach()-ed (Meta's Llama 4)")
 def dense_scores(slots) -> Optional[SlotsDispatch]:
     s = shape_of(slots)
     if s is None or len(s) != 3 or not (slots.op == "call_method" and slots.target in ("view", "reshape")):
         return None
-    xin = slots.args[0]
+    xin, detached = _undetached(slots.args[0])
     if not (isinstance(xin, fx.Node) and xin.op == "call_function" and xin.target in _MUL and len(xin.args) == 2
             and not xin.kwargs):
         return None
     for rep, col in (xin.args, xin.args[::-1]):
-        E, R = _repeat_count(rep), _expert_major_column(col)
-        if E is not None and R is not None:
+        rows, column = _replicated_rows(rep), _expert_major_column(col)
+        if rows is not None and column is not None:
             break
     else:
         return None
-    x = rep.args[0]
+    (x, E), (R, expert_major) = rows, column
     xs, Rs = shape_of(x), shape_of(R)
+    Rs = tuple(Rs)[::-1] if expert_major else Rs
     need(int_value(Rs[1]) == E and same(Rs[0], xs[0]),
          f"{xin.name}: the tokens are repeated {E} times but scaled by {R.name} of shape {tuple(Rs)}, not (S, E) for "
          f"x {tuple(xs)}", part="slots_dispatch")
     need(int_value(s[0]) == E and same(s[1], xs[0]) and same(s[2], xs[1]),
          f"{slots.name}: the scaled copies of the tokens are not viewed (E, S, d), expert-major", part="slots_dispatch")
-    idx, K, own, logits = _zero_off_top_k(R)
+    idx, K, own, logits = _zero_off_top_k(R, expert_major)
     return SlotsDispatch(kind="dense", x=x, slots=slots, num_experts=E, scores=R, choices=idx, top_k=K, writes=own,
-                         inputs=[logits])
+                         inputs=[logits], scores_expert_major=expert_major, detached=detached)
+
+
+def _undetached(node) -> tuple:
+    """(t, True) if ``node`` is ``t.detach()`` / ``torch.detach(t)``, else (node, False)."""
+    if isinstance(node, fx.Node) and len(node.args) == 1 and not node.kwargs and (
+            (node.op == "call_method" and node.target == "detach")
+            or (node.op == "call_function" and node.target is torch.detach)):
+        return node.args[0], True
+    return node, False
 
 
 # --------------------------------------------------------------------------- slots_experts
@@ -2132,9 +2231,10 @@ def analyse(node: fx.Node) -> MoEBlock:
         for t in disp.terms:
             _need_stable_leaves(t, node, node_order(node.graph))
     elif disp.kind == "dense":
-        need(comb.kind == "sum", "proof: dense slots (every token in every expert's slots) are combined by something "
-                                  "else than a sum over the experts")
-        need(safety.same_shape(disp.x, node), "proof: the output is not (tokens, d)")
+        need(comb.kind == "sum" or _token_scatter(comb, disp),
+             "proof: dense slots (every token in every expert's slots) are combined by something else than a sum "
+             "over the experts (or an unweighted scatter-add of slot (e, s) to token s)")
+        need(safety.same_shape(disp.x, node if comb.kind == "sum" else comb.acc), "proof: the output is not (tokens, d)")
         # the unselected (expert, token) pairs compute f_e(0): dropping them is exact only if f_e(0) == 0
         biases = [k for k, b in (("gate", mlp.b_gate), ("up", mlp.b_up), ("down", mlp.b_down)) if b is not None]
         need(not biases, f"proof: the experts (slots_experts {mlp.spelling}) add biases ({', '.join(biases)}), so "
@@ -2188,6 +2288,17 @@ def analyse(node: fx.Node) -> MoEBlock:
     return _block(node, comb, mlp, disp, start_kind, base, order, biases)
 
 
+def _token_scatter(comb: SlotsCombine, disp: SlotsDispatch) -> bool:
+    """A scatter combine that adds slot (e, s) to token s unweighted: its (E, S) index is an
+    ``_arange_table`` of the dispatch's S tokens over its E experts (Meta's Llama 4:
+    ``out.scatter_add_(0, arange(S).expand(E, -1).reshape(-1, 1).expand(-1, d), y.view(-1, d))``), so the
+    result is the accumulator's start plus the sum over the experts."""
+    if comb.kind != "scatter" or comb.score is not None:
+        return False
+    table = _arange_table(comb.index)
+    return table is not None and table[1] == disp.num_experts and same(table[0], shape_of(disp.x)[0])
+
+
 def _block(node, comb, mlp, disp, start_kind, base, order, bias_adds=()) -> MoEBlock:
     x, E = disp.x, disp.num_experts
     device = x.meta["example_value"].device
@@ -2239,9 +2350,13 @@ def _block(node, comb, mlp, disp, start_kind, base, order, bias_adds=()) -> MoEB
         R, idx, K = disp.scores, disp.choices, disp.top_k
         graph = node.graph
         with graph.inserting_before(node):
+            if disp.scores_expert_major:  # (E, S): R.t()[s, e] is the score of (s, e)
+                R = method(graph, "t", R, like=node)
             scores_SK = method(graph, "gather", R, 1, idx, like=node)
             rows = call(graph, operator.mul, method(graph, "unsqueeze", x, 1, like=node),
                         method(graph, "unsqueeze", scores_SK, -1, like=node), like=node)
+            if disp.detached:  # as the source's rows: no gradient to the tokens or the scores through them
+                rows = method(graph, "detach", rows, like=node)
             x = method(graph, "reshape", rows, -1, method(graph, "size", disp.x, 1, like=node), like=node)
         x_rows = x
 
@@ -2336,14 +2451,14 @@ def _block(node, comb, mlp, disp, start_kind, base, order, bias_adds=()) -> MoEB
         graph = out.graph
         result = out
         with graph.inserting_before(out.next):
-            if comb.kind == "sum":  # each token's K rows (token-major) summed
+            if disp.kind == "dense":  # each token's K rows (token-major) summed
                 per_token = method(graph, "view", out, method(graph, "size", disp.x, 0, like=node), K,
                                    method(graph, "size", disp.x, 1, like=node), like=node)
                 result = method(graph, "sum", per_token, 1, like=node)
             if comb.kind == "scatter":
                 if dtype_of(result) != dtype_of(comb.acc):
                     result = method(graph, "to", result, dtype_of(comb.acc), like=node)
-                if start_kind == "copy":
+                if start_kind in ("copy", "base"):  # acc.clone() / a tensor the graph computed, plus the block
                     result = call(graph, operator.add, base, result, like=node)
             if disp.groups is not None:  # the G * S rows back as (G, S, d)
                 result = method(graph, "reshape", result, *(method(graph, "size", disp.x, i, like=node)
