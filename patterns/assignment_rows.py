@@ -16,7 +16,9 @@ Parts (registered in ``moe_inductor.recognize.parts``; each maps a spelling to a
   ``type_as``), or weights gathered per row ``bmm(W[idx], rows.unsqueeze(-1))`` /
   ``bmm(rows.unsqueeze(1), W[idx])``, or an einsum of gathered weights with their rows in any
   letters and operand order (gpt-fast's ``einsum('ti,taoi->tao', x, W[idx])`` on the tokens
-  broadcast over a (T, K) index, GPT-OSS's reference ``einsum('beck,bk->bec', W[idx, ...], x)``); transformers' ``grouped_mm_fallback`` and weights stored
+  broadcast over a (T, K) index, GPT-OSS's reference ``einsum('beck,bk->bec', W[idx, ...], x)``; also
+  two gpt-fast einsums on the halves of one fused gate|up weight gathered and chunked first,
+  SGLang's ``torch.chunk(w13[ids], 2, dim=2)``: ``_weight_halves_proj``); transformers' ``grouped_mm_fallback`` and weights stored
   (E, in, out) used as they are (GPT-OSS); gated (``silu(g) * u`` over two GEMMs, ``chunk(2, -1)``
   of one, GPT-OSS's clamped gate on interleaved columns) or plain activations; a per-expert bias
   added in place after a GEMM, ``out.add_(bias[ids])`` (``common.expert_bias``: the only in-place
@@ -45,7 +47,8 @@ Blocks (``find``):
    of 64 families, GPT-OSS's biases and clamped gate included)::
 
        counts = histc(flat.float(), bins=E, min=0, max=E)  | bincount(flat, minlength=E)
-                | zeros(T, E).scatter(1, ids, 1).sum(0) (also scatter_ in place) | one_hot(flat, E).sum(0)
+                | zeros(T, E).scatter(1, ids, 1).sum(0) (also scatter_ in place, ids.to(torch.int64) of
+                  int64 ids: SGLang) | one_hot(flat, E).sum(0)
                 (of flat or of the sorted ids sort(flat)[0])
        perm = argsort(flat, stable=True)                    | sort(flat)[1]
        rows = x[perm // K]  (or gather / index_select);  s = w.view(-1)[perm]
@@ -99,7 +102,8 @@ from moe_inductor.fx.nodes import arg, node_order
 from moe_inductor.fx.shapes import dtype_of, int_value, same, same_dim, shape_of, to_sympy
 from moe_inductor.lower.rewrite import ExpertWeights, MoEBlock, gemm_name
 
-from .common import GATED_OF, after_gemm_reason, expert_activation, expert_bias, unary_activation
+from .common import (GATED_OF, after_gemm_reason, expert_activation, expert_bias, gate_up_halves,
+                     unary_activation, with_layout)
 from .dispatch import assignment_tokens, routing_map_sorted, rows_index, topk_columns
 from .experts import row_scaled
 
@@ -343,8 +347,9 @@ def _bmm_proj(node) -> Optional[Proj]:
 
 
 _EINSUM = (torch.einsum, torch.functional.einsum)
-#: gpt-fast's combine 'tai,ta->ti' with letters renamed by first appearance
-_COMBINE_EQ = "abc,ab->ac"
+#: gpt-fast's up projection 'ti,taoi->tao' (the halves of one gathered gate|up weight,
+#: ``_weight_halves_proj``) and combine 'tai,ta->ti', with letters renamed by first appearance
+_UP_EQ, _COMBINE_EQ = "ab,acdb->acd", "abc,ab->ac"
 
 
 def _canonical(equation: str) -> str:
@@ -444,6 +449,35 @@ def _proj(node) -> Optional[Proj]:
     return _grouped_proj(node) or _bmm_proj(node) or _einsum_proj(node) or _biased_proj(node)
 
 
+def _weight_halves_proj(g_out, u_out) -> Optional[tuple]:
+    """(Proj of the fused gate|up GEMM, up_first) when ``g_out`` / ``u_out`` are gpt-fast up
+    projections ``einsum('ti,taoi->tao', x, H)`` of the same tokens x whose weights H are the two
+    halves along ``o`` of one gathered ``W[idx]`` (W (E, 2n, d), idx (T, K)): SGLang's
+    ``w1, w3 = torch.chunk(w13_weight[topk_ids], 2, dim=2)`` (``common.halves`` on axis -2: equal
+    halves, gate first or up first). Row o of half j is row j*n + o of ``W[idx]``, so the two
+    einsums are the first and second halves along ``o`` of ``einsum(x, W[idx])``: the fused
+    gate|up GEMM of W, whose activation takes the halves in the same order. The halves, the
+    gathered weights and both GEMMs' results must not be written in place (the proof of the block
+    follows the gate GEMM's path only; a bias added in place to one half is no bias of the fused GEMM)."""
+    g, u = safety.strip_identity(g_out), safety.strip_identity(u_out)
+    go, uo = _einsum(g, _UP_EQ), _einsum(u, _UP_EQ)
+    if go is None or uo is None or not safety.equivalent(go[0], uo[0]) or len(shape_of(go[0]) or ()) != 2:
+        return None
+    found = gate_up_halves(go[1], uo[1], axis=-2)
+    if found is None or found[1]:
+        return None
+    G, up_first = found[0], found[2]
+    if not (_is(G, "call_function", operator.getitem) and isinstance(G.args[1], fx.Node)
+            and len(shape_of(G.args[0]) or ()) == 3 and len(shape_of(G.args[1]) or ()) == 2 and _is_int(G.args[1])):
+        return None
+    for n in (G, g, u, uo[1], go[1]):
+        w = safety.writes_to(n)
+        need(not w, f"{n.name} (gathered gate|up weights or a GEMM on one half) is modified in place ({w[0].name if w else ''})",
+             part="rows_experts")
+    return Proj(input=go[0], weight=G.args[0], transposed=False, group=("index", G.args[1]), node=g,
+                gemm="aten::bmm", out=g), up_first
+
+
 def _same_group(a: tuple, b: tuple) -> bool:
     return a[0] == b[0] and (a[1] is b[1] or safety.equivalent(a[1], b[1]))
 
@@ -476,6 +510,11 @@ def rows_mlp(out) -> Optional[RowsMLP]:
             if g is not None and u is not None:
                 need(name in GATED_OF, f"{a.name}: gated activation {name} is not supported", part="rows_experts")
                 act, gate, up = GATED_OF[name], g, u
+                break
+            fused = _weight_halves_proj(inner, b) if name and g is None and u is None else None
+            if fused is not None:  # one fused gate|up weight chunked before its two GEMMs
+                need(name in GATED_OF, f"{a.name}: gated activation {name} is not supported", part="rows_experts")
+                act, gate = with_layout(GATED_OF[name], fused[1]), fused[0]
                 break
     if act is None:
         try:
@@ -873,7 +912,7 @@ def _scatter_counts(counts) -> Optional[tuple]:
              or (inplace is None and _is(g, "call_function", torch.scatter))) and len(g.args) == 4
             and not g.kwargs and g.args[1] in (1, -1) and g.args[3] == 1 and type(g.args[3]) is int):
         return None
-    z, ids = g.args[0], g.args[2]
+    z, ids = g.args[0], safety.strip_identity(g.args[2])  # `ids.to(torch.int64)` of int64 ids: the same ids
     zs = shape_of(z)
     if not (isinstance(z, fx.Node) and _zeros_start(z) and zs is not None and len(zs) == 2
             and _topk_ids(ids) is not None and same(zs[0], shape_of(ids)[0])):

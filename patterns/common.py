@@ -223,11 +223,20 @@ def gptoss_activation(act_out: fx.Node) -> Optional[tuple[str, bool, fx.Node]]:
     return with_layout(Activation("gptoss", float(alpha), float(limit)).spec, up_first), interleaved, h
 
 
-def _chunk2(node) -> Optional[fx.Node]:
-    """h of ``h.chunk(2, dim=-1)`` (``dim=1`` when h is 2-D; dim positional or keyword), else None."""
-    if not (isinstance(node, fx.Node) and node.op == "call_method" and node.target == "chunk"):
+def _on_axis(dim, rank: int, axis: int) -> bool:
+    """``dim`` names the (negative) ``axis`` of a tensor of ``rank`` dimensions."""
+    return rank >= -axis and dim in (axis, rank + axis)
+
+
+def _chunk2(node, axis: int = -1) -> Optional[fx.Node]:
+    """h of ``h.chunk(2, dim=-1)`` / ``torch.chunk(h, 2, -1)`` (``dim=1`` when h is 2-D; dim positional
+    or keyword; ``axis`` another negative axis), else None."""
+    if isinstance(node, fx.Node) and node.op == "call_function" and node.target is torch.chunk:
+        args, kwargs = list(node.args), dict(node.kwargs)  # torch.chunk(h, chunks, dim=0)
+    elif isinstance(node, fx.Node) and node.op == "call_method" and node.target == "chunk":
+        args, kwargs = list(node.args), dict(node.kwargs)
+    else:
         return None
-    args, kwargs = list(node.args), dict(node.kwargs)
     if len(args) == 3 and not kwargs:
         dim = args[2]
     elif len(args) == 2 and set(kwargs) <= {"dim"}:
@@ -236,15 +245,14 @@ def _chunk2(node) -> Optional[fx.Node]:
         return None
     if args[1] != 2 or not isinstance(args[0], fx.Node):
         return None
-    rank = len(shape_of(args[0]) or ())
-    if rank == 0 or dim not in (-1, rank - 1):
+    if not _on_axis(dim, len(shape_of(args[0]) or ()), axis):
         return None
     return args[0]
 
 
-def _split_half(node) -> Optional[fx.Node]:
+def _split_half(node, axis: int = -1) -> Optional[fx.Node]:
     """h of ``h.split(w // 2, dim=-1)`` / ``torch.split(h, w // 2, -1)`` / ``h.split([w // 2] * 2, -1)``
-    (w the last dimension of h), else None."""
+    (w the last dimension of h; ``axis`` another negative axis), else None."""
     if not isinstance(node, fx.Node) or node.kwargs.keys() - {"dim", "split_size_or_sections", "split_size"}:
         return None
     if not ((node.op == "call_method" and node.target == "split") or
@@ -255,9 +263,9 @@ def _split_half(node) -> Optional[fx.Node]:
     size = args[1] if len(args) > 1 else node.kwargs.get("split_size_or_sections", node.kwargs.get("split_size"))
     dim = args[2] if len(args) > 2 else node.kwargs.get("dim", 0)
     shape = shape_of(h) if isinstance(h, fx.Node) else None
-    if not shape or dim not in (-1, len(shape) - 1):
+    if not shape or not _on_axis(dim, len(shape), axis):
         return None
-    width = shape[-1]
+    width = shape[axis]
     if isinstance(size, (list, tuple)):
         return h if len(size) == 2 and all(same(c * 2, width) for c in size) else None
     return h if not isinstance(size, (fx.Node, type(None))) and same(size * 2, width) else None
@@ -279,29 +287,30 @@ def _slice_half(index, width, rank: Optional[int]) -> Optional[int]:
     return None
 
 
-def halves(g_in, u_in) -> Optional[tuple]:
+def halves(g_in, u_in, axis: int = -1) -> Optional[tuple]:
     """(h, interleaved, intermediate nodes) when g_in / u_in are the first and second halves of the
     last dimension of one tensor h, else None. Concatenated: ``h.chunk(2, -1)[0] / [1]``,
     ``h.split(w // 2, -1)[0] / [1]``, ``h[..., :w // 2] / h[..., w // 2:]`` (vLLM's ``SiluAndMul``);
-    interleaved: ``h[..., ::2] / h[..., 1::2]``."""
+    interleaved: ``h[..., ::2] / h[..., 1::2]``. ``axis``: another (negative) axis, for the chunk and
+    split spellings only (SGLang's ``torch.chunk(w13[ids], 2, dim=2)`` of gathered weights: axis -2);
+    the two halves must then have the same size (an odd length chunks unevenly)."""
     if not all(isinstance(n, fx.Node) and n.op == "call_function" and n.target is operator.getitem
                and len(n.args) == 2 for n in (g_in, u_in)):
         return None
     if g_in.args[0] is not u_in.args[0]:
         return None
     src, gi, ui = g_in.args[0], g_in.args[1], u_in.args[1]
-    h = _chunk2(src)
-    if h is None and isinstance(src, fx.Node) and src.op == "call_function" and src.target is torch.chunk \
-            and len(src.args) >= 2 and src.args[1] == 2:
-        dim = src.kwargs.get("dim", src.args[2] if len(src.args) > 2 else 0)
-        rank = len(shape_of(src.args[0]) or ())
-        h = src.args[0] if rank and dim in (-1, rank - 1) else None
+    h = _chunk2(src, axis)
     if h is None:
-        h = _split_half(src)
+        h = _split_half(src, axis)
+    if h is not None and axis != -1:
+        sg, su, sh = shape_of(g_in), shape_of(u_in), shape_of(h)
+        if not (sg and su and sh and same(sg[axis], su[axis]) and same(sg[axis] * 2, sh[axis])):
+            return None
     if h is not None:
         return (h, False, [src]) if (gi, ui) == (0, 1) else None
     shape = shape_of(src) if isinstance(src, fx.Node) else None
-    if not shape:
+    if not shape or axis != -1:
         return None
     rank = len(shape)
     if _slice_half(gi, shape[-1], rank) == 0 and _slice_half(ui, shape[-1], rank) == 1:
@@ -311,15 +320,15 @@ def halves(g_in, u_in) -> Optional[tuple]:
     return None
 
 
-def gate_up_halves(g_in, u_in) -> Optional[tuple]:
+def gate_up_halves(g_in, u_in, axis: int = -1) -> Optional[tuple]:
     """(h, interleaved, up_first, intermediate nodes) when gate / up are the two halves of one tensor h
     (``halves``) in either order: gate first (up_first False), or up first (rxlm's
     ``lin, gate = h.chunk(2, -1); lin * act(gate)``: up_first True, ``Activation.up_first``). The same
     halves taken in the other order, nothing else: the same half twice is neither."""
-    found = halves(g_in, u_in)
+    found = halves(g_in, u_in, axis)
     if found is not None:
         return found[0], found[1], False, found[2]
-    found = halves(u_in, g_in)
+    found = halves(u_in, g_in, axis)
     return None if found is None else (found[0], found[1], True, found[2])
 
 

@@ -1782,6 +1782,24 @@ def _callee_replacements(fn, fdef, depth: int, notes: list) -> dict:
     followed, nor names ``fn`` binds itself."""
     if depth >= CALLEE_DEPTH:
         return {}
+    out: dict = {}
+    for name, g in global_callees(fn, fdef).items():
+        if g not in _callee_analyses:
+            _callee_analyses[g] = None  # a recursive call sees "in progress": not followed
+            _callee_analyses[g] = analyse(g, depth + 1)
+        sub = _callee_analyses[g]
+        if sub is None:
+            continue
+        notes.extend(x for x in sub.notes if x not in notes)
+        if sub.replacement is not None:
+            out[name] = sub.replacement
+    return out
+
+
+def global_callees(fn, fdef) -> dict:
+    """{name: function} for the module-level Python functions ``fn`` (parsed as ``fdef``) calls by a
+    global name, in the order first called; functions of torch and of this package, closures, ``fn``
+    itself and names ``fn`` binds are left out."""
     local = set(stores_of(fdef)) | {a.arg for a in fdef.args.posonlyargs + fdef.args.args + fdef.args.kwonlyargs}
     out: dict = {}
     for n in ast.walk(fdef):
@@ -1791,15 +1809,7 @@ def _callee_replacements(fn, fdef, depth: int, notes: list) -> dict:
         if not isinstance(g, types.FunctionType) or g is fn or g.__closure__ \
                 or (g.__module__ or "").split(".")[0] in ("torch", "moe_inductor"):
             continue
-        if g not in _callee_analyses:
-            _callee_analyses[g] = None  # a recursive call sees "in progress": not followed
-            _callee_analyses[g] = analyse(g, depth + 1)
-        sub = _callee_analyses[g]
-        if sub is None:
-            continue
-        notes.extend(x for x in sub.notes if x not in notes)
-        if sub.replacement is not None:
-            out[n.func.id] = sub.replacement
+        out[n.func.id] = g
     return out
 
 
@@ -1938,8 +1948,9 @@ def host_count_splits(fn, depth: int = 0, cls: Optional[type] = None) -> list:
     The source read is the rewritten one when ``analyse`` rewrites a loop of ``fn`` (a segment loop
     becomes such a split), and the methods ``fn`` calls on its first argument (``self.moe_infer(...)``,
     looked up on ``cls``, the class of the module being compiled, when given: a subclass may override
-    a method an inherited ``forward`` calls; else on the class that defines ``fn``) are read too
-    (depth 2)."""
+    a method an inherited ``forward`` calls; else on the class that defines ``fn``) and the
+    module-level functions it calls by a global name (``global_callees``: SGLang's
+    ``moe_forward_native(self, ...)``) are read too (depth 2)."""
     try:
         filename = inspect.getsourcefile(fn) or "<unknown>"
         _, fdef = _function_tree(fn)
@@ -1950,6 +1961,9 @@ def host_count_splits(fn, depth: int = 0, cls: Optional[type] = None) -> list:
     if depth < 2:
         for method in _self_methods(fn, fdef, cls):
             out += host_count_splits(method, depth + 1, cls)
+        if not fn.__closure__:  # module-level functions called by name (as ``analyse`` follows them)
+            for callee in global_callees(fn, fdef).values():
+                out += host_count_splits(callee, depth + 1)
     try:
         new = analyse(fn).replacement
     except Exception:  # never fail over this
