@@ -289,6 +289,7 @@ def mlp(out) -> Optional[ExpertMLP]:
     plus a low-rank product that is not proven (``low_rank``) declines with its reason."""
     core = safety.strip_identity(out)
     if projection(core) is None:
+        _decline_row_normalisation(core)
         _decline_low_rank_miss(core, 1)
         return None
     try:
@@ -296,6 +297,31 @@ def mlp(out) -> Optional[ExpertMLP]:
     except Declined:
         _decline_low_rank_miss(core)
         raise
+
+
+_ROW_FUNCTIONS = {torch.softmax: "softmax", torch.nn.functional.softmax: "softmax", torch.log_softmax: "log_softmax",
+                  torch.nn.functional.log_softmax: "log_softmax"}
+
+
+def _decline_row_normalisation(core) -> None:
+    """Decline, naming it, an expert MLP followed by a softmax / log_softmax of its output (David
+    Rau's ``MLP``: Linear, ReLU, Linear, ``nn.Softmax(1)``): each output element then depends on the
+    whole row the down projection wrote, which the fused op (``down(act(up(x)))`` per expert, weighted
+    and summed) cannot compute. Returns when ``core`` is not such a function of an expert MLP."""
+    name = _ROW_FUNCTIONS.get(core.target) if core.op == "call_function" else (
+        core.target if core.op == "call_method" and core.target in ("softmax", "log_softmax") else None)
+    if name is None or not core.args or not isinstance(core.args[0], fx.Node):
+        return
+    inner = safety.strip_identity(core.args[0])
+    try:
+        found = projection(inner) is not None and walk_mlp(inner, projection, "experts", _gemm_of(inner),
+                                                            more_activations=True)
+    except Declined:
+        return
+    if found:
+        decline("experts", f"{core.name} ({_line_of(core)}): the expert ends with {name} over its down projection's "
+                           f"output ({inner.name}): every output element depends on the whole row, which the fused "
+                           f"op (down(act(up(x))) per expert, weighted and summed) cannot compute")
 
 
 def _decline_low_rank_miss(out, limit: int = 48) -> None:

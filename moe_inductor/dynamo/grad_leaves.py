@@ -11,7 +11,11 @@ from the frame's source and the values Dynamo holds at that point:
   of NAME in the function, which no nested scope captures;
 - NAME is loaded exactly once, in the very next statement of the same block, as the receiver of an
   out-of-place ``scatter``/``scatter_add``/``index_add``/``index_copy`` whose source argument is a
-  local name that the frame holds as a tensor requiring grad now (no statement runs in between).
+  local name that the frame holds as a tensor requiring grad now (no statement runs in between), or a
+  floating cast of one, ``NAME.float()`` / ``.double()`` / ``.half()`` / ``.bfloat16()`` (David Rau's
+  ``zeros.index_add(0, batch_index, stitched.float())``): a cast of a floating tensor that requires grad
+  to a floating dtype is differentiable, so it requires grad too, and its backward casts the gradient
+  back whatever the receiver is.
 
 Then the leaf is referenced by nothing but that op (its ``.grad`` is accumulated into a tensor no
 code can reach), the op's value is the same (the leaf's values do not depend on the flag), its
@@ -31,6 +35,7 @@ import torch
 log = logging.getLogger("moe_inductor")
 
 FACTORIES = (torch.zeros, torch.ones, torch.full, torch.zeros_like, torch.ones_like, torch.full_like)
+_CASTS = ("float", "double", "half", "bfloat16")  # floating casts without arguments: differentiable
 _USES = {"scatter": ("src", 2), "scatter_add": ("src", 2), "index_add": ("source", 2), "index_copy": ("source", 2)}
 _cache: dict = {}  # code object -> (function AST, first line) or None
 
@@ -80,8 +85,11 @@ def source_of_use(code, line: int):
     call = uses[0]
     kw, pos = _USES[call.func.attr]
     src = next((k.value for k in call.keywords if k.arg == kw), call.args[pos] if len(call.args) > pos else None)
+    if isinstance(src, ast.Call) and isinstance(src.func, ast.Attribute) and src.func.attr in _CASTS \
+            and not src.args and not src.keywords:
+        src = src.func.value  # NAME.float(): requires grad when NAME does and is floating (drop_flag checks)
     if not isinstance(src, ast.Name):
-        return None, f"the source of `{name}.{call.func.attr}` is not a local name"
+        return None, f"the source of `{name}.{call.func.attr}` is not a local name (or a floating cast of one)"
     return src.id, None
 
 
@@ -100,7 +108,7 @@ def drop_flag(tx, fn, kwargs):
     if src is not None:
         var = tx.symbolic_locals.get(src)
         value = var.as_proxy().node.meta.get("example_value") if hasattr(var, "as_proxy") else None
-        if isinstance(value, torch.Tensor) and value.requires_grad:
+        if isinstance(value, torch.Tensor) and value.requires_grad and value.is_floating_point():
             log.debug("sonic: %s(requires_grad=True) at %s:%s traced without the flag (its gradient is unread)",
                       name, tx.f_code.co_filename, tx.lineno)
             return {k: v for k, v in kwargs.items() if k != "requires_grad"}, None

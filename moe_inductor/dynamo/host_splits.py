@@ -331,9 +331,14 @@ def _kind(n: fx.Node) -> tuple:
     """How the grouped form treats an expert node: ("linear", x, w, b) for ``F.linear`` or an
     autograd.Function proven to be it (``safety.linear_function_operands``: Megatron-Core's parallel
     linears), ("identity", x) for a Function proven to be the identity (its tensor-parallel regions at
-    size 1), ("call",) for the ``autograd_function_apply`` call under one of those, ("plain",) else."""
+    size 1), ("call",) for the ``autograd_function_apply`` call under one of those, ("linear_t", x, w)
+    for ``x @ W`` / ``matmul(x, W)`` / ``mm(x, W)`` on a weight stored (in, out) (``_matmul_parts``),
+    ("plain",) else."""
     from moe_inductor.fx import safety
 
+    got = _matmul_parts(n)
+    if got is not None:
+        return ("linear_t",) + got
     got = _linear_parts(n) if n.op == "call_function" and n.target in LINEAR_FUNCTIONS else None
     if got is None:
         got = safety.linear_function_operands(n)
@@ -345,6 +350,25 @@ def _kind(n: fx.Node) -> tuple:
     if safety.is_function_apply(n):
         return ("call",)
     return ("plain",)
+
+
+def _matmul_parts(n: fx.Node) -> Optional[tuple]:
+    """(x, w) of a 2-D GEMM ``x @ w`` spelled ``operator.matmul`` / ``torch.matmul`` / ``torch.mm`` /
+    ``x.matmul(w)`` / ``x.mm(w)``, both operands 2-D nodes (torchtune's ``GroupedExperts``:
+    ``torch.matmul(x_expert, self.gate_proj[e])``), else None. ``x @ w`` is ``F.linear(x, w.T)``: the
+    same ``mm`` on the same memory, and the same autocast rule (both lower-precision ops on CPU and CUDA)."""
+    from moe_inductor.fx.shapes import shape_of
+    from moe_inductor.fx.targets import MATMUL_FUNCTIONS, MATMUL_METHODS
+
+    if not ((n.op == "call_function" and n.target in MATMUL_FUNCTIONS)
+            or (n.op == "call_method" and n.target in MATMUL_METHODS)) or len(n.args) != 2 or n.kwargs:
+        return None
+    x, w = n.args
+    if not (isinstance(x, fx.Node) and isinstance(w, fx.Node)):
+        return None
+    if len(shape_of(x) or ()) != 2 or len(shape_of(w) or ()) != 2:
+        return None
+    return x, w
 
 
 def _signature(nodes: list, chunk: fx.Node, roles: dict, sides: dict) -> tuple:
@@ -545,10 +569,16 @@ def _expert_reason(m, i, out, c, cat, nodes, tensors, roles, biases, sides, size
     size_nodes = {z for z in sizes if isinstance(z, fx.Node)}
     for n in nodes:
         kind = _kind(n)
+        if kind[0] == "linear_t" and (kind[2] not in roles or roles[kind[2]] not in m.transposed):
+            return f"{n.name}: expert {i} multiplies by {kind[2].name}, which is not one of its weights stored (in, out)"
+        if kind[0] == "linear" and roles.get(kind[2]) in m.transposed:
+            return f"{n.name}: expert {i} uses its {roles[kind[2]]} weight both as (in, out) and as (out, in)"
         if kind[0] == "linear":
             why = _projection_reason(n, kind[1:], i, roles, biases, shape_of)
             if why is not None:
                 return why
+            continue
+        if kind[0] == "linear_t":
             continue
         if kind[0] == "call":
             if len(n.users) != 1 or _kind(next(iter(n.users)))[0] not in ("linear", "identity"):
@@ -579,10 +609,11 @@ def _emit_mlp(graph, plan, offs, call, method, emitted: list) -> fx.Node:
     roles, biases = _roles(mlps[0])
     stacked = {}
 
-    def stack(r):
+    def stack(r):  # grouped_mm's weights are (E, in, out): Linear-layout (out, in) weights are transposed
         if r not in stacked:
             W = call(graph, torch.stack, [getattr(m, r) for m in mlps], 0, like=cat)
-            stacked[r] = W if r.startswith("b_") else method(graph, "transpose", W, -2, -1, like=cat)
+            keep = r.startswith("b_") or r in mlps[0].transposed
+            stacked[r] = W if keep else method(graph, "transpose", W, -2, -1, like=cat)
         return stacked[r]
 
     for side in set(side0.values()):
@@ -602,8 +633,8 @@ def _emit_mlp(graph, plan, offs, call, method, emitted: list) -> fx.Node:
         if kind[0] == "identity":
             env[n] = env[kind[1]]
             continue
-        if kind[0] == "linear":
-            inp, w, b = kind[1:]
+        if kind[0] in ("linear", "linear_t"):
+            inp, w, b = (kind[1:] + (None,))[:3]
             extra = {} if b is None else {"bias": stack(biases[b])}
             env[n] = call(graph, torch.ops.moe_inductor.grouped_mm.default, env[inp], stack(roles[w]), offs=offs,
                           like=n, **extra)

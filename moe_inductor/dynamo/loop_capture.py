@@ -2014,18 +2014,29 @@ def _split_notes(fdef, filename, qual) -> list:
         return []
     out = []
     for n in ast.walk(fdef):
-        sizes = None
-        if is_method(n, {"split", "split_with_sizes"}) and n.args and source_text(n.func.value) != "torch":
-            sizes = n.args[0]
-        elif is_torch_fn(n, {"split"}) and isinstance(n.func, ast.Attribute) and source_text(n.func.value) == "torch" \
-                and len(n.args) >= 2:
-            sizes = n.args[1]
-        if isinstance(sizes, ast.Name) and (sizes.id in host or sizes.id in params and sizes.id != fdef.args.args[0].arg):
+        sizes = _split_sizes(n)
+        if is_method(sizes, {"tolist"}) or isinstance(sizes, ast.Name) and (
+                sizes.id in host or sizes.id in params and sizes.id != fdef.args.args[0].arg):
             out.append(LoopNote(filename, n.lineno, qual, True, form=(
-                f"`{short(n)}` splits rows by host sizes `{sizes.id}`: traced with the counts as symbolic sizes, and "
+                f"`{short(n)}` splits rows by host sizes `{short(sizes)}`: traced with the counts as symbolic sizes, and "
                 f"split + per-expert GEMM + cat proved a grouped GEMM on device offsets in the graph "
                 f"(moe_inductor.dynamo.host_splits)")))
     return out
+
+
+def _split_sizes(n):
+    """The sizes argument of a split call ``rows.split(sizes, ...)`` / ``rows.split_with_sizes(...)`` /
+    ``torch.split(rows, sizes, ...)``, positional or by keyword (``split_size_or_sections=``,
+    ``split_size=``, ``split_sizes=``: torchtune's ``GroupedExperts``); None for anything else."""
+    if not isinstance(n, ast.Call) or not isinstance(n.func, ast.Attribute):
+        return None
+    keyword = {k.arg: k.value for k in n.keywords}
+    named = next((keyword[k] for k in ("split_size_or_sections", "split_size", "split_sizes") if k in keyword), None)
+    if n.func.attr in ("split", "split_with_sizes") and source_text(n.func.value) != "torch":
+        return n.args[0] if n.args else named
+    if n.func.attr == "split" and source_text(n.func.value) == "torch":
+        return n.args[1] if len(n.args) >= 2 else named if n.args or "tensor" in keyword else None
+    return None
 
 
 def _host_reads(fdef, filename, qual) -> list:
@@ -2041,6 +2052,8 @@ def _host_reads(fdef, filename, qual) -> list:
         reads = [c for c in ast.walk(n) if is_method(c, {"tolist", "item", "numpy"})]
         if getattr(n, "_sonic_segment_sizes", False):
             continue  # the sizes of a rewritten segment loop's split: traced as symbolic sizes
+        if reads and all(any(_split_sizes(c) is r for c in ast.walk(n)) for r in reads):
+            continue  # `split(rows, counts.tolist())`: the split's note says how it is traced
         if reads and n.lineno not in seen:
             seen.add(n.lineno)
             counted = _bincount_copied(reads[0])

@@ -352,7 +352,7 @@ def _torch_call_function(self, tx, args, kwargs):
             dropped, why = grad_leaves.drop_flag(tx, getattr(self, "value", None), kwargs)
             if why is not None:
                 note(where(tx), why)
-            kwargs = dropped or kwargs
+            kwargs = dropped if dropped is not None else kwargs  # {} when the flag was the only keyword
         except Exception as e:  # never fail a compile over this: Dynamo's own handling follows
             log.debug("sonic: requires_grad creation check failed: %s", e)
     if in_sonic_frame():
