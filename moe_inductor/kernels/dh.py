@@ -39,20 +39,21 @@ def _cfg(bn, bk, sn, warps, stages):
 
 # Autotune candidates (speed reasoned, not measured: no GPU). Fit measured with ptxas for sm_90,
 # both Triton versions, every variant (biases, interleaved gate/up, 16/32/64/128-row tiles):
-# examples/results/sm90_kernels*.json, enforced by tests/test_kernel_resources.py.
+# examples/results/sm90_kernels*.json, enforced by tests/test_kernel_resources.py; the epilogues
+# outside those tables (gptoss with biases + interleaved, swiglu3, gelu) were compiled too.
 # bf16 per stage: (BLOCK_M * BK + BK * BN) * 2 B. 8 warps: the 128 x 128 fp32 accumulator is 64
-# registers per thread; with 16 warps (128-register cap) every 128- and 256-wide config spilled
-# (92-380 B), as did 256 x 64 with 8 warps (112-824 B: the accumulator alone is 128 registers).
+# registers per thread. Spilled (triton 3.9, 128-row tile): 32-column slices with gptoss + biases
+# + interleaved (116 B), any 128- or 256-wide block with 16 warps (128-register cap, 92-380 B),
+# 256 x 64 with 8 warps (112-824 B: the accumulator alone is 128 registers).
 _DH_GPU_CONFIGS = [
-    _cfg(128, 64, 32, 8, 4),
-    _cfg(128, 128, 16, 8, 3),   # long K (d = 4096/7168): half the loop iterations
-    _cfg(128, 64, 16, 8, 4),
+    _cfg(128, 64, 16, 8, 4),    # 80 KB smem; 3.9: 249-255 registers at M = 128, 3.6: 182-191
+    _cfg(128, 128, 16, 8, 3),   # long K (d = 4096/7168): half the loop iterations; 128 KB smem
 ]
 # fp32 (IEEE: CUDA-core FMA, operand tiles in registers): 128 x 16 and 64 x 16 with 32-column
 # slices spilled 4-88 B with biases (triton 3.9).
 _DH_GPU_CONFIGS_FP32 = [
     _cfg(64, 16, 16, 8, 3),
-    _cfg(64, 32, 32, 8, 3),
+    _cfg(64, 32, 16, 8, 3),
 ]
 # Interpreter: 32-wide blocks in two 16-column slices, so the CPU tests run the sliced epilogue.
 _DH_CONFIGS = DtypeConfigs({2: _DH_GPU_CONFIGS, 4: _DH_GPU_CONFIGS_FP32}, _cfg(32, 32, 16, 1, 1))
