@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from moe_inductor.kernels import dh as dh_module
-from moe_inductor.kernels.dh import _halves
+from moe_inductor.kernels.jit_utils import halves
 from test_kernels import DEVICE, HAS_CUDA, make_case, poison_unread, run_and_compare
 
 pytestmark = pytest.mark.skipif(
@@ -118,14 +118,14 @@ def test_dh_gpu_config_token_rounded_routing(monkeypatch):
 def _halves_kernel(x_ptr, lo_ptr, hi_ptr, M: tl.constexpr, W: tl.constexpr):
     r = tl.arange(0, M)[:, None]
     x = tl.load(x_ptr + r * W + tl.arange(0, W)[None, :])
-    lo, hi = _halves(x, M, W)
+    lo, hi = halves(x, M, W)
     c = tl.arange(0, W // 2)[None, :]
     tl.store(lo_ptr + r * (W // 2) + c, lo)
     tl.store(hi_ptr + r * (W // 2) + c, hi)
 
 
 def test_halves_splits_a_register_tile_into_its_column_halves():
-    """_halves(x) == (x[:, :W/2], x[:, W/2:]) exactly, the building block of the sliced epilogue."""
+    """jit_utils.halves(x) == (x[:, :W/2], x[:, W/2:]) exactly, the building block of the sliced epilogue."""
     x = torch.arange(16 * 64, dtype=torch.float32, device=DEVICE).reshape(16, 64)
     lo, hi = torch.empty(16, 32, device=DEVICE), torch.empty(16, 32, device=DEVICE)
     _halves_kernel[(1,)](x, lo, hi, M=16, W=64)

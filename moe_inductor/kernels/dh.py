@@ -9,7 +9,7 @@ Why slices: the epilogue keeps ~8 fp32 tiles (dA', gate, up, act, dgate, dup, th
 addresses ...) live per column, so one full-width epilogue over 128 columns spills (the previous
 kernel had to run with BLOCK_N = 32, and each program then re-gathered its 128 dO rows, d wide, for
 32 columns only). Triton cannot slice a register tile, so the accumulator is halved by
-reshape / permute / split (``_halves``: contiguous halves, no data leaves the program) down to
+reshape / permute / split (``jit_utils.halves``: contiguous halves, no data leaves the program) down to
 SLICE_N-wide slices, and the epilogue runs on one slice at a time: only one slice's temporaries
 are live next to the rest of the accumulator. The dS partials of the slices are added in a fixed
 order (deterministic).
@@ -28,7 +28,7 @@ import triton.language as tl
 from moe_inductor.ops.activations import Activation
 from moe_inductor.kernels.activation_jit import act_code, gated_bwd, gated_fwd, unary_fwd, unary_grad
 from moe_inductor.kernels.grouped_gemm import GROUP_M, _gate_up_cols, _swizzled_tile, _tile_rows
-from moe_inductor.kernels.jit_utils import cast, mma
+from moe_inductor.kernels.jit_utils import cast, halves, mma
 from moe_inductor.kernels.launch_utils import DtypeConfigs, alloc, dot_flags
 from moe_inductor.kernels.routing_meta import RoutingMeta
 
@@ -57,12 +57,6 @@ _DH_GPU_CONFIGS_FP32 = [
 ]
 # Interpreter: 32-wide blocks in two 16-column slices, so the CPU tests run the sliced epilogue.
 _DH_CONFIGS = DtypeConfigs({2: _DH_GPU_CONFIGS, 4: _DH_GPU_CONFIGS_FP32}, _cfg(32, 32, 16, 1, 1))
-
-
-@triton.jit
-def _halves(x, BLOCK_M: tl.constexpr, WIDTH: tl.constexpr):
-    """(x[:, :WIDTH // 2], x[:, WIDTH // 2:]) of a (BLOCK_M, WIDTH) register tile."""
-    return tl.split(tl.permute(tl.reshape(x, (BLOCK_M, 2, WIDTH // 2)), (0, 2, 1)))
 
 
 @triton.jit
@@ -110,7 +104,7 @@ def _dh_span2(da, col0, row_mask, s, h_row, dh_row, a_row, n_act, stride_hc, str
         ds = _dh_slice(da, col0, row_mask, s, h_row, dh_row, a_row, n_act, stride_hc, stride_dhc, stride_ac,
                        alpha, limit, GATED, INTERLEAVED, UP_FIRST, ACT, INTERPRET, WIDTH)
     else:
-        lo, hi = _halves(da, BLOCK_M, WIDTH)
+        lo, hi = halves(da, BLOCK_M, WIDTH)
         ds = _dh_slice(lo, col0, row_mask, s, h_row, dh_row, a_row, n_act, stride_hc, stride_dhc, stride_ac,
                        alpha, limit, GATED, INTERLEAVED, UP_FIRST, ACT, INTERPRET, SLICE_N)
         ds += _dh_slice(hi, col0 + SLICE_N, row_mask, s, h_row, dh_row, a_row, n_act, stride_hc, stride_dhc,
@@ -128,7 +122,7 @@ def _dh_span4(da, col0, row_mask, s, h_row, dh_row, a_row, n_act, stride_hc, str
         ds = _dh_span2(da, col0, row_mask, s, h_row, dh_row, a_row, n_act, stride_hc, stride_dhc, stride_ac,
                        alpha, limit, GATED, INTERLEAVED, UP_FIRST, ACT, INTERPRET, BLOCK_M, WIDTH, SLICE_N)
     else:
-        lo, hi = _halves(da, BLOCK_M, WIDTH)
+        lo, hi = halves(da, BLOCK_M, WIDTH)
         ds = _dh_span2(lo, col0, row_mask, s, h_row, dh_row, a_row, n_act, stride_hc, stride_dhc, stride_ac,
                        alpha, limit, GATED, INTERLEAVED, UP_FIRST, ACT, INTERPRET, BLOCK_M, WIDTH // 2, SLICE_N)
         ds += _dh_span2(hi, col0 + WIDTH // 2, row_mask, s, h_row, dh_row, a_row, n_act, stride_hc, stride_dhc,
@@ -148,7 +142,7 @@ def _dh_epilogue(da, col0, row_mask, s, h_row, dh_row, a_row, n_act, stride_hc, 
         ds = _dh_span4(da, col0, row_mask, s, h_row, dh_row, a_row, n_act, stride_hc, stride_dhc, stride_ac,
                        alpha, limit, GATED, INTERLEAVED, UP_FIRST, ACT, INTERPRET, BLOCK_M, WIDTH, SLICE_N)
     else:
-        lo, hi = _halves(da, BLOCK_M, WIDTH)
+        lo, hi = halves(da, BLOCK_M, WIDTH)
         ds = _dh_span4(lo, col0, row_mask, s, h_row, dh_row, a_row, n_act, stride_hc, stride_dhc, stride_ac,
                        alpha, limit, GATED, INTERLEAVED, UP_FIRST, ACT, INTERPRET, BLOCK_M, WIDTH // 2, SLICE_N)
         ds += _dh_span4(hi, col0 + WIDTH // 2, row_mask, s, h_row, dh_row, a_row, n_act, stride_hc, stride_dhc,

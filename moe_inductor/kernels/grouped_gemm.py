@@ -48,7 +48,7 @@ import triton.language as tl
 
 from moe_inductor.ops.activations import Activation
 from moe_inductor.kernels.activation_jit import act_code, gated_fwd, unary_fwd
-from moe_inductor.kernels.jit_utils import cast, mma
+from moe_inductor.kernels.jit_utils import cast, halves, mma
 from moe_inductor.kernels.launch_utils import DtypeConfigs, alloc, dot_flags
 from moe_inductor.kernels.routing_meta import RoutingMeta
 
@@ -157,6 +157,31 @@ def _swizzled_tile(num_tiles, num_col_blocks, GROUP_M: tl.constexpr):
     return pid_m, pid_n
 
 
+@triton.jit
+def _gate_up_dot(x_ptr, w_base, tok, row_mask, pid_n, n_act, d, stride_xt, stride_xd, stride_wh, stride_wd,
+                 INTERLEAVED: tl.constexpr, UP_FIRST: tl.constexpr, ACT: tl.constexpr, IEEE: tl.constexpr,
+                 INTERPRET: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """(gather(X) W1[gate cols]^T, gather(X) W1[up cols]^T) of column block pid_n, as ONE dot per
+    K step: the B tile's 2 * BLOCK_N columns are the gate rows of W1 then the up rows, addressed
+    through W1's strides (either layout, no re-laid-out copy of the weight), and the (M, 2 BN)
+    accumulator is split into its halves after the loop."""
+    j = tl.arange(0, 2 * BLOCK_N)
+    cols2 = pid_n * BLOCK_N + j % BLOCK_N  # the activation column of each B-tile column
+    g2, u2 = _gate_up_cols(cols2, n_act, INTERLEAVED, UP_FIRST, ACT)
+    wcols = tl.where(j < BLOCK_N, g2, u2)
+    wcol_mask = cols2 < n_act
+    acc = tl.zeros((BLOCK_M, 2 * BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, d, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_mask = ks < d
+        xb = tl.load(x_ptr + tok[:, None] * stride_xt + ks[None, :] * stride_xd,
+                     mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        w = tl.load(w_base + wcols[None, :] * stride_wh + ks[:, None] * stride_wd,
+                    mask=k_mask[:, None] & wcol_mask[None, :], other=0.0)
+        acc = mma(xb, w, acc, IEEE, INTERPRET)
+    return halves(acc, BLOCK_M, 2 * BLOCK_N)
+
+
 # Row tiles per group of the grouped program order; 8 as in Triton's tutorial (unmeasured here).
 GROUP_M = 8
 
@@ -212,25 +237,28 @@ def _up_proj_kernel(
     else:
         gate_cols = cols
     w_base = w1_ptr + e.to(tl.int64) * stride_we
-    acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if GATED:
-        acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if ACT == 9:
-        acc_x = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, d, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        k_mask = ks < d
-        xb = tl.load(x_ptr + tok[:, None] * stride_xt + ks[None, :] * stride_xd,
-                     mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-        wmask = k_mask[:, None] & col_mask[None, :]
-        wg = tl.load(w_base + gate_cols[None, :] * stride_wh + ks[:, None] * stride_wd, mask=wmask, other=0.0)
-        acc_g = mma(xb, wg, acc_g, IEEE, INTERPRET)
+    if GATED and ACT != 9:
+        acc_g, acc_u = _gate_up_dot(x_ptr, w_base, tok, row_mask, pid_n, n_act, d, stride_xt, stride_xd,
+                                    stride_wh, stride_wd, INTERLEAVED, UP_FIRST, ACT, IEEE, INTERPRET,
+                                    BLOCK_M, BLOCK_N, BLOCK_K)
+    else:  # one column block (non-gated), or three dots (swiglu3: 3 * BLOCK_N is no power of two)
+        acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         if GATED:
-            wu = tl.load(w_base + up_cols[None, :] * stride_wh + ks[:, None] * stride_wd, mask=wmask, other=0.0)
-            acc_u = mma(xb, wu, acc_u, IEEE, INTERPRET)
-        if ACT == 9:
-            wx = tl.load(w_base + cols[None, :] * stride_wh + ks[:, None] * stride_wd, mask=wmask, other=0.0)
-            acc_x = mma(xb, wx, acc_x, IEEE, INTERPRET)
+            acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            acc_x = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, d, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            k_mask = ks < d
+            xb = tl.load(x_ptr + tok[:, None] * stride_xt + ks[None, :] * stride_xd,
+                         mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+            wmask = k_mask[:, None] & col_mask[None, :]
+            wg = tl.load(w_base + gate_cols[None, :] * stride_wh + ks[:, None] * stride_wd, mask=wmask, other=0.0)
+            acc_g = mma(xb, wg, acc_g, IEEE, INTERPRET)
+            if GATED:
+                wu = tl.load(w_base + up_cols[None, :] * stride_wh + ks[:, None] * stride_wd, mask=wmask, other=0.0)
+                acc_u = mma(xb, wu, acc_u, IEEE, INTERPRET)
+                wx = tl.load(w_base + cols[None, :] * stride_wh + ks[:, None] * stride_wd, mask=wmask, other=0.0)
+                acc_x = mma(xb, wx, acc_x, IEEE, INTERPRET)
 
     dt = x_ptr.dtype.element_ty
     out_mask = row_mask[:, None] & col_mask[None, :]
