@@ -606,12 +606,18 @@ def collect(archs, dtypes, acts, kernels=None, jobs=2, shapes=tuple(SHAPES), kin
     }
 
 
-def merge(old: dict, new: dict) -> dict:
-    """``new`` plus the entries of ``old`` for (dtype, arch) pairs ``new`` has none of (same compilers)."""
+def merge(old: dict, new: dict, kernels=None) -> dict:
+    """``new`` plus the entries of ``old`` for (dtype, arch) pairs ``new`` has none of (same compilers).
+    With ``kernels`` (the run's --kernels: only those were recompiled, e.g. after editing them), the
+    entries of ``old`` for every other kernel are kept instead and all of its entries of these
+    kernels, under any module name, are replaced."""
     if old["versions"]["triton"] != new["versions"]["triton"]:
         raise SystemExit(f"--merge: triton {old['versions']['triton']} there, {new['versions']['triton']} here")
     covered = {(e["dtype"], e["arch"]) for e in new["entries"]}
-    kept = [e for e in old["entries"] if (e["dtype"], e["arch"]) not in covered]
+    if kernels:
+        kept = [e for e in old["entries"] if e["kernel"].split(".")[-1] not in kernels and e["kernel"] not in kernels]
+    else:
+        kept = [e for e in old["entries"] if (e["dtype"], e["arch"]) not in covered]
     out = dict(new)
     out["command"] = old["command"] + " ; " + new["command"]
     out["versions"] = {**old["versions"], **new["versions"],
@@ -687,7 +693,8 @@ def main(argv=None) -> int:
     ap.add_argument("--scenarios", default="plain,flags",
                     help="plain (no bias, concatenated gate/up, H kept) and/or flags (biases, interleaved, H recomputed)")
     ap.add_argument("--merge", default=None,
-                    help="a previous JSON to extend: its entries for (dtype, arch) pairs this run does not cover are kept")
+                    help="a previous JSON to extend: its entries for (dtype, arch) pairs this run does not cover are "
+                         "kept; with --kernels, its entries of every kernel not named there")
     ap.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1))
     args = ap.parse_args(argv)
     archs = [int(a) for a in args.arch.split(",")]
@@ -710,7 +717,7 @@ def main(argv=None) -> int:
         ap.error(f"--scenarios {args.scenarios}: plain and/or flags")
     result = collect(archs, dtypes, acts, kernels, args.jobs, shapes, kinds, log=lambda m: print(m, flush=True))
     if args.merge:
-        result = merge(json.loads(Path(args.merge).read_text()), result)
+        result = merge(json.loads(Path(args.merge).read_text()), result, kernels)
     print(format_table(result))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
