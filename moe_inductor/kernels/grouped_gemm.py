@@ -66,25 +66,29 @@ def _cfg(bn, bk, warps, stages):
 # fp32 uses tl.dot(input_precision="ieee"): CUDA-core FMA with operand tiles in registers, so its
 # tiles are much smaller; shared memory per stage also doubles.
 #
-# Up-projection (gated: two 128 x BN fp32 accumulators, gate and up, share the gathered X tile).
+# Up-projection. Gated two-block kinds: one dot per K step over a (BK, 2 BN) [gate | up] W tile into
+# one 128 x 2BN fp32 accumulator, split into gate and up after the loop (_gate_up_dot); before,
+# two BN-wide dots per step re-read the gathered X tile from shared memory twice. Figures below
+# marked (two dots) predate it; with one dot (examples/results, BLOCK_M = 128): bf16 128-214
+# registers under 3.9, 127-175 under 3.6, no spills; fp32 64x16 244-254 (3.9) / 244-254 (3.6).
 # swiglu3 (ACT 9, part of the autotune key so it tunes apart from the two-block kinds) adds a third
 # accumulator and W tile: on sm_90 (triton 3.9, examples/kernel_resources.py --acts swiglu3) its
 # BLOCK_K=128 3-stage config needs 240 KB of shared memory (> 227 KB: the autotuner skips it as
 # OutOfResources) and spills 8 B in one variant, and fp32 64x16 w8 spills 248 B; every other
 # up-projection and dH config fits. Not measured on a GPU.
 # Per stage X (M x BK) and two W tiles (BK x BN): (128*BK + 2*BK*BN) * itemsize.
-# bf16: with 4 warps every config spilled (255 registers; 64x64 w4: 64 B, 64x128 w4: 356 B in the
+# bf16 (two dots): with 4 warps every config spilled (255 registers; 64x64 w4: 64 B, 64x128 w4: 356 B in the
 # H-recompute variant); BN=128 with 8 warps spilled too (556-588 B). 8 warps and BN=64: 133-215
 # registers, no spills.
 _UP_GPU_CONFIGS = [
     _cfg(64, 64, 8, 4),   # 128 KB smem
     _cfg(64, 128, 8, 3),  # long K (d = 7168): fewer loop iterations; 192 KB smem (> sm_80's 163 KB)
 ]
-# fp32: 32x32 and 64x32 tiles spilled 12-24 B in the H-recompute variant; BK=16 did not at the
-# 128-row tile. At the 32- and 64-row tiles these two spill 4-24 B (triton 3.9 / ptxas 13.4) and
-# 12 B (triton 3.6 / ptxas 12.8, 80 registers); 2 stages only moved the 3.6 spill (4 B, bias +
-# interleaved + recompute). Known and bounded in tests/test_kernel_resources.py (KNOWN_SPILLS,
-# fp32 IEEE only); every bf16/fp16/tf32 row fits under both versions.
+# fp32 (two dots): 32x32 and 64x32 tiles spilled 12-24 B in the H-recompute variant; BK=16 did
+# not at the 128-row tile. With one dot only 64x16 at the 32-row tile spills, 4 B under triton 3.9
+# (ptxas 13.4), nothing under 3.6 (before: 4-24 B and 12 B at the 32/64-row tiles). Known and
+# bounded in tests/test_kernel_resources.py (KNOWN_SPILLS, fp32 IEEE only); every bf16/fp16/tf32
+# row fits under both versions.
 _UP_GPU_CONFIGS_FP32 = [
     _cfg(32, 16, 8, 3),   # 128 registers, 24 KB smem
     _cfg(64, 16, 8, 3),   # 250-254 registers, 32 KB smem
