@@ -511,11 +511,11 @@ def test_no_sync_ops_in_host_code():
     import inspect
     import re
 
-    from moe_inductor.kernels import combine, fused_moe_triton, grouped_gemm, routing_meta
+    from moe_inductor.kernels import combine, dh, fused_moe_triton, grouped_gemm, routing_meta
 
     forbidden = re.compile(r"\.item\(|\.tolist\(|\.cpu\(|bincount|nonzero|masked_select|torch\.unique|"
                            r"\.numpy\(|repeat_interleave|torch\.where\([^,()]*\)|\bint\(")
-    for mod in (routing_meta, fused_moe_triton, grouped_gemm, combine):
+    for mod in (routing_meta, fused_moe_triton, grouped_gemm, dh, combine):
         code = "\n".join(line.split("#")[0] for line in inspect.getsource(mod).splitlines())
         code = re.sub(r'"""[\s\S]*?"""', "", code)
         hits = forbidden.findall(code)

@@ -210,6 +210,8 @@ def _up_proj_kernel(
     IEEE: tl.constexpr, INTERPRET: tl.constexpr, GROUP_M: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
+    # Over 60 lines: one kernel body whose constexpr branches (dropped tile, one / three dots, the
+    # H and A stores) share the tile's rows and columns; helpers would only pass them all around.
     pid_m, pid_n = _swizzled_tile(num_tiles, tl.cdiv(n_act, BLOCK_N), GROUP_M)
     e = tl.load(tile_expert_ptr + pid_m)
     if e < 0:
