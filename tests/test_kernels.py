@@ -937,7 +937,7 @@ asms = [
                  INTERLEAVED=True, UP_FIRST=False, ACT=4, IEEE=False, INTERPRET=False, GROUP_M=8, BLOCK_M=128, BLOCK_N=64,
                  BLOCK_K=64), 4, 4),
     compile_sm90(dh._dh_kernel, "bf16", dict(HAS_B2=True, GATED=True, INTERLEAVED=True, UP_FIRST=False, ACT=4, IEEE=False,
-                 INTERPRET=False, GROUP_M=8, PART_N=32, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, SLICE_N=32), 8, 4),
+                 INTERPRET=False, GROUP_M=8, PART_N=32, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, SLICE_N=16), 8, 4),
     compile_sm90(gg._sorted_gemm_kernel, "fp32", dict(HAS_BIAS=True, IEEE=True, INTERPRET=False, GROUP_M=8,
                  BLOCK_M=128, BLOCK_N=64, BLOCK_K=64), 4, 3),
     compile_sm90(gg._weight_grad_kernel, "bf16", dict(PARTIAL=False, HAS_SLOTS=True, GATHER_P=False, GATHER_Q=True, IEEE=False,
