@@ -511,11 +511,11 @@ def test_no_sync_ops_in_host_code():
     import inspect
     import re
 
-    from moe_inductor.kernels import combine, fused_moe_triton, grouped_gemm, routing_meta
+    from moe_inductor.kernels import combine, dh, fused_moe_triton, grouped_gemm, routing_meta
 
     forbidden = re.compile(r"\.item\(|\.tolist\(|\.cpu\(|bincount|nonzero|masked_select|torch\.unique|"
                            r"\.numpy\(|repeat_interleave|torch\.where\([^,()]*\)|\bint\(")
-    for mod in (routing_meta, fused_moe_triton, grouped_gemm, combine):
+    for mod in (routing_meta, fused_moe_triton, grouped_gemm, dh, combine):
         code = "\n".join(line.split("#")[0] for line in inspect.getsource(mod).splitlines())
         code = re.sub(r'"""[\s\S]*?"""', "", code)
         hits = forbidden.findall(code)
@@ -768,19 +768,20 @@ def test_gpu_tile_configs_interpreted(dtype, j, monkeypatch):
     here the j-th GPU autotune config of this dtype's list of every GEMM kernel runs instead, so the
     tile shapes the GPU will pick (BLOCK_N up to 256, BLOCK_K up to 128, dS partials spread over
     BLOCK_N / PART_N slots) are checked for correctness too. d and n leave partial blocks."""
-    from moe_inductor.kernels import grouped_gemm as gg
+    from moe_inductor.kernels import dh, grouped_gemm as gg
 
     itemsize = torch.empty(0, dtype=dtype).element_size()
     chosen = {}
     for kernel, configs in ((gg._up_proj_kernel, gg._UP_CONFIGS), (gg._sorted_gemm_kernel, gg._GEMM_CONFIGS),
-                            (gg._dh_kernel, gg._DH_CONFIGS), (gg._weight_grad_kernel, gg._WGRAD_CONFIGS)):
+                            (dh._dh_kernel, dh._DH_CONFIGS), (gg._weight_grad_kernel, gg._WGRAD_CONFIGS)):
         cfgs = configs.for_itemsize(itemsize)
         chosen[kernel] = cfgs[j % len(cfgs)]
         monkeypatch.setattr(kernel, "configs", [chosen[kernel]])
-    monkeypatch.setattr(gg, "_DH_MIN_BLOCK_N", min(c.kwargs["BLOCK_N"] for c in gg._DH_CONFIGS.gpu_configs))
+    # the dS partial layout (PART_N) is the smallest BLOCK_N of every list, the interpreter's included
+    assert all(c.kwargs["BLOCK_N"] % dh._DH_MIN_BLOCK_N == 0 for c in dh._DH_CONFIGS.gpu_configs)
     # n past the widest BLOCK_N (two column blocks in dH / up_proj), d past the widest BLOCK_K
-    n = max(chosen[k].kwargs["BLOCK_N"] for k in (gg._up_proj_kernel, gg._dh_kernel, gg._sorted_gemm_kernel)) + 8
-    d = max(chosen[k].kwargs["BLOCK_K"] for k in (gg._up_proj_kernel, gg._dh_kernel, gg._sorted_gemm_kernel)) + 8
+    n = max(chosen[k].kwargs["BLOCK_N"] for k in (gg._up_proj_kernel, dh._dh_kernel, gg._sorted_gemm_kernel)) + 8
+    d = max(chosen[k].kwargs["BLOCK_K"] for k in (gg._up_proj_kernel, dh._dh_kernel, gg._sorted_gemm_kernel)) + 8
     run_and_compare(make_case(T=5, E=3, K=2, d=d, n=n, dtype=dtype, bias=True, act="swiglu", interleaved=j % 2 == 1))
     for kernel, cfg in chosen.items():
         assert kernel.best_config is cfg  # the patched config really ran
@@ -894,7 +895,7 @@ os.environ.pop("TRITON_INTERPRET", None)
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from moe_inductor.kernels import combine as cb, grouped_gemm as gg, routing_meta as rm
+from moe_inductor.kernels import combine as cb, dh, grouped_gemm as gg, routing_meta as rm
 
 INT_PTRS = {"tok_sorted_ptr", "tile_expert_ptr", "tile_row_start_ptr", "tile_row_end_ptr", "p_rows_ptr",
             "q_rows_ptr", "expert_offsets_ptr", "token_offsets_ptr", "token_rows_ptr", "src_rows_ptr",
@@ -935,8 +936,8 @@ asms = [
     compile_sm90(gg._up_proj_kernel, "bf16", dict(HAS_B1=True, KEEP_H=True, WRITE_A=True, GATED=True,
                  INTERLEAVED=True, UP_FIRST=False, ACT=4, IEEE=False, INTERPRET=False, GROUP_M=8, BLOCK_M=128, BLOCK_N=64,
                  BLOCK_K=64), 4, 4),
-    compile_sm90(gg._dh_kernel, "bf16", dict(HAS_B2=True, GATED=True, INTERLEAVED=True, UP_FIRST=False, ACT=4, IEEE=False,
-                 INTERPRET=False, GROUP_M=8, PART_N=64, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64), 8, 4),
+    compile_sm90(dh._dh_kernel, "bf16", dict(HAS_B2=True, GATED=True, INTERLEAVED=True, UP_FIRST=False, ACT=4, IEEE=False,
+                 INTERPRET=False, GROUP_M=8, PART_N=32, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, SLICE_N=16), 8, 4),
     compile_sm90(gg._sorted_gemm_kernel, "fp32", dict(HAS_BIAS=True, IEEE=True, INTERPRET=False, GROUP_M=8,
                  BLOCK_M=128, BLOCK_N=64, BLOCK_K=64), 4, 3),
     compile_sm90(gg._weight_grad_kernel, "bf16", dict(PARTIAL=False, HAS_SLOTS=True, GATHER_P=False, GATHER_Q=True, IEEE=False,

@@ -28,7 +28,8 @@ import torch
 from moe_inductor.ops.activations import Activation
 from moe_inductor.kernels import config, launch_utils
 from moe_inductor.kernels.combine import gather_sum, segment_colsum
-from moe_inductor.kernels.grouped_gemm import dh_backward, sorted_gemm, up_proj, weight_grad
+from moe_inductor.kernels.dh import dh_backward
+from moe_inductor.kernels.grouped_gemm import sorted_gemm, up_proj, weight_grad
 from moe_inductor.kernels.launch_utils import alloc
 from moe_inductor.kernels.routing_meta import build_routing_meta
 

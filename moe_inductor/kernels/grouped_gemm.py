@@ -5,7 +5,7 @@ a third accumulator and column block in up_proj and dh) or n columns of the firs
 
   up_proj       H_sorted = gather(X) W1^T (+b1), A_sorted = act(H_sorted)   rows gathered in-kernel
   sorted_gemm   Out_sorted = In_sorted W[e] (+bias)                         Y = A W2^T ; dX' = dH W1
-  dh            dA' = gather(dO) W2[e]; epilogue: dS partials, dH, A' = s*A  (SonicMoE dH kernel)
+  dh            dA' = gather(dO) W2[e]; epilogue: dS partials, dH, A' = s*A  (SonicMoE dH kernel: dh.py)
   weight_grad   dW[e] = P_e^T Q_e over each expert's rows                   dW2, dW1
 
 Row tiles come from the device-side schedule (``RoutingMeta``): the program for (p, j) handles
@@ -47,8 +47,8 @@ import triton
 import triton.language as tl
 
 from moe_inductor.ops.activations import Activation
-from moe_inductor.kernels.activation_jit import act_code, gated_bwd, gated_fwd, unary_fwd, unary_grad
-from moe_inductor.kernels.jit_utils import cast, mma
+from moe_inductor.kernels.activation_jit import act_code, gated_fwd, unary_fwd
+from moe_inductor.kernels.jit_utils import cast, halves, mma
 from moe_inductor.kernels.launch_utils import DtypeConfigs, alloc, dot_flags
 from moe_inductor.kernels.routing_meta import RoutingMeta
 
@@ -66,25 +66,29 @@ def _cfg(bn, bk, warps, stages):
 # fp32 uses tl.dot(input_precision="ieee"): CUDA-core FMA with operand tiles in registers, so its
 # tiles are much smaller; shared memory per stage also doubles.
 #
-# Up-projection (gated: two 128 x BN fp32 accumulators, gate and up, share the gathered X tile).
+# Up-projection. Gated two-block kinds: one dot per K step over a (BK, 2 BN) [gate | up] W tile into
+# one 128 x 2BN fp32 accumulator, split into gate and up after the loop (_gate_up_dot); before,
+# two BN-wide dots per step re-read the gathered X tile from shared memory twice. Figures below
+# marked (two dots) predate it; with one dot (examples/results, BLOCK_M = 128): bf16 128-214
+# registers under 3.9, 127-175 under 3.6, no spills; fp32 64x16 244-254 (3.9) / 244-254 (3.6).
 # swiglu3 (ACT 9, part of the autotune key so it tunes apart from the two-block kinds) adds a third
 # accumulator and W tile: on sm_90 (triton 3.9, examples/kernel_resources.py --acts swiglu3) its
 # BLOCK_K=128 3-stage config needs 240 KB of shared memory (> 227 KB: the autotuner skips it as
 # OutOfResources) and spills 8 B in one variant, and fp32 64x16 w8 spills 248 B; every other
 # up-projection and dH config fits. Not measured on a GPU.
 # Per stage X (M x BK) and two W tiles (BK x BN): (128*BK + 2*BK*BN) * itemsize.
-# bf16: with 4 warps every config spilled (255 registers; 64x64 w4: 64 B, 64x128 w4: 356 B in the
+# bf16 (two dots): with 4 warps every config spilled (255 registers; 64x64 w4: 64 B, 64x128 w4: 356 B in the
 # H-recompute variant); BN=128 with 8 warps spilled too (556-588 B). 8 warps and BN=64: 133-215
 # registers, no spills.
 _UP_GPU_CONFIGS = [
     _cfg(64, 64, 8, 4),   # 128 KB smem
     _cfg(64, 128, 8, 3),  # long K (d = 7168): fewer loop iterations; 192 KB smem (> sm_80's 163 KB)
 ]
-# fp32: 32x32 and 64x32 tiles spilled 12-24 B in the H-recompute variant; BK=16 did not at the
-# 128-row tile. At the 32- and 64-row tiles these two spill 4-24 B (triton 3.9 / ptxas 13.4) and
-# 12 B (triton 3.6 / ptxas 12.8, 80 registers); 2 stages only moved the 3.6 spill (4 B, bias +
-# interleaved + recompute). Known and bounded in tests/test_kernel_resources.py (KNOWN_SPILLS,
-# fp32 IEEE only); every bf16/fp16/tf32 row fits under both versions.
+# fp32 (two dots): 32x32 and 64x32 tiles spilled 12-24 B in the H-recompute variant; BK=16 did
+# not at the 128-row tile. With one dot only 64x16 at the 32-row tile spills, 4 B under triton 3.9
+# (ptxas 13.4), nothing under 3.6 (before: 4-24 B and 12 B at the 32/64-row tiles). Known and
+# bounded in tests/test_kernel_resources.py (KNOWN_SPILLS, fp32 IEEE only); every bf16/fp16/tf32
+# row fits under both versions.
 _UP_GPU_CONFIGS_FP32 = [
     _cfg(32, 16, 8, 3),   # 128 registers, 24 KB smem
     _cfg(64, 16, 8, 3),   # 250-254 registers, 32 KB smem
@@ -108,22 +112,6 @@ _GEMM_GPU_CONFIGS_FP32 = [
     _cfg(64, 64, 8, 3),
 ]
 _GEMM_CONFIGS = DtypeConfigs({2: _GEMM_GPU_CONFIGS, 4: _GEMM_GPU_CONFIGS_FP32}, _cfg(32, 32, 1, 1))
-
-# dH kernel: the epilogue keeps ~8 fp32 tiles of M x BN live (dA', gate, up, act, dgate, dup, ...),
-# so registers scale with 128 * BN / threads. bf16: every config of the plain GEMM spilled
-# (1-12 KB), as did 64x64 with 8 warps (12-372 B) and 16 warps (128-register cap); 32x128 with
-# 8 warps spilled 440 B with biases + interleaved gate/up. 32x64 with 8 warps fits every variant
-# (224-248 registers, 32 KB): the only candidate, so this kernel is not benchmarked at all.
-# BLOCK_N must stay a multiple of the smallest one in either list (dS partial layout, PART_N).
-_DH_GPU_CONFIGS = [
-    _cfg(32, 64, 8, 4),
-]
-# fp32: 32x32 w4 and 64x32 w8 spilled with biases + interleaved; 8 warps, BN=32: 109-172 registers.
-_DH_GPU_CONFIGS_FP32 = [
-    _cfg(32, 16, 8, 3),   # 20 KB smem
-    _cfg(32, 32, 8, 3),   # 40 KB smem
-]
-_DH_CONFIGS = DtypeConfigs({2: _DH_GPU_CONFIGS, 4: _DH_GPU_CONFIGS_FP32}, _cfg(32, 32, 1, 1))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -173,6 +161,31 @@ def _swizzled_tile(num_tiles, num_col_blocks, GROUP_M: tl.constexpr):
     return pid_m, pid_n
 
 
+@triton.jit
+def _gate_up_dot(x_ptr, w_base, tok, row_mask, pid_n, n_act, d, stride_xt, stride_xd, stride_wh, stride_wd,
+                 INTERLEAVED: tl.constexpr, UP_FIRST: tl.constexpr, ACT: tl.constexpr, IEEE: tl.constexpr,
+                 INTERPRET: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """(gather(X) W1[gate cols]^T, gather(X) W1[up cols]^T) of column block pid_n, as ONE dot per
+    K step: the B tile's 2 * BLOCK_N columns are the gate rows of W1 then the up rows, addressed
+    through W1's strides (either layout, no re-laid-out copy of the weight), and the (M, 2 BN)
+    accumulator is split into its halves after the loop."""
+    j = tl.arange(0, 2 * BLOCK_N)
+    cols2 = pid_n * BLOCK_N + j % BLOCK_N  # the activation column of each B-tile column
+    g2, u2 = _gate_up_cols(cols2, n_act, INTERLEAVED, UP_FIRST, ACT)
+    wcols = tl.where(j < BLOCK_N, g2, u2)
+    wcol_mask = cols2 < n_act
+    acc = tl.zeros((BLOCK_M, 2 * BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, d, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_mask = ks < d
+        xb = tl.load(x_ptr + tok[:, None] * stride_xt + ks[None, :] * stride_xd,
+                     mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        w = tl.load(w_base + wcols[None, :] * stride_wh + ks[:, None] * stride_wd,
+                    mask=k_mask[:, None] & wcol_mask[None, :], other=0.0)
+        acc = mma(xb, w, acc, IEEE, INTERPRET)
+    return halves(acc, BLOCK_M, 2 * BLOCK_N)
+
+
 # Row tiles per group of the grouped program order; 8 as in Triton's tutorial (unmeasured here).
 GROUP_M = 8
 
@@ -197,6 +210,8 @@ def _up_proj_kernel(
     IEEE: tl.constexpr, INTERPRET: tl.constexpr, GROUP_M: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
+    # Over 60 lines: one kernel body whose constexpr branches (dropped tile, one / three dots, the
+    # H and A stores) share the tile's rows and columns; helpers would only pass them all around.
     pid_m, pid_n = _swizzled_tile(num_tiles, tl.cdiv(n_act, BLOCK_N), GROUP_M)
     e = tl.load(tile_expert_ptr + pid_m)
     if e < 0:
@@ -228,25 +243,28 @@ def _up_proj_kernel(
     else:
         gate_cols = cols
     w_base = w1_ptr + e.to(tl.int64) * stride_we
-    acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if GATED:
-        acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if ACT == 9:
-        acc_x = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, d, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        k_mask = ks < d
-        xb = tl.load(x_ptr + tok[:, None] * stride_xt + ks[None, :] * stride_xd,
-                     mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-        wmask = k_mask[:, None] & col_mask[None, :]
-        wg = tl.load(w_base + gate_cols[None, :] * stride_wh + ks[:, None] * stride_wd, mask=wmask, other=0.0)
-        acc_g = mma(xb, wg, acc_g, IEEE, INTERPRET)
+    if GATED and ACT != 9:
+        acc_g, acc_u = _gate_up_dot(x_ptr, w_base, tok, row_mask, pid_n, n_act, d, stride_xt, stride_xd,
+                                    stride_wh, stride_wd, INTERLEAVED, UP_FIRST, ACT, IEEE, INTERPRET,
+                                    BLOCK_M, BLOCK_N, BLOCK_K)
+    else:  # one column block (non-gated), or three dots (swiglu3: 3 * BLOCK_N is no power of two)
+        acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         if GATED:
-            wu = tl.load(w_base + up_cols[None, :] * stride_wh + ks[:, None] * stride_wd, mask=wmask, other=0.0)
-            acc_u = mma(xb, wu, acc_u, IEEE, INTERPRET)
-        if ACT == 9:
-            wx = tl.load(w_base + cols[None, :] * stride_wh + ks[:, None] * stride_wd, mask=wmask, other=0.0)
-            acc_x = mma(xb, wx, acc_x, IEEE, INTERPRET)
+            acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            acc_x = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, d, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            k_mask = ks < d
+            xb = tl.load(x_ptr + tok[:, None] * stride_xt + ks[None, :] * stride_xd,
+                         mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+            wmask = k_mask[:, None] & col_mask[None, :]
+            wg = tl.load(w_base + gate_cols[None, :] * stride_wh + ks[:, None] * stride_wd, mask=wmask, other=0.0)
+            acc_g = mma(xb, wg, acc_g, IEEE, INTERPRET)
+            if GATED:
+                wu = tl.load(w_base + up_cols[None, :] * stride_wh + ks[:, None] * stride_wd, mask=wmask, other=0.0)
+                acc_u = mma(xb, wu, acc_u, IEEE, INTERPRET)
+                wx = tl.load(w_base + cols[None, :] * stride_wh + ks[:, None] * stride_wd, mask=wmask, other=0.0)
+                acc_x = mma(xb, wx, acc_x, IEEE, INTERPRET)
 
     dt = x_ptr.dtype.element_ty
     out_mask = row_mask[:, None] & col_mask[None, :]
@@ -388,153 +406,6 @@ def sorted_gemm(
         HAS_BIAS=bias is not None, GROUP_M=GROUP_M, BLOCK_M=meta.tile_m, **dot_flags(inp.dtype),
     )
     return out
-
-
-# ----------------------------------------------------------------------------------------------
-# dH kernel (backward of the down-projection and of the activation)
-# ----------------------------------------------------------------------------------------------
-@triton.autotune(configs=_DH_CONFIGS.configs, key=["n_act", "d", "GATED", "ACT", "BLOCK_M"], prune_configs_by=_DH_CONFIGS.prune_by)
-@triton.jit
-def _dh_kernel(
-    dout_ptr, w2_ptr, h_ptr, b2_ptr, s_sorted_ptr,
-    dh_ptr, a_scaled_ptr, ds_part_ptr,
-    tok_sorted_ptr, tile_expert_ptr, tile_row_start_ptr, tile_row_end_ptr,
-    num_tiles, n_act, d,
-    stride_gt, stride_gd,
-    stride_we, stride_wd, stride_wn,
-    stride_hr, stride_hc,
-    stride_be, stride_bd,
-    stride_dhr, stride_dhc,
-    stride_ar, stride_ac,
-    stride_dsr, num_parts,
-    alpha, limit,
-    HAS_B2: tl.constexpr, GATED: tl.constexpr, INTERLEAVED: tl.constexpr, UP_FIRST: tl.constexpr, ACT: tl.constexpr,
-    IEEE: tl.constexpr, INTERPRET: tl.constexpr, GROUP_M: tl.constexpr,
-    PART_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-):
-    pid_m, pid_n = _swizzled_tile(num_tiles, tl.cdiv(n_act, BLOCK_N), GROUP_M)
-    e = tl.load(tile_expert_ptr + pid_m)
-    R: tl.constexpr = BLOCK_N // PART_N
-    if e < 0:
-        if e == -2:
-            # dropped assignments: their score gradient is 0 (their dS partials are zeros); dH and
-            # A' rows are never read for them and stay unwritten
-            rows, row_mask, rows64 = _tile_rows(tile_row_start_ptr, tile_row_end_ptr, pid_m, BLOCK_M)
-            for i in tl.static_range(R):
-                part_col = pid_n * R + i + tl.zeros_like(rows)
-                tl.store(ds_part_ptr + rows64 * stride_dsr + part_col, tl.zeros((BLOCK_M,), dtype=tl.float32),
-                         mask=row_mask & (part_col < num_parts))
-        return
-    rows, row_mask, rows64 = _tile_rows(tile_row_start_ptr, tile_row_end_ptr, pid_m, BLOCK_M)
-    tok = tl.load(tok_sorted_ptr + rows, mask=row_mask, other=0).to(tl.int64)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_mask = cols < n_act
-    e64 = e.to(tl.int64)
-    w_base = w2_ptr + e64 * stride_we
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    bias_dot = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    for k0 in range(0, d, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        k_mask = ks < d
-        gb = tl.load(dout_ptr + tok[:, None] * stride_gt + ks[None, :] * stride_gd,
-                     mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-        wb = tl.load(w_base + ks[:, None] * stride_wd + cols[None, :] * stride_wn,
-                     mask=k_mask[:, None] & col_mask[None, :], other=0.0)
-        acc = mma(gb, wb, acc, IEEE, INTERPRET)
-        if HAS_B2:
-            # <dO, b2[e]>: the bias part of dS = <dO, Y>, on the dO tile already in registers
-            bb = tl.load(b2_ptr + e64 * stride_be + ks * stride_bd, mask=k_mask, other=0.0).to(tl.float32)
-            bias_dot += tl.sum(gb.to(tl.float32) * bb[None, :], axis=1)
-
-    dt = h_ptr.dtype.element_ty
-    mask2 = row_mask[:, None] & col_mask[None, :]
-    da = cast(acc, dt, INTERPRET).to(tl.float32)  # dA' rounded like the reference's mm output
-    s = tl.load(s_sorted_ptr + rows, mask=row_mask, other=0.0)
-    h_row = h_ptr + rows64[:, None] * stride_hr
-    if GATED:
-        gate_cols, up_cols = _gate_up_cols(cols, n_act, INTERLEAVED, UP_FIRST, ACT)
-        g = tl.load(h_row + gate_cols[None, :] * stride_hc, mask=mask2, other=0.0).to(tl.float32)
-        u = tl.load(h_row + up_cols[None, :] * stride_hc, mask=mask2, other=0.0).to(tl.float32)
-        dh_row = dh_ptr + rows64[:, None] * stride_dhr
-        if ACT == 9:  # x1 * silu(x2) * up: d x1 = dA' silu(x2) up, d x2 = dA' x1 up silu'(x2), d up = dA' x1 silu(x2)
-            x1 = tl.load(h_row + cols[None, :] * stride_hc, mask=mask2, other=0.0).to(tl.float32)
-            sg = unary_fwd(g, 0)
-            a = cast(x1 * sg * u, dt, INTERPRET).to(tl.float32)
-            das = da * s[:, None]
-            tl.store(dh_row + cols[None, :] * stride_dhc, cast(das * sg * u, dt, INTERPRET), mask=mask2)
-            dg = das * x1 * u * unary_grad(g, 0)
-            du = das * x1 * sg
-        else:
-            a = cast(gated_fwd(g, u, alpha, limit, ACT), dt, INTERPRET).to(tl.float32)
-            dg, du = gated_bwd(g, u, da * s[:, None], alpha, limit, ACT)
-        tl.store(dh_row + gate_cols[None, :] * stride_dhc, cast(dg, dt, INTERPRET), mask=mask2)
-        tl.store(dh_row + up_cols[None, :] * stride_dhc, cast(du, dt, INTERPRET), mask=mask2)
-    else:
-        z = tl.load(h_row + cols[None, :] * stride_hc, mask=mask2, other=0.0).to(tl.float32)
-        a = cast(unary_fwd(z, ACT), dt, INTERPRET).to(tl.float32)
-        dz = da * s[:, None] * unary_grad(z, ACT)
-        tl.store(dh_ptr + rows64[:, None] * stride_dhr + cols[None, :] * stride_dhc, cast(dz, dt, INTERPRET), mask=mask2)
-    # dS partial over this column block (masked columns have da = 0); the partials are summed by
-    # torch in a fixed order after the launch, so dS is deterministic without atomics.
-    ds = tl.sum(da * a, axis=1)
-    if HAS_B2:
-        ds += tl.where(pid_n == 0, bias_dot, 0.0)
-    # The buffer has one column per PART_N columns of n, whatever BLOCK_N the autotuner picks: this
-    # program owns columns [pid_n * R, (pid_n + 1) * R), writes its partial to the first and zeros
-    # to the rest. Every column is written by every config, so autotuning (which runs several
-    # configs on the same buffer) cannot leave stale partials behind and no zero-fill is needed.
-    for i in tl.static_range(R):
-        part_col = pid_n * R + i + tl.zeros_like(rows)  # as a (BLOCK_M,) tensor for the mask
-        if i == 0:
-            part = ds
-        else:
-            part = tl.zeros_like(ds)
-        tl.store(ds_part_ptr + rows64 * stride_dsr + part_col, part, mask=row_mask & (part_col < num_parts))
-    tl.store(a_scaled_ptr + rows64[:, None] * stride_ar + cols[None, :] * stride_ac,
-             cast(a * s[:, None], dt, INTERPRET), mask=mask2)
-
-
-_DH_MIN_BLOCK_N = min(c.kwargs["BLOCK_N"] for c in _DH_CONFIGS)
-assert all(c.kwargs["BLOCK_N"] % _DH_MIN_BLOCK_N == 0 for c in _DH_CONFIGS), "dS partial layout needs it"
-
-
-def dh_backward(
-    grad_out: torch.Tensor,
-    w2: torch.Tensor,
-    b2: Optional[torch.Tensor],
-    h_sorted: torch.Tensor,
-    meta: RoutingMeta,
-    act: Activation,
-    interleaved: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns dH_sorted (A, H), A' = s * act(H) (A, n) in the input dtype, dS_sorted (A,) fp32
-    (0 for dropped assignments; their dH and A' rows are left unwritten: nothing reads them)."""
-    A, h_cols = h_sorted.shape
-    E, d, n_act = w2.shape
-    dt = h_sorted.dtype
-    dh = alloc((A, h_cols), dt, h_sorted.device)
-    a_scaled = alloc((A, n_act), dt, h_sorted.device)
-    # One dS partial per (row, PART_N columns of n); see the kernel for why it is config-independent.
-    ds_part = alloc((A, triton.cdiv(n_act, _DH_MIN_BLOCK_N)), torch.float32, h_sorted.device)
-    b = b2 if b2 is not None else h_sorted
-    grid = lambda META: (meta.num_tiles * triton.cdiv(n_act, META["BLOCK_N"]),)
-    _dh_kernel[grid](
-        grad_out, w2, h_sorted, b, meta.scores_sorted,
-        dh, a_scaled, ds_part,
-        meta.tok_sorted, meta.tile_expert, meta.tile_row_start, meta.tile_row_end,
-        meta.num_tiles, n_act, d,
-        grad_out.stride(0), grad_out.stride(1),
-        w2.stride(0), w2.stride(1), w2.stride(2),
-        h_sorted.stride(0), h_sorted.stride(1),
-        b.stride(0) if b2 is not None else 0, b.stride(1) if b2 is not None else 0,
-        dh.stride(0), dh.stride(1),
-        a_scaled.stride(0), a_scaled.stride(1),
-        ds_part.stride(0), ds_part.shape[1],
-        float(act.alpha), float(act.limit),
-        HAS_B2=b2 is not None, GATED=act.width > 1, INTERLEAVED=interleaved, UP_FIRST=act.up_first, ACT=act_code(act),
-        GROUP_M=GROUP_M, PART_N=_DH_MIN_BLOCK_N, BLOCK_M=meta.tile_m, **dot_flags(dt),
-    )
-    return dh, a_scaled, ds_part.sum(dim=1)
 
 
 # ----------------------------------------------------------------------------------------------

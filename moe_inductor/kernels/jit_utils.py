@@ -40,3 +40,10 @@ def cast(x, dtype: tl.constexpr, INTERPRET: tl.constexpr):
             bits = bits + 0x7FFF + ((bits >> 16) & 1)
             x = (bits & 0xFFFF0000).to(tl.float32, bitcast=True)
     return x.to(dtype)
+
+
+@triton.jit
+def halves(x, BLOCK_M: tl.constexpr, WIDTH: tl.constexpr):
+    """(x[:, :WIDTH // 2], x[:, WIDTH // 2:]) of a (BLOCK_M, WIDTH) register tile. Triton cannot
+    slice a register tile: (M, W) -> (M, 2, W/2) -> (M, W/2, 2) -> split the last axis."""
+    return tl.split(tl.permute(tl.reshape(x, (BLOCK_M, 2, WIDTH // 2)), (0, 2, 1)))
