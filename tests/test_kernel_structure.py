@@ -109,12 +109,12 @@ def test_routing_meta_kernels_match_torch_reference(counts, dropped, tile_m, chu
 # ---------------------------------------------------------------------------------------------
 # grouped program order of the GEMMs
 # ---------------------------------------------------------------------------------------------
-from moe_inductor.kernels.grouped_gemm import GROUP_M, _swizzled_tile  # noqa: E402
+from moe_inductor.kernels.grouped_gemm import GROUP_M, swizzled_tile  # noqa: E402
 
 
 @triton.jit
 def _probe_order_kernel(out_ptr, num_tiles, num_cols, GROUP_M: tl.constexpr):
-    pid_m, pid_n = _swizzled_tile(num_tiles, num_cols, GROUP_M)
+    pid_m, pid_n = swizzled_tile(num_tiles, num_cols, GROUP_M)
     pid = tl.program_id(0)
     tl.store(out_ptr + 2 * pid, pid_m)
     tl.store(out_ptr + 2 * pid + 1, pid_n)

@@ -27,7 +27,7 @@ import triton.language as tl
 
 from moe_inductor.ops.activations import Activation
 from moe_inductor.kernels.activation_jit import act_code, gated_bwd, gated_fwd, unary_fwd, unary_grad
-from moe_inductor.kernels.grouped_gemm import GROUP_M, _gate_up_cols, _swizzled_tile, _tile_rows
+from moe_inductor.kernels.grouped_gemm import GROUP_M, gate_up_cols, swizzled_tile, tile_rows
 from moe_inductor.kernels.jit_utils import cast, halves, mma
 from moe_inductor.kernels.launch_utils import DtypeConfigs, alloc, dot_flags
 from moe_inductor.kernels.routing_meta import RoutingMeta
@@ -69,7 +69,7 @@ def _dh_slice(da, col0, row_mask, s, h_row, dh_row, a_row, n_act, stride_hc, str
     cols = col0 + tl.arange(0, WIDTH)
     mask2 = row_mask[:, None] & (cols < n_act)[None, :]
     if GATED:
-        gate_cols, up_cols = _gate_up_cols(cols, n_act, INTERLEAVED, UP_FIRST, ACT)
+        gate_cols, up_cols = gate_up_cols(cols, n_act, INTERLEAVED, UP_FIRST, ACT)
         g = tl.load(h_row + gate_cols[None, :] * stride_hc, mask=mask2, other=0.0).to(tl.float32)
         u = tl.load(h_row + up_cols[None, :] * stride_hc, mask=mask2, other=0.0).to(tl.float32)
         if ACT == 9:  # x1 * silu(x2) * up: d x1 = dA' silu(x2) up, d x2 = dA' x1 up silu'(x2), d up = dA' x1 silu(x2)
@@ -186,9 +186,9 @@ def _dh_kernel(
     PART_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SLICE_N: tl.constexpr,
 ):
     # one kernel body (main loop + epilogue call): splitting it would only move the argument list
-    pid_m, pid_n = _swizzled_tile(num_tiles, tl.cdiv(n_act, BLOCK_N), GROUP_M)
+    pid_m, pid_n = swizzled_tile(num_tiles, tl.cdiv(n_act, BLOCK_N), GROUP_M)
     e = tl.load(tile_expert_ptr + pid_m)
-    rows, row_mask, rows64 = _tile_rows(tile_row_start_ptr, tile_row_end_ptr, pid_m, BLOCK_M)
+    rows, row_mask, rows64 = tile_rows(tile_row_start_ptr, tile_row_end_ptr, pid_m, BLOCK_M)
     if e < 0:
         if e == -2:
             # dropped assignments: their score gradient is 0 (their dS partials are zeros); dH and

@@ -11,7 +11,7 @@ a third accumulator and column block in up_proj and dh) or n columns of the firs
 Row tiles come from the device-side schedule (``RoutingMeta``): the program for (p, j) handles
 sorted rows [tile_row_start[p], +M) of expert tile_expert[p], masked at tile_row_end[p]; unused
 tiles return, dropped-row tiles (-2) only zero H / write zero dS. The grid is 1-D in grouped
-order (``_swizzled_tile``: GROUP_M row tiles per column block, for L2 reuse of weight and gathered
+order (``swizzled_tile``: GROUP_M row tiles per column block, for L2 reuse of weight and gathered
 tiles). The row tile M is ``config.kernel_tile_m(A, E)`` (static shapes: 128, or smaller when the
 mean rows per expert are few); the schedule depends on it, so autotuning varies only the
 column/reduction tiles, warps and pipeline depth, and BLOCK_M is part of every GEMM's autotune key
@@ -118,7 +118,7 @@ _GEMM_CONFIGS = DtypeConfigs({2: _GEMM_GPU_CONFIGS, 4: _GEMM_GPU_CONFIGS_FP32}, 
 # shared pieces of the row-tiled kernels (inlined by the compiler)
 # ----------------------------------------------------------------------------------------------
 @triton.jit
-def _tile_rows(tile_row_start_ptr, tile_row_end_ptr, pid_m, BLOCK_M: tl.constexpr):
+def tile_rows(tile_row_start_ptr, tile_row_end_ptr, pid_m, BLOCK_M: tl.constexpr):
     """Sorted rows of row tile pid_m of an active tile: (rows int32, row_mask, rows int64)."""
     row_start = tl.load(tile_row_start_ptr + pid_m)
     row_end = tl.load(tile_row_end_ptr + pid_m)
@@ -127,7 +127,7 @@ def _tile_rows(tile_row_start_ptr, tile_row_end_ptr, pid_m, BLOCK_M: tl.constexp
 
 
 @triton.jit
-def _gate_up_cols(cols, n_act, INTERLEAVED: tl.constexpr, UP_FIRST: tl.constexpr, ACT: tl.constexpr):
+def gate_up_cols(cols, n_act, INTERLEAVED: tl.constexpr, UP_FIRST: tl.constexpr, ACT: tl.constexpr):
     """Columns of H holding gate and up for activation columns cols (interleaved or concatenated;
     UP_FIRST: the up half is the first one, ``Activation.up_first``). SWIGLU3 (H = [x1 | x2 | up]):
     x2 and up, the second and third blocks (x1 is at cols)."""
@@ -145,7 +145,7 @@ def _gate_up_cols(cols, n_act, INTERLEAVED: tl.constexpr, UP_FIRST: tl.constexpr
 
 
 @triton.jit
-def _swizzled_tile(num_tiles, num_col_blocks, GROUP_M: tl.constexpr):
+def swizzled_tile(num_tiles, num_col_blocks, GROUP_M: tl.constexpr):
     """(row tile, column block) of this program in grouped order (Triton's matmul tutorial): the
     1-D grid walks GROUP_M consecutive row tiles for one column block, then the next column block.
     Consecutive row tiles are mostly the same expert, so the GROUP_M programs that run together
@@ -171,7 +171,7 @@ def _gate_up_dot(x_ptr, w_base, tok, row_mask, pid_n, n_act, d, stride_xt, strid
     accumulator is split into its halves after the loop."""
     j = tl.arange(0, 2 * BLOCK_N)
     cols2 = pid_n * BLOCK_N + j % BLOCK_N  # the activation column of each B-tile column
-    g2, u2 = _gate_up_cols(cols2, n_act, INTERLEAVED, UP_FIRST, ACT)
+    g2, u2 = gate_up_cols(cols2, n_act, INTERLEAVED, UP_FIRST, ACT)
     wcols = tl.where(j < BLOCK_N, g2, u2)
     wcol_mask = cols2 < n_act
     acc = tl.zeros((BLOCK_M, 2 * BLOCK_N), dtype=tl.float32)
@@ -212,17 +212,17 @@ def _up_proj_kernel(
 ):
     # Over 60 lines: one kernel body whose constexpr branches (dropped tile, one / three dots, the
     # H and A stores) share the tile's rows and columns; helpers would only pass them all around.
-    pid_m, pid_n = _swizzled_tile(num_tiles, tl.cdiv(n_act, BLOCK_N), GROUP_M)
+    pid_m, pid_n = swizzled_tile(num_tiles, tl.cdiv(n_act, BLOCK_N), GROUP_M)
     e = tl.load(tile_expert_ptr + pid_m)
     if e < 0:
         if KEEP_H:
             if e == -2:
                 # dropped assignments (expert id -1): their rows of the saved H are zeroed, as the
                 # reference does, so H holds no uninitialised memory (nothing reads them).
-                rows, row_mask, rows64 = _tile_rows(tile_row_start_ptr, tile_row_end_ptr, pid_m, BLOCK_M)
+                rows, row_mask, rows64 = tile_rows(tile_row_start_ptr, tile_row_end_ptr, pid_m, BLOCK_M)
                 cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
                 if GATED:
-                    gate_cols, up_cols = _gate_up_cols(cols, n_act, INTERLEAVED, UP_FIRST, ACT)
+                    gate_cols, up_cols = gate_up_cols(cols, n_act, INTERLEAVED, UP_FIRST, ACT)
                 else:
                     gate_cols = cols
                 zmask = row_mask[:, None] & (cols < n_act)[None, :]
@@ -233,13 +233,13 @@ def _up_proj_kernel(
                 if ACT == 9:
                     tl.store(h_ptr + rows64[:, None] * stride_hr + cols[None, :] * stride_hc, zero, mask=zmask)
         return
-    rows, row_mask, rows64 = _tile_rows(tile_row_start_ptr, tile_row_end_ptr, pid_m, BLOCK_M)
+    rows, row_mask, rows64 = tile_rows(tile_row_start_ptr, tile_row_end_ptr, pid_m, BLOCK_M)
     # the gather: A-operand rows come straight from X via the sorted token ids (no A x d copy)
     tok = tl.load(tok_sorted_ptr + rows, mask=row_mask, other=0).to(tl.int64)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cols < n_act
     if GATED:
-        gate_cols, up_cols = _gate_up_cols(cols, n_act, INTERLEAVED, UP_FIRST, ACT)
+        gate_cols, up_cols = gate_up_cols(cols, n_act, INTERLEAVED, UP_FIRST, ACT)
     else:
         gate_cols = cols
     w_base = w1_ptr + e.to(tl.int64) * stride_we
@@ -359,11 +359,11 @@ def _sorted_gemm_kernel(
     HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, INTERPRET: tl.constexpr, GROUP_M: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    pid_m, pid_n = _swizzled_tile(num_tiles, tl.cdiv(N, BLOCK_N), GROUP_M)
+    pid_m, pid_n = swizzled_tile(num_tiles, tl.cdiv(N, BLOCK_N), GROUP_M)
     e = tl.load(tile_expert_ptr + pid_m)
     if e < 0:
         return
-    rows, row_mask, rows64 = _tile_rows(tile_row_start_ptr, tile_row_end_ptr, pid_m, BLOCK_M)
+    rows, row_mask, rows64 = tile_rows(tile_row_start_ptr, tile_row_end_ptr, pid_m, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cols < N
     w_base = w_ptr + e.to(tl.int64) * stride_we
