@@ -134,7 +134,7 @@ from moe_inductor.fx.targets import ONE_HOT_FUNCTIONS
 from moe_inductor.fx import safety
 from moe_inductor.fx.build import call, method
 from moe_inductor.fx.decline import Declined, need
-from moe_inductor.fx.matching import einsum_parts, transpose_of
+from moe_inductor.fx.matching import arange_tiles, einsum_parts, tiled_arange_index, transpose_of
 from moe_inductor.fx.nodes import arg, is_mutation, node_order
 from moe_inductor.fx.shapes import dtype_of, example_value, int_value, same, shape_of
 from moe_inductor.recognize.parts import ExpertMLP, PartDeclined, decline, recognise, register, weight_node, weight_nodes
@@ -200,6 +200,7 @@ class SlotsDispatch:
     inputs: list = dataclasses.field(default_factory=list)
     spelling: str = ""
     groups: Optional[fx.Node] = None  # capacity per group: the (E, G, C, d) slots (``_grouped_capacity``)
+    scores_expert_major: bool = False  # "dense": ``scores`` is stored (E, S), the (S, E) matrix transposed
 
 
 @dataclasses.dataclass
@@ -1396,6 +1397,39 @@ def _repeat_count(node) -> Optional[int]:
     return int_value(reps[0])
 
 
+def _unwritten(nodes: list, what: str) -> None:
+    """Nothing writes any of ``nodes`` in place (through any view)."""
+    for n in nodes:
+        for w in safety.writes_to(n):
+            decline("slots_dispatch", f"{what} {n.name} is modified in place by {w.format_node()}")
+
+
+def _repeated_rows(node) -> Optional[tuple]:
+    """(x, E) if ``node`` holds E copies of the rows of a 2-D x, copy e at rows e*S..e*S+S-1:
+    ``x.repeat(E, 1)`` (``_repeat_count``), or ``torch.gather(x, 0, it)`` (function or method, then
+    identities such as ``.to(x.device)``) with ``it`` the tiled arange index of x's S rows and d columns
+    (``fx.matching.tiled_arange_index``, nothing writing it: Llama4 4.51)."""
+    E = _repeat_count(node)
+    if E is not None:
+        return node.args[0], E
+    g = safety.strip_identity(node)
+    if not (isinstance(g, fx.Node) and ((g.op == "call_function" and g.target is torch.gather)
+                                        or (g.op == "call_method" and g.target == "gather"))):
+        return None
+    if set(g.kwargs) - {"input", "dim", "index"} or len(g.args) + len(g.kwargs) != 3:
+        return None
+    x, dim, it = arg(g, 0, "input"), arg(g, 1, "dim"), arg(g, 2, "index")
+    tiles = tiled_arange_index(it)
+    xs = shape_of(x) if isinstance(x, fx.Node) else None
+    if dim != 0 or tiles is None or xs is None or len(xs) != 2:
+        return None
+    need(same(tiles[1], xs[0]) and same(shape_of(it)[1], xs[1]),
+         f"{g.name} gathers rows of arange({tiles[1]}) from {x.name} {tuple(xs)}: not every row once per copy",
+         part="slots_dispatch")
+    _unwritten(tiles[2], "the gather index")
+    return x, tiles[0]
+
+
 def _transposed_2d(node) -> Optional[fx.Node]:
     """R if ``node`` is ``R.transpose(0, 1)`` / ``R.t()`` / ``R.T`` / ``R.permute(1, 0)`` of a 2-D R."""
     if not isinstance(node, fx.Node):
@@ -1407,16 +1441,32 @@ def _transposed_2d(node) -> Optional[fx.Node]:
     return inner if isinstance(inner, fx.Node) and len(shape_of(inner) or ()) == 2 else None
 
 
-def _expert_major_column(node) -> Optional[fx.Node]:
-    """R if ``node`` is ``R.transpose(0, 1).reshape(-1, 1)`` (``view``, ``.t()``, ``.T``) of a 2-D R
-    (S, E): a column whose row e*S + s is R[s, e] (the row-major order of R transposed)."""
+def _through_casts(node) -> tuple:
+    """(inner, flips): ``node`` followed back through dtype casts (``safety.strip_casts``) and 2-D
+    transposes (``_transposed_2d``); ``flips`` counts the transposes."""
+    flips = 0
+    while True:
+        node = safety.strip_casts(node)
+        t = _transposed_2d(node)
+        if t is None:
+            return node, flips
+        node, flips = t, flips + 1
+
+
+def _expert_major_column(node) -> Optional[tuple]:
+    """(R, expert_major) if ``node`` is a column ``M.reshape(-1, 1)`` (``view``) of a 2-D M whose row-major
+    order is expert-major: M = ``R.transpose(0, 1)`` (``.t()``, ``.T``) of an (S, E) R (then
+    ``expert_major`` is False: row e*S + s of the column is R[s, e]), or M itself (E, S) (then R = M,
+    ``expert_major`` True: row e*S + s is M[e, s]; that M is R's transpose is the caller's to prove)."""
     if not (isinstance(node, fx.Node) and node.op == "call_method" and node.target in ("reshape", "view")):
         return None
-    R = _transposed_2d(node.args[0])
     s = shape_of(node)
-    if R is None or s is None or len(s) != 2 or not _size_one(s[1]):
+    if s is None or len(s) != 2 or not _size_one(s[1]) or not isinstance(node.args[0], fx.Node):
         return None
-    return R
+    R = _transposed_2d(node.args[0])
+    if R is not None:
+        return R, False
+    return (node.args[0], True) if len(shape_of(node.args[0]) or ()) == 2 else None
 
 
 def _top_k_indices(idx) -> Optional[tuple]:
@@ -1432,18 +1482,21 @@ def _top_k_indices(idx) -> Optional[tuple]:
     return tk.args[0], int_value(k), dim
 
 
-def _zero_off_top_k(R: fx.Node) -> tuple:
+def _zero_off_top_k(R: fx.Node, expert_major: bool = False) -> tuple:
     """Prove R[s, e] == 0 exactly for every e not among the top-k choices idx[s] (distinct: topk
     indices): R is ``sigmoid`` of a matrix of -inf, or a matrix of zeros, into which the top-k values
     are scattered at the top-k indices, with only casts between and nothing else writing R, the
     matrix, or anything on the way from one to the other. Returns (idx, K, [the in-place scatter], the
-    logits the top-k was taken of)."""
-    inner = safety.strip_casts(R)
+    logits the top-k was taken of). ``expert_major``: R is (E, S), the transpose of that matrix; the
+    casts and the sigmoid act elementwise, so a transpose anywhere between them and the scatter is
+    the transpose of their result: the transposes on the way must be odd in number (even otherwise)."""
+    inner, flips = _through_casts(R)
     squash = None
     if isinstance(inner, fx.Node) and ((inner.op == "call_function" and inner.target in _SIGMOID)
                                        or (inner.op == "call_method" and inner.target == "sigmoid")) \
             and len(inner.args) == 1 and not inner.kwargs:
-        squash, inner = inner, safety.strip_casts(inner.args[0])
+        squash, (inner, more) = inner, _through_casts(inner.args[0])
+        flips += more
     scatter = isinstance(inner, fx.Node) and not set(inner.kwargs) - {"dim", "index", "src", "value"} and (
         (inner.op == "call_method" and inner.target in ("scatter_", "scatter"))
         or (inner.op == "call_function" and inner.target is torch.scatter))
@@ -1481,7 +1534,11 @@ def _zero_off_top_k(R: fx.Node) -> tuple:
     need(tk is not None, f"{inner.name}: the scores are scattered at {getattr(idx, 'name', idx)}, "
                                            "not at the indices of a top-k (distinct per token)", part="slots_dispatch")
     logits, K, tk_dim = tk
+    need(flips % 2 == int(expert_major), f"the dense scores {R.name} are read {'expert' if expert_major else 'token'}"
+         f"-major but reach the top-k scatter {inner.name} through {flips} transposes: the score of (token, "
+         "expert) is not the one the scatter wrote there", part="slots_dispatch")
     ls, Rs, ix = shape_of(logits), shape_of(R), shape_of(idx)
+    Rs = tuple(Rs[::-1]) if expert_major and Rs is not None else Rs
     need(K is not None and tk_dim in (1, -1) and ls is not None and len(ls) == 2,
          f"{idx.name}: not a constant top-k over the experts of (S, E) logits", part="slots_dispatch")
     need(Rs is not None and ix is not None and len(ix) == 2 and same(ix[0], Rs[0])
@@ -1515,21 +1572,22 @@ def dense_scores(slots) -> Optional[SlotsDispatch]:
             and not xin.kwargs):
         return None
     for rep, col in (xin.args, xin.args[::-1]):
-        E, R = _repeat_count(rep), _expert_major_column(col)
-        if E is not None and R is not None:
+        rows, column = _repeated_rows(rep), _expert_major_column(col)
+        if rows is not None and column is not None:
             break
     else:
         return None
-    x = rep.args[0]
+    (x, E), (R, expert_major) = rows, column
     xs, Rs = shape_of(x), shape_of(R)
+    Rs = Rs[::-1] if expert_major else Rs
     need(int_value(Rs[1]) == E and same(Rs[0], xs[0]),
          f"{xin.name}: the tokens are repeated {E} times but scaled by {R.name} of shape {tuple(Rs)}, not (S, E) for "
          f"x {tuple(xs)}", part="slots_dispatch")
     need(int_value(s[0]) == E and same(s[1], xs[0]) and same(s[2], xs[1]),
          f"{slots.name}: the scaled copies of the tokens are not viewed (E, S, d), expert-major", part="slots_dispatch")
-    idx, K, own, logits = _zero_off_top_k(R)
+    idx, K, own, logits = _zero_off_top_k(R, expert_major)
     return SlotsDispatch(kind="dense", x=x, slots=slots, num_experts=E, scores=R, choices=idx, top_k=K, writes=own,
-                         inputs=[logits])
+                         inputs=[logits], scores_expert_major=expert_major)
 
 
 # --------------------------------------------------------------------------- slots_experts
@@ -2132,8 +2190,8 @@ def analyse(node: fx.Node) -> MoEBlock:
         for t in disp.terms:
             _need_stable_leaves(t, node, node_order(node.graph))
     elif disp.kind == "dense":
-        need(comb.kind == "sum", "proof: dense slots (every token in every expert's slots) are combined by something "
-                                  "else than a sum over the experts")
+        need(comb.kind == "sum" or _tiled_scatter(comb, disp), "proof: dense slots (every token in every expert's "
+             "slots) are combined by something else than a sum over the experts")
         need(safety.same_shape(disp.x, node), "proof: the output is not (tokens, d)")
         # the unselected (expert, token) pairs compute f_e(0): dropping them is exact only if f_e(0) == 0
         biases = [k for k, b in (("gate", mlp.b_gate), ("up", mlp.b_up), ("down", mlp.b_down)) if b is not None]
@@ -2188,6 +2246,19 @@ def analyse(node: fx.Node) -> MoEBlock:
     return _block(node, comb, mlp, disp, start_kind, base, order, biases)
 
 
+def _tiled_scatter(comb: SlotsCombine, disp: SlotsDispatch) -> bool:
+    """``comb`` adds slot (e, s) of the dense dispatch's (E, S, d) outputs, unscaled, to row s of its
+    accumulator: a scatter whose (E, S) index table has every row ``arange(S)`` (``arange_tiles``,
+    nothing writing it), S the tokens' rows: the sum over the experts, into the accumulator."""
+    if comb.kind != "scatter" or comb.score is not None:
+        return False
+    tiles = arange_tiles(comb.index)
+    if tiles is None or tiles[0] != disp.num_experts or not same(tiles[1], shape_of(disp.x)[0]):
+        return False
+    _unwritten(tiles[2], "the scatter index")
+    return True
+
+
 def _block(node, comb, mlp, disp, start_kind, base, order, bias_adds=()) -> MoEBlock:
     x, E = disp.x, disp.num_experts
     device = x.meta["example_value"].device
@@ -2239,6 +2310,8 @@ def _block(node, comb, mlp, disp, start_kind, base, order, bias_adds=()) -> MoEB
         R, idx, K = disp.scores, disp.choices, disp.top_k
         graph = node.graph
         with graph.inserting_before(node):
+            if disp.scores_expert_major:
+                R = method(graph, "transpose", R, 0, 1, like=node)
             scores_SK = method(graph, "gather", R, 1, idx, like=node)
             rows = call(graph, operator.mul, method(graph, "unsqueeze", x, 1, like=node),
                         method(graph, "unsqueeze", scores_SK, -1, like=node), like=node)
@@ -2336,14 +2409,14 @@ def _block(node, comb, mlp, disp, start_kind, base, order, bias_adds=()) -> MoEB
         graph = out.graph
         result = out
         with graph.inserting_before(out.next):
-            if comb.kind == "sum":  # each token's K rows (token-major) summed
+            if disp.kind == "dense":  # each token's K rows (token-major) summed
                 per_token = method(graph, "view", out, method(graph, "size", disp.x, 0, like=node), K,
                                    method(graph, "size", disp.x, 1, like=node), like=node)
                 result = method(graph, "sum", per_token, 1, like=node)
             if comb.kind == "scatter":
                 if dtype_of(result) != dtype_of(comb.acc):
                     result = method(graph, "to", result, dtype_of(comb.acc), like=node)
-                if start_kind == "copy":
+                if start_kind in ("copy", "base"):  # acc.scatter_add(...) / a computed acc added into
                     result = call(graph, operator.add, base, result, like=node)
             if disp.groups is not None:  # the G * S rows back as (G, S, d)
                 result = method(graph, "reshape", result, *(method(graph, "size", disp.x, i, like=node)

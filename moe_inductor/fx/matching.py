@@ -21,7 +21,7 @@ from torch._inductor.pattern_matcher import (
 )
 
 from .decline import Declined
-from .shapes import example_value, int_value, same_dim, shape_of
+from .shapes import example_value, int_value, same, same_dim, shape_of
 
 
 class AnyOf(PatternExpr):
@@ -108,6 +108,69 @@ def _arange_E(node: Any) -> Optional[int]:
     if len(ends) == 2 and ends[0] == 0:
         return ends[1]
     return None
+
+
+def _arange_length(node: Any):
+    """S (an int or a symbolic size) if ``node`` is ``torch.arange(S)`` / ``arange(0, S)`` of integers."""
+    if not (isinstance(node, fx.Node) and node.op == "call_function" and node.target is torch.arange) \
+            or set(node.kwargs) - {"device", "dtype"} or node.kwargs.get("dtype") not in (None, torch.int64, torch.int32):
+        return None
+    if not (len(node.args) == 1 or (len(node.args) == 2 and int_value(node.args[0]) == 0)):
+        return None
+    s = shape_of(node)
+    return s[0] if s is not None and len(s) == 1 else None
+
+
+def _row_of(node: Any) -> Optional[fx.Node]:
+    """a if ``node`` is a (1, S) row of a 1-D a: ``a.view(1, -1)`` / ``reshape``, ``a.unsqueeze(0)``,
+    ``a[None]`` / ``a[None, :]``."""
+    if not isinstance(node, fx.Node) or not node.args or not isinstance(node.args[0], fx.Node):
+        return None
+    a, s = node.args[0], shape_of(node)
+    if s is None or len(s) != 2 or int_value(s[0]) != 1 or len(shape_of(a) or ()) != 1:
+        return None
+    if node.op == "call_method" and node.target in ("view", "reshape", "unsqueeze") and not node.kwargs:
+        return a if node.target != "unsqueeze" or node.args[1:] == (0,) else None
+    if node.op == "call_function" and node.target is operator.getitem and node.args[1] in (None, (None,),
+                                                                                          (None, slice(None))):
+        return a
+    return None
+
+
+def arange_tiles(node: Any) -> Optional[tuple]:
+    """(E, S, nodes) if ``node`` is an (E, S) table whose every row is ``arange(S)``: a (1, S) row of
+    ``torch.arange(S)`` (``_row_of``) expanded (``expand(E, -1)`` / ``expand(E, S)``) or repeated
+    (``repeat(E, 1)``) to E rows; ``nodes`` the chain from the table to the arange (the caller proves
+    nothing writes them)."""
+    if not (isinstance(node, fx.Node) and node.op == "call_method" and node.target in ("expand", "repeat")):
+        return None
+    s, row = shape_of(node), _row_of(node.args[0])
+    S = _arange_length(row) if row is not None else None
+    if s is None or len(s) != 2 or S is None or not same(s[1], S):
+        return None
+    if node.target == "repeat" and (len(node.args) != 3 or int_value(node.args[2]) != 1):
+        return None
+    E = int_value(s[0])
+    return (E, S, [node, node.args[0], row]) if E is not None else None
+
+
+def tiled_arange_index(node: Any) -> Optional[tuple]:
+    """(E, S, nodes) if ``node`` is an (E*S, d) integer index whose row e*S + s holds s in every column:
+    an ``arange_tiles`` (E, S) table flattened to a column (``reshape(-1, 1)`` / ``view``, row-major:
+    element e*S + s is table[e, s]) and expanded along the columns (``expand(-1, d)`` / ``expand(R, d)``).
+    ``gather(x, 0, it)`` is then ``x.repeat(E, 1)`` and ``acc.scatter_add_(0, it, v)`` adds row e*S + s
+    of v to row s (Llama4 4.51's ``router_indices``)."""
+    if not (isinstance(node, fx.Node) and node.op == "call_method" and node.target == "expand"):
+        return None
+    col = node.args[0]
+    s, cs = shape_of(node), shape_of(col)
+    if not (isinstance(col, fx.Node) and col.op == "call_method" and col.target in ("view", "reshape")) \
+            or s is None or cs is None or len(s) != 2 or len(cs) != 2 or int_value(cs[1]) != 1 or not same(s[0], cs[0]):
+        return None
+    tiles = arange_tiles(col.args[0])
+    if tiles is None or not same(cs[0], tiles[0] * tiles[1]):
+        return None
+    return tiles[0], tiles[1], [node, col] + tiles[2]
 
 
 def last_axis_added(node: Any) -> Optional[fx.Node]:
