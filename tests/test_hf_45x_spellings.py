@@ -171,3 +171,107 @@ class ChoiceIntoShared(nn.Module):
 def test_expert_choice_into_computed_base_keeps_base(dtype):
     torch.manual_seed(0)
     _rewritten(_compare(ChoiceIntoShared(dtype), dtype, lengths=(8, 11)))
+
+
+class CountsTensorLoop(nn.Module):
+    """transformers 4.5x ``DeepseekV2MoE.moe``'s segment loop: rows sorted by expert, ``for i, num_tokens in
+    enumerate(counts)`` over the counts *tensor* (each a 0-d tensor), ``if num_tokens == 0: continue``,
+    ``end = start + num_tokens`` slices, ``torch.cat(outputs) if outputs else rows.new_empty(0)``, the
+    inverse permutation by ``new_x[idxs] = outs``, weighted sum (spelling: the counts iterated themselves,
+    the list's truth). Subclasses change ``moe`` (the loop is read from each method's source)."""
+
+    def __init__(self, dtype=torch.float32, K: int = 2):
+        super().__init__()
+        self.K, self.dtype = K, dtype
+        self.gate = nn.Linear(d, E, bias=False)
+        self.experts = nn.ModuleList([nn.Sequential(nn.Linear(d, n, bias=False), nn.SiLU(), nn.Linear(n, d, bias=False))
+                                      for _ in range(E)])
+        self.to(dtype)
+
+    def forward(self, x):
+        x = x.to(self.dtype)
+        w, ids = torch.topk(self.gate(x).float().softmax(-1), self.K, dim=-1)
+        cnts = ids.new_zeros((ids.shape[0], E))
+        cnts.scatter_(1, ids, 1)
+        idxs = ids.view(-1).argsort()
+        outs = self.moe(x[idxs // ids.shape[1]], cnts.sum(dim=0))
+        new_x = torch.empty_like(outs)
+        new_x[idxs] = outs
+        return new_x.view(*ids.shape, -1).type(w.dtype).mul_(w.unsqueeze(dim=-1)).sum(dim=1).type(new_x.dtype)
+
+    def moe(self, sorted_tokens, tokens_per_expert):
+        outputs = []
+        start_idx = 0
+        for i, num_tokens in enumerate(tokens_per_expert):
+            if num_tokens == 0:
+                continue
+            end_idx = start_idx + num_tokens
+            outputs.append(self.experts[i](sorted_tokens[start_idx:end_idx]))
+            start_idx = end_idx
+        return torch.cat(outputs, dim=0) if outputs else sorted_tokens.new_empty(0)
+
+
+class CountsTensorLoopCountRead(CountsTensorLoop):
+    """Near miss: each expert's output scaled by its count (the count read other than as a slice bound)."""
+
+    def moe(self, sorted_tokens, tokens_per_expert):
+        outputs = []
+        start_idx = 0
+        for i, num_tokens in enumerate(tokens_per_expert):
+            if num_tokens == 0:
+                continue
+            end_idx = start_idx + num_tokens
+            outputs.append(self.experts[i](sorted_tokens[start_idx:end_idx]) * num_tokens)
+            start_idx = end_idx
+        return torch.cat(outputs, dim=0) if outputs else sorted_tokens.new_empty(0)
+
+
+class CountsTensorLoopOutputsRead(CountsTensorLoop):
+    """Near miss: the list of outputs read otherwise (its length scales the result: the number of experts
+    with rows, which running every expert would change)."""
+
+    def moe(self, sorted_tokens, tokens_per_expert):
+        outputs = []
+        start_idx = 0
+        for i, num_tokens in enumerate(tokens_per_expert):
+            if num_tokens == 0:
+                continue
+            end_idx = start_idx + num_tokens
+            outputs.append(self.experts[i](sorted_tokens[start_idx:end_idx]))
+            start_idx = end_idx
+        return (torch.cat(outputs, dim=0) if outputs else sorted_tokens.new_empty(0)) * len(outputs)
+
+
+def _loop_compare(module, dtype=torch.float32):
+    """Through the rewrite with sonic's loop capture (not fullgraph: the loop is captured, or not)."""
+    from rewrite_check import light_backend, outputs_and_grads
+
+    reports: list = []
+    torch._dynamo.reset()
+    compiled = torch.compile(module, backend=light_backend(reports))
+    for T in (5, 8):
+        x = torch.randn(T, d, generator=torch.Generator().manual_seed(T))
+        res = [outputs_and_grads(fn, module, x) for fn in (module, compiled)]
+        for got, want in zip(res[1], res[0]):
+            if dtype == torch.float32:
+                torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+            else:
+                err = ((got.float() - want.float()).norm() / want.float().norm().clamp_min(1e-12)).item()
+                assert err <= 3e-2, err
+    return [c for r in reports for c in r.candidates]
+
+
+@pytest.mark.parametrize("cls, dtype", [
+    pytest.param(CountsTensorLoop, torch.float32, id="plain-fp32"),
+    pytest.param(CountsTensorLoop, torch.bfloat16, id="plain-bf16")])
+def test_counts_tensor_segment_loop_rewritten(cls, dtype):
+    torch.manual_seed(0)
+    cands = _loop_compare(cls(dtype), dtype)
+    assert [c.status for c in cands].count("rewritten") == 2, _statuses(cands)
+
+
+@pytest.mark.parametrize("cls", [CountsTensorLoopCountRead, CountsTensorLoopOutputsRead])
+def test_counts_tensor_segment_loop_near_misses_kept(cls):
+    torch.manual_seed(0)
+    cands = _loop_compare(cls())
+    assert all(c.status != "rewritten" for c in cands), _statuses(cands)
