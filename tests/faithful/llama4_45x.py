@@ -24,8 +24,9 @@ Every expert runs on every token (the "dense" Llama4 spelling): a token's input 
 experts are bias-free SwiGLU MLPs (``up * silu(gate)`` on a fused ``gate_up_proj`` chunked in two), so
 they map those zero rows to zero. The shared expert (a ``Llama4TextMLP`` of ``intermediate_size``)
 runs on every token; the routed sum is added into its output in place. Each block returns
-``(out, router_scores)`` (v4.51, v4.53) or ``(out, router_logits)`` (v4.55, v4.56): a wrapper keeps
-the second as an attribute, and the entries feed (1, T, D).
+``(out, router_scores)`` (v4.51, v4.53) or ``(out, router_logits)`` (v4.55, v4.56), ``out`` flattened to
+(B*S, h): a wrapper keeps the second as an attribute and views ``out`` back as the decoder layer does,
+and the entries feed (1, T, D).
 """
 from __future__ import annotations
 
@@ -211,8 +212,10 @@ class Llama4TextMoe456(Llama4TextMoe455):
 
 
 class KeepSecond(nn.Module):
-    """Test wrapper (not in the source): returns the block's hidden states and keeps its second
-    output (router scores or logits) as ``self.router_out``."""
+    """Test wrapper (not in the source): returns the block's hidden states viewed back to the input's
+    shape (the block returns them flattened to (B*S, h); ``Llama4TextDecoderLayer`` views them as the
+    residual's shape the same way) and keeps its second output (router scores or logits) as
+    ``self.router_out``."""
 
     def __init__(self, block):
         super().__init__()
@@ -220,7 +223,7 @@ class KeepSecond(nn.Module):
 
     def forward(self, x):
         out, self.router_out = self.block(x)
-        return out
+        return out.view(x.shape)
 
 
 _x3d = tokens(lambda T: (1, T, D))
