@@ -1604,7 +1604,7 @@ def dense_scores(slots) -> Optional[SlotsDispatch]:
             and not xin.kwargs):
         return None
     for rep, col in (xin.args, xin.args[::-1]):
-        rows, column = _replicated_rows(rep), _expert_major_column(col)
+        rows, column = _replicated_rows(safety.strip_identity(rep)), _expert_major_column(col)
         if rows is not None and column is not None:
             break
     else:

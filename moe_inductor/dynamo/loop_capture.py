@@ -1197,13 +1197,22 @@ def _zero_test(test, n) -> bool:
     return False
 
 
+def _counts_sizes(sizes: str, T: str) -> ast.Assign:
+    """``sizes = T.tolist() if isinstance(T, torch.Tensor) else list(T)``: the per-expert counts a segment
+    loop reads as ``T[i]`` or iterates (``enumerate(T)``: the elements ``T[i]``, 0-d tensors of a 1-D
+    tensor), as host ints; a list of ints is split by itself."""
+    return ast.Assign(targets=[ast.Name(sizes, ast.Store())], value=ast.parse(
+        f"{T}.tolist() if isinstance({T}, torch.Tensor) else list({T})", mode="eval").body)
+
+
 def _segment_loop(fdef, loop, self_name, stores, glb) -> Optional[tuple]:
     """A *segment loop*: rows ``R[start:end]`` of consecutive segments whose sizes are per-expert
     counts, ``end = start + n``, ``start = end`` carried to the next expert, one output appended per
     expert to a list ``L`` that is only ``torch.cat(L, 0)``-ed after the loop, an optional
     ``if n == 0: continue``. The counts are either a host copy ``C = T.cpu().numpy()`` (``.tolist()``,
-    ``.cpu()``) iterated as ``for i, n in enumerate(C)``, or read per expert ``n = T[i]`` in
-    ``for i in range(...)``. Rewritten (plan as ``_rewrite_loop``'s) into::
+    ``.cpu()``) iterated as ``for i, n in enumerate(C)``, or the counts tensor iterated itself
+    (``for i, n in enumerate(T)``: each n the 0-d ``T[i]``; transformers 4.5x ``DeepseekV2MoE.moe``), or
+    read per expert ``n = T[i]`` in ``for i in range(...)``. Rewritten (plan as ``_rewrite_loop``'s) into::
 
         sizes = T.tolist(); chunks = R.split(sizes, 0)
         for i in range(len(sizes)):     # or the original range(...)
@@ -1215,8 +1224,8 @@ def _segment_loop(fdef, loop, self_name, stores, glb) -> Optional[tuple]:
     to R's rows, so counts that do not tile R raise instead of giving another result. An expert
     that was skipped now runs on its empty chunk: its output must have no rows, checked
     (``torch._check``: static for row-wise experts, the sizes being the same symbol), so the
-    concatenation over dimension 0 is unchanged; ``len(L)`` (``cat(L) if len(L) else ...``) is then
-    ``R.shape[0] > 0``. The rest of the body is checked as a skip loop's (``_Body``: only bindings
+    concatenation over dimension 0 is unchanged; ``len(L)`` (``cat(L) if len(L) else ...``, or the
+    list's truth ``cat(L) if L else ...``) is then ``R.shape[0] > 0``. The rest of the body is checked as a skip loop's (``_Body``: only bindings
     local to the iteration, no host reads, no side effects). None when the loop is not
     segment-shaped; Decline when it is but a condition fails."""
     body = loop.body
@@ -1254,16 +1263,17 @@ def _segment_loop(fdef, loop, self_name, stores, glb) -> Optional[tuple]:
         i, C = tgt.elts[0].id, it.args[0].id
         host = _last_store_before(block, loop, C)
         T = _host_copy_of(host.value) if host is not None else None
-        if T is None:
-            raise Decline(loop, f"the counts `{C}` are not one host copy (`.tolist()`, `.cpu()`, `.cpu().numpy()`) "
-                                f"of a tensor right before the loop")
-        if any(x is not it.args[0] and x.lineno > host.lineno for x in loads(fdef, C)):
-            raise Decline(loop, f"the host counts `{C}` are read elsewhere than by the loop")
-        sizes = C
-        prelude = (host, ast.Call(func=ast.Attribute(value=copy.deepcopy(T), attr="tolist", ctx=ast.Load()),
-                                  args=[], keywords=[]))
-        T = short(T)
-        header = ast.parse(f"range(len({C}))", mode="eval").body
+        if T is None:  # the counts iterated themselves: a tensor (0-d counts C[i]) or a list of ints
+            prelude, sizes_stmt, T = None, _counts_sizes(sizes, C), C
+            header = ast.parse(f"range(len({sizes}))", mode="eval").body
+        else:
+            if any(x is not it.args[0] and x.lineno > host.lineno for x in loads(fdef, C)):
+                raise Decline(loop, f"the host counts `{C}` are read elsewhere than by the loop")
+            sizes = C
+            prelude = (host, ast.Call(func=ast.Attribute(value=copy.deepcopy(T), attr="tolist", ctx=ast.Load()),
+                                      args=[], keywords=[]))
+            T = short(T)
+            header = ast.parse(f"range(len({C}))", mode="eval").body
     elif isinstance(it, ast.Call) and is_name(it.func, "range") and len(it.args) == 1 and isinstance(tgt, ast.Name):
         i, header = tgt.id, copy.deepcopy(it)
         counts_def = [s for s in body if isinstance(s, ast.Assign) and len(s.targets) == 1 and is_name(s.targets[0], n)]
@@ -1277,9 +1287,7 @@ def _segment_loop(fdef, loop, self_name, stores, glb) -> Optional[tuple]:
         T = v.value.id
         if stores.get(n, 0) != 1 or body.index(counts_def[0]) > body.index(end_defs[0]):
             raise Decline(counts_def[0], f"the count `{n}` is bound elsewhere or after its use")
-        # T[i] of a tensor (a list of ints, read the same way, is split by itself)
-        sizes_stmt = ast.Assign(targets=[ast.Name(sizes, ast.Store())], value=ast.parse(
-            f"{T}.tolist() if isinstance({T}, torch.Tensor) else list({T})", mode="eval").body)
+        sizes_stmt = _counts_sizes(sizes, T)
         counts_def = counts_def[0]
     else:
         raise Decline(loop, f"`for {short(tgt)} in {short(it)}` is not `enumerate(host counts)` or `range(E)`")
@@ -1325,10 +1333,11 @@ def _segment_loop(fdef, loop, self_name, stores, glb) -> Optional[tuple]:
     inside = {id(x) for x in ast.walk(loop)}
     for node in ast.walk(fdef):
         t = node.test if isinstance(node, ast.IfExp) else None
-        if isinstance(t, ast.Call) and is_name(t.func, "len") and len(t.args) == 1 and is_name(t.args[0], L) \
-                and is_torch_fn(node.body, {"cat", "concat", "concatenate"}):
-            edits.append((node, "test", ast.Name(nonempty, ast.Load())))  # `cat(L) if len(L) else ...`
-            t.args[0]._sonic_seg_ok = True
+        # `cat(L) if len(L) else ...` / `cat(L) if L else ...` (a list is true iff it has elements)
+        seen = t.args[0] if isinstance(t, ast.Call) and is_name(t.func, "len") and len(t.args) == 1 else t
+        if is_name(seen, L) and is_torch_fn(node.body, {"cat", "concat", "concatenate"}):
+            edits.append((node, "test", ast.Name(nonempty, ast.Load())))
+            seen._sonic_seg_ok = True
         if isinstance(node, ast.Call) and is_torch_fn(node, {"cat", "concat", "concatenate"}) \
                 and isinstance(node.func, ast.Attribute) and is_name(node.func.value, "torch") \
                 and node.args and is_name(node.args[0], L):

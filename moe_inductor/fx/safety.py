@@ -62,6 +62,16 @@ def _same_dtype_cast(node: fx.Node) -> bool:
         and dtype_of(node.args[0]) == FLOAT_CAST_DTYPES[node.target]
 
 
+def _same_device_move(node: fx.Node) -> bool:
+    """``t.to(device)`` to the device t is on (Llama4 4.51: ``gather(...).to(hidden_states.device)``):
+    returns t itself."""
+    if node.op != "call_method" or node.target != "to" or node.kwargs or len(node.args) != 2 \
+            or not isinstance(node.args[1], torch.device) or not isinstance(node.args[0], fx.Node):
+        return False
+    v = node.args[0].meta.get("example_value")
+    return isinstance(v, torch.Tensor) and v.device == node.args[1]
+
+
 def _same_shape_view(node: fx.Node) -> bool:
     """``t.view(...)`` / ``t.reshape(...)`` that provably keeps t's shape (DBRX: ``y.view(-1, d)``)."""
     if node.op != "call_method" or node.target not in ("view", "reshape", "squeeze") or not node.args \
@@ -75,7 +85,7 @@ def _identity_step(node: fx.Node):
     follows; None otherwise."""
     if is_identity_dropout(node):
         return node.args[0] if node.args else node.kwargs["input"]
-    if _same_dtype_cast(node) or (node.op == "call_method" and node.target == "contiguous"
+    if _same_dtype_cast(node) or _same_device_move(node) or (node.op == "call_method" and node.target == "contiguous"
                                   and len(node.args) == 1 and not node.kwargs) or _same_shape_view(node):
         return node.args[0]
     return identity_function_input(node)
