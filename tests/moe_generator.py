@@ -333,6 +333,8 @@ def _sample_slots(rng: random.Random, spec: dict) -> None:
     (the combine into a shared projection's output is what f22b619 fixed: drawn without extras)."""
     T, E = spec["T"], spec["E"]
     spec["combine"] = rng.choice(SLOT_COMBINES[spec["dispatch"]])
+    if spec["score_on"] == "input" and rng.random() < 0.5:  # a quarter on the input (declined: a gap)
+        spec["score_on"] = "output"
     if spec["dispatch"] == "capacity":  # tokens over capacity dropped, a Switch-like factor, none dropped
         spec["capacity"] = rng.choice((1, 2, math.ceil(1.25 * T * spec["K"] / E), T * spec["K"]))
     else:  # expert choice: C tokens per expert, clipped to T as the source would (C = min(C, T))

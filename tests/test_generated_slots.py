@@ -19,7 +19,7 @@ import pytest
 
 import moe_generator as G
 
-SEED, CASES = 22, 24
+SEED, CASES = 29, 24
 _DRAW = dict(dtypes=tuple(G.DTYPES), routers=G.ROUTERS, layouts=("slots",))
 _SPECS = G.cases(CASES, SEED, **_DRAW)
 _OUTCOMES: list = []
@@ -96,5 +96,5 @@ def test_zz_some_random_cases_rewritten(capsys):
     with capsys.disabled():
         print(f"\nslots cases: {len(_OUTCOMES)}, rewritten {len(rewritten)} "
               f"(near-misses rewritten, allowed: {sum(o.spec.mutation is not None for o in rewritten)})")
-    assert len(rewritten) >= 5, [o.spec.describe() for o in _OUTCOMES]
+    assert len(rewritten) >= 8, [o.spec.describe() for o in _OUTCOMES]
     assert any(o.spec.base and o.spec.dispatch != "capacity" for o in rewritten)
