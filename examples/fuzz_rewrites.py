@@ -3,7 +3,9 @@
 Each case builds a block from a random spelling of each part (dispatch, experts, combine; scores
 on the input or the output; E in {1, 2, 3, 5, 8}, K <= E, T in {1, 2, 3, 7, 13}, skewed routing,
 biases, silu/gelu/relu, gated or plain; with ``--routers`` softmax, biased-sigmoid or
-group-limited routers; with ``--dtypes`` fp32, bf16 or fp16), possibly mutated into a near-miss,
+group-limited routers; with ``--dtypes`` fp32, bf16 or fp16; ``--layouts`` restricts the layouts,
+by default all of them, drawn uniformly: ``slots`` draws expert-choice routing and Switch/GShard
+capacity slots, combined into zeros or a shared projection's output), possibly mutated into a near-miss,
 and compares it with eager: output and every gradient, fp32 at atol = rtol = 1e-4, bf16/fp16 by
 relative norm error (``TOLERANCES`` in the generator). ``--backend light`` runs the rewritten
 graph eagerly (the rewrite alone, fast); ``--backend sonic`` runs the whole backend, Inductor
@@ -21,6 +23,7 @@ Also the rewrite rate of valid blocks per combination of spellings (reported, no
     python examples/fuzz_rewrites.py --cases 50 --seed 7 --out examples/results/fuzz_seed7.json
     python examples/fuzz_rewrites.py --cases 300 --seed 22 --backend sonic \
         --dtypes float32,bfloat16,float16 --routers softmax,sigmoid_bias,group_limited
+    python examples/fuzz_rewrites.py --cases 100 --seed 3 --layouts slots --dtypes float32,bfloat16,float16
 
 Exit status 1 if there is a wrong rewrite, a near-miss rewritten or a case eager cannot run.
 """
@@ -71,11 +74,16 @@ def main(argv=None) -> int:
                          "then take the gathered decomposition, moe_inductor/lower/worth.py)")
     ap.add_argument("--dtypes", default="float32", help=f"comma-separated, of {sorted(G.DTYPES)}")
     ap.add_argument("--routers", default="softmax", help=f"comma-separated, of {list(G.ROUTERS)}")
+    ap.add_argument("--layouts", default=",".join(sorted(G.LAYOUTS)),
+                    help=f"comma-separated, of {sorted(G.LAYOUTS)} (default: all, drawn uniformly); "
+                         "slots: expert-choice and capacity-slot blocks")
     ap.add_argument("--extras", action="store_true",
                     help="also draw a base for the combine (shared projection) and side effects beside the block")
     args = ap.parse_args(argv)
     dtypes, routers = tuple(args.dtypes.split(",")), tuple(args.routers.split(","))
-    for value, known in [(v, G.DTYPES) for v in dtypes] + [(v, G.ROUTERS) for v in routers]:
+    layouts = tuple(args.layouts.split(","))
+    for value, known in ([(v, G.DTYPES) for v in dtypes] + [(v, G.ROUTERS) for v in routers]
+                         + [(v, G.LAYOUTS) for v in layouts]):
         if value not in known:
             ap.error(f"unknown {value!r}; choose from {sorted(known)}")
     out_path = args.out or os.path.join(HERE, "results", f"fuzz_rewrites_seed{args.seed}.json")
@@ -85,7 +93,7 @@ def main(argv=None) -> int:
     outcomes, generator_errors, crashes, t0 = [], [], [], time.time()
     pool = _Isolated()
     for i, spec in enumerate(G.cases(args.cases, args.seed, args.mutation_rate, dtypes=dtypes, routers=routers,
-                                         extras=args.extras)):
+                                         extras=args.extras, layouts=layouts)):
         try:
             o = pool.run(G.run_case, spec, backend=args.backend, inference=args.inference)
         except _Crashed as e:
@@ -127,7 +135,7 @@ def main(argv=None) -> int:
         cases=len(outcomes), seed=args.seed, seconds=round(time.time() - t0, 1), backend=args.backend,
         inference=args.inference,
         rewritten_gathered=sum(any(r.startswith("gathered") for r in o.runs_on) for o in outcomes),
-        dtypes=list(dtypes), routers=list(routers), extras=args.extras,
+        dtypes=list(dtypes), routers=list(routers), layouts=list(layouts), extras=args.extras,
         per_dtype_router={k: dict(cases=c, rewritten=r, numerics_wrong=w)
                           for k, (c, r, w) in sorted(per_dtype_router.items())},
         wrong_rewrites=sum(o.wrong_rewrite for o in outcomes),

@@ -14,6 +14,18 @@ spelling per part:
   ``gathered``: no loop, one row per assignment, ``interleave`` (``x.repeat_interleave(K, dim=0)``:
   row i is token i // K) or ``sorted`` (rows ``x[order // K]``, ``order`` a stable ``argsort`` of
   the expert ids);
+  ``slots``: experts on (E, C, d) capacity slots (``GeneratedMoE._slots``): ``expert_choice``
+  (each expert takes its top-C tokens, ``g, idx = topk(scores.t(), C)``, C drawn from 1, 2, 3, T
+  and T + 2, clipped to T as the source code does; slots ``x[idx]``, or ``expert_choice_flat``:
+  ``x[idx.reshape(-1)].view(E, C, d)``) or ``capacity`` (token choice as Switch/GShard write it:
+  per choice a one-hot of the top-k ids, ``cumsum`` positions after the earlier choices' counts,
+  a ``< C`` keep mask, combine weights by ``einsum("se,sc->sec")``, dispatch ``einsum("sec,sm->ecm",
+  combine.bool().type_as(x), x)``); experts ``bmm`` / ``einsum`` / ``matmul`` on stacked (E, out, in)
+  weights or one gate|up stack (``bmm_fused``); combine (``SLOT_COMBINES``) for expert choice an
+  in-place ``scatter_add_`` / ``index_add_``, out-of-place ``scatter_add`` / ``index_add``, into
+  zeros or the base, or into zeros then ``+ base`` (``scatter_add_plus``); for capacity
+  ``einsum("sec,ecm->sm")`` or ``combine.view(S, -1) @ y.view(-1, d)``, then ``+ base``; the base
+  (a shared projection's output) is drawn half the time, with or without extras;
 - experts: ``modulelist`` (a ModuleList of Linears), ``stacked`` (parameters (E, ...) indexed
   ``w[e]`` inside the loop), ``gathered`` (``W[ids]`` + ``bmm``, gate and up separate) or
   ``gathered_fused`` (one gate_up parameter, ``chunk(2)``); gated or plain, with or without biases,
@@ -52,6 +64,7 @@ examples/fuzz_rewrites.py) imports the backend when called.
 from __future__ import annotations
 
 import dataclasses
+import math
 import random
 from typing import Optional
 
@@ -67,7 +80,19 @@ LAYOUTS = {
              ("index_add", "indexed_iadd", "index_put_acc", "scatter_add")),
     "flat": (("flat_mask",), ("modulelist", "stacked"), ("view_sum", "index_add")),
     "gathered": (("interleave", "sorted"), ("gathered", "gathered_fused"), ("view_sum", "scatter_add", "index_add")),
+    # capacity slots (E, C, d): expert-choice gathers (each expert's top-C tokens) or token-choice
+    # capacity dispatch einsums; stacked experts on the slots; the combine depends on the dispatch
+    # (``SLOT_COMBINES``)
+    "slots": (("expert_choice", "expert_choice_flat", "capacity"), ("bmm", "einsum", "matmul", "bmm_fused"),
+              ("scatter_add_", "scatter_add", "index_add_", "index_add", "scatter_add_plus", "einsum", "matmul")),
 }
+#: slots dispatch -> its combines. expert choice: ``acc.scatter_add_(0, idx.reshape(-1, 1).expand(-1, d), y)``
+#: in place / ``scatter_add`` out of place / ``index_add_`` / ``index_add``, or ``scatter_add_plus``: into
+#: zeros, then ``+ base``; capacity: ``einsum("sec,ecm->sm", combine, y)`` or ``combine.view(S, -1) @
+#: y.view(-1, d)`` (nanoMoE), then ``+ base``
+SLOT_COMBINES = {"expert_choice": ("scatter_add_", "scatter_add", "index_add_", "index_add", "scatter_add_plus"),
+                 "capacity": ("einsum", "matmul")}
+SLOT_COMBINES["expert_choice_flat"] = SLOT_COMBINES["expert_choice"]
 ACTIVATIONS = {"silu": Fn.silu, "gelu": Fn.gelu, "relu": Fn.relu}
 E_CHOICES, T_CHOICES = (1, 2, 3, 5, 8), (1, 2, 3, 7, 13)
 ROUTERS = ("softmax", "sigmoid_bias", "group_limited", "softmax_inplace")
@@ -86,21 +111,29 @@ EPS = {"bfloat16": 2.0 ** -8, "float16": 2.0 ** -11}
 
 # near-miss mutation -> the layouts it applies to (``applies`` leaves out the cases it cannot change)
 MUTATIONS = {
-    "score_twice": ("loop", "flat", "gathered"),         # s applied on the input and again on the output
-    "score_never": ("loop", "flat", "gathered"),         # the routing weight is never applied
+    "score_twice": ("loop", "flat", "gathered", "slots"),  # s applied on the input and again on the output
+    "score_never": ("loop", "flat", "gathered", "slots"),  # the routing weight is never applied
     "missing_expert": ("loop", "flat"),                  # the loop skips expert 0 (the busiest under skew)
     "shared_weights": ("loop", "flat"),                  # expert 1 computes with expert 0's weights
-    "combine_index_differs": ("loop", "flat", "gathered"),  # results land on token (t + 1) % T
-    "acc_not_zero": ("loop", "flat", "gathered"),        # accumulator starts at ones (view_sum: n/a, see applies)
+    "combine_index_differs": ("loop", "flat", "gathered", "slots"),  # results land on token (t + 1) % T
+    "acc_not_zero": ("loop", "flat", "gathered", "slots"),  # accumulator starts at ones (view_sum: n/a, see applies)
     "acc_read_inside": ("loop", "flat"),                 # the loop reads the accumulator it writes
-    "dropout_train": ("loop", "flat", "gathered"),       # dropout p=0.25 in training between act and down
-    "inplace_expert": ("loop", "flat", "gathered"),      # the pre-activation is scaled in place (mul_)
-    "scores_other_tensor": ("loop", "flat", "gathered"),  # scores from a second router, not the top-k's
-    "transform_after_down": ("loop", "flat", "gathered"),  # tanh on the expert output after W2
-    "clamped_ids": ("loop", "flat", "gathered"),         # ids.clamp(max=E-2): a token may pick one expert twice
-    "score_wrong_slot": ("loop", "flat", "gathered"),    # scores rolled by one slot: w[t, k-1] with expert ids[t, k]
+    "dropout_train": ("loop", "flat", "gathered", "slots"),  # dropout p=0.25 in training between act and down
+    "inplace_expert": ("loop", "flat", "gathered", "slots"),  # the pre-activation is scaled in place (mul_)
+    "scores_other_tensor": ("loop", "flat", "gathered", "slots"),  # scores from a second router, not the top-k's
+    "transform_after_down": ("loop", "flat", "gathered", "slots"),  # tanh on the expert output after W2
+    "clamped_ids": ("loop", "flat", "gathered", "slots"),  # ids.clamp(max=E-2): a token may pick one expert twice
+    "score_wrong_slot": ("loop", "flat", "gathered", "slots"),  # scores rolled by one slot: w[t, k-1] with expert ids[t, k]
     "gather_k_major": ("flat", "gathered"),              # rows x.repeat(K, 1) (token i % T) for token-major ids
     "where_roles_swapped": ("loop",),                    # torch.where's two outputs read the other way round
+    # slots only (see ``GeneratedMoE._slots``): the base added again after the combine (``r + base``,
+    # where an in-place combine's ``base`` is the combined tensor itself); a slot dropped from the
+    # combine (expert choice: the last slot of every expert not scattered back; capacity: the combine
+    # weights of the last slot zeroed after the dispatch mask was taken); capacity off by one (the
+    # combine weights computed with capacity C - 1, the dispatch mask with C)
+    "base_twice": ("slots",),
+    "slot_dropped": ("slots",),
+    "capacity_off_by_one": ("slots",),
 }
 
 #: near-miss mutations that a recogniser may rewrite, because the mutated block is still exactly
@@ -118,8 +151,14 @@ MUTATIONS = {
 #: asserted.
 #: An accumulator that starts at ones (``acc_not_zero``) is a base the rows are added into: since
 #: issue 18 the rewrite expresses it exactly as ``base + fused op``.
+#: Slots: a base added again after the combine is outside the block (the rewrite keeps it); a
+#: dropped slot and a capacity off by one between dispatch and combine drop assignments (a slot
+#: combined with weight 0 is one the op never computes): all three are the op over some
+#: assignments. Since f22b619 the scatter combine into a graph-computed base adds the base back
+#: (it was dropped: expert choice into ``shared(x)``, the bug this layout was added to catch).
 ALLOWED_NEAR_MISS_REWRITES: set = {"scores_other_tensor", "score_never", "missing_expert", "shared_weights",
-                                   "clamped_ids", "score_wrong_slot", "where_roles_swapped", "acc_not_zero"}
+                                   "clamped_ids", "score_wrong_slot", "where_roles_swapped", "acc_not_zero",
+                                   "base_twice", "slot_dropped", "capacity_off_by_one"}
 
 
 def rewrite_allowed(spec: "Spec") -> bool:
@@ -141,10 +180,14 @@ def rewrite_allowed(spec: "Spec") -> bool:
 #: for every E, K, T, activation (except a gated relu: the fused op has no ReGLU), gate and skew:
 #: asserted by tests/test_generated_moe.py and counted by examples/fuzz_rewrites.py. Each was
 #: checked at (gated silu, E=5, K=2, T=7, skewed), (gelu, E=3, K=1, T=1), (gated gelu, E=8, K=3,
-#: T=13) on main at 63e4aa2 plus the parts work in progress; extend it as recognisers land.
+#: T=13) on main at 63e4aa2 plus the parts work in progress; extend it as recognisers land. The
+#: slots entries: every spelling at (gated silu, E=3, T=7, C=3, K=2 for capacity) with and without a
+#: base, and 80 random fp32/bf16/fp16 cases of every router, on h-fz after f22b619.
 #: Not yet rewritten (the gaps the fuzz reports): scores on the input of per-expert loops and
 #: flat masks, flat masks combined with index_add_ into tokens, gathered layouts with biases, a
-#: sorted gathered layout folded back with view_sum, separate gate/up bmm's with a view_sum.
+#: sorted gathered layout folded back with view_sum, separate gate/up bmm's with a view_sum; slots
+#: with the scores on the input (expert choice: ``x[idx] * g``; capacity: the combine weights in the
+#: dispatch einsum, the 0/1 mask in the combine), slots experts with a plain activation in fp32.
 SUPPORTED = (
     {("loop", d, ex, c, "output", b)  # per-expert loops: where / one-hot / arange mask, Linears or w[e], any combine
      for d in ("where_eq", "onehot_permute", "arange_eq") for ex in ("modulelist", "stacked")
@@ -155,11 +198,15 @@ SUPPORTED = (
        for d in ("interleave", "sorted") for ex in ("gathered", "gathered_fused")
        for c in ("index_add", "scatter_add") for so in ("output", "input")}
     | {("gathered", "interleave", "gathered_fused", "view_sum", "output", False)}  # transformers batched_mm
+    | {("slots", d, ex, c, "output", b)  # expert choice / capacity slots, stacked experts, any combine (into a base)
+       for d in SLOT_COMBINES for ex in LAYOUTS["slots"][1] for c in SLOT_COMBINES[d] for b in (False, True)}
 )
 
 
 def supported(spec: "Spec") -> bool:
     """Must the rewrite replace this (unmutated) block?"""
+    if spec.layout == "slots" and spec.act_cast == "fp32" and not spec.gated and spec.inplace != "act_inplace":
+        return False  # slots experts with act(h.float()).type_as(h): not a slots MLP yet (a gap the fuzz reports)
     return spec.mutation is None and spec.combo in SUPPORTED and not (spec.gated and spec.act == "relu")
 
 
@@ -194,6 +241,9 @@ class Spec:
     #: a plain (not gated) activation computed in fp32 and rounded back, fairseq's
     #: ``F.gelu(h.float()).type_as(h)`` (drawn with extras): ``none`` or ``fp32``
     act_cast: str = "none"
+    #: slots: the capacity C (expert choice: tokens per expert, ``min(C, T)`` at run time; capacity
+    #: dispatch: slots per expert); 0 for the other layouts
+    capacity: int = 0
 
     @property
     def combo(self) -> tuple:
@@ -206,11 +256,15 @@ class Spec:
                 f"skew={self.skew} router={self.router} dtype={self.dtype}"
                 + (" base" if self.base else "") + (" side_effects" if self.side_effects else "")
                 + (f" inplace={self.inplace}" if self.inplace != "none" else "")
-                + (f" act_cast={self.act_cast}" if self.act_cast != "none" else "") + f" seed={self.seed}{m}")
+                + (f" act_cast={self.act_cast}" if self.act_cast != "none" else "")
+                + (f" C={self.capacity}" if self.layout == "slots" else "") + f" seed={self.seed}{m}")
 
 
-def applies(mutation: str, layout: str, combine: str, E: int, T: int, K: int = 2) -> bool:
+def applies(mutation: str, layout: str, combine: str, E: int, T: int, K: int = 2, dispatch: str = "",
+            C: int = 0) -> bool:
     if layout not in MUTATIONS[mutation]:
+        return False
+    if layout == "slots" and not _slots_applies(mutation, dispatch, E, T, K, C):
         return False
     if mutation == "acc_not_zero" and combine == "view_sum":
         return False  # every row of the (A, d) buffer is written: its initial value is never read
@@ -229,9 +283,21 @@ def applies(mutation: str, layout: str, combine: str, E: int, T: int, K: int = 2
     return True
 
 
+def _slots_applies(mutation: str, dispatch: str, E: int, T: int, K: int, C: int) -> bool:
+    """Slots cases a mutation changes (``applies`` checks the rest)."""
+    capacity = dispatch == "capacity"
+    if mutation in ("clamped_ids", "capacity_off_by_one") and not capacity:
+        return False  # expert choice has no token ids, and one capacity (the top-C's)
+    if mutation == "slot_dropped":
+        return C >= 2 if not capacity else True
+    if mutation == "acc_not_zero":
+        return not capacity  # the capacity combine is an einsum: no accumulator
+    return True
+
+
 def sample(rng: random.Random, mutation_rate: float = 0.4, seed: int = 0, dtypes: tuple = ("float32",),
-           routers: tuple = ("softmax",), extras: bool = False) -> Spec:
-    layout = rng.choice(sorted(LAYOUTS))
+           routers: tuple = ("softmax",), extras: bool = False, layouts: Optional[tuple] = None) -> Spec:
+    layout = rng.choice(sorted(layouts or LAYOUTS))
     dispatches, experts, combines = LAYOUTS[layout]
     E = rng.choice(E_CHOICES)
     T = rng.choice(T_CHOICES)
@@ -239,30 +305,51 @@ def sample(rng: random.Random, mutation_rate: float = 0.4, seed: int = 0, dtypes
                 combine=rng.choice(combines), score_on=rng.choice(("output", "input")),
                 bias=rng.random() < 0.3, gated=rng.random() < 0.6, act=rng.choice(sorted(ACTIVATIONS)),
                 E=E, K=rng.randint(1, min(E, 3)), T=T, skew=rng.random() < 0.3, seed=seed)
+    if layout == "slots":
+        _sample_slots(rng, spec)
     if rng.random() < mutation_rate:
-        options = [m for m in sorted(MUTATIONS) if applies(m, layout, spec["combine"], E, T, spec["K"])]
+        options = [m for m in sorted(MUTATIONS) if applies(m, layout, spec["combine"], E, T, spec["K"],
+                                                             spec["dispatch"], spec.get("capacity", 0))]
         if options:
             spec["mutation"] = rng.choice(options)
+    if spec.get("mutation") == "base_twice":
+        spec["base"] = True
     if len(routers) > 1 or routers != ("softmax",):
         spec["router"] = rng.choice(routers)
     if len(dtypes) > 1 or dtypes != ("float32",):
         spec["dtype"] = rng.choice(dtypes)
     if extras:  # issue 18's spellings beside the parts: a base for the combine, side effects
-        spec["base"] = rng.random() < 0.3
-        spec["side_effects"] = rng.random() < 0.3
+        if layout != "slots":  # (slots draw their base themselves, with or without extras)
+            spec["base"] = rng.random() < 0.3
+        spec["side_effects"] = rng.random() < 0.3 and layout != "slots"  # (slots: none beside the block)
         spec["halves"] = rng.choice(HALVES)
         spec["inplace"] = rng.choice(INPLACE)
         spec["act_cast"] = rng.choice(ACT_CASTS)
     return Spec(**spec)
 
 
+def _sample_slots(rng: random.Random, spec: dict) -> None:
+    """The slots layout's own draws: the combine of the dispatch, the capacity, a base half the time
+    (the combine into a shared projection's output is what f22b619 fixed: drawn without extras)."""
+    T, E = spec["T"], spec["E"]
+    spec["combine"] = rng.choice(SLOT_COMBINES[spec["dispatch"]])
+    if spec["score_on"] == "input" and rng.random() < 0.5:  # a quarter on the input (declined: a gap)
+        spec["score_on"] = "output"
+    if spec["dispatch"] == "capacity":  # tokens over capacity dropped, a Switch-like factor, none dropped
+        spec["capacity"] = rng.choice((1, 2, math.ceil(1.25 * T * spec["K"] / E), T * spec["K"]))
+    else:  # expert choice: C tokens per expert, clipped to T as the source would (C = min(C, T))
+        spec["K"] = 1
+        spec["capacity"] = rng.choice((1, 2, 3, T, T + 2))
+    spec["base"] = rng.random() < 0.5
+
+
 def cases(n: int, seed: int, mutation_rate: float = 0.4, dtypes: tuple = ("float32",),
-          routers: tuple = ("softmax",), extras: bool = False) -> list:
+          routers: tuple = ("softmax",), extras: bool = False, layouts: Optional[tuple] = None) -> list:
     """``n`` random specs; with the default ``dtypes``, ``routers`` and ``extras`` the draws of
     earlier rounds."""
     rng = random.Random(seed)
-    return [sample(rng, mutation_rate, seed=seed * 100003 + i, dtypes=dtypes, routers=routers, extras=extras)
-            for i in range(n)]
+    return [sample(rng, mutation_rate, seed=seed * 100003 + i, dtypes=dtypes, routers=routers, extras=extras,
+                   layouts=layouts) for i in range(n)]
 
 
 # --------------------------------------------------------------------------- the module
@@ -358,15 +445,7 @@ class GeneratedMoE(nn.Module):
                 h = h + torch.cat([self.b1, self.b3], dim=1)[eids]
             if s.mutation == "inplace_expert":
                 h.mul_(1.5)
-            half = h.shape[-1] // 2
-            if s.halves == "slice":
-                g, u = h[..., :half], h[..., half:]
-            elif s.halves == "split":
-                g, u = h.split(half, dim=-1)
-            elif s.halves == "up_first":  # the activation on the second half
-                u, g = h.chunk(2, dim=-1)
-            else:
-                g, u = h.chunk(2, dim=-1)
+            g, u = self._halves(h)
             return self._mlp_tail(self._gate_product(ACTIVATIONS[s.act](g), u), lambda v: lin(v, "2"))
         return self._mlp(z, lambda v: lin(v, "1"), lambda v: lin(v, "3"), lambda v: lin(v, "2"))
 
@@ -425,6 +504,8 @@ class GeneratedMoE(nn.Module):
     def forward(self, x):
         s = self.spec
         T, d = x.shape
+        if s.layout == "slots":
+            return self._slots(x)
         w, ids = self.route(x)
         if s.side_effects:
             self.side_effects(x, ids)
@@ -532,6 +613,146 @@ class GeneratedMoE(nn.Module):
         if s.combine == "scatter_add":
             return out.scatter_add_(0, tok.unsqueeze(-1).expand(-1, d), y)
         return out.index_add_(0, tok, y)
+
+    # ---- the slots layout: experts on (E, C, d) capacity slots
+    def _slots(self, x):
+        s = self.spec
+        on_in = (s.score_on == "input" or s.mutation == "score_twice") and s.mutation != "score_never"
+        on_out = (s.score_on == "output" or s.mutation == "score_twice") and s.mutation != "score_never"
+        base = self.shared(x) if s.base else None
+        if s.dispatch == "capacity":
+            out = self._capacity(x, on_in, on_out)
+            out = out if base is None else base + out
+        else:
+            out = self._expert_choice(x, on_in, on_out, base)
+        return out + base if s.mutation == "base_twice" else out
+
+    def _slot_experts(self, z):
+        """Stacked experts on all slots: ``bmm(z, W.transpose(1, 2))``, ``einsum("ecd,efd->ecf", z, W)``,
+        ``z @ W.transpose(-2, -1)`` with W (E, out, in), or one gate|up stack (``bmm_fused``, split by
+        ``halves``); biases (E, 1, out)."""
+        s = self.spec
+
+        def lin(v, which, w=None, b=None):
+            w = getattr(self, f"w{which}") if w is None else w
+            b = (getattr(self, f"b{which}") if s.bias else None) if b is None else b
+            if s.experts == "einsum":
+                h = torch.einsum("ecd,efd->ecf", v, w)
+            elif s.experts == "matmul":
+                h = v @ w.transpose(-2, -1)
+            else:
+                h = torch.bmm(v, w.transpose(1, 2))
+            return h if b is None else h + b.unsqueeze(1)
+
+        if s.experts == "bmm_fused" and s.gated:
+            b13 = torch.cat([self.b1, self.b3], dim=1) if s.bias else None
+            h = lin(z, "13", torch.cat([self.w1, self.w3], dim=1), b13)
+            if s.mutation == "inplace_expert":
+                h.mul_(1.5)
+            g, u = self._halves(h)
+            return self._mlp_tail(self._gate_product(ACTIVATIONS[s.act](g), u), lambda v: lin(v, "2"))
+        return self._mlp(z, lambda v: lin(v, "1"), lambda v: lin(v, "3"), lambda v: lin(v, "2"))
+
+    def _halves(self, h):
+        half = h.shape[-1] // 2
+        if self.spec.halves == "slice":
+            return h[..., :half], h[..., half:]
+        if self.spec.halves == "split":
+            return h.split(half, dim=-1)
+        if self.spec.halves == "up_first":  # the activation on the second half
+            u, g = h.chunk(2, dim=-1)
+            return g, u
+        return h.chunk(2, dim=-1)
+
+    def _expert_choice(self, x, on_in, on_out, base):
+        """Each expert takes its top-C tokens by score (Zhou et al. 2022): ``topk(scores.t(), C)``,
+        slots ``x[idx]`` (``expert_choice_flat``: ``x[idx.reshape(-1)].view(E, C, d)``), outputs added
+        back to their tokens into zeros or the base (``SLOT_COMBINES``)."""
+        s, (T, d) = self.spec, x.shape
+        C = min(s.capacity, T)
+        logits = (self.gate_alt if s.mutation == "scores_other_tensor" else self.gate)(x) + self.router_bias
+        if s.router == "sigmoid_bias":
+            scores = torch.sigmoid(logits.float()).to(x.dtype)
+        else:
+            scores = Fn.softmax(logits, dim=-1, dtype=torch.float32).to(x.dtype)
+        g, idx = torch.topk(scores.t(), C, dim=-1)  # (E, C)
+        if s.mutation == "scores_other_tensor":  # the slots of the first router, the gates of the second
+            idx = torch.topk(Fn.softmax(self.gate(x) + self.router_bias, dim=-1).t(), C, dim=-1)[1]
+        z = x[idx] if s.dispatch == "expert_choice" else x[idx.reshape(-1)].view(s.E, C, d)
+        if on_in:
+            z = z * g.unsqueeze(-1)
+        y = self._slot_experts(z)
+        if on_out:
+            y = y * g.unsqueeze(-1)
+        back = (idx + 1) % T if s.mutation == "combine_index_differs" else idx
+        if s.mutation == "slot_dropped":
+            back, y = back[:, :-1], y[:, :-1]
+        return self._scatter_back(x, back, y.reshape(-1, d), base)
+
+    def _scatter_back(self, x, back, rows, base):
+        s, d = self.spec, x.shape[1]
+        c = s.combine
+        if s.mutation == "acc_not_zero":
+            acc = torch.ones_like(x)
+        elif base is not None and c != "scatter_add_plus":
+            acc = base
+        else:
+            acc = torch.zeros_like(x) if c in ("scatter_add_", "index_add_") else x.new_zeros(x.shape)
+        if c.startswith("scatter"):
+            index = back.reshape(-1, 1).expand(-1, d)
+            out = acc.scatter_add(0, index, rows) if c == "scatter_add" else acc.scatter_add_(0, index, rows)
+        else:
+            out = acc.index_add(0, back.reshape(-1), rows) if c == "index_add" else acc.index_add_(0, back.reshape(-1), rows)
+        return out + base if c == "scatter_add_plus" and base is not None else out
+
+    def _capacity(self, x, on_in, on_out):
+        """Token-choice capacity slots as Switch / GShard write them: per choice k, a one-hot of the
+        top-k ids, positions by ``cumsum`` after the earlier choices' counts, ``< C`` keep mask; combine
+        weights (S, E, C) by ``einsum("se,sc->sec")``; dispatch ``einsum("sec,sm->ecm", combine.bool())``;
+        combine ``einsum("sec,ecm->sm")`` or ``combine.view(S, -1) @ y.view(-1, d)``."""
+        s, (T, d) = self.spec, x.shape
+        w, ids = self.route(x)
+        if s.mutation == "scores_other_tensor":
+            w = torch.topk(Fn.softmax(self.gate_alt(x), dim=-1), s.K, dim=-1)[0].to(x.dtype)
+        if s.mutation == "clamped_ids":
+            ids = ids.clamp(max=s.E - 2)
+        if s.mutation == "score_wrong_slot":
+            w = w.roll(1, dims=-1)
+        C = s.capacity
+        combine = self._capacity_weights(w, ids, C, C)
+        dispatch = combine.bool().type_as(x)
+        if s.mutation == "capacity_off_by_one":  # the dispatch keeps C per expert, the combine C - 1
+            combine = self._capacity_weights(w, ids, C - 1, C)
+        if s.mutation == "slot_dropped":  # the last slot's weights zeroed after the dispatch mask was taken
+            combine = combine * (torch.arange(C, device=x.device) < C - 1).to(combine.dtype)
+        if s.mutation == "score_never":
+            combine = dispatch
+        z = torch.einsum("sec,sm->ecm", combine.type_as(x) if on_in else dispatch, x)
+        y = self._slot_experts(z)
+        cw = (combine if on_out or s.mutation == "score_never" else dispatch).type_as(x)
+        if s.mutation == "combine_index_differs":  # token t reads the slots of token t - 1
+            cw = cw.roll(1, dims=0)
+        if s.combine == "matmul":
+            return cw.view(T, -1) @ y.view(-1, d)
+        return torch.einsum("sec,ecm->sm", cw, y)
+
+    def _capacity_weights(self, w, ids, C, width):
+        """(S, E, width) combine weights of the top-k choices with capacity C (GShard's order: choice
+        k's positions after every earlier choice's tokens)."""
+        E, combine, before = self.spec.E, None, None
+        for k in range(ids.shape[1]):
+            mask = Fn.one_hot(ids[:, k], num_classes=E)
+            loc = torch.cumsum(mask, dim=0) - 1
+            if before is not None:
+                loc = loc + before
+            kept = mask * torch.lt(loc, C)
+            slot = torch.sum(loc * kept, dim=1)
+            gate = w[:, k].unsqueeze(1) * kept.to(w.dtype)
+            term = torch.einsum("se,sc->sec", gate, Fn.one_hot(slot, num_classes=width).to(w.dtype))
+            combine = term if combine is None else combine + term
+            counts = mask.sum(dim=0, keepdim=True)
+            before = counts if before is None else before + counts
+        return combine
 
     def _combine(self, out, tok, y):
         c = self.spec.combine

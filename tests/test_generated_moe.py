@@ -46,7 +46,8 @@ def test_random_case_full_backend(spec):
 def _base(combo, mutation=None, **kw) -> G.Spec:
     layout, dispatch, experts, combine, score_on, bias = combo
     args = dict(layout=layout, dispatch=dispatch, experts=experts, combine=combine, score_on=score_on, bias=bias,
-                gated=True, act="silu", E=5, K=2, T=7, skew=True, mutation=mutation, seed=7)
+                gated=True, act="silu", E=5, K=2, T=7, skew=True, mutation=mutation, seed=7,
+                capacity=3 if layout == "slots" else 0)  # slots: 3 per expert (expert choice: min(3, T))
     args.update(kw)
     return G.Spec(**args)
 
