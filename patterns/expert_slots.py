@@ -1410,12 +1410,6 @@ def _repeat_count(node) -> Optional[int]:
     return int_value(reps[0])
 
 
-def _plain_arange(node) -> bool:
-    """``torch.arange(S)``: one argument (the end; start 0, step 1), an integer dtype."""
-    return isinstance(node, fx.Node) and node.op == "call_function" and node.target is torch.arange \
-        and len(node.args) == 1 and not set(node.kwargs) - {"device", "dtype"} and _is_integral(node)
-
-
 def _arange_table(I) -> Optional[tuple]:
     """(S, E) if ``I`` (E, S) holds I[e, s] == s: ``arange(S)`` viewed (1, S) (``view``/``reshape``
     (1, -1), ``unsqueeze(0)``) or left 1-D, then broadcast to (E, S) by ``expand``/``expand_as`` (only a
@@ -1429,7 +1423,7 @@ def _arange_table(I) -> Optional[tuple]:
     if J.op == "call_method" and J.target in ("view", "reshape", "unsqueeze") and isinstance(J.args[0], fx.Node) \
             and len(shape_of(J) or ()) == 2 and _size_one(shape_of(J)[0]) and len(shape_of(J.args[0]) or ()) == 1:
         J = J.args[0]
-    if not _plain_arange(J) or not same(shape_of(J)[0], s[1]) or int_value(s[0]) is None:
+    if _arange_length(J) is None or not _is_integral(J) or not same(shape_of(J)[0], s[1]) or int_value(s[0]) is None:
         return None
     return s[1], int_value(s[0])
 
